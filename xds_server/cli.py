@@ -1,0 +1,128 @@
+"""`xds-server`: check a spec, serve it over ADS, print Envoy bootstraps."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from xds_server.config import SpecError, load_spec
+from xds_server.render.bootstrap import BootstrapOptions, render_bootstrap
+from xds_server.server import XdsServer, serve_forever
+
+log = logging.getLogger("xds_server")
+
+
+class UsageError(Exception):
+    """A command-line mistake; printed as one line, exit code 2."""
+
+
+def split_host_port(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise UsageError(f"{what}: expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                       + f".{int(record.msecs):03d}Z",
+               "level": record.levelname.lower(), "logger": record.name,
+               "message": record.getMessage()}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # grpc's own debug lines (event loop plumbing) drown ours at debug level.
+    logging.getLogger("grpc").setLevel(max(logging.INFO, root.level))
+    logging.getLogger("asyncio").setLevel(max(logging.INFO, root.level))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    pools = sum(len(s.pools) for s in spec.services)
+    print(f"{args.spec}: ok: {len(spec.regions)} regions, {len(spec.services)} services, "
+          f"{pools} pools")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level, args.log_format)
+    split_host_port(args.xds_address, "--xds-address")
+    spec = load_spec(args.spec)
+    server = XdsServer(spec, spec_path=args.spec)
+    asyncio.run(serve_forever(server, args.xds_address))
+    return 0
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    host, port = split_host_port(args.xds_address, "--xds-address")
+    if args.listen:
+        split_host_port(args.listen, "--listen")
+    opts = BootstrapOptions(region=args.region, node_id=args.node_id, xds_host=host,
+                            xds_port=port, admin_port=args.admin_port, listen=args.listen)
+    sys.stdout.write(render_bootstrap(opts))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xds-server", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("check", help="validate a mesh spec; exit non-zero on error")
+    c.add_argument("--spec", required=True, metavar="FILE")
+    c.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("serve", help="serve the mesh spec to Envoys over ADS")
+    s.add_argument("--spec", required=True, metavar="FILE")
+    s.add_argument("--xds-address", default="127.0.0.1:18000", metavar="HOST:PORT")
+    s.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log-format", default="text", choices=["text", "json"])
+    s.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("bootstrap", help="print an Envoy bootstrap for one node")
+    b.add_argument("--region", required=True)
+    b.add_argument("--node-id", required=True)
+    b.add_argument("--xds-address", default="127.0.0.1:18000", metavar="HOST:PORT")
+    b.add_argument("--admin-port", type=int, default=9901)
+    b.add_argument("--listen", metavar="ADDR:PORT",
+                   help="this node's listener address (several Envoys on one host)")
+    b.set_defaults(func=cmd_bootstrap)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SpecError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 1
+    except UsageError as exc:
+        print(f"xds-server: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"xds-server: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

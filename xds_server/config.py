@@ -1,0 +1,366 @@
+"""The mesh spec: typed, immutable models and a loader that reports every problem at once.
+
+A spec names the regions, the ingress listener, and for each service its HTTP match and
+its pools. Validation collects *all* problems (file, field path, what is wrong) so that a
+user fixes a spec in one pass, and so that a bad live edit can be logged in full while
+the server keeps serving the last good spec.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+POOL_NAMES: tuple[str, ...] = ("production", "baseline", "canary")
+"""The pools a service may have, in the order they are listed everywhere."""
+
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,62}$")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    version: str
+    endpoints: Mapping[str, tuple[Endpoint, ...]]
+    """Endpoints per region; every region of the spec has at least one."""
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    domains: tuple[str, ...]
+    prefix: str
+    pools: Mapping[str, Pool]
+    """Pools by name, always with `production`, in POOL_NAMES order."""
+
+    def pool_names(self) -> tuple[str, ...]:
+        return tuple(self.pools)
+
+
+@dataclass(frozen=True)
+class Listener:
+    address: str = "127.0.0.1"
+    port: int = 10000
+
+
+@dataclass(frozen=True)
+class MeshSpec:
+    regions: tuple[str, ...]
+    listener: Listener
+    services: tuple[Service, ...]
+    source: str = "<memory>"
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """The parsed YAML document, for sections that later layers interpret themselves."""
+
+    def service(self, name: str) -> Service:
+        for svc in self.services:
+            if svc.name == name:
+                return svc
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class SpecProblem:
+    path: str
+    message: str
+
+
+class SpecError(Exception):
+    """A spec that cannot be used; `problems` lists every problem found."""
+
+    def __init__(self, source: str, problems: list[SpecProblem]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = [f"{self.source}: {p.path}: {p.message}" if p.path else f"{self.source}: {p.message}"
+                 for p in self.problems]
+        return "\n".join(lines)
+
+
+def load_spec(path: str | Path) -> MeshSpec:
+    """Read and validate a spec file; raise SpecError naming the file on any problem."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(source, [SpecProblem("", f"cannot read file: {exc.strerror}")]) from None
+    return parse_spec(text, source)
+
+
+def parse_spec(text: str, source: str = "<memory>") -> MeshSpec:
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f"line {mark.line + 1}, column {mark.column + 1}"
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(source, [SpecProblem(where, f"not valid YAML: {reason}")]) from None
+    return validate_spec(doc, source)
+
+
+def validate_spec(doc: Any, source: str = "<memory>") -> MeshSpec:
+    v = _Validator()
+    spec = v.spec(doc, source)
+    if v.problems or spec is None:
+        raise SpecError(source, v.problems or [SpecProblem("", "empty spec")])
+    return spec
+
+
+# Keys later layers read from the spec; the xDS layer accepts and ignores them here.
+EXTENSION_KEYS_TOP: frozenset[str] = frozenset({"rollout"})
+EXTENSION_KEYS_SERVICE: frozenset[str] = frozenset({"rollout"})
+
+
+class _Validator:
+    def __init__(self) -> None:
+        self.problems: list[SpecProblem] = []
+
+    def fail(self, path: str, message: str) -> None:
+        self.problems.append(SpecProblem(path, message))
+
+    def mapping(self, value: Any, path: str, known: set[str] | frozenset[str]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            self.fail(path or "(top level)", f"expected a mapping, got {_kind(value)}")
+            return {}
+        for key in value:
+            if not isinstance(key, str) or key not in known:
+                self.fail(_join(path, str(key)),
+                          f"unknown field (expected one of: {', '.join(sorted(known))})")
+        return value
+
+    def spec(self, doc: Any, source: str) -> MeshSpec | None:
+        if doc is None:
+            self.fail("", "the spec is empty")
+            return None
+        top = self.mapping(doc, "", {"regions", "listener", "services"} | EXTENSION_KEYS_TOP)
+        regions = self.regions(top.get("regions"))
+        listener = self.listener(top.get("listener"))
+        services = self.services(top.get("services"), regions)
+        return MeshSpec(tuple(regions), listener, tuple(services), source, top)
+
+    def regions(self, value: Any) -> list[str]:
+        if value is None:
+            self.fail("regions", "required: a list of region names")
+            return []
+        if not isinstance(value, list) or not value:
+            self.fail("regions", f"expected a non-empty list of region names, got {_kind(value)}")
+            return []
+        out: list[str] = []
+        for i, name in enumerate(value):
+            if not isinstance(name, str) or not _NAME_RE.match(name):
+                self.fail(f"regions[{i}]", f"bad region name {name!r}: use lowercase letters, "
+                          "digits and '-' (at most 63)")
+            elif name in out:
+                self.fail(f"regions[{i}]", f"duplicate region {name!r}")
+            else:
+                out.append(name)
+        return out
+
+    def listener(self, value: Any) -> Listener:
+        if value is None:
+            return Listener()
+        m = self.mapping(value, "listener", {"port", "address"})
+        port = self.port(m.get("port", 10000), "listener.port")
+        address = m.get("address", "127.0.0.1")
+        if not _is_ip(address):
+            self.fail("listener.address", f"bad address {address!r}: expected an IP address")
+            address = "127.0.0.1"
+        return Listener(address=address, port=port)
+
+    def port(self, value: Any, path: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+            self.fail(path, f"bad port {value!r}: expected an integer from 1 to 65535")
+            return 1
+        return value
+
+    def services(self, value: Any, regions: list[str]) -> list[Service]:
+        if value is None:
+            self.fail("services", "required: a list of services")
+            return []
+        if not isinstance(value, list):
+            self.fail("services", f"expected a list of services, got {_kind(value)}")
+            return []
+        out: list[Service] = []
+        names: set[str] = set()
+        domains_seen: dict[str, str] = {}
+        for i, item in enumerate(value):
+            svc = self.service(item, f"services[{i}]", regions)
+            if svc is None:
+                continue
+            if svc.name in names:
+                self.fail(f"services[{i}].name", f"duplicate service {svc.name!r}")
+                continue
+            names.add(svc.name)
+            for d in svc.domains:
+                if d in domains_seen:
+                    self.fail(f"services[{i}].domains",
+                              f"domain {d!r} is already used by service {domains_seen[d]!r}; "
+                              "Envoy needs each domain in one virtual host only")
+                domains_seen.setdefault(d, svc.name)
+            out.append(svc)
+        return out
+
+    def service(self, value: Any, path: str, regions: list[str]) -> Service | None:
+        m = self.mapping(value, path, {"name", "domains", "prefix", "pools"}
+                         | EXTENSION_KEYS_SERVICE)
+        if not m:
+            return None
+        name = m.get("name")
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            self.fail(_join(path, "name"), f"bad service name {name!r}: use lowercase letters, "
+                      "digits and '-' (at most 63)")
+            name = None
+        domains = m.get("domains", ["*"])
+        if (not isinstance(domains, list) or not domains
+                or not all(isinstance(d, str) and d for d in domains)):
+            self.fail(_join(path, "domains"), "expected a non-empty list of domain strings")
+            domains = ["*"]
+        elif len(set(domains)) != len(domains):
+            self.fail(_join(path, "domains"), "duplicate domain in the list")
+        prefix = m.get("prefix", "/")
+        if not isinstance(prefix, str) or not prefix.startswith("/"):
+            self.fail(_join(path, "prefix"), f"bad prefix {prefix!r}: must start with '/'")
+            prefix = "/"
+        pools = self.pools(m.get("pools"), _join(path, "pools"), regions)
+        if name is None or pools is None:
+            return None
+        return Service(name, tuple(domains), prefix, pools)
+
+    def pools(self, value: Any, path: str, regions: list[str]) -> dict[str, Pool] | None:
+        if value is None:
+            self.fail(path, "required: at least a production pool")
+            return None
+        m = self.mapping(value, path, set(POOL_NAMES))
+        if not m:
+            return None
+        if "production" not in m:
+            self.fail(path, "missing production pool")
+        out: dict[str, Pool] = {}
+        for pool_name in POOL_NAMES:
+            if pool_name in m:
+                pool = self.pool(pool_name, m[pool_name], _join(path, pool_name), regions)
+                if pool is not None:
+                    out[pool_name] = pool
+        return out if "production" in out else None
+
+    def pool(self, name: str, value: Any, path: str, regions: list[str]) -> Pool | None:
+        m = self.mapping(value, path, {"version", "endpoints"})
+        if not m:
+            return None
+        version = m.get("version")
+        if isinstance(version, int | float) and not isinstance(version, bool):
+            version = str(version)
+        if not isinstance(version, str) or not _VERSION_RE.match(version):
+            self.fail(_join(path, "version"), f"bad version {version!r}: expected a short "
+                      "string such as v1 or 2024-05-01")
+            version = None
+        endpoints = self.endpoints(m.get("endpoints"), _join(path, "endpoints"), regions)
+        if version is None or endpoints is None:
+            return None
+        return Pool(name, version, endpoints)
+
+    def endpoints(self, value: Any, path: str,
+                  regions: list[str]) -> dict[str, tuple[Endpoint, ...]] | None:
+        if value is None:
+            self.fail(path, "required: endpoints per region")
+            return None
+        if not isinstance(value, dict):
+            self.fail(path, f"expected a mapping of region to addresses, got {_kind(value)}")
+            return None
+        ok = True
+        out: dict[str, tuple[Endpoint, ...]] = {}
+        for region, addrs in value.items():
+            rpath = _join(path, str(region))
+            if region not in regions:
+                self.fail(rpath, f"unknown region {region!r} (regions: {', '.join(regions)})")
+                ok = False
+                continue
+            if not isinstance(addrs, list) or not addrs:
+                self.fail(rpath, "expected a non-empty list of HOST:PORT addresses")
+                ok = False
+                continue
+            eps: list[Endpoint] = []
+            for j, addr in enumerate(addrs):
+                ep = self.address(addr, f"{rpath}[{j}]")
+                if ep is None:
+                    ok = False
+                elif ep in eps:
+                    self.fail(f"{rpath}[{j}]", f"duplicate address {addr!r}")
+                    ok = False
+                else:
+                    eps.append(ep)
+            out[region] = tuple(eps)
+        for region in regions:
+            if region not in value:
+                self.fail(path, f"no endpoints for region {region!r}")
+                ok = False
+        return out if ok else None
+
+    def address(self, value: Any, path: str) -> Endpoint | None:
+        if not isinstance(value, str):
+            self.fail(path, f"bad address {value!r}: expected 'HOST:PORT'")
+            return None
+        host, sep, port_text = value.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not sep or not port_text.isdigit():
+            self.fail(path, f"bad address {value!r}: expected 'HOST:PORT'")
+            return None
+        if not _is_ip(host):
+            self.fail(path, f"bad address {value!r}: the host must be an IP address "
+                      "(Envoy does not resolve EDS endpoints)")
+            return None
+        port = int(port_text)
+        if not 1 <= port <= 65535:
+            self.fail(path, f"bad address {value!r}: port must be from 1 to 65535")
+            return None
+        return Endpoint(host, port)
+
+
+def _is_ip(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def iter_endpoints(spec: MeshSpec) -> Iterator[tuple[Service, Pool, str, Endpoint]]:
+    """Every (service, pool, region, endpoint) of the spec, in a stable order."""
+    for svc in spec.services:
+        for pool in svc.pools.values():
+            for region in spec.regions:
+                for ep in pool.endpoints.get(region, ()):
+                    yield svc, pool, region, ep

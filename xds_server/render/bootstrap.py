@@ -1,0 +1,90 @@
+"""Envoy bootstrap files that point an Envoy at this server over ADS."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from xds_server.xds.ads import LISTEN_METADATA_KEY
+
+XDS_CLUSTER = "xds_server"
+
+
+@dataclass(frozen=True)
+class BootstrapOptions:
+    region: str
+    node_id: str
+    xds_host: str = "127.0.0.1"
+    xds_port: int = 18000
+    admin_port: int = 9901
+    listen: str | None = None
+    """ADDRESS:PORT for this node's listener; without it the spec's listener is used."""
+    stats_flush_seconds: float = 1.0
+    """Latency histograms reach /stats/prometheus only at each flush: keep it short."""
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:g}s"
+
+
+def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
+    node: dict[str, Any] = {
+        "id": opts.node_id,
+        "cluster": opts.region,
+        "locality": {"region": opts.region},
+    }
+    if opts.listen:
+        node["metadata"] = {LISTEN_METADATA_KEY: opts.listen}
+    try:
+        ipaddress.ip_address(opts.xds_host)
+        discovery = "STATIC"
+    except ValueError:
+        discovery = "STRICT_DNS"
+    ads_source = {"ads": {}, "resource_api_version": "V3"}
+    return {
+        "node": node,
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": True,
+                "grpc_services": [{"envoy_grpc": {
+                    "cluster_name": XDS_CLUSTER,
+                    # Reconnect quickly when the control plane comes back.
+                    "retry_policy": {"retry_back_off": {"base_interval": "0.25s",
+                                                        "max_interval": "2s"}},
+                }}],
+            },
+            "cds_config": ads_source,
+            "lds_config": ads_source,
+        },
+        "static_resources": {"clusters": [{
+            "name": XDS_CLUSTER,
+            "type": discovery,
+            "connect_timeout": "1s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/"
+                             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {
+                        "connection_keepalive": {"interval": "10s", "timeout": "5s"},
+                    }},
+                },
+            },
+            "load_assignment": {
+                "cluster_name": XDS_CLUSTER,
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                    "address": opts.xds_host, "port_value": opts.xds_port}}}}]}],
+            },
+        }]},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                 "port_value": opts.admin_port}}},
+        "stats_flush_interval": _duration(opts.stats_flush_seconds),
+    }
+
+
+def render_bootstrap(opts: BootstrapOptions) -> str:
+    return yaml.safe_dump(bootstrap(opts), sort_keys=False)

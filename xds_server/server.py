@@ -1,0 +1,295 @@
+"""The xDS server process: spec + traffic weights -> snapshots -> ADS streams.
+
+`XdsServer` owns the current spec and weights, rebuilds a region's snapshot when either
+changes, and publishes it to the cache. Changes that land within a few milliseconds of
+each other coalesce into one push; an urgent change (a rollback) is pushed at once.
+Its methods are called on the server's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from google.protobuf import message
+
+from xds_server.config import MeshSpec, SpecError, load_spec
+from xds_server.traffic import Split, TrafficState, WeightError
+from xds_server.xds.ads import AdsServer
+from xds_server.xds.cache import SnapshotCache
+from xds_server.xds.resources import RegionResources, build_region
+from xds_server.xds.snapshot import Snapshot, SnapshotError
+from xds_server.xds.status import NodeRegistry, NodeStatus
+from xds_server.xds.types import CLUSTER, ENDPOINT, ROUTE, SEND_ORDER, short
+
+log = logging.getLogger("xds_server.server")
+
+COALESCE_SECONDS = 0.005
+
+
+@dataclass(frozen=True)
+class Push:
+    """One published snapshot, as reported to push listeners."""
+
+    region: str
+    version: int
+    types: tuple[str, ...]
+    nodes: int
+    reason: str
+    seconds: float
+
+
+class XdsServer:
+    def __init__(self, spec: MeshSpec, *, spec_path: str | Path | None = None,
+                 coalesce_seconds: float = COALESCE_SECONDS) -> None:
+        self.spec = spec
+        self.spec_path = Path(spec_path) if spec_path else None
+        self.traffic = TrafficState()
+        self.cache = SnapshotCache()
+        self.nodes = NodeRegistry()
+        self.ads = AdsServer(self.cache, self.nodes, spec.regions)
+        self.coalesce_seconds = coalesce_seconds
+        self._injected: dict[tuple[str, str, str], message.Message] = {}
+        self._dirty: dict[str, str] = {}
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._push_listeners: list[Callable[[Push], None]] = []
+        self._grpc: grpc.aio.Server | None = None
+        self.port = 0
+        self.nodes.subscribe(self._on_node_event)
+        for region in spec.regions:
+            self._rebuild(region, "initial spec")
+
+    # ---- the Python API used by the rollout controller and tests ----
+
+    def snapshot(self, region: str) -> Snapshot:
+        snap = self.cache.get(region)
+        if snap is None:
+            raise KeyError(f"unknown region {region!r}")
+        return snap
+
+    def set_split(self, service: str, split: Split, regions: Iterable[str] | None = None, *,
+                  urgent: bool = False, reason: str = "weights changed") -> None:
+        """Route `service` by `split` in `regions` (default: all). Raises WeightError."""
+        try:
+            svc = self.spec.service(service)
+        except KeyError:
+            raise WeightError(f"unknown service {service!r}") from None
+        split.check_pools(svc)
+        chosen = list(self.spec.regions if regions is None else regions)
+        unknown = set(chosen) - set(self.spec.regions)
+        if unknown:
+            raise WeightError(f"unknown region(s): {', '.join(sorted(unknown))}")
+        self.set_traffic(self.traffic.with_split(service, chosen, split), urgent=urgent,
+                         reason=reason)
+
+    def set_traffic(self, traffic: TrafficState, *, urgent: bool = False,
+                    reason: str = "weights changed") -> None:
+        changed = self.traffic.regions_changed(traffic)
+        self.traffic = traffic
+        self._mark_dirty(changed, reason, urgent=urgent)
+
+    def apply_spec(self, spec: MeshSpec, reason: str = "spec changed") -> None:
+        """Serve a new, already validated spec; regions whose resources change get a push."""
+        self.spec = spec
+        self.ads.set_regions(spec.regions)
+        self._mark_dirty(spec.regions, reason, urgent=False)
+
+    def reload_spec(self, reason: str = "spec file changed") -> bool:
+        """Load the spec file again; on error, log every problem and keep the last good spec."""
+        if self.spec_path is None:
+            return False
+        try:
+            spec = load_spec(self.spec_path)
+        except SpecError as exc:
+            for line in exc.render().splitlines():
+                log.error("spec rejected, keeping the last good one: %s", line)
+            return False
+        self.apply_spec(spec, reason)
+        return True
+
+    def flush(self) -> list[Push]:
+        """Build and publish every pending region now."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        dirty, self._dirty = self._dirty, {}
+        pushes = [p for region, why in dirty.items() if (p := self._rebuild(region, why))]
+        return pushes
+
+    def on_push(self, listener: Callable[[Push], None]) -> None:
+        self._push_listeners.append(listener)
+
+    def inject_resource_for_tests(self, region: str, type_url: str,
+                                  resource: message.Message) -> None:
+        """Serve `resource` in place of the built one of the same name (tests only).
+
+        This is how tests make Envoy NACK: the builder never produces a config Envoy
+        rejects, so a test has to push one by hand.
+        """
+        name = getattr(resource, "name", "") or getattr(resource, "cluster_name", "")
+        self._injected[(region, type_url, name)] = resource
+        self._mark_dirty([region], "test injection", urgent=True)
+
+    def clear_injected_for_tests(self) -> None:
+        regions = {r for r, _, _ in self._injected}
+        self._injected.clear()
+        self._mark_dirty(regions, "test injection cleared", urgent=True)
+
+    # ---- building and publishing ----
+
+    def _mark_dirty(self, regions: Iterable[str], reason: str, *, urgent: bool) -> None:
+        for region in regions:
+            self._dirty.setdefault(region, reason)
+        if not self._dirty:
+            return
+        if urgent:
+            self.flush()
+            return
+        if self._flush_handle is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop yet (construction, tests of the builder)
+                self.flush()
+                return
+            self._flush_handle = loop.call_later(self.coalesce_seconds, self.flush)
+
+    def _rebuild(self, region: str, reason: str) -> Push | None:
+        start = time.perf_counter()
+        if region not in self.spec.regions:
+            return None
+        old = self.cache.get(region)
+        resources = build_region(self.spec, self.traffic, region)
+        resources, retained = self._keep_removed_clusters(resources, old)
+        resources = self._with_injected(resources)
+        listen = (self.spec.listener.address, self.spec.listener.port)
+        try:
+            snap = (Snapshot.first(resources, listen) if old is None
+                    else old.successor(resources, listen, retained))
+        except SnapshotError as exc:
+            log.error("not pushing an inconsistent snapshot (%s): %s", reason, exc)
+            return None
+        if old is not None and snap.type_versions == old.type_versions \
+                and snap.retained == old.retained:
+            return None
+        self.cache.set(snap)
+        changed = tuple(short(t) for t in SEND_ORDER
+                        if old is None or snap.type_versions[t] != old.type_versions[t])
+        push = Push(region, snap.version, changed, len(self.nodes.nodes(region)), reason,
+                    time.perf_counter() - start)
+        log.info("push region=%s version=%d types=%s nodes=%d reason=%s%s", region,
+                 snap.version, ",".join(changed) or "-", push.nodes, reason,
+                 f" retained={sorted(retained)}" if retained else "")
+        for listener in list(self._push_listeners):
+            listener(push)
+        return push
+
+    def _keep_removed_clusters(self, resources: RegionResources, old: Snapshot | None
+                               ) -> tuple[RegionResources, frozenset[str]]:
+        """Make before break: a cluster leaves only after no node's routes can use it.
+
+        A cluster that the previous routes used stays (with its endpoints) until every
+        connected node of the region has ACKed routes without it.
+        """
+        if old is None:
+            return resources, frozenset()
+        gone = set(old.resources.by_type[CLUSTER]) - set(resources.by_type[CLUSTER])
+        routes_applied = self.nodes.all_acked(resources.region, ROUTE,
+                                              old.type_version(ROUTE))
+        keep = frozenset(c for c in gone if c in old.route_targets
+                         or (c in old.retained and not routes_applied))
+        if not keep:
+            return resources, keep
+        by_type = dict(resources.by_type)
+        for type_url in (CLUSTER, ENDPOINT):
+            merged = dict(by_type[type_url])
+            merged.update({c: old.resources.by_type[type_url][c] for c in keep})
+            by_type[type_url] = merged
+        return RegionResources(resources.region, by_type), keep
+
+    def _with_injected(self, resources: RegionResources) -> RegionResources:
+        mine = {(t, n): r for (reg, t, n), r in self._injected.items()
+                if reg == resources.region}
+        if not mine:
+            return resources
+        by_type = {t: dict(items) for t, items in resources.by_type.items()}
+        for (type_url, name), res in mine.items():
+            by_type[type_url][name] = res
+        return RegionResources(resources.region, by_type)
+
+    def _on_node_event(self, status: NodeStatus) -> None:
+        snap = self.cache.get(status.region)
+        if snap is not None and snap.retained and self.nodes.all_acked(
+                status.region, ROUTE, snap.type_version(ROUTE)):
+            self._mark_dirty([status.region], "routes applied: removing unused clusters",
+                             urgent=False)
+
+    # ---- gRPC lifecycle ----
+
+    async def start(self, address: str = "127.0.0.1:18000") -> int:
+        self._grpc = grpc.aio.server(options=[
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.max_concurrent_streams", 100_000),
+        ])
+        self.ads.add_to(self._grpc)
+        self.port = self._grpc.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address}")
+        await self._grpc.start()
+        log.info("xDS server listening on %s (port %d), regions: %s", address, self.port,
+                 ", ".join(self.spec.regions))
+        return self.port
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+            self._grpc = None
+
+    async def watch_spec_file(self, interval: float = 0.2) -> None:
+        """Reload the spec when its file changes (content, not just mtime, is compared)."""
+        if self.spec_path is None:
+            return
+        last = _file_signature(self.spec_path)
+        while True:
+            await asyncio.sleep(interval)
+            sig = _file_signature(self.spec_path)
+            if sig != last:
+                last = sig
+                self.reload_spec()
+
+
+def _file_signature(path: Path) -> tuple[int, int, bytes] | None:
+    try:
+        st = os.stat(path)
+        return st.st_mtime_ns, st.st_size, path.read_bytes()
+    except OSError:
+        return None
+
+
+async def serve_forever(server: XdsServer, address: str,
+                        on_ready: Callable[[int], None] | None = None) -> None:
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the spec file."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: server.reload_spec("SIGHUP"))
+    port = await server.start(address)
+    if on_ready is not None:
+        on_ready(port)
+    watcher = asyncio.create_task(server.watch_spec_file())
+    try:
+        await stop.wait()
+        log.info("stopping: signal received")
+    finally:
+        watcher.cancel()
+        await server.stop()

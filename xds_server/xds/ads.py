@@ -1,0 +1,246 @@
+"""The ADS server (state of the world) on grpc.aio.
+
+Each stream is level-triggered: whenever a request arrives or the region's snapshot
+changes, `SotwStream.due` compares what the node should have with what it was sent and
+sends what is missing, one type at a time in make-before-break order:
+
+- a type is sent only when no earlier type (clusters, endpoints, listeners, routes) is
+  waiting for the node's answer;
+- routes are sent only when every cluster they use has been ACKed by the node, with its
+  endpoints, so Envoy never routes to a cluster it has not warmed;
+- ACK and NACK are told apart by `error_detail`, never by comparing versions; a NACKed
+  version is not sent again: the node keeps its last good config until the config
+  changes;
+- a request whose nonce is not the last one sent for its type is stale and ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import AsyncIterator, Collection
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+
+from xds_server.xds.cache import SnapshotCache
+from xds_server.xds.snapshot import ListenAddress, Snapshot, with_nonce
+from xds_server.xds.status import NodeRegistry, NodeStatus
+from xds_server.xds.types import CLUSTER, ENDPOINT, ROUTE, SEND_ORDER, WILDCARD_TYPES, short
+
+log = logging.getLogger("xds_server.ads")
+
+ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+LISTEN_METADATA_KEY = "xds_server.listen"
+"""Node metadata key naming the address the node's listener should bind to."""
+
+
+class NodeError(ValueError):
+    """A node the server cannot serve; the message is sent to it as a gRPC status."""
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    node_id: str
+    region: str
+    listen: ListenAddress | None
+    user_agent: str
+
+
+def identify(node: base_pb2.Node, regions: Collection[str]) -> NodeIdentity:
+    """Region from `node.locality.region`, else `node.cluster`; listen address from metadata."""
+    region = node.locality.region or node.cluster
+    if not region:
+        raise NodeError(f"node {node.id!r} names no region: set node.locality.region "
+                        "(or node.cluster) in its bootstrap")
+    if region not in regions:
+        raise NodeError(f"node {node.id!r} is in region {region!r}, which the mesh spec "
+                        f"does not have (regions: {', '.join(regions)})")
+    listen = None
+    field = node.metadata.fields.get(LISTEN_METADATA_KEY)
+    if field is not None:
+        listen = parse_listen(field.string_value, node.id)
+    agent = node.user_agent_name
+    if node.HasField("user_agent_build_version"):
+        v = node.user_agent_build_version.version
+        agent = f"{agent}/{v.major_number}.{v.minor_number}.{v.patch}"
+    elif node.user_agent_version:
+        agent = f"{agent}/{node.user_agent_version}"
+    return NodeIdentity(node.id, region, listen, agent)
+
+
+def parse_listen(text: str, node_id: str = "") -> ListenAddress:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise NodeError(f"node {node_id!r}: metadata {LISTEN_METADATA_KEY}={text!r} is not "
+                        "ADDRESS:PORT")
+    return host.strip("[]"), int(port)
+
+
+@dataclass
+class _TypeState:
+    subscribed: bool = False
+    names: frozenset[str] | None = None
+    """Requested resource names; None asks for every resource (wildcard)."""
+    nonce: str = ""
+    in_flight: bool = False
+    sent_version: str = ""
+    sent_names: frozenset[str] | None = None
+    sent_resources: frozenset[str] = frozenset()
+    acked_resources: frozenset[str] = frozenset()
+    answer_due: bool = False
+    """A fresh request (empty nonce) always gets an answer, even at the same version."""
+
+
+class SotwStream:
+    """The protocol state of one state-of-the-world stream; no I/O."""
+
+    _nonces = itertools.count(1)
+
+    def __init__(self, status: NodeStatus, registry: NodeRegistry,
+                 listen: ListenAddress | None = None) -> None:
+        self.status = status
+        self.registry = registry
+        self.listen = listen
+        self.types = {t: _TypeState() for t in SEND_ORDER}
+
+    def on_request(self, req: discovery_pb2.DiscoveryRequest) -> None:
+        ts = self.types.get(req.type_url)
+        if ts is None:
+            log.debug("%s asked for unsupported type %s; ignored", self.status.node_id,
+                      req.type_url)
+            return
+        if req.response_nonce:
+            if req.response_nonce != ts.nonce:
+                log.debug("%s: stale nonce %s for %s (latest %s); ignored",
+                          self.status.node_id, req.response_nonce, short(req.type_url),
+                          ts.nonce)
+                return
+            ts.in_flight = False
+            if req.HasField("error_detail"):
+                self.registry.record_nack(self.status, req.type_url, ts.sent_version,
+                                          req.error_detail.message)
+            else:
+                ts.acked_resources = ts.sent_resources
+                self.registry.record_ack(self.status, req.type_url, req.version_info)
+        else:
+            ts.answer_due = True
+        ts.subscribed = True
+        if req.type_url in WILDCARD_TYPES:
+            ts.names = None
+        else:
+            ts.names = frozenset(req.resource_names)
+
+    def due(self, snap: Snapshot) -> list[bytes]:
+        """The responses to send now (at most one: the next type in make-before-break order)."""
+        for type_url in SEND_ORDER:
+            ts = self.types[type_url]
+            if not ts.subscribed:
+                continue
+            if ts.in_flight:
+                return []
+            version = snap.type_version(type_url)
+            if ts.sent_version == version and ts.sent_names == ts.names and not ts.answer_due:
+                continue
+            if type_url == ROUTE and not self._clusters_ready(snap):
+                return []
+            encoded = snap.encoded(type_url, ts.names, self.listen)
+            ts.nonce = str(next(self._nonces))
+            ts.in_flight, ts.answer_due = True, False
+            ts.sent_version, ts.sent_names = version, ts.names
+            ts.sent_resources = encoded.names
+            self.registry.record_sent(self.status, type_url, version)
+            return [with_nonce(encoded.body, ts.nonce)]
+        return []
+
+    def _clusters_ready(self, snap: Snapshot) -> bool:
+        """Has the node ACKed every cluster the routes use, and those clusters' endpoints?
+
+        Only checked for types the node subscribes to: a proxyless gRPC client asks for
+        routes before it has asked for any cluster.
+        """
+        targets = snap.route_targets
+        return all(targets <= self.types[t].acked_resources
+                   for t in (CLUSTER, ENDPOINT) if self.types[t].subscribed)
+
+
+class AdsServer:
+    """Serves StreamAggregatedResources for every region of the cache."""
+
+    def __init__(self, cache: SnapshotCache, registry: NodeRegistry,
+                 regions: Collection[str]) -> None:
+        self.cache = cache
+        self.registry = registry
+        self.regions = regions
+
+    def set_regions(self, regions: Collection[str]) -> None:
+        self.regions = regions
+
+    def add_to(self, server: grpc.aio.Server) -> None:
+        handler = grpc.method_handlers_generic_handler(ADS_SERVICE, {
+            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                self.stream_aggregated_resources,
+                request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                response_serializer=None,  # responses are already encoded bytes
+            ),
+        })
+        server.add_generic_rpc_handlers((handler,))
+
+    async def stream_aggregated_resources(
+            self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest],
+            context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        reader = aiter(requests)
+        try:
+            first = await anext(reader)
+        except StopAsyncIteration:
+            return
+        try:
+            ident = identify(first.node, self.regions)
+        except NodeError as exc:
+            log.warning("refused stream: %s", exc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return
+        listen = f"{ident.listen[0]}:{ident.listen[1]}" if ident.listen else ""
+        status = self.registry.connect(ident.node_id, ident.region, listen, ident.user_agent)
+        stream = SotwStream(status, self.registry, ident.listen)
+        stream.on_request(first)
+        wake = asyncio.Event()
+        wake.set()
+        self.cache.watch(ident.region, wake)
+
+        async def read() -> None:
+            async for req in reader:
+                stream.on_request(req)
+                wake.set()
+
+        reader_task = asyncio.create_task(read())
+        reader_task.add_done_callback(lambda _: wake.set())
+        reason = "stream closed by the node"
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                if reader_task.done():
+                    exc = None if reader_task.cancelled() else reader_task.exception()
+                    if exc is not None:
+                        reason = f"stream error: {exc}"
+                    break
+                snap = self.cache.get(ident.region)
+                if snap is None:
+                    continue
+                for body in stream.due(snap):
+                    await context.write(body)
+        except asyncio.CancelledError:
+            reason = "stream cancelled"
+            raise
+        finally:
+            self.cache.unwatch(ident.region, wake)
+            reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader_task
+            self.registry.disconnect(status, reason)

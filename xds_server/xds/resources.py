@@ -1,0 +1,164 @@
+"""The snapshot builder: mesh spec + traffic weights -> Envoy resources for one region.
+
+Pure functions, no I/O. Everything the ADS server sends is made here, so the shape of
+what Envoy receives can be read (and tested) in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from google.protobuf import any_pb2, duration_pb2, message, wrappers_pb2
+
+from xds_server.config import Endpoint, MeshSpec, Service
+from xds_server.traffic import TrafficState
+from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+
+LISTENER_NAME = "ingress"
+ROUTE_CONFIG_NAME = "ingress"
+
+
+def cluster_name(service: str, pool: str) -> str:
+    """`service|pool`: unique (service names have no '|') and readable in Envoy stats."""
+    return f"{service}|{pool}"
+
+
+@dataclass(frozen=True)
+class RegionResources:
+    """Resources by type URL, then by name, for one region.
+
+    Listeners are not here: a node may ask for its own listen address (several Envoys
+    share one host in the lab), so listeners are made per node by `build_listener`.
+    """
+
+    region: str
+    by_type: Mapping[str, Mapping[str, message.Message]]
+
+    def route_targets(self) -> set[str]:
+        """Every cluster that some route of this region sends traffic to."""
+        targets: set[str] = set()
+        for rc in self.by_type[ROUTE].values():
+            assert isinstance(rc, route_pb2.RouteConfiguration)
+            for vh in rc.virtual_hosts:
+                for route in vh.routes:
+                    targets.update(c.name for c in route.route.weighted_clusters.clusters)
+                    if route.route.cluster:
+                        targets.add(route.route.cluster)
+        return targets
+
+
+def build_region(spec: MeshSpec, traffic: TrafficState, region: str) -> RegionResources:
+    clusters: dict[str, message.Message] = {}
+    endpoints: dict[str, message.Message] = {}
+    for svc in spec.services:
+        for pool in svc.pools.values():
+            name = cluster_name(svc.name, pool.name)
+            clusters[name] = build_cluster(name)
+            endpoints[name] = build_load_assignment(name, region, pool.endpoints[region])
+    routes = {ROUTE_CONFIG_NAME: build_route_config(spec, traffic, region)}
+    return RegionResources(region, {CLUSTER: clusters, ENDPOINT: endpoints, ROUTE: routes,
+                                    LISTENER: {}})
+
+
+def _ads() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(),
+        resource_api_version=config_source_pb2.ApiVersion.V3,
+    )
+
+
+def build_cluster(name: str) -> cluster_pb2.Cluster:
+    return cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
+        connect_timeout=duration_pb2.Duration(seconds=1),
+        lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
+    )
+
+
+def build_load_assignment(name: str, region: str,
+                          eps: tuple[Endpoint, ...]) -> endpoint_pb2.ClusterLoadAssignment:
+    return endpoint_pb2.ClusterLoadAssignment(
+        cluster_name=name,
+        endpoints=[endpoint_components_pb2.LocalityLbEndpoints(
+            locality=base_pb2.Locality(region=region),
+            lb_endpoints=[
+                endpoint_components_pb2.LbEndpoint(
+                    endpoint=endpoint_components_pb2.Endpoint(address=_socket(ep.host, ep.port)))
+                for ep in eps
+            ],
+        )],
+    )
+
+
+def _socket(host: str, port: int) -> address_pb2.Address:
+    return address_pb2.Address(socket_address=address_pb2.SocketAddress(
+        address=host, port_value=port))
+
+
+def build_route_config(spec: MeshSpec, traffic: TrafficState,
+                       region: str) -> route_pb2.RouteConfiguration:
+    return route_pb2.RouteConfiguration(
+        name=ROUTE_CONFIG_NAME,
+        virtual_hosts=[_virtual_host(svc, traffic, region) for svc in spec.services],
+    )
+
+
+def _virtual_host(svc: Service, traffic: TrafficState,
+                  region: str) -> route_components_pb2.VirtualHost:
+    split = traffic.effective(svc, region)
+    # Pools at 0% are left out of the route: the route then never names a cluster it does
+    # not use, which keeps make-before-break simple. Production carries the rest.
+    weighted = [
+        route_components_pb2.WeightedCluster.ClusterWeight(
+            name=cluster_name(svc.name, pool),
+            weight=wrappers_pb2.UInt32Value(value=split.get(pool)),
+        )
+        for pool in svc.pools
+        if split.get(pool) > 0
+    ]
+    return route_components_pb2.VirtualHost(
+        name=svc.name,
+        domains=list(svc.domains),
+        routes=[route_components_pb2.Route(
+            name=f"{svc.name}-split",
+            match=route_components_pb2.RouteMatch(prefix=svc.prefix),
+            route=route_components_pb2.RouteAction(
+                weighted_clusters=route_components_pb2.WeightedCluster(clusters=weighted)),
+        )],
+    )
+
+
+def build_listener(address: str, port: int) -> listener_pb2.Listener:
+    hcm = hcm_pb2.HttpConnectionManager(
+        stat_prefix="ingress_http",
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=ROUTE_CONFIG_NAME),
+        http_filters=[hcm_pb2.HttpFilter(
+            name="envoy.filters.http.router", typed_config=pack(router_pb2.Router()))],
+    )
+    return listener_pb2.Listener(
+        name=LISTENER_NAME,
+        address=_socket(address, port),
+        filter_chains=[listener_components_pb2.FilterChain(filters=[
+            listener_components_pb2.Filter(
+                name="envoy.filters.network.http_connection_manager",
+                typed_config=pack(hcm))])],
+    )
+
+
+def pack(msg: message.Message) -> any_pb2.Any:
+    out = any_pb2.Any()
+    out.Pack(msg)
+    return out

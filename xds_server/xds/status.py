@@ -1,0 +1,112 @@
+"""What each connected node has been sent, has applied (ACK) and has rejected (NACK).
+
+The ADS streams write here; the rollout controller reads it to know when a region's
+data plane has a step's weights, and the admin API shows it. One NodeStatus per stream:
+two Envoys that share a node id are still two entries.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from xds_server.xds.types import SEND_ORDER, short
+
+log = logging.getLogger("xds_server.status")
+
+
+@dataclass
+class TypeStatus:
+    sent_version: str = ""
+    sent_at: float | None = None
+    acked_version: str = ""
+    acked_at: float | None = None
+    nack_version: str = ""
+    nack_error: str = ""
+    nack_at: float | None = None
+
+
+@dataclass
+class NodeStatus:
+    stream_id: int
+    node_id: str
+    region: str
+    connected_since: float
+    listen: str = ""
+    user_agent: str = ""
+    types: dict[str, TypeStatus] = field(default_factory=lambda: {t: TypeStatus()
+                                                                  for t in SEND_ORDER})
+
+    def sync_state(self, type_url: str, current_version: str) -> str:
+        """SYNCED, NACKED, STALE (sent, not yet applied) or NOT SENT, like istioctl."""
+        ts = self.types[type_url]
+        if not ts.sent_version:
+            return "NOT SENT"
+        if ts.acked_version == current_version:
+            return "SYNCED"
+        if ts.nack_version and ts.nack_version == ts.sent_version:
+            return "NACKED"
+        return "STALE"
+
+
+Listener = Callable[[NodeStatus], None]
+
+
+class NodeRegistry:
+    def __init__(self) -> None:
+        self._nodes: dict[int, NodeStatus] = {}
+        self._next_id = 0
+        self._listeners: list[Listener] = []
+
+    def connect(self, node_id: str, region: str, listen: str = "",
+                user_agent: str = "") -> NodeStatus:
+        self._next_id += 1
+        status = NodeStatus(self._next_id, node_id, region, time.time(), listen, user_agent)
+        self._nodes[status.stream_id] = status
+        log.info("node connected: %s region=%s stream=%d%s", node_id, region,
+                 status.stream_id, f" listen={listen}" if listen else "")
+        self._notify(status)
+        return status
+
+    def disconnect(self, status: NodeStatus, reason: str) -> None:
+        if self._nodes.pop(status.stream_id, None) is not None:
+            log.info("node disconnected: %s region=%s stream=%d (%s)", status.node_id,
+                     status.region, status.stream_id, reason)
+            self._notify(status)
+
+    def record_sent(self, status: NodeStatus, type_url: str, version: str) -> None:
+        ts = status.types[type_url]
+        ts.sent_version, ts.sent_at = version, time.time()
+
+    def record_ack(self, status: NodeStatus, type_url: str, version: str) -> None:
+        ts = status.types[type_url]
+        ts.acked_version, ts.acked_at = version, time.time()
+        self._notify(status)
+
+    def record_nack(self, status: NodeStatus, type_url: str, version: str, error: str) -> None:
+        ts = status.types[type_url]
+        ts.nack_version, ts.nack_error, ts.nack_at = version, error, time.time()
+        log.warning("NACK from %s region=%s type=%s version=%s: %s", status.node_id,
+                    status.region, short(type_url), version, error)
+        self._notify(status)
+
+    def nodes(self, region: str | None = None) -> list[NodeStatus]:
+        return [n for n in self._nodes.values() if region is None or n.region == region]
+
+    def __iter__(self) -> Iterator[NodeStatus]:
+        return iter(list(self._nodes.values()))
+
+    def all_acked(self, region: str, type_url: str, version: str) -> bool:
+        """True when every connected node of the region has applied `version` of the type."""
+        return all(n.types[type_url].acked_version == version for n in self.nodes(region))
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call `listener` on every connect, disconnect, ACK and NACK; returns unsubscribe."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def _notify(self, status: NodeStatus) -> None:
+        for listener in list(self._listeners):
+            listener(status)

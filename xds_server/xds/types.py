@@ -1,0 +1,21 @@
+"""xDS type URLs and the order in which they are sent (make before break)."""
+
+from __future__ import annotations
+
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+
+SEND_ORDER: tuple[str, ...] = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+"""Clusters, then their endpoints, then listeners, then the routes that use them."""
+
+WILDCARD_TYPES = frozenset({CLUSTER, LISTENER})
+"""Types Envoy asks for as a whole; endpoints and routes are asked for by name."""
+
+SHORT_NAMES = {CLUSTER: "cluster", ENDPOINT: "endpoint", LISTENER: "listener", ROUTE: "route"}
+BY_SHORT_NAME = {v: k for k, v in SHORT_NAMES.items()}
+
+
+def short(type_url: str) -> str:
+    return SHORT_NAMES.get(type_url, type_url.rsplit(".", 1)[-1])
