@@ -3,11 +3,9 @@ real Envoys, and a gRPC test client for the ADS protocol."""
 
 from __future__ import annotations
 
-import asyncio
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,69 +17,40 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import struct_pb2
 
 from xds_server.config import MeshSpec, load_spec
+from xds_server.lab.background import BackgroundServer
 from xds_server.lab.procs import Envoy, free_port
 from xds_server.lab.upstream import ModelServer
 from xds_server.render.bootstrap import BootstrapOptions
-from xds_server.server import XdsServer
 
 T = TypeVar("T")
 REGIONS = ("us-east", "eu-west", "ap-south")
 
 
-class ServerThread:
-    """Runs an XdsServer on an asyncio loop in a background thread, like `serve` does."""
-
-    def __init__(self, spec: MeshSpec, spec_path: Path | None = None) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server: XdsServer = self.call(lambda: XdsServer(spec, spec_path=spec_path))
-        self.port = 0
-        self._watch: Future[None] | None = None
-
-    def call(self, fn: Callable[[], T]) -> T:
-        """Run `fn` on the server's loop and return its result."""
-        async def run() -> T:
-            return fn()
-        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
-
-    def run(self, coro: Any, timeout: float = 30) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def start(self, port: int = 0) -> int:
-        self.port = self.run(self.server.start(f"127.0.0.1:{port}"))
-        return self.port
-
-    def watch_spec(self) -> None:
-        self._watch = asyncio.run_coroutine_threadsafe(self.server.watch_spec_file(0.1),
-                                                       self.loop)
-
-    def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-        self.run(self.server.stop(0.2))
-
-    def close(self) -> None:
-        self.stop()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+ServerThread = BackgroundServer
 
 
-def make_spec_doc(ports: dict[tuple[str, str], int], pools: tuple[str, ...] = ("production",
-                  "canary"), regions: tuple[str, ...] = REGIONS) -> dict[str, Any]:
+def make_spec_doc(
+    ports: dict[tuple[str, str], int],
+    pools: tuple[str, ...] = ("production", "canary"),
+    regions: tuple[str, ...] = REGIONS,
+) -> dict[str, Any]:
     return {
         "regions": list(regions),
         "listener": {"port": 10000},
-        "services": [{
-            "name": "recommender",
-            "domains": ["*"],
-            "prefix": "/",
-            "pools": {
-                pool: {"version": "v2" if pool == "canary" else "v1",
-                       "endpoints": {r: [f"127.0.0.1:{ports[(r, pool)]}"] for r in regions}}
-                for pool in pools
-            },
-        }],
+        "services": [
+            {
+                "name": "recommender",
+                "domains": ["*"],
+                "prefix": "/",
+                "pools": {
+                    pool: {
+                        "version": "v2" if pool == "canary" else "v1",
+                        "endpoints": {r: [f"127.0.0.1:{ports[(r, pool)]}"] for r in regions},
+                    }
+                    for pool in pools
+                },
+            }
+        ],
     }
 
 
@@ -94,9 +63,11 @@ def write_spec(path: Path, doc: dict[str, Any]) -> MeshSpec:
 def upstreams() -> Iterator[dict[tuple[str, str], ModelServer]]:
     """A model server per (region, pool), on free loopback ports."""
     servers = {
-        (r, pool): ModelServer(("127.0.0.1", 0), r, pool, "v2" if pool == "canary" else "v1")
-        .start_in_thread()
-        for r in REGIONS for pool in ("production", "baseline", "canary")
+        (r, pool): ModelServer(
+            ("127.0.0.1", 0), r, pool, "v2" if pool == "canary" else "v1"
+        ).start_in_thread()
+        for r in REGIONS
+        for pool in ("production", "baseline", "canary")
     }
     yield servers
     for s in servers.values():
@@ -124,13 +95,21 @@ class EnvoyFactory:
         self.workdir = workdir
         self.started: list[Envoy] = []
 
-    def start(self, region: str, xds_port: int, node_id: str | None = None,
-              listen_port: int | None = None) -> Envoy:
+    def start(
+        self, region: str, xds_port: int, node_id: str | None = None, listen_port: int | None = None
+    ) -> Envoy:
         listen_port = listen_port or free_port()
         node_id = node_id or f"{region}-{len(self.started) + 1}"
-        envoy = Envoy(BootstrapOptions(region=region, node_id=node_id, xds_port=xds_port,
-                                       admin_port=free_port(),
-                                       listen=f"127.0.0.1:{listen_port}"), self.workdir)
+        envoy = Envoy(
+            BootstrapOptions(
+                region=region,
+                node_id=node_id,
+                xds_port=xds_port,
+                admin_port=free_port(),
+                listen=f"127.0.0.1:{listen_port}",
+            ),
+            self.workdir,
+        )
         envoy.listen_port = listen_port  # type: ignore[attr-defined]
         self.started.append(envoy)
         return envoy
@@ -150,16 +129,25 @@ def envoys(tmp_path: Path) -> Iterator[EnvoyFactory]:
 class AdsClient:
     """A raw ADS stream over real gRPC; responses are read by a thread into a queue."""
 
-    def __init__(self, port: int, region: str = "us-east", node_id: str = "test-node",
-                 listen: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        region: str = "us-east",
+        node_id: str = "test-node",
+        listen: str | None = None,
+    ) -> None:
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         self.requests: queue.Queue[discovery_pb2.DiscoveryRequest | None] = queue.Queue()
         self.responses: queue.Queue[discovery_pb2.DiscoveryResponse | Exception] = queue.Queue()
-        self.node = base_pb2.Node(id=node_id, cluster=region,
-                                  locality=base_pb2.Locality(region=region))
+        self.node = base_pb2.Node(
+            id=node_id, cluster=region, locality=base_pb2.Locality(region=region)
+        )
         if listen:
-            self.node.metadata.CopyFrom(struct_pb2.Struct(fields={
-                "xds_server.listen": struct_pb2.Value(string_value=listen)}))
+            self.node.metadata.CopyFrom(
+                struct_pb2.Struct(
+                    fields={"xds_server.listen": struct_pb2.Value(string_value=listen)}
+                )
+            )
         self._first = True
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel)
         self.call = stub.StreamAggregatedResources(iter(self.requests.get, None))
@@ -172,10 +160,20 @@ class AdsClient:
         except Exception as exc:
             self.responses.put(exc)
 
-    def send(self, type_url: str, names: list[str] | None = None, version: str = "",
-             nonce: str = "", error: str | None = None) -> None:
-        req = discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=names or [],
-                                             version_info=version, response_nonce=nonce)
+    def send(
+        self,
+        type_url: str,
+        names: list[str] | None = None,
+        version: str = "",
+        nonce: str = "",
+        error: str | None = None,
+    ) -> None:
+        req = discovery_pb2.DiscoveryRequest(
+            type_url=type_url,
+            resource_names=names or [],
+            version_info=version,
+            response_nonce=nonce,
+        )
         if self._first:
             req.node.CopyFrom(self.node)
             self._first = False

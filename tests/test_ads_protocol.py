@@ -60,12 +60,15 @@ def sync_all(c: AdsClient) -> dict[str, Any]:
 
 def weights(resp: Any) -> dict[str, int]:
     (rc,) = unpack(resp, route_pb2.RouteConfiguration)
-    return {c.name: c.weight.value for c in
-            rc.virtual_hosts[0].routes[0].route.weighted_clusters.clusters}
+    return {
+        c.name: c.weight.value
+        for c in rc.virtual_hosts[0].routes[0].route.weighted_clusters.clusters
+    }
 
 
-def test_initial_sync_and_versions(server: ServerThread,
-                                   ads_clients: Callable[..., AdsClient]) -> None:
+def test_initial_sync_and_versions(
+    server: ServerThread, ads_clients: Callable[..., AdsClient]
+) -> None:
     c = ads_clients(server.port)
     got = sync_all(c)
     clusters = unpack(got[CLUSTER], cluster_pb2.Cluster)
@@ -78,31 +81,40 @@ def test_initial_sync_and_versions(server: ServerThread,
     nonces = [r.nonce for r in got.values()]
     assert len(set(nonces)) == 4 and all(nonces)
     (node,) = server.call(lambda: server.server.nodes.nodes("us-east"))
-    wait_for(lambda: all(node.sync_state(t, got[t].version_info) == "SYNCED" for t in got),
-             5, "every type to be SYNCED")
+    wait_for(
+        lambda: all(node.sync_state(t, got[t].version_info) == "SYNCED" for t in got),
+        5,
+        "every type to be SYNCED",
+    )
 
 
-def test_weight_change_sends_only_routes(server: ServerThread,
-                                         ads_clients: Callable[..., AdsClient]) -> None:
+def test_weight_change_sends_only_routes(
+    server: ServerThread, ads_clients: Callable[..., AdsClient]
+) -> None:
     c = ads_clients(server.port)
     got = sync_all(c)
-    server.call(lambda: server.server.set_split(
-        "recommender", Split.from_percent({"canary": 50}), urgent=True))
+    server.call(
+        lambda: server.server.set_split(
+            "recommender", Split.from_percent({"canary": 50}), urgent=True
+        )
+    )
     r = c.recv()
     assert r.type_url == ROUTE
     assert int(r.version_info) > int(got[ROUTE].version_info)
     assert weights(r) == {"recommender|production": 5000, "recommender|canary": 5000}
 
 
-def test_eds_honours_resource_names(server: ServerThread,
-                                    ads_clients: Callable[..., AdsClient]) -> None:
+def test_eds_honours_resource_names(
+    server: ServerThread, ads_clients: Callable[..., AdsClient]
+) -> None:
     c = ads_clients(server.port)
     c.send(CLUSTER)
     c.ack(c.recv())
     c.send(ENDPOINT, ["recommender|canary", "no-such-cluster"])
     r = c.recv()
     assert [x.cluster_name for x in unpack(r, endpoint_pb2.ClusterLoadAssignment)] == [
-        "recommender|canary"]
+        "recommender|canary"
+    ]
     # Changing the subscription in an ACK gets the newly named resources at once.
     c.ack(r, ALL_CLUSTERS)
     r2 = c.recv()
@@ -110,18 +122,36 @@ def test_eds_honours_resource_names(server: ServerThread,
     assert len(r2.resources) == 2
 
 
-def test_nack_is_recorded_and_not_resent(server: ServerThread,
-                                         ads_clients: Callable[..., AdsClient]) -> None:
+def test_nack_is_recorded_and_not_resent(
+    server: ServerThread, ads_clients: Callable[..., AdsClient]
+) -> None:
     c = ads_clients(server.port)
     got = sync_all(c)
-    server.call(lambda: server.server.set_split(
-        "recommender", Split.from_percent({"canary": 10}), urgent=True))
+    server.call(
+        lambda: server.server.set_split(
+            "recommender", Split.from_percent({"canary": 10}), urgent=True
+        )
+    )
     bad = c.recv()
-    c.send(ROUTE, [ROUTE_CONFIG_NAME], version=got[ROUTE].version_info, nonce=bad.nonce,
-           error="route: weights invalid")
-    node = wait_for(lambda: next(
-        (n for n in server.call(lambda: server.server.nodes.nodes("us-east"))
-         if n.types[ROUTE].nack_error), None), 5, "the NACK to be recorded")
+    c.send(
+        ROUTE,
+        [ROUTE_CONFIG_NAME],
+        version=got[ROUTE].version_info,
+        nonce=bad.nonce,
+        error="route: weights invalid",
+    )
+    node = wait_for(
+        lambda: next(
+            (
+                n
+                for n in server.call(lambda: server.server.nodes.nodes("us-east"))
+                if n.types[ROUTE].nack_error
+            ),
+            None,
+        ),
+        5,
+        "the NACK to be recorded",
+    )
     assert node.types[ROUTE].nack_version == bad.version_info
     assert node.types[ROUTE].acked_version == got[ROUTE].version_info
     assert node.sync_state(ROUTE, bad.version_info) == "NACKED"
@@ -131,14 +161,18 @@ def test_nack_is_recorded_and_not_resent(server: ServerThread,
     assert eds.type_url == ENDPOINT
     c.ack(eds, ALL_CLUSTERS)
     # A new config is sent, even to a node that NACKed the previous one.
-    server.call(lambda: server.server.set_split(
-        "recommender", Split.from_percent({"canary": 20}), urgent=True))
+    server.call(
+        lambda: server.server.set_split(
+            "recommender", Split.from_percent({"canary": 20}), urgent=True
+        )
+    )
     nxt = c.recv()
     assert nxt.type_url == ROUTE and int(nxt.version_info) > int(bad.version_info)
 
 
-def test_stale_nonce_is_ignored(server: ServerThread,
-                                ads_clients: Callable[..., AdsClient]) -> None:
+def test_stale_nonce_is_ignored(
+    server: ServerThread, ads_clients: Callable[..., AdsClient]
+) -> None:
     c = ads_clients(server.port)
     c.send(CLUSTER)
     first = c.recv()
@@ -168,8 +202,9 @@ def _without_canary(server: ServerThread) -> Any:
     return validate_spec(doc, "test")
 
 
-def test_routes_wait_for_new_clusters(server: ServerThread,
-                                      ads_clients: Callable[..., AdsClient]) -> None:
+def test_routes_wait_for_new_clusters(
+    server: ServerThread, ads_clients: Callable[..., AdsClient]
+) -> None:
     """Make before break: routes using a new cluster wait until it and its endpoints are ACKed."""
     c = ads_clients(server.port)
     c.send(CLUSTER)
@@ -185,15 +220,26 @@ def test_routes_wait_for_new_clusters(server: ServerThread,
     assert rds.type_url == ROUTE
 
 
-def test_removed_cluster_outlives_routes_using_it(server: ServerThread,
-                                                  ads_clients: Callable[..., AdsClient]) -> None:
+def test_removed_cluster_outlives_routes_using_it(
+    server: ServerThread, ads_clients: Callable[..., AdsClient]
+) -> None:
     c = ads_clients(server.port)
     sync_all(c)
-    server.call(lambda: server.server.set_split(
-        "recommender", Split.from_percent({"canary": 30}), urgent=True))
+    server.call(
+        lambda: server.server.set_split(
+            "recommender", Split.from_percent({"canary": 30}), urgent=True
+        )
+    )
     c.ack(c.recv(), [ROUTE_CONFIG_NAME])
-    wait_for(lambda: server.call(lambda: server.server.nodes.all_acked(
-        "us-east", ROUTE, server.server.snapshot("us-east").type_version(ROUTE))), 5, "ACK")
+    wait_for(
+        lambda: server.call(
+            lambda: server.server.nodes.all_acked(
+                "us-east", ROUTE, server.server.snapshot("us-east").type_version(ROUTE)
+            )
+        ),
+        5,
+        "ACK",
+    )
     # The canary pool leaves the spec while routes send it traffic: the cluster stays, so
     # the first thing sent is routes without it ...
     server.call(lambda: server.server.apply_spec(_without_canary(server)))
@@ -202,7 +248,8 @@ def test_removed_cluster_outlives_routes_using_it(server: ServerThread,
     assert rds.type_url == ROUTE
     assert weights(rds) == {"recommender|production": 10_000}
     assert "recommender|canary" in server.call(
-        lambda: server.server.snapshot("us-east").resources.by_type[CLUSTER])
+        lambda: server.server.snapshot("us-east").resources.by_type[CLUSTER]
+    )
     # ... and only once the node has ACKed them does the cluster go.
     c.ack(rds, [ROUTE_CONFIG_NAME])
     cds = c.recv()
@@ -211,7 +258,8 @@ def test_removed_cluster_outlives_routes_using_it(server: ServerThread,
 
 
 def test_listen_metadata_sets_the_listener_address(
-        server: ServerThread, ads_clients: Callable[..., AdsClient]) -> None:
+    server: ServerThread, ads_clients: Callable[..., AdsClient]
+) -> None:
     c = ads_clients(server.port, listen="127.0.0.5:12345")
     c.send(LISTENER)
     (listener,) = unpack(c.recv(), listener_pb2.Listener)
@@ -219,8 +267,9 @@ def test_listen_metadata_sets_the_listener_address(
     assert (sa.address, sa.port_value) == ("127.0.0.5", 12345)
 
 
-def test_unknown_region_gets_a_clear_error(server: ServerThread,
-                                           ads_clients: Callable[..., AdsClient]) -> None:
+def test_unknown_region_gets_a_clear_error(
+    server: ServerThread, ads_clients: Callable[..., AdsClient]
+) -> None:
     c = ads_clients(server.port, region="mars")
     c.send(CLUSTER)
     with pytest.raises(grpc.RpcError) as err:
@@ -231,7 +280,8 @@ def test_unknown_region_gets_a_clear_error(server: ServerThread,
 
 
 def test_response_is_encoded_once_for_all_streams(
-        server: ServerThread, ads_clients: Callable[..., AdsClient]) -> None:
+    server: ServerThread, ads_clients: Callable[..., AdsClient]
+) -> None:
     a, b = ads_clients(server.port, node_id="a"), ads_clients(server.port, node_id="b")
     for c in (a, b):
         c.send(CLUSTER)

@@ -30,10 +30,13 @@ def split_host_port(text: str, what: str) -> tuple[str, int]:
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-                       + f".{int(record.msecs):03d}Z",
-               "level": record.levelname.lower(), "logger": record.name,
-               "message": record.getMessage()}
+        out = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out)
@@ -56,8 +59,10 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     pools = sum(len(s.pools) for s in spec.services)
-    print(f"{args.spec}: ok: {len(spec.regions)} regions, {len(spec.services)} services, "
-          f"{pools} pools")
+    print(
+        f"{args.spec}: ok: {len(spec.regions)} regions, {len(spec.services)} services, "
+        f"{pools} pools"
+    )
     return 0
 
 
@@ -74,10 +79,22 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     host, port = split_host_port(args.xds_address, "--xds-address")
     if args.listen:
         split_host_port(args.listen, "--listen")
-    opts = BootstrapOptions(region=args.region, node_id=args.node_id, xds_host=host,
-                            xds_port=port, admin_port=args.admin_port, listen=args.listen)
+    opts = BootstrapOptions(
+        region=args.region,
+        node_id=args.node_id,
+        xds_host=host,
+        xds_port=port,
+        admin_port=args.admin_port,
+        listen=args.listen,
+    )
     sys.stdout.write(render_bootstrap(opts))
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from xds_server.lab.demo import run_demo
+
+    return run_demo(args.requests)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,8 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve the mesh spec to Envoys over ADS")
     s.add_argument("--spec", required=True, metavar="FILE")
     s.add_argument("--xds-address", default="127.0.0.1:18000", metavar="HOST:PORT")
-    s.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument("--log-format", default="text", choices=["text", "json"])
     s.set_defaults(func=cmd_serve)
 
@@ -101,9 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--node-id", required=True)
     b.add_argument("--xds-address", default="127.0.0.1:18000", metavar="HOST:PORT")
     b.add_argument("--admin-port", type=int, default=9901)
-    b.add_argument("--listen", metavar="ADDR:PORT",
-                   help="this node's listener address (several Envoys on one host)")
+    b.add_argument(
+        "--listen",
+        metavar="ADDR:PORT",
+        help="this node's listener address (several Envoys on one host)",
+    )
     b.set_defaults(func=cmd_bootstrap)
+    d = sub.add_parser("demo", help="route a live three-region Envoy mesh on loopback")
+    d.add_argument("--requests", type=int, default=200, help="requests per region and step")
+    d.set_defaults(func=cmd_demo)
     return p
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,8 +90,10 @@ class SpecError(Exception):
         super().__init__(self.render())
 
     def render(self) -> str:
-        lines = [f"{self.source}: {p.path}: {p.message}" if p.path else f"{self.source}: {p.message}"
-                 for p in self.problems]
+        lines = [
+            f"{self.source}: {p.path}: {p.message}" if p.path else f"{self.source}: {p.message}"
+            for p in self.problems
+        ]
         return "\n".join(lines)
 
 
@@ -144,8 +146,10 @@ class _Validator:
             return {}
         for key in value:
             if not isinstance(key, str) or key not in known:
-                self.fail(_join(path, str(key)),
-                          f"unknown field (expected one of: {', '.join(sorted(known))})")
+                self.fail(
+                    _join(path, str(key)),
+                    f"unknown field (expected one of: {', '.join(sorted(known))})",
+                )
         return value
 
     def spec(self, doc: Any, source: str) -> MeshSpec | None:
@@ -168,8 +172,10 @@ class _Validator:
         out: list[str] = []
         for i, name in enumerate(value):
             if not isinstance(name, str) or not _NAME_RE.match(name):
-                self.fail(f"regions[{i}]", f"bad region name {name!r}: use lowercase letters, "
-                          "digits and '-' (at most 63)")
+                self.fail(
+                    f"regions[{i}]",
+                    f"bad region name {name!r}: use lowercase letters, digits and '-' (at most 63)",
+                )
             elif name in out:
                 self.fail(f"regions[{i}]", f"duplicate region {name!r}")
             else:
@@ -213,26 +219,34 @@ class _Validator:
             names.add(svc.name)
             for d in svc.domains:
                 if d in domains_seen:
-                    self.fail(f"services[{i}].domains",
-                              f"domain {d!r} is already used by service {domains_seen[d]!r}; "
-                              "Envoy needs each domain in one virtual host only")
+                    self.fail(
+                        f"services[{i}].domains",
+                        f"domain {d!r} is already used by service {domains_seen[d]!r}; "
+                        "Envoy needs each domain in one virtual host only",
+                    )
                 domains_seen.setdefault(d, svc.name)
             out.append(svc)
         return out
 
     def service(self, value: Any, path: str, regions: list[str]) -> Service | None:
-        m = self.mapping(value, path, {"name", "domains", "prefix", "pools"}
-                         | EXTENSION_KEYS_SERVICE)
+        m = self.mapping(
+            value, path, {"name", "domains", "prefix", "pools"} | EXTENSION_KEYS_SERVICE
+        )
         if not m:
             return None
         name = m.get("name")
         if not isinstance(name, str) or not _NAME_RE.match(name):
-            self.fail(_join(path, "name"), f"bad service name {name!r}: use lowercase letters, "
-                      "digits and '-' (at most 63)")
+            self.fail(
+                _join(path, "name"),
+                f"bad service name {name!r}: use lowercase letters, digits and '-' (at most 63)",
+            )
             name = None
         domains = m.get("domains", ["*"])
-        if (not isinstance(domains, list) or not domains
-                or not all(isinstance(d, str) and d for d in domains)):
+        if (
+            not isinstance(domains, list)
+            or not domains
+            or not all(isinstance(d, str) and d for d in domains)
+        ):
             self.fail(_join(path, "domains"), "expected a non-empty list of domain strings")
             domains = ["*"]
         elif len(set(domains)) != len(domains):
@@ -271,16 +285,19 @@ class _Validator:
         if isinstance(version, int | float) and not isinstance(version, bool):
             version = str(version)
         if not isinstance(version, str) or not _VERSION_RE.match(version):
-            self.fail(_join(path, "version"), f"bad version {version!r}: expected a short "
-                      "string such as v1 or 2024-05-01")
+            self.fail(
+                _join(path, "version"),
+                f"bad version {version!r}: expected a short string such as v1 or 2024-05-01",
+            )
             version = None
         endpoints = self.endpoints(m.get("endpoints"), _join(path, "endpoints"), regions)
         if version is None or endpoints is None:
             return None
         return Pool(name, version, endpoints)
 
-    def endpoints(self, value: Any, path: str,
-                  regions: list[str]) -> dict[str, tuple[Endpoint, ...]] | None:
+    def endpoints(
+        self, value: Any, path: str, regions: list[str]
+    ) -> dict[str, tuple[Endpoint, ...]] | None:
         if value is None:
             self.fail(path, "required: endpoints per region")
             return None
@@ -326,8 +343,11 @@ class _Validator:
             self.fail(path, f"bad address {value!r}: expected 'HOST:PORT'")
             return None
         if not _is_ip(host):
-            self.fail(path, f"bad address {value!r}: the host must be an IP address "
-                      "(Envoy does not resolve EDS endpoints)")
+            self.fail(
+                path,
+                f"bad address {value!r}: the host must be an IP address "
+                "(Envoy does not resolve EDS endpoints)",
+            )
             return None
         port = int(port_text)
         if not 1 <= port <= 65535:
@@ -353,14 +373,11 @@ def _join(path: str, key: str) -> str:
 def _kind(value: Any) -> str:
     if value is None:
         return "nothing"
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
-            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
-
-
-def iter_endpoints(spec: MeshSpec) -> Iterator[tuple[Service, Pool, str, Endpoint]]:
-    """Every (service, pool, region, endpoint) of the spec, in a stable order."""
-    for svc in spec.services:
-        for pool in svc.pools.values():
-            for region in spec.regions:
-                for ep in pool.endpoints.get(region, ()):
-                    yield svc, pool, region, ep
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }.get(type(value), type(value).__name__)

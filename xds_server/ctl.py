@@ -7,24 +7,28 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import json_format
 
+from xds_server.xds.resources import ROUTE_CONFIG_NAME
 from xds_server.xds.types import BY_SHORT_NAME, CLUSTER, ENDPOINT, ROUTE
 
 
-async def fetch(server: str, region: str, type_url: str, names: list[str],
-                timeout: float) -> discovery_pb2.DiscoveryResponse:
+async def fetch(
+    server: str, region: str, type_url: str, names: list[str], timeout: float
+) -> discovery_pb2.DiscoveryResponse:
     """Ask the xDS server for one type as a pretend node of `region`."""
     async with grpc.aio.insecure_channel(server) as channel:
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-        node = base_pb2.Node(id=f"xdsctl-{region}", cluster=region,
-                             locality=base_pb2.Locality(region=region))
-        req = discovery_pb2.DiscoveryRequest(node=node, type_url=type_url,
-                                             resource_names=names)
+        node = base_pb2.Node(
+            id=f"xdsctl-{region}", cluster=region, locality=base_pb2.Locality(region=region)
+        )
+        req = discovery_pb2.DiscoveryRequest(node=node, type_url=type_url, resource_names=names)
         call = stub.StreamAggregatedResources(iter([req]), timeout=timeout)
         async for resp in call:
             call.cancel()
@@ -32,33 +36,24 @@ async def fetch(server: str, region: str, type_url: str, names: list[str],
     raise RuntimeError("the server closed the stream without a response")
 
 
-async def _default_names(server: str, region: str, type_url: str,
-                         timeout: float) -> list[str]:
+async def _default_names(server: str, region: str, type_url: str, timeout: float) -> list[str]:
     """Endpoints and routes are asked for by name: take them from clusters / listeners."""
     if type_url == ENDPOINT:
         resp = await fetch(server, region, CLUSTER, [], timeout)
         return [_name(a) for a in resp.resources]
     if type_url == ROUTE:
-        return ["ingress"]
+        return [ROUTE_CONFIG_NAME]
     return []
 
 
-def _name(any_msg: object) -> str:
-    from envoy.config.cluster.v3 import cluster_pb2
-
-    c = cluster_pb2.Cluster()
-    any_msg.Unpack(c)  # type: ignore[attr-defined]
-    return str(c.name)
+def _name(packed: Any) -> str:
+    cluster = cluster_pb2.Cluster()
+    packed.Unpack(cluster)
+    return str(cluster.name)
 
 
 def _to_json(resp: discovery_pb2.DiscoveryResponse) -> dict[str, object]:
-    import envoy.config.cluster.v3.cluster_pb2  # noqa: F401  (registers the types for Any)
-    import envoy.config.endpoint.v3.endpoint_pb2  # noqa: F401
-    import envoy.config.listener.v3.listener_pb2  # noqa: F401
-    import envoy.config.route.v3.route_pb2  # noqa: F401
-    import envoy.extensions.filters.http.router.v3.router_pb2  # noqa: F401
-    import envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2  # noqa: F401,E501
-
+    # xds_server.xds.resources (imported above) registers every type the Any fields hold.
     return dict(json_format.MessageToDict(resp, preserving_proto_field_name=True))
 
 
@@ -66,8 +61,9 @@ def cmd_xds_fetch(args: argparse.Namespace) -> int:
     type_url = BY_SHORT_NAME[args.type]
 
     async def run() -> discovery_pb2.DiscoveryResponse:
-        names = args.name or await _default_names(args.xds_server, args.region, type_url,
-                                                  args.timeout)
+        names = args.name or await _default_names(
+            args.xds_server, args.region, type_url, args.timeout
+        )
         return await fetch(args.xds_server, args.region, type_url, names, args.timeout)
 
     resp = asyncio.run(run())

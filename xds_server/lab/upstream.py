@@ -51,14 +51,19 @@ class ModelServer(ThreadingHTTPServer):
             self.requests += 1
 
     def start_in_thread(self) -> ModelServer:
-        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
-                         name=f"upstream-{self.port}", daemon=True).start()
+        threading.Thread(
+            target=self.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"upstream-{self.port}",
+            daemon=True,
+        ).start()
         return self
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: ModelServer
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as two writes
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -82,8 +87,11 @@ class _Handler(BaseHTTPRequestHandler):
         faults = self.server.faults
         if faults.latency_ms:
             time.sleep(faults.latency_ms / 1000)
-        ident = {"region": self.server.region, "pool": self.server.pool,
-                 "version": self.server.version}
+        ident = {
+            "region": self.server.region,
+            "pool": self.server.pool,
+            "version": self.server.version,
+        }
         if faults.error_rate and random.random() < faults.error_rate:
             self._reply(503, {**ident, "error": "injected fault"})
             return

@@ -51,37 +51,63 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
                 "api_type": "GRPC",
                 "transport_api_version": "V3",
                 "set_node_on_first_message_only": True,
-                "grpc_services": [{"envoy_grpc": {
-                    "cluster_name": XDS_CLUSTER,
-                    # Reconnect quickly when the control plane comes back.
-                    "retry_policy": {"retry_back_off": {"base_interval": "0.25s",
-                                                        "max_interval": "2s"}},
-                }}],
+                "grpc_services": [
+                    {
+                        "envoy_grpc": {
+                            "cluster_name": XDS_CLUSTER,
+                            # Reconnect quickly when the control plane comes back.
+                            "retry_policy": {
+                                "retry_back_off": {"base_interval": "0.25s", "max_interval": "2s"}
+                            },
+                        }
+                    }
+                ],
             },
             "cds_config": ads_source,
             "lds_config": ads_source,
         },
-        "static_resources": {"clusters": [{
-            "name": XDS_CLUSTER,
-            "type": discovery,
-            "connect_timeout": "1s",
-            "typed_extension_protocol_options": {
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                    "@type": "type.googleapis.com/"
-                             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                    "explicit_http_config": {"http2_protocol_options": {
-                        "connection_keepalive": {"interval": "10s", "timeout": "5s"},
-                    }},
-                },
-            },
-            "load_assignment": {
-                "cluster_name": XDS_CLUSTER,
-                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
-                    "address": opts.xds_host, "port_value": opts.xds_port}}}}]}],
-            },
-        }]},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1",
-                                                 "port_value": opts.admin_port}}},
+        "static_resources": {
+            "clusters": [
+                {
+                    "name": XDS_CLUSTER,
+                    "type": discovery,
+                    "connect_timeout": "1s",
+                    "typed_extension_protocol_options": {
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                            "@type": "type.googleapis.com/"
+                            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                            "explicit_http_config": {
+                                "http2_protocol_options": {
+                                    "connection_keepalive": {"interval": "10s", "timeout": "5s"},
+                                }
+                            },
+                        },
+                    },
+                    "load_assignment": {
+                        "cluster_name": XDS_CLUSTER,
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": {
+                                                "socket_address": {
+                                                    "address": opts.xds_host,
+                                                    "port_value": opts.xds_port,
+                                                }
+                                            }
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
+                    },
+                }
+            ]
+        },
+        "admin": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": opts.admin_port}}
+        },
         "stats_flush_interval": _duration(opts.stats_flush_seconds),
     }
 

@@ -56,11 +56,15 @@ def identify(node: base_pb2.Node, regions: Collection[str]) -> NodeIdentity:
     """Region from `node.locality.region`, else `node.cluster`; listen address from metadata."""
     region = node.locality.region or node.cluster
     if not region:
-        raise NodeError(f"node {node.id!r} names no region: set node.locality.region "
-                        "(or node.cluster) in its bootstrap")
+        raise NodeError(
+            f"node {node.id!r} names no region: set node.locality.region "
+            "(or node.cluster) in its bootstrap"
+        )
     if region not in regions:
-        raise NodeError(f"node {node.id!r} is in region {region!r}, which the mesh spec "
-                        f"does not have (regions: {', '.join(regions)})")
+        raise NodeError(
+            f"node {node.id!r} is in region {region!r}, which the mesh spec "
+            f"does not have (regions: {', '.join(regions)})"
+        )
     listen = None
     field = node.metadata.fields.get(LISTEN_METADATA_KEY)
     if field is not None:
@@ -77,8 +81,9 @@ def identify(node: base_pb2.Node, regions: Collection[str]) -> NodeIdentity:
 def parse_listen(text: str, node_id: str = "") -> ListenAddress:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise NodeError(f"node {node_id!r}: metadata {LISTEN_METADATA_KEY}={text!r} is not "
-                        "ADDRESS:PORT")
+        raise NodeError(
+            f"node {node_id!r}: metadata {LISTEN_METADATA_KEY}={text!r} is not ADDRESS:PORT"
+        )
     return host.strip("[]"), int(port)
 
 
@@ -102,8 +107,9 @@ class SotwStream:
 
     _nonces = itertools.count(1)
 
-    def __init__(self, status: NodeStatus, registry: NodeRegistry,
-                 listen: ListenAddress | None = None) -> None:
+    def __init__(
+        self, status: NodeStatus, registry: NodeRegistry, listen: ListenAddress | None = None
+    ) -> None:
         self.status = status
         self.registry = registry
         self.listen = listen
@@ -112,19 +118,25 @@ class SotwStream:
     def on_request(self, req: discovery_pb2.DiscoveryRequest) -> None:
         ts = self.types.get(req.type_url)
         if ts is None:
-            log.debug("%s asked for unsupported type %s; ignored", self.status.node_id,
-                      req.type_url)
+            log.debug(
+                "%s asked for unsupported type %s; ignored", self.status.node_id, req.type_url
+            )
             return
         if req.response_nonce:
             if req.response_nonce != ts.nonce:
-                log.debug("%s: stale nonce %s for %s (latest %s); ignored",
-                          self.status.node_id, req.response_nonce, short(req.type_url),
-                          ts.nonce)
+                log.debug(
+                    "%s: stale nonce %s for %s (latest %s); ignored",
+                    self.status.node_id,
+                    req.response_nonce,
+                    short(req.type_url),
+                    ts.nonce,
+                )
                 return
             ts.in_flight = False
             if req.HasField("error_detail"):
-                self.registry.record_nack(self.status, req.type_url, ts.sent_version,
-                                          req.error_detail.message)
+                self.registry.record_nack(
+                    self.status, req.type_url, ts.sent_version, req.error_detail.message
+                )
             else:
                 ts.acked_resources = ts.sent_resources
                 self.registry.record_ack(self.status, req.type_url, req.version_info)
@@ -165,35 +177,52 @@ class SotwStream:
         routes before it has asked for any cluster.
         """
         targets = snap.route_targets
-        return all(targets <= self.types[t].acked_resources
-                   for t in (CLUSTER, ENDPOINT) if self.types[t].subscribed)
+        return all(
+            targets <= self.types[t].acked_resources
+            for t in (CLUSTER, ENDPOINT)
+            if self.types[t].subscribed
+        )
 
 
 class AdsServer:
     """Serves StreamAggregatedResources for every region of the cache."""
 
-    def __init__(self, cache: SnapshotCache, registry: NodeRegistry,
-                 regions: Collection[str]) -> None:
+    def __init__(
+        self, cache: SnapshotCache, registry: NodeRegistry, regions: Collection[str]
+    ) -> None:
         self.cache = cache
         self.registry = registry
         self.regions = regions
+        self._wakes: set[asyncio.Event] = set()
+        self.closing = False
+
+    def close(self) -> None:
+        """End every stream normally (the nodes reconnect), before the gRPC server stops."""
+        self.closing = True
+        for wake in self._wakes:
+            wake.set()
 
     def set_regions(self, regions: Collection[str]) -> None:
         self.regions = regions
 
     def add_to(self, server: grpc.aio.Server) -> None:
-        handler = grpc.method_handlers_generic_handler(ADS_SERVICE, {
-            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
-                self.stream_aggregated_resources,
-                request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
-                response_serializer=None,  # responses are already encoded bytes
-            ),
-        })
+        handler = grpc.method_handlers_generic_handler(
+            ADS_SERVICE,
+            {
+                "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                    self.stream_aggregated_resources,
+                    request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                    response_serializer=None,  # responses are already encoded bytes
+                ),
+            },
+        )
         server.add_generic_rpc_handlers((handler,))
 
     async def stream_aggregated_resources(
-            self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest],
-            context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self,
+        requests: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
         reader = aiter(requests)
         try:
             first = await anext(reader)
@@ -212,6 +241,7 @@ class AdsServer:
         wake = asyncio.Event()
         wake.set()
         self.cache.watch(ident.region, wake)
+        self._wakes.add(wake)
 
         async def read() -> None:
             async for req in reader:
@@ -225,10 +255,13 @@ class AdsServer:
             while True:
                 await wake.wait()
                 wake.clear()
+                if self.closing:
+                    reason = "server stopping"
+                    break
                 if reader_task.done():
-                    exc = None if reader_task.cancelled() else reader_task.exception()
-                    if exc is not None:
-                        reason = f"stream error: {exc}"
+                    error = None if reader_task.cancelled() else reader_task.exception()
+                    if error is not None:
+                        reason = f"stream error: {error}"
                     break
                 snap = self.cache.get(ident.region)
                 if snap is None:
@@ -240,6 +273,7 @@ class AdsServer:
             raise
         finally:
             self.cache.unwatch(ident.region, wake)
+            self._wakes.discard(wake)
             reader_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader_task

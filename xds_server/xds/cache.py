@@ -28,8 +28,10 @@ class SnapshotCache:
     def set(self, snapshot: Snapshot) -> None:
         old = self._snapshots.get(snapshot.region)
         if old is not None and snapshot.version <= old.version:
-            raise ValueError(f"region {snapshot.region}: version {snapshot.version} is not "
-                             f"newer than {old.version}")
+            raise ValueError(
+                f"region {snapshot.region}: version {snapshot.version} is not "
+                f"newer than {old.version}"
+            )
         self._snapshots[snapshot.region] = snapshot
         for event in self._watchers[snapshot.region]:
             event.set()

@@ -66,8 +66,9 @@ def build_region(spec: MeshSpec, traffic: TrafficState, region: str) -> RegionRe
             clusters[name] = build_cluster(name)
             endpoints[name] = build_load_assignment(name, region, pool.endpoints[region])
     routes = {ROUTE_CONFIG_NAME: build_route_config(spec, traffic, region)}
-    return RegionResources(region, {CLUSTER: clusters, ENDPOINT: endpoints, ROUTE: routes,
-                                    LISTENER: {}})
+    return RegionResources(
+        region, {CLUSTER: clusters, ENDPOINT: endpoints, ROUTE: routes, LISTENER: {}}
+    )
 
 
 def _ads() -> config_source_pb2.ConfigSource:
@@ -87,36 +88,43 @@ def build_cluster(name: str) -> cluster_pb2.Cluster:
     )
 
 
-def build_load_assignment(name: str, region: str,
-                          eps: tuple[Endpoint, ...]) -> endpoint_pb2.ClusterLoadAssignment:
+def build_load_assignment(
+    name: str, region: str, eps: tuple[Endpoint, ...]
+) -> endpoint_pb2.ClusterLoadAssignment:
     return endpoint_pb2.ClusterLoadAssignment(
         cluster_name=name,
-        endpoints=[endpoint_components_pb2.LocalityLbEndpoints(
-            locality=base_pb2.Locality(region=region),
-            lb_endpoints=[
-                endpoint_components_pb2.LbEndpoint(
-                    endpoint=endpoint_components_pb2.Endpoint(address=_socket(ep.host, ep.port)))
-                for ep in eps
-            ],
-        )],
+        endpoints=[
+            endpoint_components_pb2.LocalityLbEndpoints(
+                locality=base_pb2.Locality(region=region),
+                lb_endpoints=[
+                    endpoint_components_pb2.LbEndpoint(
+                        endpoint=endpoint_components_pb2.Endpoint(address=_socket(ep.host, ep.port))
+                    )
+                    for ep in eps
+                ],
+            )
+        ],
     )
 
 
 def _socket(host: str, port: int) -> address_pb2.Address:
-    return address_pb2.Address(socket_address=address_pb2.SocketAddress(
-        address=host, port_value=port))
+    return address_pb2.Address(
+        socket_address=address_pb2.SocketAddress(address=host, port_value=port)
+    )
 
 
-def build_route_config(spec: MeshSpec, traffic: TrafficState,
-                       region: str) -> route_pb2.RouteConfiguration:
+def build_route_config(
+    spec: MeshSpec, traffic: TrafficState, region: str
+) -> route_pb2.RouteConfiguration:
     return route_pb2.RouteConfiguration(
         name=ROUTE_CONFIG_NAME,
         virtual_hosts=[_virtual_host(svc, traffic, region) for svc in spec.services],
     )
 
 
-def _virtual_host(svc: Service, traffic: TrafficState,
-                  region: str) -> route_components_pb2.VirtualHost:
+def _virtual_host(
+    svc: Service, traffic: TrafficState, region: str
+) -> route_components_pb2.VirtualHost:
     split = traffic.effective(svc, region)
     # Pools at 0% are left out of the route: the route then never names a cluster it does
     # not use, which keeps make-before-break simple. Production carries the rest.
@@ -131,12 +139,15 @@ def _virtual_host(svc: Service, traffic: TrafficState,
     return route_components_pb2.VirtualHost(
         name=svc.name,
         domains=list(svc.domains),
-        routes=[route_components_pb2.Route(
-            name=f"{svc.name}-split",
-            match=route_components_pb2.RouteMatch(prefix=svc.prefix),
-            route=route_components_pb2.RouteAction(
-                weighted_clusters=route_components_pb2.WeightedCluster(clusters=weighted)),
-        )],
+        routes=[
+            route_components_pb2.Route(
+                name=f"{svc.name}-split",
+                match=route_components_pb2.RouteMatch(prefix=svc.prefix),
+                route=route_components_pb2.RouteAction(
+                    weighted_clusters=route_components_pb2.WeightedCluster(clusters=weighted)
+                ),
+            )
+        ],
     )
 
 
@@ -145,16 +156,24 @@ def build_listener(address: str, port: int) -> listener_pb2.Listener:
         stat_prefix="ingress_http",
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=ROUTE_CONFIG_NAME),
-        http_filters=[hcm_pb2.HttpFilter(
-            name="envoy.filters.http.router", typed_config=pack(router_pb2.Router()))],
+        http_filters=[
+            hcm_pb2.HttpFilter(
+                name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())
+            )
+        ],
     )
     return listener_pb2.Listener(
         name=LISTENER_NAME,
         address=_socket(address, port),
-        filter_chains=[listener_components_pb2.FilterChain(filters=[
-            listener_components_pb2.Filter(
-                name="envoy.filters.network.http_connection_manager",
-                typed_config=pack(hcm))])],
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[
+                    listener_components_pb2.Filter(
+                        name="envoy.filters.network.http_connection_manager", typed_config=pack(hcm)
+                    )
+                ]
+            )
+        ],
     )
 
 

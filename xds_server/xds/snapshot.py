@@ -49,18 +49,21 @@ class Snapshot:
     retained: frozenset[str] = frozenset()
     """Clusters no route uses any more, kept until every node has routes without them."""
     _encoded: dict[tuple[str, frozenset[str] | None, ListenAddress], Encoded] = field(
-        default_factory=dict, repr=False)
+        default_factory=dict, repr=False
+    )
 
     @classmethod
-    def first(cls, resources: RegionResources, listen: ListenAddress,
-              version: int = 1) -> Snapshot:
-        snap = cls(resources.region, version, resources,
-                   {t: version for t in SEND_ORDER}, listen)
+    def first(cls, resources: RegionResources, listen: ListenAddress, version: int = 1) -> Snapshot:
+        snap = cls(resources.region, version, resources, {t: version for t in SEND_ORDER}, listen)
         snap.check()
         return snap
 
-    def successor(self, resources: RegionResources, listen: ListenAddress,
-                  retained: frozenset[str] = frozenset()) -> Snapshot:
+    def successor(
+        self,
+        resources: RegionResources,
+        listen: ListenAddress,
+        retained: frozenset[str] = frozenset(),
+    ) -> Snapshot:
         """The next snapshot: version + 1; unchanged types keep their versions."""
         version = self.version + 1
         versions = dict(self.type_versions)
@@ -85,22 +88,26 @@ class Snapshot:
         clusters = set(self.resources.by_type[CLUSTER])
         missing = self.route_targets - clusters
         if missing:
-            raise SnapshotError(f"region {self.region}: routes use unknown clusters "
-                                f"{sorted(missing)}")
+            raise SnapshotError(
+                f"region {self.region}: routes use unknown clusters {sorted(missing)}"
+            )
         no_endpoints = clusters - set(self.resources.by_type[ENDPOINT])
         if no_endpoints:
-            raise SnapshotError(f"region {self.region}: clusters without endpoints "
-                                f"{sorted(no_endpoints)}")
+            raise SnapshotError(
+                f"region {self.region}: clusters without endpoints {sorted(no_endpoints)}"
+            )
         unknown = self.retained - clusters
         if unknown:
-            raise SnapshotError(f"region {self.region}: retained clusters not in snapshot "
-                                f"{sorted(unknown)}")
+            raise SnapshotError(
+                f"region {self.region}: retained clusters not in snapshot {sorted(unknown)}"
+            )
 
     def type_version(self, type_url: str) -> str:
         return str(self.type_versions[type_url])
 
-    def encoded(self, type_url: str, names: frozenset[str] | None,
-                listen: ListenAddress | None = None) -> Encoded:
+    def encoded(
+        self, type_url: str, names: frozenset[str] | None, listen: ListenAddress | None = None
+    ) -> Encoded:
         """The response for `names` (None: every resource of the type), encoded once."""
         if type_url in WILDCARD_TYPES:
             names = None
@@ -111,8 +118,9 @@ class Snapshot:
             hit = self._encoded[key] = self._encode(type_url, names, listen)
         return hit
 
-    def _encode(self, type_url: str, names: frozenset[str] | None,
-                listen: ListenAddress) -> Encoded:
+    def _encode(
+        self, type_url: str, names: frozenset[str] | None, listen: ListenAddress
+    ) -> Encoded:
         items: Mapping[str, message.Message]
         if type_url == LISTENER:
             listener = build_listener(*listen)

@@ -36,8 +36,9 @@ class NodeStatus:
     connected_since: float
     listen: str = ""
     user_agent: str = ""
-    types: dict[str, TypeStatus] = field(default_factory=lambda: {t: TypeStatus()
-                                                                  for t in SEND_ORDER})
+    types: dict[str, TypeStatus] = field(
+        default_factory=lambda: {t: TypeStatus() for t in SEND_ORDER}
+    )
 
     def sync_state(self, type_url: str, current_version: str) -> str:
         """SYNCED, NACKED, STALE (sent, not yet applied) or NOT SENT, like istioctl."""
@@ -60,20 +61,31 @@ class NodeRegistry:
         self._next_id = 0
         self._listeners: list[Listener] = []
 
-    def connect(self, node_id: str, region: str, listen: str = "",
-                user_agent: str = "") -> NodeStatus:
+    def connect(
+        self, node_id: str, region: str, listen: str = "", user_agent: str = ""
+    ) -> NodeStatus:
         self._next_id += 1
         status = NodeStatus(self._next_id, node_id, region, time.time(), listen, user_agent)
         self._nodes[status.stream_id] = status
-        log.info("node connected: %s region=%s stream=%d%s", node_id, region,
-                 status.stream_id, f" listen={listen}" if listen else "")
+        log.info(
+            "node connected: %s region=%s stream=%d%s",
+            node_id,
+            region,
+            status.stream_id,
+            f" listen={listen}" if listen else "",
+        )
         self._notify(status)
         return status
 
     def disconnect(self, status: NodeStatus, reason: str) -> None:
         if self._nodes.pop(status.stream_id, None) is not None:
-            log.info("node disconnected: %s region=%s stream=%d (%s)", status.node_id,
-                     status.region, status.stream_id, reason)
+            log.info(
+                "node disconnected: %s region=%s stream=%d (%s)",
+                status.node_id,
+                status.region,
+                status.stream_id,
+                reason,
+            )
             self._notify(status)
 
     def record_sent(self, status: NodeStatus, type_url: str, version: str) -> None:
@@ -88,8 +100,14 @@ class NodeRegistry:
     def record_nack(self, status: NodeStatus, type_url: str, version: str, error: str) -> None:
         ts = status.types[type_url]
         ts.nack_version, ts.nack_error, ts.nack_at = version, error, time.time()
-        log.warning("NACK from %s region=%s type=%s version=%s: %s", status.node_id,
-                    status.region, short(type_url), version, error)
+        log.warning(
+            "NACK from %s region=%s type=%s version=%s: %s",
+            status.node_id,
+            status.region,
+            short(type_url),
+            version,
+            error,
+        )
         self._notify(status)
 
     def nodes(self, region: str | None = None) -> list[NodeStatus]:

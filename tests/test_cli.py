@@ -1,0 +1,208 @@
+"""The `xds-server` and `xdsctl` commands as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from xds_server.lab.procs import Envoy, Process, envoy_binary, free_port, http_get, wait_for
+from xds_server.lab.upstream import ModelServer
+from xds_server.render.bootstrap import BootstrapOptions
+
+CLI = [sys.executable, "-m", "xds_server.cli"]
+
+
+def test_bootstrap_is_accepted_by_envoy_validate(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            *CLI,
+            "bootstrap",
+            "--region",
+            "eu-west",
+            "--node-id",
+            "e1",
+            "--xds-address",
+            "127.0.0.1:18000",
+            "--admin-port",
+            "19001",
+            "--listen",
+            "127.0.0.1:10001",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    doc = yaml.safe_load(out)
+    assert doc["node"]["locality"]["region"] == "eu-west"
+    assert doc["node"]["metadata"] == {"xds_server.listen": "127.0.0.1:10001"}
+    assert doc["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    path = tmp_path / "b.yaml"
+    path.write_text(out)
+    res = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path)], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "OK" in res.stdout + res.stderr
+
+
+def test_bad_arguments_get_one_line() -> None:
+    res = subprocess.run(
+        [*CLI, "bootstrap", "--region", "r", "--node-id", "n", "--xds-address", "nowhere"],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 2
+    assert res.stderr.strip() == "xds-server: --xds-address: expected HOST:PORT, got 'nowhere'"
+
+
+def test_serve_routes_reloads_on_sighup_and_stops_on_sigterm(
+    tmp_path: Path, spec_file: Path, upstreams: dict[tuple[str, str], ModelServer]
+) -> None:
+    port = free_port()
+    server = Process(
+        "server",
+        [
+            *CLI,
+            "serve",
+            "--spec",
+            str(spec_file),
+            "--xds-address",
+            f"127.0.0.1:{port}",
+            "--log-format",
+            "json",
+        ],
+        tmp_path / "server.log",
+    )
+    listen = free_port()
+    bootstrap = subprocess.run(
+        [
+            *CLI,
+            "bootstrap",
+            "--region",
+            "ap-south",
+            "--node-id",
+            "a1",
+            "--xds-address",
+            f"127.0.0.1:{port}",
+            "--admin-port",
+            str(free_port()),
+            "--listen",
+            f"127.0.0.1:{listen}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    opts = BootstrapOptions(
+        **{
+            "region": "ap-south",
+            "node_id": "a1",
+            "admin_port": yaml.safe_load(bootstrap)["admin"]["address"]["socket_address"][
+                "port_value"
+            ],
+            "xds_port": port,
+            "listen": f"127.0.0.1:{listen}",
+        }
+    )
+    envoy = Envoy(opts, tmp_path / "envoy")
+    try:
+        envoy.wait_ready()
+        body = json.loads(http_get(f"http://127.0.0.1:{listen}/")[1])
+        assert (body["region"], body["pool"]) == ("ap-south", "production")
+        # SIGHUP re-reads the file (the watcher would too; SIGHUP is immediate).
+        doc = yaml.safe_load(spec_file.read_text())
+        doc["services"][0]["pools"]["production"]["endpoints"]["ap-south"] = [
+            f"127.0.0.1:{upstreams[('ap-south', 'baseline')].port}"
+        ]
+        spec_file.write_text(yaml.safe_dump(doc))
+        server.signal(signal.SIGHUP)
+        wait_for(
+            lambda: json.loads(http_get(f"http://127.0.0.1:{listen}/")[1])["pool"] == "baseline",
+            5,
+            "Envoy to follow the reloaded spec",
+        )
+        server.signal(signal.SIGTERM)
+        assert server.proc.wait(10) == 0
+    finally:
+        envoy.stop()
+        server.stop()
+    lines = [json.loads(line) for line in server.log_path.read_text().splitlines()]
+    messages = [line["message"] for line in lines]
+    assert any(m.startswith("push region=ap-south") and "reason=SIGHUP" in m for m in messages)
+    assert any(m.startswith("node connected: a1 region=ap-south") for m in messages)
+    assert "stopping: signal received" in messages
+
+
+def test_serve_with_bad_spec_fails_clearly(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("regions: []\nservices: []\n")
+    res = subprocess.run(
+        [*CLI, "serve", "--spec", str(bad), "--xds-address", f"127.0.0.1:{free_port()}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 1
+    assert f"{bad}: regions: expected a non-empty list of region names" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_xdsctl_fetch_prints_what_a_region_receives(spec_file: Path, tmp_path: Path) -> None:
+    port = free_port()
+    server = Process(
+        "server",
+        [*CLI, "serve", "--spec", str(spec_file), "--xds-address", f"127.0.0.1:{port}"],
+        tmp_path / "server.log",
+    )
+    try:
+
+        def fetch() -> dict[str, object]:
+            res = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "xds_server.ctl",
+                    "xds",
+                    "fetch",
+                    "--region",
+                    "eu-west",
+                    "--type",
+                    "endpoint",
+                    "--xds-server",
+                    f"127.0.0.1:{port}",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            return json.loads(res.stdout) if res.returncode == 0 else {}
+
+        out = wait_for(fetch, 15, "xdsctl xds fetch to answer")
+        names = sorted(r["cluster_name"] for r in out["resources"])  # type: ignore[attr-defined]
+        assert names == ["recommender|canary", "recommender|production"]
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "xds_server.ctl",
+                "xds",
+                "fetch",
+                "--region",
+                "mars",
+                "--xds-server",
+                f"127.0.0.1:{port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert res.returncode == 1
+        assert "INVALID_ARGUMENT" in res.stderr and "region 'mars'" in res.stderr
+        assert "Traceback" not in res.stderr
+    finally:
+        server.stop()
