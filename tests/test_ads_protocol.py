@@ -182,13 +182,13 @@ def test_stale_nonce_is_ignored(
     assert second.type_url == CLUSTER
     # A NACK quoting the first (stale) nonce must change nothing and get no answer.
     c.send(CLUSTER, version=first.version_info, nonce=first.nonce, error="late complaint")
+    # The stale NACK got no answer: the next response is the one this new request asks for.
     c.send(ENDPOINT, ["recommender|production"])
-    # CDS is still awaiting its answer, so EDS is held: ACK CDS, then EDS follows.
-    c.ack(second)
     assert c.recv().type_url == ENDPOINT
+    c.ack(second)
     (node,) = server.call(lambda: server.server.nodes.nodes("us-east"))
+    wait_for(lambda: node.types[CLUSTER].acked_version == second.version_info, 5, "the ACK")
     assert node.types[CLUSTER].nack_error == ""
-    assert node.types[CLUSTER].acked_version == second.version_info
 
 
 def _without_canary(server: ServerThread) -> Any:
@@ -210,11 +210,15 @@ def test_routes_wait_for_new_clusters(
     c.send(CLUSTER)
     cds = c.recv()
     c.send(ROUTE, [ROUTE_CONFIG_NAME])
+    # Endpoints flow while clusters are unanswered (Envoy ACKs CDS only once they warm) ...
     c.send(ENDPOINT, ALL_CLUSTERS)
-    # Nothing else is sent while CDS is unanswered; after the ACK, EDS goes first.
-    c.ack(cds)
     eds = c.recv()
     assert eds.type_url == ENDPOINT
+    # ... but routes wait for both: after the CDS ACK alone, a listener request is
+    # answered and still no routes come.
+    c.ack(cds)
+    c.send(LISTENER)
+    assert c.recv().type_url == LISTENER
     c.ack(eds, ALL_CLUSTERS)
     rds = c.recv()
     assert rds.type_url == ROUTE

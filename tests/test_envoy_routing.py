@@ -192,3 +192,24 @@ def test_envoys_keep_serving_while_server_is_away(
         loader.join(30)
     assert set(results) == {200}, results
     assert pools_seen(envoy, 5) == Counter({"canary": 5})
+
+
+def test_pool_added_live_takes_traffic_once_warm(
+    server: ServerThread, envoys: EnvoyFactory, spec_file: Path
+) -> None:
+    """A new cluster, then routes to it: Envoy ACKs CDS only once the cluster has warmed
+    (got its endpoints), so endpoints must flow while CDS is unanswered."""
+    from xds_server.config import validate_spec
+
+    envoy = envoys.start("us-east", server.port)
+    envoy.wait_ready()
+    doc = yaml.safe_load(spec_file.read_text())
+    pools = doc["services"][0]["pools"]
+    doc["services"][0]["pools"] = {"production": pools["production"]}
+    server.call(lambda: server.server.apply_spec(validate_spec(doc, "one pool")))
+    wait_applied(server, envoy)
+    doc["services"][0]["pools"] = pools
+    server.call(lambda: server.server.apply_spec(validate_spec(doc, "two pools")))
+    server.call(lambda: server.server.set_split("recommender", Split.from_percent({"canary": 100})))
+    wait_applied(server, envoy)
+    assert pools_seen(envoy, 10) == Counter({"canary": 10})

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import json
 import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
 
 from xds_server.config import SpecError, load_spec
 from xds_server.render.bootstrap import BootstrapOptions, render_bootstrap
@@ -67,12 +70,49 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from xds_server.rollout.controller import RolloutController
+    from xds_server.rollout.metrics import PrometheusSource
+    from xds_server.rollout.store import Store
+    from xds_server.telemetry import Telemetry
+
     setup_logging(args.log_level, args.log_format)
     split_host_port(args.xds_address, "--xds-address")
+    metrics_host, metrics_port = split_host_port(args.metrics_address, "--metrics-address")
     spec = load_spec(args.spec)
+    state_dir = Path(args.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
     server = XdsServer(spec, spec_path=args.spec)
-    asyncio.run(serve_forever(server, args.xds_address))
+    controller = None
+    lock = _try_lock(state_dir / "controller.lock")
+    if lock is None:
+        log.warning(
+            "another xds-server holds %s: serving xDS only, not deciding rollouts",
+            state_dir / "controller.lock",
+        )
+    else:
+        controller = RolloutController(
+            server, Store.in_dir(state_dir), PrometheusSource(args.prometheus_url)
+        )
+        controller.restore()
+    telemetry = Telemetry()
+    telemetry.attach(server, controller)
+    if metrics_port:
+        telemetry.serve(metrics_host, metrics_port)
+        log.info("metrics on http://%s:%d/metrics", metrics_host, metrics_port)
+    companions = [controller.run] if controller is not None else []
+    asyncio.run(serve_forever(server, args.xds_address, companions))
     return 0
+
+
+def _try_lock(path: Path) -> IO[str] | None:
+    """One writer: the process holding this lock is the only one deciding rollouts."""
+    handle = open(path, "a")  # noqa: SIM115 (held for the life of the process)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
@@ -108,6 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve the mesh spec to Envoys over ADS")
     s.add_argument("--spec", required=True, metavar="FILE")
     s.add_argument("--xds-address", default="127.0.0.1:18000", metavar="HOST:PORT")
+    s.add_argument(
+        "--state-dir",
+        default="xds-state",
+        metavar="DIR",
+        help="rollout state and audit log (SQLite)",
+    )
+    s.add_argument(
+        "--prometheus-url", default="http://127.0.0.1:9090", help="where canary health is read from"
+    )
+    s.add_argument(
+        "--metrics-address",
+        default="127.0.0.1:18002",
+        metavar="HOST:PORT",
+        help="this server's own /metrics (port 0: off)",
+    )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument("--log-format", default="text", choices=["text", "json"])
     s.set_defaults(func=cmd_serve)

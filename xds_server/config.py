@@ -13,9 +13,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from xds_server.rollout.plan import RolloutPlan
 
 POOL_NAMES: tuple[str, ...] = ("production", "baseline", "canary")
 """The pools a service may have, in the order they are listed everywhere."""
@@ -48,6 +51,8 @@ class Service:
     prefix: str
     pools: Mapping[str, Pool]
     """Pools by name, always with `production`, in POOL_NAMES order."""
+    rollout: RolloutPlan = field(default=None, compare=False)  # type: ignore[assignment]
+    """How a canary of this service is rolled out (spec defaults + the service's own)."""
 
     def pool_names(self) -> tuple[str, ...]:
         return tuple(self.pools)
@@ -128,11 +133,6 @@ def validate_spec(doc: Any, source: str = "<memory>") -> MeshSpec:
     return spec
 
 
-# Keys later layers read from the spec; the xDS layer accepts and ignores them here.
-EXTENSION_KEYS_TOP: frozenset[str] = frozenset({"rollout"})
-EXTENSION_KEYS_SERVICE: frozenset[str] = frozenset({"rollout"})
-
-
 class _Validator:
     def __init__(self) -> None:
         self.problems: list[SpecProblem] = []
@@ -156,9 +156,14 @@ class _Validator:
         if doc is None:
             self.fail("", "the spec is empty")
             return None
-        top = self.mapping(doc, "", {"regions", "listener", "services"} | EXTENSION_KEYS_TOP)
+        from xds_server.rollout.plan import RolloutPlan, parse_plan  # (imports this module)
+
+        top = self.mapping(doc, "", {"regions", "listener", "services", "rollout"})
         regions = self.regions(top.get("regions"))
         listener = self.listener(top.get("listener"))
+        self.default_plan = parse_plan(
+            top.get("rollout"), "rollout", RolloutPlan(), tuple(regions), self.fail
+        )
         services = self.services(top.get("services"), regions)
         return MeshSpec(tuple(regions), listener, tuple(services), source, top)
 
@@ -229,9 +234,9 @@ class _Validator:
         return out
 
     def service(self, value: Any, path: str, regions: list[str]) -> Service | None:
-        m = self.mapping(
-            value, path, {"name", "domains", "prefix", "pools"} | EXTENSION_KEYS_SERVICE
-        )
+        from xds_server.rollout.plan import parse_plan  # (rollout.plan imports this module)
+
+        m = self.mapping(value, path, {"name", "domains", "prefix", "pools", "rollout"})
         if not m:
             return None
         name = m.get("name")
@@ -256,9 +261,12 @@ class _Validator:
             self.fail(_join(path, "prefix"), f"bad prefix {prefix!r}: must start with '/'")
             prefix = "/"
         pools = self.pools(m.get("pools"), _join(path, "pools"), regions)
+        plan = parse_plan(
+            m.get("rollout"), _join(path, "rollout"), self.default_plan, tuple(regions), self.fail
+        )
         if name is None or pools is None:
             return None
-        return Service(name, tuple(domains), prefix, pools)
+        return Service(name, tuple(domains), prefix, pools, plan)
 
     def pools(self, value: Any, path: str, regions: list[str]) -> dict[str, Pool] | None:
         if value is None:

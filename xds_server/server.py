@@ -13,9 +13,10 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import message
@@ -67,6 +68,8 @@ class XdsServer:
         self._push_listeners: list[Callable[[Push], None]] = []
         self._grpc: grpc.aio.Server | None = None
         self.port = 0
+        # Versions start from the wall clock (ms) so that they keep growing across restarts.
+        self.initial_version = int(time.time() * 1000)
         self.nodes.subscribe(self._on_node_event)
         for region in spec.regions:
             self._rebuild(region, "initial spec")
@@ -186,7 +189,7 @@ class XdsServer:
         listen = (self.spec.listener.address, self.spec.listener.port)
         try:
             snap = (
-                Snapshot.first(resources, listen)
+                Snapshot.first(resources, listen, self.initial_version)
                 if old is None
                 else old.successor(resources, listen, retained)
             )
@@ -324,21 +327,26 @@ def _file_signature(path: Path) -> tuple[int, int, bytes] | None:
 
 
 async def serve_forever(
-    server: XdsServer, address: str, on_ready: Callable[[int], None] | None = None
+    server: XdsServer,
+    address: str,
+    companions: Iterable[Callable[[], Coroutine[Any, Any, None]]] = (),
 ) -> None:
-    """Run until SIGTERM or SIGINT; SIGHUP reloads the spec file."""
+    """Run, with companion tasks (the rollout controller), until SIGTERM or SIGINT.
+
+    SIGHUP reloads the spec file.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: server.reload_spec("SIGHUP"))
-    port = await server.start(address)
-    if on_ready is not None:
-        on_ready(port)
-    watcher = asyncio.create_task(server.watch_spec_file())
+    await server.start(address)
+    tasks = [asyncio.create_task(server.watch_spec_file())]
+    tasks += [asyncio.create_task(run()) for run in companions]
     try:
         await stop.wait()
         log.info("stopping: signal received")
     finally:
-        watcher.cancel()
+        for task in tasks:
+            task.cancel()
         await server.stop()

@@ -102,7 +102,7 @@ def run_demo(requests_per_step: int = 200, workdir: Path | None = None) -> int:
                     f"{pool} {n * 100 / requests_per_step:5.1f}%"
                     for pool, n in sorted(seen.items())
                 )
-                print(f"  {e.opts.region:<9} routes v{want:<3} {shares}")
+                print(f"  {e.opts.region:<9} routes version {want}: {shares}")
         print(
             "\nEach region's Envoy followed the server within a push; see "
             f"{workdir} for the Envoy bootstraps and logs."

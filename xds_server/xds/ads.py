@@ -2,10 +2,10 @@
 
 Each stream is level-triggered: whenever a request arrives or the region's snapshot
 changes, `SotwStream.due` compares what the node should have with what it was sent and
-sends what is missing, one type at a time in make-before-break order:
+sends what is missing, in make-before-break order (clusters, endpoints, listeners,
+routes):
 
-- a type is sent only when no earlier type (clusters, endpoints, listeners, routes) is
-  waiting for the node's answer;
+- each type has at most one response awaiting the node's answer;
 - routes are sent only when every cluster they use has been ACKed by the node, with its
   endpoints, so Envoy never routes to a cluster it has not warmed;
 - ACK and NACK are told apart by `error_detail`, never by comparing versions; a NACKed
@@ -140,8 +140,8 @@ class SotwStream:
             else:
                 ts.acked_resources = ts.sent_resources
                 self.registry.record_ack(self.status, req.type_url, req.version_info)
-        else:
-            ts.answer_due = True
+        else:  # a new subscription, or the node re-asking: it gets an answer
+            ts.answer_due, ts.in_flight = True, False
         ts.subscribed = True
         if req.type_url in WILDCARD_TYPES:
             ts.names = None
@@ -149,26 +149,30 @@ class SotwStream:
             ts.names = frozenset(req.resource_names)
 
     def due(self, snap: Snapshot) -> list[bytes]:
-        """The responses to send now (at most one: the next type in make-before-break order)."""
+        """The responses to send now, in make-before-break order.
+
+        Each type has at most one response awaiting its answer. Only routes wait for
+        other types: Envoy holds its CDS ACK until a warming cluster has its endpoints,
+        so endpoints must flow while clusters are unanswered.
+        """
+        out = []
         for type_url in SEND_ORDER:
             ts = self.types[type_url]
-            if not ts.subscribed:
+            if not ts.subscribed or ts.in_flight:
                 continue
-            if ts.in_flight:
-                return []
             version = snap.type_version(type_url)
             if ts.sent_version == version and ts.sent_names == ts.names and not ts.answer_due:
                 continue
             if type_url == ROUTE and not self._clusters_ready(snap):
-                return []
+                continue
             encoded = snap.encoded(type_url, ts.names, self.listen)
             ts.nonce = str(next(self._nonces))
             ts.in_flight, ts.answer_due = True, False
             ts.sent_version, ts.sent_names = version, ts.names
             ts.sent_resources = encoded.names
             self.registry.record_sent(self.status, type_url, version)
-            return [with_nonce(encoded.body, ts.nonce)]
-        return []
+            out.append(with_nonce(encoded.body, ts.nonce))
+        return out
 
     def _clusters_ready(self, snap: Snapshot) -> bool:
         """Has the node ACKed every cluster the routes use, and those clusters' endpoints?

@@ -1,0 +1,321 @@
+"""The decision function alone: table-driven cases and properties over all inputs."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xds_server.config import parse_spec
+from xds_server.rollout import decide as sm
+from xds_server.rollout.decide import Observation, RolloutState
+from xds_server.rollout.judge import FAIL, NO_DATA, PASS, Measurement, judge
+from xds_server.rollout.plan import Guardrails, RolloutPlan, split_for
+from xds_server.traffic import WEIGHT_TOTAL
+
+REGIONS = ("us-east", "eu-west", "ap-south")
+PLAN = RolloutPlan(
+    steps=(5, 20, 75, 100),
+    step_duration=10,
+    interval=1,
+    window=10,
+    max_hold=30,
+    failures_before_rollback=2,
+    guardrails=Guardrails(
+        max_error_rate=0.05,
+        max_p99_ms=300,
+        min_requests=20,
+        max_error_rate_increase=0.02,
+        max_p99_ratio=1.5,
+    ),
+)
+HEALTHY = Measurement(requests=100, errors=1, p99_ms=50)
+BASE = Measurement(requests=100, errors=1, p99_ms=50)
+
+
+def started(plan: RolloutPlan = PLAN) -> RolloutState:
+    return sm.start(plan, "svc", "v2", REGIONS, now=0).state
+
+
+def obs(
+    canary: Measurement | None = HEALTHY,
+    applied_at: float | None = 0.0,
+    baseline: Measurement | None = BASE,
+    error: str | None = None,
+) -> Observation:
+    return Observation(applied_at=applied_at, apply_error=error, canary=canary, baseline=baseline)
+
+
+def everywhere(o: Observation) -> dict[str, Observation]:
+    return dict.fromkeys(REGIONS, o)
+
+
+@pytest.mark.parametrize(
+    ("w", "expected"),
+    [
+        (5, (90, 5, 5)),
+        (20, (60, 20, 20)),
+        (75, (0, 25, 75)),
+        (100, (0, 0, 100)),
+    ],
+)
+def test_split_rule_from_the_issue(w: float, expected: tuple[int, int, int]) -> None:
+    s = split_for(w, has_baseline=True).percent()
+    assert (s["production"], s["baseline"], s["canary"]) == expected
+    assert split_for(w, has_baseline=False).percent()["baseline"] == 0
+
+
+def test_healthy_rollout_walks_every_step_then_promotes() -> None:
+    state, now = started(), 0.0
+    seen_steps = []
+    for _ in range(200):
+        now += 1
+        d = sm.decide(PLAN, state, everywhere(obs(applied_at=now - 1)), now)
+        state = d.state
+        seen_steps.append(state.regions["us-east"].step)
+        if state.phase == sm.PROMOTED:
+            break
+    assert state.phase == sm.PROMOTED
+    assert all(rs.phase == sm.PROMOTED for rs in state.regions.values())
+    assert sorted(set(seen_steps)) == [0, 1, 2, 3]
+    # Each step was observed for its full duration: 4 steps x 10 s, plus the clock starts.
+    assert now >= 4 * PLAN.step_duration
+
+
+@pytest.mark.parametrize(
+    ("canary", "reason"),
+    [
+        (Measurement(100, 20, 50), "error_rate 0.2 > limit 0.05"),
+        (Measurement(100, 1, 900), "p99_ms 900 > limit 300"),
+        (Measurement(100, 4, 50), "error_rate_increase 0.03 > limit 0.02"),
+        (Measurement(100, 1, 90), "p99_ratio 1.8 > limit 1.5"),
+        (Measurement(100, 1, 200), "p99_ratio 4 > limit 1.5"),
+    ],
+)
+def test_a_breach_in_one_region_rolls_back_every_region(canary: Measurement, reason: str) -> None:
+    state = started()
+    observations = {**everywhere(obs()), "eu-west": obs(canary)}
+    first = sm.decide(PLAN, state, observations, 5)
+    assert first.state.phase == sm.PROGRESSING  # 1 failure of 2
+    assert first.state.regions["eu-west"].failures == 1
+    second = sm.decide(PLAN, first.state, observations, 6)
+    assert second.rollback and second.state.phase == sm.ROLLED_BACK
+    assert all(rs.phase == sm.ROLLED_BACK for rs in second.state.regions.values())
+    assert "eu-west" in second.state.reason and reason in second.state.reason
+
+
+def test_p99_ratio_is_not_judged_below_its_floor() -> None:
+    tiny = judge(PLAN.guardrails, Measurement(100, 0, 20), Measurement(100, 0, 2))
+    assert tiny.outcome == PASS
+
+
+def test_failures_must_be_consecutive() -> None:
+    bad = {**everywhere(obs()), "us-east": obs(Measurement(100, 30, 50))}
+    d1 = sm.decide(PLAN, started(), bad, 5)
+    d2 = sm.decide(PLAN, d1.state, everywhere(obs()), 6)
+    assert d2.state.regions["us-east"].failures == 0
+    d3 = sm.decide(PLAN, d2.state, bad, 7)
+    assert d3.state.phase == sm.PROGRESSING
+
+
+def test_one_failure_rolls_back_when_configured() -> None:
+    plan = replace(PLAN, failures_before_rollback=1)
+    d = sm.decide(plan, started(plan), {"ap-south": obs(Measurement(100, 30, 50))}, 3)
+    assert d.rollback
+
+
+@pytest.mark.parametrize(
+    "canary",
+    [
+        Measurement(5, 0, 40),  # too few requests
+        Measurement(problem="Prometheus unreachable"),  # no Prometheus
+        Measurement(100, 0, float("nan")),  # NaN latency
+        Measurement(None, None, None),  # empty result
+    ],
+)
+def test_no_evidence_holds_and_fails_after_max_hold(canary: Measurement) -> None:
+    state = started()
+    for now in range(1, 60):
+        d = sm.decide(PLAN, state, everywhere(obs(canary)), now)
+        state = d.state
+        if d.rollback:
+            break
+        assert all(rs.step == 0 and not rs.step_passed for rs in state.regions.values())
+    assert d.rollback and "no evidence for 30s" in d.state.reason
+    assert now >= PLAN.max_hold
+
+
+def test_max_hold_can_pause_instead() -> None:
+    plan = replace(PLAN, on_max_hold="pause")
+    state = started(plan)
+    for now in range(1, 40):
+        state = sm.decide(plan, state, everywhere(obs(Measurement(3, 0, 1))), now).state
+    assert state.phase == sm.PAUSED
+
+
+def test_unapplied_step_is_not_judged_and_a_nack_fails_it() -> None:
+    state = started()
+    waiting = sm.decide(PLAN, state, everywhere(obs(Measurement(100, 90, 50), applied_at=None)), 5)
+    assert waiting.state.phase == sm.PROGRESSING and not waiting.transitions
+    nack = sm.decide(PLAN, state, {"us-east": obs(error="Envoy e1 rejected routes 7: bad")}, 5)
+    assert nack.rollback and "rejected routes" in nack.state.reason
+
+
+def test_step_clock_starts_when_applied() -> None:
+    state = started()
+    late = 100.0
+    d = sm.decide(PLAN, state, everywhere(obs(applied_at=late)), late + 5)
+    assert all(rs.step_started == late and not rs.step_passed for rs in d.state.regions.values())
+
+
+def test_lockstep_waits_for_every_region() -> None:
+    state = started()
+    only_two = {r: obs() for r in REGIONS[:2]}
+    for now in range(1, 30):
+        state = sm.decide(PLAN, state, only_two, now).state
+    assert {rs.step for rs in state.regions.values()} == {0}
+
+
+def test_waves_run_the_whole_plan_one_wave_at_a_time() -> None:
+    plan = replace(PLAN, waves=(("us-east",), ("eu-west", "ap-south")))
+    state = started(plan)
+    assert state.regions["eu-west"].phase == sm.PENDING
+    now = 0.0
+    while state.regions["us-east"].phase != sm.PROMOTED:
+        now += 1
+        state = sm.decide(plan, state, everywhere(obs(applied_at=now - 1)), now).state
+        assert (
+            state.regions["eu-west"].phase == sm.PENDING
+            or state.regions["us-east"].phase == sm.PROMOTED
+        )
+    assert state.wave == 1 and state.regions["eu-west"].step == 0
+    assert state.phase == sm.PROGRESSING
+
+
+def test_a_paused_rollout_does_not_advance_but_still_rolls_back() -> None:
+    state = sm.pause(started(), 1, "looking").state
+    for now in range(2, 40):
+        state = sm.decide(PLAN, state, everywhere(obs(applied_at=1)), now).state
+    assert {rs.step for rs in state.regions.values()} == {0}
+    bad = everywhere(obs(Measurement(100, 50, 50)))
+    state = sm.decide(PLAN, sm.decide(PLAN, state, bad, 41).state, bad, 42).state
+    assert state.phase == sm.ROLLED_BACK
+
+
+def test_operator_actions_check_their_preconditions() -> None:
+    state = started()
+    with pytest.raises(ValueError, match="not paused"):
+        sm.resume(state, 1, "x")
+    done = sm.abort(state, 1, "operator").state
+    assert done.phase == sm.ROLLED_BACK
+    with pytest.raises(ValueError, match="already rolled_back"):
+        sm.abort(done, 2, "again")
+
+
+# ---- properties ----
+
+maybe_num = st.one_of(st.none(), st.just(float("nan")), st.floats(0, 1000))
+
+
+@st.composite
+def measurements(draw: st.DrawFn) -> Measurement:
+    problem = draw(st.sampled_from([None, None, None, "unreachable"]))
+    return Measurement(draw(maybe_num), draw(maybe_num), draw(maybe_num), problem)
+
+
+@st.composite
+def observations(draw: st.DrawFn) -> Observation:
+    applied = draw(st.one_of(st.none(), st.floats(0, 100)))
+    error = draw(st.sampled_from([None] * 9 + ["NACK"]))
+    canary = draw(st.one_of(st.none(), measurements()))
+    baseline = draw(st.one_of(st.none(), measurements()))
+    return Observation(applied, error, canary, baseline)
+
+
+@st.composite
+def ticks(draw: st.DrawFn) -> list[dict[str, Observation]]:
+    out = []
+    for _ in range(draw(st.integers(0, 40))):
+        regions = draw(st.lists(st.sampled_from(REGIONS), unique=True))
+        out.append({r: draw(observations()) for r in regions})
+    return out
+
+
+@given(ticks())
+@settings(max_examples=300, deadline=None)
+def test_never_promote_without_evidence_and_any_failure_rolls_back_everywhere(
+    all_ticks: list[dict[str, Observation]],
+) -> None:
+    state = started()
+    now = 0.0
+    for tick in all_ticks:
+        now += 3
+        before = state
+        d = sm.decide(PLAN, before, tick, now)
+        state = d.state
+        for region, rs in state.regions.items():
+            old = before.regions[region]
+            if rs.step > old.step or (rs.phase == sm.PROMOTED and old.phase != sm.PROMOTED):
+                # Only a region that passed a full step of evidence-backed checks moves on.
+                assert old.step_passed
+        if d.rollback:
+            assert all(rs.phase == sm.ROLLED_BACK for rs in state.regions.values())
+            failed = [
+                r
+                for r, o in tick.items()
+                if o.apply_error
+                or (
+                    o.applied_at is not None
+                    and o.canary is not None
+                    and before.regions[r].phase in sm.LIVE
+                    and judge(PLAN.guardrails, o.canary, o.baseline).outcome in (FAIL, NO_DATA)
+                )
+            ]
+            assert failed
+        for rs in state.regions.values():
+            split = sm.split_of(PLAN, rs, has_baseline=True)
+            assert sum(split.as_dict().values()) == WEIGHT_TOTAL
+        if state.phase in sm.FINISHED:
+            break
+
+
+@given(measurements(), st.one_of(st.none(), measurements()))
+def test_judge_never_passes_without_enough_requests(canary: Any, baseline: Any) -> None:
+    v = judge(PLAN.guardrails, canary, baseline)
+    if v.outcome == PASS:
+        assert canary.problem is None
+        assert canary.requests is not None and canary.requests >= PLAN.guardrails.min_requests
+        assert canary.p99_ms is not None and canary.p99_ms == canary.p99_ms
+
+
+def test_plan_in_spec_merges_defaults_and_reports_mistakes() -> None:
+    text = """
+regions: [a, b]
+rollout: {steps: [10, 100], step_duration: 30s, guardrails: {max_error_rate: 2%}}
+services:
+  - name: s
+    rollout: {interval: 500ms, regions: {waves: [[a], [b]]}}
+    pools: {production: {version: v1, endpoints: {a: ["127.0.0.1:1"], b: ["127.0.0.1:2"]}}}
+"""
+    plan = parse_spec(text).services[0].rollout
+    assert plan.steps == (10, 100) and plan.step_duration == 30 and plan.interval == 0.5
+    assert plan.guardrails.max_error_rate == 0.02 and plan.waves == (("a",), ("b",))
+    from xds_server.config import SpecError
+
+    bad = (
+        text.replace("[10, 100]", "[50, 20]")
+        .replace("500ms", "soon")
+        .replace("[[a], [b]]", "[[a]]")
+    )
+    with pytest.raises(SpecError) as err:
+        parse_spec(bad, "m.yaml")
+    lines = err.value.render().splitlines()
+    assert "m.yaml: rollout.steps: steps must increase, got [50, 20]" in lines
+    assert any(
+        line.startswith("m.yaml: services[0].rollout.interval: bad duration 'soon'")
+        for line in lines
+    )
+    assert "m.yaml: services[0].rollout.regions.waves: regions in no wave: b" in lines

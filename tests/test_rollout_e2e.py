@@ -1,0 +1,180 @@
+"""Rollouts end to end: `xds-server serve`, three real Envoys, a real Prometheus scraping
+them every second, model servers whose faults the test controls, steady bounded load."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from xds_server.lab.mesh import LocalMesh, MeshOptions, canary_share, envoy_weights
+from xds_server.lab.procs import http_get, wait_for
+
+FAST_PLAN = {
+    "steps": [5, 20, 75, 100],
+    "step_duration": "3s",
+    "interval": "1s",
+    "window": "4s",
+    "ack_timeout": "10s",
+    "max_hold": "30s",
+    "failures_before_rollback": 2,
+    "guardrails": {
+        "max_error_rate": 0.05,
+        "max_p99_ms": 250,
+        "min_requests": 5,
+        "max_error_rate_increase": 0.05,
+        "max_p99_ratio": 3,
+    },
+}
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[LocalMesh]:
+    m = LocalMesh(tmp_path / "mesh", MeshOptions(rollout=FAST_PLAN, load_rate=50))
+    with m:
+        load = m.start_load()
+        wait_for(lambda: len(load.snapshot()) >= 30, 10, "load through every Envoy")
+        yield m
+
+
+def steps(mesh: LocalMesh) -> set[int]:
+    st = mesh.rollout_state()
+    return {r["step"] for r in st["regions"].values()} if st else set()
+
+
+def test_healthy_canary_is_promoted_with_zero_failed_requests(mesh: LocalMesh) -> None:
+    load = mesh.load
+    assert load is not None
+    mesh.begin_rollout()
+    state = mesh.wait_phase({"promoted", "rolled_back"}, 120)
+    assert state["phase"] == "promoted", state
+    assert all(r["phase"] == "promoted" for r in state["regions"].values())
+    for envoy in mesh.envoys:
+        assert envoy_weights(envoy) == {"canary": 10_000}
+    assert load.failures() == []
+    # Every region went through every step, in order, and the audit says why.
+    audit = mesh.audit()
+    for region in mesh.opts.regions:
+        advanced = [
+            e.step
+            for e in audit
+            if e.region == region and e.kind == "transition" and e.phase_to == "progressing"
+        ]
+        assert advanced == [0, 1, 2, 3], advanced
+    final = [e for e in audit if e.region is None][-1]
+    assert final.phase_to == "promoted"
+    checks = [e for e in audit if e.kind == "check" and e.verdict["outcome"] == "pass"]
+    assert checks and all(e.measurements["canary"]["requests"] >= 5 for e in checks)
+    # The server's own /metrics says the same.
+    status, body, _ = http_get(f"http://127.0.0.1:{mesh.metrics_port}/metrics")
+    text = body.decode()
+    assert 'xds_rollout_phase{phase="promoted",service="recommender"} 1.0' in text
+    assert (
+        'xds_traffic_weight_percent{pool="canary",region="eu-west",service="recommender"} '
+        "100.0" in text
+    )
+
+
+def test_fault_in_one_region_rolls_back_every_region_within_seconds(mesh: LocalMesh) -> None:
+    mesh.begin_rollout()
+    wait_for(lambda: steps(mesh) == {1}, 60, "every region at step 1 (20%)")
+    wait_for(lambda: all(canary_share(e) == 20 for e in mesh.envoys), 10, "20% in Envoy")
+    fault_at = time.time()
+    mesh.set_fault("eu-west", "canary", error_rate=0.2)
+    wait_for(
+        lambda: all(canary_share(e) == 0 for e in mesh.envoys),
+        20,
+        "every Envoy at 0% canary",
+        interval=0.05,
+    )
+    elapsed = time.time() - fault_at
+    print(f"\nfault start -> every Envoy at 0% canary: {elapsed:.2f}s")
+    assert elapsed <= 10
+    state = mesh.rollout_state()
+    assert state is not None and state["phase"] == "rolled_back"
+    assert all(r["phase"] == "rolled_back" for r in state["regions"].values())
+    rollback = [e for e in mesh.audit() if e.region is None and e.phase_to == "rolled_back"]
+    (entry,) = rollback
+    assert "eu-west" in entry.reason and "error_rate" in entry.reason
+    assert "limit 0.05" in entry.reason
+    failed = [c for c in entry.verdict["checks"] if not c["ok"]]
+    assert failed and failed[0]["metric"] == "error_rate" and failed[0]["value"] > 0.05
+
+
+def test_latency_breach_rolls_back(mesh: LocalMesh) -> None:
+    for region in mesh.opts.regions:
+        mesh.set_fault(region, "canary", latency_ms=400)
+    mesh.begin_rollout()
+    state = mesh.wait_phase({"promoted", "rolled_back"}, 60)
+    assert state["phase"] == "rolled_back"
+    assert "p99_ms" in state["reason"] and "limit 250" in state["reason"]
+    wait_for(lambda: all(canary_share(e) == 0 for e in mesh.envoys), 10, "0% canary")
+
+
+def test_prometheus_outage_holds_then_the_rollout_continues(mesh: LocalMesh) -> None:
+    mesh.begin_rollout()
+    wait_for(lambda: steps(mesh) == {1}, 60, "every region at step 1")
+    mesh.stop_prometheus()
+    # Over two step durations without Prometheus, nothing advances and nothing rolls back.
+    deadline = time.monotonic() + 7
+    while time.monotonic() < deadline:
+        state = mesh.rollout_state()
+        assert state is not None and state["phase"] == "progressing"
+        assert steps(mesh) == {1}
+        time.sleep(0.2)  # poll interval of a bounded observation, not synchronisation
+    holds = [e for e in mesh.audit() if e.kind == "check" and e.verdict["outcome"] == "no_data"]
+    assert any("unreachable" in e.reason for e in holds)
+    mesh.start_prometheus()
+    state = mesh.wait_phase({"promoted", "rolled_back"}, 120)
+    assert state["phase"] == "promoted"
+
+
+def test_sigkill_mid_rollout_resumes_same_step_without_failed_requests(mesh: LocalMesh) -> None:
+    load = mesh.load
+    assert load is not None
+    mesh.begin_rollout()
+    wait_for(lambda: steps(mesh) == {1}, 60, "every region at step 1")
+    wait_for(lambda: all(canary_share(e) == 20 for e in mesh.envoys), 10, "20% in Envoy")
+    shares: list[float] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():  # bounded by the test below
+            shares.extend(canary_share(e) for e in mesh.envoys)
+            stop.wait(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    killed_at = time.time()
+    try:
+        mesh.kill_server()
+        assert steps(mesh) == {1}
+        wait_for(
+            lambda: len(load.snapshot()) > 0 and load.snapshot()[-1].time > killed_at + 2,
+            10,
+            "load while the server is down",
+        )
+        mesh.start_server()
+        wait_for(
+            lambda: "resuming rollout of recommender v2" in mesh.server.tail(200),
+            20,
+            "the restarted server to resume",
+        )
+        state = mesh.wait_phase({"promoted", "rolled_back"}, 120)
+    finally:
+        stop.set()
+        watcher.join(5)
+    assert state["phase"] == "promoted"
+    assert load.failures() == []
+    # From the kill until the restarted server advanced, Envoys never fell back to 0%.
+    first_after = next(i for i, s in enumerate(shares) if s != 20)
+    assert shares[first_after] > 20, shares[: first_after + 3]
+    resumed = [
+        e
+        for e in mesh.audit()
+        if e.kind == "transition" and e.region == "us-east" and e.phase_to == "progressing"
+    ]
+    assert [e.step for e in resumed] == [0, 1, 2, 3]  # no completed step repeated

@@ -1,0 +1,260 @@
+"""A whole local mesh on loopback: model servers, Prometheus, `xds-server serve`, Envoys.
+
+The rollout tests and the lab both run on this, so they start and stop things the same
+way. Everything runs on 127.0.0.1 with free ports; `stop()` ends every process it
+started, by pid.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from xds_server.lab.load import LoadGenerator
+from xds_server.lab.procs import Envoy, Process, free_port, wait_for
+from xds_server.lab.prometheus import Prometheus, ScrapeTarget
+from xds_server.lab.upstream import ModelServer
+from xds_server.render.bootstrap import BootstrapOptions
+from xds_server.rollout.store import Store
+
+SERVICE = "recommender"
+VERSIONS = {"production": "v1", "baseline": "v1", "canary": "v2"}
+
+
+@dataclass
+class MeshOptions:
+    regions: tuple[str, ...] = ("us-east", "eu-west", "ap-south")
+    envoys_per_region: int = 1
+    rollout: dict[str, Any] = field(default_factory=dict)
+    """The spec's `rollout:` section."""
+    load_rate: float = 50.0
+    """Requests per second through each Envoy."""
+
+
+class LocalMesh:
+    def __init__(self, workdir: Path, options: MeshOptions | None = None) -> None:
+        self.workdir = workdir
+        self.opts = options or MeshOptions()
+        self.models: dict[tuple[str, str], ModelServer] = {}
+        self.envoys: list[Envoy] = []
+        self.server: Process | None = None
+        self.prometheus: Prometheus | None = None
+        self.load: LoadGenerator | None = None
+        self.xds_port = free_port()
+        self.metrics_port = free_port()
+        self.prometheus_port = free_port()
+        self.spec_path = workdir / "mesh.yaml"
+        self.state_dir = workdir / "state"
+        self._envoy_ports = [
+            (r, i, free_port(), free_port())
+            for r in self.opts.regions
+            for i in range(1, self.opts.envoys_per_region + 1)
+        ]
+
+    # ---- lifecycle ----
+
+    def start(self) -> LocalMesh:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for region in self.opts.regions:
+            for pool, version in VERSIONS.items():
+                self.models[(region, pool)] = ModelServer(
+                    ("127.0.0.1", 0), region, pool, version
+                ).start_in_thread()
+        self.write_spec(with_canary=False)
+        self.start_prometheus()
+        self.start_server()
+        for region, i, admin, listen in self._envoy_ports:
+            self.envoys.append(
+                Envoy(
+                    BootstrapOptions(
+                        region=region,
+                        node_id=f"{region}-envoy-{i}",
+                        xds_port=self.xds_port,
+                        admin_port=admin,
+                        listen=f"127.0.0.1:{listen}",
+                    ),
+                    self.workdir / "envoy",
+                )
+            )
+        for e in self.envoys:
+            e.wait_ready()
+        return self
+
+    def stop(self) -> None:
+        if self.load is not None:
+            self.load.stop()
+        for e in self.envoys:
+            e.stop()
+        if self.server is not None:
+            self.server.stop()
+        if self.prometheus is not None:
+            self.prometheus.stop()
+        for m in self.models.values():
+            m.shutdown()
+            m.server_close()
+
+    def __enter__(self) -> LocalMesh:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start_server(self) -> None:
+        self.server = Process(
+            "xds-server",
+            [
+                sys.executable,
+                "-m",
+                "xds_server.cli",
+                "serve",
+                "--spec",
+                str(self.spec_path),
+                "--xds-address",
+                f"127.0.0.1:{self.xds_port}",
+                "--state-dir",
+                str(self.state_dir),
+                "--prometheus-url",
+                f"http://127.0.0.1:{self.prometheus_port}",
+                "--metrics-address",
+                f"127.0.0.1:{self.metrics_port}",
+                "--log-format",
+                "json",
+            ],
+            self.workdir / "xds-server.log",
+        )
+
+    def kill_server(self) -> None:
+        assert self.server is not None
+        self.server.kill()
+
+    def start_prometheus(self) -> None:
+        targets = [
+            ScrapeTarget(
+                f"127.0.0.1:{admin}",
+                "/stats/prometheus",
+                {"region": region, "node": f"{region}-envoy-{i}"},
+            )
+            for region, i, admin, _ in self._envoy_ports
+        ]
+        targets.append(ScrapeTarget(f"127.0.0.1:{self.metrics_port}", "/metrics", {}))
+        self.prometheus = Prometheus(self.workdir / "prometheus", self.prometheus_port, targets)
+        self.prometheus.wait_ready()
+
+    def stop_prometheus(self) -> None:
+        assert self.prometheus is not None
+        self.prometheus.stop()
+
+    # ---- the scenario's knobs ----
+
+    def write_spec(self, with_canary: bool) -> None:
+        pools = ("production", "baseline", "canary") if with_canary else ("production",)
+        doc = {
+            "regions": list(self.opts.regions),
+            "listener": {"port": 10000},
+            "rollout": self.opts.rollout,
+            "services": [
+                {
+                    "name": SERVICE,
+                    "domains": ["*"],
+                    "prefix": "/",
+                    "pools": {
+                        pool: {
+                            "version": VERSIONS[pool],
+                            "endpoints": {
+                                r: [f"127.0.0.1:{self.models[(r, pool)].port}"]
+                                for r in self.opts.regions
+                            },
+                        }
+                        for pool in pools
+                    },
+                }
+            ],
+        }
+        tmp = self.spec_path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+        tmp.replace(self.spec_path)  # atomic: the server never reads half a file
+
+    def begin_rollout(self) -> None:
+        """Add the baseline and canary pools: the server sees a new canary and starts."""
+        self.write_spec(with_canary=True)
+
+    def start_load(self) -> LoadGenerator:
+        self.load = LoadGenerator(
+            {e.opts.node_id: e.opts.listen or "" for e in self.envoys}, rate=self.opts.load_rate
+        ).start()
+        return self.load
+
+    def set_fault(
+        self,
+        region: str,
+        pool: str,
+        error_rate: float | None = None,
+        latency_ms: float | None = None,
+    ) -> None:
+        faults = self.models[(region, pool)].faults
+        if error_rate is not None:
+            faults.error_rate = error_rate
+        if latency_ms is not None:
+            faults.latency_ms = latency_ms
+
+    # ---- reading what happened ----
+
+    def rollout_state(self) -> dict[str, Any] | None:
+        if not (self.state_dir / "rollouts.sqlite3").exists():
+            return None
+        store = Store.in_dir(self.state_dir)
+        try:
+            states = store.load_rollouts()
+        finally:
+            store.close()
+        if not states:
+            return None
+        s = states[-1]
+        return {
+            "phase": s.phase,
+            "reason": s.reason,
+            "canary_version": s.canary_version,
+            "regions": {r: {"phase": rs.phase, "step": rs.step} for r, rs in s.regions.items()},
+        }
+
+    def wait_phase(self, phases: set[str], timeout: float) -> dict[str, Any]:
+        return wait_for(
+            lambda: (st := self.rollout_state()) and st["phase"] in phases and st,
+            timeout,
+            f"rollout phase in {sorted(phases)}",
+            interval=0.1,
+        )
+
+    def audit(self) -> list[Any]:
+        store = Store.in_dir(self.state_dir)
+        try:
+            return store.audit()
+        finally:
+            store.close()
+
+
+def envoy_weights(envoy: Envoy) -> dict[str, int]:
+    """The weighted clusters this Envoy reports it routes by, from its own /config_dump."""
+    for cfg in envoy.config_dump().get("configs", []):
+        if cfg.get("@type", "").endswith("RoutesConfigDump"):
+            for dyn in cfg.get("dynamic_route_configs", []):
+                for vh in dyn["route_config"].get("virtual_hosts", []):
+                    if vh["name"] == SERVICE:
+                        clusters = vh["routes"][0]["route"]["weighted_clusters"]["clusters"]
+                        return {c["name"].split("|")[1]: int(c.get("weight", 0)) for c in clusters}
+    return {}
+
+
+def canary_share(envoy: Envoy) -> float:
+    w = envoy_weights(envoy)
+    total = sum(w.values())
+    return w.get("canary", 0) * 100 / total if total else 0.0
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=str)

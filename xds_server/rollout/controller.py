@@ -1,0 +1,362 @@
+"""The rollout controller: a level-triggered loop around the pure `decide` function.
+
+Each interval, for each live rollout: observe every region (has the data plane applied
+the step? what do canary and baseline look like in Prometheus?), decide, write the
+decision and its audit entries to the store, then push the weights that the new state
+implies. Weights are always derived from rollout state, so a restarted controller that
+reloads the state pushes exactly the weights it had announced.
+
+Observation never holds up a rollback: regions are observed concurrently, and as soon
+as one region's result alone is enough to roll back, the controller decides without
+waiting for the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from xds_server.config import MeshSpec, Service
+from xds_server.rollout import decide as sm
+from xds_server.rollout.decide import Decision, Observation, RolloutState
+from xds_server.rollout.judge import FAIL, Measurement, judge
+from xds_server.rollout.metrics import PrometheusSource
+from xds_server.rollout.plan import RolloutPlan
+from xds_server.rollout.store import Store, transition_entry
+from xds_server.server import XdsServer
+from xds_server.traffic import TrafficState
+from xds_server.xds.resources import cluster_name
+from xds_server.xds.types import ROUTE
+
+log = logging.getLogger("xds_server.rollout")
+
+
+@dataclass(frozen=True)
+class RolloutEvent:
+    """What listeners (metrics, the admin event stream, the lab's live view) receive."""
+
+    time: float
+    state: RolloutState
+    decision: Decision
+    actor: str
+
+
+class RolloutController:
+    def __init__(
+        self,
+        server: XdsServer,
+        store: Store,
+        metrics: PrometheusSource,
+        clock: Callable[[], float] = time.time,
+        tick_seconds: float = 0.1,
+    ) -> None:
+        self.server = server
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.tick_seconds = tick_seconds
+        self.rollouts: dict[str, RolloutState] = {}
+        self._next_due: dict[str, float] = {}
+        self._pushed_at: dict[tuple[str, str], float] = {}
+        self._listeners: list[Callable[[RolloutEvent], None]] = []
+
+    @property
+    def spec(self) -> MeshSpec:
+        return self.server.spec
+
+    def subscribe(self, listener: Callable[[RolloutEvent], None]) -> None:
+        self._listeners.append(listener)
+
+    # ---- start-up ----
+
+    def restore(self) -> None:
+        """Load persisted rollouts of the spec's current canaries and push their weights.
+
+        Called before the xDS port opens, so no Envoy ever sees production-only weights
+        for a rollout that was in progress when the previous process died.
+        """
+        now = self.clock()
+        stored = {(s.service, s.canary_version): s for s in self.store.load_rollouts()}
+        for svc in self.spec.services:
+            canary = svc.pools.get("canary")
+            state = stored.get((svc.name, canary.version)) if canary else None
+            if canary is None or state is None:
+                continue
+            self.rollouts[svc.name] = state
+            for region in self.spec.regions:
+                self._pushed_at[(svc.name, region)] = now
+            if state.phase in sm.LIVE:
+                steps = {r: s.step for r, s in state.regions.items()}
+                log.info(
+                    "resuming rollout of %s %s: %s at steps %s",
+                    svc.name,
+                    canary.version,
+                    state.phase,
+                    steps,
+                )
+        self.server.set_traffic(self.traffic(), urgent=True, reason="restored rollout state")
+
+    # ---- the loop ----
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.reconcile()
+                now = self.clock()
+                due = [
+                    s
+                    for s, st in self.rollouts.items()
+                    if st.phase in sm.LIVE and self._next_due.get(s, 0) <= now
+                ]
+                if due:
+                    await asyncio.gather(*(self.tick(s) for s in due))
+            except Exception:
+                log.exception("controller loop error; continuing")
+            await asyncio.sleep(self.tick_seconds)
+
+    async def reconcile(self) -> None:
+        """Start rollouts for new canary versions; retire those the spec no longer has."""
+        for svc in self.spec.services:
+            canary = svc.pools.get("canary")
+            current = self.rollouts.get(svc.name)
+            if current is not None and (canary is None or canary.version != current.canary_version):
+                why = (
+                    "canary pool removed from the spec"
+                    if canary is None
+                    else f"superseded by canary {canary.version}"
+                )
+                if current.phase in sm.LIVE:
+                    self.commit(svc, sm.abort(current, self.clock(), why), actor="spec")
+                del self.rollouts[svc.name]
+                current = None
+            if canary is None or current is not None:
+                continue
+            stored = self.store.rollout(svc.name, canary.version)
+            if stored is not None:
+                self.rollouts[svc.name] = stored
+                self.server.set_traffic(self.traffic(), urgent=True, reason="rollout state")
+                continue
+            if canary.version == svc.pools["production"].version:
+                continue
+            await self._start(svc, canary.version)
+        known = {s.name for s in self.spec.services}
+        for name in [n for n in self.rollouts if n not in known]:
+            del self.rollouts[name]
+
+    async def _start(self, svc: Service, version: str) -> None:
+        decision = sm.start(svc.rollout, svc.name, version, self.spec.regions, self.clock())
+        problems: list[str] = []
+        for region in self.spec.regions:
+            problems += await asyncio.to_thread(
+                self.metrics.check_queries, svc.rollout, region, cluster_name(svc.name, "canary")
+            )
+        if problems:
+            why = "configuration error: " + "; ".join(sorted(set(problems)))
+            log.error("rollout of %s %s cannot be judged: %s", svc.name, version, why)
+            paused = sm.pause(decision.state, self.clock(), why)
+            decision = Decision(paused.state, decision.transitions + paused.transitions)
+        log.info(
+            "rollout of %s: canary %s has not been rolled out yet: starting", svc.name, version
+        )
+        self.commit(svc, decision)
+
+    async def tick(self, service: str) -> None:
+        svc = self.spec.service(service)
+        plan = svc.rollout
+        self._next_due[service] = self.clock() + plan.interval
+        observations = await self.observe(svc, self.rollouts[service])
+        # Decide on the newest state: an operator may have acted while we were observing.
+        decision = sm.decide(plan, self.rollouts[service], observations, self.clock())
+        if decision.transitions or decision.state != self.rollouts[service]:
+            self.commit(svc, decision)
+
+    # ---- observing ----
+
+    async def observe(self, svc: Service, state: RolloutState) -> dict[str, Observation]:
+        now = self.clock()
+        plan = svc.rollout
+        out: dict[str, Observation] = {}
+        pending: dict[asyncio.Task[tuple[Measurement, Measurement | None]], str] = {}
+        for region, rs in state.regions.items():
+            if rs.phase not in sm.LIVE:
+                continue
+            obs = self._applied(svc.name, region, plan, now)
+            out[region] = obs
+            started = rs.step_started or obs.applied_at
+            if obs.applied_at is None or obs.apply_error or started is None:
+                continue
+            window = min(now - started, plan.window)
+            if window < 1 or rs.step_started is None:
+                continue  # the step's clock has just started: nothing to judge yet
+            task = asyncio.create_task(self._measure(svc, plan, region, window))
+            pending[task] = region
+        deadline = now + max(plan.interval, 0.5)
+        while pending:
+            done, _ = await asyncio.wait(
+                pending,
+                timeout=max(0.0, deadline - self.clock()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if not done:
+                break  # slow queries: those regions hold this interval
+            for task in done:
+                region = pending.pop(task)
+                canary, baseline = task.result()
+                out[region] = replace(out[region], canary=canary, baseline=baseline)
+                rs = state.regions[region]
+                if (
+                    judge(plan.guardrails, canary, baseline).outcome == FAIL
+                    and rs.failures + 1 >= plan.failures_before_rollback
+                ):
+                    pending.clear()  # enough to roll back: decide now
+                    break
+        return out
+
+    async def _measure(
+        self, svc: Service, plan: RolloutPlan, region: str, window: float
+    ) -> tuple[Measurement, Measurement | None]:
+        canary = self.metrics.measure(plan, region, cluster_name(svc.name, "canary"), window)
+        if "baseline" not in svc.pools:
+            return await canary, None
+        baseline = self.metrics.measure(plan, region, cluster_name(svc.name, "baseline"), window)
+        c, b = await asyncio.gather(canary, baseline)
+        return c, b
+
+    def _applied(self, service: str, region: str, plan: RolloutPlan, now: float) -> Observation:
+        """Has every Envoy of the region ACKed the routes that carry the current weights?"""
+        version = self.server.snapshot(region).type_version(ROUTE)
+        nodes = self.server.nodes.nodes(region)
+        for n in nodes:
+            ts = n.types[ROUTE]
+            if ts.nack_version == version and ts.acked_version != version:
+                return Observation(
+                    apply_error=f"Envoy {n.node_id} rejected routes {version}: {ts.nack_error}"
+                )
+        pushed_at = self._pushed_at.get((service, region), now)
+        lagging = [n.node_id for n in nodes if n.types[ROUTE].acked_version != version]
+        if lagging:
+            if now - pushed_at > plan.ack_timeout:
+                return Observation(
+                    apply_error=f"no ACK of routes {version} within "
+                    f"{plan.ack_timeout:g}s from {', '.join(lagging)}"
+                )
+            return Observation()
+        acked = [t for n in nodes if (t := n.types[ROUTE].acked_at) is not None]
+        return Observation(applied_at=max([pushed_at, *acked]))
+
+    # ---- deciding and pushing ----
+
+    def traffic(self) -> TrafficState:
+        """The weights every rollout's state implies; production only where none."""
+        splits = {}
+        for svc in self.spec.services:
+            state = self.rollouts.get(svc.name)
+            if state is None:
+                continue
+            for region, rs in state.regions.items():
+                if region in self.spec.regions:
+                    splits[(svc.name, region)] = sm.split_of(
+                        svc.rollout, rs, "baseline" in svc.pools
+                    )
+        return TrafficState(splits)
+
+    def commit(self, svc: Service, decision: Decision, actor: str = "controller") -> None:
+        """Persist the decision with its audit entries, then push its weights."""
+        now = self.clock()
+        old = self.server.traffic
+        self.rollouts[svc.name] = decision.state
+        new = self.traffic()
+        changed = old.regions_changed(new)
+        versions = {r: self.server.snapshot(r).version + 1 for r in changed}
+        entries = []
+        for t in decision.transitions:
+            region = t.region
+            obs = decision.observations.get(region) if region else None
+            measurements = None
+            if obs is not None and obs.canary is not None:
+                measurements = {
+                    "canary": obs.canary.as_dict(),
+                    "baseline": obs.baseline.as_dict() if obs.baseline else None,
+                }
+            before = old.split(svc.name, region).percent() if region else None
+            after = new.split(svc.name, region).percent() if region else None
+            entries.append(
+                transition_entry(
+                    t,
+                    now,
+                    before,
+                    after,
+                    measurements,
+                    versions.get(region) if region else None,
+                    actor,
+                )
+            )
+        self.store.record(decision.state, entries)
+        for t in decision.transitions:
+            level = logging.INFO if t.kind == "transition" else logging.DEBUG
+            log.log(
+                level,
+                "%s %s%s: %s -> %s: %s",
+                svc.name,
+                decision.state.canary_version,
+                f" {t.region}" if t.region else "",
+                t.phase_from,
+                t.phase_to,
+                t.reason,
+            )
+        if changed:
+            self.server.set_traffic(
+                new, urgent=True, reason="rollback" if decision.rollback else "rollout step"
+            )
+            for region in changed:
+                self._pushed_at[(svc.name, region)] = now
+        event = RolloutEvent(now, decision.state, decision, actor)
+        for listener in list(self._listeners):
+            listener(event)
+
+    # ---- operator actions ----
+
+    def act(self, service: str, action: str, reason: str, actor: str) -> RolloutState:
+        """pause | resume | abort a rollout; raises KeyError / ValueError for bad requests."""
+        state = self.rollouts.get(service)
+        if state is None:
+            raise KeyError(f"no rollout for service {service!r}")
+        fn: Mapping[str, Callable[[RolloutState, float, str], Decision]] = {
+            "pause": sm.pause,
+            "resume": sm.resume,
+            "abort": sm.abort,
+        }
+        if action not in fn:
+            raise ValueError(f"unknown action {action!r}")
+        decision = fn[action](state, self.clock(), f"{reason} (by {actor})")
+        self.commit(self.spec.service(service), decision, actor=actor)
+        return decision.state
+
+    def status(self) -> list[dict[str, Any]]:
+        out = []
+        for name, state in self.rollouts.items():
+            svc = self.spec.service(name)
+            out.append(
+                {
+                    "service": name,
+                    "canary_version": state.canary_version,
+                    "phase": state.phase,
+                    "reason": state.reason,
+                    "regions": {
+                        r: {
+                            "phase": rs.phase,
+                            "step": rs.step,
+                            "reason": rs.reason,
+                            "weights": sm.split_of(
+                                svc.rollout, rs, "baseline" in svc.pools
+                            ).percent(),
+                        }
+                        for r, rs in state.regions.items()
+                    },
+                }
+            )
+        return out

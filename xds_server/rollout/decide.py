@@ -1,0 +1,355 @@
+"""The rollout state machine and the decision function. Pure: no I/O, no clock.
+
+Per region:   pending -> progressing(step i) -> promoted | rolled_back | paused
+Per rollout:  progressing | paused | promoted | rolled_back
+
+`decide(plan, state, observations, now)` returns the next state and the transitions
+that lead there, each with a reason. Rules it keeps, whatever it observes:
+- no promotion without evidence: a step passes only after a full `step_duration` of
+  passing checks, counted from when the region's Envoys applied the step;
+- any region failing rolls back every region, at once, whatever else is going on
+  (a pause or a hold included);
+- a region that is still waiting for its Envoys to apply a step is not judged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from xds_server.rollout.judge import FAIL, NO_DATA, PASS, Measurement, Verdict, judge
+from xds_server.rollout.plan import RolloutPlan, split_for
+from xds_server.traffic import PRODUCTION_ONLY, Split
+
+PENDING = "pending"
+PROGRESSING = "progressing"
+PAUSED = "paused"
+PROMOTED = "promoted"
+ROLLED_BACK = "rolled_back"
+LIVE = frozenset({PROGRESSING, PAUSED})
+FINISHED = frozenset({PROMOTED, ROLLED_BACK})
+
+
+@dataclass(frozen=True)
+class RegionState:
+    phase: str = PENDING
+    step: int = -1
+    step_started: float | None = None
+    """When every Envoy of the region had applied this step: the step's clock."""
+    step_passed: bool = False
+    failures: int = 0
+    """Consecutive failed checks in this step."""
+    hold_since: float | None = None
+    """When the current run of checks without evidence began."""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    service: str
+    canary_version: str
+    phase: str
+    regions: Mapping[str, RegionState]
+    started_at: float
+    updated_at: float
+    wave: int = 0
+    reason: str = ""
+
+    def step_of(self, region: str) -> int:
+        return self.regions[region].step
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the controller saw of one region this interval."""
+
+    applied_at: float | None = None
+    """When every Envoy of the region had ACKed the current weights; None: not yet."""
+    apply_error: str | None = None
+    """A NACK, or no ACK within `ack_timeout`: the step fails."""
+    canary: Measurement | None = None
+    baseline: Measurement | None = None
+
+
+@dataclass(frozen=True)
+class Transition:
+    region: str | None
+    """None for a change of the whole rollout."""
+    phase_from: str
+    phase_to: str
+    step_from: int
+    step_to: int
+    reason: str
+    verdict: Verdict | None = None
+    kind: str = "transition"
+    """"transition", or "check" for a judgement that changed no phase or step."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: RolloutState
+    transitions: tuple[Transition, ...] = ()
+    rollback: bool = False
+    observations: Mapping[str, Observation] = field(default_factory=dict)
+
+
+def start(
+    plan: RolloutPlan, service: str, version: str, regions: tuple[str, ...], now: float
+) -> Decision:
+    first_wave = plan.wave_list(regions)[0]
+    states = {
+        r: RegionState(PROGRESSING, 0, reason="rollout started")
+        if r in first_wave
+        else RegionState(reason="waiting for an earlier wave")
+        for r in regions
+    }
+    state = RolloutState(
+        service,
+        version,
+        PROGRESSING,
+        states,
+        now,
+        now,
+        reason=f"canary {version} not yet rolled out",
+    )
+    transitions = tuple(
+        Transition(r, PENDING, s.phase, -1, s.step, s.reason) for r, s in states.items()
+    )
+    return Decision(
+        state,
+        (
+            Transition(
+                None, PENDING, PROGRESSING, -1, 0, f"rollout of {service} {version} started"
+            ),
+            *transitions,
+        ),
+    )
+
+
+def split_of(plan: RolloutPlan, region: RegionState, has_baseline: bool) -> Split:
+    """The weights a region gets in a given state: derived, never stored."""
+    if region.phase in LIVE:
+        return split_for(plan.steps[region.step], has_baseline)
+    if region.phase == PROMOTED:
+        return split_for(100, has_baseline)
+    return PRODUCTION_ONLY
+
+
+def decide(
+    plan: RolloutPlan, state: RolloutState, observations: Mapping[str, Observation], now: float
+) -> Decision:
+    if state.phase not in LIVE:
+        return Decision(state, observations=observations)
+    regions = dict(state.regions)
+    transitions: list[Transition] = []
+    for name, obs in observations.items():
+        rs = regions.get(name)
+        if rs is None or rs.phase not in LIVE:
+            continue
+        if obs.apply_error:
+            return _rollback(
+                state,
+                now,
+                f"{name}: step {rs.step} ({plan.steps[rs.step]:g}%) "
+                f"not applied by the data plane: {obs.apply_error}",
+                observations,
+            )
+        if obs.applied_at is None:
+            continue
+        rs = replace(rs, step_started=rs.step_started or obs.applied_at)
+        if obs.canary is None:
+            regions[name] = rs
+            continue
+        verdict = judge(plan.guardrails, obs.canary, obs.baseline)
+        rs, note = _apply_verdict(plan, rs, verdict, now)
+        regions[name] = rs
+        step_desc = f"step {rs.step} ({plan.steps[rs.step]:g}%)"
+        if verdict.outcome == FAIL and rs.failures >= plan.failures_before_rollback:
+            return _rollback(
+                state,
+                now,
+                f"{name}: {step_desc}: {verdict.reason}",
+                observations,
+                verdict=verdict,
+                region=name,
+            )
+        if note == "max_hold":
+            why = f"{name}: {step_desc}: no evidence for {plan.max_hold:g}s: {verdict.reason}"
+            if plan.on_max_hold == "rollback":
+                return _rollback(state, now, why, observations, verdict=verdict, region=name)
+            if state.phase != PAUSED:
+                return _pause(replace(state, regions=regions), now, why, observations)
+        transitions.append(
+            Transition(
+                name,
+                rs.phase,
+                rs.phase,
+                rs.step,
+                rs.step,
+                f"{step_desc}: {verdict.outcome}: {verdict.reason}"
+                + (
+                    f" (failure {rs.failures} of {plan.failures_before_rollback})"
+                    if verdict.outcome == FAIL
+                    else ""
+                )
+                + (" -- step passed" if note == "passed" else ""),
+                verdict,
+                kind="check",
+            )
+        )
+    state = replace(state, regions=regions, updated_at=now)
+    if state.phase == PROGRESSING:
+        state, advanced = _advance(plan, state, now)
+        transitions.extend(advanced)
+    return Decision(state, tuple(transitions), observations=observations)
+
+
+def _apply_verdict(
+    plan: RolloutPlan, rs: RegionState, verdict: Verdict, now: float
+) -> tuple[RegionState, str]:
+    if verdict.outcome == FAIL:
+        return replace(rs, failures=rs.failures + 1, hold_since=None), "failed"
+    if verdict.outcome == NO_DATA:
+        since = rs.hold_since if rs.hold_since is not None else now
+        rs = replace(rs, hold_since=since)
+        return rs, "max_hold" if now - since >= plan.max_hold else "hold"
+    assert verdict.outcome == PASS
+    rs = replace(rs, failures=0, hold_since=None)
+    assert rs.step_started is not None
+    if not rs.step_passed and now - rs.step_started >= plan.step_duration:
+        return replace(rs, step_passed=True, reason="step passed"), "passed"
+    return rs, "pass"
+
+
+def _advance(
+    plan: RolloutPlan, state: RolloutState, now: float
+) -> tuple[RolloutState, list[Transition]]:
+    """Lockstep within a wave: move every region of the wave once all have passed."""
+    waves = plan.wave_list(tuple(state.regions))
+    wave = waves[state.wave]
+    live = [r for r in wave if state.regions[r].phase in LIVE]
+    if not live or not all(state.regions[r].step_passed for r in live):
+        return state, []
+    regions = dict(state.regions)
+    step = regions[live[0]].step
+    transitions: list[Transition] = []
+    if step + 1 < len(plan.steps):
+        for r in live:
+            regions[r] = RegionState(
+                PROGRESSING, step + 1, reason=f"every region of the wave passed step {step}"
+            )
+            transitions.append(
+                Transition(
+                    r,
+                    PROGRESSING,
+                    PROGRESSING,
+                    step,
+                    step + 1,
+                    f"advance to {plan.steps[step + 1]:g}%: every region "
+                    f"of the wave passed {plan.steps[step]:g}%",
+                )
+            )
+        return replace(state, regions=regions, updated_at=now), transitions
+    for r in live:
+        regions[r] = replace(regions[r], phase=PROMOTED, reason="passed every step")
+        transitions.append(
+            Transition(r, PROGRESSING, PROMOTED, step, step, "promoted: passed every step")
+        )
+    if state.wave + 1 < len(waves):
+        nxt = waves[state.wave + 1]
+        for r in nxt:
+            regions[r] = RegionState(PROGRESSING, 0, reason="previous wave promoted")
+            transitions.append(
+                Transition(
+                    r,
+                    PENDING,
+                    PROGRESSING,
+                    -1,
+                    0,
+                    f"wave {state.wave + 2} starts: previous wave promoted",
+                )
+            )
+        return replace(state, regions=regions, wave=state.wave + 1, updated_at=now), transitions
+    transitions.append(
+        Transition(
+            None,
+            PROGRESSING,
+            PROMOTED,
+            step,
+            step,
+            "every region passed every step: canary serves 100%",
+        )
+    )
+    return replace(
+        state, regions=regions, phase=PROMOTED, updated_at=now, reason="promoted"
+    ), transitions
+
+
+def _rollback(
+    state: RolloutState,
+    now: float,
+    reason: str,
+    observations: Mapping[str, Observation],
+    verdict: Verdict | None = None,
+    region: str | None = None,
+) -> Decision:
+    """Every region, whatever its phase, back to production only."""
+    regions = {r: replace(rs, phase=ROLLED_BACK, reason=reason) for r, rs in state.regions.items()}
+    transitions = [
+        Transition(
+            r, rs.phase, ROLLED_BACK, rs.step, rs.step, reason, verdict if r == region else None
+        )
+        for r, rs in state.regions.items()
+        if rs.phase != ROLLED_BACK
+    ]
+    transitions.append(
+        Transition(
+            None, state.phase, ROLLED_BACK, -1, -1, f"rolled back everywhere: {reason}", verdict
+        )
+    )
+    new = replace(state, phase=ROLLED_BACK, regions=regions, updated_at=now, reason=reason)
+    return Decision(new, tuple(transitions), rollback=True, observations=observations)
+
+
+def _pause(
+    state: RolloutState,
+    now: float,
+    reason: str,
+    observations: Mapping[str, Observation] | None = None,
+) -> Decision:
+    regions = {
+        r: replace(rs, phase=PAUSED) if rs.phase == PROGRESSING else rs
+        for r, rs in state.regions.items()
+    }
+    new = replace(state, phase=PAUSED, regions=regions, updated_at=now, reason=reason)
+    return Decision(
+        new,
+        (Transition(None, state.phase, PAUSED, -1, -1, f"paused: {reason}"),),
+        observations=observations or {},
+    )
+
+
+# ---- operator actions (the admin API calls these through the controller) ----
+
+
+def pause(state: RolloutState, now: float, reason: str) -> Decision:
+    if state.phase != PROGRESSING:
+        raise ValueError(f"rollout is {state.phase}, not progressing")
+    return _pause(state, now, reason)
+
+
+def resume(state: RolloutState, now: float, reason: str) -> Decision:
+    if state.phase != PAUSED:
+        raise ValueError(f"rollout is {state.phase}, not paused")
+    regions = {
+        r: replace(rs, phase=PROGRESSING, hold_since=None) if rs.phase == PAUSED else rs
+        for r, rs in state.regions.items()
+    }
+    new = replace(state, phase=PROGRESSING, regions=regions, updated_at=now, reason=reason)
+    return Decision(new, (Transition(None, PAUSED, PROGRESSING, -1, -1, f"resumed: {reason}"),))
+
+
+def abort(state: RolloutState, now: float, reason: str) -> Decision:
+    if state.phase in FINISHED:
+        raise ValueError(f"rollout already {state.phase}")
+    return _rollback(state, now, f"aborted: {reason}", {})
