@@ -70,6 +70,7 @@ def test_healthy_canary_is_promoted_with_zero_failed_requests(mesh: LocalMesh) -
     assert checks and all(e.measurements["canary"]["requests"] >= 5 for e in checks)
     # The server's own /metrics says the same.
     status, body, _ = http_get(f"http://127.0.0.1:{mesh.metrics_port}/metrics")
+    assert status == 200
     text = body.decode()
     assert 'xds_rollout_phase{phase="promoted",service="recommender"} 1.0' in text
     assert (

@@ -223,12 +223,11 @@ class LocalMesh:
         }
 
     def wait_phase(self, phases: set[str], timeout: float) -> dict[str, Any]:
-        return wait_for(
-            lambda: (st := self.rollout_state()) and st["phase"] in phases and st,
-            timeout,
-            f"rollout phase in {sorted(phases)}",
-            interval=0.1,
-        )
+        def reached() -> dict[str, Any] | None:
+            state = self.rollout_state()
+            return state if state is not None and state["phase"] in phases else None
+
+        return wait_for(reached, timeout, f"rollout phase in {sorted(phases)}", interval=0.1)
 
     def audit(self) -> list[Any]:
         store = Store.in_dir(self.state_dir)
