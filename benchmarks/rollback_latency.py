@@ -21,8 +21,13 @@ from xds_server.lab.mesh import LocalMesh, MeshOptions, canary_share
 from xds_server.lab.procs import wait_for
 
 PLAN = {
-    "steps": [5, 20, 75, 100], "step_duration": "3s", "interval": "1s", "window": "4s",
-    "ack_timeout": "10s", "max_hold": "30s", "failures_before_rollback": 2,
+    "steps": [5, 20, 75, 100],
+    "step_duration": "3s",
+    "interval": "1s",
+    "window": "4s",
+    "ack_timeout": "10s",
+    "max_hold": "30s",
+    "failures_before_rollback": 2,
     "guardrails": {"max_error_rate": 0.05, "max_p99_ms": 250, "min_requests": 5},
 }
 
@@ -41,13 +46,18 @@ def one_run(workdir: Path) -> dict[str, float]:
         wait_for(lambda: all(canary_share(e) == 20 for e in mesh.envoys), 10, "20% in Envoy")
         fault = time.time()
         mesh.set_fault("eu-west", "canary", error_rate=0.2)
-        wait_for(lambda: all(canary_share(e) == 0 for e in mesh.envoys), 30, "0% canary",
-                 interval=0.02)
+        wait_for(
+            lambda: all(canary_share(e) == 0 for e in mesh.envoys), 30, "0% canary", interval=0.02
+        )
         total = time.time() - fault
-        decided = next(e.time for e in mesh.audit() if e.region is None
-                       and e.phase_to == "rolled_back")
-        return {"fault_to_all_envoys_s": total, "fault_to_decision_s": decided - fault,
-                "decision_to_all_envoys_s": total - (decided - fault)}
+        decided = next(
+            e.time for e in mesh.audit() if e.region is None and e.phase_to == "rolled_back"
+        )
+        return {
+            "fault_to_all_envoys_s": total,
+            "fault_to_decision_s": decided - fault,
+            "decision_to_all_envoys_s": total - (decided - fault),
+        }
 
 
 def main() -> None:
@@ -61,17 +71,26 @@ def main() -> None:
             runs.append(one_run(Path(d)))
         if not a.json:
             r = runs[-1]
-            print(f"run {i + 1}: fault -> decision {r['fault_to_decision_s']:.2f}s, "
-                  f"decision -> every Envoy 0% {r['decision_to_all_envoys_s'] * 1000:.0f}ms, "
-                  f"total {r['fault_to_all_envoys_s']:.2f}s", flush=True)
+            print(
+                f"run {i + 1}: fault -> decision {r['fault_to_decision_s']:.2f}s, "
+                f"decision -> every Envoy 0% {r['decision_to_all_envoys_s'] * 1000:.0f}ms, "
+                f"total {r['fault_to_all_envoys_s']:.2f}s",
+                flush=True,
+            )
     totals = sorted(r["fault_to_all_envoys_s"] for r in runs)
-    summary = {"runs": runs, "min_s": totals[0], "median_s": statistics.median(totals),
-               "max_s": totals[-1]}
+    summary = {
+        "runs": runs,
+        "min_s": totals[0],
+        "median_s": statistics.median(totals),
+        "max_s": totals[-1],
+    }
     if a.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"fault -> every Envoy at 0% canary over {len(runs)} runs: min {totals[0]:.2f}s, "
-              f"median {statistics.median(totals):.2f}s, max {totals[-1]:.2f}s")
+        print(
+            f"fault -> every Envoy at 0% canary over {len(runs)} runs: min {totals[0]:.2f}s, "
+            f"median {statistics.median(totals):.2f}s, max {totals[-1]:.2f}s"
+        )
 
 
 if __name__ == "__main__":
