@@ -179,3 +179,15 @@ def test_sigkill_mid_rollout_resumes_same_step_without_failed_requests(mesh: Loc
         if e.kind == "transition" and e.region == "us-east" and e.phase_to == "progressing"
     ]
     assert [e.step for e in resumed] == [0, 1, 2, 3]  # no completed step repeated
+
+
+def test_a_query_prometheus_rejects_is_a_configuration_error(tmp_path: Path) -> None:
+    plan = {**FAST_PLAN, "queries": {"p99_ms": "histogram_quantile(0.99, rate(x[{window}]"}}
+    with LocalMesh(tmp_path / "mesh", MeshOptions(rollout=plan)) as mesh:
+        mesh.begin_rollout()
+        state = mesh.wait_phase({"paused", "rolled_back", "promoted"}, 30)
+        assert state["phase"] == "paused"
+        assert state["reason"].startswith(
+            "configuration error: query 'p99_ms' is rejected by Prometheus: bad_data: "
+        )
+        assert "configuration error" in mesh.server.tail(50)  # type: ignore[union-attr]

@@ -1,0 +1,41 @@
+"""The state store and audit log, on a real SQLite file."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from xds_server.rollout import decide as sm
+from xds_server.rollout.plan import RolloutPlan
+from xds_server.rollout.store import Store, transition_entry
+
+
+def test_state_round_trips_and_audit_is_append_only(tmp_path: Path) -> None:
+    store = Store.in_dir(tmp_path)
+    d = sm.start(RolloutPlan(), "svc", "v2", ("a", "b"), now=10.0)
+    entries = [transition_entry(t, 10.0, None, {"canary": 5.0}, None, 7) for t in d.transitions]
+    store.record(d.state, entries)
+    store.close()
+
+    again = Store.in_dir(tmp_path)  # as after a restart
+    assert again.rollout("svc", "v2") == d.state
+    assert again.load_rollouts() == [d.state]
+    audit = again.audit(service="svc")
+    assert [e.region for e in audit] == [None, "a", "b"]
+    assert audit[1].weights_after == {"canary": 5.0} and audit[1].snapshot_version == 7
+    assert [e.region for e in again.audit(region="b")] == ["b"]
+    assert again.audit(since=11.0) == []
+    for sql in ("UPDATE audit SET reason = 'x'", "DELETE FROM audit"):
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            again.db.execute(sql)
+    assert len(again.audit()) == 3
+
+
+def test_a_failed_write_records_nothing(tmp_path: Path) -> None:
+    store = Store.in_dir(tmp_path)
+    d = sm.start(RolloutPlan(), "svc", "v2", ("a",), now=1.0)
+    with pytest.raises(KeyError):
+        store.record(d.state, [{"region": "a"}])  # no reason: refused before commit
+    assert store.load_rollouts() == [] and store.audit() == []
