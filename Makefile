@@ -41,7 +41,7 @@ pytest: setup
 test: lint typecheck pytest
 
 demo: setup
-	$(BIN)/xds-server demo
+	$(BIN)/xds-server lab run --scenario $(SCENARIO)
 
 bench: setup
 	$(BIN)/python benchmarks/push_fanout.py

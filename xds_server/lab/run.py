@@ -1,0 +1,392 @@
+"""`xds-server lab run`: one canary rollout across a local multi-region mesh, watched live.
+
+Starts (on 127.0.0.1, free ports) model servers, Prometheus, `xds-server serve` and real
+Envoys, sends steady load, adds a canary to the spec and follows the rollout to its end.
+A scenario may inject a fault into one region's canary mid-rollout. Writes the audit
+log, `summary.json` and `rollout.png` into the output folder; exits 0 when the rollout
+ended as the scenario expects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from xds_server.lab.mesh import LocalMesh, MeshOptions, canary_share
+from xds_server.lab.procs import wait_for
+from xds_server.lab.view import LiveView, PlainLog
+from xds_server.rollout.store import AuditEntry
+
+LAB_ROOT = Path(".lab")
+CURRENT = LAB_ROOT / "current"
+DEFAULT_REGIONS = ("us-east", "eu-west", "ap-south")
+
+LAB_PLAN: dict[str, Any] = {
+    "steps": [5, 20, 75, 100],
+    "step_duration": "5s",
+    "interval": "1s",
+    "window": "5s",
+    "ack_timeout": "10s",
+    "max_hold": "30s",
+    "failures_before_rollback": 2,
+    "guardrails": {
+        "max_error_rate": 0.05,
+        "max_p99_ms": 250,
+        "min_requests": 5,
+        "max_error_rate_increase": 0.05,
+        "max_p99_ratio": 2.0,
+    },
+}
+
+
+@dataclass(frozen=True)
+class Fault:
+    region_index: int
+    at_step: int
+    """Injected once every region has reached this step (1: 20% canary)."""
+    error_rate: float | None = None
+    latency_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    expect: str
+    fault: Fault | None
+    description: str
+
+
+SCENARIOS = {
+    s.name: s
+    for s in (
+        Scenario(
+            "healthy",
+            "promoted",
+            None,
+            "a healthy canary goes 5% -> 20% -> 75% -> 100% in every region",
+        ),
+        Scenario(
+            "bad-canary",
+            "rolled_back",
+            Fault(1, 1, error_rate=0.3),
+            "at 20%, one region's canary starts failing 30% of requests: every region rolls back",
+        ),
+        Scenario(
+            "slow-canary",
+            "rolled_back",
+            Fault(0, 1, latency_ms=400),
+            "at 20%, one region's canary answers 400 ms slower: p99 breaches 250 ms, every "
+            "region rolls back",
+        ),
+    )
+}
+
+
+def region_names(n: int) -> tuple[str, ...]:
+    return tuple(
+        DEFAULT_REGIONS[i] if i < len(DEFAULT_REGIONS) else f"region-{i + 1}" for i in range(n)
+    )
+
+
+def run_lab(
+    scenario_name: str,
+    regions: int = 3,
+    envoys_per_region: int = 2,
+    keep: bool = False,
+    out: Path | None = None,
+    timeout: float = 240,
+    live: bool | None = None,
+) -> int:
+    scenario = SCENARIOS[scenario_name]
+    out = out or LAB_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{scenario.name}"
+    out = out.resolve()
+    opts = MeshOptions(region_names(regions), envoys_per_region, rollout=LAB_PLAN, load_rate=50)
+    mesh = LocalMesh(out, opts)
+    live = sys.stdout.isatty() if live is None else live
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    print(f"lab: scenario {scenario.name}: {scenario.description}")
+    print(f"lab: output in {out}")
+    kept = False
+    try:
+        mesh.start()
+        write_lab_file(mesh)
+        load = mesh.start_load(max_seconds=timeout)
+        wait_for(lambda: len(load.snapshot()) >= 20, 15, "load through the Envoys")
+        mesh.begin_rollout()
+        result = follow(mesh, scenario, timeout, LiveView(mesh) if live else PlainLog(mesh))
+        load.stop()
+        summary = summarize(mesh, scenario, result)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        plot_path = out / "rollout.png"
+        plot(mesh.audit(), plot_path, mesh.opts.regions)
+        print_report(summary, mesh, plot_path)
+        if keep:
+            kept = True
+            print_keep(mesh)
+        return 0 if summary["ok"] else 1
+    except KeyboardInterrupt:
+        print("\nlab: interrupted; stopping everything")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if not kept:
+            mesh.stop()
+            _clear_current(out)
+
+
+def _raise_interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+@dataclass
+class FollowResult:
+    phase: str
+    fault_at: float | None = None
+    zero_canary_at: float | None = None
+    timed_out: bool = False
+
+
+def follow(
+    mesh: LocalMesh, scenario: Scenario, timeout: float, view: LiveView | PlainLog
+) -> FollowResult:
+    """Watch until the rollout ends (and, after a fault, every Envoy is at 0% canary)."""
+    res = FollowResult(phase="progressing")
+    deadline = time.monotonic() + timeout
+    with view:
+        while time.monotonic() < deadline:
+            state = mesh.rollout_state()
+            view.update(state)
+            if state is not None:
+                res.phase = state["phase"]
+                steps = [r["step"] for r in state["regions"].values()]
+                fault = scenario.fault
+                if (
+                    fault
+                    and res.fault_at is None
+                    and state["phase"] == "progressing"
+                    and min(steps) >= fault.at_step
+                ):
+                    region = mesh.opts.regions[fault.region_index % len(mesh.opts.regions)]
+                    mesh.set_fault(region, "canary", fault.error_rate, fault.latency_ms)
+                    res.fault_at = time.time()
+                    view.note(
+                        f"fault injected in {region}: canary "
+                        + (
+                            f"error rate {fault.error_rate:.0%}"
+                            if fault.error_rate
+                            else f"+{fault.latency_ms:g} ms latency"
+                        )
+                    )
+                if (
+                    res.fault_at is not None
+                    and res.zero_canary_at is None
+                    and state["phase"] == "rolled_back"
+                    and all(canary_share(e) == 0 for e in mesh.envoys)
+                ):
+                    res.zero_canary_at = time.time()
+                if state["phase"] == "promoted" or (
+                    state["phase"] == "rolled_back"
+                    and (res.fault_at is None or res.zero_canary_at is not None)
+                ):
+                    view.update(state)
+                    return res
+            time.sleep(0.1)  # the live view's poll period, bounded by the deadline
+    res.timed_out = True
+    return res
+
+
+def summarize(mesh: LocalMesh, scenario: Scenario, res: FollowResult) -> dict[str, Any]:
+    state = mesh.rollout_state() or {"phase": "none", "regions": {}, "reason": ""}
+    audit = mesh.audit()
+    outcome = {r: s["phase"] for r, s in state["regions"].items()}
+    results = mesh.load.snapshot() if mesh.load else []
+    summary: dict[str, Any] = {
+        "scenario": scenario.name,
+        "expected": scenario.expect,
+        "ok": not res.timed_out
+        and bool(outcome)
+        and all(p == scenario.expect for p in outcome.values()),
+        "outcome": outcome,
+        "rollout": {"phase": state["phase"], "reason": state["reason"]},
+        "timed_out": res.timed_out,
+        "requests": {
+            "total": len(results),
+            "by_status": dict(Counter(str(r.status) for r in results)),
+        },
+        "decisions": [
+            {
+                "time": e.time,
+                "region": e.region,
+                "kind": e.kind,
+                "step": e.step,
+                "phase_from": e.phase_from,
+                "phase_to": e.phase_to,
+                "verdict": e.verdict["outcome"] if e.verdict else None,
+                "reason": e.reason,
+            }
+            for e in audit
+        ],
+        "audit_log": str(mesh.state_dir / "rollouts.sqlite3"),
+    }
+    if scenario.fault is not None:
+        fault = scenario.fault
+        summary["fault"] = {
+            **asdict(fault),
+            "region": mesh.opts.regions[fault.region_index % len(mesh.opts.regions)],
+            "started_at": res.fault_at,
+            "to_zero_canary_s": (
+                res.zero_canary_at - res.fault_at if res.fault_at and res.zero_canary_at else None
+            ),
+        }
+    return summary
+
+
+def print_report(summary: dict[str, Any], mesh: LocalMesh, plot_path: Path) -> None:
+    print()
+    print(f"lab: rollout {summary['rollout']['phase']}: {summary['rollout']['reason']}")
+    decisions = summary["decisions"]
+    for region in mesh.opts.regions:
+        mine = [d for d in decisions if d["region"] == region]
+        verdicts = Counter(d["verdict"] for d in mine if d["kind"] == "check")
+        steps = [
+            d["step"] for d in mine if d["kind"] == "transition" and d["phase_to"] == "progressing"
+        ]
+        print(
+            f"  {region:<10} {summary['outcome'].get(region, '?'):<12} steps reached "
+            f"{steps}  checks: " + ", ".join(f"{k} {v}" for k, v in sorted(verdicts.items()))
+        )
+    if "fault" in summary:
+        f = summary["fault"]
+        took = f["to_zero_canary_s"]
+        print(
+            f"  fault in {f['region']} -> every Envoy at 0% canary: "
+            + (f"{took:.2f}s" if took is not None else "not reached")
+        )
+    req = summary["requests"]
+    print(f"  requests through the Envoys: {req['total']} by status {req['by_status']}")
+    print(f"  audit log: {summary['audit_log']} ({len(decisions)} decisions)")
+    print(f"  plot: {plot_path}")
+    print(f"  summary: {plot_path.parent / 'summary.json'}")
+    print(
+        f"lab: {'as expected' if summary['ok'] else 'NOT as expected'}: "
+        f"expected {summary['expected']}"
+    )
+
+
+def print_keep(mesh: LocalMesh) -> None:
+    print("\nlab: still running (--keep):")
+    print(f"  Prometheus      http://127.0.0.1:{mesh.prometheus_port}")
+    print(
+        f"  xds-server      xDS 127.0.0.1:{mesh.xds_port}, metrics "
+        f"http://127.0.0.1:{mesh.metrics_port}/metrics, log {mesh.workdir / 'xds-server.log'}"
+    )
+    for e in mesh.envoys:
+        print(f"  {e.name:<15} http://{e.opts.listen}/predict  admin {e.admin}")
+    for (region, pool), port in mesh.model_ports.items():
+        print(f"  model {region}/{pool}: http://127.0.0.1:{port}  (POST /fault to change faults)")
+    print(f"  stop it all: xds-server lab down --out {mesh.workdir}")
+
+
+# ---- lab.json: what `lab down` stops ----
+
+
+def write_lab_file(mesh: LocalMesh) -> None:
+    doc = {
+        "processes": [{"name": p.name, "pid": p.pid} for p in mesh.processes()],
+        "started_at": time.time(),
+    }
+    (mesh.workdir / "lab.json").write_text(json.dumps(doc, indent=2))
+    LAB_ROOT.mkdir(exist_ok=True)
+    CURRENT.write_text(str(mesh.workdir))
+
+
+def _clear_current(out: Path) -> None:
+    if CURRENT.exists() and CURRENT.read_text().strip() == str(out):
+        CURRENT.unlink()
+
+
+def lab_down(out: Path | None) -> int:
+    if out is None:
+        if not CURRENT.exists():
+            print("lab down: no running lab recorded in .lab/current; pass --out DIR")
+            return 1
+        out = Path(CURRENT.read_text().strip())
+    lab_file = out / "lab.json"
+    if not lab_file.exists():
+        print(f"lab down: {lab_file} not found")
+        return 1
+    procs = json.loads(lab_file.read_text())["processes"]
+    for p in procs:
+        _stop_group(p["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p["pid"]) for p in procs):
+        time.sleep(0.1)  # waiting for processes to exit, bounded
+    for p in procs:
+        if _alive(p["pid"]):
+            _stop_group(p["pid"], signal.SIGKILL)
+    print(f"lab down: stopped {len(procs)} processes of {out}")
+    _clear_current(out)
+    return 0
+
+
+def _stop_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie of ours counts as gone
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def plot(audit: list[AuditEntry], path: Path, regions: tuple[str, ...]) -> None:
+    """Canary weight, canary error rate and p99 per region over time, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t0 = audit[0].time if audit else time.time()
+    fig, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
+    for region in regions:
+        weight_t, weight = [], []
+        for e in audit:
+            if e.region == region and e.weights_after:
+                weight_t.append(e.time - t0)
+                weight.append(e.weights_after["canary"])
+        checks = [e for e in audit if e.region == region and e.kind == "check" and e.measurements]
+        ct = [e.time - t0 for e in checks]
+        err = [
+            (e.measurements["canary"]["error_rate"] or 0) * 100  # type: ignore[index]
+            for e in checks
+        ]
+        p99 = [e.measurements["canary"]["p99_ms"] for e in checks]  # type: ignore[index]
+        axes[0].step(weight_t, weight, where="post", label=region)
+        axes[1].plot(ct, err, marker=".", label=region)
+        axes[2].plot(ct, p99, marker=".", label=region)
+    axes[0].set_ylabel("canary weight %")
+    axes[1].set_ylabel("canary 5xx %")
+    axes[2].set_ylabel("canary p99 ms")
+    axes[2].set_xlabel("seconds since the rollout started")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize="small")
+    fig.suptitle("canary rollout")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
