@@ -38,8 +38,13 @@ def png_size(path: Path) -> tuple[int, int]:
 
 def test_healthy_scenario_promotes_and_leaves_nothing_behind(tmp_path: Path) -> None:
     out = tmp_path / "healthy"
-    res = subprocess.run([*LAB, "run", "--scenario", "healthy", "--out", str(out)],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    res = subprocess.run(
+        [*LAB, "run", "--scenario", "healthy", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ok"] and summary["expected"] == "promoted"
@@ -52,8 +57,9 @@ def test_healthy_scenario_promotes_and_leaves_nothing_behind(tmp_path: Path) -> 
     audit = store.audit()
     store.close()
     assert len(audit) == len(summary["decisions"]) > 0
-    decision_lines = [ln for ln in res.stdout.splitlines()
-                      if " check " in ln or " transition " in ln]
+    decision_lines = [
+        ln for ln in res.stdout.splitlines() if " check " in ln or " transition " in ln
+    ]
     assert len(decision_lines) == len(audit)
     assert "lab: as expected: expected promoted" in res.stdout
     assert len(pids(out)) == 3 * 2 + 3 * 3 + 2  # Envoys, model servers, server, Prometheus
@@ -62,9 +68,23 @@ def test_healthy_scenario_promotes_and_leaves_nothing_behind(tmp_path: Path) -> 
 
 def test_bad_canary_rolls_back_everywhere_and_keep_then_down(tmp_path: Path) -> None:
     out = tmp_path / "bad"
-    res = subprocess.run([*LAB, "run", "--scenario", "bad-canary", "--envoys-per-region", "1",
-                          "--keep", "--out", str(out)],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    res = subprocess.run(
+        [
+            *LAB,
+            "run",
+            "--scenario",
+            "bad-canary",
+            "--envoys-per-region",
+            "1",
+            "--keep",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     try:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         summary = json.loads((out / "summary.json").read_text())
@@ -74,17 +94,22 @@ def test_bad_canary_rolls_back_everywhere_and_keep_then_down(tmp_path: Path) -> 
         assert "xds-server lab down --out" in res.stdout
         assert all(alive(p) for p in pids(out))
     finally:
-        down = subprocess.run([*LAB, "down"], capture_output=True, text=True, timeout=60,
-                              cwd=tmp_path)
+        down = subprocess.run(
+            [*LAB, "down"], capture_output=True, text=True, timeout=60, cwd=tmp_path
+        )
     assert down.returncode == 0, down.stdout + down.stderr
     wait_for(lambda: not [p for p in pids(out) if alive(p)], 15, "every lab process to stop")
 
 
 def test_interrupt_stops_everything_within_bounded_time(tmp_path: Path) -> None:
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen([*LAB, "run", "--envoys-per-region", "1", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=tmp_path)
+    proc = subprocess.Popen(
+        [*LAB, "run", "--envoys-per-region", "1", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )
     try:
         wait_for(lambda: (out / "lab.json").exists(), 60, "the lab to come up")
         started = pids(out)
