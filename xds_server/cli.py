@@ -9,9 +9,9 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from xds_server.config import SpecError, load_spec
 from xds_server.render.bootstrap import BootstrapOptions, render_bootstrap
@@ -70,6 +70,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from xds_server.admin.service import AdminService, run_admin_server
     from xds_server.rollout.controller import RolloutController
     from xds_server.rollout.metrics import PrometheusSource
     from xds_server.rollout.store import Store
@@ -99,9 +100,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if metrics_port:
         telemetry.serve(metrics_host, metrics_port)
         log.info("metrics on http://%s:%d/metrics", metrics_host, metrics_port)
-    companions = [controller.run] if controller is not None else []
+    admin = AdminService(server, controller, _read_secret(args.admin_token_file))
+    tls = None
+    if args.admin_tls_cert or args.admin_tls_key:
+        if not (args.admin_tls_cert and args.admin_tls_key):
+            raise UsageError("--admin-tls-cert and --admin-tls-key go together")
+        tls = (Path(args.admin_tls_cert).read_bytes(), Path(args.admin_tls_key).read_bytes())
+    split_host_port(args.admin_address, "--admin-address")
+    companions: list[Callable[[], Coroutine[Any, Any, None]]] = [
+        lambda: run_admin_server(admin, args.admin_address, tls)
+    ]
+    if controller is not None:
+        companions.append(controller.run)
     asyncio.run(serve_forever(server, args.xds_address, companions))
     return 0
+
+
+def _read_secret(path: str | None) -> str | None:
+    if not path:
+        return None
+    token = Path(path).read_text().strip()
+    if not token:
+        raise UsageError(f"{path}: the token file is empty")
+    return token
 
 
 def _try_lock(path: Path) -> IO[str] | None:
@@ -178,6 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="this server's own /metrics (port 0: off)",
     )
+    s.add_argument(
+        "--admin-address",
+        default="127.0.0.1:18001",
+        metavar="HOST:PORT",
+        help="the admin API (xdsctl) and CSDS",
+    )
+    s.add_argument(
+        "--admin-token-file",
+        metavar="FILE",
+        help="require this bearer token for changes through the admin API",
+    )
+    s.add_argument("--admin-tls-cert", metavar="PEM", help="serve the admin API over TLS")
+    s.add_argument("--admin-tls-key", metavar="PEM")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument("--log-format", default="text", choices=["text", "json"])
     s.set_defaults(func=cmd_serve)

@@ -1,28 +1,371 @@
-"""`xdsctl`: the debug CLI. For now it fetches what a region's proxies would receive."""
+"""`xdsctl`: the debug CLI of xds-server (its admin gRPC API, and its xDS port).
+
+Exit code 0 on success; on failure one clear line on stderr and a non-zero code.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
+import socket
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
+import yaml
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from google.protobuf import json_format
+from google.protobuf import json_format, message
 
+from xds_server.admin.v1 import admin_pb2, admin_pb2_grpc
+from xds_server.rollout.plan import parse_duration
 from xds_server.xds.resources import ROUTE_CONFIG_NAME
 from xds_server.xds.types import BY_SHORT_NAME, CLUSTER, ENDPOINT, ROUTE
+
+
+class CtlError(Exception):
+    """A failure to report as one line."""
+
+
+# ---- output ----
+
+
+def to_dict(msg: message.Message) -> dict[str, Any]:
+    return dict(
+        json_format.MessageToDict(
+            msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+    )
+
+
+def emit(args: argparse.Namespace, data: Any, table: Callable[[], str]) -> None:
+    if args.output == "json":
+        print(json.dumps(data, indent=2))
+    elif args.output == "yaml":
+        print(yaml.safe_dump(data, sort_keys=False), end="")
+    else:
+        print(table())
+
+
+def render_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def ago(ts: float) -> str:
+    if not ts:
+        return "-"
+    s = max(0, time.time() - ts)
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.0f}h"
+
+
+def stamp(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+# ---- the admin client ----
+
+
+class Admin:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.server = args.server
+        if args.tls_ca:
+            creds = grpc.ssl_channel_credentials(Path(args.tls_ca).read_bytes())
+            self.channel = grpc.secure_channel(args.server, creds)
+        else:
+            self.channel = grpc.insecure_channel(args.server)
+        self.stub = admin_pb2_grpc.AdminStub(self.channel)
+        self.metadata = [("x-xds-actor", args.actor)]
+        if args.token_file:
+            token = Path(args.token_file).read_text().strip()
+            self.metadata.append(("authorization", f"Bearer {token}"))
+        self.timeout = args.timeout
+
+    def call(self, method: str, request: message.Message) -> Any:
+        return getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.timeout)
+
+    def stream(self, method: str, request: message.Message) -> Any:
+        return getattr(self.stub, method)(request, metadata=self.metadata)
+
+
+# ---- commands ----
+
+
+def cmd_status(args: argparse.Namespace, admin: Admin) -> None:
+    nodes = admin.call("ListNodes", admin_pb2.ListNodesRequest()).nodes
+    rollouts = admin.call("ListRollouts", admin_pb2.ListRolloutsRequest()).rollouts
+    by_region: dict[str, dict[str, int]] = {}
+    for n in nodes:
+        counts = by_region.setdefault(n.region, {})
+        counts[n.sync_state] = counts.get(n.sync_state, 0) + 1
+    data = {
+        "server": admin.server,
+        "nodes": by_region,
+        "rollouts": [
+            {
+                "service": r.service,
+                "canary_version": r.canary_version,
+                "phase": r.phase,
+                "reason": r.reason,
+            }
+            for r in rollouts
+        ],
+    }
+
+    def table() -> str:
+        out = [f"admin API {admin.server}: reachable; {len(nodes)} nodes connected"]
+        out.append(
+            render_table(
+                ["REGION", "NODES"],
+                [
+                    (region, ", ".join(f"{v} {k}" for k, v in sorted(c.items())))
+                    for region, c in sorted(by_region.items())
+                ],
+            )
+            if by_region
+            else "no nodes"
+        )
+        out.append(
+            render_table(
+                ["SERVICE", "CANARY", "PHASE", "REASON"],
+                [(r.service, r.canary_version, r.phase, r.reason[:80]) for r in rollouts],
+            )
+            if rollouts
+            else "no rollouts"
+        )
+        return "\n\n".join(out)
+
+    emit(args, data, table)
+
+
+def cmd_nodes(args: argparse.Namespace, admin: Admin) -> None:
+    nodes = admin.call("ListNodes", admin_pb2.ListNodesRequest(region=args.region or "")).nodes
+
+    def table() -> str:
+        rows = []
+        for n in sorted(nodes, key=lambda n: (n.region, n.id)):
+            types = {t.type: t for t in n.types}
+            nack = next((t for t in n.types if t.sync_state == "NACKED"), None)
+            rows.append(
+                (
+                    n.id,
+                    n.region,
+                    n.sync_state,
+                    *(
+                        f"{types[t].sync_state} {types[t].acked_version or '-'}"
+                        for t in ("cluster", "endpoint", "listener", "route")
+                    ),
+                    ago(n.connected_since),
+                    f"{nack.type}: {nack.nack_error[:60]}" if nack else "",
+                )
+            )
+        return render_table(
+            [
+                "NODE",
+                "REGION",
+                "SYNC",
+                "CLUSTERS",
+                "ENDPOINTS",
+                "LISTENERS",
+                "ROUTES",
+                "AGE",
+                "LAST NACK",
+            ],
+            rows,
+        )
+
+    emit(args, [to_dict(n) for n in nodes], table)
+
+
+def cmd_config(args: argparse.Namespace, admin: Admin) -> None:
+    resp = admin.call(
+        "GetNodeConfig", admin_pb2.GetNodeConfigRequest(node_id=args.node, type=args.type or "")
+    )
+    data = json.loads(resp.json)
+    if args.output == "yaml":
+        print(yaml.safe_dump(data, sort_keys=False), end="")
+    else:
+        print(json.dumps(data, indent=2))
+
+
+def _rollout_rows(r: Any) -> list[tuple[Any, ...]]:
+    rows = []
+    for reg in r.regions:
+        m = json.loads(reg.latest_measurements_json) if reg.latest_measurements_json else {}
+        canary = (m or {}).get("canary") or {}
+        err = canary.get("error_rate")
+        p99 = canary.get("p99_ms")
+        rows.append(
+            (
+                reg.region,
+                reg.phase,
+                reg.step,
+                f"{reg.production_percent:g}/{reg.baseline_percent:g}/"
+                f"{reg.canary_percent:g}" + (" (manual)" if reg.manual else ""),
+                f"{err * 100:.1f}%" if err is not None else "-",
+                f"{p99:.0f}ms" if p99 is not None else "-",
+                reg.reason[:70],
+            )
+        )
+    return rows
+
+
+ROLLOUT_HEADERS = [
+    "REGION",
+    "PHASE",
+    "STEP",
+    "WEIGHTS P/B/C %",
+    "CANARY ERR",
+    "CANARY P99",
+    "REASON",
+]
+
+
+def cmd_rollout(args: argparse.Namespace, admin: Admin) -> None:
+    action = args.action
+    if action == "list":
+        rollouts = admin.call("ListRollouts", admin_pb2.ListRolloutsRequest()).rollouts
+        emit(
+            args,
+            [to_dict(r) for r in rollouts],
+            lambda: render_table(
+                ["SERVICE", "CANARY", "PHASE", "STEPS BY REGION"],
+                [
+                    (
+                        r.service,
+                        r.canary_version,
+                        r.phase,
+                        " ".join(f"{g.region}={g.step}" for g in r.regions),
+                    )
+                    for r in rollouts
+                ],
+            ),
+        )
+        return
+    if action == "watch":
+        cmd_watch(args, admin)
+        return
+    if not args.service:
+        raise CtlError(f"rollout {action}: name the service")
+    if action == "get":
+        r = admin.call("GetRollout", admin_pb2.GetRolloutRequest(service=args.service))
+    else:
+        if not args.reason:
+            raise CtlError(f"rollout {action}: --reason is required (it goes in the audit log)")
+        if action == "promote":
+            r = admin.call(
+                "PromoteRollout",
+                admin_pb2.PromoteRolloutRequest(
+                    service=args.service, reason=args.reason, all=args.all
+                ),
+            )
+        elif action == "set-weights":
+            if args.canary is None:
+                raise CtlError("rollout set-weights: --canary is required")
+            r = admin.call(
+                "SetWeights",
+                admin_pb2.SetWeightsRequest(
+                    service=args.service,
+                    regions=args.region or [],
+                    canary_percent=args.canary,
+                    baseline_percent=args.baseline,
+                    reason=args.reason,
+                ),
+            )
+        else:
+            method = {"pause": "PauseRollout", "resume": "ResumeRollout", "abort": "AbortRollout"}[
+                action
+            ]
+            r = admin.call(
+                method, admin_pb2.RolloutActionRequest(service=args.service, reason=args.reason)
+            )
+    emit(
+        args,
+        to_dict(r),
+        lambda: (
+            f"{r.service} {r.canary_version}: {r.phase} ({r.reason})\n"
+            + render_table(ROLLOUT_HEADERS, _rollout_rows(r))
+        ),
+    )
+
+
+def cmd_watch(args: argparse.Namespace, admin: Admin) -> None:
+    events = admin.stream(
+        "WatchRollouts", admin_pb2.WatchRolloutsRequest(service=args.service or "")
+    )
+    try:
+        for ev in events:
+            if args.output == "table":
+                for line in ev.transitions:
+                    print(f"{stamp(ev.time)} {ev.rollout.service} [{ev.actor}] {line}", flush=True)
+            else:
+                print(json.dumps(to_dict(ev)), flush=True)
+    except KeyboardInterrupt:
+        events.cancel()
+
+
+def cmd_audit(args: argparse.Namespace, admin: Admin) -> None:
+    since = parse_since(args.since) if args.since else 0.0
+    entries = admin.call(
+        "GetAudit",
+        admin_pb2.GetAuditRequest(
+            service=args.service or "", region=args.region or "", since=since, limit=args.limit or 0
+        ),
+    ).entries
+    emit(
+        args,
+        [to_dict(e) for e in entries],
+        lambda: render_table(
+            ["TIME", "SERVICE", "REGION", "KIND", "STEP", "PHASE", "ACTOR", "REASON"],
+            [
+                (
+                    stamp(e.time),
+                    e.service,
+                    e.region or "all",
+                    e.kind,
+                    e.step,
+                    f"{e.phase_from}->{e.phase_to}",
+                    e.actor,
+                    e.reason[:90],
+                )
+                for e in entries
+            ],
+        ),
+    )
+
+
+def parse_since(text: str) -> float:
+    """`10m` (that long ago), an epoch number, or an ISO time like 2026-11-27T14:00:00."""
+    seconds = parse_duration(text)
+    if seconds is not None and not text.replace(".", "").isdigit():
+        return time.time() - seconds
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    for fmt in ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d"):
+        try:
+            return time.mktime(time.strptime(text, fmt))
+        except ValueError:
+            continue
+    raise CtlError(f"--since {text!r}: expected a duration (10m), an epoch time or an ISO time")
+
+
+# ---- xds fetch: a pretend node on the xDS port ----
 
 
 async def fetch(
     server: str, region: str, type_url: str, names: list[str], timeout: float
 ) -> discovery_pb2.DiscoveryResponse:
-    """Ask the xDS server for one type as a pretend node of `region`."""
     async with grpc.aio.insecure_channel(server) as channel:
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
         node = base_pb2.Node(
@@ -33,65 +376,127 @@ async def fetch(
         async for resp in call:
             call.cancel()
             return resp
-    raise RuntimeError("the server closed the stream without a response")
+    raise CtlError("the xDS server closed the stream without a response")
 
 
-async def _default_names(server: str, region: str, type_url: str, timeout: float) -> list[str]:
-    """Endpoints and routes are asked for by name: take them from clusters / listeners."""
-    if type_url == ENDPOINT:
-        resp = await fetch(server, region, CLUSTER, [], timeout)
-        return [_name(a) for a in resp.resources]
-    if type_url == ROUTE:
-        return [ROUTE_CONFIG_NAME]
-    return []
+def cmd_xds_fetch(args: argparse.Namespace, admin: Admin | None) -> None:
+    type_url = BY_SHORT_NAME[args.type]
+
+    async def run() -> discovery_pb2.DiscoveryResponse:
+        names = args.name or []
+        if not names and type_url == ENDPOINT:  # endpoints are asked for by cluster name
+            clusters = await fetch(args.xds_server, args.region, CLUSTER, [], args.timeout)
+            names = [_cluster_name(a) for a in clusters.resources]
+        elif not names and type_url == ROUTE:
+            names = [ROUTE_CONFIG_NAME]
+        return await fetch(args.xds_server, args.region, type_url, names, args.timeout)
+
+    data = to_dict(asyncio.run(run()))
+    data.pop("nonce", None)
+    if args.output == "yaml":
+        print(yaml.safe_dump(data, sort_keys=False), end="")
+    else:
+        print(json.dumps(data, indent=2))
 
 
-def _name(packed: Any) -> str:
+def _cluster_name(packed: Any) -> str:
     cluster = cluster_pb2.Cluster()
     packed.Unpack(cluster)
     return str(cluster.name)
 
 
-def _to_json(resp: discovery_pb2.DiscoveryResponse) -> dict[str, object]:
-    # xds_server.xds.resources (imported above) registers every type the Any fields hold.
-    return dict(json_format.MessageToDict(resp, preserving_proto_field_name=True))
+# ---- the command line ----
 
 
-def cmd_xds_fetch(args: argparse.Namespace) -> int:
-    type_url = BY_SHORT_NAME[args.type]
-
-    async def run() -> discovery_pb2.DiscoveryResponse:
-        names = args.name or await _default_names(
-            args.xds_server, args.region, type_url, args.timeout
-        )
-        return await fetch(args.xds_server, args.region, type_url, names, args.timeout)
-
-    resp = asyncio.run(run())
-    print(json.dumps(_to_json(resp), indent=2))
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xdsctl", description=__doc__)
+    p.add_argument(
+        "--server",
+        default="127.0.0.1:18001",
+        metavar="HOST:PORT",
+        help="the admin API (default 127.0.0.1:18001)",
+    )
+    p.add_argument("--token-file", metavar="FILE", help="bearer token for changes")
+    p.add_argument("--tls-ca", metavar="PEM", help="talk TLS, trusting this CA")
+    p.add_argument("--output", "-o", default="table", choices=["table", "json", "yaml"])
+    p.add_argument(
+        "--actor",
+        default=f"{getpass.getuser()}@{socket.gethostname()}",
+        help="who you are, for the audit log",
+    )
+    p.add_argument("--timeout", type=float, default=10.0)
     sub = p.add_subparsers(dest="command", required=True)
-    xds = sub.add_parser("xds", help="talk to the xDS port as a pretend node")
-    xsub = xds.add_subparsers(dest="xds_command", required=True)
+    sub.add_parser("status", help="is the server up; nodes per region; rollouts").set_defaults(
+        func=cmd_status
+    )
+    n = sub.add_parser("nodes", help="connected nodes and what each applied")
+    n.add_argument("--region")
+    n.set_defaults(func=cmd_nodes)
+    c = sub.add_parser("config", help="the config last sent to one node (JSON)")
+    c.add_argument("node")
+    c.add_argument("--type", choices=sorted(BY_SHORT_NAME))
+    c.set_defaults(func=cmd_config)
+    r = sub.add_parser("rollout", help="list, inspect and steer rollouts")
+    r.add_argument(
+        "action",
+        choices=["list", "get", "pause", "resume", "promote", "abort", "set-weights", "watch"],
+    )
+    r.add_argument("service", nargs="?")
+    r.add_argument("--reason", help="why (required for changes; goes in the audit log)")
+    r.add_argument("--all", action="store_true", help="promote: straight to 100%%")
+    r.add_argument("--canary", type=float, help="set-weights: canary percent")
+    r.add_argument("--baseline", type=float, default=0.0, help="set-weights: baseline percent")
+    r.add_argument("--region", action="append", help="set-weights: only these regions")
+    r.set_defaults(func=cmd_rollout)
+    a = sub.add_parser("audit", help="the audit log")
+    a.add_argument("--service")
+    a.add_argument("--region")
+    a.add_argument("--since", help="10m, an epoch time, or 2026-11-27T14:00:00")
+    a.add_argument("--limit", type=int)
+    a.set_defaults(func=cmd_audit)
+    x = sub.add_parser("xds", help="talk to the xDS port as a pretend node")
+    xsub = x.add_subparsers(dest="xds_command", required=True)
     f = xsub.add_parser("fetch", help="print what a proxy of a region would receive")
     f.add_argument("--region", required=True)
     f.add_argument("--type", default="route", choices=sorted(BY_SHORT_NAME))
     f.add_argument("--name", action="append", help="resource name (repeatable)")
     f.add_argument("--xds-server", default="127.0.0.1:18000", metavar="HOST:PORT")
-    f.add_argument("--timeout", type=float, default=5.0)
-    f.set_defaults(func=cmd_xds_fetch)
-    args = p.parse_args(argv)
+    f.set_defaults(func=cmd_xds_fetch, no_admin=True)
+    return p
+
+
+def describe_rpc_error(exc: grpc.RpcError, target: str, what: str) -> str:
+    code = exc.code()
+    details = exc.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        reason = (
+            "connection refused"
+            if "refused" in details.lower()
+            else details.split(";")[-1].strip() or "unavailable"
+        )
+        return f"cannot reach {what} at {target}: {reason}"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"{what} at {target} did not answer in time"
+    return f"{code.name}: {details}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    no_admin = getattr(args, "no_admin", False)
+    target, what = (args.xds_server, "xDS server") if no_admin else (args.server, "admin API")
     try:
-        return int(args.func(args))
-    except grpc.aio.AioRpcError as exc:
-        detail = exc.details() or exc.code().name
-        print(f"xdsctl: {args.xds_server}: {exc.code().name}: {detail}", file=sys.stderr)
-        return 1
+        admin = None if no_admin else Admin(args)
+        args.func(args, admin)
+        return 0
+    except grpc.RpcError as exc:
+        print(f"xdsctl: {describe_rpc_error(exc, target, what)}", file=sys.stderr)
+    except CtlError as exc:
+        print(f"xdsctl: {exc}", file=sys.stderr)
+    except OSError as exc:
+        print(f"xdsctl: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         return 130
+    return 1
 
 
 if __name__ == "__main__":

@@ -16,9 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
 
 from xds_server.config import MeshSpec, Service
 from xds_server.rollout import decide as sm
@@ -28,7 +27,7 @@ from xds_server.rollout.metrics import PrometheusSource
 from xds_server.rollout.plan import RolloutPlan
 from xds_server.rollout.store import Store, transition_entry
 from xds_server.server import XdsServer
-from xds_server.traffic import TrafficState
+from xds_server.traffic import TrafficState, WeightError
 from xds_server.xds.resources import cluster_name
 from xds_server.xds.types import ROUTE
 
@@ -68,8 +67,10 @@ class RolloutController:
     def spec(self) -> MeshSpec:
         return self.server.spec
 
-    def subscribe(self, listener: Callable[[RolloutEvent], None]) -> None:
+    def subscribe(self, listener: Callable[[RolloutEvent], None]) -> Callable[[], None]:
+        """Call `listener` after every committed decision; returns unsubscribe."""
         self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
 
     # ---- start-up ----
 
@@ -318,45 +319,52 @@ class RolloutController:
         for listener in list(self._listeners):
             listener(event)
 
-    # ---- operator actions ----
+    # ---- operator actions (the admin API) ----
+    # Each raises KeyError for an unknown service or region, ValueError when the rollout's
+    # phase does not allow it, WeightError for weights that cannot be applied.
 
-    def act(self, service: str, action: str, reason: str, actor: str) -> RolloutState:
-        """pause | resume | abort a rollout; raises KeyError / ValueError for bad requests."""
+    def pause(self, service: str, reason: str, actor: str) -> RolloutState:
+        return self._operate(service, actor, lambda st, now: sm.pause(st, now, reason))
+
+    def resume(self, service: str, reason: str, actor: str) -> RolloutState:
+        return self._operate(service, actor, lambda st, now: sm.resume(st, now, reason))
+
+    def abort(self, service: str, reason: str, actor: str) -> RolloutState:
+        return self._operate(service, actor, lambda st, now: sm.abort(st, now, reason))
+
+    def promote(
+        self, service: str, reason: str, actor: str, all_the_way: bool = False
+    ) -> RolloutState:
+        plan = self.spec.service(service).rollout
+        return self._operate(
+            service, actor, lambda st, now: sm.promote(plan, st, now, reason, all_the_way)
+        )
+
+    def set_weights(
+        self,
+        service: str,
+        regions: tuple[str, ...],
+        canary: float,
+        baseline: float,
+        reason: str,
+        actor: str,
+    ) -> RolloutState:
+        svc = self.spec.service(service)
+        if baseline and "baseline" not in svc.pools:
+            raise WeightError(f"service {service!r} has no baseline pool")
+        return self._operate(
+            service,
+            actor,
+            lambda st, now: sm.set_weights(st, regions, canary, baseline, now, reason),
+        )
+
+    def _operate(
+        self, service: str, actor: str, act: Callable[[RolloutState, float], Decision]
+    ) -> RolloutState:
         state = self.rollouts.get(service)
         if state is None:
-            raise KeyError(f"no rollout for service {service!r}")
-        fn: Mapping[str, Callable[[RolloutState, float, str], Decision]] = {
-            "pause": sm.pause,
-            "resume": sm.resume,
-            "abort": sm.abort,
-        }
-        if action not in fn:
-            raise ValueError(f"unknown action {action!r}")
-        decision = fn[action](state, self.clock(), f"{reason} (by {actor})")
+            self.spec.service(service)  # KeyError: unknown service
+            raise ValueError(f"service {service!r} has no rollout")
+        decision = act(state, self.clock())
         self.commit(self.spec.service(service), decision, actor=actor)
         return decision.state
-
-    def status(self) -> list[dict[str, Any]]:
-        out = []
-        for name, state in self.rollouts.items():
-            svc = self.spec.service(name)
-            out.append(
-                {
-                    "service": name,
-                    "canary_version": state.canary_version,
-                    "phase": state.phase,
-                    "reason": state.reason,
-                    "regions": {
-                        r: {
-                            "phase": rs.phase,
-                            "step": rs.step,
-                            "reason": rs.reason,
-                            "weights": sm.split_of(
-                                svc.rollout, rs, "baseline" in svc.pools
-                            ).percent(),
-                        }
-                        for r, rs in state.regions.items()
-                    },
-                }
-            )
-        return out

@@ -42,6 +42,9 @@ class RegionState:
     hold_since: float | None = None
     """When the current run of checks without evidence began."""
     reason: str = ""
+    manual_canary: float | None = None
+    """Canary percent set by hand (the rollout is paused meanwhile); None: by the plan."""
+    manual_baseline: float | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,10 @@ def start(
 
 def split_of(plan: RolloutPlan, region: RegionState, has_baseline: bool) -> Split:
     """The weights a region gets in a given state: derived, never stored."""
+    if region.manual_canary is not None and region.phase in LIVE:
+        return Split.from_percent(
+            {"canary": region.manual_canary, "baseline": region.manual_baseline or 0.0}
+        )
     if region.phase in LIVE:
         return split_for(plan.steps[region.step], has_baseline)
     if region.phase == PROMOTED:
@@ -353,3 +360,84 @@ def abort(state: RolloutState, now: float, reason: str) -> Decision:
     if state.phase in FINISHED:
         raise ValueError(f"rollout already {state.phase}")
     return _rollback(state, now, f"aborted: {reason}", {})
+
+
+def promote(
+    plan: RolloutPlan, state: RolloutState, now: float, reason: str, all_the_way: bool = False
+) -> Decision:
+    """Move the current wave to its next step now (or every region to 100%)."""
+    if state.phase not in LIVE:
+        raise ValueError(f"rollout is {state.phase}, not in progress")
+    regions = dict(state.regions)
+    if all_the_way:
+        transitions = [
+            Transition(
+                r, rs.phase, PROMOTED, rs.step, len(plan.steps) - 1, f"promoted by hand: {reason}"
+            )
+            for r, rs in regions.items()
+            if rs.phase != PROMOTED
+        ]
+        regions = {
+            r: RegionState(PROMOTED, len(plan.steps) - 1, reason=f"promoted: {reason}")
+            for r in regions
+        }
+        transitions.append(
+            Transition(None, state.phase, PROMOTED, -1, -1, f"promoted by hand: {reason}")
+        )
+        return Decision(
+            replace(
+                state,
+                phase=PROMOTED,
+                regions=regions,
+                updated_at=now,
+                reason=f"promoted by hand: {reason}",
+            ),
+            tuple(transitions),
+        )
+    wave = plan.wave_list(tuple(state.regions))[state.wave]
+    for r in wave:
+        if regions[r].phase in LIVE:
+            regions[r] = replace(
+                regions[r], step_passed=True, manual_canary=None, manual_baseline=None
+            )
+    forced = replace(state, phase=PROGRESSING, regions=regions, updated_at=now)
+    new, transitions = _advance(plan, forced, now)
+    transitions = [
+        replace(t, reason=f"{t.reason} (promoted by hand: {reason})") for t in transitions
+    ]
+    return Decision(new, tuple(transitions))
+
+
+def set_weights(
+    state: RolloutState,
+    regions: tuple[str, ...],
+    canary: float,
+    baseline: float,
+    now: float,
+    reason: str,
+) -> Decision:
+    """Pin weights by hand in some regions; the rollout pauses until resumed."""
+    if state.phase not in LIVE:
+        raise ValueError(f"rollout is {state.phase}, not in progress")
+    unknown = [r for r in regions if r not in state.regions]
+    if unknown:
+        raise KeyError(f"unknown region(s): {', '.join(unknown)}")
+    Split.from_percent({"canary": canary, "baseline": baseline})  # raises WeightError
+    new_regions = dict(state.regions)
+    transitions = []
+    for r in regions or tuple(state.regions):
+        rs = new_regions[r]
+        phase = PAUSED if rs.phase in LIVE else rs.phase
+        new_regions[r] = replace(rs, phase=phase, manual_canary=canary, manual_baseline=baseline)
+        transitions.append(
+            Transition(
+                r,
+                rs.phase,
+                phase,
+                rs.step,
+                rs.step,
+                f"weights set by hand to canary {canary:g}%, baseline {baseline:g}%: {reason}",
+            )
+        )
+    paused = _pause(replace(state, regions=new_regions), now, f"weights set by hand: {reason}")
+    return Decision(paused.state, (*transitions, *paused.transitions))

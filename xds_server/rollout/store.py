@@ -145,6 +145,15 @@ class Store:
 
     # ---- audit ----
 
+    def latest_checks(self, service: str, version: str) -> dict[str, AuditEntry]:
+        """The newest judgement of each region for one rollout."""
+        entries = self._select(
+            "id IN (SELECT MAX(id) FROM audit WHERE service = ? AND canary_version = ? "
+            "AND kind = 'check' GROUP BY region)",
+            [service, version],
+        )
+        return {e.region: e for e in entries if e.region}
+
     def audit(
         self,
         service: str | None = None,
@@ -153,19 +162,22 @@ class Store:
         kind: str | None = None,
         limit: int | None = None,
     ) -> list[AuditEntry]:
-        sql = "SELECT * FROM audit WHERE 1=1"
+        where: list[str] = ["1=1"]
         args: list[Any] = []
         for column, value in (("service", service), ("region", region), ("kind", kind)):
             if value is not None:
-                sql += f" AND {column} = ?"
+                where.append(f"{column} = ?")
                 args.append(value)
         if since is not None:
-            sql += " AND time >= ?"
+            where.append("time >= ?")
             args.append(since)
-        sql += " ORDER BY id"
+        return self._select(" AND ".join(where), args, limit)
+
+    def _select(self, where: str, args: list[Any], limit: int | None = None) -> list[AuditEntry]:
+        sql = f"SELECT * FROM audit WHERE {where} ORDER BY id"
         if limit is not None:
             sql += " LIMIT ?"
-            args.append(limit)
+            args = [*args, limit]
         cur = self.db.execute(sql, args)
         names = [d[0] for d in cur.description]
         out = []

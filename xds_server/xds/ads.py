@@ -170,7 +170,7 @@ class SotwStream:
             ts.in_flight, ts.answer_due = True, False
             ts.sent_version, ts.sent_names = version, ts.names
             ts.sent_resources = encoded.names
-            self.registry.record_sent(self.status, type_url, version)
+            self.registry.record_sent(self.status, type_url, version, encoded.body)
             out.append(with_nonce(encoded.body, ts.nonce))
         return out
 

@@ -26,6 +26,8 @@ class TypeStatus:
     nack_version: str = ""
     nack_error: str = ""
     nack_at: float | None = None
+    sent_response: bytes = field(default=b"", repr=False)
+    """The encoded DiscoveryResponse last sent (without nonce), shared with other streams."""
 
 
 @dataclass
@@ -39,6 +41,14 @@ class NodeStatus:
     types: dict[str, TypeStatus] = field(
         default_factory=lambda: {t: TypeStatus() for t in SEND_ORDER}
     )
+
+    def overall_sync(self, current: dict[str, str]) -> str:
+        """The worst sync state over the types this node was sent."""
+        states = [self.sync_state(t, v) for t, v in current.items() if self.types[t].sent_version]
+        for worst in ("NACKED", "STALE", "NOT SENT"):
+            if worst in states:
+                return worst
+        return "SYNCED" if states else "NOT SENT"
 
     def sync_state(self, type_url: str, current_version: str) -> str:
         """SYNCED, NACKED, STALE (sent, not yet applied) or NOT SENT, like istioctl."""
@@ -88,9 +98,11 @@ class NodeRegistry:
             )
             self._notify(status)
 
-    def record_sent(self, status: NodeStatus, type_url: str, version: str) -> None:
+    def record_sent(
+        self, status: NodeStatus, type_url: str, version: str, response: bytes = b""
+    ) -> None:
         ts = status.types[type_url]
-        ts.sent_version, ts.sent_at = version, time.time()
+        ts.sent_version, ts.sent_at, ts.sent_response = version, time.time(), response
 
     def record_ack(self, status: NodeStatus, type_url: str, version: str) -> None:
         ts = status.types[type_url]
@@ -109,6 +121,9 @@ class NodeRegistry:
             error,
         )
         self._notify(status)
+
+    def find(self, node_id: str) -> list[NodeStatus]:
+        return [n for n in self._nodes.values() if n.node_id == node_id]
 
     def nodes(self, region: str | None = None) -> list[NodeStatus]:
         return [n for n in self._nodes.values() if region is None or n.region == region]

@@ -1,0 +1,456 @@
+"""The admin gRPC API behind `xdsctl`, and Envoy's Client Status Discovery Service.
+
+Reads are open; mutations need `authorization: Bearer TOKEN` when a token is configured,
+and go through the rollout controller, so each lands in the audit log with who
+(`x-xds-actor`) and why (the request's reason). Mistakes come back as gRPC statuses a
+person can act on: NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION, UNAUTHENTICATED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NoReturn
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
+from google.protobuf import json_format
+
+from xds_server.admin.v1 import admin_pb2, admin_pb2_grpc
+from xds_server.rollout import decide as sm
+from xds_server.rollout.controller import RolloutController, RolloutEvent
+from xds_server.rollout.decide import RolloutState
+from xds_server.rollout.store import AuditEntry
+from xds_server.server import XdsServer
+from xds_server.traffic import WeightError
+from xds_server.xds.status import NodeStatus
+from xds_server.xds.types import BY_SHORT_NAME, SEND_ORDER, short
+
+Context = Any  # grpc.aio.ServicerContext; grpc ships no usable type stubs
+ACTOR_KEY = "x-xds-actor"
+
+
+class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
+    def __init__(
+        self, server: XdsServer, controller: RolloutController | None, token: str | None = None
+    ) -> None:
+        self.server = server
+        self.controller = controller
+        self.token = token
+
+    # ---- helpers ----
+
+    async def _authorize(self, context: Context) -> str:
+        """Check the bearer token of a mutation; return who is asking."""
+        meta = dict(context.invocation_metadata() or ())
+        if self.token is not None:
+            given = str(meta.get("authorization", ""))
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+                await context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "this admin API needs a bearer token for changes: pass --token-file to xdsctl",
+                )
+        return str(meta.get(ACTOR_KEY) or "unknown")
+
+    async def _controller(self, context: Context) -> RolloutController:
+        if self.controller is None:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "this server does not run the rollout controller (another "
+                "process holds the state directory's lock)",
+            )
+        assert self.controller is not None
+        return self.controller
+
+    async def _mutate(
+        self, context: Context, reason: str, act: Callable[[RolloutController, str], RolloutState]
+    ) -> Any:
+        actor = await self._authorize(context)
+        if not reason.strip():
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "a reason is required for every change (it goes in the audit log)",
+            )
+        controller = await self._controller(context)
+        try:
+            state = act(controller, actor)
+        except KeyError as exc:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, exc)
+        except WeightError as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, exc)
+        except ValueError as exc:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, exc)
+        return self._rollout(state)
+
+    def _rollout(self, state: RolloutState) -> admin_pb2.Rollout:
+        svc = self.server.spec.service(state.service)
+        latest = {}
+        if self.controller is not None:
+            latest = self.controller.store.latest_checks(state.service, state.canary_version)
+        out = admin_pb2.Rollout(
+            service=state.service,
+            canary_version=state.canary_version,
+            phase=state.phase,
+            reason=state.reason,
+            steps=list(svc.rollout.steps),
+        )
+        for region, rs in state.regions.items():
+            split = sm.split_of(svc.rollout, rs, "baseline" in svc.pools).percent()
+            check = latest.get(region)
+            out.regions.append(
+                admin_pb2.RegionRollout(
+                    region=region,
+                    phase=rs.phase,
+                    step=rs.step,
+                    reason=rs.reason,
+                    production_percent=split["production"],
+                    baseline_percent=split["baseline"],
+                    canary_percent=split["canary"],
+                    manual=rs.manual_canary is not None,
+                    latest_measurements_json=json.dumps(check.measurements) if check else "",
+                )
+            )
+        return out
+
+    def _state(self, service: str) -> RolloutState | None:
+        return self.controller.rollouts.get(service) if self.controller else None
+
+    # ---- nodes ----
+
+    async def ListNodes(self, request: Any, context: Context) -> Any:
+        if request.region and request.region not in self.server.spec.regions:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown region {request.region!r} (regions: "
+                f"{', '.join(self.server.spec.regions)})",
+            )
+        nodes = self.server.nodes.nodes(request.region or None)
+        return admin_pb2.ListNodesResponse(nodes=[self._node(n) for n in nodes])
+
+    def _node(self, n: NodeStatus) -> admin_pb2.Node:
+        snap = self.server.cache.get(n.region)
+        current = {t: snap.type_version(t) if snap else "" for t in SEND_ORDER}
+        types = []
+        for t in SEND_ORDER:
+            ts = n.types[t]
+            types.append(
+                admin_pb2.TypeStatus(
+                    type=short(t),
+                    current_version=current[t],
+                    sent_version=ts.sent_version,
+                    acked_version=ts.acked_version,
+                    nack_version=ts.nack_version,
+                    nack_error=ts.nack_error,
+                    sent_at=ts.sent_at or 0,
+                    acked_at=ts.acked_at or 0,
+                    nack_at=ts.nack_at or 0,
+                    sync_state=n.sync_state(t, current[t]),
+                )
+            )
+        return admin_pb2.Node(
+            id=n.node_id,
+            region=n.region,
+            connected_since=n.connected_since,
+            listen=n.listen,
+            user_agent=n.user_agent,
+            types=types,
+            sync_state=n.overall_sync(current),
+            stream_id=n.stream_id,
+        )
+
+    async def GetNodeConfig(self, request: Any, context: Context) -> Any:
+        nodes = self.server.nodes.find(request.node_id)
+        if not nodes:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no connected node {request.node_id!r} (xdsctl nodes lists them)",
+            )
+        if request.type and request.type not in BY_SHORT_NAME:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown type {request.type!r} (one of: {', '.join(BY_SHORT_NAME)})",
+            )
+        node = max(nodes, key=lambda n: n.connected_since)
+        types = [BY_SHORT_NAME[request.type]] if request.type else list(SEND_ORDER)
+        return admin_pb2.GetNodeConfigResponse(json=json.dumps(node_config(node, types), indent=2))
+
+    # ---- rollouts ----
+
+    async def ListRollouts(self, request: Any, context: Context) -> Any:
+        states = self.controller.rollouts.values() if self.controller else []
+        return admin_pb2.ListRolloutsResponse(rollouts=[self._rollout(s) for s in states])
+
+    async def GetRollout(self, request: Any, context: Context) -> Any:
+        await self._known_service(request.service, context)
+        state = self._state(request.service)
+        if state is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"service {request.service!r} has no rollout (it has no "
+                "canary pool, or its canary is its production version)",
+            )
+        assert state is not None
+        return self._rollout(state)
+
+    async def _known_service(self, service: str, context: Context) -> None:
+        try:
+            self.server.spec.service(service)
+        except KeyError:
+            names = ", ".join(s.name for s in self.server.spec.services)
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"unknown service {service!r} (services: {names})"
+            )
+
+    async def PauseRollout(self, request: Any, context: Context) -> Any:
+        await self._known_service(request.service, context)
+        return await self._mutate(
+            context, request.reason, lambda c, who: c.pause(request.service, request.reason, who)
+        )
+
+    async def ResumeRollout(self, request: Any, context: Context) -> Any:
+        await self._known_service(request.service, context)
+        return await self._mutate(
+            context, request.reason, lambda c, who: c.resume(request.service, request.reason, who)
+        )
+
+    async def AbortRollout(self, request: Any, context: Context) -> Any:
+        await self._known_service(request.service, context)
+        return await self._mutate(
+            context, request.reason, lambda c, who: c.abort(request.service, request.reason, who)
+        )
+
+    async def PromoteRollout(self, request: Any, context: Context) -> Any:
+        await self._known_service(request.service, context)
+        return await self._mutate(
+            context,
+            request.reason,
+            lambda c, who: c.promote(request.service, request.reason, who, request.all),
+        )
+
+    async def SetWeights(self, request: Any, context: Context) -> Any:
+        await self._known_service(request.service, context)
+        canary, baseline = request.canary_percent, request.baseline_percent
+        if not (0 <= canary <= 100 and 0 <= baseline <= 100 and canary + baseline <= 100):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"bad weights: canary {canary:g}% and baseline {baseline:g}% "
+                "must each be 0-100 and together at most 100",
+            )
+        return await self._mutate(
+            context,
+            request.reason,
+            lambda c, who: c.set_weights(
+                request.service, tuple(request.regions), canary, baseline, request.reason, who
+            ),
+        )
+
+    async def WatchRollouts(self, request: Any, context: Context) -> AsyncIterator[Any]:
+        controller = await self._controller(context)
+        queue: asyncio.Queue[RolloutEvent] = asyncio.Queue(maxsize=1000)
+
+        def listener(ev: RolloutEvent) -> None:
+            if not request.service or ev.state.service == request.service:
+                if queue.full():
+                    queue.get_nowait()  # a slow watcher loses the oldest events
+                queue.put_nowait(ev)
+
+        unsubscribe = controller.subscribe(listener)
+        try:
+            while True:
+                ev = await queue.get()
+                yield admin_pb2.RolloutEvent(
+                    time=ev.time,
+                    actor=ev.actor,
+                    rollout=self._rollout(ev.state),
+                    transitions=[
+                        f"{t.region or 'all'}: {t.phase_from} -> {t.phase_to}: {t.reason}"
+                        for t in ev.decision.transitions
+                    ],
+                )
+        finally:
+            unsubscribe()
+
+    # ---- audit ----
+
+    async def GetAudit(self, request: Any, context: Context) -> Any:
+        controller = await self._controller(context)
+        entries = controller.store.audit(
+            service=request.service or None,
+            region=request.region or None,
+            since=request.since or None,
+            limit=request.limit or None,
+        )
+        return admin_pb2.GetAuditResponse(entries=[_audit(e) for e in entries])
+
+
+def _audit(e: AuditEntry) -> admin_pb2.AuditEntry:
+    def js(v: Any) -> str:
+        return json.dumps(v) if v is not None else ""
+
+    return admin_pb2.AuditEntry(
+        id=e.id,
+        time=e.time,
+        service=e.service,
+        canary_version=e.canary_version,
+        region=e.region or "",
+        kind=e.kind,
+        step=e.step if e.step is not None else -1,
+        phase_from=e.phase_from or "",
+        phase_to=e.phase_to or "",
+        reason=e.reason,
+        verdict_json=js(e.verdict),
+        measurements_json=js(e.measurements),
+        weights_before_json=js(e.weights_before),
+        weights_after_json=js(e.weights_after),
+        snapshot_version=e.snapshot_version or 0,
+        actor=e.actor,
+    )
+
+
+async def _abort(context: Context, code: grpc.StatusCode, exc: Exception) -> NoReturn:
+    message = exc.args[0] if exc.args else str(exc)
+    await context.abort(code, str(message))
+    raise AssertionError("unreachable")
+
+
+def _decoded(node: NodeStatus, type_url: str) -> discovery_pb2.DiscoveryResponse | None:
+    body = node.types[type_url].sent_response
+    return discovery_pb2.DiscoveryResponse.FromString(body) if body else None
+
+
+def node_config(node: NodeStatus, types: list[str]) -> dict[str, Any]:
+    """What the server last sent this node, per type, as JSON-ready dicts."""
+    out: dict[str, Any] = {"node": node.node_id, "region": node.region, "types": {}}
+    for t in types:
+        resp = _decoded(node, t)
+        ts = node.types[t]
+        out["types"][short(t)] = {
+            "sent_version": ts.sent_version,
+            "acked_version": ts.acked_version,
+            "nack_error": ts.nack_error,
+            "resources": [
+                json_format.MessageToDict(r, preserving_proto_field_name=True)
+                for r in (resp.resources if resp else [])
+            ],
+        }
+    return out
+
+
+# ---- CSDS ----
+
+_CONFIG_STATUS = {
+    "SYNCED": csds_pb2.SYNCED,
+    "STALE": csds_pb2.STALE,
+    "NOT SENT": csds_pb2.NOT_SENT,
+    "NACKED": csds_pb2.ERROR,
+}
+
+
+class ClientStatusService(csds_pb2_grpc.ClientStatusDiscoveryServiceServicer):  # type: ignore[misc]
+    """envoy.service.status.v3: which config each connected client holds, for tooling."""
+
+    def __init__(self, server: XdsServer) -> None:
+        self.server = server
+
+    def _response(self, request: Any) -> Any:
+        from envoy.admin.v3 import config_dump_shared_pb2 as dump
+
+        resp = csds_pb2.ClientStatusResponse()
+        for n in self.server.nodes:
+            if request.node.id and request.node.id != n.node_id:
+                continue
+            snap = self.server.cache.get(n.region)
+            cfg = resp.config.add()
+            cfg.node.CopyFrom(
+                base_pb2.Node(
+                    id=n.node_id, cluster=n.region, locality=base_pb2.Locality(region=n.region)
+                )
+            )
+            for t in SEND_ORDER:
+                ts = n.types[t]
+                state = n.sync_state(t, snap.type_version(t) if snap else "")
+                client = (
+                    dump.NACKED
+                    if state == "NACKED"
+                    else dump.ACKED
+                    if ts.acked_version == ts.sent_version and ts.sent_version
+                    else dump.REQUESTED
+                )
+                decoded = _decoded(n, t)
+                for res in decoded.resources if decoded else []:
+                    x = cfg.generic_xds_configs.add(
+                        type_url=t,
+                        version_info=ts.sent_version,
+                        config_status=_CONFIG_STATUS[state],
+                        client_status=client,
+                    )
+                    x.name = _resource_name(res)
+                    if not request.exclude_resource_contents:
+                        x.xds_config.CopyFrom(res)
+        return resp
+
+    async def FetchClientStatus(self, request: Any, context: Context) -> Any:
+        return self._response(request)
+
+    async def StreamClientStatus(
+        self, requests: AsyncIterator[Any], context: Context
+    ) -> AsyncIterator[Any]:
+        async for request in requests:
+            yield self._response(request)
+
+
+def _resource_name(packed: Any) -> str:
+    from envoy.config.cluster.v3 import cluster_pb2
+    from envoy.config.endpoint.v3 import endpoint_pb2
+    from envoy.config.listener.v3 import listener_pb2
+    from envoy.config.route.v3 import route_pb2
+
+    for cls, field in (
+        (cluster_pb2.Cluster, "name"),
+        (listener_pb2.Listener, "name"),
+        (route_pb2.RouteConfiguration, "name"),
+        (endpoint_pb2.ClusterLoadAssignment, "cluster_name"),
+    ):
+        if packed.Is(cls.DESCRIPTOR):
+            msg = cls()
+            packed.Unpack(msg)
+            return str(getattr(msg, field))
+    return ""
+
+
+def add_admin_services(grpc_server: grpc.aio.Server, admin: AdminService) -> None:
+    admin_pb2_grpc.add_AdminServicer_to_server(admin, grpc_server)
+    csds_pb2_grpc.add_ClientStatusDiscoveryServiceServicer_to_server(
+        ClientStatusService(admin.server), grpc_server
+    )
+
+
+async def run_admin_server(
+    admin: AdminService, address: str, tls: tuple[bytes, bytes] | None = None
+) -> None:
+    """Serve the admin API and CSDS on `address` until cancelled."""
+    import logging
+
+    grpc_server = grpc.aio.server()
+    add_admin_services(grpc_server, admin)
+    if tls is not None:
+        creds = grpc.ssl_server_credentials([(tls[1], tls[0])])
+        port = grpc_server.add_secure_port(address, creds)
+    else:
+        port = grpc_server.add_insecure_port(address)
+    await grpc_server.start()
+    logging.getLogger("xds_server.admin").info(
+        "admin API on %s (port %d, %s, %s)",
+        address,
+        port,
+        "TLS" if tls else "plaintext",
+        "token required for changes" if admin.token else "no token configured",
+    )
+    try:
+        await grpc_server.wait_for_termination()
+    finally:
+        await grpc_server.stop(0.5)
