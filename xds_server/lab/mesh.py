@@ -33,6 +33,8 @@ class MeshOptions:
     """The spec's `rollout:` section."""
     load_rate: float = 50.0
     """Requests per second through each region (shared by its Envoys)."""
+    admin_token: str | None = None
+    """Require this bearer token for admin API changes."""
 
 
 class LocalMesh:
@@ -47,6 +49,7 @@ class LocalMesh:
         self.load: LoadGenerator | None = None
         self.xds_port = free_port()
         self.metrics_port = free_port()
+        self.admin_port = free_port()
         self.prometheus_port = free_port()
         self.spec_path = workdir / "mesh.yaml"
         self.state_dir = workdir / "state"
@@ -126,28 +129,21 @@ class LocalMesh:
         self.stop()
 
     def start_server(self) -> None:
-        self.server = Process(
-            "xds-server",
-            [
-                sys.executable,
-                "-m",
-                "xds_server.cli",
-                "serve",
-                "--spec",
-                str(self.spec_path),
-                "--xds-address",
-                f"127.0.0.1:{self.xds_port}",
-                "--state-dir",
-                str(self.state_dir),
-                "--prometheus-url",
-                f"http://127.0.0.1:{self.prometheus_port}",
-                "--metrics-address",
-                f"127.0.0.1:{self.metrics_port}",
-                "--log-format",
-                "json",
-            ],
-            self.workdir / "xds-server.log",
-        )
+        argv = [sys.executable, "-m", "xds_server.cli", "serve", "--spec", str(self.spec_path),
+                "--xds-address", f"127.0.0.1:{self.xds_port}",
+                "--state-dir", str(self.state_dir),
+                "--prometheus-url", f"http://127.0.0.1:{self.prometheus_port}",
+                "--metrics-address", f"127.0.0.1:{self.metrics_port}",
+                "--admin-address", f"127.0.0.1:{self.admin_port}",
+                "--log-format", "json", *self._token_args()]  # fmt: skip
+        self.server = Process("xds-server", argv, self.workdir / "xds-server.log")
+
+    def _token_args(self) -> list[str]:
+        if self.opts.admin_token is None:
+            return []
+        path = self.workdir / "admin-token"
+        path.write_text(self.opts.admin_token)
+        return ["--admin-token-file", str(path)]
 
     def kill_server(self) -> None:
         assert self.server is not None

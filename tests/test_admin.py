@@ -1,0 +1,348 @@
+"""The admin API and `xdsctl`, against real Envoys, a real Prometheus and real gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import filecmp
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
+
+from xds_server.admin.service import AdminService, run_admin_server
+from xds_server.lab.mesh import LocalMesh, MeshOptions, canary_share, envoy_weights
+from xds_server.lab.procs import free_port, http_get, wait_for
+from xds_server.xds.resources import ROUTE_CONFIG_NAME
+from xds_server.xds.types import ROUTE
+
+from .conftest import EnvoyFactory, ServerThread
+
+TOKEN = "s3cret-token"
+PLAN = {
+    "steps": [5, 20, 75, 100],
+    "step_duration": "3s",
+    "interval": "1s",
+    "window": "4s",
+    "ack_timeout": "10s",
+    "max_hold": "60s",
+    "guardrails": {"min_requests": 5, "max_p99_ms": 250, "max_p99_ratio": 3},
+}
+
+
+def xdsctl(
+    port: int,
+    *args: str,
+    token: Path | None = None,
+    output: str = "json",
+    check: bool = True,
+    extra: tuple[str, ...] = (),
+) -> Any:
+    argv = [
+        sys.executable,
+        "-m",
+        "xds_server.ctl",
+        "--server",
+        f"127.0.0.1:{port}",
+        "--output",
+        output,
+        "--actor",
+        "test-operator",
+        *extra,
+    ]
+    if token is not None:
+        argv += ["--token-file", str(token)]
+    res = subprocess.run([*argv, *args], capture_output=True, text=True, timeout=60)
+    if not check:
+        return res
+    assert res.returncode == 0, res.stderr
+    if output == "json":
+        return json.loads(res.stdout)
+    if output == "yaml":
+        return yaml.safe_load(res.stdout)
+    return res.stdout
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[LocalMesh]:
+    m = LocalMesh(tmp_path / "mesh", MeshOptions(rollout=PLAN, admin_token=TOKEN))
+    with m:
+        yield m
+
+
+def test_nodes_are_synced_with_what_envoy_reports(mesh: LocalMesh) -> None:
+    def all_synced() -> list[dict[str, Any]] | None:
+        nodes = xdsctl(mesh.admin_port, "nodes")
+        return (
+            nodes if len(nodes) == 3 and all(n["sync_state"] == "SYNCED" for n in nodes) else None
+        )
+
+    nodes = wait_for(all_synced, 20, "every Envoy SYNCED")
+    for envoy in mesh.envoys:
+        (node,) = [n for n in nodes if n["id"] == envoy.opts.node_id]
+        assert node["region"] == envoy.opts.region
+        acked = {t["type"]: t["acked_version"] for t in node["types"]}
+        for kind, version in envoy.applied_versions().items():
+            assert acked[kind] == version, (kind, acked, envoy.applied_versions())
+    # The same listing as YAML and as a table.
+    assert xdsctl(mesh.admin_port, "nodes", output="yaml") == xdsctl(mesh.admin_port, "nodes")
+    table = xdsctl(mesh.admin_port, "nodes", "--region", "eu-west", output="table")
+    assert table.splitlines()[0].split()[:3] == ["NODE", "REGION", "SYNC"]
+    assert "eu-west-envoy-1" in table and "us-east" not in table
+    config = xdsctl(mesh.admin_port, "config", "us-east-envoy-1", "--type", "route")
+    (rc,) = config["types"]["route"]["resources"]
+    assert rc["name"] == ROUTE_CONFIG_NAME
+
+
+def test_rollout_control_through_xdsctl(mesh: LocalMesh) -> None:
+    load = mesh.start_load()
+    wait_for(lambda: len(load.snapshot()) >= 30, 10, "load")
+    mesh.begin_rollout()
+    port, token = mesh.admin_port, mesh.workdir / "admin-token"
+    wait_for(lambda: xdsctl(port, "rollout", "list"), 20, "the rollout to start")
+
+    # Without the token, changes are refused.
+    res = xdsctl(port, "rollout", "pause", "recommender", "--reason", "x", check=False)
+    assert res.returncode == 1
+    assert res.stderr.startswith("xdsctl: UNAUTHENTICATED: ")
+    # Pause stops progress: over two step durations nothing advances.
+    got = xdsctl(port, "rollout", "pause", "recommender", "--reason", "look closer", token=token)
+    assert got["phase"] == "paused"
+    step = {r["region"]: r["step"] for r in got["regions"]}
+    paused_at = max(e["time"] for e in xdsctl(port, "audit", "--service", "recommender"))
+
+    def judged_for_two_steps() -> bool:
+        checks = [
+            e
+            for e in xdsctl(port, "audit", "--service", "recommender")
+            if e["kind"] == "check" and e["time"] > paused_at
+        ]
+        return bool(checks) and max(e["time"] for e in checks) - paused_at >= 6
+
+    wait_for(judged_for_two_steps, 30, "two step durations of checks while paused")
+    now = xdsctl(port, "rollout", "get", "recommender")
+    assert now["phase"] == "paused" and {r["region"]: r["step"] for r in now["regions"]} == step
+    # Resume continues; promote advances at once.
+    assert (
+        xdsctl(port, "rollout", "resume", "recommender", "--reason", "fine", token=token)["phase"]
+        == "progressing"
+    )
+    promoted = xdsctl(port, "rollout", "promote", "recommender", "--reason", "hurry", token=token)
+    target = max(r["step"] for r in promoted["regions"])
+    assert target >= 1
+    share = PLAN["steps"][target]  # type: ignore[index]
+    wait_for(lambda: all(canary_share(e) == share for e in mesh.envoys), 10, "Envoys to follow")
+    # Weights by hand, in one region.
+    pinned = xdsctl(
+        port,
+        "rollout",
+        "set-weights",
+        "recommender",
+        "--canary",
+        "50",
+        "--region",
+        "us-east",
+        "--reason",
+        "probe",
+        token=token,
+    )
+    us = next(r for r in pinned["regions"] if r["region"] == "us-east")
+    assert us["canary_percent"] == 50 and us["manual"] and pinned["phase"] == "paused"
+    us_envoy = next(e for e in mesh.envoys if e.opts.region == "us-east")
+    wait_for(
+        lambda: envoy_weights(us_envoy) == {"production": 5000, "canary": 5000},
+        10,
+        "us-east at 50/50",
+    )
+    # Abort rolls back every region, as Envoy and traffic both show.
+    aborted = xdsctl(port, "rollout", "abort", "recommender", "--reason", "enough", token=token)
+    assert aborted["phase"] == "rolled_back"
+    wait_for(lambda: all(canary_share(e) == 0 for e in mesh.envoys), 10, "0% canary")
+    for e in mesh.envoys:
+        pools = {json.loads(http_get(f"http://{e.opts.listen}/")[1])["pool"] for _ in range(20)}
+        assert pools == {"production"}
+    # Errors a person can act on.
+    for argv, code in (
+        (("rollout", "pause", "nope", "--reason", "x"), "NOT_FOUND: unknown service 'nope'"),
+        (
+            ("rollout", "set-weights", "recommender", "--canary", "150", "--reason", "x"),
+            "INVALID_ARGUMENT: bad weights",
+        ),
+        (
+            ("rollout", "pause", "recommender", "--reason", "x"),
+            "FAILED_PRECONDITION: rollout is rolled_back",
+        ),
+    ):
+        res = xdsctl(port, *argv, token=token, check=False)
+        assert res.returncode == 1 and res.stderr.startswith(f"xdsctl: {code}"), res.stderr
+    # Every change is in the audit log with who and why.
+    audit = xdsctl(port, "audit", "--service", "recommender", "--since", "10m")
+    mine = [e for e in audit if e["actor"] == "test-operator"]
+    reasons = " ".join(e["reason"] for e in mine)
+    for why in ("look closer", "fine", "hurry", "probe", "enough"):
+        assert why in reasons
+    assert xdsctl(port, "audit", "--region", "us-east", output="yaml") == xdsctl(
+        port, "audit", "--region", "us-east"
+    )
+
+
+def test_xds_fetch_prints_what_the_envoy_of_that_region_holds(mesh: LocalMesh) -> None:
+    envoy = mesh.envoys[1]
+    argv = [
+        sys.executable,
+        "-m",
+        "xds_server.ctl",
+        "xds",
+        "fetch",
+        "--region",
+        envoy.opts.region,
+        "--xds-server",
+        f"127.0.0.1:{mesh.xds_port}",
+        "--type",
+    ]
+    fetched = {}
+    for kind in ("cluster", "route"):
+        res = subprocess.run([*argv, kind], capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0, res.stderr
+        fetched[kind] = json.loads(res.stdout)
+    names = sorted(r["name"] for r in fetched["cluster"]["resources"])
+    dump = envoy.config_dump()["configs"]
+    clusters = next(c for c in dump if c["@type"].endswith("ClustersConfigDump"))
+    held = sorted(c["cluster"]["name"] for c in clusters["dynamic_active_clusters"])
+    assert names == held
+    (route,) = fetched["route"]["resources"]
+    vh = route["virtual_hosts"][0]
+    weights = {
+        c["name"].split("|")[1]: int(c["weight"])
+        for c in vh["routes"][0]["route"]["weighted_clusters"]["clusters"]
+    }
+    assert weights == envoy_weights(envoy)
+    # CSDS, for standard tooling, agrees.
+    with grpc.insecure_channel(f"127.0.0.1:{mesh.admin_port}") as ch:
+        resp = csds_pb2_grpc.ClientStatusDiscoveryServiceStub(ch).FetchClientStatus(
+            csds_pb2.ClientStatusRequest(), timeout=10
+        )
+    ids = sorted(c.node.id for c in resp.config)
+    assert ids == sorted(e.opts.node_id for e in mesh.envoys)
+    cfg = next(c for c in resp.config if c.node.id == envoy.opts.node_id)
+    routes = [x for x in cfg.generic_xds_configs if x.type_url == ROUTE]
+    assert [x.name for x in routes] == [ROUTE_CONFIG_NAME]
+    assert routes[0].config_status == csds_pb2.SYNCED
+
+
+def _start_admin(server: ServerThread, **kw: Any) -> int:
+    port = free_port()
+    admin = AdminService(server.server, None)
+    asyncio.run_coroutine_threadsafe(
+        run_admin_server(admin, f"127.0.0.1:{port}", **kw), server.loop
+    )
+    return port
+
+
+def test_a_nack_shows_as_nacked_with_envoys_message(
+    server: ServerThread, envoys: EnvoyFactory
+) -> None:
+    envoy = envoys.start("us-east", server.port)
+    envoy.wait_ready()
+    port = _start_admin(server)
+    bad = route_pb2.RouteConfiguration(
+        name=ROUTE_CONFIG_NAME,
+        virtual_hosts=[
+            route_components_pb2.VirtualHost(
+                name="broken",
+                domains=["*"],
+                routes=[
+                    route_components_pb2.Route(
+                        match=route_components_pb2.RouteMatch(prefix="/"),
+                        route=route_components_pb2.RouteAction(
+                            weighted_clusters=route_components_pb2.WeightedCluster()
+                        ),
+                    )
+                ],
+            )
+        ],
+    )
+    server.call(lambda: server.server.inject_resource_for_tests("us-east", ROUTE, bad))
+
+    def nacked() -> dict[str, Any] | None:
+        res = xdsctl(port, "nodes", check=False)
+        if res.returncode:
+            return None
+        (node,) = json.loads(res.stdout)
+        return node if node["sync_state"] == "NACKED" else None
+
+    node = wait_for(nacked, 15, "the node to show NACKED")
+    route = next(t for t in node["types"] if t["type"] == "route")
+    assert "clusters" in route["nack_error"].lower()
+    table = xdsctl(port, "nodes", output="table")
+    assert "NACKED" in table and "route:" in table
+
+
+def test_unreachable_admin_api_is_one_clear_line() -> None:
+    port = free_port()
+    res = xdsctl(port, "status", check=False)
+    assert res.returncode == 1
+    assert res.stderr.strip() == (
+        f"xdsctl: cannot reach admin API at 127.0.0.1:{port}: connection refused"
+    )
+
+
+def test_admin_api_over_tls(server: ServerThread, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    port = _start_admin(server, tls=(cert.read_bytes(), key.read_bytes()))
+    ok = wait_for(
+        lambda: (
+            (r := xdsctl(port, "status", check=False, extra=("--tls-ca", str(cert)))).returncode
+            == 0
+            and r
+        ),
+        15,
+        "the TLS admin API",
+    )
+    assert "reachable" in ok.stdout or '"server"' in ok.stdout
+    plain = xdsctl(port, "status", check=False)
+    assert plain.returncode == 1 and plain.stderr.startswith("xdsctl: ")
+
+
+def test_generated_protos_are_up_to_date(tmp_path: Path) -> None:
+    subprocess.run(
+        ["bash", "hack/gen-protos.sh", str(tmp_path)],
+        check=True,
+        env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
+        cwd=Path(__file__).parent.parent,
+    )
+    committed = Path(__file__).parent.parent / "xds_server" / "admin" / "v1"
+    fresh = tmp_path / "xds_server" / "admin" / "v1"
+    for name in ("admin_pb2.py", "admin_pb2_grpc.py"):
+        assert filecmp.cmp(committed / name, fresh / name, shallow=False), (
+            f"{name} differs from what hack/gen-protos.sh generates: run it and commit"
+        )
