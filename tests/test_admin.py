@@ -107,6 +107,23 @@ def test_rollout_control_through_xdsctl(mesh: LocalMesh) -> None:
     mesh.begin_rollout()
     port, token = mesh.admin_port, mesh.workdir / "admin-token"
     wait_for(lambda: xdsctl(port, "rollout", "list"), 20, "the rollout to start")
+    watch_log = (mesh.workdir / "watch.jsonl").open("w")
+    watcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "xds_server.ctl",
+            "--server",
+            f"127.0.0.1:{port}",
+            "-o",
+            "json",
+            "rollout",
+            "watch",
+            "recommender",
+        ],
+        stdout=watch_log,
+        stderr=subprocess.STDOUT,
+    )
 
     # Without the token, changes are refused.
     res = xdsctl(port, "rollout", "pause", "recommender", "--reason", "x", check=False)
@@ -182,6 +199,22 @@ def test_rollout_control_through_xdsctl(mesh: LocalMesh) -> None:
     ):
         res = xdsctl(port, *argv, token=token, check=False)
         assert res.returncode == 1 and res.stderr.startswith(f"xdsctl: {code}"), res.stderr
+
+    # The event stream saw the operator's changes as they happened.
+    def watched() -> list[dict[str, Any]] | None:
+        lines = (mesh.workdir / "watch.jsonl").read_text().splitlines()
+        events = [json.loads(line) for line in lines if line.startswith("{")]
+        return events if any(e["rollout"]["phase"] == "rolled_back" for e in events) else None
+
+    try:
+        events = wait_for(watched, 10, "the watch stream to show the abort")
+    finally:
+        watcher.terminate()
+        watcher.wait(10)
+        watch_log.close()
+    actions = [e for e in events if e["actor"] == "test-operator"]
+    assert [e["rollout"]["phase"] for e in actions][-1] == "rolled_back"
+    assert any("look closer" in t for e in actions for t in e["transitions"])
     # Every change is in the audit log with who and why.
     audit = xdsctl(port, "audit", "--service", "recommender", "--since", "10m")
     mine = [e for e in audit if e["actor"] == "test-operator"]
