@@ -91,8 +91,9 @@ def server(spec_file: Path) -> Iterator[ServerThread]:
 
 
 class EnvoyFactory:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, delta: bool = False) -> None:
         self.workdir = workdir
+        self.delta = delta
         self.started: list[Envoy] = []
 
     def start(
@@ -107,6 +108,7 @@ class EnvoyFactory:
                 xds_port=xds_port,
                 admin_port=free_port(),
                 listen=f"127.0.0.1:{listen_port}",
+                delta=self.delta,
             ),
             self.workdir,
         )
@@ -119,9 +121,10 @@ class EnvoyFactory:
             e.stop()
 
 
-@pytest.fixture
-def envoys(tmp_path: Path) -> Iterator[EnvoyFactory]:
-    factory = EnvoyFactory(tmp_path / "envoy")
+@pytest.fixture(params=["sotw", "delta"])
+def envoys(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EnvoyFactory]:
+    """Real Envoys, speaking state-of-the-world xDS or delta xDS (each test runs twice)."""
+    factory = EnvoyFactory(tmp_path / "envoy", delta=request.param == "delta")
     yield factory
     factory.stop_all()
 
@@ -203,6 +206,81 @@ def ads_clients() -> Iterator[Callable[..., AdsClient]]:
 
     def make(port: int, **kw: Any) -> AdsClient:
         c = AdsClient(port, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+class DeltaClient:
+    """A raw DeltaAggregatedResources stream over real gRPC."""
+
+    def __init__(self, port: int, region: str = "us-east", node_id: str = "delta-node") -> None:
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.requests: queue.Queue[discovery_pb2.DeltaDiscoveryRequest | None] = queue.Queue()
+        self.responses: queue.Queue[Any] = queue.Queue()
+        self.node = base_pb2.Node(
+            id=node_id, cluster=region, locality=base_pb2.Locality(region=region)
+        )
+        self._first = True
+        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel)
+        self.call = stub.DeltaAggregatedResources(iter(self.requests.get, None))
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for resp in self.call:
+                self.responses.put(resp)
+        except Exception as exc:
+            self.responses.put(exc)
+
+    def send(
+        self,
+        type_url: str,
+        subscribe: list[str] | None = None,
+        unsubscribe: list[str] | None = None,
+        nonce: str = "",
+        initial: dict[str, str] | None = None,
+        error: str | None = None,
+    ) -> None:
+        req = discovery_pb2.DeltaDiscoveryRequest(
+            type_url=type_url,
+            resource_names_subscribe=subscribe or [],
+            resource_names_unsubscribe=unsubscribe or [],
+            response_nonce=nonce,
+            initial_resource_versions=initial or {},
+        )
+        if self._first:
+            req.node.CopyFrom(self.node)
+            self._first = False
+        if error is not None:
+            req.error_detail.code = 3
+            req.error_detail.message = error
+        self.requests.put(req)
+
+    def recv(self, timeout: float = 5.0) -> discovery_pb2.DeltaDiscoveryResponse:
+        item = self.responses.get(timeout=timeout)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def ack(self, resp: discovery_pb2.DeltaDiscoveryResponse) -> None:
+        self.send(resp.type_url, nonce=resp.nonce)
+
+    def close(self) -> None:
+        self.requests.put(None)
+        self.call.cancel()
+        self.channel.close()
+
+
+@pytest.fixture
+def delta_clients() -> Iterator[Callable[..., DeltaClient]]:
+    made: list[DeltaClient] = []
+
+    def make(port: int, **kw: Any) -> DeltaClient:
+        c = DeltaClient(port, **kw)
         made.append(c)
         return c
 

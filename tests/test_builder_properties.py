@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from xds_server.config import POOL_NAMES, MeshSpec, validate_spec
 from xds_server.traffic import WEIGHT_TOTAL, Split, TrafficState
-from xds_server.xds.resources import build_region
+from xds_server.xds.resources import RegionBuilder, build_region
 from xds_server.xds.snapshot import Snapshot, with_nonce
 from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SEND_ORDER
 
@@ -129,3 +129,16 @@ def test_nonce_is_appended_to_encoded_responses(version: str, nonce: str) -> Non
     body = discovery_pb2.DiscoveryResponse(version_info=version, type_url=CLUSTER)
     out = discovery_pb2.DiscoveryResponse.FromString(with_nonce(body.SerializeToString(), nonce))
     assert (out.version_info, out.type_url, out.nonce) == (version, CLUSTER, nonce)
+
+
+@given(st.data())
+@settings(max_examples=60, deadline=None)
+def test_memoized_builder_builds_what_a_fresh_one_does(data: Any) -> None:
+    spec = data.draw(specs())
+    region = spec.regions[0]
+    builder = RegionBuilder(region)
+    for _ in range(data.draw(st.integers(1, 5))):
+        if data.draw(st.booleans()):
+            spec = data.draw(specs().filter(lambda s, r=region: r in s.regions))
+        traffic = data.draw(traffic_for(spec))
+        assert builder.build(spec, traffic).by_type == build_region(spec, traffic, region).by_type

@@ -147,6 +147,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         xds_port=port,
         admin_port=args.admin_port,
         listen=args.listen,
+        delta=args.delta,
     )
     sys.stdout.write(render_bootstrap(opts))
     return 0
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR:PORT",
         help="this node's listener address (several Envoys on one host)",
     )
+    b.add_argument("--delta", action="store_true", help="use delta (incremental) xDS")
     b.set_defaults(func=cmd_bootstrap)
     lab = sub.add_parser("lab", help="a local multi-region mesh with a live canary rollout")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)

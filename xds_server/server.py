@@ -25,7 +25,7 @@ from xds_server.config import MeshSpec, SpecError, load_spec
 from xds_server.traffic import Split, TrafficState, WeightError
 from xds_server.xds.ads import AdsServer
 from xds_server.xds.cache import SnapshotCache
-from xds_server.xds.resources import RegionResources, build_region
+from xds_server.xds.resources import RegionBuilder, RegionResources
 from xds_server.xds.snapshot import Snapshot, SnapshotError
 from xds_server.xds.status import NodeRegistry, NodeStatus
 from xds_server.xds.types import CLUSTER, ENDPOINT, ROUTE, SEND_ORDER, short
@@ -63,6 +63,7 @@ class XdsServer:
         self.ads = AdsServer(self.cache, self.nodes, spec.regions)
         self.coalesce_seconds = coalesce_seconds
         self._injected: dict[tuple[str, str, str], message.Message] = {}
+        self._builders: dict[str, RegionBuilder] = {}
         self._dirty: dict[str, str] = {}
         self._flush_handle: asyncio.TimerHandle | None = None
         self._push_listeners: list[Callable[[Push], None]] = []
@@ -183,7 +184,8 @@ class XdsServer:
         if region not in self.spec.regions:
             return None
         old = self.cache.get(region)
-        resources = build_region(self.spec, self.traffic, region)
+        builder = self._builders.setdefault(region, RegionBuilder(region))
+        resources = builder.build(self.spec, self.traffic)
         resources, retained = self._keep_removed_clusters(resources, old)
         resources = self._with_injected(resources)
         listen = (self.spec.listener.address, self.spec.listener.port)

@@ -48,13 +48,21 @@ class BackgroundServer:
             self.server.watch_spec_file(interval), self.loop
         )
 
-    def route_version(self, region: str) -> str:
-        """The routes version served to `region`, after pushing any coalesced change."""
+    def route_version(self, region: str, delta: bool = False) -> str:
+        """The routes version served to `region`, after pushing any coalesced change.
+
+        As an Envoy reports it: state of the world names the snapshot's routes version;
+        delta names the route configuration's own (content) version.
+        """
+        from xds_server.xds.resources import ROUTE_CONFIG_NAME
         from xds_server.xds.types import ROUTE
 
         def pushed() -> str:
             self.server.flush()
-            return self.server.snapshot(region).type_version(ROUTE)
+            snap = self.server.snapshot(region)
+            if delta:
+                return snap.delta_items(ROUTE)[ROUTE_CONFIG_NAME].version
+            return snap.type_version(ROUTE)
 
         return self.call(pushed)
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 from dataclasses import dataclass
 from typing import Any
-
-import yaml
 
 from xds_server.xds.ads import LISTEN_METADATA_KEY
 
@@ -24,6 +23,8 @@ class BootstrapOptions:
     """ADDRESS:PORT for this node's listener; without it the spec's listener is used."""
     stats_flush_seconds: float = 1.0
     """Latency histograms reach /stats/prometheus only at each flush: keep it short."""
+    delta: bool = False
+    """Use delta (incremental) xDS instead of state of the world."""
 
 
 def _duration(seconds: float) -> str:
@@ -48,7 +49,7 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
         "node": node,
         "dynamic_resources": {
             "ads_config": {
-                "api_type": "GRPC",
+                "api_type": "DELTA_GRPC" if opts.delta else "GRPC",
                 "transport_api_version": "V3",
                 "set_node_on_first_message_only": True,
                 "grpc_services": [
@@ -113,4 +114,6 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
 
 
 def render_bootstrap(opts: BootstrapOptions) -> str:
-    return yaml.safe_dump(bootstrap(opts), sort_keys=False)
+    """As JSON (which Envoy reads as YAML too): a YAML dump would write a node id like `n`
+    or `on` unquoted, and Envoy's YAML parser reads those as booleans."""
+    return json.dumps(bootstrap(opts), indent=2) + "\n"

@@ -20,15 +20,16 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from xds_server.xds.cache import SnapshotCache
+from xds_server.xds.delta import DeltaStream
 from xds_server.xds.snapshot import ListenAddress, Snapshot, with_nonce
 from xds_server.xds.status import NodeRegistry, NodeStatus
 from xds_server.xds.types import CLUSTER, ENDPOINT, ROUTE, SEND_ORDER, WILDCARD_TYPES, short
@@ -38,6 +39,14 @@ log = logging.getLogger("xds_server.ads")
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 LISTEN_METADATA_KEY = "xds_server.listen"
 """Node metadata key naming the address the node's listener should bind to."""
+
+
+class StreamProtocol(Protocol):
+    """The protocol state of one stream (SotW or delta): no I/O."""
+
+    def on_request(self, req: Any) -> None: ...
+
+    def due(self, snap: Snapshot) -> list[bytes]: ...
 
 
 class NodeError(ValueError):
@@ -175,21 +184,14 @@ class SotwStream:
         return out
 
     def _clusters_ready(self, snap: Snapshot) -> bool:
-        """Has the node ACKed every cluster the routes use, and those clusters' endpoints?
-
-        Only checked for types the node subscribes to: a proxyless gRPC client asks for
-        routes before it has asked for any cluster.
-        """
-        targets = snap.route_targets
-        return all(
-            targets <= self.types[t].acked_resources
-            for t in (CLUSTER, ENDPOINT)
-            if self.types[t].subscribed
+        c, e = self.types[CLUSTER], self.types[ENDPOINT]
+        return snap.routes_ready(
+            c.acked_resources if c.subscribed else None, e.acked_resources if e.subscribed else None
         )
 
 
 class AdsServer:
-    """Serves StreamAggregatedResources for every region of the cache."""
+    """Serves ADS, state of the world and delta, for every region of the cache."""
 
     def __init__(
         self, cache: SnapshotCache, registry: NodeRegistry, regions: Collection[str]
@@ -218,15 +220,29 @@ class AdsServer:
                     request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
                     response_serializer=None,  # responses are already encoded bytes
                 ),
+                "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                    self.delta_aggregated_resources,
+                    request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                    response_serializer=None,
+                ),
             },
         )
         server.add_generic_rpc_handlers((handler,))
 
-    async def stream_aggregated_resources(
+    async def stream_aggregated_resources(self, requests: AsyncIterator[Any], context: Any) -> None:
+        await self._serve(requests, context, SotwStream)
+
+    async def delta_aggregated_resources(self, requests: AsyncIterator[Any], context: Any) -> None:
+        await self._serve(requests, context, DeltaStream)
+
+    async def _serve(
         self,
-        requests: AsyncIterator[discovery_pb2.DiscoveryRequest],
-        context: grpc.aio.ServicerContext[Any, Any],
+        requests: AsyncIterator[Any],
+        context: Any,
+        protocol: Callable[[NodeStatus, NodeRegistry, ListenAddress | None], StreamProtocol],
     ) -> None:
+        """One stream, either variant: identify the node, then send what it lacks
+        whenever it asks or the region's snapshot changes, until either side ends it."""
         reader = aiter(requests)
         try:
             first = await anext(reader)
@@ -240,7 +256,7 @@ class AdsServer:
             return
         listen = f"{ident.listen[0]}:{ident.listen[1]}" if ident.listen else ""
         status = self.registry.connect(ident.node_id, ident.region, listen, ident.user_agent)
-        stream = SotwStream(status, self.registry, ident.listen)
+        stream = protocol(status, self.registry, ident.listen)
         stream.on_request(first)
         wake = asyncio.Event()
         wake.set()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
@@ -21,7 +22,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from google.protobuf import any_pb2, duration_pb2, message, wrappers_pb2
 
 from xds_server.config import Endpoint, MeshSpec, Service
-from xds_server.traffic import TrafficState
+from xds_server.traffic import Split, TrafficState
 from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 LISTENER_NAME = "ingress"
@@ -58,17 +59,102 @@ class RegionResources:
 
 
 def build_region(spec: MeshSpec, traffic: TrafficState, region: str) -> RegionResources:
-    clusters: dict[str, message.Message] = {}
-    endpoints: dict[str, message.Message] = {}
-    for svc in spec.services:
-        for pool in svc.pools.values():
-            name = cluster_name(svc.name, pool.name)
-            clusters[name] = build_cluster(name)
-            endpoints[name] = build_load_assignment(name, region, pool.endpoints[region])
-    routes = {ROUTE_CONFIG_NAME: build_route_config(spec, traffic, region)}
-    return RegionResources(
-        region, {CLUSTER: clusters, ENDPOINT: endpoints, ROUTE: routes, LISTENER: {}}
-    )
+    return RegionBuilder(region).build(spec, traffic)
+
+
+class RegionBuilder:
+    """Builds one region's resources, reusing the message of every unchanged part.
+
+    Parts are memoized by their inputs (a cluster by its name, endpoints by their
+    addresses, a virtual host by its match and split), so a weight change to one service
+    builds one virtual host and the route configuration around it, and an unchanged
+    resource is the very same object as in the previous snapshot, which makes comparing
+    snapshots cheap. Memoizing does not change what is built: `build_region` without a
+    memo gives equal resources.
+    """
+
+    def __init__(self, region: str) -> None:
+        self.region = region
+        self._clusters: dict[str, message.Message] = {}
+        self._endpoints: dict[tuple[str, tuple[Endpoint, ...]], message.Message] = {}
+        self._vhosts: dict[tuple[Any, ...], message.Message] = {}
+        self._routes: tuple[tuple[int, ...], message.Message] | None = None
+        self._last: tuple[MeshSpec, TrafficState, RegionResources, list[Any]] | None = None
+
+    def build(self, spec: MeshSpec, traffic: TrafficState) -> RegionResources:
+        if self._last is not None and self._last[0] is spec:
+            return self._reweigh(traffic)
+        clusters: dict[str, message.Message] = {}
+        endpoints: dict[str, message.Message] = {}
+        vhosts: list[message.Message] = []
+        vkeys: list[Any] = []
+        used_eps, used_vh = set(), set()
+        for svc in spec.services:
+            for pool in svc.pools.values():
+                name = cluster_name(svc.name, pool.name)
+                if name not in self._clusters:
+                    self._clusters[name] = build_cluster(name)
+                clusters[name] = self._clusters[name]
+                key = (name, pool.endpoints[self.region])
+                if key not in self._endpoints:
+                    self._endpoints[key] = build_load_assignment(name, self.region, key[1])
+                endpoints[name] = self._endpoints[key]
+                used_eps.add(key)
+            split = traffic.effective(svc, self.region)
+            vkey = (svc.name, svc.domains, svc.prefix, tuple(svc.pools), split)
+            if vkey not in self._vhosts:
+                self._vhosts[vkey] = virtual_host(svc, split)
+            vhosts.append(self._vhosts[vkey])
+            vkeys.append(vkey)
+            used_vh.add(vkey)
+        ids = tuple(id(v) for v in vhosts)
+        if self._routes is None or self._routes[0] != ids:
+            self._routes = (
+                ids,
+                route_pb2.RouteConfiguration(name=ROUTE_CONFIG_NAME, virtual_hosts=vhosts),
+            )
+        # Forget what the spec no longer has, so the memo stays the size of the spec.
+        self._clusters = {k: v for k, v in self._clusters.items() if k in clusters}
+        self._endpoints = {k: v for k, v in self._endpoints.items() if k in used_eps}
+        self._vhosts = {k: v for k, v in self._vhosts.items() if k in used_vh}
+        routes = {ROUTE_CONFIG_NAME: self._routes[1]}
+        built = RegionResources(
+            self.region, {CLUSTER: clusters, ENDPOINT: endpoints, ROUTE: routes, LISTENER: {}}
+        )
+        self._last = (spec, traffic, built, vkeys)
+        return built
+
+    def _reweigh(self, traffic: TrafficState) -> RegionResources:
+        """Same spec, new weights: only the virtual hosts whose split changed are built."""
+        assert self._last is not None
+        spec, old_traffic, old, vkeys = self._last
+        changed = {
+            svc
+            for (svc, region) in set(traffic.splits) | set(old_traffic.splits)
+            if region == self.region
+            and traffic.split(svc, region) != old_traffic.split(svc, region)
+        }
+        if not changed:
+            self._last = (spec, traffic, old, vkeys)
+            return old
+        vkeys = list(vkeys)
+        for i, svc in enumerate(spec.services):
+            if svc.name in changed:
+                split = traffic.effective(svc, self.region)
+                vkeys[i] = (svc.name, svc.domains, svc.prefix, tuple(svc.pools), split)
+                if vkeys[i] not in self._vhosts:
+                    self._vhosts[vkeys[i]] = virtual_host(svc, split)
+        self._vhosts = {k: self._vhosts[k] for k in vkeys}
+        vhosts = [self._vhosts[k] for k in vkeys]
+        self._routes = (
+            tuple(id(v) for v in vhosts),
+            route_pb2.RouteConfiguration(name=ROUTE_CONFIG_NAME, virtual_hosts=vhosts),
+        )
+        built = RegionResources(
+            self.region, {**old.by_type, ROUTE: {ROUTE_CONFIG_NAME: self._routes[1]}}
+        )
+        self._last = (spec, traffic, built, vkeys)
+        return built
 
 
 def _ads() -> config_source_pb2.ConfigSource:
@@ -113,28 +199,15 @@ def _socket(host: str, port: int) -> address_pb2.Address:
     )
 
 
-def build_route_config(
-    spec: MeshSpec, traffic: TrafficState, region: str
-) -> route_pb2.RouteConfiguration:
-    return route_pb2.RouteConfiguration(
-        name=ROUTE_CONFIG_NAME,
-        virtual_hosts=[_virtual_host(svc, traffic, region) for svc in spec.services],
-    )
-
-
-def _virtual_host(
-    svc: Service, traffic: TrafficState, region: str
-) -> route_components_pb2.VirtualHost:
-    split = traffic.effective(svc, region)
+def virtual_host(svc: Service, split: Split) -> route_components_pb2.VirtualHost:
     # Pools at 0% are left out of the route: the route then never names a cluster it does
     # not use, which keeps make-before-break simple. Production carries the rest.
     weighted = [
         route_components_pb2.WeightedCluster.ClusterWeight(
-            name=cluster_name(svc.name, pool),
-            weight=wrappers_pb2.UInt32Value(value=split.get(pool)),
+            name=cluster_name(svc.name, pool), weight=wrappers_pb2.UInt32Value(value=w)
         )
         for pool in svc.pools
-        if split.get(pool) > 0
+        if (w := split.get(pool)) > 0
     ]
     return route_components_pb2.VirtualHost(
         name=svc.name,

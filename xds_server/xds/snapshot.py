@@ -12,9 +12,11 @@ may be extended by concatenating fields), so no stream re-serializes anything.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import message
@@ -38,6 +40,14 @@ class Encoded:
     names: frozenset[str]
 
 
+@dataclass(frozen=True)
+class DeltaItem:
+    """One resource for delta xDS: its version (a content hash) and its encoded Resource."""
+
+    version: str
+    encoded: bytes
+
+
 @dataclass(frozen=True, eq=False)
 class Snapshot:
     region: str
@@ -49,6 +59,14 @@ class Snapshot:
     retained: frozenset[str] = frozenset()
     """Clusters no route uses any more, kept until every node has routes without them."""
     _encoded: dict[tuple[str, frozenset[str] | None, ListenAddress], Encoded] = field(
+        default_factory=dict, repr=False
+    )
+    _delta: dict[tuple[str, ListenAddress | None], dict[str, tuple[Any, DeltaItem]]] = field(
+        default_factory=dict, repr=False
+    )
+    """Delta items per (type, listen), with the message each was made from. A successor
+    starts from its predecessor's, so an unchanged resource is never encoded again."""
+    _delta_out: dict[tuple[str, ListenAddress | None], dict[str, DeltaItem]] = field(
         default_factory=dict, repr=False
     )
 
@@ -74,7 +92,15 @@ class Snapshot:
                 changed = resources.by_type[type_url] != self.resources.by_type[type_url]
             if changed or (type_url == ENDPOINT and versions[CLUSTER] == version):
                 versions[type_url] = version
-        snap = Snapshot(self.region, version, resources, versions, listen, retained)
+        snap = Snapshot(
+            self.region,
+            version,
+            resources,
+            versions,
+            listen,
+            retained,
+            _delta={k: dict(v) for k, v in self._delta.items()},
+        )
         snap.check()
         return snap
 
@@ -82,6 +108,17 @@ class Snapshot:
     def route_targets(self) -> frozenset[str]:
         """Every cluster some route of this snapshot sends traffic to."""
         return frozenset(self.resources.route_targets())
+
+    def routes_ready(
+        self, acked_clusters: frozenset[str] | None, acked_endpoints: frozenset[str] | None
+    ) -> bool:
+        """May a node get these routes? Only once it has ACKed every cluster they use, and
+        those clusters' endpoints. None: the node does not subscribe to that type (a
+        proxyless gRPC client asks for routes before any cluster), so it is not checked."""
+        return all(
+            acked is None or self.route_targets <= acked
+            for acked in (acked_clusters, acked_endpoints)
+        )
 
     def check(self) -> None:
         """Every route target is a cluster here, and every cluster has its endpoints."""
@@ -118,15 +155,43 @@ class Snapshot:
             hit = self._encoded[key] = self._encode(type_url, names, listen)
         return hit
 
+    def delta_items(
+        self, type_url: str, listen: ListenAddress | None = None
+    ) -> Mapping[str, DeltaItem]:
+        """Every resource of the type, each encoded once as a delta `Resource`."""
+        key = (type_url, (listen or self.listen) if type_url == LISTENER else None)
+        done = self._delta_out.get(key)
+        if done is not None:
+            return done
+        memo = self._delta.setdefault(key, {})
+        items = self._items(type_url, key[1] or self.listen)
+        out = {}
+        for name, msg in items.items():
+            hit = memo.get(name)
+            if hit is None or hit[0] is not msg:
+                packed = pack(msg)
+                raw = packed.SerializeToString()
+                version = hashlib.blake2b(raw, digest_size=8).hexdigest()
+                encoded = discovery_pb2.Resource(
+                    name=name, version=version, resource=packed
+                ).SerializeToString()
+                hit = memo[name] = (msg, DeltaItem(version, encoded))
+            out[name] = hit[1]
+        for gone in set(memo) - set(items):
+            del memo[gone]
+        self._delta_out[key] = out
+        return out
+
+    def _items(self, type_url: str, listen: ListenAddress) -> Mapping[str, message.Message]:
+        if type_url == LISTENER:
+            listener = build_listener(*listen)
+            return {listener.name: listener}
+        return self.resources.by_type.get(type_url, {})
+
     def _encode(
         self, type_url: str, names: frozenset[str] | None, listen: ListenAddress
     ) -> Encoded:
-        items: Mapping[str, message.Message]
-        if type_url == LISTENER:
-            listener = build_listener(*listen)
-            items = {listener.name: listener}
-        else:
-            items = self.resources.by_type.get(type_url, {})
+        items = self._items(type_url, listen)
         chosen = sorted(items if names is None else names & items.keys())
         version = self.type_version(type_url)
         response = discovery_pb2.DiscoveryResponse(
@@ -135,6 +200,22 @@ class Snapshot:
             resources=[pack(items[n]) for n in chosen],
         )
         return Encoded(response.SerializeToString(), version, frozenset(chosen))
+
+
+def delta_response(
+    type_url: str, system_version: str, items: list[bytes], removed: list[str], nonce: str
+) -> bytes:
+    """An encoded DeltaDiscoveryResponse, put together from already encoded resources."""
+    out = [_field(1, system_version.encode())]
+    out += [_field(2, item) for item in items]
+    out.append(_field(4, type_url.encode()))
+    out.append(_field(5, nonce.encode()))
+    out += [_field(6, name.encode()) for name in removed]
+    return b"".join(out)
+
+
+def _field(number: int, data: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
 
 
 def with_nonce(body: bytes, nonce: str) -> bytes:

@@ -1,0 +1,158 @@
+"""Delta (incremental) ADS, spoken by a gRPC test client to the real server over loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from xds_server.lab.procs import wait_for
+from xds_server.traffic import Split
+from xds_server.xds.resources import ROUTE_CONFIG_NAME
+from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+
+from .conftest import DeltaClient, ServerThread
+from .test_ads_protocol import ALL_CLUSTERS, _without_canary
+
+Make = Callable[..., DeltaClient]
+
+
+def names(resp: Any) -> list[str]:
+    return sorted(r.name for r in resp.resources)
+
+
+def sync(c: DeltaClient) -> dict[str, Any]:
+    got = {}
+    c.send(CLUSTER)
+    got[CLUSTER] = r = c.recv()
+    c.ack(r)
+    c.send(ENDPOINT, subscribe=ALL_CLUSTERS)
+    got[ENDPOINT] = r = c.recv()
+    c.ack(r)
+    c.send(LISTENER)
+    got[LISTENER] = r = c.recv()
+    c.ack(r)
+    c.send(ROUTE, subscribe=[ROUTE_CONFIG_NAME])
+    got[ROUTE] = r = c.recv()
+    c.ack(r)
+    return got
+
+
+def test_wildcard_and_named_subscriptions_with_per_resource_versions(
+    server: ServerThread, delta_clients: Make
+) -> None:
+    c = delta_clients(server.port)
+    got = sync(c)
+    assert names(got[CLUSTER]) == ALL_CLUSTERS
+    assert all(r.version and r.resource.type_url == CLUSTER for r in got[CLUSTER].resources)
+    assert names(got[ENDPOINT]) == ALL_CLUSTERS
+    assert names(got[ROUTE]) == [ROUTE_CONFIG_NAME]
+    # A name that does not exist is answered as removed, so the node does not wait.
+    c.send(ENDPOINT, subscribe=["no-such-cluster"])
+    nxt = c.recv()
+    assert nxt.type_url == ENDPOINT and names(nxt) == []
+    assert list(nxt.removed_resources) == ["no-such-cluster"]
+
+
+def test_a_weight_change_sends_one_resource(server: ServerThread, delta_clients: Make) -> None:
+    c = delta_clients(server.port)
+    got = sync(c)
+    server.call(
+        lambda: server.server.set_split(
+            "recommender", Split.from_percent({"canary": 30}), urgent=True
+        )
+    )
+    r = c.recv()
+    assert r.type_url == ROUTE and names(r) == [ROUTE_CONFIG_NAME]
+    assert r.resources[0].version != got[ROUTE].resources[0].version
+    assert list(r.removed_resources) == []
+
+
+def test_removed_resources(server: ServerThread, delta_clients: Make) -> None:
+    c = delta_clients(server.port)
+    sync(c)
+    server.call(lambda: server.server.apply_spec(_without_canary(server)))
+    server.call(server.server.flush)
+    removals: dict[str, list[str]] = {}
+    for _ in range(6):  # bounded: clusters and endpoints each say it once
+        r = c.recv()
+        c.ack(r)
+        if r.removed_resources:
+            removals[r.type_url] = list(r.removed_resources)
+        if len(removals) == 2:
+            break
+    assert removals == {CLUSTER: ["recommender|canary"], ENDPOINT: ["recommender|canary"]}
+
+
+def test_reconnect_with_initial_versions_gets_only_what_changed(
+    server: ServerThread, delta_clients: Make
+) -> None:
+    first = delta_clients(server.port, node_id="a")
+    got = sync(first)
+    versions = {r.name: r.version for r in got[CLUSTER].resources}
+    again = delta_clients(server.port, node_id="a")
+    again.send(CLUSTER, initial=versions)
+    r = again.recv()
+    assert names(r) == [] and list(r.removed_resources) == []
+    stale = {**versions, "recommender|canary": "old-version", "gone|cluster": "x"}
+    third = delta_clients(server.port, node_id="a")
+    third.send(CLUSTER, initial=stale)
+    r = third.recv()
+    assert names(r) == ["recommender|canary"]
+    assert list(r.removed_resources) == ["gone|cluster"]
+
+
+def test_nack_is_recorded_and_not_resent(server: ServerThread, delta_clients: Make) -> None:
+    c = delta_clients(server.port)
+    sync(c)
+    server.call(
+        lambda: server.server.set_split(
+            "recommender", Split.from_percent({"canary": 10}), urgent=True
+        )
+    )
+    bad = c.recv()
+    c.send(ROUTE, nonce=bad.nonce, error="rejected by test")
+    node = wait_for(
+        lambda: next(
+            (
+                n
+                for n in server.call(lambda: server.server.nodes.nodes("us-east"))
+                if n.types[ROUTE].nack_error
+            ),
+            None,
+        ),
+        5,
+        "the NACK",
+    )
+    assert node.types[ROUTE].nack_version == bad.system_version_info
+    c.send(LISTENER, unsubscribe=["*"])
+    c.send(LISTENER, subscribe=["*"])
+    assert c.recv().type_url == LISTENER  # no routes re-sent in between
+
+
+def test_subscription_change_with_stale_nonce_is_applied(
+    server: ServerThread, delta_clients: Make
+) -> None:
+    c = delta_clients(server.port)
+    c.send(CLUSTER)
+    cds = c.recv()
+    c.ack(cds)
+    c.send(ENDPOINT, subscribe=["recommender|production"])
+    eds = c.recv()
+    c.ack(eds)
+    c.send(ENDPOINT, subscribe=["recommender|canary"], nonce="not-the-latest")
+    r = c.recv()
+    assert r.type_url == ENDPOINT and names(r) == ["recommender|canary"]
+
+
+def test_delta_resources_are_encoded_once_for_all_streams(
+    server: ServerThread, delta_clients: Make
+) -> None:
+    a, b = delta_clients(server.port, node_id="a"), delta_clients(server.port, node_id="b")
+    for c in (a, b):
+        c.send(CLUSTER)
+    ra, rb = a.recv(), b.recv()
+    assert [r.SerializeToString() for r in ra.resources] == [
+        r.SerializeToString() for r in rb.resources
+    ]
+    snap = server.call(lambda: server.server.snapshot("us-east"))
+    assert len(snap._delta_out) == 1

@@ -1,0 +1,157 @@
+"""Delta (incremental) xDS: the protocol state of one DeltaAggregatedResources stream.
+
+Same rules as state of the world (make-before-break order, routes only once the node
+has ACKed the clusters and endpoints they use, ACK and NACK told apart by error_detail,
+a NACKed version not sent again), with delta's own: each resource has its own version
+(a hash of its content), a response carries only the resources the node lacks and the
+names of those it must drop, and a node that reconnects with `initial_resource_versions`
+gets only what changed meanwhile, and a name asked for that does not exist comes back in
+`removed_resources` (the protocol's way to say so).
+
+Subscription changes are applied from every request, whatever its nonce: in delta a
+request both answers a response and changes the subscription, and a lost subscription
+change would never be repeated.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from xds_server.xds.snapshot import ListenAddress, Snapshot, delta_response
+from xds_server.xds.status import NodeRegistry, NodeStatus
+from xds_server.xds.types import CLUSTER, ENDPOINT, ROUTE, SEND_ORDER, WILDCARD_TYPES, short
+
+log = logging.getLogger("xds_server.delta")
+WILDCARD = "*"
+
+
+@dataclass
+class _DeltaType:
+    subscribed: bool = False
+    wildcard: bool = False
+    names: set[str] = field(default_factory=set)
+    """Resources asked for by name (besides the wildcard)."""
+    client: dict[str, str] = field(default_factory=dict)
+    """What the node holds (or was last sent): name -> version."""
+    synced_to: str = ""
+    """The type version of the snapshot `client` was last brought up to date with."""
+    dirty: bool = True
+    """The subscription changed since; compare everything again."""
+    nonce: str = ""
+    in_flight: bool = False
+    sent_version: str = ""
+    acked_resources: frozenset[str] = frozenset()
+    answer_due: bool = False
+    told_missing: set[str] = field(default_factory=set)
+    """Names asked for that do not exist, which the node was told (in removed_resources)."""
+
+
+class DeltaStream:
+    _nonces = itertools.count(1)
+
+    def __init__(
+        self, status: NodeStatus, registry: NodeRegistry, listen: ListenAddress | None = None
+    ) -> None:
+        self.status = status
+        self.registry = registry
+        self.listen = listen
+        self.types = {t: _DeltaType() for t in SEND_ORDER}
+
+    def on_request(self, req: Any) -> None:
+        ts = self.types.get(req.type_url)
+        if ts is None:
+            log.debug(
+                "%s asked for unsupported type %s; ignored", self.status.node_id, req.type_url
+            )
+            return
+        if not ts.subscribed:
+            ts.subscribed = True
+            ts.answer_due = True
+            ts.client = dict(req.initial_resource_versions)
+            if req.type_url in WILDCARD_TYPES and not req.resource_names_subscribe:
+                ts.wildcard = True  # the legacy wildcard: a first request naming nothing
+        for name in req.resource_names_subscribe:
+            if name == WILDCARD:
+                ts.wildcard = True
+            else:
+                ts.names.add(name)
+        for name in req.resource_names_unsubscribe:
+            if name == WILDCARD:
+                ts.wildcard = False
+            else:
+                ts.names.discard(name)
+                ts.client.pop(name, None)
+        if req.resource_names_subscribe or req.resource_names_unsubscribe:
+            ts.dirty = True
+        if not req.response_nonce:
+            return
+        if req.response_nonce != ts.nonce:
+            log.debug(
+                "%s: stale nonce %s for %s (latest %s)",
+                self.status.node_id,
+                req.response_nonce,
+                short(req.type_url),
+                ts.nonce,
+            )
+            return
+        ts.in_flight = False
+        if req.HasField("error_detail"):
+            self.registry.record_nack(
+                self.status, req.type_url, ts.sent_version, req.error_detail.message
+            )
+        else:
+            ts.acked_resources = frozenset(ts.client)
+            self.registry.record_ack(self.status, req.type_url, ts.sent_version)
+
+    def due(self, snap: Snapshot) -> list[bytes]:
+        out = []
+        for type_url in SEND_ORDER:
+            ts = self.types[type_url]
+            if not ts.subscribed or ts.in_flight:
+                continue
+            version = snap.type_version(type_url)
+            if ts.synced_to == version and not ts.dirty and not ts.answer_due:
+                continue
+            if type_url == ROUTE and not self._clusters_ready(snap):
+                continue
+            items = snap.delta_items(type_url, self.listen)
+            wanted = items.keys() if ts.wildcard else items.keys() & ts.names
+            changed = sorted(n for n in wanted if ts.client.get(n) != items[n].version)
+            gone = sorted(n for n in ts.client if n not in wanted)
+            # A name asked for that does not exist is answered in removed_resources too, so
+            # the node need not wait for its initial fetch to time out; once.
+            missing = sorted(ts.names - items.keys() - ts.told_missing - set(gone))
+            ts.told_missing = (ts.told_missing | set(missing)) & (ts.names - items.keys())
+            ts.synced_to, ts.dirty = version, False
+            if not changed and not gone and not missing and not ts.answer_due:
+                continue
+            for name in changed:
+                ts.client[name] = items[name].version
+            for name in gone:
+                del ts.client[name]
+            removed = gone + missing
+            ts.nonce = str(next(self._nonces))
+            ts.in_flight, ts.answer_due, ts.sent_version = True, False, version
+            self.registry.record_sent(
+                self.status,
+                type_url,
+                version,
+                snap.encoded(
+                    type_url, None if ts.wildcard else frozenset(ts.names), self.listen
+                ).body,
+            )
+            out.append(
+                delta_response(
+                    type_url, version, [items[n].encoded for n in changed], removed, ts.nonce
+                )
+            )
+        return out
+
+    def _clusters_ready(self, snap: Snapshot) -> bool:
+        c, e = self.types[CLUSTER], self.types[ENDPOINT]
+        return snap.routes_ready(
+            c.acked_resources if c.subscribed else None, e.acked_resources if e.subscribed else None
+        )
