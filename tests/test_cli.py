@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from xds_server.lab.procs import Envoy, Process, envoy_binary, free_port, http_get, wait_for
@@ -17,7 +18,10 @@ from xds_server.render.bootstrap import BootstrapOptions
 CLI = [sys.executable, "-m", "xds_server.cli"]
 
 
-def test_bootstrap_is_accepted_by_envoy_validate(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("node_id", "extra"), [("e1", []), ("n", ["--delta"])])
+def test_bootstrap_is_accepted_by_envoy_validate(
+    tmp_path: Path, node_id: str, extra: list[str]
+) -> None:
     out = subprocess.run(
         [
             *CLI,
@@ -25,22 +29,26 @@ def test_bootstrap_is_accepted_by_envoy_validate(tmp_path: Path) -> None:
             "--region",
             "eu-west",
             "--node-id",
-            "e1",
+            node_id,
             "--xds-address",
             "127.0.0.1:18000",
             "--admin-port",
             "19001",
             "--listen",
             "127.0.0.1:10001",
+            *extra,
         ],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
     doc = yaml.safe_load(out)
+    assert doc["node"]["id"] == node_id  # "n" stays a string (YAML would read a boolean)
     assert doc["node"]["locality"]["region"] == "eu-west"
     assert doc["node"]["metadata"] == {"xds_server.listen": "127.0.0.1:10001"}
     assert doc["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    api = doc["dynamic_resources"]["ads_config"]["api_type"]
+    assert api == ("DELTA_GRPC" if extra else "GRPC")
     path = tmp_path / "b.yaml"
     path.write_text(out)
     res = subprocess.run(
