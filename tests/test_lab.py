@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from xds_server.lab.procs import wait_for
 from xds_server.rollout.store import Store
 
@@ -101,7 +103,9 @@ def test_bad_canary_rolls_back_everywhere_and_keep_then_down(tmp_path: Path) -> 
     wait_for(lambda: not [p for p in pids(out) if alive(p)], 15, "every lab process to stop")
 
 
-def test_interrupt_stops_everything_within_bounded_time(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_interrupt_stops_everything_within_bounded_time(tmp_path: Path, sig: int) -> None:
+    """Ctrl-C, or the terminal closing (SIGHUP), ends the lab with nothing left behind."""
     out = tmp_path / "interrupted"
     proc = subprocess.Popen(
         [*LAB, "run", "--envoys-per-region", "1", "--out", str(out)],
@@ -113,7 +117,7 @@ def test_interrupt_stops_everything_within_bounded_time(tmp_path: Path) -> None:
     try:
         wait_for(lambda: (out / "lab.json").exists(), 60, "the lab to come up")
         started = pids(out)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         t0 = time.monotonic()
         assert proc.wait(30) == 130
         assert time.monotonic() - t0 < 30

@@ -111,7 +111,10 @@ def run_lab(
     opts = MeshOptions(region_names(regions), envoys_per_region, rollout=LAB_PLAN, load_rate=50)
     mesh = LocalMesh(out, opts)
     live = sys.stdout.isatty() if live is None else live
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Ctrl-C, kill, or the terminal going away: all end the lab cleanly.
+    previous = {
+        sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)
+    }
     print(f"lab: scenario {scenario.name}: {scenario.description}")
     print(f"lab: output in {out}")
     kept = False
@@ -136,7 +139,8 @@ def run_lab(
         print("\nlab: interrupted; stopping everything")
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if not kept:
             mesh.stop()
             _clear_current(out)

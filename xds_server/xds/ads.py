@@ -44,7 +44,7 @@ LISTEN_METADATA_KEY = "xds_server.listen"
 class StreamProtocol(Protocol):
     """The protocol state of one stream (SotW or delta): no I/O."""
 
-    def on_request(self, req: Any) -> None: ...
+    def on_request(self, req: Any) -> bool: ...
 
     def due(self, snap: Snapshot) -> list[bytes]: ...
 
@@ -123,14 +123,18 @@ class SotwStream:
         self.registry = registry
         self.listen = listen
         self.types = {t: _TypeState() for t in SEND_ORDER}
+        self.held = False
+        """Something was due but waited (an answer outstanding, routes not ready)."""
 
-    def on_request(self, req: discovery_pb2.DiscoveryRequest) -> None:
+    def on_request(self, req: discovery_pb2.DiscoveryRequest) -> bool:
+        """Apply a request; True when it may have made something due (worth a `due`)."""
         ts = self.types.get(req.type_url)
         if ts is None:
             log.debug(
                 "%s asked for unsupported type %s; ignored", self.status.node_id, req.type_url
             )
-            return
+            return False
+        names = None if req.type_url in WILDCARD_TYPES else frozenset(req.resource_names)
         if req.response_nonce:
             if req.response_nonce != ts.nonce:
                 log.debug(
@@ -140,7 +144,7 @@ class SotwStream:
                     short(req.type_url),
                     ts.nonce,
                 )
-                return
+                return False
             ts.in_flight = False
             if req.HasField("error_detail"):
                 self.registry.record_nack(
@@ -149,13 +153,14 @@ class SotwStream:
             else:
                 ts.acked_resources = ts.sent_resources
                 self.registry.record_ack(self.status, req.type_url, req.version_info)
+            # A plain ACK makes nothing due unless something waited for it.
+            wake = self.held or names != ts.names
         else:  # a new subscription, or the node re-asking: it gets an answer
             ts.answer_due, ts.in_flight = True, False
+            wake = True
         ts.subscribed = True
-        if req.type_url in WILDCARD_TYPES:
-            ts.names = None
-        else:
-            ts.names = frozenset(req.resource_names)
+        ts.names = names
+        return wake
 
     def due(self, snap: Snapshot) -> list[bytes]:
         """The responses to send now, in make-before-break order.
@@ -165,14 +170,16 @@ class SotwStream:
         so endpoints must flow while clusters are unanswered.
         """
         out = []
+        self.held = False
         for type_url in SEND_ORDER:
             ts = self.types[type_url]
-            if not ts.subscribed or ts.in_flight:
+            if not ts.subscribed:
                 continue
             version = snap.type_version(type_url)
             if ts.sent_version == version and ts.sent_names == ts.names and not ts.answer_due:
                 continue
-            if type_url == ROUTE and not self._clusters_ready(snap):
+            if ts.in_flight or (type_url == ROUTE and not self._clusters_ready(snap)):
+                self.held = True
                 continue
             encoded = snap.encoded(type_url, ts.names, self.listen)
             ts.nonce = str(next(self._nonces))
@@ -265,8 +272,8 @@ class AdsServer:
 
         async def read() -> None:
             async for req in reader:
-                stream.on_request(req)
-                wake.set()
+                if stream.on_request(req):
+                    wake.set()
 
         reader_task = asyncio.create_task(read())
         reader_task.add_done_callback(lambda _: wake.set())

@@ -59,14 +59,18 @@ class DeltaStream:
         self.registry = registry
         self.listen = listen
         self.types = {t: _DeltaType() for t in SEND_ORDER}
+        self.held = False
+        """Something was due but waited (an answer outstanding, routes not ready)."""
 
-    def on_request(self, req: Any) -> None:
+    def on_request(self, req: Any) -> bool:
+        """Apply a request; True when it may have made something due (worth a `due`)."""
         ts = self.types.get(req.type_url)
         if ts is None:
             log.debug(
                 "%s asked for unsupported type %s; ignored", self.status.node_id, req.type_url
             )
-            return
+            return False
+        wake = False
         if not ts.subscribed:
             ts.subscribed = True
             ts.answer_due = True
@@ -84,10 +88,10 @@ class DeltaStream:
             else:
                 ts.names.discard(name)
                 ts.client.pop(name, None)
-        if req.resource_names_subscribe or req.resource_names_unsubscribe:
-            ts.dirty = True
+        if req.resource_names_subscribe or req.resource_names_unsubscribe or ts.answer_due:
+            ts.dirty = wake = True
         if not req.response_nonce:
-            return
+            return wake
         if req.response_nonce != ts.nonce:
             log.debug(
                 "%s: stale nonce %s for %s (latest %s)",
@@ -96,7 +100,7 @@ class DeltaStream:
                 short(req.type_url),
                 ts.nonce,
             )
-            return
+            return wake
         ts.in_flight = False
         if req.HasField("error_detail"):
             self.registry.record_nack(
@@ -105,17 +109,20 @@ class DeltaStream:
         else:
             ts.acked_resources = frozenset(ts.client)
             self.registry.record_ack(self.status, req.type_url, ts.sent_version)
+        return wake or self.held  # a plain ACK matters only if something waited for it
 
     def due(self, snap: Snapshot) -> list[bytes]:
         out = []
+        self.held = False
         for type_url in SEND_ORDER:
             ts = self.types[type_url]
-            if not ts.subscribed or ts.in_flight:
+            if not ts.subscribed:
                 continue
             version = snap.type_version(type_url)
             if ts.synced_to == version and not ts.dirty and not ts.answer_due:
                 continue
-            if type_url == ROUTE and not self._clusters_ready(snap):
+            if ts.in_flight or (type_url == ROUTE and not self._clusters_ready(snap)):
+                self.held = True
                 continue
             items = snap.delta_items(type_url, self.listen)
             wanted = items.keys() if ts.wildcard else items.keys() & ts.names
