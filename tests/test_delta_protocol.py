@@ -156,3 +156,60 @@ def test_delta_resources_are_encoded_once_for_all_streams(
     ]
     snap = server.call(lambda: server.server.snapshot("us-east"))
     assert len(snap._delta_out) == 1
+
+
+def test_a_thousand_services_one_weight_change_one_resource(delta_clients: Make) -> None:
+    """1,000 services x 3 pools x 3 regions load, build and serve; changing one service's
+    weights sends one resource (the route configuration) and rebuilds only that service."""
+    from xds_server.config import validate_spec
+    from xds_server.lab.background import BackgroundServer
+
+    regions = ["us-east", "eu-west", "ap-south"]
+    port = iter(range(20_000, 65_000))
+    spec = validate_spec(
+        {
+            "regions": regions,
+            "services": [
+                {
+                    "name": f"svc-{i}",
+                    "domains": [f"svc-{i}.example"],
+                    "pools": {
+                        p: {
+                            "version": "v1",
+                            "endpoints": {r: [f"127.0.0.1:{next(port)}"] for r in regions},
+                        }
+                        for p in ("production", "baseline", "canary")
+                    },
+                }
+                for i in range(1000)
+            ],
+        },
+        "big",
+    )
+    server = BackgroundServer(spec)
+    try:
+        server.start()
+        c = delta_clients(server.port)
+        c.send(CLUSTER)
+        cds = c.recv()
+        assert len(cds.resources) == 3000
+        c.ack(cds)
+        c.send(ROUTE, subscribe=[ROUTE_CONFIG_NAME])
+        c.ack(c.recv())
+        before = server.call(lambda: server.server.snapshot("us-east").resources)
+        server.call(
+            lambda: server.server.set_split(
+                "svc-500", Split.from_percent({"canary": 5, "baseline": 5}), urgent=True
+            )
+        )
+        r = c.recv()
+        assert r.type_url == ROUTE and names(r) == [ROUTE_CONFIG_NAME]
+        after = server.call(lambda: server.server.snapshot("us-east").resources)
+        # Every cluster and endpoint object is the one built before; one vhost is new.
+        for t in (CLUSTER, ENDPOINT):
+            assert all(after.by_type[t][n] is m for n, m in before.by_type[t].items())
+        old_vh = before.by_type[ROUTE][ROUTE_CONFIG_NAME].virtual_hosts
+        new_vh = after.by_type[ROUTE][ROUTE_CONFIG_NAME].virtual_hosts
+        assert [a.name for a, b in zip(old_vh, new_vh, strict=True) if a != b] == ["svc-500"]
+    finally:
+        server.close()
