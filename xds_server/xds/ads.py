@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -134,7 +135,7 @@ class SotwStream:
                 "%s asked for unsupported type %s; ignored", self.status.node_id, req.type_url
             )
             return False
-        names = None if req.type_url in WILDCARD_TYPES else frozenset(req.resource_names)
+        names = None if req.type_url in WILDCARD_TYPES else _shared(req.resource_names)
         if req.response_nonce:
             if req.response_nonce != ts.nonce:
                 log.debug(
@@ -195,6 +196,21 @@ class SotwStream:
         return snap.routes_ready(
             c.acked_resources if c.subscribed else None, e.acked_resources if e.subscribed else None
         )
+
+
+_NAME_SETS: dict[frozenset[str], frozenset[str]] = {}
+
+
+def _shared(names: Any) -> frozenset[str]:
+    """One frozenset object for every stream that asks for the same names: a fleet asks
+    for the same thousands of endpoint names, and a copy per stream adds up."""
+    key = frozenset(names)
+    hit = _NAME_SETS.get(key)
+    if hit is None:
+        if len(_NAME_SETS) > 1000:  # bounded: old subscriptions are dropped
+            _NAME_SETS.clear()
+        hit = _NAME_SETS[key] = frozenset(sys.intern(n) for n in key)
+    return hit
 
 
 class AdsServer:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +36,12 @@ class _DeltaType:
     wildcard: bool = False
     names: set[str] = field(default_factory=set)
     """Resources asked for by name (besides the wildcard)."""
-    client: dict[str, str] = field(default_factory=dict)
-    """What the node holds (or was last sent): name -> version."""
+    client: Mapping[str, str] = field(default_factory=dict)
+    """What the node holds (or was last sent): name -> version. When that is everything
+    the snapshot has, this is the snapshot's own shared mapping (never mutated): a fleet
+    in sync then costs no memory per stream; a change makes a private copy first."""
+    client_names: frozenset[str] | None = None
+    """The names of `client` when it is the snapshot's shared mapping (shared too)."""
     synced_to: str = ""
     """The type version of the snapshot `client` was last brought up to date with."""
     dirty: bool = True
@@ -74,20 +80,22 @@ class DeltaStream:
         if not ts.subscribed:
             ts.subscribed = True
             ts.answer_due = True
-            ts.client = dict(req.initial_resource_versions)
+            ts.client, ts.client_names = dict(req.initial_resource_versions), None
             if req.type_url in WILDCARD_TYPES and not req.resource_names_subscribe:
                 ts.wildcard = True  # the legacy wildcard: a first request naming nothing
         for name in req.resource_names_subscribe:
             if name == WILDCARD:
                 ts.wildcard = True
             else:
-                ts.names.add(name)
+                ts.names.add(sys.intern(name))  # one string for every stream
         for name in req.resource_names_unsubscribe:
             if name == WILDCARD:
                 ts.wildcard = False
             else:
                 ts.names.discard(name)
-                ts.client.pop(name, None)
+                if name in ts.client:
+                    ts.client = {k: v for k, v in ts.client.items() if k != name}
+                    ts.client_names = None
         if req.resource_names_subscribe or req.resource_names_unsubscribe or ts.answer_due:
             ts.dirty = wake = True
         if not req.response_nonce:
@@ -107,7 +115,7 @@ class DeltaStream:
                 self.status, req.type_url, ts.sent_version, req.error_detail.message
             )
         else:
-            ts.acked_resources = frozenset(ts.client)
+            ts.acked_resources = ts.client_names or frozenset(ts.client)
             self.registry.record_ack(self.status, req.type_url, ts.sent_version)
         return wake or self.held  # a plain ACK matters only if something waited for it
 
@@ -135,10 +143,17 @@ class DeltaStream:
             ts.synced_to, ts.dirty = version, False
             if not changed and not gone and not missing and not ts.answer_due:
                 continue
+            client = dict(ts.client)
             for name in changed:
-                ts.client[name] = items[name].version
+                client[name] = items[name].version
             for name in gone:
-                del ts.client[name]
+                del client[name]
+            versions = snap.delta_versions(type_url, self.listen)
+            if len(client) == len(versions):  # in sync with all of it: share, don't copy
+                ts.client = versions
+                ts.client_names = snap.delta_names(type_url, self.listen)
+            else:
+                ts.client, ts.client_names = client, None
             removed = gone + missing
             ts.nonce = str(next(self._nonces))
             ts.in_flight, ts.answer_due, ts.sent_version = True, False, version

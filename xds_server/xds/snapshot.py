@@ -16,6 +16,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from types import MappingProxyType
 from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
@@ -67,6 +68,12 @@ class Snapshot:
     """Delta items per (type, listen), with the message each was made from. A successor
     starts from its predecessor's, so an unchanged resource is never encoded again."""
     _delta_out: dict[tuple[str, ListenAddress | None], dict[str, DeltaItem]] = field(
+        default_factory=dict, repr=False
+    )
+    _delta_versions: dict[tuple[str, ListenAddress | None], Mapping[str, str]] = field(
+        default_factory=dict, repr=False
+    )
+    _delta_names: dict[tuple[str, ListenAddress | None], frozenset[str]] = field(
         default_factory=dict, repr=False
     )
 
@@ -181,6 +188,28 @@ class Snapshot:
             del memo[gone]
         self._delta_out[key] = out
         return out
+
+    def delta_versions(
+        self, type_url: str, listen: ListenAddress | None = None
+    ) -> Mapping[str, str]:
+        """name -> version of every resource of the type; one shared mapping per snapshot."""
+        key = (type_url, (listen or self.listen) if type_url == LISTENER else None)
+        hit = self._delta_versions.get(key)
+        if hit is None:
+            items = self.delta_items(type_url, listen)
+            hit = self._delta_versions[key] = MappingProxyType(
+                {n: item.version for n, item in items.items()}
+            )
+        return hit
+
+    def delta_names(self, type_url: str, listen: ListenAddress | None = None) -> frozenset[str]:
+        """The names of `delta_versions`, as one shared frozenset per snapshot."""
+        versions = self.delta_versions(type_url, listen)
+        key = (type_url, (listen or self.listen) if type_url == LISTENER else None)
+        hit = self._delta_names.get(key)
+        if hit is None:
+            hit = self._delta_names[key] = frozenset(versions)
+        return hit
 
     def _items(self, type_url: str, listen: ListenAddress) -> Mapping[str, message.Message]:
         if type_url == LISTENER:
