@@ -129,8 +129,10 @@ def envoys(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EnvoyFact
     factory.stop_all()
 
 
-class AdsClient:
-    """A raw ADS stream over real gRPC; responses are read by a thread into a queue."""
+class _RawStream:
+    """One raw ADS stream over real gRPC; a thread reads responses into a queue."""
+
+    method = ""
 
     def __init__(
         self,
@@ -140,8 +142,8 @@ class AdsClient:
         listen: str | None = None,
     ) -> None:
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        self.requests: queue.Queue[discovery_pb2.DiscoveryRequest | None] = queue.Queue()
-        self.responses: queue.Queue[discovery_pb2.DiscoveryResponse | Exception] = queue.Queue()
+        self.requests: queue.Queue[Any] = queue.Queue()
+        self.responses: queue.Queue[Any] = queue.Queue()
         self.node = base_pb2.Node(
             id=node_id, cluster=region, locality=base_pb2.Locality(region=region)
         )
@@ -153,7 +155,7 @@ class AdsClient:
             )
         self._first = True
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel)
-        self.call = stub.StreamAggregatedResources(iter(self.requests.get, None))
+        self.call = getattr(stub, self.method)(iter(self.requests.get, None))
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -162,6 +164,32 @@ class AdsClient:
                 self.responses.put(resp)
         except Exception as exc:
             self.responses.put(exc)
+
+    def _put(self, req: Any, error: str | None) -> None:
+        if self._first:  # the node goes in the first request only, as Envoy sends it
+            req.node.CopyFrom(self.node)
+            self._first = False
+        if error is not None:
+            req.error_detail.code = 3
+            req.error_detail.message = error
+        self.requests.put(req)
+
+    def recv(self, timeout: float = 5.0) -> Any:
+        item = self.responses.get(timeout=timeout)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.requests.put(None)
+        self.call.cancel()
+        self.channel.close()
+
+
+class AdsClient(_RawStream):
+    """State of the world."""
+
+    method = "StreamAggregatedResources"
 
     def send(
         self,
@@ -171,70 +199,24 @@ class AdsClient:
         nonce: str = "",
         error: str | None = None,
     ) -> None:
-        req = discovery_pb2.DiscoveryRequest(
-            type_url=type_url,
-            resource_names=names or [],
-            version_info=version,
-            response_nonce=nonce,
+        self._put(
+            discovery_pb2.DiscoveryRequest(
+                type_url=type_url,
+                resource_names=names or [],
+                version_info=version,
+                response_nonce=nonce,
+            ),
+            error,
         )
-        if self._first:
-            req.node.CopyFrom(self.node)
-            self._first = False
-        if error is not None:
-            req.error_detail.code = 3
-            req.error_detail.message = error
-        self.requests.put(req)
 
-    def recv(self, timeout: float = 5.0) -> discovery_pb2.DiscoveryResponse:
-        item = self.responses.get(timeout=timeout)
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    def ack(self, resp: discovery_pb2.DiscoveryResponse, names: list[str] | None = None) -> None:
+    def ack(self, resp: Any, names: list[str] | None = None) -> None:
         self.send(resp.type_url, names, resp.version_info, resp.nonce)
 
-    def close(self) -> None:
-        self.requests.put(None)
-        self.call.cancel()
-        self.channel.close()
 
+class DeltaClient(_RawStream):
+    """Delta (incremental)."""
 
-@pytest.fixture
-def ads_clients() -> Iterator[Callable[..., AdsClient]]:
-    made: list[AdsClient] = []
-
-    def make(port: int, **kw: Any) -> AdsClient:
-        c = AdsClient(port, **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
-
-
-class DeltaClient:
-    """A raw DeltaAggregatedResources stream over real gRPC."""
-
-    def __init__(self, port: int, region: str = "us-east", node_id: str = "delta-node") -> None:
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        self.requests: queue.Queue[discovery_pb2.DeltaDiscoveryRequest | None] = queue.Queue()
-        self.responses: queue.Queue[Any] = queue.Queue()
-        self.node = base_pb2.Node(
-            id=node_id, cluster=region, locality=base_pb2.Locality(region=region)
-        )
-        self._first = True
-        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel)
-        self.call = stub.DeltaAggregatedResources(iter(self.requests.get, None))
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        try:
-            for resp in self.call:
-                self.responses.put(resp)
-        except Exception as exc:
-            self.responses.put(exc)
+    method = "DeltaAggregatedResources"
 
     def send(
         self,
@@ -245,45 +227,63 @@ class DeltaClient:
         initial: dict[str, str] | None = None,
         error: str | None = None,
     ) -> None:
-        req = discovery_pb2.DeltaDiscoveryRequest(
-            type_url=type_url,
-            resource_names_subscribe=subscribe or [],
-            resource_names_unsubscribe=unsubscribe or [],
-            response_nonce=nonce,
-            initial_resource_versions=initial or {},
+        self._put(
+            discovery_pb2.DeltaDiscoveryRequest(
+                type_url=type_url,
+                resource_names_subscribe=subscribe or [],
+                resource_names_unsubscribe=unsubscribe or [],
+                response_nonce=nonce,
+                initial_resource_versions=initial or {},
+            ),
+            error,
         )
-        if self._first:
-            req.node.CopyFrom(self.node)
-            self._first = False
-        if error is not None:
-            req.error_detail.code = 3
-            req.error_detail.message = error
-        self.requests.put(req)
 
-    def recv(self, timeout: float = 5.0) -> discovery_pb2.DeltaDiscoveryResponse:
-        item = self.responses.get(timeout=timeout)
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    def ack(self, resp: discovery_pb2.DeltaDiscoveryResponse) -> None:
+    def ack(self, resp: Any) -> None:
         self.send(resp.type_url, nonce=resp.nonce)
 
-    def close(self) -> None:
-        self.requests.put(None)
-        self.call.cancel()
-        self.channel.close()
 
+def _factory(cls: type[T]) -> Iterator[Callable[..., T]]:
+    made: list[Any] = []
 
-@pytest.fixture
-def delta_clients() -> Iterator[Callable[..., DeltaClient]]:
-    made: list[DeltaClient] = []
-
-    def make(port: int, **kw: Any) -> DeltaClient:
-        c = DeltaClient(port, **kw)
-        made.append(c)
-        return c
+    def make(port: int, **kw: Any) -> T:
+        made.append(cls(port, **kw))
+        return made[-1]  # type: ignore[no-any-return]
 
     yield make
     for c in made:
         c.close()
+
+
+@pytest.fixture
+def ads_clients() -> Iterator[Callable[..., AdsClient]]:
+    yield from _factory(AdsClient)
+
+
+@pytest.fixture
+def delta_clients() -> Iterator[Callable[..., DeltaClient]]:
+    yield from _factory(DeltaClient)
+
+
+def broken_route() -> Any:
+    """A route whose weighted_clusters names no cluster: Envoy's validation rejects it."""
+    from envoy.config.route.v3 import route_components_pb2, route_pb2
+
+    from xds_server.xds.resources import ROUTE_CONFIG_NAME
+
+    return route_pb2.RouteConfiguration(
+        name=ROUTE_CONFIG_NAME,
+        virtual_hosts=[
+            route_components_pb2.VirtualHost(
+                name="broken",
+                domains=["*"],
+                routes=[
+                    route_components_pb2.Route(
+                        match=route_components_pb2.RouteMatch(prefix="/"),
+                        route=route_components_pb2.RouteAction(
+                            weighted_clusters=route_components_pb2.WeightedCluster()
+                        ),
+                    )
+                ],
+            )
+        ],
+    )

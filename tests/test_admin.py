@@ -14,7 +14,6 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 
 from xds_server.admin.service import AdminService, run_admin_server
@@ -23,7 +22,7 @@ from xds_server.lab.procs import free_port, http_get, wait_for
 from xds_server.xds.resources import ROUTE_CONFIG_NAME
 from xds_server.xds.types import ROUTE
 
-from .conftest import EnvoyFactory, ServerThread
+from .conftest import EnvoyFactory, ServerThread, broken_route
 
 TOKEN = "s3cret-token"
 PLAN = {
@@ -285,24 +284,7 @@ def test_a_nack_shows_as_nacked_with_envoys_message(
     envoy = envoys.start("us-east", server.port)
     envoy.wait_ready()
     port = _start_admin(server)
-    bad = route_pb2.RouteConfiguration(
-        name=ROUTE_CONFIG_NAME,
-        virtual_hosts=[
-            route_components_pb2.VirtualHost(
-                name="broken",
-                domains=["*"],
-                routes=[
-                    route_components_pb2.Route(
-                        match=route_components_pb2.RouteMatch(prefix="/"),
-                        route=route_components_pb2.RouteAction(
-                            weighted_clusters=route_components_pb2.WeightedCluster()
-                        ),
-                    )
-                ],
-            )
-        ],
-    )
-    server.call(lambda: server.server.inject_resource_for_tests("us-east", ROUTE, bad))
+    server.call(lambda: server.server.inject_resource_for_tests("us-east", ROUTE, broken_route()))
 
     def nacked() -> dict[str, Any] | None:
         res = xdsctl(port, "nodes", check=False)

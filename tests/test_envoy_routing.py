@@ -8,15 +8,13 @@ from collections import Counter
 from pathlib import Path
 
 import yaml
-from envoy.config.route.v3 import route_components_pb2, route_pb2
 
 from xds_server.lab.procs import Envoy, http_get, wait_for
 from xds_server.lab.upstream import ModelServer
 from xds_server.traffic import Split
-from xds_server.xds.resources import ROUTE_CONFIG_NAME
 from xds_server.xds.types import ROUTE
 
-from .conftest import REGIONS, EnvoyFactory, ServerThread
+from .conftest import REGIONS, EnvoyFactory, ServerThread, broken_route
 
 
 def get(envoy: Envoy, path: str = "/predict") -> tuple[int, dict[str, str]]:
@@ -111,25 +109,7 @@ def test_nack_keeps_last_good_config(server: ServerThread, envoys: EnvoyFactory)
     envoy.wait_ready()
     good = server.route_version("us-east")
     good_as_envoy_says = server.route_version("us-east", envoy.opts.delta)
-    # A route whose weighted_clusters names no cluster: Envoy's validation rejects it.
-    bad = route_pb2.RouteConfiguration(
-        name=ROUTE_CONFIG_NAME,
-        virtual_hosts=[
-            route_components_pb2.VirtualHost(
-                name="broken",
-                domains=["*"],
-                routes=[
-                    route_components_pb2.Route(
-                        match=route_components_pb2.RouteMatch(prefix="/"),
-                        route=route_components_pb2.RouteAction(
-                            weighted_clusters=route_components_pb2.WeightedCluster()
-                        ),
-                    )
-                ],
-            )
-        ],
-    )
-    server.call(lambda: server.server.inject_resource_for_tests("us-east", ROUTE, bad))
+    server.call(lambda: server.server.inject_resource_for_tests("us-east", ROUTE, broken_route()))
     bad_version = server.route_version("us-east")
 
     def nacked() -> object:
