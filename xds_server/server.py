@@ -9,6 +9,7 @@ Its methods are called on the server's event loop.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -278,6 +279,7 @@ class XdsServer:
     # ---- gRPC lifecycle ----
 
     async def start(self, address: str = "127.0.0.1:18000") -> int:
+        tune_gc_for_many_streams()
         self._grpc = grpc.aio.server(
             options=[
                 ("grpc.keepalive_time_ms", 30_000),
@@ -318,6 +320,17 @@ class XdsServer:
             if sig != last:
                 last = sig
                 self.reload_spec()
+
+
+def tune_gc_for_many_streams() -> None:
+    """Collect young objects far less often than CPython's default (700, 10, 10).
+
+    A server holds millions of long-lived objects (streams, their state, snapshots), and
+    with the default thresholds the cyclic collector keeps rescanning them: it cost a
+    third of the server's CPU in a push to 10,000 streams (benchmarks/push_fanout.py:
+    1.64 -> 1.07 CPU s per push, p99 2.02 -> 1.48 s). Everything is still collected.
+    """
+    gc.set_threshold(100_000, 50, 100)
 
 
 def _file_signature(path: Path) -> tuple[int, int, bytes] | None:
