@@ -157,11 +157,6 @@ class XdsServer:
         self._injected[(region, type_url, name)] = resource
         self._mark_dirty([region], "test injection", urgent=True)
 
-    def clear_injected_for_tests(self) -> None:
-        regions = {r for r, _, _ in self._injected}
-        self._injected.clear()
-        self._mark_dirty(regions, "test injection cleared", urgent=True)
-
     # ---- building and publishing ----
 
     def _mark_dirty(self, regions: Iterable[str], reason: str, *, urgent: bool) -> None:

@@ -7,7 +7,6 @@ started, by pid.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,7 +271,3 @@ def canary_share(envoy: Envoy) -> float:
     w = envoy_weights(envoy)
     total = sum(w.values())
     return w.get("canary", 0) * 100 / total if total else 0.0
-
-
-def dump_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=str)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,10 +79,3 @@ class Prometheus(Process):
             return http_get(self.url + "/-/ready")[0] == 200
 
         wait_for(ready, timeout, "prometheus to be ready")
-
-    def targets_up(self) -> int:
-        status, body, _ = http_get(self.url + "/api/v1/targets")
-        if status != 200:
-            return 0
-        active = json.loads(body)["data"]["activeTargets"]
-        return sum(1 for t in active if t["health"] == "up")

@@ -58,9 +58,6 @@ class RolloutState:
     wave: int = 0
     reason: str = ""
 
-    def step_of(self, region: str) -> int:
-        return self.regions[region].step
-
 
 @dataclass(frozen=True)
 class Observation:

@@ -41,6 +41,3 @@ class SnapshotCache:
 
     def unwatch(self, region: str, event: asyncio.Event) -> None:
         self._watchers[region].discard(event)
-
-    def watcher_count(self, region: str) -> int:
-        return len(self._watchers[region])

@@ -107,6 +107,13 @@ class NodeRegistry:
     def record_ack(self, status: NodeStatus, type_url: str, version: str) -> None:
         ts = status.types[type_url]
         ts.acked_version, ts.acked_at = version, time.time()
+        log.debug(
+            "ACK from %s region=%s type=%s version=%s",
+            status.node_id,
+            status.region,
+            short(type_url),
+            version,
+        )
         self._notify(status)
 
     def record_nack(self, status: NodeStatus, type_url: str, version: str, error: str) -> None:
