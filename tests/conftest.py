@@ -94,6 +94,7 @@ class EnvoyFactory:
     def __init__(self, workdir: Path, delta: bool = False) -> None:
         self.workdir = workdir
         self.delta = delta
+        self.tls_ca: str | None = None
         self.started: list[Envoy] = []
 
     def start(
@@ -109,6 +110,7 @@ class EnvoyFactory:
                 admin_port=free_port(),
                 listen=f"127.0.0.1:{listen_port}",
                 delta=self.delta,
+                xds_tls_ca=self.tls_ca,
             ),
             self.workdir,
         )

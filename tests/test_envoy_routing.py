@@ -194,3 +194,47 @@ def test_pool_added_live_takes_traffic_once_warm(
     server.call(lambda: server.server.set_split("recommender", Split.from_percent({"canary": 100})))
     wait_applied(server, envoy)
     assert pools_seen(envoy, 10) == Counter({"canary": 10})
+
+
+def test_xds_over_tls(tmp_path: Path, spec_file: Path, envoys: EnvoyFactory) -> None:
+    """A server with a TLS certificate, and an Envoy whose bootstrap (--xds-tls-ca) speaks
+    only TLS to it: the Envoy gets its config, connects as a node and routes with it."""
+    import subprocess
+
+    from xds_server.config import load_spec
+    from xds_server.lab.background import BackgroundServer
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    server = BackgroundServer(load_spec(spec_file), tls=(cert.read_bytes(), key.read_bytes()))
+    try:
+        server.start()
+        envoys.tls_ca = str(cert)
+        envoy = envoys.start("eu-west", server.port)
+        envoy.wait_ready()
+        assert get(envoy)[1]["pool"] == "production"
+        (node,) = server.call(lambda: server.server.nodes.nodes("eu-west"))
+        assert node.node_id == envoy.opts.node_id
+    finally:
+        server.close()

@@ -82,7 +82,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     state_dir = Path(args.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    server = XdsServer(spec, spec_path=args.spec)
+    server = XdsServer(
+        spec, spec_path=args.spec, tls=_load_tls(args.xds_tls_cert, args.xds_tls_key, "--xds-tls")
+    )
     controller = None
     lock = _try_lock(state_dir / "controller.lock")
     if lock is None:
@@ -101,11 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         telemetry.serve(metrics_host, metrics_port)
         log.info("metrics on http://%s:%d/metrics", metrics_host, metrics_port)
     admin = AdminService(server, controller, _read_secret(args.admin_token_file))
-    tls = None
-    if args.admin_tls_cert or args.admin_tls_key:
-        if not (args.admin_tls_cert and args.admin_tls_key):
-            raise UsageError("--admin-tls-cert and --admin-tls-key go together")
-        tls = (Path(args.admin_tls_cert).read_bytes(), Path(args.admin_tls_key).read_bytes())
+    tls = _load_tls(args.admin_tls_cert, args.admin_tls_key, "--admin-tls")
     split_host_port(args.admin_address, "--admin-address")
     companions: list[Callable[[], Coroutine[Any, Any, None]]] = [
         lambda: run_admin_server(admin, args.admin_address, tls)
@@ -114,6 +112,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         companions.append(controller.run)
     asyncio.run(serve_forever(server, args.xds_address, companions))
     return 0
+
+
+def _load_tls(cert: str | None, key: str | None, flag: str) -> tuple[bytes, bytes] | None:
+    """(certificate chain, private key) from a pair of PEM files, or None for plaintext."""
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise UsageError(f"{flag}-cert and {flag}-key go together")
+    return Path(cert).read_bytes(), Path(key).read_bytes()
 
 
 def _read_secret(path: str | None) -> str | None:
@@ -148,6 +155,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         admin_port=args.admin_port,
         listen=args.listen,
         delta=args.delta,
+        xds_tls_ca=args.xds_tls_ca,
     )
     sys.stdout.write(render_bootstrap(opts))
     return 0
@@ -211,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="require this bearer token for changes through the admin API",
     )
+    s.add_argument("--xds-tls-cert", metavar="PEM", help="serve xDS over TLS")
+    s.add_argument("--xds-tls-key", metavar="PEM")
     s.add_argument("--admin-tls-cert", metavar="PEM", help="serve the admin API over TLS")
     s.add_argument("--admin-tls-key", metavar="PEM")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -228,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="this node's listener address (several Envoys on one host)",
     )
     b.add_argument("--delta", action="store_true", help="use delta (incremental) xDS")
+    b.add_argument(
+        "--xds-tls-ca",
+        metavar="PEM",
+        help="talk TLS to the xDS server, trusting this CA (an absolute path)",
+    )
     b.set_defaults(func=cmd_bootstrap)
     lab = sub.add_parser("lab", help="a local multi-region mesh with a live canary rollout")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)

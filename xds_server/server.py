@@ -55,8 +55,11 @@ class XdsServer:
         *,
         spec_path: str | Path | None = None,
         coalesce_seconds: float = COALESCE_SECONDS,
+        tls: tuple[bytes, bytes] | None = None,
     ) -> None:
         self.spec = spec
+        self.tls = tls
+        """(certificate chain, private key) in PEM: serve xDS over TLS."""
         self.spec_path = Path(spec_path) if spec_path else None
         self.traffic = TrafficState()
         self.cache = SnapshotCache()
@@ -283,14 +286,19 @@ class XdsServer:
             ]
         )
         self.ads.add_to(self._grpc)
-        self.port = self._grpc.add_insecure_port(address)
+        if self.tls is not None:
+            creds = grpc.ssl_server_credentials([(self.tls[1], self.tls[0])])
+            self.port = self._grpc.add_secure_port(address, creds)
+        else:
+            self.port = self._grpc.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         await self._grpc.start()
         log.info(
-            "xDS server listening on %s (port %d), regions: %s",
+            "xDS server listening on %s (port %d, %s), regions: %s",
             address,
             self.port,
+            "TLS" if self.tls else "plaintext",
             ", ".join(self.spec.regions),
         )
         return self.port

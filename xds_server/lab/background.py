@@ -20,11 +20,13 @@ T = TypeVar("T")
 
 
 class BackgroundServer:
-    def __init__(self, spec: MeshSpec, spec_path: Path | None = None) -> None:
+    def __init__(
+        self, spec: MeshSpec, spec_path: Path | None = None, tls: tuple[bytes, bytes] | None = None
+    ) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="xds-server", daemon=True)
         self.thread.start()
-        self.server: XdsServer = self.call(lambda: XdsServer(spec, spec_path=spec_path))
+        self.server: XdsServer = self.call(lambda: XdsServer(spec, spec_path=spec_path, tls=tls))
         self.port = 0
         self._watch: Future[None] | None = None
 

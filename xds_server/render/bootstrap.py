@@ -25,6 +25,8 @@ class BootstrapOptions:
     """Latency histograms reach /stats/prometheus only at each flush: keep it short."""
     delta: bool = False
     """Use delta (incremental) xDS instead of state of the world."""
+    xds_tls_ca: str | None = None
+    """Talk TLS to the xDS server, trusting this CA file (PEM)."""
 
 
 def _duration(seconds: float) -> str:
@@ -45,6 +47,20 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
     except ValueError:
         discovery = "STRICT_DNS"
     ads_source = {"ads": {}, "resource_api_version": "V3"}
+    xds_cluster: dict[str, Any] = {}
+    if opts.xds_tls_ca:
+        xds_cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/"
+                "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": opts.xds_host,
+                "common_tls_context": {
+                    "alpn_protocols": ["h2"],  # gRPC servers insist on HTTP/2 by ALPN
+                    "validation_context": {"trusted_ca": {"filename": opts.xds_tls_ca}},
+                },
+            },
+        }
     return {
         "node": node,
         "dynamic_resources": {
@@ -73,6 +89,7 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
                     "name": XDS_CLUSTER,
                     "type": discovery,
                     "connect_timeout": "1s",
+                    **xds_cluster,
                     "typed_extension_protocol_options": {
                         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                             "@type": "type.googleapis.com/"
