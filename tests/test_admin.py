@@ -309,30 +309,8 @@ def test_unreachable_admin_api_is_one_clear_line() -> None:
     )
 
 
-def test_admin_api_over_tls(server: ServerThread, tmp_path: Path) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
+def test_admin_api_over_tls(server: ServerThread, self_signed_cert: tuple[Path, Path]) -> None:
+    cert, key = self_signed_cert
     port = _start_admin(server, tls=(cert.read_bytes(), key.read_bytes()))
     ok = wait_for(
         lambda: (

@@ -196,37 +196,15 @@ def test_pool_added_live_takes_traffic_once_warm(
     assert pools_seen(envoy, 10) == Counter({"canary": 10})
 
 
-def test_xds_over_tls(tmp_path: Path, spec_file: Path, envoys: EnvoyFactory) -> None:
+def test_xds_over_tls(
+    self_signed_cert: tuple[Path, Path], spec_file: Path, envoys: EnvoyFactory
+) -> None:
     """A server with a TLS certificate, and an Envoy whose bootstrap (--xds-tls-ca) speaks
     only TLS to it: the Envoy gets its config, connects as a node and routes with it."""
-    import subprocess
-
     from xds_server.config import load_spec
     from xds_server.lab.background import BackgroundServer
 
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = self_signed_cert
     server = BackgroundServer(load_spec(spec_file), tls=(cert.read_bytes(), key.read_bytes()))
     try:
         server.start()
