@@ -78,7 +78,8 @@ class RegionBuilder:
         self._clusters: dict[str, message.Message] = {}
         self._endpoints: dict[tuple[str, tuple[Endpoint, ...]], message.Message] = {}
         self._vhosts: dict[tuple[Any, ...], message.Message] = {}
-        self._routes: tuple[tuple[int, ...], message.Message] | None = None
+        self._routes: tuple[tuple[Any, ...], message.Message] | None = None
+        """The route configuration, keyed by its virtual hosts' keys (values, not ids)."""
         self._last: tuple[MeshSpec, TrafficState, RegionResources, list[Any]] | None = None
 
     def build(self, spec: MeshSpec, traffic: TrafficState) -> RegionResources:
@@ -86,9 +87,7 @@ class RegionBuilder:
             return self._reweigh(traffic)
         clusters: dict[str, message.Message] = {}
         endpoints: dict[str, message.Message] = {}
-        vhosts: list[message.Message] = []
-        vkeys: list[Any] = []
-        used_eps, used_vh = set(), set()
+        used_eps = set()
         for svc in spec.services:
             for pool in svc.pools.values():
                 name = cluster_name(svc.name, pool.name)
@@ -100,26 +99,18 @@ class RegionBuilder:
                     self._endpoints[key] = build_load_assignment(name, self.region, key[1])
                 endpoints[name] = self._endpoints[key]
                 used_eps.add(key)
-            split = traffic.effective(svc, self.region)
-            vkey = (svc.name, svc.domains, svc.prefix, tuple(svc.pools), split)
-            if vkey not in self._vhosts:
-                self._vhosts[vkey] = virtual_host(svc, split)
-            vhosts.append(self._vhosts[vkey])
-            vkeys.append(vkey)
-            used_vh.add(vkey)
-        ids = tuple(id(v) for v in vhosts)
-        if self._routes is None or self._routes[0] != ids:
-            self._routes = (
-                ids,
-                route_pb2.RouteConfiguration(name=ROUTE_CONFIG_NAME, virtual_hosts=vhosts),
-            )
+        vkeys = [self._vhost_key(svc, traffic) for svc in spec.services]
         # Forget what the spec no longer has, so the memo stays the size of the spec.
         self._clusters = {k: v for k, v in self._clusters.items() if k in clusters}
         self._endpoints = {k: v for k, v in self._endpoints.items() if k in used_eps}
-        self._vhosts = {k: v for k, v in self._vhosts.items() if k in used_vh}
-        routes = {ROUTE_CONFIG_NAME: self._routes[1]}
         built = RegionResources(
-            self.region, {CLUSTER: clusters, ENDPOINT: endpoints, ROUTE: routes, LISTENER: {}}
+            self.region,
+            {
+                CLUSTER: clusters,
+                ENDPOINT: endpoints,
+                ROUTE: self._route_config(vkeys),
+                LISTENER: {},
+            },
         )
         self._last = (spec, traffic, built, vkeys)
         return built
@@ -134,27 +125,34 @@ class RegionBuilder:
             if region == self.region
             and traffic.split(svc, region) != old_traffic.split(svc, region)
         }
-        if not changed:
-            self._last = (spec, traffic, old, vkeys)
-            return old
-        vkeys = list(vkeys)
-        for i, svc in enumerate(spec.services):
-            if svc.name in changed:
-                split = traffic.effective(svc, self.region)
-                vkeys[i] = (svc.name, svc.domains, svc.prefix, tuple(svc.pools), split)
-                if vkeys[i] not in self._vhosts:
-                    self._vhosts[vkeys[i]] = virtual_host(svc, split)
-        self._vhosts = {k: self._vhosts[k] for k in vkeys}
-        vhosts = [self._vhosts[k] for k in vkeys]
-        self._routes = (
-            tuple(id(v) for v in vhosts),
-            route_pb2.RouteConfiguration(name=ROUTE_CONFIG_NAME, virtual_hosts=vhosts),
-        )
-        built = RegionResources(
-            self.region, {**old.by_type, ROUTE: {ROUTE_CONFIG_NAME: self._routes[1]}}
-        )
-        self._last = (spec, traffic, built, vkeys)
-        return built
+        if changed:
+            vkeys = [
+                self._vhost_key(svc, traffic) if svc.name in changed else key
+                for svc, key in zip(spec.services, vkeys, strict=True)
+            ]
+            old = RegionResources(self.region, {**old.by_type, ROUTE: self._route_config(vkeys)})
+        self._last = (spec, traffic, old, vkeys)
+        return old
+
+    def _vhost_key(self, svc: Service, traffic: TrafficState) -> tuple[Any, ...]:
+        """Build (or reuse) a service's virtual host; return its memo key."""
+        split = traffic.effective(svc, self.region)
+        key = (svc.name, svc.domains, svc.prefix, tuple(svc.pools), split)
+        if key not in self._vhosts:
+            self._vhosts[key] = virtual_host(svc, split)
+        return key
+
+    def _route_config(self, vkeys: list[Any]) -> dict[str, message.Message]:
+        keys = tuple(vkeys)
+        if self._routes is None or self._routes[0] != keys:
+            self._vhosts = {k: self._vhosts[k] for k in keys}
+            self._routes = (
+                keys,
+                route_pb2.RouteConfiguration(
+                    name=ROUTE_CONFIG_NAME, virtual_hosts=[self._vhosts[k] for k in keys]
+                ),
+            )
+        return {ROUTE_CONFIG_NAME: self._routes[1]}
 
 
 def _ads() -> config_source_pb2.ConfigSource:
