@@ -18,7 +18,7 @@ from xds_server.lab.load import LoadGenerator
 from xds_server.lab.procs import Envoy, Process, free_port, http_get, http_post_json, wait_for
 from xds_server.lab.prometheus import Prometheus, ScrapeTarget
 from xds_server.render.bootstrap import BootstrapOptions
-from xds_server.rollout.store import Store
+from xds_server.rollout.store import AuditEntry, Store
 
 SERVICE = "recommender"
 VERSIONS = {"production": "v1", "baseline": "v1", "canary": "v2"}
@@ -50,6 +50,7 @@ class LocalMesh:
         self.metrics_port = free_port()
         self.admin_port = free_port()
         self.prometheus_port = free_port()
+        self._state_store: Store | None = None
         self.spec_path = workdir / "mesh.yaml"
         self.state_dir = workdir / "state"
         self._envoy_ports = [
@@ -120,6 +121,9 @@ class LocalMesh:
             self.load.stop()
         for p in self.processes():
             p.stop()
+        if self._state_store is not None:
+            self._state_store.close()
+            self._state_store = None
 
     def __enter__(self) -> LocalMesh:
         return self.start()
@@ -222,14 +226,15 @@ class LocalMesh:
 
     # ---- reading what happened ----
 
+    def _store(self) -> Store | None:
+        """One read connection to the server's state, once the server has created it."""
+        if self._state_store is None and (self.state_dir / "rollouts.sqlite3").exists():
+            self._state_store = Store.in_dir(self.state_dir)
+        return self._state_store
+
     def rollout_state(self) -> dict[str, Any] | None:
-        if not (self.state_dir / "rollouts.sqlite3").exists():
-            return None
-        store = Store.in_dir(self.state_dir)
-        try:
-            states = store.load_rollouts()
-        finally:
-            store.close()
+        store = self._store()
+        states = store.load_rollouts() if store else []
         if not states:
             return None
         s = states[-1]
@@ -247,12 +252,9 @@ class LocalMesh:
 
         return wait_for(reached, timeout, f"rollout phase in {sorted(phases)}", interval=0.1)
 
-    def audit(self) -> list[Any]:
-        store = Store.in_dir(self.state_dir)
-        try:
-            return store.audit()
-        finally:
-            store.close()
+    def audit(self, after_id: int | None = None) -> list[AuditEntry]:
+        store = self._store()
+        return store.audit(after_id=after_id) if store else []
 
 
 def envoy_weights(envoy: Envoy) -> dict[str, int]:

@@ -20,14 +20,12 @@ BAR = 24
 class _AuditFollower:
     def __init__(self, mesh: LocalMesh) -> None:
         self.mesh = mesh
-        self.seen = 0
+        self.last_id = 0
 
     def new_entries(self) -> list[AuditEntry]:
-        try:
-            entries = self.mesh.audit()
-        except Exception:  # the store may not exist yet
-            return []
-        fresh, self.seen = entries[self.seen :], len(entries)
+        fresh = self.mesh.audit(after_id=self.last_id)
+        if fresh:
+            self.last_id = fresh[-1].id
         return fresh
 
 

@@ -161,6 +161,7 @@ class Store:
         since: float | None = None,
         kind: str | None = None,
         limit: int | None = None,
+        after_id: int | None = None,
     ) -> list[AuditEntry]:
         where: list[str] = ["1=1"]
         args: list[Any] = []
@@ -171,6 +172,9 @@ class Store:
         if since is not None:
             where.append("time >= ?")
             args.append(since)
+        if after_id is not None:  # for followers: only what is new since the last read
+            where.append("id > ?")
+            args.append(after_id)
         return self._select(" AND ".join(where), args, limit)
 
     def _select(self, where: str, args: list[Any], limit: int | None = None) -> list[AuditEntry]:
