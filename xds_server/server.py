@@ -264,11 +264,13 @@ class XdsServer:
         return RegionResources(resources.region, by_type)
 
     def _on_node_event(self, status: NodeStatus) -> None:
+        """While clusters are retained, a node applying the current routes may be the last
+        one they waited for: rebuild (coalesced; the rebuild checks every node once)."""
         snap = self.cache.get(status.region)
         if (
             snap is not None
             and snap.retained
-            and self.nodes.all_acked(status.region, ROUTE, snap.type_version(ROUTE))
+            and status.types[ROUTE].acked_version == snap.type_version(ROUTE)
         ):
             self._mark_dirty(
                 [status.region], "routes applied: removing unused clusters", urgent=False

@@ -58,8 +58,7 @@ class Telemetry:
         seen_nacks: dict[tuple[int, str], str] = {}
 
         def on_node(status: NodeStatus) -> None:
-            for region in server.spec.regions:
-                self.nodes.labels(region).set(len(server.nodes.nodes(region)))
+            self.nodes.labels(status.region).set(server.nodes.count(status.region))
             for type_url, ts in status.types.items():
                 key = (status.stream_id, type_url)
                 if ts.nack_version and seen_nacks.get(key) != ts.nack_version:

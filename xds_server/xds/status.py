@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -68,6 +69,7 @@ Listener = Callable[[NodeStatus], None]
 class NodeRegistry:
     def __init__(self) -> None:
         self._nodes: dict[int, NodeStatus] = {}
+        self._per_region: Counter[str] = Counter()
         self._next_id = 0
         self._listeners: list[Listener] = []
 
@@ -77,6 +79,7 @@ class NodeRegistry:
         self._next_id += 1
         status = NodeStatus(self._next_id, node_id, region, time.time(), listen, user_agent)
         self._nodes[status.stream_id] = status
+        self._per_region[region] += 1
         log.info(
             "node connected: %s region=%s stream=%d%s",
             node_id,
@@ -89,6 +92,7 @@ class NodeRegistry:
 
     def disconnect(self, status: NodeStatus, reason: str) -> None:
         if self._nodes.pop(status.stream_id, None) is not None:
+            self._per_region[status.region] -= 1
             log.info(
                 "node disconnected: %s region=%s stream=%d (%s)",
                 status.node_id,
@@ -128,6 +132,13 @@ class NodeRegistry:
             error,
         )
         self._notify(status)
+
+    def connected(self, status: NodeStatus) -> bool:
+        return status.stream_id in self._nodes
+
+    def count(self, region: str) -> int:
+        """Connected nodes of a region, in O(1) (listeners call it on every ACK)."""
+        return self._per_region[region]
 
     def find(self, node_id: str) -> list[NodeStatus]:
         return [n for n in self._nodes.values() if n.node_id == node_id]
