@@ -27,6 +27,7 @@ from typing import Any
 
 from xds_server.config import validate_spec
 from xds_server.lab.background import BackgroundServer
+from xds_server.telemetry import Telemetry
 from xds_server.traffic import Split
 from xds_server.xds.status import NodeStatus
 from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
@@ -211,6 +212,8 @@ def run_case(
     spec = validate_spec(spec_doc(services), "benchmark")
     server = BackgroundServer(spec)
     build_s = time.perf_counter() - t0
+    # As `xds-server serve` runs it: with its own metrics listening to every node event.
+    server.call(lambda: Telemetry().attach(server.server, None))
     port = server.start()
     ack_times: dict[str, dict[int, float]] = {}
     lock = threading.Lock()
