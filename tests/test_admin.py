@@ -32,7 +32,8 @@ PLAN = {
     "window": "4s",
     "ack_timeout": "10s",
     "max_hold": "60s",
-    "guardrails": {"min_requests": 5, "max_p99_ms": 250, "max_p99_ratio": 3},
+    "guardrails": {"min_requests": 5, "max_p99_ms": 250},
+    "analysis": {"metrics": {"error_rate": {"ignore_below": 0.3, "confidence": 0.95}}},
 }
 
 

@@ -130,3 +130,70 @@ def test_check_command_exits_non_zero_without_a_traceback(tmp_path: Path) -> Non
         f"{bad}: services[0].pools.production.endpoints.us-east[0]: "
         "bad address '127.0.0.1': expected 'HOST:PORT'"
     )
+
+
+ANALYSIS = """
+rollout:
+  analysis:
+    pass_score: 90
+    marginal_score: 60
+    groups: {errors: 3, latency: 1}
+    metrics:
+      error_rate: {allowed_change: 1.2, detect_change: 3, confidence: 0.995}
+      p90_latency: {kind: latency, quantile: 0.9, direction: either, on_no_data: pause}
+  warmup:
+    health_check: {path: /ready, interval: 2s, healthy_threshold: 2}
+    min_healthy: 0.5
+    shadow: {percent: 25, duration: 1m}
+    slow_start: 30s
+    webhooks:
+      - {name: smoke, url: "http://127.0.0.1:8080/hook", timeout: 5s, retries: 3}
+"""
+
+
+def test_analysis_and_warmup_load_with_defaults_filled_in() -> None:
+    plan = parse_spec(EXAMPLE + ANALYSIS).services[0].rollout
+    a = plan.analysis
+    assert (a.pass_score, a.marginal_score) == (90, 60)
+    assert dict(a.groups) == {"errors": 3, "latency": 1}
+    err, lat = a.metrics
+    # A metric named like a default starts from it (critical, its group); others from scratch.
+    assert (err.kind, err.critical, err.group) == ("errors", True, "errors")
+    assert (err.allowed_change, err.detect_change, err.confidence) == (1.2, 3, 0.995)
+    assert (lat.kind, lat.quantile, lat.direction, lat.on_no_data) == (
+        "latency",
+        0.9,
+        "either",
+        "pause",
+    )
+    w = plan.warmup
+    assert w.health_check is not None and w.health_check.path == "/ready"
+    assert (w.health_check.interval, w.health_check.healthy_threshold) == (2, 2)
+    assert (w.min_healthy, w.shadow_percent, w.shadow_duration, w.slow_start) == (0.5, 25, 60, 30)
+    (hook,) = w.webhooks
+    assert (hook.name, hook.timeout, hook.retries) == ("smoke", 5, 3)
+    assert w.needed
+
+
+def test_analysis_and_warmup_mistakes_each_get_a_line() -> None:
+    bad = (
+        ANALYSIS.replace("pass_score: 90", "pass_score: 190")
+        .replace("detect_change: 3", "detect_change: 1.1")
+        .replace("quantile: 0.9", "quantile: 2")
+        .replace("direction: either", "direction: sideways")
+        .replace("path: /ready", "path: ready")
+        .replace("percent: 25", "percent: 0")
+        .replace('"http://127.0.0.1:8080/hook"', "ftp://x")
+    )
+    lines = problems(EXAMPLE + bad)
+    at = "mesh.yaml: rollout.analysis."
+    assert f"{at}pass_score: expected a score from 0 to 100, got 190" in lines
+    assert f"{at}metrics.error_rate.detect_change: must be above allowed_change" in lines
+    assert any(line.startswith(f"{at}metrics.p90_latency.quantile: ") for line in lines)
+    assert any(
+        line.startswith(f"{at}metrics.p90_latency.direction: expected one of") for line in lines
+    )
+    assert any(line.startswith("mesh.yaml: rollout.warmup.health_check.path: ") for line in lines)
+    assert any(line.startswith("mesh.yaml: rollout.warmup.shadow.percent: ") for line in lines)
+    hook = "mesh.yaml: rollout.warmup.webhooks[0].url"
+    assert f"{hook}: expected an http(s) URL, got 'ftp://x'" in lines

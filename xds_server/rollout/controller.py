@@ -22,10 +22,11 @@ from dataclasses import dataclass, replace
 from xds_server.config import MeshSpec, Service
 from xds_server.rollout import decide as sm
 from xds_server.rollout.decide import Decision, Observation, RolloutState
-from xds_server.rollout.judge import FAIL, Measurement, judge
-from xds_server.rollout.metrics import PrometheusSource
-from xds_server.rollout.plan import RolloutPlan
+from xds_server.rollout.judge import FAIL, Comparison, judge
+from xds_server.rollout.metrics import PrometheusSource, QueryError
+from xds_server.rollout.plan import LATENCY, RolloutPlan
 from xds_server.rollout.store import Store, transition_entry
+from xds_server.rollout.webhooks import hook_context, run_webhooks
 from xds_server.server import XdsServer
 from xds_server.traffic import TrafficState, WeightError
 from xds_server.xds.resources import cluster_name
@@ -62,6 +63,8 @@ class RolloutController:
         self._next_due: dict[str, float] = {}
         self._pushed_at: dict[tuple[str, str], float] = {}
         self._listeners: list[Callable[[RolloutEvent], None]] = []
+        self._hooks: dict[tuple[str, str, str], asyncio.Task[str | None]] = {}
+        """Warm-up webhook runs by (service, canary version, region): None when passed."""
 
     @property
     def spec(self) -> MeshSpec:
@@ -153,7 +156,11 @@ class RolloutController:
         problems: list[str] = []
         for region in self.spec.regions:
             problems += await asyncio.to_thread(
-                self.metrics.check_queries, svc.rollout, region, cluster_name(svc.name, "canary")
+                self.metrics.check_queries,
+                svc.rollout,
+                region,
+                cluster_name(svc.name, "canary"),
+                cluster_name(svc.name, "production"),
             )
         if problems:
             why = "configuration error: " + "; ".join(sorted(set(problems)))
@@ -181,19 +188,24 @@ class RolloutController:
         now = self.clock()
         plan = svc.rollout
         out: dict[str, Observation] = {}
-        pending: dict[asyncio.Task[tuple[Measurement, Measurement | None]], str] = {}
+        pending: dict[asyncio.Task[Observation], str] = {}
         for region, rs in state.regions.items():
             if rs.phase not in sm.LIVE:
+                continue
+            if rs.step == sm.WARMUP_STEP and not rs.shadowing:
+                if rs.step_passed:
+                    continue  # warm, waiting for the rest of its wave
+                task = asyncio.create_task(self._warmup_status(svc, state, region))
+                pending[task] = region
                 continue
             obs = self._applied(svc.name, region, plan, now)
             out[region] = obs
             started = rs.step_started or obs.applied_at
             if obs.applied_at is None or obs.apply_error or started is None:
                 continue
-            window = min(now - started, plan.window)
-            if window < 1 or rs.step_started is None:
+            if now - started < 1 or rs.step_started is None:
                 continue  # the step's clock has just started: nothing to judge yet
-            task = asyncio.create_task(self._measure(svc, plan, region, window))
+            task = asyncio.create_task(self._measure(svc, region, obs, now - started))
             pending[task] = region
         deadline = now + max(plan.interval, 0.5)
         while pending:
@@ -206,26 +218,81 @@ class RolloutController:
                 break  # slow queries: those regions hold this interval
             for task in done:
                 region = pending.pop(task)
-                canary, baseline = task.result()
-                out[region] = replace(out[region], canary=canary, baseline=baseline)
+                obs = out[region] = task.result()
+                if obs.canary is None:
+                    continue
                 rs = state.regions[region]
-                if (
-                    judge(plan.guardrails, canary, baseline).outcome == FAIL
-                    and rs.failures + 1 >= plan.failures_before_rollback
+                verdict = judge(plan, obs.canary, obs.step)
+                if verdict.outcome == FAIL and (
+                    verdict.conclusive or rs.failures + 1 >= plan.failures_before_rollback
                 ):
                     pending.clear()  # enough to roll back: decide now
                     break
         return out
 
+    def comparator(self, svc: Service, region: str) -> str | None:
+        """The pool the canary is compared with: baseline when it takes traffic (or shadow
+        traffic), else production when that does; None when the canary takes it all."""
+        split = self.server.traffic.effective(svc, region)
+        if "baseline" in svc.pools and (split.baseline or split.shadow):
+            return "baseline"
+        return "production" if split.production else None
+
     async def _measure(
-        self, svc: Service, plan: RolloutPlan, region: str, window: float
-    ) -> tuple[Measurement, Measurement | None]:
-        canary = self.metrics.measure(plan, region, cluster_name(svc.name, "canary"), window)
-        if "baseline" not in svc.pools:
-            return await canary, None
-        baseline = self.metrics.measure(plan, region, cluster_name(svc.name, "baseline"), window)
-        c, b = await asyncio.gather(canary, baseline)
-        return c, b
+        self, svc: Service, region: str, obs: Observation, step_age: float
+    ) -> Observation:
+        plan = svc.rollout
+        buckets = any(m.kind == LATENCY for m in plan.analysis.metrics)
+        pool = self.comparator(svc, region)
+        window = min(step_age, plan.window)
+        canary_cluster = cluster_name(svc.name, "canary")
+        jobs = [
+            self.metrics.measure(plan, region, canary_cluster, window),
+            self.metrics.measure(
+                plan, region, canary_cluster, step_age, p99=False, buckets=buckets
+            ),
+        ]
+        if pool is not None:
+            jobs.append(
+                self.metrics.measure(
+                    plan, region, cluster_name(svc.name, pool), step_age, buckets=buckets
+                )
+            )
+        results = await asyncio.gather(*jobs)
+        comparison = Comparison(results[1], results[2] if pool else None, pool or "")
+        return replace(obs, canary=results[0], step=comparison)
+
+    async def _warmup_status(self, svc: Service, state: RolloutState, region: str) -> Observation:
+        """What keeps a warming region's pools from shadow traffic or their first step."""
+        plan = svc.rollout
+        waiting: list[str] = []
+        if plan.warmup.health_check is not None:
+            for pool in ("canary", "baseline"):
+                if pool not in svc.pools:
+                    continue
+                try:
+                    total, healthy = await asyncio.to_thread(
+                        self.metrics.pool_health, plan, region, cluster_name(svc.name, pool)
+                    )
+                except QueryError as exc:
+                    waiting.append(f"{pool} health unknown: {exc}")
+                    continue
+                if total == 0 or healthy < plan.warmup.min_healthy * total:
+                    waiting.append(f"{pool}: {healthy:.0f} of {total:.0f} hosts healthy")
+        if plan.warmup.webhooks:
+            key = (svc.name, state.canary_version, region)
+            run = self._hooks.get(key)
+            if run is None:
+                run = self._hooks[key] = asyncio.create_task(
+                    asyncio.to_thread(
+                        run_webhooks, plan.warmup.webhooks, hook_context(svc, state, region)
+                    )
+                )
+            if not run.done():
+                waiting.append("warm-up webhooks running")
+            elif run.result():
+                return Observation(warmup_error=run.result())
+        return Observation(warmup_pending=tuple(waiting))
 
     def _applied(self, service: str, region: str, plan: RolloutPlan, now: float) -> Observation:
         """Has every Envoy of the region ACKed the routes that carry the current weights?"""
@@ -279,9 +346,12 @@ class RolloutController:
             obs = decision.observations.get(region) if region else None
             measurements = None
             if obs is not None and obs.canary is not None:
+                step = obs.step
                 measurements = {
                     "canary": obs.canary.as_dict(),
-                    "baseline": obs.baseline.as_dict() if obs.baseline else None,
+                    "canary_step": step.canary.as_dict() if step else None,
+                    "comparator": step.comparator_pool if step else None,
+                    "baseline": step.comparator.as_dict() if step and step.comparator else None,
                 }
             before = old.split(svc.name, region).percent() if region else None
             after = new.split(svc.name, region).percent() if region else None
@@ -327,6 +397,10 @@ class RolloutController:
         return self._operate(service, actor, lambda st, now: sm.pause(st, now, reason))
 
     def resume(self, service: str, reason: str, actor: str) -> RolloutState:
+        # A webhook that blocked the warm-up runs again after a resume.
+        for key in [k for k, t in self._hooks.items() if k[0] == service]:
+            if self._hooks[key].done() and self._hooks[key].result():
+                del self._hooks[key]
         return self._operate(service, actor, lambda st, now: sm.resume(st, now, reason))
 
     def abort(self, service: str, reason: str, actor: str) -> RolloutState:

@@ -1,7 +1,11 @@
 """The rollout state machine and the decision function. Pure: no I/O, no clock.
 
-Per region:   pending -> progressing(step i) -> promoted | rolled_back | paused
+Per region:   pending -> [warming] -> progressing(step i) -> promoted | rolled_back | paused
 Per rollout:  progressing | paused | promoted | rolled_back
+
+Warming is step -1: the canary and baseline pools get no weight until they are healthy
+and the warm-up webhooks have passed; then, if the plan has shadow traffic, Envoy mirrors
+a share of production's requests to them and that shadow traffic is judged like a step.
 
 `decide(plan, state, observations, now)` returns the next state and the transitions
 that lead there, each with a reason. Rules it keeps, whatever it observes:
@@ -9,7 +13,9 @@ that lead there, each with a reason. Rules it keeps, whatever it observes:
   passing checks, counted from when the region's Envoys applied the step;
 - any region failing rolls back every region, at once, whatever else is going on
   (a pause or a hold included);
-- a region that is still waiting for its Envoys to apply a step is not judged.
+- a region that is still waiting for its Envoys to apply a step is not judged;
+- a failure of the statistical analysis is conclusive (its sequential test already
+  weighed every look): it rolls back at once, without waiting for a second failure.
 """
 
 from __future__ import annotations
@@ -17,16 +23,27 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from xds_server.rollout.judge import FAIL, NO_DATA, PASS, Measurement, Verdict, judge
+from xds_server.rollout.judge import (
+    FAIL,
+    MARGINAL,
+    NO_DATA,
+    PASS,
+    Comparison,
+    Measurement,
+    Verdict,
+    judge,
+)
 from xds_server.rollout.plan import RolloutPlan, split_for
-from xds_server.traffic import PRODUCTION_ONLY, Split
+from xds_server.traffic import PRODUCTION_ONLY, WEIGHT_TOTAL, Split
 
 PENDING = "pending"
+WARMING = "warming"
 PROGRESSING = "progressing"
 PAUSED = "paused"
 PROMOTED = "promoted"
 ROLLED_BACK = "rolled_back"
-LIVE = frozenset({PROGRESSING, PAUSED})
+LIVE = frozenset({WARMING, PROGRESSING, PAUSED})
+WARMUP_STEP = -1
 FINISHED = frozenset({PROMOTED, ROLLED_BACK})
 
 
@@ -45,6 +62,18 @@ class RegionState:
     manual_canary: float | None = None
     """Canary percent set by hand (the rollout is paused meanwhile); None: by the plan."""
     manual_baseline: float | None = None
+    shadowing: bool = False
+    """Warm-up: pools are healthy and the hooks passed; shadow traffic is being judged."""
+
+
+def step_label(plan: RolloutPlan, step: int) -> str:
+    if step == WARMUP_STEP:
+        return "warm-up"
+    return f"step {step} ({plan.steps[step]:g}%)"
+
+
+def _warming(rs: RegionState) -> bool:
+    return rs.step == WARMUP_STEP and rs.phase in LIVE
 
 
 @dataclass(frozen=True)
@@ -68,7 +97,13 @@ class Observation:
     apply_error: str | None = None
     """A NACK, or no ACK within `ack_timeout`: the step fails."""
     canary: Measurement | None = None
-    baseline: Measurement | None = None
+    """The canary over the sliding window: what the SLA guardrails judge."""
+    step: Comparison | None = None
+    """Canary and comparator over the whole step: what the analysis judges."""
+    warmup_pending: tuple[str, ...] = ()
+    """Warm-up: what the pools are still waiting for (health, a webhook)."""
+    warmup_error: str | None = None
+    """Warm-up: a webhook failed; the rollout is blocked until resumed."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +133,7 @@ def start(
 ) -> Decision:
     first_wave = plan.wave_list(regions)[0]
     states = {
-        r: RegionState(PROGRESSING, 0, reason="rollout started")
+        r: _first_state(plan, "rollout started")
         if r in first_wave
         else RegionState(reason="waiting for an earlier wave")
         for r in regions
@@ -126,12 +161,22 @@ def start(
     )
 
 
+def _first_state(plan: RolloutPlan, why: str) -> RegionState:
+    if plan.warmup.needed:
+        return RegionState(WARMING, WARMUP_STEP, reason=f"{why}: warming up")
+    return RegionState(PROGRESSING, 0, reason=why)
+
+
 def split_of(plan: RolloutPlan, region: RegionState, has_baseline: bool) -> Split:
     """The weights a region gets in a given state: derived, never stored."""
     if region.manual_canary is not None and region.phase in LIVE:
         return Split.from_percent(
             {"canary": region.manual_canary, "baseline": region.manual_baseline or 0.0}
         )
+    if _warming(region):
+        if region.shadowing and region.phase == WARMING:
+            return Split(shadow=round(plan.warmup.shadow_percent * WEIGHT_TOTAL / 100))
+        return PRODUCTION_ONLY
     if region.phase in LIVE:
         return split_for(plan.steps[region.step], has_baseline)
     if region.phase == PROMOTED:
@@ -150,25 +195,49 @@ def decide(
         rs = regions.get(name)
         if rs is None or rs.phase not in LIVE:
             continue
+        step_desc = step_label(plan, rs.step)
         if obs.apply_error:
             return _rollback(
                 state,
                 now,
-                f"{name}: step {rs.step} ({plan.steps[rs.step]:g}%) "
-                f"not applied by the data plane: {obs.apply_error}",
+                f"{name}: {step_desc} not applied by the data plane: {obs.apply_error}",
                 observations,
             )
+        if _warming(rs) and not rs.shadowing:
+            if rs.step_passed:
+                continue  # waiting for the rest of its wave
+            rs, note = _warm_up(plan, rs, obs, now)
+            regions[name] = rs
+            if note.startswith("blocked"):
+                if state.phase != PAUSED:
+                    return _pause(
+                        replace(state, regions=regions), now, f"{name}: {note}", observations
+                    )
+                continue
+            if note.startswith("max_hold"):
+                why = f"{name}: warm-up not done within {plan.max_hold:g}s: {note[9:]}"
+                if plan.on_max_hold == "rollback":
+                    return _rollback(state, now, why, observations)
+                if state.phase != PAUSED:
+                    return _pause(replace(state, regions=regions), now, why, observations)
+            if note:
+                transitions.append(
+                    Transition(name, rs.phase, rs.phase, rs.step, rs.step, note, kind="check")
+                )
+            continue
         if obs.applied_at is None:
             continue
         rs = replace(rs, step_started=rs.step_started or obs.applied_at)
         if obs.canary is None:
             regions[name] = rs
             continue
-        verdict = judge(plan.guardrails, obs.canary, obs.baseline)
+        expired = rs.hold_since is not None and now - rs.hold_since >= plan.max_hold
+        verdict = judge(plan, obs.canary, obs.step, hold_expired=expired)
         rs, note = _apply_verdict(plan, rs, verdict, now)
         regions[name] = rs
-        step_desc = f"step {rs.step} ({plan.steps[rs.step]:g}%)"
-        if verdict.outcome == FAIL and rs.failures >= plan.failures_before_rollback:
+        if verdict.outcome == FAIL and (
+            verdict.conclusive or rs.failures >= plan.failures_before_rollback
+        ):
             return _rollback(
                 state,
                 now,
@@ -179,7 +248,7 @@ def decide(
             )
         if note == "max_hold":
             why = f"{name}: {step_desc}: no evidence for {plan.max_hold:g}s: {verdict.reason}"
-            if plan.on_max_hold == "rollback":
+            if plan.on_max_hold == "rollback" and not verdict.pause_requested:
                 return _rollback(state, now, why, observations, verdict=verdict, region=name)
             if state.phase != PAUSED:
                 return _pause(replace(state, regions=regions), now, why, observations)
@@ -208,19 +277,53 @@ def decide(
     return Decision(state, tuple(transitions), observations=observations)
 
 
+def _warm_up(
+    plan: RolloutPlan, rs: RegionState, obs: Observation, now: float
+) -> tuple[RegionState, str]:
+    """Before shadow traffic: wait for healthy pools and passed webhooks."""
+    if obs.warmup_error:
+        return replace(rs, reason=obs.warmup_error), f"blocked: {obs.warmup_error}"
+    if rs.phase == PAUSED:
+        return rs, ""
+    if obs.warmup_pending:
+        waiting = "; ".join(obs.warmup_pending)
+        since = rs.hold_since if rs.hold_since is not None else now
+        old = rs.reason
+        rs = replace(rs, hold_since=since, reason=f"warming up: {waiting}")
+        if now - since >= plan.max_hold:
+            return rs, f"max_hold: {waiting}"
+        # Recorded when what it waits for changes, not every interval.
+        return rs, f"warm-up: waiting: {waiting}" if rs.reason != old else ""
+    if plan.warmup.shadow_duration > 0:
+        rs = replace(
+            rs,
+            hold_since=None,
+            shadowing=True,
+            step_started=None,
+            reason="pools healthy, webhooks passed: judging shadow traffic",
+        )
+        return rs, (
+            f"warm-up: pools ready: mirroring {plan.warmup.shadow_percent:g}% of requests "
+            f"for {plan.warmup.shadow_duration:g}s"
+        )
+    rs = replace(rs, hold_since=None, step_passed=True, reason="pools healthy, webhooks passed")
+    return rs, "warm-up passed: pools healthy, webhooks passed -- step passed"
+
+
 def _apply_verdict(
     plan: RolloutPlan, rs: RegionState, verdict: Verdict, now: float
 ) -> tuple[RegionState, str]:
     if verdict.outcome == FAIL:
         return replace(rs, failures=rs.failures + 1, hold_since=None), "failed"
-    if verdict.outcome == NO_DATA:
+    if verdict.outcome in (NO_DATA, MARGINAL):
         since = rs.hold_since if rs.hold_since is not None else now
         rs = replace(rs, hold_since=since)
         return rs, "max_hold" if now - since >= plan.max_hold else "hold"
     assert verdict.outcome == PASS
     rs = replace(rs, failures=0, hold_since=None)
     assert rs.step_started is not None
-    if not rs.step_passed and now - rs.step_started >= plan.step_duration:
+    duration = plan.warmup.shadow_duration if rs.step == WARMUP_STEP else plan.step_duration
+    if not rs.step_passed and now - rs.step_started >= duration:
         return replace(rs, step_passed=True, reason="step passed"), "passed"
     return rs, "pass"
 
@@ -240,17 +343,19 @@ def _advance(
     if step + 1 < len(plan.steps):
         for r in live:
             regions[r] = RegionState(
-                PROGRESSING, step + 1, reason=f"every region of the wave passed step {step}"
+                PROGRESSING,
+                step + 1,
+                reason=f"every region of the wave passed {step_label(plan, step)}",
             )
             transitions.append(
                 Transition(
                     r,
-                    PROGRESSING,
+                    state.regions[r].phase,
                     PROGRESSING,
                     step,
                     step + 1,
                     f"advance to {plan.steps[step + 1]:g}%: every region "
-                    f"of the wave passed {plan.steps[step]:g}%",
+                    f"of the wave passed {step_label(plan, step)}",
                 )
             )
         return replace(state, regions=regions, updated_at=now), transitions
@@ -262,14 +367,14 @@ def _advance(
     if state.wave + 1 < len(waves):
         nxt = waves[state.wave + 1]
         for r in nxt:
-            regions[r] = RegionState(PROGRESSING, 0, reason="previous wave promoted")
+            regions[r] = _first_state(plan, "previous wave promoted")
             transitions.append(
                 Transition(
                     r,
                     PENDING,
-                    PROGRESSING,
+                    regions[r].phase,
                     -1,
-                    0,
+                    regions[r].step,
                     f"wave {state.wave + 2} starts: previous wave promoted",
                 )
             )
@@ -322,7 +427,7 @@ def _pause(
     observations: Mapping[str, Observation] | None = None,
 ) -> Decision:
     regions = {
-        r: replace(rs, phase=PAUSED) if rs.phase == PROGRESSING else rs
+        r: replace(rs, phase=PAUSED) if rs.phase in (PROGRESSING, WARMING) else rs
         for r, rs in state.regions.items()
     }
     new = replace(state, phase=PAUSED, regions=regions, updated_at=now, reason=reason)
@@ -346,7 +451,9 @@ def resume(state: RolloutState, now: float, reason: str) -> Decision:
     if state.phase != PAUSED:
         raise ValueError(f"rollout is {state.phase}, not paused")
     regions = {
-        r: replace(rs, phase=PROGRESSING, hold_since=None) if rs.phase == PAUSED else rs
+        r: replace(rs, phase=WARMING if rs.step == WARMUP_STEP else PROGRESSING, hold_since=None)
+        if rs.phase == PAUSED
+        else rs
         for r, rs in state.regions.items()
     }
     new = replace(state, phase=PROGRESSING, regions=regions, updated_at=now, reason=reason)

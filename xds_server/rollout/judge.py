@@ -1,30 +1,52 @@
-"""Judging one region's canary against the SLA guardrails. Pure: no I/O, no clock.
+"""Judging one region's canary. Pure: no I/O, no clock.
 
-The outcome is `pass`, `fail` or `no_data`. Missing or unusable numbers are never a
-pass: too few requests, a failed query or a NaN all mean "no evidence", and the caller
-holds. Every check records the measured value and its limit, so an audit entry can say
-exactly which guardrail failed and by how much.
+Two kinds of evidence make a verdict:
+- **SLA guardrails**: absolute ceilings on the canary's error rate and p99 over the
+  sliding window (a point check; the state machine wants it to fail more than once);
+- **the analysis**: each metric compares canary with its comparator (baseline, or
+  production when there is no baseline) over the whole step with a sequential test
+  (stats.py), is classified pass / high / low / no data, and the classes are scored
+  0-100 in weighted groups, as Kayenta does. A failed critical metric scores 0.
+
+The outcome is `pass`, `fail`, `marginal` or `no_data`. Too little data is never a pass:
+it holds the step, and only when that hold reaches `max_hold` does each metric's own
+`on_no_data` rule (fail, pause or pass) apply. A failure of the analysis is
+*conclusive*: its test already weighed every look, so the canary is rolled back at once.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
-from xds_server.rollout.plan import Guardrails
+from xds_server.rollout import stats
+from xds_server.rollout.plan import (
+    DECREASE,
+    ERRORS,
+    INCREASE,
+    NO_DATA_FAIL,
+    NO_DATA_PASS,
+    NO_DATA_PAUSE,
+    MetricSpec,
+    RolloutPlan,
+)
 
-PASS, FAIL, NO_DATA = "pass", "fail", "no_data"
+PASS, FAIL, NO_DATA, MARGINAL = "pass", "fail", "no_data", "marginal"
+HIGH, LOW = "high", "low"
 
 
 @dataclass(frozen=True)
 class Measurement:
-    """One pool's numbers in one region over the analysis window."""
+    """One pool's numbers in one region over a window."""
 
     requests: float | None = None
     errors: float | None = None
     p99_ms: float | None = None
     problem: str | None = None
     """Why the numbers could not be read (Prometheus unreachable, a query error)."""
+    latency_buckets: tuple[tuple[float, float], ...] | None = None
+    """Request-time histogram, cumulative (upper bound in ms, count), +inf last."""
 
     @property
     def error_rate(self) -> float | None:
@@ -33,7 +55,7 @@ class Measurement:
             return None
         return (_num(self.errors) or 0.0) / requests
 
-    def as_dict(self) -> dict[str, float | str | None]:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "requests": _num(self.requests),
             "errors": _num(self.errors),
@@ -41,6 +63,16 @@ class Measurement:
             "p99_ms": _num(self.p99_ms),
             "problem": self.problem,
         }
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Canary and comparator over the whole step so far: what the analysis judges."""
+
+    canary: Measurement
+    comparator: Measurement | None
+    comparator_pool: str
+    """`baseline` or `production`; None comparator: no pool to compare with this step."""
 
 
 @dataclass(frozen=True)
@@ -56,50 +88,182 @@ class Check:
 
 
 @dataclass(frozen=True)
+class MetricResult:
+    name: str
+    classification: str
+    """pass, high, low or no_data."""
+    effect: float | None
+    p_value: float | None
+    detail: str
+    group: str
+    critical: bool
+    on_no_data: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class Verdict:
     outcome: str
     reason: str
     checks: tuple[Check, ...] = ()
+    metrics: tuple[MetricResult, ...] = ()
+    score: float | None = None
+    conclusive: bool = False
+    """A failure that needs no second look (the analysis's sequential tests)."""
 
     def failed(self) -> tuple[Check, ...]:
         return tuple(c for c in self.checks if not c.ok)
 
+    @property
+    def pause_requested(self) -> bool:
+        """A metric without data whose rule for that is to pause (the state machine asks
+        only once the hold has reached max_hold)."""
+        return any(
+            m.classification == NO_DATA and m.on_no_data == NO_DATA_PAUSE for m in self.metrics
+        )
 
-def judge(g: Guardrails, canary: Measurement, baseline: Measurement | None) -> Verdict:
+
+def judge(
+    plan: RolloutPlan,
+    canary: Measurement,
+    comparison: Comparison | None = None,
+    hold_expired: bool = False,
+) -> Verdict:
+    """`canary`: the sliding window, for the guardrails; `comparison`: the step so far."""
+    metrics = analyse(plan, comparison) if comparison is not None else ()
+    score, critical_failed = _score(plan, metrics, hold_expired)
+    checks, guard_gap = guardrail_checks(plan, canary)
+    failed = [c for c in checks if not c.ok]
+    bad = [m for m in metrics if m.classification in (HIGH, LOW)]
+    if hold_expired:
+        bad += [m for m in metrics if m.classification == NO_DATA and m.on_no_data == NO_DATA_FAIL]
+    scored = f"score {score:.0f}" if score is not None else "no score"
+    if critical_failed or (score is not None and score < plan.analysis.marginal_score):
+        why = "; ".join(_describe(m) for m in bad) or "every metric failed"
+        return Verdict(FAIL, f"{scored}: {why}", tuple(checks), metrics, score, conclusive=True)
+    if failed:
+        return Verdict(FAIL, "; ".join(c.describe() for c in failed), tuple(checks), metrics, score)
+    holding = [
+        m
+        for m in metrics
+        if m.classification == NO_DATA and not (hold_expired and m.on_no_data == NO_DATA_PASS)
+    ]
+    if guard_gap or holding:
+        why = guard_gap or "; ".join(_describe(m) for m in holding)
+        return Verdict(NO_DATA, why, tuple(checks), metrics, score)
+    if score is not None and score < plan.analysis.pass_score:
+        why = "; ".join(_describe(m) for m in bad)
+        return Verdict(MARGINAL, f"marginal {scored}: {why}", tuple(checks), metrics, score)
+    requests = _num(canary.requests) or 0.0
+    summary = f"within guardrails ({requests:.0f} requests)"
+    if score is not None:
+        compared = comparison.comparator_pool if comparison else ""
+        summary += f"; {scored} against {compared}"
+    return Verdict(PASS, summary, tuple(checks), metrics, score)
+
+
+def guardrail_checks(plan: RolloutPlan, canary: Measurement) -> tuple[list[Check], str]:
+    """The SLA ceilings; the second value says why there is no evidence, if there is none."""
+    g = plan.guardrails
     if canary.problem:
-        return Verdict(NO_DATA, f"canary metrics unavailable: {canary.problem}")
+        return [], f"canary metrics unavailable: {canary.problem}"
     requests = _num(canary.requests)
     if requests is None or requests < g.min_requests:
         got = "none" if requests is None else f"{requests:.0f}"
-        return Verdict(
-            NO_DATA, f"too few canary requests in the window: {got} (need {g.min_requests})"
-        )
+        return [], f"too few canary requests in the window: {got} (need {g.min_requests})"
     rate = canary.error_rate or 0.0
     checks = [Check("error_rate", rate, g.max_error_rate, rate <= g.max_error_rate)]
     p99 = _num(canary.p99_ms)
     if p99 is None:
-        return Verdict(NO_DATA, "canary latency p99 unavailable", tuple(checks))
+        return checks, "canary latency p99 unavailable"
     checks.append(Check("p99_ms", p99, g.max_p99_ms, p99 <= g.max_p99_ms))
-    base_requests = _num(baseline.requests) if baseline and not baseline.problem else None
-    if baseline is not None and base_requests is not None and base_requests >= g.min_requests:
-        if g.max_error_rate_increase is not None:
-            increase = rate - (baseline.error_rate or 0.0)
-            checks.append(
-                Check(
-                    "error_rate_increase",
-                    increase,
-                    g.max_error_rate_increase,
-                    increase <= g.max_error_rate_increase,
-                )
-            )
-        base_p99 = _num(baseline.p99_ms)
-        if g.max_p99_ratio is not None and base_p99 and p99 > g.p99_ratio_floor_ms:
-            ratio = p99 / base_p99
-            checks.append(Check("p99_ratio", ratio, g.max_p99_ratio, ratio <= g.max_p99_ratio))
-    failed = [c for c in checks if not c.ok]
-    if failed:
-        return Verdict(FAIL, "; ".join(c.describe() for c in failed), tuple(checks))
-    return Verdict(PASS, f"within guardrails ({requests:.0f} requests)", tuple(checks))
+    return checks, ""
+
+
+def analyse(plan: RolloutPlan, comparison: Comparison) -> tuple[MetricResult, ...]:
+    if comparison.comparator is None:
+        return ()  # nothing to compare with (the canary takes every request)
+    return tuple(_metric(m, comparison) for m in plan.analysis.metrics)
+
+
+def _metric(m: MetricSpec, cmp: Comparison) -> MetricResult:
+    c, b = cmp.canary, cmp.comparator
+    assert b is not None
+
+    def result(cls: str, effect: float | None, p: float | None, detail: str) -> MetricResult:
+        return MetricResult(m.name, cls, effect, p, detail, m.group, m.critical, m.on_no_data)
+
+    for who, meas in (("canary", c), (cmp.comparator_pool, b)):
+        if meas.problem:
+            return result(NO_DATA, None, None, f"{who} metrics unavailable: {meas.problem}")
+    up, down = m.direction in (INCREASE, "either"), m.direction in (DECREASE, "either")
+    if m.kind == ERRORS:
+        nc, nb = _num(c.requests) or 0.0, _num(b.requests) or 0.0
+        if nc < 1 or nb < 1:
+            return result(NO_DATA, None, None, f"requests: canary {nc:.0f}, comparator {nb:.0f}")
+        ec, eb = _num(c.errors) or 0.0, _num(b.errors) or 0.0
+        t = stats.error_ratio_test(ec, nc, eb, nb, m.allowed_change, m.confidence, up, down)
+        counts = f"canary {ec:.0f}/{nc:.0f}, {cmp.comparator_pool} {eb:.0f}/{nb:.0f}"
+        if t.significant:
+            cls = HIGH if (t.effect or 1.0) > 1 else LOW
+            return result(cls, t.effect, t.p_value, counts)
+        enough = (t.upper is not None and t.upper <= m.detect_change) or (
+            t.canary_rate_upper is not None and t.canary_rate_upper <= m.ignore_below
+        )
+        if enough or (down and not up):
+            return result(PASS, t.effect, t.p_value, counts)
+        return result(
+            NO_DATA,
+            t.effect,
+            t.p_value,
+            f"{counts}: too few to rule out a {m.detect_change:g}x error rate",
+        )
+    cb, bb = c.latency_buckets or (), b.latency_buckets or ()
+    n1, n2 = (sum(stats.bucket_counts(x)[1]) for x in (cb, bb))
+    if n1 < m.min_requests or n2 < m.min_requests:
+        return result(
+            NO_DATA,
+            None,
+            None,
+            f"latency samples: canary {n1:.0f}, {cmp.comparator_pool} {n2:.0f} "
+            f"(need {m.min_requests} each)",
+        )
+    t = stats.latency_test(cb, bb, m.quantile, m.allowed_change, m.confidence, up, down)
+    detail = f"p{m.quantile * 100:g} ratio over {n1:.0f}/{n2:.0f} samples"
+    if t.significant:
+        return result(HIGH if t.higher else LOW, t.effect, t.p_value, detail)
+    return result(PASS, t.effect, t.p_value, detail)
+
+
+def _score(
+    plan: RolloutPlan, metrics: tuple[MetricResult, ...], hold_expired: bool
+) -> tuple[float | None, bool]:
+    """Weighted share of passing metrics, 0-100; None when no metric could be classed."""
+    groups: dict[str, list[bool]] = {}
+    critical_failed = False
+    for m in metrics:
+        if m.classification == NO_DATA:
+            if not hold_expired or m.on_no_data == NO_DATA_PAUSE:
+                continue
+            ok = m.on_no_data == NO_DATA_PASS
+        else:
+            ok = m.classification == PASS
+        critical_failed |= m.critical and not ok
+        groups.setdefault(m.group, []).append(ok)
+    if not groups:
+        return None, False
+    weights = {g: plan.analysis.groups.get(g, 1.0) for g in groups}
+    total = sum(weights.values())
+    score = 100 * sum(weights[g] * sum(v) / len(v) for g, v in groups.items()) / total
+    return (0.0 if critical_failed else score), critical_failed
+
+
+def _describe(m: MetricResult) -> str:
+    effect = f" x{m.effect:.3g}" if m.effect is not None else ""
+    p = f", p={m.p_value:.2g}" if m.p_value is not None and m.classification != NO_DATA else ""
+    return f"{m.name} {m.classification}{effect}{p} ({m.detail})"
 
 
 def _num(v: float | None) -> float | None:

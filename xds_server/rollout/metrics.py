@@ -19,7 +19,8 @@ from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
 from xds_server.rollout.judge import Measurement
-from xds_server.rollout.plan import RolloutPlan
+from xds_server.rollout.plan import LATENCY, RolloutPlan
+from xds_server.rollout.stats import Buckets
 
 
 class QueryError(Exception):
@@ -57,45 +58,127 @@ class PrometheusSource:
             return None
         return sum(values) if len(values) > 1 else values[0]
 
+    def buckets(self, promql: str, client: PrometheusConnect | None = None) -> Buckets | None:
+        """A `sum by (le)` query -> cumulative (upper bound, count) pairs, ascending."""
+        client = client or self._client()
+        try:
+            result: list[dict[str, Any]] = client.custom_query(promql, timeout=self.timeout)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise QueryError(
+                f"Prometheus unreachable at {self.url}: {type(exc).__name__}", bad_query=False
+            ) from None
+        except PrometheusApiClientException as exc:
+            raise QueryError(_api_error(exc), bad_query="400" in str(exc)) from None
+        pairs = []
+        for r in result:
+            le, value = r["metric"].get("le"), float(r["value"][1])
+            if le is None:
+                raise QueryError(f"bucket query has no 'le' label: {promql}", bad_query=True)
+            if not math.isnan(value):
+                pairs.append((float(le), value))
+        return tuple(sorted(pairs)) or None
+
     def measure_sync(
-        self, plan: RolloutPlan, region: str, cluster: str, window_s: float
+        self,
+        plan: RolloutPlan,
+        region: str,
+        cluster: str,
+        window_s: float,
+        *,
+        p99: bool = True,
+        buckets: bool = False,
     ) -> Measurement:
         client = self._client()
         out: dict[str, float | None] = {}
+        latency: Buckets | None = None
+
+        def fill(key: str) -> str:
+            return plan.queries[key].format(
+                region=region, cluster=cluster, window=window_text(window_s)
+            )
+
         try:
-            for key in ("requests", "errors", "p99_ms"):
-                promql = plan.queries[key].format(
-                    region=region, cluster=cluster, window=window_text(window_s)
-                )
-                out[key] = self.query(promql, client)
+            for key in ("requests", "errors", *(("p99_ms",) if p99 else ())):
+                out[key] = self.query(fill(key), client)
+            if buckets:
+                latency = self.buckets(fill("latency_buckets"), client)
         except QueryError as exc:
             return Measurement(problem=str(exc))
         errors = out["errors"]
         if errors is None and out["requests"] is not None:
             errors = 0.0  # Envoy exports the 5xx series only once a 5xx has happened
-        p99 = out["p99_ms"]
-        return Measurement(out["requests"], errors, None if p99 is None or math.isnan(p99) else p99)
+        p = out.get("p99_ms")
+        return Measurement(
+            out["requests"],
+            errors,
+            None if p is None or math.isnan(p) else p,
+            latency_buckets=tuple(latency) if latency else None,
+        )
 
     async def measure(
-        self, plan: RolloutPlan, region: str, cluster: str, window_s: float
+        self,
+        plan: RolloutPlan,
+        region: str,
+        cluster: str,
+        window_s: float,
+        *,
+        p99: bool = True,
+        buckets: bool = False,
     ) -> Measurement:
-        return await asyncio.to_thread(self.measure_sync, plan, region, cluster, window_s)
+        return await asyncio.to_thread(
+            lambda: self.measure_sync(plan, region, cluster, window_s, p99=p99, buckets=buckets)
+        )
 
-    def check_queries(self, plan: RolloutPlan, region: str, cluster: str) -> list[str]:
-        """Run every template once; return the ones Prometheus rejects (not: unreachable)."""
+    def pool_health(self, plan: RolloutPlan, region: str, cluster: str) -> tuple[float, float]:
+        """(hosts, healthy hosts) summed over the region's Envoys, as the Envoys see them."""
+        client = self._client()
+        total, healthy = (
+            self.query(plan.queries[k].format(region=region, cluster=cluster, window="1s"), client)
+            for k in ("hosts", "healthy_hosts")
+        )
+        return total or 0.0, healthy or 0.0
+
+    def check_queries(
+        self, plan: RolloutPlan, region: str, cluster: str, serving: str | None = None
+    ) -> list[str]:
+        """Run every template once; return the problems that make the rollout unjudgeable.
+
+        A template that Prometheus rejects is one. So is a template that returns nothing
+        for `serving`, a pool that is receiving traffic right now: it would never
+        return data for the canary either, and the judge would wait on it forever.
+        """
         problems = []
         client = self._client()
+        window = window_text(plan.window)
         for key, template in plan.queries.items():
             try:
-                self.query(
-                    template.format(
-                        region=region, cluster=cluster, window=window_text(plan.window)
-                    ),
-                    client,
-                )
+                fill = template.format(region=region, cluster=cluster, window=window)
+                self.buckets(fill, client) if key == "latency_buckets" else self.query(fill, client)
             except QueryError as exc:
                 if exc.bad_query:
                     problems.append(f"query {key!r} is rejected by Prometheus: {exc}")
+        if serving is None:
+            return problems
+        try:
+
+            def run(key: str) -> object:
+                fill = plan.queries[key].format(region=region, cluster=serving, window=window)
+                return (self.buckets if key == "latency_buckets" else self.query)(fill, client)
+
+            if not run("requests"):
+                return problems  # no traffic to tell from: nothing more to check
+            # "errors" is legitimately empty until the first error; the rest must answer.
+            needed = ["p99_ms", "hosts", "healthy_hosts"]
+            if any(m.kind == LATENCY for m in plan.analysis.metrics):
+                needed.append("latency_buckets")
+            for key in needed:
+                if run(key) is None:
+                    problems.append(
+                        f"query {key!r} returns no data for {serving} in {region}, "
+                        "which receives traffic: check the template and its labels"
+                    )
+        except QueryError:
+            pass  # unreachable or rejected: reported above or retried later
         return problems
 
 

@@ -23,6 +23,14 @@ DEFAULT_QUERIES: Mapping[str, str] = {
     'envoy_cluster_name="{cluster}",envoy_response_code_class="5"}}[{window}]))',
     "p99_ms": "histogram_quantile(0.99, sum by (le) (rate(envoy_cluster_upstream_rq_time_bucket"
     '{{region="{region}",envoy_cluster_name="{cluster}"}}[{window}])))',
+    # One series per bucket (`le`), counts of requests at or below each bound, in ms.
+    "latency_buckets": "sum by (le) (increase(envoy_cluster_upstream_rq_time_bucket"
+    '{{region="{region}",envoy_cluster_name="{cluster}"}}[{window}]))',
+    # Every Envoy of the region: how many of the pool's hosts it sees, and how many healthy.
+    "hosts": "sum(envoy_cluster_membership_total"
+    '{{region="{region}",envoy_cluster_name="{cluster}"}})',
+    "healthy_hosts": "sum(envoy_cluster_membership_healthy"
+    '{{region="{region}",envoy_cluster_name="{cluster}"}})',
 }
 """PromQL templates; `{region}`, `{cluster}` and `{window}` (like `30s`) are filled in."""
 
@@ -34,13 +42,101 @@ class Guardrails:
     max_p99_ms: float = 500.0
     min_requests: int = 20
     """Below this many canary requests in the window there is no evidence: hold."""
-    max_error_rate_increase: float | None = 0.02
-    """Canary error rate minus baseline error rate, when a baseline has data."""
-    max_p99_ratio: float | None = 1.5
-    """Canary p99 over baseline p99, when a baseline has data."""
-    p99_ratio_floor_ms: float = 25.0
-    """Below this canary p99 the ratio is not judged: 3 ms against 1 ms is noise, not a
-    regression (an effect-size floor, as Kayenta's judge has)."""
+
+
+ERRORS, LATENCY = "errors", "latency"
+INCREASE, DECREASE, EITHER = "increase", "decrease", "either"
+NO_DATA_FAIL, NO_DATA_PAUSE, NO_DATA_PASS = "fail", "pause", "pass"
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One statistical comparison of canary against its comparator (baseline or production).
+
+    `errors` compares 5xx counts as proportions of requests; `latency` compares the
+    request-time histograms (Mann-Whitney U on the buckets). Both are sequential tests:
+    looking every interval does not raise the false-alarm rate above 1 - confidence.
+    """
+
+    name: str
+    kind: str = ERRORS
+    direction: str = INCREASE
+    """Which change is bad: an increase, a decrease, or either."""
+    allowed_change: float = 1.0
+    """Ratio canary/comparator that is not a regression (1.1: up to 10% worse is fine)."""
+    detect_change: float = 2.0
+    """errors: the ratio the data must be able to rule out before the metric may pass."""
+    ignore_below: float = 0.01
+    """errors: a canary error rate shown to be below this passes whatever the comparator."""
+    quantile: float = 0.5
+    """latency: the quantile whose ratio is the effect size (the effect-size floor)."""
+    confidence: float = 0.99
+    min_requests: int = 50
+    """latency: fewer samples on either side is no data."""
+    critical: bool = False
+    """A failure of a critical metric scores 0 and fails the verdict at once."""
+    group: str = ""
+    on_no_data: str = NO_DATA_FAIL
+    """Too little data holds the step; once that hold reaches `max_hold`: fail, pause or
+    pass this metric."""
+
+
+DEFAULT_METRICS: tuple[MetricSpec, ...] = (
+    # Too few requests to tell is not a failure: a person decides (pause), not the noise.
+    MetricSpec("error_rate", ERRORS, critical=True, group="errors", on_no_data=NO_DATA_PAUSE),
+    # The absolute p99 guardrail still holds when latency has too few samples to compare.
+    MetricSpec("latency", LATENCY, allowed_change=1.1, group="latency", on_no_data=NO_DATA_PASS),
+)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """How the statistical comparison is scored (Kayenta's model: groups, weights, 0-100)."""
+
+    metrics: tuple[MetricSpec, ...] = DEFAULT_METRICS
+    groups: Mapping[str, float] = field(default_factory=lambda: {"errors": 50, "latency": 50})
+    """Weight of each metric group in the score; a group not listed weighs 1."""
+    pass_score: float = 95.0
+    marginal_score: float = 75.0
+    """At or above: hold (neither pass nor fail); below: fail."""
+
+
+@dataclass(frozen=True)
+class Webhook:
+    name: str
+    url: str
+    timeout: float = 10.0
+    retries: int = 2
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    path: str = "/healthz"
+    interval: float = 1.0
+    timeout: float = 1.0
+    healthy_threshold: int = 1
+    unhealthy_threshold: int = 2
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """What a region does before its canary and baseline pools take any user traffic."""
+
+    health_check: HealthCheck | None = None
+    """Active HTTP health checks on every pool; weight waits for healthy pools."""
+    min_healthy: float = 1.0
+    """Share of a pool's hosts every Envoy of the region must see healthy."""
+    shadow_percent: float = 0.0
+    """Share of production's requests mirrored to canary and baseline meanwhile."""
+    shadow_duration: float = 0.0
+    """How long shadow traffic is judged before the first real step; 0: no shadow phase."""
+    slow_start: float = 0.0
+    """Envoy's slow_start_config window for the canary cluster; 0: off."""
+    webhooks: tuple[Webhook, ...] = ()
+
+    @property
+    def needed(self) -> bool:
+        return bool(self.health_check or self.shadow_duration or self.webhooks)
 
 
 @dataclass(frozen=True)
@@ -57,6 +153,8 @@ class RolloutPlan:
     waves: tuple[tuple[str, ...], ...] | None = None
     """None: lockstep (every region passes a step before any moves on)."""
     guardrails: Guardrails = field(default_factory=Guardrails)
+    analysis: Analysis = field(default_factory=Analysis)
+    warmup: Warmup = field(default_factory=Warmup)
     queries: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_QUERIES))
 
     def wave_list(self, regions: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
@@ -86,6 +184,8 @@ _PLAN_KEYS = {
     "failures_before_rollback",
     "regions",
     "guardrails",
+    "analysis",
+    "warmup",
     "queries",
 }
 
@@ -135,6 +235,10 @@ def parse_plan(
         changes["guardrails"] = _guardrails(
             value["guardrails"], f"{path}.guardrails", base.guardrails, fail
         )
+    if "analysis" in value:
+        changes["analysis"] = _analysis(value["analysis"], f"{path}.analysis", base.analysis, fail)
+    if "warmup" in value:
+        changes["warmup"] = _warmup(value["warmup"], f"{path}.warmup", base.warmup, fail)
     if "queries" in value:
         changes["queries"] = _queries(value["queries"], f"{path}.queries", base.queries, fail)
     return replace(base, **changes)
@@ -207,10 +311,6 @@ def _guardrails(value: Any, path: str, base: Guardrails, fail: Fail) -> Guardrai
         if key not in known:
             fail(f"{path}.{key}", f"unknown field (expected one of: {', '.join(sorted(known))})")
             continue
-        optional = key in ("max_error_rate_increase", "max_p99_ratio")
-        if v is None and optional:
-            changes[key] = None
-            continue
         number = _number(v)
         if number is None or number < 0:
             fail(f"{path}.{key}", f"expected a non-negative number, got {v!r}")
@@ -260,3 +360,209 @@ def _queries(value: Any, path: str, base: Mapping[str, str], fail: Fail) -> Mapp
                 continue
             out[key] = template
     return out
+
+
+def _analysis(value: Any, path: str, base: Analysis, fail: Fail) -> Analysis:
+    m = _mapping(value, path, {"metrics", "groups", "pass_score", "marginal_score"}, fail)
+    changes: dict[str, Any] = {}
+    for key in ("pass_score", "marginal_score"):
+        if key in m:
+            n = _number(m[key])
+            if n is None or not 0 <= n <= 100:
+                fail(f"{path}.{key}", f"expected a score from 0 to 100, got {m[key]!r}")
+            else:
+                changes[key] = n
+    if changes.get("marginal_score", base.marginal_score) > changes.get(
+        "pass_score", base.pass_score
+    ):
+        fail(f"{path}.marginal_score", "must not be above pass_score")
+    if "groups" in m:
+        groups = m["groups"]
+        if not isinstance(groups, dict) or not all(
+            isinstance(k, str) and (w := _number(v)) is not None and w > 0
+            for k, v in groups.items()
+        ):
+            fail(f"{path}.groups", "expected a mapping of group name to a positive weight")
+        else:
+            changes["groups"] = {k: float(v) for k, v in groups.items()}
+    if "metrics" in m:
+        metrics = m["metrics"]
+        if not isinstance(metrics, dict) or not metrics:
+            fail(f"{path}.metrics", "expected a non-empty mapping of metric name to settings")
+        else:
+            changes["metrics"] = tuple(
+                _metric(str(name), spec, f"{path}.metrics.{name}", fail)
+                for name, spec in metrics.items()
+            )
+    return replace(base, **changes)
+
+
+_CHOICES = {
+    "kind": (ERRORS, LATENCY),
+    "direction": (INCREASE, DECREASE, EITHER),
+    "on_no_data": (NO_DATA_FAIL, NO_DATA_PAUSE, NO_DATA_PASS),
+}
+
+
+def _metric(name: str, value: Any, path: str, fail: Fail) -> MetricSpec:
+    known = {f.name for f in fields(MetricSpec)} - {"name"}
+    m = _mapping(value if value is not None else {}, path, known, fail)
+    default = next((d for d in DEFAULT_METRICS if d.name == name), None)
+    kind = m.get("kind", default.kind if default else ERRORS)
+    base = default if default is not None and default.kind == kind else MetricSpec(name, kind)
+    if kind == LATENCY and default is None:
+        base = replace(base, allowed_change=1.1, on_no_data=NO_DATA_PASS)
+    if kind not in _CHOICES["kind"]:
+        base = MetricSpec(name)
+    changes: dict[str, Any] = {}
+    for key, v in m.items():
+        if key in _CHOICES:
+            if v not in _CHOICES[key]:
+                fail(f"{path}.{key}", f"expected one of: {', '.join(_CHOICES[key])}; got {v!r}")
+            else:
+                changes[key] = v
+        elif key in ("critical",):
+            if not isinstance(v, bool):
+                fail(f"{path}.{key}", f"expected true or false, got {v!r}")
+            else:
+                changes[key] = v
+        elif key == "group":
+            changes[key] = str(v)
+        elif key == "min_requests":
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                fail(f"{path}.{key}", f"expected a whole number >= 1, got {v!r}")
+            else:
+                changes[key] = v
+        else:
+            n = _number(v)
+            limits = {
+                "allowed_change": (1.0, None),
+                "detect_change": (1.0, None),
+                "ignore_below": (0.0, 1.0),
+                "quantile": (0.0, 1.0),
+                "confidence": (0.5, 1.0),
+            }[key]
+            lo, hi = limits
+            if n is None or n < lo or (hi is not None and n >= hi and key != "ignore_below"):
+                bound = f"from {lo:g}" + (f" to below {hi:g}" if hi is not None else " up")
+                fail(f"{path}.{key}", f"expected a number {bound}, got {v!r}")
+            else:
+                changes[key] = n
+    out = replace(base, **changes)
+    if out.detect_change <= out.allowed_change and out.kind == ERRORS:
+        fail(f"{path}.detect_change", "must be above allowed_change")
+    if not out.group:
+        out = replace(out, group=out.kind)
+    return out
+
+
+def _warmup(value: Any, path: str, base: Warmup, fail: Fail) -> Warmup:
+    keys = {"health_check", "min_healthy", "shadow", "slow_start", "webhooks"}
+    m = _mapping(value, path, keys, fail)
+    changes: dict[str, Any] = {}
+    if "health_check" in m:
+        hc = m["health_check"]
+        if hc is None or hc is False:
+            changes["health_check"] = None
+        else:
+            changes["health_check"] = _health_check(
+                {} if hc is True else hc, f"{path}.health_check", fail
+            )
+    if "min_healthy" in m:
+        n = _number(m["min_healthy"])
+        if n is None or not 0 < n <= 1:
+            fail(
+                f"{path}.min_healthy",
+                f"expected a share above 0 and at most 1, got {m['min_healthy']!r}",
+            )
+        else:
+            changes["min_healthy"] = n
+    if "shadow" in m:
+        sh = _mapping(m["shadow"], f"{path}.shadow", {"percent", "duration"}, fail)
+        pct = sh.get("percent", 10)
+        if isinstance(pct, bool) or not isinstance(pct, int | float) or not 0 < pct <= 100:
+            fail(
+                f"{path}.shadow.percent", f"expected a percentage above 0, at most 100, got {pct!r}"
+            )
+        else:
+            changes["shadow_percent"] = float(pct)
+        if "duration" not in sh:
+            fail(f"{path}.shadow.duration", "required: how long shadow traffic is judged")
+        else:
+            d = parse_duration(sh["duration"])
+            if d is None or d <= 0:
+                fail(f"{path}.shadow.duration", f"bad duration {sh['duration']!r}")
+            else:
+                changes["shadow_duration"] = d
+    if "slow_start" in m:
+        d = parse_duration(m["slow_start"])
+        if d is None or d < 0:
+            fail(f"{path}.slow_start", f"bad duration {m['slow_start']!r}")
+        else:
+            changes["slow_start"] = d
+    if "webhooks" in m:
+        hooks = m["webhooks"]
+        if not isinstance(hooks, list):
+            fail(f"{path}.webhooks", "expected a list of {name, url, timeout?, retries?}")
+        else:
+            changes["webhooks"] = tuple(
+                h
+                for i, raw in enumerate(hooks)
+                if (h := _webhook(raw, f"{path}.webhooks[{i}]", fail)) is not None
+            )
+    return replace(base, **changes)
+
+
+def _health_check(value: Any, path: str, fail: Fail) -> HealthCheck:
+    known = {f.name for f in fields(HealthCheck)}
+    m = _mapping(value, path, known, fail)
+    changes: dict[str, Any] = {}
+    for key, v in m.items():
+        if key == "path":
+            if not isinstance(v, str) or not v.startswith("/"):
+                fail(f"{path}.path", f"expected an HTTP path starting with '/', got {v!r}")
+            else:
+                changes[key] = v
+        elif key in ("interval", "timeout"):
+            d = parse_duration(v)
+            if d is None or d <= 0:
+                fail(f"{path}.{key}", f"bad duration {v!r}")
+            else:
+                changes[key] = d
+        elif isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            fail(f"{path}.{key}", f"expected a whole number >= 1, got {v!r}")
+        else:
+            changes[key] = v
+    return replace(HealthCheck(), **changes)
+
+
+def _webhook(value: Any, path: str, fail: Fail) -> Webhook | None:
+    m = _mapping(value, path, {"name", "url", "timeout", "retries"}, fail)
+    url = m.get("url")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        fail(f"{path}.url", f"expected an http(s) URL, got {url!r}")
+        return None
+    hook = Webhook(str(m.get("name", url)), url)
+    if "timeout" in m:
+        d = parse_duration(m["timeout"])
+        if d is None or d <= 0:
+            fail(f"{path}.timeout", f"bad duration {m['timeout']!r}")
+        else:
+            hook = replace(hook, timeout=d)
+    if "retries" in m:
+        r = m["retries"]
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            fail(f"{path}.retries", f"expected a whole number >= 0, got {r!r}")
+        else:
+            hook = replace(hook, retries=r)
+    return hook
+
+
+def _mapping(value: Any, path: str, known: set[str], fail: Fail) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        fail(path, "expected a mapping")
+        return {}
+    for key in value:
+        if key not in known:
+            fail(f"{path}.{key}", f"unknown field (expected one of: {', '.join(sorted(known))})")
+    return {k: v for k, v in value.items() if k in known}

@@ -220,6 +220,9 @@ def transition_entry(
             "outcome": t.verdict.outcome,
             "reason": t.verdict.reason,
             "checks": [asdict(c) for c in t.verdict.checks],
+            "score": t.verdict.score,
+            "conclusive": t.verdict.conclusive,
+            "metrics": [m.as_dict() for m in t.verdict.metrics],
         }
     return {
         "time": now,

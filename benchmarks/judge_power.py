@@ -1,0 +1,464 @@
+"""The canary judge's power and false-alarm rate, on simulated traffic.
+
+Each trial is one rollout step: canary and baseline each receive `rps` requests/s
+(Poisson arrivals per pool), every request fails with a fixed probability, and request
+times come from a long-tailed mixture (a lognormal body around 30 ms and a 3% slow tail
+around 150 ms) counted into Envoy's default histogram buckets. Every `--interval` seconds
+the controller's view is rebuilt from the simulated counts -- the sliding-window canary
+Measurement (p99 from the buckets) for the guardrails and the whole step so far for the
+analysis -- and handed to the real `decide()` (which calls `judge()`), with guardrails
+set so they never trip: the benchmark measures the statistical analysis alone.
+
+Cases: healthy (canary identical to baseline), a 2x error rate, and 1.3x request times
+(every quantile, p99 included, 30% slower), at 10, 100 and 1,000 requests/s, for the
+chosen base error rate and for a second one.
+
+    python benchmarks/judge_power.py [--trials 400] [--healthy-trials 1000] [--json]
+
+Time to detect is from the step's start to the look at which decide() rolls back; it
+leaves out the scrape and query lag and the push to Envoy (rollback_latency.py has those).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.stats import lognorm
+
+from xds_server.rollout import decide as sm
+from xds_server.rollout import stats
+from xds_server.rollout.decide import Observation
+from xds_server.rollout.judge import HIGH, LOW, Comparison, Measurement
+from xds_server.rollout.plan import Guardrails, RolloutPlan
+
+ENVOY_BUCKETS_MS: tuple[float, ...] = (
+    0.5,
+    1,
+    5,
+    10,
+    25,
+    50,
+    100,
+    250,
+    500,
+    1000,
+    2500,
+    5000,
+    10000,
+    30000,
+    60000,
+    300000,
+    600000,
+    1800000,
+    3600000,
+    math.inf,
+)
+"""Envoy's default request-time histogram bounds (ms), +Inf last."""
+
+BODY_MEDIAN_MS, BODY_SIGMA = 30.0, 0.5
+TAIL_SHARE, TAIL_MEDIAN_MS, TAIL_SIGMA = 0.03, 150.0, 0.7
+LATENCY_MODEL = (
+    f"{1 - TAIL_SHARE:.0%} lognormal(median {BODY_MEDIAN_MS:g} ms, sigma {BODY_SIGMA:g}) + "
+    f"{TAIL_SHARE:.0%} lognormal(median {TAIL_MEDIAN_MS:g} ms, sigma {TAIL_SIGMA:g})"
+)
+
+HEALTHY, ERRORS_2X, LATENCY_13X = "healthy", "errors_2x", "latency_1.3x"
+SCENARIOS: dict[str, tuple[float, float]] = {
+    # canary's error-rate multiplier, canary's request-time multiplier
+    HEALTHY: (1.0, 1.0),
+    ERRORS_2X: (2.0, 1.0),
+    LATENCY_13X: (1.0, 1.3),
+}
+REGION = "bench"
+PASSED = "passed"
+CHUNK = 50
+"""Trials per task handed to a worker process."""
+
+FALSE_ROLLBACK_TARGET = 0.01
+DETECT_TARGET_S, DETECT_TARGET_RPS = 10.0, 100
+
+
+def bucket_probs(scale: float) -> np.ndarray:
+    """Probability of each Envoy bucket for the latency mixture, request times x `scale`."""
+    finite = np.array(ENVOY_BUCKETS_MS[:-1])
+    cdf = (1 - TAIL_SHARE) * lognorm.cdf(
+        finite, BODY_SIGMA, scale=BODY_MEDIAN_MS * scale
+    ) + TAIL_SHARE * lognorm.cdf(finite, TAIL_SIGMA, scale=TAIL_MEDIAN_MS * scale)
+    probs = np.diff(np.concatenate([[0.0], cdf, [1.0]]))
+    probs = np.clip(probs, 0.0, None)
+    return np.asarray(probs / probs.sum())
+
+
+def model_quantile(q: float, scale: float = 1.0) -> float:
+    """The latency mixture's true q-quantile in ms (before bucketing), by bisection."""
+    lo, hi = 0.0, 1e6
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        cdf = (1 - TAIL_SHARE) * lognorm.cdf(
+            mid, BODY_SIGMA, scale=BODY_MEDIAN_MS * scale
+        ) + TAIL_SHARE * lognorm.cdf(mid, TAIL_SIGMA, scale=TAIL_MEDIAN_MS * scale)
+        lo, hi = (mid, hi) if cdf < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+@dataclass(frozen=True)
+class Params:
+    interval: float
+    duration: float
+    window: float
+
+    @property
+    def looks(self) -> int:
+        return max(1, round(self.duration / self.interval))
+
+    @property
+    def window_looks(self) -> int:
+        return max(1, round(self.window / self.interval))
+
+    def plan(self) -> RolloutPlan:
+        """The default analysis; guardrails that never trip; no hold expiry. The step
+        lasts the whole trial, so only the last look can pass it (promote the canary)."""
+        return RolloutPlan(
+            steps=(5, 100),
+            step_duration=self.looks * self.interval - 1e-9,
+            interval=self.interval,
+            window=self.window,
+            max_hold=1e9,
+            guardrails=Guardrails(max_error_rate=1.0, max_p99_ms=1e12, min_requests=20),
+        )
+
+
+@dataclass(frozen=True)
+class Task:
+    scenario: str
+    rps: float
+    base_error_rate: float
+    trials: int
+    seed: np.random.SeedSequence
+    params: Params
+
+
+def simulate_pool(
+    rng: np.random.Generator, task: Task, error_rate: float, probs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per trial and interval: requests, errors, and requests per latency bucket."""
+    shape = (task.trials, task.params.looks)
+    requests = rng.poisson(task.rps * task.params.interval, size=shape)
+    errors = rng.binomial(requests, min(error_rate, 1.0))
+    buckets = rng.multinomial(requests, probs)
+    return requests, errors, buckets
+
+
+def run_task(task: Task) -> list[tuple[float, str]]:
+    """Per trial: rollback time in seconds (inf: never) and the metrics that failed, or
+    `PASSED` when the last look passed the step, or "" when it was still held."""
+    rng = np.random.default_rng(task.seed)
+    error_mult, time_mult = SCENARIOS[task.scenario]
+    p = task.params
+    plan = p.plan()
+    canary = simulate_pool(rng, task, task.base_error_rate * error_mult, bucket_probs(time_mult))
+    base = simulate_pool(rng, task, task.base_error_rate, bucket_probs(1.0))
+    bounds = list(ENVOY_BUCKETS_MS)
+    # Step totals so far: cumulative over time; histograms cumulative over buckets too.
+    c_req, c_err = (np.cumsum(a, axis=1).tolist() for a in canary[:2])
+    b_req, b_err = (np.cumsum(a, axis=1).tolist() for a in base[:2])
+    c_hist = np.cumsum(np.cumsum(canary[2], axis=1), axis=2).tolist()
+    b_hist = np.cumsum(np.cumsum(base[2], axis=1), axis=2).tolist()
+    # The sliding window (never before the step's start): per-bucket counts, not cumulative.
+    w = p.window_looks
+    c_win_time = np.cumsum(canary[2], axis=1)
+    shifted = np.zeros_like(c_win_time)
+    shifted[:, w:, :] = c_win_time[:, :-w, :]
+    win_buckets = (c_win_time - shifted).tolist()
+    c_req_a, c_err_a = np.cumsum(canary[0], axis=1), np.cumsum(canary[1], axis=1)
+    win_req = (c_req_a - np.pad(c_req_a, ((0, 0), (w, 0)))[:, : p.looks]).tolist()
+    win_err = (c_err_a - np.pad(c_err_a, ((0, 0), (w, 0)))[:, : p.looks]).tolist()
+
+    out: list[tuple[float, str]] = []
+    for i in range(task.trials):
+        state = sm.start(plan, "svc", "v2", (REGION,), now=0.0).state
+        detected, cause = math.inf, ""
+        for k in range(p.looks):
+            now = (k + 1) * p.interval
+            window = Measurement(
+                requests=win_req[i][k],
+                errors=win_err[i][k],
+                p99_ms=stats.quantile(bounds, win_buckets[i][k], 0.99),
+            )
+            step = Comparison(
+                Measurement(
+                    requests=c_req[i][k],
+                    errors=c_err[i][k],
+                    latency_buckets=tuple(zip(bounds, c_hist[i][k], strict=True)),
+                ),
+                Measurement(
+                    requests=b_req[i][k],
+                    errors=b_err[i][k],
+                    latency_buckets=tuple(zip(bounds, b_hist[i][k], strict=True)),
+                ),
+                "baseline",
+            )
+            obs = Observation(applied_at=0.0, canary=window, step=step)
+            decision = sm.decide(plan, state, {REGION: obs}, now)
+            if decision.rollback:
+                detected, cause = now, failed_metrics(decision)
+                break
+            state = decision.state
+        if math.isinf(detected) and state.regions[REGION].step >= 1:
+            cause = PASSED
+        out.append((detected, cause))
+    return out
+
+
+def failed_metrics(decision: sm.Decision) -> str:
+    """Which analysis metrics the rolling-back verdict classed high or low (or 'guardrail')."""
+    verdict = next((t.verdict for t in decision.transitions if t.verdict is not None), None)
+    if verdict is None:
+        return "other"
+    names = [m.name for m in verdict.metrics if m.classification in (HIGH, LOW)]
+    return "+".join(names) or "guardrail"
+
+
+def nearest_rank(values: list[float], q: float) -> float:
+    """The q-quantile by nearest rank: no interpolation, so inf (never detected) stays inf."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def wilson_upper(successes: int, n: int, z: float = 1.96) -> float:
+    if n == 0:
+        return 1.0
+    phat = successes / n
+    denom = 1 + z * z / n
+    centre = phat + z * z / (2 * n)
+    spread = z * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n))
+    return min(1.0, (centre + spread) / denom)
+
+
+def summarise(
+    scenario: str, rps: float, rate: float, trials: list[tuple[float, str]]
+) -> dict[str, Any]:
+    times = [t for t, _ in trials]
+    causes: dict[str, int] = {}
+    for t, cause in trials:
+        if math.isfinite(t):
+            causes[cause] = causes.get(cause, 0) + 1
+    passed = sum(1 for t, cause in trials if math.isinf(t) and cause == PASSED)
+    n = len(times)
+    hits = sum(1 for t in times if math.isfinite(t))
+    median, p95 = nearest_rank(times, 0.5), nearest_rank(times, 0.95)
+    case: dict[str, Any] = {
+        "scenario": scenario,
+        "rps": rps,
+        "base_error_rate": rate,
+        "trials": n,
+        "rolled_back": hits,
+        "rollback_share": hits / n if n else 0.0,
+        "passed_share": passed / n if n else 0.0,
+        "held_share": (n - hits - passed) / n if n else 0.0,
+        "detect_median_s": median if math.isfinite(median) else None,
+        "detect_p95_s": p95 if math.isfinite(p95) else None,
+        "false_rollback_rate": None,
+        "false_rollback_upper95": None,
+        "rollbacks_by_metric": dict(sorted(causes.items())),
+    }
+    if scenario == HEALTHY:
+        # On identical versions every rollback is a false one; nothing is there to detect.
+        case["false_rollback_rate"] = hits / n if n else 0.0
+        case["false_rollback_upper95"] = wilson_upper(hits, n)
+    return case
+
+
+def build_tasks(args: argparse.Namespace, rates: list[float], params: Params) -> list[Task]:
+    tasks: list[Task] = []
+    root = np.random.SeedSequence(args.seed)
+    cases = [(s, r, rate) for rate in rates for s in SCENARIOS for r in args.rps]
+    for (scenario, rps, rate), case_seed in zip(cases, root.spawn(len(cases)), strict=True):
+        total = args.healthy_trials if scenario == HEALTHY else args.trials
+        sizes = [min(CHUNK, total - start) for start in range(0, total, CHUNK)]
+        for size, seed in zip(sizes, case_seed.spawn(len(sizes)), strict=True):
+            tasks.append(Task(scenario, float(rps), rate, size, seed, params))
+    return tasks
+
+
+def fmt_s(v: float | None, duration: float) -> str:
+    return f">{duration:g}" if v is None else f"{v:g}"
+
+
+def print_table(result: dict[str, Any]) -> None:
+    prm = result["parameters"]
+    dur = prm["duration_s"]
+    print("Judge power and false rollbacks, simulated (benchmarks/judge_power.py)")
+    print(
+        f"  one step per trial, looked at every {prm['interval_s']:g}s for {dur:g}s; "
+        f"guardrail window {prm['window_s']:g}s (guardrails set never to trip)"
+    )
+    print("  requests/s is per pool: canary and baseline EACH receive that rate (Poisson arrivals)")
+    print(f"  latency model: {prm['latency_model']}, Envoy default buckets")
+    print(
+        f"    true p50 {prm['model_p50_ms']:.1f} ms, p99 {prm['model_p99_ms']:.1f} ms; "
+        "latency regression: every request time x1.3 (p99 +30%)"
+    )
+    print(
+        f"  analysis: default metrics, error_rate confidence {prm['error_confidence']:g} "
+        f"(allowed x{prm['error_allowed_change']:g}, detect x{prm['error_detect_change']:g}), "
+        f"latency confidence {prm['latency_confidence']:g} "
+        f"(p{prm['latency_quantile'] * 100:g} allowed x{prm['latency_allowed_change']:g})"
+    )
+    print(
+        "  rollback = decide() rolls back: a FAIL that is conclusive or "
+        f"{prm['failures_before_rollback']} FAILs; seed {prm['seed']}"
+    )
+    print(
+        "  detect times in s from step start (look granularity); p95 over all trials, "
+        f"'>{dur:g}' = not detected within the step"
+    )
+    print(
+        "  not rolled back at the end of the step: passed (the last look passed: the canary"
+        " moves on) or held (no data / marginal)"
+    )
+    for rate in prm["base_error_rates"]:
+        print()
+        print(f"base error rate {rate:g} (both pools; errors_2x canary at {2 * rate:g})")
+        header = (
+            f"  {'scenario':<13}{'rps':>6}{'trials':>8}{'rolled back':>13}"
+            f"{'median s':>10}{'p95 s':>8}{'false rb rate':>15}{'(95% up)':>10}"
+            f"{'passed':>8}{'held':>7}  rollbacks by metric"
+        )
+        print(header)
+        print("  " + "-" * (len(header) - 2))
+        for c in result["cases"]:
+            if c["base_error_rate"] != rate:
+                continue
+            fr = c["false_rollback_rate"]
+            false_col = f"{fr:.2%}" if fr is not None else "-"
+            up = c["false_rollback_upper95"]
+            up_col = f"{up:.2%}" if up is not None else ""
+            by_metric = ", ".join(f"{k} {v}" for k, v in c["rollbacks_by_metric"].items())
+            print(
+                f"  {c['scenario']:<13}{c['rps']:>6g}{c['trials']:>8}"
+                f"{c['rollback_share']:>13.1%}"
+                f"{fmt_s(c['detect_median_s'], dur):>10}{fmt_s(c['detect_p95_s'], dur):>8}"
+                f"{false_col:>15}{up_col:>10}"
+                f"{c['passed_share']:>8.1%}{c['held_share']:>7.1%}  {by_metric}"
+            )
+    print()
+    print("targets:")
+    for t in result["targets"].values():
+        print(f"  [{'met' if t['met'] else 'NOT met'}] {t['description']}: {t['observed']}")
+    print(f"wall time {result['wall_time_s']:.1f}s on {prm['processes']} process(es)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--trials", type=int, default=400, help="trials per regression case")
+    p.add_argument("--healthy-trials", type=int, default=1000, help="trials per healthy case")
+    p.add_argument("--rps", type=float, nargs="+", default=[10, 100, 1000])
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between looks")
+    p.add_argument("--duration", type=float, default=60.0, help="step length, seconds")
+    p.add_argument("--window", type=float, default=10.0, help="guardrail window, seconds")
+    p.add_argument("--base-error-rate", type=float, default=0.01)
+    p.add_argument(
+        "--second-base-error-rate",
+        type=float,
+        default=None,
+        help="also run every case at this base error rate (default 0.05, or 0.01 when "
+        "--base-error-rate is 0.05; 0: do not)",
+    )
+    p.add_argument("--seed", type=int, default=20240601)
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quick", action="store_true", help="small counts, for a smoke test")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.trials, args.healthy_trials = min(args.trials, 12), min(args.healthy_trials, 20)
+    second = args.second_base_error_rate
+    if second is None:
+        second = 0.05 if args.base_error_rate != 0.05 else 0.01
+    rates = [args.base_error_rate] + ([second] if second and second != args.base_error_rate else [])
+    params = Params(args.interval, args.duration, args.window)
+    plan = params.plan()
+    err_spec, lat_spec = plan.analysis.metrics[0], plan.analysis.metrics[1]
+
+    started = time.perf_counter()
+    tasks = build_tasks(args, rates, params)
+    if args.processes > 1:
+        with multiprocessing.get_context("fork").Pool(args.processes) as pool:
+            results = pool.map(run_task, tasks, chunksize=1)
+    else:
+        results = [run_task(t) for t in tasks]
+    wall = time.perf_counter() - started
+
+    times: dict[tuple[str, float, float], list[tuple[float, str]]] = {}
+    for task, res in zip(tasks, results, strict=True):
+        times.setdefault((task.scenario, task.rps, task.base_error_rate), []).extend(res)
+    cases = [summarise(s, r, rate, t) for (s, r, rate), t in times.items()]
+
+    primary = [c for c in cases if c["base_error_rate"] == args.base_error_rate]
+    healthy = [c for c in primary if c["scenario"] == HEALTHY]
+    worst = max(healthy, key=lambda c: c["false_rollback_rate"], default=None)
+    target_case = next(
+        (c for c in primary if c["scenario"] == ERRORS_2X and c["rps"] == DETECT_TARGET_RPS),
+        None,
+    )
+    targets: dict[str, Any] = {}
+    if worst is not None:
+        targets["false_rollbacks"] = {
+            "description": f"false rollbacks under {FALSE_ROLLBACK_TARGET:.0%} of healthy trials "
+            f"(every rps, base error rate {args.base_error_rate:g})",
+            "met": all(c["false_rollback_rate"] < FALSE_ROLLBACK_TARGET for c in healthy),
+            "observed": f"worst {worst['false_rollback_rate']:.2%} at {worst['rps']:g} rps "
+            f"(95% upper {worst['false_rollback_upper95']:.2%})",
+        }
+    if target_case is not None:
+        p95 = target_case["detect_p95_s"]
+        targets["errors_2x_detect"] = {
+            "description": f"2x error rate at {DETECT_TARGET_RPS} rps detected within "
+            f"{DETECT_TARGET_S:g}s in 95% of trials (base error rate {args.base_error_rate:g})",
+            "met": p95 is not None and p95 <= DETECT_TARGET_S,
+            "observed": f"p95 {fmt_s(p95, args.duration)}s, "
+            f"{target_case['rollback_share']:.1%} detected within the step",
+        }
+    result = {
+        "parameters": {
+            "interval_s": args.interval,
+            "duration_s": args.duration,
+            "window_s": args.window,
+            "rps_per_pool": args.rps,
+            "base_error_rates": rates,
+            "trials": args.trials,
+            "healthy_trials": args.healthy_trials,
+            "seed": args.seed,
+            "processes": args.processes,
+            "latency_model": LATENCY_MODEL,
+            "model_p50_ms": model_quantile(0.5),
+            "model_p99_ms": model_quantile(0.99),
+            "error_confidence": err_spec.confidence,
+            "error_allowed_change": err_spec.allowed_change,
+            "error_detect_change": err_spec.detect_change,
+            "latency_confidence": lat_spec.confidence,
+            "latency_quantile": lat_spec.quantile,
+            "latency_allowed_change": lat_spec.allowed_change,
+            "failures_before_rollback": plan.failures_before_rollback,
+        },
+        "cases": cases,
+        "targets": targets,
+        "wall_time_s": wall,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_table(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
