@@ -42,12 +42,26 @@ def specs(draw: st.DrawFn) -> MeshSpec:
                 },
             }
         )
-    return validate_spec({"regions": regions, "services": services})
+    warmup = draw(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "health_check": st.sampled_from([True, {"path": "/ready", "interval": "2s"}]),
+                "slow_start": st.sampled_from(["0s", "30s"]),
+            },
+        )
+    )
+    return validate_spec({"regions": regions, "services": services, "rollout": {"warmup": warmup}})
 
 
-splits = st.tuples(st.integers(0, WEIGHT_TOTAL), st.integers(0, WEIGHT_TOTAL)).map(
+splits = st.tuples(
+    st.integers(0, WEIGHT_TOTAL), st.integers(0, WEIGHT_TOTAL), st.sampled_from([0, 0, 500])
+).map(
     lambda t: Split(
-        WEIGHT_TOTAL - min(t[0], WEIGHT_TOTAL - t[1]) - t[1], min(t[0], WEIGHT_TOTAL - t[1]), t[1]
+        WEIGHT_TOTAL - min(t[0], WEIGHT_TOTAL - t[1]) - t[1],
+        min(t[0], WEIGHT_TOTAL - t[1]),
+        t[1],
+        t[2],
     )
 )
 
@@ -87,6 +101,17 @@ def test_weights_sum_to_total_and_targets_exist(data: Any) -> None:
             assert set(weights) <= clusters
             svc = spec.service(svc_name)
             assert all(name.split("|")[1] in svc.pools for name in weights)
+        # Mirrored (shadow) clusters are route targets too: they exist before the route.
+        assert snap.resources.route_targets() <= clusters
+        (rc,) = snap.resources.by_type[ROUTE].values()
+        for vh in rc.virtual_hosts:  # type: ignore[attr-defined]
+            split = traffic.effective(spec.service(vh.name), region)
+            mirrors = {m.cluster for m in vh.routes[0].route.request_mirror_policies}
+            if split.shadow == 0:
+                assert not mirrors
+            else:
+                pools = spec.service(vh.name).pools
+                assert mirrors == {f"{vh.name}|{p}" for p in ("canary", "baseline") if p in pools}
 
 
 @given(st.data())

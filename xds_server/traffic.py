@@ -27,6 +27,9 @@ class Split:
     production: int = WEIGHT_TOTAL
     baseline: int = 0
     canary: int = 0
+    shadow: int = 0
+    """Share of production's requests that Envoy also mirrors to canary and baseline (whose
+    answers nobody sees). Not a weight: it is not part of the sum."""
 
     def __post_init__(self) -> None:
         parts = (self.production, self.baseline, self.canary)
@@ -34,6 +37,8 @@ class Split:
             raise WeightError(f"weights must not be negative: {self.as_dict()}")
         if sum(parts) != WEIGHT_TOTAL:
             raise WeightError(f"weights must sum to {WEIGHT_TOTAL}, got {sum(parts)}")
+        if not 0 <= self.shadow <= WEIGHT_TOTAL:
+            raise WeightError(f"shadow share must be 0 to {WEIGHT_TOTAL}, got {self.shadow}")
 
     @classmethod
     def from_percent(cls, shares: Mapping[str, float]) -> Split:
@@ -93,4 +98,4 @@ class TrafficState:
         canary = s.canary if "canary" in service.pools else 0
         if (baseline, canary) == (s.baseline, s.canary):
             return s
-        return Split(WEIGHT_TOTAL - baseline - canary, baseline, canary)
+        return Split(WEIGHT_TOTAL - baseline - canary, baseline, canary, s.shadow)

@@ -7,6 +7,7 @@ started, by pid.
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,14 +216,24 @@ class LocalMesh:
         pool: str,
         error_rate: float | None = None,
         latency_ms: float | None = None,
+        healthy: bool | None = None,
+        shadow_error_rate: float | None = None,
     ) -> None:
         """Change a model server's fault knobs while it runs (its POST /fault)."""
-        body = {
-            k: v
-            for k, v in (("error_rate", error_rate), ("latency_ms", latency_ms))
-            if v is not None
+        knobs = {
+            "error_rate": error_rate,
+            "latency_ms": latency_ms,
+            "healthy": healthy,
+            "shadow_error_rate": shadow_error_rate,
         }
+        body = {k: v for k, v in knobs.items() if v is not None}
         http_post_json(f"http://127.0.0.1:{self.model_ports[(region, pool)]}/fault", body)
+
+    def model_stats(self, region: str, pool: str) -> dict[str, int]:
+        """How many user and shadow requests a model server has answered."""
+        status, body, _ = http_get(f"http://127.0.0.1:{self.model_ports[(region, pool)]}/stats")
+        assert status == 200, body
+        return dict(json.loads(body))
 
     # ---- reading what happened ----
 

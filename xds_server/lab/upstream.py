@@ -1,8 +1,11 @@
 """A tiny model server: answers with its region, pool and version, with fault knobs.
 
 The "model" is a fixed linear scorer whose weights depend on the version, so v1 and v2
-really answer differently. Fault knobs (error rate, added latency) can be changed while
-it runs, with `POST /fault {"error_rate": 0.2, "latency_ms": 300}`.
+really answer differently. Fault knobs can be changed while it runs, with `POST /fault` and any of
+`{"error_rate": 0.2, "latency_ms": 300, "healthy": false, "shadow_error_rate": 1.0}`:
+`healthy: false` fails its health check; `shadow_error_rate` applies only to requests
+that Envoy mirrored (their Host carries Envoy's `-shadow` suffix). `GET /stats` counts
+user and shadow requests apart, so a test can tell which ones reached it.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import json
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -29,6 +32,8 @@ def score(version: str, features: tuple[float, float, float]) -> float:
 class Faults:
     error_rate: float = 0.0
     latency_ms: float = 0.0
+    healthy: bool = True
+    shadow_error_rate: float = 0.0
 
 
 class ModelServer(ThreadingHTTPServer):
@@ -40,15 +45,19 @@ class ModelServer(ThreadingHTTPServer):
         self.region, self.pool, self.version = region, pool, version
         self.faults = Faults()
         self.requests = 0
+        self.shadow_requests = 0
         self._lock = threading.Lock()
 
     @property
     def port(self) -> int:
         return int(self.server_address[1])
 
-    def count(self) -> None:
+    def count(self, shadow: bool) -> None:
         with self._lock:
-            self.requests += 1
+            if shadow:
+                self.shadow_requests += 1
+            else:
+                self.requests += 1
 
     def start_in_thread(self) -> ModelServer:
         threading.Thread(
@@ -80,11 +89,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         url = urlparse(self.path)
-        if url.path == "/healthz":
-            self._reply(200, {"ok": True})
-            return
-        self.server.count()
         faults = self.server.faults
+        if url.path == "/healthz":
+            self._reply(200 if faults.healthy else 503, {"ok": faults.healthy})
+            return
+        if url.path == "/stats":
+            s = self.server
+            self._reply(200, {"user_requests": s.requests, "shadow_requests": s.shadow_requests})
+            return
+        shadow = "-shadow" in (self.headers.get("host") or "")
+        self.server.count(shadow)
         if faults.latency_ms:
             time.sleep(faults.latency_ms / 1000)
         ident = {
@@ -92,7 +106,8 @@ class _Handler(BaseHTTPRequestHandler):
             "pool": self.server.pool,
             "version": self.server.version,
         }
-        if faults.error_rate and random.random() < faults.error_rate:
+        error_rate = faults.shadow_error_rate if shadow else faults.error_rate
+        if error_rate and random.random() < error_rate:
             self._reply(503, {**ident, "error": "injected fault"})
             return
         q = parse_qs(url.query)
@@ -109,10 +124,14 @@ class _Handler(BaseHTTPRequestHandler):
             faults = self.server.faults
             faults.error_rate = float(body.get("error_rate", faults.error_rate))
             faults.latency_ms = float(body.get("latency_ms", faults.latency_ms))
+            faults.healthy = bool(body.get("healthy", faults.healthy))
+            faults.shadow_error_rate = float(
+                body.get("shadow_error_rate", faults.shadow_error_rate)
+            )
         except (ValueError, TypeError, AttributeError) as exc:
             self._reply(400, {"error": f"bad fault request: {exc}"})
             return
-        self._reply(200, {"error_rate": faults.error_rate, "latency_ms": faults.latency_ms})
+        self._reply(200, asdict(faults))
 
 
 def main() -> None:

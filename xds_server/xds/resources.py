@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -19,9 +19,11 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, message, wrappers_pb2
 
 from xds_server.config import Endpoint, MeshSpec, Service
+from xds_server.rollout.plan import HealthCheck
 from xds_server.traffic import Split, TrafficState
 from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
@@ -53,6 +55,7 @@ class RegionResources:
             for vh in rc.virtual_hosts:
                 for route in vh.routes:
                     targets.update(c.name for c in route.route.weighted_clusters.clusters)
+                    targets.update(m.cluster for m in route.route.request_mirror_policies)
                     if route.route.cluster:
                         targets.add(route.route.cluster)
         return targets
@@ -75,7 +78,7 @@ class RegionBuilder:
 
     def __init__(self, region: str) -> None:
         self.region = region
-        self._clusters: dict[str, message.Message] = {}
+        self._clusters: dict[tuple[str, ClusterOptions], message.Message] = {}
         self._endpoints: dict[tuple[str, tuple[Endpoint, ...]], message.Message] = {}
         self._vhosts: dict[tuple[Any, ...], message.Message] = {}
         self._routes: tuple[tuple[Any, ...], message.Message] | None = None
@@ -88,12 +91,15 @@ class RegionBuilder:
         clusters: dict[str, message.Message] = {}
         endpoints: dict[str, message.Message] = {}
         used_eps = set()
+        used_clusters = set()
         for svc in spec.services:
             for pool in svc.pools.values():
                 name = cluster_name(svc.name, pool.name)
-                if name not in self._clusters:
-                    self._clusters[name] = build_cluster(name)
-                clusters[name] = self._clusters[name]
+                ckey = (name, cluster_options(svc, pool.name))
+                if ckey not in self._clusters:
+                    self._clusters[ckey] = build_cluster(name, ckey[1])
+                clusters[name] = self._clusters[ckey]
+                used_clusters.add(ckey)
                 key = (name, pool.endpoints[self.region])
                 if key not in self._endpoints:
                     self._endpoints[key] = build_load_assignment(name, self.region, key[1])
@@ -101,7 +107,7 @@ class RegionBuilder:
                 used_eps.add(key)
         vkeys = [self._vhost_key(svc, traffic) for svc in spec.services]
         # Forget what the spec no longer has, so the memo stays the size of the spec.
-        self._clusters = {k: v for k, v in self._clusters.items() if k in clusters}
+        self._clusters = {k: v for k, v in self._clusters.items() if k in used_clusters}
         self._endpoints = {k: v for k, v in self._endpoints.items() if k in used_eps}
         built = RegionResources(
             self.region,
@@ -162,14 +168,55 @@ def _ads() -> config_source_pb2.ConfigSource:
     )
 
 
-def build_cluster(name: str) -> cluster_pb2.Cluster:
-    return cluster_pb2.Cluster(
+@dataclass(frozen=True)
+class ClusterOptions:
+    """What a pool's cluster carries besides its name: the service's warm-up settings."""
+
+    health_check: HealthCheck | None = None
+    slow_start: float = 0.0
+
+
+def cluster_options(svc: Service, pool: str) -> ClusterOptions:
+    warmup = svc.rollout.warmup if svc.rollout is not None else None
+    if warmup is None:
+        return ClusterOptions()
+    # Slow start ramps up the new version's hosts: only the canary's cluster gets it.
+    return ClusterOptions(warmup.health_check, warmup.slow_start if pool == "canary" else 0.0)
+
+
+def build_cluster(name: str, options: ClusterOptions = ClusterOptions()) -> cluster_pb2.Cluster:
+    cluster = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.EDS,
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
         connect_timeout=duration_pb2.Duration(seconds=1),
         lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
     )
+    hc = options.health_check
+    if hc is not None:
+        cluster.health_checks.append(
+            health_check_pb2.HealthCheck(
+                timeout=_duration(hc.timeout),
+                interval=_duration(hc.interval),
+                # A warming pool has no traffic by design; Envoy would otherwise check it
+                # only every 60 s, and a healed canary would wait that long for weight.
+                no_traffic_interval=_duration(hc.interval),
+                healthy_threshold=wrappers_pb2.UInt32Value(value=hc.healthy_threshold),
+                unhealthy_threshold=wrappers_pb2.UInt32Value(value=hc.unhealthy_threshold),
+                http_health_check=health_check_pb2.HealthCheck.HttpHealthCheck(path=hc.path),
+            )
+        )
+    if options.slow_start > 0:
+        cluster.round_robin_lb_config.slow_start_config.slow_start_window.CopyFrom(
+            _duration(options.slow_start)
+        )
+    return cluster
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(round(seconds * 1e9))
+    return d
 
 
 def build_load_assignment(
@@ -207,6 +254,21 @@ def virtual_host(svc: Service, split: Split) -> route_components_pb2.VirtualHost
         for pool in svc.pools
         if (w := split.get(pool)) > 0
     ]
+    # Shadow traffic: Envoy copies a share of requests to canary and baseline and drops
+    # their answers, so the new version warms up and is judged before any user sees it.
+    mirrors = [
+        route_components_pb2.RouteAction.RequestMirrorPolicy(
+            cluster=cluster_name(svc.name, pool),
+            runtime_fraction=base_pb2.RuntimeFractionalPercent(
+                default_value=percent_pb2.FractionalPercent(
+                    numerator=split.shadow,
+                    denominator=percent_pb2.FractionalPercent.TEN_THOUSAND,
+                )
+            ),
+        )
+        for pool in ("canary", "baseline")
+        if split.shadow > 0 and pool in svc.pools
+    ]
     return route_components_pb2.VirtualHost(
         name=svc.name,
         domains=list(svc.domains),
@@ -215,7 +277,8 @@ def virtual_host(svc: Service, split: Split) -> route_components_pb2.VirtualHost
                 name=f"{svc.name}-split",
                 match=route_components_pb2.RouteMatch(prefix=svc.prefix),
                 route=route_components_pb2.RouteAction(
-                    weighted_clusters=route_components_pb2.WeightedCluster(clusters=weighted)
+                    weighted_clusters=route_components_pb2.WeightedCluster(clusters=weighted),
+                    request_mirror_policies=mirrors,
                 ),
             )
         ],
