@@ -4,6 +4,8 @@ carries, names and labels that say what produced them; the spec's `istio:` secti
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from xds_server.config import IstioConfig, MeshSpec, SpecError, parse_spec
 from xds_server.render import istio
 from xds_server.rollout import decide as sm
 from xds_server.rollout.decide import RolloutState
+from xds_server.rollout.store import Store
 from xds_server.traffic import WEIGHT_TOTAL, Split
 
 REGIONS = ("us-east", "eu-west", "ap-south")
@@ -313,3 +316,68 @@ def test_versions_must_be_label_values(tmp_path: Path) -> None:
         "mesh.yaml: services[0].pools.canary.version: version 'v2-' cannot be a Kubernetes "
         "label value (the istio section selects pods by it): it must end with a letter or digit"
     )
+
+
+# ---- xds-server manifests istio ----
+
+CLI = [sys.executable, "-m", "xds_server.cli"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_manifests_command_prints_every_region_production_only_without_state(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "mesh.yaml"
+    path.write_text(spec_text())
+    out = run_cli("manifests", "istio", "--spec", str(path))
+    assert out.returncode == 0, out.stderr
+    objs = list(yaml.safe_load_all(out.stdout))
+    assert len(objs) == 2 * 2 * 3
+    assert all(schema_problems(o) == [] for o in objs)
+    for vs in (o for o in objs if o["kind"] == "VirtualService"):
+        assert istio.route_weights(vs)["production"] == 100
+        assert vs["metadata"]["namespace"] == "default"
+
+
+def test_manifests_command_reads_the_state_store_read_only(tmp_path: Path) -> None:
+    path = tmp_path / "mesh.yaml"
+    path.write_text(spec_text())
+    spec = parse_spec(spec_text())
+    store = Store.in_dir(tmp_path / "state")
+    store.record(states(spec)["mixed"]["recommender"], [])
+    old = replace(states(spec)["step3"]["recommender"], canary_version="v0")
+    store.record(old, [])  # an earlier canary: not the spec's, ignored
+    store.close()
+    db = tmp_path / "state" / "rollouts.sqlite3"
+    before = db.read_bytes()
+    out = run_cli(
+        "manifests", "istio", "--spec", str(path), "--state-dir", str(tmp_path / "state"),
+        "--region", "eu-west", "--namespace", "ml",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    objs = list(yaml.safe_load_all(out.stdout))
+    assert {o["metadata"]["labels"]["xds-server/region"] for o in objs} == {"eu-west"}
+    vs = by_kind(objs, "VirtualService")["recommender-eu-west"]
+    assert istio.route_weights(vs) == {"production": 57, "canary": 33, "baseline": 10}
+    assert vs["spec"]["hosts"] == ["recommender.ml.svc.cluster.local"]
+    assert db.read_bytes() == before
+
+
+def test_manifests_command_mistakes_get_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "mesh.yaml"
+    path.write_text(spec_text().replace("version: v2,", "version: v2-,"))
+    out = run_cli("manifests", "istio", "--spec", str(path))
+    assert out.returncode == 1
+    assert out.stderr.startswith(f"{path}: services[0].pools.canary.version: version 'v2-'")
+    path.write_text(spec_text())
+    out = run_cli("manifests", "istio", "--spec", str(path), "--state-dir", str(tmp_path))
+    assert (out.returncode, out.stderr) == (
+        2,
+        f"xds-server: --state-dir: {tmp_path}/rollouts.sqlite3 does not exist "
+        "(is it serve's --state-dir?)\n",
+    )
+    out = run_cli("manifests", "istio", "--spec", str(path), "--region", "mars")
+    assert out.returncode == 2 and "unknown region 'mars'" in out.stderr
