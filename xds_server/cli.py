@@ -175,6 +175,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         xds_host=host,
         xds_port=port,
         admin_port=args.admin_port,
+        admin_host=args.admin_host,
         listen=args.listen,
         delta=args.delta,
         xds_tls_ca=args.xds_tls_ca,
@@ -298,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--node-id", required=True)
     b.add_argument("--xds-address", default="127.0.0.1:18000", metavar="HOST:PORT")
     b.add_argument("--admin-port", type=int, default=9901)
+    b.add_argument(
+        "--admin-host",
+        default="127.0.0.1",
+        help="Envoy admin's address (0.0.0.0 so that Prometheus can scrape it in a cluster)",
+    )
     b.add_argument(
         "--listen",
         metavar="ADDR:PORT",
