@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SCENARIO ?= healthy
 
-.PHONY: setup test lint fmt typecheck pytest demo bench clean prometheus
+.PHONY: setup test lint fmt typecheck pytest demo bench clean prometheus kubectl
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,14 @@ prometheus:
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
 
-setup: $(STAMP) prometheus
+# kubectl, for the manifests/ dry-run test (Debian's kubernetes-client when absent).
+kubectl:
+	@command -v kubectl >/dev/null 2>&1 || { \
+	  echo "installing Debian's kubernetes-client package (kubectl)"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends kubernetes-client; }
+
+setup: $(STAMP) prometheus kubectl
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

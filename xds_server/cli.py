@@ -1,23 +1,30 @@
-"""`xds-server`: check a spec, serve it over ADS, print Envoy bootstraps."""
+"""`xds-server`: check a spec, serve it over ADS, print Envoy bootstraps and Istio manifests."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import fcntl
 import json
 import logging
+import re
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from xds_server.config import SpecError, load_spec
+from xds_server.config import SpecError, load_spec, validate_spec
 from xds_server.render.bootstrap import BootstrapOptions, render_bootstrap
 from xds_server.server import XdsServer, serve_forever
 
+if TYPE_CHECKING:
+    from xds_server.rollout.decide import RolloutState
+
 log = logging.getLogger("xds_server")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 class UsageError(Exception):
@@ -99,17 +106,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
         controller.restore()
     telemetry = Telemetry()
     telemetry.attach(server, controller)
+    applier = None
+    if controller is not None and spec.istio is not None and spec.istio.apply:
+        # The istio output mode: only the process that decides applies (one writer).
+        from xds_server.render.kube_apply import IstioApplier, follow_controller
+
+        applier = IstioApplier(spec.istio)
+        follow_controller(applier, controller)
+        telemetry.attach_istio(applier)
+        log.info(
+            "istio output: applying to %s",
+            ", ".join(f"{st.region} ({st.target})" for st in applier.status()),
+        )
     if metrics_port:
         telemetry.serve(metrics_host, metrics_port)
         log.info("metrics on http://%s:%d/metrics", metrics_host, metrics_port)
-    admin = AdminService(server, controller, _read_secret(args.admin_token_file))
+    admin = AdminService(server, controller, _read_secret(args.admin_token_file), applier)
     tls = _load_tls(args.admin_tls_cert, args.admin_tls_key, "--admin-tls")
     split_host_port(args.admin_address, "--admin-address")
     companions: list[Callable[[], Coroutine[Any, Any, None]]] = [
-        lambda: run_admin_server(admin, args.admin_address, tls)
+        lambda: run_admin_server(admin, args.admin_address, tls),
+        lambda: telemetry.sample_nodes_forever(server),
     ]
     if controller is not None:
         companions.append(controller.run)
+    if applier is not None:
+        companions.append(applier.run)
     asyncio.run(serve_forever(server, args.xds_address, companions))
     return 0
 
@@ -153,12 +175,57 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         xds_host=host,
         xds_port=port,
         admin_port=args.admin_port,
+        admin_host=args.admin_host,
         listen=args.listen,
         delta=args.delta,
         xds_tls_ca=args.xds_tls_ca,
     )
     sys.stdout.write(render_bootstrap(opts))
     return 0
+
+
+def cmd_manifests_istio(args: argparse.Namespace) -> int:
+    from xds_server.render.istio import all_objects, current_rollouts, to_yaml
+
+    spec = load_spec(args.spec)
+    if spec.istio is None:
+        # Check the spec as if it had an empty istio section: versions must be label values.
+        spec = validate_spec({**spec.raw, "istio": {}}, spec.source)
+    istio = spec.istio
+    assert istio is not None
+    if args.namespace:
+        if not _DNS_LABEL.match(args.namespace):
+            raise UsageError(f"--namespace: bad namespace {args.namespace!r}")
+        istio = dataclasses.replace(istio, namespace=args.namespace)
+    regions = args.region or list(spec.regions)
+    unknown = [r for r in regions if r not in spec.regions]
+    if unknown:
+        raise UsageError(
+            f"--region: unknown region {unknown[0]!r} (regions: {', '.join(spec.regions)})"
+        )
+    stored = read_rollouts(Path(args.state_dir)) if args.state_dir else []
+    objects = all_objects(spec, current_rollouts(spec, stored), regions, istio)
+    sys.stdout.write(to_yaml(objects))
+    return 0
+
+
+def read_rollouts(state_dir: Path) -> list[RolloutState]:
+    """Rollout states from a state dir's SQLite store, opened read-only: a running
+    server may own it, and printing manifests must never change it."""
+    from xds_server.rollout.store import state_from_json
+
+    path = state_dir / "rollouts.sqlite3"
+    if not path.is_file():
+        raise UsageError(f"--state-dir: {path} does not exist (is it serve's --state-dir?)")
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT state FROM rollouts ORDER BY updated_at").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise UsageError(f"--state-dir: cannot read {path}: {exc}") from None
+    return [state_from_json(r[0]) for r in rows]
 
 
 def cmd_lab_run(args: argparse.Namespace) -> int:
@@ -233,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--xds-address", default="127.0.0.1:18000", metavar="HOST:PORT")
     b.add_argument("--admin-port", type=int, default=9901)
     b.add_argument(
+        "--admin-host",
+        default="127.0.0.1",
+        help="Envoy admin's address (0.0.0.0 so that Prometheus can scrape it in a cluster)",
+    )
+    b.add_argument(
         "--listen",
         metavar="ADDR:PORT",
         help="this node's listener address (several Envoys on one host)",
@@ -244,6 +316,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="talk TLS to the xDS server, trusting this CA (an absolute path)",
     )
     b.set_defaults(func=cmd_bootstrap)
+    m = sub.add_parser("manifests", help="print generated manifests")
+    m_sub = m.add_subparsers(dest="manifests_command", required=True)
+    mi = m_sub.add_parser(
+        "istio",
+        help="a DestinationRule and a VirtualService per service and region (multi-doc YAML)",
+    )
+    mi.add_argument("--spec", required=True, metavar="FILE")
+    mi.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="serve's state dir: weights from its rollouts (read-only); "
+        "without it: production 100%%",
+    )
+    mi.add_argument("--region", action="append", help="only this region (repeatable)")
+    mi.add_argument("--namespace", help="override the spec's istio.namespace")
+    mi.set_defaults(func=cmd_manifests_istio)
     lab = sub.add_parser("lab", help="a local multi-region mesh with a live canary rollout")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
     run = lab_sub.add_parser("run", help="start the lab and run one rollout scenario")

@@ -65,11 +65,49 @@ class Listener:
 
 
 @dataclass(frozen=True)
+class IstioCluster:
+    """Where one region's Istio objects are applied: a kubeconfig context, or in-cluster."""
+
+    context: str | None = None
+    kubeconfig: str | None = None
+    """A path (relative ones are relative to the spec file); None: $KUBECONFIG or
+    ~/.kube/config, as kubectl does."""
+    in_cluster: bool = False
+    """Use the pod's ServiceAccount (xds-server running inside that region's cluster)."""
+
+
+@dataclass(frozen=True)
+class IstioConfig:
+    """The `istio:` section: how rollout state becomes Istio objects, and where they go."""
+
+    namespace: str = "default"
+    version_label: str = "version"
+    pool_label: str = "xds-server/pool"
+    """Second subset label, so that baseline (same version as production) selects its own
+    pods; "" selects by version only."""
+    cluster_domain: str = "cluster.local"
+    apply: bool = False
+    """Apply each region's objects to its cluster after every decision (`serve`)."""
+    clusters: Mapping[str, IstioCluster] = field(default_factory=dict)
+    retry_initial: float = 1.0
+    retry_max: float = 60.0
+    timeout: float = 10.0
+    """Per request to a cluster's API server (connect and read), in seconds."""
+    resync: float = 300.0
+    """Re-apply unchanged objects this often, undoing hand edits (level-triggered)."""
+
+    def host(self, service: str) -> str:
+        return f"{service}.{self.namespace}.svc.{self.cluster_domain}"
+
+
+@dataclass(frozen=True)
 class MeshSpec:
     regions: tuple[str, ...]
     listener: Listener
     services: tuple[Service, ...]
     source: str = "<memory>"
+    istio: IstioConfig | None = None
+    """The optional `istio:` section; None when the spec has none."""
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """The parsed YAML document, for sections that later layers interpret themselves."""
 
@@ -158,14 +196,17 @@ class _Validator:
             return None
         from xds_server.rollout.plan import RolloutPlan, parse_plan  # (imports this module)
 
-        top = self.mapping(doc, "", {"regions", "listener", "services", "rollout"})
+        top = self.mapping(doc, "", {"regions", "listener", "services", "rollout", "istio"})
         regions = self.regions(top.get("regions"))
         listener = self.listener(top.get("listener"))
         self.default_plan = parse_plan(
             top.get("rollout"), "rollout", RolloutPlan(), tuple(regions), self.fail
         )
         services = self.services(top.get("services"), regions)
-        return MeshSpec(tuple(regions), listener, tuple(services), source, top)
+        istio = None
+        if top.get("istio") is not None:
+            istio = self.istio(top["istio"], regions, services, source)
+        return MeshSpec(tuple(regions), listener, tuple(services), source, istio, top)
 
     def regions(self, value: Any) -> list[str]:
         if value is None:
@@ -362,6 +403,187 @@ class _Validator:
             self.fail(path, f"bad address {value!r}: port must be from 1 to 65535")
             return None
         return Endpoint(host, port)
+
+    # ---- the istio: section ----
+
+    def istio(
+        self, value: Any, regions: list[str], services: list[Service], source: str
+    ) -> IstioConfig | None:
+        from xds_server.rollout.plan import parse_duration  # (rollout.plan imports this module)
+
+        m = self.mapping(value, "istio", _ISTIO_KEYS)
+        if not m and not isinstance(value, dict):
+            return None
+        defaults = IstioConfig()
+        namespace = m.get("namespace", defaults.namespace)
+        if not isinstance(namespace, str) or not _NAME_RE.match(namespace):
+            self.fail(
+                "istio.namespace",
+                f"bad namespace {namespace!r}: use lowercase letters, digits and '-' (at most 63)",
+            )
+        labels = {}
+        for key in ("version_label", "pool_label"):
+            label = m.get(key, getattr(defaults, key))
+            if key == "pool_label" and label == "":
+                labels[key] = ""
+            elif not isinstance(label, str) or not _is_label_key(label):
+                self.fail(
+                    f"istio.{key}",
+                    f"bad label key {label!r}: expected NAME or PREFIX/NAME as in Kubernetes "
+                    "(NAME: at most 63 letters, digits, '-', '_', '.')",
+                )
+            else:
+                labels[key] = label
+        if labels.get("version_label") and labels.get("version_label") == labels.get("pool_label"):
+            self.fail("istio.pool_label", "must differ from istio.version_label")
+        domain = m.get("cluster_domain", defaults.cluster_domain)
+        if not isinstance(domain, str) or not _is_dns_subdomain(domain):
+            self.fail("istio.cluster_domain", f"bad DNS domain {domain!r}")
+        apply = m.get("apply", False)
+        if not isinstance(apply, bool):
+            self.fail("istio.apply", f"expected true or false, got {_kind(apply)}")
+            apply = False
+        seconds: dict[str, float] = {}
+        retry = self.mapping(m.get("retry", {}), "istio.retry", {"initial", "max"})
+        for path, raw, default in (
+            ("istio.retry.initial", retry.get("initial"), defaults.retry_initial),
+            ("istio.retry.max", retry.get("max"), defaults.retry_max),
+            ("istio.timeout", m.get("timeout"), defaults.timeout),
+            ("istio.resync", m.get("resync"), defaults.resync),
+        ):
+            parsed = default if raw is None else parse_duration(raw)
+            if parsed is None or parsed <= 0:
+                self.fail(path, f"bad duration {raw!r}: expected a positive duration such as 5s")
+                parsed = default
+            seconds[path] = parsed
+        if seconds["istio.retry.max"] < seconds["istio.retry.initial"]:
+            self.fail("istio.retry.max", "must be at least istio.retry.initial")
+        clusters = self.istio_clusters(m.get("regions"), regions, apply, source)
+        pool_label = labels.get("pool_label", defaults.pool_label)
+        for i, svc in enumerate(services):
+            for pool in svc.pools.values():
+                if not _is_label_value(pool.version):
+                    self.fail(
+                        f"services[{i}].pools.{pool.name}.version",
+                        f"version {pool.version!r} cannot be a Kubernetes label value "
+                        "(the istio section selects pods by it): it must end with a letter "
+                        "or digit",
+                    )
+            base, prod = svc.pools.get("baseline"), svc.pools["production"]
+            if not pool_label and base is not None and base.version == prod.version:
+                self.fail(
+                    "istio.pool_label",
+                    f"empty, so subsets select by version only, but service {svc.name!r} has "
+                    f"baseline and production both at {prod.version!r}: their subsets would "
+                    "select the same pods",
+                )
+        return IstioConfig(
+            namespace=namespace if isinstance(namespace, str) else defaults.namespace,
+            version_label=labels.get("version_label", defaults.version_label),
+            pool_label=pool_label,
+            cluster_domain=domain if isinstance(domain, str) else defaults.cluster_domain,
+            apply=apply,
+            clusters=clusters,
+            retry_initial=seconds["istio.retry.initial"],
+            retry_max=seconds["istio.retry.max"],
+            timeout=seconds["istio.timeout"],
+            resync=seconds["istio.resync"],
+        )
+
+    def istio_clusters(
+        self, value: Any, regions: list[str], apply: bool, source: str
+    ) -> dict[str, IstioCluster]:
+        if value is None:
+            if apply:
+                self.fail("istio.regions", "required when apply is true: a cluster per region")
+            return {}
+        if not isinstance(value, dict):
+            self.fail(
+                "istio.regions", f"expected a mapping of region to cluster, got {_kind(value)}"
+            )
+            return {}
+        out: dict[str, IstioCluster] = {}
+        seen: dict[tuple[str | None, str | None], str] = {}
+        for region, item in value.items():
+            path = f"istio.regions.{region}"
+            if region not in regions:
+                self.fail(path, f"unknown region {region!r} (regions: {', '.join(regions)})")
+                continue
+            m = self.mapping(item, path, {"context", "kubeconfig", "in_cluster"})
+            in_cluster = m.get("in_cluster", False)
+            if not isinstance(in_cluster, bool):
+                self.fail(f"{path}.in_cluster", f"expected true or false, got {_kind(in_cluster)}")
+                continue
+            context, kubeconfig = m.get("context"), m.get("kubeconfig")
+            if in_cluster:
+                if context is not None or kubeconfig is not None:
+                    self.fail(
+                        path,
+                        "in_cluster uses the pod's ServiceAccount: drop context and kubeconfig",
+                    )
+                    continue
+            elif not isinstance(context, str) or not context:
+                self.fail(
+                    f"{path}.context",
+                    "required: the kubeconfig context of this "
+                    "region's cluster (or in_cluster: true)",
+                )
+                continue
+            if kubeconfig is not None:
+                if not isinstance(kubeconfig, str) or not kubeconfig:
+                    self.fail(f"{path}.kubeconfig", "expected a file path")
+                    continue
+                if not Path(kubeconfig).is_absolute() and source != "<memory>":
+                    kubeconfig = str(Path(source).parent / kubeconfig)
+            key = (kubeconfig, context)
+            if key in seen:
+                self.fail(
+                    path,
+                    f"same cluster as region {seen[key]!r}: each region's objects are named "
+                    "after it, so two regions in one cluster would route the same host twice",
+                )
+                continue
+            seen[key] = region
+            out[region] = IstioCluster(context, kubeconfig, in_cluster)
+        if apply:
+            for region in regions:
+                if region not in value:
+                    self.fail(
+                        "istio.regions",
+                        f"no cluster for region {region!r} (apply: true needs one per region)",
+                    )
+        return out
+
+
+_ISTIO_KEYS = frozenset(
+    {
+        "namespace",
+        "version_label",
+        "pool_label",
+        "cluster_domain",
+        "apply",
+        "regions",
+        "retry",
+        "timeout",
+        "resync",
+    }
+)
+_LABEL_NAME_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def _is_dns_subdomain(value: str) -> bool:
+    return 0 < len(value) <= 253 and all(_DNS_LABEL_RE.match(p) for p in value.split("."))
+
+
+def _is_label_key(value: str) -> bool:
+    """A Kubernetes label key: NAME or PREFIX/NAME, PREFIX a DNS subdomain."""
+    prefix, slash, name = value.rpartition("/")
+    return bool(_LABEL_NAME_RE.match(name)) and (not slash or _is_dns_subdomain(prefix))
+
+
+def _is_label_value(value: str) -> bool:
+    return value == "" or bool(_LABEL_NAME_RE.match(value))
 
 
 def _is_ip(value: Any) -> bool:

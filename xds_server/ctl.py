@@ -103,6 +103,7 @@ class Admin:
 def cmd_status(args: argparse.Namespace, admin: Admin) -> None:
     nodes = admin.call("ListNodes", admin_pb2.ListNodesRequest()).nodes
     rollouts = admin.call("ListRollouts", admin_pb2.ListRolloutsRequest()).rollouts
+    istio = admin.call("GetIstioApplyStatus", admin_pb2.GetIstioApplyStatusRequest())
     by_region: dict[str, dict[str, int]] = {}
     for n in nodes:
         counts = by_region.setdefault(n.region, {})
@@ -120,6 +121,8 @@ def cmd_status(args: argparse.Namespace, admin: Admin) -> None:
             for r in rollouts
         ],
     }
+    if istio.enabled:
+        data["istio_apply"] = [to_dict(r) for r in istio.regions]
 
     def table() -> str:
         out = [f"admin API {admin.server}: reachable; {len(nodes)} nodes connected"]
@@ -142,9 +145,35 @@ def cmd_status(args: argparse.Namespace, admin: Admin) -> None:
             if rollouts
             else "no rollouts"
         )
+        if istio.enabled:
+            out.append(istio_table(istio.regions))
         return "\n\n".join(out)
 
     emit(args, data, table)
+
+
+def istio_table(regions: Sequence[Any]) -> str:
+    """Where each region's Istio objects are: in sync, or how far behind and why."""
+    rows = []
+    for r in regions:
+        state = "pending" if r.pending else "applied"
+        if r.next_retry_at:
+            state = f"retrying in {max(0.0, r.next_retry_at - time.time()):.0f}s"
+        rows.append(
+            (
+                r.region,
+                r.target,
+                f"{r.applied_generation}/{r.desired_generation}",
+                state,
+                r.attempts,
+                ago(r.last_success_at),
+                r.last_error[:80] or "-",
+            )
+        )
+    return render_table(
+        ["ISTIO REGION", "CLUSTER", "APPLIED/DESIRED", "STATE", "ATTEMPTS", "LAST OK", "ERROR"],
+        rows,
+    )
 
 
 def cmd_nodes(args: argparse.Namespace, admin: Admin) -> None:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from xds_server.config import POOL_NAMES
+from xds_server.render.kube_apply import IstioApplier, RegionApplyStatus
 from xds_server.rollout import decide as sm
 from xds_server.rollout.controller import RolloutController, RolloutEvent
 from xds_server.server import Push, XdsServer
 from xds_server.xds.status import NodeStatus
-from xds_server.xds.types import short
+from xds_server.xds.types import SEND_ORDER, short
 
+SYNC_STATES = ("SYNCED", "STALE", "NACKED", "NOT SENT")
 PHASES = (sm.PENDING, sm.PROGRESSING, sm.PAUSED, sm.PROMOTED, sm.ROLLED_BACK)
 
 
@@ -52,6 +56,30 @@ class Telemetry:
         self.pushes = Counter("xds_pushes", "Snapshots published", ["region"], registry=r)
         self.nodes = Gauge("xds_connected_nodes", "Connected xDS streams", ["region"], registry=r)
         self.nacks = Counter("xds_nacks", "NACKs received", ["region", "type"], registry=r)
+        self.node_sync = Gauge(
+            "xds_nodes_sync",
+            "Connected nodes per sync state (sampled every few seconds; STALE: sent, not ACKed)",
+            ["region", "state"],
+            registry=r,
+        )
+        self.istio_applies = Counter(
+            "xds_istio_apply",
+            "Server-side applies of a region's Istio objects to its cluster, by result",
+            ["region", "result"],
+            registry=r,
+        )
+        self.istio_pending = Gauge(
+            "xds_istio_apply_pending",
+            "1 while a region's cluster does not hold the newest Istio objects",
+            ["region"],
+            registry=r,
+        )
+        self.istio_failures = Gauge(
+            "xds_istio_apply_consecutive_failures",
+            "Failed applies in a row to a region's cluster (0 once one succeeds)",
+            ["region"],
+            registry=r,
+        )
 
     def attach(self, server: XdsServer, controller: RolloutController | None) -> None:
         server.on_push(self._on_push)
@@ -73,6 +101,38 @@ class Telemetry:
                 split = server.traffic.split(svc.name, region)
                 for pool, pct in split.percent().items():
                     self.weight.labels(svc.name, region, pool).set(pct)
+
+    def attach_istio(self, applier: IstioApplier) -> None:
+        """Apply results and pending state per region, from the `istio` output mode."""
+        for st in applier.status():
+            for result in ("success", "failure"):
+                self.istio_applies.labels(st.region, result)
+            self._on_apply(st, "")
+        applier.subscribe(self._on_apply)
+
+    def _on_apply(self, status: RegionApplyStatus, what: str) -> None:
+        if what in ("success", "failure"):
+            self.istio_applies.labels(status.region, what).inc()
+        self.istio_pending.labels(status.region).set(1 if status.pending else 0)
+        self.istio_failures.labels(status.region).set(status.consecutive_failures)
+
+    def sample_nodes(self, server: XdsServer) -> None:
+        """Count connected nodes per region and sync state against the current snapshots."""
+        counts = {(r, s): 0 for r in server.spec.regions for s in SYNC_STATES}
+        for region in server.spec.regions:
+            snap = server.cache.get(region)
+            current = {t: snap.type_version(t) if snap else "" for t in SEND_ORDER}
+            for node in server.nodes.nodes(region):
+                key = (region, node.overall_sync(current))
+                counts[key] = counts.get(key, 0) + 1
+        for (region, state), n in counts.items():
+            self.node_sync.labels(region, state).set(n)
+
+    async def sample_nodes_forever(self, server: XdsServer, every: float = 5.0) -> None:
+        """Node sync states for alerting; a scan every few seconds, not one per ACK."""
+        while True:
+            self.sample_nodes(server)
+            await asyncio.sleep(every)
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)

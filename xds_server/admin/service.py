@@ -21,6 +21,7 @@ from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 from google.protobuf import json_format
 
 from xds_server.admin.v1 import admin_pb2, admin_pb2_grpc
+from xds_server.render.kube_apply import IstioApplier
 from xds_server.rollout import decide as sm
 from xds_server.rollout.controller import RolloutController, RolloutEvent
 from xds_server.rollout.decide import RolloutState
@@ -36,11 +37,16 @@ ACTOR_KEY = "x-xds-actor"
 
 class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     def __init__(
-        self, server: XdsServer, controller: RolloutController | None, token: str | None = None
+        self,
+        server: XdsServer,
+        controller: RolloutController | None,
+        token: str | None = None,
+        istio: IstioApplier | None = None,
     ) -> None:
         self.server = server
         self.controller = controller
         self.token = token
+        self.istio = istio
 
     # ---- helpers ----
 
@@ -285,6 +291,32 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             limit=request.limit or None,
         )
         return admin_pb2.GetAuditResponse(entries=[_audit(e) for e in entries])
+
+    # ---- the istio output mode ----
+
+    async def GetIstioApplyStatus(self, request: Any, context: Context) -> Any:
+        if self.istio is None:
+            return admin_pb2.GetIstioApplyStatusResponse(enabled=False)
+        return admin_pb2.GetIstioApplyStatusResponse(
+            enabled=True,
+            regions=[
+                admin_pb2.IstioApplyStatus(
+                    region=st.region,
+                    target=st.target,
+                    desired_generation=st.desired_generation,
+                    applied_generation=st.applied_generation,
+                    attempts=st.attempts,
+                    consecutive_failures=st.consecutive_failures,
+                    last_error=st.last_error,
+                    last_attempt_at=st.last_attempt_at,
+                    last_success_at=st.last_success_at,
+                    next_retry_at=st.next_retry_at,
+                    pending=st.pending,
+                    objects=st.objects,
+                )
+                for st in self.istio.status()
+            ],
+        )
 
 
 def _audit(e: AuditEntry) -> admin_pb2.AuditEntry:

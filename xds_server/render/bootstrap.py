@@ -19,6 +19,8 @@ class BootstrapOptions:
     xds_host: str = "127.0.0.1"
     xds_port: int = 18000
     admin_port: int = 9901
+    admin_host: str = "127.0.0.1"
+    """Where Envoy's admin (and /stats/prometheus) listens; 0.0.0.0 for in-cluster scrapes."""
     listen: str | None = None
     """ADDRESS:PORT for this node's listener; without it the spec's listener is used."""
     stats_flush_seconds: float = 1.0
@@ -124,7 +126,9 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
             ]
         },
         "admin": {
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": opts.admin_port}}
+            "address": {
+                "socket_address": {"address": opts.admin_host, "port_value": opts.admin_port}
+            }
         },
         "stats_flush_interval": _duration(opts.stats_flush_seconds),
     }

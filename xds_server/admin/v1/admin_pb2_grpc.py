@@ -89,6 +89,11 @@ class AdminStub:
                 request_serializer=xds__server_dot_admin_dot_v1_dot_admin__pb2.GetAuditRequest.SerializeToString,
                 response_deserializer=xds__server_dot_admin_dot_v1_dot_admin__pb2.GetAuditResponse.FromString,
                 _registered_method=True)
+        self.GetIstioApplyStatus = channel.unary_unary(
+                '/xds_server.admin.v1.Admin/GetIstioApplyStatus',
+                request_serializer=xds__server_dot_admin_dot_v1_dot_admin__pb2.GetIstioApplyStatusRequest.SerializeToString,
+                response_deserializer=xds__server_dot_admin_dot_v1_dot_admin__pb2.GetIstioApplyStatusResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -160,6 +165,12 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetIstioApplyStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -217,6 +228,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetAudit,
                     request_deserializer=xds__server_dot_admin_dot_v1_dot_admin__pb2.GetAuditRequest.FromString,
                     response_serializer=xds__server_dot_admin_dot_v1_dot_admin__pb2.GetAuditResponse.SerializeToString,
+            ),
+            'GetIstioApplyStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetIstioApplyStatus,
+                    request_deserializer=xds__server_dot_admin_dot_v1_dot_admin__pb2.GetIstioApplyStatusRequest.FromString,
+                    response_serializer=xds__server_dot_admin_dot_v1_dot_admin__pb2.GetIstioApplyStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -516,6 +532,33 @@ class Admin:
             '/xds_server.admin.v1.Admin/GetAudit',
             xds__server_dot_admin_dot_v1_dot_admin__pb2.GetAuditRequest.SerializeToString,
             xds__server_dot_admin_dot_v1_dot_admin__pb2.GetAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetIstioApplyStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xds_server.admin.v1.Admin/GetIstioApplyStatus',
+            xds__server_dot_admin_dot_v1_dot_admin__pb2.GetIstioApplyStatusRequest.SerializeToString,
+            xds__server_dot_admin_dot_v1_dot_admin__pb2.GetIstioApplyStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

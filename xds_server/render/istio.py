@@ -1,0 +1,206 @@
+"""Istio `DestinationRule` + `VirtualService` per service and region, from rollout state.
+
+A pure function of the spec and the rollout states (no I/O, no clock), so the same
+objects come out of `xds-server manifests istio` and out of the controller's `istio`
+output mode, and a test can validate every one of them against Istio's CRD schemas.
+
+The weights are the ones the controller pushes over xDS (`decide.split_of`, with pools
+the spec no longer has giving their share to production), turned into the whole
+percentages Istio's `weight` field takes. Rounding never gives the canary more than
+its exact share when production can take the remainder: ties go to production.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import yaml
+
+from xds_server.config import POOL_NAMES, IstioConfig, MeshSpec, Service
+from xds_server.rollout import decide as sm
+from xds_server.rollout.decide import RolloutState
+from xds_server.traffic import PRODUCTION_ONLY, WEIGHT_TOTAL, Split
+
+GROUP = "networking.istio.io"
+VERSION = "v1"
+API_VERSION = f"{GROUP}/{VERSION}"
+PLURALS: Mapping[str, str] = {
+    "DestinationRule": "destinationrules",
+    "VirtualService": "virtualservices",
+}
+"""Kinds we write, in apply order: subsets exist before any route names them."""
+
+FIELD_MANAGER = "xds-server"
+LABEL_PREFIX = "xds-server/"
+MANAGED_BY = {"app.kubernetes.io/managed-by": FIELD_MANAGER}
+
+
+def current_rollouts(spec: MeshSpec, stored: Iterable[RolloutState]) -> dict[str, RolloutState]:
+    """The stored rollout of each service's *current* canary version (as restore does)."""
+    by_key = {(s.service, s.canary_version): s for s in stored}
+    out: dict[str, RolloutState] = {}
+    for svc in spec.services:
+        canary = svc.pools.get("canary")
+        if canary is not None and (state := by_key.get((svc.name, canary.version))):
+            out[svc.name] = state
+    return out
+
+
+def split_for(svc: Service, region: str, rollout: RolloutState | None) -> Split:
+    """The split xDS carries for this service and region, given its rollout (if any)."""
+    rs = rollout.regions.get(region) if rollout else None
+    if rollout is None or rs is None:
+        return PRODUCTION_ONLY
+    split = sm.split_of(svc.rollout, rs, "baseline" in svc.pools)
+    baseline = split.baseline if "baseline" in svc.pools else 0
+    canary = split.canary if "canary" in svc.pools else 0
+    return Split(WEIGHT_TOTAL - baseline - canary, baseline, canary)
+
+
+def percent_weights(split: Split, pools: Sequence[str]) -> dict[str, int]:
+    """Whole percentages for `pools` that sum to 100 (largest remainder; ties: production).
+
+    A pool not in `pools` must have no share. Production wins ties because it is listed
+    first, so a 0.5% canary becomes 0%, never 1%.
+    """
+    units = {p: split.get(p) for p in pools}
+    if sum(units.values()) != WEIGHT_TOTAL:
+        missing = [p for p in POOL_NAMES if p not in pools and split.get(p)]
+        raise ValueError(f"split gives a share to pools not listed: {', '.join(missing)}")
+    per_percent = WEIGHT_TOTAL // 100
+    out = {p: u // per_percent for p, u in units.items()}
+    left = 100 - sum(out.values())
+    by_remainder = sorted(pools, key=lambda p: (-(units[p] % per_percent), pools.index(p)))
+    for p in by_remainder[:left]:
+        out[p] += 1
+    return out
+
+
+def region_objects(
+    spec: MeshSpec,
+    region: str,
+    rollouts: Mapping[str, RolloutState],
+    istio: IstioConfig | None = None,
+) -> list[dict[str, Any]]:
+    """Every service's DestinationRule, then every service's VirtualService, for one region."""
+    cfg = istio or spec.istio or IstioConfig()
+    if region not in spec.regions:
+        raise KeyError(region)
+    rules, routes = [], []
+    for svc in spec.services:
+        rollout = rollouts.get(svc.name)
+        rules.append(destination_rule(svc, region, rollout, cfg))
+        routes.append(virtual_service(svc, region, rollout, cfg))
+    return rules + routes
+
+
+def all_objects(
+    spec: MeshSpec,
+    rollouts: Mapping[str, RolloutState],
+    regions: Sequence[str] | None = None,
+    istio: IstioConfig | None = None,
+) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for region in regions or spec.regions:
+        out += region_objects(spec, region, rollouts, istio)
+    return out
+
+
+def object_name(service: str, region: str) -> str:
+    return f"{service}-{region}"
+
+
+def _metadata(
+    svc: Service, region: str, rollout: RolloutState | None, cfg: IstioConfig, split: Split
+) -> dict[str, Any]:
+    labels = {
+        **MANAGED_BY,
+        f"{LABEL_PREFIX}service": svc.name,
+        f"{LABEL_PREFIX}region": region,
+    }
+    annotations = {
+        f"{LABEL_PREFIX}rollout": "none",
+        f"{LABEL_PREFIX}weights": ", ".join(
+            f"{p}={pct:g}%" for p, pct in split.percent().items() if p in svc.pools
+        ),
+    }
+    rs = rollout.regions.get(region) if rollout else None
+    if rollout is not None and rs is not None:
+        labels[f"{LABEL_PREFIX}canary-version"] = rollout.canary_version
+        labels[f"{LABEL_PREFIX}phase"] = rs.phase
+        step = ""
+        if 0 <= rs.step < len(svc.rollout.steps):
+            step = f" ({svc.rollout.steps[rs.step]:g}%)"
+        annotations.update(
+            {
+                f"{LABEL_PREFIX}rollout": f"{svc.name} canary {rollout.canary_version}: "
+                f"{rollout.phase}",
+                f"{LABEL_PREFIX}step": f"{rs.step}{step}"
+                + (" set by hand" if rs.manual_canary is not None else ""),
+                f"{LABEL_PREFIX}reason": rs.reason[:500],
+            }
+        )
+    return {
+        "name": object_name(svc.name, region),
+        "namespace": cfg.namespace,
+        "labels": labels,
+        "annotations": annotations,
+    }
+
+
+def destination_rule(
+    svc: Service, region: str, rollout: RolloutState | None, cfg: IstioConfig
+) -> dict[str, Any]:
+    split = split_for(svc, region, rollout)
+    subsets = []
+    for pool in svc.pools.values():
+        labels = {cfg.version_label: pool.version}
+        if cfg.pool_label:
+            labels[cfg.pool_label] = pool.name
+        subsets.append({"name": pool.name, "labels": labels})
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "DestinationRule",
+        "metadata": _metadata(svc, region, rollout, cfg, split),
+        "spec": {"host": cfg.host(svc.name), "subsets": subsets},
+    }
+
+
+def virtual_service(
+    svc: Service, region: str, rollout: RolloutState | None, cfg: IstioConfig
+) -> dict[str, Any]:
+    split = split_for(svc, region, rollout)
+    host = cfg.host(svc.name)
+    weights = percent_weights(split, svc.pool_names())
+    route = [
+        {"destination": {"host": host, "subset": pool}, "weight": weights[pool]}
+        for pool in svc.pool_names()
+    ]
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "VirtualService",
+        "metadata": _metadata(svc, region, rollout, cfg, split),
+        "spec": {
+            "hosts": [host],
+            "http": [
+                {
+                    "name": "rollout",
+                    "match": [{"uri": {"prefix": svc.prefix}}],
+                    "route": route,
+                }
+            ],
+        },
+    }
+
+
+def route_weights(vs: Mapping[str, Any]) -> dict[str, int]:
+    """subset -> weight of a VirtualService this module wrote (for checks and the e2e)."""
+    return {
+        r["destination"]["subset"]: int(r.get("weight", 0)) for r in vs["spec"]["http"][0]["route"]
+    }
+
+
+def to_yaml(objects: Iterable[Mapping[str, Any]]) -> str:
+    """A multi-document YAML stream, as `kubectl apply -f -` takes it."""
+    return yaml.safe_dump_all([dict(o) for o in objects], sort_keys=False, explicit_start=True)

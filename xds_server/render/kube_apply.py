@@ -1,0 +1,320 @@
+"""The `istio` output mode: apply each region's Istio objects to that region's cluster.
+
+Level-triggered and coalescing. The controller (through `update`) only records the
+newest desired objects per region and wakes that region's worker; it never waits for a
+cluster. Each region has its own asyncio worker and its own single thread for the
+synchronous `kubernetes` client, so a slow or unreachable cluster delays nobody else:
+not the controller, not a rollback pushed over xDS, not the other regions' applies.
+A worker always applies the *latest* desired objects; a failed apply is retried with
+exponential backoff (the newest objects at each retry), and its error is kept in the
+region's status for `xdsctl` and in metrics. Unchanged objects are applied again every
+`resync` seconds, which undoes hand edits in the cluster.
+
+Applies are server-side apply (`PATCH` with `application/apply-patch+yaml`, field
+manager `xds-server`, `force=true`): we own the fields we write, and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from xds_server.config import IstioCluster, IstioConfig
+from xds_server.render.istio import FIELD_MANAGER, GROUP, PLURALS, VERSION, region_objects
+
+if TYPE_CHECKING:
+    from xds_server.rollout.controller import RolloutController
+    from xds_server.server import Push
+
+log = logging.getLogger("xds_server.istio")
+
+APPLY_PATCH = "application/apply-patch+yaml"
+
+Objects = tuple[Mapping[str, Any], ...]
+
+
+class ApplyError(Exception):
+    """One apply that failed; the message names the object and what the cluster said."""
+
+
+class Cluster(Protocol):
+    """Something that can server-side apply objects to one cluster (synchronously)."""
+
+    def apply(self, objects: Objects) -> None: ...
+
+
+class KubeCluster:
+    """One region's cluster through the `kubernetes` client: a kubeconfig context, or
+    the pod's ServiceAccount. The client is built on first use, in the worker's thread,
+    so a missing kubeconfig is an apply error (retried, reported) rather than a crash."""
+
+    def __init__(self, cluster: IstioCluster, timeout: float) -> None:
+        self.cluster = cluster
+        self.timeout = timeout
+        self._api: Any = None
+
+    def describe(self) -> str:
+        if self.cluster.in_cluster:
+            return "in-cluster"
+        where = self.cluster.kubeconfig or "default kubeconfig"
+        return f"context {self.cluster.context} ({where})"
+
+    def _custom_objects(self) -> Any:
+        if self._api is None:
+            from kubernetes import client, config
+
+            if self.cluster.in_cluster:
+                cfg = client.Configuration()
+                config.load_incluster_config(client_configuration=cfg)
+                api_client = client.ApiClient(cfg)
+            else:
+                kubeconfig = self.cluster.kubeconfig
+                if kubeconfig and not Path(kubeconfig).is_file():
+                    raise ApplyError(f"kubeconfig {kubeconfig}: no such file")
+                api_client = config.new_client_from_config(
+                    config_file=kubeconfig, context=self.cluster.context, persist_config=False
+                )
+            self._api = client.CustomObjectsApi(api_client)
+        return self._api
+
+    def apply(self, objects: Objects) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            api = self._custom_objects()
+        except ApplyError:
+            raise
+        except Exception as exc:  # the kubernetes config loader raises many kinds
+            raise ApplyError(f"cannot load cluster config ({self.describe()}): {exc}") from exc
+        for obj in objects:
+            meta = obj["metadata"]
+            what = f"{obj['kind']} {meta['namespace']}/{meta['name']}"
+            try:
+                api.patch_namespaced_custom_object(
+                    GROUP,
+                    VERSION,
+                    meta["namespace"],
+                    PLURALS[obj["kind"]],
+                    meta["name"],
+                    dict(obj),
+                    field_manager=FIELD_MANAGER,
+                    force=True,
+                    _content_type=APPLY_PATCH,
+                    _request_timeout=(self.timeout, self.timeout),
+                )
+            except ApiException as exc:
+                raise ApplyError(f"{what}: HTTP {exc.status}: {_status_message(exc)}") from exc
+            except Exception as exc:  # connection refused, timeouts, TLS
+                raise ApplyError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+def _status_message(exc: Any) -> str:
+    """The `message` of the Kubernetes Status the API server answered, else the reason."""
+    try:
+        return str(json.loads(exc.body)["message"])
+    except (TypeError, ValueError, KeyError):
+        return str(exc.reason or "no details")
+
+
+@dataclass(frozen=True)
+class RegionApplyStatus:
+    """What `xdsctl status` and the metrics say about one region's applies."""
+
+    region: str
+    target: str
+    desired_generation: int = 0
+    """Grows by one each time the region's desired objects change (or a resync is due)."""
+    applied_generation: int = 0
+    """The newest generation the cluster accepted in full."""
+    attempts: int = 0
+    """Apply attempts since this process started."""
+    consecutive_failures: int = 0
+    last_error: str = ""
+    last_attempt_at: float = 0.0
+    last_success_at: float = 0.0
+    next_retry_at: float = 0.0
+    """When a failed apply is tried again; 0 when none is waiting."""
+    objects: int = 0
+
+    @property
+    def pending(self) -> bool:
+        return self.applied_generation < self.desired_generation
+
+
+Listener = Callable[[RegionApplyStatus, str], None]
+"""Called with the region's new status and what happened: "desired", "success", "failure"."""
+
+
+class IstioApplier:
+    def __init__(
+        self,
+        config: IstioConfig,
+        clusters: Mapping[str, Cluster] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.clusters: dict[str, Cluster] = dict(
+            clusters
+            if clusters is not None
+            else {r: KubeCluster(c, config.timeout) for r, c in config.clusters.items()}
+        )
+        self.clock = clock
+        self._desired: dict[str, Objects] = {}
+        self._status = {
+            r: RegionApplyStatus(r, _describe(c)) for r, c in sorted(self.clusters.items())
+        }
+        self._wake: dict[str, asyncio.Event] = {}
+        self._executors = {
+            r: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"istio-apply-{r}")
+            for r in self.clusters
+        }
+        self._listeners: list[Listener] = []
+
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def status(self) -> list[RegionApplyStatus]:
+        return list(self._status.values())
+
+    def region_status(self, region: str) -> RegionApplyStatus:
+        return self._status[region]
+
+    def update(self, desired: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+        """Record the newest desired objects per region; wake regions whose objects changed.
+
+        Never blocks: called from the controller's listener on the event loop thread.
+        Regions without a configured cluster are ignored.
+        """
+        for region, objects in desired.items():
+            if region not in self._status:
+                continue
+            frozen = tuple(objects)
+            if frozen == self._desired.get(region):
+                continue
+            self._desired[region] = frozen
+            st = self._status[region]
+            self._set(
+                replace(st, desired_generation=st.desired_generation + 1, objects=len(frozen)),
+                "desired",
+            )
+            self._event(region).set()
+
+    async def run(self) -> None:
+        """One worker per region, until cancelled."""
+        try:
+            await asyncio.gather(*(self._worker(r) for r in self.clusters))
+        finally:
+            for ex in self._executors.values():
+                ex.shutdown(wait=False, cancel_futures=True)
+
+    def _event(self, region: str) -> asyncio.Event:
+        return self._wake.setdefault(region, asyncio.Event())
+
+    def _set(self, status: RegionApplyStatus, what: str) -> None:
+        self._status[status.region] = status
+        for listener in list(self._listeners):
+            listener(status, what)
+
+    async def _worker(self, region: str) -> None:
+        loop = asyncio.get_running_loop()
+        wake = self._event(region)
+        delay = self.config.retry_initial
+        while True:
+            st = self._status[region]
+            if not st.pending:
+                try:
+                    await asyncio.wait_for(wake.wait(), timeout=self.config.resync)
+                except TimeoutError:
+                    if region in self._desired:  # resync: apply the same objects again
+                        st = self._status[region]
+                        self._set(replace(st, desired_generation=st.desired_generation + 1), "")
+                wake.clear()
+                continue
+            generation, objects = st.desired_generation, self._desired[region]
+            started = self.clock()
+            self._set(replace(st, attempts=st.attempts + 1, last_attempt_at=started), "")
+            try:
+                await loop.run_in_executor(
+                    self._executors[region], self.clusters[region].apply, objects
+                )
+            except Exception as exc:
+                st = self._status[region]
+                message = (
+                    str(exc) if isinstance(exc, ApplyError) else f"{type(exc).__name__}: {exc}"
+                )
+                self._set(
+                    replace(
+                        st,
+                        consecutive_failures=st.consecutive_failures + 1,
+                        last_error=message,
+                        next_retry_at=self.clock() + delay,
+                    ),
+                    "failure",
+                )
+                log.warning(
+                    "istio apply to %s failed (attempt %d, retry in %gs): %s",
+                    region,
+                    st.consecutive_failures + 1,
+                    delay,
+                    message,
+                )
+                await asyncio.sleep(delay)  # backoff between tries, not synchronisation
+                delay = min(delay * 2, self.config.retry_max)
+                continue
+            delay = self.config.retry_initial
+            st = self._status[region]
+            self._set(
+                replace(
+                    st,
+                    applied_generation=max(st.applied_generation, generation),
+                    consecutive_failures=0,
+                    last_error="",
+                    last_success_at=self.clock(),
+                    next_retry_at=0.0,
+                ),
+                "success",
+            )
+            log.info(
+                "istio objects applied to %s: generation %d, %d objects",
+                region,
+                generation,
+                len(objects),
+            )
+
+
+def follow_controller(applier: IstioApplier, controller: RolloutController) -> None:
+    """Feed the applier the objects the controller's state implies, after every decision
+    and every push (a spec reload changes objects without a decision).
+
+    The istio settings are the applier's (those the process started with); the services,
+    pools and rollouts are the controller's current ones.
+    """
+
+    def refresh(regions: Sequence[str]) -> None:
+        spec = controller.spec
+        applier.update(
+            {
+                r: region_objects(spec, r, controller.rollouts, applier.config)
+                for r in regions
+                if r in spec.regions
+            }
+        )
+
+    def on_push(push: Push) -> None:
+        refresh([push.region])
+
+    controller.subscribe(lambda _event: refresh(list(applier.clusters)))
+    controller.server.on_push(on_push)
+    refresh(list(applier.clusters))
+
+
+def _describe(cluster: Cluster) -> str:
+    describe = getattr(cluster, "describe", None)
+    return str(describe()) if callable(describe) else type(cluster).__name__
