@@ -197,3 +197,8 @@ def test_analysis_and_warmup_mistakes_each_get_a_line() -> None:
     assert any(line.startswith("mesh.yaml: rollout.warmup.shadow.percent: ") for line in lines)
     hook = "mesh.yaml: rollout.warmup.webhooks[0].url"
     assert f"{hook}: expected an http(s) URL, got 'ftp://x'" in lines
+
+
+def test_a_date_like_version_is_read_as_its_text() -> None:
+    spec = parse_spec(EXAMPLE.replace("version: v2", "version: 2024-05-01"))
+    assert spec.services[0].pools["canary"].version == "2024-05-01"

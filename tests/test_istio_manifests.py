@@ -381,3 +381,23 @@ def test_manifests_command_mistakes_get_one_line(tmp_path: Path) -> None:
     )
     out = run_cli("manifests", "istio", "--spec", str(path), "--region", "mars")
     assert out.returncode == 2 and "unknown region 'mars'" in out.stderr
+
+
+def test_warmup_shadow_traffic_renders_as_mirrors_that_istio_accepts() -> None:
+    warm = "rollout: {warmup: {shadow: {percent: 20, duration: 10s}}}\n"
+    spec = parse_spec(spec_text("istio: {namespace: models}\n" + warm), "mesh.yaml")
+    svc = spec.service("recommender")
+    start = sm.start(svc.rollout, svc.name, "v2", spec.regions, 1000.0).state
+    shadowing = sm.RegionState(sm.WARMING, sm.WARMUP_STEP, shadowing=True)
+    rollout = replace(start, regions={**start.regions, "eu-west": shadowing})
+    objs = istio.all_objects(spec, {svc.name: rollout})
+    assert all(schema_problems(o) == [] for o in objs)
+    vs = by_kind(objs, "VirtualService")
+    (http,) = vs["recommender-eu-west"]["spec"]["http"]
+    assert istio.route_weights(vs["recommender-eu-west"])["production"] == 100
+    assert {(m["destination"]["subset"], m["percentage"]["value"]) for m in http["mirrors"]} == {
+        ("canary", 20.0),
+        ("baseline", 20.0),
+    }
+    # Regions still waiting for healthy pools mirror nothing.
+    assert "mirrors" not in vs["recommender-us-east"]["spec"]["http"][0]

@@ -8,6 +8,7 @@ the server keeps serving the last good spec.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -331,8 +332,9 @@ class _Validator:
         if not m:
             return None
         version = m.get("version")
-        if isinstance(version, int | float) and not isinstance(version, bool):
-            version = str(version)
+        # YAML reads `1.2` as a number and `2024-05-01` as a date: a version is their text.
+        if isinstance(version, int | float | datetime.date) and not isinstance(version, bool):
+            version = version.isoformat() if isinstance(version, datetime.date) else str(version)
         if not isinstance(version, str) or not _VERSION_RE.match(version):
             self.fail(
                 _join(path, "version"),

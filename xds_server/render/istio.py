@@ -55,7 +55,7 @@ def split_for(svc: Service, region: str, rollout: RolloutState | None) -> Split:
     split = sm.split_of(svc.rollout, rs, "baseline" in svc.pools)
     baseline = split.baseline if "baseline" in svc.pools else 0
     canary = split.canary if "canary" in svc.pools else 0
-    return Split(WEIGHT_TOTAL - baseline - canary, baseline, canary)
+    return Split(WEIGHT_TOTAL - baseline - canary, baseline, canary, split.shadow)
 
 
 def percent_weights(split: Split, pools: Sequence[str]) -> dict[str, int]:
@@ -177,20 +177,26 @@ def virtual_service(
         {"destination": {"host": host, "subset": pool}, "weight": weights[pool]}
         for pool in svc.pool_names()
     ]
+    http: dict[str, Any] = {
+        "name": "rollout",
+        "match": [{"uri": {"prefix": svc.prefix}}],
+        "route": route,
+    }
+    if split.shadow:
+        # Warm-up shadow traffic, as the xDS route mirrors it (answers are dropped).
+        http["mirrors"] = [
+            {
+                "destination": {"host": host, "subset": pool},
+                "percentage": {"value": split.shadow * 100 / WEIGHT_TOTAL},
+            }
+            for pool in ("canary", "baseline")
+            if pool in svc.pools
+        ]
     return {
         "apiVersion": API_VERSION,
         "kind": "VirtualService",
         "metadata": _metadata(svc, region, rollout, cfg, split),
-        "spec": {
-            "hosts": [host],
-            "http": [
-                {
-                    "name": "rollout",
-                    "match": [{"uri": {"prefix": svc.prefix}}],
-                    "route": route,
-                }
-            ],
-        },
+        "spec": {"hosts": [host], "http": [http]},
     }
 
 
