@@ -6,14 +6,14 @@
 # the pod's own ServiceAccount through the Role in manifests/.
 #
 # Needs: docker (with a running daemon), kind, kubectl. Istio's CRDs come from
-# $ISTIO_CRDS_DIR (default: ../shared/istio-crds next to the repository).
+# $ISTIO_CRDS_DIR (default: manifests/istio-crds).
 # The cluster is deleted at the end, on failure and on Ctrl-C; KEEP=1 keeps it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CLUSTER="${CLUSTER:-xds-e2e-$$}"
 IMAGE="xds-server:e2e"
-CRDS="${ISTIO_CRDS_DIR:-../shared/istio-crds}"
+CRDS="${ISTIO_CRDS_DIR:-manifests/istio-crds}"
 TIMEOUT="${TIMEOUT:-120}"
 
 missing=()

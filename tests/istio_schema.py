@@ -1,7 +1,7 @@
 """Validate objects against Istio's own CRD schemas (`openAPIV3Schema`), as strictly as an
 API server with strict field validation would.
 
-The CRD files are Istio's, in ../shared/istio-crds next to the repository (or
+The CRD files are Istio's, in manifests/istio-crds (or
 $ISTIO_CRDS_DIR). The OpenAPI v3 schemas are run with jsonschema, with three changes
 that bring it close to what Kubernetes enforces:
 - an object schema that lists `properties` and neither `additionalProperties` nor
@@ -27,7 +27,7 @@ import yaml
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 REPO = Path(__file__).resolve().parents[1]
-CRD_DIR = Path(os.environ.get("ISTIO_CRDS_DIR", REPO.parent / "shared" / "istio-crds"))
+CRD_DIR = Path(os.environ.get("ISTIO_CRDS_DIR", REPO / "manifests" / "istio-crds"))
 CRD_FILES = {"DestinationRule": "destinationrules.yaml", "VirtualService": "virtualservices.yaml"}
 
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
