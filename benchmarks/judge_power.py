@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import lognorm
 
+from xds_server.render.bootstrap import LATENCY_BUCKETS_MS
 from xds_server.rollout import decide as sm
 from xds_server.rollout import stats
 from xds_server.rollout.decide import Observation
@@ -62,6 +63,11 @@ ENVOY_BUCKETS_MS: tuple[float, ...] = (
     math.inf,
 )
 """Envoy's default request-time histogram bounds (ms), +Inf last."""
+BUCKET_SETS: dict[str, tuple[float, ...]] = {
+    "xds-server": (*LATENCY_BUCKETS_MS, math.inf),
+    "envoy-default": ENVOY_BUCKETS_MS,
+}
+"""`xds-server`: the buckets `xds-server bootstrap` configures; `envoy-default`: Envoy's."""
 
 BODY_MEDIAN_MS, BODY_SIGMA = 30.0, 0.5
 TAIL_SHARE, TAIL_MEDIAN_MS, TAIL_SIGMA = 0.03, 150.0, 0.7
@@ -71,11 +77,13 @@ LATENCY_MODEL = (
 )
 
 HEALTHY, ERRORS_2X, LATENCY_13X = "healthy", "errors_2x", "latency_1.3x"
-SCENARIOS: dict[str, tuple[float, float]] = {
-    # canary's error-rate multiplier, canary's request-time multiplier
-    HEALTHY: (1.0, 1.0),
-    ERRORS_2X: (2.0, 1.0),
-    LATENCY_13X: (1.0, 1.3),
+TAIL_13X = "tail_1.3x"
+SCENARIOS: dict[str, tuple[float, float, float]] = {
+    # canary's error-rate multiplier, request-time multiplier, slow-tail-only multiplier
+    HEALTHY: (1.0, 1.0, 1.0),
+    ERRORS_2X: (2.0, 1.0, 1.0),
+    LATENCY_13X: (1.0, 1.3, 1.0),
+    TAIL_13X: (1.0, 1.0, 1.3),
 }
 REGION = "bench"
 PASSED = "passed"
@@ -86,25 +94,26 @@ FALSE_ROLLBACK_TARGET = 0.01
 DETECT_TARGET_S, DETECT_TARGET_RPS = 10.0, 100
 
 
-def bucket_probs(scale: float) -> np.ndarray:
-    """Probability of each Envoy bucket for the latency mixture, request times x `scale`."""
-    finite = np.array(ENVOY_BUCKETS_MS[:-1])
+def bucket_probs(buckets: tuple[float, ...], scale: float, tail_scale: float = 1.0) -> np.ndarray:
+    """Probability of each bucket for the latency mixture, request times x `scale` (and
+    the slow component's alone x `tail_scale`)."""
+    finite = np.array(buckets[:-1])
     cdf = (1 - TAIL_SHARE) * lognorm.cdf(
         finite, BODY_SIGMA, scale=BODY_MEDIAN_MS * scale
-    ) + TAIL_SHARE * lognorm.cdf(finite, TAIL_SIGMA, scale=TAIL_MEDIAN_MS * scale)
+    ) + TAIL_SHARE * lognorm.cdf(finite, TAIL_SIGMA, scale=TAIL_MEDIAN_MS * scale * tail_scale)
     probs = np.diff(np.concatenate([[0.0], cdf, [1.0]]))
     probs = np.clip(probs, 0.0, None)
     return np.asarray(probs / probs.sum())
 
 
-def model_quantile(q: float, scale: float = 1.0) -> float:
+def model_quantile(q: float, scale: float = 1.0, tail_scale: float = 1.0) -> float:
     """The latency mixture's true q-quantile in ms (before bucketing), by bisection."""
     lo, hi = 0.0, 1e6
     for _ in range(200):
         mid = (lo + hi) / 2
         cdf = (1 - TAIL_SHARE) * lognorm.cdf(
             mid, BODY_SIGMA, scale=BODY_MEDIAN_MS * scale
-        ) + TAIL_SHARE * lognorm.cdf(mid, TAIL_SIGMA, scale=TAIL_MEDIAN_MS * scale)
+        ) + TAIL_SHARE * lognorm.cdf(mid, TAIL_SIGMA, scale=TAIL_MEDIAN_MS * scale * tail_scale)
         lo, hi = (mid, hi) if cdf < q else (lo, mid)
     return (lo + hi) / 2
 
@@ -114,6 +123,7 @@ class Params:
     interval: float
     duration: float
     window: float
+    buckets: tuple[float, ...]
 
     @property
     def looks(self) -> int:
@@ -161,12 +171,13 @@ def run_task(task: Task) -> list[tuple[float, str]]:
     """Per trial: rollback time in seconds (inf: never) and the metrics that failed, or
     `PASSED` when the last look passed the step, or "" when it was still held."""
     rng = np.random.default_rng(task.seed)
-    error_mult, time_mult = SCENARIOS[task.scenario]
+    error_mult, time_mult, tail_mult = SCENARIOS[task.scenario]
     p = task.params
     plan = p.plan()
-    canary = simulate_pool(rng, task, task.base_error_rate * error_mult, bucket_probs(time_mult))
-    base = simulate_pool(rng, task, task.base_error_rate, bucket_probs(1.0))
-    bounds = list(ENVOY_BUCKETS_MS)
+    canary_latency = bucket_probs(p.buckets, time_mult, tail_mult)
+    canary = simulate_pool(rng, task, task.base_error_rate * error_mult, canary_latency)
+    base = simulate_pool(rng, task, task.base_error_rate, bucket_probs(p.buckets, 1.0))
+    bounds = list(p.buckets)
     # Step totals so far: cumulative over time; histograms cumulative over buckets too.
     c_req, c_err = (np.cumsum(a, axis=1).tolist() for a in canary[:2])
     b_req, b_err = (np.cumsum(a, axis=1).tolist() for a in base[:2])
@@ -302,10 +313,14 @@ def print_table(result: dict[str, Any]) -> None:
         f"guardrail window {prm['window_s']:g}s (guardrails set never to trip)"
     )
     print("  requests/s is per pool: canary and baseline EACH receive that rate (Poisson arrivals)")
-    print(f"  latency model: {prm['latency_model']}, Envoy default buckets")
+    print(f"  latency model: {prm['latency_model']}, histogram buckets: {prm['buckets']}")
     print(
         f"    true p50 {prm['model_p50_ms']:.1f} ms, p99 {prm['model_p99_ms']:.1f} ms; "
-        "latency regression: every request time x1.3 (p99 +30%)"
+        "latency_1.3x: every request time x1.3 (p99 +30%)"
+    )
+    print(
+        f"    tail_1.3x: only the slow {TAIL_SHARE:.0%} x1.3: p50 {prm['tail_p50_ms']:.1f} ms, "
+        f"p99 {prm['tail_p99_ms']:.1f} ms (+{prm['tail_p99_ms'] / prm['model_p99_ms'] - 1:.0%})"
     )
     print(
         f"  analysis: default metrics, error_rate confidence {prm['error_confidence']:g} "
@@ -365,6 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=float, default=1.0, help="seconds between looks")
     p.add_argument("--duration", type=float, default=60.0, help="step length, seconds")
     p.add_argument("--window", type=float, default=10.0, help="guardrail window, seconds")
+    p.add_argument(
+        "--buckets",
+        choices=sorted(BUCKET_SETS),
+        default="xds-server",
+        help="latency histogram bounds: as xds-server's bootstrap configures, or Envoy's own",
+    )
     p.add_argument("--base-error-rate", type=float, default=0.01)
     p.add_argument(
         "--second-base-error-rate",
@@ -384,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     if second is None:
         second = 0.05 if args.base_error_rate != 0.05 else 0.01
     rates = [args.base_error_rate] + ([second] if second and second != args.base_error_rate else [])
-    params = Params(args.interval, args.duration, args.window)
+    params = Params(args.interval, args.duration, args.window, BUCKET_SETS[args.buckets])
     plan = params.plan()
     err_spec, lat_spec = plan.analysis.metrics[0], plan.analysis.metrics[1]
 
@@ -439,8 +460,11 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed,
             "processes": args.processes,
             "latency_model": LATENCY_MODEL,
+            "buckets": args.buckets,
             "model_p50_ms": model_quantile(0.5),
             "model_p99_ms": model_quantile(0.99),
+            "tail_p50_ms": model_quantile(0.5, 1.0, 1.3),
+            "tail_p99_ms": model_quantile(0.99, 1.0, 1.3),
             "error_confidence": err_spec.confidence,
             "error_allowed_change": err_spec.allowed_change,
             "error_detect_change": err_spec.detect_change,

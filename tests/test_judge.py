@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from xds_server.render.bootstrap import LATENCY_BUCKETS_MS
 from xds_server.rollout import stats
 from xds_server.rollout.judge import (
     FAIL,
@@ -65,6 +66,13 @@ PLAN = RolloutPlan(guardrails=Guardrails(max_error_rate=1.0, max_p99_ms=1e9, min
 """Default analysis; guardrails that never trip, so the analysis alone decides."""
 WINDOW = Measurement(requests=1000, errors=10, p99_ms=120.0)
 """A sliding window well inside the guardrails."""
+TWO = replace(
+    PLAN,
+    analysis=replace(
+        PLAN.analysis, metrics=tuple(m for m in PLAN.analysis.metrics if m.name != "latency_p99")
+    ),
+)
+"""Errors and the median alone (no critical tail metric): for the score arithmetic."""
 
 
 def histogram(latencies_ms: np.ndarray) -> tuple[tuple[float, float], ...]:
@@ -120,7 +128,7 @@ def test_thirty_percent_slower_latency_fails_on_the_score() -> None:
     rng = np.random.default_rng(12)
     canary = pool(rng, 5_000, 0.01, slowdown=1.3)
     base = pool(rng, 5_000, 0.01)
-    v = judge(PLAN, WINDOW, Comparison(canary, base, "baseline"))
+    v = judge(TWO, WINDOW, Comparison(canary, base, "baseline"))
     err = next(m for m in v.metrics if m.name == "error_rate")
     lat = next(m for m in v.metrics if m.name == "latency")
     assert err.classification == PASS
@@ -136,7 +144,7 @@ def test_slower_latency_is_marginal_between_the_marginal_and_pass_scores() -> No
     rng = np.random.default_rng(12)
     canary = pool(rng, 5_000, 0.01, slowdown=1.3)
     base = pool(rng, 5_000, 0.01)
-    plan = replace(PLAN, analysis=replace(PLAN.analysis, marginal_score=40, pass_score=95))
+    plan = replace(TWO, analysis=replace(TWO.analysis, marginal_score=40, pass_score=95))
     v = judge(plan, WINDOW, Comparison(canary, base, "baseline"))
     assert v.score == pytest.approx(50)
     assert v.outcome == MARGINAL and not v.conclusive
@@ -489,7 +497,7 @@ def test_judge_power_benchmark_quick_json() -> None:
     result = json.loads(out.stdout)
     cases = result["cases"]
     scenarios = {c["scenario"] for c in cases}
-    assert scenarios == {"healthy", "errors_2x", "latency_1.3x"}
+    assert scenarios == {"healthy", "errors_2x", "latency_1.3x", "tail_1.3x"}
     assert {c["rps"] for c in cases} == {10, 100, 1000}
     assert len(result["parameters"]["base_error_rates"]) == 2
     for c in cases:
@@ -516,3 +524,56 @@ def test_either_direction_labels_a_failure_by_the_way_the_canary_moved() -> None
     assert t.higher is True
     t90 = stats.latency_test(canary, base, 0.9, 1.1, 0.99, True, True)
     assert t90.significant and t90.higher is True
+
+
+XDS_BUCKETS_MS = (*LATENCY_BUCKETS_MS, math.inf)
+"""The buckets `xds-server bootstrap` gives Envoy (Envoy's own are too coarse for tails)."""
+
+
+def tail_pool(rng: np.random.Generator, n: int, tail_slowdown: float) -> Measurement:
+    """Like `pool`, but only the slow 3% of requests are slowed down."""
+    body = rng.lognormal(math.log(30.0), 0.5, size=n)
+    tail = rng.lognormal(math.log(150.0), 0.7, size=n) * tail_slowdown
+    times = np.where(rng.random(n) < 0.03, tail, body)
+    idx = np.searchsorted(np.array(XDS_BUCKETS_MS[:-1]), times, side="left")
+    counts = np.cumsum(np.bincount(idx, minlength=len(XDS_BUCKETS_MS))).astype(float)
+    return Measurement(
+        requests=n, errors=0, latency_buckets=tuple(zip(XDS_BUCKETS_MS, counts, strict=True))
+    )
+
+
+def test_a_slower_tail_alone_fails_on_the_critical_p99_metric() -> None:
+    """Only the slowest requests got slower (p99 +30%, median unchanged): the rank test on
+    the whole distribution misses it, the tail metric does not."""
+    rng = np.random.default_rng(21)
+    canary, base = tail_pool(rng, 150_000, 1.3), tail_pool(rng, 150_000, 1.0)
+    v = judge(PLAN, WINDOW, Comparison(canary, base, "baseline"))
+    by_name = {m.name: m for m in v.metrics}
+    assert by_name["latency"].classification == PASS
+    tail = by_name["latency_p99"]
+    assert tail.classification == HIGH and tail.effect is not None and tail.effect > 1.2
+    assert "slower than" in tail.detail
+    assert v.outcome == FAIL and v.conclusive and v.score == 0
+
+
+@pytest.mark.parametrize("seed", [31, 32, 33])
+def test_identical_tails_pass(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    canary, base = tail_pool(rng, 20_000, 1.0), tail_pool(rng, 20_000, 1.0)
+    tail = next(
+        m
+        for m in judge(PLAN, WINDOW, Comparison(canary, base, "baseline")).metrics
+        if m.name == "latency_p99"
+    )
+    assert tail.classification == PASS
+
+
+@settings(max_examples=200, deadline=None)
+@given(histograms(), histograms(), st.sampled_from([0.9, 0.95, 0.99]))
+def test_the_tail_bound_favours_neither_side(a: list[int], b: list[int], q: float) -> None:
+    """The slow/fast bound is chosen from both pools together: swapping them swaps the
+    counts, so how the bound was picked cannot make either side look slower."""
+    bound, sa, na, sb, nb = stats.tail_counts(cumulative(a), cumulative(b), q)
+    bound2, sb2, nb2, sa2, na2 = stats.tail_counts(cumulative(b), cumulative(a), q)
+    assert bound == bound2 and (sa, na, sb, nb) == (sa2, na2, sb2, nb2)
+    assert 0 <= sa <= na and 0 <= sb <= nb

@@ -93,6 +93,9 @@ def test_healthy_canary_is_promoted_with_zero_failed_requests(mesh: LocalMesh) -
         'xds_traffic_weight_percent{pool="canary",region="eu-west",service="recommender"} '
         "100.0" in text
     )
+    passed = 'xds_rollout_metric_results_total{classification="pass",metric="error_rate",'
+    assert passed in text
+    assert 'xds_rollout_score{region="us-east",service="recommender"}' in text
 
 
 def test_fault_in_one_region_rolls_back_every_region_within_seconds(mesh: LocalMesh) -> None:

@@ -40,6 +40,18 @@ class Telemetry:
             ["service", "region"],
             registry=r,
         )
+        self.score = Gauge(
+            "xds_rollout_score",
+            "The canary analysis score (0-100) of a region's latest verdict",
+            ["service", "region"],
+            registry=r,
+        )
+        self.metric_results = Counter(
+            "xds_rollout_metric_results",
+            "Canary analysis metric classifications (pass, high, low, no_data)",
+            ["service", "metric", "classification"],
+            registry=r,
+        )
         self.decisions = Counter(
             "xds_rollout_decisions",
             "Rollout decisions by outcome",
@@ -156,3 +168,8 @@ class Telemetry:
             if t.kind == "transition" and t.step_to != t.step_from and t.phase_to == sm.PROGRESSING:
                 outcome = "advance"
             self.decisions.labels(state.service, outcome).inc()
+            if t.verdict is not None and t.region is not None:
+                if t.verdict.score is not None:
+                    self.score.labels(state.service, t.region).set(t.verdict.score)
+                for m in t.verdict.metrics:
+                    self.metric_results.labels(state.service, m.name, m.classification).inc()

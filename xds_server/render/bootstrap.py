@@ -131,7 +131,24 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
             }
         },
         "stats_flush_interval": _duration(opts.stats_flush_seconds),
+        "stats_config": {
+            "histogram_bucket_settings": [
+                {
+                    "match": {"safe_regex": {"regex": r"^cluster\.[^.]+\.upstream_rq_time$"}},
+                    "buckets": list(LATENCY_BUCKETS_MS),
+                }
+            ]
+        },
     }
+
+
+LATENCY_BUCKETS_MS: tuple[float, ...] = (
+    *(1, 2, 3, 5, 7.5, 10, 15, 20, 25, 30, 40, 50, 60, 75, 100, 125, 150, 175, 200),
+    *(250, 300, 350, 400, 500, 600, 750, 1000, 1500, 2000, 3000, 5000, 10000, 30000, 60000),
+)
+"""Request-time buckets (ms) for upstream clusters. Envoy's defaults jump 100 -> 250 ->
+500, so a p99 near 200 ms could only be compared at 250; about 25% steps keep the
+canary judge's tail and rank tests sharp from 1 ms to a minute."""
 
 
 def render_bootstrap(opts: BootstrapOptions) -> str:

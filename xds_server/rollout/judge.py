@@ -17,6 +17,7 @@ it holds the step, and only when that hold reaches `max_hold` does each metric's
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from xds_server.rollout.plan import (
     NO_DATA_FAIL,
     NO_DATA_PASS,
     NO_DATA_PAUSE,
+    TAIL,
     MetricSpec,
     RolloutPlan,
 )
@@ -221,6 +223,8 @@ def _metric(m: MetricSpec, cmp: Comparison) -> MetricResult:
             f"{counts}: too few to rule out a {m.detect_change:g}x error rate",
         )
     cb, bb = c.latency_buckets or (), b.latency_buckets or ()
+    if m.kind == TAIL:
+        return _tail(m, cmp.comparator_pool, cb, bb, result)
     n1, n2 = (sum(stats.bucket_counts(x)[1]) for x in (cb, bb))
     if n1 < m.min_requests or n2 < m.min_requests:
         return result(
@@ -234,6 +238,32 @@ def _metric(m: MetricSpec, cmp: Comparison) -> MetricResult:
     detail = f"p{m.quantile * 100:g} ratio over {n1:.0f}/{n2:.0f} samples"
     if t.significant:
         return result(HIGH if t.higher else LOW, t.effect, t.p_value, detail)
+    return result(PASS, t.effect, t.p_value, detail)
+
+
+def _tail(
+    m: MetricSpec,
+    pool: str,
+    cb: stats.Buckets,
+    bb: stats.Buckets,
+    result: Callable[[str, float | None, float | None, str], MetricResult],
+) -> MetricResult:
+    """The share of slow requests (beyond the joint quantile), compared like errors."""
+    bound, slow_c, n1, slow_b, n2 = stats.tail_counts(cb, bb, m.quantile)
+    if n1 < m.min_requests or n2 < m.min_requests:
+        return result(
+            NO_DATA,
+            None,
+            None,
+            f"latency samples: canary {n1:.0f}, {pool} {n2:.0f} (need {m.min_requests} each)",
+        )
+    if math.isinf(bound):
+        return result(NO_DATA, None, None, f"no finite bucket holds p{m.quantile * 100:g}")
+    up, down = m.direction in (INCREASE, "either"), m.direction in (DECREASE, "either")
+    t = stats.error_ratio_test(slow_c, n1, slow_b, n2, m.allowed_change, m.confidence, up, down)
+    detail = f"slower than {bound:g} ms: canary {slow_c:.0f}/{n1:.0f}, {pool} {slow_b:.0f}/{n2:.0f}"
+    if t.significant:
+        return result(HIGH if (t.effect or 1.0) > 1 else LOW, t.effect, t.p_value, detail)
     return result(PASS, t.effect, t.p_value, detail)
 
 

@@ -44,7 +44,7 @@ class Guardrails:
     """Below this many canary requests in the window there is no evidence: hold."""
 
 
-ERRORS, LATENCY = "errors", "latency"
+ERRORS, LATENCY, TAIL = "errors", "latency", "tail"
 INCREASE, DECREASE, EITHER = "increase", "decrease", "either"
 NO_DATA_FAIL, NO_DATA_PAUSE, NO_DATA_PASS = "fail", "pause", "pass"
 
@@ -54,8 +54,10 @@ class MetricSpec:
     """One statistical comparison of canary against its comparator (baseline or production).
 
     `errors` compares 5xx counts as proportions of requests; `latency` compares the
-    request-time histograms (Mann-Whitney U on the buckets). Both are sequential tests:
-    looking every interval does not raise the false-alarm rate above 1 - confidence.
+    request-time histograms (Mann-Whitney U on the buckets); `tail` compares the shares of
+    requests slower than the two pools' joint `quantile` (a p99 regression that leaves
+    the median alone). All are sequential tests: looking every interval does not raise
+    the false-alarm rate above 1 - confidence.
     """
 
     name: str
@@ -69,10 +71,11 @@ class MetricSpec:
     ignore_below: float = 0.01
     """errors: a canary error rate shown to be below this passes whatever the comparator."""
     quantile: float = 0.5
-    """latency: the quantile whose ratio is the effect size (the effect-size floor)."""
+    """latency: the quantile whose ratio is the effect size (the effect-size floor);
+    tail: the quantile that splits slow requests from the rest."""
     confidence: float = 0.99
     min_requests: int = 50
-    """latency: fewer samples on either side is no data."""
+    """latency, tail: fewer samples on either side is no data."""
     critical: bool = False
     """A failure of a critical metric scores 0 and fails the verdict at once."""
     group: str = ""
@@ -86,6 +89,17 @@ DEFAULT_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("error_rate", ERRORS, critical=True, group="errors", on_no_data=NO_DATA_PAUSE),
     # The absolute p99 guardrail still holds when latency has too few samples to compare.
     MetricSpec("latency", LATENCY, allowed_change=1.1, group="latency", on_no_data=NO_DATA_PASS),
+    # The slowest 1%: a regression there is what users of a model server feel first.
+    MetricSpec(
+        "latency_p99",
+        TAIL,
+        allowed_change=1.2,
+        quantile=0.99,
+        min_requests=200,
+        critical=True,
+        group="tail",
+        on_no_data=NO_DATA_PASS,
+    ),
 )
 
 
@@ -94,7 +108,9 @@ class Analysis:
     """How the statistical comparison is scored (Kayenta's model: groups, weights, 0-100)."""
 
     metrics: tuple[MetricSpec, ...] = DEFAULT_METRICS
-    groups: Mapping[str, float] = field(default_factory=lambda: {"errors": 50, "latency": 50})
+    groups: Mapping[str, float] = field(
+        default_factory=lambda: {"errors": 40, "latency": 40, "tail": 20}
+    )
     """Weight of each metric group in the score; a group not listed weighs 1."""
     pass_score: float = 95.0
     marginal_score: float = 75.0
@@ -398,7 +414,7 @@ def _analysis(value: Any, path: str, base: Analysis, fail: Fail) -> Analysis:
 
 
 _CHOICES = {
-    "kind": (ERRORS, LATENCY),
+    "kind": (ERRORS, LATENCY, TAIL),
     "direction": (INCREASE, DECREASE, EITHER),
     "on_no_data": (NO_DATA_FAIL, NO_DATA_PAUSE, NO_DATA_PASS),
 }
@@ -412,6 +428,10 @@ def _metric(name: str, value: Any, path: str, fail: Fail) -> MetricSpec:
     base = default if default is not None and default.kind == kind else MetricSpec(name, kind)
     if kind == LATENCY and default is None:
         base = replace(base, allowed_change=1.1, on_no_data=NO_DATA_PASS)
+    if kind == TAIL and default is None:
+        base = replace(
+            base, allowed_change=1.2, quantile=0.99, min_requests=200, on_no_data=NO_DATA_PASS
+        )
     if kind not in _CHOICES["kind"]:
         base = MetricSpec(name)
     changes: dict[str, Any] = {}

@@ -185,6 +185,35 @@ def latency_test(
     return TestResult(effect, p, significant, higher=slower)
 
 
+def tail_counts(
+    canary: Buckets, base: Buckets, q: float
+) -> tuple[float, float, float, float, float]:
+    """Requests slower than the pooled q-quantile's bucket bound, on each side.
+
+    The bound comes from both pools together, so under "no difference" neither side is
+    favoured by how it was chosen. Returns (bound, canary slow, canary total, comparator
+    slow, comparator total); the bound is inf when no finite bucket holds the quantile.
+    """
+    cb, cc = bucket_counts(canary)
+    bb, bc = bucket_counts(base)
+    c_at = dict(zip(cb, cc, strict=True))
+    b_at = dict(zip(bb, bc, strict=True))
+    bounds = sorted(set(cb) | set(bb))
+    n1, n2 = sum(cc), sum(bc)
+    total, bound = n1 + n2, math.inf
+    c_below = b_below = 0.0
+    for le in bounds:
+        c_below += c_at.get(le, 0.0)
+        b_below += b_at.get(le, 0.0)
+        seen = c_below + b_below
+        if not math.isinf(le) and total > 0 and seen >= q * total:
+            bound = le
+            break
+    if math.isinf(bound):
+        return bound, 0.0, n1, 0.0, n2
+    return bound, n1 - c_below, n1, n2 - b_below, n2
+
+
 def normal_mixture_log_lr(theta: float, var: float, tau: float) -> float:
     """Log likelihood ratio of an N(0, tau^2) mixture of effects against 0, for an estimate
     `theta` with variance `var` (the mixture sequential probability ratio test)."""
