@@ -277,7 +277,9 @@ class RolloutController:
                 except QueryError as exc:
                     waiting.append(f"{pool} health unknown: {exc}")
                     continue
-                if total == 0 or healthy < plan.warmup.min_healthy * total:
+                if total == 0:
+                    waiting.append(f"{pool}: no hosts in the region's Envoys yet")
+                elif healthy < plan.warmup.min_healthy * total:
                     waiting.append(f"{pool}: {healthy:.0f} of {total:.0f} hosts healthy")
         if plan.warmup.webhooks:
             key = (svc.name, state.canary_version, region)
