@@ -13,7 +13,7 @@ from xds_server.config import parse_spec
 from xds_server.rollout import decide as sm
 from xds_server.rollout.decide import Observation, RolloutState
 from xds_server.rollout.judge import FAIL, NO_DATA, PASS, Comparison, Measurement, judge
-from xds_server.rollout.plan import Guardrails, RolloutPlan, split_for
+from xds_server.rollout.plan import Guardrails, HealthCheck, RolloutPlan, split_for
 from xds_server.traffic import WEIGHT_TOTAL
 
 REGIONS = ("us-east", "eu-west", "ap-south")
@@ -363,3 +363,48 @@ services:
         for line in lines
     )
     assert "m.yaml: services[0].rollout.regions.waves: regions in no wave: b" in lines
+
+
+WARM_PLAN = replace(
+    PLAN,
+    warmup=replace(PLAN.warmup, health_check=HealthCheck(), shadow_percent=20, shadow_duration=5),
+)
+
+
+def test_warmup_gives_no_weight_until_ready_then_shadows_then_steps() -> None:
+    state = sm.start(WARM_PLAN, "svc", "v2", REGIONS, now=0).state
+    assert {rs.step for rs in state.regions.values()} == {sm.WARMUP_STEP}
+    waiting = Observation(warmup_pending=("canary: 0 of 1 hosts healthy",))
+    d = sm.decide(WARM_PLAN, state, everywhere(waiting), 1)
+    assert all(sm.split_of(WARM_PLAN, rs, True).canary == 0 for rs in d.state.regions.values())
+    assert all(sm.split_of(WARM_PLAN, rs, True).shadow == 0 for rs in d.state.regions.values())
+    d = sm.decide(WARM_PLAN, d.state, everywhere(Observation()), 2)
+    shadow = {r: sm.split_of(WARM_PLAN, rs, True) for r, rs in d.state.regions.items()}
+    assert all(s.shadow == 2000 and s.canary == 0 and s.baseline == 0 for s in shadow.values())
+    state, now = d.state, 2.0
+    while now < 20 and {rs.step for rs in state.regions.values()} == {sm.WARMUP_STEP}:
+        now += 1
+        state = sm.decide(WARM_PLAN, state, everywhere(obs(applied_at=3)), now).state
+    assert {rs.step for rs in state.regions.values()} == {0} and now >= 3 + 5
+
+
+def test_a_paused_shadow_keeps_mirroring_and_hand_weights_wait_for_warmup() -> None:
+    rs = sm.RegionState(sm.PAUSED, sm.WARMUP_STEP, shadowing=True)
+    assert sm.split_of(WARM_PLAN, rs, True).shadow == 2000
+    state = sm.start(WARM_PLAN, "svc", "v2", REGIONS, now=0).state
+    with pytest.raises(ValueError, match="still warming up"):
+        sm.set_weights(state, ("us-east",), 10, 10, 1, "by hand")
+
+
+def test_a_pause_in_one_region_does_not_hide_a_failure_in_another() -> None:
+    plan = replace(PLAN, on_max_hold="pause")
+    state = started(plan)
+    held = replace(state.regions["us-east"], step_started=0.0, hold_since=0.0, reason="holding")
+    state = replace(state, regions={**state.regions, "us-east": held})
+    worse = Comparison(Measurement(1000, 60, latency_buckets=LATENCY), STEP, "baseline")
+    observations = {
+        "us-east": obs(Measurement(2, 0, 50)),  # too few requests, past max_hold: pause
+        "eu-west": obs(step=worse),  # a conclusive failure, judged after us-east
+    }
+    d = sm.decide(plan, state, observations, plan.max_hold + 1)
+    assert d.rollback and "eu-west" in d.state.reason

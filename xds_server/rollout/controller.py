@@ -17,18 +17,19 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from xds_server.config import MeshSpec, Service
 from xds_server.rollout import decide as sm
 from xds_server.rollout.decide import Decision, Observation, RolloutState
 from xds_server.rollout.judge import FAIL, Comparison, judge
-from xds_server.rollout.metrics import PrometheusSource, QueryError
-from xds_server.rollout.plan import LATENCY, RolloutPlan
+from xds_server.rollout.metrics import PrometheusSource
+from xds_server.rollout.plan import LATENCY, TAIL, RolloutPlan
 from xds_server.rollout.store import Store, transition_entry
 from xds_server.rollout.webhooks import hook_context, run_webhooks
 from xds_server.server import XdsServer
-from xds_server.traffic import TrafficState, WeightError
+from xds_server.traffic import WEIGHT_TOTAL, Split, TrafficState, WeightError
 from xds_server.xds.resources import cluster_name
 from xds_server.xds.types import ROUTE
 
@@ -63,8 +64,9 @@ class RolloutController:
         self._next_due: dict[str, float] = {}
         self._pushed_at: dict[tuple[str, str], float] = {}
         self._listeners: list[Callable[[RolloutEvent], None]] = []
-        self._hooks: dict[tuple[str, str, str], asyncio.Task[str | None]] = {}
+        self._hooks: dict[tuple[str, str, str], asyncio.Future[str | None]] = {}
         """Warm-up webhook runs by (service, canary version, region): None when passed."""
+        self._hook_threads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="webhook")
 
     @property
     def spec(self) -> MeshSpec:
@@ -242,7 +244,7 @@ class RolloutController:
         self, svc: Service, region: str, obs: Observation, step_age: float
     ) -> Observation:
         plan = svc.rollout
-        buckets = any(m.kind == LATENCY for m in plan.analysis.metrics)
+        buckets = any(m.kind in (LATENCY, TAIL) for m in plan.analysis.metrics)
         pool = self.comparator(svc, region)
         window = min(step_age, plan.window)
         canary_cluster = cluster_name(svc.name, "canary")
@@ -274,24 +276,29 @@ class RolloutController:
                     total, healthy = await asyncio.to_thread(
                         self.metrics.pool_health, plan, region, cluster_name(svc.name, pool)
                     )
-                except QueryError as exc:
+                except Exception as exc:  # unreachable, rejected, or an unreadable answer
                     waiting.append(f"{pool} health unknown: {exc}")
                     continue
                 if total == 0:
                     waiting.append(f"{pool}: no hosts in the region's Envoys yet")
                 elif healthy < plan.warmup.min_healthy * total:
                     waiting.append(f"{pool}: {healthy:.0f} of {total:.0f} hosts healthy")
-        if plan.warmup.webhooks:
+        if plan.warmup.webhooks and not waiting:
+            # Hooks (smoke tests, cache primers) run against healthy pools only, in their
+            # own threads: a slow hook must not take a thread a measurement needs.
             key = (svc.name, state.canary_version, region)
             run = self._hooks.get(key)
             if run is None:
-                run = self._hooks[key] = asyncio.create_task(
-                    asyncio.to_thread(
-                        run_webhooks, plan.warmup.webhooks, hook_context(svc, state, region)
+                context = hook_context(svc, state, region)
+                run = self._hooks[key] = asyncio.ensure_future(
+                    asyncio.get_running_loop().run_in_executor(
+                        self._hook_threads, run_webhooks, plan.warmup.webhooks, context
                     )
                 )
             if not run.done():
                 waiting.append("warm-up webhooks running")
+            elif run.exception() is not None:
+                return Observation(warmup_error=f"warm-up webhooks failed: {run.exception()!r}")
             elif run.result():
                 return Observation(warmup_error=run.result())
         return Observation(warmup_pending=tuple(waiting))
@@ -355,8 +362,8 @@ class RolloutController:
                     "comparator": step.comparator_pool if step else None,
                     "baseline": step.comparator.as_dict() if step and step.comparator else None,
                 }
-            before = old.split(svc.name, region).percent() if region else None
-            after = new.split(svc.name, region).percent() if region else None
+            before = _audit_weights(old.split(svc.name, region)) if region else None
+            after = _audit_weights(new.split(svc.name, region)) if region else None
             entries.append(
                 transition_entry(
                     t,
@@ -401,7 +408,8 @@ class RolloutController:
     def resume(self, service: str, reason: str, actor: str) -> RolloutState:
         # A webhook that blocked the warm-up runs again after a resume.
         for key in [k for k, t in self._hooks.items() if k[0] == service]:
-            if self._hooks[key].done() and self._hooks[key].result():
+            run = self._hooks[key]
+            if run.done() and (run.exception() is not None or run.result()):
                 del self._hooks[key]
         return self._operate(service, actor, lambda st, now: sm.resume(st, now, reason))
 
@@ -444,3 +452,11 @@ class RolloutController:
         decision = act(state, self.clock())
         self.commit(self.spec.service(service), decision, actor=actor)
         return decision.state
+
+
+def _audit_weights(split: Split) -> dict[str, float]:
+    """Percent per pool, and the mirrored share when there is one (warm-up)."""
+    out = split.percent()
+    if split.shadow:
+        out["shadow"] = split.shadow * 100 / WEIGHT_TOTAL
+    return out

@@ -174,7 +174,9 @@ def split_of(plan: RolloutPlan, region: RegionState, has_baseline: bool) -> Spli
             {"canary": region.manual_canary, "baseline": region.manual_baseline or 0.0}
         )
     if _warming(region):
-        if region.shadowing and region.phase == WARMING:
+        # Paused in shadow keeps mirroring, as a paused step keeps its weights: the hold
+        # clock runs on, and shadow traffic is the only evidence a warming region has.
+        if region.shadowing:
             return Split(shadow=round(plan.warmup.shadow_percent * WEIGHT_TOTAL / 100))
         return PRODUCTION_ONLY
     if region.phase in LIVE:
@@ -191,6 +193,7 @@ def decide(
         return Decision(state, observations=observations)
     regions = dict(state.regions)
     transitions: list[Transition] = []
+    pause_why: str | None = None
     for name, obs in observations.items():
         rs = regions.get(name)
         if rs is None or rs.phase not in LIVE:
@@ -209,17 +212,15 @@ def decide(
             rs, note = _warm_up(plan, rs, obs, now)
             regions[name] = rs
             if note.startswith("blocked"):
-                if state.phase != PAUSED:
-                    return _pause(
-                        replace(state, regions=regions), now, f"{name}: {note}", observations
-                    )
+                pause_why = pause_why or f"{name}: {note}"
                 continue
             if note.startswith("max_hold"):
-                why = f"{name}: warm-up not done within {plan.max_hold:g}s: {note[9:]}"
+                waiting = note.removeprefix("max_hold: ")
+                why = f"{name}: warm-up not done within {plan.max_hold:g}s: {waiting}"
                 if plan.on_max_hold == "rollback":
                     return _rollback(state, now, why, observations)
-                if state.phase != PAUSED:
-                    return _pause(replace(state, regions=regions), now, why, observations)
+                pause_why = pause_why or why
+                continue
             if note:
                 transitions.append(
                     Transition(name, rs.phase, rs.phase, rs.step, rs.step, note, kind="check")
@@ -250,8 +251,7 @@ def decide(
             why = f"{name}: {step_desc}: no evidence for {plan.max_hold:g}s: {verdict.reason}"
             if plan.on_max_hold == "rollback" and not verdict.pause_requested:
                 return _rollback(state, now, why, observations, verdict=verdict, region=name)
-            if state.phase != PAUSED:
-                return _pause(replace(state, regions=regions), now, why, observations)
+            pause_why = pause_why or why
         transitions.append(
             Transition(
                 name,
@@ -271,6 +271,11 @@ def decide(
             )
         )
     state = replace(state, regions=regions, updated_at=now)
+    # A pause waits until every region was judged: a failure elsewhere still rolls back.
+    if pause_why and state.phase != PAUSED:
+        paused = _pause(state, now, pause_why, observations)
+        transitions.extend(paused.transitions)
+        return Decision(paused.state, tuple(transitions), observations=observations)
     if state.phase == PROGRESSING:
         state, advanced = _advance(plan, state, now)
         transitions.extend(advanced)
@@ -527,6 +532,13 @@ def set_weights(
     if unknown:
         raise KeyError(f"unknown region(s): {', '.join(unknown)}")
     Split.from_percent({"canary": canary, "baseline": baseline})  # raises WeightError
+    warming = [r for r in regions or tuple(state.regions) if _warming(state.regions[r])]
+    if warming:
+        # Real traffic there would go unjudged: warm-up judges shadow traffic only.
+        raise ValueError(
+            f"{', '.join(warming)} still warming up: promote past warm-up before "
+            "setting weights by hand"
+        )
     new_regions = dict(state.regions)
     transitions = []
     for r in regions or tuple(state.regions):

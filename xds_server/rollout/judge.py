@@ -135,14 +135,15 @@ def judge(
 ) -> Verdict:
     """`canary`: the sliding window, for the guardrails; `comparison`: the step so far."""
     metrics = analyse(plan, comparison) if comparison is not None else ()
-    score, critical_failed = _score(plan, metrics, hold_expired)
+    score, best, critical_failed = _score(plan, metrics, hold_expired)
     checks, guard_gap = guardrail_checks(plan, canary)
     failed = [c for c in checks if not c.ok]
     bad = [m for m in metrics if m.classification in (HIGH, LOW)]
     if hold_expired:
         bad += [m for m in metrics if m.classification == NO_DATA and m.on_no_data == NO_DATA_FAIL]
     scored = f"score {score:.0f}" if score is not None else "no score"
-    if critical_failed or (score is not None and score < plan.analysis.marginal_score):
+    # Fail on the score only when the metrics still waiting for data could not lift it.
+    if critical_failed or (best is not None and best < plan.analysis.marginal_score):
         why = "; ".join(_describe(m) for m in bad) or "every metric failed"
         return Verdict(FAIL, f"{scored}: {why}", tuple(checks), metrics, score, conclusive=True)
     if failed:
@@ -269,25 +270,35 @@ def _tail(
 
 def _score(
     plan: RolloutPlan, metrics: tuple[MetricResult, ...], hold_expired: bool
-) -> tuple[float | None, bool]:
-    """Weighted share of passing metrics, 0-100; None when no metric could be classed."""
-    groups: dict[str, list[bool]] = {}
+) -> tuple[float | None, float | None, bool]:
+    """Weighted share of passing metrics, 0-100, over the metrics that could be classed
+    (None when none could); the best the score can still become if every metric still
+    waiting for data passes; and whether a critical metric failed."""
+
+    def weighted(groups: dict[str, list[bool]]) -> float | None:
+        if not groups:
+            return None
+        weights = {g: plan.analysis.groups.get(g, 1.0) for g in groups}
+        total = sum(weights.values())
+        return 100 * sum(weights[g] * sum(v) / len(v) for g, v in groups.items()) / total
+
+    known: dict[str, list[bool]] = {}
+    best: dict[str, list[bool]] = {}
     critical_failed = False
     for m in metrics:
+        if m.classification == NO_DATA and (not hold_expired or m.on_no_data == NO_DATA_PAUSE):
+            best.setdefault(m.group, []).append(True)
+            continue
         if m.classification == NO_DATA:
-            if not hold_expired or m.on_no_data == NO_DATA_PAUSE:
-                continue
             ok = m.on_no_data == NO_DATA_PASS
         else:
             ok = m.classification == PASS
         critical_failed |= m.critical and not ok
-        groups.setdefault(m.group, []).append(ok)
-    if not groups:
-        return None, False
-    weights = {g: plan.analysis.groups.get(g, 1.0) for g in groups}
-    total = sum(weights.values())
-    score = 100 * sum(weights[g] * sum(v) / len(v) for g, v in groups.items()) / total
-    return (0.0 if critical_failed else score), critical_failed
+        known.setdefault(m.group, []).append(ok)
+        best.setdefault(m.group, []).append(ok)
+    if critical_failed:
+        return 0.0, 0.0, True
+    return weighted(known), weighted(best), False
 
 
 def _describe(m: MetricResult) -> str:

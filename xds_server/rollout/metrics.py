@@ -19,7 +19,7 @@ from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
 from xds_server.rollout.judge import Measurement
-from xds_server.rollout.plan import LATENCY, RolloutPlan
+from xds_server.rollout.plan import LATENCY, TAIL, RolloutPlan
 from xds_server.rollout.stats import Buckets
 
 
@@ -104,6 +104,8 @@ class PrometheusSource:
                 latency = self.buckets(fill("latency_buckets"), client)
         except QueryError as exc:
             return Measurement(problem=str(exc))
+        except Exception as exc:  # an answer we cannot read is no evidence, not a crash
+            return Measurement(problem=f"unreadable answer from Prometheus: {exc!r}")
         errors = out["errors"]
         if errors is None and out["requests"] is not None:
             errors = 0.0  # Envoy exports the 5xx series only once a 5xx has happened
@@ -169,7 +171,7 @@ class PrometheusSource:
                 return problems  # no traffic to tell from: nothing more to check
             # "errors" is legitimately empty until the first error; the rest must answer.
             needed = ["p99_ms", "hosts", "healthy_hosts"]
-            if any(m.kind == LATENCY for m in plan.analysis.metrics):
+            if any(m.kind in (LATENCY, TAIL) for m in plan.analysis.metrics):
                 needed.append("latency_buckets")
             for key in needed:
                 if run(key) is None:

@@ -19,6 +19,7 @@ always-valid p-value.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,7 +58,8 @@ def error_ratio_test(
     decrease_is_bad: bool = False,
 ) -> TestResult:
     """Is the canary's error rate above (or below) `allowed_ratio` times the comparator's?"""
-    xc, xb = round(max(canary_errors, 0)), round(max(base_errors, 0))
+    # Counts from PromQL's increase() are extrapolated, not whole: round half up.
+    xc, xb = math.floor(max(canary_errors, 0) + 0.5), math.floor(max(base_errors, 0) + 0.5)
     nc, nb = max(canary_requests, float(xc)), max(base_requests, float(xb))
     alpha = 1 - confidence
     sides = int(increase_is_bad) + int(decrease_is_bad)
@@ -66,14 +68,14 @@ def error_ratio_test(
         log_lr = max(log_lr, _ratio_mixture_log_lr(xc, xb, nc, nb, allowed_ratio))
     if decrease_is_bad:
         log_lr = max(log_lr, _ratio_mixture_log_lr(xb, xc, nb, nc, allowed_ratio))
-    p = min(1.0, math.exp(-log_lr)) if log_lr > 0 else 1.0
+    p = min(1.0, max(sides, 1) * math.exp(-log_lr)) if log_lr > 0 else 1.0
     effect = ((xc + 0.5) / nc) / ((xb + 0.5) / nb) if nc > 0 and nb > 0 else None
     upper = None
     if xc + xb > 0 and nc > 0 and nb > 0:
         pi_up = binomial_upper(xc, xc + xb, confidence)
         upper = None if pi_up >= 1 else pi_up / (1 - pi_up) * nb / nc
     rate_up = binomial_upper(xc, round(nc), confidence) if nc >= 1 else None
-    return TestResult(effect, p, log_lr >= math.log(max(sides, 1) / alpha), upper, rate_up)
+    return TestResult(effect, p, sides > 0 and p <= alpha, upper, rate_up)
 
 
 def _ratio_mixture_log_lr(x: int, y: int, nx: float, ny: float, ratio0: float) -> float:
@@ -141,11 +143,13 @@ def latency_test(
     increase_is_bad: bool = True,
     decrease_is_bad: bool = False,
 ) -> TestResult:
-    """Mann-Whitney U on two histograms with the same bounds, plus an effect-size floor.
+    """Mann-Whitney U on two histograms, against "no worse than `allowed_ratio`".
 
-    Significant only when the sequential test rejects *and* the ratio of the q-quantiles
-    is beyond `allowed_ratio` in the bad direction: a real but tiny slowdown is no
-    regression (as in Kayenta's judge).
+    The null hypothesis is the allowed change itself: the canary's request times are
+    divided by `allowed_ratio` (multiplied, for a decrease) before they are ranked
+    against the comparator's, so a canary 5% slower under a 10% allowance is not a
+    regression however much data there is. The ratio of the q-quantiles must also be
+    beyond `allowed_ratio`, as in Kayenta's judge.
     """
     cb, cc = bucket_counts(canary)
     bb, bc = bucket_counts(base)
@@ -159,30 +163,63 @@ def latency_test(
     effect = qc / qb if qc is not None and qb else None
     if n1 < 1 or n2 < 1:
         return TestResult(effect, 1.0, False)
-    # U counts pairs (canary, comparator) where the canary is slower; ties count 1/2.
+    sides = int(increase_is_bad) + int(decrease_is_bad)
+    up = down = -math.inf
+    if increase_is_bad:
+        theta, var = _rank_effect(_scaled(cb, cc, allowed_ratio), bc)
+        if theta > 0 and var > 0:
+            up = normal_mixture_log_lr(theta, var, _LATENCY_TAU)
+    if decrease_is_bad:
+        theta, var = _rank_effect(_scaled(cb, cc, 1 / allowed_ratio), bc)
+        if theta < 0 and var > 0:
+            down = normal_mixture_log_lr(theta, var, _LATENCY_TAU)
+    slower = up >= down
+    log_lr = max(up, down)
+    beyond = effect is not None and (
+        (slower and effect > allowed_ratio) or (not slower and effect < 1 / allowed_ratio)
+    )
+    p = min(1.0, sides * math.exp(-log_lr)) if log_lr > 0 else 1.0
+    significant = beyond and p <= 1 - confidence
+    return TestResult(effect, p, significant, higher=slower if log_lr > -math.inf else None)
+
+
+def _scaled(bounds: Sequence[float], counts: Sequence[float], factor: float) -> list[float]:
+    """Per-bucket counts of the request times divided by `factor`, on the same bounds
+    (linear inside each bucket, as histogram_quantile assumes)."""
+    if factor == 1:
+        return list(counts)
+    cum, total, points = 0.0, sum(counts), [(0.0, 0.0)]
+    for le, c in zip(bounds, counts, strict=True):
+        cum += c
+        if not math.isinf(le):
+            points.append((le, cum))
+
+    def cdf(x: float) -> float:  # the original histogram's count at or below x
+        for (x0, y0), (x1, y1) in itertools.pairwise(points):
+            if x <= x1:
+                return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y1
+        return points[-1][1]
+
+    out, prev = [], 0.0
+    for le in bounds:
+        at = total if math.isinf(le) else min(total, cdf(le * factor))
+        out.append(max(0.0, at - prev))
+        prev = max(prev, at)
+    return out
+
+
+def _rank_effect(cc: Sequence[float], bc: Sequence[float]) -> tuple[float, float]:
+    """Probability of superiority minus 1/2 (ties count half), and its variance under the
+    null of no difference, with the tie correction."""
+    n1, n2 = sum(cc), sum(bc)
     u, below = 0.0, 0.0
     for c, b in zip(cc, bc, strict=True):
         u += c * (below + b / 2)
         below += b
-    theta = u / (n1 * n2) - 0.5
     n = n1 + n2
     ties = sum((c + b) ** 3 - (c + b) for c, b in zip(cc, bc, strict=True))
     var_u = n1 * n2 / 12 * ((n + 1) - ties / (n * (n - 1) if n > 1 else 1))
-    var = var_u / (n1 * n2) ** 2
-    if var <= 0:
-        return TestResult(effect, 1.0, False)
-    log_lr = normal_mixture_log_lr(theta, var, _LATENCY_TAU)
-    sides = int(increase_is_bad) + int(decrease_is_bad)
-    # The rank test says which way the canary moved; the effect size must agree with it.
-    slower, faster = theta > 0, theta < 0
-    beyond = effect is not None and (
-        (slower and increase_is_bad and effect > allowed_ratio)
-        or (faster and decrease_is_bad and effect < 1 / allowed_ratio)
-    )
-    bad = (increase_is_bad and slower) or (decrease_is_bad and faster)
-    p = min(1.0, math.exp(-log_lr)) if bad and log_lr > 0 else 1.0
-    significant = beyond and log_lr >= math.log(max(sides, 1) / (1 - confidence))
-    return TestResult(effect, p, significant, higher=slower)
+    return u / (n1 * n2) - 0.5, var_u / (n1 * n2) ** 2
 
 
 def tail_counts(

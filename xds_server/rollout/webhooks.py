@@ -54,7 +54,7 @@ def call(hook: Webhook, context: Mapping[str, Any]) -> str | None:
         except requests.Timeout:
             problem = f"no answer within {hook.timeout:g}s"
             continue
-        except requests.RequestException as exc:
+        except Exception as exc:  # refused, TLS, a bad URL: whatever it is, the hook failed
             problem = f"{type(exc).__name__}: {exc}"
             continue
         if 200 <= r.status_code < 300:
