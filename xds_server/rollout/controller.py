@@ -155,15 +155,19 @@ class RolloutController:
 
     async def _start(self, svc: Service, version: str) -> None:
         decision = sm.start(svc.rollout, svc.name, version, self.spec.regions, self.clock())
-        problems: list[str] = []
-        for region in self.spec.regions:
-            problems += await asyncio.to_thread(
-                self.metrics.check_queries,
-                svc.rollout,
-                region,
-                cluster_name(svc.name, "canary"),
-                cluster_name(svc.name, "production"),
+        checks = await asyncio.gather(
+            *(
+                asyncio.to_thread(
+                    self.metrics.check_queries,
+                    svc.rollout,
+                    region,
+                    cluster_name(svc.name, "canary"),
+                    cluster_name(svc.name, "production"),
+                )
+                for region in self.spec.regions
             )
+        )
+        problems = [p for found in checks for p in found]
         if problems:
             why = "configuration error: " + "; ".join(sorted(set(problems)))
             log.error("rollout of %s %s cannot be judged: %s", svc.name, version, why)
