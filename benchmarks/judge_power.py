@@ -33,35 +33,14 @@ from typing import Any
 import numpy as np
 from scipy.stats import lognorm
 
-from xds_server.render.bootstrap import LATENCY_BUCKETS_MS
+from xds_server.render.bootstrap import ENVOY_DEFAULT_BUCKETS_MS, LATENCY_BUCKETS_MS
 from xds_server.rollout import decide as sm
 from xds_server.rollout import stats
 from xds_server.rollout.decide import Observation
 from xds_server.rollout.judge import HIGH, LOW, Comparison, Measurement
 from xds_server.rollout.plan import Guardrails, RolloutPlan
 
-ENVOY_BUCKETS_MS: tuple[float, ...] = (
-    0.5,
-    1,
-    5,
-    10,
-    25,
-    50,
-    100,
-    250,
-    500,
-    1000,
-    2500,
-    5000,
-    10000,
-    30000,
-    60000,
-    300000,
-    600000,
-    1800000,
-    3600000,
-    math.inf,
-)
+ENVOY_BUCKETS_MS: tuple[float, ...] = (*ENVOY_DEFAULT_BUCKETS_MS, math.inf)
 """Envoy's default request-time histogram bounds (ms), +Inf last."""
 BUCKET_SETS: dict[str, tuple[float, ...]] = {
     "xds-server": (*LATENCY_BUCKETS_MS, math.inf),

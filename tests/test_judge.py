@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xds_server.render.bootstrap import LATENCY_BUCKETS_MS
+from xds_server.render.bootstrap import ENVOY_DEFAULT_BUCKETS_MS, LATENCY_BUCKETS_MS
 from xds_server.rollout import stats
 from xds_server.rollout.judge import (
     FAIL,
@@ -40,28 +40,7 @@ from xds_server.rollout.plan import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-ENVOY_BUCKETS_MS = (
-    0.5,
-    1,
-    5,
-    10,
-    25,
-    50,
-    100,
-    250,
-    500,
-    1000,
-    2500,
-    5000,
-    10000,
-    30000,
-    60000,
-    300000,
-    600000,
-    1800000,
-    3600000,
-    math.inf,
-)
+ENVOY_BUCKETS_MS: tuple[float, ...] = (*ENVOY_DEFAULT_BUCKETS_MS, math.inf)
 PLAN = RolloutPlan(guardrails=Guardrails(max_error_rate=1.0, max_p99_ms=1e9, min_requests=20))
 """Default analysis; guardrails that never trip, so the analysis alone decides."""
 WINDOW = Measurement(requests=1000, errors=10, p99_ms=120.0)

@@ -142,6 +142,12 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
     }
 
 
+ENVOY_DEFAULT_BUCKETS_MS: tuple[float, ...] = (
+    *(0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000),
+    *(300000, 600000, 1800000, 3600000),
+)
+"""Envoy's own histogram bounds, for comparison (benchmarks, tests)."""
+
 LATENCY_BUCKETS_MS: tuple[float, ...] = (
     *(1, 2, 3, 5, 7.5, 10, 15, 20, 25, 30, 40, 50, 60, 75, 100, 125, 150, 175, 200),
     *(250, 300, 350, 400, 500, 600, 750, 1000, 1500, 2000, 3000, 5000, 10000, 30000, 60000),

@@ -42,8 +42,8 @@ class PrometheusSource:
     def _client(self) -> PrometheusConnect:
         return PrometheusConnect(url=self.url, retry=Retry(total=0), timeout=self.timeout)
 
-    def query(self, promql: str, client: PrometheusConnect | None = None) -> float | None:
-        """One instant query -> a number, None for an empty result; QueryError on failure."""
+    def _vector(self, promql: str, client: PrometheusConnect | None) -> list[dict[str, Any]]:
+        """One instant query's raw result; QueryError (saying whose fault) on failure."""
         client = client or self._client()
         try:
             result: list[dict[str, Any]] = client.custom_query(promql, timeout=self.timeout)
@@ -53,22 +53,18 @@ class PrometheusSource:
             ) from None
         except PrometheusApiClientException as exc:
             raise QueryError(_api_error(exc), bad_query="400" in str(exc)) from None
-        values = [float(r["value"][1]) for r in result]
+        return result
+
+    def query(self, promql: str, client: PrometheusConnect | None = None) -> float | None:
+        """One instant query -> a number, None for an empty result; QueryError on failure."""
+        values = [float(r["value"][1]) for r in self._vector(promql, client)]
         if not values:
             return None
         return sum(values) if len(values) > 1 else values[0]
 
     def buckets(self, promql: str, client: PrometheusConnect | None = None) -> Buckets | None:
         """A `sum by (le)` query -> cumulative (upper bound, count) pairs, ascending."""
-        client = client or self._client()
-        try:
-            result: list[dict[str, Any]] = client.custom_query(promql, timeout=self.timeout)
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            raise QueryError(
-                f"Prometheus unreachable at {self.url}: {type(exc).__name__}", bad_query=False
-            ) from None
-        except PrometheusApiClientException as exc:
-            raise QueryError(_api_error(exc), bad_query="400" in str(exc)) from None
+        result = self._vector(promql, client)
         pairs = []
         for r in result:
             le, value = r["metric"].get("le"), float(r["value"][1])
