@@ -153,8 +153,9 @@ LATENCY_BUCKETS_MS: tuple[float, ...] = (
     *(250, 300, 350, 400, 500, 600, 750, 1000, 1500, 2000, 3000, 5000, 10000, 30000, 60000),
 )
 """Request-time buckets (ms) for upstream clusters. Envoy's defaults jump 100 -> 250 ->
-500, so a p99 near 200 ms could only be compared at 250; about 25% steps keep the
-canary judge's tail and rank tests sharp from 1 ms to a minute."""
+500, so a p99 near 200 ms could only be compared at 250; steps of at most 50% between
+10 ms and 1 s keep the canary judge's tail and rank tests sharp where model servers
+answer, with coarser ones out to a minute."""
 
 
 def render_bootstrap(opts: BootstrapOptions) -> str:
