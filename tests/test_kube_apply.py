@@ -88,7 +88,7 @@ async def until(predicate: Callable[[], Any], what: str, timeout: float = 15) ->
     while not (value := predicate()):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # poll interval, bounded by the deadline above
     return value
 
 

@@ -126,7 +126,7 @@ def test_a_canary_that_is_not_healthy_gets_no_weight(tmp_path: Path) -> None:
         while time.monotonic() < deadline:
             assert steps(mesh) == {-1}
             assert all(canary_share(e) == 0 for e in mesh.envoys)
-            time.sleep(0.25)
+            time.sleep(0.25)  # poll interval of a bounded observation, not synchronisation
         mesh.set_fault("eu-west", "canary", healthy=True)
         wait_for(lambda: steps(mesh) == {0}, 30, "every region at step 0 once healthy")
         wait_for(lambda: all(canary_share(e) == 5 for e in mesh.envoys), 10, "5% in Envoy")
