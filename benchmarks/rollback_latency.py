@@ -19,16 +19,10 @@ from pathlib import Path
 
 from xds_server.lab.mesh import LocalMesh, MeshOptions, canary_share
 from xds_server.lab.procs import wait_for
-from xds_server.lab.run import LAB_PLAN
+from xds_server.lab.run import FAST_PLAN
 
-PLAN = {
-    **{k: v for k, v in LAB_PLAN.items() if k != "warmup"},
-    # The lab's low-traffic analysis settings (a canary sees a few requests a second),
-    # with the shorter steps of the rollout tests; no warm-up, so runs stay comparable.
-    "step_duration": "3s",
-    "window": "4s",
-    "max_hold": "30s",
-}
+PLAN = FAST_PLAN
+"""The lab's low-traffic analysis settings with the rollout tests' short steps."""
 
 
 def one_run(workdir: Path) -> dict[str, float]:

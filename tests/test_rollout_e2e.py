@@ -12,30 +12,8 @@ import pytest
 
 from xds_server.lab.mesh import LocalMesh, MeshOptions, canary_share, envoy_weights
 from xds_server.lab.procs import http_get, wait_for
+from xds_server.lab.run import FAST_PLAN
 from xds_server.rollout.metrics import PrometheusSource
-
-FAST_PLAN = {
-    "steps": [5, 20, 75, 100],
-    "step_duration": "3s",
-    "interval": "1s",
-    "window": "4s",
-    "ack_timeout": "10s",
-    "max_hold": "30s",
-    "failures_before_rollback": 2,
-    "guardrails": {
-        "max_error_rate": 0.05,
-        "max_p99_ms": 250,
-        "min_requests": 5,
-    },
-    # The lab's canary sees a few requests a second: a canary error rate shown to be
-    # under 30% is judged negligible here (the 5% ceiling above still applies).
-    "analysis": {
-        "metrics": {
-            "error_rate": {"ignore_below": 0.3, "confidence": 0.95},
-            "latency": {"min_requests": 20},
-        }
-    },
-}
 
 
 @pytest.fixture

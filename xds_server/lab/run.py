@@ -59,6 +59,13 @@ LAB_PLAN: dict[str, Any] = {
     },
 }
 
+FAST_PLAN: dict[str, Any] = {
+    **{k: v for k, v in LAB_PLAN.items() if k != "warmup"},
+    "step_duration": "3s",
+    "window": "4s",
+}
+"""The lab's plan with shorter steps and no warm-up: for the rollout tests and benchmarks."""
+
 
 @dataclass(frozen=True)
 class Fault:
