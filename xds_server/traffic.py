@@ -60,6 +60,14 @@ class Split:
     def percent(self) -> dict[str, float]:
         return {p: self.get(p) * 100 / WEIGHT_TOTAL for p in POOL_NAMES}
 
+    def within(self, service: Service) -> Split:
+        """This split with the shares of pools the service lacks given to production."""
+        baseline = self.baseline if "baseline" in service.pools else 0
+        canary = self.canary if "canary" in service.pools else 0
+        if (baseline, canary) == (self.baseline, self.canary):
+            return self
+        return Split(WEIGHT_TOTAL - baseline - canary, baseline, canary, self.shadow)
+
     def check_pools(self, service: Service) -> None:
         for pool in POOL_NAMES:
             if self.get(pool) and pool not in service.pools:
@@ -93,9 +101,4 @@ class TrafficState:
 
     def effective(self, service: Service, region: str) -> Split:
         """The split to apply: pools the spec no longer has give their share to production."""
-        s = self.split(service.name, region)
-        baseline = s.baseline if "baseline" in service.pools else 0
-        canary = s.canary if "canary" in service.pools else 0
-        if (baseline, canary) == (s.baseline, s.canary):
-            return s
-        return Split(WEIGHT_TOTAL - baseline - canary, baseline, canary, s.shadow)
+        return self.split(service.name, region).within(service)

@@ -52,10 +52,7 @@ def split_for(svc: Service, region: str, rollout: RolloutState | None) -> Split:
     rs = rollout.regions.get(region) if rollout else None
     if rollout is None or rs is None:
         return PRODUCTION_ONLY
-    split = sm.split_of(svc.rollout, rs, "baseline" in svc.pools)
-    baseline = split.baseline if "baseline" in svc.pools else 0
-    canary = split.canary if "canary" in svc.pools else 0
-    return Split(WEIGHT_TOTAL - baseline - canary, baseline, canary, split.shadow)
+    return sm.split_of(svc.rollout, rs, "baseline" in svc.pools).within(svc)
 
 
 def percent_weights(split: Split, pools: Sequence[str]) -> dict[str, int]:
