@@ -71,6 +71,10 @@ def test_bad_arguments_get_one_line() -> None:
 def test_serve_routes_reloads_on_sighup_and_stops_on_sigterm(
     tmp_path: Path, spec_file: Path, upstreams: dict[tuple[str, str], ModelServer]
 ) -> None:
+    # No canary: a rollout would send a share of the requests below to it.
+    doc = yaml.safe_load(spec_file.read_text())
+    del doc["services"][0]["pools"]["canary"]
+    spec_file.write_text(yaml.safe_dump(doc))
     port = free_port()
     server = Process(
         "server",
@@ -81,6 +85,8 @@ def test_serve_routes_reloads_on_sighup_and_stops_on_sigterm(
             str(spec_file),
             "--xds-address",
             f"127.0.0.1:{port}",
+            "--state-dir",
+            str(tmp_path / "state"),
             "--log-format",
             "json",
         ],
@@ -164,7 +170,16 @@ def test_xdsctl_fetch_prints_what_a_region_receives(spec_file: Path, tmp_path: P
     port = free_port()
     server = Process(
         "server",
-        [*CLI, "serve", "--spec", str(spec_file), "--xds-address", f"127.0.0.1:{port}"],
+        [
+            *CLI,
+            "serve",
+            "--spec",
+            str(spec_file),
+            "--xds-address",
+            f"127.0.0.1:{port}",
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
         tmp_path / "server.log",
     )
     try:
