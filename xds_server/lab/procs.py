@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,7 +26,47 @@ from xds_server.render.bootstrap import BootstrapOptions, render_bootstrap
 T = TypeVar("T")
 
 
+_EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST_PORT = 10000
+_MIN_CANDIDATES = 1000
+_issued_ports: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(_EPHEMERAL_RANGE_FILE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now and the kernel will not hand out by itself.
+
+    The port is bound much later (a mesh picks all its ports before starting anything),
+    so a port from the kernel's ephemeral range can meanwhile become the source port of
+    some outgoing connection, a scrape or a load request, and the later bind fails with
+    "address already in use". Ports below the ephemeral range are only ever taken by an
+    explicit bind, and this process never hands out the same one twice.
+    """
+    low = _ephemeral_low()
+    if low - _LOWEST_PORT < _MIN_CANDIDATES:
+        return _kernel_port(host)
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(_LOWEST_PORT, low)
+        if port in _issued_ports:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _issued_ports.add(port)
+        return port
+    return _kernel_port(host)
+
+
+def _kernel_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
