@@ -3,15 +3,22 @@
 Each trial is one rollout step: canary and baseline each receive `rps` requests/s
 (Poisson arrivals per pool), every request fails with a fixed probability, and request
 times come from a long-tailed mixture (a lognormal body around 30 ms and a 3% slow tail
-around 150 ms) counted into Envoy's default histogram buckets. Every `--interval` seconds
+around 150 ms) counted into the histogram buckets `xds-server bootstrap` configures
+(`--buckets envoy-default`: Envoy's own). Every `--interval` seconds
 the controller's view is rebuilt from the simulated counts -- the sliding-window canary
 Measurement (p99 from the buckets) for the guardrails and the whole step so far for the
 analysis -- and handed to the real `decide()` (which calls `judge()`), with guardrails
 set so they never trip: the benchmark measures the statistical analysis alone.
 
-Cases: healthy (canary identical to baseline), a 2x error rate, and 1.3x request times
-(every quantile, p99 included, 30% slower), at 10, 100 and 1,000 requests/s, for the
-chosen base error rate and for a second one.
+The step is the first of the default plan in a rollout over `--regions` regions: with
+`false_alarm_scope: rollout` (the default) each metric's false-alarm level is shared by
+every analysed step in every region, so one step gets its share. A healthy rollout is
+falsely rolled back when any of its steps is; the steps and regions see separate data,
+so the per-rollout rate follows from the per-step one.
+
+Cases: healthy (canary identical to baseline), a 2x error rate, 1.3x request times
+(every quantile, p99 included, 30% slower) and a slower tail alone, at 10, 100 and
+1,000 requests/s, for the chosen base error rate and for a second one.
 
     python benchmarks/judge_power.py [--trials 400] [--healthy-trials 1000] [--json]
 
@@ -27,7 +34,7 @@ import math
 import multiprocessing
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -38,7 +45,7 @@ from xds_server.rollout import decide as sm
 from xds_server.rollout import stats
 from xds_server.rollout.decide import Observation
 from xds_server.rollout.judge import HIGH, LOW, Comparison, Measurement
-from xds_server.rollout.plan import Guardrails, RolloutPlan
+from xds_server.rollout.plan import SCOPE_ROLLOUT, SCOPE_STEP, Guardrails, RolloutPlan
 
 ENVOY_BUCKETS_MS: tuple[float, ...] = (*ENVOY_DEFAULT_BUCKETS_MS, math.inf)
 """Envoy's default request-time histogram bounds (ms), +Inf last."""
@@ -103,6 +110,8 @@ class Params:
     duration: float
     window: float
     buckets: tuple[float, ...]
+    regions: int = 3
+    scope: str = SCOPE_ROLLOUT
 
     @property
     def looks(self) -> int:
@@ -113,16 +122,25 @@ class Params:
         return max(1, round(self.window / self.interval))
 
     def plan(self) -> RolloutPlan:
-        """The default analysis; guardrails that never trip; no hold expiry. The step
-        lasts the whole trial, so only the last look can pass it (promote the canary)."""
-        return RolloutPlan(
-            steps=(5, 100),
+        """The default steps and analysis; guardrails that never trip; no hold expiry.
+        The step lasts the whole trial, so only the last look can pass it."""
+        plan = RolloutPlan(
             step_duration=self.looks * self.interval - 1e-9,
             interval=self.interval,
             window=self.window,
             max_hold=1e9,
             guardrails=Guardrails(max_error_rate=1.0, max_p99_ms=1e12, min_requests=20),
         )
+        return replace(plan, analysis=replace(plan.analysis, false_alarm_scope=self.scope))
+
+    def region_names(self) -> tuple[str, ...]:
+        """The simulated region first; the others only count for the false-alarm share."""
+        return (REGION, *(f"other-{i}" for i in range(1, self.regions)))
+
+    @property
+    def tests_per_rollout(self) -> int:
+        """Analysed steps x regions: the sequential tests a whole rollout runs per metric."""
+        return sum(1 for w in self.plan().steps if w < 100) * self.regions
 
 
 @dataclass(frozen=True)
@@ -174,7 +192,7 @@ def run_task(task: Task) -> list[tuple[float, str]]:
 
     out: list[tuple[float, str]] = []
     for i in range(task.trials):
-        state = sm.start(plan, "svc", "v2", (REGION,), now=0.0).state
+        state = sm.start(plan, "svc", "v2", p.region_names(), now=0.0).state
         detected, cause = math.inf, ""
         for k in range(p.looks):
             now = (k + 1) * p.interval
@@ -202,7 +220,7 @@ def run_task(task: Task) -> list[tuple[float, str]]:
                 detected, cause = now, failed_metrics(decision)
                 break
             state = decision.state
-        if math.isinf(detected) and state.regions[REGION].step >= 1:
+        if math.isinf(detected) and state.regions[REGION].step_passed:
             cause = PASSED
         out.append((detected, cause))
     return out
@@ -234,8 +252,9 @@ def wilson_upper(successes: int, n: int, z: float = 1.96) -> float:
 
 
 def summarise(
-    scenario: str, rps: float, rate: float, trials: list[tuple[float, str]]
+    scenario: str, rps: float, rate: float, trials: list[tuple[float, str]], tests: int
 ) -> dict[str, Any]:
+    """`tests`: steps x regions of a whole rollout, for the per-rollout false rollbacks."""
     times = [t for t, _ in trials]
     causes: dict[str, int] = {}
     for t, cause in trials:
@@ -258,12 +277,20 @@ def summarise(
         "detect_p95_s": p95 if math.isfinite(p95) else None,
         "false_rollback_rate": None,
         "false_rollback_upper95": None,
+        "false_rollback_rate_per_rollout": None,
+        "false_rollback_per_rollout_upper95": None,
         "rollbacks_by_metric": dict(sorted(causes.items())),
     }
     if scenario == HEALTHY:
         # On identical versions every rollback is a false one; nothing is there to detect.
         case["false_rollback_rate"] = hits / n if n else 0.0
         case["false_rollback_upper95"] = wilson_upper(hits, n)
+        # The steps and regions of a rollout are judged on separate data: independent.
+        for key, per_step in (
+            ("false_rollback_rate_per_rollout", case["false_rollback_rate"]),
+            ("false_rollback_per_rollout_upper95", case["false_rollback_upper95"]),
+        ):
+            case[key] = 1 - (1 - per_step) ** tests
     return case
 
 
@@ -307,6 +334,12 @@ def print_table(result: dict[str, Any]) -> None:
         f"latency confidence {prm['latency_confidence']:g} "
         f"(p{prm['latency_quantile'] * 100:g} allowed x{prm['latency_allowed_change']:g})"
     )
+    shared = prm["tests_sharing_alpha"]
+    print(
+        f"  false_alarm_scope {prm['false_alarm_scope']}: each metric's 1 - confidence is "
+        f"shared by {shared} test(s); a rollout of the default steps over {prm['regions']} "
+        f"region(s) runs {prm['tests_per_rollout']}"
+    )
     print(
         "  rollback = decide() rolls back: a FAIL that is conclusive or "
         f"{prm['failures_before_rollback']} FAILs; seed {prm['seed']}"
@@ -325,7 +358,7 @@ def print_table(result: dict[str, Any]) -> None:
         header = (
             f"  {'scenario':<13}{'rps':>6}{'trials':>8}{'rolled back':>13}"
             f"{'median s':>10}{'p95 s':>8}{'false rb rate':>15}{'(95% up)':>10}"
-            f"{'passed':>8}{'held':>7}  rollbacks by metric"
+            f"{'per rollout':>12}{'passed':>8}{'held':>7}  rollbacks by metric"
         )
         print(header)
         print("  " + "-" * (len(header) - 2))
@@ -336,12 +369,14 @@ def print_table(result: dict[str, Any]) -> None:
             false_col = f"{fr:.2%}" if fr is not None else "-"
             up = c["false_rollback_upper95"]
             up_col = f"{up:.2%}" if up is not None else ""
+            pr = c["false_rollback_rate_per_rollout"]
+            pr_col = f"{pr:.2%}" if pr is not None else "-"
             by_metric = ", ".join(f"{k} {v}" for k, v in c["rollbacks_by_metric"].items())
             print(
                 f"  {c['scenario']:<13}{c['rps']:>6g}{c['trials']:>8}"
                 f"{c['rollback_share']:>13.1%}"
                 f"{fmt_s(c['detect_median_s'], dur):>10}{fmt_s(c['detect_p95_s'], dur):>8}"
-                f"{false_col:>15}{up_col:>10}"
+                f"{false_col:>15}{up_col:>10}{pr_col:>12}"
                 f"{c['passed_share']:>8.1%}{c['held_share']:>7.1%}  {by_metric}"
             )
     print()
@@ -373,6 +408,15 @@ def main(argv: list[str] | None = None) -> int:
         help="also run every case at this base error rate (default 0.05, or 0.01 when "
         "--base-error-rate is 0.05; 0: do not)",
     )
+    p.add_argument(
+        "--regions", type=int, default=3, help="regions of the rollout (default 3, as the lab)"
+    )
+    p.add_argument(
+        "--false-alarm-scope",
+        choices=(SCOPE_ROLLOUT, SCOPE_STEP),
+        default=SCOPE_ROLLOUT,
+        help="analysis.false_alarm_scope: the level shared by the rollout (default) or per step",
+    )
     p.add_argument("--seed", type=int, default=20240601)
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--json", action="store_true")
@@ -384,7 +428,14 @@ def main(argv: list[str] | None = None) -> int:
     if second is None:
         second = 0.05 if args.base_error_rate != 0.05 else 0.01
     rates = [args.base_error_rate] + ([second] if second and second != args.base_error_rate else [])
-    params = Params(args.interval, args.duration, args.window, BUCKET_SETS[args.buckets])
+    params = Params(
+        args.interval,
+        args.duration,
+        args.window,
+        BUCKET_SETS[args.buckets],
+        args.regions,
+        args.false_alarm_scope,
+    )
     plan = params.plan()
     err_spec, lat_spec = plan.analysis.metrics[0], plan.analysis.metrics[1]
 
@@ -400,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[tuple[str, float, float], list[tuple[float, str]]] = {}
     for task, res in zip(tasks, results, strict=True):
         times.setdefault((task.scenario, task.rps, task.base_error_rate), []).extend(res)
-    cases = [summarise(s, r, rate, t) for (s, r, rate), t in times.items()]
+    tests = params.tests_per_rollout
+    cases = [summarise(s, r, rate, t, tests) for (s, r, rate), t in times.items()]
 
     primary = [c for c in cases if c["base_error_rate"] == args.base_error_rate]
     healthy = [c for c in primary if c["scenario"] == HEALTHY]
@@ -417,6 +469,14 @@ def main(argv: list[str] | None = None) -> int:
             "met": all(c["false_rollback_rate"] < FALSE_ROLLBACK_TARGET for c in healthy),
             "observed": f"worst {worst['false_rollback_rate']:.2%} at {worst['rps']:g} rps "
             f"(95% upper {worst['false_rollback_upper95']:.2%})",
+        }
+        per_rollout = max(c["false_rollback_rate_per_rollout"] for c in healthy)
+        targets["false_rollbacks_per_rollout"] = {
+            "description": f"false rollbacks under {FALSE_ROLLBACK_TARGET:.0%} of healthy "
+            f"rollouts ({tests} steps x regions, from the per-step rate)",
+            "met": per_rollout < FALSE_ROLLBACK_TARGET,
+            "observed": f"worst {per_rollout:.2%} (95% upper "
+            f"{max(c['false_rollback_per_rollout_upper95'] for c in healthy):.2%})",
         }
     if target_case is not None:
         p95 = target_case["detect_p95_s"]
@@ -451,6 +511,10 @@ def main(argv: list[str] | None = None) -> int:
             "latency_quantile": lat_spec.quantile,
             "latency_allowed_change": lat_spec.allowed_change,
             "failures_before_rollback": plan.failures_before_rollback,
+            "regions": args.regions,
+            "false_alarm_scope": args.false_alarm_scope,
+            "tests_per_rollout": tests,
+            "tests_sharing_alpha": plan.analysis_tests(args.regions),
         },
         "cases": cases,
         "targets": targets,

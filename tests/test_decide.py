@@ -353,6 +353,7 @@ services:
         text.replace("[10, 100]", "[50, 20]")
         .replace("500ms", "soon")
         .replace("[[a], [b]]", "[[a]]")
+        .replace("max_error_rate: 2%}", "max_error_rate: 2%}, analysis: {false_alarm_scope: x}")
     )
     with pytest.raises(SpecError) as err:
         parse_spec(bad, "m.yaml")
@@ -363,6 +364,7 @@ services:
         for line in lines
     )
     assert "m.yaml: services[0].rollout.regions.waves: regions in no wave: b" in lines
+    assert "m.yaml: rollout.analysis.false_alarm_scope: expected rollout or step, got 'x'" in lines
 
 
 WARM_PLAN = replace(

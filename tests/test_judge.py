@@ -103,6 +103,31 @@ def test_doubled_error_rate_with_ample_data_fails_conclusively() -> None:
     assert v.score == 0  # a critical metric failed
 
 
+def test_a_rollout_shares_each_metrics_false_alarm_level_among_its_tests() -> None:
+    """34 errors against 10 in equal traffic: p about 0.003. One test at alpha 0.01 calls
+    that a regression; nine (3 analysed steps x 3 regions) get 0.0011 each and must hold
+    for more evidence, or a healthy rollout would gather nine chances of a false alarm."""
+    canary = Measurement(requests=1_000, errors=34)  # 3.4%: above ignore_below
+    base = Measurement(requests=1_000, errors=10)
+    cmp = Comparison(canary, base, "baseline")
+    assert PLAN.analysis_tests(3) == 9
+
+    def error_rate(plan: RolloutPlan, regions: int) -> tuple[str, float]:
+        m = next(m for m in judge(plan, WINDOW, cmp, regions=regions).metrics)
+        assert m.name == "error_rate"
+        return m.classification, m.alpha
+
+    one_step = replace(PLAN, steps=(5, 100))
+    assert one_step.analysis_tests(1) == 1
+    assert error_rate(one_step, 1) == (HIGH, pytest.approx(0.01))
+    assert error_rate(PLAN, 3) == (NO_DATA, pytest.approx(0.01 / 9))
+    per_step = replace(PLAN, analysis=replace(PLAN.analysis, false_alarm_scope="step"))
+    assert per_step.analysis_tests(3) == 1
+    assert error_rate(per_step, 3) == (HIGH, pytest.approx(0.01))
+    shadowed = replace(PLAN, warmup=replace(PLAN.warmup, shadow_percent=10, shadow_duration=5))
+    assert shadowed.analysis_tests(3) == 12  # the shadow phase is judged too
+
+
 def test_thirty_percent_slower_latency_fails_on_the_score() -> None:
     rng = np.random.default_rng(12)
     canary = pool(rng, 5_000, 0.01, slowdown=1.3)
@@ -520,12 +545,18 @@ def test_judge_power_benchmark_quick_json() -> None:
     for c in cases:
         assert "false_rollback_rate" in c and "detect_p95_s" in c
         if c["scenario"] == "healthy":
-            assert 0.0 <= c["false_rollback_rate"] <= 1.0
+            assert 0.0 <= c["false_rollback_rate"] <= c["false_rollback_rate_per_rollout"] <= 1.0
         else:
             assert c["false_rollback_rate"] is None
         p95 = c["detect_p95_s"]
         assert p95 is None or 0 < p95 <= result["parameters"]["duration_s"]
-    assert set(result["targets"]) == {"false_rollbacks", "errors_2x_detect"}
+    assert set(result["targets"]) == {
+        "false_rollbacks",
+        "false_rollbacks_per_rollout",
+        "errors_2x_detect",
+    }
+    # The default plan over three regions: each metric's level is shared by 9 tests.
+    assert result["parameters"]["tests_sharing_alpha"] == 9
     # A 30% slowdown at 1000 requests/s is found in every quick trial.
     fast = [c for c in cases if c["scenario"] == "latency_1.3x" and c["rps"] == 1000]
     assert all(c["rollback_share"] == 1.0 for c in fast)

@@ -228,7 +228,7 @@ class RolloutController:
                 if obs.canary is None:
                     continue
                 rs = state.regions[region]
-                verdict = judge(plan, obs.canary, obs.step)
+                verdict = judge(plan, obs.canary, obs.step, regions=len(state.regions))
                 if verdict.outcome == FAIL and (
                     verdict.conclusive or rs.failures + 1 >= plan.failures_before_rollback
                 ):

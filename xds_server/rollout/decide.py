@@ -233,7 +233,7 @@ def decide(
             regions[name] = rs
             continue
         expired = rs.hold_since is not None and now - rs.hold_since >= plan.max_hold
-        verdict = judge(plan, obs.canary, obs.step, hold_expired=expired)
+        verdict = judge(plan, obs.canary, obs.step, expired, len(state.regions))
         rs, note = _apply_verdict(plan, rs, verdict, now)
         regions[name] = rs
         if verdict.outcome == FAIL and (

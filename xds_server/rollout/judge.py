@@ -100,6 +100,9 @@ class MetricResult:
     group: str
     critical: bool
     on_no_data: str
+    alpha: float = 0.0
+    """The p-value at or below which this metric is a regression (its share of the
+    false-alarm level)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,9 +135,13 @@ def judge(
     canary: Measurement,
     comparison: Comparison | None = None,
     hold_expired: bool = False,
+    regions: int = 1,
 ) -> Verdict:
-    """`canary`: the sliding window, for the guardrails; `comparison`: the step so far."""
-    metrics = analyse(plan, comparison) if comparison is not None else ()
+    """`canary`: the sliding window, for the guardrails; `comparison`: the step so far;
+    `regions`: how many the rollout crosses (they share each metric's false-alarm level
+    when its scope is the rollout)."""
+    tests = plan.analysis_tests(regions)
+    metrics = analyse(plan, comparison, tests) if comparison is not None else ()
     score, best, critical_failed = _score(plan, metrics, hold_expired)
     checks, guard_gap = guardrail_checks(plan, canary)
     failed = [c for c in checks if not c.ok]
@@ -185,18 +192,22 @@ def guardrail_checks(plan: RolloutPlan, canary: Measurement) -> tuple[list[Check
     return checks, ""
 
 
-def analyse(plan: RolloutPlan, comparison: Comparison) -> tuple[MetricResult, ...]:
+def analyse(plan: RolloutPlan, comparison: Comparison, tests: int = 1) -> tuple[MetricResult, ...]:
+    """`tests`: how many sequential tests share each metric's false-alarm level."""
     if comparison.comparator is None:
         return ()  # nothing to compare with (the canary takes every request)
-    return tuple(_metric(m, comparison) for m in plan.analysis.metrics)
+    return tuple(_metric(m, comparison, tests) for m in plan.analysis.metrics)
 
 
-def _metric(m: MetricSpec, cmp: Comparison) -> MetricResult:
+def _metric(m: MetricSpec, cmp: Comparison, tests: int) -> MetricResult:
     c, b = cmp.canary, cmp.comparator
     assert b is not None
+    alpha = (1 - m.confidence) / tests
 
     def result(cls: str, effect: float | None, p: float | None, detail: str) -> MetricResult:
-        return MetricResult(m.name, cls, effect, p, detail, m.group, m.critical, m.on_no_data)
+        return MetricResult(
+            m.name, cls, effect, p, detail, m.group, m.critical, m.on_no_data, alpha
+        )
 
     for who, meas in (("canary", c), (cmp.comparator_pool, b)):
         if meas.problem:
@@ -207,7 +218,7 @@ def _metric(m: MetricSpec, cmp: Comparison) -> MetricResult:
         if nc < 1 or nb < 1:
             return result(NO_DATA, None, None, f"requests: canary {nc:.0f}, comparator {nb:.0f}")
         ec, eb = _num(c.errors) or 0.0, _num(b.errors) or 0.0
-        t = stats.error_ratio_test(ec, nc, eb, nb, m.allowed_change, m.confidence, up, down)
+        t = stats.error_ratio_test(ec, nc, eb, nb, m.allowed_change, m.confidence, up, down, alpha)
         counts = f"canary {ec:.0f}/{nc:.0f}, {cmp.comparator_pool} {eb:.0f}/{nb:.0f}"
         if t.significant:
             cls = HIGH if (t.effect or 1.0) > 1 else LOW
@@ -225,7 +236,7 @@ def _metric(m: MetricSpec, cmp: Comparison) -> MetricResult:
         )
     cb, bb = c.latency_buckets or (), b.latency_buckets or ()
     if m.kind == TAIL:
-        return _tail(m, cmp.comparator_pool, cb, bb, result)
+        return _tail(m, cmp.comparator_pool, cb, bb, alpha, result)
     n1, n2 = (sum(stats.bucket_counts(x)[1]) for x in (cb, bb))
     if n1 < m.min_requests or n2 < m.min_requests:
         return result(
@@ -235,7 +246,7 @@ def _metric(m: MetricSpec, cmp: Comparison) -> MetricResult:
             f"latency samples: canary {n1:.0f}, {cmp.comparator_pool} {n2:.0f} "
             f"(need {m.min_requests} each)",
         )
-    t = stats.latency_test(cb, bb, m.quantile, m.allowed_change, m.confidence, up, down)
+    t = stats.latency_test(cb, bb, m.quantile, m.allowed_change, m.confidence, up, down, alpha)
     detail = f"p{m.quantile * 100:g} ratio over {n1:.0f}/{n2:.0f} samples"
     if t.significant:
         return result(HIGH if t.higher else LOW, t.effect, t.p_value, detail)
@@ -247,6 +258,7 @@ def _tail(
     pool: str,
     cb: stats.Buckets,
     bb: stats.Buckets,
+    alpha: float,
     result: Callable[[str, float | None, float | None, str], MetricResult],
 ) -> MetricResult:
     """The share of slow requests (beyond the joint quantile), compared like errors."""
@@ -261,7 +273,9 @@ def _tail(
     if math.isinf(bound):
         return result(NO_DATA, None, None, f"no finite bucket holds p{m.quantile * 100:g}")
     up, down = m.direction in (INCREASE, "either"), m.direction in (DECREASE, "either")
-    t = stats.error_ratio_test(slow_c, n1, slow_b, n2, m.allowed_change, m.confidence, up, down)
+    t = stats.error_ratio_test(
+        slow_c, n1, slow_b, n2, m.allowed_change, m.confidence, up, down, alpha
+    )
     detail = f"slower than {bound:g} ms: canary {slow_c:.0f}/{n1:.0f}, {pool} {slow_b:.0f}/{n2:.0f}"
     if t.significant:
         return result(HIGH if (t.effect or 1.0) > 1 else LOW, t.effect, t.p_value, detail)
@@ -303,7 +317,9 @@ def _score(
 
 def _describe(m: MetricResult) -> str:
     effect = f" x{m.effect:.3g}" if m.effect is not None else ""
-    p = f", p={m.p_value:.2g}" if m.p_value is not None and m.classification != NO_DATA else ""
+    p = ""
+    if m.p_value is not None and m.classification != NO_DATA:
+        p = f", p={m.p_value:.2g} (alpha {m.alpha:.2g})"
     return f"{m.name} {m.classification}{effect}{p} ({m.detail})"
 
 

@@ -45,6 +45,7 @@ class Guardrails:
 
 
 ERRORS, LATENCY, TAIL = "errors", "latency", "tail"
+SCOPE_ROLLOUT, SCOPE_STEP = "rollout", "step"
 INCREASE, DECREASE, EITHER = "increase", "decrease", "either"
 NO_DATA_FAIL, NO_DATA_PAUSE, NO_DATA_PASS = "fail", "pause", "pass"
 
@@ -57,7 +58,8 @@ class MetricSpec:
     request-time histograms (Mann-Whitney U on the buckets); `tail` compares the shares of
     requests slower than the two pools' joint `quantile` (a p99 regression that leaves
     the median alone). All are sequential tests: looking every interval does not raise
-    the false-alarm rate above 1 - confidence.
+    the false-alarm rate above 1 - confidence (over the whole rollout, or per step: see
+    `Analysis.false_alarm_scope`).
     """
 
     name: str
@@ -115,6 +117,11 @@ class Analysis:
     pass_score: float = 95.0
     marginal_score: float = 75.0
     """At or above: hold (neither pass nor fail); below: fail."""
+    false_alarm_scope: str = SCOPE_ROLLOUT
+    """What a metric's 1 - confidence bounds. `rollout`: its false alarms over the whole
+    rollout, shared equally by the sequential tests it runs there (one per analysed phase
+    and region), so a healthy canary is rarely rolled back however many steps and regions
+    it crosses; `step`: each phase in each region on its own, as Kayenta's judge does."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +182,15 @@ class RolloutPlan:
 
     def wave_list(self, regions: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
         return self.waves if self.waves is not None else (regions,)
+
+    def analysis_tests(self, regions: int) -> int:
+        """How many sequential tests each metric runs in a rollout over `regions` regions
+        (steps below 100% and the shadow phase have a comparator), when its false-alarm
+        level is shared by the rollout; 1 when it is per step."""
+        if self.analysis.false_alarm_scope == SCOPE_STEP:
+            return 1
+        phases = sum(1 for w in self.steps if w < 100) + (1 if self.warmup.shadow_duration else 0)
+        return max(1, phases * max(1, regions))
 
 
 def split_for(canary_percent: float, has_baseline: bool) -> Split:
@@ -379,8 +395,17 @@ def _queries(value: Any, path: str, base: Mapping[str, str], fail: Fail) -> Mapp
 
 
 def _analysis(value: Any, path: str, base: Analysis, fail: Fail) -> Analysis:
-    m = _mapping(value, path, {"metrics", "groups", "pass_score", "marginal_score"}, fail)
+    keys = {"metrics", "groups", "pass_score", "marginal_score", "false_alarm_scope"}
+    m = _mapping(value, path, keys, fail)
     changes: dict[str, Any] = {}
+    if "false_alarm_scope" in m:
+        if m["false_alarm_scope"] not in (SCOPE_ROLLOUT, SCOPE_STEP):
+            fail(
+                f"{path}.false_alarm_scope",
+                f"expected {SCOPE_ROLLOUT} or {SCOPE_STEP}, got {m['false_alarm_scope']!r}",
+            )
+        else:
+            changes["false_alarm_scope"] = m["false_alarm_scope"]
     for key in ("pass_score", "marginal_score"):
         if key in m:
             n = _number(m[key])

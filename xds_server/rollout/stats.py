@@ -56,12 +56,16 @@ def error_ratio_test(
     confidence: float,
     increase_is_bad: bool = True,
     decrease_is_bad: bool = False,
+    alpha: float | None = None,
 ) -> TestResult:
-    """Is the canary's error rate above (or below) `allowed_ratio` times the comparator's?"""
+    """Is the canary's error rate above (or below) `allowed_ratio` times the comparator's?
+
+    `alpha`: the level at which a regression is declared (default 1 - confidence);
+    `confidence` also sets the upper bounds that let an error metric pass."""
     # Counts from PromQL's increase() are extrapolated, not whole: round half up.
     xc, xb = math.floor(max(canary_errors, 0) + 0.5), math.floor(max(base_errors, 0) + 0.5)
     nc, nb = max(canary_requests, float(xc)), max(base_requests, float(xb))
-    alpha = 1 - confidence
+    alpha = 1 - confidence if alpha is None else alpha
     sides = int(increase_is_bad) + int(decrease_is_bad)
     log_lr = -math.inf
     if increase_is_bad:
@@ -142,8 +146,11 @@ def latency_test(
     confidence: float,
     increase_is_bad: bool = True,
     decrease_is_bad: bool = False,
+    alpha: float | None = None,
 ) -> TestResult:
     """Mann-Whitney U on two histograms, against "no worse than `allowed_ratio`".
+
+    `alpha`: the level at which a regression is declared (default 1 - confidence).
 
     The null hypothesis is the allowed change itself: the canary's request times are
     divided by `allowed_ratio` (multiplied, for a decrease) before they are ranked
@@ -179,7 +186,7 @@ def latency_test(
         (slower and effect > allowed_ratio) or (not slower and effect < 1 / allowed_ratio)
     )
     p = min(1.0, sides * math.exp(-log_lr)) if log_lr > 0 else 1.0
-    significant = beyond and p <= 1 - confidence
+    significant = beyond and p <= (1 - confidence if alpha is None else alpha)
     return TestResult(effect, p, significant, higher=slower if log_lr > -math.inf else None)
 
 
