@@ -7,7 +7,8 @@ serves just enough, over plain HTTP on 127.0.0.1, for two real clients:
 - the `kubernetes` Python client's server-side apply of Istio objects: it checks what a
   real API server checks for an apply (the `application/apply-patch+yaml` content type,
   a `fieldManager`, that the body's kind/name/namespace match the URL) and validates the
-  object against Istio's CRD schema (tests/istio_schema.py), then stores it;
+  object against Istio's CRD schema (tests/istio_schema.py), then stores it; lists
+  them by an equality label selector and deletes them, for the applier's pruning;
 - `kubectl apply --dry-run=client`: API discovery for the kinds in manifests/, and
   404 for every GET of an object (so kubectl "creates" it, without sending anything).
 
@@ -122,6 +123,17 @@ class FakeKubeApiServer:
         with self._lock:
             return [r for r in self.requests if r.method == "PATCH"]
 
+    def put(self, plural: str, namespace: str, name: str, labels: dict[str, str]) -> None:
+        """Store an Istio object directly, as someone else (or an earlier run) made it."""
+        obj = {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": ISTIO_KINDS[plural],
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {"host": name},
+        }
+        with self._lock:
+            self.objects[(plural, namespace, name)] = obj
+
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         with self._lock:
             return self.objects.get((plural, namespace, name))
@@ -158,7 +170,7 @@ class FakeKubeApiServer:
                 istio = req.path.startswith("/apis/networking.istio.io/v1/namespaces/")
                 if (
                     istio
-                    and req.method == "PATCH"
+                    and req.method in ("PATCH", "DELETE")
                     and req.headers.get("authorization") != f"Bearer {fake.token}"
                 ):
                     self._reply(401, status(401, "Unauthorized", "Unauthorized"))
@@ -221,6 +233,10 @@ class FakeKubeApiServer:
         }
 
     def _istio(self, req: Request, rest: list[str]) -> tuple[int, dict[str, Any]]:
+        if len(rest) == 3 and rest[0] == "namespaces" and rest[2] in ISTIO_KINDS:
+            if req.method != "GET":
+                return 405, status(405, "MethodNotAllowed", f"{req.method} is not served here")
+            return 200, self._list(rest[2], rest[1], req)
         if len(rest) != 4 or rest[0] != "namespaces" or rest[2] not in ISTIO_KINDS:
             return 404, status(404, "NotFound", f"no such resource path {req.path}")
         _, namespace, plural, name = rest
@@ -229,6 +245,12 @@ class FakeKubeApiServer:
             if obj is None:
                 return 404, status(404, "NotFound", f'{plural} "{name}" not found')
             return 200, obj
+        if req.method == "DELETE":
+            with self._lock:
+                gone = self.objects.pop((plural, namespace, name), None)
+            if gone is None:
+                return 404, status(404, "NotFound", f'{plural} "{name}" not found')
+            return 200, {"kind": "Status", "apiVersion": "v1", "status": "Success"}
         if req.method != "PATCH":
             return 405, status(405, "MethodNotAllowed", f"{req.method} is not served here")
         self._faults.gate.wait()
@@ -237,6 +259,25 @@ class FakeKubeApiServer:
                 code, message = self._faults.fail.pop(0)
                 return code, status(code, "InternalError", message)
         return self._apply(req, plural, namespace, name)
+
+    def _list(self, plural: str, namespace: str, req: Request) -> dict[str, Any]:
+        """Equality-based label selectors only (`a=b,c=d`), which is all the applier sends."""
+        selector = (req.query.get("labelSelector") or [""])[0]
+        wanted = dict(term.split("=", 1) for term in selector.split(",") if term)
+        with self._lock:
+            items = [
+                obj
+                for (p, ns, _), obj in sorted(self.objects.items())
+                if p == plural
+                and ns == namespace
+                and all(obj["metadata"].get("labels", {}).get(k) == v for k, v in wanted.items())
+            ]
+        return {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": f"{ISTIO_KINDS[plural]}List",
+            "metadata": {"resourceVersion": str(self._version)},
+            "items": json.loads(json.dumps(items)),
+        }
 
     def _apply(
         self, req: Request, plural: str, namespace: str, name: str

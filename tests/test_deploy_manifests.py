@@ -141,7 +141,7 @@ def test_the_configmaps_spec_is_valid_and_matches_the_rbac() -> None:
         {
             "apiGroups": ["networking.istio.io"],
             "resources": ["virtualservices", "destinationrules"],
-            "verbs": ["get", "create", "patch"],
+            "verbs": ["get", "list", "create", "patch", "delete"],
         }
     ]
     (subject,) = binding["subjects"]

@@ -139,6 +139,48 @@ def test_applies_are_server_side_applies_with_our_field_manager(
         assert vs_weights(fake, region) == {"production": 100, "baseline": 0, "canary": 0}
 
 
+def test_objects_of_a_service_gone_from_the_spec_are_deleted_and_nothing_else(
+    spec: MeshSpec, fakes: dict[str, FakeKubeApiServer]
+) -> None:
+    """`old` was applied by an earlier xds-server for a service since removed from the
+    spec; the others are not ours to delete: made by hand, for another region sharing
+    the cluster, or in another namespace."""
+    fake = fakes["us-east"]
+    ours = {"app.kubernetes.io/managed-by": "xds-server", "xds-server/region": "us-east"}
+    for plural in ("virtualservices", "destinationrules"):
+        fake.put(plural, "models", "old-us-east", ours)
+        fake.put(plural, "models", "by-hand", {"team": "search"})
+        fake.put(plural, "models", "old-eu-west", {**ours, "xds-server/region": "eu-west"})
+        fake.put(plural, "other", "old-us-east", ours)
+
+    async def main() -> None:
+        applier = IstioApplier(istio_cfg(spec))
+        async with running(applier):
+            applier.update(desired(spec))
+            await until(lambda: not applier.region_status("us-east").pending, "us-east applied")
+
+    asyncio.run(main())
+    assert sorted(fake.objects) == sorted(
+        (plural, ns, name)
+        for plural in ("virtualservices", "destinationrules")
+        for ns, name in (
+            ("models", "recommender-us-east"),
+            ("models", "by-hand"),
+            ("models", "old-eu-west"),
+            ("other", "old-us-east"),
+        )
+    )
+    # Make before break: the wanted objects were applied before anything was deleted,
+    # and the route went before the subsets it named.
+    calls = [(r.method, r.path.rsplit("/", 2)[-2]) for r in fake.requests if r.method != "GET"]
+    assert calls == [
+        ("PATCH", "destinationrules"),
+        ("PATCH", "virtualservices"),
+        ("DELETE", "virtualservices"),
+        ("DELETE", "destinationrules"),
+    ]
+
+
 def test_a_failed_apply_is_retried_with_backoff_and_reported(
     spec: MeshSpec, fakes: dict[str, FakeKubeApiServer]
 ) -> None:
@@ -259,7 +301,7 @@ def test_a_rejected_object_is_reported_by_name_with_the_servers_reason(
 
 def test_a_missing_kubeconfig_is_an_apply_error_not_a_crash(tmp_path: Path) -> None:
     missing = tmp_path / "nope.yaml"
-    cluster = KubeCluster(IstioCluster("ctx", str(missing)), timeout=1)
+    cluster = KubeCluster(IstioCluster("ctx", str(missing)), 1, "us-east", "default")
 
     async def main() -> str:
         applier = IstioApplier(

@@ -12,6 +12,10 @@ region's status for `xdsctl` and in metrics. Unchanged objects are applied again
 
 Applies are server-side apply (`PATCH` with `application/apply-patch+yaml`, field
 manager `xds-server`, `force=true`): we own the fields we write, and nothing else.
+After a region's objects are applied, the objects we made for that region earlier and
+no longer want (a service removed from the spec) are deleted, as `kubectl apply --prune`
+does: only those labelled managed by xds-server and for that region, in our namespace.
+One xds-server instance owns a namespace's objects for a region.
 """
 
 from __future__ import annotations
@@ -27,7 +31,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from xds_server.config import IstioCluster, IstioConfig
-from xds_server.render.istio import FIELD_MANAGER, GROUP, PLURALS, VERSION, region_objects
+from xds_server.render.istio import (
+    FIELD_MANAGER,
+    GROUP,
+    LABEL_PREFIX,
+    MANAGED_BY,
+    PLURALS,
+    VERSION,
+    region_objects,
+)
 
 if TYPE_CHECKING:
     from xds_server.rollout.controller import RolloutController
@@ -45,7 +57,8 @@ class ApplyError(Exception):
 
 
 class Cluster(Protocol):
-    """Something that can server-side apply objects to one cluster (synchronously)."""
+    """Something that makes one cluster hold exactly a region's objects (synchronously):
+    server-side applies them, then deletes the ones it made earlier and no longer wants."""
 
     def apply(self, objects: Objects) -> None: ...
 
@@ -55,9 +68,11 @@ class KubeCluster:
     the pod's ServiceAccount. The client is built on first use, in the worker's thread,
     so a missing kubeconfig is an apply error (retried, reported) rather than a crash."""
 
-    def __init__(self, cluster: IstioCluster, timeout: float) -> None:
+    def __init__(self, cluster: IstioCluster, timeout: float, region: str, namespace: str) -> None:
         self.cluster = cluster
         self.timeout = timeout
+        self.region = region
+        self.namespace = namespace
         self._api: Any = None
 
     def describe(self) -> str:
@@ -113,6 +128,46 @@ class KubeCluster:
                 raise ApplyError(f"{what}: HTTP {exc.status}: {_status_message(exc)}") from exc
             except Exception as exc:  # connection refused, timeouts, TLS
                 raise ApplyError(f"{what}: {type(exc).__name__}: {exc}") from exc
+        self._prune(api, objects)
+
+    def _prune(self, api: Any, objects: Objects) -> None:
+        """Delete what we made for this region and no longer want; after the applies, so
+        a route never names a subset that is gone. Routes go before their subsets."""
+        from kubernetes.client.exceptions import ApiException
+
+        keep = {(o["kind"], o["metadata"]["name"]) for o in objects}
+        labels = {**MANAGED_BY, f"{LABEL_PREFIX}region": self.region}
+        selector = ",".join(f"{k}={v}" for k, v in labels.items())
+        timeout = (self.timeout, self.timeout)
+        for kind, plural in reversed(list(PLURALS.items())):
+            what = f"{kind} {self.namespace}/*"
+            try:
+                found = api.list_namespaced_custom_object(
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    plural,
+                    label_selector=selector,
+                    _request_timeout=timeout,
+                )
+                for item in found.get("items", []):
+                    name = item["metadata"]["name"]
+                    if (kind, name) in keep:
+                        continue
+                    what = f"{kind} {self.namespace}/{name}"
+                    try:
+                        api.delete_namespaced_custom_object(
+                            GROUP, VERSION, self.namespace, plural, name, _request_timeout=timeout
+                        )
+                    except ApiException as exc:
+                        if exc.status != 404:  # gone already: what we wanted
+                            raise
+                    log.info("deleted %s from %s: no longer in the spec", what, self.region)
+            except ApiException as exc:
+                msg = f"pruning {what}: HTTP {exc.status}: {_status_message(exc)}"
+                raise ApplyError(msg) from exc
+            except Exception as exc:  # connection refused, timeouts, TLS
+                raise ApplyError(f"pruning {what}: {type(exc).__name__}: {exc}") from exc
 
 
 def _status_message(exc: Any) -> str:
@@ -163,7 +218,10 @@ class IstioApplier:
         self.clusters: dict[str, Cluster] = dict(
             clusters
             if clusters is not None
-            else {r: KubeCluster(c, config.timeout) for r, c in config.clusters.items()}
+            else {
+                r: KubeCluster(c, config.timeout, r, config.namespace)
+                for r, c in config.clusters.items()
+            }
         )
         self.clock = clock
         self._desired: dict[str, Objects] = {}
