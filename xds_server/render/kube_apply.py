@@ -24,8 +24,9 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -100,18 +101,16 @@ class KubeCluster:
         return self._api
 
     def apply(self, objects: Objects) -> None:
-        from kubernetes.client.exceptions import ApiException
-
         try:
             api = self._custom_objects()
         except ApplyError:
             raise
         except Exception as exc:  # the kubernetes config loader raises many kinds
             raise ApplyError(f"cannot load cluster config ({self.describe()}): {exc}") from exc
+        timeout = (self.timeout, self.timeout)
         for obj in objects:
             meta = obj["metadata"]
-            what = f"{obj['kind']} {meta['namespace']}/{meta['name']}"
-            try:
+            with _calling(f"{obj['kind']} {meta['namespace']}/{meta['name']}"):
                 api.patch_namespaced_custom_object(
                     GROUP,
                     VERSION,
@@ -122,26 +121,19 @@ class KubeCluster:
                     field_manager=FIELD_MANAGER,
                     force=True,
                     _content_type=APPLY_PATCH,
-                    _request_timeout=(self.timeout, self.timeout),
+                    _request_timeout=timeout,
                 )
-            except ApiException as exc:
-                raise ApplyError(f"{what}: HTTP {exc.status}: {_status_message(exc)}") from exc
-            except Exception as exc:  # connection refused, timeouts, TLS
-                raise ApplyError(f"{what}: {type(exc).__name__}: {exc}") from exc
         self._prune(api, objects)
 
     def _prune(self, api: Any, objects: Objects) -> None:
         """Delete what we made for this region and no longer want; after the applies, so
         a route never names a subset that is gone. Routes go before their subsets."""
-        from kubernetes.client.exceptions import ApiException
-
         keep = {(o["kind"], o["metadata"]["name"]) for o in objects}
         labels = {**MANAGED_BY, f"{LABEL_PREFIX}region": self.region}
         selector = ",".join(f"{k}={v}" for k, v in labels.items())
         timeout = (self.timeout, self.timeout)
         for kind, plural in reversed(list(PLURALS.items())):
-            what = f"{kind} {self.namespace}/*"
-            try:
+            with _calling(f"listing {kind}s in {self.namespace}"):
                 found = api.list_namespaced_custom_object(
                     GROUP,
                     VERSION,
@@ -150,24 +142,31 @@ class KubeCluster:
                     label_selector=selector,
                     _request_timeout=timeout,
                 )
-                for item in found.get("items", []):
-                    name = item["metadata"]["name"]
-                    if (kind, name) in keep:
-                        continue
-                    what = f"{kind} {self.namespace}/{name}"
-                    try:
-                        api.delete_namespaced_custom_object(
-                            GROUP, VERSION, self.namespace, plural, name, _request_timeout=timeout
-                        )
-                    except ApiException as exc:
-                        if exc.status != 404:  # gone already: what we wanted
-                            raise
-                    log.info("deleted %s from %s: no longer in the spec", what, self.region)
-            except ApiException as exc:
-                msg = f"pruning {what}: HTTP {exc.status}: {_status_message(exc)}"
-                raise ApplyError(msg) from exc
-            except Exception as exc:  # connection refused, timeouts, TLS
-                raise ApplyError(f"pruning {what}: {type(exc).__name__}: {exc}") from exc
+            for item in found.get("items", []):
+                name = item["metadata"]["name"]
+                if (kind, name) in keep:
+                    continue
+                what = f"{kind} {self.namespace}/{name}"
+                with _calling(f"deleting {what}", gone_is_fine=True):
+                    api.delete_namespaced_custom_object(
+                        GROUP, VERSION, self.namespace, plural, name, _request_timeout=timeout
+                    )
+                log.info("deleted %s from %s: no longer in the spec", what, self.region)
+
+
+@contextmanager
+def _calling(what: str, gone_is_fine: bool = False) -> Iterator[None]:
+    """One API call: its failure becomes an ApplyError naming `what` and the answer."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        yield
+    except ApiException as exc:
+        if gone_is_fine and exc.status == 404:
+            return
+        raise ApplyError(f"{what}: HTTP {exc.status}: {_status_message(exc)}") from exc
+    except Exception as exc:  # connection refused, timeouts, TLS
+        raise ApplyError(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
 def _status_message(exc: Any) -> str:
