@@ -14,7 +14,8 @@ serves just enough, over plain HTTP on 127.0.0.1, for two real clients:
 
 Each fake has its own bearer token, checked on writes of Istio objects, so a test can tell
 which kubeconfig context a request came through (discovery is open: kubectl does not send
-a token to a plain-HTTP server). Tests can make PATCHes fail (`fail_next`) or hang (`hold`).
+a token to a plain-HTTP server). Tests can make PATCHes hang (`hold`) and make PATCHes or
+lists fail (`fail_next`).
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ class Request:
 @dataclass
 class _Faults:
     fail: list[tuple[int, str]] = field(default_factory=list)
+    """Answers for the next PATCHes."""
+    fail_list: list[tuple[int, str]] = field(default_factory=list)
+    """Answers for the next lists."""
     gate: threading.Event = field(default_factory=threading.Event)
 
 
@@ -105,10 +109,17 @@ class FakeKubeApiServer:
 
     # ---- what tests steer and read ----
 
-    def fail_next(self, count: int, status: int = 503, message: str = "etcd unavailable") -> None:
-        """The next `count` PATCHes answer `status` with a Kubernetes Status."""
+    def fail_next(
+        self,
+        count: int,
+        status: int = 503,
+        message: str = "etcd unavailable",
+        lists: bool = False,
+    ) -> None:
+        """The next `count` PATCHes (or lists) answer `status` with a Kubernetes Status."""
         with self._lock:
-            self._faults.fail += [(status, message)] * count
+            queue = self._faults.fail_list if lists else self._faults.fail
+            queue += [(status, message)] * count
 
     @contextmanager
     def hold(self) -> Iterator[None]:
@@ -168,9 +179,10 @@ class FakeKubeApiServer:
                 with fake._lock:
                     fake.requests.append(req)
                 istio = req.path.startswith("/apis/networking.istio.io/v1/namespaces/")
+                listing = req.method == "GET" and req.path.count("/") == 6
                 if (
                     istio
-                    and req.method in ("PATCH", "DELETE")
+                    and (req.method in ("PATCH", "DELETE") or listing)
                     and req.headers.get("authorization") != f"Bearer {fake.token}"
                 ):
                     self._reply(401, status(401, "Unauthorized", "Unauthorized"))
@@ -236,6 +248,10 @@ class FakeKubeApiServer:
         if len(rest) == 3 and rest[0] == "namespaces" and rest[2] in ISTIO_KINDS:
             if req.method != "GET":
                 return 405, status(405, "MethodNotAllowed", f"{req.method} is not served here")
+            with self._lock:
+                if self._faults.fail_list:
+                    code, message = self._faults.fail_list.pop(0)
+                    return code, status(code, "Forbidden", message)
             return 200, self._list(rest[2], rest[1], req)
         if len(rest) != 4 or rest[0] != "namespaces" or rest[2] not in ISTIO_KINDS:
             return 404, status(404, "NotFound", f"no such resource path {req.path}")

@@ -175,6 +175,7 @@ def test_names_labels_and_annotations_say_what_produced_them(spec: MeshSpec) -> 
     assert meta["namespace"] == "models"
     assert meta["labels"] == {
         "app.kubernetes.io/managed-by": "xds-server",
+        "xds-server/instance": "default",
         "xds-server/service": "recommender",
         "xds-server/region": "us-east",
         "xds-server/canary-version": "v2",
@@ -252,6 +253,7 @@ def test_istio_section_defaults_and_per_region_clusters() -> None:
     cfg = spec.istio
     assert cfg is not None and cfg.apply and cfg.namespace == "models"
     assert (cfg.retry_initial, cfg.retry_max, cfg.resync) == (0.25, 10.0, 300.0)
+    assert (cfg.instance, cfg.prune) == ("default", True)
     assert cfg.clusters["us-east"].context == "kind-us-east"
     assert cfg.clusters["us-east"].kubeconfig == "/etc/xds/kube/us.yaml"  # next to the spec
     assert cfg.clusters["eu-west"].kubeconfig == "/abs/eu.yaml"
@@ -263,6 +265,7 @@ def test_istio_section_mistakes_are_all_reported_at_once() -> None:
     lines = spec_problems(
         "istio:\n  apply: yes-please\n  namespace: Models\n  version_label: 'bad key!'\n"
         "  retry: {initial: 10s, max: 1s}\n  resync: never\n  color: blue\n"
+        "  instance: 'team a'\n  prune: sometimes\n"
         "  regions:\n"
         "    us-east: {context: one}\n"
         "    eu-west: {context: one}\n"
@@ -275,6 +278,8 @@ def test_istio_section_mistakes_are_all_reported_at_once() -> None:
         f"{m}.namespace: bad namespace 'Models'",
         f"{m}.version_label: bad label key 'bad key!'",
         f"{m}.apply: expected true or false, got a string",
+        f"{m}.prune: expected true or false, got a string",
+        f"{m}.instance: bad instance 'team a'",
         f"{m}.resync: bad duration 'never'",
         f"{m}.retry.max: must be at least istio.retry.initial",
         f"{m}.regions.eu-west: same cluster as region 'us-east'",

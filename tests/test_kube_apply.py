@@ -139,36 +139,52 @@ def test_applies_are_server_side_applies_with_our_field_manager(
         assert vs_weights(fake, region) == {"production": 100, "baseline": 0, "canary": 0}
 
 
+OURS = {
+    "app.kubernetes.io/managed-by": "xds-server",
+    "xds-server/instance": "default",
+    "xds-server/region": "us-east",
+}
+NOT_OURS = (
+    ("models", "by-hand"),
+    ("models", "old-eu-west"),
+    ("models", "other-instance"),
+    ("other", "old-us-east"),
+)
+
+
+def plant_leftovers(fake: FakeKubeApiServer) -> FakeKubeApiServer:
+    for plural in ("virtualservices", "destinationrules"):
+        fake.put(plural, "models", "old-us-east", OURS)
+        fake.put(plural, "models", "by-hand", {"team": "search"})
+        fake.put(plural, "models", "old-eu-west", {**OURS, "xds-server/region": "eu-west"})
+        fake.put(plural, "models", "other-instance", {**OURS, "xds-server/instance": "b"})
+        fake.put(plural, "other", "old-us-east", OURS)
+    return fake
+
+
+def leftovers(fake: FakeKubeApiServer) -> list[str]:
+    return sorted(p for (p, ns, name) in fake.objects if (ns, name) == ("models", "old-us-east"))
+
+
 def test_objects_of_a_service_gone_from_the_spec_are_deleted_and_nothing_else(
     spec: MeshSpec, fakes: dict[str, FakeKubeApiServer]
 ) -> None:
     """`old` was applied by an earlier xds-server for a service since removed from the
     spec; the others are not ours to delete: made by hand, for another region sharing
-    the cluster, or in another namespace."""
-    fake = fakes["us-east"]
-    ours = {"app.kubernetes.io/managed-by": "xds-server", "xds-server/region": "us-east"}
-    for plural in ("virtualservices", "destinationrules"):
-        fake.put(plural, "models", "old-us-east", ours)
-        fake.put(plural, "models", "by-hand", {"team": "search"})
-        fake.put(plural, "models", "old-eu-west", {**ours, "xds-server/region": "eu-west"})
-        fake.put(plural, "other", "old-us-east", ours)
+    the cluster, by another xds-server instance, or in another namespace."""
+    fake = plant_leftovers(fakes["us-east"])
 
     async def main() -> None:
         applier = IstioApplier(istio_cfg(spec))
         async with running(applier):
             applier.update(desired(spec))
-            await until(lambda: not applier.region_status("us-east").pending, "us-east applied")
+            await until(lambda: not leftovers(fake), "the leftovers deleted")
 
     asyncio.run(main())
     assert sorted(fake.objects) == sorted(
         (plural, ns, name)
         for plural in ("virtualservices", "destinationrules")
-        for ns, name in (
-            ("models", "recommender-us-east"),
-            ("models", "by-hand"),
-            ("models", "old-eu-west"),
-            ("other", "old-us-east"),
-        )
+        for ns, name in (("models", "recommender-us-east"), *NOT_OURS)
     )
     # Make before break: the wanted objects were applied before anything was deleted,
     # and the route went before the subsets it named.
@@ -179,6 +195,83 @@ def test_objects_of_a_service_gone_from_the_spec_are_deleted_and_nothing_else(
         ("DELETE", "virtualservices"),
         ("DELETE", "destinationrules"),
     ]
+
+
+def test_a_failed_prune_holds_up_no_apply_and_is_tried_again_with_the_next(
+    spec: MeshSpec, fakes: dict[str, FakeKubeApiServer]
+) -> None:
+    """A Role without `list` (say, kept from an older release) must not turn every apply,
+    rollbacks included, into a failure with backoff."""
+    fake = plant_leftovers(fakes["us-east"])
+    fake.fail_next(1, 403, "virtualservices is forbidden: cannot list", lists=True)
+    telemetry = Telemetry()
+
+    async def main() -> None:
+        applier = IstioApplier(istio_cfg(spec))
+        telemetry.attach_istio(applier)
+        async with running(applier):
+            applier.update(desired(spec))
+            st = await until(
+                lambda: (s := applier.region_status("us-east")).prune_error and s, "prune error"
+            )
+            assert not st.pending and st.consecutive_failures == 0 and st.last_error == ""
+            assert st.prune_error.startswith("listing VirtualServices in models: HTTP 403")
+            assert leftovers(fake) == ["destinationrules", "virtualservices"]
+            # The next change (a step of a rollout) is applied, and the prune done with it.
+            state = sm.start(spec.services[0].rollout, "recommender", "v2", spec.regions, 0)
+            applier.update(desired(spec, {"recommender": state.state}))
+            await until(lambda: not leftovers(fake), "the leftovers deleted")
+            await until(lambda: not applier.region_status("us-east").prune_error, "cleared")
+
+    asyncio.run(main())
+    labels = {"region": "us-east", "result": "prune_failure"}
+    assert telemetry.registry.get_sample_value("xds_istio_apply_total", labels) == 1
+
+
+@pytest.mark.parametrize("why", ["prune: false", "nothing wanted"])
+def test_nothing_is_deleted_when_pruning_is_off_or_nothing_is_wanted(
+    spec: MeshSpec, fakes: dict[str, FakeKubeApiServer], why: str
+) -> None:
+    """An empty set is more likely a spec read half-written than a wish to unroute every
+    service; and an operator who grants no `delete` turns pruning off."""
+    fake = plant_leftovers(fakes["us-east"])
+    cfg = istio_cfg(spec)
+    wanted = desired(spec)
+    if why == "prune: false":
+        cfg = replace(cfg, prune=False)
+    else:
+        wanted["us-east"] = []
+
+    async def main() -> None:
+        applier = IstioApplier(cfg)
+        async with running(applier):
+            applier.update(wanted)
+            await until(lambda: applier.region_status("us-east").applied_generation, "applied")
+
+    asyncio.run(main())
+    assert leftovers(fake) == ["destinationrules", "virtualservices"]
+    assert all(r.method != "DELETE" for r in fake.requests)
+
+
+def test_newer_objects_do_not_wait_out_the_backoff_of_a_failed_apply(
+    spec: MeshSpec, fakes: dict[str, FakeKubeApiServer]
+) -> None:
+    """The backoff spares a struggling API server retries of the same objects; a rollback
+    decided meanwhile is tried at once."""
+    fakes["us-east"].fail_next(1)
+    cfg = replace(istio_cfg(spec), retry_initial=60, retry_max=60)
+
+    async def main() -> None:
+        applier = IstioApplier(cfg)
+        async with running(applier):
+            applier.update(desired(spec))
+            await until(lambda: applier.region_status("us-east").consecutive_failures, "a failure")
+            state = sm.start(spec.services[0].rollout, "recommender", "v2", spec.regions, 0)
+            applier.update(desired(spec, {"recommender": state.state}))
+            await until(lambda: not applier.region_status("us-east").pending, "the newer objects")
+
+    asyncio.run(main())
+    assert vs_weights(fakes["us-east"], "us-east") is not None
 
 
 def test_a_failed_apply_is_retried_with_backoff_and_reported(
@@ -301,7 +394,7 @@ def test_a_rejected_object_is_reported_by_name_with_the_servers_reason(
 
 def test_a_missing_kubeconfig_is_an_apply_error_not_a_crash(tmp_path: Path) -> None:
     missing = tmp_path / "nope.yaml"
-    cluster = KubeCluster(IstioCluster("ctx", str(missing)), 1, "us-east", "default")
+    cluster = KubeCluster(IstioCluster("ctx", str(missing)), IstioConfig(timeout=1), "us-east")
 
     async def main() -> str:
         applier = IstioApplier(

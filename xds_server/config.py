@@ -96,6 +96,11 @@ class IstioConfig:
     """Per request to a cluster's API server (connect and read), in seconds."""
     resync: float = 300.0
     """Re-apply unchanged objects this often, undoing hand edits (level-triggered)."""
+    instance: str = "default"
+    """Labels every object; with `prune`, only this instance's objects are deleted, so
+    xds-servers sharing a namespace need different instances."""
+    prune: bool = True
+    """Delete this instance's objects of services no longer in the spec."""
 
     def host(self, service: str) -> str:
         return f"{service}.{self.namespace}.svc.{self.cluster_domain}"
@@ -445,6 +450,18 @@ class _Validator:
         if not isinstance(apply, bool):
             self.fail("istio.apply", f"expected true or false, got {_kind(apply)}")
             apply = False
+        prune = m.get("prune", defaults.prune)
+        if not isinstance(prune, bool):
+            self.fail("istio.prune", f"expected true or false, got {_kind(prune)}")
+            prune = defaults.prune
+        instance = m.get("instance", defaults.instance)
+        if not isinstance(instance, str) or not instance or not _is_label_value(instance):
+            self.fail(
+                "istio.instance",
+                f"bad instance {instance!r}: it labels objects, so at most 63 letters, "
+                "digits, '-', '_', '.', starting and ending with a letter or digit",
+            )
+            instance = defaults.instance
         seconds: dict[str, float] = {}
         retry = self.mapping(m.get("retry", {}), "istio.retry", {"initial", "max"})
         for path, raw, default in (
@@ -490,6 +507,8 @@ class _Validator:
             retry_max=seconds["istio.retry.max"],
             timeout=seconds["istio.timeout"],
             resync=seconds["istio.resync"],
+            instance=instance,
+            prune=prune,
         )
 
     def istio_clusters(
@@ -568,6 +587,8 @@ _ISTIO_KEYS = frozenset(
         "retry",
         "timeout",
         "resync",
+        "instance",
+        "prune",
     }
 )
 _LABEL_NAME_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")

@@ -167,7 +167,7 @@ def istio_table(regions: Sequence[Any]) -> str:
                 state,
                 r.attempts,
                 ago(r.last_success_at),
-                r.last_error[:80] or "-",
+                (r.last_error or (f"prune: {r.prune_error}" if r.prune_error else ""))[:80] or "-",
             )
         )
     return render_table(

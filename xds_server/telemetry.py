@@ -117,13 +117,13 @@ class Telemetry:
     def attach_istio(self, applier: IstioApplier) -> None:
         """Apply results and pending state per region, from the `istio` output mode."""
         for st in applier.status():
-            for result in ("success", "failure"):
+            for result in ("success", "failure", "prune_failure"):
                 self.istio_applies.labels(st.region, result)
             self._on_apply(st, "")
         applier.subscribe(self._on_apply)
 
     def _on_apply(self, status: RegionApplyStatus, what: str) -> None:
-        if what in ("success", "failure"):
+        if what in ("success", "failure", "prune_failure"):
             self.istio_applies.labels(status.region, what).inc()
         self.istio_pending.labels(status.region).set(1 if status.pending else 0)
         self.istio_failures.labels(status.region).set(status.consecutive_failures)

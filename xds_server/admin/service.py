@@ -313,6 +313,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                     next_retry_at=st.next_retry_at,
                     pending=st.pending,
                     objects=st.objects,
+                    prune_error=st.prune_error,
                 )
                 for st in self.istio.status()
             ],

@@ -36,6 +36,12 @@ LABEL_PREFIX = "xds-server/"
 MANAGED_BY = {"app.kubernetes.io/managed-by": FIELD_MANAGER}
 
 
+def owner_labels(cfg: IstioConfig) -> dict[str, str]:
+    """Who made an object: xds-server, and which instance of it (`istio.instance`). The
+    istio output mode deletes only objects carrying these (and its region's label)."""
+    return {**MANAGED_BY, f"{LABEL_PREFIX}instance": cfg.instance}
+
+
 def current_rollouts(spec: MeshSpec, stored: Iterable[RolloutState]) -> dict[str, RolloutState]:
     """The stored rollout of each service's *current* canary version (as restore does)."""
     by_key = {(s.service, s.canary_version): s for s in stored}
@@ -112,7 +118,7 @@ def _metadata(
     svc: Service, region: str, rollout: RolloutState | None, cfg: IstioConfig, split: Split
 ) -> dict[str, Any]:
     labels = {
-        **MANAGED_BY,
+        **owner_labels(cfg),
         f"{LABEL_PREFIX}service": svc.name,
         f"{LABEL_PREFIX}region": region,
     }

@@ -12,21 +12,23 @@ region's status for `xdsctl` and in metrics. Unchanged objects are applied again
 
 Applies are server-side apply (`PATCH` with `application/apply-patch+yaml`, field
 manager `xds-server`, `force=true`): we own the fields we write, and nothing else.
-After a region's objects are applied, the objects we made for that region earlier and
-no longer want (a service removed from the spec) are deleted, as `kubectl apply --prune`
-does: only those labelled managed by xds-server and for that region, in our namespace.
-One xds-server instance owns a namespace's objects for a region.
+After a region's objects are applied, the objects this instance made for that region
+earlier and no longer wants (a service removed from the spec) are deleted, as `kubectl
+apply --prune` does: only those labelled managed by xds-server, for that region and
+for this `istio.instance`, in our namespace. Pruning runs when the set of objects
+changed and at each resync; its failure is reported and retried with the next apply,
+and never holds up an apply (applies carry the weights, rollbacks included).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -36,9 +38,9 @@ from xds_server.render.istio import (
     FIELD_MANAGER,
     GROUP,
     LABEL_PREFIX,
-    MANAGED_BY,
     PLURALS,
     VERSION,
+    owner_labels,
     region_objects,
 )
 
@@ -58,10 +60,13 @@ class ApplyError(Exception):
 
 
 class Cluster(Protocol):
-    """Something that makes one cluster hold exactly a region's objects (synchronously):
-    server-side applies them, then deletes the ones it made earlier and no longer wants."""
+    """One region's cluster, called synchronously from that region's thread."""
 
-    def apply(self, objects: Objects) -> None: ...
+    def apply(self, objects: Objects) -> None:
+        """Server-side apply every object."""
+
+    def prune(self, keep: Objects) -> None:
+        """Delete the objects we made for the region earlier that are not in `keep`."""
 
 
 class KubeCluster:
@@ -69,11 +74,13 @@ class KubeCluster:
     the pod's ServiceAccount. The client is built on first use, in the worker's thread,
     so a missing kubeconfig is an apply error (retried, reported) rather than a crash."""
 
-    def __init__(self, cluster: IstioCluster, timeout: float, region: str, namespace: str) -> None:
+    def __init__(self, cluster: IstioCluster, config: IstioConfig, region: str) -> None:
         self.cluster = cluster
-        self.timeout = timeout
+        self.timeout = config.timeout
+        self.namespace = config.namespace
         self.region = region
-        self.namespace = namespace
+        self.labels = {**owner_labels(config), f"{LABEL_PREFIX}region": region}
+        """What every object we made for this region carries: the pruning selector."""
         self._api: Any = None
 
     def describe(self) -> str:
@@ -100,13 +107,16 @@ class KubeCluster:
             self._api = client.CustomObjectsApi(api_client)
         return self._api
 
-    def apply(self, objects: Objects) -> None:
+    def _client(self) -> Any:
         try:
-            api = self._custom_objects()
+            return self._custom_objects()
         except ApplyError:
             raise
         except Exception as exc:  # the kubernetes config loader raises many kinds
             raise ApplyError(f"cannot load cluster config ({self.describe()}): {exc}") from exc
+
+    def apply(self, objects: Objects) -> None:
+        api = self._client()
         timeout = (self.timeout, self.timeout)
         for obj in objects:
             meta = obj["metadata"]
@@ -123,14 +133,12 @@ class KubeCluster:
                     _content_type=APPLY_PATCH,
                     _request_timeout=timeout,
                 )
-        self._prune(api, objects)
 
-    def _prune(self, api: Any, objects: Objects) -> None:
-        """Delete what we made for this region and no longer want; after the applies, so
-        a route never names a subset that is gone. Routes go before their subsets."""
-        keep = {(o["kind"], o["metadata"]["name"]) for o in objects}
-        labels = {**MANAGED_BY, f"{LABEL_PREFIX}region": self.region}
-        selector = ",".join(f"{k}={v}" for k, v in labels.items())
+    def prune(self, keep: Objects) -> None:
+        """Routes go before the subsets they might name."""
+        api = self._client()
+        wanted = {(o["kind"], o["metadata"]["name"]) for o in keep}
+        selector = ",".join(f"{k}={v}" for k, v in self.labels.items())
         timeout = (self.timeout, self.timeout)
         for kind, plural in reversed(list(PLURALS.items())):
             with _calling(f"listing {kind}s in {self.namespace}"):
@@ -144,19 +152,20 @@ class KubeCluster:
                 )
             for item in found.get("items", []):
                 name = item["metadata"]["name"]
-                if (kind, name) in keep:
+                if (kind, name) in wanted:
                     continue
                 what = f"{kind} {self.namespace}/{name}"
                 with _calling(f"deleting {what}", gone_is_fine=True):
                     api.delete_namespaced_custom_object(
                         GROUP, VERSION, self.namespace, plural, name, _request_timeout=timeout
                     )
-                log.info("deleted %s from %s: no longer in the spec", what, self.region)
+                    log.info("deleted %s from %s: no longer in the spec", what, self.region)
 
 
-@contextmanager
+@contextlib.contextmanager
 def _calling(what: str, gone_is_fine: bool = False) -> Iterator[None]:
-    """One API call: its failure becomes an ApplyError naming `what` and the answer."""
+    """One API call: its failure becomes an ApplyError naming `what` and the answer
+    (with `gone_is_fine`, a 404 is what we wanted)."""
     from kubernetes.client.exceptions import ApiException
 
     try:
@@ -196,6 +205,8 @@ class RegionApplyStatus:
     next_retry_at: float = 0.0
     """When a failed apply is tried again; 0 when none is waiting."""
     objects: int = 0
+    prune_error: str = ""
+    """Why deleting objects no longer wanted failed (tried again with the next apply)."""
 
     @property
     def pending(self) -> bool:
@@ -203,7 +214,8 @@ class RegionApplyStatus:
 
 
 Listener = Callable[[RegionApplyStatus, str], None]
-"""Called with the region's new status and what happened: "desired", "success", "failure"."""
+"""Called with the region's new status and what happened: "desired", "success",
+"failure", "prune_failure" (or "" for bookkeeping)."""
 
 
 class IstioApplier:
@@ -217,13 +229,12 @@ class IstioApplier:
         self.clusters: dict[str, Cluster] = dict(
             clusters
             if clusters is not None
-            else {
-                r: KubeCluster(c, config.timeout, r, config.namespace)
-                for r, c in config.clusters.items()
-            }
+            else {r: KubeCluster(c, config, r) for r, c in config.clusters.items()}
         )
         self.clock = clock
         self._desired: dict[str, Objects] = {}
+        self._pruned: dict[str, frozenset[tuple[str, str]]] = {}
+        """Per region, the (kind, name)s of the objects wanted at its last clean prune."""
         self._status = {
             r: RegionApplyStatus(r, _describe(c)) for r, c in sorted(self.clusters.items())
         }
@@ -292,6 +303,7 @@ class IstioApplier:
                     if region in self._desired:  # resync: apply the same objects again
                         st = self._status[region]
                         self._set(replace(st, desired_generation=st.desired_generation + 1), "")
+                        self._pruned.pop(region, None)  # and look for leftovers again
                 wake.clear()
                 continue
             generation, objects = st.desired_generation, self._desired[region]
@@ -322,7 +334,10 @@ class IstioApplier:
                     delay,
                     message,
                 )
-                await asyncio.sleep(delay)  # backoff between tries, not synchronisation
+                # Back off, but newer objects (a rollback) are tried at once.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), timeout=delay)
+                wake.clear()
                 delay = min(delay * 2, self.config.retry_max)
                 continue
             delay = self.config.retry_initial
@@ -344,6 +359,33 @@ class IstioApplier:
                 generation,
                 len(objects),
             )
+            await self._prune(region, objects)
+
+    async def _prune(self, region: str, objects: Objects) -> None:
+        """Delete what the region no longer wants, when the set of objects it wants
+        changed since the last clean prune (or a resync is due)."""
+        names = frozenset((o["kind"], o["metadata"]["name"]) for o in objects)
+        if not self.config.prune or self._pruned.get(region) == names:
+            return
+        if not names:
+            # An empty spec, or one read half-written: deleting everything is never urgent.
+            log.warning("istio: no objects wanted in %s: nothing pruned", region)
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(
+                self._executors[region], self.clusters[region].prune, objects
+            )
+        except Exception as exc:
+            message = str(exc) if isinstance(exc, ApplyError) else f"{type(exc).__name__}: {exc}"
+            self._set(replace(self._status[region], prune_error=message), "prune_failure")
+            log.warning(
+                "istio prune in %s failed (tried again with the next apply): %s", region, message
+            )
+            return
+        self._pruned[region] = names
+        if self._status[region].prune_error:
+            self._set(replace(self._status[region], prune_error=""), "")
 
 
 def follow_controller(applier: IstioApplier, controller: RolloutController) -> None:
