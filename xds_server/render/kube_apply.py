@@ -178,6 +178,11 @@ def _calling(what: str, gone_is_fine: bool = False) -> Iterator[None]:
         raise ApplyError(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
+def _message(exc: Exception) -> str:
+    """An ApplyError already names the object; anything else (a bug) names its type."""
+    return str(exc) if isinstance(exc, ApplyError) else f"{type(exc).__name__}: {exc}"
+
+
 def _status_message(exc: Any) -> str:
     """The `message` of the Kubernetes Status the API server answered, else the reason."""
     try:
@@ -315,9 +320,7 @@ class IstioApplier:
                 )
             except Exception as exc:
                 st = self._status[region]
-                message = (
-                    str(exc) if isinstance(exc, ApplyError) else f"{type(exc).__name__}: {exc}"
-                )
+                message = _message(exc)
                 self._set(
                     replace(
                         st,
@@ -377,7 +380,7 @@ class IstioApplier:
                 self._executors[region], self.clusters[region].prune, objects
             )
         except Exception as exc:
-            message = str(exc) if isinstance(exc, ApplyError) else f"{type(exc).__name__}: {exc}"
+            message = _message(exc)
             self._set(replace(self._status[region], prune_error=message), "prune_failure")
             log.warning(
                 "istio prune in %s failed (tried again with the next apply): %s", region, message
