@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from xds_server.config import validate_spec
 from xds_server.lab.background import BackgroundServer
 from xds_server.lab.procs import Envoy, free_port, http_get
 from xds_server.render.bootstrap import BootstrapOptions
+from xds_server.spec import validate_spec
 from xds_server.traffic import Split
 
 REGIONS = ("us-east", "eu-west", "ap-south")

@@ -45,7 +45,7 @@ from xds_server.rollout import decide as sm
 from xds_server.rollout import stats
 from xds_server.rollout.decide import Observation
 from xds_server.rollout.judge import HIGH, LOW, Comparison, Measurement
-from xds_server.rollout.plan import SCOPE_ROLLOUT, SCOPE_STEP, Guardrails, RolloutPlan
+from xds_server.spec import FalseAlarmScope, Guardrails, RolloutPlan
 
 ENVOY_BUCKETS_MS: tuple[float, ...] = (*ENVOY_DEFAULT_BUCKETS_MS, math.inf)
 """Envoy's default request-time histogram bounds (ms), +Inf last."""
@@ -111,7 +111,7 @@ class Params:
     window: float
     buckets: tuple[float, ...]
     regions: int = 3
-    scope: str = SCOPE_ROLLOUT
+    scope: str = FalseAlarmScope.ROLLOUT
 
     @property
     def looks(self) -> int:
@@ -413,8 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--false-alarm-scope",
-        choices=(SCOPE_ROLLOUT, SCOPE_STEP),
-        default=SCOPE_ROLLOUT,
+        choices=(FalseAlarmScope.ROLLOUT, FalseAlarmScope.STEP),
+        default=FalseAlarmScope.ROLLOUT,
         help="analysis.false_alarm_scope: the level shared by the rollout (default) or per step",
     )
     p.add_argument("--seed", type=int, default=20240601)

@@ -25,8 +25,8 @@ import threading
 import time
 from typing import Any
 
-from xds_server.config import validate_spec
 from xds_server.lab.background import BackgroundServer
+from xds_server.spec import validate_spec
 from xds_server.telemetry import Telemetry
 from xds_server.traffic import Split
 from xds_server.xds.status import NodeStatus
@@ -213,7 +213,7 @@ def run_case(
     server = BackgroundServer(spec)
     build_s = time.perf_counter() - t0
     # As `xds-server serve` runs it: with its own metrics listening to every node event.
-    server.call(lambda: Telemetry().attach(server.server, None))
+    server.call(lambda: Telemetry().attach(server.server))
     port = server.start()
     ack_times: dict[str, dict[int, float]] = {}
     lock = threading.Lock()

@@ -16,17 +16,45 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import struct_pb2
 
-from xds_server.config import MeshSpec, load_spec
 from xds_server.lab.background import BackgroundServer
 from xds_server.lab.procs import Envoy, free_port
 from xds_server.lab.upstream import ModelServer
 from xds_server.render.bootstrap import BootstrapOptions
+from xds_server.spec import MeshSpec, load_spec
+from xds_server.xds.publisher import XdsPublisher
+from xds_server.xds.resources import RegionResources
 
 T = TypeVar("T")
 REGIONS = ("us-east", "eu-west", "ap-south")
 
 
 ServerThread = BackgroundServer
+
+
+class HandEditedPublisher(XdsPublisher):
+    """A real publisher that can serve a hand-made resource in place of the built one of
+    the same name: the builder never makes a config Envoy rejects, so a test that needs
+    an Envoy to NACK makes one here."""
+
+    def __init__(self, spec: MeshSpec, **kw: Any) -> None:
+        self.replaced: dict[tuple[str, str, str], Any] = {}
+        super().__init__(spec, **kw)  # (builds every region, through build_resources)
+
+    def replace_resource(self, region: str, type_url: str, resource: Any) -> None:
+        name = getattr(resource, "name", "") or getattr(resource, "cluster_name", "")
+        self.replaced[(region, type_url, name)] = resource
+        self.apply_spec(self.spec, "hand-edited resource")
+        self.flush()
+
+    def build_resources(self, region: str) -> RegionResources:
+        built = super().build_resources(region)
+        mine = {(t, n): r for (reg, t, n), r in self.replaced.items() if reg == region}
+        if not mine:
+            return built
+        by_type = {t: dict(items) for t, items in built.by_type.items()}
+        for (type_url, name), resource in mine.items():
+            by_type[type_url][name] = resource
+        return RegionResources(region, by_type)
 
 
 def make_spec_doc(
@@ -84,7 +112,7 @@ def spec_file(tmp_path: Path, upstreams: dict[tuple[str, str], ModelServer]) -> 
 
 @pytest.fixture
 def server(spec_file: Path) -> Iterator[ServerThread]:
-    st = ServerThread(load_spec(spec_file), spec_file)
+    st = ServerThread(load_spec(spec_file), spec_file, publisher=HandEditedPublisher)
     st.start()
     yield st
     st.close()

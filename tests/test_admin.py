@@ -17,12 +17,13 @@ import yaml
 from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 
 from xds_server.admin.service import AdminService, run_admin_server
+from xds_server.app import Parts
 from xds_server.lab.mesh import LocalMesh, MeshOptions, canary_share, envoy_weights
 from xds_server.lab.procs import free_port, http_get, wait_for
 from xds_server.xds.resources import ROUTE_CONFIG_NAME
 from xds_server.xds.types import ROUTE
 
-from .conftest import EnvoyFactory, ServerThread, broken_route
+from .conftest import EnvoyFactory, HandEditedPublisher, ServerThread, broken_route
 
 TOKEN = "s3cret-token"
 PLAN = {
@@ -272,7 +273,7 @@ def test_xds_fetch_prints_what_the_envoy_of_that_region_holds(mesh: LocalMesh) -
 
 def _start_admin(server: ServerThread, **kw: Any) -> int:
     port = free_port()
-    admin = AdminService(server.server, None)
+    admin = AdminService(Parts(server.server))
     asyncio.run_coroutine_threadsafe(
         run_admin_server(admin, f"127.0.0.1:{port}", **kw), server.loop
     )
@@ -285,7 +286,9 @@ def test_a_nack_shows_as_nacked_with_envoys_message(
     envoy = envoys.start("us-east", server.port)
     envoy.wait_ready()
     port = _start_admin(server)
-    server.call(lambda: server.server.inject_resource_for_tests("us-east", ROUTE, broken_route()))
+    edited = server.server
+    assert isinstance(edited, HandEditedPublisher)
+    server.call(lambda: edited.replace_resource("us-east", ROUTE, broken_route()))
 
     def nacked() -> dict[str, Any] | None:
         res = xdsctl(port, "nodes", check=False)

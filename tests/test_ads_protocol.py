@@ -192,7 +192,7 @@ def test_stale_nonce_is_ignored(
 
 
 def _without_canary(server: ServerThread) -> Any:
-    from xds_server.config import validate_spec
+    from xds_server.spec import validate_spec
 
     spec = server.server.spec
     doc = dict(spec.raw)

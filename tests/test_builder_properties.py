@@ -8,7 +8,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xds_server.config import POOL_NAMES, MeshSpec, validate_spec
+from xds_server.spec import POOL_NAMES, MeshSpec, validate_spec
 from xds_server.traffic import WEIGHT_TOTAL, Split, TrafficState
 from xds_server.xds.resources import RegionBuilder, build_region
 from xds_server.xds.snapshot import Snapshot, with_nonce

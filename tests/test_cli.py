@@ -65,7 +65,7 @@ def test_bad_arguments_get_one_line() -> None:
         text=True,
     )
     assert res.returncode == 2
-    assert res.stderr.strip() == "xds-server: --xds-address: expected HOST:PORT, got 'nowhere'"
+    assert res.stderr.strip() == "xds-server: --xds-address: expected 'HOST:PORT', got 'nowhere'"
 
 
 def test_serve_routes_reloads_on_sighup_and_stops_on_sigterm(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from xds_server.config import SpecError, load_spec, parse_spec
+from xds_server.spec import SpecError, load_spec, parse_spec
 
 EXAMPLE = """
 regions: [us-east, eu-west, ap-south]

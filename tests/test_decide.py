@@ -9,12 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xds_server.config import parse_spec
 from xds_server.rollout import decide as sm
-from xds_server.rollout.decide import Observation, RolloutState
+from xds_server.rollout.decide import Observation
 from xds_server.rollout.judge import FAIL, NO_DATA, PASS, Comparison, Measurement, judge
-from xds_server.rollout.plan import Guardrails, HealthCheck, RolloutPlan, split_for
-from xds_server.traffic import WEIGHT_TOTAL
+from xds_server.rollout.state import RolloutState, region_split
+from xds_server.spec import Guardrails, HealthCheck, RolloutPlan, parse_spec
+from xds_server.traffic import WEIGHT_TOTAL, Split
 
 REGIONS = ("us-east", "eu-west", "ap-south")
 PLAN = RolloutPlan(
@@ -64,9 +64,9 @@ def everywhere(o: Observation) -> dict[str, Observation]:
     ],
 )
 def test_split_rule_from_the_issue(w: float, expected: tuple[int, int, int]) -> None:
-    s = split_for(w, has_baseline=True).percent()
+    s = Split.at_canary_percent(w, has_baseline=True).percent()
     assert (s["production"], s["baseline"], s["canary"]) == expected
-    assert split_for(w, has_baseline=False).percent()["baseline"] == 0
+    assert Split.at_canary_percent(w, has_baseline=False).percent()["baseline"] == 0
 
 
 def test_healthy_rollout_walks_every_step_then_promotes() -> None:
@@ -320,7 +320,7 @@ def test_never_promote_without_evidence_and_any_failure_rolls_back_everywhere(
             ]
             assert failed
         for rs in state.regions.values():
-            split = sm.split_of(PLAN, rs, has_baseline=True)
+            split = region_split(PLAN, rs, has_baseline=True)
             assert sum(split.as_dict().values()) == WEIGHT_TOTAL
         if state.phase in sm.FINISHED:
             break
@@ -347,7 +347,7 @@ services:
     plan = parse_spec(text).services[0].rollout
     assert plan.steps == (10, 100) and plan.step_duration == 30 and plan.interval == 0.5
     assert plan.guardrails.max_error_rate == 0.02 and plan.waves == (("a",), ("b",))
-    from xds_server.config import SpecError
+    from xds_server.spec import SpecError
 
     bad = (
         text.replace("[10, 100]", "[50, 20]")
@@ -364,7 +364,10 @@ services:
         for line in lines
     )
     assert "m.yaml: services[0].rollout.regions.waves: regions in no wave: b" in lines
-    assert "m.yaml: rollout.analysis.false_alarm_scope: expected rollout or step, got 'x'" in lines
+    assert (
+        "m.yaml: rollout.analysis.false_alarm_scope: expected one of: rollout, step; got 'x'"
+        in lines
+    )
 
 
 WARM_PLAN = replace(
@@ -378,10 +381,10 @@ def test_warmup_gives_no_weight_until_ready_then_shadows_then_steps() -> None:
     assert {rs.step for rs in state.regions.values()} == {sm.WARMUP_STEP}
     waiting = Observation(warmup_pending=("canary: 0 of 1 hosts healthy",))
     d = sm.decide(WARM_PLAN, state, everywhere(waiting), 1)
-    assert all(sm.split_of(WARM_PLAN, rs, True).canary == 0 for rs in d.state.regions.values())
-    assert all(sm.split_of(WARM_PLAN, rs, True).shadow == 0 for rs in d.state.regions.values())
+    assert all(region_split(WARM_PLAN, rs, True).canary == 0 for rs in d.state.regions.values())
+    assert all(region_split(WARM_PLAN, rs, True).shadow == 0 for rs in d.state.regions.values())
     d = sm.decide(WARM_PLAN, d.state, everywhere(Observation()), 2)
-    shadow = {r: sm.split_of(WARM_PLAN, rs, True) for r, rs in d.state.regions.items()}
+    shadow = {r: region_split(WARM_PLAN, rs, True) for r, rs in d.state.regions.items()}
     assert all(s.shadow == 2000 and s.canary == 0 and s.baseline == 0 for s in shadow.values())
     state, now = d.state, 2.0
     while now < 20 and {rs.step for rs in state.regions.values()} == {sm.WARMUP_STEP}:
@@ -392,7 +395,7 @@ def test_warmup_gives_no_weight_until_ready_then_shadows_then_steps() -> None:
 
 def test_a_paused_shadow_keeps_mirroring_and_hand_weights_wait_for_warmup() -> None:
     rs = sm.RegionState(sm.PAUSED, sm.WARMUP_STEP, shadowing=True)
-    assert sm.split_of(WARM_PLAN, rs, True).shadow == 2000
+    assert region_split(WARM_PLAN, rs, True).shadow == 2000
     state = sm.start(WARM_PLAN, "svc", "v2", REGIONS, now=0).state
     with pytest.raises(ValueError, match="still warming up"):
         sm.set_weights(state, ("us-east",), 10, 10, 1, "by hand")

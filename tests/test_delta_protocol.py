@@ -161,8 +161,8 @@ def test_delta_resources_are_encoded_once_for_all_streams(
 def test_a_thousand_services_one_weight_change_one_resource(delta_clients: Make) -> None:
     """1,000 services x 3 pools x 3 regions load, build and serve; changing one service's
     weights sends one resource (the route configuration) and rebuilds only that service."""
-    from xds_server.config import validate_spec
     from xds_server.lab.background import BackgroundServer
+    from xds_server.spec import validate_spec
 
     regions = ["us-east", "eu-west", "ap-south"]
     port = iter(range(20_000, 65_000))

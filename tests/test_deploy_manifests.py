@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from tests.fake_kube import FakeKubeApiServer, write_kubeconfig
-from xds_server.config import validate_spec
 from xds_server.lab.procs import envoy_binary
+from xds_server.spec import validate_spec
 from xds_server.telemetry import Telemetry
 
 REPO = Path(__file__).resolve().parents[1]

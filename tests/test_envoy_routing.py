@@ -14,7 +14,7 @@ from xds_server.lab.upstream import ModelServer
 from xds_server.traffic import Split
 from xds_server.xds.types import ROUTE
 
-from .conftest import REGIONS, EnvoyFactory, ServerThread, broken_route
+from .conftest import REGIONS, EnvoyFactory, HandEditedPublisher, ServerThread, broken_route
 
 
 def get(envoy: Envoy, path: str = "/predict") -> tuple[int, dict[str, str]]:
@@ -99,7 +99,7 @@ def test_invalid_spec_edit_keeps_serving(
     envoy.wait_ready()
     version = server.route_version("us-east")
     spec_file.write_text(spec_file.read_text().replace("production:", "prodution:"))
-    server.call(lambda: server.server.reload_spec("test"))
+    server.reload_spec("test")
     assert server.route_version("us-east") == version
     assert get(envoy)[1]["pool"] == "production"
 
@@ -109,7 +109,9 @@ def test_nack_keeps_last_good_config(server: ServerThread, envoys: EnvoyFactory)
     envoy.wait_ready()
     good = server.route_version("us-east")
     good_as_envoy_says = server.route_version("us-east", envoy.opts.delta)
-    server.call(lambda: server.server.inject_resource_for_tests("us-east", ROUTE, broken_route()))
+    edited = server.server
+    assert isinstance(edited, HandEditedPublisher)
+    server.call(lambda: edited.replace_resource("us-east", ROUTE, broken_route()))
     bad_version = server.route_version("us-east")
 
     def nacked() -> object:
@@ -180,7 +182,7 @@ def test_pool_added_live_takes_traffic_once_warm(
 ) -> None:
     """A new cluster, then routes to it: Envoy ACKs CDS only once the cluster has warmed
     (got its endpoints), so endpoints must flow while CDS is unanswered."""
-    from xds_server.config import validate_spec
+    from xds_server.spec import validate_spec
 
     envoy = envoys.start("us-east", server.port)
     envoy.wait_ready()
@@ -201,8 +203,8 @@ def test_xds_over_tls(
 ) -> None:
     """A server with a TLS certificate, and an Envoy whose bootstrap (--xds-tls-ca) speaks
     only TLS to it: the Envoy gets its config, connects as a node and routes with it."""
-    from xds_server.config import load_spec
     from xds_server.lab.background import BackgroundServer
+    from xds_server.spec import load_spec
 
     cert, key = self_signed_cert
     server = BackgroundServer(load_spec(spec_file), tls=(cert.read_bytes(), key.read_bytes()))

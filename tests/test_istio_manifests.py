@@ -16,11 +16,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.istio_schema import problems as schema_problems
-from xds_server.config import IstioConfig, MeshSpec, SpecError, parse_spec
 from xds_server.render import istio
 from xds_server.rollout import decide as sm
-from xds_server.rollout.decide import RolloutState
+from xds_server.rollout.state import RolloutState, current_rollouts, region_split
 from xds_server.rollout.store import Store
+from xds_server.spec import IstioConfig, MeshSpec, SpecError, parse_spec
 from xds_server.traffic import WEIGHT_TOTAL, Split
 
 REGIONS = ("us-east", "eu-west", "ap-south")
@@ -129,7 +129,7 @@ def test_weights_are_the_split_xds_carries_in_whole_percent(spec: MeshSpec) -> N
                 rollout = rollouts.get(svc.name)
                 rs = rollout.regions[region] if rollout else None
                 exact = (
-                    sm.split_of(svc.rollout, rs, "baseline" in svc.pools).percent()
+                    region_split(svc.rollout, rs, svc.has_baseline).percent()
                     if rs
                     else Split().percent()
                 )
@@ -196,8 +196,8 @@ def test_only_the_current_canary_versions_stored_rollout_counts(spec: MeshSpec) 
     current = states(spec)["step2"]["recommender"]
     old = replace(current, canary_version="v0")
     other = replace(current, service="gone")
-    assert istio.current_rollouts(spec, [old, other, current]) == {"recommender": current}
-    assert istio.current_rollouts(spec, [old]) == {}
+    assert current_rollouts(spec, [old, other, current]) == {"recommender": current}
+    assert current_rollouts(spec, [old]) == {}
 
 
 def test_a_pool_removed_from_the_spec_gives_its_share_to_production(spec: MeshSpec) -> None:

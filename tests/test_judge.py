@@ -30,12 +30,12 @@ from xds_server.rollout.judge import (
     Measurement,
     judge,
 )
-from xds_server.rollout.plan import (
-    LATENCY,
-    NO_DATA_PAUSE,
+from xds_server.spec import (
     Analysis,
     Guardrails,
+    MetricKind,
     MetricSpec,
+    NoDataRule,
     RolloutPlan,
 )
 
@@ -219,7 +219,13 @@ def test_too_few_latency_samples_hold_then_pass_by_the_rule() -> None:
 def test_no_data_with_a_pause_rule_requests_a_pause_once_the_hold_expires() -> None:
     metrics = (
         MetricSpec("error_rate", critical=True, group="errors"),
-        MetricSpec("latency", LATENCY, allowed_change=1.1, group="latency", on_no_data="pause"),
+        MetricSpec(
+            "latency",
+            MetricKind.LATENCY,
+            allowed_change=1.1,
+            group="latency",
+            on_no_data=NoDataRule.PAUSE,
+        ),
     )
     plan = replace(PLAN, analysis=replace(PLAN.analysis, metrics=metrics))
     rng = np.random.default_rng(15)
@@ -232,7 +238,7 @@ def test_no_data_with_a_pause_rule_requests_a_pause_once_the_hold_expires() -> N
     expired = judge(plan, WINDOW, step, hold_expired=True)
     assert expired.pause_requested
     assert expired.outcome == NO_DATA
-    assert next(m for m in expired.metrics if m.name == "latency").on_no_data == NO_DATA_PAUSE
+    assert next(m for m in expired.metrics if m.name == "latency").on_no_data == NoDataRule.PAUSE
 
 
 # ---- scores and groups ----
@@ -243,8 +249,8 @@ def test_group_weights_give_the_weighted_share_of_passing_metrics() -> None:
     latency high -> 0. Score 100 * (2 * 0.5 + 1 * 0) / 3 = 33.3; nothing critical."""
     metrics = (
         MetricSpec("errors", group="a"),
-        MetricSpec("p50", LATENCY, allowed_change=1.1, group="a"),
-        MetricSpec("p90", LATENCY, allowed_change=1.1, quantile=0.9, group="b"),
+        MetricSpec("p50", MetricKind.LATENCY, allowed_change=1.1, group="a"),
+        MetricSpec("p90", MetricKind.LATENCY, allowed_change=1.1, quantile=0.9, group="b"),
     )
     analysis = Analysis(metrics=metrics, groups={"a": 2, "b": 1}, pass_score=95, marginal_score=30)
     plan = replace(PLAN, analysis=analysis)

@@ -25,16 +25,16 @@ import yaml
 
 from tests.conftest import make_spec_doc
 from tests.fake_kube import FakeKubeApiServer, write_kubeconfig
-from xds_server.config import IstioCluster, IstioConfig, MeshSpec, validate_spec
 from xds_server.lab.procs import Process, free_port, http_get, wait_for
+from xds_server.outputs.istio_apply import IstioApplier, IstioSink, KubeCluster
 from xds_server.render import istio
-from xds_server.render.kube_apply import IstioApplier, KubeCluster, follow_controller
 from xds_server.rollout import decide as sm
 from xds_server.rollout.controller import RolloutController
 from xds_server.rollout.metrics import PrometheusSource
 from xds_server.rollout.store import Store
-from xds_server.server import XdsServer
+from xds_server.spec import IstioCluster, IstioConfig, MeshSpec, validate_spec
 from xds_server.telemetry import Telemetry
+from xds_server.xds.publisher import XdsPublisher
 
 REGIONS = ("us-east", "eu-west", "ap-south")
 PORTS = {(r, p): 9000 + i for i, (r, p) in enumerate((r, p) for r in REGIONS for p in "pbc")}
@@ -418,11 +418,13 @@ def test_decisions_reach_the_clusters_and_a_stuck_one_does_not_hold_up_a_rollbac
     store.record(sm.start(svc.rollout, svc.name, "v2", spec.regions, time.time()).state, [])
 
     async def main() -> None:
-        server = XdsServer(spec)
-        controller = RolloutController(server, store, PrometheusSource("http://127.0.0.1:9"))
-        controller.restore()
+        server = XdsPublisher(spec)
+        controller = RolloutController(
+            lambda: spec, server, store, PrometheusSource("http://127.0.0.1:9")
+        )
         applier = IstioApplier(istio_cfg(spec))
-        follow_controller(applier, controller)
+        controller.subscribe(IstioSink(applier))
+        controller.restore()
         async with running(applier):
             want = {"production": 80, "baseline": 10, "canary": 10}
             for region, fake in fakes.items():

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from xds_server.rollout import decide as sm
-from xds_server.rollout.plan import RolloutPlan
-from xds_server.rollout.store import Store, transition_entry
+from xds_server.rollout.audit import transition_entry
+from xds_server.rollout.store import Store
+from xds_server.spec import RolloutPlan
 
 
 def test_state_round_trips_and_audit_is_append_only(tmp_path: Path) -> None:
     store = Store.in_dir(tmp_path)
     d = sm.start(RolloutPlan(), "svc", "v2", ("a", "b"), now=10.0)
-    entries = [transition_entry(t, 10.0, None, {"canary": 5.0}, None, 7) for t in d.transitions]
+    entries = [
+        transition_entry(d.state, t, 10.0, None, {"canary": 5.0}, None, 7) for t in d.transitions
+    ]
     store.record(d.state, entries)
     store.close()
 
@@ -36,6 +40,7 @@ def test_state_round_trips_and_audit_is_append_only(tmp_path: Path) -> None:
 def test_a_failed_write_records_nothing(tmp_path: Path) -> None:
     store = Store.in_dir(tmp_path)
     d = sm.start(RolloutPlan(), "svc", "v2", ("a",), now=1.0)
-    with pytest.raises(KeyError):
-        store.record(d.state, [{"region": "a"}])  # no reason: refused before commit
+    entry = transition_entry(d.state, d.transitions[0], 1.0, None, None, None, 1)
+    with pytest.raises(sqlite3.IntegrityError):
+        store.record(d.state, [entry, replace(entry, reason=None)])  # type: ignore[arg-type]
     assert store.load_rollouts() == [] and store.audit() == []

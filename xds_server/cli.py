@@ -5,26 +5,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import fcntl
 import json
 import logging
-import re
-import sqlite3
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from xds_server.config import SpecError, load_spec, validate_spec
 from xds_server.render.bootstrap import BootstrapOptions, render_bootstrap
-from xds_server.server import XdsServer, serve_forever
+from xds_server.spec import SpecError, load_spec, parse_host_port, validate_spec
+from xds_server.spec.values import NAME_RE
 
 if TYPE_CHECKING:
-    from xds_server.rollout.decide import RolloutState
+    from xds_server.rollout.state import RolloutState
 
 log = logging.getLogger("xds_server")
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 class UsageError(Exception):
@@ -32,10 +28,10 @@ class UsageError(Exception):
 
 
 def split_host_port(text: str, what: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise UsageError(f"{what}: expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
+    try:
+        return parse_host_port(text)
+    except ValueError as exc:
+        raise UsageError(f"{what}: {exc}, got {text!r}") from None
 
 
 class _JsonFormatter(logging.Formatter):
@@ -77,62 +73,24 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from xds_server.admin.service import AdminService, run_admin_server
-    from xds_server.rollout.controller import RolloutController
-    from xds_server.rollout.metrics import PrometheusSource
-    from xds_server.rollout.store import Store
-    from xds_server.telemetry import Telemetry
+    from xds_server.app import App, ServeOptions
 
     setup_logging(args.log_level, args.log_format)
     split_host_port(args.xds_address, "--xds-address")
-    metrics_host, metrics_port = split_host_port(args.metrics_address, "--metrics-address")
-    spec = load_spec(args.spec)
-    state_dir = Path(args.state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    server = XdsServer(
-        spec, spec_path=args.spec, tls=_load_tls(args.xds_tls_cert, args.xds_tls_key, "--xds-tls")
-    )
-    controller = None
-    lock = _try_lock(state_dir / "controller.lock")
-    if lock is None:
-        log.warning(
-            "another xds-server holds %s: serving xDS only, not deciding rollouts",
-            state_dir / "controller.lock",
-        )
-    else:
-        controller = RolloutController(
-            server, Store.in_dir(state_dir), PrometheusSource(args.prometheus_url)
-        )
-        controller.restore()
-    telemetry = Telemetry()
-    telemetry.attach(server, controller)
-    applier = None
-    if controller is not None and spec.istio is not None and spec.istio.apply:
-        # The istio output mode: only the process that decides applies (one writer).
-        from xds_server.render.kube_apply import IstioApplier, follow_controller
-
-        applier = IstioApplier(spec.istio)
-        follow_controller(applier, controller)
-        telemetry.attach_istio(applier)
-        log.info(
-            "istio output: applying to %s",
-            ", ".join(f"{st.region} ({st.target})" for st in applier.status()),
-        )
-    if metrics_port:
-        telemetry.serve(metrics_host, metrics_port)
-        log.info("metrics on http://%s:%d/metrics", metrics_host, metrics_port)
-    admin = AdminService(server, controller, _read_secret(args.admin_token_file), applier)
-    tls = _load_tls(args.admin_tls_cert, args.admin_tls_key, "--admin-tls")
     split_host_port(args.admin_address, "--admin-address")
-    companions: list[Callable[[], Coroutine[Any, Any, None]]] = [
-        lambda: run_admin_server(admin, args.admin_address, tls),
-        lambda: telemetry.sample_nodes_forever(server),
-    ]
-    if controller is not None:
-        companions.append(controller.run)
-    if applier is not None:
-        companions.append(applier.run)
-    asyncio.run(serve_forever(server, args.xds_address, companions))
+    metrics_host, metrics_port = split_host_port(args.metrics_address, "--metrics-address")
+    options = ServeOptions(
+        spec_path=Path(args.spec),
+        xds_address=args.xds_address,
+        state_dir=Path(args.state_dir),
+        prometheus_url=args.prometheus_url,
+        metrics_address=(metrics_host, metrics_port) if metrics_port else None,
+        admin_address=args.admin_address,
+        admin_token=_read_secret(args.admin_token_file),
+        xds_tls=_load_tls(args.xds_tls_cert, args.xds_tls_key, "--xds-tls"),
+        admin_tls=_load_tls(args.admin_tls_cert, args.admin_tls_key, "--admin-tls"),
+    )
+    asyncio.run(App(options).serve())
     return 0
 
 
@@ -152,17 +110,6 @@ def _read_secret(path: str | None) -> str | None:
     if not token:
         raise UsageError(f"{path}: the token file is empty")
     return token
-
-
-def _try_lock(path: Path) -> IO[str] | None:
-    """One writer: the process holding this lock is the only one deciding rollouts."""
-    handle = open(path, "a")  # noqa: SIM115 (held for the life of the process)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        return None
-    return handle
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
@@ -185,7 +132,8 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
 
 def cmd_manifests_istio(args: argparse.Namespace) -> int:
-    from xds_server.render.istio import all_objects, current_rollouts, to_yaml
+    from xds_server.render.istio import all_objects, to_yaml
+    from xds_server.rollout.state import current_rollouts
 
     spec = load_spec(args.spec)
     if spec.istio is None:
@@ -194,7 +142,7 @@ def cmd_manifests_istio(args: argparse.Namespace) -> int:
     istio = spec.istio
     assert istio is not None
     if args.namespace:
-        if not _DNS_LABEL.match(args.namespace):
+        if not NAME_RE.match(args.namespace):
             raise UsageError(f"--namespace: bad namespace {args.namespace!r}")
         istio = dataclasses.replace(istio, namespace=args.namespace)
     regions = args.region or list(spec.regions)
@@ -210,22 +158,17 @@ def cmd_manifests_istio(args: argparse.Namespace) -> int:
 
 
 def read_rollouts(state_dir: Path) -> list[RolloutState]:
-    """Rollout states from a state dir's SQLite store, opened read-only: a running
-    server may own it, and printing manifests must never change it."""
-    from xds_server.rollout.store import state_from_json
+    """Rollout states from serve's state dir, read-only: printing never changes it."""
+    from xds_server.rollout.store import Store, StoreUnreadable
 
-    path = state_dir / "rollouts.sqlite3"
-    if not path.is_file():
-        raise UsageError(f"--state-dir: {path} does not exist (is it serve's --state-dir?)")
     try:
-        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            rows = db.execute("SELECT state FROM rollouts ORDER BY updated_at").fetchall()
-        finally:
-            db.close()
-    except sqlite3.Error as exc:
-        raise UsageError(f"--state-dir: cannot read {path}: {exc}") from None
-    return [state_from_json(r[0]) for r in rows]
+        store = Store.read_only(state_dir)
+    except StoreUnreadable as exc:
+        raise UsageError(f"--state-dir: {exc}") from None
+    try:
+        return store.load_rollouts()
+    finally:
+        store.close()
 
 
 def cmd_lab_run(args: argparse.Namespace) -> int:
@@ -252,11 +195,17 @@ def cmd_lab_down(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xds-server", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-
     c = sub.add_parser("check", help="validate a mesh spec; exit non-zero on error")
     c.add_argument("--spec", required=True, metavar="FILE")
     c.set_defaults(func=cmd_check)
+    _add_serve(sub)
+    _add_bootstrap(sub)
+    _add_manifests(sub)
+    _add_lab(sub)
+    return p
 
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("serve", help="serve the mesh spec to Envoys over ADS")
     s.add_argument("--spec", required=True, metavar="FILE")
     s.add_argument("--xds-address", default="127.0.0.1:18000", metavar="HOST:PORT")
@@ -294,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-format", default="text", choices=["text", "json"])
     s.set_defaults(func=cmd_serve)
 
+
+def _add_bootstrap(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     b = sub.add_parser("bootstrap", help="print an Envoy bootstrap for one node")
     b.add_argument("--region", required=True)
     b.add_argument("--node-id", required=True)
@@ -316,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="talk TLS to the xDS server, trusting this CA (an absolute path)",
     )
     b.set_defaults(func=cmd_bootstrap)
+
+
+def _add_manifests(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     m = sub.add_parser("manifests", help="print generated manifests")
     m_sub = m.add_subparsers(dest="manifests_command", required=True)
     mi = m_sub.add_parser(
@@ -332,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     mi.add_argument("--region", action="append", help="only this region (repeatable)")
     mi.add_argument("--namespace", help="override the spec's istio.namespace")
     mi.set_defaults(func=cmd_manifests_istio)
+
+
+def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     lab = sub.add_parser("lab", help="a local multi-region mesh with a live canary rollout")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
     run = lab_sub.add_parser("run", help="start the lab and run one rollout scenario")
@@ -347,7 +304,6 @@ def build_parser() -> argparse.ArgumentParser:
     down = lab_sub.add_parser("down", help="stop a lab left running with --keep")
     down.add_argument("--out", metavar="DIR", help="the lab's folder (default: the last one)")
     down.set_defaults(func=cmd_lab_down)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

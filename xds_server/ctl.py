@@ -24,7 +24,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import json_format, message
 
 from xds_server.admin.v1 import admin_pb2, admin_pb2_grpc
-from xds_server.rollout.plan import parse_duration
+from xds_server.spec import parse_duration
 from xds_server.xds.resources import ROUTE_CONFIG_NAME
 from xds_server.xds.types import BY_SHORT_NAME, CLUSTER, ENDPOINT, ROUTE
 

@@ -1,4 +1,8 @@
-"""The server's own Prometheus metrics, served on `/metrics` (prometheus-client)."""
+"""The server's own Prometheus metrics, served on `/metrics` (prometheus-client).
+
+It follows the xDS publisher (pushes, nodes, NACKs), committed rollout decisions (as a
+`TrafficSink`) and the Istio applier, whichever this process runs.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,17 @@ import asyncio
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from xds_server.config import POOL_NAMES
-from xds_server.render.kube_apply import IstioApplier, RegionApplyStatus
-from xds_server.rollout import decide as sm
-from xds_server.rollout.controller import RolloutController, RolloutEvent
-from xds_server.server import Push, XdsServer
+from xds_server.outputs.istio_apply import IstioApplier, RegionApplyStatus
+from xds_server.rollout.decide import EntryKind
+from xds_server.rollout.ports import Committed
+from xds_server.rollout.state import PHASE_GAUGES, PROGRESSING
+from xds_server.spec import POOL_NAMES
+from xds_server.traffic import TrafficState
+from xds_server.xds.publisher import Push, XdsPublisher
 from xds_server.xds.status import NodeStatus
 from xds_server.xds.types import SEND_ORDER, short
 
 SYNC_STATES = ("SYNCED", "STALE", "NACKED", "NOT SENT")
-PHASES = (sm.PENDING, sm.PROGRESSING, sm.PAUSED, sm.PROMOTED, sm.ROLLED_BACK)
 
 
 class Telemetry:
@@ -93,7 +98,8 @@ class Telemetry:
             registry=r,
         )
 
-    def attach(self, server: XdsServer, controller: RolloutController | None) -> None:
+    def attach(self, server: XdsPublisher) -> None:
+        """Follow the publisher's pushes and nodes; weights start as it serves them."""
         server.on_push(self._on_push)
         seen_nacks: dict[tuple[int, str], str] = {}
 
@@ -106,13 +112,18 @@ class Telemetry:
                     self.nacks.labels(status.region, short(type_url)).inc()
 
         server.nodes.subscribe(on_node)
-        if controller is not None:
-            controller.subscribe(lambda ev: self._on_rollout(controller, ev))
-        for svc in server.spec.services:
-            for region in server.spec.regions:
-                split = server.traffic.split(svc.name, region)
-                for pool, pct in split.percent().items():
-                    self.weight.labels(svc.name, region, pool).set(pct)
+        self._set_weights(
+            server.traffic, [s.name for s in server.spec.services], server.spec.regions
+        )
+
+    def _set_weights(
+        self, traffic: TrafficState, services: list[str], regions: tuple[str, ...]
+    ) -> None:
+        for service in services:
+            for region in regions:
+                split = traffic.split(service, region).percent()
+                for pool in POOL_NAMES:
+                    self.weight.labels(service, region, pool).set(split[pool])
 
     def attach_istio(self, applier: IstioApplier) -> None:
         """Apply results and pending state per region, from the `istio` output mode."""
@@ -128,7 +139,7 @@ class Telemetry:
         self.istio_pending.labels(status.region).set(1 if status.pending else 0)
         self.istio_failures.labels(status.region).set(status.consecutive_failures)
 
-    def sample_nodes(self, server: XdsServer) -> None:
+    def sample_nodes(self, server: XdsPublisher) -> None:
         """Count connected nodes per region and sync state against the current snapshots."""
         counts = {(r, s): 0 for r in server.spec.regions for s in SYNC_STATES}
         for region in server.spec.regions:
@@ -140,7 +151,7 @@ class Telemetry:
         for (region, state), n in counts.items():
             self.node_sync.labels(region, state).set(n)
 
-    async def sample_nodes_forever(self, server: XdsServer, every: float = 5.0) -> None:
+    async def sample_nodes_forever(self, server: XdsPublisher, every: float = 5.0) -> None:
         """Node sync states for alerting; a scan every few seconds, not one per ACK."""
         while True:
             self.sample_nodes(server)
@@ -153,19 +164,25 @@ class Telemetry:
         self.push_seconds.labels(push.region).observe(push.seconds)
         self.pushes.labels(push.region).inc()
 
-    def _on_rollout(self, controller: RolloutController, ev: RolloutEvent) -> None:
-        state = ev.state
-        for phase in PHASES:
+    def follow(self, event: Committed) -> None:
+        """The `TrafficSink`: weights, phase, steps and decisions of a committed view."""
+        self._set_weights(event.traffic, [s.name for s in event.spec.services], event.spec.regions)
+        state = event.state
+        if state is None or event.decision is None:
+            return
+        for phase in PHASE_GAUGES:
             self.phase.labels(state.service, phase).set(1 if state.phase == phase else 0)
-        traffic = controller.server.traffic
         for region, rs in state.regions.items():
             self.step.labels(state.service, region).set(rs.step)
-            split = traffic.split(state.service, region).percent()
-            for pool in POOL_NAMES:
-                self.weight.labels(state.service, region, pool).set(split[pool])
-        for t in ev.decision.transitions:
-            outcome = t.verdict.outcome if t.kind == "check" and t.verdict else t.phase_to
-            if t.kind == "transition" and t.step_to != t.step_from and t.phase_to == sm.PROGRESSING:
+        for t in event.decision.transitions:
+            outcome = str(
+                t.verdict.outcome if t.kind == EntryKind.CHECK and t.verdict else t.phase_to
+            )
+            if (
+                t.kind == EntryKind.TRANSITION
+                and t.step_to != t.step_from
+                and t.phase_to == PROGRESSING
+            ):
                 outcome = "advance"
             self.decisions.labels(state.service, outcome).inc()
             if t.verdict is not None and t.region is not None:

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from xds_server.config import POOL_NAMES, Service
+from xds_server.spec import POOL_NAMES, Service
 
 WEIGHT_TOTAL = 10_000
 
@@ -50,6 +50,14 @@ class Split:
         if "production" not in units:
             units["production"] = WEIGHT_TOTAL - units.get("baseline", 0) - units.get("canary", 0)
         return cls(units["production"], units.get("baseline", 0), units.get("canary", 0))
+
+    @classmethod
+    def at_canary_percent(cls, canary_percent: float, has_baseline: bool) -> Split:
+        """The rollout's split rule: canary = w; baseline = min(w, 100 - w) when there is
+        one; production the rest (5 -> 90/5/5, 20 -> 60/20/20, 75 -> 0/25/75)."""
+        canary = round(canary_percent * WEIGHT_TOTAL / 100)
+        baseline = min(canary, WEIGHT_TOTAL - canary) if has_baseline else 0
+        return cls(WEIGHT_TOTAL - canary - baseline, baseline, canary)
 
     def get(self, pool: str) -> int:
         return int(getattr(self, pool))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from collections.abc import AsyncIterator, Callable
-from typing import Any, NoReturn
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, NoReturn, Protocol
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -21,13 +21,14 @@ from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 from google.protobuf import json_format
 
 from xds_server.admin.v1 import admin_pb2, admin_pb2_grpc
-from xds_server.render.kube_apply import IstioApplier
-from xds_server.rollout import decide as sm
-from xds_server.rollout.controller import RolloutController, RolloutEvent
-from xds_server.rollout.decide import RolloutState
-from xds_server.rollout.store import AuditEntry
-from xds_server.server import XdsServer
+from xds_server.outputs.istio_apply import IstioApplier
+from xds_server.rollout.audit import AuditEntry
+from xds_server.rollout.controller import RolloutController
+from xds_server.rollout.ports import Committed, StateStore
+from xds_server.rollout.state import RolloutState, region_split
+from xds_server.spec import MeshSpec
 from xds_server.traffic import WeightError
+from xds_server.xds.publisher import XdsPublisher
 from xds_server.xds.status import NodeStatus
 from xds_server.xds.types import BY_SHORT_NAME, SEND_ORDER, short
 
@@ -35,18 +36,55 @@ Context = Any  # grpc.aio.ServicerContext; grpc ships no usable type stubs
 ACTOR_KEY = "x-xds-actor"
 
 
+class AdminView(Protocol):
+    """What the admin API reads and drives: the pieces `serve` wired (`app.Parts`)."""
+
+    @property
+    def spec(self) -> MeshSpec: ...
+
+    @property
+    def publisher(self) -> XdsPublisher: ...
+
+    @property
+    def controller(self) -> RolloutController | None:
+        """None in a replica that does not decide rollouts."""
+        ...
+
+    @property
+    def store(self) -> StateStore | None: ...
+
+    @property
+    def istio(self) -> IstioApplier | None: ...
+
+    def rollouts(self) -> Mapping[str, RolloutState]:
+        """The current rollouts: the controller's, or what a follower read from the store."""
+        ...
+
+
+class _EventQueue:
+    """A `TrafficSink` for one WatchRollouts stream: a slow watcher loses the oldest."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self.queue: asyncio.Queue[Committed] = asyncio.Queue(maxsize=1000)
+
+    def follow(self, event: Committed) -> None:
+        state = event.state
+        if state is None or (self.service and state.service != self.service):
+            return
+        if self.queue.full():
+            self.queue.get_nowait()
+        self.queue.put_nowait(event)
+
+
 class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
-    def __init__(
-        self,
-        server: XdsServer,
-        controller: RolloutController | None,
-        token: str | None = None,
-        istio: IstioApplier | None = None,
-    ) -> None:
-        self.server = server
-        self.controller = controller
+    def __init__(self, view: AdminView, token: str | None = None) -> None:
+        self.view = view
         self.token = token
-        self.istio = istio
+
+    @property
+    def server(self) -> XdsPublisher:
+        return self.view.publisher
 
     # ---- helpers ----
 
@@ -63,14 +101,22 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         return str(meta.get(ACTOR_KEY) or "unknown")
 
     async def _controller(self, context: Context) -> RolloutController:
-        if self.controller is None:
+        controller = self.view.controller
+        if controller is None:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 "this server does not run the rollout controller (another "
                 "process holds the state directory's lock)",
             )
-        assert self.controller is not None
-        return self.controller
+        assert controller is not None
+        return controller
+
+    async def _store(self, context: Context) -> StateStore:
+        store = self.view.store
+        if store is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this server keeps no rollout state")
+        assert store is not None
+        return store
 
     async def _mutate(
         self, context: Context, reason: str, act: Callable[[RolloutController, str], RolloutState]
@@ -93,10 +139,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         return self._rollout(state)
 
     def _rollout(self, state: RolloutState) -> admin_pb2.Rollout:
-        svc = self.server.spec.service(state.service)
-        latest = {}
-        if self.controller is not None:
-            latest = self.controller.store.latest_checks(state.service, state.canary_version)
+        svc = self.view.spec.service(state.service)
+        store = self.view.store
+        latest = store.latest_checks(state.service, state.canary_version) if store else {}
         out = admin_pb2.Rollout(
             service=state.service,
             canary_version=state.canary_version,
@@ -105,7 +150,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             steps=list(svc.rollout.steps),
         )
         for region, rs in state.regions.items():
-            split = sm.split_of(svc.rollout, rs, "baseline" in svc.pools).percent()
+            split = region_split(svc.rollout, rs, svc.has_baseline).percent()
             check = latest.get(region)
             out.regions.append(
                 admin_pb2.RegionRollout(
@@ -122,17 +167,13 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             )
         return out
 
-    def _state(self, service: str) -> RolloutState | None:
-        return self.controller.rollouts.get(service) if self.controller else None
-
     # ---- nodes ----
 
     async def ListNodes(self, request: Any, context: Context) -> Any:
-        if request.region and request.region not in self.server.spec.regions:
+        if request.region and request.region not in self.view.spec.regions:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
-                f"unknown region {request.region!r} (regions: "
-                f"{', '.join(self.server.spec.regions)})",
+                f"unknown region {request.region!r} (regions: {', '.join(self.view.spec.regions)})",
             )
         nodes = self.server.nodes.nodes(request.region or None)
         return admin_pb2.ListNodesResponse(nodes=[self._node(n) for n in nodes])
@@ -187,12 +228,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     # ---- rollouts ----
 
     async def ListRollouts(self, request: Any, context: Context) -> Any:
-        states = self.controller.rollouts.values() if self.controller else []
+        states = self.view.rollouts().values()
         return admin_pb2.ListRolloutsResponse(rollouts=[self._rollout(s) for s in states])
 
     async def GetRollout(self, request: Any, context: Context) -> Any:
         await self._known_service(request.service, context)
-        state = self._state(request.service)
+        state = self.view.rollouts().get(request.service)
         if state is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
@@ -204,9 +245,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
 
     async def _known_service(self, service: str, context: Context) -> None:
         try:
-            self.server.spec.service(service)
+            self.view.spec.service(service)
         except KeyError:
-            names = ", ".join(s.name for s in self.server.spec.services)
+            names = ", ".join(s.name for s in self.view.spec.services)
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"unknown service {service!r} (services: {names})"
             )
@@ -256,18 +297,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
 
     async def WatchRollouts(self, request: Any, context: Context) -> AsyncIterator[Any]:
         controller = await self._controller(context)
-        queue: asyncio.Queue[RolloutEvent] = asyncio.Queue(maxsize=1000)
-
-        def listener(ev: RolloutEvent) -> None:
-            if not request.service or ev.state.service == request.service:
-                if queue.full():
-                    queue.get_nowait()  # a slow watcher loses the oldest events
-                queue.put_nowait(ev)
-
-        unsubscribe = controller.subscribe(listener)
+        sink = _EventQueue(request.service)
+        unsubscribe = controller.subscribe(sink)
         try:
             while True:
-                ev = await queue.get()
+                ev = await sink.queue.get()
+                assert ev.state is not None and ev.decision is not None
                 yield admin_pb2.RolloutEvent(
                     time=ev.time,
                     actor=ev.actor,
@@ -283,8 +318,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     # ---- audit ----
 
     async def GetAudit(self, request: Any, context: Context) -> Any:
-        controller = await self._controller(context)
-        entries = controller.store.audit(
+        store = await self._store(context)
+        entries = store.audit(
             service=request.service or None,
             region=request.region or None,
             since=request.since or None,
@@ -295,7 +330,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     # ---- the istio output mode ----
 
     async def GetIstioApplyStatus(self, request: Any, context: Context) -> Any:
-        if self.istio is None:
+        istio = self.view.istio
+        if istio is None:
             return admin_pb2.GetIstioApplyStatusResponse(enabled=False)
         return admin_pb2.GetIstioApplyStatusResponse(
             enabled=True,
@@ -315,7 +351,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                     objects=st.objects,
                     prune_error=st.prune_error,
                 )
-                for st in self.istio.status()
+                for st in istio.status()
             ],
         )
 
@@ -386,7 +422,7 @@ _CONFIG_STATUS = {
 class ClientStatusService(csds_pb2_grpc.ClientStatusDiscoveryServiceServicer):  # type: ignore[misc]
     """envoy.service.status.v3: which config each connected client holds, for tooling."""
 
-    def __init__(self, server: XdsServer) -> None:
+    def __init__(self, server: XdsPublisher) -> None:
         self.server = server
 
     def _response(self, request: Any) -> Any:

@@ -1,4 +1,4 @@
-"""An XdsServer on its own event loop thread, for the demo, the lab and the tests.
+"""An xDS publisher on its own event loop thread, for benchmarks and the tests.
 
 `serve` runs the server on the main thread's loop; code that also needs the main thread
 (a load generator, a test) runs it here and calls into it with `call`.
@@ -13,20 +13,27 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-from xds_server.config import MeshSpec
-from xds_server.server import XdsServer
+from xds_server.app import SpecFile
+from xds_server.spec import MeshSpec
+from xds_server.xds.publisher import XdsPublisher
 
 T = TypeVar("T")
 
 
 class BackgroundServer:
     def __init__(
-        self, spec: MeshSpec, spec_path: Path | None = None, tls: tuple[bytes, bytes] | None = None
+        self,
+        spec: MeshSpec,
+        spec_path: Path | None = None,
+        tls: tuple[bytes, bytes] | None = None,
+        publisher: type[XdsPublisher] = XdsPublisher,
     ) -> None:
+        """`publisher`: the class to run (a test may subclass it to serve bad resources)."""
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="xds-server", daemon=True)
         self.thread.start()
-        self.server: XdsServer = self.call(lambda: XdsServer(spec, spec_path=spec_path, tls=tls))
+        self.server: XdsPublisher = self.call(lambda: publisher(spec, tls=tls))
+        self.spec_file = SpecFile(spec_path, spec) if spec_path else None
         self.port = 0
         self._watch: Future[None] | None = None
 
@@ -46,9 +53,22 @@ class BackgroundServer:
         return self.port
 
     def watch_spec(self, interval: float = 0.1) -> None:
+        """Serve each valid edit of the spec file, as `serve` does."""
+        assert self.spec_file is not None, "no spec file to watch"
         self._watch = asyncio.run_coroutine_threadsafe(
-            self.server.watch_spec_file(interval), self.loop
+            self.spec_file.watch(self.server.apply_spec, interval), self.loop
         )
+
+    def reload_spec(self, reason: str) -> None:
+        """Read the spec file again now (as SIGHUP does); a bad one is logged and ignored."""
+        assert self.spec_file is not None, "no spec file to reload"
+
+        def reload() -> None:
+            assert self.spec_file is not None
+            if (spec := self.spec_file.reload(reason)) is not None:
+                self.server.apply_spec(spec, reason)
+
+        self.call(reload)
 
     def route_version(self, region: str, delta: bool = False) -> str:
         """The routes version served to `region`, after pushing any coalesced change.

@@ -19,7 +19,8 @@ from xds_server.lab.load import LoadGenerator
 from xds_server.lab.procs import Envoy, Process, free_port, http_get, http_post_json, wait_for
 from xds_server.lab.prometheus import Prometheus, ScrapeTarget
 from xds_server.render.bootstrap import BootstrapOptions
-from xds_server.rollout.store import AuditEntry, Store
+from xds_server.rollout.audit import AuditEntry
+from xds_server.rollout.store import FILE_NAME, Store
 
 SERVICE = "recommender"
 VERSIONS = {"production": "v1", "baseline": "v1", "canary": "v2"}
@@ -239,7 +240,7 @@ class LocalMesh:
 
     def _store(self) -> Store | None:
         """One read connection to the server's state, once the server has created it."""
-        if self._state_store is None and (self.state_dir / "rollouts.sqlite3").exists():
+        if self._state_store is None and (self.state_dir / FILE_NAME).exists():
             self._state_store = Store.in_dir(self.state_dir)
         return self._state_store
 

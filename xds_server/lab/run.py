@@ -23,7 +23,8 @@ from typing import Any
 from xds_server.lab.mesh import LocalMesh, MeshOptions, canary_share
 from xds_server.lab.procs import wait_for
 from xds_server.lab.view import LiveView, PlainLog
-from xds_server.rollout.store import AuditEntry
+from xds_server.rollout.audit import AuditEntry
+from xds_server.rollout.store import FILE_NAME
 
 LAB_ROOT = Path(".lab")
 CURRENT = LAB_ROOT / "current"
@@ -258,7 +259,7 @@ def summarize(mesh: LocalMesh, scenario: Scenario, res: FollowResult) -> dict[st
             }
             for e in audit
         ],
-        "audit_log": str(mesh.state_dir / "rollouts.sqlite3"),
+        "audit_log": str(mesh.state_dir / FILE_NAME),
     }
     if scenario.fault is not None:
         fault = scenario.fault

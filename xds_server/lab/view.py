@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from xds_server.lab.mesh import LocalMesh, envoy_weights
-from xds_server.rollout.store import AuditEntry
+from xds_server.rollout.audit import AuditEntry
 
 BAR = 24
 

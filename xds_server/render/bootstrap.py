@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from xds_server.xds.ads import LISTEN_METADATA_KEY
+from xds_server.xds.types import LISTEN_METADATA_KEY
 
 XDS_CLUSTER = "xds_server"
 
@@ -43,26 +43,7 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
     }
     if opts.listen:
         node["metadata"] = {LISTEN_METADATA_KEY: opts.listen}
-    try:
-        ipaddress.ip_address(opts.xds_host)
-        discovery = "STATIC"
-    except ValueError:
-        discovery = "STRICT_DNS"
     ads_source = {"ads": {}, "resource_api_version": "V3"}
-    xds_cluster: dict[str, Any] = {}
-    if opts.xds_tls_ca:
-        xds_cluster["transport_socket"] = {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": "type.googleapis.com/"
-                "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                "sni": opts.xds_host,
-                "common_tls_context": {
-                    "alpn_protocols": ["h2"],  # gRPC servers insist on HTTP/2 by ALPN
-                    "validation_context": {"trusted_ca": {"filename": opts.xds_tls_ca}},
-                },
-            },
-        }
     return {
         "node": node,
         "dynamic_resources": {
@@ -85,46 +66,7 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
             "cds_config": ads_source,
             "lds_config": ads_source,
         },
-        "static_resources": {
-            "clusters": [
-                {
-                    "name": XDS_CLUSTER,
-                    "type": discovery,
-                    "connect_timeout": "1s",
-                    **xds_cluster,
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": "type.googleapis.com/"
-                            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                            "explicit_http_config": {
-                                "http2_protocol_options": {
-                                    "connection_keepalive": {"interval": "10s", "timeout": "5s"},
-                                }
-                            },
-                        },
-                    },
-                    "load_assignment": {
-                        "cluster_name": XDS_CLUSTER,
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {
-                                                "socket_address": {
-                                                    "address": opts.xds_host,
-                                                    "port_value": opts.xds_port,
-                                                }
-                                            }
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
-                }
-            ]
-        },
+        "static_resources": {"clusters": [_xds_cluster(opts)]},
         "admin": {
             "address": {
                 "socket_address": {"address": opts.admin_host, "port_value": opts.admin_port}
@@ -138,6 +80,65 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
                     "buckets": list(LATENCY_BUCKETS_MS),
                 }
             ]
+        },
+    }
+
+
+def _xds_cluster(opts: BootstrapOptions) -> dict[str, Any]:
+    """The static cluster the Envoy reaches the control plane through."""
+    try:
+        ipaddress.ip_address(opts.xds_host)
+        discovery = "STATIC"
+    except ValueError:
+        discovery = "STRICT_DNS"
+    xds_cluster: dict[str, Any] = {}
+    if opts.xds_tls_ca:
+        xds_cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/"
+                "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": opts.xds_host,
+                "common_tls_context": {
+                    "alpn_protocols": ["h2"],  # gRPC servers insist on HTTP/2 by ALPN
+                    "validation_context": {"trusted_ca": {"filename": opts.xds_tls_ca}},
+                },
+            },
+        }
+    return {
+        "name": XDS_CLUSTER,
+        "type": discovery,
+        "connect_timeout": "1s",
+        **xds_cluster,
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/"
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {
+                    "http2_protocol_options": {
+                        "connection_keepalive": {"interval": "10s", "timeout": "5s"},
+                    }
+                },
+            },
+        },
+        "load_assignment": {
+            "cluster_name": XDS_CLUSTER,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {
+                                        "address": opts.xds_host,
+                                        "port_value": opts.xds_port,
+                                    }
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
         },
     }
 

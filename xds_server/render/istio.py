@@ -4,8 +4,8 @@ A pure function of the spec and the rollout states (no I/O, no clock), so the sa
 objects come out of `xds-server manifests istio` and out of the controller's `istio`
 output mode, and a test can validate every one of them against Istio's CRD schemas.
 
-The weights are the ones the controller pushes over xDS (`decide.split_of`, with pools
-the spec no longer has giving their share to production), turned into the whole
+The weights are the ones the controller pushes over xDS (`rollout.state.service_split`,
+with pools the spec no longer has giving their share to production), turned into the whole
 percentages Istio's `weight` field takes. Rounding never gives the canary more than
 its exact share when production can take the remainder: ties go to production.
 """
@@ -17,10 +17,9 @@ from typing import Any
 
 import yaml
 
-from xds_server.config import POOL_NAMES, IstioConfig, MeshSpec, Service
-from xds_server.rollout import decide as sm
-from xds_server.rollout.decide import RolloutState
-from xds_server.traffic import PRODUCTION_ONLY, WEIGHT_TOTAL, Split
+from xds_server.rollout.state import RolloutState, service_split
+from xds_server.spec import POOL_NAMES, IstioConfig, MeshSpec, Service
+from xds_server.traffic import WEIGHT_TOTAL, Split
 
 GROUP = "networking.istio.io"
 VERSION = "v1"
@@ -40,25 +39,6 @@ def owner_labels(cfg: IstioConfig) -> dict[str, str]:
     """Who made an object: xds-server, and which instance of it (`istio.instance`). The
     istio output mode deletes only objects carrying these (and its region's label)."""
     return {**MANAGED_BY, f"{LABEL_PREFIX}instance": cfg.instance}
-
-
-def current_rollouts(spec: MeshSpec, stored: Iterable[RolloutState]) -> dict[str, RolloutState]:
-    """The stored rollout of each service's *current* canary version (as restore does)."""
-    by_key = {(s.service, s.canary_version): s for s in stored}
-    out: dict[str, RolloutState] = {}
-    for svc in spec.services:
-        canary = svc.pools.get("canary")
-        if canary is not None and (state := by_key.get((svc.name, canary.version))):
-            out[svc.name] = state
-    return out
-
-
-def split_for(svc: Service, region: str, rollout: RolloutState | None) -> Split:
-    """The split xDS carries for this service and region, given its rollout (if any)."""
-    rs = rollout.regions.get(region) if rollout else None
-    if rollout is None or rs is None:
-        return PRODUCTION_ONLY
-    return sm.split_of(svc.rollout, rs, "baseline" in svc.pools).within(svc)
 
 
 def percent_weights(split: Split, pools: Sequence[str]) -> dict[str, int]:
@@ -131,7 +111,7 @@ def _metadata(
     rs = rollout.regions.get(region) if rollout else None
     if rollout is not None and rs is not None:
         labels[f"{LABEL_PREFIX}canary-version"] = rollout.canary_version
-        labels[f"{LABEL_PREFIX}phase"] = rs.phase
+        labels[f"{LABEL_PREFIX}phase"] = str(rs.phase)
         step = ""
         if 0 <= rs.step < len(svc.rollout.steps):
             step = f" ({svc.rollout.steps[rs.step]:g}%)"
@@ -155,7 +135,7 @@ def _metadata(
 def destination_rule(
     svc: Service, region: str, rollout: RolloutState | None, cfg: IstioConfig
 ) -> dict[str, Any]:
-    split = split_for(svc, region, rollout)
+    split = service_split(svc, region, rollout).within(svc)
     subsets = []
     for pool in svc.pools.values():
         labels = {cfg.version_label: pool.version}
@@ -173,7 +153,7 @@ def destination_rule(
 def virtual_service(
     svc: Service, region: str, rollout: RolloutState | None, cfg: IstioConfig
 ) -> dict[str, Any]:
-    split = split_for(svc, region, rollout)
+    split = service_split(svc, region, rollout).within(svc)
     host = cfg.host(svc.name)
     weights = percent_weights(split, svc.pool_names())
     route = [

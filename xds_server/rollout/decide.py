@@ -1,14 +1,10 @@
-"""The rollout state machine and the decision function. Pure: no I/O, no clock.
+"""The decision function: what one interval's observations mean for a rollout. Pure: no
+I/O, no clock.
 
-Per region:   pending -> [warming] -> progressing(step i) -> promoted | rolled_back | paused
-Per rollout:  progressing | paused | promoted | rolled_back
-
-Warming is step -1: the canary and baseline pools get no weight until they are healthy
-and the warm-up webhooks have passed; then, if the plan has shadow traffic, Envoy mirrors
-a share of production's requests to them and that shadow traffic is judged like a step.
-
-`decide(plan, state, observations, now)` returns the next state and the transitions
-that lead there, each with a reason. Rules it keeps, whatever it observes:
+`decide(plan, state, observations, now)` reads like its rules: each observed region
+yields one `RegionEvent` (its next state, and whether it asks to record a check, to
+pause or to roll back), then the events fold in the order rollback > pause > advance.
+Rules it keeps, whatever it observes:
 - no promotion without evidence: a step passes only after a full `step_duration` of
   passing checks, counted from when the region's Envoys applied the step;
 - any region failing rolls back every region, at once, whatever else is going on
@@ -16,12 +12,17 @@ that lead there, each with a reason. Rules it keeps, whatever it observes:
 - a region that is still waiting for its Envoys to apply a step is not judged;
 - a failure of the statistical analysis is conclusive (its sequential test already
   weighed every look): it rolls back at once, without waiting for a second failure.
+
+Warming is step -1: the canary and baseline pools get no weight until they are healthy
+and the warm-up webhooks have passed; then, if the plan has shadow traffic, Envoy mirrors
+a share of production's requests to them and that shadow traffic is judged like a step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 
 from xds_server.rollout.judge import (
     FAIL,
@@ -33,59 +34,30 @@ from xds_server.rollout.judge import (
     Verdict,
     judge,
 )
-from xds_server.rollout.plan import RolloutPlan, split_for
-from xds_server.traffic import PRODUCTION_ONLY, WEIGHT_TOTAL, Split
-
-PENDING = "pending"
-WARMING = "warming"
-PROGRESSING = "progressing"
-PAUSED = "paused"
-PROMOTED = "promoted"
-ROLLED_BACK = "rolled_back"
-LIVE = frozenset({WARMING, PROGRESSING, PAUSED})
-WARMUP_STEP = -1
-FINISHED = frozenset({PROMOTED, ROLLED_BACK})
-
-
-@dataclass(frozen=True)
-class RegionState:
-    phase: str = PENDING
-    step: int = -1
-    step_started: float | None = None
-    """When every Envoy of the region had applied this step: the step's clock."""
-    step_passed: bool = False
-    failures: int = 0
-    """Consecutive failed checks in this step."""
-    hold_since: float | None = None
-    """When the current run of checks without evidence began."""
-    reason: str = ""
-    manual_canary: float | None = None
-    """Canary percent set by hand (the rollout is paused meanwhile); None: by the plan."""
-    manual_baseline: float | None = None
-    shadowing: bool = False
-    """Warm-up: pools are healthy and the hooks passed; shadow traffic is being judged."""
+from xds_server.rollout.state import (
+    FINISHED,
+    LIVE,
+    PAUSED,
+    PENDING,
+    PROGRESSING,
+    PROMOTED,
+    ROLLED_BACK,
+    WARMING,
+    WARMUP_STEP,
+    Phase,
+    RegionState,
+    RolloutState,
+    step_label,
+)
+from xds_server.spec import OnMaxHold, RolloutPlan
+from xds_server.traffic import Split
 
 
-def step_label(plan: RolloutPlan, step: int) -> str:
-    if step == WARMUP_STEP:
-        return "warm-up"
-    return f"step {step} ({plan.steps[step]:g}%)"
-
-
-def _warming(rs: RegionState) -> bool:
-    return rs.step == WARMUP_STEP and rs.phase in LIVE
-
-
-@dataclass(frozen=True)
-class RolloutState:
-    service: str
-    canary_version: str
-    phase: str
-    regions: Mapping[str, RegionState]
-    started_at: float
-    updated_at: float
-    wave: int = 0
-    reason: str = ""
+class EntryKind(StrEnum):
+    TRANSITION = "transition"
+    """A change of phase or step."""
+    CHECK = "check"
+    """A judgement (or a warm-up note) that changed no phase or step."""
 
 
 @dataclass(frozen=True)
@@ -110,14 +82,13 @@ class Observation:
 class Transition:
     region: str | None
     """None for a change of the whole rollout."""
-    phase_from: str
-    phase_to: str
+    phase_from: Phase
+    phase_to: Phase
     step_from: int
     step_to: int
     reason: str
     verdict: Verdict | None = None
-    kind: str = "transition"
-    """"transition", or "check" for a judgement that changed no phase or step."""
+    kind: EntryKind = EntryKind.TRANSITION
 
 
 @dataclass(frozen=True)
@@ -126,6 +97,28 @@ class Decision:
     transitions: tuple[Transition, ...] = ()
     rollback: bool = False
     observations: Mapping[str, Observation] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RegionEvent:
+    """What one region's observation means: its next state, and what it asks for."""
+
+    region: RegionState
+    check: str = ""
+    """A judgement or warm-up note to record (a check entry); "" for none."""
+    pause: str = ""
+    """Why the rollout must pause; "" for no pause."""
+    rollback: str = ""
+    """Why every region must roll back; "" for no rollback."""
+    verdict: Verdict | None = None
+
+
+class _Progress(StrEnum):
+    FAILED = "failed"
+    HOLD = "hold"
+    MAX_HOLD = "max_hold"
+    PASSING = "passing"
+    PASSED = "passed"
 
 
 def start(
@@ -167,109 +160,68 @@ def _first_state(plan: RolloutPlan, why: str) -> RegionState:
     return RegionState(PROGRESSING, 0, reason=why)
 
 
-def split_of(plan: RolloutPlan, region: RegionState, has_baseline: bool) -> Split:
-    """The weights a region gets in a given state: derived, never stored."""
-    if region.manual_canary is not None and region.phase in LIVE:
-        return Split.from_percent(
-            {"canary": region.manual_canary, "baseline": region.manual_baseline or 0.0}
-        )
-    if _warming(region):
-        # Paused in shadow keeps mirroring, as a paused step keeps its weights: the hold
-        # clock runs on, and shadow traffic is the only evidence a warming region has.
-        if region.shadowing:
-            return Split(shadow=round(plan.warmup.shadow_percent * WEIGHT_TOTAL / 100))
-        return PRODUCTION_ONLY
-    if region.phase in LIVE:
-        return split_for(plan.steps[region.step], has_baseline)
-    if region.phase == PROMOTED:
-        return split_for(100, has_baseline)
-    return PRODUCTION_ONLY
-
-
 def decide(
     plan: RolloutPlan, state: RolloutState, observations: Mapping[str, Observation], now: float
 ) -> Decision:
     if state.phase not in LIVE:
         return Decision(state, observations=observations)
+    events = {
+        name: region_event(plan, name, state.regions[name], obs, now, len(state.regions))
+        for name, obs in observations.items()
+        if name in state.regions and state.regions[name].phase in LIVE
+    }
+    return fold(plan, state, events, observations, now)
+
+
+def region_event(
+    plan: RolloutPlan, name: str, rs: RegionState, obs: Observation, now: float, regions: int
+) -> RegionEvent:
+    """One live region's observation -> its event. `regions`: how many the rollout has
+    (they share each metric's false-alarm level)."""
+    if obs.apply_error:
+        why = f"{name}: {step_label(plan, rs.step)} not applied by the data plane: "
+        return RegionEvent(rs, rollback=why + obs.apply_error)
+    if rs.warming and not rs.shadowing:
+        return RegionEvent(rs) if rs.step_passed else _warm_up(plan, name, rs, obs, now)
+    if obs.applied_at is None:
+        return RegionEvent(rs)  # the data plane has not applied the step yet: not judged
+    rs = replace(rs, step_started=rs.step_started or obs.applied_at)
+    if obs.canary is None:
+        return RegionEvent(rs)
+    return _judged(plan, name, rs, obs.canary, obs.step, now, regions)
+
+
+def fold(
+    plan: RolloutPlan,
+    state: RolloutState,
+    events: Mapping[str, RegionEvent],
+    observations: Mapping[str, Observation],
+    now: float,
+) -> Decision:
+    """The regions' events -> one decision: any rollback wins, then a pause, then advance."""
+    for name, ev in events.items():
+        if ev.rollback:
+            region = name if ev.verdict is not None else None
+            return _rollback(state, now, ev.rollback, observations, ev.verdict, region)
     regions = dict(state.regions)
     transitions: list[Transition] = []
-    pause_why: str | None = None
-    for name, obs in observations.items():
-        rs = regions.get(name)
-        if rs is None or rs.phase not in LIVE:
-            continue
-        step_desc = step_label(plan, rs.step)
-        if obs.apply_error:
-            return _rollback(
-                state,
-                now,
-                f"{name}: {step_desc} not applied by the data plane: {obs.apply_error}",
-                observations,
-            )
-        if _warming(rs) and not rs.shadowing:
-            if rs.step_passed:
-                continue  # waiting for the rest of its wave
-            rs, note = _warm_up(plan, rs, obs, now)
-            regions[name] = rs
-            if note.startswith("blocked"):
-                pause_why = pause_why or f"{name}: {note}"
-                continue
-            if note.startswith("max_hold"):
-                waiting = note.removeprefix("max_hold: ")
-                why = f"{name}: warm-up not done within {plan.max_hold:g}s: {waiting}"
-                if plan.on_max_hold == "rollback":
-                    return _rollback(state, now, why, observations)
-                pause_why = pause_why or why
-                continue
-            if note:
-                transitions.append(
-                    Transition(name, rs.phase, rs.phase, rs.step, rs.step, note, kind="check")
+    pause_why = ""
+    for name, ev in events.items():
+        regions[name] = rs = ev.region
+        if ev.check:
+            transitions.append(
+                Transition(
+                    name,
+                    rs.phase,
+                    rs.phase,
+                    rs.step,
+                    rs.step,
+                    ev.check,
+                    ev.verdict,
+                    EntryKind.CHECK,
                 )
-            continue
-        if obs.applied_at is None:
-            continue
-        rs = replace(rs, step_started=rs.step_started or obs.applied_at)
-        if obs.canary is None:
-            regions[name] = rs
-            continue
-        expired = rs.hold_since is not None and now - rs.hold_since >= plan.max_hold
-        verdict = judge(plan, obs.canary, obs.step, expired, len(state.regions))
-        rs, note = _apply_verdict(plan, rs, verdict, now)
-        regions[name] = rs
-        if verdict.outcome == FAIL and (
-            verdict.conclusive or rs.failures >= plan.failures_before_rollback
-        ):
-            return _rollback(
-                state,
-                now,
-                f"{name}: {step_desc}: {verdict.reason}",
-                observations,
-                verdict=verdict,
-                region=name,
             )
-        if note == "max_hold":
-            why = f"{name}: {step_desc}: no evidence for {plan.max_hold:g}s: {verdict.reason}"
-            if plan.on_max_hold == "rollback" and not verdict.pause_requested:
-                return _rollback(state, now, why, observations, verdict=verdict, region=name)
-            pause_why = pause_why or why
-        transitions.append(
-            Transition(
-                name,
-                rs.phase,
-                rs.phase,
-                rs.step,
-                rs.step,
-                f"{step_desc}: {verdict.outcome}: {verdict.reason}"
-                + (
-                    f" (failure {rs.failures} of {plan.failures_before_rollback})"
-                    if verdict.outcome == FAIL
-                    else ""
-                )
-                + (" -- step passed" if note == "passed" else ""),
-                verdict,
-                kind="check",
-            )
-        )
+        pause_why = pause_why or ev.pause
     state = replace(state, regions=regions, updated_at=now)
     # A pause waits until every region was judged: a failure elsewhere still rolls back.
     if pause_why and state.phase != PAUSED:
@@ -282,23 +234,58 @@ def decide(
     return Decision(state, tuple(transitions), observations=observations)
 
 
+def _judged(
+    plan: RolloutPlan,
+    name: str,
+    rs: RegionState,
+    canary: Measurement,
+    step: Comparison | None,
+    now: float,
+    regions: int,
+) -> RegionEvent:
+    expired = rs.hold_since is not None and now - rs.hold_since >= plan.max_hold
+    verdict = judge(plan, canary, step, expired, regions)
+    rs, progress = _apply_verdict(plan, rs, verdict, now)
+    where = step_label(plan, rs.step)
+    if verdict.outcome == FAIL and (
+        verdict.conclusive or rs.failures >= plan.failures_before_rollback
+    ):
+        return RegionEvent(rs, rollback=f"{name}: {where}: {verdict.reason}", verdict=verdict)
+    check = f"{where}: {verdict.outcome}: {verdict.reason}"
+    if verdict.outcome == FAIL:
+        check += f" (failure {rs.failures} of {plan.failures_before_rollback})"
+    if progress == _Progress.PASSED:
+        check += " -- step passed"
+    if progress != _Progress.MAX_HOLD:
+        return RegionEvent(rs, check=check, verdict=verdict)
+    why = f"{name}: {where}: no evidence for {plan.max_hold:g}s: {verdict.reason}"
+    if plan.on_max_hold == OnMaxHold.ROLLBACK and not verdict.pause_requested:
+        return RegionEvent(rs, rollback=why, verdict=verdict)
+    return RegionEvent(rs, check=check, pause=why, verdict=verdict)
+
+
 def _warm_up(
-    plan: RolloutPlan, rs: RegionState, obs: Observation, now: float
-) -> tuple[RegionState, str]:
+    plan: RolloutPlan, name: str, rs: RegionState, obs: Observation, now: float
+) -> RegionEvent:
     """Before shadow traffic: wait for healthy pools and passed webhooks."""
     if obs.warmup_error:
-        return replace(rs, reason=obs.warmup_error), f"blocked: {obs.warmup_error}"
+        return RegionEvent(
+            replace(rs, reason=obs.warmup_error), pause=f"{name}: blocked: {obs.warmup_error}"
+        )
     if rs.phase == PAUSED:
-        return rs, ""
+        return RegionEvent(rs)
     if obs.warmup_pending:
         waiting = "; ".join(obs.warmup_pending)
         since = rs.hold_since if rs.hold_since is not None else now
         old = rs.reason
         rs = replace(rs, hold_since=since, reason=f"warming up: {waiting}")
         if now - since >= plan.max_hold:
-            return rs, f"max_hold: {waiting}"
+            why = f"{name}: warm-up not done within {plan.max_hold:g}s: {waiting}"
+            if plan.on_max_hold == OnMaxHold.ROLLBACK:
+                return RegionEvent(rs, rollback=why)
+            return RegionEvent(rs, pause=why)
         # Recorded when what it waits for changes, not every interval.
-        return rs, f"warm-up: waiting: {waiting}" if rs.reason != old else ""
+        return RegionEvent(rs, check=f"warm-up: waiting: {waiting}" if rs.reason != old else "")
     if plan.warmup.shadow_duration > 0:
         rs = replace(
             rs,
@@ -307,30 +294,31 @@ def _warm_up(
             step_started=None,
             reason="pools healthy, webhooks passed: judging shadow traffic",
         )
-        return rs, (
-            f"warm-up: pools ready: mirroring {plan.warmup.shadow_percent:g}% of requests "
-            f"for {plan.warmup.shadow_duration:g}s"
+        return RegionEvent(
+            rs,
+            check=f"warm-up: pools ready: mirroring {plan.warmup.shadow_percent:g}% of "
+            f"requests for {plan.warmup.shadow_duration:g}s",
         )
     rs = replace(rs, hold_since=None, step_passed=True, reason="pools healthy, webhooks passed")
-    return rs, "warm-up passed: pools healthy, webhooks passed -- step passed"
+    return RegionEvent(rs, check="warm-up passed: pools healthy, webhooks passed -- step passed")
 
 
 def _apply_verdict(
     plan: RolloutPlan, rs: RegionState, verdict: Verdict, now: float
-) -> tuple[RegionState, str]:
+) -> tuple[RegionState, _Progress]:
     if verdict.outcome == FAIL:
-        return replace(rs, failures=rs.failures + 1, hold_since=None), "failed"
+        return replace(rs, failures=rs.failures + 1, hold_since=None), _Progress.FAILED
     if verdict.outcome in (NO_DATA, MARGINAL):
         since = rs.hold_since if rs.hold_since is not None else now
         rs = replace(rs, hold_since=since)
-        return rs, "max_hold" if now - since >= plan.max_hold else "hold"
+        return rs, _Progress.MAX_HOLD if now - since >= plan.max_hold else _Progress.HOLD
     assert verdict.outcome == PASS
     rs = replace(rs, failures=0, hold_since=None)
     assert rs.step_started is not None
     duration = plan.warmup.shadow_duration if rs.step == WARMUP_STEP else plan.step_duration
     if not rs.step_passed and now - rs.step_started >= duration:
-        return replace(rs, step_passed=True, reason="step passed"), "passed"
-    return rs, "pass"
+        return replace(rs, step_passed=True, reason="step passed"), _Progress.PASSED
+    return rs, _Progress.PASSING
 
 
 def _advance(
@@ -532,7 +520,7 @@ def set_weights(
     if unknown:
         raise KeyError(f"unknown region(s): {', '.join(unknown)}")
     Split.from_percent({"canary": canary, "baseline": baseline})  # raises WeightError
-    warming = [r for r in regions or tuple(state.regions) if _warming(state.regions[r])]
+    warming = [r for r in regions or tuple(state.regions) if state.regions[r].warming]
     if warming:
         # Real traffic there would go unjudged: warm-up judges shadow traffic only.
         raise ValueError(

@@ -19,23 +19,33 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import Any
 
 from xds_server.rollout import stats
-from xds_server.rollout.plan import (
-    DECREASE,
-    ERRORS,
-    INCREASE,
-    NO_DATA_FAIL,
-    NO_DATA_PASS,
-    NO_DATA_PAUSE,
-    TAIL,
-    MetricSpec,
-    RolloutPlan,
-)
+from xds_server.spec import Direction, MetricKind, MetricSpec, NoDataRule, RolloutPlan
 
-PASS, FAIL, NO_DATA, MARGINAL = "pass", "fail", "no_data", "marginal"
-HIGH, LOW = "high", "low"
+
+class Outcome(StrEnum):
+    """A verdict on one region's canary."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    NO_DATA = "no_data"
+    MARGINAL = "marginal"
+
+
+class MetricClass(StrEnum):
+    """How one analysis metric came out (Kayenta's classes)."""
+
+    PASS = "pass"
+    HIGH = "high"
+    LOW = "low"
+    NO_DATA = "no_data"
+
+
+PASS, FAIL, NO_DATA, MARGINAL = Outcome.PASS, Outcome.FAIL, Outcome.NO_DATA, Outcome.MARGINAL
+HIGH, LOW = MetricClass.HIGH, MetricClass.LOW
 
 
 @dataclass(frozen=True)
@@ -92,14 +102,13 @@ class Check:
 @dataclass(frozen=True)
 class MetricResult:
     name: str
-    classification: str
-    """pass, high, low or no_data."""
+    classification: MetricClass
     effect: float | None
     p_value: float | None
     detail: str
     group: str
     critical: bool
-    on_no_data: str
+    on_no_data: NoDataRule
     alpha: float = 0.0
     """The p-value at or below which this metric is a regression (its share of the
     false-alarm level)."""
@@ -110,7 +119,7 @@ class MetricResult:
 
 @dataclass(frozen=True)
 class Verdict:
-    outcome: str
+    outcome: Outcome
     reason: str
     checks: tuple[Check, ...] = ()
     metrics: tuple[MetricResult, ...] = ()
@@ -126,7 +135,8 @@ class Verdict:
         """A metric without data whose rule for that is to pause (the state machine asks
         only once the hold has reached max_hold)."""
         return any(
-            m.classification == NO_DATA and m.on_no_data == NO_DATA_PAUSE for m in self.metrics
+            m.classification == MetricClass.NO_DATA and m.on_no_data == NoDataRule.PAUSE
+            for m in self.metrics
         )
 
 
@@ -147,7 +157,11 @@ def judge(
     failed = [c for c in checks if not c.ok]
     bad = [m for m in metrics if m.classification in (HIGH, LOW)]
     if hold_expired:
-        bad += [m for m in metrics if m.classification == NO_DATA and m.on_no_data == NO_DATA_FAIL]
+        bad += [
+            m
+            for m in metrics
+            if m.classification == MetricClass.NO_DATA and m.on_no_data == NoDataRule.FAIL
+        ]
     scored = f"score {score:.0f}" if score is not None else "no score"
     # Fail on the score only when the metrics still waiting for data could not lift it.
     if critical_failed or (best is not None and best < plan.analysis.marginal_score):
@@ -158,7 +172,8 @@ def judge(
     holding = [
         m
         for m in metrics
-        if m.classification == NO_DATA and not (hold_expired and m.on_no_data == NO_DATA_PASS)
+        if m.classification == MetricClass.NO_DATA
+        and not (hold_expired and m.on_no_data == NoDataRule.PASS)
     ]
     if guard_gap or holding:
         why = guard_gap or "; ".join(_describe(m) for m in holding)
@@ -204,19 +219,25 @@ def _metric(m: MetricSpec, cmp: Comparison, tests: int) -> MetricResult:
     assert b is not None
     alpha = (1 - m.confidence) / tests
 
-    def result(cls: str, effect: float | None, p: float | None, detail: str) -> MetricResult:
+    def result(
+        cls: MetricClass, effect: float | None, p: float | None, detail: str
+    ) -> MetricResult:
         return MetricResult(
             m.name, cls, effect, p, detail, m.group, m.critical, m.on_no_data, alpha
         )
 
     for who, meas in (("canary", c), (cmp.comparator_pool, b)):
         if meas.problem:
-            return result(NO_DATA, None, None, f"{who} metrics unavailable: {meas.problem}")
-    up, down = m.direction in (INCREASE, "either"), m.direction in (DECREASE, "either")
-    if m.kind == ERRORS:
+            return result(
+                MetricClass.NO_DATA, None, None, f"{who} metrics unavailable: {meas.problem}"
+            )
+    up, down = _directions(m)
+    if m.kind == MetricKind.ERRORS:
         nc, nb = _num(c.requests) or 0.0, _num(b.requests) or 0.0
         if nc < 1 or nb < 1:
-            return result(NO_DATA, None, None, f"requests: canary {nc:.0f}, comparator {nb:.0f}")
+            return result(
+                MetricClass.NO_DATA, None, None, f"requests: canary {nc:.0f}, comparator {nb:.0f}"
+            )
         ec, eb = _num(c.errors) or 0.0, _num(b.errors) or 0.0
         t = stats.error_ratio_test(ec, nc, eb, nb, m.allowed_change, m.confidence, up, down, alpha)
         counts = f"canary {ec:.0f}/{nc:.0f}, {cmp.comparator_pool} {eb:.0f}/{nb:.0f}"
@@ -227,20 +248,20 @@ def _metric(m: MetricSpec, cmp: Comparison, tests: int) -> MetricResult:
             t.canary_rate_upper is not None and t.canary_rate_upper <= m.ignore_below
         )
         if enough or (down and not up):
-            return result(PASS, t.effect, t.p_value, counts)
+            return result(MetricClass.PASS, t.effect, t.p_value, counts)
         return result(
-            NO_DATA,
+            MetricClass.NO_DATA,
             t.effect,
             t.p_value,
             f"{counts}: too few to rule out a {m.detect_change:g}x error rate",
         )
     cb, bb = c.latency_buckets or (), b.latency_buckets or ()
-    if m.kind == TAIL:
+    if m.kind == MetricKind.TAIL:
         return _tail(m, cmp.comparator_pool, cb, bb, alpha, result)
     n1, n2 = (sum(stats.bucket_counts(x)[1]) for x in (cb, bb))
     if n1 < m.min_requests or n2 < m.min_requests:
         return result(
-            NO_DATA,
+            MetricClass.NO_DATA,
             None,
             None,
             f"latency samples: canary {n1:.0f}, {cmp.comparator_pool} {n2:.0f} "
@@ -250,7 +271,7 @@ def _metric(m: MetricSpec, cmp: Comparison, tests: int) -> MetricResult:
     detail = f"p{m.quantile * 100:g} ratio over {n1:.0f}/{n2:.0f} samples"
     if t.significant:
         return result(HIGH if t.higher else LOW, t.effect, t.p_value, detail)
-    return result(PASS, t.effect, t.p_value, detail)
+    return result(MetricClass.PASS, t.effect, t.p_value, detail)
 
 
 def _tail(
@@ -259,27 +280,29 @@ def _tail(
     cb: stats.Buckets,
     bb: stats.Buckets,
     alpha: float,
-    result: Callable[[str, float | None, float | None, str], MetricResult],
+    result: Callable[[MetricClass, float | None, float | None, str], MetricResult],
 ) -> MetricResult:
     """The share of slow requests (beyond the joint quantile), compared like errors."""
     bound, slow_c, n1, slow_b, n2 = stats.tail_counts(cb, bb, m.quantile)
     if n1 < m.min_requests or n2 < m.min_requests:
         return result(
-            NO_DATA,
+            MetricClass.NO_DATA,
             None,
             None,
             f"latency samples: canary {n1:.0f}, {pool} {n2:.0f} (need {m.min_requests} each)",
         )
     if math.isinf(bound):
-        return result(NO_DATA, None, None, f"no finite bucket holds p{m.quantile * 100:g}")
-    up, down = m.direction in (INCREASE, "either"), m.direction in (DECREASE, "either")
+        return result(
+            MetricClass.NO_DATA, None, None, f"no finite bucket holds p{m.quantile * 100:g}"
+        )
+    up, down = _directions(m)
     t = stats.error_ratio_test(
         slow_c, n1, slow_b, n2, m.allowed_change, m.confidence, up, down, alpha
     )
     detail = f"slower than {bound:g} ms: canary {slow_c:.0f}/{n1:.0f}, {pool} {slow_b:.0f}/{n2:.0f}"
     if t.significant:
         return result(HIGH if (t.effect or 1.0) > 1 else LOW, t.effect, t.p_value, detail)
-    return result(PASS, t.effect, t.p_value, detail)
+    return result(MetricClass.PASS, t.effect, t.p_value, detail)
 
 
 def _score(
@@ -300,13 +323,15 @@ def _score(
     best: dict[str, list[bool]] = {}
     critical_failed = False
     for m in metrics:
-        if m.classification == NO_DATA and (not hold_expired or m.on_no_data == NO_DATA_PAUSE):
+        if m.classification == MetricClass.NO_DATA and (
+            not hold_expired or m.on_no_data == NoDataRule.PAUSE
+        ):
             best.setdefault(m.group, []).append(True)
             continue
-        if m.classification == NO_DATA:
-            ok = m.on_no_data == NO_DATA_PASS
+        if m.classification == MetricClass.NO_DATA:
+            ok = m.on_no_data == NoDataRule.PASS
         else:
-            ok = m.classification == PASS
+            ok = m.classification == MetricClass.PASS
         critical_failed |= m.critical and not ok
         known.setdefault(m.group, []).append(ok)
         best.setdefault(m.group, []).append(ok)
@@ -318,10 +343,18 @@ def _score(
 def _describe(m: MetricResult) -> str:
     effect = f" x{m.effect:.3g}" if m.effect is not None else ""
     p = ""
-    if m.p_value is not None and m.classification != NO_DATA:
+    if m.p_value is not None and m.classification != MetricClass.NO_DATA:
         p = f", p={m.p_value:.2g} (alpha {m.alpha:.2g})"
     return f"{m.name} {m.classification}{effect}{p} ({m.detail})"
 
 
 def _num(v: float | None) -> float | None:
     return None if v is None or math.isnan(v) or math.isinf(v) else float(v)
+
+
+def _directions(m: MetricSpec) -> tuple[bool, bool]:
+    """(is an increase bad, is a decrease bad)."""
+    return (
+        m.direction in (Direction.INCREASE, Direction.EITHER),
+        m.direction in (Direction.DECREASE, Direction.EITHER),
+    )

@@ -19,8 +19,8 @@ from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
 from xds_server.rollout.judge import Measurement
-from xds_server.rollout.plan import LATENCY, TAIL, RolloutPlan
 from xds_server.rollout.stats import Buckets
+from xds_server.spec import RolloutPlan
 
 
 class QueryError(Exception):
@@ -36,6 +36,9 @@ def window_text(seconds: float) -> str:
 
 @dataclass
 class PrometheusSource:
+    """The `MetricSource` on a Prometheus server. The HTTP client is synchronous, so each
+    query runs in a worker thread, off the controller's loop."""
+
     url: str
     timeout: float = 2.0
 
@@ -127,7 +130,17 @@ class PrometheusSource:
             lambda: self.measure_sync(plan, region, cluster, window_s, p99=p99, buckets=buckets)
         )
 
-    def pool_health(self, plan: RolloutPlan, region: str, cluster: str) -> tuple[float, float]:
+    async def pool_health(
+        self, plan: RolloutPlan, region: str, cluster: str
+    ) -> tuple[float, float]:
+        return await asyncio.to_thread(self.pool_health_sync, plan, region, cluster)
+
+    async def check_queries(
+        self, plan: RolloutPlan, region: str, cluster: str, serving: str | None = None
+    ) -> list[str]:
+        return await asyncio.to_thread(self.check_queries_sync, plan, region, cluster, serving)
+
+    def pool_health_sync(self, plan: RolloutPlan, region: str, cluster: str) -> tuple[float, float]:
         """(hosts, healthy hosts) summed over the region's Envoys, as the Envoys see them."""
         client = self._client()
         total, healthy = (
@@ -136,7 +149,7 @@ class PrometheusSource:
         )
         return total or 0.0, healthy or 0.0
 
-    def check_queries(
+    def check_queries_sync(
         self, plan: RolloutPlan, region: str, cluster: str, serving: str | None = None
     ) -> list[str]:
         """Run every template once; return the problems that make the rollout unjudgeable.
@@ -167,7 +180,7 @@ class PrometheusSource:
                 return problems  # no traffic to tell from: nothing more to check
             # "errors" is legitimately empty until the first error; the rest must answer.
             needed = ["p99_ms", "hosts", "healthy_hosts"]
-            if any(m.kind in (LATENCY, TAIL) for m in plan.analysis.metrics):
+            if plan.needs_latency_buckets:
                 needed.append("latency_buckets")
             for key in needed:
                 if run(key) is None:

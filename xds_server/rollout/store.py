@@ -1,4 +1,4 @@
-"""Rollout state and the append-only audit log, in SQLite under `--state-dir`.
+"""The SQLite `StateStore`: rollout state and the append-only audit log, under `--state-dir`.
 
 A decision is committed here (fsync'd: synchronous=FULL) before its weights are pushed,
 so a server killed at any moment restarts at the step it had announced, never earlier.
@@ -10,13 +10,17 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-import time
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import astuple, fields
 from pathlib import Path
 from typing import Any
 
-from xds_server.rollout.decide import RegionState, RolloutState, Transition
+from xds_server.rollout.audit import AuditEntry
+from xds_server.rollout.state import RolloutState, state_from_json, state_to_json
+
+FILE_NAME = "rollouts.sqlite3"
+_JSON_COLUMNS = ("weights_before", "weights_after", "measurements", "verdict")
+_COLUMNS = tuple(f.name for f in fields(AuditEntry) if f.name != "id")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -52,29 +56,19 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 """
 
 
-@dataclass(frozen=True)
-class AuditEntry:
-    id: int
-    time: float
-    service: str
-    canary_version: str
-    region: str | None
-    kind: str
-    step: int | None
-    phase_from: str | None
-    phase_to: str | None
-    weights_before: dict[str, Any] | None
-    weights_after: dict[str, Any] | None
-    measurements: dict[str, Any] | None
-    verdict: dict[str, Any] | None
-    reason: str
-    snapshot_version: int | None
-    actor: str
+class StoreUnreadable(Exception):
+    """A state directory whose store cannot be read; the message says which and why."""
 
 
 class Store:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = Path(path)
+        if read_only:
+            # A running server may own it: reading must never change it.
+            self.db = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False
+            )
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -83,7 +77,20 @@ class Store:
 
     @classmethod
     def in_dir(cls, state_dir: str | Path) -> Store:
-        return cls(Path(state_dir) / "rollouts.sqlite3")
+        return cls(Path(state_dir) / FILE_NAME)
+
+    @classmethod
+    def read_only(cls, state_dir: str | Path) -> Store:
+        """Open an existing state dir's store for reading; StoreUnreadable if it cannot."""
+        path = Path(state_dir) / FILE_NAME
+        if not path.is_file():
+            raise StoreUnreadable(f"{path} does not exist (is it serve's --state-dir?)")
+        try:
+            store = cls(path, read_only=True)
+            store.db.execute("SELECT 1 FROM rollouts LIMIT 1").fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnreadable(f"cannot read {path}: {exc}") from None
+        return store
 
     def close(self) -> None:
         self.db.close()
@@ -100,7 +107,7 @@ class Store:
         ).fetchone()
         return state_from_json(row[0]) if row else None
 
-    def record(self, state: RolloutState, entries: Iterable[dict[str, Any]]) -> None:
+    def record(self, state: RolloutState, entries: Sequence[AuditEntry]) -> None:
         """Save the state and its audit entries in one transaction."""
         with self._transaction():
             self.db.execute(
@@ -110,27 +117,13 @@ class Store:
                 (state.service, state.canary_version, state_to_json(state), state.updated_at),
             )
             for e in entries:
+                row = dict(zip(_COLUMNS, astuple(e)[: len(_COLUMNS)], strict=True))
+                for key in _JSON_COLUMNS:
+                    row[key] = _dump(row[key])
                 self.db.execute(
-                    "INSERT INTO audit (time, service, canary_version, region, kind, step, "
-                    "phase_from, phase_to, weights_before, weights_after, measurements, verdict, "
-                    "reason, snapshot_version, actor) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        e.get("time", time.time()),
-                        state.service,
-                        state.canary_version,
-                        e.get("region"),
-                        e.get("kind", "transition"),
-                        e.get("step"),
-                        e.get("phase_from"),
-                        e.get("phase_to"),
-                        _dump(e.get("weights_before")),
-                        _dump(e.get("weights_after")),
-                        _dump(e.get("measurements")),
-                        _dump(e.get("verdict")),
-                        e["reason"],
-                        e.get("snapshot_version"),
-                        e.get("actor", "controller"),
-                    ),
+                    f"INSERT INTO audit ({', '.join(_COLUMNS)}) "
+                    f"VALUES ({', '.join('?' * len(_COLUMNS))})",
+                    tuple(row.values()),
                 )
 
     @contextlib.contextmanager
@@ -187,58 +180,10 @@ class Store:
         out = []
         for row in cur.fetchall():
             rec = dict(zip(names, row, strict=True))
-            for key in ("weights_before", "weights_after", "measurements", "verdict"):
+            for key in _JSON_COLUMNS:
                 rec[key] = json.loads(rec[key]) if rec[key] else None
             out.append(AuditEntry(**rec))
         return out
-
-
-def state_to_json(state: RolloutState) -> str:
-    doc = asdict(state)
-    doc["regions"] = {r: asdict(s) for r, s in state.regions.items()}
-    return json.dumps(doc)
-
-
-def state_from_json(text: str) -> RolloutState:
-    doc = json.loads(text)
-    doc["regions"] = {r: RegionState(**s) for r, s in doc["regions"].items()}
-    return RolloutState(**doc)
-
-
-def transition_entry(
-    t: Transition,
-    now: float,
-    weights_before: Mapping[str, Any] | None,
-    weights_after: Mapping[str, Any] | None,
-    measurements: Mapping[str, Any] | None,
-    snapshot_version: int | None,
-    actor: str = "controller",
-) -> dict[str, Any]:
-    verdict = None
-    if t.verdict is not None:
-        verdict = {
-            "outcome": t.verdict.outcome,
-            "reason": t.verdict.reason,
-            "checks": [asdict(c) for c in t.verdict.checks],
-            "score": t.verdict.score,
-            "conclusive": t.verdict.conclusive,
-            "metrics": [m.as_dict() for m in t.verdict.metrics],
-        }
-    return {
-        "time": now,
-        "region": t.region,
-        "kind": t.kind,
-        "step": t.step_to,
-        "phase_from": t.phase_from,
-        "phase_to": t.phase_to,
-        "weights_before": weights_before,
-        "weights_after": weights_after,
-        "measurements": measurements,
-        "verdict": verdict,
-        "reason": t.reason,
-        "snapshot_version": snapshot_version,
-        "actor": actor,
-    }
 
 
 def _dump(value: Any) -> str | None:

@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import requests
 
-from xds_server.rollout.plan import Webhook
+from xds_server.spec import Service, Webhook
 
 if TYPE_CHECKING:
-    from xds_server.config import Service
-    from xds_server.rollout.decide import RolloutState
+    from xds_server.rollout.state import RolloutState
 
 
 def hook_context(svc: Service, state: RolloutState, region: str) -> dict[str, Any]:

@@ -15,7 +15,6 @@ change would never be repeated.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import sys
 from collections.abc import Mapping
@@ -24,7 +23,14 @@ from typing import Any
 
 from xds_server.xds.snapshot import ListenAddress, Snapshot, delta_response
 from xds_server.xds.status import NodeRegistry, NodeStatus
-from xds_server.xds.types import CLUSTER, ENDPOINT, ROUTE, SEND_ORDER, WILDCARD_TYPES, short
+from xds_server.xds.stream import (
+    next_nonce,
+    record_answer,
+    routes_ready,
+    stale,
+    unsupported,
+)
+from xds_server.xds.types import ROUTE, SEND_ORDER, WILDCARD_TYPES
 
 log = logging.getLogger("xds_server.delta")
 WILDCARD = "*"
@@ -56,8 +62,6 @@ class _DeltaType:
 
 
 class DeltaStream:
-    _nonces = itertools.count(1)
-
     def __init__(
         self, status: NodeStatus, registry: NodeRegistry, listen: ListenAddress | None = None
     ) -> None:
@@ -72,9 +76,7 @@ class DeltaStream:
         """Apply a request; True when it may have made something due (worth a `due`)."""
         ts = self.types.get(req.type_url)
         if ts is None:
-            log.debug(
-                "%s asked for unsupported type %s; ignored", self.status.node_id, req.type_url
-            )
+            unsupported(self.status, req.type_url)
             return False
         wake = False
         if not ts.subscribed:
@@ -100,23 +102,11 @@ class DeltaStream:
             ts.dirty = wake = True
         if not req.response_nonce:
             return wake
-        if req.response_nonce != ts.nonce:
-            log.debug(
-                "%s: stale nonce %s for %s (latest %s)",
-                self.status.node_id,
-                req.response_nonce,
-                short(req.type_url),
-                ts.nonce,
-            )
+        if stale(self.status, req, ts.nonce):
             return wake
         ts.in_flight = False
-        if req.HasField("error_detail"):
-            self.registry.record_nack(
-                self.status, req.type_url, ts.sent_version, req.error_detail.message
-            )
-        else:
+        if record_answer(self.registry, self.status, req, ts.sent_version, ts.sent_version):
             ts.acked_resources = ts.client_names or frozenset(ts.client)
-            self.registry.record_ack(self.status, req.type_url, ts.sent_version)
         return wake or self.held  # a plain ACK matters only if something waited for it
 
     def due(self, snap: Snapshot) -> list[bytes]:
@@ -129,7 +119,7 @@ class DeltaStream:
             version = snap.type_version(type_url)
             if ts.synced_to == version and not ts.dirty and not ts.answer_due:
                 continue
-            if ts.in_flight or (type_url == ROUTE and not self._clusters_ready(snap)):
+            if ts.in_flight or (type_url == ROUTE and not routes_ready(self.types, snap)):
                 self.held = True
                 continue
             items = snap.delta_items(type_url, self.listen)
@@ -155,7 +145,7 @@ class DeltaStream:
             else:
                 ts.client, ts.client_names = client, None
             removed = gone + missing
-            ts.nonce = str(next(self._nonces))
+            ts.nonce = next_nonce()
             ts.in_flight, ts.answer_due, ts.sent_version = True, False, version
             self.registry.record_sent(
                 self.status,
@@ -171,9 +161,3 @@ class DeltaStream:
                 )
             )
         return out
-
-    def _clusters_ready(self, snap: Snapshot) -> bool:
-        c, e = self.types[CLUSTER], self.types[ENDPOINT]
-        return snap.routes_ready(
-            c.acked_resources if c.subscribed else None, e.acked_resources if e.subscribed else None
-        )

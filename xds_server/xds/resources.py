@@ -22,8 +22,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, message, wrappers_pb2
 
-from xds_server.config import Endpoint, MeshSpec, Service
-from xds_server.rollout.plan import HealthCheck
+from xds_server.spec import Endpoint, HealthCheck, MeshSpec, Service
 from xds_server.traffic import Split, TrafficState
 from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 

@@ -19,3 +19,8 @@ BY_SHORT_NAME = {v: k for k, v in SHORT_NAMES.items()}
 
 def short(type_url: str) -> str:
     return SHORT_NAMES.get(type_url, type_url.rsplit(".", 1)[-1])
+
+
+LISTEN_METADATA_KEY = "xds_server.listen"
+"""Node metadata key naming the address the node's listener should bind to (bootstraps
+set it; the server builds that node's listener on it)."""

@@ -1,8 +1,8 @@
 """The `istio` output mode: apply each region's Istio objects to that region's cluster.
 
-Level-triggered and coalescing. The controller (through `update`) only records the
-newest desired objects per region and wakes that region's worker; it never waits for a
-cluster. Each region has its own asyncio worker and its own single thread for the
+Level-triggered and coalescing. The controller's sink (`IstioSink`, through `update`)
+only records the newest desired objects per region and wakes that region's worker; it
+never waits for a cluster. Each region has its own asyncio worker and its own single thread for the
 synchronous `kubernetes` client, so a slow or unreachable cluster delays nobody else:
 not the controller, not a rollback pushed over xDS, not the other regions' applies.
 A worker always applies the *latest* desired objects; a failed apply is retried with
@@ -31,9 +31,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from xds_server.config import IstioCluster, IstioConfig
 from xds_server.render.istio import (
     FIELD_MANAGER,
     GROUP,
@@ -43,10 +42,8 @@ from xds_server.render.istio import (
     owner_labels,
     region_objects,
 )
-
-if TYPE_CHECKING:
-    from xds_server.rollout.controller import RolloutController
-    from xds_server.server import Push
+from xds_server.rollout.ports import Committed
+from xds_server.spec import IstioCluster, IstioConfig
 
 log = logging.getLogger("xds_server.istio")
 
@@ -391,30 +388,24 @@ class IstioApplier:
             self._set(replace(self._status[region], prune_error=""), "")
 
 
-def follow_controller(applier: IstioApplier, controller: RolloutController) -> None:
-    """Feed the applier the objects the controller's state implies, after every decision
-    and every push (a spec reload changes objects without a decision).
+class IstioSink:
+    """The `TrafficSink` that feeds an applier the objects each committed view implies
+    (after every decision, and after a spec change, which can change objects without a
+    decision). The istio settings are the applier's (those the process started with);
+    the services, pools and rollouts are the view's."""
 
-    The istio settings are the applier's (those the process started with); the services,
-    pools and rollouts are the controller's current ones.
-    """
+    def __init__(self, applier: IstioApplier) -> None:
+        self.applier = applier
 
-    def refresh(regions: Sequence[str]) -> None:
-        spec = controller.spec
-        applier.update(
+    def follow(self, event: Committed) -> None:
+        spec = event.spec
+        self.applier.update(
             {
-                r: region_objects(spec, r, controller.rollouts, applier.config)
-                for r in regions
+                r: region_objects(spec, r, event.rollouts, self.applier.config)
+                for r in self.applier.clusters
                 if r in spec.regions
             }
         )
-
-    def on_push(push: Push) -> None:
-        refresh([push.region])
-
-    controller.subscribe(lambda _event: refresh(list(applier.clusters)))
-    controller.server.on_push(on_push)
-    refresh(list(applier.clusters))
 
 
 def _describe(cluster: Cluster) -> str:

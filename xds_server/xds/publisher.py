@@ -1,9 +1,10 @@
-"""The xDS server process: spec + traffic weights -> snapshots -> ADS streams.
+"""The xDS publisher: spec + traffic weights -> snapshots -> ADS streams.
 
-`XdsServer` owns the current spec and weights, rebuilds a region's snapshot when either
-changes, and publishes it to the cache. Changes that land within a few milliseconds of
-each other coalesce into one push; an urgent change (a rollback) is pushed at once.
-Its methods are called on the server's event loop.
+`XdsPublisher` serves the spec and weights it is given: it rebuilds a region's snapshot
+when either changes and publishes it to the cache, where the ADS streams pick it up.
+Changes that land within a few milliseconds of each other coalesce into one push; an
+urgent change (a rollback) is pushed at once. It is the `DataPlane` the rollout
+controller drives. Its methods are called on the server's event loop.
 """
 
 from __future__ import annotations
@@ -11,27 +12,23 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
-import signal
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import grpc
-from google.protobuf import message
 
-from xds_server.config import MeshSpec, SpecError, load_spec
+from xds_server.spec import MeshSpec
 from xds_server.traffic import Split, TrafficState, WeightError
-from xds_server.xds.ads import AdsServer
 from xds_server.xds.cache import SnapshotCache
+from xds_server.xds.dataplane import Applied, Pending, Rejected, RouteStatus
 from xds_server.xds.resources import RegionBuilder, RegionResources
+from xds_server.xds.service import AdsService
 from xds_server.xds.snapshot import Snapshot, SnapshotError
 from xds_server.xds.status import NodeRegistry, NodeStatus
 from xds_server.xds.types import CLUSTER, ENDPOINT, ROUTE, SEND_ORDER, short
 
-log = logging.getLogger("xds_server.server")
+log = logging.getLogger("xds_server.publisher")
 
 COALESCE_SECONDS = 0.005
 
@@ -48,25 +45,24 @@ class Push:
     seconds: float
 
 
-class XdsServer:
+class XdsPublisher:
     def __init__(
         self,
         spec: MeshSpec,
         *,
-        spec_path: str | Path | None = None,
         coalesce_seconds: float = COALESCE_SECONDS,
         tls: tuple[bytes, bytes] | None = None,
     ) -> None:
         self.spec = spec
         self.tls = tls
         """(certificate chain, private key) in PEM: serve xDS over TLS."""
-        self.spec_path = Path(spec_path) if spec_path else None
         self.traffic = TrafficState()
         self.cache = SnapshotCache()
         self.nodes = NodeRegistry()
-        self.ads = AdsServer(self.cache, self.nodes, spec.regions)
+        self.ads = AdsService(self.cache, self.nodes, spec.regions)
         self.coalesce_seconds = coalesce_seconds
-        self._injected: dict[tuple[str, str, str], message.Message] = {}
+        self._routes_published: dict[str, float] = {}
+        """When each region's current routes were published: the ACK clock's start."""
         self._builders: dict[str, RegionBuilder] = {}
         self._dirty: dict[str, str] = {}
         self._flush_handle: asyncio.TimerHandle | None = None
@@ -79,7 +75,30 @@ class XdsServer:
         for region in spec.regions:
             self._rebuild(region, "initial spec")
 
-    # ---- the Python API used by the rollout controller and tests ----
+    # ---- the DataPlane port ----
+
+    def next_version(self, region: str) -> int:
+        return self.snapshot(region).version + 1
+
+    def routes_applied(self, region: str) -> RouteStatus:
+        """Has every connected node of the region ACKed the current routes?"""
+        version = self.snapshot(region).type_version(ROUTE)
+        published = self._routes_published.get(region, time.time())
+        nodes = self.nodes.nodes(region)
+        for n in nodes:
+            ts = n.types[ROUTE]
+            if ts.nack_version == version and ts.acked_version != version:
+                return Rejected(version, n.node_id, ts.nack_error)
+        lagging = tuple(n.node_id for n in nodes if n.types[ROUTE].acked_version != version)
+        if lagging:
+            return Pending(version, published, lagging)
+        acked = [t for n in nodes if (t := n.types[ROUTE].acked_at) is not None]
+        return Applied(version, max([published, *acked]), len(nodes))
+
+    def node_status(self, region: str | None = None) -> list[NodeStatus]:
+        return self.nodes.nodes(region)
+
+    # ---- serving ----
 
     def snapshot(self, region: str) -> Snapshot:
         snap = self.cache.get(region)
@@ -123,19 +142,6 @@ class XdsServer:
         self.ads.set_regions(spec.regions)
         self._mark_dirty(spec.regions, reason, urgent=False)
 
-    def reload_spec(self, reason: str = "spec file changed") -> bool:
-        """Load the spec file again; on error, log every problem and keep the last good spec."""
-        if self.spec_path is None:
-            return False
-        try:
-            spec = load_spec(self.spec_path)
-        except SpecError as exc:
-            for line in exc.render().splitlines():
-                log.error("spec rejected, keeping the last good one: %s", line)
-            return False
-        self.apply_spec(spec, reason)
-        return True
-
     def flush(self) -> list[Push]:
         """Build and publish every pending region now."""
         if self._flush_handle is not None:
@@ -147,18 +153,6 @@ class XdsServer:
 
     def on_push(self, listener: Callable[[Push], None]) -> None:
         self._push_listeners.append(listener)
-
-    def inject_resource_for_tests(
-        self, region: str, type_url: str, resource: message.Message
-    ) -> None:
-        """Serve `resource` in place of the built one of the same name (tests only).
-
-        This is how tests make Envoy NACK: the builder never produces a config Envoy
-        rejects, so a test has to push one by hand.
-        """
-        name = getattr(resource, "name", "") or getattr(resource, "cluster_name", "")
-        self._injected[(region, type_url, name)] = resource
-        self._mark_dirty([region], "test injection", urgent=True)
 
     # ---- building and publishing ----
 
@@ -183,10 +177,7 @@ class XdsServer:
         if region not in self.spec.regions:
             return None
         old = self.cache.get(region)
-        builder = self._builders.setdefault(region, RegionBuilder(region))
-        resources = builder.build(self.spec, self.traffic)
-        resources, retained = self._keep_removed_clusters(resources, old)
-        resources = self._with_injected(resources)
+        resources, retained = self._keep_removed_clusters(self.build_resources(region), old)
         listen = (self.spec.listener.address, self.spec.listener.port)
         try:
             snap = (
@@ -204,6 +195,8 @@ class XdsServer:
         ):
             return None
         self.cache.set(snap)
+        if old is None or snap.type_version(ROUTE) != old.type_version(ROUTE):
+            self._routes_published[region] = time.time()
         changed = tuple(
             short(t)
             for t in SEND_ORDER
@@ -230,6 +223,12 @@ class XdsServer:
             listener(push)
         return push
 
+    def build_resources(self, region: str) -> RegionResources:
+        """The region's resources for the current spec and weights (a test that needs an
+        Envoy to NACK overrides this to serve something the builder never makes)."""
+        builder = self._builders.setdefault(region, RegionBuilder(region))
+        return builder.build(self.spec, self.traffic)
+
     def _keep_removed_clusters(
         self, resources: RegionResources, old: Snapshot | None
     ) -> tuple[RegionResources, frozenset[str]]:
@@ -253,15 +252,6 @@ class XdsServer:
             merged.update({c: old.resources.by_type[type_url][c] for c in keep})
             by_type[type_url] = merged
         return RegionResources(resources.region, by_type), keep
-
-    def _with_injected(self, resources: RegionResources) -> RegionResources:
-        mine = {(t, n): r for (reg, t, n), r in self._injected.items() if reg == resources.region}
-        if not mine:
-            return resources
-        by_type = {t: dict(items) for t, items in resources.by_type.items()}
-        for (type_url, name), res in mine.items():
-            by_type[type_url][name] = res
-        return RegionResources(resources.region, by_type)
 
     def _on_node_event(self, status: NodeStatus) -> None:
         """While clusters are retained, a node applying the current routes may be the last
@@ -314,18 +304,6 @@ class XdsServer:
             self._grpc = None
             self.ads.closing = False
 
-    async def watch_spec_file(self, interval: float = 0.2) -> None:
-        """Reload the spec when its file changes (content, not just mtime, is compared)."""
-        if self.spec_path is None:
-            return
-        last = _file_signature(self.spec_path)
-        while True:
-            await asyncio.sleep(interval)
-            sig = _file_signature(self.spec_path)
-            if sig != last:
-                last = sig
-                self.reload_spec()
-
 
 def tune_gc_for_many_streams() -> None:
     """Collect young objects far less often than CPython's default (700, 10, 10).
@@ -336,37 +314,3 @@ def tune_gc_for_many_streams() -> None:
     1.64 -> 1.07 CPU s per push, p99 2.02 -> 1.48 s). Everything is still collected.
     """
     gc.set_threshold(100_000, 50, 100)
-
-
-def _file_signature(path: Path) -> tuple[int, int, bytes] | None:
-    try:
-        st = os.stat(path)
-        return st.st_mtime_ns, st.st_size, path.read_bytes()
-    except OSError:
-        return None
-
-
-async def serve_forever(
-    server: XdsServer,
-    address: str,
-    companions: Iterable[Callable[[], Coroutine[Any, Any, None]]] = (),
-) -> None:
-    """Run, with companion tasks (the rollout controller), until SIGTERM or SIGINT.
-
-    SIGHUP reloads the spec file.
-    """
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: server.reload_spec("SIGHUP"))
-    await server.start(address)
-    tasks = [asyncio.create_task(server.watch_spec_file())]
-    tasks += [asyncio.create_task(run()) for run in companions]
-    try:
-        await stop.wait()
-        log.info("stopping: signal received")
-    finally:
-        for task in tasks:
-            task.cancel()
-        await server.stop()

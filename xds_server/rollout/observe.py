@@ -1,0 +1,192 @@
+"""What the controller sees of a rollout each interval, region by region: has the data
+plane applied the step (ACKs)? how do canary and comparator look (Prometheus)? and,
+while warming, are the new pools healthy and did the webhooks pass?
+
+Regions are observed concurrently and reported as each finishes, so one region whose
+observation alone means rollback never waits for a slow query elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+from xds_server.rollout.decide import Observation
+from xds_server.rollout.judge import Comparison
+from xds_server.rollout.ports import MetricSource
+from xds_server.rollout.state import LIVE, RolloutState
+from xds_server.rollout.webhooks import hook_context, run_webhooks
+from xds_server.spec import RolloutPlan, Service
+from xds_server.traffic import Split, TrafficState
+from xds_server.xds.dataplane import DataPlane, Pending, Rejected
+from xds_server.xds.resources import cluster_name
+
+Seen = Callable[[str, Observation], bool]
+"""Told each region's observation as it comes; True: enough seen, stop waiting."""
+
+
+def comparator_pool(svc: Service, split: Split) -> str | None:
+    """The pool the canary is compared with: baseline when it takes traffic (or shadow
+    traffic), else production when that does; None when the canary takes it all."""
+    if svc.has_baseline and (split.baseline or split.shadow):
+        return "baseline"
+    return "production" if split.production else None
+
+
+class Observer:
+    def __init__(
+        self, dataplane: DataPlane, metrics: MetricSource, clock: Callable[[], float]
+    ) -> None:
+        self.dataplane = dataplane
+        self.metrics = metrics
+        self.clock = clock
+        self._hooks: dict[tuple[str, str, str], asyncio.Future[str | None]] = {}
+        """Warm-up webhook runs by (service, canary version, region): None when passed."""
+        self._hook_threads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="webhook")
+
+    async def observe(
+        self, svc: Service, state: RolloutState, traffic: TrafficState, seen: Seen
+    ) -> dict[str, Observation]:
+        """Every live region's observation, within one interval; a region whose queries
+        are slower than that holds this interval (it has only its ACK state)."""
+        now = self.clock()
+        plan = svc.rollout
+        out: dict[str, Observation] = {}
+        pending: dict[asyncio.Task[Observation], str] = {}
+        for region, rs in state.regions.items():
+            if rs.phase not in LIVE:
+                continue
+            if rs.warming and not rs.shadowing:
+                if not rs.step_passed:  # else warm, waiting for the rest of its wave
+                    pending[asyncio.create_task(self._warmup(svc, state, region))] = region
+                continue
+            obs = out[region] = self.applied(region, plan, now)
+            started = rs.step_started
+            if obs.applied_at is None or obs.apply_error or started is None:
+                continue  # not applied yet, or the step's clock starts with this observation
+            if now - started < 1:
+                continue  # nothing to judge yet
+            split = traffic.effective(svc, region)
+            job = self._measure(svc, region, obs, now - started, comparator_pool(svc, split))
+            pending[asyncio.create_task(job)] = region
+        deadline = now + max(plan.interval, 0.5)
+        try:
+            for region, obs in list(out.items()):
+                if obs.apply_error and seen(region, obs):
+                    return out  # a NACK or an ACK timeout: no need to wait for queries
+            while pending:
+                done, _ = await asyncio.wait(
+                    pending,
+                    timeout=max(0.0, deadline - self.clock()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if not done:
+                    break
+                for task in done:
+                    region = pending.pop(task)
+                    out[region] = task.result()
+                    if seen(region, out[region]):
+                        return out
+        finally:
+            for task in pending:
+                task.cancel()
+        return out
+
+    def applied(self, region: str, plan: RolloutPlan, now: float) -> Observation:
+        """Has every Envoy of the region ACKed the routes that carry the current weights?"""
+        status = self.dataplane.routes_applied(region)
+        if isinstance(status, Rejected):
+            return Observation(
+                apply_error=f"Envoy {status.node} rejected routes {status.version}: {status.error}"
+            )
+        if isinstance(status, Pending):
+            if now - status.since > plan.ack_timeout:
+                return Observation(
+                    apply_error=f"no ACK of routes {status.version} within "
+                    f"{plan.ack_timeout:g}s from {', '.join(status.lagging)}"
+                )
+            return Observation()
+        return Observation(applied_at=status.at)
+
+    async def _measure(
+        self, svc: Service, region: str, obs: Observation, step_age: float, pool: str | None
+    ) -> Observation:
+        """The canary over the sliding window (guardrails) and, over the whole step, the
+        canary and its comparator (analysis)."""
+        plan = svc.rollout
+        buckets = plan.needs_latency_buckets
+        window = min(step_age, plan.window)
+        canary = cluster_name(svc.name, "canary")
+        jobs = [
+            self.metrics.measure(plan, region, canary, window),
+            self.metrics.measure(plan, region, canary, step_age, p99=False, buckets=buckets),
+        ]
+        if pool is not None:
+            jobs.append(
+                self.metrics.measure(
+                    plan, region, cluster_name(svc.name, pool), step_age, buckets=buckets
+                )
+            )
+        results = await asyncio.gather(*jobs)
+        comparison = Comparison(results[1], results[2] if pool else None, pool or "")
+        return replace(obs, canary=results[0], step=comparison)
+
+    async def _warmup(self, svc: Service, state: RolloutState, region: str) -> Observation:
+        """What keeps a warming region's pools from shadow traffic or their first step."""
+        waiting = await self._unhealthy_pools(svc, region)
+        if svc.rollout.warmup.webhooks and not waiting:
+            run = self._webhooks(svc, state, region)
+            if not run.done():
+                waiting.append("warm-up webhooks running")
+            elif run.exception() is not None:
+                return Observation(warmup_error=f"warm-up webhooks failed: {run.exception()!r}")
+            elif run.result():
+                return Observation(warmup_error=run.result())
+        return Observation(warmup_pending=tuple(waiting))
+
+    async def _unhealthy_pools(self, svc: Service, region: str) -> list[str]:
+        plan = svc.rollout
+        waiting: list[str] = []
+        if plan.warmup.health_check is None:
+            return waiting
+        for pool in ("canary", "baseline"):
+            if pool not in svc.pools:
+                continue
+            try:
+                total, healthy = await self.metrics.pool_health(
+                    plan, region, cluster_name(svc.name, pool)
+                )
+            except Exception as exc:  # unreachable, rejected, or an unreadable answer
+                waiting.append(f"{pool} health unknown: {exc}")
+                continue
+            if total == 0:
+                waiting.append(f"{pool}: no hosts in the region's Envoys yet")
+            elif healthy < plan.warmup.min_healthy * total:
+                waiting.append(f"{pool}: {healthy:.0f} of {total:.0f} hosts healthy")
+        return waiting
+
+    def _webhooks(
+        self, svc: Service, state: RolloutState, region: str
+    ) -> asyncio.Future[str | None]:
+        """The region's webhook run, started once. Hooks (smoke tests, cache primers) run
+        against healthy pools only, in threads of their own: a slow hook must not take a
+        thread a measurement needs."""
+        key = (svc.name, state.canary_version, region)
+        run = self._hooks.get(key)
+        if run is None:
+            context = hook_context(svc, state, region)
+            run = self._hooks[key] = asyncio.ensure_future(
+                asyncio.get_running_loop().run_in_executor(
+                    self._hook_threads, run_webhooks, svc.rollout.warmup.webhooks, context
+                )
+            )
+        return run
+
+    def forget_failed_webhooks(self, service: str) -> None:
+        """A webhook that blocked the warm-up runs again (after a resume)."""
+        for key in [k for k, run in self._hooks.items() if k[0] == service]:
+            run = self._hooks[key]
+            if run.done() and (run.exception() is not None or run.result()):
+                del self._hooks[key]

@@ -1,0 +1,106 @@
+"""What the rollout controller needs from the world, as narrow `typing.Protocol`s.
+
+The controller depends on these and on the data plane's port (`xds.dataplane`) only;
+`app.py` decides which implementation each one gets:
+
+| port          | implemented by                                   |
+| ------------- | ------------------------------------------------ |
+| MetricSource  | `rollout.metrics.PrometheusSource`               |
+| StateStore    | `rollout.store.Store` (SQLite)                   |
+| TrafficSink   | `telemetry.Telemetry`, `outputs.istio_apply`, the admin event stream |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from xds_server.rollout.audit import AuditEntry
+from xds_server.rollout.decide import Decision
+from xds_server.rollout.judge import Measurement
+from xds_server.rollout.state import RolloutState
+from xds_server.spec import MeshSpec, RolloutPlan
+from xds_server.traffic import TrafficState
+
+
+class MetricSource(Protocol):
+    """Canary, baseline and production health, as the region's Envoys report it. A
+    failure never raises: it is a Measurement with a `problem` (no evidence)."""
+
+    async def measure(
+        self,
+        plan: RolloutPlan,
+        region: str,
+        cluster: str,
+        window_s: float,
+        *,
+        p99: bool = True,
+        buckets: bool = False,
+    ) -> Measurement: ...
+
+    async def pool_health(
+        self, plan: RolloutPlan, region: str, cluster: str
+    ) -> tuple[float, float]:
+        """(hosts, healthy hosts) summed over the region's Envoys; raises when unknown."""
+        ...
+
+    async def check_queries(
+        self, plan: RolloutPlan, region: str, cluster: str, serving: str | None = None
+    ) -> list[str]:
+        """The problems that make a rollout unjudgeable (a query rejected, or empty for
+        `serving`, a pool that takes traffic now)."""
+        ...
+
+
+class StateStore(Protocol):
+    """Rollout state and the append-only audit log. `record` is atomic: the state and
+    its entries are committed together, or neither is."""
+
+    def load_rollouts(self) -> list[RolloutState]: ...
+
+    def rollout(self, service: str, version: str) -> RolloutState | None: ...
+
+    def record(self, state: RolloutState, entries: Sequence[AuditEntry]) -> None: ...
+
+    def audit(
+        self,
+        service: str | None = None,
+        region: str | None = None,
+        since: float | None = None,
+        kind: str | None = None,
+        limit: int | None = None,
+        after_id: int | None = None,
+    ) -> list[AuditEntry]: ...
+
+    def latest_checks(self, service: str, version: str) -> dict[str, AuditEntry]: ...
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What a sink is told after each committed decision, and after a spec change or a
+    restore (then `decision` is None): the whole view, so a sink never has to ask."""
+
+    time: float
+    spec: MeshSpec
+    rollouts: Mapping[str, RolloutState]
+    """Every service's current rollout."""
+    traffic: TrafficState
+    """The weights those rollouts imply, as pushed to the data plane."""
+    decision: Decision | None = None
+    actor: str = "controller"
+
+    @property
+    def state(self) -> RolloutState | None:
+        return self.decision.state if self.decision else None
+
+
+class TrafficSink(Protocol):
+    """Anything that follows committed decisions: metrics, the Istio applier, the admin
+    event stream, later notifications. Called on the controller's loop after the commit
+    and the push; it must not block (hand slow work to a task or a thread)."""
+
+    def follow(self, event: Committed) -> None: ...
+
+
+__all__ = ["Committed", "MetricSource", "StateStore", "TrafficSink"]

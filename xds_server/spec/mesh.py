@@ -1,0 +1,463 @@
+"""Loading a mesh spec: YAML -> `MeshSpec`, or a `SpecError` listing every problem with
+its file, field path and what is wrong."""
+
+from __future__ import annotations
+
+import datetime
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from xds_server.spec.checker import Checker, join
+from xds_server.spec.model import (
+    POOL_NAMES,
+    Endpoint,
+    IstioCluster,
+    IstioConfig,
+    Listener,
+    MeshSpec,
+    Pool,
+    Service,
+    SpecError,
+    SpecProblem,
+)
+from xds_server.spec.plan import parse_plan
+from xds_server.spec.rollout import RolloutPlan
+from xds_server.spec.values import (
+    NAME_RE,
+    is_dns_subdomain,
+    is_ip,
+    is_label_key,
+    is_label_value,
+    kind_of,
+    parse_host_port,
+)
+
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,62}$")
+_TOP_KEYS = ("regions", "listener", "services", "rollout", "istio")
+_ISTIO_KEYS = (
+    "namespace",
+    "version_label",
+    "pool_label",
+    "cluster_domain",
+    "apply",
+    "regions",
+    "retry",
+    "timeout",
+    "resync",
+    "instance",
+    "prune",
+)
+
+
+def load_spec(path: str | Path) -> MeshSpec:
+    """Read and validate a spec file; raise SpecError naming the file on any problem."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(source, [SpecProblem("", f"cannot read file: {exc.strerror}")]) from None
+    return parse_spec(text, source)
+
+
+def parse_spec(text: str, source: str = "<memory>") -> MeshSpec:
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f"line {mark.line + 1}, column {mark.column + 1}"
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(source, [SpecProblem(where, f"not valid YAML: {reason}")]) from None
+    return validate_spec(doc, source)
+
+
+def validate_spec(doc: Any, source: str = "<memory>") -> MeshSpec:
+    c = Checker()
+    spec = _MeshParser(c, source).spec(doc)
+    if c.problems or spec is None:
+        raise SpecError(source, c.problems or [SpecProblem("", "empty spec")])
+    return spec
+
+
+class _MeshParser:
+    def __init__(self, checker: Checker, source: str) -> None:
+        self.c = checker
+        self.source = source
+        self.regions: tuple[str, ...] = ()
+        self.default_plan = RolloutPlan()
+
+    def spec(self, doc: Any) -> MeshSpec | None:
+        if doc is None:
+            self.c.fail("", "the spec is empty")
+            return None
+        top = self.c.mapping(doc, "", _TOP_KEYS)
+        self.regions = tuple(self._regions(top.get("regions")))
+        listener = self._listener(top.get("listener"))
+        self.default_plan = parse_plan(
+            self.c, top.get("rollout"), "rollout", RolloutPlan(), self.regions
+        )
+        services = self._services(top.get("services"))
+        istio = None
+        if top.get("istio") is not None:
+            istio = _IstioParser(self.c, self.regions, self.source).istio(top["istio"], services)
+        return MeshSpec(self.regions, listener, tuple(services), self.source, istio, top)
+
+    def _regions(self, value: Any) -> list[str]:
+        if value is None:
+            self.c.fail("regions", "required: a list of region names")
+            return []
+        if not isinstance(value, list) or not value:
+            self.c.fail(
+                "regions", f"expected a non-empty list of region names, got {kind_of(value)}"
+            )
+            return []
+        out: list[str] = []
+        for i, name in enumerate(value):
+            if not isinstance(name, str) or not NAME_RE.match(name):
+                self.c.fail(
+                    f"regions[{i}]",
+                    f"bad region name {name!r}: use lowercase letters, digits and '-' (at most 63)",
+                )
+            elif name in out:
+                self.c.fail(f"regions[{i}]", f"duplicate region {name!r}")
+            else:
+                out.append(name)
+        return out
+
+    def _listener(self, value: Any) -> Listener:
+        if value is None:
+            return Listener()
+        m = self.c.mapping(value, "listener", ("port", "address"))
+        port = m.get("port", 10000)
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            self.c.fail("listener.port", f"bad port {port!r}: expected an integer from 1 to 65535")
+            port = 1
+        address = m.get("address", "127.0.0.1")
+        if not is_ip(address):
+            self.c.fail("listener.address", f"bad address {address!r}: expected an IP address")
+            address = "127.0.0.1"
+        return Listener(address=address, port=port)
+
+    def _services(self, value: Any) -> list[Service]:
+        if value is None:
+            self.c.fail("services", "required: a list of services")
+            return []
+        if not isinstance(value, list):
+            self.c.fail("services", f"expected a list of services, got {kind_of(value)}")
+            return []
+        out: list[Service] = []
+        domains_seen: dict[str, str] = {}
+        for i, item in enumerate(value):
+            svc = self._service(item, f"services[{i}]")
+            if svc is None:
+                continue
+            if any(s.name == svc.name for s in out):
+                self.c.fail(f"services[{i}].name", f"duplicate service {svc.name!r}")
+                continue
+            for d in svc.domains:
+                if d in domains_seen:
+                    self.c.fail(
+                        f"services[{i}].domains",
+                        f"domain {d!r} is already used by service {domains_seen[d]!r}; "
+                        "Envoy needs each domain in one virtual host only",
+                    )
+                domains_seen.setdefault(d, svc.name)
+            out.append(svc)
+        return out
+
+    def _service(self, value: Any, path: str) -> Service | None:
+        m = self.c.mapping(value, path, ("name", "domains", "prefix", "pools", "rollout"))
+        if not m:
+            return None
+        name = m.get("name")
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            self.c.fail(
+                join(path, "name"),
+                f"bad service name {name!r}: use lowercase letters, digits and '-' (at most 63)",
+            )
+            name = None
+        domains = m.get("domains", ["*"])
+        if (
+            not isinstance(domains, list)
+            or not domains
+            or not all(isinstance(d, str) and d for d in domains)
+        ):
+            self.c.fail(join(path, "domains"), "expected a non-empty list of domain strings")
+            domains = ["*"]
+        elif len(set(domains)) != len(domains):
+            self.c.fail(join(path, "domains"), "duplicate domain in the list")
+        prefix = m.get("prefix", "/")
+        if not isinstance(prefix, str) or not prefix.startswith("/"):
+            self.c.fail(join(path, "prefix"), f"bad prefix {prefix!r}: must start with '/'")
+            prefix = "/"
+        pools = self._pools(m.get("pools"), join(path, "pools"))
+        plan = parse_plan(
+            self.c, m.get("rollout"), join(path, "rollout"), self.default_plan, self.regions
+        )
+        if name is None or pools is None:
+            return None
+        return Service(name, tuple(domains), prefix, pools, plan)
+
+    def _pools(self, value: Any, path: str) -> dict[str, Pool] | None:
+        if value is None:
+            self.c.fail(path, "required: at least a production pool")
+            return None
+        m = self.c.mapping(value, path, POOL_NAMES)
+        if not m:
+            return None
+        if "production" not in m:
+            self.c.fail(path, "missing production pool")
+        out: dict[str, Pool] = {}
+        for pool_name in POOL_NAMES:
+            if pool_name in m:
+                pool = self._pool(pool_name, m[pool_name], join(path, pool_name))
+                if pool is not None:
+                    out[pool_name] = pool
+        return out if "production" in out else None
+
+    def _pool(self, name: str, value: Any, path: str) -> Pool | None:
+        m = self.c.mapping(value, path, ("version", "endpoints"))
+        if not m:
+            return None
+        version = m.get("version")
+        # YAML reads `1.2` as a number and `2024-05-01` as a date: a version is their text.
+        if isinstance(version, int | float | datetime.date) and not isinstance(version, bool):
+            version = version.isoformat() if isinstance(version, datetime.date) else str(version)
+        if not isinstance(version, str) or not _VERSION_RE.match(version):
+            self.c.fail(
+                join(path, "version"),
+                f"bad version {version!r}: expected a short string such as v1 or 2024-05-01",
+            )
+            version = None
+        endpoints = self._endpoints(m.get("endpoints"), join(path, "endpoints"))
+        if version is None or endpoints is None:
+            return None
+        return Pool(name, version, endpoints)
+
+    def _endpoints(self, value: Any, path: str) -> dict[str, tuple[Endpoint, ...]] | None:
+        if value is None:
+            self.c.fail(path, "required: endpoints per region")
+            return None
+        if not isinstance(value, dict):
+            self.c.fail(path, f"expected a mapping of region to addresses, got {kind_of(value)}")
+            return None
+        ok = True
+        out: dict[str, tuple[Endpoint, ...]] = {}
+        for region, addrs in value.items():
+            rpath = join(path, str(region))
+            if region not in self.regions:
+                self.c.fail(
+                    rpath, f"unknown region {region!r} (regions: {', '.join(self.regions)})"
+                )
+                ok = False
+                continue
+            if not isinstance(addrs, list) or not addrs:
+                self.c.fail(rpath, "expected a non-empty list of HOST:PORT addresses")
+                ok = False
+                continue
+            eps: list[Endpoint] = []
+            for j, addr in enumerate(addrs):
+                ep = self._address(addr, f"{rpath}[{j}]")
+                if ep is None:
+                    ok = False
+                elif ep in eps:
+                    self.c.fail(f"{rpath}[{j}]", f"duplicate address {addr!r}")
+                    ok = False
+                else:
+                    eps.append(ep)
+            out[region] = tuple(eps)
+        for region in self.regions:
+            if region not in value:
+                self.c.fail(path, f"no endpoints for region {region!r}")
+                ok = False
+        return out if ok else None
+
+    def _address(self, value: Any, path: str) -> Endpoint | None:
+        try:
+            host, port = parse_host_port(value if isinstance(value, str) else "", port_from=1)
+        except ValueError as exc:
+            self.c.fail(path, f"bad address {value!r}: {exc}")
+            return None
+        if not is_ip(host):
+            self.c.fail(
+                path,
+                f"bad address {value!r}: the host must be an IP address "
+                "(Envoy does not resolve EDS endpoints)",
+            )
+            return None
+        return Endpoint(host, port)
+
+
+class _IstioParser:
+    """The `istio:` section."""
+
+    def __init__(self, checker: Checker, regions: tuple[str, ...], source: str) -> None:
+        self.c = checker
+        self.regions = regions
+        self.source = source
+
+    def istio(self, value: Any, services: list[Service]) -> IstioConfig | None:
+        m = self.c.mapping(value, "istio", _ISTIO_KEYS)
+        if not m and not isinstance(value, dict):
+            return None
+        d = IstioConfig()
+        namespace = m.get("namespace", d.namespace)
+        if not isinstance(namespace, str) or not NAME_RE.match(namespace):
+            self.c.fail(
+                "istio.namespace",
+                f"bad namespace {namespace!r}: use lowercase letters, digits and '-' (at most 63)",
+            )
+            namespace = d.namespace
+        labels = self._labels(m, d)
+        domain = m.get("cluster_domain", d.cluster_domain)
+        if not isinstance(domain, str) or not is_dns_subdomain(domain):
+            self.c.fail("istio.cluster_domain", f"bad DNS domain {domain!r}")
+            domain = d.cluster_domain
+        apply = self.c.boolean(m.get("apply", False), "istio.apply") or False
+        prune = self.c.boolean(m.get("prune", d.prune), "istio.prune")
+        instance = m.get("instance", d.instance)
+        if not isinstance(instance, str) or not instance or not is_label_value(instance):
+            self.c.fail(
+                "istio.instance",
+                f"bad instance {instance!r}: it labels objects, so at most 63 letters, "
+                "digits, '-', '_', '.', starting and ending with a letter or digit",
+            )
+            instance = d.instance
+        seconds = self._durations(m, d)
+        clusters = self._clusters(m.get("regions"), apply)
+        self._check_versions(services, labels.get("pool_label", d.pool_label))
+        return IstioConfig(
+            namespace=namespace,
+            version_label=labels.get("version_label", d.version_label),
+            pool_label=labels.get("pool_label", d.pool_label),
+            cluster_domain=domain,
+            apply=apply,
+            clusters=clusters,
+            retry_initial=seconds["istio.retry.initial"],
+            retry_max=seconds["istio.retry.max"],
+            timeout=seconds["istio.timeout"],
+            resync=seconds["istio.resync"],
+            instance=instance,
+            prune=d.prune if prune is None else prune,
+        )
+
+    def _labels(self, m: dict[str, Any], d: IstioConfig) -> dict[str, str]:
+        labels: dict[str, str] = {}
+        for key in ("version_label", "pool_label"):
+            label = m.get(key, getattr(d, key))
+            if key == "pool_label" and label == "":
+                labels[key] = ""
+            elif not isinstance(label, str) or not is_label_key(label):
+                self.c.fail(
+                    f"istio.{key}",
+                    f"bad label key {label!r}: expected NAME or PREFIX/NAME as in Kubernetes "
+                    "(NAME: at most 63 letters, digits, '-', '_', '.')",
+                )
+            else:
+                labels[key] = label
+        if labels.get("version_label") and labels.get("version_label") == labels.get("pool_label"):
+            self.c.fail("istio.pool_label", "must differ from istio.version_label")
+        return labels
+
+    def _durations(self, m: dict[str, Any], d: IstioConfig) -> dict[str, float]:
+        seconds: dict[str, float] = {}
+        retry = self.c.mapping(m.get("retry", {}), "istio.retry", ("initial", "max"))
+        for path, raw, default in (
+            ("istio.retry.initial", retry.get("initial"), d.retry_initial),
+            ("istio.retry.max", retry.get("max"), d.retry_max),
+            ("istio.timeout", m.get("timeout"), d.timeout),
+            ("istio.resync", m.get("resync"), d.resync),
+        ):
+            parsed = None if raw is None else self.c.duration(raw, path)
+            seconds[path] = default if parsed is None else parsed
+        if seconds["istio.retry.max"] < seconds["istio.retry.initial"]:
+            self.c.fail("istio.retry.max", "must be at least istio.retry.initial")
+        return seconds
+
+    def _check_versions(self, services: list[Service], pool_label: str) -> None:
+        for i, svc in enumerate(services):
+            for pool in svc.pools.values():
+                if not is_label_value(pool.version):
+                    self.c.fail(
+                        f"services[{i}].pools.{pool.name}.version",
+                        f"version {pool.version!r} cannot be a Kubernetes label value "
+                        "(the istio section selects pods by it): it must end with a letter "
+                        "or digit",
+                    )
+            base, prod = svc.pools.get("baseline"), svc.pools["production"]
+            if not pool_label and base is not None and base.version == prod.version:
+                self.c.fail(
+                    "istio.pool_label",
+                    f"empty, so subsets select by version only, but service {svc.name!r} has "
+                    f"baseline and production both at {prod.version!r}: their subsets would "
+                    "select the same pods",
+                )
+
+    def _clusters(self, value: Any, apply: bool) -> dict[str, IstioCluster]:
+        if value is None:
+            if apply:
+                self.c.fail("istio.regions", "required when apply is true: a cluster per region")
+            return {}
+        if not isinstance(value, dict):
+            self.c.fail(
+                "istio.regions", f"expected a mapping of region to cluster, got {kind_of(value)}"
+            )
+            return {}
+        out: dict[str, IstioCluster] = {}
+        seen: dict[tuple[str | None, str | None], str] = {}
+        for region, item in value.items():
+            cluster = self._cluster(region, item)
+            if cluster is None:
+                continue
+            key = (cluster.kubeconfig, cluster.context)
+            if key in seen:
+                self.c.fail(
+                    f"istio.regions.{region}",
+                    f"same cluster as region {seen[key]!r}: each region's objects are named "
+                    "after it, so two regions in one cluster would route the same host twice",
+                )
+                continue
+            seen[key] = region
+            out[region] = cluster
+        if apply:
+            for region in self.regions:
+                if region not in value:
+                    self.c.fail(
+                        "istio.regions",
+                        f"no cluster for region {region!r} (apply: true needs one per region)",
+                    )
+        return out
+
+    def _cluster(self, region: Any, item: Any) -> IstioCluster | None:
+        path = f"istio.regions.{region}"
+        if region not in self.regions:
+            self.c.fail(path, f"unknown region {region!r} (regions: {', '.join(self.regions)})")
+            return None
+        m = self.c.mapping(item, path, ("context", "kubeconfig", "in_cluster"))
+        in_cluster = self.c.boolean(m.get("in_cluster", False), f"{path}.in_cluster")
+        if in_cluster is None:
+            return None
+        context, kubeconfig = m.get("context"), m.get("kubeconfig")
+        if in_cluster:
+            if context is not None or kubeconfig is not None:
+                self.c.fail(
+                    path, "in_cluster uses the pod's ServiceAccount: drop context and kubeconfig"
+                )
+                return None
+        elif not isinstance(context, str) or not context:
+            self.c.fail(
+                f"{path}.context",
+                "required: the kubeconfig context of this region's cluster (or in_cluster: true)",
+            )
+            return None
+        if kubeconfig is not None:
+            if not isinstance(kubeconfig, str) or not kubeconfig:
+                self.c.fail(f"{path}.kubeconfig", "expected a file path")
+                return None
+            if not Path(kubeconfig).is_absolute() and self.source != "<memory>":
+                kubeconfig = str(Path(self.source).parent / kubeconfig)
+        return IstioCluster(context, kubeconfig, in_cluster)

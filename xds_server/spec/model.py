@@ -1,0 +1,144 @@
+"""The mesh spec's models: regions, the ingress listener, services and their pools, and
+the optional `istio:` section. Frozen data; `spec.mesh` builds them from a document."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from xds_server.spec.rollout import RolloutPlan
+
+POOL_NAMES: tuple[str, ...] = ("production", "baseline", "canary")
+"""The pools a service may have, in the order they are listed everywhere."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    version: str
+    endpoints: Mapping[str, tuple[Endpoint, ...]]
+    """Endpoints per region; every region of the spec has at least one."""
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    domains: tuple[str, ...]
+    prefix: str
+    pools: Mapping[str, Pool]
+    """Pools by name, always with `production`, in POOL_NAMES order."""
+    rollout: RolloutPlan = field(default_factory=RolloutPlan, compare=False)
+    """How a canary of this service is rolled out (spec defaults + the service's own)."""
+
+    def pool_names(self) -> tuple[str, ...]:
+        return tuple(self.pools)
+
+    @property
+    def canary_version(self) -> str | None:
+        """The version a rollout would bring: the canary pool's, unless it is production's
+        own (then there is nothing to roll out)."""
+        canary = self.pools.get("canary")
+        if canary is None or canary.version == self.pools["production"].version:
+            return None
+        return canary.version
+
+    @property
+    def has_baseline(self) -> bool:
+        return "baseline" in self.pools
+
+
+@dataclass(frozen=True)
+class Listener:
+    address: str = "127.0.0.1"
+    port: int = 10000
+
+
+@dataclass(frozen=True)
+class IstioCluster:
+    """Where one region's Istio objects are applied: a kubeconfig context, or in-cluster."""
+
+    context: str | None = None
+    kubeconfig: str | None = None
+    """A path (relative ones are relative to the spec file); None: $KUBECONFIG or
+    ~/.kube/config, as kubectl does."""
+    in_cluster: bool = False
+    """Use the pod's ServiceAccount (xds-server running inside that region's cluster)."""
+
+
+@dataclass(frozen=True)
+class IstioConfig:
+    """The `istio:` section: how rollout state becomes Istio objects, and where they go."""
+
+    namespace: str = "default"
+    version_label: str = "version"
+    pool_label: str = "xds-server/pool"
+    """Second subset label, so that baseline (same version as production) selects its own
+    pods; "" selects by version only."""
+    cluster_domain: str = "cluster.local"
+    apply: bool = False
+    """Apply each region's objects to its cluster after every decision (`serve`)."""
+    clusters: Mapping[str, IstioCluster] = field(default_factory=dict)
+    retry_initial: float = 1.0
+    retry_max: float = 60.0
+    timeout: float = 10.0
+    """Per request to a cluster's API server (connect and read), in seconds."""
+    resync: float = 300.0
+    """Re-apply unchanged objects this often, undoing hand edits (level-triggered)."""
+    instance: str = "default"
+    """Labels every object; with `prune`, only this instance's objects are deleted, so
+    xds-servers sharing a namespace need different instances."""
+    prune: bool = True
+    """Delete this instance's objects of services no longer in the spec."""
+
+    def host(self, service: str) -> str:
+        return f"{service}.{self.namespace}.svc.{self.cluster_domain}"
+
+
+@dataclass(frozen=True)
+class MeshSpec:
+    regions: tuple[str, ...]
+    listener: Listener
+    services: tuple[Service, ...]
+    source: str = "<memory>"
+    istio: IstioConfig | None = None
+    """The optional `istio:` section; None when the spec has none."""
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """The parsed YAML document, for sections that later layers interpret themselves."""
+
+    def service(self, name: str) -> Service:
+        for svc in self.services:
+            if svc.name == name:
+                return svc
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class SpecProblem:
+    path: str
+    message: str
+
+
+class SpecError(Exception):
+    """A spec that cannot be used; `problems` lists every problem found."""
+
+    def __init__(self, source: str, problems: list[SpecProblem]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = [
+            f"{self.source}: {p.path}: {p.message}" if p.path else f"{self.source}: {p.message}"
+            for p in self.problems
+        ]
+        return "\n".join(lines)

@@ -1,0 +1,335 @@
+"""Parsing a `rollout:` section into a `RolloutPlan`, overlaid on its defaults.
+
+The top-level section overlays the built-in defaults and a service's own section
+overlays the top-level result, key by key; every problem goes to the spec's `Checker`,
+so a plan mistake reads like any other spec mistake.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import fields, replace
+from typing import Any
+
+from xds_server.spec.checker import Checker
+from xds_server.spec.rollout import (
+    DEFAULT_METRICS,
+    DEFAULT_QUERIES,
+    Analysis,
+    FalseAlarmScope,
+    Guardrails,
+    HealthCheck,
+    MetricKind,
+    MetricSpec,
+    OnMaxHold,
+    RolloutPlan,
+    Warmup,
+    Webhook,
+    metric_defaults,
+)
+
+_PLAN_KEYS = (
+    "steps",
+    "step_duration",
+    "interval",
+    "window",
+    "ack_timeout",
+    "max_hold",
+    "on_max_hold",
+    "failures_before_rollback",
+    "regions",
+    "guardrails",
+    "analysis",
+    "warmup",
+    "queries",
+)
+_DURATIONS = ("step_duration", "interval", "window", "ack_timeout", "max_hold")
+
+
+def parse_plan(
+    c: Checker, value: Any, path: str, base: RolloutPlan, regions: tuple[str, ...]
+) -> RolloutPlan:
+    """Overlay a `rollout:` mapping on `base`."""
+    if value is None:
+        return base
+    m = c.mapping(value, path, _PLAN_KEYS)
+    changes: dict[str, Any] = {}
+    if "steps" in m:
+        changes["steps"] = _steps(c, m["steps"], f"{path}.steps") or base.steps
+    for key in _DURATIONS:
+        if key in m and (seconds := c.duration(m[key], f"{path}.{key}")) is not None:
+            changes[key] = seconds
+    if "on_max_hold" in m and (
+        rule := c.choice(m["on_max_hold"], f"{path}.on_max_hold", OnMaxHold)
+    ):
+        changes["on_max_hold"] = rule
+    if "failures_before_rollback" in m:
+        n = c.whole_number(m["failures_before_rollback"], f"{path}.failures_before_rollback", 1)
+        if n is not None:
+            changes["failures_before_rollback"] = n
+    if "regions" in m:
+        changes["waves"] = _waves(c, m["regions"], f"{path}.regions", regions)
+    if "guardrails" in m:
+        changes["guardrails"] = _guardrails(
+            c, m["guardrails"], f"{path}.guardrails", base.guardrails
+        )
+    if "analysis" in m:
+        changes["analysis"] = _analysis(c, m["analysis"], f"{path}.analysis", base.analysis)
+    if "warmup" in m:
+        changes["warmup"] = _warmup(c, m["warmup"], f"{path}.warmup", base.warmup)
+    if "queries" in m:
+        changes["queries"] = _queries(c, m["queries"], f"{path}.queries", base.queries)
+    return replace(base, **changes)
+
+
+def _steps(c: Checker, value: Any, path: str) -> tuple[float, ...] | None:
+    if not isinstance(value, list) or not value:
+        c.fail(path, "expected a non-empty list of canary percentages")
+        return None
+    if not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 100 for v in value
+    ):
+        c.fail(path, f"each step must be a percentage above 0 and at most 100, got {value!r}")
+        return None
+    if any(b <= a for a, b in itertools.pairwise(value)):
+        c.fail(path, f"steps must increase, got {value!r}")
+        return None
+    if value[-1] != 100:
+        c.fail(path, f"the last step must be 100 (the canary takes all traffic), got {value[-1]}")
+        return None
+    return tuple(float(v) for v in value)
+
+
+def _waves(
+    c: Checker, value: Any, path: str, regions: tuple[str, ...]
+) -> tuple[tuple[str, ...], ...] | None:
+    if value == "lockstep":
+        return None
+    waves = value.get("waves") if isinstance(value, dict) and set(value) == {"waves"} else None
+    if (
+        not isinstance(waves, list)
+        or not waves
+        or not all(isinstance(w, list) and w for w in waves)
+    ):
+        c.fail(path, "expected 'lockstep' or {waves: [[region, ...], ...]}")
+        return None
+    seen: list[str] = []
+    for i, wave in enumerate(waves):
+        for r in wave:
+            if r not in regions:
+                c.fail(
+                    f"{path}.waves[{i}]", f"unknown region {r!r} (regions: {', '.join(regions)})"
+                )
+            elif r in seen:
+                c.fail(f"{path}.waves[{i}]", f"region {r!r} is in more than one wave")
+            seen.append(r)
+    missing = [r for r in regions if r not in seen]
+    if missing:
+        c.fail(f"{path}.waves", f"regions in no wave: {', '.join(missing)}")
+    return tuple(tuple(w) for w in waves)
+
+
+def _guardrails(c: Checker, value: Any, path: str, base: Guardrails) -> Guardrails:
+    m = c.mapping(value, path, [f.name for f in fields(Guardrails)])
+    changes: dict[str, Any] = {}
+    for key, v in m.items():
+        n: float | None
+        if key == "min_requests":
+            n = c.whole_number(v, f"{path}.{key}", 0)
+        elif key == "max_error_rate":
+            n = c.number(v, f"{path}.{key}", 0, 1, "a share from 0 to 1 (or a percentage)")
+        else:
+            n = c.number(v, f"{path}.{key}", 0, None, "a non-negative number")
+        if n is not None:
+            changes[key] = n
+    return replace(base, **changes)
+
+
+def _queries(c: Checker, value: Any, path: str, base: Any) -> Any:
+    m = c.mapping(value, path, DEFAULT_QUERIES)
+    out = dict(base)
+    for key, template in m.items():
+        if not isinstance(template, str) or not template.strip():
+            c.fail(f"{path}.{key}", "expected a PromQL template string")
+            continue
+        try:
+            template.format(region="r", cluster="c", window="1s")
+        except (KeyError, IndexError, ValueError) as exc:
+            c.fail(
+                f"{path}.{key}",
+                f"bad template: {exc!r}; use {{region}}, {{cluster}}, "
+                "{window}, and double braces {{ }} for PromQL's own",
+            )
+            continue
+        out[key] = template
+    return out
+
+
+def _analysis(c: Checker, value: Any, path: str, base: Analysis) -> Analysis:
+    keys = ("metrics", "groups", "pass_score", "marginal_score", "false_alarm_scope")
+    m = c.mapping(value, path, keys)
+    changes: dict[str, Any] = {}
+    if "false_alarm_scope" in m:
+        scope = c.choice(m["false_alarm_scope"], f"{path}.false_alarm_scope", FalseAlarmScope)
+        if scope is not None:
+            changes["false_alarm_scope"] = scope
+    for key in ("pass_score", "marginal_score"):
+        if key in m:
+            n = c.number(m[key], f"{path}.{key}", 0, 100, "a score from 0 to 100")
+            if n is not None:
+                changes[key] = n
+    if changes.get("marginal_score", base.marginal_score) > changes.get(
+        "pass_score", base.pass_score
+    ):
+        c.fail(f"{path}.marginal_score", "must not be above pass_score")
+    if "groups" in m:
+        groups = m["groups"]
+        if not isinstance(groups, dict) or not all(
+            isinstance(k, str) and (w := _finite(v)) is not None and w > 0
+            for k, v in groups.items()
+        ):
+            c.fail(f"{path}.groups", "expected a mapping of group name to a positive weight")
+        else:
+            changes["groups"] = {k: float(v) for k, v in groups.items()}
+    if "metrics" in m:
+        metrics = m["metrics"]
+        if not isinstance(metrics, dict) or not metrics:
+            c.fail(f"{path}.metrics", "expected a non-empty mapping of metric name to settings")
+        else:
+            changes["metrics"] = tuple(
+                _metric(c, str(name), spec, f"{path}.metrics.{name}")
+                for name, spec in metrics.items()
+            )
+    return replace(base, **changes)
+
+
+def _finite(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+_METRIC_RANGES: dict[str, tuple[float, float | None, bool, str]] = {
+    # low, high, high excluded, how the range reads
+    "allowed_change": (1.0, None, False, "a number from 1 up"),
+    "detect_change": (1.0, None, False, "a number from 1 up"),
+    "ignore_below": (0.0, 1.0, False, "a number from 0 to 1"),
+    "quantile": (0.0, 1.0, True, "a number from 0 to below 1"),
+    "confidence": (0.5, 1.0, True, "a number from 0.5 to below 1"),
+}
+
+
+def _metric(c: Checker, name: str, value: Any, path: str) -> MetricSpec:
+    known = [f.name for f in fields(MetricSpec) if f.name != "name"]
+    m = c.mapping(value if value is not None else {}, path, known)
+    default = next((d for d in DEFAULT_METRICS if d.name == name), None)
+    kind = m.get("kind", default.kind if default else MetricKind.ERRORS)
+    if "kind" in m:
+        kind = c.choice(kind, f"{path}.kind", MetricKind) or MetricKind.ERRORS
+    base = default if default is not None and default.kind == kind else metric_defaults(name, kind)
+    changes: dict[str, Any] = {}
+    for key, v in m.items():
+        field_path = f"{path}.{key}"
+        if key == "kind":
+            continue
+        if key in ("direction", "on_no_data"):
+            enum = type(getattr(base, key))
+            parsed: Any = c.choice(v, field_path, enum)
+        elif key == "critical":
+            parsed = c.boolean(v, field_path)
+        elif key == "group":
+            parsed = str(v)
+        elif key == "min_requests":
+            parsed = c.whole_number(v, field_path, 1)
+        else:
+            low, high, open_high, what = _METRIC_RANGES[key]
+            parsed = c.number(v, field_path, low, high, what, open_high=open_high)
+        if parsed is not None:
+            changes[key] = parsed
+    out = replace(base, **changes)
+    if out.detect_change <= out.allowed_change and out.kind == MetricKind.ERRORS:
+        c.fail(f"{path}.detect_change", "must be above allowed_change")
+    return out
+
+
+def _warmup(c: Checker, value: Any, path: str, base: Warmup) -> Warmup:
+    keys = ("health_check", "min_healthy", "shadow", "slow_start", "webhooks")
+    m = c.mapping(value, path, keys)
+    changes: dict[str, Any] = {}
+    if "health_check" in m:
+        hc = m["health_check"]
+        if hc is None or hc is False:
+            changes["health_check"] = None
+        else:
+            changes["health_check"] = _health_check(
+                c, {} if hc is True else hc, f"{path}.health_check"
+            )
+    if "min_healthy" in m:
+        what = "a share above 0 and at most 1"
+        n = c.number(m["min_healthy"], f"{path}.min_healthy", 0, 1, what, open_low=True)
+        if n is not None:
+            changes["min_healthy"] = n
+    if "shadow" in m:
+        changes.update(_shadow(c, m["shadow"], f"{path}.shadow"))
+    if "slow_start" in m:
+        d = c.duration(m["slow_start"], f"{path}.slow_start", zero_ok=True)
+        if d is not None:
+            changes["slow_start"] = d
+    if "webhooks" in m:
+        hooks = m["webhooks"]
+        if not isinstance(hooks, list):
+            c.fail(f"{path}.webhooks", "expected a list of {name, url, timeout?, retries?}")
+        else:
+            changes["webhooks"] = tuple(
+                h
+                for i, raw in enumerate(hooks)
+                if (h := _webhook(c, raw, f"{path}.webhooks[{i}]")) is not None
+            )
+    return replace(base, **changes)
+
+
+def _shadow(c: Checker, value: Any, path: str) -> dict[str, float]:
+    sh = c.mapping(value, path, ("percent", "duration"))
+    out: dict[str, float] = {}
+    pct = sh.get("percent", 10)
+    if isinstance(pct, bool) or not isinstance(pct, int | float) or not 0 < pct <= 100:
+        c.fail(f"{path}.percent", f"expected a percentage above 0, at most 100, got {pct!r}")
+    else:
+        out["shadow_percent"] = float(pct)
+    if "duration" not in sh:
+        c.fail(f"{path}.duration", "required: how long shadow traffic is judged")
+    elif (d := c.duration(sh["duration"], f"{path}.duration")) is not None:
+        out["shadow_duration"] = d
+    return out
+
+
+def _health_check(c: Checker, value: Any, path: str) -> HealthCheck:
+    m = c.mapping(value, path, [f.name for f in fields(HealthCheck)])
+    changes: dict[str, Any] = {}
+    for key, v in m.items():
+        if key == "path":
+            if not isinstance(v, str) or not v.startswith("/"):
+                c.fail(f"{path}.path", f"expected an HTTP path starting with '/', got {v!r}")
+            else:
+                changes[key] = v
+        elif key in ("interval", "timeout"):
+            if (d := c.duration(v, f"{path}.{key}")) is not None:
+                changes[key] = d
+        elif (n := c.whole_number(v, f"{path}.{key}", 1)) is not None:
+            changes[key] = n
+    return replace(HealthCheck(), **changes)
+
+
+def _webhook(c: Checker, value: Any, path: str) -> Webhook | None:
+    m = c.mapping(value, path, ("name", "url", "timeout", "retries"))
+    url = m.get("url")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        c.fail(f"{path}.url", f"expected an http(s) URL, got {url!r}")
+        return None
+    hook = Webhook(str(m.get("name", url)), url)
+    if "timeout" in m and (d := c.duration(m["timeout"], f"{path}.timeout")) is not None:
+        hook = replace(hook, timeout=d)
+    if "retries" in m and (r := c.whole_number(m["retries"], f"{path}.retries", 0)) is not None:
+        hook = replace(hook, retries=r)
+    return hook

@@ -1,0 +1,231 @@
+"""The `rollout:` section's models: steps, timing, guardrails, analysis, warm-up, queries.
+
+Plain frozen data. The top-level `rollout:` gives defaults and a service's own overrides
+them key by key (see `spec.plan`, which parses it); the rollout engine reads these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+DEFAULT_QUERIES: Mapping[str, str] = {
+    # Over Envoy's own cluster stats, scraped from each Envoy with a `region` label.
+    "requests": 'sum(increase(envoy_cluster_upstream_rq_total{{region="{region}",'
+    'envoy_cluster_name="{cluster}"}}[{window}]))',
+    "errors": 'sum(increase(envoy_cluster_upstream_rq_xx{{region="{region}",'
+    'envoy_cluster_name="{cluster}",envoy_response_code_class="5"}}[{window}]))',
+    "p99_ms": "histogram_quantile(0.99, sum by (le) (rate(envoy_cluster_upstream_rq_time_bucket"
+    '{{region="{region}",envoy_cluster_name="{cluster}"}}[{window}])))',
+    # One series per bucket (`le`), counts of requests at or below each bound, in ms.
+    "latency_buckets": "sum by (le) (increase(envoy_cluster_upstream_rq_time_bucket"
+    '{{region="{region}",envoy_cluster_name="{cluster}"}}[{window}]))',
+    # Every Envoy of the region: how many of the pool's hosts it sees, and how many healthy.
+    "hosts": "sum(envoy_cluster_membership_total"
+    '{{region="{region}",envoy_cluster_name="{cluster}"}})',
+    "healthy_hosts": "sum(envoy_cluster_membership_healthy"
+    '{{region="{region}",envoy_cluster_name="{cluster}"}})',
+}
+"""PromQL templates; `{region}`, `{cluster}` and `{window}` (like `30s`) are filled in."""
+
+
+class MetricKind(StrEnum):
+    """What an analysis metric compares (see `MetricSpec`)."""
+
+    ERRORS = "errors"
+    LATENCY = "latency"
+    TAIL = "tail"
+
+
+class Direction(StrEnum):
+    """Which change of a metric is bad."""
+
+    INCREASE = "increase"
+    DECREASE = "decrease"
+    EITHER = "either"
+
+
+class NoDataRule(StrEnum):
+    """What a metric without data becomes once its hold reaches `max_hold`."""
+
+    FAIL = "fail"
+    PAUSE = "pause"
+    PASS = "pass"
+
+
+class FalseAlarmScope(StrEnum):
+    """What a metric's 1 - confidence bounds (see `Analysis.false_alarm_scope`)."""
+
+    ROLLOUT = "rollout"
+    STEP = "step"
+
+
+class OnMaxHold(StrEnum):
+    ROLLBACK = "rollback"
+    PAUSE = "pause"
+
+
+@dataclass(frozen=True)
+class Guardrails:
+    max_error_rate: float = 0.05
+    """Ceiling on the canary's 5xx responses over all its responses."""
+    max_p99_ms: float = 500.0
+    min_requests: int = 20
+    """Below this many canary requests in the window there is no evidence: hold."""
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One statistical comparison of canary against its comparator (baseline or production).
+
+    `errors` compares 5xx counts as proportions of requests; `latency` compares the
+    request-time histograms (Mann-Whitney U on the buckets); `tail` compares the shares of
+    requests slower than the two pools' joint `quantile` (a p99 regression that leaves
+    the median alone). All are sequential tests: looking every interval does not raise
+    the false-alarm rate above 1 - confidence (over the whole rollout, or per step: see
+    `Analysis.false_alarm_scope`).
+    """
+
+    name: str
+    kind: MetricKind = MetricKind.ERRORS
+    direction: Direction = Direction.INCREASE
+    """Which change is bad: an increase, a decrease, or either."""
+    allowed_change: float = 1.0
+    """Ratio canary/comparator that is not a regression (1.1: up to 10% worse is fine)."""
+    detect_change: float = 2.0
+    """errors: the ratio the data must be able to rule out before the metric may pass."""
+    ignore_below: float = 0.01
+    """errors: a canary error rate shown to be below this passes whatever the comparator."""
+    quantile: float = 0.5
+    """latency: the quantile whose ratio is the effect size (the effect-size floor);
+    tail: the quantile that splits slow requests from the rest."""
+    confidence: float = 0.99
+    min_requests: int = 50
+    """latency, tail: fewer samples on either side is no data."""
+    critical: bool = False
+    """A failure of a critical metric scores 0 and fails the verdict at once."""
+    group: str = ""
+    on_no_data: NoDataRule = NoDataRule.FAIL
+    """Too little data holds the step; once that hold reaches `max_hold`: fail, pause or
+    pass this metric."""
+
+
+def metric_defaults(name: str, kind: MetricKind) -> MetricSpec:
+    """A metric's settings before the spec overrides any: the kind's own defaults (a
+    `latency` metric tolerates 10% by default, a `tail` metric 20% on the p99), in its
+    kind's group."""
+    base = MetricSpec(name, kind, group=str(kind))
+    if kind == MetricKind.ERRORS:
+        return base
+    if kind == MetricKind.LATENCY:
+        return replace(base, allowed_change=1.1, on_no_data=NoDataRule.PASS)
+    return replace(
+        base, allowed_change=1.2, quantile=0.99, min_requests=200, on_no_data=NoDataRule.PASS
+    )
+
+
+DEFAULT_METRICS: tuple[MetricSpec, ...] = (
+    # Too few requests to tell is not a failure: a person decides (pause), not the noise.
+    replace(
+        metric_defaults("error_rate", MetricKind.ERRORS),
+        critical=True,
+        on_no_data=NoDataRule.PAUSE,
+    ),
+    # The absolute p99 guardrail still holds when latency has too few samples to compare.
+    metric_defaults("latency", MetricKind.LATENCY),
+    # The slowest 1%: a regression there is what users of a model server feel first.
+    replace(metric_defaults("latency_p99", MetricKind.TAIL), critical=True),
+)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """How the statistical comparison is scored (Kayenta's model: groups, weights, 0-100)."""
+
+    metrics: tuple[MetricSpec, ...] = DEFAULT_METRICS
+    groups: Mapping[str, float] = field(
+        default_factory=lambda: {"errors": 40, "latency": 40, "tail": 20}
+    )
+    """Weight of each metric group in the score; a group not listed weighs 1."""
+    pass_score: float = 95.0
+    marginal_score: float = 75.0
+    """At or above: hold (neither pass nor fail); below: fail."""
+    false_alarm_scope: FalseAlarmScope = FalseAlarmScope.ROLLOUT
+    """What a metric's 1 - confidence bounds. `rollout`: its false alarms over the whole
+    rollout, shared equally by the sequential tests it runs there (one per analysed phase
+    and region), so a healthy canary is rarely rolled back however many steps and regions
+    it crosses; `step`: each phase in each region on its own, as Kayenta's judge does."""
+
+
+@dataclass(frozen=True)
+class Webhook:
+    name: str
+    url: str
+    timeout: float = 10.0
+    retries: int = 2
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    path: str = "/healthz"
+    interval: float = 1.0
+    timeout: float = 1.0
+    healthy_threshold: int = 1
+    unhealthy_threshold: int = 2
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """What a region does before its canary and baseline pools take any user traffic."""
+
+    health_check: HealthCheck | None = None
+    """Active HTTP health checks on every pool; weight waits for healthy pools."""
+    min_healthy: float = 1.0
+    """Share of a pool's hosts every Envoy of the region must see healthy."""
+    shadow_percent: float = 0.0
+    """Share of production's requests mirrored to canary and baseline meanwhile."""
+    shadow_duration: float = 0.0
+    """How long shadow traffic is judged before the first real step; 0: no shadow phase."""
+    slow_start: float = 0.0
+    """Envoy's slow_start_config window for the canary cluster; 0: off."""
+    webhooks: tuple[Webhook, ...] = ()
+
+    @property
+    def needed(self) -> bool:
+        return bool(self.health_check or self.shadow_duration or self.webhooks)
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    steps: tuple[float, ...] = (5, 20, 75, 100)
+    step_duration: float = 60.0
+    interval: float = 10.0
+    window: float = 60.0
+    """The sliding analysis window; it never reaches back before the step's start."""
+    ack_timeout: float = 30.0
+    max_hold: float = 300.0
+    on_max_hold: OnMaxHold = OnMaxHold.ROLLBACK
+    failures_before_rollback: int = 2
+    waves: tuple[tuple[str, ...], ...] | None = None
+    """None: lockstep (every region passes a step before any moves on)."""
+    guardrails: Guardrails = field(default_factory=Guardrails)
+    analysis: Analysis = field(default_factory=Analysis)
+    warmup: Warmup = field(default_factory=Warmup)
+    queries: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_QUERIES))
+
+    def wave_list(self, regions: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+        return self.waves if self.waves is not None else (regions,)
+
+    def analysis_tests(self, regions: int) -> int:
+        """How many sequential tests each metric runs in a rollout over `regions` regions
+        (steps below 100% and the shadow phase have a comparator), when its false-alarm
+        level is shared by the rollout; 1 when it is per step."""
+        if self.analysis.false_alarm_scope == FalseAlarmScope.STEP:
+            return 1
+        phases = sum(1 for w in self.steps if w < 100) + (1 if self.warmup.shadow_duration else 0)
+        return max(1, phases * max(1, regions))
+
+    @property
+    def needs_latency_buckets(self) -> bool:
+        return any(m.kind in (MetricKind.LATENCY, MetricKind.TAIL) for m in self.analysis.metrics)

@@ -1,0 +1,61 @@
+"""The data plane as the rollout controller sees it: set the weights, and learn whether
+a region's proxies have applied them. `xds.publisher.XdsPublisher` implements it over
+ADS; controller tests use an in-memory double."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from xds_server.traffic import TrafficState
+from xds_server.xds.status import NodeStatus
+
+
+@dataclass(frozen=True)
+class Applied:
+    """Every connected node of the region has ACKed the current routes."""
+
+    version: str
+    at: float
+    """When the last of them ACKed (the publish time when no node is connected)."""
+    nodes: int
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Some nodes have not ACKed the current routes yet."""
+
+    version: str
+    since: float
+    """When these routes were published."""
+    lagging: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A node NACKed the current routes: it keeps serving its last good config."""
+
+    version: str
+    node: str
+    error: str
+
+
+RouteStatus = Applied | Pending | Rejected
+
+
+class DataPlane(Protocol):
+    def set_traffic(self, traffic: TrafficState, *, urgent: bool, reason: str) -> None:
+        """Serve these weights. Urgent (a step, a rollback): published before returning;
+        otherwise coalesced with changes that land within a few milliseconds."""
+        ...
+
+    def next_version(self, region: str) -> int:
+        """The snapshot version the region's next push will carry (recorded with a
+        decision before its push)."""
+        ...
+
+    def routes_applied(self, region: str) -> RouteStatus: ...
+
+    def node_status(self, region: str | None = None) -> list[NodeStatus]:
+        """Every connected node (of one region), with what it was sent and ACKed."""
+        ...

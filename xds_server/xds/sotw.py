@@ -1,0 +1,131 @@
+"""State of the world: the protocol state of one StreamAggregatedResources stream. No I/O.
+
+Each stream is level-triggered: whenever a request arrives or the region's snapshot
+changes, `SotwStream.due` compares what the node should have with what it was sent and
+sends what is missing, in make-before-break order (clusters, endpoints, listeners,
+routes):
+
+- each type has at most one response awaiting the node's answer;
+- routes are sent only when every cluster they use has been ACKed by the node, with its
+  endpoints, so Envoy never routes to a cluster it has not warmed;
+- ACK and NACK are told apart by `error_detail`, never by comparing versions; a NACKed
+  version is not sent again: the node keeps its last good config until the config
+  changes;
+- a request whose nonce is not the last one sent for its type is stale and ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from envoy.service.discovery.v3 import discovery_pb2
+
+from xds_server.xds.snapshot import ListenAddress, Snapshot, with_nonce
+from xds_server.xds.status import NodeRegistry, NodeStatus
+from xds_server.xds.stream import (
+    next_nonce,
+    record_answer,
+    routes_ready,
+    stale,
+    unsupported,
+)
+from xds_server.xds.types import ROUTE, SEND_ORDER, WILDCARD_TYPES
+
+log = logging.getLogger("xds_server.sotw")
+
+
+@dataclass
+class _TypeState:
+    subscribed: bool = False
+    names: frozenset[str] | None = None
+    """Requested resource names; None asks for every resource (wildcard)."""
+    nonce: str = ""
+    in_flight: bool = False
+    sent_version: str = ""
+    sent_names: frozenset[str] | None = None
+    sent_resources: frozenset[str] = frozenset()
+    acked_resources: frozenset[str] = frozenset()
+    answer_due: bool = False
+    """A fresh request (empty nonce) always gets an answer, even at the same version."""
+
+
+class SotwStream:
+    """The protocol state of one state-of-the-world stream; no I/O."""
+
+    def __init__(
+        self, status: NodeStatus, registry: NodeRegistry, listen: ListenAddress | None = None
+    ) -> None:
+        self.status = status
+        self.registry = registry
+        self.listen = listen
+        self.types = {t: _TypeState() for t in SEND_ORDER}
+        self.held = False
+        """Something was due but waited (an answer outstanding, routes not ready)."""
+
+    def on_request(self, req: discovery_pb2.DiscoveryRequest) -> bool:
+        """Apply a request; True when it may have made something due (worth a `due`)."""
+        ts = self.types.get(req.type_url)
+        if ts is None:
+            unsupported(self.status, req.type_url)
+            return False
+        names = None if req.type_url in WILDCARD_TYPES else _shared(req.resource_names)
+        if req.response_nonce:
+            if stale(self.status, req, ts.nonce):
+                return False
+            ts.in_flight = False
+            if record_answer(self.registry, self.status, req, ts.sent_version, req.version_info):
+                ts.acked_resources = ts.sent_resources
+            # A plain ACK makes nothing due unless something waited for it.
+            wake = self.held or names != ts.names
+        else:  # a new subscription, or the node re-asking: it gets an answer
+            ts.answer_due, ts.in_flight = True, False
+            wake = True
+        ts.subscribed = True
+        ts.names = names
+        return wake
+
+    def due(self, snap: Snapshot) -> list[bytes]:
+        """The responses to send now, in make-before-break order.
+
+        Each type has at most one response awaiting its answer. Only routes wait for
+        other types: Envoy holds its CDS ACK until a warming cluster has its endpoints,
+        so endpoints must flow while clusters are unanswered.
+        """
+        out = []
+        self.held = False
+        for type_url in SEND_ORDER:
+            ts = self.types[type_url]
+            if not ts.subscribed:
+                continue
+            version = snap.type_version(type_url)
+            if ts.sent_version == version and ts.sent_names == ts.names and not ts.answer_due:
+                continue
+            if ts.in_flight or (type_url == ROUTE and not routes_ready(self.types, snap)):
+                self.held = True
+                continue
+            encoded = snap.encoded(type_url, ts.names, self.listen)
+            ts.nonce = next_nonce()
+            ts.in_flight, ts.answer_due = True, False
+            ts.sent_version, ts.sent_names = version, ts.names
+            ts.sent_resources = encoded.names
+            self.registry.record_sent(self.status, type_url, version, encoded.body)
+            out.append(with_nonce(encoded.body, ts.nonce))
+        return out
+
+
+_NAME_SETS: dict[frozenset[str], frozenset[str]] = {}
+
+
+def _shared(names: Any) -> frozenset[str]:
+    """One frozenset object for every stream that asks for the same names: a fleet asks
+    for the same thousands of endpoint names, and a copy per stream adds up."""
+    key = frozenset(names)
+    hit = _NAME_SETS.get(key)
+    if hit is None:
+        if len(_NAME_SETS) > 1000:  # bounded: old subscriptions are dropped
+            _NAME_SETS.clear()
+        hit = _NAME_SETS[key] = frozenset(sys.intern(n) for n in key)
+    return hit
