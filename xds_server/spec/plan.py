@@ -28,6 +28,7 @@ from xds_server.spec.rollout import (
     Webhook,
     metric_defaults,
 )
+from xds_server.spec.values import parse_number
 
 _PLAN_KEYS = (
     "steps",
@@ -155,7 +156,8 @@ def _queries(c: Checker, value: Any, path: str, base: Any) -> Any:
             continue
         try:
             template.format(region="r", cluster="c", window="1s")
-        except (KeyError, IndexError, ValueError) as exc:
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
+            # ({region.x} and {region[a]} reach into the value: AttributeError, TypeError)
             c.fail(
                 f"{path}.{key}",
                 f"bad template: {exc!r}; use {{region}}, {{cluster}}, "
@@ -205,9 +207,10 @@ def _analysis(c: Checker, value: Any, path: str, base: Analysis) -> Analysis:
 
 
 def _finite(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-        return None
-    return float(v)
+    """A YAML number as a finite float; None otherwise (also for an integer too large
+    for a float, where math.isfinite and float() raise OverflowError)."""
+    n = parse_number(v) if isinstance(v, int | float) else None
+    return n if n is not None and math.isfinite(n) else None
 
 
 _METRIC_RANGES: dict[str, tuple[float, float | None, bool, str]] = {

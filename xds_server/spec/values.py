@@ -5,6 +5,7 @@ ValueError with a message) instead of guessing."""
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from typing import Any
 
@@ -16,30 +17,43 @@ _LABEL_NAME_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 
 
 def parse_duration(value: Any) -> float | None:
-    """Seconds from a number or a string like 500ms, 30s, 5m, 1h; None if it is neither."""
+    """Seconds from a number or a string like 500ms, 30s, 5m, 1h; None if it is neither
+    or is not finite (.nan, .inf, or too large for a float)."""
     if isinstance(value, bool):
         return None
+    seconds: float | None = None
     if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
+        seconds = _float(value)
+    elif isinstance(value, str):
         m = _DURATION.match(value.strip())
         if m:
-            return float(m.group(1)) * _UNITS[m.group(2)]
-    return None
+            seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    return seconds if seconds is not None and math.isfinite(seconds) else None
 
 
 def parse_number(value: Any) -> float | None:
-    """A number, or a percentage string like '5%' (as a fraction)."""
+    """A finite number, or a percentage string like '5%' (as a fraction); None if it is
+    neither (an integer too large for a float is not a number here)."""
     if isinstance(value, bool):
         return None
+    n: float | None = None
     if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str) and value.strip().endswith("%"):
+        n = _float(value)
+    elif isinstance(value, str) and value.strip().endswith("%"):
         try:
-            return float(value.strip()[:-1]) / 100
+            n = float(value.strip()[:-1]) / 100
         except ValueError:
             return None
-    return None
+    return n if n is not None and math.isfinite(n) else None
+
+
+def _float(value: int | float) -> float | None:
+    """float(value), or None for an integer beyond a float's range (float() raises
+    OverflowError there, where YAML's own 1e400 is inf)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return None
 
 
 def parse_host_port(text: str, *, port_from: int = 0) -> tuple[str, int]:
