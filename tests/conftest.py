@@ -170,8 +170,14 @@ class _RawStream:
         region: str = "us-east",
         node_id: str = "test-node",
         listen: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        target = f"127.0.0.1:{port}"
+        self.channel = (
+            grpc.secure_channel(target, credentials)
+            if credentials is not None
+            else grpc.insecure_channel(target)
+        )
         self.requests: queue.Queue[Any] = queue.Queue()
         self.responses: queue.Queue[Any] = queue.Queue()
         self.node = base_pb2.Node(

@@ -27,12 +27,13 @@ class BackgroundServer:
         spec_path: Path | None = None,
         tls: tuple[bytes, bytes] | None = None,
         publisher: type[XdsPublisher] = XdsPublisher,
+        client_ca: bytes | None = None,
     ) -> None:
         """`publisher`: the class to run (a test may subclass it to serve bad resources)."""
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="xds-server", daemon=True)
         self.thread.start()
-        self.server: XdsPublisher = self.call(lambda: publisher(spec, tls=tls))
+        self.server: XdsPublisher = self.call(lambda: publisher(spec, tls=tls, client_ca=client_ca))
         self.spec_file = SpecFile(spec_path, spec) if spec_path else None
         self.port = 0
         self._watch: Future[None] | None = None
@@ -63,12 +64,8 @@ class BackgroundServer:
         """Read the spec file again now (as SIGHUP does); a bad one is logged and ignored."""
         assert self.spec_file is not None, "no spec file to reload"
 
-        def reload() -> None:
-            assert self.spec_file is not None
-            if (spec := self.spec_file.reload(reason)) is not None:
-                self.server.apply_spec(spec, reason)
-
-        self.call(reload)
+        spec_file = self.spec_file
+        self.call(lambda: spec_file.poll(self.server.apply_spec, reason, force=True))
 
     def route_version(self, region: str, delta: bool = False) -> str:
         """The routes version served to `region`, after pushing any coalesced change.

@@ -8,6 +8,7 @@ started, by pid.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ from xds_server.rollout.audit import AuditEntry
 from xds_server.rollout.store import FILE_NAME, Store
 
 SERVICE = "recommender"
+MAKE_CERTS = Path(__file__).resolve().parents[2] / "hack" / "make-certs.sh"
+"""The repository's certificate script (the lab runs from a checkout)."""
 VERSIONS = {"production": "v1", "baseline": "v1", "canary": "v2"}
 
 
@@ -36,6 +39,9 @@ class MeshOptions:
     """Requests per second through each region (shared by its Envoys)."""
     admin_token: str | None = None
     """Require this bearer token for admin API changes."""
+    mtls: bool = False
+    """xDS over mTLS: a CA and a certificate per Envoy from hack/make-certs.sh; the
+    server checks each Envoy's region and node id against its certificate."""
 
 
 class LocalMesh:
@@ -90,17 +96,24 @@ class LocalMesh:
                 f"model server {region}/{pool}",
             )
         self.write_spec(with_canary=False)
+        if self.opts.mtls:
+            self.make_certs()
         self.start_prometheus()
         self.start_server()
         for region, i, admin, listen in self._envoy_ports:
+            node_id = f"{region}-envoy-{i}"
+            ca, cert, key = self._client_tls(region, node_id)
             self.envoys.append(
                 Envoy(
                     BootstrapOptions(
                         region=region,
-                        node_id=f"{region}-envoy-{i}",
+                        node_id=node_id,
                         xds_port=self.xds_port,
                         admin_port=admin,
                         listen=f"127.0.0.1:{listen}",
+                        xds_tls_ca=ca,
+                        xds_tls_cert=cert,
+                        xds_tls_key=key,
                     ),
                     self.workdir / "envoy",
                 )
@@ -140,8 +153,36 @@ class LocalMesh:
                 "--prometheus-url", f"http://127.0.0.1:{self.prometheus_port}",
                 "--metrics-address", f"127.0.0.1:{self.metrics_port}",
                 "--admin-address", f"127.0.0.1:{self.admin_port}",
-                "--log-format", "json", *self._token_args()]  # fmt: skip
+                "--log-format", "json", *self._token_args(), *self._mtls_args()]  # fmt: skip
         self.server = Process("xds-server", argv, self.workdir / "xds-server.log")
+
+    @property
+    def certs(self) -> Path:
+        return self.workdir / "certs"
+
+    def make_certs(self) -> None:
+        """A CA, the server's certificate and one per Envoy (hack/make-certs.sh)."""
+        nodes = [f"{r}/{r}-envoy-{i}" for r, i, _, _ in self._envoy_ports]
+        subprocess.run(
+            ["bash", str(MAKE_CERTS), str(self.certs), *nodes],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+    def _client_tls(self, region: str, node_id: str) -> tuple[str | None, ...]:
+        """(CA, certificate, key) files for a node's bootstrap; Nones without mTLS."""
+        if not self.opts.mtls:
+            return None, None, None
+        node = self.certs / region / node_id
+        return str(self.certs / "ca.pem"), f"{node}.pem", f"{node}.key"
+
+    def _mtls_args(self) -> list[str]:
+        if not self.opts.mtls:
+            return []
+        return ["--xds-tls-cert", str(self.certs / "server.pem"),
+                "--xds-tls-key", str(self.certs / "server.key"),
+                "--xds-tls-client-ca", str(self.certs / "ca.pem")]  # fmt: skip
 
     def _token_args(self) -> list[str]:
         if self.opts.admin_token is None:

@@ -125,11 +125,14 @@ def run_lab(
     out: Path | None = None,
     timeout: float = 240,
     live: bool | None = None,
+    mtls: bool = False,
 ) -> int:
     scenario = SCENARIOS[scenario_name]
     out = out or LAB_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{scenario.name}"
     out = out.resolve()
-    opts = MeshOptions(region_names(regions), envoys_per_region, rollout=LAB_PLAN, load_rate=50)
+    opts = MeshOptions(
+        region_names(regions), envoys_per_region, rollout=LAB_PLAN, load_rate=50, mtls=mtls
+    )
     mesh = LocalMesh(out, opts)
     live = sys.stdout.isatty() if live is None else live
     # Ctrl-C, kill, or the terminal going away: all end the lab cleanly.

@@ -29,6 +29,10 @@ class BootstrapOptions:
     """Use delta (incremental) xDS instead of state of the world."""
     xds_tls_ca: str | None = None
     """Talk TLS to the xDS server, trusting this CA file (PEM)."""
+    xds_tls_cert: str | None = None
+    """With `xds_tls_key`: this node's client certificate (mTLS), PEM. The server checks
+    that the node's region and id are the ones its SPIFFE identity names."""
+    xds_tls_key: str | None = None
 
 
 def _duration(seconds: float) -> str:
@@ -102,6 +106,7 @@ def _xds_cluster(opts: BootstrapOptions) -> dict[str, Any]:
                 "common_tls_context": {
                     "alpn_protocols": ["h2"],  # gRPC servers insist on HTTP/2 by ALPN
                     "validation_context": {"trusted_ca": {"filename": opts.xds_tls_ca}},
+                    **_client_certificate(opts),
                 },
             },
         }
@@ -140,6 +145,19 @@ def _xds_cluster(opts: BootstrapOptions) -> dict[str, Any]:
                 }
             ],
         },
+    }
+
+
+def _client_certificate(opts: BootstrapOptions) -> dict[str, Any]:
+    if not (opts.xds_tls_cert and opts.xds_tls_key):
+        return {}
+    return {
+        "tls_certificates": [
+            {
+                "certificate_chain": {"filename": opts.xds_tls_cert},
+                "private_key": {"filename": opts.xds_tls_key},
+            }
+        ]
     }
 
 

@@ -38,6 +38,8 @@ class Rejected:
     version: str
     node: str
     error: str
+    identity: str = ""
+    """The node's certificate identity (xDS over mTLS), else ""."""
 
 
 RouteStatus = Applied | Pending | Rejected

@@ -11,6 +11,11 @@ gets only what changed meanwhile, and a name asked for that does not exist comes
 Subscription changes are applied from every request, whatever its nonce: in delta a
 request both answers a response and changes the subscription, and a lost subscription
 change would never be repeated.
+
+A request with an empty type_url ends the stream (INVALID_ARGUMENT); one for a type
+this server does not serve is answered with the names it asks for in
+removed_resources; a stream subscribed to more than `MAX_NAMES_PER_TYPE` names of a type
+(or reconnecting with more initial_resource_versions) ends (RESOURCE_EXHAUSTED).
 """
 
 from __future__ import annotations
@@ -21,14 +26,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from xds_server.xds.snapshot import ListenAddress, Snapshot, delta_response
+from xds_server.xds.snapshot import ListenAddress, NameSet, Snapshot, delta_response
 from xds_server.xds.status import NodeRegistry, NodeStatus
 from xds_server.xds.stream import (
+    MAX_NAMES_PER_TYPE,
+    UNKNOWN_TYPE_VERSION,
+    UnknownTypes,
+    check_names,
+    check_type_url,
     next_nonce,
     record_answer,
     routes_ready,
+    shared_names,
     stale,
-    unsupported,
 )
 from xds_server.xds.types import ROUTE, SEND_ORDER, WILDCARD_TYPES
 
@@ -59,25 +69,37 @@ class _DeltaType:
     answer_due: bool = False
     told_missing: set[str] = field(default_factory=set)
     """Names asked for that do not exist, which the node was told (in removed_resources)."""
+    sent_names: NameSet | None = None
+    """`names` when last sent, shared: keeps the snapshot's encoding of them alive."""
 
 
 class DeltaStream:
     def __init__(
-        self, status: NodeStatus, registry: NodeRegistry, listen: ListenAddress | None = None
+        self,
+        status: NodeStatus,
+        registry: NodeRegistry,
+        listen: ListenAddress | None = None,
+        max_names: int = MAX_NAMES_PER_TYPE,
     ) -> None:
         self.status = status
         self.registry = registry
         self.listen = listen
+        self.max_names = max_names
         self.types = {t: _DeltaType() for t in SEND_ORDER}
+        self.unknown = UnknownTypes(status, max_names)
         self.held = False
         """Something was due but waited (an answer outstanding, routes not ready)."""
 
     def on_request(self, req: Any) -> bool:
-        """Apply a request; True when it may have made something due (worth a `due`)."""
+        """Apply a request; True when it may have made something due (worth a `due`).
+        Raises StreamError for a request that ends the stream."""
+        check_type_url(req)
+        for asked in (req.resource_names_subscribe, req.initial_resource_versions):
+            check_names(req.type_url, len(asked), self.max_names)
         ts = self.types.get(req.type_url)
         if ts is None:
-            unsupported(self.status, req.type_url)
-            return False
+            asks = not req.response_nonce or bool(req.resource_names_subscribe)
+            return self.unknown.request(req.type_url, req.resource_names_subscribe, asks)
         wake = False
         if not ts.subscribed:
             ts.subscribed = True
@@ -98,6 +120,7 @@ class DeltaStream:
                 if name in ts.client:
                     ts.client = {k: v for k, v in ts.client.items() if k != name}
                     ts.client_names = None
+        check_names(req.type_url, len(ts.names), self.max_names)
         if req.resource_names_subscribe or req.resource_names_unsubscribe or ts.answer_due:
             ts.dirty = wake = True
         if not req.response_nonce:
@@ -110,7 +133,10 @@ class DeltaStream:
         return wake or self.held  # a plain ACK matters only if something waited for it
 
     def due(self, snap: Snapshot) -> list[bytes]:
-        out = []
+        out = [
+            delta_response(type_url, UNKNOWN_TYPE_VERSION, [], sorted(names), next_nonce())
+            for type_url, names in self.unknown.take().items()
+        ]
         self.held = False
         for type_url in SEND_ORDER:
             ts = self.types[type_url]
@@ -147,13 +173,12 @@ class DeltaStream:
             removed = gone + missing
             ts.nonce = next_nonce()
             ts.in_flight, ts.answer_due, ts.sent_version = True, False, version
+            ts.sent_names = None if ts.wildcard else shared_names(ts.names)
             self.registry.record_sent(
                 self.status,
                 type_url,
                 version,
-                snap.encoded(
-                    type_url, None if ts.wildcard else frozenset(ts.names), self.listen
-                ).body,
+                snap.encoded(type_url, ts.sent_names, self.listen).body,
             )
             out.append(
                 delta_response(

@@ -22,6 +22,7 @@ from xds_server.spec import MeshSpec
 from xds_server.traffic import Split, TrafficState, WeightError
 from xds_server.xds.cache import SnapshotCache
 from xds_server.xds.dataplane import Applied, Pending, Rejected, RouteStatus
+from xds_server.xds.identity import IdentityPolicy
 from xds_server.xds.resources import RegionBuilder, RegionResources
 from xds_server.xds.service import AdsService
 from xds_server.xds.snapshot import Snapshot, SnapshotError
@@ -52,14 +53,21 @@ class XdsPublisher:
         *,
         coalesce_seconds: float = COALESCE_SECONDS,
         tls: tuple[bytes, bytes] | None = None,
+        client_ca: bytes | None = None,
+        trust_domain: str | None = None,
     ) -> None:
         self.spec = spec
         self.tls = tls
         """(certificate chain, private key) in PEM: serve xDS over TLS."""
+        self.client_ca = client_ca
+        """With TLS: require client certificates signed by this CA (PEM), naming the node."""
         self.traffic = TrafficState()
         self.cache = SnapshotCache()
         self.nodes = NodeRegistry()
+        self.identity = IdentityPolicy(trust_domain) if client_ca is not None else None
+        """What a node's client certificate must say (mTLS); None: no client certificates."""
         self.ads = AdsService(self.cache, self.nodes, spec.regions)
+        self.ads.identity = self.identity
         self.coalesce_seconds = coalesce_seconds
         self._routes_published: dict[str, float] = {}
         """When each region's current routes were published: the ACK clock's start."""
@@ -88,7 +96,7 @@ class XdsPublisher:
         for n in nodes:
             ts = n.types[ROUTE]
             if ts.nack_version == version and ts.acked_version != version:
-                return Rejected(version, n.node_id, ts.nack_error)
+                return Rejected(version, n.node_id, ts.nack_error, n.identity)
         lagging = tuple(n.node_id for n in nodes if n.types[ROUTE].acked_version != version)
         if lagging:
             return Pending(version, published, lagging)
@@ -279,7 +287,11 @@ class XdsPublisher:
         )
         self.ads.add_to(self._grpc)
         if self.tls is not None:
-            creds = grpc.ssl_server_credentials([(self.tls[1], self.tls[0])])
+            creds = grpc.ssl_server_credentials(
+                [(self.tls[1], self.tls[0])],
+                root_certificates=self.client_ca,
+                require_client_auth=self.client_ca is not None,
+            )
             self.port = self._grpc.add_secure_port(address, creds)
         else:
             self.port = self._grpc.add_insecure_port(address)
@@ -290,7 +302,7 @@ class XdsPublisher:
             "xDS server listening on %s (port %d, %s), regions: %s",
             address,
             self.port,
-            "TLS" if self.tls else "plaintext",
+            "mTLS" if self.client_ca else "TLS" if self.tls else "plaintext",
             ", ".join(self.spec.regions),
         )
         return self.port

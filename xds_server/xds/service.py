@@ -18,10 +18,17 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from xds_server.xds.cache import SnapshotCache
 from xds_server.xds.delta import DeltaStream
+from xds_server.xds.identity import IdentityError, IdentityPolicy
 from xds_server.xds.snapshot import ListenAddress
 from xds_server.xds.sotw import SotwStream
-from xds_server.xds.status import NodeRegistry, NodeStatus
-from xds_server.xds.stream import NodeError, StreamProtocol, identify
+from xds_server.xds.status import NodeRegistry, NodeStatus, clip
+from xds_server.xds.stream import (
+    MAX_NAMES_PER_TYPE,
+    NodeIdentity,
+    StreamError,
+    StreamProtocol,
+    identify,
+)
 
 log = logging.getLogger("xds_server.ads")
 
@@ -39,6 +46,14 @@ class AdsService:
         self.regions = regions
         self._wakes: set[asyncio.Event] = set()
         self.closing = False
+        self.max_names = MAX_NAMES_PER_TYPE
+        """The most resource names a stream may subscribe to per type (see stream.py)."""
+        self.identity: IdentityPolicy | None = None
+        """mTLS: what a node's client certificate must say; None: no certificates."""
+        self._by_node: dict[str, tuple[int, asyncio.Event]] = {}
+        """The live stream of each node id, and how to wake it."""
+        self._replaced: set[int] = set()
+        """Streams ended because a newer stream of the same node id came."""
 
     def close(self) -> None:
         """End every stream normally (the nodes reconnect), before the gRPC server stops."""
@@ -77,29 +92,26 @@ class AdsService:
         self,
         requests: AsyncIterator[Any],
         context: Any,
-        protocol: Callable[[NodeStatus, NodeRegistry, ListenAddress | None], StreamProtocol],
+        protocol: Callable[[NodeStatus, NodeRegistry, ListenAddress | None, int], StreamProtocol],
     ) -> None:
         """One stream, either variant: identify the node, then send what it lacks
-        whenever it asks or the region's snapshot changes, until either side ends it."""
+        whenever it asks or the region's snapshot changes, until either side ends it (a
+        request the server will not serve ends it with a status: `StreamError`)."""
         reader = aiter(requests)
         try:
             first = await anext(reader)
         except StopAsyncIteration:
             return
-        try:
-            ident = identify(first.node, self.regions)
-        except NodeError as exc:
-            log.warning("refused stream: %s", exc)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        admitted = await self._admit(first, context, protocol)
+        if admitted is None:
             return
-        listen = f"{ident.listen[0]}:{ident.listen[1]}" if ident.listen else ""
-        status = self.registry.connect(ident.node_id, ident.region, listen, ident.user_agent)
-        stream = protocol(status, self.registry, ident.listen)
-        stream.on_request(first)
+        ident, status, stream = admitted
+        del first  # (it may be large; the stream keeps what it needs)
         wake = asyncio.Event()
         wake.set()
         self.cache.watch(ident.region, wake)
         self._wakes.add(wake)
+        self._replace_older(ident.node_id, status.stream_id, wake)
 
         async def read() -> None:
             async for req in reader:
@@ -116,9 +128,15 @@ class AdsService:
                 if self.closing:
                     reason = "server stopping"
                     break
+                if status.stream_id in self._replaced:
+                    reason = "replaced by a newer stream of the same node id"
+                    break
                 if reader_task.done():
                     error = None if reader_task.cancelled() else reader_task.exception()
-                    if error is not None:
+                    if isinstance(error, StreamError):
+                        reason = f"refused: {error}"
+                        await _refuse(context, error, ident.node_id)
+                    elif error is not None:
                         reason = f"stream error: {error}"
                     break
                 snap = self.cache.get(ident.region)
@@ -132,7 +150,63 @@ class AdsService:
         finally:
             self.cache.unwatch(ident.region, wake)
             self._wakes.discard(wake)
+            self._replaced.discard(status.stream_id)
+            if self._by_node.get(ident.node_id, (0,))[0] == status.stream_id:
+                del self._by_node[ident.node_id]
             reader_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader_task
             self.registry.disconnect(status, reason)
+
+    async def _admit(
+        self,
+        first: Any,
+        context: Any,
+        protocol: Callable[[NodeStatus, NodeRegistry, ListenAddress | None, int], StreamProtocol],
+    ) -> tuple[NodeIdentity, NodeStatus, StreamProtocol] | None:
+        """Who the node is (and, with mTLS, whether its certificate says so), and its
+        first request applied; None when the stream was refused (with a status)."""
+        try:
+            ident = identify(first.node, self.regions)
+        except StreamError as exc:
+            await _refuse(context, exc)
+            return None
+        spiffe_id = ""
+        if self.identity is not None:
+            try:
+                spiffe_id = self.identity.check(
+                    context.auth_context(), ident.node_id, ident.region
+                ).spiffe_id
+            except IdentityError as exc:
+                log.warning("refused stream: %s", exc)
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+                return None
+        listen = f"{ident.listen[0]}:{ident.listen[1]}" if ident.listen else ""
+        status = self.registry.connect(
+            ident.node_id, ident.region, listen, ident.user_agent, spiffe_id
+        )
+        stream = protocol(status, self.registry, ident.listen, self.max_names)
+        try:
+            stream.on_request(first)
+        except StreamError as exc:
+            self.registry.disconnect(status, f"refused: {exc}")
+            await _refuse(context, exc, ident.node_id)
+            return None
+        return ident, status, stream
+
+    def _replace_older(self, node_id: str, stream_id: int, wake: asyncio.Event) -> None:
+        """One stream per node id: a newer one replaces the older (which ends). A node
+        that reconnects before its old stream is seen to close (a half-open connection)
+        must not be locked out; with mTLS only the holder of the node's certificate can
+        open a stream under its id, so replacing cannot be used to push a node out."""
+        older = self._by_node.get(node_id)
+        self._by_node[node_id] = (stream_id, wake)
+        if older is not None:
+            self._replaced.add(older[0])
+            older[1].set()
+
+
+async def _refuse(context: Any, exc: StreamError, node_id: str = "") -> None:
+    """End the stream with the error's status; its message echoes nothing unclipped."""
+    log.warning("refused stream%s: %s", f" of {clip(node_id)}" if node_id else "", exc)
+    await context.abort(grpc.StatusCode[exc.code], str(exc))

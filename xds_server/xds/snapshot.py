@@ -8,11 +8,17 @@ an updated cluster warming until it receives that cluster's endpoints again.
 Responses are encoded once per (type, requested names, listen address) and shared by
 every stream; the per-stream nonce is appended to the encoded bytes (a protobuf message
 may be extended by concatenating fields), so no stream re-serializes anything.
+
+What a snapshot caches for its streams is bounded by what streams hold: an encoding for
+a requested name set lives only while some stream holds that `NameSet` (a weak
+reference), and per listen address (which nodes choose) at most
+`MAX_LISTEN_ADDRESSES_CACHED` addresses are cached.
 """
 
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -26,6 +32,44 @@ from xds_server.xds.resources import RegionResources, build_listener, pack
 from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, SEND_ORDER, WILDCARD_TYPES
 
 ListenAddress = tuple[str, int]
+
+MAX_LISTEN_ADDRESSES_CACHED = 1_024
+"""Listen addresses (besides the spec's) whose listener a snapshot caches; nodes choose
+them, so a churn of addresses must not grow the cache. Past it, a listener is encoded
+per request (one small message)."""
+
+
+class NameSet(frozenset[str]):
+    """Resource names a stream asks for, one object shared by every stream asking for the
+    same ones (`stream.shared_names`); a snapshot caches encodings per NameSet, weakly, so
+    they go when the last stream holding the set does."""
+
+    __slots__ = ()
+
+
+class _PerNameSet:
+    """Encodings per requested `NameSet`, by identity (a lookup never compares thousands
+    of names), each dropped when its name set is no longer held by any stream."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref[NameSet], Encoded]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, names: NameSet) -> Encoded | None:
+        entry = self._entries.get(id(names))
+        return entry[1] if entry is not None and entry[0]() is names else None
+
+    def put(self, names: NameSet, encoded: Encoded) -> None:
+        key, owner = id(names), weakref.ref(self)
+
+        def drop(ref: weakref.ref[NameSet]) -> None:
+            me = owner()
+            if me is not None and (entry := me._entries.get(key)) and entry[0] is ref:
+                del me._entries[key]
+
+        self._entries[key] = (weakref.ref(names, drop), encoded)
 
 
 class SnapshotError(ValueError):
@@ -62,6 +106,11 @@ class Snapshot:
     _encoded: dict[tuple[str, frozenset[str] | None, ListenAddress], Encoded] = field(
         default_factory=dict, repr=False
     )
+    """Responses for every resource of a type (names None), per listen address."""
+    _by_names: dict[str, _PerNameSet] = field(default_factory=dict, repr=False)
+    """Responses for requested names, per type; each while a stream holds its names."""
+    _listens: set[ListenAddress] = field(default_factory=set, repr=False)
+    """The nodes' own listen addresses cached for (at most MAX_LISTEN_ADDRESSES_CACHED)."""
     _delta: dict[tuple[str, ListenAddress | None], dict[str, tuple[Any, DeltaItem]]] = field(
         default_factory=dict, repr=False
     )
@@ -106,7 +155,8 @@ class Snapshot:
             versions,
             listen,
             retained,
-            _delta={k: dict(v) for k, v in self._delta.items()},
+            # A listener is built anew for each snapshot, so its memo would never hit.
+            _delta={k: dict(v) for k, v in self._delta.items() if k[0] != LISTENER},
         )
         snap.check()
         return snap
@@ -152,15 +202,38 @@ class Snapshot:
     def encoded(
         self, type_url: str, names: frozenset[str] | None, listen: ListenAddress | None = None
     ) -> Encoded:
-        """The response for `names` (None: every resource of the type), encoded once."""
+        """The response for `names` (None: every resource of the type), encoded once
+        per snapshot for a `NameSet` (while a stream holds it) or every resource; other
+        name sets are encoded on each call."""
         if type_url in WILDCARD_TYPES:
             names = None
         listen = (listen or self.listen) if type_url == LISTENER else self.listen
+        if names is not None:
+            if not isinstance(names, NameSet):
+                return self._encode(type_url, names, listen)
+            per_names = self._by_names.setdefault(type_url, _PerNameSet())
+            hit = per_names.get(names)
+            if hit is None:
+                hit = self._encode(type_url, names, listen)
+                per_names.put(names, hit)
+            return hit
         key = (type_url, names, listen)
         hit = self._encoded.get(key)
         if hit is None:
-            hit = self._encoded[key] = self._encode(type_url, names, listen)
+            hit = self._encode(type_url, names, listen)
+            if self._cacheable(listen):
+                self._encoded[key] = hit
         return hit
+
+    def _cacheable(self, listen: ListenAddress | None) -> bool:
+        """May this snapshot cache something for this listen address? Always for the
+        spec's (and None: not per address); for the first MAX_LISTEN_ADDRESSES_CACHED others."""
+        if listen is None or listen == self.listen or listen in self._listens:
+            return True
+        if len(self._listens) < MAX_LISTEN_ADDRESSES_CACHED:
+            self._listens.add(listen)
+            return True
+        return False
 
     def delta_items(
         self, type_url: str, listen: ListenAddress | None = None
@@ -170,7 +243,8 @@ class Snapshot:
         done = self._delta_out.get(key)
         if done is not None:
             return done
-        memo = self._delta.setdefault(key, {})
+        keep = self._cacheable(key[1])
+        memo = self._delta.setdefault(key, {}) if keep else {}
         items = self._items(type_url, key[1] or self.listen)
         out = {}
         for name, msg in items.items():
@@ -186,7 +260,8 @@ class Snapshot:
             out[name] = hit[1]
         for gone in set(memo) - set(items):
             del memo[gone]
-        self._delta_out[key] = out
+        if keep:
+            self._delta_out[key] = out
         return out
 
     def delta_versions(
@@ -197,9 +272,9 @@ class Snapshot:
         hit = self._delta_versions.get(key)
         if hit is None:
             items = self.delta_items(type_url, listen)
-            hit = self._delta_versions[key] = MappingProxyType(
-                {n: item.version for n, item in items.items()}
-            )
+            hit = MappingProxyType({n: item.version for n, item in items.items()})
+            if self._cacheable(key[1]):
+                self._delta_versions[key] = hit
         return hit
 
     def delta_names(self, type_url: str, listen: ListenAddress | None = None) -> frozenset[str]:
@@ -208,7 +283,9 @@ class Snapshot:
         key = (type_url, (listen or self.listen) if type_url == LISTENER else None)
         hit = self._delta_names.get(key)
         if hit is None:
-            hit = self._delta_names[key] = frozenset(versions)
+            hit = frozenset(versions)
+            if self._cacheable(key[1]):
+                self._delta_names[key] = hit
         return hit
 
     def _items(self, type_url: str, listen: ListenAddress) -> Mapping[str, message.Message]:

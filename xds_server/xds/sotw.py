@@ -11,26 +11,32 @@ routes):
 - ACK and NACK are told apart by `error_detail`, never by comparing versions; a NACKed
   version is not sent again: the node keeps its last good config until the config
   changes;
-- a request whose nonce is not the last one sent for its type is stale and ignored.
+- a request whose nonce is not the last one sent for its type is stale and ignored;
+- a request with an empty type_url ends the stream (INVALID_ARGUMENT), one for a type
+  this server does not serve gets an empty response, one naming more than
+  `MAX_NAMES_PER_TYPE` resources ends the stream (RESOURCE_EXHAUSTED).
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
-from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from xds_server.xds.snapshot import ListenAddress, Snapshot, with_nonce
+from xds_server.xds.snapshot import ListenAddress, NameSet, Snapshot, with_nonce
 from xds_server.xds.status import NodeRegistry, NodeStatus
 from xds_server.xds.stream import (
+    MAX_NAMES_PER_TYPE,
+    UNKNOWN_TYPE_VERSION,
+    UnknownTypes,
+    check_names,
+    check_type_url,
     next_nonce,
     record_answer,
     routes_ready,
+    shared_names,
     stale,
-    unsupported,
 )
 from xds_server.xds.types import ROUTE, SEND_ORDER, WILDCARD_TYPES
 
@@ -40,12 +46,12 @@ log = logging.getLogger("xds_server.sotw")
 @dataclass
 class _TypeState:
     subscribed: bool = False
-    names: frozenset[str] | None = None
+    names: NameSet | None = None
     """Requested resource names; None asks for every resource (wildcard)."""
     nonce: str = ""
     in_flight: bool = False
     sent_version: str = ""
-    sent_names: frozenset[str] | None = None
+    sent_names: NameSet | None = None
     sent_resources: frozenset[str] = frozenset()
     acked_resources: frozenset[str] = frozenset()
     answer_due: bool = False
@@ -56,22 +62,30 @@ class SotwStream:
     """The protocol state of one state-of-the-world stream; no I/O."""
 
     def __init__(
-        self, status: NodeStatus, registry: NodeRegistry, listen: ListenAddress | None = None
+        self,
+        status: NodeStatus,
+        registry: NodeRegistry,
+        listen: ListenAddress | None = None,
+        max_names: int = MAX_NAMES_PER_TYPE,
     ) -> None:
         self.status = status
         self.registry = registry
         self.listen = listen
+        self.max_names = max_names
         self.types = {t: _TypeState() for t in SEND_ORDER}
+        self.unknown = UnknownTypes(status, max_names)
         self.held = False
         """Something was due but waited (an answer outstanding, routes not ready)."""
 
     def on_request(self, req: discovery_pb2.DiscoveryRequest) -> bool:
-        """Apply a request; True when it may have made something due (worth a `due`)."""
+        """Apply a request; True when it may have made something due (worth a `due`).
+        Raises StreamError for a request that ends the stream."""
+        check_type_url(req)
+        check_names(req.type_url, len(req.resource_names), self.max_names)
         ts = self.types.get(req.type_url)
         if ts is None:
-            unsupported(self.status, req.type_url)
-            return False
-        names = None if req.type_url in WILDCARD_TYPES else _shared(req.resource_names)
+            return self.unknown.request(req.type_url, (), answer=not req.response_nonce)
+        names = None if req.type_url in WILDCARD_TYPES else shared_names(req.resource_names)
         if req.response_nonce:
             if stale(self.status, req, ts.nonce):
                 return False
@@ -94,7 +108,12 @@ class SotwStream:
         other types: Envoy holds its CDS ACK until a warming cluster has its endpoints,
         so endpoints must flow while clusters are unanswered.
         """
-        out = []
+        out = [
+            discovery_pb2.DiscoveryResponse(
+                version_info=UNKNOWN_TYPE_VERSION, type_url=type_url, nonce=next_nonce()
+            ).SerializeToString()
+            for type_url in self.unknown.take()
+        ]
         self.held = False
         for type_url in SEND_ORDER:
             ts = self.types[type_url]
@@ -114,18 +133,3 @@ class SotwStream:
             self.registry.record_sent(self.status, type_url, version, encoded.body)
             out.append(with_nonce(encoded.body, ts.nonce))
         return out
-
-
-_NAME_SETS: dict[frozenset[str], frozenset[str]] = {}
-
-
-def _shared(names: Any) -> frozenset[str]:
-    """One frozenset object for every stream that asks for the same names: a fleet asks
-    for the same thousands of endpoint names, and a copy per stream adds up."""
-    key = frozenset(names)
-    hit = _NAME_SETS.get(key)
-    if hit is None:
-        if len(_NAME_SETS) > 1000:  # bounded: old subscriptions are dropped
-            _NAME_SETS.clear()
-        hit = _NAME_SETS[key] = frozenset(sys.intern(n) for n in key)
-    return hit

@@ -17,6 +17,23 @@ from xds_server.xds.types import SEND_ORDER, short
 
 log = logging.getLogger("xds_server.status")
 
+ECHO_LIMIT = 100
+"""The most characters of a client-supplied string (node id, region, type URL, nonce)
+that a log line or a gRPC status message repeats: enough to recognise it (real node ids
+and type URLs are shorter), and a status message always fits gRPC's trailers."""
+NACK_ERROR_LIMIT = 1_000
+"""The most characters of a NACK's error_detail kept and logged: Envoy's rejection
+reasons fit, a client cannot fill the log (or the admin API) with megabytes."""
+
+
+def clip(text: str, limit: int = ECHO_LIMIT, *, quote: bool = False) -> str:
+    """`text`, cut to `limit` characters plus "... (N more characters)"; quoted (repr)
+    when `quote`, the suffix outside the quotes."""
+    head = text[:limit]
+    shown = repr(head) if quote else head
+    rest = len(text) - len(head)
+    return f"{shown}... ({rest} more characters)" if rest else shown
+
 
 @dataclass
 class TypeStatus:
@@ -39,6 +56,8 @@ class NodeStatus:
     connected_since: float
     listen: str = ""
     user_agent: str = ""
+    identity: str = ""
+    """The SPIFFE identity of the node's client certificate (xDS over mTLS), else ""."""
     types: dict[str, TypeStatus] = field(
         default_factory=lambda: {t: TypeStatus() for t in SEND_ORDER}
     )
@@ -74,18 +93,25 @@ class NodeRegistry:
         self._listeners: list[Listener] = []
 
     def connect(
-        self, node_id: str, region: str, listen: str = "", user_agent: str = ""
+        self,
+        node_id: str,
+        region: str,
+        listen: str = "",
+        user_agent: str = "",
+        identity: str = "",
     ) -> NodeStatus:
         self._next_id += 1
-        status = NodeStatus(self._next_id, node_id, region, time.time(), listen, user_agent)
+        status = NodeStatus(
+            self._next_id, node_id, region, time.time(), listen, user_agent, identity
+        )
         self._nodes[status.stream_id] = status
         self._per_region[region] += 1
         log.info(
             "node connected: %s region=%s stream=%d%s",
-            node_id,
+            clip(node_id),
             region,
             status.stream_id,
-            f" listen={listen}" if listen else "",
+            f" listen={clip(listen)}" if listen else "",
         )
         self._notify(status)
         return status
@@ -95,7 +121,7 @@ class NodeRegistry:
             self._per_region[status.region] -= 1
             log.info(
                 "node disconnected: %s region=%s stream=%d (%s)",
-                status.node_id,
+                clip(status.node_id),
                 status.region,
                 status.stream_id,
                 reason,
@@ -113,7 +139,7 @@ class NodeRegistry:
         ts.acked_version, ts.acked_at = version, time.time()
         log.debug(
             "ACK from %s region=%s type=%s version=%s",
-            status.node_id,
+            clip(status.node_id),
             status.region,
             short(type_url),
             version,
@@ -121,11 +147,13 @@ class NodeRegistry:
         self._notify(status)
 
     def record_nack(self, status: NodeStatus, type_url: str, version: str, error: str) -> None:
+        """Record a NACK; its error is kept (and logged) cut to NACK_ERROR_LIMIT characters."""
         ts = status.types[type_url]
+        error = clip(error, NACK_ERROR_LIMIT)
         ts.nack_version, ts.nack_error, ts.nack_at = version, error, time.time()
         log.warning(
             "NACK from %s region=%s type=%s version=%s: %s",
-            status.node_id,
+            clip(status.node_id),
             status.region,
             short(type_url),
             version,
