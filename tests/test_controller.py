@@ -22,7 +22,7 @@ import pytest
 from xds_server.rollout.audit import AuditEntry
 from xds_server.rollout.controller import RolloutController
 from xds_server.rollout.judge import Measurement
-from xds_server.rollout.ports import Committed
+from xds_server.rollout.ports import Committed, QueryCheck
 from xds_server.rollout.state import (
     PAUSED,
     PROGRESSING,
@@ -228,6 +228,8 @@ class ScriptedMetricSource:
         self.stalled: dict[str, asyncio.Event] = {}
         self.problems: list[str] = []
         """What `check_queries` reports (a rollout with problems cannot be judged)."""
+        self.unreachable: str | None = None
+        """Why `check_queries` could not ask the source, as a hanging Prometheus."""
         self.calls: list[MeasureCall] = []
         self.check_calls: list[tuple[str, str, str | None]] = []
         self.health_calls = 0
@@ -261,9 +263,9 @@ class ScriptedMetricSource:
 
     async def check_queries(
         self, plan: RolloutPlan, region: str, cluster: str, serving: str | None = None
-    ) -> list[str]:
+    ) -> QueryCheck:
         self.check_calls.append((region, cluster, serving))
-        return list(self.problems)
+        return QueryCheck(tuple(self.problems), self.unreachable)
 
 
 class RecordingSink:
@@ -769,3 +771,52 @@ def test_a_canary_that_cannot_be_judged_starts_paused(rig: Rig) -> None:
     assert rig.state().phase == PAUSED and steps(rig.state()) == {0}
     assert rig.state().reason.startswith("configuration error: query 'errors'")
     assert [p.traffic for p in rig.pushes] == [everywhere(AT_5)]
+
+
+def test_a_source_that_cannot_be_asked_at_start_is_audited_and_the_rollout_holds(
+    rig: Rig,
+) -> None:
+    """A hanging Prometheus at start: not a configuration error (no pause), but said in
+    the log and the audit; the first step then holds for want of evidence."""
+    rig.metrics.unreachable = "Prometheus unreachable at http://127.0.0.1:9: ReadTimeout"
+
+    async def body() -> None:
+        await rig.start()
+
+    run(body())
+    assert rig.state().phase == PROGRESSING
+    notes = [e for e in rig.store.audit(SERVICE) if e.kind == "check" and e.region is None]
+    assert len(notes) == 1 and "ReadTimeout" in notes[0].reason
+    assert "holds until the metrics answer" in notes[0].reason
+
+
+def test_metrics_that_never_answer_are_no_evidence_and_max_hold_is_kept_by_the_clock(
+    tmp_path: Path,
+) -> None:
+    """Every region's queries hang: each interval is judged as no data (and audited),
+    the step never advances, and once the hold reaches max_hold the plan's rule applies
+    (error_rate's `on_no_data: pause` by default), however long the queries would take."""
+    r = make_rig(tmp_path, make_spec(max_hold="4s"))
+
+    async def body() -> None:
+        await r.start()
+        for region in REGIONS:
+            r.metrics.stalled[region] = asyncio.Event()  # never set
+        for _ in range(12):
+            if r.state().phase != PROGRESSING:
+                break
+            await asyncio.wait_for(r.tick(), timeout=10)
+        for event in r.metrics.stalled.values():
+            event.set()
+
+    run(body())
+    assert r.state().phase == PAUSED
+    assert "no evidence for 4s" in r.state().reason and "no answer within" in r.state().reason
+    assert steps(r.state()) == {0}
+    holds = [
+        e
+        for e in r.store.audit(SERVICE)
+        if e.kind == "check" and e.verdict and e.verdict["outcome"] == "no_data"
+    ]
+    assert holds and all("no answer within" in e.reason for e in holds)
+    r.store.close()

@@ -186,6 +186,7 @@ def test_prometheus_config_and_alert_rules_pass_promtool() -> None:
         "XdsNodesNacking",
         "XdsNodesStale",
         "XdsControlPlaneDown",
+        "XdsStateStoreFailing",
     } <= alerts
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from xds_server.rollout import decide as sm
 from xds_server.rollout.audit import transition_entry
+from xds_server.rollout.ports import StoreWriteError
 from xds_server.rollout.store import Store
 from xds_server.spec import RolloutPlan
 
@@ -41,6 +42,6 @@ def test_a_failed_write_records_nothing(tmp_path: Path) -> None:
     store = Store.in_dir(tmp_path)
     d = sm.start(RolloutPlan(), "svc", "v2", ("a",), now=1.0)
     entry = transition_entry(d.state, d.transitions[0], 1.0, None, None, None, 1)
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(StoreWriteError, match="NOT NULL"):
         store.record(d.state, [entry, replace(entry, reason=None)])  # type: ignore[arg-type]
     assert store.load_rollouts() == [] and store.audit() == []

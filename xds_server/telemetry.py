@@ -11,6 +11,7 @@ import asyncio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from xds_server.outputs.istio_apply import IstioApplier, RegionApplyStatus
+from xds_server.rollout.controller import StoreHealth
 from xds_server.rollout.decide import EntryKind
 from xds_server.rollout.ports import Committed
 from xds_server.rollout.state import PHASE_GAUGES, PROGRESSING
@@ -26,6 +27,7 @@ SYNC_STATES = ("SYNCED", "STALE", "NACKED", "NOT SENT")
 class Telemetry:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._store_failures_seen = 0
         r = self.registry
         self.weight = Gauge(
             "xds_traffic_weight_percent",
@@ -79,6 +81,28 @@ class Telemetry:
             ["region", "state"],
             registry=r,
         )
+        self._store_metrics(r)
+        self._istio_metrics(r)
+
+    def _store_metrics(self, r: CollectorRegistry) -> None:
+        self.store_writable = Gauge(
+            "xds_store_writable",
+            "1 while the rollout state store accepts writes, 0 while they fail",
+            registry=r,
+        )
+        self.store_writable.set(1)
+        self.store_failures = Counter(
+            "xds_store_write_failures",
+            "Failed writes to the rollout state store (retries included)",
+            registry=r,
+        )
+        self.store_unsaved = Gauge(
+            "xds_store_unsaved_rollbacks",
+            "Rollbacks pushed to the data plane but not yet committed to the store",
+            registry=r,
+        )
+
+    def _istio_metrics(self, r: CollectorRegistry) -> None:
         self.istio_applies = Counter(
             "xds_istio_apply",
             "Server-side applies of a region's Istio objects to its cluster, by result",
@@ -124,6 +148,14 @@ class Telemetry:
                 split = traffic.split(service, region).percent()
                 for pool in POOL_NAMES:
                     self.weight.labels(service, region, pool).set(split[pool])
+
+    def on_store_health(self, health: StoreHealth) -> None:
+        self.store_writable.set(1 if health.ok else 0)
+        self.store_unsaved.set(health.unsaved_rollbacks)
+        grown = health.failed_writes - self._store_failures_seen
+        if grown > 0:
+            self.store_failures.inc(grown)
+            self._store_failures_seen = health.failed_writes
 
     def attach_istio(self, applier: IstioApplier) -> None:
         """Apply results and pending state per region, from the `istio` output mode."""

@@ -9,6 +9,12 @@ had announced.
 
 It talks to the world only through ports: `StateStore`, `MetricSource`, `DataPlane`
 and `TrafficSink`s (rollout/ports.py, xds/dataplane.py).
+
+Commit discipline, when the store fails (a full disk, an I/O error): the in-memory
+state never runs ahead of what is committed, and a step forward is never announced or
+pushed without its commit. A rollback is the exception, safety first: it is pushed even
+when it cannot be written, kept, and committed as soon as the store works again (before
+anything else is). Failures are logged, counted and shown (`store_health`).
 """
 
 from __future__ import annotations
@@ -17,20 +23,51 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from xds_server.rollout import decide as sm
-from xds_server.rollout.audit import decision_entries
+from xds_server.rollout.audit import AuditEntry, decision_entries
 from xds_server.rollout.decide import Decision, Observation, RegionEvent
 from xds_server.rollout.observe import Observer
-from xds_server.rollout.ports import Committed, MetricSource, StateStore, TrafficSink
-from xds_server.rollout.state import LIVE, RolloutState, current_rollouts, rollout_traffic
+from xds_server.rollout.ports import (
+    Committed,
+    MetricSource,
+    StateStore,
+    StoreWriteError,
+    TrafficSink,
+)
+from xds_server.rollout.state import (
+    LIVE,
+    PROGRESSING,
+    RolloutState,
+    current_rollouts,
+    rollout_traffic,
+)
 from xds_server.spec import MeshSpec, Service
 from xds_server.traffic import TrafficState, WeightError
 from xds_server.xds.dataplane import DataPlane
 from xds_server.xds.resources import cluster_name
 
 log = logging.getLogger("xds_server.rollout")
+
+STORE_RETRY_SECONDS = 1.0
+
+
+class StoreUnavailable(Exception):
+    """A decision that was not made because the store cannot be written (nothing changed)."""
+
+
+@dataclass(frozen=True)
+class StoreHealth:
+    ok: bool = True
+    error: str = ""
+    """The last write error, while failing."""
+    since: float | None = None
+    """When the current run of failed writes began."""
+    failed_writes: int = 0
+    """Every failed write since start (retries included)."""
+    unsaved_rollbacks: int = 0
+    """Rollbacks pushed to the data plane but not committed yet."""
 
 
 class RolloutController:
@@ -56,6 +93,11 @@ class RolloutController:
         """The weights last given to the data plane."""
         self._next_due: dict[str, float] = {}
         self._sinks: list[TrafficSink] = []
+        self.store_health = StoreHealth()
+        self._store_watchers: list[Callable[[StoreHealth], None]] = []
+        self._unsaved: list[tuple[RolloutState, list[AuditEntry]]] = []
+        """Rollbacks pushed but not committed, oldest first."""
+        self._retry_at = 0.0
 
     @property
     def spec(self) -> MeshSpec:
@@ -66,6 +108,10 @@ class RolloutController:
         unsubscribe."""
         self._sinks.append(sink)
         return lambda: self._sinks.remove(sink)
+
+    def watch_store(self, listener: Callable[[StoreHealth], None]) -> None:
+        """Call `listener` on every failed write and on recovery."""
+        self._store_watchers.append(listener)
 
     def traffic(self) -> TrafficState:
         """The weights every rollout's state implies; production only where none."""
@@ -122,6 +168,7 @@ class RolloutController:
     async def run(self) -> None:
         while True:
             try:
+                self.retry_store()
                 await self.reconcile()
                 now = self.clock()
                 due = [
@@ -131,6 +178,8 @@ class RolloutController:
                 ]
                 if due:
                     await asyncio.gather(*(self.tick(s) for s in due))
+            except StoreUnavailable:
+                pass  # logged when the store began to fail; retried next interval
             except Exception:
                 log.exception("controller loop error; continuing")
             await asyncio.sleep(self.tick_seconds)  # the loop's period, not a wait for state
@@ -179,12 +228,22 @@ class RolloutController:
                 for region in self.spec.regions
             )
         )
-        problems = sorted({p for found in checks for p in found})
+        problems = sorted({p for found in checks for p in found.problems})
         if problems:
             why = "configuration error: " + "; ".join(problems)
             log.error("rollout of %s %s cannot be judged: %s", svc.name, version, why)
             paused = sm.pause(decision.state, self.clock(), why)
             decision = Decision(paused.state, decision.transitions + paused.transitions)
+        elif unreachable := sorted({c.unreachable for c in checks if c.unreachable}):
+            why = (
+                f"queries not checked at start: {'; '.join(unreachable)}; "
+                "each step holds until the metrics answer"
+            )
+            log.warning("rollout of %s %s: %s", svc.name, version, why)
+            note = sm.Transition(
+                None, PROGRESSING, PROGRESSING, -1, 0, why, kind=sm.EntryKind.CHECK
+            )
+            decision = replace(decision, transitions=(*decision.transitions, note))
         log.info(
             "rollout of %s: canary %s has not been rolled out yet: starting", svc.name, version
         )
@@ -222,15 +281,34 @@ class RolloutController:
     # ---- committing ----
 
     def commit(self, svc: Service, decision: Decision, actor: str = "controller") -> None:
-        """Persist the decision with its audit entries, then push its weights."""
+        """Persist the decision with its audit entries, then push its weights.
+
+        When the store cannot be written: a decision that moves the rollout (a phase, a
+        step, weights) raises StoreUnavailable and changes nothing; a rollback is pushed
+        all the same and saved later; a decision that only keeps the books of a step
+        (its clock, failures in a row, a hold) stands in memory, so judging goes on, and
+        is saved with the next write that succeeds (its check entries are lost)."""
         now = self.clock()
         before = self._pushed
         after = rollout_traffic(self.spec, {**self.rollouts, svc.name: decision.state})
         changed = before.regions_changed(after)
         versions = {r: self.dataplane.next_version(r) for r in changed}
-        self.store.record(
-            decision.state, decision_entries(decision, before, after, versions, now, actor)
-        )
+        entries = decision_entries(decision, before, after, versions, now, actor)
+        if not self._save(decision.state, entries, critical=decision.rollback):
+            if decision.rollback:
+                log.error(
+                    "pushing the rollback of %s %s although it is not saved; it is saved "
+                    "as soon as the store works again",
+                    svc.name,
+                    decision.state.canary_version,
+                )
+                self._unsaved.append((decision.state, entries))
+                self._set_store_health(unsaved_rollbacks=len(self._unsaved))
+            elif changed or _moves(self.rollouts.get(svc.name), decision.state):
+                raise StoreUnavailable(
+                    f"the state store cannot be written ({self.store_health.error}): "
+                    "nothing was changed"
+                )
         self.rollouts[svc.name] = decision.state
         for t in decision.transitions:
             log.log(
@@ -245,6 +323,70 @@ class RolloutController:
             )
         reason = "rollback" if decision.rollback else "rollout step"
         self._push(urgent=True, reason=reason, decision=decision, actor=actor)
+
+    # ---- the store's health ----
+
+    def retry_store(self) -> None:
+        """Save the rollbacks pushed while the store failed, once a retry is due."""
+        if self._unsaved and self.clock() >= self._retry_at:
+            self._save_unsaved()
+
+    def _save(self, state: RolloutState, entries: list[AuditEntry], *, critical: bool) -> bool:
+        """Write unsaved rollbacks first (in order), then this; False if anything failed."""
+        if not self._save_unsaved():
+            return False
+        try:
+            self.store.record(state, entries, critical=critical)
+        except StoreWriteError as exc:
+            self._store_failed(str(exc))
+            return False
+        self._store_ok()
+        return True
+
+    def _save_unsaved(self) -> bool:
+        if not self._unsaved:
+            return True
+        while self._unsaved:
+            state, entries = self._unsaved[0]
+            try:
+                self.store.record(state, entries, critical=True)
+            except StoreWriteError as exc:
+                self._store_failed(str(exc))
+                return False
+            self._unsaved.pop(0)
+            log.warning(
+                "saved the rollback of %s %s pushed while the store was failing",
+                state.service,
+                state.canary_version,
+            )
+        self._store_ok()
+        return True
+
+    def _store_failed(self, error: str) -> None:
+        now = self.clock()
+        self._retry_at = now + STORE_RETRY_SECONDS
+        health = self.store_health
+        if health.ok:
+            log.error("the state store cannot be written: %s", error)
+        self._set_store_health(
+            ok=False,
+            error=error,
+            since=health.since if not health.ok else now,
+            failed_writes=health.failed_writes + 1,
+        )
+
+    def _store_ok(self) -> None:
+        health = self.store_health
+        if health.ok and health.unsaved_rollbacks == len(self._unsaved):
+            return
+        if not health.ok:
+            log.warning("the state store works again (failing since %.0f)", health.since or 0)
+        self._set_store_health(ok=True, error="", since=None, unsaved_rollbacks=len(self._unsaved))
+
+    def _set_store_health(self, **changes: object) -> None:
+        self.store_health = replace(self.store_health, **changes)  # type: ignore[arg-type]
+        for listener in list(self._store_watchers):
+            listener(self.store_health)
 
     # ---- operator actions (the admin API) ----
     # Each raises KeyError for an unknown service or region, ValueError when the rollout's
@@ -296,3 +438,20 @@ class RolloutController:
         decision = act(state, self.clock())
         self.commit(self.spec.service(service), decision, actor=actor)
         return decision.state
+
+
+def _moves(old: RolloutState | None, new: RolloutState) -> bool:
+    """Does `new` change where the rollout stands (its phase, a region's phase, step or
+    hand-set weights), rather than only the books of the current step?"""
+    if old is None or old.phase != new.phase or old.wave != new.wave:
+        return True
+    for region, rs in new.regions.items():
+        was = old.regions.get(region)
+        if was is None or (was.phase, was.step, was.manual_canary, was.manual_baseline) != (
+            rs.phase,
+            rs.step,
+            rs.manual_canary,
+            rs.manual_baseline,
+        ):
+            return True
+    return False

@@ -8,10 +8,13 @@ which the judge treats as "no evidence" (hold, never promote).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import requests
 from prometheus_api_client import PrometheusConnect
@@ -19,8 +22,11 @@ from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
 from xds_server.rollout.judge import Measurement
+from xds_server.rollout.ports import QueryCheck
 from xds_server.rollout.stats import Buckets
 from xds_server.spec import RolloutPlan
+
+T = TypeVar("T")
 
 
 class QueryError(Exception):
@@ -41,6 +47,12 @@ class PrometheusSource:
 
     url: str
     timeout: float = 2.0
+    """Per query: to connect, and to read the answer."""
+    _threads: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(16, thread_name_prefix="prometheus"),
+        init=False,
+        repr=False,
+    )
 
     def _client(self) -> PrometheusConnect:
         return PrometheusConnect(url=self.url, retry=Retry(total=0), timeout=self.timeout)
@@ -126,19 +138,25 @@ class PrometheusSource:
         p99: bool = True,
         buckets: bool = False,
     ) -> Measurement:
-        return await asyncio.to_thread(
+        return await self._in_thread(
             lambda: self.measure_sync(plan, region, cluster, window_s, p99=p99, buckets=buckets)
         )
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Queries run in threads of their own: a hanging Prometheus holds these (each
+        query for at most `timeout`), never the threads the rest of the server uses."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, functools.partial(fn, *args))
 
     async def pool_health(
         self, plan: RolloutPlan, region: str, cluster: str
     ) -> tuple[float, float]:
-        return await asyncio.to_thread(self.pool_health_sync, plan, region, cluster)
+        return await self._in_thread(self.pool_health_sync, plan, region, cluster)
 
     async def check_queries(
         self, plan: RolloutPlan, region: str, cluster: str, serving: str | None = None
-    ) -> list[str]:
-        return await asyncio.to_thread(self.check_queries_sync, plan, region, cluster, serving)
+    ) -> QueryCheck:
+        return await self._in_thread(self.check_queries_sync, plan, region, cluster, serving)
 
     def pool_health_sync(self, plan: RolloutPlan, region: str, cluster: str) -> tuple[float, float]:
         """(hosts, healthy hosts) summed over the region's Envoys, as the Envoys see them."""
@@ -151,46 +169,45 @@ class PrometheusSource:
 
     def check_queries_sync(
         self, plan: RolloutPlan, region: str, cluster: str, serving: str | None = None
-    ) -> list[str]:
-        """Run every template once; return the problems that make the rollout unjudgeable.
+    ) -> QueryCheck:
+        """Run every template once; say what makes the rollout unjudgeable.
 
-        A template that Prometheus rejects is one. So is a template that returns nothing
-        for `serving`, a pool that is receiving traffic right now: it would never
-        return data for the canary either, and the judge would wait on it forever.
+        A template that Prometheus rejects is a problem. So is a template that returns
+        nothing for `serving`, a pool that is receiving traffic right now: it would never
+        return data for the canary either, and the judge would wait on it forever. An
+        unreachable or hanging Prometheus ends the check at its first query.
         """
-        problems = []
+        problems: list[str] = []
         client = self._client()
         window = window_text(plan.window)
-        for key, template in plan.queries.items():
-            try:
-                fill = template.format(region=region, cluster=cluster, window=window)
-                self.buckets(fill, client) if key == "latency_buckets" else self.query(fill, client)
-            except QueryError as exc:
-                if exc.bad_query:
-                    problems.append(f"query {key!r} is rejected by Prometheus: {exc}")
-        if serving is None:
-            return problems
+
+        def run(key: str, pool: str) -> object:
+            fill = plan.queries[key].format(region=region, cluster=pool, window=window)
+            return (self.buckets if key == "latency_buckets" else self.query)(fill, client)
+
         try:
-
-            def run(key: str) -> object:
-                fill = plan.queries[key].format(region=region, cluster=serving, window=window)
-                return (self.buckets if key == "latency_buckets" else self.query)(fill, client)
-
-            if not run("requests"):
-                return problems  # no traffic to tell from: nothing more to check
+            for key in plan.queries:
+                try:
+                    run(key, cluster)
+                except QueryError as exc:
+                    if not exc.bad_query:
+                        raise
+                    problems.append(f"query {key!r} is rejected by Prometheus: {exc}")
+            if serving is None or problems or not run("requests", serving):
+                return QueryCheck(tuple(problems))  # no traffic to tell from: no more
             # "errors" is legitimately empty until the first error; the rest must answer.
             needed = ["p99_ms", "hosts", "healthy_hosts"]
             if plan.needs_latency_buckets:
                 needed.append("latency_buckets")
             for key in needed:
-                if run(key) is None:
+                if run(key, serving) is None:
                     problems.append(
                         f"query {key!r} returns no data for {serving} in {region}, "
                         "which receives traffic: check the template and its labels"
                     )
-        except QueryError:
-            pass  # unreachable or rejected: reported above or retried later
-        return problems
+        except QueryError as exc:
+            return QueryCheck(tuple(problems), unreachable=str(exc))
+        return QueryCheck(tuple(problems))
 
 
 def _api_error(exc: PrometheusApiClientException) -> str:

@@ -9,12 +9,13 @@ observation alone means rollback never waits for a slow query elsewhere.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from xds_server.rollout.decide import Observation
-from xds_server.rollout.judge import Comparison
+from xds_server.rollout.judge import Comparison, Measurement
 from xds_server.rollout.ports import MetricSource
 from xds_server.rollout.state import LIVE, RolloutState
 from xds_server.rollout.webhooks import hook_context, run_webhooks
@@ -22,6 +23,8 @@ from xds_server.spec import RolloutPlan, Service
 from xds_server.traffic import Split, TrafficState
 from xds_server.xds.dataplane import DataPlane, Pending, Rejected
 from xds_server.xds.resources import cluster_name
+
+log = logging.getLogger("xds_server.observe")
 
 Seen = Callable[[str, Observation], bool]
 """Told each region's observation as it comes; True: enough seen, stop waiting."""
@@ -33,6 +36,14 @@ def comparator_pool(svc: Service, split: Split) -> str | None:
     if svc.has_baseline and (split.baseline or split.shadow):
         return "baseline"
     return "production" if split.production else None
+
+
+def _unanswered(obs: Observation, budget: float) -> Observation:
+    """A warming region waits on; a measured region gets numbers that say why it has none."""
+    if obs.applied_at is None:
+        return Observation(warmup_pending=(f"health not known within {budget:g}s",))
+    nothing = Measurement(problem=f"no answer within {budget:g}s")
+    return replace(obs, canary=nothing, step=Comparison(nothing, nothing, ""))
 
 
 class Observer:
@@ -71,7 +82,7 @@ class Observer:
             split = traffic.effective(svc, region)
             job = self._measure(svc, region, obs, now - started, comparator_pool(svc, split))
             pending[asyncio.create_task(job)] = region
-        deadline = now + max(plan.interval, 0.5)
+        budget = max(plan.interval, 0.5)
         try:
             for region, obs in list(out.items()):
                 if obs.apply_error and seen(region, obs):
@@ -79,7 +90,7 @@ class Observer:
             while pending:
                 done, _ = await asyncio.wait(
                     pending,
-                    timeout=max(0.0, deadline - self.clock()),
+                    timeout=max(0.0, now + budget - self.clock()),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 if not done:
@@ -92,14 +103,20 @@ class Observer:
         finally:
             for task in pending:
                 task.cancel()
+        for region in pending.values():
+            # No answer within the interval is no evidence, judged (and audited) as such:
+            # the step holds, and its hold reaches max_hold by the clock.
+            log.warning("%s %s: metrics did not answer within %gs", svc.name, region, budget)
+            out[region] = _unanswered(out.get(region, Observation()), budget)
         return out
 
     def applied(self, region: str, plan: RolloutPlan, now: float) -> Observation:
         """Has every Envoy of the region ACKed the routes that carry the current weights?"""
         status = self.dataplane.routes_applied(region)
         if isinstance(status, Rejected):
+            who = f"{status.node} ({status.identity})" if status.identity else status.node
             return Observation(
-                apply_error=f"Envoy {status.node} rejected routes {status.version}: {status.error}"
+                apply_error=f"Envoy {who} rejected routes {status.version}: {status.error}"
             )
         if isinstance(status, Pending):
             if now - status.since > plan.ack_timeout:

@@ -24,6 +24,16 @@ from xds_server.spec import MeshSpec, RolloutPlan
 from xds_server.traffic import TrafficState
 
 
+@dataclass(frozen=True)
+class QueryCheck:
+    problems: tuple[str, ...] = ()
+    """What makes the rollout unjudgeable: a query rejected, or one that returns nothing
+    for a pool that takes traffic now. A configuration error: the rollout pauses."""
+    unreachable: str | None = None
+    """Why the source could not be asked (down, or no answer in time): not a
+    configuration error; the steps hold until it answers."""
+
+
 class MetricSource(Protocol):
     """Canary, baseline and production health, as the region's Envoys report it. A
     failure never raises: it is a Measurement with a `problem` (no evidence)."""
@@ -47,21 +57,28 @@ class MetricSource(Protocol):
 
     async def check_queries(
         self, plan: RolloutPlan, region: str, cluster: str, serving: str | None = None
-    ) -> list[str]:
-        """The problems that make a rollout unjudgeable (a query rejected, or empty for
-        `serving`, a pool that takes traffic now)."""
+    ) -> QueryCheck:
+        """Run every query once, at a rollout's start (bounded in time)."""
         ...
+
+
+class StoreWriteError(Exception):
+    """A `StateStore.record` that committed nothing; the message says why."""
 
 
 class StateStore(Protocol):
     """Rollout state and the append-only audit log. `record` is atomic: the state and
-    its entries are committed together, or neither is."""
+    its entries are committed together, or neither is (StoreWriteError)."""
 
     def load_rollouts(self) -> list[RolloutState]: ...
 
     def rollout(self, service: str, version: str) -> RolloutState | None: ...
 
-    def record(self, state: RolloutState, entries: Sequence[AuditEntry]) -> None: ...
+    def record(
+        self, state: RolloutState, entries: Sequence[AuditEntry], *, critical: bool = False
+    ) -> None:
+        """`critical`: a rollback, which may use room kept for it (a full disk)."""
+        ...
 
     def audit(
         self,
@@ -103,4 +120,11 @@ class TrafficSink(Protocol):
     def follow(self, event: Committed) -> None: ...
 
 
-__all__ = ["Committed", "MetricSource", "StateStore", "TrafficSink"]
+__all__ = [
+    "Committed",
+    "MetricSource",
+    "QueryCheck",
+    "StateStore",
+    "StoreWriteError",
+    "TrafficSink",
+]

@@ -3,12 +3,19 @@
 A decision is committed here (fsync'd: synchronous=FULL) before its weights are pushed,
 so a server killed at any moment restarts at the step it had announced, never earlier.
 The audit table refuses UPDATE and DELETE by trigger.
+
+A full disk must not keep a rollback from being written: the store keeps a reserve file
+(`STATE_DIR/reserve`, RESERVE_BYTES) that it deletes to make room for a critical write
+(a rollback) that failed for want of space, and puts back once writes succeed again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
+import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import astuple, fields
@@ -16,9 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from xds_server.rollout.audit import AuditEntry
+from xds_server.rollout.ports import StoreWriteError
 from xds_server.rollout.state import RolloutState, state_from_json, state_to_json
 
+log = logging.getLogger("xds_server.store")
+
 FILE_NAME = "rollouts.sqlite3"
+RESERVE_NAME = "reserve"
+RESERVE_BYTES = 4 * 1024 * 1024
+"""Room kept for rollbacks: a rollback's commit writes a few pages (tens of KB), so this
+holds many even when every other byte of the disk is taken."""
 _JSON_COLUMNS = ("weights_before", "weights_after", "measurements", "verdict")
 _COLUMNS = tuple(f.name for f in fields(AuditEntry) if f.name != "id")
 
@@ -74,6 +88,8 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        self.reserve = self.path.parent / RESERVE_NAME
+        self._keep_reserve()
 
     @classmethod
     def in_dir(cls, state_dir: str | Path) -> Store:
@@ -107,8 +123,26 @@ class Store:
         ).fetchone()
         return state_from_json(row[0]) if row else None
 
-    def record(self, state: RolloutState, entries: Sequence[AuditEntry]) -> None:
-        """Save the state and its audit entries in one transaction."""
+    def record(
+        self, state: RolloutState, entries: Sequence[AuditEntry], *, critical: bool = False
+    ) -> None:
+        """Save the state and its audit entries in one transaction, or raise
+        StoreWriteError with nothing saved. `critical` (a rollback): if the disk is full,
+        spend the reserve and try once more."""
+        try:
+            self._record(state, entries)
+        except sqlite3.Error as exc:
+            if not (critical and _out_of_space(exc) and self._release_reserve()):
+                raise StoreWriteError(f"cannot write {self.path}: {exc}") from None
+            try:
+                self._record(state, entries)
+            except sqlite3.Error as again:
+                raise StoreWriteError(f"cannot write {self.path}: {again}") from None
+            log.warning("wrote a rollback with the space reserved for it; disk still full")
+            return
+        self._keep_reserve()
+
+    def _record(self, state: RolloutState, entries: Sequence[AuditEntry]) -> None:
         with self._transaction():
             self.db.execute(
                 "INSERT INTO rollouts (service, canary_version, state, updated_at) "
@@ -126,15 +160,42 @@ class Store:
                     tuple(row.values()),
                 )
 
+    def _keep_reserve(self) -> None:
+        """Make sure the reserve exists (cheap when it does); quietly later if no room."""
+        try:
+            if self.reserve.stat().st_size >= RESERVE_BYTES:
+                return
+        except FileNotFoundError:
+            pass
+        try:
+            with open(self.reserve, "wb") as f:
+                os.posix_fallocate(f.fileno(), 0, RESERVE_BYTES)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                self.reserve.unlink()
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+
+    def _release_reserve(self) -> bool:
+        try:
+            self.reserve.unlink()
+        except FileNotFoundError:
+            return False
+        log.warning("state disk full: released %s to write a rollback", self.reserve)
+        return True
+
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            # SQLite may have rolled back already (a full disk does that).
+            if self.db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
 
     # ---- audit ----
 
@@ -184,6 +245,10 @@ class Store:
                 rec[key] = json.loads(rec[key]) if rec[key] else None
             out.append(AuditEntry(**rec))
         return out
+
+
+def _out_of_space(exc: sqlite3.Error) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
 
 
 def _dump(value: Any) -> str | None:

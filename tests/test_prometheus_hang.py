@@ -1,0 +1,90 @@
+"""A Prometheus that hangs (SIGSTOP: it still accepts connections, it never answers),
+with real Envoys, a real `xds-server serve` and load through them.
+
+A timed-out query is no evidence, logged and audited like any other; a hang at the
+start of a rollout costs one bounded check and a note in the audit; during a step the
+step holds, and `max_hold` is kept by the clock whatever the queries do.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from xds_server.lab.mesh import LocalMesh, MeshOptions
+from xds_server.lab.procs import wait_for
+from xds_server.lab.run import FAST_PLAN
+
+MAX_HOLD = 8
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[LocalMesh]:
+    plan = {**FAST_PLAN, "max_hold": f"{MAX_HOLD}s", "on_max_hold": "pause"}
+    m = LocalMesh(tmp_path / "mesh", MeshOptions(rollout=plan, load_rate=50))
+    with m:
+        load = m.start_load()
+        wait_for(lambda: len(load.snapshot()) >= 30, 10, "load through every Envoy")
+        yield m
+
+
+def steps(mesh: LocalMesh) -> set[int]:
+    st = mesh.rollout_state()
+    return {r["step"] for r in st["regions"].values()} if st else set()
+
+
+def hang(mesh: LocalMesh) -> None:
+    assert mesh.prometheus is not None
+    mesh.prometheus.signal(signal.SIGSTOP)
+
+
+def answer(mesh: LocalMesh) -> None:
+    assert mesh.prometheus is not None
+    mesh.prometheus.signal(signal.SIGCONT)
+
+
+def test_a_hanging_prometheus_is_no_evidence_and_max_hold_is_kept(mesh: LocalMesh) -> None:
+    # A hang at the start: the rollout starts after one bounded check, and says so.
+    hang(mesh)
+    try:
+        mesh.begin_rollout()
+        wait_for(lambda: mesh.rollout_state() is not None, 30, "the rollout to start")
+        notes = [e for e in mesh.audit() if e.kind == "check" and e.region is None]
+        assert notes and "queries not checked at start" in notes[0].reason, notes
+        # While it hangs, step 0 is judged as no data and nothing advances.
+        wait_for(
+            lambda: any(
+                e.kind == "check" and e.verdict and e.verdict["outcome"] == "no_data"
+                for e in mesh.audit()
+            ),
+            15,
+            "a no-data check while Prometheus hangs",
+        )
+        assert steps(mesh) == {0}
+    finally:
+        answer(mesh)
+    wait_for(lambda: steps(mesh) == {1}, 60, "every region at step 1 once it answers")
+
+    # A hang during a step: the step holds, and max_hold pauses it during the hang.
+    hung_at = time.time()
+    hang(mesh)
+    try:
+        state = mesh.wait_phase({"paused", "rolled_back", "promoted"}, 60)
+    finally:
+        answer(mesh)
+    assert state["phase"] == "paused", state
+    assert f"no evidence for {MAX_HOLD}s" in state["reason"], state["reason"]
+    assert steps(mesh) == {1}
+    holds = [
+        e
+        for e in mesh.audit()
+        if e.time >= hung_at and e.kind == "check" and e.verdict["outcome"] == "no_data"
+    ]
+    assert holds, "the hold is audited"
+    assert all("no answer within" in e.reason or "Timeout" in e.reason for e in holds), [
+        e.reason for e in holds
+    ]
