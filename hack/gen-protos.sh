@@ -2,7 +2,8 @@
 # Compile the project's own protos (protos/) into Python with grpcio-tools.
 # Output goes to the repository root, so protos/xds_server/admin/v1/admin.proto becomes
 # xds_server/admin/v1/admin_pb2*.py: that folder holds generated code only. Never edit
-# it by hand; tests/test_protos.py checks that regenerating changes nothing.
+# it by hand; tests/test_admin.py::test_generated_protos_are_up_to_date checks that
+# regenerating changes nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-.}"

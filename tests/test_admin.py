@@ -213,12 +213,12 @@ def test_rollout_control_through_xdsctl(mesh: LocalMesh) -> None:
         watcher.terminate()
         watcher.wait(10)
         watch_log.close()
-    actions = [e for e in events if e["actor"] == "test-operator"]
+    actions = [e for e in events if e["actor"] == "admin (claims: test-operator)"]
     assert [e["rollout"]["phase"] for e in actions][-1] == "rolled_back"
     assert any("look closer" in t for e in actions for t in e["transitions"])
     # Every change is in the audit log with who and why.
     audit = xdsctl(port, "audit", "--service", "recommender", "--since", "10m")
-    mine = [e for e in audit if e["actor"] == "test-operator"]
+    mine = [e for e in audit if e["actor"] == "admin (claims: test-operator)"]
     reasons = " ".join(e["reason"] for e in mine)
     for why in ("look closer", "fine", "hurry", "probe", "enough"):
         assert why in reasons

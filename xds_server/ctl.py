@@ -33,6 +33,16 @@ class CtlError(Exception):
     """A failure to report as one line."""
 
 
+class UsageError(CtlError):
+    """A command-line mistake: one line, exit code 2."""
+
+
+STATUS_MARK = "x-xds-admin"
+"""Trailing metadata the admin API puts on every status it sends itself (a copy of
+admin/service.py's): with it, UNAVAILABLE is the server's answer, not a transport failure."""
+MAX_LIMIT = 2**31 - 1
+
+
 # ---- output ----
 
 
@@ -87,6 +97,8 @@ class Admin:
         self.metadata = [("x-xds-actor", args.actor)]
         if args.token_file:
             token = Path(args.token_file).read_text().strip()
+            if not token or "\n" in token:
+                raise UsageError(f"--token-file {args.token_file}: expected one line, the token")
             self.metadata.append(("authorization", f"Bearer {token}"))
         self.timeout = args.timeout
 
@@ -102,7 +114,8 @@ class Admin:
 
 def cmd_status(args: argparse.Namespace, admin: Admin) -> None:
     nodes = admin.call("ListNodes", admin_pb2.ListNodesRequest()).nodes
-    rollouts = admin.call("ListRollouts", admin_pb2.ListRolloutsRequest()).rollouts
+    listed = admin.call("ListRollouts", admin_pb2.ListRolloutsRequest())
+    rollouts, store = listed.rollouts, listed.store
     istio = admin.call("GetIstioApplyStatus", admin_pb2.GetIstioApplyStatusRequest())
     by_region: dict[str, dict[str, int]] = {}
     for n in nodes:
@@ -121,11 +134,15 @@ def cmd_status(args: argparse.Namespace, admin: Admin) -> None:
             for r in rollouts
         ],
     }
+    if store.known:
+        data["store"] = to_dict(store)
     if istio.enabled:
         data["istio_apply"] = [to_dict(r) for r in istio.regions]
 
     def table() -> str:
         out = [f"admin API {admin.server}: reachable; {len(nodes)} nodes connected"]
+        if store.known:
+            out[0] += f"; {store_line(store)}"
         out.append(
             render_table(
                 ["REGION", "NODES"],
@@ -150,6 +167,18 @@ def cmd_status(args: argparse.Namespace, admin: Admin) -> None:
         return "\n\n".join(out)
 
     emit(args, data, table)
+
+
+def store_line(store: Any) -> str:
+    """The state store's health, in a few words."""
+    if store.writable and not store.unsaved_rollbacks:
+        return "state store: writable"
+    line = f"state store: FAILING for {ago(store.failing_since)}: {store.error}"
+    if store.writable:
+        line = "state store: writable again"
+    if store.unsaved_rollbacks:
+        line += f"; {store.unsaved_rollbacks} rollback(s) pushed, not yet saved"
+    return line
 
 
 def istio_table(regions: Sequence[Any]) -> str:
@@ -195,6 +224,7 @@ def cmd_nodes(args: argparse.Namespace, admin: Admin) -> None:
                     ),
                     ago(n.connected_since),
                     f"{nack.type}: {nack.nack_error[:60]}" if nack else "",
+                    n.identity or "-",
                 )
             )
         return render_table(
@@ -208,6 +238,7 @@ def cmd_nodes(args: argparse.Namespace, admin: Admin) -> None:
                 "ROUTES",
                 "AGE",
                 "LAST NACK",
+                "IDENTITY",
             ],
             rows,
         )
@@ -343,11 +374,12 @@ def cmd_watch(args: argparse.Namespace, admin: Admin) -> None:
 
 
 def cmd_audit(args: argparse.Namespace, admin: Admin) -> None:
+    limit = parse_limit(args.limit) if args.limit is not None else 0
     since = parse_since(args.since) if args.since else 0.0
     entries = admin.call(
         "GetAudit",
         admin_pb2.GetAuditRequest(
-            service=args.service or "", region=args.region or "", since=since, limit=args.limit or 0
+            service=args.service or "", region=args.region or "", since=since, limit=limit
         ),
     ).entries
     emit(
@@ -370,6 +402,16 @@ def cmd_audit(args: argparse.Namespace, admin: Admin) -> None:
             ],
         ),
     )
+
+
+def parse_limit(text: str) -> int:
+    try:
+        limit = int(text)
+    except ValueError:
+        raise UsageError(f"--limit {text!r}: expected a number of entries") from None
+    if not 1 <= limit <= MAX_LIMIT:
+        raise UsageError(f"--limit {limit}: expected 1 to {MAX_LIMIT} entries")
+    return limit
 
 
 def parse_since(text: str) -> float:
@@ -445,7 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="the admin API (default 127.0.0.1:18001)",
     )
-    p.add_argument("--token-file", metavar="FILE", help="bearer token for changes")
+    p.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="bearer token for changes (and for reads on a serve --admin-auth-reads)",
+    )
     p.add_argument("--tls-ca", metavar="PEM", help="talk TLS, trusting this CA")
     p.add_argument("--output", "-o", default="table", choices=["table", "json", "yaml"])
     p.add_argument(
@@ -481,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--service")
     a.add_argument("--region")
     a.add_argument("--since", help="10m, an epoch time, or 2026-11-27T14:00:00")
-    a.add_argument("--limit", type=int)
+    a.add_argument("--limit", help="at most this many entries")
     a.set_defaults(func=cmd_audit)
     x = sub.add_parser("xds", help="talk to the xDS port as a pretend node")
     xsub = x.add_subparsers(dest="xds_command", required=True)
@@ -494,10 +540,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def answered(exc: grpc.RpcError) -> bool:
+    """Did the admin API itself send this status (rather than the transport fail)?"""
+    try:
+        trailing = exc.trailing_metadata() or ()
+    except (AttributeError, ValueError):
+        return False
+    return any(key == STATUS_MARK for key, _ in trailing)
+
+
 def describe_rpc_error(exc: grpc.RpcError, target: str, what: str) -> str:
     code = exc.code()
     details = exc.details() or ""
-    if code == grpc.StatusCode.UNAVAILABLE:
+    if code == grpc.StatusCode.UNAVAILABLE and not answered(exc):
         reason = (
             "connection refused"
             if "refused" in details.lower()
@@ -519,6 +574,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except grpc.RpcError as exc:
         print(f"xdsctl: {describe_rpc_error(exc, target, what)}", file=sys.stderr)
+    except UsageError as exc:
+        print(f"xdsctl: {exc}", file=sys.stderr)
+        return 2
     except CtlError as exc:
         print(f"xdsctl: {exc}", file=sys.stderr)
     except OSError as exc:

@@ -1,17 +1,29 @@
 """The admin gRPC API behind `xdsctl`, and Envoy's Client Status Discovery Service.
 
-Reads are open; mutations need `authorization: Bearer TOKEN` when a token is configured,
-and go through the rollout controller, so each lands in the audit log with who
-(`x-xds-actor`) and why (the request's reason). Mistakes come back as gRPC statuses a
-person can act on: NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION, UNAUTHENTICATED.
+Credentials are names with bearer tokens (`--admin-token-file`, see `parse_tokens`).
+Mutations need `authorization: Bearer TOKEN` when tokens are configured (reads too with
+`auth_reads`), and go through the rollout controller, so each lands in the audit log
+with who (the token's name, and beside it the actor the caller claims in `x-xds-actor`)
+and why (the request's reason). Mistakes come back as gRPC statuses a person can act on:
+NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION, UNAUTHENTICATED.
+
+`AdminGuard` stands in front of every method: it checks credentials for reads, turns an
+undecodable request into INVALID_ARGUMENT and a handler's bug into INTERNAL, one log
+line each, and marks every status the server sends itself (`STATUS_MARK`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
+import logging
+import math
+import re
+import traceback
 from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
 import grpc
@@ -23,7 +35,7 @@ from google.protobuf import json_format
 from xds_server.admin.v1 import admin_pb2, admin_pb2_grpc
 from xds_server.outputs.istio_apply import IstioApplier
 from xds_server.rollout.audit import AuditEntry
-from xds_server.rollout.controller import RolloutController
+from xds_server.rollout.controller import RolloutController, StoreUnavailable
 from xds_server.rollout.ports import Committed, StateStore
 from xds_server.rollout.state import RolloutState, region_split
 from xds_server.spec import MeshSpec
@@ -34,6 +46,120 @@ from xds_server.xds.types import BY_SHORT_NAME, SEND_ORDER, short
 
 Context = Any  # grpc.aio.ServicerContext; grpc ships no usable type stubs
 ACTOR_KEY = "x-xds-actor"
+STATUS_MARK = "x-xds-admin"
+"""Trailing metadata on every status this API sends itself: a client tells "the server
+said UNAVAILABLE" from "the server could not be reached" by it (ctl.py keeps a copy)."""
+MAX_REASON = 1000
+MAX_ACTOR = 200
+BARE_TOKEN_NAME = "admin"
+"""The name of the token in a token file that is one bare token (no `NAME:`)."""
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+_TOKEN_RE = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces: a header value
+
+log = logging.getLogger("xds_server.admin")
+
+
+class TokenFileError(ValueError):
+    """A token file that cannot be used; the message names the file and the line."""
+
+
+def parse_tokens(text: str, source: str) -> dict[str, str]:
+    """`NAME:TOKEN` lines -> {name: token}. A file of one line without a colon is a single
+    bare token, named "admin". Never puts a token in an error message."""
+    lines = text.splitlines()
+    if not "".join(lines).strip():
+        raise TokenFileError(f"{source}: the token file is empty")
+    if len(lines) == 1 and ":" not in lines[0]:
+        _check_token(lines[0].strip(), f"{source} line 1")
+        return {BARE_TOKEN_NAME: lines[0].strip()}
+    tokens: dict[str, str] = {}
+    seen: dict[str, int] = {}  # token -> line
+    for number, raw in enumerate(lines, 1):
+        where = f"{source} line {number}"
+        if not raw.strip():
+            raise TokenFileError(f"{where}: empty line (every line is NAME:TOKEN)")
+        name, colon, token = (part.strip() for part in raw.partition(":"))
+        if not colon:
+            raise TokenFileError(
+                f"{where}: expected NAME:TOKEN (a bare token is only allowed as the "
+                "file's single line)"
+            )
+        if not _NAME_RE.fullmatch(name):
+            raise TokenFileError(
+                f"{where}: the name before ':' must be 1-64 letters, digits, '.', '_', "
+                "'@' or '-', starting with a letter or digit"
+            )
+        _check_token(token, where)
+        if name in tokens:
+            raise TokenFileError(f"{where}: the name {name!r} is already on an earlier line")
+        if token in seen:
+            raise TokenFileError(
+                f"{where}: the same token as line {seen[token]} (each name needs its own)"
+            )
+        tokens[name], seen[token] = token, number
+    return tokens
+
+
+def _check_token(token: str, where: str) -> None:
+    if not token:
+        raise TokenFileError(f"{where}: the token is empty")
+    if not _TOKEN_RE.fullmatch(token):
+        raise TokenFileError(
+            f"{where}: the token must be printable ASCII without spaces (it is sent as "
+            "a gRPC header)"
+        )
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class Credentials:
+    """Who may use the admin API: names, each with a bearer token. A token is found by
+    comparing digests in constant time, against every name (no early exit)."""
+
+    def __init__(self, tokens: Mapping[str, str] | None = None, auth_reads: bool = False) -> None:
+        if auth_reads and not tokens:
+            raise ValueError("auth_reads needs tokens")
+        self._digests = [(name, _digest(token)) for name, token in (tokens or {}).items()]
+        self.auth_reads = auth_reads
+
+    @property
+    def configured(self) -> bool:
+        return bool(self._digests)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self._digests]
+
+    def identify(self, metadata: Mapping[str, Any]) -> str | None:
+        """The name whose token `authorization: Bearer TOKEN` carries, or None."""
+        scheme, _, token = str(metadata.get("authorization", "")).strip().partition(" ")
+        given = _digest(token.strip() if scheme.lower() == "bearer" else "")
+        found = None
+        for name, digest in self._digests:
+            if hmac.compare_digest(digest, given) and found is None:
+                found = name
+        return found
+
+    def describe(self) -> str:
+        if not self.configured:
+            return "no tokens configured: changes are unauthenticated, reads open"
+        needed = "changes and reads" if self.auth_reads else "changes (reads open)"
+        return f"tokens for {', '.join(self.names)} required for {needed}"
+
+
+def _metadata(context: Context) -> dict[str, Any]:
+    return dict(context.invocation_metadata() or ())
+
+
+async def _unauthenticated(context: Context, what: str, metadata: Mapping[str, Any]) -> NoReturn:
+    if metadata.get("authorization"):
+        message = "the bearer token matches none of this server's (--admin-token-file)"
+    else:
+        message = f"this admin API needs a bearer token for {what}: pass --token-file to xdsctl"
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    raise AssertionError("unreachable")
 
 
 class AdminView(Protocol):
@@ -78,9 +204,11 @@ class _EventQueue:
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
-    def __init__(self, view: AdminView, token: str | None = None) -> None:
+    def __init__(
+        self, view: AdminView, tokens: Mapping[str, str] | None = None, auth_reads: bool = False
+    ) -> None:
         self.view = view
-        self.token = token
+        self.auth = Credentials(tokens, auth_reads)
 
     @property
     def server(self) -> XdsPublisher:
@@ -89,16 +217,23 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     # ---- helpers ----
 
     async def _authorize(self, context: Context) -> str:
-        """Check the bearer token of a mutation; return who is asking."""
-        meta = dict(context.invocation_metadata() or ())
-        if self.token is not None:
-            given = str(meta.get("authorization", ""))
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
-                await context.abort(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    "this admin API needs a bearer token for changes: pass --token-file to xdsctl",
-                )
-        return str(meta.get(ACTOR_KEY) or "unknown")
+        """Check the credential of a change; return the actor for the audit log: the
+        token's name, with the actor the caller claims beside it when it differs
+        ("alice (claims: bob)"); without tokens configured, the claim marked as such
+        ("bob (unauthenticated)")."""
+        meta = _metadata(context)
+        name = self.auth.identify(meta)
+        if self.auth.configured and name is None:
+            await _unauthenticated(context, "changes", meta)
+        claim = str(meta.get(ACTOR_KEY, "")).strip()
+        if len(claim) > MAX_ACTOR:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"actor is {len(claim)} characters; at most {MAX_ACTOR}",
+            )
+        if name is None:
+            return f"{claim or 'unknown'} (unauthenticated)"
+        return name if claim in ("", name) else f"{name} (claims: {claim})"
 
     async def _controller(self, context: Context) -> RolloutController:
         controller = self.view.controller
@@ -119,13 +254,23 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         return store
 
     async def _mutate(
-        self, context: Context, reason: str, act: Callable[[RolloutController, str], RolloutState]
+        self,
+        context: Context,
+        actor: str,
+        reason: str,
+        act: Callable[[RolloutController, str], RolloutState],
     ) -> Any:
-        actor = await self._authorize(context)
+        """`actor`: from `_authorize`, which each mutation calls before looking at its
+        request (an unauthenticated caller learns nothing from validation errors)."""
         if not reason.strip():
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "a reason is required for every change (it goes in the audit log)",
+            )
+        if len(reason) > MAX_REASON:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"reason is {len(reason)} characters; at most {MAX_REASON}",
             )
         controller = await self._controller(context)
         try:
@@ -136,6 +281,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, exc)
         except ValueError as exc:
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, exc)
+        except StoreUnavailable as exc:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, exc)
         return self._rollout(state)
 
     def _rollout(self, state: RolloutState) -> admin_pb2.Rollout:
@@ -207,6 +354,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             types=types,
             sync_state=n.overall_sync(current),
             stream_id=n.stream_id,
+            identity=n.identity,
         )
 
     async def GetNodeConfig(self, request: Any, context: Context) -> Any:
@@ -229,7 +377,23 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
 
     async def ListRollouts(self, request: Any, context: Context) -> Any:
         states = self.view.rollouts().values()
-        return admin_pb2.ListRolloutsResponse(rollouts=[self._rollout(s) for s in states])
+        return admin_pb2.ListRolloutsResponse(
+            rollouts=[self._rollout(s) for s in states], store=self._store_status()
+        )
+
+    def _store_status(self) -> admin_pb2.StoreStatus:
+        controller = self.view.controller
+        if controller is None:
+            return admin_pb2.StoreStatus(known=False, writable=True)
+        h = controller.store_health
+        return admin_pb2.StoreStatus(
+            known=True,
+            writable=h.ok,
+            error=h.error,
+            failing_since=h.since or 0.0,
+            failed_writes=h.failed_writes,
+            unsaved_rollbacks=h.unsaved_rollbacks,
+        )
 
     async def GetRollout(self, request: Any, context: Context) -> Any:
         await self._known_service(request.service, context)
@@ -253,32 +417,47 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             )
 
     async def PauseRollout(self, request: Any, context: Context) -> Any:
-        await self._known_service(request.service, context)
-        return await self._mutate(
-            context, request.reason, lambda c, who: c.pause(request.service, request.reason, who)
-        )
-
-    async def ResumeRollout(self, request: Any, context: Context) -> Any:
-        await self._known_service(request.service, context)
-        return await self._mutate(
-            context, request.reason, lambda c, who: c.resume(request.service, request.reason, who)
-        )
-
-    async def AbortRollout(self, request: Any, context: Context) -> Any:
-        await self._known_service(request.service, context)
-        return await self._mutate(
-            context, request.reason, lambda c, who: c.abort(request.service, request.reason, who)
-        )
-
-    async def PromoteRollout(self, request: Any, context: Context) -> Any:
+        actor = await self._authorize(context)
         await self._known_service(request.service, context)
         return await self._mutate(
             context,
+            actor,
+            request.reason,
+            lambda c, who: c.pause(request.service, request.reason, who),
+        )
+
+    async def ResumeRollout(self, request: Any, context: Context) -> Any:
+        actor = await self._authorize(context)
+        await self._known_service(request.service, context)
+        return await self._mutate(
+            context,
+            actor,
+            request.reason,
+            lambda c, who: c.resume(request.service, request.reason, who),
+        )
+
+    async def AbortRollout(self, request: Any, context: Context) -> Any:
+        actor = await self._authorize(context)
+        await self._known_service(request.service, context)
+        return await self._mutate(
+            context,
+            actor,
+            request.reason,
+            lambda c, who: c.abort(request.service, request.reason, who),
+        )
+
+    async def PromoteRollout(self, request: Any, context: Context) -> Any:
+        actor = await self._authorize(context)
+        await self._known_service(request.service, context)
+        return await self._mutate(
+            context,
+            actor,
             request.reason,
             lambda c, who: c.promote(request.service, request.reason, who, request.all),
         )
 
     async def SetWeights(self, request: Any, context: Context) -> Any:
+        actor = await self._authorize(context)
         await self._known_service(request.service, context)
         canary, baseline = request.canary_percent, request.baseline_percent
         if not (0 <= canary <= 100 and 0 <= baseline <= 100 and canary + baseline <= 100):
@@ -289,6 +468,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             )
         return await self._mutate(
             context,
+            actor,
             request.reason,
             lambda c, who: c.set_weights(
                 request.service, tuple(request.regions), canary, baseline, request.reason, who
@@ -318,6 +498,16 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     # ---- audit ----
 
     async def GetAudit(self, request: Any, context: Context) -> Any:
+        if request.limit < 0:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"limit is {request.limit}; expected 0 (every entry) or more",
+            )
+        if not (math.isfinite(request.since) and request.since >= 0):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"since is {request.since}; expected seconds since the epoch (0: from the start)",
+            )
         store = await self._store(context)
         entries = store.audit(
             service=request.service or None,
@@ -491,7 +681,132 @@ def _resource_name(packed: Any) -> str:
     return ""
 
 
+# ---- the guard in front of every method ----
+
+
+class _Undecodable:
+    """A request that did not decode, passed to its handler's guard to refuse."""
+
+    def __init__(self, size: int, error: Exception) -> None:
+        self.size = size
+        self.error = error
+
+
+class AdminGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """In front of every method of the admin port (the admin API and CSDS).
+
+    grpc.aio logs a traceback for a request that does not decode and for a handler that
+    raises; here each becomes one log line and a status (INVALID_ARGUMENT, INTERNAL).
+    With `auth_reads`, every method needs a credential (the servicer checks changes
+    itself). Every status sent carries `STATUS_MARK`."""
+
+    def __init__(self, auth: Credentials) -> None:
+        self.auth = auth
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None:  # no such method: UNIMPLEMENTED, as without the guard
+            return None
+        return _Guarded(self.auth, str(details.method)).wrap(handler)
+
+
+class _Guarded:
+    """One call path's handler behind the guard."""
+
+    def __init__(self, auth: Credentials, method: str) -> None:
+        self.auth = auth
+        self.method = method
+
+    def wrap(self, handler: Any) -> Any:
+        deserialize = handler.request_deserializer
+
+        def lenient(raw: bytes) -> Any:
+            try:
+                return deserialize(raw) if deserialize is not None else raw
+            except Exception as exc:
+                return _Undecodable(len(raw), exc)
+
+        changes: dict[str, Any] = {"request_deserializer": lenient}
+        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+            behavior = getattr(handler, kind)
+            if behavior is not None:
+                streams_in, streams_out = kind.startswith("stream"), kind.endswith("stream")
+                make = self._streaming if streams_out else self._unary
+                changes[kind] = make(behavior, streams_in)
+        return handler._replace(**changes)
+
+    def _unary(self, behavior: Callable[..., Any], streams_in: bool) -> Callable[..., Any]:
+        async def call(request: Any, context: Context) -> Any:
+            request = await self._admit(request, context, streams_in)
+            try:
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await self._failed(context, exc)
+
+        return call
+
+    def _streaming(self, behavior: Callable[..., Any], streams_in: bool) -> Callable[..., Any]:
+        async def call(request: Any, context: Context) -> AsyncIterator[Any]:
+            request = await self._admit(request, context, streams_in)
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await self._failed(context, exc)
+
+        return call
+
+    async def _admit(self, request: Any, context: Context, streams_in: bool) -> Any:
+        context.set_trailing_metadata(((STATUS_MARK, "1"),))
+        if self.auth.auth_reads:
+            meta = _metadata(context)
+            if self.auth.identify(meta) is None:
+                await _unauthenticated(context, "reads as well as changes", meta)
+        if streams_in:
+            return self._each_decoded(request, context)
+        return await self._decoded(request, context)
+
+    async def _each_decoded(self, requests: AsyncIterator[Any], context: Context) -> Any:
+        async for request in requests:
+            yield await self._decoded(request, context)
+
+    async def _decoded(self, request: Any, context: Context) -> Any:
+        if isinstance(request, _Undecodable):
+            error = " ".join(str(request.error).split())
+            log.warning(
+                "admin API %s from %s: undecodable request (%d bytes): %s",
+                self.method,
+                context.peer(),
+                request.size,
+                error,
+            )
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request to {self.method} does not decode: {error}",
+            )
+        return request
+
+    async def _failed(self, context: Context, exc: Exception) -> NoReturn:
+        """A handler raised: a bug. One line at error level; the traceback at debug."""
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+        message = " ".join(str(exc).split())
+        log.error("admin API %s failed: %s: %s%s", self.method, type(exc).__name__, message, where)
+        log.debug("admin API %s failed", self.method, exc_info=exc)
+        await context.abort(
+            grpc.StatusCode.INTERNAL,
+            f"{self.method} failed: {type(exc).__name__} (the server's log has the details)",
+        )
+        raise AssertionError("unreachable")
+
+
 def add_admin_services(grpc_server: grpc.aio.Server, admin: AdminService) -> None:
+    """The admin API and CSDS on `grpc_server`, which must have an `AdminGuard` in front
+    (it checks credentials for reads): `run_admin_server` makes one so."""
     admin_pb2_grpc.add_AdminServicer_to_server(admin, grpc_server)
     csds_pb2_grpc.add_ClientStatusDiscoveryServiceServicer_to_server(
         ClientStatusService(admin.server), grpc_server
@@ -502,9 +817,7 @@ async def run_admin_server(
     admin: AdminService, address: str, tls: tuple[bytes, bytes] | None = None
 ) -> None:
     """Serve the admin API and CSDS on `address` until cancelled."""
-    import logging
-
-    grpc_server = grpc.aio.server()
+    grpc_server = grpc.aio.server(interceptors=[AdminGuard(admin.auth)])
     add_admin_services(grpc_server, admin)
     if tls is not None:
         creds = grpc.ssl_server_credentials([(tls[1], tls[0])])
@@ -512,12 +825,12 @@ async def run_admin_server(
     else:
         port = grpc_server.add_insecure_port(address)
     await grpc_server.start()
-    logging.getLogger("xds_server.admin").info(
+    log.info(
         "admin API on %s (port %d, %s, %s)",
         address,
         port,
         "TLS" if tls else "plaintext",
-        "token required for changes" if admin.token else "no token configured",
+        admin.auth.describe(),
     )
     try:
         await grpc_server.wait_for_termination()
