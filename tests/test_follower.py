@@ -9,6 +9,7 @@ route by one split whichever replica each is connected to.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -32,6 +33,8 @@ REGION = "eu-west"
 """Where both Envoys run."""
 FOLLOWING = "serving the committed state, not deciding"
 ACTOR = "test-operator"
+AUDITED_ACTOR = f"{ACTOR} (unauthenticated)"
+"""No token file: the claimed actor is recorded, marked as not authenticated."""
 
 
 @dataclass
@@ -201,8 +204,8 @@ def test_follower_serves_the_weights_the_leader_commits(replicas: Replicas) -> N
         if e["kind"] == "transition" and e["reason"].startswith("weights set by hand")
     ]
     assert by_hand == [
-        ("weights set by hand to canary 30%, baseline 10%: test: canary 30%", ACTOR),
-        ("weights set by hand to canary 70%, baseline 0%: test: canary 70%", ACTOR),
+        ("weights set by hand to canary 30%, baseline 10%: test: canary 30%", AUDITED_ACTOR),
+        ("weights set by hand to canary 70%, baseline 0%: test: canary 70%", AUDITED_ACTOR),
     ]
 
     # Changes through the follower are refused, in one line, and change nothing.
@@ -224,3 +227,29 @@ def test_follower_serves_the_weights_the_leader_commits(replicas: Replicas) -> N
     decided = [m for m in follower.messages() if m.startswith(f"{SERVICE} v2")]
     assert decided == [], decided
     assert any(m.startswith(f"{SERVICE} v2 eu-west: paused -> paused") for m in leader.messages())
+
+
+def test_a_follower_takes_over_when_the_leader_dies(replicas: Replicas) -> None:
+    """The lock is released by the kernel when its holder dies: the follower takes it,
+    restores the committed state and decides from then on, with no weights lost."""
+    leader = replicas.serve("leader")
+    wait_for(lambda: ctl_json(leader, "rollout", "list"), 20, "the leader to start the rollout")
+    follower = replicas.serve("follower")
+    wait_for(lambda: any(FOLLOWING in m for m in follower.messages()), 20, "the follower's log")
+    envoy = replicas.envoy("via-follower", follower)
+    envoy.wait_ready()
+    set_weights(leader, 30, 10)
+    wait_both((envoy, envoy), {"production": 6000, "baseline": 1000, "canary": 3000}, "30/10")
+
+    leader.process.signal(signal.SIGKILL)
+    wait_for(
+        lambda: any("took over the rollout controller" in m for m in follower.messages()),
+        20,
+        "the follower to take over",
+    )
+    # It serves what was committed, and now it decides.
+    assert routed(envoy) == {"production": 6000, "baseline": 1000, "canary": 3000}
+    after = set_weights(follower, 50, 0)
+    assert split(after) == {r: (50, 0, 50) for r in REGIONS}
+    wait_both((envoy, envoy), {"production": 5000, "canary": 5000}, "50% set via the new leader")
+    assert follower.process.stop(10) == 0, follower.process.tail()

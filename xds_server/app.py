@@ -49,9 +49,16 @@ class ServeOptions:
     metrics_address: tuple[str, int] | None = ("127.0.0.1", 18002)
     """None: no /metrics."""
     admin_address: str = "127.0.0.1:18001"
-    admin_token: str | None = None
+    admin_tokens: Mapping[str, str] | None = None
+    """Name -> bearer token (`--admin-token-file`); None: the admin API asks for none."""
+    admin_auth_reads: bool = False
+    """Reads need a token too, not only changes."""
     xds_tls: tuple[bytes, bytes] | None = None
     """(certificate chain, private key) in PEM."""
+    xds_client_ca: bytes | None = None
+    """Require client certificates signed by this CA (PEM), whose identity names the
+    node's region and id (mTLS)."""
+    xds_trust_domain: str | None = None
     admin_tls: tuple[bytes, bytes] | None = None
     follow_interval: float = 0.5
     """How often a follower reads the committed state."""
@@ -66,12 +73,23 @@ class SpecFile:
         self._signature = _file_signature(path)
 
     def reload(self, reason: str = "spec file changed") -> MeshSpec | None:
-        """Read the file again: the new spec, or None (every problem logged) if it is bad."""
+        """Read the file again: the new spec, or None (every problem logged, a line each)
+        if it is bad. Never raises: whatever the file holds, the last good spec stays."""
         try:
             spec = load_spec(self.path)
         except SpecError as exc:
             for line in exc.render().splitlines():
                 log.error("spec rejected (%s), keeping the last good one: %s", reason, line)
+            return None
+        except Exception as exc:  # a checker bug must not cost the last good spec
+            log.error(
+                "spec rejected (%s), keeping the last good one: %s: cannot check it: %s: %s",
+                reason,
+                self.path,
+                type(exc).__name__,
+                " ".join(str(exc).split()),
+            )
+            log.debug("why %s could not be checked", self.path, exc_info=True)
             return None
         self.spec = spec
         return spec
@@ -87,10 +105,35 @@ class SpecFile:
     async def watch(
         self, on_change: Callable[[MeshSpec, str], None], interval: float = 0.2
     ) -> None:
+        """Apply each valid change of the file until cancelled. Nothing a file holds
+        stops it: a bad spec is logged and the last good one kept, and the next change
+        is read as usual (no SIGHUP needed)."""
         while True:
             await asyncio.sleep(interval)  # the file's poll period
-            if self.changed() and (spec := self.reload()) is not None:
-                on_change(spec, "spec file changed")
+            self.poll(on_change)
+
+    def poll(
+        self,
+        on_change: Callable[[MeshSpec, str], None],
+        reason: str = "spec file changed",
+        force: bool = False,
+    ) -> None:
+        """One look at the file (`force`: read it even if unchanged, as SIGHUP does);
+        every failure is logged as one line, never raised."""
+        previous = self.spec
+        try:
+            changed = self.changed()
+            if (changed or force) and (spec := self.reload(reason)) is not None:
+                on_change(spec, reason)
+        except Exception as exc:
+            self.spec = previous  # (what the rest of serve still runs on)
+            log.error(
+                "spec change not applied, keeping the last good spec: %s: %s: %s",
+                self.path,
+                type(exc).__name__,
+                " ".join(str(exc).split()),
+            )
+            log.debug("why the change of %s was not applied", self.path, exc_info=True)
 
 
 def _file_signature(path: Path) -> tuple[int, int, bytes] | None:
@@ -150,13 +193,11 @@ class Follower:
                 rollout_traffic(spec, rollouts), urgent=True, reason="following committed state"
             )
 
-    async def run(self) -> None:
-        while True:
-            try:
-                self.refresh()
-            except Exception:
-                log.exception("follower could not read the committed state; retrying")
-            await asyncio.sleep(self.interval)  # the follower's poll period
+    def try_refresh(self) -> None:
+        try:
+            self.refresh()
+        except Exception as exc:  # a locked or failing store: the next poll tries again
+            log.warning("follower could not read the committed state: %s", exc)
 
 
 class Parts:
@@ -191,7 +232,12 @@ class App:
         self.options = options
         self.spec_file = SpecFile(options.spec_path)
         options.state_dir.mkdir(parents=True, exist_ok=True)
-        publisher = XdsPublisher(self.spec_file.spec, tls=options.xds_tls)
+        publisher = XdsPublisher(
+            self.spec_file.spec,
+            tls=options.xds_tls,
+            client_ca=options.xds_client_ca,
+            trust_domain=options.xds_trust_domain,
+        )
         store = Store.in_dir(options.state_dir)
         self.leadership = Leadership(options.state_dir)
         self.telemetry = Telemetry()
@@ -217,6 +263,7 @@ class App:
             PrometheusSource(self.options.prometheus_url),
         )
         controller.subscribe(self.telemetry)
+        controller.watch_store(self.telemetry.on_store_health)
         if spec.istio is not None and spec.istio.apply:
             # The istio output mode: only the process that decides applies (one writer).
             applier = IstioApplier(spec.istio)
@@ -234,17 +281,15 @@ class App:
         if self.parts.controller is not None:
             self.parts.controller.spec_changed()
         if self.parts.follower is not None:
-            self.parts.follower.refresh()
+            self.parts.follower.try_refresh()
 
     def reload(self, reason: str) -> None:
-        spec = self.spec_file.reload(reason)
-        if spec is not None:
-            self.on_spec_change(spec, reason)
+        self.spec_file.poll(self.on_spec_change, reason, force=True)
 
     def tasks(self) -> list[Task]:
         """What runs beside the xDS server, until it stops."""
         parts, opts = self.parts, self.options
-        admin = AdminService(parts, opts.admin_token)
+        admin = AdminService(parts, opts.admin_tokens, opts.admin_auth_reads)
         tasks: list[Task] = [
             lambda: self.spec_file.watch(self.on_spec_change),
             lambda: run_admin_server(admin, opts.admin_address, opts.admin_tls),
@@ -253,10 +298,29 @@ class App:
         if parts.controller is not None:
             tasks.append(parts.controller.run)
         if parts.follower is not None:
-            tasks.append(parts.follower.run)
+            tasks.append(self._follow_then_lead)
         if parts.istio is not None:
             tasks.append(parts.istio.run)
         return tasks
+
+    async def _follow_then_lead(self) -> None:
+        """Follow the committed state until the lock is free (its holder stopped or
+        died: the kernel releases it), then take over: restore and decide."""
+        follower = self.parts.follower
+        assert follower is not None and self.parts.store is not None
+        while not self.leadership.try_acquire():
+            follower.try_refresh()
+            await asyncio.sleep(follower.interval)  # the follower's poll period
+        log.warning("took over the rollout controller: %s is free", self.leadership.path)
+        self._lead(self.parts.store)
+        self.parts.follower = None
+        controller = self.parts.controller
+        assert controller is not None
+        controller.restore()
+        runs = [controller.run()]
+        if self.parts.istio is not None:
+            runs.append(self.parts.istio.run())
+        await asyncio.gather(*runs)
 
     async def serve(self) -> None:
         """Restore, open the ports, run until SIGTERM or SIGINT; SIGHUP reloads the spec.
@@ -267,7 +331,7 @@ class App:
         if parts.controller is not None:
             parts.controller.restore()
         if parts.follower is not None:
-            parts.follower.refresh()
+            parts.follower.try_refresh()
         if self.options.metrics_address is not None:
             host, port = self.options.metrics_address
             self.telemetry.serve(host, port)

@@ -86,12 +86,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         prometheus_url=args.prometheus_url,
         metrics_address=(metrics_host, metrics_port) if metrics_port else None,
         admin_address=args.admin_address,
-        admin_token=_read_secret(args.admin_token_file),
+        admin_tokens=_read_secret(args.admin_token_file, args.admin_auth_reads),
+        admin_auth_reads=args.admin_auth_reads,
         xds_tls=_load_tls(args.xds_tls_cert, args.xds_tls_key, "--xds-tls"),
+        xds_client_ca=_client_ca(args),
+        xds_trust_domain=args.xds_trust_domain,
         admin_tls=_load_tls(args.admin_tls_cert, args.admin_tls_key, "--admin-tls"),
     )
     asyncio.run(App(options).serve())
     return 0
+
+
+def _client_ca(args: argparse.Namespace) -> bytes | None:
+    if not args.xds_tls_client_ca:
+        if args.xds_trust_domain:
+            raise UsageError("--xds-trust-domain goes with --xds-tls-client-ca")
+        return None
+    if not args.xds_tls_cert:
+        raise UsageError("--xds-tls-client-ca needs --xds-tls-cert and --xds-tls-key")
+    return Path(args.xds_tls_client_ca).read_bytes()
 
 
 def _load_tls(cert: str | None, key: str | None, flag: str) -> tuple[bytes, bytes] | None:
@@ -103,19 +116,32 @@ def _load_tls(cert: str | None, key: str | None, flag: str) -> tuple[bytes, byte
     return Path(cert).read_bytes(), Path(key).read_bytes()
 
 
-def _read_secret(path: str | None) -> str | None:
+def _read_secret(path: str | None, for_reads: bool = False) -> dict[str, str] | None:
+    """The admin API's credentials, {name: token}, from `--admin-token-file`."""
+    from xds_server.admin.service import TokenFileError, parse_tokens
+
     if not path:
+        if for_reads:
+            raise UsageError("--admin-auth-reads needs --admin-token-file")
         return None
-    token = Path(path).read_text().strip()
-    if not token:
-        raise UsageError(f"{path}: the token file is empty")
-    return token
+    try:
+        text = Path(path).read_bytes().decode()
+    except UnicodeDecodeError:
+        raise UsageError(f"--admin-token-file {path}: not UTF-8 text") from None
+    try:
+        return parse_tokens(text, f"--admin-token-file {path}")
+    except TokenFileError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     host, port = split_host_port(args.xds_address, "--xds-address")
     if args.listen:
         split_host_port(args.listen, "--listen")
+    if bool(args.xds_tls_cert) != bool(args.xds_tls_key):
+        raise UsageError("--xds-tls-cert and --xds-tls-key go together")
+    if args.xds_tls_cert and not args.xds_tls_ca:
+        raise UsageError("--xds-tls-cert needs --xds-tls-ca (mTLS is TLS first)")
     opts = BootstrapOptions(
         region=args.region,
         node_id=args.node_id,
@@ -126,6 +152,8 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         listen=args.listen,
         delta=args.delta,
         xds_tls_ca=args.xds_tls_ca,
+        xds_tls_cert=args.xds_tls_cert,
+        xds_tls_key=args.xds_tls_key,
     )
     sys.stdout.write(render_bootstrap(opts))
     return 0
@@ -183,6 +211,7 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
         args.keep,
         Path(args.out) if args.out else None,
         args.timeout,
+        mtls=args.mtls,
     )
 
 
@@ -233,10 +262,28 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     s.add_argument(
         "--admin-token-file",
         metavar="FILE",
-        help="require this bearer token for changes through the admin API",
+        help="require a bearer token for changes through the admin API: NAME:TOKEN lines "
+        "(the audit log records NAME), or one bare token (named admin)",
+    )
+    s.add_argument(
+        "--admin-auth-reads",
+        action="store_true",
+        help="require a token from --admin-token-file for reads too (nodes, config, "
+        "rollouts, audit, CSDS)",
     )
     s.add_argument("--xds-tls-cert", metavar="PEM", help="serve xDS over TLS")
     s.add_argument("--xds-tls-key", metavar="PEM")
+    s.add_argument(
+        "--xds-tls-client-ca",
+        metavar="PEM",
+        help="require xDS clients to present a certificate signed by this CA, naming their "
+        "region and node id (spiffe://DOMAIN/region/REGION/node/NODE_ID); needs --xds-tls-cert",
+    )
+    s.add_argument(
+        "--xds-trust-domain",
+        metavar="DOMAIN",
+        help="with --xds-tls-client-ca: accept only identities of this SPIFFE trust domain",
+    )
     s.add_argument("--admin-tls-cert", metavar="PEM", help="serve the admin API over TLS")
     s.add_argument("--admin-tls-key", metavar="PEM")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -266,6 +313,13 @@ def _add_bootstrap(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         metavar="PEM",
         help="talk TLS to the xDS server, trusting this CA (an absolute path)",
     )
+    b.add_argument(
+        "--xds-tls-cert",
+        metavar="PEM",
+        help="this node's client certificate, for a server that requires mTLS "
+        "(made by hack/make-certs.sh; an absolute path)",
+    )
+    b.add_argument("--xds-tls-key", metavar="PEM", help="the client certificate's key")
     b.set_defaults(func=cmd_bootstrap)
 
 
@@ -300,6 +354,11 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--keep", action="store_true", help="leave the lab running at the end")
     run.add_argument("--out", metavar="DIR", help="output folder (default: under .lab/)")
     run.add_argument("--timeout", type=float, default=240, help="seconds before giving up")
+    run.add_argument(
+        "--mtls",
+        action="store_true",
+        help="xDS over mTLS: a certificate per Envoy naming its region and node id",
+    )
     run.set_defaults(func=cmd_lab_run)
     down = lab_sub.add_parser("down", help="stop a lab left running with --keep")
     down.add_argument("--out", metavar="DIR", help="the lab's folder (default: the last one)")
