@@ -31,7 +31,7 @@ from xds_server.xds.status import NodeRegistry, NodeStatus
 from xds_server.xds.stream import (
     MAX_NAMES_PER_TYPE,
     UNKNOWN_TYPE_VERSION,
-    UnknownTypes,
+    StreamBase,
     check_names,
     check_type_url,
     next_nonce,
@@ -73,7 +73,7 @@ class _DeltaType:
     """`names` when last sent, shared: keeps the snapshot's encoding of them alive."""
 
 
-class DeltaStream:
+class DeltaStream(StreamBase):
     def __init__(
         self,
         status: NodeStatus,
@@ -81,14 +81,8 @@ class DeltaStream:
         listen: ListenAddress | None = None,
         max_names: int = MAX_NAMES_PER_TYPE,
     ) -> None:
-        self.status = status
-        self.registry = registry
-        self.listen = listen
-        self.max_names = max_names
+        super().__init__(status, registry, listen, max_names)
         self.types = {t: _DeltaType() for t in SEND_ORDER}
-        self.unknown = UnknownTypes(status, max_names)
-        self.held = False
-        """Something was due but waited (an answer outstanding, routes not ready)."""
 
     def on_request(self, req: Any) -> bool:
         """Apply a request; True when it may have made something due (worth a `due`).

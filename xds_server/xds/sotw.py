@@ -29,7 +29,7 @@ from xds_server.xds.status import NodeRegistry, NodeStatus
 from xds_server.xds.stream import (
     MAX_NAMES_PER_TYPE,
     UNKNOWN_TYPE_VERSION,
-    UnknownTypes,
+    StreamBase,
     check_names,
     check_type_url,
     next_nonce,
@@ -58,7 +58,7 @@ class _TypeState:
     """A fresh request (empty nonce) always gets an answer, even at the same version."""
 
 
-class SotwStream:
+class SotwStream(StreamBase):
     """The protocol state of one state-of-the-world stream; no I/O."""
 
     def __init__(
@@ -68,14 +68,8 @@ class SotwStream:
         listen: ListenAddress | None = None,
         max_names: int = MAX_NAMES_PER_TYPE,
     ) -> None:
-        self.status = status
-        self.registry = registry
-        self.listen = listen
-        self.max_names = max_names
+        super().__init__(status, registry, listen, max_names)
         self.types = {t: _TypeState() for t in SEND_ORDER}
-        self.unknown = UnknownTypes(status, max_names)
-        self.held = False
-        """Something was due but waited (an answer outstanding, routes not ready)."""
 
     def on_request(self, req: discovery_pb2.DiscoveryRequest) -> bool:
         """Apply a request; True when it may have made something due (worth a `due`).

@@ -169,6 +169,25 @@ def record_answer(
     return True
 
 
+class StreamBase:
+    """What a stream's protocol state holds whatever its variant (SotW or delta)."""
+
+    def __init__(
+        self,
+        status: NodeStatus,
+        registry: NodeRegistry,
+        listen: ListenAddress | None = None,
+        max_names: int = MAX_NAMES_PER_TYPE,
+    ) -> None:
+        self.status = status
+        self.registry = registry
+        self.listen = listen
+        self.max_names = max_names
+        self.unknown = UnknownTypes(status, max_names)
+        self.held = False
+        """Something was due but waited (an answer outstanding, routes not ready)."""
+
+
 class TypeProgress(Protocol):
     """What the route gate needs to know of one type on a stream."""
 
