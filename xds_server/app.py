@@ -32,6 +32,7 @@ from xds_server.rollout.state import RolloutState, current_rollouts, rollout_tra
 from xds_server.rollout.store import Store
 from xds_server.spec import MeshSpec, SpecError, load_spec
 from xds_server.telemetry import Telemetry
+from xds_server.traffic import TrafficState
 from xds_server.xds.dataplane import DataPlane
 from xds_server.xds.publisher import XdsPublisher
 
@@ -161,10 +162,6 @@ class Leadership:
         self._handle = handle
         return True
 
-    @property
-    def held(self) -> bool:
-        return self._handle is not None
-
 
 class Follower:
     """A replica that does not decide: it reads the committed rollout state and serves
@@ -183,15 +180,16 @@ class Follower:
         self.dataplane = dataplane
         self.interval = interval
         self.rollouts: dict[str, RolloutState] = {}
+        self._served = TrafficState()
 
     def refresh(self) -> None:
+        """Serve what the committed state implies under the current spec."""
         spec = self._spec()
-        rollouts = current_rollouts(spec, self.store.load_rollouts())
-        if rollouts != self.rollouts:
-            self.rollouts = rollouts
-            self.dataplane.set_traffic(
-                rollout_traffic(spec, rollouts), urgent=True, reason="following committed state"
-            )
+        self.rollouts = current_rollouts(spec, self.store.load_rollouts())
+        traffic = rollout_traffic(spec, self.rollouts)
+        if traffic != self._served:
+            self._served = traffic
+            self.dataplane.set_traffic(traffic, urgent=True, reason="following committed state")
 
     def try_refresh(self) -> None:
         try:
