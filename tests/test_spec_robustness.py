@@ -346,8 +346,10 @@ def test_the_watcher_keeps_the_last_good_spec_then_applies_a_good_edit(
 
 
 def test_the_watcher_survives_failures_outside_the_checker(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Serving a valid spec can fail too (here the callback that applies it): the watcher
+    logs one line, keeps the last good spec, and applies the next edit."""
     path = tmp_path / "mesh.yaml"
     path.write_text(yaml.safe_dump(_doc()))
     spec_file = SpecFile(path)
@@ -377,15 +379,6 @@ def test_the_watcher_survives_failures_outside_the_checker(
         path.write_text(yaml.safe_dump(_doc(eu_west="127.0.0.1:9201")))
         await until(lambda: any("not applied" in e for e in errors()), "on_change's failure")
         assert spec_file.spec is first  # what the rest of serve still runs on
-        real_load = load_spec
-
-        def broken_load(p: Any) -> MeshSpec:
-            raise MemoryError("no room\nat all")
-
-        monkeypatch.setattr("xds_server.app.load_spec", broken_load)
-        path.write_text(yaml.safe_dump(_doc(eu_west="127.0.0.1:9202")))
-        await until(lambda: any("cannot check it" in e for e in errors()), "load's failure")
-        monkeypatch.setattr("xds_server.app.load_spec", real_load)
         path.write_text(yaml.safe_dump(_doc(eu_west="127.0.0.1:9203")))
         await until(lambda: bool(applied), "the good edit")
         watcher.cancel()
