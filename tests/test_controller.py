@@ -602,6 +602,8 @@ def test_set_weights_pauses_with_the_given_weights(rig: Rig) -> None:
         await rig.tick()
         state = rig.controller.set_weights(SERVICE, ("eu-west",), 50, 10, "debugging", "carol")
         assert state.phase == PAUSED
+        # What `rollout get` shows for the region says why it is where it is.
+        assert state.regions["eu-west"].reason.startswith("weights set by hand to canary 50%")
         for _ in range(5):
             await rig.tick()
 

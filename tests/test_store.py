@@ -32,6 +32,7 @@ def test_state_round_trips_and_audit_is_append_only(tmp_path: Path) -> None:
     assert audit[1].weights_after == {"canary": 5.0} and audit[1].snapshot_version == 7
     assert [e.region for e in again.audit(region="b")] == ["b"]
     assert again.audit(since=11.0) == []
+    assert [e.region for e in again.audit(limit=2)] == ["a", "b"]  # the newest, in order
     for sql in ("UPDATE audit SET reason = 'x'", "DELETE FROM audit"):
         with pytest.raises(sqlite3.IntegrityError, match="append-only"):
             again.db.execute(sql)

@@ -527,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--service")
     a.add_argument("--region")
     a.add_argument("--since", help="10m, an epoch time, or 2026-11-27T14:00:00")
-    a.add_argument("--limit", help="at most this many entries")
+    a.add_argument("--limit", help="only the newest N entries")
     a.set_defaults(func=cmd_audit)
     x = sub.add_parser("xds", help="talk to the xDS port as a pretend node")
     xsub = x.add_subparsers(dest="xds_command", required=True)

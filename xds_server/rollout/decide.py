@@ -532,16 +532,10 @@ def set_weights(
     for r in regions or tuple(state.regions):
         rs = new_regions[r]
         phase = PAUSED if rs.phase in LIVE else rs.phase
-        new_regions[r] = replace(rs, phase=phase, manual_canary=canary, manual_baseline=baseline)
-        transitions.append(
-            Transition(
-                r,
-                rs.phase,
-                phase,
-                rs.step,
-                rs.step,
-                f"weights set by hand to canary {canary:g}%, baseline {baseline:g}%: {reason}",
-            )
+        why = f"weights set by hand to canary {canary:g}%, baseline {baseline:g}%: {reason}"
+        new_regions[r] = replace(
+            rs, phase=phase, manual_canary=canary, manual_baseline=baseline, reason=why
         )
+        transitions.append(Transition(r, rs.phase, phase, rs.step, rs.step, why))
     paused = _pause(replace(state, regions=new_regions), now, f"weights set by hand: {reason}")
     return Decision(paused.state, (*transitions, *paused.transitions))

@@ -233,8 +233,9 @@ class Store:
 
     def _select(self, where: str, args: list[Any], limit: int | None = None) -> list[AuditEntry]:
         sql = f"SELECT * FROM audit WHERE {where} ORDER BY id"
-        if limit is not None:
-            sql += " LIMIT ?"
+        if limit is not None:  # the newest `limit` entries, oldest first, as `tail` does
+            sql = f"SELECT * FROM (SELECT * FROM audit WHERE {where} ORDER BY id DESC LIMIT ?)"
+            sql += " ORDER BY id"
             args = [*args, limit]
         cur = self.db.execute(sql, args)
         names = [d[0] for d in cur.description]
