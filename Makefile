@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SCENARIO ?= healthy
 
-.PHONY: setup test lint fmt typecheck pytest demo bench clean prometheus kubectl
+.PHONY: setup test lint fmt typecheck pytest demo bench clean prometheus kubectl openssl
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,14 @@ kubectl:
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends kubernetes-client; }
 
-setup: $(STAMP) prometheus kubectl
+# openssl, for the TLS and mTLS certificates the tests and `lab run --mtls` make.
+openssl:
+	@command -v openssl >/dev/null 2>&1 || { \
+	  echo "installing Debian's openssl package"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends openssl; }
+
+setup: $(STAMP) prometheus kubectl openssl
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
