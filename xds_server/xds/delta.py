@@ -26,10 +26,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from xds_server.xds.snapshot import ListenAddress, NameSet, Snapshot, delta_response
-from xds_server.xds.status import NodeRegistry, NodeStatus
+from xds_server.xds.snapshot import NameSet, Snapshot, delta_response
 from xds_server.xds.stream import (
-    MAX_NAMES_PER_TYPE,
     UNKNOWN_TYPE_VERSION,
     StreamBase,
     check_names,
@@ -73,16 +71,9 @@ class _DeltaType:
     """`names` when last sent, shared: keeps the snapshot's encoding of them alive."""
 
 
-class DeltaStream(StreamBase):
-    def __init__(
-        self,
-        status: NodeStatus,
-        registry: NodeRegistry,
-        listen: ListenAddress | None = None,
-        max_names: int = MAX_NAMES_PER_TYPE,
-    ) -> None:
-        super().__init__(status, registry, listen, max_names)
-        self.types = {t: _DeltaType() for t in SEND_ORDER}
+class DeltaStream(StreamBase[_DeltaType]):
+    def new_type_state(self) -> _DeltaType:
+        return _DeltaType()
 
     def on_request(self, req: Any) -> bool:
         """Apply a request; True when it may have made something due (worth a `due`).

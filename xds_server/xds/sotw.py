@@ -24,10 +24,8 @@ from dataclasses import dataclass
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from xds_server.xds.snapshot import ListenAddress, NameSet, Snapshot, with_nonce
-from xds_server.xds.status import NodeRegistry, NodeStatus
+from xds_server.xds.snapshot import NameSet, Snapshot, with_nonce
 from xds_server.xds.stream import (
-    MAX_NAMES_PER_TYPE,
     UNKNOWN_TYPE_VERSION,
     StreamBase,
     check_names,
@@ -58,18 +56,11 @@ class _TypeState:
     """A fresh request (empty nonce) always gets an answer, even at the same version."""
 
 
-class SotwStream(StreamBase):
+class SotwStream(StreamBase[_TypeState]):
     """The protocol state of one state-of-the-world stream; no I/O."""
 
-    def __init__(
-        self,
-        status: NodeStatus,
-        registry: NodeRegistry,
-        listen: ListenAddress | None = None,
-        max_names: int = MAX_NAMES_PER_TYPE,
-    ) -> None:
-        super().__init__(status, registry, listen, max_names)
-        self.types = {t: _TypeState() for t in SEND_ORDER}
+    def new_type_state(self) -> _TypeState:
+        return _TypeState()
 
     def on_request(self, req: discovery_pb2.DiscoveryRequest) -> bool:
         """Apply a request; True when it may have made something due (worth a `due`).

@@ -9,14 +9,14 @@ import sys
 import weakref
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from envoy.config.core.v3 import base_pb2
 
 from xds_server.spec import parse_host_port
 from xds_server.xds.snapshot import ListenAddress, NameSet, Snapshot
 from xds_server.xds.status import NodeRegistry, NodeStatus, clip
-from xds_server.xds.types import CLUSTER, ENDPOINT, LISTEN_METADATA_KEY, short
+from xds_server.xds.types import CLUSTER, ENDPOINT, LISTEN_METADATA_KEY, SEND_ORDER, short
 
 log = logging.getLogger("xds_server.stream")
 _nonces = itertools.count(1)
@@ -169,8 +169,12 @@ def record_answer(
     return True
 
 
-class StreamBase:
-    """What a stream's protocol state holds whatever its variant (SotW or delta)."""
+S = TypeVar("S")
+
+
+class StreamBase(Generic[S]):
+    """What a stream's protocol state holds whatever its variant (SotW or delta); a
+    variant says what it keeps per type (`new_type_state`)."""
 
     def __init__(
         self,
@@ -184,8 +188,12 @@ class StreamBase:
         self.listen = listen
         self.max_names = max_names
         self.unknown = UnknownTypes(status, max_names)
+        self.types: dict[str, S] = {t: self.new_type_state() for t in SEND_ORDER}
         self.held = False
         """Something was due but waited (an answer outstanding, routes not ready)."""
+
+    def new_type_state(self) -> S:
+        raise NotImplementedError
 
 
 class TypeProgress(Protocol):
