@@ -118,7 +118,7 @@ def _load_tls(cert: str | None, key: str | None, flag: str) -> tuple[bytes, byte
 
 def _read_secret(path: str | None, for_reads: bool = False) -> dict[str, str] | None:
     """The admin API's credentials, {name: token}, from `--admin-token-file`."""
-    from xds_server.admin.service import TokenFileError, parse_tokens
+    from xds_server.admin.auth import TokenFileError, parse_tokens
 
     if not path:
         if for_reads:

@@ -14,17 +14,13 @@ line each, and marks every status the server sends itself (`STATUS_MARK`).
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import hmac
 import json
 import logging
 import math
-import re
 import traceback
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -32,175 +28,34 @@ from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 from google.protobuf import json_format
 
+from xds_server.admin.auth import Credentials
+from xds_server.admin.operator import Act, Operator, Refusal, Refused, unauthenticated
 from xds_server.admin.v1 import admin_pb2, admin_pb2_grpc
-from xds_server.outputs.istio_apply import IstioApplier
-from xds_server.rollout.audit import AuditEntry
-from xds_server.rollout.controller import RolloutController, StoreUnavailable
-from xds_server.rollout.ports import Committed, StateStore
-from xds_server.rollout.state import RolloutState, region_split
-from xds_server.spec import MeshSpec
-from xds_server.traffic import WeightError
+from xds_server.admin.views import (
+    AdminView,
+    WatchQueue,
+    audit_message,
+    event_message,
+    node_message,
+    rollout_message,
+    store_message,
+)
+from xds_server.rollout.ports import StateStore
+from xds_server.rollout.state import RolloutState
 from xds_server.xds.publisher import XdsPublisher
 from xds_server.xds.status import NodeStatus
 from xds_server.xds.types import BY_SHORT_NAME, SEND_ORDER, short
 
 Context = Any  # grpc.aio.ServicerContext; grpc ships no usable type stubs
-ACTOR_KEY = "x-xds-actor"
+T = TypeVar("T")
 STATUS_MARK = "x-xds-admin"
 """Trailing metadata on every status this API sends itself: a client tells "the server
 said UNAVAILABLE" from "the server could not be reached" by it (ctl.py keeps a copy)."""
-MAX_REASON = 1000
-MAX_ACTOR = 200
-BARE_TOKEN_NAME = "admin"
-"""The name of the token in a token file that is one bare token (no `NAME:`)."""
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
-_TOKEN_RE = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces: a header value
-
 log = logging.getLogger("xds_server.admin")
-
-
-class TokenFileError(ValueError):
-    """A token file that cannot be used; the message names the file and the line."""
-
-
-def parse_tokens(text: str, source: str) -> dict[str, str]:
-    """`NAME:TOKEN` lines -> {name: token}. A file of one line without a colon is a single
-    bare token, named "admin". Never puts a token in an error message."""
-    lines = text.splitlines()
-    if not "".join(lines).strip():
-        raise TokenFileError(f"{source}: the token file is empty")
-    if len(lines) == 1 and ":" not in lines[0]:
-        _check_token(lines[0].strip(), f"{source} line 1")
-        return {BARE_TOKEN_NAME: lines[0].strip()}
-    tokens: dict[str, str] = {}
-    seen: dict[str, int] = {}  # token -> line
-    for number, raw in enumerate(lines, 1):
-        where = f"{source} line {number}"
-        if not raw.strip():
-            raise TokenFileError(f"{where}: empty line (every line is NAME:TOKEN)")
-        name, colon, token = (part.strip() for part in raw.partition(":"))
-        if not colon:
-            raise TokenFileError(
-                f"{where}: expected NAME:TOKEN (a bare token is only allowed as the "
-                "file's single line)"
-            )
-        if not _NAME_RE.fullmatch(name):
-            raise TokenFileError(
-                f"{where}: the name before ':' must be 1-64 letters, digits, '.', '_', "
-                "'@' or '-', starting with a letter or digit"
-            )
-        _check_token(token, where)
-        if name in tokens:
-            raise TokenFileError(f"{where}: the name {name!r} is already on an earlier line")
-        if token in seen:
-            raise TokenFileError(
-                f"{where}: the same token as line {seen[token]} (each name needs its own)"
-            )
-        tokens[name], seen[token] = token, number
-    return tokens
-
-
-def _check_token(token: str, where: str) -> None:
-    if not token:
-        raise TokenFileError(f"{where}: the token is empty")
-    if not _TOKEN_RE.fullmatch(token):
-        raise TokenFileError(
-            f"{where}: the token must be printable ASCII without spaces (it is sent as "
-            "a gRPC header)"
-        )
-
-
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
-
-
-class Credentials:
-    """Who may use the admin API: names, each with a bearer token. A token is found by
-    comparing digests in constant time, against every name (no early exit)."""
-
-    def __init__(self, tokens: Mapping[str, str] | None = None, auth_reads: bool = False) -> None:
-        if auth_reads and not tokens:
-            raise ValueError("auth_reads needs tokens")
-        self._digests = [(name, _digest(token)) for name, token in (tokens or {}).items()]
-        self.auth_reads = auth_reads
-
-    @property
-    def configured(self) -> bool:
-        return bool(self._digests)
-
-    @property
-    def names(self) -> list[str]:
-        return [name for name, _ in self._digests]
-
-    def identify(self, metadata: Mapping[str, Any]) -> str | None:
-        """The name whose token `authorization: Bearer TOKEN` carries, or None."""
-        scheme, _, token = str(metadata.get("authorization", "")).strip().partition(" ")
-        given = _digest(token.strip() if scheme.lower() == "bearer" else "")
-        found = None
-        for name, digest in self._digests:
-            if hmac.compare_digest(digest, given) and found is None:
-                found = name
-        return found
-
-    def describe(self) -> str:
-        if not self.configured:
-            return "no tokens configured: changes are unauthenticated, reads open"
-        needed = "changes and reads" if self.auth_reads else "changes (reads open)"
-        return f"tokens for {', '.join(self.names)} required for {needed}"
 
 
 def _metadata(context: Context) -> dict[str, Any]:
     return dict(context.invocation_metadata() or ())
-
-
-async def _unauthenticated(context: Context, what: str, metadata: Mapping[str, Any]) -> NoReturn:
-    if metadata.get("authorization"):
-        message = "the bearer token matches none of this server's (--admin-token-file)"
-    else:
-        message = f"this admin API needs a bearer token for {what}: pass --token-file to xdsctl"
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-    raise AssertionError("unreachable")
-
-
-class AdminView(Protocol):
-    """What the admin API reads and drives: the pieces `serve` wired (`app.Parts`)."""
-
-    @property
-    def spec(self) -> MeshSpec: ...
-
-    @property
-    def publisher(self) -> XdsPublisher: ...
-
-    @property
-    def controller(self) -> RolloutController | None:
-        """None in a replica that does not decide rollouts."""
-        ...
-
-    @property
-    def store(self) -> StateStore | None: ...
-
-    @property
-    def istio(self) -> IstioApplier | None: ...
-
-    def rollouts(self) -> Mapping[str, RolloutState]:
-        """The current rollouts: the controller's, or what a follower read from the store."""
-        ...
-
-
-class _EventQueue:
-    """A `TrafficSink` for one WatchRollouts stream: a slow watcher loses the oldest."""
-
-    def __init__(self, service: str) -> None:
-        self.service = service
-        self.queue: asyncio.Queue[Committed] = asyncio.Queue(maxsize=1000)
-
-    def follow(self, event: Committed) -> None:
-        state = event.state
-        if state is None or (self.service and state.service != self.service):
-            return
-        if self.queue.full():
-            self.queue.get_nowait()
-        self.queue.put_nowait(event)
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
@@ -209,6 +64,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     ) -> None:
         self.view = view
         self.auth = Credentials(tokens, auth_reads)
+        self.operator = Operator(self.auth, lambda: view.spec, lambda: view.controller)
 
     @property
     def server(self) -> XdsPublisher:
@@ -217,34 +73,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     # ---- helpers ----
 
     async def _authorize(self, context: Context) -> str:
-        """Check the credential of a change; return the actor for the audit log: the
-        token's name, with the actor the caller claims beside it when it differs
-        ("alice (claims: bob)"); without tokens configured, the claim marked as such
-        ("bob (unauthenticated)")."""
-        meta = _metadata(context)
-        name = self.auth.identify(meta)
-        if self.auth.configured and name is None:
-            await _unauthenticated(context, "changes", meta)
-        claim = str(meta.get(ACTOR_KEY, "")).strip()
-        if len(claim) > MAX_ACTOR:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"actor is {len(claim)} characters; at most {MAX_ACTOR}",
-            )
-        if name is None:
-            return f"{claim or 'unknown'} (unauthenticated)"
-        return name if claim in ("", name) else f"{name} (claims: {claim})"
-
-    async def _controller(self, context: Context) -> RolloutController:
-        controller = self.view.controller
-        if controller is None:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                "this server does not run the rollout controller (another "
-                "process holds the state directory's lock)",
-            )
-        assert controller is not None
-        return controller
+        """The actor of a change (`Operator.actor`), or the call ends UNAUTHENTICATED."""
+        return await _checked(context, lambda: self.operator.actor(_metadata(context)))
 
     async def _store(self, context: Context) -> StateStore:
         store = self.view.store
@@ -253,66 +83,24 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         assert store is not None
         return store
 
-    async def _mutate(
+    async def _change(
         self,
         context: Context,
-        actor: str,
+        service: str,
         reason: str,
-        act: Callable[[RolloutController, str], RolloutState],
+        act: Act,
+        check: Callable[[], None] = lambda: None,
     ) -> Any:
-        """`actor`: from `_authorize`, which each mutation calls before looking at its
-        request (an unauthenticated caller learns nothing from validation errors)."""
-        if not reason.strip():
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "a reason is required for every change (it goes in the audit log)",
-            )
-        if len(reason) > MAX_REASON:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"reason is {len(reason)} characters; at most {MAX_REASON}",
-            )
-        controller = await self._controller(context)
-        try:
-            state = act(controller, actor)
-        except KeyError as exc:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, exc)
-        except WeightError as exc:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, exc)
-        except ValueError as exc:
-            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, exc)
-        except StoreUnavailable as exc:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, exc)
-        return self._rollout(state)
+        """A change, through `Operator` (the dashboard's path too): credentials first, so
+        an unauthenticated caller learns nothing from validation errors."""
 
-    def _rollout(self, state: RolloutState) -> admin_pb2.Rollout:
-        svc = self.view.spec.service(state.service)
-        store = self.view.store
-        latest = store.latest_checks(state.service, state.canary_version) if store else {}
-        out = admin_pb2.Rollout(
-            service=state.service,
-            canary_version=state.canary_version,
-            phase=state.phase,
-            reason=state.reason,
-            steps=list(svc.rollout.steps),
-        )
-        for region, rs in state.regions.items():
-            split = region_split(svc.rollout, rs, svc.has_baseline).percent()
-            check = latest.get(region)
-            out.regions.append(
-                admin_pb2.RegionRollout(
-                    region=region,
-                    phase=rs.phase,
-                    step=rs.step,
-                    reason=rs.reason,
-                    production_percent=split["production"],
-                    baseline_percent=split["baseline"],
-                    canary_percent=split["canary"],
-                    manual=rs.manual_canary is not None,
-                    latest_measurements_json=json.dumps(check.measurements) if check else "",
-                )
-            )
-        return out
+        def change() -> RolloutState:
+            actor = self.operator.actor(_metadata(context))
+            self.operator.check_service(service)
+            check()
+            return self.operator.act(actor, reason, act)
+
+        return rollout_message(self.view, await _checked(context, change))
 
     # ---- nodes ----
 
@@ -323,39 +111,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                 f"unknown region {request.region!r} (regions: {', '.join(self.view.spec.regions)})",
             )
         nodes = self.server.nodes.nodes(request.region or None)
-        return admin_pb2.ListNodesResponse(nodes=[self._node(n) for n in nodes])
-
-    def _node(self, n: NodeStatus) -> admin_pb2.Node:
-        snap = self.server.cache.get(n.region)
-        current = {t: snap.type_version(t) if snap else "" for t in SEND_ORDER}
-        types = []
-        for t in SEND_ORDER:
-            ts = n.types[t]
-            types.append(
-                admin_pb2.TypeStatus(
-                    type=short(t),
-                    current_version=current[t],
-                    sent_version=ts.sent_version,
-                    acked_version=ts.acked_version,
-                    nack_version=ts.nack_version,
-                    nack_error=ts.nack_error,
-                    sent_at=ts.sent_at or 0,
-                    acked_at=ts.acked_at or 0,
-                    nack_at=ts.nack_at or 0,
-                    sync_state=n.sync_state(t, current[t]),
-                )
-            )
-        return admin_pb2.Node(
-            id=n.node_id,
-            region=n.region,
-            connected_since=n.connected_since,
-            listen=n.listen,
-            user_agent=n.user_agent,
-            types=types,
-            sync_state=n.overall_sync(current),
-            stream_id=n.stream_id,
-            identity=n.identity,
-        )
+        return admin_pb2.ListNodesResponse(nodes=[node_message(self.server, n) for n in nodes])
 
     async def GetNodeConfig(self, request: Any, context: Context) -> Any:
         nodes = self.server.nodes.find(request.node_id)
@@ -378,25 +134,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     async def ListRollouts(self, request: Any, context: Context) -> Any:
         states = self.view.rollouts().values()
         return admin_pb2.ListRolloutsResponse(
-            rollouts=[self._rollout(s) for s in states], store=self._store_status()
-        )
-
-    def _store_status(self) -> admin_pb2.StoreStatus:
-        controller = self.view.controller
-        if controller is None:
-            return admin_pb2.StoreStatus(known=False, writable=True)
-        h = controller.store_health
-        return admin_pb2.StoreStatus(
-            known=True,
-            writable=h.ok,
-            error=h.error,
-            failing_since=h.since or 0.0,
-            failed_writes=h.failed_writes,
-            unsaved_rollbacks=h.unsaved_rollbacks,
+            rollouts=[rollout_message(self.view, s) for s in states],
+            store=store_message(self.view),
         )
 
     async def GetRollout(self, request: Any, context: Context) -> Any:
-        await self._known_service(request.service, context)
+        await _checked(context, lambda: self.operator.check_service(request.service))
         state = self.view.rollouts().get(request.service)
         if state is None:
             await context.abort(
@@ -405,93 +148,68 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                 "canary pool, or its canary is its production version)",
             )
         assert state is not None
-        return self._rollout(state)
-
-    async def _known_service(self, service: str, context: Context) -> None:
-        try:
-            self.view.spec.service(service)
-        except KeyError:
-            names = ", ".join(s.name for s in self.view.spec.services)
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"unknown service {service!r} (services: {names})"
-            )
+        return rollout_message(self.view, state)
 
     async def PauseRollout(self, request: Any, context: Context) -> Any:
-        actor = await self._authorize(context)
-        await self._known_service(request.service, context)
-        return await self._mutate(
+        return await self._change(
             context,
-            actor,
+            request.service,
             request.reason,
             lambda c, who: c.pause(request.service, request.reason, who),
         )
 
     async def ResumeRollout(self, request: Any, context: Context) -> Any:
-        actor = await self._authorize(context)
-        await self._known_service(request.service, context)
-        return await self._mutate(
+        return await self._change(
             context,
-            actor,
+            request.service,
             request.reason,
             lambda c, who: c.resume(request.service, request.reason, who),
         )
 
     async def AbortRollout(self, request: Any, context: Context) -> Any:
-        actor = await self._authorize(context)
-        await self._known_service(request.service, context)
-        return await self._mutate(
+        return await self._change(
             context,
-            actor,
+            request.service,
             request.reason,
             lambda c, who: c.abort(request.service, request.reason, who),
         )
 
     async def PromoteRollout(self, request: Any, context: Context) -> Any:
-        actor = await self._authorize(context)
-        await self._known_service(request.service, context)
-        return await self._mutate(
+        return await self._change(
             context,
-            actor,
+            request.service,
             request.reason,
             lambda c, who: c.promote(request.service, request.reason, who, request.all),
         )
 
     async def SetWeights(self, request: Any, context: Context) -> Any:
-        actor = await self._authorize(context)
-        await self._known_service(request.service, context)
         canary, baseline = request.canary_percent, request.baseline_percent
-        if not (0 <= canary <= 100 and 0 <= baseline <= 100 and canary + baseline <= 100):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"bad weights: canary {canary:g}% and baseline {baseline:g}% "
-                "must each be 0-100 and together at most 100",
-            )
-        return await self._mutate(
+
+        def check() -> None:
+            if not (0 <= canary <= 100 and 0 <= baseline <= 100 and canary + baseline <= 100):
+                raise Refused(
+                    Refusal.INVALID_ARGUMENT,
+                    f"bad weights: canary {canary:g}% and baseline {baseline:g}% "
+                    "must each be 0-100 and together at most 100",
+                )
+
+        return await self._change(
             context,
-            actor,
+            request.service,
             request.reason,
             lambda c, who: c.set_weights(
                 request.service, tuple(request.regions), canary, baseline, request.reason, who
             ),
+            check,
         )
 
     async def WatchRollouts(self, request: Any, context: Context) -> AsyncIterator[Any]:
-        controller = await self._controller(context)
-        sink = _EventQueue(request.service)
+        controller = await _checked(context, self.operator.controller)
+        sink = WatchQueue(request.service)
         unsubscribe = controller.subscribe(sink)
         try:
             while True:
-                ev = await sink.queue.get()
-                assert ev.state is not None and ev.decision is not None
-                yield admin_pb2.RolloutEvent(
-                    time=ev.time,
-                    actor=ev.actor,
-                    rollout=self._rollout(ev.state),
-                    transitions=[
-                        f"{t.region or 'all'}: {t.phase_from} -> {t.phase_to}: {t.reason}"
-                        for t in ev.decision.transitions
-                    ],
-                )
+                yield event_message(self.view, await sink.queue.get())
         finally:
             unsubscribe()
 
@@ -515,7 +233,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             since=request.since or None,
             limit=request.limit or None,
         )
-        return admin_pb2.GetAuditResponse(entries=[_audit(e) for e in entries])
+        return admin_pb2.GetAuditResponse(entries=[audit_message(e) for e in entries])
 
     # ---- the istio output mode ----
 
@@ -546,34 +264,13 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         )
 
 
-def _audit(e: AuditEntry) -> admin_pb2.AuditEntry:
-    def js(v: Any) -> str:
-        return json.dumps(v) if v is not None else ""
-
-    return admin_pb2.AuditEntry(
-        id=e.id,
-        time=e.time,
-        service=e.service,
-        canary_version=e.canary_version,
-        region=e.region or "",
-        kind=e.kind,
-        step=e.step if e.step is not None else -1,
-        phase_from=e.phase_from or "",
-        phase_to=e.phase_to or "",
-        reason=e.reason,
-        verdict_json=js(e.verdict),
-        measurements_json=js(e.measurements),
-        weights_before_json=js(e.weights_before),
-        weights_after_json=js(e.weights_after),
-        snapshot_version=e.snapshot_version or 0,
-        actor=e.actor,
-    )
-
-
-async def _abort(context: Context, code: grpc.StatusCode, exc: Exception) -> NoReturn:
-    message = exc.args[0] if exc.args else str(exc)
-    await context.abort(code, str(message))
-    raise AssertionError("unreachable")
+async def _checked(context: Context, call: Callable[[], T]) -> T:
+    """`call()`, with a `Refused` sent as its gRPC status."""
+    try:
+        return call()
+    except Refused as exc:
+        await context.abort(grpc.StatusCode[exc.code], exc.message)
+        raise AssertionError("unreachable") from None
 
 
 def _decoded(node: NodeStatus, type_url: str) -> discovery_pb2.DiscoveryResponse | None:
@@ -765,7 +462,8 @@ class _Guarded:
         if self.auth.auth_reads:
             meta = _metadata(context)
             if self.auth.identify(meta) is None:
-                await _unauthenticated(context, "reads as well as changes", meta)
+                refused = unauthenticated("reads as well as changes", meta)
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, refused.message)
         if streams_in:
             return self._each_decoded(request, context)
         return await self._decoded(request, context)

@@ -1,0 +1,152 @@
+"""What an operator may do to a rollout, whichever door they come in by: `xdsctl`
+(the admin gRPC API) or the dashboard (its HTTP API).
+
+Both doors go through `Operator`: who is asking (the token's name), whether the request
+makes sense (a known service, a reason, weights in range), and then the controller's own
+method, so every change lands in the audit log the same way. A refusal is a `Refused`
+with a `Refusal` code that each door turns into its own status (gRPC, HTTP).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from enum import StrEnum
+from typing import Any
+
+from xds_server.admin.auth import Credentials
+from xds_server.rollout.controller import RolloutController, StoreUnavailable
+from xds_server.rollout.state import RolloutState
+from xds_server.spec import MeshSpec
+from xds_server.traffic import WeightError
+
+ACTOR_KEY = "x-xds-actor"
+"""The header (gRPC metadata) in which a caller may claim who it acts for."""
+MAX_REASON = 1000
+MAX_ACTOR = 200
+
+
+class Refusal(StrEnum):
+    """Why a request was refused; the names are gRPC's status codes."""
+
+    NOT_FOUND = "NOT_FOUND"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    UNAVAILABLE = "UNAVAILABLE"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+
+
+class Refused(Exception):
+    def __init__(self, code: Refusal, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+NOT_DECIDING = (
+    "this server does not run the rollout controller (another process holds the state "
+    "directory's lock)"
+)
+
+Act = Callable[[RolloutController, str], RolloutState]
+"""A controller call, given the actor."""
+
+
+class Operator:
+    """Operator actions on rollouts, checked the same way for every door."""
+
+    def __init__(
+        self,
+        credentials: Credentials,
+        spec: Callable[[], MeshSpec],
+        controller: Callable[[], RolloutController | None],
+    ) -> None:
+        self.auth = credentials
+        self._spec = spec
+        self._controller = controller
+
+    def actor(self, headers: Mapping[str, Any], door: str = "") -> str:
+        """Check the credential of a change; return the actor for the audit log: the
+        token's name, with the actor the caller claims beside it when it differs
+        ("alice (claims: bob)"); without tokens configured, the claim marked as such
+        ("bob (unauthenticated)"). `door`: how a caller of this door sends a token."""
+        name = self.auth.identify(headers)
+        if self.auth.configured and name is None:
+            raise unauthenticated("changes", headers, door or XDSCTL_TOKEN)
+        claim = str(headers.get(ACTOR_KEY, "")).strip()
+        if len(claim) > MAX_ACTOR:
+            raise Refused(
+                Refusal.INVALID_ARGUMENT, f"actor is {len(claim)} characters; at most {MAX_ACTOR}"
+            )
+        if name is None:
+            return f"{claim or 'unknown'} (unauthenticated)"
+        return name if claim in ("", name) else f"{name} (claims: {claim})"
+
+    def check_service(self, service: str) -> None:
+        spec = self._spec()
+        try:
+            spec.service(service)
+        except KeyError:
+            names = ", ".join(s.name for s in spec.services)
+            raise Refused(
+                Refusal.NOT_FOUND, f"unknown service {service!r} (services: {names})"
+            ) from None
+
+    def controller(self) -> RolloutController:
+        controller = self._controller()
+        if controller is None:
+            raise Refused(Refusal.UNAVAILABLE, NOT_DECIDING)
+        return controller
+
+    def act(self, actor: str, reason: str, act: Act) -> RolloutState:
+        """`actor`: from `actor()`, which each change calls before looking at its request
+        (an unauthenticated caller learns nothing from validation errors)."""
+        if not reason.strip():
+            raise Refused(
+                Refusal.INVALID_ARGUMENT,
+                "a reason is required for every change (it goes in the audit log)",
+            )
+        if len(reason) > MAX_REASON:
+            raise Refused(
+                Refusal.INVALID_ARGUMENT,
+                f"reason is {len(reason)} characters; at most {MAX_REASON}",
+            )
+        controller = self.controller()
+        try:
+            return act(controller, actor)
+        except KeyError as exc:
+            raise Refused(Refusal.NOT_FOUND, _message(exc)) from None
+        except WeightError as exc:
+            raise Refused(Refusal.INVALID_ARGUMENT, _message(exc)) from None
+        except ValueError as exc:
+            raise Refused(Refusal.FAILED_PRECONDITION, _message(exc)) from None
+        except StoreUnavailable as exc:
+            raise Refused(Refusal.UNAVAILABLE, _message(exc)) from None
+
+    def change(self, name: str, service: str, reason: str, actor: str) -> RolloutState:
+        """One of the named changes the dashboard offers (pause, resume, abort, promote),
+        by the same controller path as xdsctl's."""
+        self.check_service(service)
+        calls: dict[str, Act] = {
+            "pause": lambda c, who: c.pause(service, reason, who),
+            "resume": lambda c, who: c.resume(service, reason, who),
+            "abort": lambda c, who: c.abort(service, reason, who),
+            "promote": lambda c, who: c.promote(service, reason, who, False),
+        }
+        if name not in calls:
+            raise Refused(Refusal.NOT_FOUND, f"no action {name!r} (one of: {', '.join(calls)})")
+        return self.act(actor, reason, calls[name])
+
+
+XDSCTL_TOKEN = "pass --token-file to xdsctl"
+
+
+def unauthenticated(what: str, headers: Mapping[str, Any], door: str = XDSCTL_TOKEN) -> Refused:
+    if headers.get("authorization"):
+        message = "the bearer token matches none of this server's (--admin-token-file)"
+    else:
+        message = f"this admin API needs a bearer token for {what}: {door}"
+    return Refused(Refusal.UNAUTHENTICATED, message)
+
+
+def _message(exc: Exception) -> str:
+    return str(exc.args[0] if exc.args else exc)
