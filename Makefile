@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SCENARIO ?= healthy
 
-.PHONY: setup test lint fmt typecheck pytest demo bench clean prometheus kubectl openssl
+.PHONY: setup test lint fmt typecheck pytest demo bench clean prometheus kubectl openssl chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,15 @@ openssl:
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends openssl; }
 
-setup: $(STAMP) prometheus kubectl openssl
+# Debian's Chromium, headless, for the dashboard's browser tests (Playwright drives this
+# binary; it never downloads a browser of its own).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium package"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
+
+setup: $(STAMP) prometheus kubectl openssl chromium
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

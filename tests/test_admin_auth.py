@@ -79,7 +79,7 @@ class Servers:
         argv = [*CLI, "serve", "--spec", str(self.spec_path),
                 "--xds-address", f"127.0.0.1:{free_port()}",
                 "--admin-address", f"127.0.0.1:{port}",
-                "--metrics-address", "127.0.0.1:0",
+                "--metrics-address", "127.0.0.1:0", "--ui-address", "",
                 "--state-dir", str(state_dir or self.workdir / f"{name}-state"),
                 # Nothing listens there: only the operator moves the rollout.
                 "--prometheus-url", f"http://127.0.0.1:{free_port()}",

@@ -66,7 +66,7 @@ class Replicas:
         argv = [*CLI, "serve", "--spec", str(self.spec_path),
                 "--xds-address", f"127.0.0.1:{xds_port}",
                 "--admin-address", f"127.0.0.1:{admin_port}",
-                "--metrics-address", "127.0.0.1:0",
+                "--metrics-address", "127.0.0.1:0", "--ui-address", "",
                 "--state-dir", str(self.state_dir),
                 # Nothing listens there: the test steers the rollout by hand.
                 "--prometheus-url", f"http://127.0.0.1:{free_port()}",

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from xds_server.admin.service import AdminService, run_admin_server
+from xds_server.admin.web import Dashboard
 from xds_server.outputs.istio_apply import IstioApplier, IstioSink
 from xds_server.rollout.controller import RolloutController
 from xds_server.rollout.metrics import PrometheusSource
@@ -63,6 +64,8 @@ class ServeOptions:
     admin_tls: tuple[bytes, bytes] | None = None
     follow_interval: float = 0.5
     """How often a follower reads the committed state."""
+    ui_address: str = "127.0.0.1:18080"
+    """The web dashboard; "" turns it off."""
 
 
 class SpecFile:
@@ -293,6 +296,9 @@ class App:
             lambda: run_admin_server(admin, opts.admin_address, opts.admin_tls),
             lambda: self.telemetry.sample_nodes_forever(parts.publisher),
         ]
+        if opts.ui_address:
+            dashboard = Dashboard(parts, admin.operator)
+            tasks.append(lambda: dashboard.run(opts.ui_address))
         if parts.controller is not None:
             tasks.append(parts.controller.run)
         if parts.follower is not None:

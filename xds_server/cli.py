@@ -79,6 +79,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     split_host_port(args.xds_address, "--xds-address")
     split_host_port(args.admin_address, "--admin-address")
     metrics_host, metrics_port = split_host_port(args.metrics_address, "--metrics-address")
+    if args.ui_address:
+        split_host_port(args.ui_address, "--ui-address")
     options = ServeOptions(
         spec_path=Path(args.spec),
         xds_address=args.xds_address,
@@ -92,6 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         xds_client_ca=_client_ca(args),
         xds_trust_domain=args.xds_trust_domain,
         admin_tls=_load_tls(args.admin_tls_cert, args.admin_tls_key, "--admin-tls"),
+        ui_address=args.ui_address,
     )
     asyncio.run(App(options).serve())
     return 0
@@ -258,6 +261,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default="127.0.0.1:18001",
         metavar="HOST:PORT",
         help="the admin API (xdsctl) and CSDS",
+    )
+    s.add_argument(
+        "--ui-address",
+        default="127.0.0.1:18080",
+        metavar="HOST:PORT",
+        help="the web dashboard (empty: off); its actions need --admin-token-file",
     )
     s.add_argument(
         "--admin-token-file",

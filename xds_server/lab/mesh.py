@@ -57,6 +57,7 @@ class LocalMesh:
         self.xds_port = free_port()
         self.metrics_port = free_port()
         self.admin_port = free_port()
+        self.ui_port = free_port()
         self.prometheus_port = free_port()
         self._state_store: Store | None = None
         self.spec_path = workdir / "mesh.yaml"
@@ -153,6 +154,7 @@ class LocalMesh:
                 "--prometheus-url", f"http://127.0.0.1:{self.prometheus_port}",
                 "--metrics-address", f"127.0.0.1:{self.metrics_port}",
                 "--admin-address", f"127.0.0.1:{self.admin_port}",
+                "--ui-address", f"127.0.0.1:{self.ui_port}",
                 "--log-format", "json", *self._token_args(), *self._mtls_args()]  # fmt: skip
         self.server = Process("xds-server", argv, self.workdir / "xds-server.log")
 
@@ -189,7 +191,17 @@ class LocalMesh:
             return []
         path = self.workdir / "admin-token"
         path.write_text(self.opts.admin_token)
+        path.chmod(0o600)
         return ["--admin-token-file", str(path)]
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.ui_port}/"
+
+    @property
+    def token_file(self) -> Path | None:
+        """The admin token's file (for `xdsctl --token-file`), when there is a token."""
+        return self.workdir / "admin-token" if self.opts.admin_token is not None else None
 
     def kill_server(self) -> None:
         assert self.server is not None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -131,7 +132,12 @@ def run_lab(
     out = out or LAB_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{scenario.name}"
     out = out.resolve()
     opts = MeshOptions(
-        region_names(regions), envoys_per_region, rollout=LAB_PLAN, load_rate=50, mtls=mtls
+        region_names(regions),
+        envoys_per_region,
+        rollout=LAB_PLAN,
+        load_rate=50,
+        mtls=mtls,
+        admin_token=secrets.token_urlsafe(18),  # for the dashboard's actions and xdsctl's
     )
     mesh = LocalMesh(out, opts)
     live = sys.stdout.isatty() if live is None else live
@@ -145,6 +151,7 @@ def run_lab(
     try:
         mesh.start()
         write_lab_file(mesh)
+        print_addresses(mesh)
         load = mesh.start_load(max_seconds=timeout)
         wait_for(lambda: len(load.snapshot()) >= 20, 15, "load through the Envoys")
         mesh.begin_rollout()
@@ -309,8 +316,20 @@ def print_report(summary: dict[str, Any], mesh: LocalMesh, plot_path: Path) -> N
     )
 
 
+def print_addresses(mesh: LocalMesh) -> None:
+    """Where a person follows the rollout: the dashboard, and xdsctl on the admin API."""
+    print(f"lab: dashboard {mesh.dashboard_url}")
+    print(f"lab: admin token for its actions and xdsctl's: {mesh.token_file}")
+    print(f"lab: xdsctl --server 127.0.0.1:{mesh.admin_port} status")
+
+
 def print_keep(mesh: LocalMesh) -> None:
     print("\nlab: still running (--keep):")
+    print(f"  dashboard       {mesh.dashboard_url}")
+    print(
+        f"  admin API       xdsctl --server 127.0.0.1:{mesh.admin_port} "
+        f"--token-file {mesh.token_file} status"
+    )
     print(f"  Prometheus      http://127.0.0.1:{mesh.prometheus_port}")
     print(
         f"  xds-server      xDS 127.0.0.1:{mesh.xds_port}, metrics "

@@ -3,11 +3,12 @@ they are assembled from a decision. Pure: the store writes them."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from xds_server.rollout.decide import Decision, Transition
+from xds_server.rollout.judge import MetricClass
 from xds_server.rollout.state import RolloutState
 from xds_server.traffic import WEIGHT_TOTAL, Split, TrafficState
 
@@ -117,3 +118,52 @@ def audit_weights(split: Split) -> dict[str, float]:
     if split.shadow:
         out["shadow"] = split.shadow * 100 / WEIGHT_TOTAL
     return out
+
+
+@dataclass(frozen=True)
+class RollbackCause:
+    """Why a rollout was rolled back, as an operator paged by it wants it first: the
+    region whose evidence (or whose operator) started it, and the metric that failed."""
+
+    region: str | None
+    metric: str | None
+    """None when no metric did it: an operator's abort, an Envoy's NACK, a timeout."""
+    reason: str
+    actor: str
+    time: float
+    entry_id: int
+
+
+def rollback_cause(entries: Sequence[AuditEntry]) -> RollbackCause | None:
+    """The cause of the rollback among one rollout's entries (in commit order), or None
+    if it was not rolled back. A rollback is one decision: the region that breached
+    carries the verdict; the others, and the rollout-wide entry, repeat its reason."""
+    rolled_back = [e for e in entries if e.kind == "transition" and e.phase_to == "rolled_back"]
+    if not rolled_back:
+        return None
+    regional = [e for e in rolled_back if e.region is not None]
+    cause = next((e for e in regional if e.verdict), None)
+    if cause is None:
+        cause = regional[0] if regional else rolled_back[0]
+    return RollbackCause(
+        region=cause.region,
+        metric=failed_metric(cause.verdict),
+        reason=cause.reason,
+        actor=cause.actor,
+        time=cause.time,
+        entry_id=cause.id,
+    )
+
+
+def failed_metric(verdict: Mapping[str, Any] | None) -> str | None:
+    """The first failed guardrail of a verdict, else its first analysis metric the
+    judge held against the canary (outside its allowance, either way)."""
+    if not verdict:
+        return None
+    for check in verdict.get("checks") or ():
+        if not check.get("ok", True):
+            return str(check.get("metric"))
+    for metric in verdict.get("metrics") or ():
+        if metric.get("classification") in (MetricClass.HIGH, MetricClass.LOW):
+            return str(metric.get("name"))
+    return None

@@ -62,6 +62,17 @@ class NodeStatus:
         default_factory=lambda: {t: TypeStatus() for t in SEND_ORDER}
     )
 
+    @property
+    def client_type(self) -> str:
+        """ "envoy", "grpc" (an application with the gRPC library's own xDS client) or,
+        for anything else, the user agent's name as the client gave it."""
+        name = self.user_agent.partition("/")[0].strip().lower()
+        if name == "envoy":
+            return "envoy"
+        if name.startswith("grpc"):
+            return "grpc"
+        return name or "unknown"
+
     def overall_sync(self, current: dict[str, str]) -> str:
         """The worst sync state over the types this node was sent."""
         states = [self.sync_state(t, v) for t, v in current.items() if self.types[t].sent_version]
