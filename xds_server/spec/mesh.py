@@ -23,6 +23,7 @@ from xds_server.spec.model import (
     SpecError,
     SpecProblem,
 )
+from xds_server.spec.notifications import parse_notifications
 from xds_server.spec.plan import parse_plan
 from xds_server.spec.rollout import RolloutPlan
 from xds_server.spec.values import (
@@ -36,7 +37,7 @@ from xds_server.spec.values import (
 )
 
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,62}$")
-_TOP_KEYS = ("regions", "listener", "services", "rollout", "istio")
+_TOP_KEYS = ("regions", "listener", "services", "rollout", "istio", "notifications")
 _ISTIO_KEYS = (
     "namespace",
     "version_label",
@@ -248,7 +249,10 @@ class _MeshParser:
         istio = None
         if top.get("istio") is not None:
             istio = _IstioParser(self.c, self.regions, self.source).istio(top["istio"], services)
-        return MeshSpec(self.regions, listener, tuple(services), self.source, istio, top)
+        notifications = parse_notifications(self.c, top.get("notifications"), "notifications")
+        return MeshSpec(
+            self.regions, listener, tuple(services), self.source, istio, top, notifications
+        )
 
     def _regions(self, value: Any) -> list[str]:
         if value is None:
@@ -314,7 +318,9 @@ class _MeshParser:
         return out
 
     def _service(self, value: Any, path: str) -> Service | None:
-        m = self.c.mapping(value, path, ("name", "domains", "prefix", "pools", "rollout"))
+        m = self.c.mapping(
+            value, path, ("name", "domains", "prefix", "pools", "rollout", "notifications")
+        )
         if not m:
             return None
         name = m.get("name")
@@ -342,9 +348,14 @@ class _MeshParser:
         plan = parse_plan(
             self.c, m.get("rollout"), join(path, "rollout"), self.default_plan, self.regions
         )
+        notifications = None
+        if "notifications" in m:
+            notifications = parse_notifications(
+                self.c, m["notifications"], join(path, "notifications")
+            )
         if name is None or pools is None:
             return None
-        return Service(name, tuple(domains), prefix, pools, plan)
+        return Service(name, tuple(domains), prefix, pools, plan, notifications)
 
     def _pools(self, value: Any, path: str) -> dict[str, Pool] | None:
         if value is None:

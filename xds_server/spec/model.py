@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from xds_server.spec.rollout import RolloutPlan
@@ -30,6 +31,45 @@ class Pool:
     """Endpoints per region; every region of the spec has at least one."""
 
 
+NOTIFY_EVENTS: tuple[str, ...] = (
+    "rollout.started",
+    "rollout.step",
+    "rollout.paused",
+    "rollout.resumed",
+    "rollout.rolled_back",
+    "rollout.promoted",
+    "apply.failed",
+)
+"""The events a notification target may choose (`on:`); CloudEvents types, prefixed
+with the project's reverse domain when sent."""
+
+
+class NotifyKind(StrEnum):
+    SLACK = "slack"
+    """Incoming-webhook JSON (`text` and `blocks`): Slack, Mattermost, Teams workflows."""
+    WEBHOOK = "webhook"
+    """A CloudEvents 1.0 JSON event (structured mode)."""
+
+
+@dataclass(frozen=True)
+class NotificationTarget:
+    name: str
+    kind: NotifyKind
+    url: str
+    on: frozenset[str] = frozenset(NOTIFY_EVENTS)
+    timeout: float = 5.0
+    retries: int = 3
+
+
+@dataclass(frozen=True)
+class Notifications:
+    """Where rollout events go; a service's own section replaces the top-level one."""
+
+    targets: tuple[NotificationTarget, ...] = ()
+    queue: int = 1000
+    """Events waiting to be sent, per target; past it the oldest is dropped (counted)."""
+
+
 @dataclass(frozen=True)
 class Service:
     name: str
@@ -39,6 +79,8 @@ class Service:
     """Pools by name, always with `production`, in POOL_NAMES order."""
     rollout: RolloutPlan = field(default_factory=RolloutPlan, compare=False)
     """How a canary of this service is rolled out (spec defaults + the service's own)."""
+    notifications: Notifications | None = field(default=None, compare=False)
+    """The service's own `notifications:`; None: the spec's top-level section."""
 
     def pool_names(self) -> tuple[str, ...]:
         return tuple(self.pools)
@@ -114,6 +156,11 @@ class MeshSpec:
     """The optional `istio:` section; None when the spec has none."""
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """The parsed YAML document, for sections that later layers interpret themselves."""
+    notifications: Notifications = field(default_factory=Notifications, compare=False)
+
+    def notifications_for(self, service: str) -> Notifications:
+        own = self.service(service).notifications
+        return own if own is not None else self.notifications
 
     def service(self, name: str) -> Service:
         for svc in self.services:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from dataclasses import fields, replace
 from typing import Any
 
@@ -18,12 +19,15 @@ from xds_server.spec.rollout import (
     DEFAULT_QUERIES,
     Analysis,
     FalseAlarmScope,
+    Gate,
     Guardrails,
     HealthCheck,
+    MatchRule,
     MetricKind,
     MetricSpec,
     OnMaxHold,
     RolloutPlan,
+    Sticky,
     Warmup,
     Webhook,
     metric_defaults,
@@ -44,8 +48,14 @@ _PLAN_KEYS = (
     "analysis",
     "warmup",
     "queries",
+    "bake",
+    "confirm_step",
+    "canary_match",
+    "sticky",
 )
 _DURATIONS = ("step_duration", "interval", "window", "ack_timeout", "max_hold")
+_HEADER_RE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}")
+"""An HTTP header (or cookie) name: an RFC 9110 token."""
 
 
 def parse_plan(
@@ -56,8 +66,16 @@ def parse_plan(
         return base
     m = c.mapping(value, path, _PLAN_KEYS)
     changes: dict[str, Any] = {}
-    if "steps" in m:
-        changes["steps"] = _steps(c, m["steps"], f"{path}.steps") or base.steps
+    if "steps" in m and (parsed := _steps(c, m["steps"], f"{path}.steps")) is not None:
+        changes["steps"], changes["gates"] = parsed
+    if "bake" in m and (bake := c.duration(m["bake"], f"{path}.bake", zero_ok=True)) is not None:
+        changes["bake"] = bake
+    if "confirm_step" in m:
+        changes["confirm_step"] = _webhooks(c, m["confirm_step"], f"{path}.confirm_step")
+    if "canary_match" in m:
+        changes["canary_match"] = _canary_match(c, m["canary_match"], f"{path}.canary_match")
+    if "sticky" in m:
+        changes["sticky"] = _sticky(c, m["sticky"], f"{path}.sticky")
     for key in _DURATIONS:
         if key in m and (seconds := c.duration(m[key], f"{path}.{key}")) is not None:
             changes[key] = seconds
@@ -84,22 +102,103 @@ def parse_plan(
     return replace(base, **changes)
 
 
-def _steps(c: Checker, value: Any, path: str) -> tuple[float, ...] | None:
+def _steps(c: Checker, value: Any, path: str) -> tuple[tuple[float, ...], dict[int, Gate]] | None:
+    """Percentages, with `{pause: DURATION}` or `{pause: until_promoted}` between them:
+    (the steps, the gates by the index of the step each follows)."""
     if not isinstance(value, list) or not value:
         c.fail(path, "expected a non-empty list of canary percentages")
         return None
+    steps: list[Any] = []
+    gates: dict[int, Gate] = {}
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            steps.append(item)
+            continue
+        gate = _gate(c, item, f"{path}[{i}]")
+        if gate is None:
+            return None
+        if not steps or (len(steps) - 1) in gates:
+            c.fail(f"{path}[{i}]", "a pause must follow a step (a percentage)")
+            return None
+        gates[len(steps) - 1] = gate
+    if not steps:
+        c.fail(path, "expected a non-empty list of canary percentages")
+        return None
     if not all(
-        isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 100 for v in value
+        isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 100 for v in steps
     ):
         c.fail(path, f"each step must be a percentage above 0 and at most 100, got {value!r}")
         return None
-    if any(b <= a for a, b in itertools.pairwise(value)):
-        c.fail(path, f"steps must increase, got {value!r}")
+    if any(b <= a for a, b in itertools.pairwise(steps)):
+        c.fail(path, f"steps must increase, got {steps!r}")
         return None
-    if value[-1] != 100:
-        c.fail(path, f"the last step must be 100 (the canary takes all traffic), got {value[-1]}")
+    if steps[-1] != 100:
+        c.fail(path, f"the last step must be 100 (the canary takes all traffic), got {steps[-1]}")
         return None
-    return tuple(float(v) for v in value)
+    if len(steps) - 1 in gates:
+        c.fail(path, "a pause after the last step: use `bake` to hold at 100%")
+        return None
+    return tuple(float(v) for v in steps), gates
+
+
+def _gate(c: Checker, item: dict[Any, Any], path: str) -> Gate | None:
+    if set(item) != {"pause"}:
+        c.fail(path, f"expected a percentage or {{pause: DURATION | until_promoted}}, got {item!r}")
+        return None
+    if item["pause"] == "until_promoted":
+        return Gate()
+    seconds = c.duration(item["pause"], f"{path}.pause")
+    return Gate(seconds) if seconds is not None else None
+
+
+def _webhooks(c: Checker, value: Any, path: str) -> tuple[Webhook, ...]:
+    if not isinstance(value, list):
+        c.fail(path, "expected a list of {name, url, timeout?, retries?}")
+        return ()
+    return tuple(
+        h for i, raw in enumerate(value) if (h := _webhook(c, raw, f"{path}[{i}]")) is not None
+    )
+
+
+def _header_or_cookie(c: Checker, m: dict[str, Any], path: str) -> dict[str, str] | None:
+    """Exactly one of `header:` and `cookie:`, a valid name; header names lowercased."""
+    given = [k for k in ("header", "cookie") if k in m]
+    if len(given) != 1:
+        c.fail(path, "expected exactly one of `header:` and `cookie:`")
+        return None
+    key = given[0]
+    name = m[key]
+    if not isinstance(name, str) or not _HEADER_RE.fullmatch(name):
+        c.fail(f"{path}.{key}", f"expected a {key} name (letters, digits, '-', ...), got {name!r}")
+        return None
+    if key == "header" and name.lower() in ("cookie", "host", ":authority", ":path"):
+        c.fail(f"{path}.header", f"{name!r} cannot be matched on (use `cookie:` for cookies)")
+        return None
+    return {key: name.lower() if key == "header" else name}
+
+
+def _canary_match(c: Checker, value: Any, path: str) -> tuple[MatchRule, ...]:
+    if not isinstance(value, list):
+        c.fail(path, "expected a list of {header: NAME, value: V} or {cookie: NAME, value: V}")
+        return ()
+    rules = []
+    for i, raw in enumerate(value):
+        m = c.mapping(raw, f"{path}[{i}]", ("header", "cookie", "value"))
+        which = _header_or_cookie(c, m, f"{path}[{i}]")
+        v = m.get("value")
+        if not isinstance(v, str | int) or isinstance(v, bool) or not str(v):
+            c.fail(f"{path}[{i}].value", f"expected the exact value to match, got {v!r}")
+            continue
+        if which is not None:
+            rules.append(MatchRule(str(v), **which))
+    return tuple(rules)
+
+
+def _sticky(c: Checker, value: Any, path: str) -> Sticky | None:
+    if value is None or value is False:
+        return None
+    which = _header_or_cookie(c, c.mapping(value, path, ("header", "cookie")), path)
+    return Sticky(**which) if which is not None else None
 
 
 def _waves(
@@ -280,15 +379,7 @@ def _warmup(c: Checker, value: Any, path: str, base: Warmup) -> Warmup:
         if d is not None:
             changes["slow_start"] = d
     if "webhooks" in m:
-        hooks = m["webhooks"]
-        if not isinstance(hooks, list):
-            c.fail(f"{path}.webhooks", "expected a list of {name, url, timeout?, retries?}")
-        else:
-            changes["webhooks"] = tuple(
-                h
-                for i, raw in enumerate(hooks)
-                if (h := _webhook(c, raw, f"{path}.webhooks[{i}]")) is not None
-            )
+        changes["webhooks"] = _webhooks(c, m["webhooks"], f"{path}.webhooks")
     return replace(base, **changes)
 
 

@@ -197,6 +197,49 @@ class Warmup:
 
 
 @dataclass(frozen=True)
+class Gate:
+    """A hold after a step has passed, before the next (`steps: [5, 20, {pause: 10m},
+    75, 100]`): for a time, or until an operator promotes. The canary keeps its weight
+    and keeps being judged meanwhile: a breach still rolls back at once."""
+
+    seconds: float | None = None
+    """None: until promoted (`{pause: until_promoted}`)."""
+
+    @property
+    def until_promoted(self) -> bool:
+        return self.seconds is None
+
+    def describe(self) -> str:
+        return "pause until promoted" if self.seconds is None else f"pause {self.seconds:g}s"
+
+
+@dataclass(frozen=True)
+class MatchRule:
+    """A `canary_match` entry: requests whose header (or cookie) has this exact value go
+    to the canary whatever the step, counted apart from the analysed traffic."""
+
+    value: str
+    header: str | None = None
+    cookie: str | None = None
+
+    def describe(self) -> str:
+        where = f"header {self.header}" if self.header else f"cookie {self.cookie}"
+        return f"{where} = {self.value}"
+
+
+@dataclass(frozen=True)
+class Sticky:
+    """Keep each user on one version within a step: the user is the value of this header
+    (or cookie); a user moves only when the canary's share grows past them."""
+
+    header: str | None = None
+    cookie: str | None = None
+
+    def describe(self) -> str:
+        return f"header {self.header}" if self.header else f"cookie {self.cookie}"
+
+
+@dataclass(frozen=True)
 class RolloutPlan:
     steps: tuple[float, ...] = (5, 20, 75, 100)
     step_duration: float = 60.0
@@ -213,6 +256,15 @@ class RolloutPlan:
     analysis: Analysis = field(default_factory=Analysis)
     warmup: Warmup = field(default_factory=Warmup)
     queries: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_QUERIES))
+    gates: Mapping[int, Gate] = field(default_factory=dict)
+    """Holds after a step (by the index of the step they follow)."""
+    bake: float = 0.0
+    """After the last step: seconds the canary keeps being judged at 100%, the old
+    production pool kept warm at weight 0, before the rollout is final."""
+    confirm_step: tuple[Webhook, ...] = ()
+    """Asked before each weight increase; anything but a 2xx holds the step."""
+    canary_match: tuple[MatchRule, ...] = ()
+    sticky: Sticky | None = None
 
     def wave_list(self, regions: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
         return self.waves if self.waves is not None else (regions,)
