@@ -49,7 +49,7 @@ from xds_server.rollout.state import (
     RolloutState,
     step_label,
 )
-from xds_server.spec import OnMaxHold, RolloutPlan
+from xds_server.spec import Gate, OnMaxHold, RolloutPlan
 from xds_server.traffic import Split
 
 
@@ -76,6 +76,9 @@ class Observation:
     """Warm-up: what the pools are still waiting for (health, a webhook)."""
     warmup_error: str | None = None
     """Warm-up: a webhook failed; the rollout is blocked until resumed."""
+    confirmation: str | None = None
+    """The `confirm_step` hooks' answer, when the wave waits on them (`awaiting_
+    confirmation`): "" to go on, else why not; None when they were not asked."""
 
 
 @dataclass(frozen=True)
@@ -229,7 +232,8 @@ def fold(
         transitions.extend(paused.transitions)
         return Decision(paused.state, tuple(transitions), observations=observations)
     if state.phase == PROGRESSING:
-        state, advanced = _advance(plan, state, now)
+        answers = (o.confirmation for o in observations.values() if o.confirmation is not None)
+        state, advanced = _advance(plan, state, now, confirmation=next(answers, None))
         transitions.extend(advanced)
     return Decision(state, tuple(transitions), observations=observations)
 
@@ -321,17 +325,106 @@ def _apply_verdict(
     return rs, _Progress.PASSING
 
 
-def _advance(
-    plan: RolloutPlan, state: RolloutState, now: float
-) -> tuple[RolloutState, list[Transition]]:
-    """Lockstep within a wave: move every region of the wave once all have passed."""
-    waves = plan.wave_list(tuple(state.regions))
-    wave = waves[state.wave]
+def _wave_ready(plan: RolloutPlan, state: RolloutState) -> tuple[list[str], int] | None:
+    """The current wave's live regions and their step, once every one has passed it."""
+    wave = plan.wave_list(tuple(state.regions))[state.wave]
     live = [r for r in wave if state.regions[r].phase in LIVE]
     if not live or not all(state.regions[r].step_passed for r in live):
-        return state, []
+        return None
+    return live, state.regions[live[0]].step
+
+
+def _gate(plan: RolloutPlan, step: int) -> Gate | None:
+    """What holds the wave after `step` passed: a `pause:` step, or the bake after the
+    last step."""
+    if step == len(plan.steps) - 1:
+        return Gate(plan.bake) if plan.bake > 0 else None
+    return plan.gates.get(step)
+
+
+def _gate_open(gate: Gate, since: float | None, now: float) -> bool:
+    return since is not None and gate.seconds is not None and now - since >= gate.seconds
+
+
+def awaiting_confirmation(plan: RolloutPlan, state: RolloutState, now: float) -> bool:
+    """Would the current wave move to a higher weight now, but for the `confirm_step`
+    hooks? The observer asks them only then."""
+    if not plan.confirm_step or state.phase != PROGRESSING:
+        return False
+    ready = _wave_ready(plan, state)
+    if ready is None or ready[1] + 1 >= len(plan.steps):
+        return False
+    live, step = ready
+    gate = _gate(plan, step)
+    return gate is None or _gate_open(gate, state.regions[live[0]].gate_since, now)
+
+
+def _hold(
+    plan: RolloutPlan,
+    state: RolloutState,
+    live: list[str],
+    step: int,
+    now: float,
+    confirmation: str | None,
+) -> tuple[RolloutState, list[Transition]] | None:
+    """Why the wave, having passed `step`, does not move on yet: a gate (a pause, the
+    bake) or the `confirm_step` hooks; None: it may. Only recorded when it begins or its
+    reason changes. Judging goes on meanwhile: a breach still rolls back."""
+    gate = _gate(plan, step)
+    if gate is not None:
+        since = state.regions[live[0]].gate_since
+        if since is None:
+            if step == len(plan.steps) - 1:
+                why = f"baking at 100% for {gate.seconds:g}s: old production kept warm at 0%"
+            else:
+                why = f"holding at {plan.steps[step]:g}%: {gate.describe()}"
+            return _hold_all(state, live, now, why, start_gate=True)
+        if not _gate_open(gate, since, now):
+            return state, []
+    if plan.confirm_step and step + 1 < len(plan.steps) and confirmation != "":
+        nxt = f"{plan.steps[step + 1]:g}%"
+        if confirmation is None:
+            why = f"asking the confirm_step hooks before {nxt}"
+        else:
+            why = f"held before {nxt} by confirm_step: {confirmation}"
+        if all(state.regions[r].reason == why for r in live):
+            return state, []
+        return _hold_all(state, live, now, why)
+    return None
+
+
+def _hold_all(
+    state: RolloutState, live: list[str], now: float, why: str, start_gate: bool = False
+) -> tuple[RolloutState, list[Transition]]:
     regions = dict(state.regions)
-    step = regions[live[0]].step
+    transitions = []
+    for r in live:
+        since = now if start_gate else regions[r].gate_since
+        rs = regions[r] = replace(regions[r], reason=why, gate_since=since)
+        transitions.append(
+            Transition(r, rs.phase, rs.phase, rs.step, rs.step, why, kind=EntryKind.CHECK)
+        )
+    return replace(state, regions=regions, updated_at=now), transitions
+
+
+def _advance(
+    plan: RolloutPlan,
+    state: RolloutState,
+    now: float,
+    *,
+    release: bool = False,
+    confirmation: str | None = None,
+) -> tuple[RolloutState, list[Transition]]:
+    """Lockstep within a wave: move every region of the wave once all have passed, and
+    no gate or hook holds it (`release`: an operator's promote, which nothing holds)."""
+    ready = _wave_ready(plan, state)
+    if ready is None:
+        return state, []
+    live, step = ready
+    if not release and (held := _hold(plan, state, live, step, now, confirmation)) is not None:
+        return held
+    waves = plan.wave_list(tuple(state.regions))
+    regions = dict(state.regions)
     transitions: list[Transition] = []
     if step + 1 < len(plan.steps):
         for r in live:
@@ -498,7 +591,7 @@ def promote(
                 regions[r], step_passed=True, manual_canary=None, manual_baseline=None
             )
     forced = replace(state, phase=PROGRESSING, regions=regions, updated_at=now)
-    new, transitions = _advance(plan, forced, now)
+    new, transitions = _advance(plan, forced, now, release=True)
     transitions = [
         replace(t, reason=f"{t.reason} (promoted by hand: {reason})") for t in transitions
     ]

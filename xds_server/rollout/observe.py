@@ -14,11 +14,16 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-from xds_server.rollout.decide import Observation
+from xds_server.rollout.decide import Observation, awaiting_confirmation
 from xds_server.rollout.judge import Comparison, Measurement
 from xds_server.rollout.ports import MetricSource
 from xds_server.rollout.state import LIVE, RolloutState
-from xds_server.rollout.webhooks import hook_context, run_webhooks
+from xds_server.rollout.webhooks import (
+    confirm_context,
+    hook_context,
+    run_confirm_hooks,
+    run_webhooks,
+)
 from xds_server.spec import RolloutPlan, Service
 from xds_server.traffic import Split, TrafficState
 from xds_server.xds.dataplane import DataPlane, Pending, Rejected
@@ -56,6 +61,8 @@ class Observer:
         self._hooks: dict[tuple[str, str, str], asyncio.Future[str | None]] = {}
         """Warm-up webhook runs by (service, canary version, region): None when passed."""
         self._hook_threads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="webhook")
+        self._confirms: dict[tuple[str, str, int, int], asyncio.Future[str]] = {}
+        """`confirm_step` runs by (service, canary version, wave, step)."""
 
     async def observe(
         self, svc: Service, state: RolloutState, traffic: TrafficState, seen: Seen
@@ -82,6 +89,7 @@ class Observer:
             split = traffic.effective(svc, region)
             job = self._measure(svc, region, obs, now - started, comparator_pool(svc, split))
             pending[asyncio.create_task(job)] = region
+        confirm = self._confirm(svc, state, now)
         budget = max(plan.interval, 0.5)
         try:
             for region, obs in list(out.items()):
@@ -108,7 +116,40 @@ class Observer:
             # the step holds, and its hold reaches max_hold by the clock.
             log.warning("%s %s: metrics did not answer within %gs", svc.name, region, budget)
             out[region] = _unanswered(out.get(region, Observation()), budget)
+        answer = self._answer(confirm)
+        if answer is not None:
+            out = {region: replace(obs, confirmation=answer) for region, obs in out.items()}
         return out
+
+    def _confirm(
+        self, svc: Service, state: RolloutState, now: float
+    ) -> tuple[str, str, int, int] | None:
+        """Start asking the `confirm_step` hooks when the wave waits on them (once per
+        step; a refusal is asked again the next interval, as Flagger's confirm hooks)."""
+        if not awaiting_confirmation(svc.rollout, state, now):
+            return None
+        wave = svc.rollout.wave_list(tuple(state.regions))[state.wave]
+        live = [r for r in wave if state.regions[r].phase in LIVE]
+        step = state.regions[live[0]].step
+        key = (svc.name, state.canary_version, state.wave, step)
+        if key not in self._confirms:
+            context = confirm_context(svc, state, live, step)
+            self._confirms[key] = asyncio.ensure_future(
+                asyncio.get_running_loop().run_in_executor(
+                    self._hook_threads, run_confirm_hooks, svc.rollout.confirm_step, context
+                )
+            )
+        return key
+
+    def _answer(self, key: tuple[str, str, int, int] | None) -> str | None:
+        """The hooks' answer once they have all answered (and forgotten then, so that a
+        refusal is asked again); None while they run."""
+        if key is None or (run := self._confirms.get(key)) is None or not run.done():
+            return None
+        del self._confirms[key]
+        if run.exception() is not None:
+            return f"could not be asked: {run.exception()!r}"
+        return run.result()
 
     def applied(self, region: str, plan: RolloutPlan, now: float) -> Observation:
         """Has every Envoy of the region ACKed the routes that carry the current weights?"""

@@ -55,6 +55,9 @@ class RegionState:
     manual_baseline: float | None = None
     shadowing: bool = False
     """Warm-up: pools are healthy and the hooks passed; shadow traffic is being judged."""
+    gate_since: float | None = None
+    """When the wave passed this step and began holding at its gate (a `pause:` after
+    the step, or the bake after the last); None: not holding at a gate."""
 
     @property
     def warming(self) -> bool:

@@ -34,6 +34,33 @@ def hook_context(svc: Service, state: RolloutState, region: str) -> dict[str, An
     }
 
 
+def confirm_context(
+    svc: Service, state: RolloutState, regions: Sequence[str], step_from: int
+) -> dict[str, Any]:
+    """What a `confirm_step` hook is asked about: the next weight of a wave's regions."""
+    steps = svc.rollout.steps
+    return {
+        "phase": "confirm_step",
+        "service": svc.name,
+        "canary_version": state.canary_version,
+        "production_version": svc.pools["production"].version,
+        "regions": list(regions),
+        "step": step_from,
+        "canary_percent": steps[step_from] if step_from >= 0 else 0.0,
+        "next_canary_percent": steps[step_from + 1],
+    }
+
+
+def run_confirm_hooks(hooks: Sequence[Webhook], context: Mapping[str, Any]) -> str:
+    """Ask every `confirm_step` hook in order: "" when all answered 2xx, else the first
+    refusal (its answer) as the reason the step holds."""
+    for hook in hooks:
+        problem = call(hook, context)
+        if problem:
+            return f"hook {hook.name!r}: {problem}"
+    return ""
+
+
 def run_webhooks(hooks: Sequence[Webhook], context: Mapping[str, Any]) -> str | None:
     """Call every hook in order; None when all passed, else why the first one failed."""
     for hook in hooks:
