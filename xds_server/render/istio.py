@@ -4,6 +4,10 @@ A pure function of the spec and the rollout states (no I/O, no clock), so the sa
 objects come out of `xds-server manifests istio` and out of the controller's `istio`
 output mode, and a test can validate every one of them against Istio's CRD schemas.
 
+`canary_match` rules become a route before the weighted one that sends what they match
+to the canary subset; sticky users (`sticky:`) have no Istio form (a consistent hash
+picks an endpoint within one subset, not the subset) and render nothing.
+
 The weights are the ones the controller pushes over xDS (`rollout.state.service_split`,
 with pools the spec no longer has giving their share to production), turned into the whole
 percentages Istio's `weight` field takes. Rounding never gives the canary more than
@@ -18,8 +22,9 @@ from typing import Any
 import yaml
 
 from xds_server.rollout.state import RolloutState, service_split
-from xds_server.spec import POOL_NAMES, IstioConfig, MeshSpec, Service
+from xds_server.spec import POOL_NAMES, IstioConfig, MatchRule, MeshSpec, Service
 from xds_server.traffic import WEIGHT_TOTAL, Split
+from xds_server.xds.resources import cookie_regex
 
 GROUP = "networking.istio.io"
 VERSION = "v1"
@@ -179,15 +184,38 @@ def virtual_service(
         "apiVersion": API_VERSION,
         "kind": "VirtualService",
         "metadata": _metadata(svc, region, rollout, cfg, split),
-        "spec": {"hosts": [host], "http": [http]},
+        "spec": {"hosts": [host], "http": [*canary_match_http(svc, host), http]},
     }
+
+
+def canary_match_http(svc: Service, host: str) -> list[dict[str, Any]]:
+    """The `canary_match` rules as one route (any of its matches) to the canary subset,
+    placed before the weighted route, whatever the step, while there is a canary pool.
+    Unlike xDS (a cluster of their own), Istio counts them with the canary subset."""
+    rules = svc.rollout.canary_match
+    if "canary" not in svc.pools or not rules:
+        return []
+    return [
+        {
+            "name": "canary-match",
+            "match": [{"uri": {"prefix": svc.prefix}, "headers": _header_match(r)} for r in rules],
+            "route": [{"destination": {"host": host, "subset": "canary"}, "weight": 100}],
+        }
+    ]
+
+
+def _header_match(rule: MatchRule) -> dict[str, Any]:
+    if rule.header is not None:
+        return {rule.header: {"exact": rule.value}}
+    assert rule.cookie is not None
+    return {"cookie": {"regex": cookie_regex(rule.cookie, rule.value)}}
 
 
 def route_weights(vs: Mapping[str, Any]) -> dict[str, int]:
-    """subset -> weight of a VirtualService this module wrote (for checks and the e2e)."""
-    return {
-        r["destination"]["subset"]: int(r.get("weight", 0)) for r in vs["spec"]["http"][0]["route"]
-    }
+    """subset -> weight of the weighted route of a VirtualService this module wrote (for
+    checks and the e2e); `canary_match` routes come before it."""
+    (http,) = [h for h in vs["spec"]["http"] if h.get("name") == "rollout"]
+    return {r["destination"]["subset"]: int(r.get("weight", 0)) for r in http["route"]}
 
 
 def to_yaml(objects: Iterable[Mapping[str, Any]]) -> str:

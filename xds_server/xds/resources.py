@@ -15,24 +15,47 @@ from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, healt
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, message, wrappers_pb2
 
-from xds_server.spec import Endpoint, HealthCheck, MeshSpec, Service
+from xds_server.spec import POOL_NAMES, Endpoint, HealthCheck, MatchRule, MeshSpec, Service, Sticky
 from xds_server.traffic import Split, TrafficState
 from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 LISTENER_NAME = "ingress"
 ROUTE_CONFIG_NAME = "ingress"
+LUA_FILTER = "envoy.filters.http.lua"
+STICKY_HEADER = "x-xds-sticky"
+"""Set by the sticky Lua code to the user's hash; Envoy's weighted choice reads it."""
+STICKY_MODULUS = 2_147_483_647
+"""2^31 - 1: the sticky hash's range (exact in the doubles of LuaJIT and Lua 5.1)."""
 
 
 def cluster_name(service: str, pool: str) -> str:
     """`service|pool`: unique (service names have no '|') and readable in Envoy stats."""
     return f"{service}|{pool}"
+
+
+def direct_cluster_name(service: str) -> str:
+    """`service|canary-direct`: the canary's endpoints for `canary_match` requests, so
+    that they are counted apart from the analysed `service|canary` (its stats, its
+    Prometheus series) and never enter the analysis."""
+    return cluster_name(service, "canary") + "-direct"
+
+
+def service_clusters(svc: Service) -> list[tuple[str, str]]:
+    """(cluster, pool whose endpoints and options it has) for every cluster of a service:
+    one per pool, and the canary's direct cluster when `canary_match` routes use it."""
+    out = [(cluster_name(svc.name, pool), pool) for pool in svc.pools]
+    if "canary" in svc.pools and svc.rollout.canary_match:
+        out.append((direct_cluster_name(svc.name), "canary"))
+    return out
 
 
 @dataclass(frozen=True)
@@ -92,14 +115,13 @@ class RegionBuilder:
         used_eps = set()
         used_clusters = set()
         for svc in spec.services:
-            for pool in svc.pools.values():
-                name = cluster_name(svc.name, pool.name)
-                ckey = (name, cluster_options(svc, pool.name))
+            for name, pool in service_clusters(svc):
+                ckey = (name, cluster_options(svc, pool))
                 if ckey not in self._clusters:
                     self._clusters[ckey] = build_cluster(name, ckey[1])
                 clusters[name] = self._clusters[ckey]
                 used_clusters.add(ckey)
-                key = (name, pool.endpoints[self.region])
+                key = (name, svc.pools[pool].endpoints[self.region])
                 if key not in self._endpoints:
                     self._endpoints[key] = build_load_assignment(name, self.region, key[1])
                 endpoints[name] = self._endpoints[key]
@@ -142,7 +164,16 @@ class RegionBuilder:
     def _vhost_key(self, svc: Service, traffic: TrafficState) -> tuple[Any, ...]:
         """Build (or reuse) a service's virtual host; return its memo key."""
         split = traffic.effective(svc, self.region)
-        key = (svc.name, svc.domains, svc.prefix, tuple(svc.pools), split)
+        plan = svc.rollout
+        key = (
+            svc.name,
+            svc.domains,
+            svc.prefix,
+            tuple(svc.pools),
+            split,
+            plan.canary_match,
+            plan.sticky,
+        )
         if key not in self._vhosts:
             self._vhosts[key] = virtual_host(svc, split)
         return key
@@ -244,14 +275,27 @@ def _socket(host: str, port: int) -> address_pb2.Address:
 
 
 def virtual_host(svc: Service, split: Split) -> route_components_pb2.VirtualHost:
+    """A service's routes: its `canary_match` routes first (they win over the split),
+    then the weighted route of its prefix."""
+    return route_components_pb2.VirtualHost(
+        name=svc.name,
+        domains=list(svc.domains),
+        routes=[*canary_match_routes(svc), split_route(svc, split)],
+    )
+
+
+def split_route(svc: Service, split: Split) -> route_components_pb2.Route:
     # Pools at 0% are left out of the route: the route then never names a cluster it does
     # not use, which keeps make-before-break simple. Production carries the rest.
+    # Production, baseline, canary, in this order: with sticky users Envoy picks the
+    # cluster whose interval of [0, total) holds the user's hash % total, so the canary,
+    # last, owns [total - canary, total), which only grows as its share grows.
     weighted = [
         route_components_pb2.WeightedCluster.ClusterWeight(
             name=cluster_name(svc.name, pool), weight=wrappers_pb2.UInt32Value(value=w)
         )
-        for pool in svc.pools
-        if (w := split.get(pool)) > 0
+        for pool in POOL_NAMES
+        if pool in svc.pools and (w := split.get(pool)) > 0
     ]
     # Shadow traffic: Envoy copies a share of requests to canary and baseline and drops
     # their answers, so the new version warms up and is judged before any user sees it.
@@ -268,20 +312,143 @@ def virtual_host(svc: Service, split: Split) -> route_components_pb2.VirtualHost
         for pool in ("canary", "baseline")
         if split.shadow > 0 and pool in svc.pools
     ]
-    return route_components_pb2.VirtualHost(
-        name=svc.name,
-        domains=list(svc.domains),
-        routes=[
-            route_components_pb2.Route(
-                name=f"{svc.name}-split",
-                match=route_components_pb2.RouteMatch(prefix=svc.prefix),
-                route=route_components_pb2.RouteAction(
-                    weighted_clusters=route_components_pb2.WeightedCluster(clusters=weighted),
-                    request_mirror_policies=mirrors,
-                ),
-            )
-        ],
+    sticky = svc.rollout.sticky
+    route = route_components_pb2.Route(
+        name=f"{svc.name}-split",
+        match=route_components_pb2.RouteMatch(prefix=svc.prefix),
+        route=route_components_pb2.RouteAction(
+            weighted_clusters=route_components_pb2.WeightedCluster(
+                clusters=weighted, header_name=STICKY_HEADER if sticky else ""
+            ),
+            request_mirror_policies=mirrors,
+        ),
     )
+    if sticky is not None:
+        # The Lua filter (disabled on the listener) runs for this route only: it turns the
+        # user's id into STICKY_HEADER, which the upstream never sees.
+        lua = lua_pb2.LuaPerRoute(source_code=base_pb2.DataSource(inline_string=sticky_lua(sticky)))
+        route.typed_per_filter_config[LUA_FILTER].CopyFrom(
+            pack(route_components_pb2.FilterConfig(config=pack(lua), is_optional=True))
+        )
+        route.request_headers_to_remove.append(STICKY_HEADER)
+    return route
+
+
+def canary_match_routes(svc: Service) -> list[route_components_pb2.Route]:
+    """One route per `canary_match` rule, to the canary's direct cluster, whatever the
+    split (at 0% and during warm-up too) while the spec has a canary pool."""
+    if "canary" not in svc.pools:
+        return []
+    return [
+        route_components_pb2.Route(
+            name=f"{svc.name}-canary-match-{i}",
+            match=route_components_pb2.RouteMatch(prefix=svc.prefix, headers=[match_header(rule)]),
+            route=route_components_pb2.RouteAction(cluster=direct_cluster_name(svc.name)),
+        )
+        for i, rule in enumerate(svc.rollout.canary_match)
+    ]
+
+
+def match_header(rule: MatchRule) -> route_components_pb2.HeaderMatcher:
+    if rule.header is not None:
+        return route_components_pb2.HeaderMatcher(
+            name=rule.header, string_match=string_pb2.StringMatcher(exact=rule.value)
+        )
+    assert rule.cookie is not None
+    return route_components_pb2.HeaderMatcher(
+        name="cookie",
+        string_match=string_pb2.StringMatcher(
+            safe_regex=regex_pb2.RegexMatcher(regex=cookie_regex(rule.cookie, rule.value))
+        ),
+    )
+
+
+def cookie_regex(name: str, value: str) -> str:
+    """An RE2 pattern that the whole `cookie` header matches (Envoy's and Istio's regex
+    matches are full matches) when it has the cookie `name=value`, wherever it is."""
+    return rf"(.*;\s*)?{re2_escape(name)}={re2_escape(value)}(;.*)?"
+
+
+def re2_escape(text: str) -> str:
+    """`text` as an RE2 literal: ASCII punctuation escaped with a backslash, other ASCII
+    that is not a letter or digit (spaces, controls) as `\\x{..}`."""
+    out = []
+    for c in text:
+        if not c.isascii() or c.isalnum() or c == "_":
+            out.append(c)
+        elif c.isprintable() and c != " ":
+            out.append("\\" + c)
+        else:
+            out.append(f"\\x{{{ord(c):02x}}}")
+    return "".join(out)
+
+
+def sticky_hash(user: str) -> int:
+    """The hash the sticky Lua code computes (the same arithmetic): a polynomial hash of
+    the UTF-8 bytes mod 2^31 - 1, then two multiplicative (MINSTD) steps to spread short
+    ids. Envoy takes it % the total weight to pick a cluster; a test predicts with it."""
+    h = 0
+    for byte in user.encode():
+        h = (h * 1_000_003 + byte) % STICKY_MODULUS
+    for _ in range(2):
+        h = h * 48_271 % STICKY_MODULUS
+    return h
+
+
+def sticky_lua(sticky: Sticky) -> str:
+    """The Lua code for one sticky setting: STICKY_HEADER = sticky_hash(user), where the
+    user is the value of the header (or cookie); no user, no header (a random choice).
+    Products stay below 2^53, so doubles (LuaJIT, Lua 5.1) compute them exactly."""
+    if sticky.header is not None:
+        user = f"  return headers:get({_lua_string(sticky.header)})\n"
+    else:
+        assert sticky.cookie is not None
+        user = _LUA_COOKIE.format(name=_lua_string(sticky.cookie))
+    return _LUA_STICKY.format(user=user, header=_lua_string(STICKY_HEADER), m=STICKY_MODULUS)
+
+
+_LUA_COOKIE = """\
+  local cookies = headers:get("cookie")
+  if cookies == nil then return nil end
+  for pair in string.gmatch(cookies, "[^;]+") do
+    local eq = string.find(pair, "=", 1, true)
+    if eq ~= nil and (string.gsub(string.sub(pair, 1, eq - 1), "^%s+", "")) == {name} then
+      return string.sub(pair, eq + 1)
+    end
+  end
+  return nil
+"""
+
+_LUA_STICKY = """\
+-- xds-server sticky users: the user's hash, for the weighted choice of the route.
+local function user_of(headers)
+{user}end
+
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  if headers:get({header}) ~= nil then headers:remove({header}) end
+  local user = user_of(headers)
+  if user == nil or user == "" then return end
+  local h = 0
+  for i = 1, #user do
+    h = (h * 1000003 + string.byte(user, i)) % {m}
+  end
+  h = (h * 48271) % {m}
+  h = (h * 48271) % {m}
+  headers:add({header}, string.format("%d", h))
+end
+"""
+
+
+def _lua_string(text: str) -> str:
+    """A Lua string literal: letters, digits, '-' and '_' as they are, other bytes as
+    decimal escapes (nothing in a header or cookie name can break out of it)."""
+    safe = {ord(c) for c in "-_"}
+    body = "".join(
+        chr(b) if (chr(b).isascii() and chr(b).isalnum()) or b in safe else f"\\{b:03d}"
+        for b in text.encode()
+    )
+    return f'"{body}"'
 
 
 def build_listener(address: str, port: int) -> listener_pb2.Listener:
@@ -290,9 +457,12 @@ def build_listener(address: str, port: int) -> listener_pb2.Listener:
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=ROUTE_CONFIG_NAME),
         http_filters=[
+            # Disabled unless a route enables it (sticky services' routes do): a no-op for
+            # every other route, so the listener need not depend on the spec.
+            hcm_pb2.HttpFilter(name=LUA_FILTER, typed_config=pack(lua_pb2.Lua()), disabled=True),
             hcm_pb2.HttpFilter(
                 name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())
-            )
+            ),
         ],
     )
     return listener_pb2.Listener(
