@@ -8,7 +8,7 @@ and who decides.
   `Follower` that serves exactly the weights the leader committed.
 - Everything else is plumbing: the xDS publisher (the `DataPlane`), the SQLite
   `StateStore`, Prometheus as the `MetricSource`, and the `TrafficSink`s (telemetry,
-  the Istio applier) the controller tells after each commit.
+  the Istio applier, notifications) the controller tells after each commit.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import IO, Any
 from xds_server.admin.service import AdminService, run_admin_server
 from xds_server.admin.web import Dashboard
 from xds_server.outputs.istio_apply import IstioApplier, IstioSink
+from xds_server.outputs.notify import Notifier
 from xds_server.rollout.controller import RolloutController
 from xds_server.rollout.metrics import PrometheusSource
 from xds_server.rollout.ports import StateStore
@@ -244,6 +245,8 @@ class App:
         self.telemetry = Telemetry()
         self.telemetry.attach(publisher)
         self.parts = Parts(publisher, store)
+        self.notifier: Notifier | None = None
+        """The leader's notifications (`notifications:` targets); followers send none."""
         if self.leadership.try_acquire():
             self._lead(store)
         else:
@@ -275,6 +278,10 @@ class App:
                 "istio output: applying to %s",
                 ", ".join(f"{st.region} ({st.target})" for st in applier.status()),
             )
+        # Cheap without targets (nothing is rendered); targets come and go with the spec.
+        self.notifier = Notifier()
+        controller.subscribe(self.notifier)
+        self.telemetry.attach_notifier(self.notifier)
         self.parts.controller = controller
 
     def on_spec_change(self, spec: MeshSpec, reason: str) -> None:
@@ -353,4 +360,6 @@ class App:
         finally:
             for task in running:
                 task.cancel()
+            if self.notifier is not None:
+                self.notifier.close(timeout=1.0)
             await parts.publisher.stop()

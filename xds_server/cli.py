@@ -207,6 +207,8 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
 
     if args.regions < 1 or args.envoys_per_region < 1:
         raise UsageError("--regions and --envoys-per-region must be at least 1")
+    if args.notify is not None and not args.notify.startswith(("http://", "https://")):
+        raise UsageError(f"--notify: expected an http(s) URL, got {args.notify!r}")
     return run_lab(
         args.scenario,
         args.regions,
@@ -215,6 +217,7 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
         Path(args.out) if args.out else None,
         args.timeout,
         mtls=args.mtls,
+        notify_url=args.notify,
     )
 
 
@@ -367,6 +370,11 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--mtls",
         action="store_true",
         help="xDS over mTLS: a certificate per Envoy naming its region and node id",
+    )
+    run.add_argument(
+        "--notify",
+        metavar="URL",
+        help="also POST every rollout event to URL as a CloudEvent (a webhook target)",
     )
     run.set_defaults(func=cmd_lab_run)
     down = lab_sub.add_parser("down", help="stop a lab left running with --keep")

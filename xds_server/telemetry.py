@@ -1,7 +1,7 @@
 """The server's own Prometheus metrics, served on `/metrics` (prometheus-client).
 
 It follows the xDS publisher (pushes, nodes, NACKs), committed rollout decisions (as a
-`TrafficSink`) and the Istio applier, whichever this process runs.
+`TrafficSink`), the Istio applier and the notifier, whichever this process runs.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import asyncio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from xds_server.outputs.istio_apply import IstioApplier, RegionApplyStatus
+from xds_server.outputs.notify import DROPPED, FAILED, RETRY, SENT, Notifier, NotifyResult
 from xds_server.rollout.controller import StoreHealth
 from xds_server.rollout.decide import EntryKind
 from xds_server.rollout.ports import Committed
@@ -83,6 +84,7 @@ class Telemetry:
         )
         self._store_metrics(r)
         self._istio_metrics(r)
+        self._notify_metrics(r)
 
     def _store_metrics(self, r: CollectorRegistry) -> None:
         self.store_writable = Gauge(
@@ -119,6 +121,38 @@ class Telemetry:
             "xds_istio_apply_consecutive_failures",
             "Failed applies in a row to a region's cluster (0 once one succeeds)",
             ["region"],
+            registry=r,
+        )
+
+    def _notify_metrics(self, r: CollectorRegistry) -> None:
+        self.notify_sent = Counter(
+            "xds_notifications_sent",
+            "Notifications a target accepted (2xx), by target name and event type",
+            ["target", "type"],
+            registry=r,
+        )
+        self.notify_failed = Counter(
+            "xds_notifications_failed",
+            "Notifications given up on after their retries, by target name and event type",
+            ["target", "type"],
+            registry=r,
+        )
+        self.notify_retries = Counter(
+            "xds_notifications_retries",
+            "Failed attempts to send a notification that were tried again",
+            ["target"],
+            registry=r,
+        )
+        self.notify_dropped = Counter(
+            "xds_notifications_dropped",
+            "Notifications dropped unsent: the target's queue was full, or it left the spec",
+            ["target"],
+            registry=r,
+        )
+        self.notify_queued = Gauge(
+            "xds_notifications_queued",
+            "Notifications waiting in a target's queue",
+            ["target"],
             registry=r,
         )
 
@@ -170,6 +204,21 @@ class Telemetry:
             self.istio_applies.labels(status.region, what).inc()
         self.istio_pending.labels(status.region).set(1 if status.pending else 0)
         self.istio_failures.labels(status.region).set(status.consecutive_failures)
+
+    def attach_notifier(self, notifier: Notifier) -> None:
+        """Sent, failed, retried, dropped and waiting notifications per target."""
+        notifier.subscribe(self._on_notify)
+
+    def _on_notify(self, r: NotifyResult) -> None:
+        if r.result == SENT:
+            self.notify_sent.labels(r.target, r.type).inc()
+        elif r.result == FAILED:
+            self.notify_failed.labels(r.target, r.type).inc()
+        elif r.result == RETRY:
+            self.notify_retries.labels(r.target).inc()
+        elif r.result == DROPPED:
+            self.notify_dropped.labels(r.target).inc()
+        self.notify_queued.labels(r.target).set(r.queued)
 
     def sample_nodes(self, server: XdsPublisher) -> None:
         """Count connected nodes per region and sync state against the current snapshots."""

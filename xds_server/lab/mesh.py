@@ -42,6 +42,9 @@ class MeshOptions:
     mtls: bool = False
     """xDS over mTLS: a CA and a certificate per Envoy from hack/make-certs.sh; the
     server checks each Envoy's region and node id against its certificate."""
+    notify_url: str | None = None
+    """Send every rollout event there as a CloudEvent (a top-level `notifications:`
+    section with one `webhook` target, `lab`)."""
 
 
 class LocalMesh:
@@ -228,7 +231,7 @@ class LocalMesh:
 
     def write_spec(self, with_canary: bool) -> None:
         pools = ("production", "baseline", "canary") if with_canary else ("production",)
-        doc = {
+        doc: dict[str, Any] = {
             "regions": list(self.opts.regions),
             "listener": {"port": 10000},
             "rollout": self.opts.rollout,
@@ -250,6 +253,10 @@ class LocalMesh:
                 }
             ],
         }
+        if self.opts.notify_url:
+            doc["notifications"] = {
+                "targets": [{"name": "lab", "type": "webhook", "url": self.opts.notify_url}]
+            }
         tmp = self.spec_path.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
         tmp.replace(self.spec_path)  # atomic: the server never reads half a file
@@ -328,9 +335,14 @@ def envoy_weights(envoy: Envoy) -> dict[str, int]:
         if cfg.get("@type", "").endswith("RoutesConfigDump"):
             for dyn in cfg.get("dynamic_route_configs", []):
                 for vh in dyn["route_config"].get("virtual_hosts", []):
-                    if vh["name"] == SERVICE:
-                        clusters = vh["routes"][0]["route"]["weighted_clusters"]["clusters"]
-                        return {c["name"].split("|")[1]: int(c.get("weight", 0)) for c in clusters}
+                    if vh["name"] != SERVICE:
+                        continue
+                    for route in vh["routes"]:  # (canary_match routes come first)
+                        if "weighted_clusters" in route.get("route", {}):
+                            clusters = route["route"]["weighted_clusters"]["clusters"]
+                            return {
+                                c["name"].split("|")[1]: int(c.get("weight", 0)) for c in clusters
+                            }
     return {}
 
 

@@ -127,6 +127,7 @@ def run_lab(
     timeout: float = 240,
     live: bool | None = None,
     mtls: bool = False,
+    notify_url: str | None = None,
 ) -> int:
     scenario = SCENARIOS[scenario_name]
     out = out or LAB_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{scenario.name}"
@@ -138,6 +139,7 @@ def run_lab(
         load_rate=50,
         mtls=mtls,
         admin_token=secrets.token_urlsafe(18),  # for the dashboard's actions and xdsctl's
+        notify_url=notify_url,
     )
     mesh = LocalMesh(out, opts)
     live = sys.stdout.isatty() if live is None else live
@@ -147,6 +149,8 @@ def run_lab(
     }
     print(f"lab: scenario {scenario.name}: {scenario.description}")
     print(f"lab: output in {out}")
+    if notify_url:
+        print(f"lab: notifications (CloudEvents) to {notify_url}")
     kept = False
     try:
         mesh.start()

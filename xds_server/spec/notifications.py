@@ -16,7 +16,8 @@ from typing import Any
 from xds_server.spec.checker import Checker
 from xds_server.spec.model import NOTIFY_EVENTS, Notifications, NotificationTarget, NotifyKind
 
-_SHORT = {e.split(".", 1)[1]: e for e in NOTIFY_EVENTS}
+_SHORT = {e.removeprefix("rollout."): e for e in NOTIFY_EVENTS}
+"""Short names for `on:`: `rolled_back` for `rollout.rolled_back`; `apply.failed` as is."""
 
 
 def parse_notifications(c: Checker, value: Any, path: str) -> Notifications:
