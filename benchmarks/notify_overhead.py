@@ -118,6 +118,17 @@ class Healthy:
     ) -> QueryCheck:
         return QueryCheck()
 
+    async def read(self, plan: RolloutPlan, metric: Any, where: Any, window_s: float) -> Any:
+        raise NotImplementedError("no user metrics in this benchmark")
+
+    async def tenant(self, plan: RolloutPlan, where: Any, tenant: str, window_s: float) -> Any:
+        raise NotImplementedError("no tenants in this benchmark")
+
+    async def throughput(
+        self, plan: RolloutPlan, where: Any, window_s: float
+    ) -> tuple[float | None, float | None]:
+        return None, None
+
 
 def make_spec() -> MeshSpec:
     def pool(version: str, port: int) -> dict[str, Any]:

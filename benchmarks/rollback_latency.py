@@ -5,15 +5,20 @@ Each run starts a local mesh (three regions, one real Envoy each, real Prometheu
 waits for the rollout to reach 20% everywhere, makes one region's canary fail 20% of
 requests, and measures until every Envoy's own /config_dump shows 0% canary.
 
-    python benchmarks/rollback_latency.py [--runs 5] [--json]
+    python benchmarks/rollback_latency.py [--runs 5] [--json] [--notify-hanging]
+
+`--notify-hanging` also sends the lab's notifications to a receiver that accepts each
+connection and never answers: the rollback must not wait for it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import socket
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,8 +30,32 @@ PLAN = FAST_PLAN
 """The lab's low-traffic analysis settings with the rollout tests' short steps."""
 
 
-def one_run(workdir: Path) -> dict[str, float]:
-    with LocalMesh(workdir, MeshOptions(rollout=PLAN, load_rate=50)) as mesh:
+class HangingReceiver:
+    """Accepts connections on loopback and never answers (until closed)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.held: list[socket.socket] = []
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/events"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+def one_run(workdir: Path, notify_url: str | None = None) -> dict[str, float]:
+    opts = MeshOptions(rollout=PLAN, load_rate=50, notify_url=notify_url)
+    with LocalMesh(workdir, opts) as mesh:
         load = mesh.start_load()
         wait_for(lambda: len(load.snapshot()) >= 30, 10, "load")
         mesh.begin_rollout()
@@ -57,11 +86,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--notify-hanging", action="store_true", help="notify a receiver that hangs")
     a = p.parse_args()
+    receiver = HangingReceiver() if a.notify_hanging else None
     runs = []
     for i in range(a.runs):
         with tempfile.TemporaryDirectory(prefix="rollback-") as d:
-            runs.append(one_run(Path(d)))
+            runs.append(one_run(Path(d), receiver.url if receiver else None))
         if not a.json:
             r = runs[-1]
             print(
@@ -70,6 +101,9 @@ def main() -> None:
                 f"total {r['fault_to_all_envoys_s']:.2f}s",
                 flush=True,
             )
+    if receiver is not None:
+        print(f"the hanging receiver holds {len(receiver.held)} unanswered connections")
+        receiver.close()
     totals = sorted(r["fault_to_all_envoys_s"] for r in runs)
     summary = {
         "runs": runs,

@@ -21,8 +21,8 @@ import pytest
 
 from xds_server.rollout.audit import AuditEntry
 from xds_server.rollout.controller import RolloutController
-from xds_server.rollout.judge import Measurement
-from xds_server.rollout.ports import Committed, QueryCheck
+from xds_server.rollout.judge import Measurement, MetricReading
+from xds_server.rollout.ports import Committed, QueryCheck, Where
 from xds_server.rollout.state import (
     PAUSED,
     PROGRESSING,
@@ -32,7 +32,7 @@ from xds_server.rollout.state import (
     rollout_traffic,
 )
 from xds_server.rollout.store import Store
-from xds_server.spec import MeshSpec, RolloutPlan, validate_spec
+from xds_server.spec import MeshSpec, MetricSpec, RolloutPlan, validate_spec
 from xds_server.traffic import PRODUCTION_ONLY, Split, TrafficState
 from xds_server.xds.dataplane import Applied, Pending, Rejected, RouteStatus
 from xds_server.xds.resources import cluster_name
@@ -266,6 +266,21 @@ class ScriptedMetricSource:
     ) -> QueryCheck:
         self.check_calls.append((region, cluster, serving))
         return QueryCheck(tuple(self.problems), self.unreachable)
+
+    async def read(
+        self, plan: RolloutPlan, metric: MetricSpec, where: Where, window_s: float
+    ) -> MetricReading:
+        return MetricReading(problem="the scripted source has no user metrics")
+
+    async def tenant(
+        self, plan: RolloutPlan, where: Where, tenant: str, window_s: float
+    ) -> Measurement:
+        return Measurement(problem="the scripted source has no tenants")
+
+    async def throughput(
+        self, plan: RolloutPlan, where: Where, window_s: float
+    ) -> tuple[float | None, float | None]:
+        return None, None  # (not judged)
 
 
 class RecordingSink:

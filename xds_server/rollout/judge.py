@@ -17,8 +17,8 @@ it holds the step, and only when that hold reaches `max_hold` does each metric's
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -44,8 +44,46 @@ class MetricClass(StrEnum):
     NO_DATA = "no_data"
 
 
+THROUGHPUT_CONFIDENCE = 0.99
+"""The throughput shortfall's level, shared like a metric's by the rollout's tests."""
+
 PASS, FAIL, NO_DATA, MARGINAL = Outcome.PASS, Outcome.FAIL, Outcome.NO_DATA, Outcome.MARGINAL
 HIGH, LOW = MetricClass.HIGH, MetricClass.LOW
+
+
+@dataclass(frozen=True)
+class MetricReading:
+    """A user metric's reading for one pool: two counts (ratio), a value, or a histogram
+    (distribution, output)."""
+
+    numerator: float | None = None
+    denominator: float | None = None
+    value: float | None = None
+    buckets: tuple[tuple[float, float], ...] | None = None
+    pairs: tuple[tuple[float, float], ...] = ()
+    """value: the step's per-interval (canary, comparator) readings so far."""
+    problem: str | None = None
+
+    def point(self, quantile: float) -> float | None:
+        """The canary's own value, for `max`/`min`: the ratio, the value, or the
+        histogram's `quantile`."""
+        if self.buckets:
+            bounds, counts = stats.bucket_counts(self.buckets)
+            return stats.quantile(bounds, counts, quantile)
+        if self.numerator is not None:
+            den = _num(self.denominator)
+            return (_num(self.numerator) or 0.0) / den if den else None
+        return _num(self.value)
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Over the step: what the canary delivered (completed, non-5xx) of every request the
+    service's pools were sent in the region, and the canary's share of the weight."""
+
+    delivered: float | None
+    requests: float | None
+    share: float
 
 
 @dataclass(frozen=True)
@@ -59,6 +97,10 @@ class Measurement:
     """Why the numbers could not be read (Prometheus unreachable, a query error)."""
     latency_buckets: tuple[tuple[float, float], ...] | None = None
     """Request-time histogram, cumulative (upper bound in ms, count), +inf last."""
+    readings: Mapping[str, MetricReading] = field(default_factory=dict)
+    """The user metrics' readings, by metric name."""
+    tenants: Mapping[str, Measurement] = field(default_factory=dict)
+    """Per tenant (the canary over the window): requests, errors, p99."""
 
     @property
     def error_rate(self) -> float | None:
@@ -85,6 +127,7 @@ class Comparison:
     comparator: Measurement | None
     comparator_pool: str
     """`baseline` or `production`; None comparator: no pool to compare with this step."""
+    throughput: Throughput | None = None
 
 
 @dataclass(frozen=True)
@@ -93,9 +136,11 @@ class Check:
     value: float
     limit: float
     ok: bool
+    floor: bool = False
+    """The limit is a floor (a minimum), not a ceiling."""
 
     def describe(self) -> str:
-        op = "<=" if self.ok else ">"
+        op = (">=" if self.ok else "<") if self.floor else ("<=" if self.ok else ">")
         return f"{self.metric} {self.value:.4g} {op} limit {self.limit:.4g}"
 
 
@@ -154,6 +199,10 @@ def judge(
     metrics = analyse(plan, comparison, tests) if comparison is not None else ()
     score, best, critical_failed = _score(plan, metrics, hold_expired)
     checks, guard_gap = guardrail_checks(plan, canary)
+    if comparison is not None:
+        alpha = (1 - THROUGHPUT_CONFIDENCE) / tests
+        shortfall = throughput_check(plan, comparison.throughput, alpha)
+        checks += [shortfall] if shortfall is not None else []
     failed = [c for c in checks if not c.ok]
     bad = [m for m in metrics if m.classification in (HIGH, LOW)]
     if hold_expired:
@@ -200,6 +249,7 @@ def guardrail_checks(plan: RolloutPlan, canary: Measurement) -> tuple[list[Check
         return [], f"too few canary requests in the window: {got} (need {g.min_requests})"
     rate = canary.error_rate or 0.0
     checks = [Check("error_rate", rate, g.max_error_rate, rate <= g.max_error_rate)]
+    checks += tenant_checks(plan, canary) + bound_checks(plan, canary)
     p99 = _num(canary.p99_ms)
     if p99 is None:
         return checks, "canary latency p99 unavailable"
@@ -207,11 +257,68 @@ def guardrail_checks(plan: RolloutPlan, canary: Measurement) -> tuple[list[Check
     return checks, ""
 
 
+def tenant_checks(plan: RolloutPlan, canary: Measurement) -> list[Check]:
+    """Each tenant's budget on its slice of the canary's window (with enough requests);
+    a breach names the tenant."""
+    t = plan.guardrails.tenants
+    checks = []
+    for name, budget in t.budgets.items():
+        m = canary.tenants.get(name)
+        if m is None or m.problem or (_num(m.requests) or 0.0) < t.min_requests:
+            continue
+        rate = m.error_rate or 0.0
+        if budget.max_error_rate is not None:
+            limit = budget.max_error_rate
+            checks.append(Check(f"tenant {name} error_rate", rate, limit, rate <= limit))
+        p99 = _num(m.p99_ms)
+        if budget.max_p99_ms is not None and p99 is not None:
+            limit = budget.max_p99_ms
+            checks.append(Check(f"tenant {name} p99_ms", p99, limit, p99 <= limit))
+    return checks
+
+
+def bound_checks(plan: RolloutPlan, canary: Measurement) -> list[Check]:
+    """`max` and `min` of the user metrics, on the canary's own value over the window."""
+    checks = []
+    for m in plan.analysis.metrics:
+        reading = canary.readings.get(m.name)
+        if reading is None or reading.problem or (m.max is None and m.min is None):
+            continue
+        value = reading.point(m.quantile)
+        if value is None:
+            continue
+        if m.max is not None:
+            checks.append(Check(m.name, value, m.max, value <= m.max))
+        if m.min is not None:
+            checks.append(Check(m.name, value, m.min, value >= m.min, floor=True))
+    return checks
+
+
+def throughput_check(plan: RolloutPlan, t: Throughput | None, alpha: float) -> Check | None:
+    """What the canary delivered over the step against its weight's share of the
+    region's requests. A shortfall below `min_throughput_ratio` counts only once a
+    sequential test rules out the full share (as the latency metric: no change as the
+    null hypothesis, the ratio as an effect-size floor), so a few unlucky seconds at 5%
+    never fail it."""
+    floor = plan.guardrails.min_throughput_ratio
+    if t is None or floor <= 0 or not 0 < t.share <= 1:
+        return None
+    delivered, total = _num(t.delivered), _num(t.requests)
+    if delivered is None or not total or total < plan.guardrails.min_requests:
+        return None
+    ratio = delivered / (t.share * total)
+    short = ratio < floor and share_below_test(delivered, total, t.share, alpha)
+    return Check("throughput_ratio", ratio, floor, not short, floor=True)
+
+
 def analyse(plan: RolloutPlan, comparison: Comparison, tests: int = 1) -> tuple[MetricResult, ...]:
     """`tests`: how many sequential tests share each metric's false-alarm level."""
     if comparison.comparator is None:
         return ()  # nothing to compare with (the canary takes every request)
     return tuple(_metric(m, comparison, tests) for m in plan.analysis.metrics)
+
+
+Result = Callable[[MetricClass, float | None, float | None, str], MetricResult]
 
 
 def _metric(m: MetricSpec, cmp: Comparison, tests: int) -> MetricResult:
@@ -231,42 +338,103 @@ def _metric(m: MetricSpec, cmp: Comparison, tests: int) -> MetricResult:
             return result(
                 MetricClass.NO_DATA, None, None, f"{who} metrics unavailable: {meas.problem}"
             )
-    up, down = _directions(m)
-    if m.kind == MetricKind.ERRORS:
-        nc, nb = _num(c.requests) or 0.0, _num(b.requests) or 0.0
-        if nc < 1 or nb < 1:
-            return result(
-                MetricClass.NO_DATA, None, None, f"requests: canary {nc:.0f}, comparator {nb:.0f}"
-            )
-        ec, eb = _num(c.errors) or 0.0, _num(b.errors) or 0.0
-        t = stats.error_ratio_test(ec, nc, eb, nb, m.allowed_change, m.confidence, up, down, alpha)
-        counts = f"canary {ec:.0f}/{nc:.0f}, {cmp.comparator_pool} {eb:.0f}/{nb:.0f}"
-        if t.significant:
-            cls = HIGH if (t.effect or 1.0) > 1 else LOW
-            return result(cls, t.effect, t.p_value, counts)
-        enough = (t.upper is not None and t.upper <= m.detect_change) or (
-            t.canary_rate_upper is not None and t.canary_rate_upper <= m.ignore_below
-        )
-        if enough or (down and not up):
-            return result(MetricClass.PASS, t.effect, t.p_value, counts)
+    return KINDS[m.kind](m, cmp, alpha, result)
+
+
+def _errors(m: MetricSpec, cmp: Comparison, alpha: float, result: Result) -> MetricResult:
+    c, b = cmp.canary, cmp.comparator
+    assert b is not None
+    nc, nb = _num(c.requests) or 0.0, _num(b.requests) or 0.0
+    ec, eb = _num(c.errors) or 0.0, _num(b.errors) or 0.0
+    return _proportions(m, cmp.comparator_pool, (ec, nc, eb, nb), alpha, result, "error rate")
+
+
+def _ratio(m: MetricSpec, cmp: Comparison, alpha: float, result: Result) -> MetricResult:
+    readings = _readings(m, cmp)
+    if isinstance(readings, str):
+        return result(MetricClass.NO_DATA, None, None, readings)
+    rc, rb = readings
+    counts = (
+        _num(rc.numerator) or 0.0,
+        _num(rc.denominator) or 0.0,
+        _num(rb.numerator) or 0.0,
+        _num(rb.denominator) or 0.0,
+    )
+    return _proportions(m, cmp.comparator_pool, counts, alpha, result, m.name)
+
+
+def _proportions(
+    m: MetricSpec,
+    pool: str,
+    counts: tuple[float, float, float, float],
+    alpha: float,
+    result: Result,
+    what: str,
+) -> MetricResult:
+    """Events of trials in canary and comparator, judged as proportions (errors, and
+    `ratio` metrics): the binomial mixture test of stats.error_ratio_test."""
+    ec, nc, eb, nb = counts
+    if nc < 1 or nb < 1:
+        trials = "requests" if what == "error rate" else "denominator"
         return result(
-            MetricClass.NO_DATA,
-            t.effect,
-            t.p_value,
-            f"{counts}: too few to rule out a {m.detect_change:g}x error rate",
+            MetricClass.NO_DATA, None, None, f"{trials}: canary {nc:.0f}, {pool} {nb:.0f}"
         )
-    cb, bb = c.latency_buckets or (), b.latency_buckets or ()
-    if m.kind == MetricKind.TAIL:
-        return _tail(m, cmp.comparator_pool, cb, bb, alpha, result)
+    up, down = _directions(m)
+    t = stats.error_ratio_test(ec, nc, eb, nb, m.allowed_change, m.confidence, up, down, alpha)
+    detail = f"canary {ec:.0f}/{nc:.0f}, {pool} {eb:.0f}/{nb:.0f}"
+    if t.significant:
+        cls = HIGH if (t.effect or 1.0) > 1 else LOW
+        return result(cls, t.effect, t.p_value, detail)
+    enough = (t.upper is not None and t.upper <= m.detect_change) or (
+        t.canary_rate_upper is not None and t.canary_rate_upper <= m.ignore_below
+    )
+    if enough or (down and not up):
+        return result(MetricClass.PASS, t.effect, t.p_value, detail)
+    return result(
+        MetricClass.NO_DATA,
+        t.effect,
+        t.p_value,
+        f"{detail}: too few to rule out a {m.detect_change:g}x {what}",
+    )
+
+
+def _latency(m: MetricSpec, cmp: Comparison, alpha: float, result: Result) -> MetricResult:
+    b = cmp.comparator
+    assert b is not None
+    cb, bb = cmp.canary.latency_buckets or (), b.latency_buckets or ()
+    return _ranks(m, cmp.comparator_pool, cb, bb, alpha, result, "latency samples")
+
+
+def _distribution(m: MetricSpec, cmp: Comparison, alpha: float, result: Result) -> MetricResult:
+    readings = _readings(m, cmp)
+    if isinstance(readings, str):
+        return result(MetricClass.NO_DATA, None, None, readings)
+    rc, rb = readings
+    return _ranks(
+        m, cmp.comparator_pool, rc.buckets or (), rb.buckets or (), alpha, result, "samples"
+    )
+
+
+def _ranks(
+    m: MetricSpec,
+    pool: str,
+    cb: stats.Buckets,
+    bb: stats.Buckets,
+    alpha: float,
+    result: Result,
+    what: str,
+) -> MetricResult:
+    """Two histograms compared by Mann-Whitney U with an effect-size floor on the
+    `quantile`'s ratio (latency, and `distribution` metrics)."""
     n1, n2 = (sum(stats.bucket_counts(x)[1]) for x in (cb, bb))
     if n1 < m.min_requests or n2 < m.min_requests:
         return result(
             MetricClass.NO_DATA,
             None,
             None,
-            f"latency samples: canary {n1:.0f}, {cmp.comparator_pool} {n2:.0f} "
-            f"(need {m.min_requests} each)",
+            f"{what}: canary {n1:.0f}, {pool} {n2:.0f} (need {m.min_requests} each)",
         )
+    up, down = _directions(m)
     t = stats.latency_test(cb, bb, m.quantile, m.allowed_change, m.confidence, up, down, alpha)
     detail = f"p{m.quantile * 100:g} ratio over {n1:.0f}/{n2:.0f} samples"
     if t.significant:
@@ -274,15 +442,26 @@ def _metric(m: MetricSpec, cmp: Comparison, tests: int) -> MetricResult:
     return result(MetricClass.PASS, t.effect, t.p_value, detail)
 
 
-def _tail(
-    m: MetricSpec,
-    pool: str,
-    cb: stats.Buckets,
-    bb: stats.Buckets,
-    alpha: float,
-    result: Callable[[MetricClass, float | None, float | None, str], MetricResult],
-) -> MetricResult:
+def _readings(m: MetricSpec, cmp: Comparison) -> tuple[MetricReading, MetricReading] | str:
+    """The canary's and the comparator's readings of a user metric, or why there are none."""
+    b = cmp.comparator
+    assert b is not None
+    rc, rb = cmp.canary.readings.get(m.name), b.readings.get(m.name)
+    for who, r in (("canary", rc), (cmp.comparator_pool, rb)):
+        if r is None:
+            return f"no reading for {who}"
+        if r.problem:
+            return f"{who}: {r.problem}"
+    assert rc is not None and rb is not None
+    return rc, rb
+
+
+def _tail(m: MetricSpec, cmp: Comparison, alpha: float, result: Result) -> MetricResult:
     """The share of slow requests (beyond the joint quantile), compared like errors."""
+    b = cmp.comparator
+    assert b is not None
+    pool = cmp.comparator_pool
+    cb, bb = cmp.canary.latency_buckets or (), b.latency_buckets or ()
     bound, slow_c, n1, slow_b, n2 = stats.tail_counts(cb, bb, m.quantile)
     if n1 < m.min_requests or n2 < m.min_requests:
         return result(
@@ -303,6 +482,17 @@ def _tail(
     if t.significant:
         return result(HIGH if (t.effect or 1.0) > 1 else LOW, t.effect, t.p_value, detail)
     return result(MetricClass.PASS, t.effect, t.p_value, detail)
+
+
+KINDS: Mapping[MetricKind, Callable[[MetricSpec, Comparison, float, Result], MetricResult]] = {
+    MetricKind.ERRORS: _errors,
+    MetricKind.LATENCY: _latency,
+    MetricKind.TAIL: _tail,
+    MetricKind.RATIO: _ratio,
+    MetricKind.DISTRIBUTION: _distribution,
+}
+"""The registry of metric kinds: how each compares canary with comparator. A new kind is
+a name in `spec.MetricKind` and a function here (and what it reads, in the observer)."""
 
 
 def _score(
@@ -358,3 +548,24 @@ def _directions(m: MetricSpec) -> tuple[bool, bool]:
         m.direction in (Direction.INCREASE, Direction.EITHER),
         m.direction in (Direction.DECREASE, Direction.EITHER),
     )
+
+
+_SHARE_STEPS = tuple(2 ** (-k / 4) for k in range(1, 17))
+
+
+def share_below_test(successes: float, trials: float, share0: float, alpha: float) -> bool:
+    """Do `successes` of `trials` rule out a success probability of `share0` or more?
+    A mixture likelihood ratio over alternatives share0 x 2^(-k/4): for any true share
+    at or above share0 it is a supermartingale, so looking every interval keeps the
+    chance of a false "yes" below alpha (Ville's inequality)."""
+    k, n = max(0.0, successes), max(successes, trials)
+    share0 = min(share0, 1 - 1e-6)  # (at 100%, every request is the canary's)
+    if n <= 0 or share0 <= 0:
+        return False
+    logs = [
+        k * math.log(share0 * f / share0) + (n - k) * math.log((1 - share0 * f) / (1 - share0))
+        for f in _SHARE_STEPS
+    ]
+    top = max(logs)
+    log_lr = top + math.log(sum(math.exp(v - top) for v in logs) / len(logs))
+    return log_lr >= math.log(1 / alpha)

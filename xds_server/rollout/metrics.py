@@ -21,10 +21,11 @@ from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
-from xds_server.rollout.judge import Measurement
-from xds_server.rollout.ports import QueryCheck
+from xds_server.rollout.judge import Measurement, MetricReading
+from xds_server.rollout.ports import QueryCheck, Where
 from xds_server.rollout.stats import Buckets
-from xds_server.spec import RolloutPlan
+from xds_server.spec import MetricKind, MetricSpec, RolloutPlan
+from xds_server.spec.rollout import QUERY_PLACEHOLDERS
 
 T = TypeVar("T")
 
@@ -38,6 +39,22 @@ class QueryError(Exception):
 
 def window_text(seconds: float) -> str:
     return f"{max(1, round(seconds))}s"
+
+
+def fill(template: str, where: Where | None = None, window_s: float = 1, **extra: str) -> str:
+    """A template with its placeholders filled in; those `where` does not give are
+    filled with an empty string (a template that needs one reads nothing)."""
+    values = dict.fromkeys(QUERY_PLACEHOLDERS, "")
+    if where is not None:
+        values.update(
+            region=where.region,
+            service=where.service,
+            pool=where.pool,
+            version=where.version,
+            cluster=where.cluster,
+        )
+    values.update(window=window_text(window_s), **extra)
+    return template.format(**values)
 
 
 @dataclass
@@ -103,16 +120,14 @@ class PrometheusSource:
         out: dict[str, float | None] = {}
         latency: Buckets | None = None
 
-        def fill(key: str) -> str:
-            return plan.queries[key].format(
-                region=region, cluster=cluster, window=window_text(window_s)
-            )
+        def filled(key: str) -> str:
+            return fill(plan.queries[key], None, window_s, region=region, cluster=cluster)
 
         try:
             for key in ("requests", "errors", *(("p99_ms",) if p99 else ())):
-                out[key] = self.query(fill(key), client)
+                out[key] = self.query(filled(key), client)
             if buckets:
-                latency = self.buckets(fill("latency_buckets"), client)
+                latency = self.buckets(filled("latency_buckets"), client)
         except QueryError as exc:
             return Measurement(problem=str(exc))
         except Exception as exc:  # an answer we cannot read is no evidence, not a crash
@@ -142,6 +157,69 @@ class PrometheusSource:
             lambda: self.measure_sync(plan, region, cluster, window_s, p99=p99, buckets=buckets)
         )
 
+    async def read(
+        self, plan: RolloutPlan, metric: MetricSpec, where: Where, window_s: float
+    ) -> MetricReading:
+        return await self._in_thread(self.read_sync, metric, where, window_s)
+
+    def read_sync(self, metric: MetricSpec, where: Where, window_s: float) -> MetricReading:
+        client = self._client()
+        try:
+            if metric.kind == MetricKind.RATIO:
+                return MetricReading(
+                    numerator=self.query(fill(metric.numerator, where, window_s), client),
+                    denominator=self.query(fill(metric.denominator, where, window_s), client),
+                )
+            if metric.kind == MetricKind.VALUE:
+                return MetricReading(value=self.query(fill(metric.query, where, window_s), client))
+            buckets = self.buckets(fill(metric.query, where, window_s), client)
+            if buckets is None:
+                return MetricReading(problem=f"{metric.name}: no data")
+            return MetricReading(buckets=tuple(buckets))
+        except QueryError as exc:
+            return MetricReading(problem=str(exc))
+        except Exception as exc:  # an answer we cannot read is no evidence, not a crash
+            return MetricReading(problem=f"unreadable answer from Prometheus: {exc!r}")
+
+    async def tenant(
+        self, plan: RolloutPlan, where: Where, tenant: str, window_s: float
+    ) -> Measurement:
+        return await self._in_thread(self.tenant_sync, plan, where, tenant, window_s)
+
+    def tenant_sync(
+        self, plan: RolloutPlan, where: Where, tenant: str, window_s: float
+    ) -> Measurement:
+        client = self._client()
+        q = plan.queries
+        try:
+            requests, errors, p99 = (
+                self.query(fill(q[k], where, window_s, tenant=tenant), client)
+                for k in ("tenant_requests", "tenant_errors", "tenant_p99_ms")
+            )
+        except QueryError as exc:
+            return Measurement(problem=str(exc))
+        except Exception as exc:
+            return Measurement(problem=f"unreadable answer from Prometheus: {exc!r}")
+        if errors is None and requests is not None:
+            errors = 0.0
+        return Measurement(requests, errors, None if p99 is None or math.isnan(p99) else p99)
+
+    async def throughput(
+        self, plan: RolloutPlan, where: Where, window_s: float
+    ) -> tuple[float | None, float | None]:
+        return await self._in_thread(self.throughput_sync, plan, where, window_s)
+
+    def throughput_sync(
+        self, plan: RolloutPlan, where: Where, window_s: float
+    ) -> tuple[float | None, float | None]:
+        client = self._client()
+        try:
+            delivered = self.query(fill(plan.queries["delivered"], where, window_s), client)
+            total = self.query(fill(plan.queries["service_requests"], where, window_s), client)
+        except Exception:  # no evidence either way: the check is skipped this interval
+            return None, None
+        return delivered or 0.0, total
+
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Queries run in threads of their own: a hanging Prometheus holds these (each
         query for at most `timeout`), never the threads the rest of the server uses."""
@@ -162,7 +240,7 @@ class PrometheusSource:
         """(hosts, healthy hosts) summed over the region's Envoys, as the Envoys see them."""
         client = self._client()
         total, healthy = (
-            self.query(plan.queries[k].format(region=region, cluster=cluster, window="1s"), client)
+            self.query(fill(plan.queries[k], None, 1, region=region, cluster=cluster), client)
             for k in ("hosts", "healthy_hosts")
         )
         return total or 0.0, healthy or 0.0
@@ -179,14 +257,17 @@ class PrometheusSource:
         """
         problems: list[str] = []
         client = self._client()
-        window = window_text(plan.window)
+        templates = {**plan.queries, **_user_templates(plan)}
 
-        def run(key: str, pool: str) -> object:
-            fill = plan.queries[key].format(region=region, cluster=pool, window=window)
-            return (self.buckets if key == "latency_buckets" else self.query)(fill, client)
+        def run(key: str, pool_cluster: str) -> object:
+            service, _, pool = pool_cluster.partition("|")
+            where = Where(region, service, pool, "", pool_cluster)
+            promql = fill(templates[key], where, plan.window, tenant=_any_tenant(plan))
+            bucketed = key == "latency_buckets" or key.endswith(".buckets")
+            return (self.buckets if bucketed else self.query)(promql, client)
 
         try:
-            for key in plan.queries:
+            for key in templates:
                 try:
                     run(key, cluster)
                 except QueryError as exc:
@@ -195,11 +276,7 @@ class PrometheusSource:
                     problems.append(f"query {key!r} is rejected by Prometheus: {exc}")
             if serving is None or problems or not run("requests", serving):
                 return QueryCheck(tuple(problems))  # no traffic to tell from: no more
-            # "errors" is legitimately empty until the first error; the rest must answer.
-            needed = ["p99_ms", "hosts", "healthy_hosts"]
-            if plan.needs_latency_buckets:
-                needed.append("latency_buckets")
-            for key in needed:
+            for key in _needed(plan, templates):
                 if run(key, serving) is None:
                     problems.append(
                         f"query {key!r} returns no data for {serving} in {region}, "
@@ -208,6 +285,34 @@ class PrometheusSource:
         except QueryError as exc:
             return QueryCheck(tuple(problems), unreachable=str(exc))
         return QueryCheck(tuple(problems))
+
+
+def _user_templates(plan: RolloutPlan) -> dict[str, str]:
+    """The spec's own metrics' queries, keyed `metric.part` (`.buckets` for histograms)."""
+    out = {}
+    for m in plan.analysis.metrics:
+        if m.kind == MetricKind.RATIO:
+            out[f"{m.name}.numerator"], out[f"{m.name}.denominator"] = m.numerator, m.denominator
+        elif m.kind == MetricKind.VALUE:
+            out[f"{m.name}.value"] = m.query
+        elif m.query:
+            out[f"{m.name}.buckets"] = m.query
+    return out
+
+
+def _needed(plan: RolloutPlan, templates: dict[str, str]) -> list[str]:
+    """What must answer for a pool that takes traffic. ("errors" is legitimately empty
+    until the first error; a ratio's numerator may be too; tenants' and throughput's
+    series are checked by their own judging, per tenant and per step.)"""
+    needed = ["p99_ms", "hosts", "healthy_hosts"]
+    if plan.needs_latency_buckets:
+        needed.append("latency_buckets")
+    needed += [k for k in templates if k.endswith((".denominator", ".value", ".buckets"))]
+    return needed
+
+
+def _any_tenant(plan: RolloutPlan) -> str:
+    return next(iter(plan.guardrails.tenants.budgets), "")
 
 
 def _api_error(exc: PrometheusApiClientException) -> str:

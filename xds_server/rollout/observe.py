@@ -17,6 +17,7 @@ from dataclasses import replace
 from xds_server.rollout.decide import Observation, awaiting_confirmation
 from xds_server.rollout.judge import Comparison, Measurement
 from xds_server.rollout.ports import MetricSource
+from xds_server.rollout.reads import PairBook, StepRead, read_step
 from xds_server.rollout.state import LIVE, RolloutState
 from xds_server.rollout.webhooks import (
     confirm_context,
@@ -25,7 +26,7 @@ from xds_server.rollout.webhooks import (
     run_webhooks,
 )
 from xds_server.spec import RolloutPlan, Service
-from xds_server.traffic import Split, TrafficState
+from xds_server.traffic import WEIGHT_TOTAL, Split, TrafficState
 from xds_server.xds.dataplane import DataPlane, Pending, Rejected
 from xds_server.xds.resources import cluster_name
 
@@ -61,6 +62,7 @@ class Observer:
         self._hooks: dict[tuple[str, str, str], asyncio.Future[str | None]] = {}
         """Warm-up webhook runs by (service, canary version, region): None when passed."""
         self._hook_threads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="webhook")
+        self._pairs = PairBook()
         self._confirms: dict[tuple[str, str, int, int], asyncio.Future[str]] = {}
         """`confirm_step` runs by (service, canary version, wave, step)."""
 
@@ -87,8 +89,17 @@ class Observer:
             if now - started < 1:
                 continue  # nothing to judge yet
             split = traffic.effective(svc, region)
-            job = self._measure(svc, region, obs, now - started, comparator_pool(svc, split))
-            pending[asyncio.create_task(job)] = region
+            at = StepRead(
+                svc,
+                region,
+                state.canary_version,
+                comparator_pool(svc, split),
+                started,
+                now - started,
+                min(now - started, plan.window),
+                split.canary / WEIGHT_TOTAL,
+            )
+            pending[asyncio.create_task(self._measure(at, obs))] = region
         confirm = self._confirm(svc, state, now)
         budget = max(plan.interval, 0.5)
         try:
@@ -168,28 +179,27 @@ class Observer:
             return Observation()
         return Observation(applied_at=status.at)
 
-    async def _measure(
-        self, svc: Service, region: str, obs: Observation, step_age: float, pool: str | None
-    ) -> Observation:
+    async def _measure(self, at: StepRead, obs: Observation) -> Observation:
         """The canary over the sliding window (guardrails) and, over the whole step, the
-        canary and its comparator (analysis)."""
+        canary and its comparator (analysis); then what else the plan reads (reads.py)."""
+        svc, region, pool = at.svc, at.region, at.comparator
         plan = svc.rollout
         buckets = plan.needs_latency_buckets
-        window = min(step_age, plan.window)
         canary = cluster_name(svc.name, "canary")
         jobs = [
-            self.metrics.measure(plan, region, canary, window),
-            self.metrics.measure(plan, region, canary, step_age, p99=False, buckets=buckets),
+            self.metrics.measure(plan, region, canary, at.window),
+            self.metrics.measure(plan, region, canary, at.step_age, p99=False, buckets=buckets),
         ]
         if pool is not None:
             jobs.append(
                 self.metrics.measure(
-                    plan, region, cluster_name(svc.name, pool), step_age, buckets=buckets
+                    plan, region, cluster_name(svc.name, pool), at.step_age, buckets=buckets
                 )
             )
         results = await asyncio.gather(*jobs)
         comparison = Comparison(results[1], results[2] if pool else None, pool or "")
-        return replace(obs, canary=results[0], step=comparison)
+        window, comparison = await read_step(self.metrics, at, self._pairs, results[0], comparison)
+        return replace(obs, canary=window, step=comparison)
 
     async def _warmup(self, svc: Service, state: RolloutState, region: str) -> Observation:
         """What keeps a warming region's pools from shadow traffic or their first step."""

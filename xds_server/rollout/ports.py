@@ -18,9 +18,9 @@ from typing import Protocol
 
 from xds_server.rollout.audit import AuditEntry
 from xds_server.rollout.decide import Decision
-from xds_server.rollout.judge import Measurement
+from xds_server.rollout.judge import Measurement, MetricReading
 from xds_server.rollout.state import RolloutState
-from xds_server.spec import MeshSpec, RolloutPlan
+from xds_server.spec import MeshSpec, MetricSpec, RolloutPlan
 from xds_server.traffic import TrafficState
 
 
@@ -32,6 +32,17 @@ class QueryCheck:
     unreachable: str | None = None
     """Why the source could not be asked (down, or no answer in time): not a
     configuration error; the steps hold until it answers."""
+
+
+@dataclass(frozen=True)
+class Where:
+    """One pool of one service in one region: what a query's placeholders name."""
+
+    region: str
+    service: str
+    pool: str
+    version: str
+    cluster: str
 
 
 class MetricSource(Protocol):
@@ -59,6 +70,25 @@ class MetricSource(Protocol):
         self, plan: RolloutPlan, region: str, cluster: str, serving: str | None = None
     ) -> QueryCheck:
         """Run every query once, at a rollout's start (bounded in time)."""
+        ...
+
+    async def read(
+        self, plan: RolloutPlan, metric: MetricSpec, where: Where, window_s: float
+    ) -> MetricReading:
+        """A user metric of the spec (ratio, value, distribution, output) for one pool."""
+        ...
+
+    async def tenant(
+        self, plan: RolloutPlan, where: Where, tenant: str, window_s: float
+    ) -> Measurement:
+        """One tenant's slice of a pool: requests, errors, p99 (from the model servers)."""
+        ...
+
+    async def throughput(
+        self, plan: RolloutPlan, where: Where, window_s: float
+    ) -> tuple[float | None, float | None]:
+        """(what `where`'s cluster delivered: responses that are not 5xx; every request
+        the service's pools were sent in the region)."""
         ...
 
 
@@ -127,4 +157,5 @@ __all__ = [
     "StateStore",
     "StoreWriteError",
     "TrafficSink",
+    "Where",
 ]

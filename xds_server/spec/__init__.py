@@ -37,6 +37,8 @@ from xds_server.spec.rollout import (
     OnMaxHold,
     RolloutPlan,
     Sticky,
+    TenantBudget,
+    Tenants,
     Warmup,
     Webhook,
 )
@@ -72,6 +74,8 @@ __all__ = [
     "SpecError",
     "SpecProblem",
     "Sticky",
+    "TenantBudget",
+    "Tenants",
     "Warmup",
     "Webhook",
     "load_spec",

@@ -15,8 +15,11 @@ from typing import Any
 
 from xds_server.spec.checker import Checker
 from xds_server.spec.rollout import (
+    BUILTIN_KINDS,
     DEFAULT_METRICS,
     DEFAULT_QUERIES,
+    QUERY_PLACEHOLDERS,
+    USER_QUERY_KINDS,
     Analysis,
     FalseAlarmScope,
     Gate,
@@ -28,6 +31,8 @@ from xds_server.spec.rollout import (
     OnMaxHold,
     RolloutPlan,
     Sticky,
+    TenantBudget,
+    Tenants,
     Warmup,
     Webhook,
     metric_defaults,
@@ -235,9 +240,12 @@ def _guardrails(c: Checker, value: Any, path: str, base: Guardrails) -> Guardrai
     changes: dict[str, Any] = {}
     for key, v in m.items():
         n: float | None
+        if key == "tenants":
+            changes[key] = _tenants(c, v, f"{path}.tenants")
+            continue
         if key == "min_requests":
             n = c.whole_number(v, f"{path}.{key}", 0)
-        elif key == "max_error_rate":
+        elif key in ("max_error_rate", "min_throughput_ratio"):
             n = c.number(v, f"{path}.{key}", 0, 1, "a share from 0 to 1 (or a percentage)")
         else:
             n = c.number(v, f"{path}.{key}", 0, None, "a non-negative number")
@@ -246,25 +254,68 @@ def _guardrails(c: Checker, value: Any, path: str, base: Guardrails) -> Guardrai
     return replace(base, **changes)
 
 
+def _tenants(c: Checker, value: Any, path: str) -> Tenants:
+    m = c.mapping(value, path, ("header", "budgets", "min_requests"))
+    out = Tenants()
+    if "header" in m:
+        if not isinstance(m["header"], str) or not m["header"].strip():
+            c.fail(f"{path}.header", "expected the header that names the tenant")
+        else:
+            out = replace(out, header=m["header"].lower())
+    if "min_requests" in m:
+        n = c.whole_number(m["min_requests"], f"{path}.min_requests", 1)
+        if n is not None:
+            out = replace(out, min_requests=n)
+    budgets = m.get("budgets", {})
+    if not isinstance(budgets, dict) or not budgets:
+        c.fail(f"{path}.budgets", "expected {TENANT: {max_p99_ms?, max_error_rate?}, ...}")
+        return out
+    parsed: dict[str, TenantBudget] = {}
+    for name, raw in budgets.items():
+        where = f"{path}.budgets.{name}"
+        b = c.mapping(raw, where, ("max_p99_ms", "max_error_rate"))
+        if not b:
+            c.fail(where, "expected max_p99_ms and/or max_error_rate")
+            continue
+        p99 = b.get("max_p99_ms")
+        rate = b.get("max_error_rate")
+        what = "a non-negative number"
+        budget = TenantBudget(
+            c.number(p99, f"{where}.max_p99_ms", 0, None, what) if p99 is not None else None,
+            c.number(rate, f"{where}.max_error_rate", 0, 1, "a share from 0 to 1")
+            if rate is not None
+            else None,
+        )
+        parsed[str(name)] = budget
+    return replace(out, budgets=parsed)
+
+
 def _queries(c: Checker, value: Any, path: str, base: Any) -> Any:
     m = c.mapping(value, path, DEFAULT_QUERIES)
     out = dict(base)
     for key, template in m.items():
-        if not isinstance(template, str) or not template.strip():
-            c.fail(f"{path}.{key}", "expected a PromQL template string")
-            continue
-        try:
-            template.format(region="r", cluster="c", window="1s")
-        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
-            # ({region.x} and {region[a]} reach into the value: AttributeError, TypeError)
-            c.fail(
-                f"{path}.{key}",
-                f"bad template: {exc!r}; use {{region}}, {{cluster}}, "
-                "{window}, and double braces {{ }} for PromQL's own",
-            )
-            continue
-        out[key] = template
+        if _template(c, template, f"{path}.{key}"):
+            out[key] = template
     return out
+
+
+def _template(c: Checker, template: Any, path: str) -> bool:
+    """A PromQL template that fills in: only the known placeholders, PromQL's own
+    braces doubled."""
+    if not isinstance(template, str) or not template.strip():
+        c.fail(path, "expected a PromQL template string")
+        return False
+    try:
+        template.format(**{name: "x" for name in QUERY_PLACEHOLDERS})
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
+        # ({region.x} and {region[a]} reach into the value: AttributeError, TypeError)
+        names = ", ".join(f"{{{n}}}" for n in QUERY_PLACEHOLDERS)
+        c.fail(
+            path,
+            f"bad template: {exc!r}; use {names}, and double braces {{{{ }}}} for PromQL's own",
+        )
+        return False
+    return True
 
 
 def _analysis(c: Checker, value: Any, path: str, base: Analysis) -> Analysis:
@@ -326,14 +377,27 @@ def _metric(c: Checker, name: str, value: Any, path: str) -> MetricSpec:
     known = [f.name for f in fields(MetricSpec) if f.name != "name"]
     m = c.mapping(value if value is not None else {}, path, known)
     default = next((d for d in DEFAULT_METRICS if d.name == name), None)
-    kind = m.get("kind", default.kind if default else MetricKind.ERRORS)
+    kind = m.get("kind", BUILTIN_KINDS.get(name, MetricKind.ERRORS))
     if "kind" in m:
         kind = c.choice(kind, f"{path}.kind", MetricKind) or MetricKind.ERRORS
+    elif name not in BUILTIN_KINDS and {"query", "numerator", "denominator"} & set(m):
+        c.fail(f"{path}.kind", "required for a metric of your own: ratio, value or distribution")
     base = default if default is not None and default.kind == kind else metric_defaults(name, kind)
     changes: dict[str, Any] = {}
     for key, v in m.items():
         field_path = f"{path}.{key}"
         if key == "kind":
+            continue
+        if key in ("query", "numerator", "denominator"):
+            if _template(c, v, field_path):
+                changes[key] = v
+            continue
+        if key in ("max", "min"):
+            changes[key] = c.number(v, field_path, -math.inf, None, "a number")
+            continue
+        if kind == MetricKind.OUTPUT and key in ("allowed_change", "fail_change"):
+            what = "a PSI above 0"
+            changes[key] = c.number(v, field_path, 0, None, what, open_low=True)
             continue
         if key in ("direction", "on_no_data"):
             enum = type(getattr(base, key))
@@ -349,10 +413,30 @@ def _metric(c: Checker, name: str, value: Any, path: str) -> MetricSpec:
             parsed = c.number(v, field_path, low, high, what, open_high=open_high)
         if parsed is not None:
             changes[key] = parsed
-    out = replace(base, **changes)
-    if out.detect_change <= out.allowed_change and out.kind == MetricKind.ERRORS:
+    out = replace(base, **{k: v for k, v in changes.items() if v is not None})
+    if out.detect_change <= out.allowed_change and out.kind in (
+        MetricKind.ERRORS,
+        MetricKind.RATIO,
+    ):
         c.fail(f"{path}.detect_change", "must be above allowed_change")
+    _check_queries(c, out, path)
     return out
+
+
+def _check_queries(c: Checker, m: MetricSpec, path: str) -> None:
+    """Each kind has the queries it reads, and no others."""
+    if m.kind == MetricKind.RATIO and not (m.numerator and m.denominator):
+        c.fail(path, "a ratio metric needs `numerator:` and `denominator:` queries")
+    elif m.kind in (MetricKind.VALUE, MetricKind.DISTRIBUTION) and not m.query:
+        c.fail(f"{path}.query", f"required: the PromQL template a {m.kind} metric reads")
+    elif m.kind not in USER_QUERY_KINDS and (m.query or m.numerator or m.denominator):
+        c.fail(path, f"a {m.kind} metric reads Envoy's stats: it takes no query")
+    if m.kind != MetricKind.RATIO and (m.numerator or m.denominator):
+        c.fail(path, "`numerator:` and `denominator:` are for ratio metrics (others: `query:`)")
+    if m.fail_change is not None and m.fail_change < m.allowed_change:
+        c.fail(f"{path}.fail_change", "must be at least allowed_change")
+    if m.max is not None and m.min is not None and m.min > m.max:
+        c.fail(f"{path}.min", "must not be above max")
 
 
 def _warmup(c: Checker, value: Any, path: str, base: Warmup) -> Warmup:

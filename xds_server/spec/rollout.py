@@ -26,16 +26,53 @@ DEFAULT_QUERIES: Mapping[str, str] = {
     '{{region="{region}",envoy_cluster_name="{cluster}"}})',
     "healthy_hosts": "sum(envoy_cluster_membership_healthy"
     '{{region="{region}",envoy_cluster_name="{cluster}"}})',
+    # Throughput: what the canary delivered (a response that is not a 5xx; a request the
+    # caller gave up on, or a reset, has none) against every request the service's pools
+    # were sent in the region.
+    "delivered": 'sum(increase(envoy_cluster_upstream_rq_xx{{region="{region}",'
+    'envoy_cluster_name="{cluster}",envoy_response_code_class=~"[1-4]"}}[{window}]))',
+    "service_requests": 'sum(increase(envoy_cluster_upstream_rq_total{{region="{region}",'
+    'envoy_cluster_name=~"{service}\\\\|(production|baseline|canary)"}}[{window}]))',
+    # Per tenant, from the model servers' own series (Envoy's stats have no tenant).
+    "tenant_requests": 'sum(increase(model_requests_total{{region="{region}",pool="{pool}",'
+    'tenant="{tenant}"}}[{window}]))',
+    "tenant_errors": 'sum(increase(model_requests_total{{region="{region}",pool="{pool}",'
+    'tenant="{tenant}",code=~"5.."}}[{window}]))',
+    "tenant_p99_ms": "histogram_quantile(0.99, sum by (le) (rate(model_request_duration_ms_bucket"
+    '{{region="{region}",pool="{pool}",tenant="{tenant}"}}[{window}])))',
 }
-"""PromQL templates; `{region}`, `{cluster}` and `{window}` (like `30s`) are filled in."""
+"""PromQL templates; `{region}`, `{cluster}` and `{window}` (like `30s`) are filled in,
+and `{service}`, `{pool}`, `{version}`, `{tenant}` where they mean something."""
 
 
 class MetricKind(StrEnum):
-    """What an analysis metric compares (see `MetricSpec`)."""
+    """What an analysis metric compares (see `MetricSpec`). The first three read Envoy's
+    own stats; the others read the user's `query` (or `numerator`/`denominator`)."""
 
     ERRORS = "errors"
     LATENCY = "latency"
     TAIL = "tail"
+    RATIO = "ratio"
+    """Two counts, judged as a proportion (like errors): a click-through, a fallback rate."""
+    VALUE = "value"
+    """A rate or a gauge, read every interval; the per-interval canary/comparator ratios
+    are judged (tokens/s, a revenue rate)."""
+    DISTRIBUTION = "distribution"
+    """A histogram's buckets, compared by Mann-Whitney U (a model's confidence)."""
+    OUTPUT = "output"
+    """The model's output histogram, compared by the population stability index."""
+
+
+USER_QUERY_KINDS = frozenset(
+    {MetricKind.RATIO, MetricKind.VALUE, MetricKind.DISTRIBUTION, MetricKind.OUTPUT}
+)
+QUERY_PLACEHOLDERS = ("region", "cluster", "pool", "version", "window", "service", "tenant")
+"""What a PromQL template may name, in braces (PromQL's own braces are doubled)."""
+PREDICTION_BUCKETS_QUERY = (
+    "sum by (le) (increase(model_prediction_score_bucket"
+    '{{region="{region}",pool="{pool}"}}[{window}]))'
+)
+"""The lab's model servers' output histogram (see the README for what to export)."""
 
 
 class Direction(StrEnum):
@@ -67,12 +104,35 @@ class OnMaxHold(StrEnum):
 
 
 @dataclass(frozen=True)
+class TenantBudget:
+    max_p99_ms: float | None = None
+    max_error_rate: float | None = None
+
+
+@dataclass(frozen=True)
+class Tenants:
+    """Per-tenant SLO budgets, each judged on that tenant's slice of the canary's traffic
+    (from the model servers' per-tenant series: the `tenant_*` queries)."""
+
+    header: str = "x-tenant"
+    """The request header that names the tenant (documentation: the model servers label
+    their series with it)."""
+    budgets: Mapping[str, TenantBudget] = field(default_factory=dict)
+    min_requests: int = 20
+    """Below this many requests of a tenant in the window, its budget is not judged."""
+
+
+@dataclass(frozen=True)
 class Guardrails:
     max_error_rate: float = 0.05
     """Ceiling on the canary's 5xx responses over all its responses."""
     max_p99_ms: float = 500.0
     min_requests: int = 20
     """Below this many canary requests in the window there is no evidence: hold."""
+    min_throughput_ratio: float = 0.8
+    """Floor on what the canary delivers (completed, non-5xx requests) over the share of
+    the region's requests its weight implies, over the step; 0 turns it off."""
+    tenants: Tenants = field(default_factory=Tenants)
 
 
 @dataclass(frozen=True)
@@ -109,6 +169,19 @@ class MetricSpec:
     on_no_data: NoDataRule = NoDataRule.FAIL
     """Too little data holds the step; once that hold reaches `max_hold`: fail, pause or
     pass this metric."""
+    query: str = ""
+    """value, distribution, output: the PromQL template (a `_bucket` series summed by
+    `le` for the two histogram kinds)."""
+    numerator: str = ""
+    denominator: str = ""
+    """ratio: the two counts' templates."""
+    fail_change: float | None = None
+    """output: a significant PSI above `allowed_change` holds the step (marginal); above
+    this it fails."""
+    max: float | None = None
+    min: float | None = None
+    """Absolute guardrails on the canary's own value over the window (a ratio, a value,
+    a distribution's `quantile`), checked like the SLA guardrails."""
 
 
 def metric_defaults(name: str, kind: MetricKind) -> MetricSpec:
@@ -116,13 +189,36 @@ def metric_defaults(name: str, kind: MetricKind) -> MetricSpec:
     `latency` metric tolerates 10% by default, a `tail` metric 20% on the p99), in its
     kind's group."""
     base = MetricSpec(name, kind, group=str(kind))
-    if kind == MetricKind.ERRORS:
+    if kind in (MetricKind.ERRORS, MetricKind.RATIO):
         return base
-    if kind == MetricKind.LATENCY:
+    if kind in (MetricKind.LATENCY, MetricKind.DISTRIBUTION):
         return replace(base, allowed_change=1.1, on_no_data=NoDataRule.PASS)
+    if kind == MetricKind.VALUE:
+        return replace(base, allowed_change=1.1, min_requests=5, on_no_data=NoDataRule.PASS)
+    if kind == MetricKind.OUTPUT:
+        # PSI bands used across the industry: < 0.1 no real shift, 0.1-0.25 a moderate
+        # one (hold: a person looks), > 0.25 a significant one (fail).
+        return replace(
+            base,
+            allowed_change=0.1,
+            fail_change=0.25,
+            min_requests=100,
+            critical=True,
+            on_no_data=NoDataRule.PASS,
+            query=PREDICTION_BUCKETS_QUERY,
+        )
     return replace(
         base, allowed_change=1.2, quantile=0.99, min_requests=200, on_no_data=NoDataRule.PASS
     )
+
+
+BUILTIN_KINDS: Mapping[str, MetricKind] = {
+    "error_rate": MetricKind.ERRORS,
+    "latency": MetricKind.LATENCY,
+    "latency_p99": MetricKind.TAIL,
+    "prediction_shift": MetricKind.OUTPUT,
+}
+"""Metric names whose kind goes without saying in the spec."""
 
 
 DEFAULT_METRICS: tuple[MetricSpec, ...] = (
