@@ -241,9 +241,19 @@ class Analysis:
 
     metrics: tuple[MetricSpec, ...] = DEFAULT_METRICS
     groups: Mapping[str, float] = field(
-        default_factory=lambda: {"errors": 40, "latency": 40, "tail": 20}
+        default_factory=lambda: {
+            "errors": 40,
+            "latency": 40,
+            "tail": 20,
+            "ratio": 40,
+            "value": 40,
+            "distribution": 40,
+            "output": 40,
+        }
     )
-    """Weight of each metric group in the score; a group not listed weighs 1."""
+    """Weight of each metric group in the score (a metric's group is its kind unless it
+    says otherwise); a group not listed weighs 1. Only the groups of the plan's metrics
+    count."""
     pass_score: float = 95.0
     marginal_score: float = 75.0
     """At or above: hold (neither pass nor fail); below: fail."""
