@@ -24,6 +24,24 @@ Cases: healthy (canary identical to baseline), a 2x error rate, 1.3x request tim
 
 Time to detect is from the step's start to the look at which decide() rolls back; it
 leaves out the scrape and query lag and the push to Envoy (rollback_latency.py has those).
+
+Then the model-output gate and custom metrics, on the statistics alone (stats.psi_test,
+stats.ratio_of_means_test, stats.error_ratio_test as an `errors`-like `ratio` metric),
+with each kind's default settings and the same share of the false-alarm level; a
+rollback is the first look at which the metric fails (PSI: `high`), since every one of
+these tests is sequential. `--skip-custom` leaves them out.
+- output: model scores in 20 buckets over [0, 1], one per request; v1 Beta(2, 5);
+  output_psi_0.05: a healthy v2 whose PSI against v1 is 0.05 (Beta(~2.35, 5): not a
+  failure, the allowance is 0.1); output_psi_0.15 (a moderate shift: marginal, held),
+  output_psi_0.35 (beyond the 0.25 fail line); output_collapse: every score in the lowest
+  two buckets.
+- value: tokens/s read per interval and pool (the mean over the interval's requests,
+  each lognormal, sigma 0.5; both pools move together with the load, sd 20%); a
+  decrease is bad, allowed 10%: value_healthy (same), value_at_allowed (canary exactly
+  10% down: the null's boundary, the worst case for false alarms), value_-30%. Read every
+  `--interval` and every 10 s (the default plan's interval: 6 readings in a 60 s step).
+- ratio: a click-through rate (5% of requests; clicks over requests, cumulative), a
+  decrease bad, judged like errors: ratio_healthy, ratio_-30%.
 """
 
 from __future__ import annotations
@@ -38,6 +56,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+from scipy.stats import beta as beta_dist
 from scipy.stats import lognorm
 
 from xds_server.render.bootstrap import ENVOY_DEFAULT_BUCKETS_MS, LATENCY_BUCKETS_MS
@@ -45,7 +64,8 @@ from xds_server.rollout import decide as sm
 from xds_server.rollout import stats
 from xds_server.rollout.decide import Observation
 from xds_server.rollout.judge import HIGH, LOW, Comparison, Measurement
-from xds_server.spec import FalseAlarmScope, Guardrails, RolloutPlan
+from xds_server.spec import FalseAlarmScope, Guardrails, MetricKind, RolloutPlan
+from xds_server.spec.rollout import metric_defaults
 
 ENVOY_BUCKETS_MS: tuple[float, ...] = (*ENVOY_DEFAULT_BUCKETS_MS, math.inf)
 """Envoy's default request-time histogram bounds (ms), +Inf last."""
@@ -386,6 +406,216 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"wall time {result['wall_time_s']:.1f}s on {prm['processes']} process(es)")
 
 
+# ---- the model-output gate and custom metrics: the statistics alone ----
+
+SCORE_EDGES = np.linspace(0.0, 1.0, 21)
+SCORE_BOUNDS: tuple[float, ...] = (*SCORE_EDGES[1:-1].tolist(), math.inf)
+V1_BETA = (2.0, 5.0)
+HEALTHY_V2_PSI = 0.05
+OUTPUT_PSI, OUTPUT_COLLAPSE = f"output_psi_{HEALTHY_V2_PSI:g}", "output_collapse"
+OUTPUT_SHIFTS = {OUTPUT_PSI: HEALTHY_V2_PSI, "output_psi_0.15": 0.15, "output_psi_0.35": 0.35}
+"""Scenario -> the true PSI of v2's scores against v1's (Beta(a, 5), a found to match)."""
+VALUE_HEALTHY, VALUE_AT_ALLOWED, VALUE_DROP = "value_healthy", "value_at_allowed", "value_-30%"
+RATIO_HEALTHY, RATIO_DROP = "ratio_healthy", "ratio_-30%"
+CUSTOM_HEALTHY = (OUTPUT_PSI, VALUE_HEALTHY, VALUE_AT_ALLOWED, RATIO_HEALTHY)
+"""No regression: every rollback in these is a false one."""
+VALUE_REQUEST_SIGMA, VALUE_LOAD_SD, CTR = 0.5, 0.2, 0.05
+DEFAULT_PLAN_INTERVAL = 10.0
+MARGINAL = "marginal"
+
+
+def score_probs(a: float, b: float) -> np.ndarray:
+    p = np.diff(beta_dist.cdf(SCORE_EDGES, a, b))
+    return np.asarray(p / p.sum())
+
+
+def shifted_probs(target: float) -> np.ndarray:
+    """Beta(a, 5) scores with the PSI `target` against v1's, by bisection on a."""
+    v1 = score_probs(*V1_BETA)
+    lo, hi = V1_BETA[0], V1_BETA[0] + 2.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        psi = stats.population_stability_index(list(score_probs(mid, V1_BETA[1])), list(v1))
+        lo, hi = (mid, hi) if psi < target else (lo, mid)
+    return score_probs((lo + hi) / 2, V1_BETA[1])
+
+
+@dataclass(frozen=True)
+class CustomTask:
+    scenario: str
+    rps: float
+    interval: float
+    trials: int
+    seed: np.random.SeedSequence
+    params: Params
+
+    @property
+    def looks(self) -> int:
+        return max(1, round(self.params.duration / self.interval))
+
+    def alpha(self, kind: MetricKind) -> float:
+        """The metric kind's default 1 - confidence, shared as the analysis shares it."""
+        tests = self.params.plan().analysis_tests(self.params.regions)
+        return (1 - metric_defaults("m", kind).confidence) / tests
+
+
+def run_custom(task: CustomTask) -> list[tuple[float, str]]:
+    """Per trial: rollback time (inf: never) and, when not rolled back, PASSED, MARGINAL
+    (output: a real moderate shift, held) or "" (held: no data)."""
+    rng = np.random.default_rng(task.seed)
+    if task.scenario.startswith("output"):
+        v1 = score_probs(*V1_BETA)
+        if task.scenario == OUTPUT_COLLAPSE:
+            canary = np.zeros_like(v1)
+            canary[:2] = (0.6, 0.4)
+        else:
+            canary = shifted_probs(OUTPUT_SHIFTS[task.scenario])
+        return [_output_trial(rng, task, canary, v1) for _ in range(task.trials)]
+    if task.scenario.startswith("value"):
+        return [_value_trial(rng, task) for _ in range(task.trials)]
+    return [_ratio_trial(rng, task) for _ in range(task.trials)]
+
+
+def _output_trial(
+    rng: np.random.Generator, task: CustomTask, canary: np.ndarray, v1: np.ndarray
+) -> tuple[float, str]:
+    """Scores per look: Poisson counts a pool, multinomial over the buckets, cumulative."""
+    spec = metric_defaults("output", MetricKind.OUTPUT)
+    sizes = rng.poisson(task.rps * task.interval, size=(2, task.looks))
+    c_cum = np.cumsum(np.cumsum(rng.multinomial(sizes[0], canary), axis=0), axis=1)
+    b_cum = np.cumsum(np.cumsum(rng.multinomial(sizes[1], v1), axis=0), axis=1)
+    fail = spec.fail_change if spec.fail_change is not None else math.inf
+    cls = ""
+    for k in range(task.looks):
+        r = stats.psi_test(
+            tuple(zip(SCORE_BOUNDS, c_cum[k].tolist(), strict=True)),
+            tuple(zip(SCORE_BOUNDS, b_cum[k].tolist(), strict=True)),
+            spec.allowed_change,
+            fail,
+            task.alpha(MetricKind.OUTPUT),
+            spec.min_requests,
+        )
+        if r.severe:
+            return (k + 1) * task.interval, "output"
+        cls = r.classification
+    return math.inf, {"pass": PASSED, "marginal": MARGINAL}.get(cls, "")
+
+
+def _value_trial(rng: np.random.Generator, task: CustomTask) -> tuple[float, str]:
+    """Readings: the mean over each interval's requests (lognormal, its mean's log-sd
+    from the count), both pools times the same load factor; no request: a reading of 0."""
+    spec = metric_defaults("value", MetricKind.VALUE)
+    ratio = {VALUE_HEALTHY: 1.0, VALUE_AT_ALLOWED: 1 / spec.allowed_change}.get(task.scenario, 0.7)
+    n = rng.poisson(task.rps * task.interval, size=(2, task.looks))
+    cv2 = math.exp(VALUE_REQUEST_SIGMA**2) - 1
+    noise = rng.normal(size=(2, task.looks)) * np.sqrt(np.log1p(cv2 / np.maximum(n, 1)))
+    load = np.exp(rng.normal(0.0, VALUE_LOAD_SD, size=task.looks))
+    readings = 100.0 * load * np.exp(noise) * np.where(n > 0, 1.0, 0.0)
+    pairs = list(zip((ratio * readings[0]).tolist(), readings[1].tolist(), strict=True))
+    last = None
+    for k in range(task.looks):
+        last = stats.ratio_of_means_test(
+            pairs[: k + 1], spec.allowed_change, False, True, task.alpha(MetricKind.VALUE)
+        )
+        if last.significant:
+            return (k + 1) * task.interval, "value"
+    return math.inf, PASSED if last is not None and last.enough else ""
+
+
+def _ratio_trial(rng: np.random.Generator, task: CustomTask) -> tuple[float, str]:
+    """Clicks over requests, cumulative; a decrease is bad; judged like errors."""
+    spec = metric_defaults("ctr", MetricKind.RATIO)
+    ctr = CTR * (0.7 if task.scenario == RATIO_DROP else 1.0)
+    n = np.cumsum(rng.poisson(task.rps * task.interval, size=(2, task.looks)), axis=1)
+    clicks = np.cumsum(rng.binomial(np.diff(n, prepend=0), [[ctr], [CTR]]), axis=1)
+    alpha = task.alpha(MetricKind.RATIO)
+    for k in range(task.looks):
+        if n[0, k] < 1 or n[1, k] < 1:
+            continue
+        t = stats.error_ratio_test(
+            clicks[0, k], n[0, k], clicks[1, k], n[1, k], spec.allowed_change,
+            spec.confidence, False, True, alpha,
+        )  # fmt: skip
+        if t.significant:
+            return (k + 1) * task.interval, "ratio"
+    return math.inf, PASSED
+
+
+def build_custom_tasks(args: argparse.Namespace, params: Params) -> list[CustomTask]:
+    cases: list[tuple[str, float, float]] = []
+    for rps in args.rps:
+        cases += [(s, rps, params.interval) for s in (*OUTPUT_SHIFTS, OUTPUT_COLLAPSE)]
+        for interval in sorted({params.interval, DEFAULT_PLAN_INTERVAL}):
+            cases += [(s, rps, interval) for s in (VALUE_HEALTHY, VALUE_AT_ALLOWED, VALUE_DROP)]
+        cases += [(s, rps, params.interval) for s in (RATIO_HEALTHY, RATIO_DROP)]
+    tasks: list[CustomTask] = []
+    root = np.random.SeedSequence([args.seed, 16])
+    for (scenario, rps, interval), seed in zip(cases, root.spawn(len(cases)), strict=True):
+        total = args.healthy_trials if scenario in CUSTOM_HEALTHY else args.trials
+        sizes = [min(CHUNK, total - start) for start in range(0, total, CHUNK)]
+        for size, sub in zip(sizes, seed.spawn(len(sizes)), strict=True):
+            tasks.append(CustomTask(scenario, float(rps), interval, size, sub, params))
+    return tasks
+
+
+def summarise_custom(
+    tasks: list[CustomTask], results: list[list[tuple[float, str]]], tests: int
+) -> list[dict[str, Any]]:
+    grouped: dict[tuple[str, float, float], list[tuple[float, str]]] = {}
+    for task, res in zip(tasks, results, strict=True):
+        grouped.setdefault((task.scenario, task.rps, task.interval), []).extend(res)
+    cases = []
+    for (scenario, rps, interval), trials in grouped.items():
+        case = summarise(scenario, rps, math.nan, trials, tests)
+        del case["base_error_rate"]
+        case["interval_s"] = interval
+        case["marginal_share"] = sum(1 for t, c in trials if math.isinf(t) and c == MARGINAL) / len(
+            trials
+        )
+        if scenario in CUSTOM_HEALTHY:
+            hits = case["rolled_back"]
+            case["false_rollback_rate"] = hits / len(trials)
+            case["false_rollback_upper95"] = wilson_upper(hits, len(trials))
+            for key, rate in (
+                ("false_rollback_rate_per_rollout", case["false_rollback_rate"]),
+                ("false_rollback_per_rollout_upper95", case["false_rollback_upper95"]),
+            ):
+                case[key] = 1 - (1 - rate) ** tests
+        cases.append(case)
+    return cases
+
+
+def print_custom_table(cases: list[dict[str, Any]], duration: float, tests: int) -> None:
+    print()
+    print(
+        "model output (PSI, allowed 0.1, fail 0.25) and custom metrics: the stats alone, "
+        f"a look every interval; false rollbacks per rollout over {tests} tests"
+    )
+    header = (
+        f"  {'case':<18}{'rps':>6}{'every':>7}{'trials':>8}{'rolled back':>13}"
+        f"{'median s':>10}{'p95 s':>8}{'false rb rate':>15}{'(95% up)':>10}"
+        f"{'per rollout':>12}{'passed':>8}{'marginal':>10}{'held':>7}"
+    )
+    print(header)
+    print("  " + "-" * (len(header) - 2))
+    for c in cases:
+        fr, up, pr = (
+            c["false_rollback_rate"],
+            c["false_rollback_upper95"],
+            c["false_rollback_rate_per_rollout"],
+        )
+        held = c["held_share"] - c["marginal_share"]
+        print(
+            f"  {c['scenario']:<18}{c['rps']:>6g}{c['interval_s']:>6g}s{c['trials']:>8}"
+            f"{c['rollback_share']:>13.1%}"
+            f"{fmt_s(c['detect_median_s'], duration):>10}{fmt_s(c['detect_p95_s'], duration):>8}"
+            f"{(f'{fr:.2%}' if fr is not None else '-'):>15}"
+            f"{(f'{up:.2%}' if up is not None else ''):>10}"
+            f"{(f'{pr:.2%}' if pr is not None else '-'):>12}"
+            f"{c['passed_share']:>8.1%}{c['marginal_share']:>10.1%}{held:>7.1%}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--trials", type=int, default=400, help="trials per regression case")
@@ -421,6 +651,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--json", action="store_true")
     p.add_argument("--quick", action="store_true", help="small counts, for a smoke test")
+    p.add_argument(
+        "--skip-custom",
+        action="store_true",
+        help="leave out the model-output (PSI) and custom-metric (value, ratio) cases",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.trials, args.healthy_trials = min(args.trials, 12), min(args.healthy_trials, 20)
@@ -441,11 +676,14 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     tasks = build_tasks(args, rates, params)
+    custom_tasks = [] if args.skip_custom else build_custom_tasks(args, params)
     if args.processes > 1:
         with multiprocessing.get_context("fork").Pool(args.processes) as pool:
             results = pool.map(run_task, tasks, chunksize=1)
+            custom_results = pool.map(run_custom, custom_tasks, chunksize=1)
     else:
         results = [run_task(t) for t in tasks]
+        custom_results = [run_custom(t) for t in custom_tasks]
     wall = time.perf_counter() - started
 
     times: dict[tuple[str, float, float], list[tuple[float, str]]] = {}
@@ -487,6 +725,7 @@ def main(argv: list[str] | None = None) -> int:
             "observed": f"p95 {fmt_s(p95, args.duration)}s, "
             f"{target_case['rollback_share']:.1%} detected within the step",
         }
+    custom_cases = summarise_custom(custom_tasks, custom_results, tests)
     result = {
         "parameters": {
             "interval_s": args.interval,
@@ -517,6 +756,7 @@ def main(argv: list[str] | None = None) -> int:
             "tests_sharing_alpha": plan.analysis_tests(args.regions),
         },
         "cases": cases,
+        "custom_cases": custom_cases,
         "targets": targets,
         "wall_time_s": wall,
     }
@@ -524,6 +764,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
     else:
         print_table(result)
+        if custom_tasks:
+            print_custom_table(custom_cases, args.duration, tests)
     return 0
 
 

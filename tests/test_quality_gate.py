@@ -205,3 +205,55 @@ def test_the_shortfall_test_keeps_its_level_when_looking_every_interval() -> Non
 
 def test_latency_buckets_fixture_still_judged() -> None:
     assert LATENCY[0][0] == 10.0
+
+
+def scores(shares: list[float], n: float) -> tuple[tuple[float, float], ...]:
+    """A 20-bucket score histogram (cumulative), `n` outputs in these shares."""
+    out, total = [], 0.0
+    for i, share in enumerate(shares):
+        total += share * n
+        out.append(((i + 1) / 20, round(total)))
+    return (*out, (float("inf"), round(total)))
+
+
+OUTPUT_SPEC = SPEC.replace(
+    "      error_rate: {}",
+    "      error_rate: {}\n      prediction_shift: {}\n"
+    "      tokens:\n        kind: value\n        query: 'x'\n        direction: decrease",
+)
+OUTPUT_PLAN = parse_spec(OUTPUT_SPEC).services[0].rollout
+FLAT = [0.05] * 20
+COLLAPSED = [0.9] + [0.1 / 19] * 19
+
+
+def output_step(canary_shares: list[float], pairs: tuple = ((100.0, 100.0),) * 8):
+    canary = {
+        "prediction_shift": MetricReading(buckets=scores(canary_shares, 400)),
+        "tokens": MetricReading(value=100.0, pairs=pairs),
+    }
+    base = {
+        "prediction_shift": MetricReading(buckets=scores(FLAT, 400)),
+        "tokens": MetricReading(value=100.0),
+    }
+    return Comparison(replace(STEP, readings=canary), replace(STEP, readings=base), "baseline")
+
+
+def test_collapsed_outputs_fail_by_prediction_shift_alone() -> None:
+    v = judge(OUTPUT_PLAN, HEALTHY, output_step(COLLAPSED))
+    bad = [m for m in v.metrics if m.classification in ("high", "low")]
+    assert [m.name for m in bad] == ["prediction_shift"]
+    assert v.outcome == FAIL and v.conclusive
+    assert "PSI" in v.reason and "p=" in v.reason
+
+
+def test_the_same_outputs_pass_the_output_gate() -> None:
+    v = judge(OUTPUT_PLAN, HEALTHY, output_step(FLAT))
+    shift = next(m for m in v.metrics if m.name == "prediction_shift")
+    assert shift.classification == "pass" and shift.effect == pytest.approx(0, abs=1e-9)
+
+
+def test_a_value_that_drops_a_third_every_interval_is_low() -> None:
+    dropped = tuple((66.0 + i % 3, 100.0 + i % 2) for i in range(12))
+    v = judge(OUTPUT_PLAN, HEALTHY, output_step(FLAT, dropped))
+    tokens = next(m for m in v.metrics if m.name == "tokens")
+    assert tokens.classification == "low" and tokens.effect == pytest.approx(0.67, abs=0.02)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,12 @@ class LocalMesh:
             for region, i, admin, _ in self._envoy_ports
         ]
         targets.append(ScrapeTarget(f"127.0.0.1:{self.metrics_port}", "/metrics", {}))
+        # The model servers' own series (outputs, tenants): `region` and `pool` come from
+        # here, never from the exporter, so they cannot clash.
+        targets += [
+            ScrapeTarget(f"127.0.0.1:{port}", "/metrics", {"region": r, "pool": p}, job="model")
+            for (r, p), port in self.model_ports.items()
+        ]
         self.prometheus = Prometheus(self.workdir / "prometheus", self.prometheus_port, targets)
         self.prometheus.wait_ready()
 
@@ -279,19 +286,26 @@ class LocalMesh:
         latency_ms: float | None = None,
         healthy: bool | None = None,
         shadow_error_rate: float | None = None,
+        drift: bool | None = None,
+        tenant_latency_ms: Mapping[str, float] | None = None,
+        stall_fraction: float | None = None,
     ) -> None:
-        """Change a model server's fault knobs while it runs (its POST /fault)."""
+        """Change a model server's fault knobs while it runs (its POST /fault); None
+        leaves a knob as it is. `lab/upstream.py` says what each one does."""
         knobs = {
             "error_rate": error_rate,
             "latency_ms": latency_ms,
             "healthy": healthy,
             "shadow_error_rate": shadow_error_rate,
+            "drift": drift,
+            "tenant_latency_ms": dict(tenant_latency_ms) if tenant_latency_ms is not None else None,
+            "stall_fraction": stall_fraction,
         }
         body = {k: v for k, v in knobs.items() if v is not None}
         http_post_json(f"http://127.0.0.1:{self.model_ports[(region, pool)]}/fault", body)
 
     def model_stats(self, region: str, pool: str) -> dict[str, int]:
-        """How many user and shadow requests a model server has answered."""
+        """How many user and shadow requests a model server has answered (and stalled)."""
         status, body, _ = http_get(f"http://127.0.0.1:{self.model_ports[(region, pool)]}/stats")
         assert status == 200, body
         return dict(json.loads(body))

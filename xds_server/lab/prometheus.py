@@ -1,4 +1,5 @@
-"""A real Prometheus (Debian's `prometheus`) scraping the mesh's Envoys and the server."""
+"""A real Prometheus (Debian's `prometheus`) scraping the mesh's Envoys, model servers and
+the server."""
 
 from __future__ import annotations
 
@@ -28,22 +29,35 @@ class ScrapeTarget:
     """HOST:PORT."""
     metrics_path: str
     labels: dict[str, str]
+    """Target labels every series scraped from it gets (`region`, and `pool` for a
+    model server); the exporter must not set them itself."""
+    job: str = ""
+    """The scrape job; by default "envoy" for Envoy's stats, else "xds-server"."""
+
+    @property
+    def job_name(self) -> str:
+        if self.job:
+            return self.job
+        return "envoy" if self.metrics_path == "/stats/prometheus" else "xds-server"
 
 
 def write_config(path: Path, targets: list[ScrapeTarget], interval: str = "1s") -> None:
     jobs: dict[str, list[ScrapeTarget]] = {}
     for t in targets:
-        jobs.setdefault(t.metrics_path, []).append(t)
+        jobs.setdefault(t.job_name, []).append(t)
+    for job, ts in jobs.items():
+        if len({t.metrics_path for t in ts}) > 1:
+            raise ValueError(f"scrape job {job}: one metrics path per job")
     config = {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
         "scrape_configs": [
             {
-                "job_name": "envoy" if path_ == "/stats/prometheus" else "xds-server",
-                "metrics_path": path_,
+                "job_name": job,
+                "metrics_path": ts[0].metrics_path,
                 "scrape_timeout": interval,
                 "static_configs": [{"targets": [t.address], "labels": t.labels} for t in ts],
             }
-            for path_, ts in jobs.items()
+            for job, ts in jobs.items()
         ],
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))

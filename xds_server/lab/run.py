@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 from xds_server.lab.mesh import LocalMesh, MeshOptions, canary_share
 from xds_server.lab.procs import wait_for
 from xds_server.lab.view import LiveView, PlainLog
-from xds_server.rollout.audit import AuditEntry
+from xds_server.rollout.audit import AuditEntry, rollback_cause
 from xds_server.rollout.store import FILE_NAME
 
 LAB_ROOT = Path(".lab")
@@ -43,13 +44,23 @@ LAB_PLAN: dict[str, Any] = {
         "max_error_rate": 0.05,
         "max_p99_ms": 250,
         "min_requests": 5,
+        # Every tenant's slice of the canary, from the model servers' own series: gold
+        # (10% of the lab's requests) has the tight budget.
+        "tenants": {
+            "header": "x-tenant",
+            "min_requests": 5,
+            "budgets": {"gold": {"max_p99_ms": 120}, "free": {"max_p99_ms": 250}},
+        },
     },
     # The lab's canary sees a few requests a second: a canary error rate shown to be
     # under 30% is judged negligible here (the 5% ceiling above still applies).
+    # prediction_shift compares the models' score histograms (v2 really differs from
+    # v1 a little: PSI about 0.04, under the 0.1 allowance).
     "analysis": {
         "metrics": {
             "error_rate": {"ignore_below": 0.3, "confidence": 0.95},
             "latency": {"min_requests": 20},
+            "prediction_shift": {"min_requests": 40},
         }
     },
     # Before any user request: Envoy health-checks the new pools, then mirrors a fifth of
@@ -60,6 +71,10 @@ LAB_PLAN: dict[str, Any] = {
         "slow_start": "5s",
     },
 }
+
+STALL_PLAN: dict[str, Any] = {**LAB_PLAN, "step_duration": "20s"}
+"""Throughput needs evidence: a canary delivering two thirds of its share at 20% of
+50 requests/s is told from noise after about 1,000 of the region's requests."""
 
 FAST_PLAN: dict[str, Any] = {
     **{k: v for k, v in LAB_PLAN.items() if k != "warmup"},
@@ -76,6 +91,32 @@ class Fault:
     """Injected once every region has reached this step (1: 20% canary)."""
     error_rate: float | None = None
     latency_ms: float | None = None
+    drift: bool | None = None
+    """The canary's scores collapse (its inputs scaled by 0.01), still fast and 200."""
+    tenant_latency_ms: Mapping[str, float] | None = None
+    """Extra latency for these tenants only, e.g. {"gold": 300}."""
+    stall_fraction: float | None = None
+    """This share of user requests hangs until the caller gives up."""
+
+    def knobs(self) -> dict[str, Any]:
+        """The fault knobs this fault sets, as `LocalMesh.set_fault` takes them."""
+        names = ("error_rate", "latency_ms", "drift", "tenant_latency_ms", "stall_fraction")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def describe(self) -> str:
+        return "; ".join(_describe_knob(k, v) for k, v in self.knobs().items()) or "no change"
+
+
+def _describe_knob(name: str, value: Any) -> str:
+    if name == "error_rate":
+        return f"error rate {value:.0%}"
+    if name == "latency_ms":
+        return f"+{value:g} ms latency"
+    if name == "drift":
+        return "drifting scores" if value else "no drift"
+    if name == "tenant_latency_ms":
+        return ", ".join(f"tenant {t} +{ms:g} ms" for t, ms in value.items())
+    return f"{value:.0%} of requests stall"
 
 
 @dataclass(frozen=True)
@@ -84,6 +125,10 @@ class Scenario:
     expect: str
     fault: Fault | None
     description: str
+    cause: str = ""
+    """A rollback's metric (as the dashboard names it) must contain this, if given."""
+    plan: Mapping[str, Any] | None = None
+    """The scenario's own rollout plan (default: LAB_PLAN)."""
 
 
 SCENARIOS = {
@@ -107,6 +152,31 @@ SCENARIOS = {
             Fault(0, 1, latency_ms=400),
             "at 20%, one region's canary answers 400 ms slower: p99 breaches 250 ms, every "
             "region rolls back",
+        ),
+        Scenario(
+            "drifting-canary",
+            "rolled_back",
+            Fault(1, 1, drift=True),
+            "at 20%, one region's canary scores collapse (fast, 200, wrong): the output "
+            "gate (prediction_shift, PSI) rolls every region back",
+            cause="prediction_shift",
+        ),
+        Scenario(
+            "tenant-regression",
+            "rolled_back",
+            Fault(0, 1, tenant_latency_ms={"gold": 200}),
+            "at 20%, one region's canary is 200 ms slower for the gold tenant only (10% of "
+            "requests; the aggregate p99 stays under 250 ms): gold's budget rolls back",
+            cause="tenant gold",
+        ),
+        Scenario(
+            "stalling-canary",
+            "rolled_back",
+            Fault(2, 1, stall_fraction=0.33),
+            "at 20%, one region's canary stalls on a third of its requests, which callers "
+            "give up on (in neither its error rate nor its latency): throughput rolls back",
+            cause="throughput",
+            plan=STALL_PLAN,
         ),
     )
 }
@@ -135,7 +205,7 @@ def run_lab(
     opts = MeshOptions(
         region_names(regions),
         envoys_per_region,
-        rollout=LAB_PLAN,
+        rollout=dict(scenario.plan or LAB_PLAN),
         load_rate=50,
         mtls=mtls,
         admin_token=secrets.token_urlsafe(18),  # for the dashboard's actions and xdsctl's
@@ -214,16 +284,9 @@ def follow(
                     and min(steps) >= fault.at_step
                 ):
                     region = mesh.opts.regions[fault.region_index % len(mesh.opts.regions)]
-                    mesh.set_fault(region, "canary", fault.error_rate, fault.latency_ms)
+                    mesh.set_fault(region, "canary", **fault.knobs())
                     res.fault_at = time.time()
-                    view.note(
-                        f"fault injected in {region}: canary "
-                        + (
-                            f"error rate {fault.error_rate:.0%}"
-                            if fault.error_rate
-                            else f"+{fault.latency_ms:g} ms latency"
-                        )
-                    )
+                    view.note(f"fault injected in {region}: canary {fault.describe()}")
                 if (
                     res.fault_at is not None
                     and res.zero_canary_at is None
@@ -252,7 +315,9 @@ def summarize(mesh: LocalMesh, scenario: Scenario, res: FollowResult) -> dict[st
         "expected": scenario.expect,
         "ok": not res.timed_out
         and bool(outcome)
-        and all(p == scenario.expect for p in outcome.values()),
+        and all(p == scenario.expect for p in outcome.values())
+        and (not scenario.cause or scenario.cause in _cause(audit)),
+        "cause": _cause(audit),
         "outcome": outcome,
         "rollout": {"phase": state["phase"], "reason": state["reason"]},
         "timed_out": res.timed_out,
@@ -288,9 +353,19 @@ def summarize(mesh: LocalMesh, scenario: Scenario, res: FollowResult) -> dict[st
     return summary
 
 
+def _cause(audit: list[AuditEntry]) -> str:
+    """What rolled the rollout back: its region and metric, as the dashboard says."""
+    cause = rollback_cause(audit)
+    if cause is None:
+        return ""
+    return f"{cause.metric or 'no metric'} in {cause.region or 'every region'}: {cause.reason}"
+
+
 def print_report(summary: dict[str, Any], mesh: LocalMesh, plot_path: Path) -> None:
     print()
     print(f"lab: rollout {summary['rollout']['phase']}: {summary['rollout']['reason']}")
+    if summary.get("cause"):
+        print(f"  rolled back by {summary['cause']}")
     decisions = summary["decisions"]
     for region in mesh.opts.regions:
         mine = [d for d in decisions if d["region"] == region]

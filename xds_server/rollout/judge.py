@@ -484,12 +484,59 @@ def _tail(m: MetricSpec, cmp: Comparison, alpha: float, result: Result) -> Metri
     return result(MetricClass.PASS, t.effect, t.p_value, detail)
 
 
+def _output(m: MetricSpec, cmp: Comparison, alpha: float, result: Result) -> MetricResult:
+    """The model's output histograms: the population stability index as the effect, an
+    always-valid test of "same distribution" as the evidence. No evidence of a shift is
+    a pass (noise inflates a small sample's PSI, never its evidence); a real shift above
+    `fail_change` fails; a real one between the allowance and that holds the step."""
+    readings = _readings(m, cmp)
+    if isinstance(readings, str):
+        return result(MetricClass.NO_DATA, None, None, readings)
+    rc, rb = readings
+    fail = m.fail_change if m.fail_change is not None else m.allowed_change
+    t = stats.psi_test(
+        rc.buckets or (), rb.buckets or (), m.allowed_change, fail, alpha, m.min_requests
+    )
+    counts = f"{t.canary_total:.0f}/{t.comparator_total:.0f} outputs"
+    if t.psi is None or not t.enough:
+        need = f"need {m.min_requests} each"
+        return result(MetricClass.NO_DATA, t.psi, t.p_value, f"PSI over {counts} ({need})")
+    detail = f"PSI {t.psi:.3g} over {counts} (allowed {m.allowed_change:g}, fail {fail:g})"
+    if t.severe:
+        return result(HIGH, t.psi, t.p_value, detail)
+    if t.marginal:
+        return result(MetricClass.NO_DATA, t.psi, t.p_value, f"{detail}: a real moderate shift")
+    return result(MetricClass.PASS, t.psi, t.p_value, detail)
+
+
+def _value(m: MetricSpec, cmp: Comparison, alpha: float, result: Result) -> MetricResult:
+    """A rate or gauge: the step's per-interval canary/comparator ratios (their mean log)
+    against the allowance, by a sequential t-test."""
+    readings = _readings(m, cmp)
+    if isinstance(readings, str):
+        return result(MetricClass.NO_DATA, None, None, readings)
+    up, down = _directions(m)
+    t = stats.ratio_of_means_test(
+        readings[0].pairs, m.allowed_change, up, down, alpha, min_pairs=m.min_requests
+    )
+    skipped = f", {t.skipped} skipped (not positive)" if t.skipped else ""
+    detail = f"mean ratio over {t.pairs} intervals{skipped}"
+    if t.significant:
+        return result(HIGH if t.higher else LOW, t.effect, t.p_value, detail)
+    if not t.enough:
+        need = f" (need {m.min_requests})"
+        return result(MetricClass.NO_DATA, t.effect, t.p_value, detail + need)
+    return result(MetricClass.PASS, t.effect, t.p_value, detail)
+
+
 KINDS: Mapping[MetricKind, Callable[[MetricSpec, Comparison, float, Result], MetricResult]] = {
     MetricKind.ERRORS: _errors,
     MetricKind.LATENCY: _latency,
     MetricKind.TAIL: _tail,
     MetricKind.RATIO: _ratio,
     MetricKind.DISTRIBUTION: _distribution,
+    MetricKind.VALUE: _value,
+    MetricKind.OUTPUT: _output,
 }
 """The registry of metric kinds: how each compares canary with comparator. A new kind is
 a name in `spec.MetricKind` and a function here (and what it reads, in the observer)."""

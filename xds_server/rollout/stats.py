@@ -1,6 +1,6 @@
 """The statistics behind the canary judge. Pure functions of counts: no I/O, no clock.
 
-Both tests are *sequential*: the controller looks at the growing data of a step every
+The tests are *sequential*: the controller looks at the growing data of a step every
 interval, and a test that is simply re-run at a fixed level would raise false alarms
 with every look. Each test here gives a likelihood ratio against "no regression" that is
 a (super)martingale under that hypothesis, so by Ville's inequality the chance that it
@@ -15,6 +15,11 @@ always-valid p-value.
 - Latency: Mann-Whitney U over the two request-time histograms (ties inside a bucket
   count one half), standardised, with a normal mixture over the effect (Robbins' mixture
   sequential probability ratio test, as used by always-valid A/B testing).
+- Model output: the population stability index of two histograms, significant when an
+  e-value (universal inference: Dirichlet-multinomial mixtures over the pooled MLE)
+  rejects "one distribution for both".
+- Custom values read per interval: the mean log ratio canary / comparator, with the same
+  normal mixture on a plug-in variance.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
-from scipy.special import betaincinv
+import numpy as np
+from scipy.special import betaincinv, gammaln
 
 # Alternatives for the error-ratio mixture: ratio0 * 2**(k/4), up to 16 times ratio0.
 _RATIO_STEPS = tuple(2 ** (k / 4) for k in range(1, 17))
@@ -263,3 +270,257 @@ def normal_mixture_log_lr(theta: float, var: float, tau: float) -> float:
     `theta` with variance `var` (the mixture sequential probability ratio test)."""
     t2 = tau * tau
     return 0.5 * math.log(var / (var + t2)) + t2 * theta * theta / (2 * var * (var + t2))
+
+
+# ---- model output: the population stability index ----
+
+
+PSI_EPSILON = 1e-4
+"""The share an empty bucket counts for in the PSI (a share of 0 has no logarithm): the
+usual floor of PSI tools. Each term (p - q) ln(p / q) stays >= 0 with the floor, so the
+PSI does too, and a bucket empty on both sides adds nothing."""
+_DIRICHLET_PRIOR = 0.5
+"""Dirichlet(1/2, ..., 1/2) (Jeffreys, the Krichevsky-Trofimov mixture) over each pool's
+bucket shares, in the numerator of the PSI test's e-value."""
+
+PsiClass = Literal["pass", "high", "marginal", "no_data"]
+
+
+@dataclass(frozen=True)
+class PsiResult:
+    """The PSI of the canary's output histogram against the comparator's, and whether the
+    two differ at all. Every part of the class is a field (`significant`, `severe`,
+    `marginal`, `within`, `enough`); `classification` only combines them."""
+
+    psi: float | None
+    """Population stability index over the common buckets (None: a pool is empty)."""
+    p_value: float
+    """Always-valid, for "the two pools draw from one distribution": 1 / e-value, <= 1."""
+    significant: bool
+    """p_value <= alpha: the two distributions differ (by how much is the PSI's to say)."""
+    severe: bool
+    """significant and psi > fail_psi: a regression."""
+    marginal: bool
+    """significant and allowed_psi < psi <= fail_psi: a moderate shift that is real."""
+    within: bool
+    """psi <= allowed_psi (significant or not: a real shift inside the allowance)."""
+    enough: bool
+    """Both pools hold at least min_samples scores (a PSI at or under allowed_psi on
+    fewer is no pass)."""
+    canary_total: float
+    comparator_total: float
+    buckets: int
+    """How many buckets (common to both histograms) were compared."""
+
+    @property
+    def passed(self) -> bool:
+        """At or under the allowance, on enough scores."""
+        return self.enough and self.within and not self.severe
+
+    @property
+    def classification(self) -> PsiClass:
+        """high (fail), marginal (hold: a person looks), pass, or no_data (too few scores
+        to pass, or a PSI above allowed that is not yet significant: keep looking)."""
+        if self.severe:
+            return "high"
+        if self.marginal:
+            return "marginal"
+        return "pass" if self.passed else "no_data"
+
+
+def psi_test(
+    canary_buckets: Buckets,
+    comparator_buckets: Buckets,
+    allowed_psi: float,
+    fail_psi: float,
+    alpha: float,
+    min_samples: float = 100,
+    epsilon: float = PSI_EPSILON,
+) -> PsiResult:
+    """The PSI of two cumulative histograms (the `Buckets` format of request times, +inf
+    last), with a sequential test of "no difference at all".
+
+    Effect: PSI = sum_i (p_i - q_i) ln(p_i / q_i) over the per-bucket shares p (canary)
+    and q (comparator), each floored at `epsilon`. Histograms with different bounds are
+    compared on the bounds they share (their cumulative counts there are exact).
+
+    Significance, valid under continuous monitoring (universal inference): the e-value is
+    the product of the two pools' Dirichlet-multinomial marginal likelihoods (a mixture
+    over each pool's bucket shares: predictable, so a valid sequential numerator) over
+    the multinomial likelihood of both samples at the pooled maximum-likelihood shares
+    (the null's MLE). Under "one distribution p0 for both", that ratio is at most the
+    likelihood ratio against p0, a nonnegative martingale: by Ville's inequality the
+    chance that it *ever* reaches 1/alpha is at most alpha. Identical histograms get an
+    e-value <= 1 (p = 1) whatever their size.
+
+    The PSI of two samples is biased upward: noise alone makes it about (K - 1) *
+    (1/n + 1/m) for K buckets of n and m scores (PSI is the Jeffreys divergence, and
+    n m / (n + m) times it is roughly chi-square with K - 1 degrees of freedom), more when
+    sparse buckets sit on the epsilon floor: 20 buckets, 100 scores a side, one
+    distribution: a PSI near 0.4, above the usual 0.25 fail line (tests/test_stats_output.py
+    measures it). So a PSI alone never fails a canary: `severe` and `marginal` need the
+    e-value test to reject too, and a PSI at or under `allowed_psi` is a pass only with
+    `min_samples` scores on each side (fewer is `no_data`).
+    """
+    cc, bc = _common_bucket_counts(canary_buckets, comparator_buckets)
+    n, m = sum(cc), sum(bc)
+    if n <= 0 or m <= 0 or len(cc) < 2:
+        return PsiResult(None, 1.0, False, False, False, False, False, n, m, len(cc))
+    psi = population_stability_index(cc, bc, epsilon)
+    log_e = same_distribution_log_e(cc, bc)
+    p = math.exp(-min(log_e, 700.0)) if log_e > 0 else 1.0
+    significant = p <= alpha
+    enough = min(n, m) >= min_samples
+    severe = significant and psi > fail_psi
+    marginal = significant and allowed_psi < psi <= fail_psi
+    within = psi <= allowed_psi
+    return PsiResult(psi, p, significant, severe, marginal, within, enough, n, m, len(cc))
+
+
+def _common_bucket_counts(a: Buckets, b: Buckets) -> tuple[list[float], list[float]]:
+    """Per-bucket whole counts of two cumulative histograms on the bounds both have
+    (counts from PromQL's increase() are extrapolated: rounded half up, as errors are)."""
+    ca = {le: max(0.0, c) for le, c in a}
+    cb = {le: max(0.0, c) for le, c in b}
+    out_a, out_b, prev_a, prev_b = [], [], 0.0, 0.0
+    for le in sorted(set(ca) & set(cb)):
+        # Cumulative counts never go down: a dip (a counter reset mid-window) counts 0.
+        at_a, at_b = max(prev_a, ca[le]), max(prev_b, cb[le])
+        out_a.append(math.floor(at_a + 0.5) - math.floor(prev_a + 0.5))
+        out_b.append(math.floor(at_b + 0.5) - math.floor(prev_b + 0.5))
+        prev_a, prev_b = at_a, at_b
+    return [float(x) for x in out_a], [float(x) for x in out_b]
+
+
+def population_stability_index(
+    canary: Sequence[float], comparator: Sequence[float], epsilon: float = PSI_EPSILON
+) -> float:
+    """sum_i (p_i - q_i) ln(p_i / q_i) over per-bucket shares, each floored at `epsilon`
+    (not renormalised: every term stays >= 0). Counts, not shares, on the same buckets."""
+    n, m = sum(canary), sum(comparator)
+    total = 0.0
+    for c, b in zip(canary, comparator, strict=True):
+        p, q = max(c / n, epsilon), max(b / m, epsilon)
+        total += (p - q) * math.log(p / q)
+    return total
+
+
+def same_distribution_log_e(canary: Sequence[float], comparator: Sequence[float]) -> float:
+    """Log e-value against "both pools draw their buckets from one distribution":
+    Dirichlet(1/2)-multinomial marginal likelihoods of each pool's sequence, over the
+    likelihood of both at the pooled maximum-likelihood shares."""
+    c = np.asarray(canary, dtype=float)
+    b = np.asarray(comparator, dtype=float)
+    pooled = c + b
+    total = float(pooled.sum())
+    nonzero = pooled[pooled > 0]
+    log_null = float(np.sum(nonzero * np.log(nonzero / total)))
+    return _dirichlet_multinomial_log(c) + _dirichlet_multinomial_log(b) - log_null
+
+
+def _dirichlet_multinomial_log(counts: np.ndarray) -> float:
+    """Log probability of one ordered sequence with these bucket counts under a
+    Dirichlet(a, ..., a) mixture of multinomials (the product of its predictive
+    probabilities (a + seen_i) / (K a + seen))."""
+    a, k, n = _DIRICHLET_PRIOR, len(counts), float(counts.sum())
+    return float(gammaln(k * a) - gammaln(k * a + n) + np.sum(gammaln(a + counts) - gammaln(a)))
+
+
+# ---- custom value metrics: the mean log ratio ----
+
+
+_VALUE_G = (0.25, 1.0, 4.0, 16.0, 64.0)
+"""Prior variances of the standardised effect (mean / sd of the log ratios beyond the
+allowed one) in the value test's mixture, equally weighted: the large ones let a gross
+change fail in 5-6 readings, the small ones keep power for a change near the noise."""
+
+
+@dataclass(frozen=True)
+class RatioOfMeansResult:
+    effect: float | None
+    """exp(mean of ln(canary / comparator)) over the usable pairs (None: none)."""
+    p_value: float
+    """Always-valid (for normal log ratios: see `ratio_of_means_test`), at most 1."""
+    significant: bool
+    higher: bool | None
+    """Which way the canary moved beyond the allowance (None: neither side tested)."""
+    pairs: int
+    """Pairs used: both values positive and finite."""
+    skipped: int
+    """Pairs left out: a value <= 0, NaN or infinite (no logarithm)."""
+    enough: bool
+    """At least `min_pairs` pairs used; fewer is no data."""
+
+
+def ratio_of_means_test(
+    pairs: Sequence[tuple[float, float]],
+    allowed_change: float,
+    increase_is_bad: bool = True,
+    decrease_is_bad: bool = False,
+    alpha: float = 0.01,
+    min_pairs: int = 5,
+) -> RatioOfMeansResult:
+    """A `value` metric (a rate or a gauge read once per interval from each pool): is the
+    canary beyond `allowed_change` times its comparator?
+
+    `pairs`: (canary, comparator) per interval, in order, every one of the step so far.
+    d_i = ln(canary_i / comparator_i); with an increase bad, H0 is mean(d) <= ln(allowed)
+    (a decrease: mean(d) >= -ln(allowed)); with either, each side at alpha / 2. Effect:
+    exp(mean(d)). The pairs are taken as independent: one reading per interval, windows
+    that do not overlap. A pair with a value <= 0 (or not finite) has no log ratio: it is
+    skipped and counted in `skipped`. Fewer than `min_pairs` usable pairs is no data.
+
+    The sequential test is `t_mixture_log_lr`: the normal mixture of
+    `normal_mixture_log_lr` with the unknown variance integrated out (scale-invariant)
+    rather than plugged in. A plug-in sample variance over a handful of readings is
+    too often small by chance: looking after every pair from the 5th to the 60th, normal
+    d at the boundary (100,000 runs), it rejected in 0.7-1.0% of runs at alpha 0.001 and
+    1.3-2.0% at alpha 0.01 (the judge's levels are of that order); the scale-invariant
+    mixture, 0.02-0.03% and 0.2% (it is exact for normal d, whatever their variance).
+    """
+    logs, skipped = [], 0
+    for c, b in pairs:
+        if c > 0 and b > 0 and math.isfinite(c) and math.isfinite(b):
+            logs.append(math.log(c / b))
+        else:
+            skipped += 1
+    n = len(logs)
+    effect = math.exp(sum(logs) / n) if n else None
+    if n < max(min_pairs, 2):
+        return RatioOfMeansResult(effect, 1.0, False, None, n, skipped, False)
+    mean = sum(logs) / n
+    bound = math.log(allowed_change)
+    sides = int(increase_is_bad) + int(decrease_is_bad)
+    up = down = -math.inf
+    if increase_is_bad and mean - bound > 0:
+        up = t_mixture_log_lr([d - bound for d in logs])
+    if decrease_is_bad and mean + bound < 0:
+        down = t_mixture_log_lr([d + bound for d in logs])
+    log_lr = max(up, down)
+    p = min(1.0, sides * math.exp(-min(log_lr, 700.0))) if log_lr > 0 else 1.0
+    higher = (up >= down) if log_lr > -math.inf else None
+    return RatioOfMeansResult(effect, p, sides > 0 and p <= alpha, higher, n, skipped, True)
+
+
+def t_mixture_log_lr(xs: Sequence[float], gs: Sequence[float] = _VALUE_G) -> float:
+    """Log Bayes factor of "the x_i are N(delta sigma, sigma^2)", delta ~ N(0, g) (an
+    equal mixture over `gs`), against "N(0, sigma^2)", sigma unknown under both with the
+    right Haar prior d sigma / sigma (Lai's sequential t-test; Perez-Ortiz, Lardy, de
+    Heide and Gruenwald, "E-statistics, group invariance and anytime-valid testing"):
+    a test martingale under the null whatever sigma, so Ville's inequality holds.
+
+    For one g: (1 + n g)^(-1/2) (S / (S - g (sum x)^2 / (1 + n g)))^(n/2), S = sum x^2;
+    with sigma known it would be `normal_mixture_log_lr` with tau^2 = g sigma^2. It is 1
+    for a single x; a mixture of these is one too."""
+    n = len(xs)
+    total = sum(xs)
+    sq = sum(x * x for x in xs)
+    if n < 2 or sq <= 0:
+        return 0.0
+    logs = []
+    for g in gs:
+        rest = sq - g * total * total / (1 + n * g)  # > 0: at least sq / (1 + n g)
+        rest = max(rest, sq / (1 + n * g))
+        logs.append(-0.5 * math.log1p(n * g) + n / 2 * (math.log(sq) - math.log(rest)))
+    top = max(logs)
+    return top + math.log(sum(math.exp(v - top) for v in logs) / len(logs))
