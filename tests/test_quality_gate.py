@@ -257,3 +257,10 @@ def test_a_value_that_drops_a_third_every_interval_is_low() -> None:
     v = judge(OUTPUT_PLAN, HEALTHY, output_step(FLAT, dropped))
     tokens = next(m for m in v.metrics if m.name == "tokens")
     assert tokens.classification == "low" and tokens.effect == pytest.approx(0.67, abs=0.02)
+
+
+def test_every_lab_scenario_can_be_run_from_the_command_line() -> None:
+    from xds_server.cli import LAB_SCENARIOS
+    from xds_server.lab.run import SCENARIOS
+
+    assert set(LAB_SCENARIOS) == set(SCENARIOS)

@@ -27,6 +27,17 @@ class UsageError(Exception):
     """A command-line mistake; printed as one line, exit code 2."""
 
 
+LAB_SCENARIOS = (
+    "healthy",
+    "bad-canary",
+    "slow-canary",
+    "drifting-canary",
+    "tenant-regression",
+    "stalling-canary",
+)
+"""`lab run --scenario` (xds_server.lab.run.SCENARIOS, which a test keeps equal)."""
+
+
 def split_host_port(text: str, what: str) -> tuple[str, int]:
     try:
         return parse_host_port(text)
@@ -358,9 +369,7 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     lab = sub.add_parser("lab", help="a local multi-region mesh with a live canary rollout")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
     run = lab_sub.add_parser("run", help="start the lab and run one rollout scenario")
-    run.add_argument(
-        "--scenario", default="healthy", choices=["healthy", "bad-canary", "slow-canary"]
-    )
+    run.add_argument("--scenario", default="healthy", choices=LAB_SCENARIOS)
     run.add_argument("--regions", type=int, default=3)
     run.add_argument("--envoys-per-region", type=int, default=2)
     run.add_argument("--keep", action="store_true", help="leave the lab running at the end")

@@ -506,6 +506,8 @@ def _output(m: MetricSpec, cmp: Comparison, alpha: float, result: Result) -> Met
         return result(HIGH, t.psi, t.p_value, detail)
     if t.marginal:
         return result(MetricClass.NO_DATA, t.psi, t.p_value, f"{detail}: a real moderate shift")
+    if not t.within:
+        detail += ": not a significant shift (a small sample's PSI runs high)"
     return result(MetricClass.PASS, t.psi, t.p_value, detail)
 
 
