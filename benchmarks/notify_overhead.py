@@ -114,7 +114,12 @@ class Healthy:
         return 1.0, 1.0
 
     async def check_queries(
-        self, plan: RolloutPlan, region: str, cluster: str, serving: str | None = None
+        self,
+        plan: RolloutPlan,
+        region: str,
+        cluster: str,
+        serving: str | None = None,
+        versions: Any = None,
     ) -> QueryCheck:
         return QueryCheck()
 

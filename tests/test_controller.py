@@ -262,7 +262,12 @@ class ScriptedMetricSource:
         return 1.0, 1.0
 
     async def check_queries(
-        self, plan: RolloutPlan, region: str, cluster: str, serving: str | None = None
+        self,
+        plan: RolloutPlan,
+        region: str,
+        cluster: str,
+        serving: str | None = None,
+        versions: Any = None,
     ) -> QueryCheck:
         self.check_calls.append((region, cluster, serving))
         return QueryCheck(tuple(self.problems), self.unreachable)

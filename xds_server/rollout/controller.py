@@ -224,6 +224,7 @@ class RolloutController:
                     region,
                     cluster_name(svc.name, "canary"),
                     cluster_name(svc.name, "production"),
+                    {name: pool.version for name, pool in svc.pools.items()},
                 )
                 for region in self.spec.regions
             )

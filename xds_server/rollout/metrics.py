@@ -11,7 +11,7 @@ import asyncio
 import functools
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -232,9 +232,16 @@ class PrometheusSource:
         return await self._in_thread(self.pool_health_sync, plan, region, cluster)
 
     async def check_queries(
-        self, plan: RolloutPlan, region: str, cluster: str, serving: str | None = None
+        self,
+        plan: RolloutPlan,
+        region: str,
+        cluster: str,
+        serving: str | None = None,
+        versions: Mapping[str, str] | None = None,
     ) -> QueryCheck:
-        return await self._in_thread(self.check_queries_sync, plan, region, cluster, serving)
+        return await self._in_thread(
+            self.check_queries_sync, plan, region, cluster, serving, versions
+        )
 
     def pool_health_sync(self, plan: RolloutPlan, region: str, cluster: str) -> tuple[float, float]:
         """(hosts, healthy hosts) summed over the region's Envoys, as the Envoys see them."""
@@ -246,7 +253,12 @@ class PrometheusSource:
         return total or 0.0, healthy or 0.0
 
     def check_queries_sync(
-        self, plan: RolloutPlan, region: str, cluster: str, serving: str | None = None
+        self,
+        plan: RolloutPlan,
+        region: str,
+        cluster: str,
+        serving: str | None = None,
+        versions: Mapping[str, str] | None = None,
     ) -> QueryCheck:
         """Run every template once; say what makes the rollout unjudgeable.
 
@@ -261,7 +273,7 @@ class PrometheusSource:
 
         def run(key: str, pool_cluster: str) -> object:
             service, _, pool = pool_cluster.partition("|")
-            where = Where(region, service, pool, "", pool_cluster)
+            where = Where(region, service, pool, (versions or {}).get(pool, ""), pool_cluster)
             promql = fill(templates[key], where, plan.window, tenant=_any_tenant(plan))
             bucketed = key == "latency_buckets" or key.endswith(".buckets")
             return (self.buckets if bucketed else self.query)(promql, client)

@@ -67,9 +67,15 @@ class MetricSource(Protocol):
         ...
 
     async def check_queries(
-        self, plan: RolloutPlan, region: str, cluster: str, serving: str | None = None
+        self,
+        plan: RolloutPlan,
+        region: str,
+        cluster: str,
+        serving: str | None = None,
+        versions: Mapping[str, str] | None = None,
     ) -> QueryCheck:
-        """Run every query once, at a rollout's start (bounded in time)."""
+        """Run every query once, at a rollout's start (bounded in time). `versions`: each
+        pool's version, for templates that name `{version}`."""
         ...
 
     async def read(
