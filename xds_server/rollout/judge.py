@@ -501,7 +501,8 @@ def _output(m: MetricSpec, cmp: Comparison, alpha: float, result: Result) -> Met
     if t.psi is None or not t.enough:
         need = f"need {m.min_requests} each"
         return result(MetricClass.NO_DATA, t.psi, t.p_value, f"PSI over {counts} ({need})")
-    detail = f"PSI {t.psi:.3g} over {counts} (allowed {m.allowed_change:g}, fail {fail:g})"
+    beyond = f", {t.excess:.3g} beyond noise" if t.excess is not None else ""
+    detail = f"PSI {t.psi:.3g}{beyond} over {counts} (allowed {m.allowed_change:g}, fail {fail:g})"
     if t.severe:
         return result(HIGH, t.psi, t.p_value, detail)
     if t.marginal:

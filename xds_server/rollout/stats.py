@@ -311,6 +311,11 @@ class PsiResult:
     comparator_total: float
     buckets: int
     """How many buckets (common to both histograms) were compared."""
+    excess: float | None = None
+    """The PSI beyond what noise alone gives two samples of this size (its expectation
+    under one distribution, (K - 1)(1/n + 1/m) over the K occupied buckets), at least 0:
+    what `severe` and `marginal` compare with the bands, so an early, noisy PSI of a
+    modest shift does not cross the fail line."""
 
     @property
     def passed(self) -> bool:
@@ -359,8 +364,9 @@ def psi_test(
     sparse buckets sit on the epsilon floor: 20 buckets, 100 scores a side, one
     distribution: a PSI near 0.4, above the usual 0.25 fail line (tests/test_stats_output.py
     measures it). So a PSI alone never fails a canary: `severe` and `marginal` need the
-    e-value test to reject too, and a PSI at or under `allowed_psi` is a pass only with
-    `min_samples` scores on each side (fewer is `no_data`).
+    e-value test to reject too, and compare the PSI *beyond* that noise (`excess`) with
+    the bands; a PSI at or under `allowed_psi` is a pass only with `min_samples` scores
+    on each side (fewer is `no_data`).
     """
     cc, bc = _common_bucket_counts(canary_buckets, comparator_buckets)
     n, m = sum(cc), sum(bc)
@@ -371,10 +377,12 @@ def psi_test(
     p = math.exp(-min(log_e, 700.0)) if log_e > 0 else 1.0
     significant = p <= alpha
     enough = min(n, m) >= min_samples
-    severe = significant and psi > fail_psi
-    marginal = significant and allowed_psi < psi <= fail_psi
+    occupied = sum(1 for a, b in zip(cc, bc, strict=True) if a + b > 0)
+    excess = max(0.0, psi - max(0, occupied - 1) * (1 / n + 1 / m))
+    severe = significant and excess > fail_psi
+    marginal = significant and allowed_psi < excess <= fail_psi
     within = psi <= allowed_psi
-    return PsiResult(psi, p, significant, severe, marginal, within, enough, n, m, len(cc))
+    return PsiResult(psi, p, significant, severe, marginal, within, enough, n, m, len(cc), excess)
 
 
 def _common_bucket_counts(a: Buckets, b: Buckets) -> tuple[list[float], list[float]]:
