@@ -16,8 +16,8 @@ from xds_server.rollout.judge import (
     MetricReading,
     Throughput,
     judge,
-    share_below_test,
 )
+from xds_server.rollout.stats import share_below_test
 from xds_server.spec import MetricKind, SpecError, parse_spec
 
 from .test_decide import HEALTHY, LATENCY, STEP

@@ -73,6 +73,8 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
+BEARER = "send it as Authorization: Bearer"
+"""How a caller of this door sends the admin token."""
 READ_ONLY = (
     "the dashboard is read-only: its actions need an admin token, and this server has "
     "none (serve --admin-token-file)"
@@ -163,7 +165,7 @@ class Dashboard:
         auth = self.operator.auth
         reading = request.path.startswith("/api/") and auth.auth_reads
         if reading and auth.identify(request.headers) is None:
-            raise _unauthenticated(request, "reads as well as changes")
+            raise unauthenticated("reads as well as changes", request.headers, BEARER)
 
     # ---- the page ----
 
@@ -342,7 +344,7 @@ class Dashboard:
             raise Refused(Refusal.PERMISSION_DENIED, READ_ONLY)
         if request.content_type != "application/json":
             raise Refused(Refusal.INVALID_ARGUMENT, "send the reason as application/json")
-        actor = self.operator.actor(request.headers, door="send it as Authorization: Bearer")
+        actor = self.operator.actor(request.headers, door=BEARER)
         try:
             body = json.loads(await request.read())
         except (ValueError, UnicodeDecodeError):
@@ -354,10 +356,6 @@ class Dashboard:
         state = self.operator.change(name, service, reason, actor)
         log.info("dashboard: %s %s by %s: %s", name, service, actor, " ".join(reason.split()))
         return web.json_response({"rollout": to_json(rollout_message(self.view, state))})
-
-
-def _unauthenticated(request: web.Request, what: str) -> Refused:
-    return unauthenticated(what, request.headers, door="send it as Authorization: Bearer")
 
 
 def _asset(name: str) -> web.Response:

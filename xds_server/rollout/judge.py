@@ -307,7 +307,7 @@ def throughput_check(plan: RolloutPlan, t: Throughput | None, alpha: float) -> C
     if delivered is None or not total or total < plan.guardrails.min_requests:
         return None
     ratio = delivered / (t.share * total)
-    short = ratio < floor and share_below_test(delivered, total, t.share, alpha)
+    short = ratio < floor and stats.share_below_test(delivered, total, t.share, alpha)
     return Check("throughput_ratio", ratio, floor, not short, floor=True)
 
 
@@ -598,24 +598,3 @@ def _directions(m: MetricSpec) -> tuple[bool, bool]:
         m.direction in (Direction.INCREASE, Direction.EITHER),
         m.direction in (Direction.DECREASE, Direction.EITHER),
     )
-
-
-_SHARE_STEPS = tuple(2 ** (-k / 4) for k in range(1, 17))
-
-
-def share_below_test(successes: float, trials: float, share0: float, alpha: float) -> bool:
-    """Do `successes` of `trials` rule out a success probability of `share0` or more?
-    A mixture likelihood ratio over alternatives share0 x 2^(-k/4): for any true share
-    at or above share0 it is a supermartingale, so looking every interval keeps the
-    chance of a false "yes" below alpha (Ville's inequality)."""
-    k, n = max(0.0, successes), max(successes, trials)
-    share0 = min(share0, 1 - 1e-6)  # (at 100%, every request is the canary's)
-    if n <= 0 or share0 <= 0:
-        return False
-    logs = [
-        k * math.log(share0 * f / share0) + (n - k) * math.log((1 - share0 * f) / (1 - share0))
-        for f in _SHARE_STEPS
-    ]
-    top = max(logs)
-    log_lr = top + math.log(sum(math.exp(v - top) for v in logs) / len(logs))
-    return log_lr >= math.log(1 / alpha)

@@ -8,17 +8,13 @@ exception.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
 
 from xds_server.rollout.judge import Comparison, Measurement, MetricReading, Throughput
 from xds_server.rollout.ports import MetricSource, Where
-from xds_server.spec import MetricKind, Service
+from xds_server.spec import MetricKind, MetricSpec, Service
 from xds_server.spec.rollout import USER_QUERY_KINDS
 from xds_server.xds.resources import cluster_name
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,51 +60,66 @@ async def read_step(
 ) -> tuple[Measurement, Comparison]:
     """`canary` (the window) and `cmp` (the step) with the user metrics' readings, the
     tenants' slices and the throughput added."""
+    (window, step, comparator), tenants, throughput = await asyncio.gather(
+        _readings(source, at, book), _tenants(source, at), _throughput(source, at)
+    )
+    canary = replace(canary, readings=window, tenants=tenants)
+    cmp = replace(cmp, canary=replace(cmp.canary, readings=step), throughput=throughput)
+    if cmp.comparator is not None:
+        cmp = replace(cmp, comparator=replace(cmp.comparator, readings=comparator))
+    return canary, cmp
+
+
+Readings = dict[str, MetricReading]
+
+
+async def _readings(
+    source: MetricSource, at: StepRead, book: PairBook
+) -> tuple[Readings, Readings, Readings]:
+    """The user metrics: the canary over the window (for `max`/`min`), and canary and
+    comparator over the step (a `value` metric: over the last interval, kept as pairs)."""
     plan = at.svc.rollout
-    user = [m for m in plan.analysis.metrics if m.kind in USER_QUERY_KINDS]
-    jobs: dict[str, Awaitable[object]] = {}
-    for m in user:
+    keys: list[tuple[str, MetricSpec]] = []
+    jobs = []
+    for m in plan.analysis.metrics:
+        if m.kind not in USER_QUERY_KINDS:
+            continue
         if m.max is not None or m.min is not None:
-            jobs[f"window {m.name}"] = source.read(plan, m, _where(at, "canary"), at.window)
+            keys.append(("window", m))
+            jobs.append(source.read(plan, m, _where(at, "canary"), at.window))
         if at.comparator is None:
             continue
         span = plan.interval if m.kind == MetricKind.VALUE else at.step_age
-        jobs[f"canary {m.name}"] = source.read(plan, m, _where(at, "canary"), span)
-        jobs[f"comparator {m.name}"] = source.read(plan, m, _where(at, at.comparator), span)
-    for tenant in plan.guardrails.tenants.budgets:
-        jobs[f"tenant {tenant}"] = source.tenant(plan, _where(at, "canary"), tenant, at.window)
-    if plan.guardrails.min_throughput_ratio > 0 and at.canary_share > 0:
-        jobs["throughput"] = source.throughput(plan, _where(at, "canary"), at.step_age)
-    got = dict(zip(jobs, await asyncio.gather(*jobs.values()), strict=True))
-    window, step, comparator = {}, {}, {}
-    for m in user:
-        if (r := got.get(f"window {m.name}")) is not None:
-            window[m.name] = _reading(r)
-        rc, rb = got.get(f"canary {m.name}"), got.get(f"comparator {m.name}")
-        if rc is None or rb is None:
-            continue
-        rc, rb = _reading(rc), _reading(rb)
-        if m.kind == MetricKind.VALUE:
-            rc = replace(rc, pairs=book.add(at, m.name, (rc.value, rb.value)))
-        step[m.name], comparator[m.name] = rc, rb
-    tenants = {
-        t: r
-        for t in plan.guardrails.tenants.budgets
-        if isinstance(r := got[f"tenant {t}"], Measurement)
-    }
-    canary = replace(canary, readings=window, tenants=tenants)
-    cmp = replace(cmp, canary=replace(cmp.canary, readings=step))
-    if cmp.comparator is not None:
-        cmp = replace(cmp, comparator=replace(cmp.comparator, readings=comparator))
-    if isinstance(t := got.get("throughput"), tuple):
-        cmp = replace(cmp, throughput=Throughput(t[0], t[1], at.canary_share))
-    return canary, cmp
+        keys += [("canary", m), ("comparator", m)]
+        jobs.append(source.read(plan, m, _where(at, "canary"), span))
+        jobs.append(source.read(plan, m, _where(at, at.comparator), span))
+    out: dict[str, Readings] = {"window": {}, "canary": {}, "comparator": {}}
+    for (which, m), reading in zip(keys, await asyncio.gather(*jobs), strict=True):
+        out[which][m.name] = reading
+    step, comparator = out["canary"], out["comparator"]
+    for m in plan.analysis.metrics:
+        if m.kind == MetricKind.VALUE and m.name in step:
+            pair = (step[m.name].value, comparator[m.name].value)
+            step[m.name] = replace(step[m.name], pairs=book.add(at, m.name, pair))
+    return out["window"], step, comparator
+
+
+async def _tenants(source: MetricSource, at: StepRead) -> dict[str, Measurement]:
+    plan = at.svc.rollout
+    names = list(plan.guardrails.tenants.budgets)
+    where = _where(at, "canary")
+    slices = await asyncio.gather(*(source.tenant(plan, where, t, at.window) for t in names))
+    return dict(zip(names, slices, strict=True))
+
+
+async def _throughput(source: MetricSource, at: StepRead) -> Throughput | None:
+    plan = at.svc.rollout
+    if plan.guardrails.min_throughput_ratio <= 0 or at.canary_share <= 0:
+        return None
+    delivered, total = await source.throughput(plan, _where(at, "canary"), at.step_age)
+    return Throughput(delivered, total, at.canary_share)
 
 
 def _where(at: StepRead, pool: str) -> Where:
     version = at.svc.pools[pool].version if pool in at.svc.pools else ""
     return Where(at.region, at.svc.name, pool, version, cluster_name(at.svc.name, pool))
-
-
-def _reading(value: object) -> MetricReading:
-    return value if isinstance(value, MetricReading) else MetricReading(problem=repr(value))

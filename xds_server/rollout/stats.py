@@ -100,8 +100,30 @@ def _ratio_mixture_log_lr(x: int, y: int, nx: float, ny: float, ratio0: float) -
         r = ratio0 * step
         pi = r * nx / (r * nx + ny)
         logs.append(x * math.log(pi / pi0) + y * math.log((1 - pi) / (1 - pi0)))
+    return _log_mean_exp(logs)
+
+
+def _log_mean_exp(logs: Sequence[float]) -> float:
+    """log(mean(exp(logs))), without overflow."""
     top = max(logs)
     return top + math.log(sum(math.exp(v - top) for v in logs) / len(logs))
+
+
+def share_below_test(successes: float, trials: float, share0: float, alpha: float) -> bool:
+    """Do `successes` of `trials` rule out a success probability of `share0` or more?
+    A mixture likelihood ratio over alternatives share0 / 2^(k/4) (the error test's
+    grid, downwards): for any true share at or above share0 it is a supermartingale, so
+    looking every interval keeps the chance of a false "yes" below alpha (Ville's
+    inequality). The throughput guardrail's test."""
+    k, n = max(0.0, successes), max(successes, trials)
+    share0 = min(share0, 1 - 1e-6)  # (at 100%, every request is the canary's)
+    if n <= 0 or share0 <= 0:
+        return False
+    logs = [
+        k * math.log(1 / step) + (n - k) * math.log((1 - share0 / step) / (1 - share0))
+        for step in _RATIO_STEPS
+    ]
+    return _log_mean_exp(logs) >= math.log(1 / alpha)
 
 
 def binomial_upper(k: int, n: int, confidence: float) -> float:
