@@ -3,6 +3,7 @@ its file, field path and what is wrong."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import re
 from pathlib import Path
@@ -19,13 +20,20 @@ from xds_server.spec.model import (
     Listener,
     MeshSpec,
     Pool,
+    Protocol,
     Service,
     SpecError,
     SpecProblem,
 )
 from xds_server.spec.notifications import parse_notifications
 from xds_server.spec.plan import parse_plan
-from xds_server.spec.rollout import RolloutPlan
+from xds_server.spec.rollout import (
+    DEFAULT_QUERIES,
+    GRPC_SERVER_FAULTS,
+    GRPC_STATUS_CODES,
+    RolloutPlan,
+    grpc_queries,
+)
 from xds_server.spec.values import (
     NAME_RE,
     is_dns_subdomain,
@@ -319,7 +327,9 @@ class _MeshParser:
 
     def _service(self, value: Any, path: str) -> Service | None:
         m = self.c.mapping(
-            value, path, ("name", "domains", "prefix", "pools", "rollout", "notifications")
+            value,
+            path,
+            ("name", "domains", "prefix", "protocol", "grpc", "pools", "rollout", "notifications"),
         )
         if not m:
             return None
@@ -353,9 +363,40 @@ class _MeshParser:
             notifications = parse_notifications(
                 self.c, m["notifications"], join(path, "notifications")
             )
-        if name is None or pools is None:
+        protocol = self.c.choice(m.get("protocol", "http"), join(path, "protocol"), Protocol)
+        error_codes = self._grpc(m.get("grpc"), join(path, "grpc"), protocol)
+        if name is None or pools is None or protocol is None:
             return None
-        return Service(name, tuple(domains), prefix, pools, plan, notifications)
+        if protocol == Protocol.GRPC:
+            plan = _with_grpc_queries(plan, error_codes)
+        return Service(
+            name, tuple(domains), prefix, pools, plan, notifications, protocol, error_codes
+        )
+
+    def _grpc(self, value: Any, path: str, protocol: Protocol | None) -> tuple[str, ...]:
+        """`grpc: {error_codes: [UNAVAILABLE, ...]}`: the statuses that count as errors."""
+        if value is None:
+            return GRPC_SERVER_FAULTS
+        if protocol != Protocol.GRPC:
+            self.c.fail(path, "only a service with `protocol: grpc` has a `grpc:` section")
+        m = self.c.mapping(value, path, ("error_codes",))
+        codes = m.get("error_codes", list(GRPC_SERVER_FAULTS))
+        cpath = join(path, "error_codes")
+        if not isinstance(codes, list) or not codes:
+            self.c.fail(cpath, "expected a non-empty list of gRPC status names, like UNAVAILABLE")
+            return GRPC_SERVER_FAULTS
+        known = ", ".join(c for c in GRPC_STATUS_CODES if c != "OK")
+        out: list[str] = []
+        for i, code in enumerate(codes):
+            text = str(code).upper()
+            if text not in GRPC_STATUS_CODES or text == "OK":
+                self.c.fail(
+                    f"{cpath}[{i}]",
+                    f"unknown gRPC status {code!r} (one of {known})",
+                )
+            elif text not in out:
+                out.append(text)
+        return tuple(out) or GRPC_SERVER_FAULTS
 
     def _pools(self, value: Any, path: str) -> dict[str, Pool] | None:
         if value is None:
@@ -616,3 +657,14 @@ class _IstioParser:
             if not Path(kubeconfig).is_absolute() and self.source != "<memory>":
                 kubeconfig = str(Path(self.source).parent / kubeconfig)
         return IstioCluster(context, kubeconfig, in_cluster)
+
+
+def _with_grpc_queries(plan: RolloutPlan, error_codes: tuple[str, ...]) -> RolloutPlan:
+    """A gRPC service reads errors from Envoy's gRPC stats: each default query it did not
+    write itself is replaced by its gRPC counterpart (`rollout.grpc_queries`)."""
+    ours = grpc_queries(error_codes)
+    queries = dict(plan.queries)
+    for key, query in ours.items():
+        if queries.get(key) == DEFAULT_QUERIES[key]:
+            queries[key] = query
+    return dataclasses.replace(plan, queries=queries)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from xds_server.spec.rollout import RolloutPlan
+from xds_server.spec.rollout import GRPC_SERVER_FAULTS, RolloutPlan
 
 POOL_NAMES: tuple[str, ...] = ("production", "baseline", "canary")
 """The pools a service may have, in the order they are listed everywhere."""
@@ -21,6 +21,17 @@ class Endpoint:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class Protocol(StrEnum):
+    """What a service's model servers speak, and so how Envoy talks to them and what
+    counts as an error."""
+
+    HTTP = "http"
+    """HTTP/1.1 upstreams; a 5xx is an error."""
+    GRPC = "grpc"
+    """HTTP/2 upstreams, `grpc.health.v1` health checks; a call that ends in one of the
+    service's `grpc.error_codes` is an error, whatever its HTTP status."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,9 @@ class Service:
     """How a canary of this service is rolled out (spec defaults + the service's own)."""
     notifications: Notifications | None = field(default=None, compare=False)
     """The service's own `notifications:`; None: the spec's top-level section."""
+    protocol: Protocol = Protocol.HTTP
+    grpc_error_codes: tuple[str, ...] = GRPC_SERVER_FAULTS
+    """gRPC statuses counted as errors (`grpc.error_codes`); read by the default queries."""
 
     def pool_names(self) -> tuple[str, ...]:
         return tuple(self.pools)

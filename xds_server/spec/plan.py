@@ -491,6 +491,11 @@ def _health_check(c: Checker, value: Any, path: str) -> HealthCheck:
                 c.fail(f"{path}.path", f"expected an HTTP path starting with '/', got {v!r}")
             else:
                 changes[key] = v
+        elif key == "grpc_service":
+            if not isinstance(v, str):
+                c.fail(f"{path}.{key}", f"expected a gRPC service name (or \"\"), got {v!r}")
+            else:
+                changes[key] = v
         elif key in ("interval", "timeout"):
             if (d := c.duration(v, f"{path}.{key}")) is not None:
                 changes[key] = d

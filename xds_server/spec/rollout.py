@@ -45,6 +45,67 @@ DEFAULT_QUERIES: Mapping[str, str] = {
 and `{service}`, `{pool}`, `{version}`, `{tenant}` where they mean something."""
 
 
+GRPC_STATUS_CODES: Mapping[str, int] = {
+    "OK": 0,
+    "CANCELLED": 1,
+    "UNKNOWN": 2,
+    "INVALID_ARGUMENT": 3,
+    "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5,
+    "ALREADY_EXISTS": 6,
+    "PERMISSION_DENIED": 7,
+    "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9,
+    "ABORTED": 10,
+    "OUT_OF_RANGE": 11,
+    "UNIMPLEMENTED": 12,
+    "INTERNAL": 13,
+    "UNAVAILABLE": 14,
+    "DATA_LOSS": 15,
+    "UNAUTHENTICATED": 16,
+}
+GRPC_SERVER_FAULTS: tuple[str, ...] = (
+    "UNKNOWN",
+    "DEADLINE_EXCEEDED",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+)
+"""The gRPC statuses that are the server's fault: what a gRPC pool counts as errors unless
+its service says otherwise (`grpc.error_codes`). A client's own mistake (INVALID_ARGUMENT,
+NOT_FOUND, ...) or a call it cancelled is not the canary's failure."""
+
+
+def grpc_queries(error_codes: tuple[str, ...]) -> dict[str, str]:
+    """The default queries of a gRPC service, over Envoy's gRPC stats filter.
+
+    A gRPC failure is an HTTP 200 with a `grpc-status` trailer, so Envoy's HTTP response
+    classes cannot see it. The listener's `envoy.filters.http.grpc_stats` filter counts
+    every call by its final status, local replies included (an upstream reset becomes
+    UNAVAILABLE there), as `envoy_cluster_grpc_<code>`, `envoy_cluster_grpc_total`:
+    requests are calls, errors the calls that ended in one of `error_codes`, delivered
+    the calls that ended in any other status."""
+    faults = sorted(GRPC_STATUS_CODES[c] for c in error_codes)
+    others = sorted(set(GRPC_STATUS_CODES.values()) - set(faults))
+
+    def codes(numbers: list[int]) -> str:
+        names = "|".join(str(n) for n in numbers)
+        return (
+            f'sum(increase({{{{__name__=~"envoy_cluster_grpc_({names})",region="{{region}}",'
+            'envoy_cluster_name="{cluster}"}}[{window}]))'
+        )
+
+    return {
+        "requests": 'sum(increase(envoy_cluster_grpc_total{{region="{region}",'
+        'envoy_cluster_name="{cluster}"}}[{window}]))',
+        "errors": codes(faults),
+        "delivered": codes(others),
+        "service_requests": 'sum(increase(envoy_cluster_grpc_total{{region="{region}",'
+        'envoy_cluster_name=~"{service}\\\\|(production|baseline|canary)"}}[{window}]))',
+    }
+
+
 class MetricKind(StrEnum):
     """What an analysis metric compares (see `MetricSpec`). The first three read Envoy's
     own stats; the others read the user's `query` (or `numerator`/`denominator`)."""
@@ -275,6 +336,9 @@ class Webhook:
 @dataclass(frozen=True)
 class HealthCheck:
     path: str = "/healthz"
+    """HTTP pools: the path that answers 2xx when the host is ready."""
+    grpc_service: str = ""
+    """gRPC pools: the `grpc.health.v1` service name to check ("": the server as a whole)."""
     interval: float = 1.0
     timeout: float = 1.0
     healthy_threshold: int = 1

@@ -15,22 +15,35 @@ from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, healt
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.grpc_stats.v3 import config_pb2 as grpc_stats_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upstream_http_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, message, wrappers_pb2
 
-from xds_server.spec import POOL_NAMES, Endpoint, HealthCheck, MatchRule, MeshSpec, Service, Sticky
+from xds_server.spec import (
+    POOL_NAMES,
+    Endpoint,
+    HealthCheck,
+    MatchRule,
+    MeshSpec,
+    Protocol,
+    Service,
+    Sticky,
+)
 from xds_server.traffic import Split, TrafficState
 from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 LISTENER_NAME = "ingress"
 ROUTE_CONFIG_NAME = "ingress"
 LUA_FILTER = "envoy.filters.http.lua"
+GRPC_STATS_FILTER = "envoy.filters.http.grpc_stats"
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 STICKY_HEADER = "x-xds-sticky"
 """Set by the sticky Lua code to the user's hash; Envoy's weighted choice reads it."""
 STICKY_MODULUS = 2_147_483_647
@@ -200,18 +213,23 @@ def _ads() -> config_source_pb2.ConfigSource:
 
 @dataclass(frozen=True)
 class ClusterOptions:
-    """What a pool's cluster carries besides its name: the service's warm-up settings."""
+    """What a pool's cluster carries besides its name: the service's warm-up settings
+    and protocol."""
 
     health_check: HealthCheck | None = None
     slow_start: float = 0.0
+    grpc: bool = False
+    """HTTP/2 to the hosts, and health checks over `grpc.health.v1`."""
 
 
 def cluster_options(svc: Service, pool: str) -> ClusterOptions:
+    grpc = svc.protocol == Protocol.GRPC
     warmup = svc.rollout.warmup if svc.rollout is not None else None
     if warmup is None:
-        return ClusterOptions()
+        return ClusterOptions(grpc=grpc)
     # Slow start ramps up the new version's hosts: only the canary's cluster gets it.
-    return ClusterOptions(warmup.health_check, warmup.slow_start if pool == "canary" else 0.0)
+    slow_start = warmup.slow_start if pool == "canary" else 0.0
+    return ClusterOptions(warmup.health_check, slow_start, grpc)
 
 
 def build_cluster(name: str, options: ClusterOptions = ClusterOptions()) -> cluster_pb2.Cluster:
@@ -222,25 +240,34 @@ def build_cluster(name: str, options: ClusterOptions = ClusterOptions()) -> clus
         connect_timeout=duration_pb2.Duration(seconds=1),
         lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
     )
-    hc = options.health_check
-    if hc is not None:
-        cluster.health_checks.append(
-            health_check_pb2.HealthCheck(
-                timeout=_duration(hc.timeout),
-                interval=_duration(hc.interval),
-                # A warming pool has no traffic by design; Envoy would otherwise check it
-                # only every 60 s, and a healed canary would wait that long for weight.
-                no_traffic_interval=_duration(hc.interval),
-                healthy_threshold=wrappers_pb2.UInt32Value(value=hc.healthy_threshold),
-                unhealthy_threshold=wrappers_pb2.UInt32Value(value=hc.unhealthy_threshold),
-                http_health_check=health_check_pb2.HealthCheck.HttpHealthCheck(path=hc.path),
-            )
-        )
+    if options.grpc:
+        protocol = upstream_http_pb2.HttpProtocolOptions()
+        protocol.explicit_http_config.http2_protocol_options.SetInParent()
+        cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].Pack(protocol)
+    if options.health_check is not None:
+        cluster.health_checks.append(_health_check(options.health_check, options.grpc))
     if options.slow_start > 0:
         cluster.round_robin_lb_config.slow_start_config.slow_start_window.CopyFrom(
             _duration(options.slow_start)
         )
     return cluster
+
+
+def _health_check(hc: HealthCheck, grpc: bool) -> health_check_pb2.HealthCheck:
+    check = health_check_pb2.HealthCheck(
+        timeout=_duration(hc.timeout),
+        interval=_duration(hc.interval),
+        # A warming pool has no traffic by design; Envoy would otherwise check it only
+        # every 60 s, and a healed canary would wait that long for weight.
+        no_traffic_interval=_duration(hc.interval),
+        healthy_threshold=wrappers_pb2.UInt32Value(value=hc.healthy_threshold),
+        unhealthy_threshold=wrappers_pb2.UInt32Value(value=hc.unhealthy_threshold),
+    )
+    if grpc:
+        check.grpc_health_check.service_name = hc.grpc_service
+    else:
+        check.http_health_check.path = hc.path
+    return check
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
@@ -252,11 +279,15 @@ def _duration(seconds: float) -> duration_pb2.Duration:
 def build_load_assignment(
     name: str, region: str, eps: tuple[Endpoint, ...]
 ) -> endpoint_pb2.ClusterLoadAssignment:
+    """One locality (the region) with the pool's endpoints. The locality has a weight:
+    proxyless gRPC clients drop a locality without one (Envoy uses locality weights only
+    with locality-weighted balancing, which these clusters do not enable)."""
     return endpoint_pb2.ClusterLoadAssignment(
         cluster_name=name,
         endpoints=[
             endpoint_components_pb2.LocalityLbEndpoints(
                 locality=base_pb2.Locality(region=region),
+                load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
                 lb_endpoints=[
                     endpoint_components_pb2.LbEndpoint(
                         endpoint=endpoint_components_pb2.Endpoint(address=_socket(ep.host, ep.port))
@@ -457,6 +488,17 @@ def build_listener(address: str, port: int) -> listener_pb2.Listener:
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=ROUTE_CONFIG_NAME),
         http_filters=[
+            # Counts gRPC calls by their final status (`envoy_cluster_grpc_<code>`), local
+            # replies included: what a gRPC service's error queries read. First, so it
+            # sees every response; a no-op for requests that are not gRPC.
+            hcm_pb2.HttpFilter(
+                name=GRPC_STATS_FILTER,
+                typed_config=pack(
+                    grpc_stats_pb2.FilterConfig(
+                        stats_for_all_methods=wrappers_pb2.BoolValue(value=False)
+                    )
+                ),
+            ),
             # Disabled unless a route enables it (sticky services' routes do): a no-op for
             # every other route, so the listener need not depend on the spec.
             hcm_pb2.HttpFilter(name=LUA_FILTER, typed_config=pack(lua_pb2.Lua()), disabled=True),
