@@ -85,7 +85,9 @@ def grpc_queries(error_codes: tuple[str, ...]) -> dict[str, str]:
     every call by its final status, local replies included (an upstream reset becomes
     UNAVAILABLE there), as `envoy_cluster_grpc_<code>`, `envoy_cluster_grpc_total`:
     requests are calls, errors the calls that ended in one of `error_codes`, delivered
-    the calls that ended in any other status."""
+    the calls that ended in any other status. What the service's pools were sent stays
+    Envoy's upstream request count: a call its caller gave up on has no status, but was
+    sent."""
     faults = sorted(GRPC_STATUS_CODES[c] for c in error_codes)
     others = sorted(set(GRPC_STATUS_CODES.values()) - set(faults))
 
@@ -101,8 +103,6 @@ def grpc_queries(error_codes: tuple[str, ...]) -> dict[str, str]:
         'envoy_cluster_name="{cluster}"}}[{window}]))',
         "errors": codes(faults),
         "delivered": codes(others),
-        "service_requests": 'sum(increase(envoy_cluster_grpc_total{{region="{region}",'
-        'envoy_cluster_name=~"{service}\\\\|(production|baseline|canary)"}}[{window}]))',
     }
 
 
