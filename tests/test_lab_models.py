@@ -22,7 +22,7 @@ from urllib.parse import quote
 import pytest
 
 from xds_server.lab.load import LoadGenerator
-from xds_server.lab.mesh import LocalMesh, MeshOptions
+from xds_server.lab.mesh import SERVICE, LocalMesh, MeshOptions
 from xds_server.lab.procs import Envoy, http_get, http_post_json, wait_for
 from xds_server.lab.upstream import SCORE_BUCKETS, ModelServer
 from xds_server.render.bootstrap import LATENCY_BUCKETS_MS
@@ -74,9 +74,13 @@ def psi(actual: list[float], expected: list[float], floor: float = 1e-4) -> floa
     return sum((pi - qi) * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
 
 
-def run_load(targets: dict[str, str], n: int, rate: float, timeout_s: float = 10) -> LoadGenerator:
+def run_load(
+    targets: dict[str, str], n: int, rate: float, timeout_s: float = 10, model: str = "model"
+) -> LoadGenerator:
     """`n` requests to each target; returns once every one has its result."""
-    load = LoadGenerator(targets, rate=rate, max_requests=n, timeout_s=timeout_s).start()
+    load = LoadGenerator(
+        targets, rate=rate, max_requests=n, timeout_s=timeout_s, model=model
+    ).start()
     try:
         wait_for(lambda: len(load.snapshot()) == n * len(targets), 120, f"{n} results")
     finally:
@@ -248,7 +252,8 @@ def test_prometheus_scrapes_the_model_servers_with_region_and_pool(tmp_path: Pat
     prod = 'region="us-east",pool="production"'
     with LocalMesh(tmp_path / "mesh", opts) as mesh:
         mesh.start_load(max_seconds=120)
-        run_load({"direct": f"127.0.0.1:{mesh.model_ports[('us-east', 'canary')]}"}, 20, rate=20)
+        direct = {"direct": f"127.0.0.1:{mesh.model_ports[('us-east', 'canary')]}"}
+        run_load(direct, 20, rate=20, model=SERVICE)
 
         def scalar(query: str) -> float:
             return float(prom_query(mesh, query)[0]["value"][1])  # type: ignore[index]

@@ -1,16 +1,33 @@
-"""A bounded load generator: a steady request rate through each Envoy, every result kept.
+"""A bounded load generator: a steady rate of real inferences through each Envoy, every
+result kept.
 
 Each target gets a scheduler thread that sends at `rate` requests per second through a
-pool of at most `max_in_flight` worker threads, each with its own keep-alive connection,
-so a stalled request does not hold up the next ones. Load is bounded in time
-(`max_seconds`), in count (`max_requests` per target) and in concurrency; every request
-has a client timeout (`timeout_s`); it also stops on `stop()`.
+pool of at most `max_in_flight` worker threads, so a stalled request does not hold up
+the next ones. Load is bounded in time (`max_seconds`), in count (`max_requests` per
+target) and in concurrency; every request has a client timeout (`timeout_s`); it also
+stops on `stop()`.
 
-Each request carries model inputs and a tenant, both deterministic: the features
-`?a=..&b=..&c=..` are drawn from N(0, 1) by a generator seeded with `seed` (so every
-target gets the same sequence), and request i of a target carries the header
-`x-tenant: tenants[i % len(tenants)]` (by default "gold" on every 10th request from
-the first, "free" on the rest; no header when `tenants` is empty).
+Every request is an Open Inference Protocol (KServe v2) inference of the model `model`:
+one row of the input "features" (FP32, shape [1, 3]).
+
+- `protocol="http"` (the default): `POST /v2/models/{model}/infer` with the protocol's
+  JSON, each worker on its own keep-alive HTTP/1.1 connection; the answer's
+  `model_version` says which version answered, its `parameters.pool` which pool.
+- `protocol="grpc"`: `inference.GRPCInferenceService/ModelInfer` over one h2c channel
+  per target (`grpc.insecure_channel` to the same listener address), the features as
+  `contents.fp32_contents`, the client timeout as the call's deadline; the version is
+  the response's `model_version`, the pool its `pool` string parameter. A gRPC failure
+  is kept under the HTTP status the same outcome has (`GRPC_TO_HTTP`: UNAVAILABLE is
+  503, DEADLINE_EXCEEDED 504, ...), with the gRPC status name beside it.
+
+Either way the `:authority` (Host) is `authority` when given, else the target's
+HOST:PORT, so Envoy's virtual hosts match alike.
+
+Inputs and tenants are deterministic: the features are drawn from N(0, 1) by a
+generator seeded with `seed` (so every target gets the same sequence), and request i of
+a target carries the tenant `tenants[i % len(tenants)]` (the `x-tenant` header or gRPC
+metadata; by default "gold" on every 10th request from the first, "free" on the rest;
+none when `tenants` is empty).
 """
 
 from __future__ import annotations
@@ -21,12 +38,21 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from urllib.parse import urlencode
+from typing import Any
+
+import grpc
+
+from xds_server.lab.oip.v2 import grpc_predict_v2_pb2 as oip
+from xds_server.lab.oip.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
 
 TENANT_HEADER = "x-tenant"
 DEFAULT_TENANTS: tuple[str, ...] = ("gold", *("free",) * 9)
+DEFAULT_MODEL = "model"
+"""The name a model server serves its model under without `--model`."""
+PROTOCOLS = ("http", "grpc")
 CLIENT_TIMEOUT_S = 2.0
 """Shorter than Envoy's route timeout (15 s: the builder sets none), so a request that an
 upstream stalls is cancelled by its caller, as a user's client would, and Envoy never
@@ -34,6 +60,28 @@ answers it: it shows in the cluster's `upstream_rq_total` but neither in its 5xx
 nor in its request-time histogram."""
 MAX_BURST_S = 1.0
 """After falling behind (every worker busy), catch up on at most this much of the schedule."""
+GRPC_TO_HTTP: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+}
+"""A gRPC status -> the HTTP status of the same outcome (as grpc-gateway maps them)."""
+
+Features = tuple[float, float, float]
 
 
 @dataclass(frozen=True)
@@ -41,18 +89,80 @@ class Result:
     time: float
     target: str
     status: int
-    """HTTP status; 0 when the request failed before any response (see `error`)."""
+    """HTTP status (over gRPC: the HTTP equivalent of the gRPC status, `GRPC_TO_HTTP`);
+    0 when an HTTP request failed before any response (see `error`)."""
     pool: str
     latency_s: float
     tenant: str = ""
     error: str = ""
     """"timeout" (no answer within the client timeout: the caller gave up and closed the
-    connection), "connection" (refused, reset, malformed); "" with a response."""
+    connection, or the gRPC deadline passed), "connection" (refused, reset, malformed);
+    "" with a response."""
+    version: str = ""
+    """The model version that answered (the answer's `model_version`); "" on a failure."""
+    grpc_code: str = ""
+    """Over gRPC, the call's status name ("OK", "UNAVAILABLE", ...); "" over HTTP."""
 
 
-def draw_features(rng: random.Random) -> tuple[float, float, float]:
+@dataclass(frozen=True)
+class Answer:
+    """What one request came back with, before it is timed and labelled as a Result."""
+
+    status: int
+    pool: str = ""
+    version: str = ""
+    error: str = ""
+    grpc_code: str = ""
+
+
+def draw_features(rng: random.Random) -> Features:
     """One request's model inputs."""
     return (round(rng.gauss(0, 1), 4), round(rng.gauss(0, 1), 4), round(rng.gauss(0, 1), 4))
+
+
+def rest_body(features: Features, ident: str) -> bytes:
+    """An Open Inference Protocol JSON inference request of one row."""
+    tensor = {"name": "features", "shape": [1, 3], "datatype": "FP32", "data": list(features)}
+    return json.dumps({"id": ident, "inputs": [tensor]}).encode()
+
+
+def infer_request(model: str, rows: Sequence[Features], ident: str = "") -> Any:
+    """A ModelInferRequest of these rows of features (as `contents.fp32_contents`)."""
+    return oip.ModelInferRequest(
+        model_name=model,
+        id=ident,
+        inputs=[
+            oip.ModelInferRequest.InferInputTensor(
+                name="features",
+                datatype="FP32",
+                shape=[len(rows), 3],
+                contents=oip.InferTensorContents(fp32_contents=[x for r in rows for x in r]),
+            )
+        ],
+    )
+
+
+def grpc_answer(
+    call: Any, request: Any, timeout_s: float, metadata: Sequence[tuple[str, str]]
+) -> Answer:
+    """Call `ModelInfer` (`call`: a stub's method) and read the answer, or the failure."""
+    try:
+        return answer_of(call(request, timeout=timeout_s, metadata=metadata))
+    except grpc.RpcError as exc:
+        return failure_of(exc)
+
+
+def answer_of(response: Any) -> Answer:
+    """A ModelInferResponse as an Answer: its version, and its pool's string parameter."""
+    pool = response.parameters["pool"].string_param if "pool" in response.parameters else ""
+    return Answer(200, pool, response.model_version, grpc_code=grpc.StatusCode.OK.name)
+
+
+def failure_of(exc: grpc.RpcError) -> Answer:
+    """A failed call as an Answer: its gRPC status, and the HTTP status of the same outcome."""
+    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+    error = "timeout" if code == grpc.StatusCode.DEADLINE_EXCEEDED else ""
+    return Answer(GRPC_TO_HTTP.get(code, 500), error=error, grpc_code=code.name)
 
 
 @dataclass
@@ -63,9 +173,17 @@ class LoadGenerator:
     """Requests per second per target."""
     max_seconds: float = 600.0
     max_requests: int = 100_000
-    path: str = "/predict"
+    protocol: str = "http"
+    """"http" (the protocol's REST binding) or "grpc" (its gRPC binding), see above."""
+    model: str = DEFAULT_MODEL
+    """The model each request names (the lab serves the service's name)."""
+    authority: str | None = None
+    """The Host / `:authority` of every request; None: the target's HOST:PORT."""
+    path: str | None = None
+    """The REST inference path; None: `/v2/models/{model}/infer`."""
     timeout_s: float = CLIENT_TIMEOUT_S
-    """Each request's client timeout (connecting, and waiting for each read)."""
+    """Each request's client timeout (connecting, and waiting for each read; over gRPC
+    the call's deadline)."""
     max_in_flight: int = 64
     """Requests outstanding at once per target; when all are, the schedule waits."""
     tenants: tuple[str, ...] = DEFAULT_TENANTS
@@ -74,6 +192,10 @@ class LoadGenerator:
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol: expected one of {PROTOCOLS}, not {self.protocol!r}")
 
     def start(self) -> LoadGenerator:
         for label, address in self.targets.items():
@@ -93,18 +215,26 @@ class LoadGenerator:
         """The schedule of one target: a slot and a worker per request."""
         rng = random.Random(self.seed)
         slots = threading.Semaphore(self.max_in_flight)
-        conns = _Connections(address, self.timeout_s)
+        client = self._client(address)
         start = time.monotonic()
         next_at = start
-        with ThreadPoolExecutor(self.max_in_flight, thread_name_prefix=f"load-{label}") as pool:
-            for i in range(self.max_requests):
-                features = draw_features(rng)
-                if not self._wait_until(next_at, start) or not self._take(slots, start):
-                    break
-                next_at = max(next_at + 1.0 / self.rate, time.monotonic() - MAX_BURST_S)
-                tenant = self.tenants[i % len(self.tenants)] if self.tenants else ""
-                pool.submit(self._send, label, conns, features, tenant, slots)
-        conns.close_all()
+        try:
+            with ThreadPoolExecutor(self.max_in_flight, thread_name_prefix=f"load-{label}") as pool:
+                for i in range(self.max_requests):
+                    features = draw_features(rng)
+                    if not self._wait_until(next_at, start) or not self._take(slots, start):
+                        break
+                    next_at = max(next_at + 1.0 / self.rate, time.monotonic() - MAX_BURST_S)
+                    tenant = self.tenants[i % len(self.tenants)] if self.tenants else ""
+                    pool.submit(self._send, label, client, features, f"{label}-{i}", tenant, slots)
+        finally:
+            client.close()
+
+    def _client(self, address: str) -> _Client:
+        if self.protocol == "grpc":
+            return _GrpcClient(address, self.model, self.authority, self.timeout_s)
+        path = self.path or f"/v2/models/{self.model}/infer"
+        return _HttpClient(address, path, self.authority, self.timeout_s)
 
     def _running(self, start: float) -> bool:
         return not self._stop.is_set() and time.monotonic() - start <= self.max_seconds
@@ -124,32 +254,28 @@ class LoadGenerator:
     def _send(
         self,
         label: str,
-        conns: _Connections,
-        features: tuple[float, float, float],
+        client: _Client,
+        features: Features,
+        ident: str,
         tenant: str,
         slots: threading.Semaphore,
     ) -> None:
         t0 = time.monotonic()
-        status, pool, error = 0, "", ""
-        conn = conns.mine()
-        query = urlencode(dict(zip(("a", "b", "c"), features, strict=True)))
-        headers = {TENANT_HEADER: tenant} if tenant else {}
         try:
-            conn.request("GET", f"{self.path}?{query}", headers=headers)
-            resp = conn.getresponse()
-            body = resp.read()
-            status = resp.status
-            if status == 200:
-                pool = json.loads(body).get("pool", "")
-        except TimeoutError:
-            error = "timeout"
-        except (OSError, http.client.HTTPException, ValueError):
-            error = "connection"
+            a = client.send(features, ident, tenant)
         finally:
-            if error:
-                conn.close()  # the caller hangs up: Envoy resets the upstream request
             slots.release()
-        result = Result(time.time(), label, status, pool, time.monotonic() - t0, tenant, error)
+        result = Result(
+            time.time(),
+            label,
+            a.status,
+            a.pool,
+            time.monotonic() - t0,
+            tenant,
+            a.error,
+            a.version,
+            a.grpc_code,
+        )
         with self._lock:
             self.results.append(result)
 
@@ -163,13 +289,31 @@ class LoadGenerator:
     def failures(self, since: float = 0.0) -> list[Result]:
         return [r for r in self.snapshot() if r.time >= since and r.status != 200]
 
+    def versions(self, since: float = 0.0) -> Counter[str]:
+        """Answers by the model version that gave them (failures left out)."""
+        return Counter(r.version for r in self.snapshot() if r.time >= since and r.version)
 
-class _Connections:
+
+class _Client:
+    """How one target's requests go out: `send` from any worker thread, `close` once."""
+
+    def send(self, features: Features, ident: str, tenant: str) -> Answer:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _HttpClient(_Client):
     """One keep-alive connection per worker thread, all closed at the end."""
 
-    def __init__(self, address: str, timeout_s: float) -> None:
+    def __init__(self, address: str, path: str, authority: str | None, timeout_s: float) -> None:
         self.host, port = address.rsplit(":", 1)
         self.port = int(port)
+        self.path = path
+        self.headers = {"content-type": "application/json"}
+        if authority:
+            self.headers["host"] = authority
         self.timeout_s = timeout_s
         self._local = threading.local()
         self._all: list[http.client.HTTPConnection] = []
@@ -184,7 +328,45 @@ class _Connections:
                 self._all.append(conn)
         return conn
 
-    def close_all(self) -> None:
+    def send(self, features: Features, ident: str, tenant: str) -> Answer:
+        conn = self.mine()
+        headers = {**self.headers, TENANT_HEADER: tenant} if tenant else self.headers
+        try:
+            conn.request("POST", self.path, body=rest_body(features, ident), headers=headers)
+            resp = conn.getresponse()
+            body = resp.read()
+            if resp.status != 200:
+                return Answer(resp.status)
+            doc = json.loads(body)
+            pool = (doc.get("parameters") or {}).get("pool") or resp.getheader("x-pool") or ""
+            return Answer(200, str(pool), str(doc.get("model_version", "")))
+        except TimeoutError:
+            conn.close()  # the caller hangs up: Envoy resets the upstream request
+            return Answer(0, error="timeout")
+        except (OSError, http.client.HTTPException, ValueError, AttributeError):
+            conn.close()
+            return Answer(0, error="connection")
+
+    def close(self) -> None:
         with self._lock:
             for conn in self._all:
                 conn.close()
+
+
+class _GrpcClient(_Client):
+    """One h2c channel for every worker (gRPC multiplexes calls on it), closed at the end."""
+
+    def __init__(self, address: str, model: str, authority: str | None, timeout_s: float) -> None:
+        options = [("grpc.default_authority", authority)] if authority else []
+        self.channel = grpc.insecure_channel(address, options=options)
+        self.infer = oip_grpc.GRPCInferenceServiceStub(self.channel).ModelInfer
+        self.model = model
+        self.timeout_s = timeout_s
+
+    def send(self, features: Features, ident: str, tenant: str) -> Answer:
+        metadata = [(TENANT_HEADER, tenant)] if tenant else []
+        request = infer_request(self.model, [features], ident)
+        return grpc_answer(self.infer, request, self.timeout_s, metadata)
+
+    def close(self) -> None:
+        self.channel.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,15 @@ from typing import Any
 import yaml
 
 from xds_server.lab.load import LoadGenerator
-from xds_server.lab.procs import Envoy, Process, free_port, http_get, http_post_json, wait_for
+from xds_server.lab.procs import (
+    Envoy,
+    Process,
+    ProxylessClient,
+    free_port,
+    http_get,
+    http_post_json,
+    wait_for,
+)
 from xds_server.lab.prometheus import Prometheus, ScrapeTarget
 from xds_server.render.bootstrap import BootstrapOptions
 from xds_server.rollout.audit import AuditEntry
@@ -46,6 +54,15 @@ class MeshOptions:
     notify_url: str | None = None
     """Send every rollout event there as a CloudEvent (a top-level `notifications:`
     section with one `webhook` target, `lab`)."""
+    protocol: str = "http"
+    """What Envoys and callers speak to the model servers: "http" (the Open Inference
+    Protocol's REST binding) or "grpc" (its gRPC binding; the service's pools are then
+    `protocol: grpc`, on the model servers' gRPC ports)."""
+    proxyless_per_region: int = 0
+    """Proxyless gRPC client processes per region (`xds:///recommender`); needs "grpc"."""
+    proxyless_rate: float = 10.0
+    """Requests per second of each region's proxyless clients together, beside the load
+    through its Envoys."""
 
 
 class LocalMesh:
@@ -54,6 +71,10 @@ class LocalMesh:
         self.opts = options or MeshOptions()
         self.models: dict[tuple[str, str], Process] = {}
         self.model_ports = {(r, p): free_port() for r in self.opts.regions for p in VERSIONS}
+        self.grpc_ports = (
+            {key: free_port() for key in self.model_ports} if self.opts.protocol == "grpc" else {}
+        )
+        self.proxyless: list[ProxylessClient] = []
         self.envoys: list[Envoy] = []
         self.server: Process | None = None
         self.prometheus: Prometheus | None = None
@@ -91,6 +112,9 @@ class LocalMesh:
                     pool,
                     "--version",
                     VERSIONS[pool],
+                    "--model",
+                    SERVICE,
+                    *self._grpc_args(region, pool),
                 ],
                 self.workdir / "models" / f"{region}-{pool}.log",
             )
@@ -127,8 +151,13 @@ class LocalMesh:
             e.wait_ready()
         return self
 
+    def _grpc_args(self, region: str, pool: str) -> list[str]:
+        port = self.grpc_ports.get((region, pool))
+        return ["--grpc-port", str(port)] if port else []
+
     def processes(self) -> list[Process]:
         procs: list[Process | None] = [
+            *self.proxyless,
             *self.envoys,
             self.server,
             self.prometheus,
@@ -247,11 +276,12 @@ class LocalMesh:
                     "name": SERVICE,
                     "domains": ["*"],
                     "prefix": "/",
+                    "protocol": self.opts.protocol,
                     "pools": {
                         pool: {
                             "version": VERSIONS[pool],
                             "endpoints": {
-                                r: [f"127.0.0.1:{self.model_ports[(r, pool)]}"]
+                                r: [f"127.0.0.1:{self.pool_port(r, pool)}"]
                                 for r in self.opts.regions
                             },
                         }
@@ -268,6 +298,10 @@ class LocalMesh:
         tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
         tmp.replace(self.spec_path)  # atomic: the server never reads half a file
 
+    def pool_port(self, region: str, pool: str) -> int:
+        """The port Envoy (and proxyless clients) send a pool's requests to."""
+        return self.grpc_ports.get((region, pool)) or self.model_ports[(region, pool)]
+
     def begin_rollout(self) -> None:
         """Add the baseline and canary pools: the server sees a new canary and starts."""
         self.write_spec(with_canary=True)
@@ -275,8 +309,35 @@ class LocalMesh:
     def start_load(self, max_seconds: float = 600) -> LoadGenerator:
         rate = self.opts.load_rate / self.opts.envoys_per_region
         targets = {e.opts.node_id: e.opts.listen or "" for e in self.envoys}
-        self.load = LoadGenerator(targets, rate=rate, max_seconds=max_seconds).start()
+        self.load = LoadGenerator(
+            targets,
+            rate=rate,
+            max_seconds=max_seconds,
+            protocol=self.opts.protocol,
+            model=SERVICE,
+        ).start()
         return self.load
+
+    def start_proxyless(self, max_seconds: float = 600) -> None:
+        """`proxyless_per_region` gRPC client processes per region, each dialing
+        `xds:///recommender` with a gRPC xDS bootstrap of its region."""
+        n = self.opts.proxyless_per_region
+        for region in self.opts.regions:
+            for i in range(1, n + 1):
+                client = ProxylessClient(
+                    self.workdir / "proxyless",
+                    region,
+                    f"{region}-grpc-{i}",
+                    f"127.0.0.1:{self.xds_port}",
+                    service=SERVICE,
+                    rate=self.opts.proxyless_rate / n,
+                    max_seconds=max_seconds,
+                )
+                self.proxyless.append(client)
+
+    def proxyless_counts(self) -> dict[str, Any]:
+        """What the proxyless clients have sent so far, added up (their own files)."""
+        return add_counts(c.counts() for c in self.proxyless)
 
     def set_fault(
         self,
@@ -364,3 +425,18 @@ def canary_share(envoy: Envoy) -> float:
     w = envoy_weights(envoy)
     total = sum(w.values())
     return w.get("canary", 0) * 100 / total if total else 0.0
+
+
+def add_counts(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Nested counts added up key by key (numbers summed, mappings merged the same way);
+    what is neither is left out."""
+    total: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if isinstance(value, bool):
+                continue
+            if isinstance(value, int | float):
+                total[key] = total.get(key, 0) + value
+            elif isinstance(value, Mapping):
+                total[key] = add_counts([total.get(key, {}), value])
+    return total

@@ -240,3 +240,48 @@ class Envoy(Process):
             return bool(self.admin_get("/ready").strip() == "LIVE")
 
         wait_for(ready, timeout, f"{self.name} to be ready")
+
+
+class ProxylessClient(Process):
+    """A proxyless gRPC caller (`python -m xds_server.lab.proxyless`): it dials
+    `xds:///SERVICE` and routes by xDS itself, with no Envoy, from the gRPC xDS bootstrap
+    that `xds-server bootstrap --proxyless` prints for its region. It writes what it has
+    sent so far to a JSON file every second (`counts`)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        region: str,
+        node_id: str,
+        xds_address: str,
+        *,
+        service: str,
+        rate: float,
+        max_seconds: float,
+    ) -> None:
+        self.region = region
+        self.node_id = node_id
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.bootstrap_path = workdir / f"{node_id}-bootstrap.json"
+        self.counts_path = workdir / f"{node_id}-counts.json"
+        made = subprocess.run(
+            [sys.executable, "-m", "xds_server.cli", "bootstrap", "--proxyless",
+             "--region", region, "--node-id", node_id, "--xds-address", xds_address],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        if made.returncode != 0:
+            raise RuntimeError(f"bootstrap --proxyless for {node_id}: {made.stderr.strip()}")
+        self.bootstrap_path.write_text(made.stdout)
+        argv = [sys.executable, "-m", "xds_server.lab.proxyless",
+                "--target", f"xds:///{service}", "--model", service,
+                "--rate", f"{rate:g}", "--duration", f"{max_seconds:g}",
+                "--out", str(self.counts_path)]  # fmt: skip
+        env = {"GRPC_XDS_BOOTSTRAP": str(self.bootstrap_path)}
+        super().__init__(f"grpc-{node_id}", argv, workdir / f"{node_id}.log", env=env)
+
+    def counts(self) -> dict[str, Any]:
+        """The client's last written counts ({} before its first write)."""
+        try:
+            return dict(json.loads(self.counts_path.read_text()))
+        except (OSError, ValueError):
+            return {}

@@ -207,7 +207,11 @@ def run_lab(
     live: bool | None = None,
     mtls: bool = False,
     notify_url: str | None = None,
+    protocol: str = "http",
+    proxyless: int = 0,
 ) -> int:
+    """`proxyless`: gRPC client processes per region that route by xDS themselves (they
+    imply `protocol="grpc"`: they call the model servers' gRPC ports)."""
     scenario = SCENARIOS[scenario_name]
     out = out or LAB_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{scenario.name}"
     out = out.resolve()
@@ -219,6 +223,8 @@ def run_lab(
         mtls=mtls,
         admin_token=secrets.token_urlsafe(18),  # for the dashboard's actions and xdsctl's
         notify_url=notify_url,
+        protocol="grpc" if proxyless else protocol,
+        proxyless_per_region=proxyless,
     )
     mesh = LocalMesh(out, opts)
     live = sys.stdout.isatty() if live is None else live
@@ -227,6 +233,7 @@ def run_lab(
         sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)
     }
     print(f"lab: scenario {scenario.name}: {scenario.description}")
+    print(f"lab: model servers speak the Open Inference Protocol over {opts.protocol.upper()}")
     print(f"lab: output in {out}")
     if notify_url:
         print(f"lab: notifications (CloudEvents) to {notify_url}")
@@ -236,7 +243,14 @@ def run_lab(
         write_lab_file(mesh)
         print_addresses(mesh)
         load = mesh.start_load(max_seconds=timeout)
+        mesh.start_proxyless(max_seconds=timeout)
         wait_for(lambda: len(load.snapshot()) >= 20, 15, "load through the Envoys")
+        if proxyless:
+            wait_for(
+                lambda: mesh.proxyless_counts().get("ok", 0) >= 5 * len(mesh.opts.regions),
+                30,
+                "answers to the proxyless gRPC clients",
+            )
         mesh.begin_rollout()
         result = follow(mesh, scenario, timeout, LiveView(mesh) if live else PlainLog(mesh))
         load.stop()
