@@ -98,6 +98,7 @@ class Observer:
                 now - started,
                 min(now - started, plan.window),
                 split.canary / WEIGHT_TOTAL,
+                rs.shadowing,
             )
             pending[asyncio.create_task(self._measure(at, obs))] = region
         confirm = self._confirm(svc, state, now)
@@ -183,7 +184,7 @@ class Observer:
         """The canary over the sliding window (guardrails) and, over the whole step, the
         canary and its comparator (analysis); then what else the plan reads (reads.py)."""
         svc, region, pool = at.svc, at.region, at.comparator
-        plan = svc.rollout
+        plan = svc.rollout.for_shadow() if at.shadowing else svc.rollout
         buckets = plan.needs_latency_buckets
         canary = cluster_name(svc.name, "canary")
         jobs = [

@@ -30,6 +30,8 @@ class StepRead:
     step_age: float
     window: float
     canary_share: float
+    shadowing: bool = False
+    """The warm-up's shadow phase: canary and comparator see mirrored requests only."""
 
 
 @dataclass

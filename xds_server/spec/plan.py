@@ -493,7 +493,7 @@ def _health_check(c: Checker, value: Any, path: str) -> HealthCheck:
                 changes[key] = v
         elif key == "grpc_service":
             if not isinstance(v, str):
-                c.fail(f"{path}.{key}", f"expected a gRPC service name (or \"\"), got {v!r}")
+                c.fail(f"{path}.{key}", f'expected a gRPC service name (or ""), got {v!r}')
             else:
                 changes[key] = v
         elif key in ("interval", "timeout"):

@@ -16,6 +16,13 @@ DEFAULT_QUERIES: Mapping[str, str] = {
     'envoy_cluster_name="{cluster}"}}[{window}]))',
     "errors": 'sum(increase(envoy_cluster_upstream_rq_xx{{region="{region}",'
     'envoy_cluster_name="{cluster}",envoy_response_code_class="5"}}[{window}]))',
+    # Mirrored requests (the warm-up's shadow phase): Envoy's router drops their answers
+    # before any filter sees them, so they are judged on the cluster's upstream stats
+    # whatever the protocol (a gRPC service keeps these when its other queries change).
+    "shadow_requests": 'sum(increase(envoy_cluster_upstream_rq_total{{region="{region}",'
+    'envoy_cluster_name="{cluster}"}}[{window}]))',
+    "shadow_errors": 'sum(increase(envoy_cluster_upstream_rq_xx{{region="{region}",'
+    'envoy_cluster_name="{cluster}",envoy_response_code_class="5"}}[{window}]))',
     "p99_ms": "histogram_quantile(0.99, sum by (le) (rate(envoy_cluster_upstream_rq_time_bucket"
     '{{region="{region}",envoy_cluster_name="{cluster}"}}[{window}])))',
     # One series per bucket (`le`), counts of requests at or below each bound, in ms.
@@ -447,6 +454,16 @@ class RolloutPlan:
             return 1
         phases = sum(1 for w in self.steps if w < 100) + (1 if self.warmup.shadow_duration else 0)
         return max(1, phases * max(1, regions))
+
+    def for_shadow(self) -> RolloutPlan:
+        """This plan as the shadow phase reads it: requests and errors from the
+        `shadow_` queries (what Envoy can count of mirrored requests)."""
+        queries = {
+            **self.queries,
+            "requests": self.queries["shadow_requests"],
+            "errors": self.queries["shadow_errors"],
+        }
+        return replace(self, queries=queries)
 
     @property
     def needs_latency_buckets(self) -> bool:
