@@ -1,4 +1,5 @@
-"""Envoy bootstrap files that point an Envoy at this server over ADS."""
+"""Bootstrap files that point an Envoy (or a proxyless gRPC application) at this server
+over ADS."""
 
 from __future__ import annotations
 
@@ -181,3 +182,61 @@ def render_bootstrap(opts: BootstrapOptions) -> str:
     """As JSON (which Envoy reads as YAML too): a YAML dump would write a node id like `n`
     or `on` unquoted, and Envoy's YAML parser reads those as booleans."""
     return json.dumps(bootstrap(opts), indent=2) + "\n"
+
+
+# ---- proxyless gRPC clients ----
+
+
+@dataclass(frozen=True)
+class GrpcBootstrapOptions:
+    """A gRPC application's xDS bootstrap (`GRPC_XDS_BOOTSTRAP`): which servers, who it is.
+
+    The TLS files are the Envoy bootstrap's, in gRPC's terms: a `tls` channel credential
+    whose config is gRPC's file_watcher certificate provider's (gRFC A65), so gRPC reloads
+    rotated certificates the way Envoy does."""
+
+    region: str
+    node_id: str
+    xds_servers: tuple[tuple[str, int], ...] = (("127.0.0.1", 18000),)
+    """In order: gRPC talks to the first and falls back to the next ones (gRFC A71)."""
+    xds_tls_ca: str | None = None
+    xds_tls_cert: str | None = None
+    xds_tls_key: str | None = None
+
+
+def grpc_bootstrap(opts: GrpcBootstrapOptions) -> dict[str, Any]:
+    """The node is named as in Envoy's bootstrap: the server reads the region from
+    `locality.region` (`cluster` too, for older readers) and needs no metadata (a gRPC
+    client has no listen address: its listeners are API listeners)."""
+    creds: dict[str, Any] = {"type": "insecure"}
+    if opts.xds_tls_ca:
+        config = {"ca_certificate_file": opts.xds_tls_ca}
+        if opts.xds_tls_cert and opts.xds_tls_key:
+            config["certificate_file"] = opts.xds_tls_cert
+            config["private_key_file"] = opts.xds_tls_key
+        creds = {"type": "tls", "config": config}
+    return {
+        "xds_servers": [
+            {
+                "server_uri": _uri(host, port),
+                "channel_creds": [creds],
+                # xds_v3: speak xDS v3 (this server serves v3 only).
+                "server_features": ["xds_v3"],
+            }
+            for host, port in opts.xds_servers
+        ],
+        "node": {
+            "id": opts.node_id,
+            "cluster": opts.region,
+            "locality": {"region": opts.region},
+        },
+    }
+
+
+def _uri(host: str, port: int) -> str:
+    """HOST:PORT as a gRPC target; an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def render_grpc_bootstrap(opts: GrpcBootstrapOptions) -> str:
+    return json.dumps(grpc_bootstrap(opts), indent=2) + "\n"

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from xds_server.xds.snapshot import NameSet, Snapshot, delta_response
+from xds_server.xds.snapshot import DeltaItem, NameSet, Snapshot, delta_response
 from xds_server.xds.stream import (
     UNKNOWN_TYPE_VERSION,
     StreamBase,
@@ -38,10 +38,9 @@ from xds_server.xds.stream import (
     shared_names,
     stale,
 )
-from xds_server.xds.types import ROUTE, SEND_ORDER, WILDCARD_TYPES
+from xds_server.xds.types import LISTENER, ROUTE, SEND_ORDER, WILDCARD, WILDCARD_TYPES
 
 log = logging.getLogger("xds_server.delta")
-WILDCARD = "*"
 
 
 @dataclass
@@ -69,6 +68,9 @@ class _DeltaType:
     """Names asked for that do not exist, which the node was told (in removed_resources)."""
     sent_names: NameSet | None = None
     """`names` when last sent, shared: keeps the snapshot's encoding of them alive."""
+
+    def named(self) -> Collection[str] | None:
+        return None if self.wildcard else self.names
 
 
 class DeltaStream(StreamBase[_DeltaType]):
@@ -106,6 +108,7 @@ class DeltaStream(StreamBase[_DeltaType]):
                     ts.client = {k: v for k, v in ts.client.items() if k != name}
                     ts.client_names = None
         check_names(req.type_url, len(ts.names), self.max_names)
+        self.registry.record_subscription(self.status, req.type_url, ts.wildcard or bool(ts.names))
         if req.resource_names_subscribe or req.resource_names_unsubscribe or ts.answer_due:
             ts.dirty = wake = True
         if not req.response_nonce:
@@ -133,7 +136,8 @@ class DeltaStream(StreamBase[_DeltaType]):
             if ts.in_flight or (type_url == ROUTE and not routes_ready(self.types, snap)):
                 self.held = True
                 continue
-            items = snap.delta_items(type_url, self.listen)
+            own = snap.delta_items(type_url, self.listen)
+            items = self._with_proxyless(snap, type_url, ts, own)
             wanted = items.keys() if ts.wildcard else items.keys() & ts.names
             changed = sorted(n for n in wanted if ts.client.get(n) != items[n].version)
             gone = sorted(n for n in ts.client if n not in wanted)
@@ -150,7 +154,9 @@ class DeltaStream(StreamBase[_DeltaType]):
             for name in gone:
                 del client[name]
             versions = snap.delta_versions(type_url, self.listen)
-            if len(client) == len(versions):  # in sync with all of it: share, don't copy
+            # In sync with all of it: share, don't copy. (Only the type's own resources
+            # may be shared: then the node holds only names of `versions`.)
+            if len(client) == len(versions) and items is own:
                 ts.client = versions
                 ts.client_names = snap.delta_names(type_url, self.listen)
             else:
@@ -158,7 +164,7 @@ class DeltaStream(StreamBase[_DeltaType]):
             removed = gone + missing
             ts.nonce = next_nonce()
             ts.in_flight, ts.answer_due, ts.sent_version = True, False, version
-            ts.sent_names = None if ts.wildcard else shared_names(ts.names)
+            ts.sent_names = self._sent_names(ts)
             self.registry.record_sent(
                 self.status,
                 type_url,
@@ -171,3 +177,23 @@ class DeltaStream(StreamBase[_DeltaType]):
                 )
             )
         return out
+
+    @staticmethod
+    def _with_proxyless(
+        snap: Snapshot, type_url: str, ts: _DeltaType, own: Mapping[str, DeltaItem]
+    ) -> Mapping[str, DeltaItem]:
+        """What the subscription may get, by name: the type's own resources (`own`), with
+        the proxyless ones it names (API listeners, per-service route configurations). A
+        listener subscription by name gets API listeners only: Envoy's listener is for
+        the wildcard (Envoy's way to ask), and a gRPC client would reject it."""
+        extra = snap.proxyless_delta_items(type_url, ts.names) if ts.names else {}
+        if type_url == LISTENER and not ts.wildcard:
+            return extra
+        return {**own, **extra} if extra else own
+
+    @staticmethod
+    def _sent_names(ts: _DeltaType) -> NameSet | None:
+        """The subscription as the snapshot's `encoded` takes it (for what CSDS shows)."""
+        if ts.wildcard:
+            return shared_names({*ts.names, WILDCARD}) if ts.names else None
+        return shared_names(ts.names)

@@ -89,10 +89,11 @@ class XdsPublisher:
         return self.snapshot(region).version + 1
 
     def routes_applied(self, region: str) -> RouteStatus:
-        """Has every connected node of the region ACKed the current routes?"""
+        """Has every connected node of the region ACKed the current routes? (Every Envoy,
+        and every proxyless gRPC client that subscribes to routes: `judged_on`.)"""
         version = self.snapshot(region).type_version(ROUTE)
         published = self._routes_published.get(region, time.time())
-        nodes = self.nodes.nodes(region)
+        nodes = self.nodes.judged(region, ROUTE)
         for n in nodes:
             ts = n.types[ROUTE]
             if ts.nack_version == version and ts.acked_version != version:

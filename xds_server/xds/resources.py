@@ -526,3 +526,71 @@ def pack(msg: message.Message) -> any_pb2.Any:
     out = any_pb2.Any()
     out.Pack(msg)
     return out
+
+
+# ---- proxyless gRPC clients ----
+#
+# A gRPC application dialing `xds:///NAME` asks for the listener NAME by name, then for
+# the route configuration that listener names, then for the clusters and endpoints its
+# routes use. It gets an API listener (no address: the application is the listener) and
+# a route configuration of its service alone, whose one virtual host matches any
+# authority: gRPC chooses the virtual host by the target's authority, which a service's
+# `domains` need not name (the default is `*`, and `*` of one service would catch the
+# others' clients in Envoy's `ingress`). Both are derived from Envoy's route
+# configuration, so Envoy's resources stay exactly what they are.
+
+PROXYLESS_ROUTE_PREFIX = "grpc/"
+"""Route configurations for proxyless clients are `grpc/SERVICE`: a service name has no
+'/', so they never clash with Envoy's `ingress`."""
+
+
+def proxyless_route_name(service: str) -> str:
+    return PROXYLESS_ROUTE_PREFIX + service
+
+
+def proxyless_targets(routes: route_pb2.RouteConfiguration | None) -> dict[str, str]:
+    """Target name -> service, for the API listeners: every service by its name, then by
+    each of its domains (a service's name wins over another's domain; never `*`, which
+    in a listener subscription means "every listener"). From Envoy's route configuration,
+    whose virtual hosts are the services (named after them, with their domains)."""
+    if routes is None:
+        return {}
+    out = {vh.name: vh.name for vh in routes.virtual_hosts}
+    for vh in routes.virtual_hosts:
+        for domain in vh.domains:
+            if domain != "*":
+                out.setdefault(domain, vh.name)
+    return out
+
+
+def build_api_listener(name: str, service: str) -> listener_pb2.Listener:
+    """The listener a proxyless gRPC client of `service` asks for as `name`: RDS over ADS
+    for the service's own route configuration, and the router, the only HTTP filter gRPC
+    needs (Envoy's listener filters are Envoy's: gRPC would reject the Lua filter)."""
+    hcm = hcm_pb2.HttpConnectionManager(
+        rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=proxyless_route_name(service)),
+        http_filters=[
+            hcm_pb2.HttpFilter(
+                name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())
+            )
+        ],
+    )
+    listener = listener_pb2.Listener(name=name)
+    listener.api_listener.api_listener.CopyFrom(pack(hcm))
+    return listener
+
+
+def proxyless_route_config(
+    vhost: route_components_pb2.VirtualHost,
+) -> route_pb2.RouteConfiguration:
+    """A service's route configuration for proxyless clients: its virtual host (same
+    routes, same weights: the split Envoys of the region apply), matching any authority.
+
+    What gRPC does not implement it ignores: mirror policies, the sticky hash header
+    (gRPC clients get the plain weighted split) and the Lua filter's per-route config,
+    which is marked optional (`FilterConfig.is_optional`) for this reason."""
+    mine = route_components_pb2.VirtualHost()
+    mine.CopyFrom(vhost)
+    del mine.domains[:]
+    mine.domains.append("*")
+    return route_pb2.RouteConfiguration(name=proxyless_route_name(vhost.name), virtual_hosts=[mine])

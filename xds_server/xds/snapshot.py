@@ -13,13 +13,20 @@ What a snapshot caches for its streams is bounded by what streams hold: an encod
 a requested name set lives only while some stream holds that `NameSet` (a weak
 reference), and per listen address (which nodes choose) at most
 `MAX_LISTEN_ADDRESSES_CACHED` addresses are cached.
+
+Proxyless gRPC clients ask by name for resources Envoy never gets: an API listener per
+target and a route configuration per service (`xds/resources.py`). They are derived
+from the snapshot's routes when first asked for, and carried over to the next snapshot
+while what they are made from is unchanged, so they cost nothing without gRPC clients,
+and a weight change rebuilds only the route configurations whose virtual host changed.
+What they can hold is bounded by the spec (its services and domains), not by clients.
 """
 
 from __future__ import annotations
 
 import hashlib
 import weakref
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
@@ -28,8 +35,27 @@ from typing import Any
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import message
 
-from xds_server.xds.resources import RegionResources, build_listener, pack
-from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, SEND_ORDER, WILDCARD_TYPES
+from xds_server.xds.resources import (
+    PROXYLESS_ROUTE_PREFIX,
+    ROUTE_CONFIG_NAME,
+    RegionResources,
+    build_api_listener,
+    build_listener,
+    pack,
+    proxyless_route_config,
+    proxyless_route_name,
+    proxyless_targets,
+)
+from xds_server.xds.types import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    PROXYLESS_TYPES,
+    ROUTE,
+    SEND_ORDER,
+    WILDCARD,
+    WILDCARD_TYPES,
+)
 
 ListenAddress = tuple[str, int]
 
@@ -93,6 +119,48 @@ class DeltaItem:
     encoded: bytes
 
 
+def delta_item(name: str, msg: message.Message) -> DeltaItem:
+    packed = pack(msg)
+    version = hashlib.blake2b(packed.SerializeToString(), digest_size=8).hexdigest()
+    encoded = discovery_pb2.Resource(name=name, version=version, resource=packed)
+    return DeltaItem(version, encoded.SerializeToString())
+
+
+@dataclass
+class _ProxylessMemo:
+    """The proxyless resources built so far, each with what it was made from; a successor
+    snapshot starts from a copy and rebuilds only what changed (see `Snapshot.proxyless`)."""
+
+    named: bool = False
+    """Some client has asked for listeners by name: from then on the listeners' version
+    follows the API listeners (without gRPC clients that costs nothing)."""
+    listeners: dict[str, tuple[str, message.Message]] = field(default_factory=dict)
+    """Target name -> (its service, its API listener)."""
+    routes: dict[str, tuple[message.Message, message.Message]] = field(default_factory=dict)
+    """Route configuration name -> (Envoy's virtual host it was made from, it)."""
+    delta: dict[str, dict[str, tuple[message.Message, DeltaItem]]] = field(default_factory=dict)
+    """Per type: name -> (the message, its delta encoding)."""
+
+    def carried(self, targets: Mapping[str, str], vhosts: Mapping[str, Any]) -> _ProxylessMemo:
+        """What a successor with these targets and virtual hosts may keep: the rest would
+        only be rebuilt, and dropping it keeps the memo the size of the spec."""
+        listeners = {n: e for n, e in self.listeners.items() if targets.get(n) == e[0]}
+        routes = {n: e for n, e in self.routes.items() if _same(vhosts.get(n), e[0])}
+        current = {LISTENER: {n: e[1] for n, e in listeners.items()}}
+        current[ROUTE] = {n: e[1] for n, e in routes.items()}
+        delta = {
+            t: {n: e for n, e in memo.items() if current[t].get(n) is e[0]}
+            for t, memo in self.delta.items()
+        }
+        return _ProxylessMemo(self.named, listeners, routes, delta)
+
+
+def _same(a: message.Message | None, b: message.Message) -> bool:
+    """The same content: each route configuration holds copies of its virtual hosts, so
+    an unchanged service's virtual host is an equal message, not the same object."""
+    return a is b or a == b
+
+
 @dataclass(frozen=True, eq=False)
 class Snapshot:
     region: str
@@ -125,6 +193,8 @@ class Snapshot:
     _delta_names: dict[tuple[str, ListenAddress | None], frozenset[str]] = field(
         default_factory=dict, repr=False
     )
+    _proxyless: _ProxylessMemo = field(default_factory=_ProxylessMemo, repr=False)
+    """What proxyless gRPC clients were given, carried over from the predecessor."""
 
     @classmethod
     def first(cls, resources: RegionResources, listen: ListenAddress, version: int = 1) -> Snapshot:
@@ -141,9 +211,18 @@ class Snapshot:
         """The next snapshot: version + 1; unchanged types keep their versions."""
         version = self.version + 1
         versions = dict(self.type_versions)
+        memo, targets = self._proxyless, None
+        if memo.named or memo.routes:  # (some gRPC client asked: else none of this)
+            targets = MappingProxyType(
+                proxyless_targets(resources.by_type[ROUTE].get(ROUTE_CONFIG_NAME))
+            )
+            memo = memo.carried(targets, _vhosts_by_route(resources))
         for type_url in SEND_ORDER:  # clusters before endpoints: see below
             if type_url == LISTENER:
-                changed = listen != self.listen
+                # API listeners follow the services' names and domains.
+                changed = listen != self.listen or (
+                    memo.named and targets != self.proxyless_targets
+                )
             else:
                 changed = resources.by_type[type_url] != self.resources.by_type[type_url]
             if changed or (type_url == ENDPOINT and versions[CLUSTER] == version):
@@ -157,9 +236,64 @@ class Snapshot:
             retained,
             # A listener is built anew for each snapshot, so its memo would never hit.
             _delta={k: dict(v) for k, v in self._delta.items() if k[0] != LISTENER},
+            _proxyless=memo if targets is not None else _ProxylessMemo(),
         )
+        if targets is not None:  # computed already (a cached_property lives in __dict__)
+            snap.__dict__["proxyless_targets"] = targets
         snap.check()
         return snap
+
+    @cached_property
+    def proxyless_targets(self) -> Mapping[str, str]:
+        """Target name -> service: the API listeners proxyless gRPC clients may ask for."""
+        routes = self.resources.by_type[ROUTE].get(ROUTE_CONFIG_NAME)
+        return MappingProxyType(proxyless_targets(routes))
+
+    @cached_property
+    def _proxyless_vhosts(self) -> Mapping[str, Any]:
+        """Proxyless route configuration name -> the virtual host it is made from."""
+        return MappingProxyType(_vhosts_by_route(self.resources))
+
+    def proxyless(self, type_url: str, names: Iterable[str]) -> dict[str, message.Message]:
+        """Those of `names` that are resources only proxyless gRPC clients get: API
+        listeners (by target name) and per-service route configurations; each built
+        once, and reused by successors while what it is made from is unchanged."""
+        memo, out = self._proxyless, {}
+        if type_url == LISTENER:
+            memo.named = True
+            for name in names:
+                service = self.proxyless_targets.get(name)
+                if service is None:
+                    continue
+                hit = memo.listeners.get(name)
+                if hit is None or hit[0] != service:
+                    hit = memo.listeners[name] = (service, build_api_listener(name, service))
+                out[name] = hit[1]
+        elif type_url == ROUTE:
+            for name in names:
+                if not name.startswith(PROXYLESS_ROUTE_PREFIX):  # (Envoy's `ingress`)
+                    continue
+                vhost = self._proxyless_vhosts.get(name)
+                if vhost is None:
+                    continue
+                got = memo.routes.get(name)
+                if got is None or not _same(vhost, got[0]):
+                    got = memo.routes[name] = (vhost, proxyless_route_config(vhost))
+                out[name] = got[1]
+        return out
+
+    def proxyless_delta_items(self, type_url: str, names: Iterable[str]) -> dict[str, DeltaItem]:
+        """`proxyless` as delta items, each encoded once while its message is unchanged."""
+        if type_url not in PROXYLESS_TYPES:
+            return {}
+        memo = self._proxyless.delta.setdefault(type_url, {})
+        out = {}
+        for name, msg in self.proxyless(type_url, names).items():
+            hit = memo.get(name)
+            if hit is None or hit[0] is not msg:
+                hit = memo[name] = (msg, delta_item(name, msg))
+            out[name] = hit[1]
+        return out
 
     @cached_property
     def route_targets(self) -> frozenset[str]:
@@ -167,15 +301,21 @@ class Snapshot:
         return frozenset(self.resources.route_targets())
 
     def routes_ready(
-        self, acked_clusters: frozenset[str] | None, acked_endpoints: frozenset[str] | None
+        self,
+        acked_clusters: frozenset[str] | None,
+        acked_endpoints: frozenset[str] | None,
+        scope: Collection[str] | None = None,
     ) -> bool:
         """May a node get these routes? Only once it has ACKed every cluster they use, and
         those clusters' endpoints. None: the node does not subscribe to that type (a
-        proxyless gRPC client asks for routes before any cluster), so it is not checked."""
-        return all(
-            acked is None or self.route_targets <= acked
-            for acked in (acked_clusters, acked_endpoints)
-        )
+        proxyless gRPC client asks for routes before any cluster), so it is not checked.
+
+        `scope`: the clusters a node subscribes to by name (None: all, as Envoy does). A
+        proxyless gRPC client asks for the clusters its routes use only once it has the
+        routes, so it is judged on the ones it asked for: waiting for the others would
+        never end. (gRPC itself holds calls to a new cluster until it has connected.)"""
+        targets = self.route_targets if scope is None else self.route_targets & set(scope)
+        return all(acked is None or targets <= acked for acked in (acked_clusters, acked_endpoints))
 
     def check(self) -> None:
         """Every route target is a cluster here, and every cluster has its endpoints."""
@@ -204,12 +344,11 @@ class Snapshot:
     ) -> Encoded:
         """The response for `names` (None: every resource of the type), encoded once
         per snapshot for a `NameSet` (while a stream holds it) or every resource; other
-        name sets are encoded on each call."""
-        if type_url in WILDCARD_TYPES:
-            names = None
+        name sets are encoded on each call (and listeners asked for with `*` among other
+        names: the Envoy listener in them depends on `listen`, which NameSets ignore)."""
         listen = (listen or self.listen) if type_url == LISTENER else self.listen
         if names is not None:
-            if not isinstance(names, NameSet):
+            if not isinstance(names, NameSet) or (type_url == LISTENER and WILDCARD in names):
                 return self._encode(type_url, names, listen)
             per_names = self._by_names.setdefault(type_url, _PerNameSet())
             hit = per_names.get(names)
@@ -250,13 +389,7 @@ class Snapshot:
         for name, msg in items.items():
             hit = memo.get(name)
             if hit is None or hit[0] is not msg:
-                packed = pack(msg)
-                raw = packed.SerializeToString()
-                version = hashlib.blake2b(raw, digest_size=8).hexdigest()
-                encoded = discovery_pb2.Resource(
-                    name=name, version=version, resource=packed
-                ).SerializeToString()
-                hit = memo[name] = (msg, DeltaItem(version, encoded))
+                hit = memo[name] = (msg, delta_item(name, msg))
             out[name] = hit[1]
         for gone in set(memo) - set(items):
             del memo[gone]
@@ -294,11 +427,29 @@ class Snapshot:
             return {listener.name: listener}
         return self.resources.by_type.get(type_url, {})
 
+    def _select(
+        self, type_url: str, names: frozenset[str] | None, listen: ListenAddress
+    ) -> Mapping[str, message.Message]:
+        """The resources a subscription gets. None: the type's own (Envoy's), all of them.
+        Named: those of the names that exist, and the proxyless ones named; listeners by
+        name are API listeners only (Envoy asks for its listener as a wildcard, and a
+        gRPC client would reject it); `*` among names adds what the wildcard gets."""
+        items = self._items(type_url, listen)
+        if names is None:
+            return items
+        every = type_url in WILDCARD_TYPES and WILDCARD in names
+        if type_url == LISTENER and not every:
+            items = {}
+        chosen = dict(items) if every else {n: items[n] for n in names & items.keys()}
+        if type_url in PROXYLESS_TYPES:
+            chosen.update(self.proxyless(type_url, names - chosen.keys()))
+        return chosen
+
     def _encode(
         self, type_url: str, names: frozenset[str] | None, listen: ListenAddress
     ) -> Encoded:
-        items = self._items(type_url, listen)
-        chosen = sorted(items if names is None else names & items.keys())
+        items = self._select(type_url, names, listen)
+        chosen = sorted(items)
         version = self.type_version(type_url)
         response = discovery_pb2.DiscoveryResponse(
             version_info=version,
@@ -306,6 +457,14 @@ class Snapshot:
             resources=[pack(items[n]) for n in chosen],
         )
         return Encoded(response.SerializeToString(), version, frozenset(chosen))
+
+
+def _vhosts_by_route(resources: RegionResources) -> dict[str, Any]:
+    """Proxyless route configuration name -> the virtual host of Envoy's routes it is
+    made from (one per service)."""
+    routes = resources.by_type[ROUTE].get(ROUTE_CONFIG_NAME)
+    hosts = getattr(routes, "virtual_hosts", ())
+    return {proxyless_route_name(vh.name): vh for vh in hosts}
 
 
 def delta_response(

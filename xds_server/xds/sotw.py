@@ -12,6 +12,9 @@ routes):
   version is not sent again: the node keeps its last good config until the config
   changes;
 - a request whose nonce is not the last one sent for its type is stale and ignored;
+- listeners and clusters asked for naming nothing (or `*`) are a wildcard subscription
+  (Envoy's); asked for by name (a proxyless gRPC client), only those named are sent,
+  listeners by name being API listeners (`Snapshot.proxyless`);
 - a request with an empty type_url ends the stream (INVALID_ARGUMENT), one for a type
   this server does not serve gets an empty response, one naming more than
   `MAX_NAMES_PER_TYPE` resources ends the stream (RESOURCE_EXHAUSTED).
@@ -36,7 +39,7 @@ from xds_server.xds.stream import (
     shared_names,
     stale,
 )
-from xds_server.xds.types import ROUTE, SEND_ORDER, WILDCARD_TYPES
+from xds_server.xds.types import ROUTE, SEND_ORDER, WILDCARD, WILDCARD_TYPES
 
 log = logging.getLogger("xds_server.sotw")
 
@@ -55,6 +58,9 @@ class _TypeState:
     answer_due: bool = False
     """A fresh request (empty nonce) always gets an answer, even at the same version."""
 
+    def named(self) -> NameSet | None:
+        return None if self.names is None or WILDCARD in self.names else self.names
+
 
 class SotwStream(StreamBase[_TypeState]):
     """The protocol state of one state-of-the-world stream; no I/O."""
@@ -70,7 +76,7 @@ class SotwStream(StreamBase[_TypeState]):
         ts = self.types.get(req.type_url)
         if ts is None:
             return self.unknown.request(req.type_url, (), answer=not req.response_nonce)
-        names = None if req.type_url in WILDCARD_TYPES else shared_names(req.resource_names)
+        names = self._requested(req, ts)
         if req.response_nonce:
             if stale(self.status, req, ts.nonce):
                 return False
@@ -84,7 +90,21 @@ class SotwStream(StreamBase[_TypeState]):
             wake = True
         ts.subscribed = True
         ts.names = names
+        self.registry.record_subscription(self.status, req.type_url, names is None or bool(names))
         return wake
+
+    @staticmethod
+    def _requested(req: discovery_pb2.DiscoveryRequest, ts: _TypeState) -> NameSet | None:
+        """The names a request subscribes to; None: every resource of a wildcard type.
+
+        Envoy asks for clusters and listeners naming nothing (or `*`); proxyless gRPC
+        clients name the ones they want, and get only those. Naming nothing is the
+        wildcard only in a first request, or when the stream was a wildcard already; a
+        stream that named names and names none any more has unsubscribed from all."""
+        names = req.resource_names
+        star = len(names) == 1 and names[0] == WILDCARD
+        legacy = not names and (not ts.subscribed or ts.names is None)
+        return None if req.type_url in WILDCARD_TYPES and (star or legacy) else shared_names(names)
 
     def due(self, snap: Snapshot) -> list[bytes]:
         """The responses to send now, in make-before-break order.

@@ -46,6 +46,8 @@ class TypeStatus:
     nack_at: float | None = None
     sent_response: bytes = field(default=b"", repr=False)
     """The encoded DiscoveryResponse last sent (without nonce), shared with other streams."""
+    subscribed: bool = False
+    """Does the node subscribe to the type now (to all of it, or to some names)?"""
 
 
 @dataclass
@@ -69,9 +71,18 @@ class NodeStatus:
         name = self.user_agent.partition("/")[0].strip().lower()
         if name == "envoy":
             return "envoy"
-        if name.startswith("grpc"):
+        if name.startswith("grpc"):  # grpcio 1.85: "gRPC C-core linux Python"
             return "grpc"
         return name or "unknown"
+
+    def judged_on(self, type_url: str) -> bool:
+        """Does this node's ACK of the type count when the rollout asks whether the region
+        applied it? An Envoy's always: it subscribes to every type as it starts, and until
+        it has ACKed it has not applied the type. A proxyless gRPC client's only while it
+        subscribes to the type: it asks only for what its channels' targets need (no
+        routes at all for a target the spec lacks), and must not hold up the rollout
+        for routes it never asked for."""
+        return self.client_type != "grpc" or self.types[type_url].subscribed
 
     def overall_sync(self, current: dict[str, str]) -> str:
         """The worst sync state over the types this node was sent."""
@@ -145,6 +156,10 @@ class NodeRegistry:
         ts = status.types[type_url]
         ts.sent_version, ts.sent_at, ts.sent_response = version, time.time(), response
 
+    def record_subscription(self, status: NodeStatus, type_url: str, subscribed: bool) -> None:
+        """The node now subscribes to some of the type (or all of it), or to none of it."""
+        status.types[type_url].subscribed = subscribed
+
     def record_ack(self, status: NodeStatus, type_url: str, version: str) -> None:
         ts = status.types[type_url]
         ts.acked_version, ts.acked_at = version, time.time()
@@ -188,9 +203,15 @@ class NodeRegistry:
     def __iter__(self) -> Iterator[NodeStatus]:
         return iter(list(self._nodes.values()))
 
+    def judged(self, region: str, type_url: str) -> list[NodeStatus]:
+        """The connected nodes of the region whose ACKs of the type count (`judged_on`)."""
+        return [n for n in self.nodes(region) if n.judged_on(type_url)]
+
     def all_acked(self, region: str, type_url: str, version: str) -> bool:
-        """True when every connected node of the region has applied `version` of the type."""
-        return all(n.types[type_url].acked_version == version for n in self.nodes(region))
+        """True when every connected node of the region that is judged on the type (every
+        Envoy; gRPC clients subscribed to it) has applied `version` of the type."""
+        judged = self.judged(region, type_url)
+        return all(n.types[type_url].acked_version == version for n in judged)
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Call `listener` on every connect, disconnect, ACK and NACK; returns unsubscribe."""

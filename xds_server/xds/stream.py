@@ -202,15 +202,22 @@ class TypeProgress(Protocol):
     subscribed: bool
     acked_resources: frozenset[str]
 
+    def named(self) -> Collection[str] | None:
+        """The names subscribed to; None for a wildcard subscription (every resource)."""
+        ...
+
 
 def routes_ready(types: Mapping[str, TypeProgress], snap: Snapshot) -> bool:
     """Make before break: routes go out only once the node has ACKed every cluster they
     use, with its endpoints (checked for the types the stream subscribes to: proxyless
-    gRPC clients ask for routes before clusters)."""
+    gRPC clients ask for routes before clusters). A node that asks for clusters by name
+    (a proxyless gRPC client: it asks for those its routes use, once it has them) is
+    judged on the clusters it asked for; one that asks for all (Envoy) on all."""
     clusters, endpoints = types[CLUSTER], types[ENDPOINT]
     return snap.routes_ready(
         clusters.acked_resources if clusters.subscribed else None,
         endpoints.acked_resources if endpoints.subscribed else None,
+        clusters.named() if clusters.subscribed else None,
     )
 
 

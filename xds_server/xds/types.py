@@ -11,7 +11,16 @@ SEND_ORDER: tuple[str, ...] = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
 """Clusters, then their endpoints, then listeners, then the routes that use them."""
 
 WILDCARD_TYPES = frozenset({CLUSTER, LISTENER})
-"""Types Envoy asks for as a whole; endpoints and routes are asked for by name."""
+"""Types Envoy asks for as a whole (naming nothing, or `*`); endpoints and routes are
+asked for by name. Proxyless gRPC clients ask for these by name too: a listener per
+target, the clusters their routes use; they get only what they name."""
+
+WILDCARD = "*"
+"""The name that subscribes to every resource of a wildcard type."""
+
+PROXYLESS_TYPES = frozenset({LISTENER, ROUTE})
+"""Types with resources that only proxyless gRPC clients ask for (by name): API
+listeners and per-service route configurations, which Envoy never gets."""
 
 SHORT_NAMES = {CLUSTER: "cluster", ENDPOINT: "endpoint", LISTENER: "listener", ROUTE: "route"}
 BY_SHORT_NAME = {v: k for k, v in SHORT_NAMES.items()}
