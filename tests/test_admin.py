@@ -87,15 +87,16 @@ def test_nodes_are_synced_with_what_envoy_reports(mesh: LocalMesh) -> None:
     nodes = wait_for(all_synced, 20, "every Envoy SYNCED")
     for envoy in mesh.envoys:
         (node,) = [n for n in nodes if n["id"] == envoy.opts.node_id]
-        assert node["region"] == envoy.opts.region
+        assert node["region"] == envoy.opts.region and node["client_type"] == "envoy"
         acked = {t["type"]: t["acked_version"] for t in node["types"]}
         for kind, version in envoy.applied_versions().items():
             assert acked[kind] == version, (kind, acked, envoy.applied_versions())
     # The same listing as YAML and as a table.
     assert xdsctl(mesh.admin_port, "nodes", output="yaml") == xdsctl(mesh.admin_port, "nodes")
     table = xdsctl(mesh.admin_port, "nodes", "--region", "eu-west", output="table")
-    assert table.splitlines()[0].split()[:3] == ["NODE", "REGION", "SYNC"]
+    assert table.splitlines()[0].split()[:4] == ["NODE", "REGION", "TYPE", "SYNC"]
     assert "eu-west-envoy-1" in table and "us-east" not in table
+    assert table.splitlines()[1].split()[:3] == ["eu-west-envoy-1", "eu-west", "envoy"]
     config = xdsctl(mesh.admin_port, "config", "us-east-envoy-1", "--type", "route")
     (rc,) = config["types"]["route"]["resources"]
     assert rc["name"] == ROUTE_CONFIG_NAME

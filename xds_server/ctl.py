@@ -217,6 +217,7 @@ def cmd_nodes(args: argparse.Namespace, admin: Admin) -> None:
                 (
                     n.id,
                     n.region,
+                    n.client_type or "-",
                     n.sync_state,
                     *(
                         f"{types[t].sync_state} {types[t].acked_version or '-'}"
@@ -231,6 +232,7 @@ def cmd_nodes(args: argparse.Namespace, admin: Admin) -> None:
             [
                 "NODE",
                 "REGION",
+                "TYPE",
                 "SYNC",
                 "CLUSTERS",
                 "ENDPOINTS",

@@ -106,6 +106,7 @@ def node_message(publisher: XdsPublisher, n: NodeStatus) -> admin_pb2.Node:
         sync_state=n.overall_sync(current),
         stream_id=n.stream_id,
         identity=n.identity,
+        client_type=n.client_type,
     )
 
 

@@ -224,11 +224,10 @@ class Dashboard:
         }
 
     async def nodes(self, request: web.Request) -> web.StreamResponse:
-        nodes = []
-        for node in self.view.publisher.nodes.nodes(None):
-            entry = to_json(node_message(self.view.publisher, node))
-            entry["client_type"] = node.client_type
-            nodes.append(entry)
+        nodes = [
+            to_json(node_message(self.view.publisher, node))
+            for node in self.view.publisher.nodes.nodes(None)
+        ]
         return web.json_response({"nodes": nodes})
 
     async def rollout(self, request: web.Request) -> web.StreamResponse:
