@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SCENARIO ?= healthy
+PROTOCOL ?=
+PROXYLESS ?= 0
 
 .PHONY: setup test lint fmt typecheck pytest demo bench clean prometheus kubectl openssl chromium
 
@@ -63,7 +65,7 @@ pytest: setup
 test: lint typecheck pytest
 
 demo: setup
-	$(BIN)/xds-server lab run --scenario $(SCENARIO)
+	$(BIN)/xds-server lab run --scenario $(SCENARIO) $(if $(PROTOCOL),--protocol $(PROTOCOL)) --proxyless $(PROXYLESS)
 
 bench: setup
 	$(BIN)/python benchmarks/push_fanout.py

@@ -9,6 +9,7 @@ import re
 import threading
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,7 +19,10 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from xds_server.lab.background import BackgroundServer
+from xds_server.lab.mesh import LocalMesh, MeshOptions, canary_share
 from xds_server.lab.procs import Envoy, http_get, wait_for
+from xds_server.lab.run import FAST_PLAN
+from xds_server.rollout.metrics import PrometheusSource
 from xds_server.spec import (
     DEFAULT_QUERIES,
     Protocol,
@@ -291,3 +295,61 @@ def _exercise(envoy: Envoy, grpc_pools: dict[str, GrpcPool]) -> None:
         15,
         "the canary unhealthy once it reports NOT_SERVING",
     )
+
+
+def test_the_shadow_phase_reads_envoys_upstream_stats_for_grpc_too() -> None:
+    """Envoy drops a mirrored call's answer before its gRPC stats filter: the shadow
+    phase of a gRPC service counts what the cluster's upstream stats see."""
+    plan = validate_spec(grpc_doc({"production": 1}), "mesh.yaml").services[0].rollout
+    shadow = plan.for_shadow()
+    assert shadow.queries["requests"] == DEFAULT_QUERIES["shadow_requests"]
+    assert shadow.queries["errors"] == DEFAULT_QUERIES["shadow_errors"]
+    assert "envoy_cluster_grpc_" in plan.queries["errors"]  # the plan itself unchanged
+
+
+# ---- a rollout of a gRPC service, end to end ----
+
+
+def _prometheus_sum(mesh: LocalMesh, promql: str) -> float:
+    source = PrometheusSource(f"http://127.0.0.1:{mesh.prometheus_port}")
+    return source.query(promql, source._client()) or 0.0
+
+
+def test_a_canary_answering_unavailable_is_rolled_back_on_its_grpc_errors(
+    tmp_path: Path,
+) -> None:
+    """Real Envoys forward gRPC (h2c in, HTTP/2 out) to the lab's Open Inference Protocol
+    servers; the canary's calls fail UNAVAILABLE in an HTTP 200. The rollout rolls back
+    on errors that only the gRPC statistics could count: Envoy's 5xx for the canary
+    stays at zero."""
+    opts = MeshOptions(regions=("us-east", "eu-west"), rollout=FAST_PLAN, protocol="grpc")
+    with LocalMesh(tmp_path / "mesh", opts) as mesh:
+        load = mesh.start_load()
+        wait_for(lambda: len(load.versions()) >= 1, 15, "gRPC answers through Envoy")
+        mesh.begin_rollout()
+        wait_for(lambda: all(canary_share(e) >= 5 for e in mesh.envoys), 60, "the canary at 5%")
+        mesh.set_fault("eu-west", "canary", error_rate=0.5)
+        state = mesh.wait_phase({"rolled_back", "promoted"}, 90)
+        assert state["phase"] == "rolled_back", state
+        wait_for(lambda: all(canary_share(e) == 0 for e in mesh.envoys), 20, "0% canary")
+
+        (rollback,) = [e for e in mesh.audit() if e.region is None and e.phase_to == "rolled_back"]
+        assert "eu-west" in rollback.reason and "error_rate" in rollback.reason
+        checks = [
+            e
+            for e in mesh.audit()
+            if e.kind == "check" and e.region == "eu-west" and e.measurements
+        ]
+        errors = max((e.measurements["canary"]["errors"] or 0) for e in checks)  # type: ignore[index]
+        assert errors >= 1
+        canary = 'region="eu-west",envoy_cluster_name="recommender|canary"'
+        http_5xx = _prometheus_sum(
+            mesh,
+            f'sum(envoy_cluster_upstream_rq_xx{{{canary},envoy_response_code_class="5"}})',
+        )
+        unavailable = _prometheus_sum(mesh, f"sum(envoy_cluster_grpc_14{{{canary}}})")
+        # (Not `unavailable >= errors`: the audit's counts are Prometheus increases,
+        # extrapolated to the window's edges.)
+        assert unavailable >= 1 and http_5xx == 0, (unavailable, http_5xx, errors)
+        # The callers saw the same, as gRPC statuses.
+        assert any(r.grpc_code == "UNAVAILABLE" for r in load.failures())

@@ -13,7 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from xds_server.render.bootstrap import BootstrapOptions, render_bootstrap
+from xds_server.render.bootstrap import (
+    BootstrapOptions,
+    GrpcBootstrapOptions,
+    render_bootstrap,
+    render_grpc_bootstrap,
+)
 from xds_server.spec import SpecError, load_spec, parse_host_port, validate_spec
 from xds_server.spec.values import NAME_RE
 
@@ -149,20 +154,24 @@ def _read_secret(path: str | None, for_reads: bool = False) -> dict[str, str] | 
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    host, port = split_host_port(args.xds_address, "--xds-address")
-    if args.listen:
-        split_host_port(args.listen, "--listen")
     if bool(args.xds_tls_cert) != bool(args.xds_tls_key):
         raise UsageError("--xds-tls-cert and --xds-tls-key go together")
     if args.xds_tls_cert and not args.xds_tls_ca:
         raise UsageError("--xds-tls-cert needs --xds-tls-ca (mTLS is TLS first)")
+    if args.proxyless:
+        return _bootstrap_proxyless(args)
+    if "," in args.xds_address:
+        raise UsageError("--xds-address: several addresses only with --proxyless")
+    host, port = split_host_port(args.xds_address, "--xds-address")
+    if args.listen:
+        split_host_port(args.listen, "--listen")
     opts = BootstrapOptions(
         region=args.region,
         node_id=args.node_id,
         xds_host=host,
         xds_port=port,
-        admin_port=args.admin_port,
-        admin_host=args.admin_host,
+        admin_port=9901 if args.admin_port is None else args.admin_port,
+        admin_host=args.admin_host or "127.0.0.1",
         listen=args.listen,
         delta=args.delta,
         xds_tls_ca=args.xds_tls_ca,
@@ -170,6 +179,38 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         xds_tls_key=args.xds_tls_key,
     )
     sys.stdout.write(render_bootstrap(opts))
+    return 0
+
+
+def _bootstrap_proxyless(args: argparse.Namespace) -> int:
+    """A gRPC application's bootstrap; Envoy's own options make no sense there."""
+    envoy_only = {
+        "--listen": args.listen,
+        "--delta": args.delta,  # gRPC speaks state of the world only
+        "--admin-port": args.admin_port is not None,
+        "--admin-host": args.admin_host,
+    }
+    given = [flag for flag, value in envoy_only.items() if value]
+    if given:
+        raise UsageError(f"{', '.join(given)}: Envoy options, not for --proxyless")
+    for flag, value in (("--region", args.region), ("--node-id", args.node_id)):
+        if not value.strip():
+            raise UsageError(f"{flag}: must not be empty")
+    servers = []
+    for part in args.xds_address.split(","):
+        try:
+            servers.append(parse_host_port(part.strip(), port_from=1))
+        except ValueError as exc:
+            raise UsageError(f"--xds-address: {exc}, got {part.strip()!r}") from None
+    opts = GrpcBootstrapOptions(
+        region=args.region,
+        node_id=args.node_id,
+        xds_servers=tuple(servers),
+        xds_tls_ca=args.xds_tls_ca,
+        xds_tls_cert=args.xds_tls_cert,
+        xds_tls_key=args.xds_tls_key,
+    )
+    sys.stdout.write(render_grpc_bootstrap(opts))
     return 0
 
 
@@ -220,6 +261,10 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
         raise UsageError("--regions and --envoys-per-region must be at least 1")
     if args.notify is not None and not args.notify.startswith(("http://", "https://")):
         raise UsageError(f"--notify: expected an http(s) URL, got {args.notify!r}")
+    if args.proxyless < 0:
+        raise UsageError("--proxyless must be 0 or more")
+    if args.proxyless and args.protocol == "http":
+        raise UsageError("--proxyless clients speak gRPC: use --protocol grpc (or leave it out)")
     return run_lab(
         args.scenario,
         args.regions,
@@ -229,6 +274,8 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
         args.timeout,
         mtls=args.mtls,
         notify_url=args.notify,
+        protocol=args.protocol or "http",
+        proxyless=args.proxyless,
     )
 
 
@@ -315,15 +362,29 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _add_bootstrap(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    b = sub.add_parser("bootstrap", help="print an Envoy bootstrap for one node")
+    b = sub.add_parser(
+        "bootstrap", help="print an Envoy bootstrap (or a gRPC application's) for one node"
+    )
     b.add_argument("--region", required=True)
     b.add_argument("--node-id", required=True)
-    b.add_argument("--xds-address", default="127.0.0.1:18000", metavar="HOST:PORT")
-    b.add_argument("--admin-port", type=int, default=9901)
+    b.add_argument(
+        "--xds-address",
+        default="127.0.0.1:18000",
+        metavar="HOST:PORT",
+        help="the xDS server; with --proxyless, several separated by commas (in order)",
+    )
+    b.add_argument(
+        "--proxyless",
+        action="store_true",
+        help="a proxyless gRPC application's bootstrap (GRPC_XDS_BOOTSTRAP), for "
+        "grpc.insecure_channel('xds:///SERVICE')",
+    )
+    b.add_argument("--admin-port", type=int, default=None, help="Envoy admin's port (9901)")
     b.add_argument(
         "--admin-host",
-        default="127.0.0.1",
-        help="Envoy admin's address (0.0.0.0 so that Prometheus can scrape it in a cluster)",
+        default=None,
+        help="Envoy admin's address (127.0.0.1; 0.0.0.0 so that Prometheus can scrape it "
+        "in a cluster)",
     )
     b.add_argument(
         "--listen",
@@ -384,6 +445,20 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--notify",
         metavar="URL",
         help="also POST every rollout event to URL as a CloudEvent (a webhook target)",
+    )
+    run.add_argument(
+        "--protocol",
+        choices=("http", "grpc"),
+        help="what Envoy and callers speak to the model servers: the Open Inference "
+        "Protocol over REST (http, the default) or gRPC",
+    )
+    run.add_argument(
+        "--proxyless",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N proxyless gRPC clients per region, routing by xDS themselves (xds:///); "
+        "implies --protocol grpc",
     )
     run.set_defaults(func=cmd_lab_run)
     down = lab_sub.add_parser("down", help="stop a lab left running with --keep")
