@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -125,3 +126,41 @@ def test_interrupt_stops_everything_within_bounded_time(tmp_path: Path, sig: int
         if proc.poll() is None:
             proc.kill()
     assert not [p for p in started if alive(p)]
+
+
+def _lab(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    out = tmp_path / "out"
+    res = subprocess.run(
+        [*LAB, "run", "--regions", "2", "--envoys-per-region", "1", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res, json.loads((out / "summary.json").read_text())
+
+
+def test_over_grpc_the_bad_canary_fails_unavailable_and_rolls_back(tmp_path: Path) -> None:
+    res, summary = _lab(tmp_path, "--protocol", "grpc", "--scenario", "bad-canary")
+    assert "Open Inference Protocol over GRPC" in res.stdout
+    assert set(summary["outcome"].values()) == {"rolled_back"}
+    assert summary["cause"].startswith("error_rate in eu-west")
+    # The callers saw UNAVAILABLE (an HTTP 200 on the wire), counted as its HTTP peer.
+    assert summary["requests"]["by_status"].get("503", 0) > 0
+    assert "proxyless" not in summary
+
+
+def test_proxyless_grpc_clients_follow_the_rollout_counted_apart(tmp_path: Path) -> None:
+    res, summary = _lab(tmp_path, "--scenario", "healthy", "--proxyless", "2")
+    assert set(summary["outcome"].values()) == {"promoted"}
+    proxyless = summary["proxyless"]
+    assert proxyless["clients_per_region"] == 2 and proxyless["followed"]
+    # Both versions answered them during the rollout; after it, only v2, none failed.
+    for region in ("us-east", "eu-west"):
+        counts = proxyless["by_region"][region]
+        assert set(counts["by_version"]) == {"v1", "v2"} and not counts.get("failed")
+    assert set(proxyless["after_end"]["by_version"]) == {"v2"}
+    # Counted apart from the load through the Envoys.
+    assert summary["requests"]["total"] > 0 and proxyless["total"]["sent"] > 0
+    assert "proxyless gRPC calls:" in res.stdout

@@ -335,9 +335,30 @@ class LocalMesh:
                 )
                 self.proxyless.append(client)
 
-    def proxyless_counts(self) -> dict[str, Any]:
-        """What the proxyless clients have sent so far, added up (their own files)."""
-        return add_counts(c.counts() for c in self.proxyless)
+    def proxyless_counts(self, region: str | None = None) -> dict[str, Any]:
+        """What the proxyless clients (of `region`, or all) have sent so far, added up
+        (from their own files, rewritten every second)."""
+        return add_counts(c.counts() for c in self.proxyless if region in (None, c.region))
+
+    def proxyless_since(self, since: float, calls: int, timeout: float = 15) -> dict[str, Any]:
+        """The proxyless clients' calls counted after `since` (from the first file each
+        wrote after it), once there are at least `calls` of them: what they do now."""
+        first = wait_for(
+            lambda: (
+                [c.counts_at() for c in self.proxyless]
+                if all(c.counts_at()[0] > since for c in self.proxyless)
+                else None
+            ),
+            timeout,
+            "the proxyless clients' counts",
+        )
+        start = add_counts(counts for _, counts in first)
+
+        def grown() -> dict[str, Any] | None:
+            delta = sub_counts(self.proxyless_counts(), start)
+            return delta if delta.get("sent", 0) >= calls else None
+
+        return wait_for(grown, timeout, f"{calls} more proxyless calls")
 
     def set_fault(
         self,
@@ -440,3 +461,19 @@ def add_counts(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             elif isinstance(value, Mapping):
                 total[key] = add_counts([total.get(key, {}), value])
     return total
+
+
+def sub_counts(total: Mapping[str, Any], part: Mapping[str, Any]) -> dict[str, Any]:
+    """`total` minus `part`, key by key (as `add_counts` adds them); zeros left out."""
+    out: dict[str, Any] = {}
+    for key, value in total.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int | float):
+            if value - part.get(key, 0):
+                out[key] = value - part.get(key, 0)
+        elif isinstance(value, Mapping):
+            inner = sub_counts(value, part.get(key, {}))
+            if inner:
+                out[key] = inner
+    return out

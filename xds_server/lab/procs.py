@@ -281,7 +281,12 @@ class ProxylessClient(Process):
 
     def counts(self) -> dict[str, Any]:
         """The client's last written counts ({} before its first write)."""
+        return self.counts_at()[1]
+
+    def counts_at(self) -> tuple[float, dict[str, Any]]:
+        """(when the file was written, its counts); (0, {}) before its first write."""
         try:
-            return dict(json.loads(self.counts_path.read_text()))
+            written = self.counts_path.stat().st_mtime
+            return written, dict(json.loads(self.counts_path.read_text()))
         except (OSError, ValueError):
-            return {}
+            return 0.0, {}

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from xds_server.lab.mesh import LocalMesh, MeshOptions, canary_share
+from xds_server.lab.mesh import VERSIONS, LocalMesh, MeshOptions, canary_share
 from xds_server.lab.procs import wait_for
 from xds_server.lab.view import LiveView, PlainLog
 from xds_server.rollout.audit import AuditEntry, rollback_cause
@@ -253,8 +253,9 @@ def run_lab(
             )
         mesh.begin_rollout()
         result = follow(mesh, scenario, timeout, LiveView(mesh) if live else PlainLog(mesh))
+        after = mesh.proxyless_since(time.time(), 10 * len(mesh.opts.regions)) if proxyless else {}
         load.stop()
-        summary = summarize(mesh, scenario, result)
+        summary = summarize(mesh, scenario, result, after)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_path = out / "rollout.png"
         plot(mesh.audit(), plot_path, mesh.opts.regions)
@@ -328,7 +329,13 @@ def follow(
     return res
 
 
-def summarize(mesh: LocalMesh, scenario: Scenario, res: FollowResult) -> dict[str, Any]:
+def summarize(
+    mesh: LocalMesh,
+    scenario: Scenario,
+    res: FollowResult,
+    proxyless_after: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """`proxyless_after`: what the proxyless clients sent once the rollout had ended."""
     state = mesh.rollout_state() or {"phase": "none", "regions": {}, "reason": ""}
     audit = mesh.audit()
     outcome = {r: s["phase"] for r, s in state["regions"].items()}
@@ -363,6 +370,9 @@ def summarize(mesh: LocalMesh, scenario: Scenario, res: FollowResult) -> dict[st
         ],
         "audit_log": str(mesh.state_dir / FILE_NAME),
     }
+    if mesh.proxyless:
+        summary["proxyless"] = proxyless_summary(mesh, scenario, proxyless_after or {})
+        summary["ok"] = summary["ok"] and summary["proxyless"]["followed"]
     if scenario.fault is not None:
         fault = scenario.fault
         summary["fault"] = {
@@ -374,6 +384,25 @@ def summarize(mesh: LocalMesh, scenario: Scenario, res: FollowResult) -> dict[st
             ),
         }
     return summary
+
+
+def proxyless_summary(
+    mesh: LocalMesh, scenario: Scenario, after: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The proxyless gRPC clients' calls, counted apart from the load through the Envoys:
+    in all, per region, and after the end, when every call must reach the version the
+    rollout ended on, without a failure."""
+    final = VERSIONS["canary" if scenario.expect == "promoted" else "production"]
+    return {
+        "clients_per_region": mesh.opts.proxyless_per_region,
+        "total": mesh.proxyless_counts(),
+        "by_region": {r: mesh.proxyless_counts(r) for r in mesh.opts.regions},
+        "after_end": dict(after),
+        "final_version": final,
+        "followed": bool(after.get("sent"))
+        and set(after.get("by_version", {})) == {final}
+        and not after.get("failed"),
+    }
 
 
 def _cause(audit: list[AuditEntry]) -> str:
@@ -409,6 +438,15 @@ def print_report(summary: dict[str, Any], mesh: LocalMesh, plot_path: Path) -> N
         )
     req = summary["requests"]
     print(f"  requests through the Envoys: {req['total']} by status {req['by_status']}")
+    if "proxyless" in summary:
+        p = summary["proxyless"]
+        total, after = p["total"], p["after_end"]
+        print(
+            f"  proxyless gRPC calls: {total.get('sent', 0)} by version "
+            f"{total.get('by_version', {})}, failures {total.get('failures', {})}; after the "
+            f"end {after.get('by_version', {})} ({'all' if p['followed'] else 'NOT all'} "
+            f"{p['final_version']})"
+        )
     print(f"  audit log: {summary['audit_log']} ({len(decisions)} decisions)")
     print(f"  plot: {plot_path}")
     print(f"  summary: {plot_path.parent / 'summary.json'}")

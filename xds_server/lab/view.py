@@ -115,7 +115,9 @@ class LiveView:
             )
         phase = (state or {}).get("phase", "waiting for the rollout to start")
         footer = Text(f"rollout: {phase}  " + ("  |  ".join(self.notes[-2:])))
-        return Group(table, footer)
+        if not self.mesh.proxyless:
+            return Group(table, footer)
+        return Group(table, Text(_proxyless_line(self.mesh.proxyless_counts())), footer)
 
     def _weights(self, region: str) -> dict[str, int]:
         envoy = next(e for e in self.mesh.envoys if e.opts.region == region)
@@ -134,6 +136,15 @@ class LiveView:
             region = r.target.rsplit("-envoy-", 1)[0]
             out[region] = out.get(region, 0) + 0.5
         return out
+
+
+def _proxyless_line(counts: dict[str, Any]) -> str:
+    """The proxyless gRPC clients' calls, apart from the load through the Envoys."""
+    versions = ", ".join(f"{v} {n}" for v, n in sorted(counts.get("by_version", {}).items()))
+    return (
+        f"proxyless gRPC clients (xds:///, no Envoy): {counts.get('sent', 0)} calls"
+        f" ({versions or 'none answered yet'}), {counts.get('failed', 0)} failed"
+    )
 
 
 def _bars(weights: dict[str, int]) -> Text:
