@@ -406,3 +406,18 @@ def test_warmup_shadow_traffic_renders_as_mirrors_that_istio_accepts() -> None:
     }
     # Regions still waiting for healthy pools mirror nothing.
     assert "mirrors" not in vs["recommender-us-east"]["spec"]["http"][0]
+
+
+def test_a_grpc_service_asks_istio_for_http2_to_its_pods() -> None:
+    text = spec_text("istio: {namespace: models}\n").replace(
+        "  - name: ranker\n", "  - name: ranker\n    protocol: grpc\n"
+    )
+    grpc_spec = parse_spec(text, "mesh.yaml")
+    rules = [o for o in istio.all_objects(grpc_spec, {}) if o["kind"] == "DestinationRule"]
+    assert rules and all(schema_problems(o) == [] for o in rules)
+    policy = {o["spec"]["host"]: o["spec"].get("trafficPolicy") for o in rules}
+    h2 = {"connectionPool": {"http": {"h2UpgradePolicy": "UPGRADE"}}}
+    assert {h: p for h, p in policy.items() if "ranker" in h} == dict.fromkeys(
+        [h for h in policy if "ranker" in h], h2
+    )
+    assert all(p is None for h, p in policy.items() if "recommender" in h)

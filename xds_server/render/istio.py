@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from xds_server.rollout.state import RolloutState, service_split
-from xds_server.spec import POOL_NAMES, IstioConfig, MatchRule, MeshSpec, Service
+from xds_server.spec import POOL_NAMES, IstioConfig, MatchRule, MeshSpec, Protocol, Service
 from xds_server.traffic import WEIGHT_TOTAL, Split
 from xds_server.xds.resources import cookie_regex
 
@@ -147,11 +147,16 @@ def destination_rule(
         if cfg.pool_label:
             labels[cfg.pool_label] = pool.name
         subsets.append({"name": pool.name, "labels": labels})
+    spec: dict[str, Any] = {"host": cfg.host(svc.name), "subsets": subsets}
+    if svc.protocol == Protocol.GRPC:
+        # HTTP/2 to the pods whatever the Service's port is named, as xDS clusters of a
+        # gRPC service are.
+        spec["trafficPolicy"] = {"connectionPool": {"http": {"h2UpgradePolicy": "UPGRADE"}}}
     return {
         "apiVersion": API_VERSION,
         "kind": "DestinationRule",
         "metadata": _metadata(svc, region, rollout, cfg, split),
-        "spec": {"host": cfg.host(svc.name), "subsets": subsets},
+        "spec": spec,
     }
 
 
