@@ -45,6 +45,7 @@ from typing import Any
 
 import grpc
 
+from xds_server.lab.oip.model import FP32, INPUT_NAME, N_FEATURES
 from xds_server.lab.oip.v2 import grpc_predict_v2_pb2 as oip
 from xds_server.lab.oip.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
 
@@ -122,7 +123,12 @@ def draw_features(rng: random.Random) -> Features:
 
 def rest_body(features: Features, ident: str) -> bytes:
     """An Open Inference Protocol JSON inference request of one row."""
-    tensor = {"name": "features", "shape": [1, 3], "datatype": "FP32", "data": list(features)}
+    tensor = {
+        "name": INPUT_NAME,
+        "shape": [1, N_FEATURES],
+        "datatype": FP32,
+        "data": list(features),
+    }
     return json.dumps({"id": ident, "inputs": [tensor]}).encode()
 
 
@@ -133,9 +139,9 @@ def infer_request(model: str, rows: Sequence[Features], ident: str = "") -> Any:
         id=ident,
         inputs=[
             oip.ModelInferRequest.InferInputTensor(
-                name="features",
-                datatype="FP32",
-                shape=[len(rows), 3],
+                name=INPUT_NAME,
+                datatype=FP32,
+                shape=[len(rows), N_FEATURES],
                 contents=oip.InferTensorContents(fp32_contents=[x for r in rows for x in r]),
             )
         ],
