@@ -184,7 +184,7 @@ def poll(check: Callable[[], bool], timeout: float, interval: float) -> float | 
             return time.time()
         if time.monotonic() > deadline:
             return None
-        time.sleep(interval)
+        time.sleep(interval)  # the poll period, until the deadline
 
 
 @dataclass

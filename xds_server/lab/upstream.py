@@ -407,7 +407,7 @@ class ModelServer(ThreadingHTTPServer):
         self.count(call.shadow, call.over_grpc)
         delay_ms = faults.latency_ms + faults.tenant_latency_ms.get(call.tenant, 0.0)
         if delay_ms > 0:
-            time.sleep(delay_ms / 1000)
+            time.sleep(delay_ms / 1000)  # the injected latency fault (not a wait for anything)
         if not call.shadow and self.begin_stall(faults.stall_fraction):
             try:
                 how = self.stall(gone)
