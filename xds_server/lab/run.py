@@ -353,7 +353,9 @@ def summarize(
         "ok": not res.timed_out
         and bool(outcome)
         and all(p == scenario.expect for p in outcome.values())
-        and _expected_cause(scenario, mesh.opts.protocol, _cause(audit)),
+        and _expected_cause(scenario, mesh.opts.protocol, _cause(audit))
+        # A rollback before the fault is not the scenario's: something else went wrong.
+        and (scenario.fault is None or res.fault_at is not None),
         "cause": _cause(audit),
         "outcome": outcome,
         "rollout": {"phase": state["phase"], "reason": state["reason"]},

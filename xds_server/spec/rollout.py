@@ -91,25 +91,29 @@ def grpc_queries(error_codes: tuple[str, ...]) -> dict[str, str]:
     classes cannot see it. The listener's `envoy.filters.http.grpc_stats` filter counts
     every call by its final status, local replies included (an upstream reset becomes
     UNAVAILABLE there), as `envoy_cluster_grpc_<code>`, `envoy_cluster_grpc_total`:
-    requests are calls, errors the calls that ended in one of `error_codes`, delivered
-    the calls that ended in any other status. What the service's pools were sent stays
-    Envoy's upstream request count: a call its caller gave up on has no status, but was
-    sent."""
-    faults = sorted(GRPC_STATUS_CODES[c] for c in error_codes)
-    others = sorted(set(GRPC_STATUS_CODES.values()) - set(faults))
+    requests are calls, errors the calls that ended in one of `error_codes`.
 
-    def codes(numbers: list[int]) -> str:
-        names = "|".join(str(n) for n in numbers)
-        return (
-            f'sum(increase({{{{__name__=~"envoy_cluster_grpc_({names})",region="{{region}}",'
-            'envoy_cluster_name="{cluster}"}}[{window}]))'
-        )
-
+    Delivered (the throughput check) is the cluster's completed upstream requests less
+    those errors. Not the other statuses' own series: Envoy creates those on a pool's
+    first call, and Prometheus' `increase()` cannot count what a series held when it
+    first appeared, so a canary's first seconds at 5% would look like nothing delivered.
+    `upstream_rq_completed` exists from the cluster's start, and leaves out a call its
+    caller gave up on. What the service's pools were sent stays Envoy's upstream request
+    count: such a call has no status, but was sent."""
+    faults = "|".join(
+        str(GRPC_STATUS_CODES[c]) for c in sorted(error_codes, key=GRPC_STATUS_CODES.get)
+    )
+    errors = (
+        f'sum(increase({{{{__name__=~"envoy_cluster_grpc_({faults})",region="{{region}}",'
+        'envoy_cluster_name="{cluster}"}}[{window}]))'
+    )
     return {
         "requests": 'sum(increase(envoy_cluster_grpc_total{{region="{region}",'
         'envoy_cluster_name="{cluster}"}}[{window}]))',
-        "errors": codes(faults),
-        "delivered": codes(others),
+        "errors": errors,
+        "delivered": "clamp_min(sum(increase(envoy_cluster_upstream_rq_completed"
+        '{{region="{region}",envoy_cluster_name="{cluster}"}}[{window}]))'
+        f" - ({errors} or vector(0)), 0)",
     }
 
 
