@@ -100,9 +100,7 @@ def grpc_queries(error_codes: tuple[str, ...]) -> dict[str, str]:
     `upstream_rq_completed` exists from the cluster's start, and leaves out a call its
     caller gave up on. What the service's pools were sent stays Envoy's upstream request
     count: such a call has no status, but was sent."""
-    faults = "|".join(
-        str(GRPC_STATUS_CODES[c]) for c in sorted(error_codes, key=GRPC_STATUS_CODES.get)
-    )
+    faults = "|".join(str(n) for n in sorted(GRPC_STATUS_CODES[c] for c in error_codes))
     errors = (
         f'sum(increase({{{{__name__=~"envoy_cluster_grpc_({faults})",region="{{region}}",'
         'envoy_cluster_name="{cluster}"}}[{window}]))'
