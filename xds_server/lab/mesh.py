@@ -343,16 +343,12 @@ class LocalMesh:
     def proxyless_since(self, since: float, calls: int, timeout: float = 15) -> dict[str, Any]:
         """The proxyless clients' calls counted after `since` (from the first file each
         wrote after it), once there are at least `calls` of them: what they do now."""
-        first = wait_for(
-            lambda: (
-                [c.counts_at() for c in self.proxyless]
-                if all(c.counts_at()[0] > since for c in self.proxyless)
-                else None
-            ),
-            timeout,
-            "the proxyless clients' counts",
-        )
-        start = add_counts(counts for _, counts in first)
+
+        def written_after() -> list[dict[str, Any]] | None:
+            seen = [c.counts_at() for c in self.proxyless]
+            return [counts for _, counts in seen] if all(t > since for t, _ in seen) else None
+
+        start = add_counts(wait_for(written_after, timeout, "the proxyless clients' counts"))
 
         def grown() -> dict[str, Any] | None:
             delta = sub_counts(self.proxyless_counts(), start)
