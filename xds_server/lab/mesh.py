@@ -196,8 +196,10 @@ class LocalMesh:
         return self.workdir / "certs"
 
     def make_certs(self) -> None:
-        """A CA, the server's certificate and one per Envoy (hack/make-certs.sh)."""
+        """A CA, the server's certificate and one per Envoy and proxyless client
+        (hack/make-certs.sh)."""
         nodes = [f"{r}/{r}-envoy-{i}" for r, i, _, _ in self._envoy_ports]
+        nodes += [f"{r}/{node}" for r, node in self._proxyless_nodes()]
         subprocess.run(
             ["bash", str(MAKE_CERTS), str(self.certs), *nodes],
             check=True,
@@ -321,19 +323,23 @@ class LocalMesh:
     def start_proxyless(self, max_seconds: float = 600) -> None:
         """`proxyless_per_region` gRPC client processes per region, each dialing
         `xds:///recommender` with a gRPC xDS bootstrap of its region."""
+        for region, node_id in self._proxyless_nodes():
+            client = ProxylessClient(
+                self.workdir / "proxyless",
+                region,
+                node_id,
+                f"127.0.0.1:{self.xds_port}",
+                service=SERVICE,
+                rate=self.opts.proxyless_rate / self.opts.proxyless_per_region,
+                max_seconds=max_seconds,
+                tls=self._client_tls(region, node_id),
+            )
+            self.proxyless.append(client)
+
+    def _proxyless_nodes(self) -> list[tuple[str, str]]:
+        """(region, node id) of every proxyless client."""
         n = self.opts.proxyless_per_region
-        for region in self.opts.regions:
-            for i in range(1, n + 1):
-                client = ProxylessClient(
-                    self.workdir / "proxyless",
-                    region,
-                    f"{region}-grpc-{i}",
-                    f"127.0.0.1:{self.xds_port}",
-                    service=SERVICE,
-                    rate=self.opts.proxyless_rate / n,
-                    max_seconds=max_seconds,
-                )
-                self.proxyless.append(client)
+        return [(r, f"{r}-grpc-{i}") for r in self.opts.regions for i in range(1, n + 1)]
 
     def proxyless_counts(self, region: str | None = None) -> dict[str, Any]:
         """What the proxyless clients (of `region`, or all) have sent so far, added up

@@ -258,7 +258,9 @@ class ProxylessClient(Process):
         service: str,
         rate: float,
         max_seconds: float,
+        tls: tuple[str | None, ...] = (None, None, None),
     ) -> None:
+        """`tls`: (CA, certificate, key) files for xDS over (m)TLS, as an Envoy's."""
         self.region = region
         self.node_id = node_id
         workdir.mkdir(parents=True, exist_ok=True)
@@ -266,7 +268,8 @@ class ProxylessClient(Process):
         self.counts_path = workdir / f"{node_id}-counts.json"
         made = subprocess.run(
             [sys.executable, "-m", "xds_server.cli", "bootstrap", "--proxyless",
-             "--region", region, "--node-id", node_id, "--xds-address", xds_address],
+             "--region", region, "--node-id", node_id, "--xds-address", xds_address,
+             *_tls_flags(tls)],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         if made.returncode != 0:
@@ -290,3 +293,8 @@ class ProxylessClient(Process):
             return written, dict(json.loads(self.counts_path.read_text()))
         except (OSError, ValueError):
             return 0.0, {}
+
+
+def _tls_flags(tls: tuple[str | None, ...]) -> list[str]:
+    flags = ("--xds-tls-ca", "--xds-tls-cert", "--xds-tls-key")
+    return [arg for flag, path in zip(flags, tls, strict=True) if path for arg in (flag, path)]
