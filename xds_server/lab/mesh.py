@@ -28,7 +28,7 @@ from xds_server.lab.procs import (
     wait_for,
 )
 from xds_server.lab.prometheus import Prometheus, ScrapeTarget
-from xds_server.render.bootstrap import BootstrapOptions
+from xds_server.render.bootstrap import BootstrapOptions, GrpcBootstrapOptions
 from xds_server.rollout.audit import AuditEntry
 from xds_server.rollout.store import FILE_NAME, Store
 
@@ -324,15 +324,20 @@ class LocalMesh:
         """`proxyless_per_region` gRPC client processes per region, each dialing
         `xds:///recommender` with a gRPC xDS bootstrap of its region."""
         for region, node_id in self._proxyless_nodes():
+            ca, cert, key = self._client_tls(region, node_id)
             client = ProxylessClient(
+                GrpcBootstrapOptions(
+                    region,
+                    node_id,
+                    (("127.0.0.1", self.xds_port),),
+                    xds_tls_ca=ca,
+                    xds_tls_cert=cert,
+                    xds_tls_key=key,
+                ),
                 self.workdir / "proxyless",
-                region,
-                node_id,
-                f"127.0.0.1:{self.xds_port}",
                 service=SERVICE,
                 rate=self.opts.proxyless_rate / self.opts.proxyless_per_region,
                 max_seconds=max_seconds,
-                tls=self._client_tls(region, node_id),
             )
             self.proxyless.append(client)
 

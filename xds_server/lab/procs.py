@@ -21,7 +21,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from xds_server.render.bootstrap import BootstrapOptions, render_bootstrap
+from xds_server.render.bootstrap import (
+    BootstrapOptions,
+    GrpcBootstrapOptions,
+    render_bootstrap,
+    render_grpc_bootstrap,
+)
 
 T = TypeVar("T")
 
@@ -244,43 +249,32 @@ class Envoy(Process):
 
 class ProxylessClient(Process):
     """A proxyless gRPC caller (`python -m xds_server.lab.proxyless`): it dials
-    `xds:///SERVICE` and routes by xDS itself, with no Envoy, from the gRPC xDS bootstrap
-    that `xds-server bootstrap --proxyless` prints for its region. It writes what it has
-    sent so far to a JSON file every second (`counts`)."""
+    `xds:///SERVICE` and routes by xDS itself, with no Envoy, from a gRPC xDS bootstrap
+    from `render_grpc_bootstrap` (what `xds-server bootstrap --proxyless` prints). It
+    writes what it has sent so far to a JSON file every second (`counts`)."""
 
     def __init__(
         self,
+        opts: GrpcBootstrapOptions,
         workdir: Path,
-        region: str,
-        node_id: str,
-        xds_address: str,
         *,
         service: str,
         rate: float,
         max_seconds: float,
-        tls: tuple[str | None, ...] = (None, None, None),
     ) -> None:
-        """`tls`: (CA, certificate, key) files for xDS over (m)TLS, as an Envoy's."""
-        self.region = region
-        self.node_id = node_id
+        self.opts = opts
+        self.region = opts.region
         workdir.mkdir(parents=True, exist_ok=True)
-        self.bootstrap_path = workdir / f"{node_id}-bootstrap.json"
-        self.counts_path = workdir / f"{node_id}-counts.json"
-        made = subprocess.run(
-            [sys.executable, "-m", "xds_server.cli", "bootstrap", "--proxyless",
-             "--region", region, "--node-id", node_id, "--xds-address", xds_address,
-             *_tls_flags(tls)],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        if made.returncode != 0:
-            raise RuntimeError(f"bootstrap --proxyless for {node_id}: {made.stderr.strip()}")
-        self.bootstrap_path.write_text(made.stdout)
+        self.bootstrap_path = workdir / f"{opts.node_id}-bootstrap.json"
+        self.bootstrap_path.write_text(render_grpc_bootstrap(opts))
+        self.counts_path = workdir / f"{opts.node_id}-counts.json"
         argv = [sys.executable, "-m", "xds_server.lab.proxyless",
                 "--target", f"xds:///{service}", "--model", service,
                 "--rate", f"{rate:g}", "--duration", f"{max_seconds:g}",
                 "--out", str(self.counts_path)]  # fmt: skip
         env = {"GRPC_XDS_BOOTSTRAP": str(self.bootstrap_path)}
-        super().__init__(f"grpc-{node_id}", argv, workdir / f"{node_id}.log", env=env)
+        log = workdir / f"{opts.node_id}.log"
+        super().__init__(f"grpc-{opts.node_id}", argv, log, env=env)
 
     def counts(self) -> dict[str, Any]:
         """The client's last written counts ({} before its first write)."""
@@ -293,8 +287,3 @@ class ProxylessClient(Process):
             return written, dict(json.loads(self.counts_path.read_text()))
         except (OSError, ValueError):
             return 0.0, {}
-
-
-def _tls_flags(tls: tuple[str | None, ...]) -> list[str]:
-    flags = ("--xds-tls-ca", "--xds-tls-cert", "--xds-tls-key")
-    return [arg for flag, path in zip(flags, tls, strict=True) if path for arg in (flag, path)]
