@@ -10,19 +10,40 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+UPSTREAM_REQUESTS = (
+    'sum(increase(envoy_cluster_upstream_rq_total{{region="{region}",'
+    'envoy_cluster_name="{cluster}"}}[{window}]))'
+)
+UPSTREAM_5XX = (
+    'sum(increase(envoy_cluster_upstream_rq_xx{{region="{region}",'
+    'envoy_cluster_name="{cluster}",envoy_response_code_class="5"}}[{window}]))'
+)
+
+
+def delivered_query(errors: str) -> str:
+    """What a pool delivered: its completed upstream requests less its `errors`.
+
+    A request its caller gave up on (a stall) is reset, never completed. The counter
+    exists from the cluster's start; a response class's or a gRPC status's own series
+    does not (Envoy makes it on first use), and `increase()` cannot count what a series
+    held when it appeared, nor over a gap in the scrapes: a canary's first seconds at 5%,
+    or the first look after Prometheus was away, would read as nothing delivered."""
+    return (
+        "clamp_min(sum(increase(envoy_cluster_upstream_rq_completed"
+        '{{region="{region}",envoy_cluster_name="{cluster}"}}[{window}]))'
+        f" - ({errors} or vector(0)), 0)"
+    )
+
+
 DEFAULT_QUERIES: Mapping[str, str] = {
     # Over Envoy's own cluster stats, scraped from each Envoy with a `region` label.
-    "requests": 'sum(increase(envoy_cluster_upstream_rq_total{{region="{region}",'
-    'envoy_cluster_name="{cluster}"}}[{window}]))',
-    "errors": 'sum(increase(envoy_cluster_upstream_rq_xx{{region="{region}",'
-    'envoy_cluster_name="{cluster}",envoy_response_code_class="5"}}[{window}]))',
+    "requests": UPSTREAM_REQUESTS,
+    "errors": UPSTREAM_5XX,
     # Mirrored requests (the warm-up's shadow phase): Envoy's router drops their answers
     # before any filter sees them, so they are judged on the cluster's upstream stats
     # whatever the protocol (a gRPC service keeps these when its other queries change).
-    "shadow_requests": 'sum(increase(envoy_cluster_upstream_rq_total{{region="{region}",'
-    'envoy_cluster_name="{cluster}"}}[{window}]))',
-    "shadow_errors": 'sum(increase(envoy_cluster_upstream_rq_xx{{region="{region}",'
-    'envoy_cluster_name="{cluster}",envoy_response_code_class="5"}}[{window}]))',
+    "shadow_requests": UPSTREAM_REQUESTS,
+    "shadow_errors": UPSTREAM_5XX,
     "p99_ms": "histogram_quantile(0.99, sum by (le) (rate(envoy_cluster_upstream_rq_time_bucket"
     '{{region="{region}",envoy_cluster_name="{cluster}"}}[{window}])))',
     # One series per bucket (`le`), counts of requests at or below each bound, in ms.
@@ -33,11 +54,10 @@ DEFAULT_QUERIES: Mapping[str, str] = {
     '{{region="{region}",envoy_cluster_name="{cluster}"}})',
     "healthy_hosts": "sum(envoy_cluster_membership_healthy"
     '{{region="{region}",envoy_cluster_name="{cluster}"}})',
-    # Throughput: what the canary delivered (a response that is not a 5xx; a request the
-    # caller gave up on, or a reset, has none) against every request the service's pools
-    # were sent in the region.
-    "delivered": 'sum(increase(envoy_cluster_upstream_rq_xx{{region="{region}",'
-    'envoy_cluster_name="{cluster}",envoy_response_code_class=~"[1-4]"}}[{window}]))',
+    # Throughput: what the canary delivered (a completed response that is not a 5xx; a
+    # request the caller gave up on, or a reset, has none) against every request the
+    # service's pools were sent in the region.
+    "delivered": delivered_query(UPSTREAM_5XX),
     "service_requests": 'sum(increase(envoy_cluster_upstream_rq_total{{region="{region}",'
     'envoy_cluster_name=~"{service}\\\\|(production|baseline|canary)"}}[{window}]))',
     # Per tenant, from the model servers' own series (Envoy's stats have no tenant).
@@ -93,13 +113,9 @@ def grpc_queries(error_codes: tuple[str, ...]) -> dict[str, str]:
     UNAVAILABLE there), as `envoy_cluster_grpc_<code>`, `envoy_cluster_grpc_total`:
     requests are calls, errors the calls that ended in one of `error_codes`.
 
-    Delivered (the throughput check) is the cluster's completed upstream requests less
-    those errors. Not the other statuses' own series: Envoy creates those on a pool's
-    first call, and Prometheus' `increase()` cannot count what a series held when it
-    first appeared, so a canary's first seconds at 5% would look like nothing delivered.
-    `upstream_rq_completed` exists from the cluster's start, and leaves out a call its
-    caller gave up on. What the service's pools were sent stays Envoy's upstream request
-    count: such a call has no status, but was sent."""
+    Delivered (the throughput check) is `delivered_query` of those errors, as for HTTP.
+    What the service's pools were sent stays Envoy's upstream request count: a call its
+    caller gave up on has no status, but was sent."""
     faults = "|".join(str(n) for n in sorted(GRPC_STATUS_CODES[c] for c in error_codes))
     errors = (
         f'sum(increase({{{{__name__=~"envoy_cluster_grpc_({faults})",region="{{region}}",'
@@ -109,9 +125,7 @@ def grpc_queries(error_codes: tuple[str, ...]) -> dict[str, str]:
         "requests": 'sum(increase(envoy_cluster_grpc_total{{region="{region}",'
         'envoy_cluster_name="{cluster}"}}[{window}]))',
         "errors": errors,
-        "delivered": "clamp_min(sum(increase(envoy_cluster_upstream_rq_completed"
-        '{{region="{region}",envoy_cluster_name="{cluster}"}}[{window}]))'
-        f" - ({errors} or vector(0)), 0)",
+        "delivered": delivered_query(errors),
     }
 
 
