@@ -9,7 +9,7 @@ SCENARIO ?= healthy
 PROTOCOL ?=
 PROXYLESS ?= 0
 
-.PHONY: setup test lint fmt typecheck pytest demo bench clean prometheus kubectl openssl chromium
+.PHONY: setup test lint fmt typecheck pytest demo bench clean prometheus kubectl openssl chromium etcd
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +46,15 @@ chromium:
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
 
-setup: $(STAMP) prometheus kubectl openssl chromium
+# Debian's etcd (3.4), for replicas on etcd: `serve --store etcd://...`, `lab run --ha`
+# and their tests (which start their own three-member clusters on loopback).
+etcd:
+	@command -v etcd >/dev/null 2>&1 || { \
+	  echo "installing Debian's etcd-server package"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends etcd-server; }
+
+setup: $(STAMP) prometheus kubectl openssl chromium etcd
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -18,6 +18,8 @@ import fcntl
 import logging
 import os
 import signal
+import socket
+import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,10 @@ from typing import IO, Any
 
 from xds_server.admin.service import AdminService, run_admin_server
 from xds_server.admin.web import Dashboard
+from xds_server.ha.etcd import async_client, parse_store_url
+from xds_server.ha.leader import Election
+from xds_server.ha.replicas import ClusterDataPlane, Directory, ReplicaInfo, served_regions
+from xds_server.ha.store import EtcdStore
 from xds_server.outputs.istio_apply import IstioApplier, IstioSink
 from xds_server.outputs.notify import Notifier
 from xds_server.rollout.controller import RolloutController
@@ -32,7 +38,7 @@ from xds_server.rollout.metrics import PrometheusSource
 from xds_server.rollout.ports import StateStore
 from xds_server.rollout.state import RolloutState, current_rollouts, rollout_traffic
 from xds_server.rollout.store import Store
-from xds_server.spec import MeshSpec, SpecError, load_spec
+from xds_server.spec import MeshSpec, SpecError, load_spec, parse_spec
 from xds_server.telemetry import Telemetry
 from xds_server.traffic import TrafficState
 from xds_server.xds.dataplane import DataPlane
@@ -45,7 +51,8 @@ Task = Callable[[], Coroutine[Any, Any, None]]
 
 @dataclass(frozen=True)
 class ServeOptions:
-    spec_path: Path
+    spec_path: Path | None
+    """None only with `store_url` (the spec is then the store's)."""
     xds_address: str = "127.0.0.1:18000"
     state_dir: Path = Path("xds-state")
     prometheus_url: str = "http://127.0.0.1:9090"
@@ -67,6 +74,16 @@ class ServeOptions:
     """How often a follower reads the committed state."""
     ui_address: str = "127.0.0.1:18080"
     """The web dashboard; "" turns it off."""
+    store_url: str | None = None
+    """`etcd://HOST:PORT[,...]`: run as one replica of several on etcd (`ReplicaApp`);
+    None: one process on SQLite under `state_dir`."""
+    store_prefix: str = "/xds-server/default"
+    leader_ttl: float = 5.0
+    """The leader lease's TTL, seconds: how long a dead leader holds the rollouts up."""
+    regions: tuple[str, ...] = ()
+    """The regions this replica serves; (): all."""
+    replica_id: str = ""
+    """This replica's name in the store; "": the host name and the xDS port."""
 
 
 class SpecFile:
@@ -218,6 +235,8 @@ class Parts:
         self.controller = controller
         self.follower = follower
         self.istio = istio
+        self.directory: Directory | None = None
+        """Replicas on etcd: every replica's key (for `xdsctl status`)."""
 
     @property
     def spec(self) -> MeshSpec:
@@ -232,6 +251,7 @@ class Parts:
 class App:
     def __init__(self, options: ServeOptions) -> None:
         self.options = options
+        assert options.spec_path is not None, "one process serves a spec file"
         self.spec_file = SpecFile(options.spec_path)
         options.state_dir.mkdir(parents=True, exist_ok=True)
         publisher = XdsPublisher(
@@ -258,11 +278,14 @@ class App:
                 lambda: self.spec_file.spec, store, publisher, options.follow_interval
             )
 
-    def _lead(self, store: StateStore) -> None:
-        spec = self.spec_file.spec
+    def current_spec(self) -> MeshSpec:
+        return self.spec_file.spec
+
+    def _lead(self, store: StateStore, dataplane: DataPlane | None = None) -> None:
+        spec = self.current_spec()
         controller = RolloutController(
-            lambda: self.spec_file.spec,
-            self.parts.publisher,
+            self.current_spec,
+            dataplane or self.parts.publisher,
             store,
             PrometheusSource(self.options.prometheus_url),
         )
@@ -363,3 +386,226 @@ class App:
             if self.notifier is not None:
                 self.notifier.close(timeout=1.0)
             await parts.publisher.stop()
+
+
+class ReplicaApp(App):
+    """`serve --store etcd://...`: one replica of several, all serving xDS from the state
+    in etcd; the one that holds the leader key decides (ha/leader.py), the others follow
+    the store's watch. Build it with `await ReplicaApp.connect(options)`."""
+
+    def __init__(self, options: ServeOptions, store: EtcdStore, spec: MeshSpec) -> None:
+        self.options = options
+        self.store = store
+        self.spec_source = SpecFile(options.spec_path, spec) if options.spec_path else None
+        """With `--spec FILE`: its valid changes are pushed to the store (and served
+        from there, like anyone's push)."""
+        self.replica_id = options.replica_id or _default_replica_id(options.xds_address)
+        publisher = XdsPublisher(
+            spec,
+            tls=options.xds_tls,
+            client_ca=options.xds_client_ca,
+            trust_domain=options.xds_trust_domain,
+            routes_version=store.routes_version,
+        )
+        self.telemetry = Telemetry()
+        self.telemetry.attach(publisher)
+        self.parts = Parts(publisher, store)
+        self.notifier = None
+        self.directory = Directory(
+            store,
+            ReplicaInfo(
+                self.replica_id,
+                options.regions,
+                options.xds_address,
+                options.admin_address,
+                time.time(),
+            ),
+            publisher,
+            options.leader_ttl,
+        )
+        if options.regions:
+            publisher.ads.served = options.regions
+            publisher.ads.elsewhere = lambda region: ", ".join(self.directory.serving(region))
+        self.parts.follower = Follower(self.current_spec, store, publisher)
+        self.parts.directory = self.directory
+        self.election = Election(
+            store.client,
+            store.keys,
+            self.replica_id,
+            options.leader_ttl,
+            self._elected,
+            self._deposed,
+        )
+        store.on_fenced = self.election.step_down
+        store.may_write = self.election.valid
+        store.subscribe(self._store_changed)
+        self._leading: list[asyncio.Task[None]] = []
+        self._spec_text = ""
+        """The text of the spec served now (a watch event for the same text is no news)."""
+
+    @classmethod
+    async def connect(cls, options: ServeOptions) -> ReplicaApp:
+        """Load the store (pushing `--spec FILE` first when it differs); StoreError with
+        one line when the store cannot be reached or holds no spec."""
+        assert options.store_url is not None
+        address = parse_store_url(options.store_url, options.store_prefix)
+        store = EtcdStore(address, async_client(address))
+        try:
+            if options.spec_path is not None:
+                text = options.spec_path.read_text()
+                load_spec(options.spec_path)  # SpecError: named file, field, problem
+                if await store.push_spec(text, str(options.spec_path)):
+                    log.info("pushed %s to %s", options.spec_path, address)
+            await store.start()
+        except (SpecError, StoreError):
+            raise
+        except Exception as exc:
+            raise StoreError(f"cannot reach the store {address}: {_one_line(exc)}") from None
+        stored = store.view.spec
+        if stored is None:
+            raise StoreError(
+                f"the store {address} holds no spec under {address.prefix}: push one with "
+                "`xds-server spec push` or give `serve --spec FILE`"
+            )
+        spec = parse_spec(stored.text, f"{address}{store.keys.spec}")
+        if options.regions:
+            served_regions(options.regions, spec.regions)  # ValueError: a region it lacks
+        return cls(options, store, spec)
+
+    def current_spec(self) -> MeshSpec:
+        return self.parts.publisher.spec
+
+    # ---- the store's changes ----
+
+    def _store_changed(self, changed: frozenset[str]) -> None:
+        publisher = self.parts.publisher
+        if "leader" in changed:
+            self.election.wake()
+        if "spec" in changed:
+            self._apply_stored_spec()
+        if self.parts.controller is None and changed & {"spec", "rollouts", "routes"}:
+            assert self.parts.follower is not None
+            self.parts.follower.try_refresh()
+            publisher.refresh_versions("following the store")
+
+    def _apply_stored_spec(self) -> None:
+        stored = self.store.view.spec
+        if stored is None or stored.text == self._spec_text:
+            return
+        try:
+            spec = parse_spec(stored.text, f"{self.store.address}{self.store.keys.spec}")
+        except SpecError as exc:  # (pushes are validated: only a hand-written key gets here)
+            for line in exc.render().splitlines():
+                log.error("stored spec rejected, keeping the last good one: %s", line)
+            return
+        self._spec_text = stored.text
+        self.parts.publisher.apply_spec(spec, f"spec {stored.number} from the store")
+        if self.parts.controller is not None:
+            self.parts.controller.spec_changed()
+
+    def _push_spec_file(self, spec: MeshSpec, reason: str) -> None:
+        del spec  # validated: the store gets the file's text, every replica parses it
+        assert self.spec_source is not None
+        text = self.spec_source.path.read_text()
+        task = asyncio.get_running_loop().create_task(
+            self.store.push_spec(text, str(self.spec_source.path))
+        )
+        task.add_done_callback(_log_push)
+
+    # ---- leadership ----
+
+    def _elected(self, fence: int) -> None:
+        self.store.fence = fence
+        self._lead(self.store, ClusterDataPlane(self.parts.publisher, self.directory))
+        controller = self.parts.controller
+        assert controller is not None
+        controller.restore()
+        self._leading = [asyncio.get_running_loop().create_task(controller.run())]
+        if self.parts.istio is not None:
+            self._leading.append(asyncio.get_running_loop().create_task(self.parts.istio.run()))
+        self.directory.leading = True
+        self.directory.changed()
+
+    def _deposed(self, why: str) -> None:
+        self.store.fence = None
+        for task in self._leading:
+            task.cancel()
+        self._leading = []
+        self.parts.controller = None
+        self.parts.istio = None
+        if self.notifier is not None:
+            self.notifier.close(timeout=0)
+            self.notifier = None
+        self.directory.leading = False
+        self.directory.changed()
+        log.warning("following the store: %s", why)
+        assert self.parts.follower is not None
+        self.parts.follower.try_refresh()
+        self.parts.publisher.refresh_versions("following the store")
+
+    # ---- running ----
+
+    def tasks(self) -> list[Task]:
+        parts, opts = self.parts, self.options
+        admin = AdminService(parts, opts.admin_tokens, opts.admin_auth_reads)
+        tasks: list[Task] = [
+            self.store.watch,
+            self.election.run,
+            self.directory.run,
+            lambda: run_admin_server(admin, opts.admin_address, opts.admin_tls),
+            lambda: self.telemetry.sample_nodes_forever(parts.publisher),
+        ]
+        if self.spec_source is not None:
+            spec_file = self.spec_source
+            tasks.append(lambda: spec_file.watch(self._push_spec_file))
+        if opts.ui_address:
+            dashboard = Dashboard(parts, admin.operator)
+            tasks.append(lambda: dashboard.run(opts.ui_address))
+        return tasks
+
+    def reload(self, reason: str) -> None:
+        if self.spec_source is not None:
+            self.spec_source.poll(self._push_spec_file, reason, force=True)
+
+    async def serve(self) -> None:
+        """Serve the committed state before the xDS port opens (as one process restores
+        before it), then run until SIGTERM; a clean stop resigns at once."""
+        assert self.parts.follower is not None
+        self._spec_text = self.store.view.spec.text if self.store.view.spec else ""
+        self.parts.follower.try_refresh()
+        log.info(
+            "replica %s on %s: serving %s",
+            self.replica_id,
+            self.store.address,
+            ", ".join(self.options.regions) or "every region",
+        )
+        try:
+            await super().serve()
+        finally:
+            for task in self._leading:
+                task.cancel()
+            await self.election.resign()
+            await self.directory.withdraw()
+            self.store.close()
+
+
+class StoreError(Exception):
+    """The replica's store cannot be used; the message says which and why (one line)."""
+
+
+def _default_replica_id(xds_address: str) -> str:
+    return f"{socket.gethostname()}-{xds_address.rpartition(':')[2]}"
+
+
+def _log_push(task: asyncio.Task[Any]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("could not push the spec file to the store: %s", _one_line(exc))
+    elif (stored := task.result()) is not None:
+        log.info("pushed the spec file as spec %d", stored.number)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]

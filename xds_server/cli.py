@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from xds_server.render.bootstrap import (
     BootstrapOptions,
@@ -23,7 +25,12 @@ from xds_server.spec import SpecError, load_spec, parse_host_port, validate_spec
 from xds_server.spec.values import NAME_RE
 
 if TYPE_CHECKING:
+    from xds_server.app import ServeOptions
+    from xds_server.ha.etcd import EtcdAddress
+    from xds_server.ha.store import EtcdStore, StoredSpec
     from xds_server.rollout.state import RolloutState
+
+T = TypeVar("T")
 
 log = logging.getLogger("xds_server")
 
@@ -97,8 +104,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     metrics_host, metrics_port = split_host_port(args.metrics_address, "--metrics-address")
     if args.ui_address:
         split_host_port(args.ui_address, "--ui-address")
+    if not args.store:
+        if not args.spec:
+            raise UsageError("--spec FILE is required (without --store, it is the only spec)")
+        for flag in ("regions", "replica_id"):
+            if getattr(args, flag):
+                raise UsageError(f"--{flag.replace('_', '-')} goes with --store etcd://...")
+    regions = tuple(r.strip() for r in args.regions.split(",") if r.strip()) if args.regions else ()
+    if args.leader_ttl < 2:
+        raise UsageError(f"--leader-ttl: at least 2 seconds, got {args.leader_ttl}")
     options = ServeOptions(
-        spec_path=Path(args.spec),
+        spec_path=Path(args.spec) if args.spec else None,
         xds_address=args.xds_address,
         state_dir=Path(args.state_dir),
         prometheus_url=args.prometheus_url,
@@ -111,9 +127,125 @@ def cmd_serve(args: argparse.Namespace) -> int:
         xds_trust_domain=args.xds_trust_domain,
         admin_tls=_load_tls(args.admin_tls_cert, args.admin_tls_key, "--admin-tls"),
         ui_address=args.ui_address,
+        store_url=args.store,
+        store_prefix=args.store_prefix,
+        leader_ttl=args.leader_ttl,
+        regions=regions,
+        replica_id=args.replica_id or "",
     )
-    asyncio.run(App(options).serve())
+    if args.store:
+        _store_address(args)  # a bad --store is one line, before anything starts
+        asyncio.run(_serve_replica(options))
+    else:
+        asyncio.run(App(options).serve())
     return 0
+
+
+async def _serve_replica(options: ServeOptions) -> None:
+    from xds_server.app import ReplicaApp, StoreError
+
+    try:
+        app = await ReplicaApp.connect(options)
+    except (StoreError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    await app.serve()
+
+
+def _store_address(args: argparse.Namespace) -> EtcdAddress:
+    from xds_server.ha.etcd import StoreAddressError, parse_store_url
+
+    try:
+        return parse_store_url(args.store, args.store_prefix)
+    except StoreAddressError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_spec_push(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)  # SpecError: the file, the field, what is wrong
+    text = Path(args.spec).read_text()
+    address = _store_address(args)
+
+    async def push() -> StoredSpec | None:
+        async with _spec_store(address) as store:
+            return await store.push_spec(text, args.spec)
+
+    stored = _run_on_store(push(), address)
+    if stored is None:
+        print(f"{args.spec}: unchanged: the store's current spec is the same")
+    else:
+        print(
+            f"{args.spec}: pushed as spec {stored.number} (revision {stored.revision}): "
+            f"{len(spec.regions)} regions, {len(spec.services)} services"
+        )
+    return 0
+
+
+def cmd_spec_get(args: argparse.Namespace) -> int:
+    address = _store_address(args)
+
+    async def get() -> list[StoredSpec]:
+        async with _spec_store(address) as store:
+            return await store.spec_history()
+
+    history = _run_on_store(get(), address)
+    if not history:
+        raise UsageError(f"the store {address} holds no spec under {address.prefix}")
+    if args.number is None:
+        chosen = history[-1]
+    else:
+        found = [s for s in history if s.number == args.number]
+        if not found:
+            raise UsageError(f"--number {args.number}: no such spec (1 to {history[-1].number})")
+        chosen = found[0]
+    sys.stdout.write(chosen.text if chosen.text.endswith("\n") else chosen.text + "\n")
+    return 0
+
+
+def cmd_spec_history(args: argparse.Namespace) -> int:
+    address = _store_address(args)
+
+    async def get() -> list[StoredSpec]:
+        async with _spec_store(address) as store:
+            return await store.spec_history()
+
+    history = _run_on_store(get(), address)
+    print(f"{'SPEC':>4}  {'REVISION':>8}  {'PUSHED':<20}  {'SHA256':<12}  SOURCE")
+    for s in history:
+        pushed = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.pushed_at))
+        digest = hashlib.sha256(s.text.encode()).hexdigest()[:12]
+        print(f"{s.number:>4}  {s.revision:>8}  {pushed:<20}  {digest:<12}  {s.source}")
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def _spec_store(address: EtcdAddress) -> AsyncIterator[EtcdStore]:
+    from xds_server.ha.etcd import async_client
+    from xds_server.ha.store import EtcdStore
+
+    client = async_client(address, timeout=5)
+    store = EtcdStore(address, client)
+    try:
+        yield store
+    finally:
+        store.close()
+        with contextlib.suppress(Exception):
+            await client.close()
+
+
+def _run_on_store(work: Coroutine[Any, Any, T], address: EtcdAddress) -> T:
+    from xds_server.rollout.ports import StoreWriteError
+
+    try:
+        return asyncio.run(asyncio.wait_for(work, 10))
+    except StoreWriteError as exc:
+        raise UsageError(str(exc)) from None
+    except TimeoutError:
+        raise UsageError(f"the store {address} did not answer within 10 s") from None
+    except Exception as exc:
+        if isinstance(exc, SpecError | UsageError):
+            raise
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        raise UsageError(f"cannot use the store {address}: {why}") from None
 
 
 def _client_ca(args: argparse.Namespace) -> bytes | None:
@@ -160,9 +292,8 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         raise UsageError("--xds-tls-cert needs --xds-tls-ca (mTLS is TLS first)")
     if args.proxyless:
         return _bootstrap_proxyless(args)
-    if "," in args.xds_address:
-        raise UsageError("--xds-address: several addresses only with --proxyless")
-    host, port = split_host_port(args.xds_address, "--xds-address")
+    servers = [split_host_port(a.strip(), "--xds-address") for a in args.xds_address.split(",")]
+    (host, port), fallbacks = servers[0], tuple(servers[1:])
     if args.listen:
         split_host_port(args.listen, "--listen")
     opts = BootstrapOptions(
@@ -177,6 +308,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         xds_tls_ca=args.xds_tls_ca,
         xds_tls_cert=args.xds_tls_cert,
         xds_tls_key=args.xds_tls_key,
+        xds_fallbacks=fallbacks,
     )
     sys.stdout.write(render_bootstrap(opts))
     return 0
@@ -292,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--spec", required=True, metavar="FILE")
     c.set_defaults(func=cmd_check)
     _add_serve(sub)
+    _add_spec(sub)
     _add_bootstrap(sub)
     _add_manifests(sub)
     _add_lab(sub)
@@ -300,7 +433,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("serve", help="serve the mesh spec to Envoys over ADS")
-    s.add_argument("--spec", required=True, metavar="FILE")
+    s.add_argument(
+        "--spec",
+        metavar="FILE",
+        help="the mesh spec (required without --store; with it, its valid changes are "
+        "pushed to the store)",
+    )
+    _add_store_flags(s)
+    s.add_argument(
+        "--leader-ttl",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="with --store: the leader lease's TTL (a dead leader's rollouts wait this long)",
+    )
+    s.add_argument(
+        "--regions",
+        metavar="R1,R2",
+        help="with --store: serve only these regions' Envoys (default: every region)",
+    )
+    s.add_argument("--replica-id", help="with --store: this replica's name (default: host-port)")
     s.add_argument("--xds-address", default="127.0.0.1:18000", metavar="HOST:PORT")
     s.add_argument(
         "--state-dir",
@@ -361,6 +513,37 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     s.set_defaults(func=cmd_serve)
 
 
+def _add_store_flags(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument(
+        "--store",
+        required=required,
+        metavar="etcd://HOST:PORT[,...]",
+        help="replicas on etcd: the spec, rollout state and audit log live there",
+    )
+    p.add_argument(
+        "--store-prefix",
+        default="/xds-server/default",
+        metavar="PREFIX",
+        help="the keys' prefix in etcd (one mesh per prefix)",
+    )
+
+
+def _add_spec(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sp = sub.add_parser("spec", help="the mesh spec kept in etcd (replicas)")
+    sp_sub = sp.add_subparsers(dest="spec_command", required=True)
+    push = sp_sub.add_parser("push", help="validate a spec file, then store it as the next spec")
+    push.add_argument("--spec", required=True, metavar="FILE")
+    _add_store_flags(push, required=True)
+    push.set_defaults(func=cmd_spec_push)
+    get = sp_sub.add_parser("get", help="print the stored spec (the current one by default)")
+    get.add_argument("--number", type=int, help="an earlier spec, by its number in history")
+    _add_store_flags(get, required=True)
+    get.set_defaults(func=cmd_spec_get)
+    hist = sp_sub.add_parser("history", help="every spec pushed, oldest first")
+    _add_store_flags(hist, required=True)
+    hist.set_defaults(func=cmd_spec_history)
+
+
 def _add_bootstrap(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     b = sub.add_parser(
         "bootstrap", help="print an Envoy bootstrap (or a gRPC application's) for one node"
@@ -371,7 +554,8 @@ def _add_bootstrap(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "--xds-address",
         default="127.0.0.1:18000",
         metavar="HOST:PORT",
-        help="the xDS server; with --proxyless, several separated by commas (in order)",
+        help="the xDS server; several (replicas) separated by commas, the region's own "
+        "first: the others are tried in order when it is down",
     )
     b.add_argument(
         "--proxyless",

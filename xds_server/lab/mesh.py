@@ -17,6 +17,9 @@ from typing import Any
 
 import yaml
 
+from xds_server.ha.etcd import parse_store_url
+from xds_server.ha.store import EtcdStore
+from xds_server.lab.etcd import EtcdCluster
 from xds_server.lab.load import LoadGenerator
 from xds_server.lab.procs import (
     Envoy,
@@ -30,6 +33,7 @@ from xds_server.lab.procs import (
 from xds_server.lab.prometheus import Prometheus, ScrapeTarget
 from xds_server.render.bootstrap import BootstrapOptions, GrpcBootstrapOptions
 from xds_server.rollout.audit import AuditEntry
+from xds_server.rollout.state import RolloutState
 from xds_server.rollout.store import FILE_NAME, Store
 
 SERVICE = "recommender"
@@ -63,6 +67,11 @@ class MeshOptions:
     proxyless_rate: float = 10.0
     """Requests per second of each region's proxyless clients together, beside the load
     through its Envoys."""
+    ha: bool = False
+    """Replicas on etcd: a three-member etcd cluster and one `serve --store` replica per
+    region; each Envoy's bootstrap lists its region's replica first, the others after."""
+    leader_ttl: float = 3.0
+    """The replicas' `--leader-ttl` (with `ha`)."""
 
 
 class LocalMesh:
@@ -77,12 +86,22 @@ class LocalMesh:
         self.proxyless: list[ProxylessClient] = []
         self.envoys: list[Envoy] = []
         self.server: Process | None = None
+        """The server (with `ha`: the first region's replica, as a default)."""
+        self.replicas: dict[str, Process] = {}
+        """With `ha`: region -> its replica (`--replica-id` is the region's name)."""
+        self.replica_ports = {
+            r: {k: free_port() for k in ("xds", "admin", "metrics", "ui")}
+            for r in (self.opts.regions if self.opts.ha else ())
+        }
+        self.etcd: EtcdCluster | None = None
+        self._etcd_store: EtcdStore | None = None
         self.prometheus: Prometheus | None = None
         self.load: LoadGenerator | None = None
-        self.xds_port = free_port()
-        self.metrics_port = free_port()
-        self.admin_port = free_port()
-        self.ui_port = free_port()
+        first = self.replica_ports.get(self.opts.regions[0]) if self.opts.ha else None
+        self.xds_port = first["xds"] if first else free_port()
+        self.metrics_port = first["metrics"] if first else free_port()
+        self.admin_port = first["admin"] if first else free_port()
+        self.ui_port = first["ui"] if first else free_port()
         self.prometheus_port = free_port()
         self._state_store: Store | None = None
         self.spec_path = workdir / "mesh.yaml"
@@ -124,11 +143,18 @@ class LocalMesh:
                 20,
                 f"model server {region}/{pool}",
             )
+        if self.opts.ha:
+            self.etcd = EtcdCluster(self.workdir / "etcd").start()
         self.write_spec(with_canary=False)
         if self.opts.mtls:
             self.make_certs()
         self.start_prometheus()
-        self.start_server()
+        if self.opts.ha:
+            for region in self.opts.regions:
+                self.start_replica(region)
+            self.server = self.replicas[self.opts.regions[0]]
+        else:
+            self.start_server()
         for region, i, admin, listen in self._envoy_ports:
             node_id = f"{region}-envoy-{i}"
             ca, cert, key = self._client_tls(region, node_id)
@@ -137,7 +163,8 @@ class LocalMesh:
                     BootstrapOptions(
                         region=region,
                         node_id=node_id,
-                        xds_port=self.xds_port,
+                        xds_port=self.region_xds_port(region),
+                        xds_fallbacks=self.xds_fallbacks(region),
                         admin_port=admin,
                         listen=f"127.0.0.1:{listen}",
                         xds_tls_ca=ca,
@@ -159,9 +186,10 @@ class LocalMesh:
         procs: list[Process | None] = [
             *self.proxyless,
             *self.envoys,
-            self.server,
+            *(self.replicas.values() if self.replicas else [self.server]),
             self.prometheus,
             *self.models.values(),
+            *(self.etcd.processes() if self.etcd else []),
         ]
         return [p for p in procs if p is not None]
 
@@ -170,9 +198,14 @@ class LocalMesh:
             self.load.stop()
         for p in self.processes():
             p.stop()
+        if self.etcd is not None:
+            self.etcd.stop()  # (resumes a paused cluster first)
         if self._state_store is not None:
             self._state_store.close()
             self._state_store = None
+        if self._etcd_store is not None:
+            self._etcd_store.close()
+            self._etcd_store = None
 
     def __enter__(self) -> LocalMesh:
         return self.start()
@@ -190,6 +223,63 @@ class LocalMesh:
                 "--ui-address", f"127.0.0.1:{self.ui_port}",
                 "--log-format", "json", *self._token_args(), *self._mtls_args()]  # fmt: skip
         self.server = Process("xds-server", argv, self.workdir / "xds-server.log")
+
+    # ---- replicas on etcd (`ha`) ----
+
+    def region_xds_port(self, region: str) -> int:
+        return self.replica_ports[region]["xds"] if self.opts.ha else self.xds_port
+
+    def xds_fallbacks(self, region: str) -> tuple[tuple[str, int], ...]:
+        """The other replicas, in region order: where the region's Envoys go when their
+        own replica is down."""
+        return tuple(
+            ("127.0.0.1", ports["xds"]) for r, ports in self.replica_ports.items() if r != region
+        )
+
+    def start_replica(self, region: str) -> Process:
+        assert self.etcd is not None
+        ports = self.replica_ports[region]
+        argv = [sys.executable, "-m", "xds_server.cli", "serve",
+                "--store", self.etcd.url, "--regions", region, "--replica-id", region,
+                "--leader-ttl", f"{self.opts.leader_ttl:g}",
+                "--xds-address", f"127.0.0.1:{ports['xds']}",
+                "--prometheus-url", f"http://127.0.0.1:{self.prometheus_port}",
+                "--metrics-address", f"127.0.0.1:{ports['metrics']}",
+                "--admin-address", f"127.0.0.1:{ports['admin']}",
+                "--ui-address", f"127.0.0.1:{ports['ui']}",
+                "--log-format", "json", *self._token_args(), *self._mtls_args()]  # fmt: skip
+        self.replicas[region] = Process(
+            f"xds-server-{region}", argv, self.workdir / f"xds-server-{region}.log"
+        )
+        return self.replicas[region]
+
+    def etcd_store(self) -> EtcdStore:
+        """A reader of the replicas' store (its view re-read on each call's `read()`)."""
+        assert self.etcd is not None
+        if self._etcd_store is None:
+            self._etcd_store = EtcdStore(parse_store_url(self.etcd.url))
+        return self._etcd_store
+
+    def leader(self) -> str | None:
+        """The replica (region) that holds the leader key now, if any."""
+        store = self.etcd_store()
+        store.read()
+        return store.view.leader.replica if store.view.leader else None
+
+    def wait_leader(self, timeout: float = 30, other_than: str | None = None) -> str:
+        def elected() -> str | None:
+            lead = self.leader()
+            return lead if lead and lead != other_than else None
+
+        return wait_for(
+            elected,
+            timeout,
+            "a leader replica" + (f" other than {other_than}" if other_than else ""),
+            interval=0.05,
+        )
+
+    def replica_admin(self, region: str) -> int:
+        return self.replica_ports[region]["admin"] if self.opts.ha else self.admin_port
 
     @property
     def certs(self) -> Path:
@@ -251,7 +341,13 @@ class LocalMesh:
             )
             for region, i, admin, _ in self._envoy_ports
         ]
-        targets.append(ScrapeTarget(f"127.0.0.1:{self.metrics_port}", "/metrics", {}))
+        if self.opts.ha:
+            targets += [
+                ScrapeTarget(f"127.0.0.1:{p['metrics']}", "/metrics", {"replica": r})
+                for r, p in self.replica_ports.items()
+            ]
+        else:
+            targets.append(ScrapeTarget(f"127.0.0.1:{self.metrics_port}", "/metrics", {}))
         # The model servers' own series (outputs, tenants): `region` and `pool` come from
         # here, never from the exporter, so they cannot clash.
         targets += [
@@ -299,6 +395,12 @@ class LocalMesh:
         tmp = self.spec_path.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
         tmp.replace(self.spec_path)  # atomic: the server never reads half a file
+        if self.etcd is not None:  # replicas read the spec from the store: push it there
+            subprocess.run(
+                [sys.executable, "-m", "xds_server.cli", "spec", "push",
+                 "--spec", str(self.spec_path), "--store", self.etcd.url],
+                check=True, capture_output=True, timeout=60,
+            )  # fmt: skip
 
     def pool_port(self, region: str, pool: str) -> int:
         """The port Envoy (and proxyless clients) send a pool's requests to."""
@@ -408,8 +510,7 @@ class LocalMesh:
         return self._state_store
 
     def rollout_state(self) -> dict[str, Any] | None:
-        store = self._store()
-        states = store.load_rollouts() if store else []
+        states = self._states()
         if not states:
             return None
         s = states[-1]
@@ -428,8 +529,20 @@ class LocalMesh:
         return wait_for(reached, timeout, f"rollout phase in {sorted(phases)}", interval=0.1)
 
     def audit(self, after_id: int | None = None) -> list[AuditEntry]:
-        store = self._store()
-        return store.audit(after_id=after_id) if store else []
+        if self.etcd is not None:
+            store = self.etcd_store()
+            store.read()
+            return store.audit(after_id=after_id)
+        sqlite = self._store()
+        return sqlite.audit(after_id=after_id) if sqlite else []
+
+    def _states(self) -> list[RolloutState]:
+        if self.etcd is not None:
+            store = self.etcd_store()
+            store.read()
+            return store.load_rollouts()
+        sqlite = self._store()
+        return sqlite.load_rollouts() if sqlite else []
 
 
 def envoy_weights(envoy: Envoy) -> dict[str, int]:

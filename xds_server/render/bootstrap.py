@@ -34,6 +34,21 @@ class BootstrapOptions:
     """With `xds_tls_key`: this node's client certificate (mTLS), PEM. The server checks
     that the node's region and id are the ones its SPIFFE identity names."""
     xds_tls_key: str | None = None
+    xds_fallbacks: tuple[tuple[str, int], ...] = ()
+    """Further xDS servers (replicas), tried in this order when the first is down: each
+    gets the next priority, and a TCP health check tells Envoy which are up."""
+
+
+XDS_HEALTH_CHECK = {
+    "timeout": "1s",
+    "interval": "1s",
+    "no_traffic_interval": "1s",
+    "unhealthy_threshold": 1,
+    "healthy_threshold": 1,
+    "tcp_health_check": {},
+}
+"""With several xDS servers: a replica that stops answering is left after one failed
+probe (at most about 2 s), so the ADS stream's next reconnect goes to the next one."""
 
 
 def _duration(seconds: float) -> str:
@@ -90,9 +105,12 @@ def bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
 
 
 def _xds_cluster(opts: BootstrapOptions) -> dict[str, Any]:
-    """The static cluster the Envoy reaches the control plane through."""
+    """The static cluster the Envoy reaches the control plane through: one server, or
+    several in priority order (replicas on etcd: the region's own first)."""
+    servers = [(opts.xds_host, opts.xds_port), *opts.xds_fallbacks]
     try:
-        ipaddress.ip_address(opts.xds_host)
+        for host, _ in servers:
+            ipaddress.ip_address(host)
         discovery = "STATIC"
     except ValueError:
         discovery = "STRICT_DNS"
@@ -131,21 +149,19 @@ def _xds_cluster(opts: BootstrapOptions) -> dict[str, Any]:
             "cluster_name": XDS_CLUSTER,
             "endpoints": [
                 {
+                    "priority": priority,
                     "lb_endpoints": [
                         {
                             "endpoint": {
-                                "address": {
-                                    "socket_address": {
-                                        "address": opts.xds_host,
-                                        "port_value": opts.xds_port,
-                                    }
-                                }
+                                "address": {"socket_address": {"address": host, "port_value": port}}
                             }
                         }
-                    ]
+                    ],
                 }
+                for priority, (host, port) in enumerate(servers)
             ],
         },
+        **({"health_checks": [XDS_HEALTH_CHECK]} if opts.xds_fallbacks else {}),
     }
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 
 from xds_server.rollout import decide as sm
@@ -33,6 +33,7 @@ from xds_server.rollout.ports import (
     Committed,
     MetricSource,
     StateStore,
+    StoreFenced,
     StoreWriteError,
     TrafficSink,
 )
@@ -55,6 +56,11 @@ STORE_RETRY_SECONDS = 1.0
 
 class StoreUnavailable(Exception):
     """A decision that was not made because the store cannot be written (nothing changed)."""
+
+
+class NotLeader(Exception):
+    """The store refused a write because another replica leads: this controller stops
+    (the app turns the replica into a follower); what it decided was not pushed."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,7 @@ class RolloutController:
         self._sinks: list[TrafficSink] = []
         self.store_health = StoreHealth()
         self._store_watchers: list[Callable[[StoreHealth], None]] = []
-        self._unsaved: list[tuple[RolloutState, list[AuditEntry]]] = []
+        self._unsaved: list[tuple[RolloutState, list[AuditEntry], frozenset[str]]] = []
         """Rollbacks pushed but not committed, oldest first."""
         self._retry_at = 0.0
 
@@ -180,6 +186,9 @@ class RolloutController:
                     await asyncio.gather(*(self.tick(s) for s in due))
             except StoreUnavailable:
                 pass  # logged when the store began to fail; retried next interval
+            except NotLeader as exc:
+                log.warning("rollout controller stopped: %s", exc)
+                return
             except Exception:
                 log.exception("controller loop error; continuing")
             await asyncio.sleep(self.tick_seconds)  # the loop's period, not a wait for state
@@ -295,7 +304,7 @@ class RolloutController:
         changed = before.regions_changed(after)
         versions = {r: self.dataplane.next_version(r) for r in changed}
         entries = decision_entries(decision, before, after, versions, now, actor)
-        if not self._save(decision.state, entries, critical=decision.rollback):
+        if not self._save(decision.state, entries, critical=decision.rollback, regions=changed):
             if decision.rollback:
                 log.error(
                     "pushing the rollback of %s %s although it is not saved; it is saved "
@@ -303,7 +312,7 @@ class RolloutController:
                     svc.name,
                     decision.state.canary_version,
                 )
-                self._unsaved.append((decision.state, entries))
+                self._unsaved.append((decision.state, entries, frozenset(changed)))
                 self._set_store_health(unsaved_rollbacks=len(self._unsaved))
             elif changed or _moves(self.rollouts.get(svc.name), decision.state):
                 raise StoreUnavailable(
@@ -332,12 +341,22 @@ class RolloutController:
         if self._unsaved and self.clock() >= self._retry_at:
             self._save_unsaved()
 
-    def _save(self, state: RolloutState, entries: list[AuditEntry], *, critical: bool) -> bool:
-        """Write unsaved rollbacks first (in order), then this; False if anything failed."""
+    def _save(
+        self,
+        state: RolloutState,
+        entries: list[AuditEntry],
+        *,
+        critical: bool,
+        regions: Collection[str] = (),
+    ) -> bool:
+        """Write unsaved rollbacks first (in order), then this; False if anything failed.
+        NotLeader when the store says another replica leads."""
         if not self._save_unsaved():
             return False
         try:
-            self.store.record(state, entries, critical=critical)
+            self.store.record(state, entries, critical=critical, regions=regions)
+        except StoreFenced as exc:
+            raise NotLeader(str(exc)) from None
         except StoreWriteError as exc:
             self._store_failed(str(exc))
             return False
@@ -348,9 +367,11 @@ class RolloutController:
         if not self._unsaved:
             return True
         while self._unsaved:
-            state, entries = self._unsaved[0]
+            state, entries, regions = self._unsaved[0]
             try:
-                self.store.record(state, entries, critical=True)
+                self.store.record(state, entries, critical=True, regions=regions)
+            except StoreFenced as exc:
+                raise NotLeader(str(exc)) from None
             except StoreWriteError as exc:
                 self._store_failed(str(exc))
                 return False

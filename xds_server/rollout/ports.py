@@ -6,13 +6,13 @@ The controller depends on these and on the data plane's port (`xds.dataplane`) o
 | port          | implemented by                                   |
 | ------------- | ------------------------------------------------ |
 | MetricSource  | `rollout.metrics.PrometheusSource`               |
-| StateStore    | `rollout.store.Store` (SQLite)                   |
+| StateStore    | `rollout.store.Store` (SQLite), `ha.store.EtcdStore` |
 | TrafficSink   | `telemetry.Telemetry`, `outputs.istio_apply`, the admin event stream |
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -102,6 +102,11 @@ class StoreWriteError(Exception):
     """A `StateStore.record` that committed nothing; the message says why."""
 
 
+class StoreFenced(StoreWriteError):
+    """A write refused because this process no longer leads (replicas on a shared store):
+    it must stop deciding, and push nothing it decided."""
+
+
 class StateStore(Protocol):
     """Rollout state and the append-only audit log. `record` is atomic: the state and
     its entries are committed together, or neither is (StoreWriteError)."""
@@ -111,9 +116,16 @@ class StateStore(Protocol):
     def rollout(self, service: str, version: str) -> RolloutState | None: ...
 
     def record(
-        self, state: RolloutState, entries: Sequence[AuditEntry], *, critical: bool = False
+        self,
+        state: RolloutState,
+        entries: Sequence[AuditEntry],
+        *,
+        critical: bool = False,
+        regions: Collection[str] = (),
     ) -> None:
-        """`critical`: a rollback, which may use room kept for it (a full disk)."""
+        """`critical`: a rollback, which may use room kept for it (a full disk).
+        `regions`: those whose weights this decision changes (a replicated store marks
+        them, so that every replica gives their new routes one version)."""
         ...
 
     def audit(
@@ -161,6 +173,7 @@ __all__ = [
     "MetricSource",
     "QueryCheck",
     "StateStore",
+    "StoreFenced",
     "StoreWriteError",
     "TrafficSink",
     "Where",

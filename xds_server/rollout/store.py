@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import astuple, fields
 from pathlib import Path
 from typing import Any
@@ -124,11 +124,17 @@ class Store:
         return state_from_json(row[0]) if row else None
 
     def record(
-        self, state: RolloutState, entries: Sequence[AuditEntry], *, critical: bool = False
+        self,
+        state: RolloutState,
+        entries: Sequence[AuditEntry],
+        *,
+        critical: bool = False,
+        regions: Collection[str] = (),
     ) -> None:
         """Save the state and its audit entries in one transaction, or raise
         StoreWriteError with nothing saved. `critical` (a rollback): if the disk is full,
-        spend the reserve and try once more."""
+        spend the reserve and try once more. (`regions`: one process has one version
+        counter; nothing to mark.)"""
         try:
             self._record(state, entries)
         except sqlite3.Error as exc:

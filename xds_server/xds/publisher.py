@@ -55,6 +55,7 @@ class XdsPublisher:
         tls: tuple[bytes, bytes] | None = None,
         client_ca: bytes | None = None,
         trust_domain: str | None = None,
+        routes_version: Callable[[str], int] | None = None,
     ) -> None:
         self.spec = spec
         self.tls = tls
@@ -79,6 +80,10 @@ class XdsPublisher:
         self.port = 0
         # Versions start from the wall clock (ms) so that they keep growing across restarts.
         self.initial_version = int(time.time() * 1000)
+        self.routes_version = routes_version
+        """Replicas on a shared store: a region's routes version, derived from the store
+        (equal on every replica for equal state). None: versions count from
+        `initial_version`, as one process needs."""
         self.nodes.subscribe(self._on_node_event)
         for region in spec.regions:
             self._rebuild(region, "initial spec")
@@ -91,21 +96,23 @@ class XdsPublisher:
     def routes_applied(self, region: str) -> RouteStatus:
         """Has every connected node of the region ACKed the current routes? (Every Envoy,
         and every proxyless gRPC client that subscribes to routes: `judged_on`.)"""
-        version = self.snapshot(region).type_version(ROUTE)
-        published = self._routes_published.get(region, time.time())
-        nodes = self.nodes.judged(region, ROUTE)
-        for n in nodes:
-            ts = n.types[ROUTE]
-            if ts.nack_version == version and ts.acked_version != version:
-                return Rejected(version, n.node_id, ts.nack_error, n.identity)
-        lagging = tuple(n.node_id for n in nodes if n.types[ROUTE].acked_version != version)
-        if lagging:
-            return Pending(version, published, lagging)
-        acked = [t for n in nodes if (t := n.types[ROUTE].acked_at) is not None]
-        return Applied(version, max([published, *acked]), len(nodes))
+        return judge_routes(
+            self.snapshot(region).type_version(ROUTE),
+            self._routes_published.get(region, time.time()),
+            self.nodes.judged(region, ROUTE),
+        )
 
     def node_status(self, region: str | None = None) -> list[NodeStatus]:
         return self.nodes.nodes(region)
+
+    def routes_published(self, region: str) -> float:
+        """When the region's current routes were published (the ACK clock's start)."""
+        return self._routes_published.get(region, time.time())
+
+    def refresh_versions(self, reason: str) -> None:
+        """The store's versions moved (`routes_version`): rebuild every region, so routes
+        whose content did not change still carry the version other replicas give them."""
+        self._mark_dirty(self.spec.regions, reason, urgent=True)
 
     # ---- serving ----
 
@@ -188,11 +195,12 @@ class XdsPublisher:
         old = self.cache.get(region)
         resources, retained = self._keep_removed_clusters(self.build_resources(region), old)
         listen = (self.spec.listener.address, self.spec.listener.port)
+        floor = self.routes_version(region) if self.routes_version is not None else 0
         try:
             snap = (
-                Snapshot.first(resources, listen, self.initial_version)
+                Snapshot.first(resources, listen, floor or self.initial_version)
                 if old is None
-                else old.successor(resources, listen, retained)
+                else old.successor(resources, listen, retained, routes_version=floor)
             )
         except SnapshotError as exc:
             log.error("not pushing an inconsistent snapshot (%s): %s", reason, exc)
@@ -316,6 +324,20 @@ class XdsPublisher:
             await self._grpc.stop(grace)
             self._grpc = None
             self.ads.closing = False
+
+
+def judge_routes(version: str, published: float, nodes: Iterable[NodeStatus]) -> RouteStatus:
+    """Where these nodes stand on routes `version`, published at `published`."""
+    nodes = list(nodes)
+    for n in nodes:
+        ts = n.types[ROUTE]
+        if ts.nack_version == version and ts.acked_version != version:
+            return Rejected(version, n.node_id, ts.nack_error, n.identity)
+    lagging = tuple(n.node_id for n in nodes if n.types[ROUTE].acked_version != version)
+    if lagging:
+        return Pending(version, published, lagging)
+    acked = [t for n in nodes if (t := n.types[ROUTE].acked_at) is not None]
+    return Applied(version, max([published, *acked]), len(nodes))
 
 
 def tune_gc_for_many_streams() -> None:

@@ -24,6 +24,7 @@ from xds_server.xds.sotw import SotwStream
 from xds_server.xds.status import NodeRegistry, NodeStatus, clip
 from xds_server.xds.stream import (
     MAX_NAMES_PER_TYPE,
+    NodeError,
     NodeIdentity,
     StreamError,
     StreamProtocol,
@@ -54,6 +55,10 @@ class AdsService:
         """The live stream of each node id, and how to wake it."""
         self._replaced: set[int] = set()
         """Streams ended because a newer stream of the same node id came."""
+        self.served: Collection[str] | None = None
+        """A regional replica's regions (`serve --regions`); None: every region."""
+        self.elsewhere: Callable[[str], str] = lambda region: ""
+        """Where a region this replica does not serve is served (for the refusal)."""
 
     def close(self) -> None:
         """End every stream normally (the nodes reconnect), before the gRPC server stops."""
@@ -168,6 +173,17 @@ class AdsService:
         first request applied; None when the stream was refused (with a status)."""
         try:
             ident = identify(first.node, self.regions)
+            if self.served is not None and ident.region not in self.served:
+                where = self.elsewhere(ident.region)
+                raise NodeError(
+                    f"node {clip(ident.node_id, quote=True)} is in region {ident.region}, "
+                    f"which this replica does not serve (it serves {', '.join(self.served)}); "
+                    + (
+                        f"{ident.region} is served by {where}"
+                        if where
+                        else f"no replica serving {ident.region} is known"
+                    )
+                )
         except StreamError as exc:
             await _refuse(context, exc)
             return None

@@ -207,10 +207,17 @@ class Snapshot:
         resources: RegionResources,
         listen: ListenAddress,
         retained: frozenset[str] = frozenset(),
+        routes_version: int = 0,
     ) -> Snapshot:
-        """The next snapshot: version + 1; unchanged types keep their versions."""
-        version = self.version + 1
+        """The next snapshot: version + 1; unchanged types keep their versions.
+
+        `routes_version` (replicas on a shared store): when it is above this snapshot's
+        version, the successor takes it, and its routes take it even if unchanged, so
+        that every replica gives the same routes the same version."""
+        version = max(self.version + 1, routes_version)
         versions = dict(self.type_versions)
+        if routes_version > self.version:
+            versions[ROUTE] = version
         memo, targets = self._proxyless, None
         if memo.named or memo.routes:  # (some gRPC client asked: else none of this)
             targets = MappingProxyType(

@@ -1,0 +1,378 @@
+"""The etcd `StateStore`: rollout state, the audit log, the spec and the routes versions.
+
+Every replica keeps a `View` of everything under the prefix, loaded once and then kept
+current by one watch. Reads (the port's `load_rollouts`, `audit`, ...) are answered from
+the view, never by a round trip, so an unreachable etcd never blocks the event loop on
+a read and a follower serves exactly what the watch delivered.
+
+Writes are the leader's, and fenced: `record` is one transaction that commits the state,
+its audit entries and the routes keys of the regions it changes only while the leader
+key still has the create revision this replica won it with (`fence`). A deposed leader
+(paused past its lease, partitioned) is refused (`StoreFenced`) and never commits.
+
+Routes versions: a region's snapshot carries `routes_version(region)`, the newest of the
+spec's revision and the region's routes key's revision, times 1000 (the lower digits are
+left to the replica's own make-before-break rebuilds). It is derived from the store, so
+every replica gives the same routes the same version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import grpc
+from aetcd import rpc
+
+from xds_server.ha.etcd import (
+    EtcdAddress,
+    Keys,
+    SyncKV,
+    compare_create_revision,
+    compare_version,
+    put_op,
+    range_end,
+)
+from xds_server.rollout.audit import AuditEntry
+from xds_server.rollout.ports import StoreFenced, StoreWriteError
+from xds_server.rollout.state import RolloutState, state_from_json, state_to_json
+
+log = logging.getLogger("xds_server.ha.store")
+
+VERSION_SCALE = 1000
+"""A store revision R gives routes version R * 1000."""
+WATCH_RETRY_SECONDS = 0.5
+
+
+class StoreReadError(Exception):
+    """The store could not be read; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class StoredSpec:
+    text: str
+    revision: int
+    """The spec key's mod revision."""
+    number: int
+    """1 for the first spec pushed, then 2, 3, ..."""
+    pushed_at: float
+    source: str
+
+
+@dataclass(frozen=True)
+class LeaderKey:
+    replica: str
+    create_revision: int
+    lease: int
+
+
+@dataclass
+class View:
+    """Everything under the prefix, as of `revision`."""
+
+    revision: int = 0
+    spec: StoredSpec | None = None
+    rollouts: dict[tuple[str, str], RolloutState] = field(default_factory=dict)
+    audit: dict[int, AuditEntry] = field(default_factory=dict)
+    routes: dict[str, int] = field(default_factory=dict)
+    """Region -> the mod revision of its routes key."""
+    leader: LeaderKey | None = None
+    replicas: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+Listener = Callable[[frozenset[str]], None]
+"""Told which parts changed ("spec", "rollouts", "routes", "leader", "replicas", "audit")."""
+
+
+class EtcdStore:
+    """The `StateStore` of a replica. `await start()` loads the view; `watch()` keeps it."""
+
+    def __init__(self, address: EtcdAddress, client: Any = None) -> None:
+        self.address = address
+        self.keys = Keys(address.prefix)
+        self.client = client
+        """The aetcd client (the watch, leases, the election)."""
+        self.kv = SyncKV(address)
+        self.view = View()
+        self.fence: int | None = None
+        """The leader key's create revision while this replica leads; None: it does not."""
+        self.on_fenced: Callable[[str], None] | None = None
+        self.may_write: Callable[[], bool] = lambda: True
+        """The election's deadline: False once the lease may have run out unrenewed."""
+        self._listeners: list[Listener] = []
+        self._changed: set[str] = set()
+        self._notify_handle: asyncio.Handle | None = None
+        self.path = str(address)
+        """What a log line calls this store."""
+
+    # ---- the view ----
+
+    async def start(self) -> None:
+        """Load everything under the prefix (raises when etcd cannot be reached)."""
+        got = await self.client.get_prefix(self.keys.everything.encode())
+        view = View(revision=got.header.revision)
+        for kv in got:
+            self._apply(view, kv.key.decode(), kv, deleted=False)
+        self.view = view
+
+    def read(self) -> None:
+        """Load the view now, blocking (a reader outside any event loop: the lab, `manifests
+        istio --store`); StoreReadError when etcd does not answer."""
+        try:
+            got = self.kv.range(self.keys.everything, range_end(self.keys.everything))
+        except grpc.RpcError as exc:
+            raise StoreReadError(f"cannot read {self.path}: {_rpc_error(exc)}") from None
+        view = View(revision=got.header.revision)
+        for kv in got.kvs:
+            self._apply(view, kv.key.decode(), kv, deleted=False)
+        self.view = view
+
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    async def watch(self) -> None:
+        """Keep the view current until cancelled; reconnects (from the last revision
+        seen, so nothing is missed) whenever the stream breaks."""
+        while True:
+            try:
+                watch = await self.client.watch_prefix(
+                    self.keys.everything.encode(), start_revision=self.view.revision + 1
+                )
+                async for event in watch:
+                    self._on_event(event)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("store watch broken (%s); retrying", _one_line(exc))
+            await asyncio.sleep(WATCH_RETRY_SECONDS)  # reconnect backoff
+
+    def _on_event(self, event: Any) -> None:
+        kv = event.kv
+        view = self.view
+        if kv.mod_revision < view.revision and event.kind == "PUT":
+            return  # applied already (a reconnect's replay); a commit's events share one
+        part = self._apply(view, kv.key.decode(), kv, deleted=event.kind == "DELETE")
+        view.revision = max(view.revision, kv.mod_revision)
+        if part:
+            self._changed.add(part)
+            if self._notify_handle is None:
+                # One notice per batch: the events of one commit arrive together.
+                self._notify_handle = asyncio.get_running_loop().call_soon(self._notify)
+
+    def _notify(self) -> None:
+        self._notify_handle = None
+        changed, self._changed = frozenset(self._changed), set()
+        for listener in list(self._listeners):
+            try:
+                listener(changed)
+            except Exception:
+                log.exception("a store listener failed; continuing")
+
+    def _apply(self, view: View, key: str, kv: Any, *, deleted: bool) -> str | None:
+        rest = key[len(self.keys.prefix) + 1 :]
+        kind, _, name = rest.partition("/")
+        value = b"" if deleted else kv.value
+        try:
+            if rest == "spec" and not deleted:
+                doc = json.loads(value)
+                view.spec = StoredSpec(
+                    doc["text"], kv.mod_revision, kv.version, doc["pushed_at"], doc["source"]
+                )
+                return "spec"
+            if kind == "rollouts" and not deleted:
+                state = state_from_json(value.decode())
+                view.rollouts[(state.service, state.canary_version)] = state
+                return "rollouts"
+            if kind == "audit" and not deleted:
+                entry = _entry_from_json(value, int(name), kv.mod_revision)
+                view.audit[entry.id] = entry
+                return "audit"
+            if kind == "routes":
+                view.routes[name] = kv.mod_revision
+                return "routes"
+            if rest == "leader":
+                view.leader = (
+                    None if deleted else LeaderKey(value.decode(), kv.create_revision, kv.lease)
+                )
+                return "leader"
+            if kind == "replicas":
+                if deleted:
+                    view.replicas.pop(name, None)
+                else:
+                    view.replicas[name] = json.loads(value)
+                return "replicas"
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("ignoring unreadable store key %s: %s", key, _one_line(exc))
+        return None
+
+    # ---- versions ----
+
+    def routes_version(self, region: str) -> int:
+        spec = self.view.spec.revision if self.view.spec else 0
+        return max(spec, self.view.routes.get(region, 0)) * VERSION_SCALE
+
+    # ---- the StateStore port ----
+
+    def load_rollouts(self) -> list[RolloutState]:
+        return sorted(self.view.rollouts.values(), key=lambda s: s.updated_at)
+
+    def rollout(self, service: str, version: str) -> RolloutState | None:
+        return self.view.rollouts.get((service, version))
+
+    def record(
+        self,
+        state: RolloutState,
+        entries: Sequence[AuditEntry],
+        *,
+        critical: bool = False,
+        regions: Collection[str] = (),
+    ) -> None:
+        """Commit the state, its entries and the routes keys of `regions` in one
+        transaction, fenced on the leader key. StoreFenced when this replica does not
+        lead; StoreWriteError when etcd does not answer in time."""
+        del critical  # etcd keeps no reserve: a full etcd refuses every write alike
+        if self.fence is None:
+            raise StoreFenced("this replica does not lead: it writes nothing")
+        if not self.may_write():
+            why = "the leader lease was not renewed in time: not writing"
+            if self.on_fenced is not None:
+                self.on_fenced(why)
+            raise StoreFenced(why)
+        seq = max(self.view.audit, default=0)
+        ops = [put_op(self.keys.rollout(state.service, state.canary_version),
+                      state_to_json(state).encode())]  # fmt: skip
+        audit_keys = []
+        for e in entries:
+            seq += 1
+            audit_keys.append(self.keys.audit(seq))
+            ops.append(put_op(audit_keys[-1], _entry_to_json(e)))
+        for region in sorted(regions):
+            ops.append(put_op(self.keys.routes(region), b"%d" % seq))
+        compare = [compare_create_revision(self.keys.leader, self.fence)]
+        compare += [compare_create_revision(k, 0) for k in audit_keys]
+        request = rpc.TxnRequest(compare=compare, success=ops)
+        try:
+            reply = self.kv.txn(request)
+        except grpc.RpcError as exc:
+            raise StoreWriteError(f"cannot write {self.path}: {_rpc_error(exc)}") from None
+        if not reply.succeeded:
+            fence, self.fence = self.fence, None
+            why = (
+                f"refused: the leader key is no longer the one this replica won "
+                f"(revision {fence}): another replica leads"
+            )
+            if self.on_fenced is not None:
+                self.on_fenced(why)
+            raise StoreFenced(why)
+        # Our own commit is in the view at once (the watch's copy is then skipped).
+        revision = reply.header.revision
+        view = self.view
+        view.rollouts[(state.service, state.canary_version)] = state
+        first = seq - len(entries) + 1
+        for i, e in enumerate(entries):
+            version = None if e.snapshot_version is None else revision * VERSION_SCALE
+            view.audit[first + i] = replace(e, id=first + i, snapshot_version=version)
+        for region in regions:
+            view.routes[region] = revision
+        # Everything below `revision` was seen by the watch or is ours.
+        if revision == view.revision + 1:
+            view.revision = revision
+
+    def audit(
+        self,
+        service: str | None = None,
+        region: str | None = None,
+        since: float | None = None,
+        kind: str | None = None,
+        limit: int | None = None,
+        after_id: int | None = None,
+    ) -> list[AuditEntry]:
+        out = [
+            e
+            for _, e in sorted(self.view.audit.items())
+            if (service is None or e.service == service)
+            and (region is None or e.region == region)
+            and (kind is None or e.kind == kind)
+            and (since is None or e.time >= since)
+            and (after_id is None or e.id > after_id)
+        ]
+        return out[-limit:] if limit is not None else out
+
+    def latest_checks(self, service: str, version: str) -> dict[str, AuditEntry]:
+        out: dict[str, AuditEntry] = {}
+        for _, e in sorted(self.view.audit.items()):
+            if (e.service, e.canary_version, e.kind) == (service, version, "check") and e.region:
+                out[e.region] = e
+        return out
+
+    def close(self) -> None:
+        self.kv.close()
+
+    # ---- the spec ----
+
+    async def push_spec(self, text: str, source: str) -> StoredSpec | None:
+        """Write a (validated) spec as the next one; None if it equals the current."""
+        current = await self.client.get(self.keys.spec.encode())
+        number = current.version if current is not None else 0
+        if current is not None and json.loads(current.value)["text"] == text:
+            return None
+        doc = json.dumps({"text": text, "pushed_at": time.time(), "source": source}).encode()
+        if not await self._push_txn(number, doc):
+            again = await self.client.get(self.keys.spec.encode())
+            if again is not None and json.loads(again.value)["text"] == text:
+                return None  # (another replica pushed the same file at the same moment)
+            raise StoreWriteError("another spec was pushed at the same moment; try again")
+        got = await self.client.get(self.keys.spec.encode())
+        return StoredSpec(text, got.mod_revision, got.version, time.time(), source)
+
+    async def _push_txn(self, number: int, doc: bytes) -> bool:
+        """The spec and its history entry, only if no other push came in between."""
+        await self.client.connect()
+        request = rpc.TxnRequest(
+            compare=[compare_version(self.keys.spec, number)],
+            success=[put_op(self.keys.spec, doc), put_op(self.keys.spec_history(number + 1), doc)],
+        )
+        reply = await self.client.kvstub.Txn(request, timeout=5)
+        return bool(reply.succeeded)
+
+    async def spec_history(self) -> list[StoredSpec]:
+        prefix = self.keys.spec_history()
+        got = await self.client.get_prefix(prefix.encode())
+        out = []
+        for kv in got:
+            doc = json.loads(kv.value)
+            number = int(kv.key.decode()[len(prefix) :])
+            out.append(StoredSpec(doc["text"], kv.mod_revision, number, doc["pushed_at"],
+                                  doc["source"]))  # fmt: skip
+        return sorted(out, key=lambda s: s.number)
+
+
+def _entry_to_json(e: AuditEntry) -> bytes:
+    doc = asdict(e)
+    doc.pop("id")
+    # The version is this transaction's revision (known only once it commits): kept as
+    # a mark, filled in on reading from the key's revision.
+    doc["snapshot_version"] = None if e.snapshot_version is None else "commit"
+    return json.dumps(doc).encode()
+
+
+def _entry_from_json(value: bytes, seq: int, revision: int) -> AuditEntry:
+    doc = json.loads(value)
+    if doc.get("snapshot_version") is not None:
+        doc["snapshot_version"] = revision * VERSION_SCALE
+    return AuditEntry(**doc, id=seq)
+
+
+def _rpc_error(exc: grpc.RpcError) -> str:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return f"{code.name if code else 'error'}: {details}"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]

@@ -1,0 +1,135 @@
+"""A real etcd cluster on loopback (Debian's `etcd-server`, etcd 3.4): the lab's and the
+tests' store for replicas. Each member is its own process with its own data directory,
+so a test can kill, pause or restart one."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from pathlib import Path
+
+from xds_server.lab.procs import Process, free_port, http_get, wait_for
+
+ETCD_BINARY = "etcd"
+
+
+def etcd_binary() -> str:
+    found = shutil.which(ETCD_BINARY)
+    if found is None:
+        raise FileNotFoundError(
+            "etcd not found: install Debian's etcd-server package (make setup does)"
+        )
+    return found
+
+
+class EtcdMember:
+    def __init__(self, name: str, workdir: Path, client_port: int, peer_port: int) -> None:
+        self.name = name
+        self.workdir = workdir
+        self.client_port = client_port
+        self.peer_port = peer_port
+        self.process: Process | None = None
+
+    @property
+    def client_url(self) -> str:
+        return f"http://127.0.0.1:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
+    def start(self, initial_cluster: str, state: str = "new") -> None:
+        argv = [
+            etcd_binary(),
+            "--name", self.name,
+            "--data-dir", str(self.workdir / self.name),
+            "--listen-client-urls", self.client_url,
+            "--advertise-client-urls", self.client_url,
+            "--listen-peer-urls", self.peer_url,
+            "--initial-advertise-peer-urls", self.peer_url,
+            "--initial-cluster", initial_cluster,
+            "--initial-cluster-state", state,
+            "--initial-cluster-token", "xds-server-lab",
+            # Loopback: short heartbeats, so a lost member is noticed (and a new raft
+            # leader elected) in well under a second.
+            "--heartbeat-interval", "50",
+            "--election-timeout", "500",
+            "--logger", "zap",
+            "--log-level", "warn",
+        ]  # fmt: skip
+        self.process = Process(f"etcd-{self.name}", argv, self.workdir / f"{self.name}.log")
+
+    def healthy(self) -> bool:
+        if self.process is None or not self.process.alive():
+            return False
+        status, body, _ = http_get(f"{self.client_url}/health", timeout=1.0)
+        return status == 200 and b'"true"' in body
+
+
+class EtcdCluster:
+    """`members` etcd processes forming one cluster; `endpoints` for `--store`."""
+
+    def __init__(self, workdir: Path, members: int = 3) -> None:
+        self.workdir = workdir
+        self.members = [
+            EtcdMember(f"etcd{i}", workdir, free_port(), free_port()) for i in range(members)
+        ]
+
+    @property
+    def initial_cluster(self) -> str:
+        return ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+
+    @property
+    def url(self) -> str:
+        """`etcd://127.0.0.1:P1,127.0.0.1:P2,...`, for `serve --store`."""
+        return "etcd://" + ",".join(f"127.0.0.1:{m.client_port}" for m in self.members)
+
+    def start(self, timeout: float = 30.0) -> EtcdCluster:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for m in self.members:
+            m.start(self.initial_cluster)
+        self.wait_healthy(timeout)
+        return self
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        wait_for(
+            lambda: all(m.healthy() for m in self.members if m.process and m.process.alive()),
+            timeout,
+            "every running etcd member to report healthy",
+            interval=0.1,
+        )
+
+    def kill(self, index: int) -> None:
+        """SIGKILL one member (its data stays: `restart` brings it back)."""
+        process = self.members[index].process
+        assert process is not None
+        process.kill()
+
+    def restart(self, index: int) -> None:
+        self.members[index].start(self.initial_cluster, state="existing")
+
+    def pause(self) -> None:
+        """SIGSTOP every member: etcd is unreachable from every replica (connections hang,
+        as over a partition), until `resume`."""
+        for m in self.members:
+            if m.process is not None and m.process.alive():
+                m.process.signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for m in self.members:
+            if m.process is not None and m.process.alive():
+                m.process.signal(signal.SIGCONT)
+
+    def processes(self) -> list[Process]:
+        return [m.process for m in self.members if m.process is not None]
+
+    def stop(self) -> None:
+        self.resume()  # a stopped process ignores SIGTERM until continued
+        for p in self.processes():
+            p.stop()
+
+    def __enter__(self) -> EtcdCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
