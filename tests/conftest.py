@@ -17,6 +17,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import struct_pb2
 
 from xds_server.lab.background import BackgroundServer
+from xds_server.lab.etcd import EtcdCluster
 from xds_server.lab.procs import Envoy, free_port
 from xds_server.lab.upstream import ModelServer
 from xds_server.render.bootstrap import BootstrapOptions
@@ -354,3 +355,10 @@ def self_signed_cert(tmp_path: Path) -> tuple[Path, Path]:
         capture_output=True,
     )
     return cert, key
+
+
+@pytest.fixture
+def etcd_cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """A real three-member etcd cluster (Debian's etcd-server) on loopback ports."""
+    with EtcdCluster(tmp_path / "etcd") as cluster:
+        yield cluster
