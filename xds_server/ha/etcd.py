@@ -10,6 +10,7 @@ pushes, as it does a SQLite commit (bounded by a deadline; see `SyncKV`).
 from __future__ import annotations
 
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,9 +128,18 @@ class SyncKV:
     def txn(self, request: Any) -> Any:
         return self._kv.Txn(request, timeout=self.timeout)
 
-    def range(self, key: str, end: bytes | None = None) -> Any:
+    def range(self, key: str, end: bytes | None = None, attempts: int = 5) -> Any:
+        """A read, tried again (reads are safe to repeat) while etcd answers UNAVAILABLE,
+        as it does for a moment when a member is lost or its raft leader changes."""
         req = rpc.RangeRequest(key=key.encode(), range_end=end or b"")
-        return self._kv.Range(req, timeout=self.timeout)
+        for attempt in range(attempts):
+            try:
+                return self._kv.Range(req, timeout=self.timeout)
+            except grpc.RpcError as exc:
+                if attempt == attempts - 1 or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                time.sleep(0.1 * (attempt + 1))  # backoff before the next attempt
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         self._channel.close()

@@ -255,11 +255,16 @@ class EtcdStore:
             ops.append(put_op(self.keys.routes(region), b"%d" % seq))
         compare = [compare_create_revision(self.keys.leader, self.fence)]
         compare += [compare_create_revision(k, 0) for k in audit_keys]
-        request = rpc.TxnRequest(compare=compare, success=ops)
+        leader_now = rpc.RequestOp(request_range=rpc.RangeRequest(key=self.keys.leader.encode()))
+        request = rpc.TxnRequest(compare=compare, success=ops, failure=[leader_now])
         try:
             reply = self.kv.txn(request)
         except grpc.RpcError as exc:
             raise StoreWriteError(f"cannot write {self.path}: {_rpc_error(exc)}") from None
+        if not reply.succeeded and _still_leads(reply, self.fence):
+            # The fence holds, an audit key exists: an earlier attempt that timed out did
+            # commit. The watch brings those entries; this decision is made again.
+            raise StoreWriteError(f"cannot write {self.path}: audit sequence {seq} is taken")
         if not reply.succeeded:
             fence, self.fence = self.fence, None
             why = (
@@ -350,6 +355,11 @@ class EtcdStore:
             out.append(StoredSpec(doc["text"], kv.mod_revision, number, doc["pushed_at"],
                                   doc["source"]))  # fmt: skip
         return sorted(out, key=lambda s: s.number)
+
+
+def _still_leads(reply: Any, fence: int | None) -> bool:
+    kvs = reply.responses[0].response_range.kvs if reply.responses else []
+    return bool(kvs) and kvs[0].create_revision == fence
 
 
 def _entry_to_json(e: AuditEntry) -> bytes:
