@@ -8,6 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SCENARIO ?= healthy
 PROTOCOL ?=
 PROXYLESS ?= 0
+HA ?=
 
 .PHONY: setup test lint fmt typecheck pytest demo bench clean prometheus kubectl openssl chromium etcd
 
@@ -73,7 +74,7 @@ pytest: setup
 test: lint typecheck pytest
 
 demo: setup
-	$(BIN)/xds-server lab run --scenario $(SCENARIO) $(if $(PROTOCOL),--protocol $(PROTOCOL)) --proxyless $(PROXYLESS)
+	$(BIN)/xds-server lab run --scenario $(SCENARIO) $(if $(PROTOCOL),--protocol $(PROTOCOL)) --proxyless $(PROXYLESS) $(if $(HA),--ha)
 
 bench: setup
 	$(BIN)/python benchmarks/push_fanout.py

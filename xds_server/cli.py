@@ -21,7 +21,14 @@ from xds_server.render.bootstrap import (
     render_bootstrap,
     render_grpc_bootstrap,
 )
-from xds_server.spec import SpecError, load_spec, parse_host_port, validate_spec
+from xds_server.spec import (
+    MeshSpec,
+    SpecError,
+    load_spec,
+    parse_host_port,
+    parse_spec,
+    validate_spec,
+)
 from xds_server.spec.values import NAME_RE
 
 if TYPE_CHECKING:
@@ -46,6 +53,8 @@ LAB_SCENARIOS = (
     "drifting-canary",
     "tenant-regression",
     "stalling-canary",
+    "leader-failover",
+    "etcd-member-loss",
 )
 """`lab run --scenario` (xds_server.lab.run.SCENARIOS, which a test keeps equal)."""
 
@@ -350,7 +359,16 @@ def cmd_manifests_istio(args: argparse.Namespace) -> int:
     from xds_server.render.istio import all_objects, to_yaml
     from xds_server.rollout.state import current_rollouts
 
-    spec = load_spec(args.spec)
+    if args.store and args.state_dir:
+        raise UsageError("--store and --state-dir: the state is in one or the other")
+    stored: list[RolloutState] = []
+    if args.store:
+        spec, stored = _read_store(args)
+    elif not args.spec:
+        raise UsageError("--spec FILE is required (or --store etcd://...)")
+    else:
+        spec = load_spec(args.spec)
+        stored = read_rollouts(Path(args.state_dir)) if args.state_dir else []
     if spec.istio is None:
         # Check the spec as if it had an empty istio section: versions must be label values.
         spec = validate_spec({**spec.raw, "istio": {}}, spec.source)
@@ -366,10 +384,30 @@ def cmd_manifests_istio(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--region: unknown region {unknown[0]!r} (regions: {', '.join(spec.regions)})"
         )
-    stored = read_rollouts(Path(args.state_dir)) if args.state_dir else []
     objects = all_objects(spec, current_rollouts(spec, stored), regions, istio)
     sys.stdout.write(to_yaml(objects))
     return 0
+
+
+def _read_store(args: argparse.Namespace) -> tuple[MeshSpec, list[RolloutState]]:
+    """The spec (`--spec`, else the store's) and the rollouts, read from etcd once."""
+    from xds_server.ha.store import EtcdStore, StoreReadError
+
+    address = _store_address(args)
+    store = EtcdStore(address)
+    try:
+        store.read()
+    except StoreReadError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        store.close()
+    if args.spec:
+        spec = load_spec(args.spec)
+    elif store.view.spec is None:
+        raise UsageError(f"the store {address} holds no spec under {address.prefix}")
+    else:
+        spec = parse_spec(store.view.spec.text, f"{address}{store.keys.spec}")
+    return spec, store.load_rollouts()
 
 
 def read_rollouts(state_dir: Path) -> list[RolloutState]:
@@ -408,6 +446,7 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
         notify_url=args.notify,
         protocol=args.protocol or "http",
         proxyless=args.proxyless,
+        ha=args.ha,
     )
 
 
@@ -598,13 +637,16 @@ def _add_manifests(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "istio",
         help="a DestinationRule and a VirtualService per service and region (multi-doc YAML)",
     )
-    mi.add_argument("--spec", required=True, metavar="FILE")
+    mi.add_argument(
+        "--spec", metavar="FILE", help="the mesh spec (with --store: default the store's)"
+    )
     mi.add_argument(
         "--state-dir",
         metavar="DIR",
         help="serve's state dir: weights from its rollouts (read-only); "
-        "without it: production 100%%",
+        "without it (or --store): production 100%%",
     )
+    _add_store_flags(mi)
     mi.add_argument("--region", action="append", help="only this region (repeatable)")
     mi.add_argument("--namespace", help="override the spec's istio.namespace")
     mi.set_defaults(func=cmd_manifests_istio)
@@ -643,6 +685,12 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="N",
         help="N proxyless gRPC clients per region, routing by xDS themselves (xds:///); "
         "implies --protocol grpc",
+    )
+    run.add_argument(
+        "--ha",
+        action="store_true",
+        help="replicas on etcd: a three-member etcd cluster and one xds-server per region "
+        "(implied by leader-failover and etcd-member-loss)",
     )
     run.set_defaults(func=cmd_lab_run)
     down = lab_sub.add_parser("down", help="stop a lab left running with --keep")

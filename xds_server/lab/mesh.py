@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +70,8 @@ class MeshOptions:
     through its Envoys."""
     ha: bool = False
     """Replicas on etcd: a three-member etcd cluster and one `serve --store` replica per
-    region; each Envoy's bootstrap lists its region's replica first, the others after."""
+    region, serving its region and the next (`served_by`); each Envoy's bootstrap lists
+    its region's replica first, then the neighbour's that also serves it."""
     leader_ttl: float = 3.0
     """The replicas' `--leader-ttl` (with `ha`)."""
 
@@ -229,18 +231,28 @@ class LocalMesh:
     def region_xds_port(self, region: str) -> int:
         return self.replica_ports[region]["xds"] if self.opts.ha else self.xds_port
 
+    def served_by(self, replica: str) -> tuple[str, ...]:
+        """The regions a replica serves (`--regions`): its own and the next one's, in a
+        ring, so every region has two replicas: its own first, a neighbour's second."""
+        regions = list(self.opts.regions)
+        i = regions.index(replica)
+        return tuple(dict.fromkeys([replica, regions[(i + 1) % len(regions)]]))
+
     def xds_fallbacks(self, region: str) -> tuple[tuple[str, int], ...]:
-        """The other replicas, in region order: where the region's Envoys go when their
-        own replica is down."""
+        """The other replicas that serve the region: where its Envoys go when their own
+        replica is down."""
         return tuple(
-            ("127.0.0.1", ports["xds"]) for r, ports in self.replica_ports.items() if r != region
+            ("127.0.0.1", ports["xds"])
+            for r, ports in self.replica_ports.items()
+            if r != region and region in self.served_by(r)
         )
 
     def start_replica(self, region: str) -> Process:
         assert self.etcd is not None
         ports = self.replica_ports[region]
         argv = [sys.executable, "-m", "xds_server.cli", "serve",
-                "--store", self.etcd.url, "--regions", region, "--replica-id", region,
+                "--store", self.etcd.url, "--regions", ",".join(self.served_by(region)),
+                "--replica-id", region,
                 "--leader-ttl", f"{self.opts.leader_ttl:g}",
                 "--xds-address", f"127.0.0.1:{ports['xds']}",
                 "--prometheus-url", f"http://127.0.0.1:{self.prometheus_port}",
@@ -356,6 +368,24 @@ class LocalMesh:
         ]
         self.prometheus = Prometheus(self.workdir / "prometheus", self.prometheus_port, targets)
         self.prometheus.wait_ready()
+
+    def wait_latency_series(self, timeout: float = 20) -> None:
+        """Until Prometheus has every region's latency histogram: Envoy exports counters at
+        once but histograms only at its stats flush, and a rollout started in between
+        would find its latency query empty for a pool that takes traffic."""
+        assert self.prometheus is not None
+        query = urllib.parse.quote(
+            "count by (region) (envoy_cluster_upstream_rq_time_bucket"
+            f'{{envoy_cluster_name="{SERVICE}|production"}})'
+        )
+        url = f"{self.prometheus.url}/api/v1/query?query={query}"
+
+        def every_region() -> bool:
+            status, body, _ = http_get(url)
+            found = {r["metric"].get("region") for r in json.loads(body)["data"]["result"]}
+            return status == 200 and found >= set(self.opts.regions)
+
+        wait_for(every_region, timeout, "every region's latency histogram in Prometheus", 0.2)
 
     def stop_prometheus(self) -> None:
         assert self.prometheus is not None

@@ -140,6 +140,9 @@ class Scenario:
     """Over gRPC, when it differs: the rollback's metric must contain one of these."""
     plan: Mapping[str, Any] | None = None
     """The scenario's own rollout plan (default: LAB_PLAN)."""
+    replica_fault: str | None = None
+    """Replicas on etcd (implies `--ha`): "leader" SIGKILLs the leading replica,
+    "etcd-member" one etcd member of three, once every region has reached step 1."""
 
 
 SCENARIOS = {
@@ -193,6 +196,22 @@ SCENARIOS = {
             grpc_causes=("p99_ms", "error_rate", "throughput"),
             plan=STALL_PLAN,
         ),
+        Scenario(
+            "leader-failover",
+            "promoted",
+            None,
+            "replicas on etcd: at 20%, the leading replica is SIGKILLed under load; another "
+            "takes the lead within its lease's TTL and the rollout goes on to 100%",
+            replica_fault="leader",
+        ),
+        Scenario(
+            "etcd-member-loss",
+            "promoted",
+            None,
+            "replicas on etcd: at 20%, one etcd member of three is SIGKILLed; the store "
+            "keeps its quorum and the rollout goes on to 100%",
+            replica_fault="etcd-member",
+        ),
     )
 }
 
@@ -215,10 +234,14 @@ def run_lab(
     notify_url: str | None = None,
     protocol: str = "http",
     proxyless: int = 0,
+    ha: bool = False,
 ) -> int:
     """`proxyless`: gRPC client processes per region that route by xDS themselves (they
-    imply `protocol="grpc"`: they call the model servers' gRPC ports)."""
+    imply `protocol="grpc"`: they call the model servers' gRPC ports). `ha`: a replica
+    per region on a three-member etcd cluster (a scenario with a replica fault implies
+    it)."""
     scenario = SCENARIOS[scenario_name]
+    ha = ha or scenario.replica_fault is not None
     out = out or LAB_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{scenario.name}"
     out = out.resolve()
     opts = MeshOptions(
@@ -231,6 +254,7 @@ def run_lab(
         notify_url=notify_url,
         protocol="grpc" if proxyless else protocol,
         proxyless_per_region=proxyless,
+        ha=ha,
     )
     mesh = LocalMesh(out, opts)
     live = sys.stdout.isatty() if live is None else live
@@ -238,11 +262,7 @@ def run_lab(
     previous = {
         sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)
     }
-    print(f"lab: scenario {scenario.name}: {scenario.description}")
-    print(f"lab: model servers speak the Open Inference Protocol over {opts.protocol.upper()}")
-    print(f"lab: output in {out}")
-    if notify_url:
-        print(f"lab: notifications (CloudEvents) to {notify_url}")
+    print_intro(scenario, opts, out)
     kept = False
     try:
         mesh.start()
@@ -251,6 +271,7 @@ def run_lab(
         load = mesh.start_load(max_seconds=timeout)
         mesh.start_proxyless(max_seconds=timeout)
         wait_for(lambda: len(load.snapshot()) >= 20, 15, "load through the Envoys")
+        mesh.wait_latency_series()
         if proxyless:
             wait_for(
                 lambda: mesh.proxyless_counts().get("ok", 0) >= 5 * len(mesh.opts.regions),
@@ -281,6 +302,19 @@ def run_lab(
             _clear_current(out)
 
 
+def print_intro(scenario: Scenario, opts: MeshOptions, out: Path) -> None:
+    print(f"lab: scenario {scenario.name}: {scenario.description}")
+    print(f"lab: model servers speak the Open Inference Protocol over {opts.protocol.upper()}")
+    if opts.ha:
+        print(
+            f"lab: replicas on etcd: one per region, a three-member etcd cluster, leader "
+            f"lease {opts.leader_ttl:g}s"
+        )
+    print(f"lab: output in {out}")
+    if opts.notify_url:
+        print(f"lab: notifications (CloudEvents) to {opts.notify_url}")
+
+
 def _raise_interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
@@ -291,6 +325,27 @@ class FollowResult:
     fault_at: float | None = None
     zero_canary_at: float | None = None
     timed_out: bool = False
+    replica_fault_at: float | None = None
+    killed: str = ""
+    """The replica (its region) or etcd member SIGKILLed."""
+    leader_before: str = ""
+
+
+def inject_replica_fault(mesh: LocalMesh, scenario: Scenario, res: FollowResult) -> str:
+    """SIGKILL the leading replica or an etcd member; what was killed, for the view."""
+    assert mesh.etcd is not None
+    res.leader_before = mesh.leader() or ""
+    if scenario.replica_fault == "leader":
+        res.killed = res.leader_before
+        mesh.replicas[res.killed].kill()
+        what = f"SIGKILLed the leading replica ({res.killed})"
+    else:
+        index = len(mesh.etcd.members) - 1
+        res.killed = mesh.etcd.members[index].name
+        mesh.etcd.kill(index)
+        what = f"SIGKILLed etcd member {res.killed} (of {len(mesh.etcd.members)})"
+    res.replica_fault_at = time.time()
+    return what
 
 
 def follow(
@@ -306,6 +361,13 @@ def follow(
             if state is not None:
                 res.phase = state["phase"]
                 steps = [r["step"] for r in state["regions"].values()]
+                if (
+                    scenario.replica_fault
+                    and res.replica_fault_at is None
+                    and state["phase"] == "progressing"
+                    and min(steps) >= 1
+                ):
+                    view.note(inject_replica_fault(mesh, scenario, res))
                 fault = scenario.fault
                 if (
                     fault
@@ -377,8 +439,13 @@ def summarize(
             }
             for e in audit
         ],
-        "audit_log": str(mesh.state_dir / FILE_NAME),
+        "audit_log": str(mesh.etcd.url) if mesh.etcd else str(mesh.state_dir / FILE_NAME),
     }
+    if mesh.etcd is not None:
+        summary["replicas"] = replica_summary(mesh, scenario, res, audit, results)
+        summary["ok"] = summary["ok"] and summary["replicas"]["ok"]
+        if scenario.replica_fault == "leader":
+            summary["failover"] = summary["replicas"]["fault"]
     if mesh.proxyless:
         summary["proxyless"] = proxyless_summary(mesh, scenario, proxyless_after or {})
         summary["ok"] = summary["ok"] and summary["proxyless"]["followed"]
@@ -393,6 +460,39 @@ def summarize(
             ),
         }
     return summary
+
+
+def replica_summary(
+    mesh: LocalMesh,
+    scenario: Scenario,
+    res: FollowResult,
+    audit: list[AuditEntry],
+    results: list[Any],
+) -> dict[str, Any]:
+    """Who led, what was killed and what it cost: after a replica fault, the first
+    decision committed after the kill (by the new leader: the old one is dead, or had
+    no quorum to lose) and the requests that failed from the kill on."""
+    out: dict[str, Any] = {"leader_at_end": mesh.leader(), "ok": True}
+    if scenario.replica_fault is None:
+        return out
+    killed_at = res.replica_fault_at
+    fault: dict[str, Any] = {
+        "kind": scenario.replica_fault,
+        "killed": res.killed,
+        "killed_at": killed_at,
+        "leader_before": res.leader_before,
+    }
+    if killed_at is not None:
+        after = [e for e in audit if e.time > killed_at]
+        first = min((e.time for e in after), default=None)
+        fault["new_leader_s"] = first - killed_at if first is not None else None
+        fault["failed_requests"] = sum(
+            1 for r in results if r.time >= killed_at and not 200 <= r.status < 300
+        )
+    fault["failed_requests_in_run"] = sum(1 for r in results if not 200 <= r.status < 300)
+    out["fault"] = fault
+    out["ok"] = killed_at is not None and fault.get("new_leader_s") is not None
+    return out
 
 
 def proxyless_summary(
@@ -443,6 +543,15 @@ def print_report(summary: dict[str, Any], mesh: LocalMesh, plot_path: Path) -> N
             f"  {region:<10} {summary['outcome'].get(region, '?'):<12} steps reached "
             f"{steps}  checks: " + ", ".join(f"{k} {v}" for k, v in sorted(verdicts.items()))
         )
+    if "replicas" in summary and "fault" in summary["replicas"]:
+        f = summary["replicas"]["fault"]
+        took = f.get("new_leader_s")
+        print(
+            f"  {f['kind']} fault: killed {f['killed']} -> first decision committed after "
+            + (f"{took:.2f}s" if took is not None else "never")
+            + f" (leader before {f['leader_before']}, now {summary['replicas']['leader_at_end']})"
+            + f"; failed requests after the kill: {f.get('failed_requests')}"
+        )
     if "fault" in summary:
         f = summary["fault"]
         took = f["to_zero_canary_s"]
@@ -474,14 +583,23 @@ def print_addresses(mesh: LocalMesh) -> None:
     """Where a person follows the rollout: the dashboard, and xdsctl on the admin API."""
     print(f"lab: dashboard {mesh.dashboard_url}")
     print(f"lab: admin token for its actions and xdsctl's: {mesh.token_file}")
-    print(f"lab: xdsctl --server 127.0.0.1:{mesh.admin_port} status")
+    print(f"lab: xdsctl --server {admin_servers(mesh)} status")
+    if mesh.etcd is not None:
+        print(f"lab: store {mesh.etcd.url}; leader now {mesh.wait_leader(15)}")
+
+
+def admin_servers(mesh: LocalMesh) -> str:
+    """xdsctl's --server: every replica's admin API (it tries them in order)."""
+    if not mesh.replicas:
+        return f"127.0.0.1:{mesh.admin_port}"
+    return ",".join(f"127.0.0.1:{mesh.replica_admin(r)}" for r in mesh.replicas)
 
 
 def print_keep(mesh: LocalMesh) -> None:
     print("\nlab: still running (--keep):")
     print(f"  dashboard       {mesh.dashboard_url}")
     print(
-        f"  admin API       xdsctl --server 127.0.0.1:{mesh.admin_port} "
+        f"  admin API       xdsctl --server {admin_servers(mesh)} "
         f"--token-file {mesh.token_file} status"
     )
     print(f"  Prometheus      http://127.0.0.1:{mesh.prometheus_port}")
