@@ -47,6 +47,14 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
         "xds_server.telemetry",
         *WIRING,
     ),
+    "xds_server.ha": (
+        "xds_server.admin",
+        "xds_server.lab",
+        "xds_server.outputs",
+        "xds_server.render",
+        "xds_server.telemetry",
+        *WIRING,
+    ),
     "xds_server.render": (
         "xds_server.xds.publisher",
         "xds_server.admin",
