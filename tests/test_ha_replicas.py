@@ -1,0 +1,223 @@
+"""Replicas on etcd, as processes: followers serve what the leader committed, under the
+same routes version; a regional replica refuses other regions' nodes naming who serves
+them; a spec file's change reaches every replica through the store; `manifests istio
+--store` renders the stored weights. (Faults: tests/test_ha_faults.py.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from envoy.config.route.v3 import route_pb2
+
+from tests.conftest import AdsClient, make_spec_doc
+from tests.test_ads_protocol import ALL_CLUSTERS, sync_all
+from xds_server.admin.v1 import admin_pb2, admin_pb2_grpc
+from xds_server.ha.etcd import parse_store_url
+from xds_server.ha.store import EtcdStore
+from xds_server.lab.etcd import EtcdCluster
+from xds_server.lab.procs import Process, free_port, wait_for
+from xds_server.xds.resources import ROUTE_CONFIG_NAME
+from xds_server.xds.types import CLUSTER, ENDPOINT, ROUTE
+
+REGIONS = ("us-east", "eu-west")
+CLI = [sys.executable, "-m", "xds_server.cli"]
+
+
+@dataclass
+class Replica:
+    name: str
+    process: Process
+    xds: int
+    admin: int
+
+
+def start_replica(
+    workdir: Path, store: str, name: str, *extra: str, spec: Path | None = None
+) -> Replica:
+    xds, admin = free_port(), free_port()
+    argv = [*CLI, "serve", "--store", store, "--replica-id", name, "--leader-ttl", "2",
+            "--xds-address", f"127.0.0.1:{xds}", "--admin-address", f"127.0.0.1:{admin}",
+            "--metrics-address", f"127.0.0.1:{free_port()}", "--ui-address", "",
+            "--prometheus-url", f"http://127.0.0.1:{free_port()}", *extra]  # fmt: skip
+    if spec is not None:
+        argv += ["--spec", str(spec)]
+    return Replica(name, Process(f"replica-{name}", argv, workdir / f"{name}.log"), xds, admin)
+
+
+def store_view(url: str) -> EtcdStore:
+    store = EtcdStore(parse_store_url(url))
+    store.read()
+    return store
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, etcd_cluster: EtcdCluster) -> Iterator[dict[str, Replica]]:
+    """Replica `a` serves us-east only (and pushes the spec file); `b` every region. The
+    spec has a canary, so a rollout starts (no Prometheus: its steps hold)."""
+    ports = {(r, p): free_port() for r in REGIONS for p in ("production", "canary")}
+    spec = tmp_path / "mesh.yaml"
+    spec.write_text(yaml.safe_dump(make_spec_doc(ports, regions=REGIONS)))
+    a = start_replica(tmp_path, etcd_cluster.url, "a", "--regions", "us-east", spec=spec)
+    wait_for(lambda: store_view(etcd_cluster.url).view.spec, 20, "replica a's spec push")
+    b = start_replica(tmp_path, etcd_cluster.url, "b")
+    started = {"a": a, "b": b}
+    try:
+        wait_for(
+            lambda: set(store_view(etcd_cluster.url).view.replicas) == {"a", "b"},
+            20,
+            "both replicas in the store",
+        )
+        wait_for(lambda: store_view(etcd_cluster.url).load_rollouts(), 20, "the rollout")
+        yield started
+    finally:
+        for r in started.values():
+            r.process.stop()
+
+
+def leader_of(url: str) -> str:
+    lead = wait_for(lambda: store_view(url).view.leader, 20, "a leader")
+    return lead.replica
+
+
+NAMES = {ENDPOINT: ALL_CLUSTERS, ROUTE: [ROUTE_CONFIG_NAME]}
+
+
+def subscribe(port: int, region: str, node: str) -> tuple[AdsClient, Any]:
+    """A node that has walked through CDS, EDS, LDS and RDS, as Envoy does, and the
+    routes it got first."""
+    client = AdsClient(port, region=region, node_id=node)
+    return client, sync_all(client)[ROUTE]
+
+
+def parse_routes(resp: Any) -> tuple[str, dict[str, int]]:
+    """A routes response's version and the recommender's weights by pool."""
+    config = route_pb2.RouteConfiguration()
+    resp.resources[0].Unpack(config)
+    (vhost,) = [v for v in config.virtual_hosts if v.name == "recommender"]
+    weighted = [r for r in vhost.routes if r.route.HasField("weighted_clusters")][-1]
+    clusters = weighted.route.weighted_clusters.clusters
+    return resp.version_info, {c.name.split("|")[1]: c.weight.value for c in clusters}
+
+
+def next_routes(client: AdsClient) -> Any:
+    """The next routes response (every response before it ACKed, as Envoy would)."""
+    while True:
+        resp = client.recv(10)
+        client.ack(resp, NAMES.get(resp.type_url))
+        if resp.type_url == ROUTE:
+            return resp
+
+
+def latest_routes(client: AdsClient, until: Callable[[str, dict[str, int]], bool]) -> float:
+    """Read routes responses until one satisfies `until`; when it came (monotonic)."""
+
+    def seen() -> float | None:
+        version, weights = parse_routes(next_routes(client))
+        return time.monotonic() if until(version, weights) else None
+
+    return wait_for(seen, 20, "the routes asked for", interval=0)
+
+
+def test_followers_serve_the_leaders_weights_under_the_same_version(
+    replicas: dict[str, Replica], etcd_cluster: EtcdCluster
+) -> None:
+    leader = replicas[leader_of(etcd_cluster.url)]
+    follower = replicas["b" if leader.name == "a" else "a"]
+    on_leader, _ = subscribe(leader.xds, "us-east", "node-on-leader")
+    on_follower, _ = subscribe(follower.xds, "us-east", "node-on-follower")
+    with grpc.insecure_channel(f"127.0.0.1:{leader.admin}") as channel:
+        admin = admin_pb2_grpc.AdminStub(channel)
+        admin.SetWeights(
+            admin_pb2.SetWeightsRequest(
+                service="recommender", canary_percent=30, reason="test: by hand"
+            ),
+            timeout=10,
+        )
+    decided = time.monotonic()
+    store = store_view(etcd_cluster.url)
+    version = str(store.routes_version("us-east"))
+    want = {"production": 7000, "canary": 3000}
+    at_leader = latest_routes(on_leader, lambda v, w: v == version and w == want)
+    at_follower = latest_routes(on_follower, lambda v, w: v == version and w == want)
+    print(
+        f"set-weights -> routes {version} on the leader's node {at_leader - decided:.3f} s, "
+        f"on the follower's {at_follower - decided:.3f} s"
+    )
+    # The decision's audit entry names the version both replicas serve.
+    (entry,) = [e for e in store.audit(region="us-east") if e.reason.endswith("test: by hand")]
+    assert str(entry.snapshot_version) == version
+
+
+def test_a_regional_replica_refuses_other_regions_naming_who_serves_them(
+    replicas: dict[str, Replica],
+) -> None:
+    client = AdsClient(replicas["a"].xds, region="eu-west", node_id="lost-node")
+    client.send(CLUSTER)
+    with pytest.raises(grpc.RpcError) as raised:
+        client.recv(10)
+    error: Any = raised.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    message = error.details()
+    assert "region eu-west, which this replica does not serve (it serves us-east)" in message
+    assert f"eu-west is served by b (127.0.0.1:{replicas['b'].xds})" in message
+    # Its own region's node is served.
+    _, first = subscribe(replicas["a"].xds, "us-east", "home-node")
+    assert parse_routes(first)[1]["production"] > 0
+
+
+def test_a_spec_file_change_reaches_every_replica_through_the_store(
+    tmp_path: Path, replicas: dict[str, Replica], etcd_cluster: EtcdCluster
+) -> None:
+    on_b, _ = subscribe(replicas["b"].xds, "eu-west", "node-b")
+    doc = yaml.safe_load((tmp_path / "mesh.yaml").read_text())
+    doc["services"][0]["prefix"] = "/v2/"
+    (tmp_path / "mesh.yaml").write_text(yaml.safe_dump(doc))  # replica a watches it
+
+    def prefix_served() -> bool:
+        resp = next_routes(on_b)
+        config = route_pb2.RouteConfiguration()
+        resp.resources[0].Unpack(config)
+        return any(r.match.prefix == "/v2/" for v in config.virtual_hosts for r in v.routes)
+
+    wait_for(prefix_served, 20, "replica b serving the edited spec", interval=0)
+    history = subprocess.run(
+        [*CLI, "spec", "history", "--store", etcd_cluster.url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.splitlines()
+    assert len(history) == 3 and str(tmp_path / "mesh.yaml") in history[-1]
+    assert int(history[-1].split()[0]) == 2
+
+
+def test_manifests_istio_from_the_store_carry_the_committed_weights(
+    replicas: dict[str, Replica], etcd_cluster: EtcdCluster
+) -> None:
+    leader = replicas[leader_of(etcd_cluster.url)]
+    with grpc.insecure_channel(f"127.0.0.1:{leader.admin}") as channel:
+        admin_pb2_grpc.AdminStub(channel).SetWeights(
+            admin_pb2.SetWeightsRequest(
+                service="recommender", canary_percent=40, reason="test: istio"
+            ),
+            timeout=10,
+        )
+    out = subprocess.run(
+        [*CLI, "manifests", "istio", "--store", etcd_cluster.url, "--region", "eu-west"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    (vs,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "VirtualService"]
+    weights = {r["destination"]["subset"]: r["weight"] for r in vs["spec"]["http"][-1]["route"]}
+    assert weights.get("canary") == 40 and weights.get("production") == 60
