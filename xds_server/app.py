@@ -321,6 +321,7 @@ class App:
         """What runs beside the xDS server, until it stops."""
         parts, opts = self.parts, self.options
         admin = AdminService(parts, opts.admin_tokens, opts.admin_auth_reads)
+        admin.xds_address = opts.xds_address
         tasks: list[Task] = [
             lambda: self.spec_file.watch(self.on_spec_change),
             lambda: run_admin_server(admin, opts.admin_address, opts.admin_tls),
@@ -548,6 +549,7 @@ class ReplicaApp(App):
     def tasks(self) -> list[Task]:
         parts, opts = self.parts, self.options
         admin = AdminService(parts, opts.admin_tokens, opts.admin_auth_reads)
+        admin.xds_address = opts.xds_address
         tasks: list[Task] = [
             self.store.watch,
             self.election.run,

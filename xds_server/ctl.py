@@ -12,7 +12,7 @@ import json
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,12 @@ def to_dict(msg: message.Message) -> dict[str, Any]:
     )
 
 
+def in_field_order(msg: message.Message) -> dict[str, Any]:
+    """`to_dict`, its keys in the message's field order (defaults are not moved last)."""
+    data = to_dict(msg)
+    return {f.name: data[f.name] for f in msg.DESCRIPTOR.fields if f.name in data}
+
+
 def emit(args: argparse.Namespace, data: Any, table: Callable[[], str]) -> None:
     if args.output == "json":
         print(json.dumps(data, indent=2))
@@ -85,15 +91,52 @@ def stamp(ts: float) -> str:
 # ---- the admin client ----
 
 
+CHANGES = frozenset(
+    {"PauseRollout", "ResumeRollout", "PromoteRollout", "AbortRollout", "SetWeights"}
+)
+"""The methods that change a rollout: only the server that decides takes them."""
+
+
+def parse_servers(text: str) -> list[str]:
+    """`--server A,B,C`: the admin APIs to try, in order (replicas of one mesh)."""
+    targets = [t.strip() for t in text.split(",") if t.strip()]
+    if not targets:
+        raise UsageError(f"--server {text!r}: expected HOST:PORT[,HOST:PORT...]")
+    return targets
+
+
+class NoneAnswered(CtlError):
+    """Every admin API of `--server A,B,...` failed: one line per address and why."""
+
+    def __init__(self, method: str, failures: Sequence[tuple[str, grpc.RpcError]]) -> None:
+        lines = [f"no admin API could answer {method} ({len(failures)} tried):"]
+        lines += [f"  {target}: {short_rpc_error(exc)}" for target, exc in failures]
+        super().__init__("\n".join(lines))
+
+
+def moves_on(exc: grpc.RpcError, change: bool) -> bool:
+    """Should the next address of `--server A,B,...` be tried? Yes when this one cannot be
+    reached or says UNAVAILABLE (a replica that does not decide, a store it cannot
+    write: nothing was changed); for a read, also when it does not answer in time (a
+    change that timed out may have happened: it is not sent again elsewhere)."""
+    code = exc.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return True
+    return code == grpc.StatusCode.DEADLINE_EXCEEDED and not change and not answered(exc)
+
+
 class Admin:
+    """The admin API at `--server`: one address, or several replicas' tried in order
+    (the first that answers is asked first for the rest of the command)."""
+
     def __init__(self, args: argparse.Namespace) -> None:
-        self.server = args.server
-        if args.tls_ca:
-            creds = grpc.ssl_channel_credentials(Path(args.tls_ca).read_bytes())
-            self.channel = grpc.secure_channel(args.server, creds)
-        else:
-            self.channel = grpc.insecure_channel(args.server)
-        self.stub = admin_pb2_grpc.AdminStub(self.channel)
+        self.targets = parse_servers(args.server)
+        self.server = self.targets[0]
+        """The address asked last: the one that answered, or that failed last."""
+        self._credentials = (
+            grpc.ssl_channel_credentials(Path(args.tls_ca).read_bytes()) if args.tls_ca else None
+        )
+        self._stubs: dict[str, Any] = {}
         self.metadata = [("x-xds-actor", args.actor)]
         if args.token_file:
             token = Path(args.token_file).read_text().strip()
@@ -102,11 +145,53 @@ class Admin:
             self.metadata.append(("authorization", f"Bearer {token}"))
         self.timeout = args.timeout
 
-    def call(self, method: str, request: message.Message) -> Any:
-        return getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.timeout)
+    def stub(self, target: str) -> Any:
+        if target not in self._stubs:
+            channel = (
+                grpc.secure_channel(target, self._credentials)
+                if self._credentials is not None
+                else grpc.insecure_channel(target)
+            )
+            self._stubs[target] = admin_pb2_grpc.AdminStub(channel)
+        return self._stubs[target]
 
-    def stream(self, method: str, request: message.Message) -> Any:
-        return getattr(self.stub, method)(request, metadata=self.metadata)
+    def _order(self) -> list[str]:
+        return [self.server, *(t for t in self.targets if t != self.server)]
+
+    def call(self, method: str, request: message.Message) -> Any:
+        failures: list[tuple[str, grpc.RpcError]] = []
+        for target in self._order():
+            self.server = target
+            try:
+                return getattr(self.stub(target), method)(
+                    request, metadata=self.metadata, timeout=self.timeout
+                )
+            except grpc.RpcError as exc:
+                if len(self.targets) == 1 or not moves_on(exc, method in CHANGES):
+                    raise
+                failures.append((target, exc))
+        raise NoneAnswered(method, failures)
+
+    def stream(self, method: str, request: message.Message) -> Generator[Any, None, None]:
+        """A server stream, from the first address that does not refuse it before its
+        first message (a replica that does not decide refuses a watch at once)."""
+        failures: list[tuple[str, grpc.RpcError]] = []
+        for target in self._order():
+            self.server = target
+            call = getattr(self.stub(target), method)(request, metadata=self.metadata)
+            received = False
+            try:
+                for item in call:
+                    received = True
+                    yield item
+                return
+            except grpc.RpcError as exc:
+                if received or len(self.targets) == 1 or not moves_on(exc, change=False):
+                    raise
+                failures.append((target, exc))
+            finally:
+                call.cancel()
+        raise NoneAnswered(method, failures)
 
 
 # ---- commands ----
@@ -117,6 +202,7 @@ def cmd_status(args: argparse.Namespace, admin: Admin) -> None:
     listed = admin.call("ListRollouts", admin_pb2.ListRolloutsRequest())
     rollouts, store = listed.rollouts, listed.store
     istio = admin.call("GetIstioApplyStatus", admin_pb2.GetIstioApplyStatusRequest())
+    replicas = list_replicas(admin)
     by_region: dict[str, dict[str, int]] = {}
     for n in nodes:
         counts = by_region.setdefault(n.region, {})
@@ -138,11 +224,16 @@ def cmd_status(args: argparse.Namespace, admin: Admin) -> None:
         data["store"] = to_dict(store)
     if istio.enabled:
         data["istio_apply"] = [to_dict(r) for r in istio.regions]
+    if replicas is not None:
+        data["replica_store"] = replicas.store
+        data["replicas"] = [in_field_order(r) for r in replicas.replicas]
 
     def table() -> str:
         out = [f"admin API {admin.server}: reachable; {len(nodes)} nodes connected"]
         if store.known:
             out[0] += f"; {store_line(store)}"
+        if replicas is not None:
+            out.append(replicas_table(replicas))
         out.append(
             render_table(
                 ["REGION", "NODES"],
@@ -167,6 +258,38 @@ def cmd_status(args: argparse.Namespace, admin: Admin) -> None:
         return "\n\n".join(out)
 
     emit(args, data, table)
+
+
+def list_replicas(admin: Admin) -> Any:
+    """The replicas, when there is more to say than "this one process": several, or a
+    store. None for one process, and from a server older than `ListReplicas`."""
+    try:
+        listed = admin.call("ListReplicas", admin_pb2.ListReplicasRequest())
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            return None
+        raise
+    return listed if listed.store or len(listed.replicas) > 1 else None
+
+
+def replicas_table(listed: Any) -> str:
+    """Every replica: what it serves, where, and which one decides."""
+    rows = []
+    for r in listed.replicas:
+        counts = ", ".join(f"{region} {n}" for region, n in sorted(r.nodes_by_region.items()))
+        rows.append(
+            (
+                r.id + (" *" if r.this else ""),
+                ",".join(r.regions) or "all",
+                r.xds_address or "-",
+                r.admin_address or "-",
+                f"{r.nodes} ({counts})" if len(r.nodes_by_region) > 1 else r.nodes,
+                "leader" if r.leader else "follower",
+            )
+        )
+    where = f" on {listed.store}" if listed.store else ""
+    head = f"{len(rows)} replica(s){where}; * answered"
+    return head + "\n" + render_table(["ID", "REGIONS", "XDS", "ADMIN", "NODES", "ROLE"], rows)
 
 
 def store_line(store: Any) -> str:
@@ -372,7 +495,7 @@ def cmd_watch(args: argparse.Namespace, admin: Admin) -> None:
             else:
                 print(json.dumps(to_dict(ev)), flush=True)
     except KeyboardInterrupt:
-        events.cancel()
+        events.close()
 
 
 def cmd_audit(args: argparse.Namespace, admin: Admin) -> None:
@@ -486,8 +609,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--server",
         default="127.0.0.1:18001",
-        metavar="HOST:PORT",
-        help="the admin API (default 127.0.0.1:18001)",
+        metavar="HOST:PORT[,...]",
+        help="the admin API (default 127.0.0.1:18001); replicas' admin APIs, comma-separated, "
+        "are tried in order: one that cannot be reached is skipped, and a change goes on "
+        "to the one that decides",
     )
     p.add_argument(
         "--token-file",
@@ -551,6 +676,22 @@ def answered(exc: grpc.RpcError) -> bool:
     return any(key == STATUS_MARK for key, _ in trailing)
 
 
+def short_rpc_error(exc: grpc.RpcError) -> str:
+    """Why one address of several failed, in a few words."""
+    code = exc.code()
+    details = " ".join((exc.details() or "").split())
+    if code == grpc.StatusCode.UNAVAILABLE and not answered(exc):
+        reason = (
+            "connection refused"
+            if "refused" in details.lower()
+            else details.split(";")[-1].strip() or "unavailable"
+        )
+        return f"cannot reach it: {reason}"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and not answered(exc):
+        return "did not answer in time"
+    return f"{code.name}: {details}"
+
+
 def describe_rpc_error(exc: grpc.RpcError, target: str, what: str) -> str:
     code = exc.code()
     details = exc.details() or ""
@@ -570,11 +711,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     no_admin = getattr(args, "no_admin", False)
     target, what = (args.xds_server, "xDS server") if no_admin else (args.server, "admin API")
+    admin: Admin | None = None
     try:
         admin = None if no_admin else Admin(args)
         args.func(args, admin)
         return 0
     except grpc.RpcError as exc:
+        if admin is not None:
+            target = admin.server  # (of several, the one whose answer this is)
         print(f"xdsctl: {describe_rpc_error(exc, target, what)}", file=sys.stderr)
     except UsageError as exc:
         print(f"xdsctl: {exc}", file=sys.stderr)

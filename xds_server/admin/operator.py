@@ -14,7 +14,9 @@ from enum import StrEnum
 from typing import Any
 
 from xds_server.admin.auth import Credentials
-from xds_server.rollout.controller import RolloutController, StoreUnavailable
+from xds_server.admin.views import leader_hint
+from xds_server.ha.replicas import Directory
+from xds_server.rollout.controller import NotLeader, RolloutController, StoreUnavailable
 from xds_server.rollout.state import RolloutState
 from xds_server.spec import MeshSpec
 from xds_server.traffic import WeightError
@@ -47,6 +49,8 @@ NOT_DECIDING = (
     "this server does not run the rollout controller (another process holds the state "
     "directory's lock)"
 )
+"""One process (no store) that does not decide; a replica names the leader instead."""
+REPLICA_NOT_DECIDING = "this replica does not decide rollouts"
 
 Act = Callable[[RolloutController, str], RolloutState]
 """A controller call, given the actor."""
@@ -60,10 +64,13 @@ class Operator:
         credentials: Credentials,
         spec: Callable[[], MeshSpec],
         controller: Callable[[], RolloutController | None],
+        directory: Callable[[], Directory | None] = lambda: None,
     ) -> None:
         self.auth = credentials
         self._spec = spec
         self._controller = controller
+        self._directory = directory
+        """Replicas on etcd: who leads, for the refusals that send a caller there."""
 
     def actor(self, headers: Mapping[str, Any], door: str = "") -> str:
         """Check the credential of a change; return the actor for the audit log: the
@@ -92,10 +99,17 @@ class Operator:
                 Refusal.NOT_FOUND, f"unknown service {service!r} (services: {names})"
             ) from None
 
+    def not_deciding(self) -> str:
+        """Why this server refuses changes, and where to go instead (a replica's leader)."""
+        directory = self._directory()
+        if directory is None:
+            return NOT_DECIDING
+        return f"{REPLICA_NOT_DECIDING}; {leader_hint(directory)}"
+
     def controller(self) -> RolloutController:
         controller = self._controller()
         if controller is None:
-            raise Refused(Refusal.UNAVAILABLE, NOT_DECIDING)
+            raise Refused(Refusal.UNAVAILABLE, self.not_deciding())
         return controller
 
     def act(self, actor: str, reason: str, act: Act) -> RolloutState:
@@ -122,6 +136,14 @@ class Operator:
             raise Refused(Refusal.FAILED_PRECONDITION, _message(exc)) from None
         except StoreUnavailable as exc:
             raise Refused(Refusal.UNAVAILABLE, _message(exc)) from None
+        except NotLeader as exc:
+            raise Refused(Refusal.UNAVAILABLE, self._no_longer_leads(exc)) from None
+
+    def _no_longer_leads(self, exc: NotLeader) -> str:
+        """The store fenced this replica's write: another replica won the leader key."""
+        directory = self._directory()
+        where = leader_hint(directory) if directory is not None else "try again"
+        return f"this replica no longer leads ({_message(exc)}): nothing was changed; {where}"
 
     def change(self, name: str, service: str, reason: str, actor: str) -> RolloutState:
         """One of the named changes the dashboard offers (pause, resume, abort, promote),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
@@ -37,6 +38,7 @@ from xds_server.admin.views import (
     audit_message,
     event_message,
     node_message,
+    replicas_message,
     rollout_message,
     store_message,
 )
@@ -64,7 +66,15 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     ) -> None:
         self.view = view
         self.auth = Credentials(tokens, auth_reads)
-        self.operator = Operator(self.auth, lambda: view.spec, lambda: view.controller)
+        self.operator = Operator(
+            self.auth, lambda: view.spec, lambda: view.controller, lambda: view.directory
+        )
+        self.started = time.time()
+        self.address = ""
+        """Where this API listens (`run_admin_server` sets it): one process's own entry
+        in `ListReplicas` (a replica's comes from its key)."""
+        self.xds_address = ""
+        """One process's xDS address as configured, for `ListReplicas`; "": ":PORT"."""
 
     @property
     def server(self) -> XdsPublisher:
@@ -234,6 +244,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             limit=request.limit or None,
         )
         return admin_pb2.GetAuditResponse(entries=[audit_message(e) for e in entries])
+
+    # ---- replicas ----
+
+    async def ListReplicas(self, request: Any, context: Context) -> Any:
+        return replicas_message(self.view, self.started, self.address, self.xds_address)
 
     # ---- the istio output mode ----
 
@@ -523,6 +538,7 @@ async def run_admin_server(
     else:
         port = grpc_server.add_insecure_port(address)
     await grpc_server.start()
+    admin.address = f"{address.rpartition(':')[0]}:{port}"
     log.info(
         "admin API on %s (port %d, %s, %s)",
         address,

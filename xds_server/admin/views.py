@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
 from xds_server.admin.v1 import admin_pb2
+from xds_server.ha.replicas import Directory
 from xds_server.outputs.istio_apply import IstioApplier
 from xds_server.rollout.audit import AuditEntry
 from xds_server.rollout.controller import RolloutController
@@ -40,6 +42,11 @@ class AdminView(Protocol):
 
     @property
     def istio(self) -> IstioApplier | None: ...
+
+    @property
+    def directory(self) -> Directory | None:
+        """Replicas on etcd: every replica's key in the store; None for one process."""
+        ...
 
     def rollouts(self) -> Mapping[str, RolloutState]:
         """The current rollouts: the controller's, or what a follower read from the store."""
@@ -178,3 +185,95 @@ def event_message(view: AdminView, event: Committed) -> admin_pb2.RolloutEvent:
             for t in event.decision.transitions
         ],
     )
+
+
+# ---- replicas ----
+
+LOCAL_REPLICA = "local"
+"""The id one process without a store gives itself in `ListReplicas`."""
+
+
+def replica_documents(directory: Directory) -> dict[str, dict[str, Any]]:
+    """Every replica's document in the store, this replica's as of now (its own key lags
+    by up to the directory's publish interval, and is missing before its first write)."""
+    docs = dict(directory.store.view.replicas)
+    docs[directory.info.replica_id] = directory.document()
+    return docs
+
+
+def leader_id(directory: Directory) -> str | None:
+    """The replica that leads: the leader key's holder; without one in view, the single
+    document that says it leads. None while nobody (known) leads."""
+    key = directory.store.view.leader
+    if key is not None:
+        return key.replica
+    leading = [rid for rid, doc in replica_documents(directory).items() if doc.get("leader")]
+    return leading[0] if len(leading) == 1 else None
+
+
+def leader_hint(directory: Directory) -> str:
+    """Where a change should go instead: "the leader is eu-west (admin 127.0.0.1:18001)"."""
+    rid = leader_id(directory)
+    if rid is None or (rid == directory.info.replica_id and not directory.leading):
+        return "no replica leads right now (an election is under way): try again shortly"
+    admin = str(replica_documents(directory).get(rid, {}).get("admin", "") or "")
+    return f"the leader is {rid}" + (f" (admin {admin})" if admin else "")
+
+
+def replicas_message(
+    view: AdminView, started: float, admin_address: str, xds_address: str = ""
+) -> admin_pb2.ListReplicasResponse:
+    """Every replica, as this one sees the store; one process answers with itself alone
+    (described by the arguments: the directory knows a replica's own)."""
+    directory = view.directory
+    if directory is None:
+        port = view.publisher.port
+        nodes = [{"region": n.region} for n in view.publisher.node_status()]
+        doc = {
+            "id": LOCAL_REPLICA,
+            "xds": xds_address or (f":{port}" if port else ""),
+            "admin": admin_address,
+            "started": started,
+            "updated": time.time(),
+            "nodes": nodes,
+        }
+        local = replica_message(doc, leader=view.controller is not None, this=True)
+        return admin_pb2.ListReplicasResponse(replicas=[local])
+    leader = leader_id(directory)
+    me = directory.info.replica_id
+    return admin_pb2.ListReplicasResponse(
+        replicas=[
+            replica_message(doc, leader=rid == leader, this=rid == me, rid=rid)
+            for rid, doc in sorted(replica_documents(directory).items())
+        ],
+        store=str(directory.store.address),
+    )
+
+
+def replica_message(
+    doc: Mapping[str, Any], *, leader: bool, this: bool, rid: str = ""
+) -> admin_pb2.Replica:
+    """One replica's document (ha/replicas.py's `Directory.document`). Read leniently:
+    a key written by hand or by another version lacks fields, it does not fail the call."""
+    by_region: dict[str, int] = {}
+    nodes = doc.get("nodes")
+    for n in nodes if isinstance(nodes, list) else []:
+        region = str(n.get("region", "")) if isinstance(n, dict) else ""
+        by_region[region] = by_region.get(region, 0) + 1
+    regions = doc.get("regions")
+    return admin_pb2.Replica(
+        id=str(doc.get("id") or rid),
+        regions=[str(r) for r in regions] if isinstance(regions, list) else [],
+        xds_address=str(doc.get("xds", "")),
+        admin_address=str(doc.get("admin", "")),
+        leader=leader,
+        nodes=sum(by_region.values()),
+        nodes_by_region=by_region,
+        started=_number(doc.get("started")),
+        updated=_number(doc.get("updated")),
+        this=this,
+    )
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) else 0.0

@@ -34,7 +34,7 @@ from typing import Any
 from aiohttp import web
 from google.protobuf import json_format, message
 
-from xds_server.admin.operator import NOT_DECIDING, Operator, Refusal, Refused, unauthenticated
+from xds_server.admin.operator import Operator, Refusal, Refused, unauthenticated
 from xds_server.admin.views import (
     AdminView,
     WatchQueue,
@@ -216,7 +216,7 @@ class Dashboard:
             "role_detail": (
                 "runs the rollout controller"
                 if self.view.controller is not None
-                else f"serves the committed state; {NOT_DECIDING}"
+                else f"serves the committed state; {self.operator.not_deciding()}"
             ),
             "store": to_json(store_message(self.view)),
             "actions": auth.configured,

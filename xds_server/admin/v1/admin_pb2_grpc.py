@@ -94,6 +94,11 @@ class AdminStub:
                 request_serializer=xds__server_dot_admin_dot_v1_dot_admin__pb2.GetIstioApplyStatusRequest.SerializeToString,
                 response_deserializer=xds__server_dot_admin_dot_v1_dot_admin__pb2.GetIstioApplyStatusResponse.FromString,
                 _registered_method=True)
+        self.ListReplicas = channel.unary_unary(
+                '/xds_server.admin.v1.Admin/ListReplicas',
+                request_serializer=xds__server_dot_admin_dot_v1_dot_admin__pb2.ListReplicasRequest.SerializeToString,
+                response_deserializer=xds__server_dot_admin_dot_v1_dot_admin__pb2.ListReplicasResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -171,6 +176,12 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListReplicas(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +244,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetIstioApplyStatus,
                     request_deserializer=xds__server_dot_admin_dot_v1_dot_admin__pb2.GetIstioApplyStatusRequest.FromString,
                     response_serializer=xds__server_dot_admin_dot_v1_dot_admin__pb2.GetIstioApplyStatusResponse.SerializeToString,
+            ),
+            'ListReplicas': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReplicas,
+                    request_deserializer=xds__server_dot_admin_dot_v1_dot_admin__pb2.ListReplicasRequest.FromString,
+                    response_serializer=xds__server_dot_admin_dot_v1_dot_admin__pb2.ListReplicasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -559,6 +575,33 @@ class Admin:
             '/xds_server.admin.v1.Admin/GetIstioApplyStatus',
             xds__server_dot_admin_dot_v1_dot_admin__pb2.GetIstioApplyStatusRequest.SerializeToString,
             xds__server_dot_admin_dot_v1_dot_admin__pb2.GetIstioApplyStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReplicas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xds_server.admin.v1.Admin/ListReplicas',
+            xds__server_dot_admin_dot_v1_dot_admin__pb2.ListReplicasRequest.SerializeToString,
+            xds__server_dot_admin_dot_v1_dot_admin__pb2.ListReplicasResponse.FromString,
             options,
             channel_credentials,
             insecure,
