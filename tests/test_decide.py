@@ -413,3 +413,16 @@ def test_a_pause_in_one_region_does_not_hide_a_failure_in_another() -> None:
     }
     d = sm.decide(plan, state, observations, plan.max_hold + 1)
     assert d.rollback and "eu-west" in d.state.reason
+
+
+def test_weights_set_by_hand_start_the_steps_evidence_again() -> None:
+    """What the canary delivered at its old share says nothing about the new one: the
+    step's clock (and so its throughput and window evidence) restarts once the new
+    weights are applied."""
+    state = started()
+    running = replace(state.regions["us-east"], step_started=5.0)
+    state = replace(state, regions={**state.regions, "us-east": running})
+    d = sm.set_weights(state, ("us-east",), 10, 0, 30.0, "by hand")
+    assert d.state.regions["us-east"].step_started is None
+    assert d.state.regions["us-east"].manual_canary == 10
+    assert d.state.regions["eu-west"].step_started == state.regions["eu-west"].step_started

@@ -128,7 +128,7 @@ def latest_routes(client: AdsClient, until: Callable[[str, dict[str, int]], bool
 
 
 def test_followers_serve_the_leaders_weights_under_the_same_version(
-    replicas: dict[str, Replica], etcd_cluster: EtcdCluster
+    tmp_path: Path, replicas: dict[str, Replica], etcd_cluster: EtcdCluster
 ) -> None:
     leader = replicas[leader_of(etcd_cluster.url)]
     follower = replicas["b" if leader.name == "a" else "a"]
@@ -155,6 +155,14 @@ def test_followers_serve_the_leaders_weights_under_the_same_version(
     # The decision's audit entry names the version both replicas serve.
     (entry,) = [e for e in store.audit(region="us-east") if e.reason.endswith("test: by hand")]
     assert str(entry.snapshot_version) == version
+    # A replica started now serves the same routes under the same version from the start.
+    late = start_replica(tmp_path, etcd_cluster.url, "late")
+    try:
+        wait_for(lambda: "late" in store_view(etcd_cluster.url).view.replicas, 20, "late up")
+        _, first = subscribe(late.xds, "us-east", "node-on-late")
+        assert parse_routes(first) == (version, want)
+    finally:
+        late.process.stop()
 
 
 def test_a_regional_replica_refuses_other_regions_naming_who_serves_them(

@@ -407,6 +407,9 @@ class ReplicaApp(App):
             client_ca=options.xds_client_ca,
             trust_domain=options.xds_trust_domain,
             routes_version=store.routes_version,
+            # The committed weights from the first snapshot on: a replica that started
+            # production-only and then followed would give the same routes a new version.
+            traffic=rollout_traffic(spec, current_rollouts(spec, store.load_rollouts())),
         )
         self.telemetry = Telemetry()
         self.telemetry.attach(publisher)

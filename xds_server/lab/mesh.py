@@ -155,6 +155,7 @@ class LocalMesh:
             for region in self.opts.regions:
                 self.start_replica(region)
             self.server = self.replicas[self.opts.regions[0]]
+            self.wait_replicas()
         else:
             self.start_server()
         for region, i, admin, listen in self._envoy_ports:
@@ -264,6 +265,17 @@ class LocalMesh:
             f"xds-server-{region}", argv, self.workdir / f"xds-server-{region}.log"
         )
         return self.replicas[region]
+
+    def wait_replicas(self, timeout: float = 30) -> None:
+        """Until every replica has its key in the store (it does once its xDS port is
+        open): an Envoy started earlier would settle on its neighbour's replica."""
+
+        def listed() -> bool:
+            store = self.etcd_store()
+            store.read()
+            return set(store.view.replicas) >= set(self.replicas)
+
+        wait_for(listed, timeout, "every replica's key in the store", interval=0.1)
 
     def etcd_store(self) -> EtcdStore:
         """A reader of the replicas' store (its view re-read on each call's `read()`)."""

@@ -626,8 +626,15 @@ def set_weights(
         rs = new_regions[r]
         phase = PAUSED if rs.phase in LIVE else rs.phase
         why = f"weights set by hand to canary {canary:g}%, baseline {baseline:g}%: {reason}"
+        # The step's evidence starts again once the new weights are applied: what the
+        # canary delivered at its old share says nothing about the new one.
         new_regions[r] = replace(
-            rs, phase=phase, manual_canary=canary, manual_baseline=baseline, reason=why
+            rs,
+            phase=phase,
+            manual_canary=canary,
+            manual_baseline=baseline,
+            reason=why,
+            step_started=None,
         )
         transitions.append(Transition(r, rs.phase, phase, rs.step, rs.step, why))
     paused = _pause(replace(state, regions=new_regions), now, f"weights set by hand: {reason}")

@@ -56,13 +56,16 @@ class XdsPublisher:
         client_ca: bytes | None = None,
         trust_domain: str | None = None,
         routes_version: Callable[[str], int] | None = None,
+        traffic: TrafficState | None = None,
     ) -> None:
+        """`traffic`: the weights to build the first snapshots with (a replica starts
+        from the store's, so its first routes are the ones every replica serves)."""
         self.spec = spec
         self.tls = tls
         """(certificate chain, private key) in PEM: serve xDS over TLS."""
         self.client_ca = client_ca
         """With TLS: require client certificates signed by this CA (PEM), naming the node."""
-        self.traffic = TrafficState()
+        self.traffic = traffic if traffic is not None else TrafficState()
         self.cache = SnapshotCache()
         self.nodes = NodeRegistry()
         self.identity = IdentityPolicy(trust_domain) if client_ca is not None else None
