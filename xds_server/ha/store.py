@@ -19,6 +19,7 @@ every replica gives the same routes the same version.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -28,6 +29,7 @@ from typing import Any
 
 import grpc
 from aetcd import rpc
+from aetcd.exceptions import RevisionCompactedError
 
 from xds_server.ha.etcd import (
     EtcdAddress,
@@ -147,9 +149,19 @@ class EtcdStore:
                     self._on_event(event)
             except asyncio.CancelledError:
                 raise
+            except RevisionCompactedError:
+                log.warning("store watch fell behind a compaction: reloading everything")
+                await self._reload()
+                continue
             except Exception as exc:
                 log.warning("store watch broken (%s); retrying", _one_line(exc))
             await asyncio.sleep(WATCH_RETRY_SECONDS)  # reconnect backoff
+
+    async def _reload(self) -> None:
+        with contextlib.suppress(Exception):  # (the next watch attempt retries)
+            await self.start()
+            self._changed |= {"spec", "rollouts", "routes", "leader", "replicas", "audit"}
+            self._notify()
 
     def _on_event(self, event: Any) -> None:
         kv = event.kv
