@@ -24,7 +24,7 @@ from xds_server.admin.v1 import admin_pb2, admin_pb2_grpc
 from xds_server.ha.etcd import parse_store_url
 from xds_server.ha.store import EtcdStore
 from xds_server.lab.etcd import EtcdCluster
-from xds_server.lab.procs import Process, free_port, wait_for
+from xds_server.lab.procs import Process, free_port, http_get, wait_for
 from xds_server.xds.resources import ROUTE_CONFIG_NAME
 from xds_server.xds.types import CLUSTER, ENDPOINT, ROUTE
 
@@ -38,19 +38,21 @@ class Replica:
     process: Process
     xds: int
     admin: int
+    metrics: int
 
 
 def start_replica(
     workdir: Path, store: str, name: str, *extra: str, spec: Path | None = None
 ) -> Replica:
-    xds, admin = free_port(), free_port()
+    xds, admin, metrics = free_port(), free_port(), free_port()
     argv = [*CLI, "serve", "--store", store, "--replica-id", name, "--leader-ttl", "2",
             "--xds-address", f"127.0.0.1:{xds}", "--admin-address", f"127.0.0.1:{admin}",
-            "--metrics-address", f"127.0.0.1:{free_port()}", "--ui-address", "",
+            "--metrics-address", f"127.0.0.1:{metrics}", "--ui-address", "",
             "--prometheus-url", f"http://127.0.0.1:{free_port()}", *extra]  # fmt: skip
     if spec is not None:
         argv += ["--spec", str(spec)]
-    return Replica(name, Process(f"replica-{name}", argv, workdir / f"{name}.log"), xds, admin)
+    process = Process(f"replica-{name}", argv, workdir / f"{name}.log")
+    return Replica(name, process, xds, admin, metrics)
 
 
 def store_view(url: str) -> EtcdStore:
@@ -229,3 +231,20 @@ def test_manifests_istio_from_the_store_carry_the_committed_weights(
     (vs,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "VirtualService"]
     weights = {r["destination"]["subset"]: r["weight"] for r in vs["spec"]["http"][-1]["route"]}
     assert weights.get("canary") == 40 and weights.get("production") == 60
+
+
+def test_each_replica_says_whether_it_leads_on_its_metrics(
+    replicas: dict[str, Replica], etcd_cluster: EtcdCluster
+) -> None:
+    leader = leader_of(etcd_cluster.url)
+
+    def gauge(r: Replica) -> float | None:
+        _, body, _ = http_get(f"http://127.0.0.1:{r.metrics}/metrics")
+        for line in body.decode().splitlines():
+            if line.startswith("xds_leader "):
+                return float(line.split()[1])
+        return None
+
+    for name, r in replicas.items():
+        want = 1.0 if name == leader else 0.0
+        wait_for(lambda r=r, want=want: gauge(r) == want, 10, f"{name}'s xds_leader {want}")  # type: ignore[misc]

@@ -291,6 +291,7 @@ class App:
         )
         controller.subscribe(self.telemetry)
         controller.watch_store(self.telemetry.on_store_health)
+        self.telemetry.on_leadership(True)
         if spec.istio is not None and spec.istio.apply:
             # The istio output mode: only the process that decides applies (one writer).
             applier = IstioApplier(spec.istio)
@@ -542,6 +543,7 @@ class ReplicaApp(App):
             self.notifier = None
         self.directory.leading = False
         self.directory.changed()
+        self.telemetry.on_leadership(False)
         log.warning("following the store: %s", why)
         assert self.parts.follower is not None
         self.parts.follower.try_refresh()

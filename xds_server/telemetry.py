@@ -103,6 +103,17 @@ class Telemetry:
             "Rollbacks pushed to the data plane but not yet committed to the store",
             registry=r,
         )
+        self.leader = Gauge(
+            "xds_leader",
+            "1 while this process decides rollouts (holds the lock file, or the leader key "
+            "of replicas on etcd), else 0",
+            registry=r,
+        )
+        self.elections = Counter(
+            "xds_leader_elections",
+            "Times this replica became the leader (replicas on etcd)",
+            registry=r,
+        )
 
     def _istio_metrics(self, r: CollectorRegistry) -> None:
         self.istio_applies = Counter(
@@ -182,6 +193,11 @@ class Telemetry:
                 split = traffic.split(service, region).percent()
                 for pool in POOL_NAMES:
                     self.weight.labels(service, region, pool).set(split[pool])
+
+    def on_leadership(self, leading: bool) -> None:
+        self.leader.set(1 if leading else 0)
+        if leading:
+            self.elections.inc()
 
     def on_store_health(self, health: StoreHealth) -> None:
         self.store_writable.set(1 if health.ok else 0)
