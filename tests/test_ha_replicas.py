@@ -22,9 +22,13 @@ from tests.conftest import AdsClient, make_spec_doc
 from tests.test_ads_protocol import ALL_CLUSTERS, sync_all
 from xds_server.admin.v1 import admin_pb2, admin_pb2_grpc
 from xds_server.ha.etcd import parse_store_url
+from xds_server.ha.replicas import ClusterDataPlane, Directory, ReplicaInfo
 from xds_server.ha.store import EtcdStore
 from xds_server.lab.etcd import EtcdCluster
 from xds_server.lab.procs import Process, free_port, http_get, wait_for
+from xds_server.spec import validate_spec
+from xds_server.xds.dataplane import Applied, Pending
+from xds_server.xds.publisher import XdsPublisher
 from xds_server.xds.resources import ROUTE_CONFIG_NAME
 from xds_server.xds.types import CLUSTER, ENDPOINT, ROUTE
 
@@ -248,3 +252,31 @@ def test_each_replica_says_whether_it_leads_on_its_metrics(
     for name, r in replicas.items():
         want = 1.0 if name == leader else 0.0
         wait_for(lambda r=r, want=want: gauge(r) == want, 10, f"{name}'s xds_leader {want}")  # type: ignore[misc]
+
+
+def test_the_nodes_of_a_replica_that_went_away_hold_the_gate_for_a_grace() -> None:
+    """A region whose only replica died has no visible node: its Envoys are between
+    replicas with the old weights. Their last ACKs count (as lagging) until they are seen
+    on another replica, or for DEPARTED_GRACE_TTLS leader TTLs."""
+    ports = {(r, p): 1 for r in REGIONS for p in ("production", "canary")}
+    spec = validate_spec(make_spec_doc(ports, regions=REGIONS), "grace")
+    publisher = XdsPublisher(spec)
+    store = EtcdStore(parse_store_url("etcd://127.0.0.1:1"))  # (its view, filled by hand)
+    info = ReplicaInfo("me", (), "127.0.0.1:1", "127.0.0.1:2", 0.0)
+    directory = Directory(store, info, publisher, ttl=3)
+    dataplane = ClusterDataPlane(publisher, directory)
+    current = publisher.snapshot("us-east").type_version(ROUTE)
+    old = {"id": "e1", "region": "us-east", "agent": "envoy/1.40.0",
+           "routes": {"acked": "1", "sent": "1"}}  # fmt: skip
+    store.view.departed["dead"] = ({"id": "dead", "nodes": [old]}, time.monotonic())
+    held = dataplane.routes_applied("us-east")
+    assert isinstance(held, Pending) and held.lagging == ("e1",) and held.version == current
+    # Seen again on a live replica, with the current routes: applied.
+    moved = {**old, "routes": {"acked": current, "sent": current, "acked_at": 1.0}}
+    store.view.replicas["alive"] = {"id": "alive", "nodes": [moved]}
+    assert isinstance(dataplane.routes_applied("us-east"), Applied)
+    # Never seen again: after the grace, they no longer hold the region.
+    del store.view.replicas["alive"]
+    store.view.departed["dead"] = ({"id": "dead", "nodes": [old]}, time.monotonic() - 7)
+    assert isinstance(dataplane.routes_applied("us-east"), Applied)
+    store.close()

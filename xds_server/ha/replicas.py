@@ -33,6 +33,12 @@ log = logging.getLogger("xds_server.ha.replicas")
 
 PUBLISH_INTERVAL = 0.1
 """The most often a replica rewrites its key (node ACKs coalesce into one write)."""
+DEPARTED_GRACE_TTLS = 2
+"""How long (in leader TTLs) the nodes of a replica whose key expired still count, as
+not having applied anything newer: they are between replicas (their Envoys reconnect to
+the next server of their bootstrap within a couple of seconds) or stuck on a frozen
+one. Without it a region whose only replica died would count as applied, with no node
+having the new weights."""
 
 
 @dataclass(frozen=True)
@@ -132,13 +138,21 @@ class Directory:
         ]
 
     def remote_nodes(self, region: str | None = None) -> list[NodeStatus]:
-        """The nodes other replicas hold, as they last published them."""
-        out = []
+        """The nodes other replicas hold, as they last published them; then those of
+        replicas that went away within DEPARTED_GRACE_TTLS, unless seen elsewhere."""
+        out: dict[str, NodeStatus] = {}
         for rid, doc in self.others().items():
             for n in doc.get("nodes", []):
                 if region is None or n.get("region") == region:
-                    out.append(node_from_document(n, rid))
-        return out
+                    out.setdefault(n["id"], node_from_document(n, rid))
+        since = time.monotonic() - DEPARTED_GRACE_TTLS * self.ttl
+        for rid, (doc, gone) in self.store.view.departed.items():
+            if gone < since or rid == self.info.replica_id:
+                continue
+            for n in doc.get("nodes", []):
+                if (region is None or n.get("region") == region) and n["id"] not in out:
+                    out[n["id"]] = node_from_document(n, f"{rid} (gone)")
+        return list(out.values())
 
 
 def node_document(n: NodeStatus) -> dict[str, Any]:
@@ -198,6 +212,7 @@ class ClusterDataPlane:
             for n in self.directory.remote_nodes(region)
             if n.node_id not in local_ids and n.judged_on(ROUTE)
         ]
+        # (A node that left a dead replica counts as lagging until it is seen again.)
         return judge_routes(
             self.publisher.snapshot(region).type_version(ROUTE),
             self.publisher.routes_published(region),

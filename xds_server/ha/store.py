@@ -85,6 +85,9 @@ class View:
     """Region -> the mod revision of its routes key."""
     leader: LeaderKey | None = None
     replicas: dict[str, dict[str, Any]] = field(default_factory=dict)
+    departed: dict[str, tuple[dict[str, Any], float]] = field(default_factory=dict)
+    """Replicas whose key went away (a lease that expired: dead, or frozen): their last
+    document, and when (monotonic)."""
 
 
 Listener = Callable[[frozenset[str]], None]
@@ -214,9 +217,11 @@ class EtcdStore:
                 return "leader"
             if kind == "replicas":
                 if deleted:
-                    view.replicas.pop(name, None)
+                    if name in view.replicas:
+                        view.departed[name] = (view.replicas.pop(name), time.monotonic())
                 else:
                     view.replicas[name] = json.loads(value)
+                    view.departed.pop(name, None)
                 return "replicas"
         except (ValueError, KeyError, TypeError) as exc:
             log.error("ignoring unreadable store key %s: %s", key, _one_line(exc))
