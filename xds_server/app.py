@@ -30,7 +30,7 @@ from xds_server.admin.web import Dashboard
 from xds_server.ha.etcd import async_client, parse_store_url
 from xds_server.ha.leader import Election
 from xds_server.ha.replicas import ClusterDataPlane, Directory, ReplicaInfo, served_regions
-from xds_server.ha.store import EtcdStore
+from xds_server.ha.store import EtcdStore, StoreReadError
 from xds_server.outputs.istio_apply import IstioApplier, IstioSink
 from xds_server.outputs.notify import Notifier
 from xds_server.rollout.controller import RolloutController
@@ -521,6 +521,12 @@ class ReplicaApp(App):
 
     def _elected(self, fence: int) -> None:
         self.store.fence = fence
+        try:  # decide from everything committed, not from where the watch has got to
+            self.store.read()
+        except StoreReadError as exc:
+            log.warning("elected, but the store cannot be read (%s): stepping down", exc)
+            self.election.step_down(str(exc))
+            return
         self._lead(self.store, ClusterDataPlane(self.parts.publisher, self.directory))
         controller = self.parts.controller
         assert controller is not None

@@ -89,8 +89,7 @@ class Election:
                     self.step_down(f"the store failed: {_one_line(exc)}")
                 log.debug("campaign failed: %s", _one_line(exc))
             self._wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), CAMPAIGN_INTERVAL)
+            await wait_event(self._wake, CAMPAIGN_INTERVAL)
 
     async def _campaign(self) -> bool:
         await self.client.connect()
@@ -128,8 +127,7 @@ class Election:
         try:
             while self.leading:
                 wait = min(self.ttl / 3, max(0.0, self._deadline() - time.monotonic()))
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._deposed.wait(), wait)
+                await wait_event(self._deposed, wait)
                 if not self.leading:
                     return
                 if time.monotonic() >= self._deadline():
@@ -163,6 +161,18 @@ class Election:
             self.fence = None
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.client.revoke_lease(self.lease), 1.0)
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait for `event` at most `timeout` seconds. Not `asyncio.wait_for`: on Python
+    3.11 it drops a cancellation that lands in the tick the event is set, and a replica
+    stopped then went on campaigning."""
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 def _one_line(exc: BaseException) -> str:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from xds_server.ha.etcd import Keys
+from xds_server.ha.leader import wait_event
 from xds_server.ha.store import EtcdStore
 from xds_server.traffic import TrafficState
 from xds_server.xds.dataplane import RouteStatus
@@ -93,10 +94,7 @@ class Directory:
                 await self._publish(lease.id)
                 renew_at = time.monotonic() + self.ttl / 3
                 while True:
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(
-                            self._dirty.wait(), max(0.0, renew_at - time.monotonic())
-                        )
+                    await wait_event(self._dirty, max(0.0, renew_at - time.monotonic()))
                     if time.monotonic() >= renew_at:
                         reply = await client.refresh_lease(lease.id)
                         if reply is None or reply.TTL <= 0:

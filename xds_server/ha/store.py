@@ -132,7 +132,7 @@ class EtcdStore:
             got = self.kv.range(self.keys.everything, range_end(self.keys.everything))
         except grpc.RpcError as exc:
             raise StoreReadError(f"cannot read {self.path}: {_rpc_error(exc)}") from None
-        view = View(revision=got.header.revision)
+        view = View(revision=got.header.revision, departed=self.view.departed)
         for kv in got.kvs:
             self._apply(view, kv.key.decode(), kv, deleted=False)
         self.view = view
