@@ -191,12 +191,7 @@ def cmd_spec_push(args: argparse.Namespace) -> int:
 
 def cmd_spec_get(args: argparse.Namespace) -> int:
     address = _store_address(args)
-
-    async def get() -> list[StoredSpec]:
-        async with _spec_store(address) as store:
-            return await store.spec_history()
-
-    history = _run_on_store(get(), address)
+    history = _spec_history(address)
     if not history:
         raise UsageError(f"the store {address} holds no spec under {address.prefix}")
     if args.number is None:
@@ -211,19 +206,21 @@ def cmd_spec_get(args: argparse.Namespace) -> int:
 
 
 def cmd_spec_history(args: argparse.Namespace) -> int:
-    address = _store_address(args)
-
-    async def get() -> list[StoredSpec]:
-        async with _spec_store(address) as store:
-            return await store.spec_history()
-
-    history = _run_on_store(get(), address)
+    history = _spec_history(_store_address(args))
     print(f"{'SPEC':>4}  {'REVISION':>8}  {'PUSHED':<20}  {'SHA256':<12}  SOURCE")
     for s in history:
         pushed = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.pushed_at))
         digest = hashlib.sha256(s.text.encode()).hexdigest()[:12]
         print(f"{s.number:>4}  {s.revision:>8}  {pushed:<20}  {digest:<12}  {s.source}")
     return 0
+
+
+def _spec_history(address: EtcdAddress) -> list[StoredSpec]:
+    async def get() -> list[StoredSpec]:
+        async with _spec_store(address) as store:
+            return await store.spec_history()
+
+    return _run_on_store(get(), address)
 
 
 @contextlib.asynccontextmanager
