@@ -248,7 +248,7 @@ def test_bootstrap_lists_the_xds_servers_in_priority_order(
     cluster = xds_cluster(json.loads(out))
     endpoints = cluster["load_assignment"]["endpoints"]
     assert [
-        (e["priority"], e["lb_endpoints"][0]["endpoint"]["address"]["socket_address"])
+        (e.get("priority", 0), e["lb_endpoints"][0]["endpoint"]["address"]["socket_address"])
         for e in endpoints
     ] == [
         (0, {"address": "127.0.0.1", "port_value": 1}),

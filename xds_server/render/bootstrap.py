@@ -149,7 +149,7 @@ def _xds_cluster(opts: BootstrapOptions) -> dict[str, Any]:
             "cluster_name": XDS_CLUSTER,
             "endpoints": [
                 {
-                    "priority": priority,
+                    **({"priority": priority} if priority else {}),
                     "lb_endpoints": [
                         {
                             "endpoint": {
