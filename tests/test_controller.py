@@ -161,6 +161,8 @@ class InMemoryDataPlane:
         self._published_at: dict[str, float] = {}
         self._applied_at: dict[str, float] = {}
         self._scripted: dict[str, RouteStatus] = {}
+        self.hosts: dict[tuple[str, str], int] = {}
+        """(region, cluster) -> hosts, as a registry would give them; unknown: None."""
 
     # the port
 
@@ -177,6 +179,9 @@ class InMemoryDataPlane:
 
     def next_version(self, region: str) -> int:
         return self._versions.get(region, 0) + 1
+
+    def pool_hosts(self, region: str, cluster: str) -> int | None:
+        return self.hosts.get((region, cluster))
 
     def routes_applied(self, region: str) -> RouteStatus:
         if region in self._scripted:

@@ -28,6 +28,7 @@ from typing import IO, Any
 from xds_server.admin.service import AdminService, run_admin_server
 from xds_server.admin.web import Dashboard
 from xds_server.ha.etcd import async_client, parse_store_url
+from xds_server.ha.instances import with_registered
 from xds_server.ha.leader import Election
 from xds_server.ha.replicas import ClusterDataPlane, Directory, ReplicaInfo, served_regions
 from xds_server.ha.store import EtcdStore, StoreReadError
@@ -402,15 +403,19 @@ class ReplicaApp(App):
         """With `--spec FILE`: its valid changes are pushed to the store (and served
         from there, like anyone's push)."""
         self.replica_id = options.replica_id or _default_replica_id(options.xds_address)
+        self.stored_spec = spec
+        """The spec as pushed; what is served adds the registry's instances (`served`)."""
+        traffic = rollout_traffic(spec, current_rollouts(spec, store.load_rollouts()))
+        self.served = with_registered(spec, store.view.registry.values(), None, traffic)
         publisher = XdsPublisher(
-            spec,
+            self.served.spec,
             tls=options.xds_tls,
             client_ca=options.xds_client_ca,
             trust_domain=options.xds_trust_domain,
             routes_version=store.routes_version,
             # The committed weights from the first snapshot on: a replica that started
             # production-only and then followed would give the same routes a new version.
-            traffic=rollout_traffic(spec, current_rollouts(spec, store.load_rollouts())),
+            traffic=traffic,
         )
         self.telemetry = Telemetry()
         self.telemetry.attach(publisher)
@@ -447,6 +452,8 @@ class ReplicaApp(App):
         self._leading: list[asyncio.Task[None]] = []
         self._spec_text = ""
         """The text of the spec served now (a watch event for the same text is no news)."""
+        self._registry_handle: asyncio.TimerHandle | None = None
+        self.telemetry.set_registry(store.view.registry.values())
 
     @classmethod
     async def connect(cls, options: ServeOptions) -> ReplicaApp:
@@ -488,6 +495,11 @@ class ReplicaApp(App):
             self.election.wake()
         if "spec" in changed:
             self._apply_stored_spec()
+        if "registry" in changed and self._registry_handle is None:
+            # Coalesced: a burst of registrations (a fleet starting) is one push a region.
+            self._registry_handle = asyncio.get_running_loop().call_later(
+                REGISTRY_COALESCE_SECONDS, self._registry_changed
+            )
         if self.parts.controller is None and changed & {"spec", "rollouts", "routes"}:
             assert self.parts.follower is not None
             self.parts.follower.try_refresh()
@@ -504,9 +516,34 @@ class ReplicaApp(App):
                 log.error("stored spec rejected, keeping the last good one: %s", line)
             return
         self._spec_text = stored.text
-        self.parts.publisher.apply_spec(spec, f"spec {stored.number} from the store")
+        self.stored_spec = spec
+        self._serve(f"spec {stored.number} from the store")
         if self.parts.controller is not None:
             self.parts.controller.spec_changed()
+
+    def _registry_changed(self) -> None:
+        self._registry_handle = None
+        self.telemetry.set_registry(self.store.view.registry.values())
+        self._serve("registry changed")
+
+    def _serve(self, reason: str) -> None:
+        """Serve the stored spec with the registry's instances (a pool that lost every
+        host while it takes traffic keeps its last ones: `ha/instances.py`)."""
+        publisher = self.parts.publisher
+        self.served = with_registered(
+            self.stored_spec, self.store.view.registry.values(), publisher.spec, publisher.traffic
+        )
+        for region, service, pool in sorted(self.served.held):
+            log.warning(
+                "%s %s in %s has no host left while it takes traffic: keeping its last "
+                "hosts; its rollout holds there", service, pool, region,
+            )  # fmt: skip
+        publisher.apply_spec(self.served.spec, reason)
+
+    def live_hosts(self, region: str, cluster: str) -> int | None:
+        """Hosts really there for a pool (static or registered; none for a held pool)."""
+        service, _, pool = cluster.partition("|")
+        return self.served.live.get((region, service, pool))
 
     def _push_spec_file(self, spec: MeshSpec, reason: str) -> None:
         del spec  # validated: the store gets the file's text, every replica parses it
@@ -527,7 +564,9 @@ class ReplicaApp(App):
             log.warning("elected, but the store cannot be read (%s): stepping down", exc)
             self.election.step_down(str(exc))
             return
-        self._lead(self.store, ClusterDataPlane(self.parts.publisher, self.directory))
+        self._lead(
+            self.store, ClusterDataPlane(self.parts.publisher, self.directory, self.live_hosts)
+        )
         controller = self.parts.controller
         assert controller is not None
         controller.restore()
@@ -600,6 +639,11 @@ class ReplicaApp(App):
             await self.election.resign()
             await self.directory.withdraw()
             self.store.close()
+
+
+REGISTRY_COALESCE_SECONDS = 0.05
+"""Registry changes within this long are served as one push (bounds the push rate of a
+churning fleet to 20 a second per region)."""
 
 
 class StoreError(Exception):

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
@@ -213,6 +214,56 @@ def cmd_spec_history(args: argparse.Namespace) -> int:
         digest = hashlib.sha256(s.text.encode()).hexdigest()[:12]
         print(f"{s.number:>4}  {s.revision:>8}  {pushed:<20}  {digest:<12}  {s.source}")
     return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    """Hold one instance's registration until SIGTERM or SIGINT, then deregister."""
+    from xds_server.ha.registry import InstanceSpec, Registration, RegistrationError, check_address
+
+    setup_logging(args.log_level)
+    ttl = _seconds(args.ttl, "--ttl")
+    if ttl < 2:
+        raise UsageError(f"--ttl: at least 2s, got {args.ttl}")
+    if args.health_url and not args.health_url.startswith(("http://", "https://")):
+        raise UsageError(f"--health-url: expected an http(s) URL, got {args.health_url!r}")
+    address = _store_address(args)
+    try:
+        instance = InstanceSpec(
+            args.service, args.version, args.region, check_address(args.address), ttl,
+            args.health_url,
+        )  # fmt: skip
+    except RegistrationError as exc:
+        raise UsageError(str(exc)) from None
+
+    async def hold() -> None:
+        registration = Registration(address, instance)
+        try:
+            await asyncio.wait_for(registration.check(), 10)
+        except RegistrationError as exc:
+            raise UsageError(str(exc)) from None
+        except TimeoutError:
+            raise UsageError(f"the store {address} did not answer within 10 s") from None
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        task = asyncio.create_task(registration.run())
+        await stop.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(hold())
+    return 0
+
+
+def _seconds(text: str, flag: str) -> float:
+    from xds_server.spec import parse_duration
+
+    seconds = parse_duration(text)
+    if seconds is None:
+        raise UsageError(f"{flag}: expected a duration like 10s or 500ms, got {text!r}")
+    return seconds
 
 
 def _spec_history(address: EtcdAddress) -> list[StoredSpec]:
@@ -461,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_check)
     _add_serve(sub)
     _add_spec(sub)
+    _add_register(sub)
     _add_bootstrap(sub)
     _add_manifests(sub)
     _add_lab(sub)
@@ -578,6 +630,22 @@ def _add_spec(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     hist = sp_sub.add_parser("history", help="every spec pushed, oldest first")
     _add_store_flags(hist, required=True)
     hist.set_defaults(func=cmd_spec_history)
+
+
+def _add_register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    r = sub.add_parser(
+        "register",
+        help="register a model server instance in the shared registry until stopped",
+    )
+    _add_store_flags(r, required=True)
+    r.add_argument("--service", required=True)
+    r.add_argument("--version", required=True, help="the pool version it serves (v2)")
+    r.add_argument("--region", required=True)
+    r.add_argument("--address", required=True, metavar="HOST:PORT", help="where Envoy sends")
+    r.add_argument("--ttl", default="10s", help="its lease: gone this long after it dies")
+    r.add_argument("--health-url", metavar="URL", help="registered only while this answers 2xx")
+    r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    r.set_defaults(func=cmd_register)
 
 
 def _add_bootstrap(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

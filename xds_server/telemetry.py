@@ -7,9 +7,12 @@ It follows the xDS publisher (pushes, nodes, NACKs), committed rollout decisions
 from __future__ import annotations
 
 import asyncio
+import collections
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from xds_server.ha.instances import Instance
 from xds_server.outputs.istio_apply import IstioApplier, RegionApplyStatus
 from xds_server.outputs.notify import DROPPED, FAILED, RETRY, SENT, Notifier, NotifyResult
 from xds_server.rollout.controller import StoreHealth
@@ -109,6 +112,12 @@ class Telemetry:
             "of replicas on etcd), else 0",
             registry=r,
         )
+        self.registered = Gauge(
+            "xds_registered_instances",
+            "Instances in the shared registry (replicas on etcd)",
+            ["service", "version", "region"],
+            registry=r,
+        )
         self.elections = Counter(
             "xds_leader_elections",
             "Times this replica became the leader (replicas on etcd)",
@@ -193,6 +202,12 @@ class Telemetry:
                 split = traffic.split(service, region).percent()
                 for pool in POOL_NAMES:
                     self.weight.labels(service, region, pool).set(split[pool])
+
+    def set_registry(self, instances: Iterable[Instance]) -> None:
+        counts = collections.Counter((i.service, i.version, i.region) for i in instances)
+        self.registered.clear()
+        for (service, version, region), n in counts.items():
+            self.registered.labels(service, version, region).set(n)
 
     def on_leadership(self, leading: bool) -> None:
         self.leader.set(1 if leading else 0)

@@ -90,6 +90,15 @@ class Keys:
         revision is the region's routes version on every replica."""
         return f"{self.prefix}/routes/" + region
 
+    def registry(
+        self, service: str = "", region: str = "", version: str = "", address: str = ""
+    ) -> str:
+        """An instance's key, registry/SERVICE/REGION/VERSION/HOST:PORT (on its lease);
+        fewer parts give the folder that holds them."""
+        parts = [p for p in (service, region, version, address) if p]
+        tail = "/".join(parts)
+        return f"{self.prefix}/registry/" + (tail if len(parts) == 4 else tail + "/" * bool(tail))
+
     @property
     def leader(self) -> str:
         return f"{self.prefix}/leader"

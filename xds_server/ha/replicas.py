@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,9 +192,15 @@ class ClusterDataPlane:
     """The leader's `DataPlane`: its own publisher for pushes, and for the ACK gate every
     node of a region, on whichever replica it is connected."""
 
-    def __init__(self, publisher: XdsPublisher, directory: Directory) -> None:
+    def __init__(
+        self,
+        publisher: XdsPublisher,
+        directory: Directory,
+        live_hosts: Callable[[str, str], int | None] | None = None,
+    ) -> None:
         self.publisher = publisher
         self.directory = directory
+        self.live_hosts = live_hosts
 
     def set_traffic(self, traffic: TrafficState, *, urgent: bool, reason: str) -> None:
         self.publisher.set_traffic(traffic, urgent=urgent, reason=reason)
@@ -219,6 +225,11 @@ class ClusterDataPlane:
 
     def node_status(self, region: str | None = None) -> list[NodeStatus]:
         return self.publisher.node_status(region)
+
+    def pool_hosts(self, region: str, cluster: str) -> int | None:
+        if self.live_hosts is not None:
+            return self.live_hosts(region, cluster)
+        return self.publisher.pool_hosts(region, cluster)
 
 
 def served_regions(regions: Collection[str], spec_regions: Collection[str]) -> tuple[str, ...]:

@@ -40,6 +40,7 @@ from xds_server.ha.etcd import (
     put_op,
     range_end,
 )
+from xds_server.ha.instances import Instance, instance_from_json
 from xds_server.rollout.audit import AuditEntry
 from xds_server.rollout.ports import StoreFenced, StoreWriteError
 from xds_server.rollout.state import RolloutState, state_from_json, state_to_json
@@ -85,13 +86,16 @@ class View:
     """Region -> the mod revision of its routes key."""
     leader: LeaderKey | None = None
     replicas: dict[str, dict[str, Any]] = field(default_factory=dict)
+    registry: dict[str, Instance] = field(default_factory=dict)
+    """Registered instances by key (each on its instance's lease)."""
     departed: dict[str, tuple[dict[str, Any], float]] = field(default_factory=dict)
     """Replicas whose key went away (a lease that expired: dead, or frozen): their last
     document, and when (monotonic)."""
 
 
 Listener = Callable[[frozenset[str]], None]
-"""Told which parts changed ("spec", "rollouts", "routes", "leader", "replicas", "audit")."""
+"""Told which parts changed ("spec", "rollouts", "routes", "leader", "replicas", "audit",
+"registry")."""
 
 
 class EtcdStore:
@@ -163,7 +167,15 @@ class EtcdStore:
     async def _reload(self) -> None:
         with contextlib.suppress(Exception):  # (the next watch attempt retries)
             await self.start()
-            self._changed |= {"spec", "rollouts", "routes", "leader", "replicas", "audit"}
+            self._changed |= {
+                "spec",
+                "rollouts",
+                "routes",
+                "leader",
+                "replicas",
+                "audit",
+                "registry",
+            }
             self._notify()
 
     def _on_event(self, event: Any) -> None:
@@ -215,6 +227,12 @@ class EtcdStore:
                     None if deleted else LeaderKey(value.decode(), kv.create_revision, kv.lease)
                 )
                 return "leader"
+            if kind == "registry":
+                if deleted:
+                    view.registry.pop(key, None)
+                else:
+                    view.registry[key] = instance_from_json(value, kv.lease, kv.create_revision)
+                return "registry"
             if kind == "replicas":
                 if deleted:
                     if name in view.replicas:

@@ -83,6 +83,12 @@ class Observer:
                     pending[asyncio.create_task(self._warmup(svc, state, region))] = region
                 continue
             obs = out[region] = self.applied(region, plan, now)
+            if self.dataplane.pool_hosts(region, cluster_name(svc.name, "canary")) == 0:
+                # Every host of the canary is gone (registered instances whose leases
+                # ran out): no evidence; the step holds, and fails at max_hold.
+                gone = Measurement(problem=f"the canary pool has no host left in {region}")
+                out[region] = replace(obs, canary=gone, step=Comparison(gone, gone, ""))
+                continue
             started = rs.step_started
             if obs.applied_at is None or obs.apply_error or started is None:
                 continue  # not applied yet, or the step's clock starts with this observation
@@ -218,7 +224,11 @@ class Observer:
     async def _unhealthy_pools(self, svc: Service, region: str) -> list[str]:
         plan = svc.rollout
         waiting: list[str] = []
-        if plan.warmup.health_check is None:
+        for pool in ("canary", "baseline"):
+            hosts = self.dataplane.pool_hosts(region, cluster_name(svc.name, pool))
+            if pool in svc.pools and hosts == 0:
+                waiting.append(f"{pool}: no registered host in {region} yet")
+        if plan.warmup.health_check is None or waiting:
             return waiting
         for pool in ("canary", "baseline"):
             if pool not in svc.pools:

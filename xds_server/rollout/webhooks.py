@@ -29,7 +29,8 @@ def hook_context(svc: Service, state: RolloutState, region: str) -> dict[str, An
         "production_version": svc.pools["production"].version,
         "rollout_started_at": state.started_at,
         "pools": {
-            name: [str(e) for e in pool.endpoints[region]] for name, pool in svc.pools.items()
+            name: [str(e) for e in pool.endpoints.get(region, ())]
+            for name, pool in svc.pools.items()
         },
     }
 

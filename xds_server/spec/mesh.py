@@ -369,6 +369,10 @@ class _MeshParser:
             return None
         if protocol == Protocol.GRPC:
             plan = _with_grpc_queries(plan, error_codes)
+        if any(pools[p].registered for p in ("canary", "baseline") if p in pools):
+            # No weight before a registered host is there: warm-up waits for one.
+            warmup = dataclasses.replace(plan.warmup, registered_hosts=True)
+            plan = dataclasses.replace(plan, warmup=warmup)
         return Service(
             name, tuple(domains), prefix, pools, plan, notifications, protocol, error_codes
         )
@@ -429,6 +433,8 @@ class _MeshParser:
                 f"bad version {version!r}: expected a short string such as v1 or 2024-05-01",
             )
             version = None
+        if "endpoints" not in m:  # the registry's instances (replicas on etcd)
+            return None if version is None else Pool(name, version, {}, registered=True)
         endpoints = self._endpoints(m.get("endpoints"), join(path, "endpoints"))
         if version is None or endpoints is None:
             return None

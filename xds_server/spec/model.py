@@ -39,7 +39,11 @@ class Pool:
     name: str
     version: str
     endpoints: Mapping[str, tuple[Endpoint, ...]]
-    """Endpoints per region; every region of the spec has at least one."""
+    """Endpoints per region; with static endpoints, every region of the spec has at least
+    one. Replicas on etcd add the registry's instances of the pool's version."""
+    registered: bool = False
+    """No `endpoints:` in the spec: the pool's hosts are the registry's instances of its
+    service and version, region by region (replicas on etcd)."""
 
 
 NOTIFY_EVENTS: tuple[str, ...] = (

@@ -383,10 +383,15 @@ class Warmup:
     slow_start: float = 0.0
     """Envoy's slow_start_config window for the canary cluster; 0: off."""
     webhooks: tuple[Webhook, ...] = ()
+    registered_hosts: bool = False
+    """The canary or baseline pool takes its hosts from the registry (it lists no
+    endpoints): weight waits until each has a registered host in the region."""
 
     @property
     def needed(self) -> bool:
-        return bool(self.health_check or self.shadow_duration or self.webhooks)
+        return bool(
+            self.health_check or self.shadow_duration or self.webhooks or self.registered_hosts
+        )
 
 
 @dataclass(frozen=True)

@@ -61,3 +61,8 @@ class DataPlane(Protocol):
     def node_status(self, region: str | None = None) -> list[NodeStatus]:
         """Every connected node (of one region), with what it was sent and ACKed."""
         ...
+
+    def pool_hosts(self, region: str, cluster: str) -> int | None:
+        """How many hosts a pool really has in the region (static, or registered and
+        alive); None when not known. 0 holds the rollout there."""
+        ...

@@ -108,6 +108,15 @@ class XdsPublisher:
     def node_status(self, region: str | None = None) -> list[NodeStatus]:
         return self.nodes.nodes(region)
 
+    def pool_hosts(self, region: str, cluster: str) -> int | None:
+        """The hosts the spec gives a pool in a region; None for an unknown pool."""
+        service, _, pool = cluster.partition("|")
+        try:
+            found = self.spec.service(service).pools.get(pool)
+        except KeyError:
+            return None
+        return None if found is None else len(found.endpoints.get(region, ()))
+
     def routes_published(self, region: str) -> float:
         """When the region's current routes were published (the ACK clock's start)."""
         return self._routes_published.get(region, time.time())

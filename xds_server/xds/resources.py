@@ -134,7 +134,7 @@ class RegionBuilder:
                     self._clusters[ckey] = build_cluster(name, ckey[1])
                 clusters[name] = self._clusters[ckey]
                 used_clusters.add(ckey)
-                key = (name, svc.pools[pool].endpoints[self.region])
+                key = (name, svc.pools[pool].endpoints.get(self.region, ()))
                 if key not in self._endpoints:
                     self._endpoints[key] = build_load_assignment(name, self.region, key[1])
                 endpoints[name] = self._endpoints[key]
