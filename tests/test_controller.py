@@ -847,3 +847,30 @@ def test_metrics_that_never_answer_are_no_evidence_and_max_hold_is_kept_by_the_c
     ]
     assert holds and all("no answer within" in e.reason for e in holds)
     r.store.close()
+
+
+def test_a_canary_that_lost_every_host_holds_its_region_and_fails_at_max_hold(
+    tmp_path: Path,
+) -> None:
+    """Registered instances whose leases ran out leave a weighted canary with no host in
+    a region (the data plane keeps its last hosts): the step holds there, audited each
+    interval, and once the hold reaches max_hold it is a failure: every region rolls
+    back (not a metric's `on_no_data`, which would pause)."""
+    r = make_rig(tmp_path, make_spec(max_hold="4s"))
+
+    async def body() -> None:
+        await r.start()
+        r.dataplane.hosts[("eu-west", f"{SERVICE}|canary")] = 0
+        for _ in range(12):
+            if r.state().phase != PROGRESSING:
+                break
+            await asyncio.wait_for(r.tick(), timeout=10)
+
+    run(body())
+    assert r.state().phase == ROLLED_BACK
+    assert "eu-west: step 0 (5%): the canary has no host left in eu-west for 4s" in (
+        r.state().reason
+    )
+    holds = [e for e in r.store.audit(SERVICE, region="eu-west") if "holding:" in e.reason]
+    assert holds and all(e.step == 0 for e in holds)
+    r.store.close()

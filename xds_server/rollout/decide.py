@@ -79,6 +79,9 @@ class Observation:
     confirmation: str | None = None
     """The `confirm_step` hooks' answer, when the wave waits on them (`awaiting_
     confirmation`): "" to go on, else why not; None when they were not asked."""
+    no_hosts: str | None = None
+    """The canary pool has no host left in the region (every registered instance gone)
+    while it takes traffic: the step holds, and fails at max_hold."""
 
 
 @dataclass(frozen=True)
@@ -186,12 +189,26 @@ def region_event(
         return RegionEvent(rs, rollback=why + obs.apply_error)
     if rs.warming and not rs.shadowing:
         return RegionEvent(rs) if rs.step_passed else _warm_up(plan, name, rs, obs, now)
+    if obs.no_hosts:
+        return _no_hosts(plan, name, rs, obs.no_hosts, now)
     if obs.applied_at is None:
         return RegionEvent(rs)  # the data plane has not applied the step yet: not judged
     rs = replace(rs, step_started=rs.step_started or obs.applied_at)
     if obs.canary is None:
         return RegionEvent(rs)
     return _judged(plan, name, rs, obs.canary, obs.step, now, regions)
+
+
+def _no_hosts(plan: RolloutPlan, name: str, rs: RegionState, why: str, now: float) -> RegionEvent:
+    """A canary with no host takes its share of requests and answers none of them: not
+    a lack of evidence to wait out (a metric's `on_no_data`), a failure once it lasts
+    max_hold."""
+    since = rs.hold_since if rs.hold_since is not None else now
+    rs = replace(rs, hold_since=since)
+    where = step_label(plan, rs.step)
+    if now - since >= plan.max_hold:
+        return RegionEvent(rs, rollback=f"{name}: {where}: {why} for {plan.max_hold:g}s")
+    return RegionEvent(rs, check=f"{where}: holding: {why}")
 
 
 def fold(

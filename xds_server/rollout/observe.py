@@ -85,9 +85,8 @@ class Observer:
             obs = out[region] = self.applied(region, plan, now)
             if self.dataplane.pool_hosts(region, cluster_name(svc.name, "canary")) == 0:
                 # Every host of the canary is gone (registered instances whose leases
-                # ran out): no evidence; the step holds, and fails at max_hold.
-                gone = Measurement(problem=f"the canary pool has no host left in {region}")
-                out[region] = replace(obs, canary=gone, step=Comparison(gone, gone, ""))
+                # ran out): the step holds, and fails at max_hold.
+                out[region] = replace(obs, no_hosts=f"the canary has no host left in {region}")
                 continue
             started = rs.step_started
             if obs.applied_at is None or obs.apply_error or started is None:
