@@ -55,6 +55,7 @@ LAB_SCENARIOS = (
     "tenant-regression",
     "stalling-canary",
     "leader-failover",
+    "canary-instance-loss",
     "etcd-member-loss",
 )
 """`lab run --scenario` (xds_server.lab.run.SCENARIOS, which a test keeps equal)."""
@@ -218,7 +219,13 @@ def cmd_spec_history(args: argparse.Namespace) -> int:
 
 def cmd_register(args: argparse.Namespace) -> int:
     """Hold one instance's registration until SIGTERM or SIGINT, then deregister."""
-    from xds_server.ha.registry import InstanceSpec, Registration, RegistrationError, check_address
+    from xds_server.ha.registry import (
+        InstanceSpec,
+        Registration,
+        RegistrationError,
+        check_address,
+        check_pool,
+    )
 
     setup_logging(args.log_level)
     ttl = _seconds(args.ttl, "--ttl")
@@ -230,7 +237,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     try:
         instance = InstanceSpec(
             args.service, args.version, args.region, check_address(args.address), ttl,
-            args.health_url,
+            args.health_url, check_pool(args.pool or ""),
         )  # fmt: skip
     except RegistrationError as exc:
         raise UsageError(str(exc)) from None

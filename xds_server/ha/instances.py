@@ -34,6 +34,9 @@ class Instance:
     lease: int = 0
     revision: int = 0
     """The key's create revision: when this registration began, in store order."""
+    pool: str = ""
+    """Only this pool selects it ("baseline": a fresh deploy of production's version);
+    "": every pool of its version."""
 
     @property
     def endpoint(self) -> Endpoint:
@@ -49,6 +52,7 @@ def instance_to_json(i: Instance) -> bytes:
         "address": i.address,
         "registered_at": i.registered_at,
         "ttl": i.ttl,
+        "pool": i.pool,
     }
     return json.dumps(doc).encode()
 
@@ -64,6 +68,7 @@ def instance_from_json(value: bytes, lease: int = 0, revision: int = 0) -> Insta
         float(doc["ttl"]),
         lease,
         revision,
+        str(doc.get("pool", "")),
     )
 
 
@@ -89,9 +94,9 @@ def with_registered(
 ) -> Served:
     """The spec to serve: each pool's static endpoints plus its registered instances;
     a pool emptied while `traffic` weights it keeps its hosts from `previous`."""
-    registered: dict[tuple[str, str, str], list[Endpoint]] = {}
+    registered: dict[tuple[str, str, str], list[tuple[str, Endpoint]]] = {}
     for i in sorted(instances, key=lambda i: (i.revision, i.address)):
-        registered.setdefault((i.region, i.service, i.version), []).append(i.endpoint)
+        registered.setdefault((i.region, i.service, i.version), []).append((i.pool, i.endpoint))
     held: set[PoolKey] = set()
     live: dict[PoolKey, int] = {}
     services = []
@@ -101,9 +106,8 @@ def with_registered(
             endpoints = {}
             for region in spec.regions:
                 eps = list(pool.endpoints.get(region, ()))
-                eps += [
-                    e for e in registered.get((region, svc.name, pool.version), []) if e not in eps
-                ]
+                mine = registered.get((region, svc.name, pool.version), [])
+                eps += [e for hint, e in mine if hint in ("", name) and e not in eps]
                 live[(region, svc.name, name)] = len(eps)
                 if not eps and _weighted(traffic, svc.name, region, name):
                     kept = _hosts(previous, svc.name, name, region)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from xds_server.ha.etcd import DEFAULT_PREFIX, EtcdAddress, Keys, async_client, parse_store_url
 from xds_server.ha.instances import Instance, instance_to_json
-from xds_server.spec import SpecError, parse_host_port, parse_spec
+from xds_server.spec import POOL_NAMES, SpecError, parse_host_port, parse_spec
 from xds_server.spec.values import is_ip
 
 log = logging.getLogger("xds_server.ha.registry")
@@ -45,6 +45,8 @@ class InstanceSpec:
     address: str
     ttl: float = DEFAULT_TTL
     health_url: str | None = None
+    pool: str = ""
+    """Only this pool selects the instance; "": every pool of its version."""
 
 
 def check_address(address: str) -> str:
@@ -58,6 +60,12 @@ def check_address(address: str) -> str:
             "resolve EDS endpoints)"
         )
     return f"{host}:{port}"
+
+
+def check_pool(pool: str) -> str:
+    if pool not in ("", *POOL_NAMES):
+        raise RegistrationError(f"--pool {pool!r}: one of {', '.join(POOL_NAMES)}")
+    return pool
 
 
 class Registration:
@@ -127,7 +135,9 @@ class Registration:
         while True:
             healthy = await self._healthy()
             if healthy and not self.registered.is_set():
-                doc = Instance(i.service, i.version, i.region, i.address, time.time(), i.ttl)
+                doc = Instance(
+                    i.service, i.version, i.region, i.address, time.time(), i.ttl, pool=i.pool
+                )
                 await self.client.put(self.key.encode(), instance_to_json(doc), lease.id)
                 self.registered.set()
                 log.info("registered %s %s %s %s (ttl %gs)", *self._names(), i.ttl)
@@ -179,10 +189,14 @@ async def registered(
     ttl: float = DEFAULT_TTL,
     health_url: str | None = None,
     prefix: str = DEFAULT_PREFIX,
+    pool: str = "",
 ) -> AsyncIterator[Registration]:
     """Hold a registration of this instance while the block runs (it is in the store
-    when the block starts); RegistrationError, one line, for bad input or no store."""
-    instance = InstanceSpec(service, version, region, check_address(address), ttl, health_url)
+    when the block starts); RegistrationError, one line, for bad input or no store.
+    `pool`: only that pool selects it (a baseline deploy of production's version)."""
+    instance = InstanceSpec(
+        service, version, region, check_address(address), ttl, health_url, check_pool(pool)
+    )
     registration = Registration(parse_store_url(store, prefix), instance)
     await registration.check()
     task = asyncio.create_task(registration.run())

@@ -74,6 +74,9 @@ class MeshOptions:
     its region's replica first, then the neighbour's that also serves it."""
     leader_ttl: float = 3.0
     """The replicas' `--leader-ttl` (with `ha`)."""
+    registry_ttl: float = 3.0
+    """With `ha`: the model servers register themselves (the spec lists no endpoints),
+    on leases of this TTL."""
 
 
 class LocalMesh:
@@ -81,6 +84,13 @@ class LocalMesh:
         self.workdir = workdir
         self.opts = options or MeshOptions()
         self.models: dict[tuple[str, str], Process] = {}
+        self.extra_models: dict[tuple[str, str, int], Process] = {}
+        """Instances added while running (`add_instance`): (region, pool, port)."""
+        self.spare_ports = (
+            {(r, "canary"): free_port() for r in self.opts.regions} if self.opts.ha else {}
+        )
+        """A port per region for a second canary instance (`add_instance`), scraped by
+        Prometheus from the start (its configuration is written once)."""
         self.model_ports = {(r, p): free_port() for r in self.opts.regions for p in VERSIONS}
         self.grpc_ports = (
             {key: free_port() for key in self.model_ports} if self.opts.protocol == "grpc" else {}
@@ -118,36 +128,20 @@ class LocalMesh:
 
     def start(self) -> LocalMesh:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.opts.ha:
+            # The store first: model servers register in it, and check the spec's there.
+            self.etcd = EtcdCluster(self.workdir / "etcd").start()
+            self.write_spec(with_canary=False)
         for (region, pool), port in self.model_ports.items():
-            self.models[(region, pool)] = Process(
-                f"model-{region}-{pool}",
-                [
-                    sys.executable,
-                    "-m",
-                    "xds_server.lab.upstream",
-                    "--port",
-                    str(port),
-                    "--region",
-                    region,
-                    "--pool",
-                    pool,
-                    "--version",
-                    VERSIONS[pool],
-                    "--model",
-                    SERVICE,
-                    *self._grpc_args(region, pool),
-                ],
-                self.workdir / "models" / f"{region}-{pool}.log",
-            )
+            self.models[(region, pool)] = self.start_model(region, pool, port)
         for (region, pool), port in self.model_ports.items():
             wait_for(
                 lambda p=port: http_get(f"http://127.0.0.1:{p}/healthz")[0] == 200,  # type: ignore[misc]
                 20,
                 f"model server {region}/{pool}",
             )
-        if self.opts.ha:
-            self.etcd = EtcdCluster(self.workdir / "etcd").start()
-        self.write_spec(with_canary=False)
+        if not self.opts.ha:
+            self.write_spec(with_canary=False)
         if self.opts.mtls:
             self.make_certs()
         self.start_prometheus()
@@ -181,6 +175,52 @@ class LocalMesh:
             e.wait_ready()
         return self
 
+    def start_model(
+        self, region: str, pool: str, port: int, grpc_port: int | None = None, name: str = ""
+    ) -> Process:
+        """A model server; with `ha` it registers itself in the shared registry (its lease
+        of `registry_ttl`), as the spec lists no endpoints then."""
+        grpc = ["--grpc-port", str(grpc_port)] if grpc_port else self._grpc_args(region, pool)
+        register = (
+            ["--register", self.etcd.url, "--register-ttl", f"{self.opts.registry_ttl:g}"]
+            if self.etcd is not None
+            else []
+        )
+        name = name or f"{region}-{pool}"
+        return Process(
+            f"model-{name}",
+            [sys.executable, "-m", "xds_server.lab.upstream", "--port", str(port),
+             "--region", region, "--pool", pool, "--version", VERSIONS[pool],
+             "--model", SERVICE, "--service", SERVICE, *grpc, *register],
+            self.workdir / "models" / f"{name}.log",
+        )  # fmt: skip
+
+    def add_instance(self, region: str, pool: str) -> tuple[int, int]:
+        """One more registered instance of a pool in a region (with `ha`): the port
+        Envoy sends to, and its REST port (`/stats`)."""
+        port = self.spare_ports.pop((region, pool), None) or free_port()
+        grpc_port = free_port() if self.opts.protocol == "grpc" else None
+        n = 1 + sum(1 for k in self.extra_models if k[:2] == (region, pool))
+        proc = self.start_model(region, pool, port, grpc_port, f"{region}-{pool}-{n + 1}")
+        self.extra_models[(region, pool, grpc_port or port)] = proc
+        wait_for(
+            lambda: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200,
+            20,
+            f"model server {region}/{pool} #{n + 1}",
+        )
+        return grpc_port or port, port
+
+    def envoy_hosts(self, envoy: Envoy, pool: str) -> set[int]:
+        """The ports of a pool's hosts in this Envoy, from its own /clusters."""
+        doc = envoy.admin_get("/clusters?format=json")
+        for cluster in doc.get("cluster_statuses", []):
+            if cluster["name"] == f"{SERVICE}|{pool}":
+                return {
+                    h["address"]["socket_address"]["port_value"]
+                    for h in cluster.get("host_statuses", [])
+                }
+        return set()
+
     def _grpc_args(self, region: str, pool: str) -> list[str]:
         port = self.grpc_ports.get((region, pool))
         return ["--grpc-port", str(port)] if port else []
@@ -192,6 +232,7 @@ class LocalMesh:
             *(self.replicas.values() if self.replicas else [self.server]),
             self.prometheus,
             *self.models.values(),
+            *self.extra_models.values(),
             *(self.etcd.processes() if self.etcd else []),
         ]
         return [p for p in procs if p is not None]
@@ -376,7 +417,7 @@ class LocalMesh:
         # here, never from the exporter, so they cannot clash.
         targets += [
             ScrapeTarget(f"127.0.0.1:{port}", "/metrics", {"region": r, "pool": p}, job="model")
-            for (r, p), port in self.model_ports.items()
+            for (r, p), port in [*self.model_ports.items(), *self.spare_ports.items()]
         ]
         self.prometheus = Prometheus(self.workdir / "prometheus", self.prometheus_port, targets)
         self.prometheus.wait_ready()
@@ -417,16 +458,7 @@ class LocalMesh:
                     "domains": ["*"],
                     "prefix": "/",
                     "protocol": self.opts.protocol,
-                    "pools": {
-                        pool: {
-                            "version": VERSIONS[pool],
-                            "endpoints": {
-                                r: [f"127.0.0.1:{self.pool_port(r, pool)}"]
-                                for r in self.opts.regions
-                            },
-                        }
-                        for pool in pools
-                    },
+                    "pools": {pool: self._pool_doc(pool) for pool in pools},
                 }
             ],
         }
@@ -443,6 +475,13 @@ class LocalMesh:
                  "--spec", str(self.spec_path), "--store", self.etcd.url],
                 check=True, capture_output=True, timeout=60,
             )  # fmt: skip
+
+    def _pool_doc(self, pool: str) -> dict[str, Any]:
+        """A pool of the spec: with `ha` its version only (the registry's instances)."""
+        if self.opts.ha:
+            return {"version": VERSIONS[pool]}
+        endpoints = {r: [f"127.0.0.1:{self.pool_port(r, pool)}"] for r in self.opts.regions}
+        return {"version": VERSIONS[pool], "endpoints": endpoints}
 
     def pool_port(self, region: str, pool: str) -> int:
         """The port Envoy (and proxyless clients) send a pool's requests to."""
@@ -539,7 +578,10 @@ class LocalMesh:
 
     def model_stats(self, region: str, pool: str) -> dict[str, int]:
         """How many user and shadow requests a model server has answered (and stalled)."""
-        status, body, _ = http_get(f"http://127.0.0.1:{self.model_ports[(region, pool)]}/stats")
+        return self.model_stats_at(self.model_ports[(region, pool)])
+
+    def model_stats_at(self, rest_port: int) -> dict[str, int]:
+        status, body, _ = http_get(f"http://127.0.0.1:{rest_port}/stats")
         assert status == 200, body
         return dict(json.loads(body))
 

@@ -142,7 +142,9 @@ class Scenario:
     """The scenario's own rollout plan (default: LAB_PLAN)."""
     replica_fault: str | None = None
     """Replicas on etcd (implies `--ha`): "leader" SIGKILLs the leading replica,
-    "etcd-member" one etcd member of three, once every region has reached step 1."""
+    "etcd-member" one etcd member of three, "canary-instance" one region's registered
+    canary instance (once a second one is in its Envoys), once every region has reached
+    step 1."""
 
 
 SCENARIOS = {
@@ -203,6 +205,15 @@ SCENARIOS = {
             "replicas on etcd: at 20%, the leading replica is SIGKILLed under load; another "
             "takes the lead within its lease's TTL and the rollout goes on to 100%",
             replica_fault="leader",
+        ),
+        Scenario(
+            "canary-instance-loss",
+            "promoted",
+            None,
+            "replicas on etcd, model servers registered: at 20%, eu-west gets a second "
+            "canary instance, then its first is SIGKILLed; its lease runs out, every "
+            "Envoy drops it, and the rollout goes on to 100%",
+            replica_fault="canary-instance",
         ),
         Scenario(
             "etcd-member-loss",
@@ -329,6 +340,17 @@ class FollowResult:
     killed: str = ""
     """The replica (its region) or etcd member SIGKILLed."""
     leader_before: str = ""
+    instance: dict[str, Any] | None = None
+    """canary-instance: the region, the killed and the new instance's ports, and when
+    the killed one was gone from every Envoy of the region."""
+
+
+def _instance_gone(mesh: LocalMesh, instance: dict[str, Any]) -> float | None:
+    """When the killed instance is out of every Envoy of its region (now), or None."""
+    envoys = [e for e in mesh.envoys if e.opts.region == instance["region"]]
+    if any(instance["killed_port"] in mesh.envoy_hosts(e, "canary") for e in envoys):
+        return None
+    return time.time()
 
 
 def inject_replica_fault(mesh: LocalMesh, scenario: Scenario, res: FollowResult) -> str:
@@ -339,6 +361,27 @@ def inject_replica_fault(mesh: LocalMesh, scenario: Scenario, res: FollowResult)
         res.killed = res.leader_before
         mesh.replicas[res.killed].kill()
         what = f"SIGKILLed the leading replica ({res.killed})"
+    elif scenario.replica_fault == "canary-instance":
+        region = mesh.opts.regions[1 % len(mesh.opts.regions)]
+        port, rest_port = mesh.add_instance(region, "canary")
+        envoys = [e for e in mesh.envoys if e.opts.region == region]
+        wait_for(
+            lambda: all(port in mesh.envoy_hosts(e, "canary") for e in envoys),
+            10,
+            f"the second canary instance in {region}'s Envoys",
+        )
+        # Until it takes its share: a new host ramps up over the canary's slow start, and
+        # the requests a dead host refuses are retried on another only once one is there.
+        wait_for(
+            lambda: mesh.model_stats_at(rest_port)["user_requests"] >= 20,
+            30,
+            f"the second canary instance in {region} taking requests",
+        )
+        old = mesh.pool_port(region, "canary")
+        mesh.models[(region, "canary")].kill()
+        res.killed = f"{region} canary instance 127.0.0.1:{old}"
+        res.instance = {"region": region, "killed_port": old, "new_port": port, "gone_at": None}
+        what = f"SIGKILLed {res.killed} (a second one, port {port}, is in every Envoy)"
     else:
         index = len(mesh.etcd.members) - 1
         res.killed = mesh.etcd.members[index].name
@@ -368,6 +411,12 @@ def follow(
                     and min(steps) >= 1
                 ):
                     view.note(inject_replica_fault(mesh, scenario, res))
+                if res.instance is not None and res.instance["gone_at"] is None:
+                    gone = _instance_gone(mesh, res.instance)
+                    if gone is not None:
+                        res.instance["gone_at"] = gone
+                        took = gone - (res.replica_fault_at or gone)
+                        view.note(f"the killed instance is gone from every Envoy: {took:.2f}s")
                 fault = scenario.fault
                 if (
                     fault
@@ -490,9 +539,35 @@ def replica_summary(
             1 for r in results if r.time >= killed_at and not 200 <= r.status < 300
         )
     fault["failed_requests_in_run"] = sum(1 for r in results if not 200 <= r.status < 300)
+    if res.instance is not None and killed_at is not None:
+        fault.update(instance_loss(mesh, res.instance, killed_at, results))
     out["fault"] = fault
     out["ok"] = killed_at is not None and fault.get("new_leader_s") is not None
+    if res.instance is not None:  # gone from the Envoys, and nothing failed after that
+        out["ok"] = out["ok"] and fault.get("failed_after_gone") == 0
     return out
+
+
+def instance_loss(
+    mesh: LocalMesh, instance: dict[str, Any], killed_at: float, results: list[Any]
+) -> dict[str, Any]:
+    """The killed instance's region: how long its Envoys kept it (its lease's TTL, the
+    store's watch, one push), and its requests that failed before they dropped it (sent
+    to a dead host: connection refused) and after (none expected)."""
+    gone = instance["gone_at"]
+    region = instance["region"]
+    mine = [r for r in results if r.time >= killed_at and r.target.startswith(f"{region}-")]
+    failed = [r for r in mine if not 200 <= r.status < 300]
+    return {
+        "region": region,
+        "killed_port": instance["killed_port"],
+        "new_port": instance["new_port"],
+        "registry_ttl": mesh.opts.registry_ttl,
+        "gone_from_envoys_s": gone - killed_at if gone is not None else None,
+        "failed_before_gone": sum(1 for r in failed if gone is None or r.time < gone),
+        "failed_after_gone": sum(1 for r in failed if gone is not None and r.time >= gone),
+        "failed_by_status": dict(Counter(str(r.status) for r in failed)),
+    }
 
 
 def proxyless_summary(
@@ -552,6 +627,15 @@ def print_report(summary: dict[str, Any], mesh: LocalMesh, plot_path: Path) -> N
             + f" (leader before {f['leader_before']}, now {summary['replicas']['leader_at_end']})"
             + f"; failed requests after the kill: {f.get('failed_requests')}"
         )
+        if "gone_from_envoys_s" in f:
+            took = f["gone_from_envoys_s"]
+            print(
+                f"  the killed instance left every {f['region']} Envoy after "
+                + (f"{took:.2f}s" if took is not None else "never (NOT gone)")
+                + f" (lease TTL {f['registry_ttl']:g}s); its region's requests that failed "
+                f"before that: {f['failed_before_gone']} {f['failed_by_status']}, after: "
+                f"{f['failed_after_gone']}"
+            )
     if "fault" in summary:
         f = summary["fault"]
         took = f["to_zero_canary_s"]

@@ -76,6 +76,7 @@ its scrape configuration.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import math
@@ -97,6 +98,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
 
+from xds_server.ha.registry import registered
 from xds_server.lab.oip.model import (
     FP32,
     OUTPUT_NAME,
@@ -788,11 +790,38 @@ def main() -> None:
     p.add_argument("--version", required=True)
     p.add_argument("--model", default=DEFAULT_MODEL, help="the name the model is served as")
     p.add_argument("--grpc-port", type=int, default=0, help="gRPC OIP and health (0: none)")
+    p.add_argument("--register", metavar="etcd://...", help="register in the shared registry")
+    p.add_argument("--register-ttl", type=float, default=10.0)
+    p.add_argument("--service", default=DEFAULT_MODEL, help="the service it registers under")
     a = p.parse_args()
     server = ModelServer(
         (a.host, a.port), a.region, a.pool, a.version, a.model, a.grpc_port or None
     )
+    if a.register:
+        # Where Envoy sends: the gRPC port when there is one. The baseline is production's
+        # version: registered for the baseline pool only.
+        port = a.grpc_port or a.port
+        pool = a.pool if a.pool in ("baseline", "production") else ""
+        threading.Thread(
+            target=asyncio.run,
+            args=(
+                _stay_registered(
+                    a.register, a.service, a.version, a.region, port, a.register_ttl, pool
+                ),
+            ),
+            name="registration",
+            daemon=True,
+        ).start()
     server.serve_forever()
+
+
+async def _stay_registered(
+    store: str, service: str, version: str, region: str, port: int, ttl: float, pool: str
+) -> None:
+    """The three lines a model server needs to be found: register, and stay registered
+    while it runs (the lease goes with the process)."""
+    async with registered(store, service, version, region, f"127.0.0.1:{port}", ttl=ttl, pool=pool):
+        await asyncio.Event().wait()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upstream_http_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2
@@ -352,6 +353,7 @@ def split_route(svc: Service, split: Split) -> route_components_pb2.Route:
                 clusters=weighted, header_name=STICKY_HEADER if sticky else ""
             ),
             request_mirror_policies=mirrors,
+            retry_policy=SAFE_RETRY,
         ),
     )
     if sticky is not None:
@@ -363,6 +365,24 @@ def split_route(svc: Service, split: Split) -> route_components_pb2.Route:
         )
         route.request_headers_to_remove.append(STICKY_HEADER)
     return route
+
+
+SAFE_RETRY = route_components_pb2.RetryPolicy(
+    retry_on="connect-failure,refused-stream,reset-before-request",
+    num_retries=wrappers_pb2.UInt32Value(value=2),
+    retry_host_predicate=[
+        route_components_pb2.RetryPolicy.RetryHostPredicate(
+            name="envoy.retry_host_predicates.previous_hosts",
+            typed_config=any_pb2.Any(),
+        )
+    ],
+    host_selection_retry_max_attempts=5,
+)
+"""Requests that never reached a host (it refused the connection or the stream) go to
+another host of the same pool: a dead instance costs no request while its endpoints
+are still served (a registered one's lease takes its TTL to run out). Never a request
+a host may have processed: inference is not assumed idempotent."""
+SAFE_RETRY.retry_host_predicate[0].typed_config.Pack(previous_hosts_pb2.PreviousHostsPredicate())
 
 
 def canary_match_routes(svc: Service) -> list[route_components_pb2.Route]:
