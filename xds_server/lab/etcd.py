@@ -129,7 +129,11 @@ class EtcdCluster:
             p.stop()
 
     def __enter__(self) -> EtcdCluster:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -252,7 +252,11 @@ class LocalMesh:
             self._etcd_store = None
 
     def __enter__(self) -> LocalMesh:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()  # what did start must not outlive a start that failed
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
