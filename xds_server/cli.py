@@ -651,6 +651,12 @@ def _add_register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     r.add_argument("--address", required=True, metavar="HOST:PORT", help="where Envoy sends")
     r.add_argument("--ttl", default="10s", help="its lease: gone this long after it dies")
     r.add_argument("--health-url", metavar="URL", help="registered only while this answers 2xx")
+    r.add_argument(
+        "--pool",
+        default="",
+        help="only this pool selects it (baseline: a fresh deploy of production's version); "
+        "default: every pool of its version",
+    )
     r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     r.set_defaults(func=cmd_register)
 

@@ -192,8 +192,13 @@ async def registered(
     pool: str = "",
 ) -> AsyncIterator[Registration]:
     """Hold a registration of this instance while the block runs (it is in the store
-    when the block starts); RegistrationError, one line, for bad input or no store.
+    when the block starts, unless `health_url` does not answer 2xx yet);
+    RegistrationError, one line, for bad input or no store.
     `pool`: only that pool selects it (a baseline deploy of production's version)."""
+    if not ttl >= 2:
+        raise RegistrationError(f"ttl {ttl!r}: at least 2 seconds (renewed every third)")
+    if health_url is not None and not health_url.startswith(("http://", "https://")):
+        raise RegistrationError(f"health_url {health_url!r}: expected an http(s) URL")
     instance = InstanceSpec(
         service, version, region, check_address(address), ttl, health_url, check_pool(pool)
     )
