@@ -78,9 +78,12 @@ def render_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def ago(ts: float) -> str:
-    if not ts:
-        return "-"
-    s = max(0, time.time() - ts)
+    return seconds(time.time() - ts) if ts else "-"
+
+
+def seconds(s: float) -> str:
+    """A duration in seconds, as `ago` writes one: 42s, 7m, 3h."""
+    s = max(0.0, s)
     return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.0f}h"
 
 
@@ -371,6 +374,40 @@ def cmd_nodes(args: argparse.Namespace, admin: Admin) -> None:
     emit(args, [to_dict(n) for n in nodes], table)
 
 
+def cmd_registry(args: argparse.Namespace, admin: Admin) -> None:
+    """The shared registry's instances (replicas on etcd), with each lease's time left."""
+    request = admin_pb2.ListInstancesRequest(service=args.service or "", region=args.region or "")
+    listed = admin.call("ListInstances", request)
+    instances = sorted(listed.instances, key=lambda i: (i.service, i.region, i.version, i.address))
+
+    def table() -> str:
+        if not instances:
+            where = " ".join(
+                f"{flag} {value}"
+                for flag, value in (("--service", args.service), ("--region", args.region))
+                if value
+            )
+            return f"no instances registered in {listed.store}" + (f" ({where})" if where else "")
+        out = render_table(
+            ["SERVICE", "VERSION", "REGION", "ADDRESS", "AGE", "LEASE-LEFT"],
+            [
+                (
+                    i.service,
+                    i.version,
+                    i.region,
+                    i.address,
+                    seconds(i.age_seconds),
+                    f"{i.lease_ttl_left:.0f}s" if i.lease_ttl_left >= 0 else "-",
+                )
+                for i in instances
+            ],
+        )
+        # ("-": a lease that is gone, or that etcd did not tell of: then this says why)
+        return out + (f"\n{listed.lease_error}" if listed.lease_error else "")
+
+    emit(args, [in_field_order(i) for i in instances], table)
+
+
 def cmd_config(args: argparse.Namespace, admin: Admin) -> None:
     resp = admin.call(
         "GetNodeConfig", admin_pb2.GetNodeConfigRequest(node_id=args.node, type=args.type or "")
@@ -634,6 +671,12 @@ def build_parser() -> argparse.ArgumentParser:
     n = sub.add_parser("nodes", help="connected nodes and what each applied")
     n.add_argument("--region")
     n.set_defaults(func=cmd_nodes)
+    g = sub.add_parser(
+        "registry", help="model server instances in the shared registry (replicas on etcd)"
+    )
+    g.add_argument("--service", help="only this service's instances")
+    g.add_argument("--region", help="only this region's instances")
+    g.set_defaults(func=cmd_registry)
     c = sub.add_parser("config", help="the config last sent to one node (JSON)")
     c.add_argument("node")
     c.add_argument("--type", choices=sorted(BY_SHORT_NAME))

@@ -14,12 +14,13 @@ line each, and marks every status the server sends itself (`STATUS_MARK`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -33,11 +34,15 @@ from xds_server.admin.auth import Credentials
 from xds_server.admin.operator import Act, Operator, Refusal, Refused, unauthenticated
 from xds_server.admin.v1 import admin_pb2, admin_pb2_grpc
 from xds_server.admin.views import (
+    LEASE_UNKNOWN,
+    NO_REGISTRY,
     AdminView,
     WatchQueue,
     audit_message,
     event_message,
+    instances_message,
     node_message,
+    registry_instances,
     replicas_message,
     rollout_message,
     store_message,
@@ -114,12 +119,16 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
 
     # ---- nodes ----
 
-    async def ListNodes(self, request: Any, context: Context) -> Any:
-        if request.region and request.region not in self.view.spec.regions:
+    async def _check_region(self, context: Context, region: str) -> None:
+        """A region filter ("": none) names one of the spec's regions, or NOT_FOUND."""
+        if region and region not in self.view.spec.regions:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
-                f"unknown region {request.region!r} (regions: {', '.join(self.view.spec.regions)})",
+                f"unknown region {region!r} (regions: {', '.join(self.view.spec.regions)})",
             )
+
+    async def ListNodes(self, request: Any, context: Context) -> Any:
+        await self._check_region(context, request.region)
         nodes = self.server.nodes.nodes(request.region or None)
         return admin_pb2.ListNodesResponse(nodes=[node_message(self.server, n) for n in nodes])
 
@@ -250,6 +259,20 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     async def ListReplicas(self, request: Any, context: Context) -> Any:
         return replicas_message(self.view, self.started, self.address, self.xds_address)
 
+    # ---- the shared registry ----
+
+    async def ListInstances(self, request: Any, context: Context) -> Any:
+        directory = self.view.directory
+        if directory is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, NO_REGISTRY)
+        assert directory is not None
+        if request.service:
+            await _checked(context, lambda: self.operator.check_service(request.service))
+        await self._check_region(context, request.region)
+        instances = registry_instances(directory, request.service, request.region)
+        left, error = await lease_times(directory.store.client, [i.lease for i in instances])
+        return instances_message(directory, instances, left, error)
+
     # ---- the istio output mode ----
 
     async def GetIstioApplyStatus(self, request: Any, context: Context) -> Any:
@@ -286,6 +309,41 @@ async def _checked(context: Context, call: Callable[[], T]) -> T:
     except Refused as exc:
         await context.abort(grpc.StatusCode[exc.code], exc.message)
         raise AssertionError("unreachable") from None
+
+
+LEASE_LOOKUP_TIMEOUT = 2.0
+"""The longest `ListInstances` waits for etcd to tell the leases' times to live."""
+
+
+async def lease_times(
+    client: Any, leases: Iterable[int], timeout: float = LEASE_LOOKUP_TIMEOUT
+) -> tuple[dict[int, float], str]:
+    """The seconds each lease has left, as etcd tells (`LEASE_UNKNOWN` for one that is
+    gone), asked once per lease, all at once, for at most `timeout` seconds; a lease etcd
+    did not tell of in that time is left out, and the second value says why ("": none)."""
+    ids = sorted({lease for lease in leases if lease})
+
+    async def one(lease: int) -> float:
+        reply = await asyncio.wait_for(client.get_lease_info(lease, keys=False), timeout)
+        return float(reply.TTL) if reply.TTL >= 0 else LEASE_UNKNOWN
+
+    results = await asyncio.gather(*(one(lease) for lease in ids), return_exceptions=True)
+    left: dict[int, float] = {}
+    failures: list[BaseException] = []
+    for lease, result in zip(ids, results, strict=True):
+        if isinstance(result, BaseException):
+            failures.append(result)
+        else:
+            left[lease] = result
+    if not failures:
+        return left, ""
+    why = (
+        f"no answer within {timeout:g}s"
+        if isinstance(failures[0], TimeoutError)
+        else " ".join(f"{type(failures[0]).__name__}: {failures[0]}".split())[:200]
+    )
+    log.debug("lease times to live unknown for %d lease(s): %s", len(failures), why)
+    return left, f"etcd did not tell {len(failures)} of {len(ids)} leases' time to live: {why}"
 
 
 def _decoded(node: NodeStatus, type_url: str) -> discovery_pb2.DiscoveryResponse | None:

@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from xds_server.admin.v1 import admin_pb2
+from xds_server.ha.instances import Instance
 from xds_server.ha.replicas import Directory
 from xds_server.outputs.istio_apply import IstioApplier
 from xds_server.rollout.audit import AuditEntry
@@ -272,6 +273,57 @@ def replica_message(
         started=_number(doc.get("started")),
         updated=_number(doc.get("updated")),
         this=this,
+    )
+
+
+# ---- the shared registry ----
+
+NO_REGISTRY = "no registry: this server runs without --store etcd://..."
+"""What `ListInstances` answers (FAILED_PRECONDITION) on one process without a store."""
+LEASE_UNKNOWN = -1.0
+"""`Instance.lease_ttl_left` of a lease that is gone, or whose time etcd did not tell."""
+
+
+def registry_instances(directory: Directory, service: str = "", region: str = "") -> list[Instance]:
+    """The registered instances in this replica's view of the store, of `service` and in
+    `region` ("": any), by service, region, version and address."""
+    return sorted(
+        (
+            i
+            for i in directory.store.view.registry.values()
+            if (not service or i.service == service) and (not region or i.region == region)
+        ),
+        key=lambda i: (i.service, i.region, i.version, i.address),
+    )
+
+
+def instances_message(
+    directory: Directory,
+    instances: Sequence[Instance],
+    ttl_left: Mapping[int, float],
+    lease_error: str = "",
+    now: float | None = None,
+) -> admin_pb2.ListInstancesResponse:
+    """`instances` with the seconds each one's lease has left (`ttl_left`, by lease id;
+    a lease missing from it is unknown)."""
+    now = time.time() if now is None else now
+    return admin_pb2.ListInstancesResponse(
+        instances=[
+            admin_pb2.Instance(
+                service=i.service,
+                version=i.version,
+                region=i.region,
+                address=i.address,
+                registered_at=i.registered_at,
+                age_seconds=max(0.0, now - i.registered_at),
+                lease_ttl_left=ttl_left.get(i.lease, LEASE_UNKNOWN),
+                lease=i.lease,
+                ttl=i.ttl,
+            )
+            for i in instances
+        ],
+        store=str(directory.store.address),
+        lease_error=lease_error,
     )
 
 

@@ -99,6 +99,11 @@ class AdminStub:
                 request_serializer=xds__server_dot_admin_dot_v1_dot_admin__pb2.ListReplicasRequest.SerializeToString,
                 response_deserializer=xds__server_dot_admin_dot_v1_dot_admin__pb2.ListReplicasResponse.FromString,
                 _registered_method=True)
+        self.ListInstances = channel.unary_unary(
+                '/xds_server.admin.v1.Admin/ListInstances',
+                request_serializer=xds__server_dot_admin_dot_v1_dot_admin__pb2.ListInstancesRequest.SerializeToString,
+                response_deserializer=xds__server_dot_admin_dot_v1_dot_admin__pb2.ListInstancesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -182,6 +187,12 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListInstances(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -249,6 +260,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListReplicas,
                     request_deserializer=xds__server_dot_admin_dot_v1_dot_admin__pb2.ListReplicasRequest.FromString,
                     response_serializer=xds__server_dot_admin_dot_v1_dot_admin__pb2.ListReplicasResponse.SerializeToString,
+            ),
+            'ListInstances': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInstances,
+                    request_deserializer=xds__server_dot_admin_dot_v1_dot_admin__pb2.ListInstancesRequest.FromString,
+                    response_serializer=xds__server_dot_admin_dot_v1_dot_admin__pb2.ListInstancesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -602,6 +618,33 @@ class Admin:
             '/xds_server.admin.v1.Admin/ListReplicas',
             xds__server_dot_admin_dot_v1_dot_admin__pb2.ListReplicasRequest.SerializeToString,
             xds__server_dot_admin_dot_v1_dot_admin__pb2.ListReplicasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInstances(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xds_server.admin.v1.Admin/ListInstances',
+            xds__server_dot_admin_dot_v1_dot_admin__pb2.ListInstancesRequest.SerializeToString,
+            xds__server_dot_admin_dot_v1_dot_admin__pb2.ListInstancesResponse.FromString,
             options,
             channel_credentials,
             insecure,
