@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from xds_server.lab.procs import wait_for
 from xds_server.rollout.store import Store
@@ -186,3 +187,21 @@ def test_leader_failover_promotes_with_no_failed_request(tmp_path: Path) -> None
     # 2 Envoys, 2x3 model servers, 2 replicas, Prometheus, 3 etcd members: all stopped.
     assert len(pids(out)) == 2 + 6 + 2 + 1 + 3
     assert not [p for p in pids(out) if alive(p)]
+
+
+def test_a_registered_canary_instance_lost_mid_rollout_costs_no_request(tmp_path: Path) -> None:
+    """Model servers register themselves (`--ha` implied, no endpoints in the spec). At
+    20% eu-west gets a second canary instance, then its first is SIGKILLed: its lease
+    runs out, every eu-west Envoy drops it within the TTL and a second, the retries of
+    requests it refused go to the other instance, and the rollout ends promoted."""
+    res, summary = _lab(tmp_path, "--scenario", "canary-instance-loss")
+    assert set(summary["outcome"].values()) == {"promoted"}
+    fault = summary["replicas"]["fault"]
+    assert fault["kind"] == "canary-instance" and fault["region"] == "eu-west"
+    assert fault["killed_port"] != fault["new_port"]
+    assert 0 < fault["gone_from_envoys_s"] <= fault["registry_ttl"] + 1 + 0.5  # (poll)
+    assert fault["failed_after_gone"] == 0
+    assert summary["requests"]["by_status"].get("200", 0) > 0
+    assert "the killed instance left every eu-west Envoy after" in res.stdout
+    spec = yaml.safe_load((tmp_path / "out" / "mesh.yaml").read_text())
+    assert all("endpoints" not in p for p in spec["services"][0]["pools"].values())

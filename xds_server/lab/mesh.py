@@ -426,23 +426,33 @@ class LocalMesh:
         self.prometheus = Prometheus(self.workdir / "prometheus", self.prometheus_port, targets)
         self.prometheus.wait_ready()
 
-    def wait_latency_series(self, timeout: float = 20) -> None:
-        """Until Prometheus has every region's latency histogram: Envoy exports counters at
-        once but histograms only at its stats flush, and a rollout started in between
-        would find its latency query empty for a pool that takes traffic."""
+    def wait_latency_series(self, timeout: float = 30) -> None:
+        """Until Prometheus can answer, for every region's production pool, what a
+        rollout checks at its start: Envoy exports counters at once but histograms only
+        at its stats flush, and `increase()` needs two samples of the model servers'
+        output histogram; a rollout started in between would find a query empty for a
+        pool that takes traffic (a configuration error: it pauses)."""
         assert self.prometheus is not None
-        query = urllib.parse.quote(
-            "count by (region) (envoy_cluster_upstream_rq_time_bucket"
-            f'{{envoy_cluster_name="{SERVICE}|production"}})'
-        )
-        url = f"{self.prometheus.url}/api/v1/query?query={query}"
+        window = str(self.opts.rollout.get("window", "5s"))
+        queries = [
+            "count by (region) (increase(envoy_cluster_upstream_rq_time_bucket"
+            f'{{envoy_cluster_name="{SERVICE}|production"}}[{window}]) > 0)',
+            "count by (region) (increase(model_prediction_score_bucket"
+            f'{{pool="production"}}[{window}]) > 0)',
+        ]
 
-        def every_region() -> bool:
+        def every_region(query: str) -> bool:
+            url = f"{self.prometheus.url}/api/v1/query?query={urllib.parse.quote(query)}"  # type: ignore[union-attr]
             status, body, _ = http_get(url)
             found = {r["metric"].get("region") for r in json.loads(body)["data"]["result"]}
             return status == 200 and found >= set(self.opts.regions)
 
-        wait_for(every_region, timeout, "every region's latency histogram in Prometheus", 0.2)
+        wait_for(
+            lambda: all(every_region(q) for q in queries),
+            timeout,
+            "every region's latency and output histograms in Prometheus",
+            0.2,
+        )
 
     def stop_prometheus(self) -> None:
         assert self.prometheus is not None
