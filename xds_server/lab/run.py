@@ -364,6 +364,7 @@ def inject_replica_fault(mesh: LocalMesh, scenario: Scenario, res: FollowResult)
     elif scenario.replica_fault == "canary-instance":
         region = mesh.opts.regions[1 % len(mesh.opts.regions)]
         port, rest_port = mesh.add_instance(region, "canary")
+        write_lab_file(mesh)  # (so that `lab down` stops it too)
         envoys = [e for e in mesh.envoys if e.opts.region == region]
         wait_for(
             lambda: all(port in mesh.envoy_hosts(e, "canary") for e in envoys),
