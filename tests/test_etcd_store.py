@@ -45,7 +45,7 @@ async def until(predicate: Callable[[], T | None], timeout: float, what: str) ->
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # the poll period, bounded by the deadline above
 
 
 async def open_store(url: str, prefix: str) -> EtcdStore:
@@ -481,7 +481,7 @@ def test_the_watch_follows_commits_through_a_member_failure(etcd_cluster: EtcdCl
                     failures.append(str(exc))
                     assert not isinstance(exc, StoreFenced), f"fenced by a member's death: {exc}"
                     assert time.monotonic() < deadline, f"no write for 5 s: {failures}"
-                    await asyncio.sleep(0.1)
+                    await asyncio.sleep(0.1)  # retry backoff, bounded by the deadline
             assert a.store.fence is not None and a.election.leading
             await until(
                 lambda: b.store.rollout("svc", "v2") == new,
