@@ -488,7 +488,9 @@ def test_warm_up_waits_for_a_registered_canary_host_and_a_step_that_loses_it_hol
     print(f"\nus-east warm {time.monotonic() - registered_at:.3f} s after its canary registered")
     assert regions()["us-east"].phase == Phase.WARMING  # (waiting for the rest of its wave)
     assert waiting("eu-west")
-    assert hosts(envoy, CANARY) == {east}  # (hosts, but no weight yet)
+    # Its Envoy gets the host (the warm-up judged the served spec; EDS follows it).
+    wait_for(serves(envoy, CANARY, {east}), 10, "the canary host in us-east's Envoy")
+    assert regions()["us-east"].phase == Phase.WARMING  # (hosts, but no weight yet)
 
     # eu-west's canary: the wave takes its first step.
     argv = register_argv(url, "v2", "eu-west", west)

@@ -93,6 +93,12 @@ outputs a side, 16 s at 5%): for the rollout tests and benchmarks, which are abo
 rollout's mechanics."""
 
 
+HA_PLAN: dict[str, Any] = FAST_PLAN
+"""The failover scenarios are about the control plane, not the judge: the rollout tests'
+short steps, so a run (and its test) takes half as long. (canary-instance-loss keeps the
+lab's plan: its steps give the second instance time to ramp up.)"""
+
+
 @dataclass(frozen=True)
 class Fault:
     region_index: int
@@ -205,6 +211,7 @@ SCENARIOS = {
             "replicas on etcd: at 20%, the leading replica is SIGKILLed under load; another "
             "takes the lead within its lease's TTL and the rollout goes on to 100%",
             replica_fault="leader",
+            plan=HA_PLAN,
         ),
         Scenario(
             "canary-instance-loss",
@@ -222,6 +229,7 @@ SCENARIOS = {
             "replicas on etcd: at 20%, one etcd member of three is SIGKILLed; the store "
             "keeps its quorum and the rollout goes on to 100%",
             replica_fault="etcd-member",
+            plan=HA_PLAN,
         ),
     )
 }

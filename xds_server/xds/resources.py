@@ -377,6 +377,11 @@ SAFE_RETRY = route_components_pb2.RetryPolicy(
         )
     ],
     host_selection_retry_max_attempts=5,
+    # Another host is tried at once: nothing to wait out, it is not the one that refused.
+    retry_back_off=route_components_pb2.RetryPolicy.RetryBackOff(
+        base_interval=duration_pb2.Duration(nanos=2_000_000),
+        max_interval=duration_pb2.Duration(nanos=20_000_000),
+    ),
 )
 """Requests that never reached a host (it refused the connection or the stream) go to
 another host of the same pool: a dead instance costs no request while its endpoints
