@@ -169,6 +169,22 @@ def test_followers_serve_the_leaders_weights_under_the_same_version(
         assert parse_routes(first) == (version, want)
     finally:
         late.process.stop()
+    # Each replica says on /metrics whether it leads.
+    for name, r in replicas.items():
+        want_gauge = 1.0 if name == leader.name else 0.0
+        wait_for(
+            lambda r=r, want_gauge=want_gauge: leader_gauge(r) == want_gauge,  # type: ignore[misc]
+            10,
+            f"{name}'s xds_leader {want_gauge}",
+        )
+
+
+def leader_gauge(r: Replica) -> float | None:
+    _, body, _ = http_get(f"http://127.0.0.1:{r.metrics}/metrics")
+    for line in body.decode().splitlines():
+        if line.startswith("xds_leader "):
+            return float(line.split()[1])
+    return None
 
 
 def test_a_regional_replica_refuses_other_regions_naming_who_serves_them(
@@ -235,23 +251,6 @@ def test_manifests_istio_from_the_store_carry_the_committed_weights(
     (vs,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "VirtualService"]
     weights = {r["destination"]["subset"]: r["weight"] for r in vs["spec"]["http"][-1]["route"]}
     assert weights.get("canary") == 40 and weights.get("production") == 60
-
-
-def test_each_replica_says_whether_it_leads_on_its_metrics(
-    replicas: dict[str, Replica], etcd_cluster: EtcdCluster
-) -> None:
-    leader = leader_of(etcd_cluster.url)
-
-    def gauge(r: Replica) -> float | None:
-        _, body, _ = http_get(f"http://127.0.0.1:{r.metrics}/metrics")
-        for line in body.decode().splitlines():
-            if line.startswith("xds_leader "):
-                return float(line.split()[1])
-        return None
-
-    for name, r in replicas.items():
-        want = 1.0 if name == leader else 0.0
-        wait_for(lambda r=r, want=want: gauge(r) == want, 10, f"{name}'s xds_leader {want}")  # type: ignore[misc]
 
 
 def test_the_nodes_of_a_replica_that_went_away_hold_the_gate_for_a_grace() -> None:
