@@ -27,7 +27,7 @@ from typing import IO, Any
 
 from xds_server.admin.service import AdminService, run_admin_server
 from xds_server.admin.web import Dashboard
-from xds_server.ha.etcd import async_client, parse_store_url
+from xds_server.ha.etcd import async_client, one_line, parse_store_url
 from xds_server.ha.instances import with_registered
 from xds_server.ha.leader import Election
 from xds_server.ha.replicas import ClusterDataPlane, Directory, ReplicaInfo, served_regions
@@ -472,7 +472,7 @@ class ReplicaApp(App):
         except (SpecError, StoreError):
             raise
         except Exception as exc:
-            raise StoreError(f"cannot reach the store {address}: {_one_line(exc)}") from None
+            raise StoreError(f"cannot reach the store {address}: {one_line(exc)}") from None
         stored = store.view.spec
         if stored is None:
             raise StoreError(
@@ -503,7 +503,8 @@ class ReplicaApp(App):
         if self.parts.controller is None and changed & {"spec", "rollouts", "routes"}:
             assert self.parts.follower is not None
             self.parts.follower.try_refresh()
-            publisher.refresh_versions("following the store")
+            if changed & {"spec", "routes"}:  # (a check entry moves no version)
+                publisher.refresh_versions("following the store")
 
     def _apply_stored_spec(self) -> None:
         stored = self.store.view.spec
@@ -659,10 +660,6 @@ def _log_push(task: asyncio.Task[Any]) -> None:
         return
     exc = task.exception()
     if exc is not None:
-        log.error("could not push the spec file to the store: %s", _one_line(exc))
+        log.error("could not push the spec file to the store: %s", one_line(exc))
     elif (stored := task.result()) is not None:
         log.info("pushed the spec file as spec %d", stored.number)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]

@@ -308,8 +308,9 @@ def _run_on_store(work: Coroutine[Any, Any, T], address: EtcdAddress) -> T:
     except Exception as exc:
         if isinstance(exc, SpecError | UsageError):
             raise
-        why = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-        raise UsageError(f"cannot use the store {address}: {why}") from None
+        from xds_server.ha.etcd import one_line
+
+        raise UsageError(f"cannot use the store {address}: {one_line(exc)}") from None
 
 
 def _client_ca(args: argparse.Namespace) -> bytes | None:

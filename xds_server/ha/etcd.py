@@ -111,6 +111,11 @@ class Keys:
         return f"{self.prefix}/"
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception as one short log or error line (etcd's errors span several)."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+
+
 def range_end(prefix: str) -> bytes:
     """etcd's end of a prefix range: the prefix with its last byte incremented."""
     raw = prefix.encode()

@@ -25,7 +25,7 @@ from typing import Any
 
 from aetcd import rpc
 
-from xds_server.ha.etcd import Keys, compare_create_revision, put_op
+from xds_server.ha.etcd import Keys, compare_create_revision, one_line, put_op
 
 log = logging.getLogger("xds_server.ha.leader")
 
@@ -86,8 +86,8 @@ class Election:
                 raise
             except Exception as exc:
                 if self.leading:
-                    self.step_down(f"the store failed: {_one_line(exc)}")
-                log.debug("campaign failed: %s", _one_line(exc))
+                    self.step_down(f"the store failed: {one_line(exc)}")
+                log.debug("campaign failed: %s", one_line(exc))
             self._wake.clear()
             await wait_event(self._wake, CAMPAIGN_INTERVAL)
 
@@ -141,7 +141,7 @@ class Election:
                 except asyncio.CancelledError:
                     raise
                 except (TimeoutError, Exception) as exc:
-                    log.warning("cannot renew the leader lease: %s", _one_line(exc))
+                    log.warning("cannot renew the leader lease: %s", one_line(exc))
                     continue
                 if reply is None or reply.TTL <= 0:
                     self.step_down("its lease has expired")
@@ -173,7 +173,3 @@ async def wait_event(event: asyncio.Event, timeout: float) -> bool:
     except TimeoutError:
         return False
     return True
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]

@@ -23,7 +23,14 @@ import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from xds_server.ha.etcd import DEFAULT_PREFIX, EtcdAddress, Keys, async_client, parse_store_url
+from xds_server.ha.etcd import (
+    DEFAULT_PREFIX,
+    EtcdAddress,
+    Keys,
+    async_client,
+    one_line,
+    parse_store_url,
+)
 from xds_server.ha.instances import Instance, instance_to_json
 from xds_server.spec import POOL_NAMES, SpecError, parse_host_port, parse_spec
 from xds_server.spec.values import is_ip
@@ -91,7 +98,7 @@ class Registration:
             got = await self.client.get(self.keys.spec.encode())
         except Exception as exc:
             raise RegistrationError(
-                f"cannot reach the store {self.store}: {_one_line(exc)}"
+                f"cannot reach the store {self.store}: {one_line(exc)}"
             ) from None
         if got is None:
             raise RegistrationError(
@@ -122,7 +129,7 @@ class Registration:
                     raise
                 except Exception as exc:
                     self.registered.clear()
-                    log.warning("registration of %s lost (%s); again", i.address, _one_line(exc))
+                    log.warning("registration of %s lost (%s); again", i.address, one_line(exc))
                     await asyncio.sleep(min(1.0, i.ttl / 3))  # the store's retry backoff
         finally:
             await self._deregister()
@@ -213,7 +220,3 @@ async def registered(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]

@@ -37,6 +37,7 @@ from xds_server.ha.etcd import (
     SyncKV,
     compare_create_revision,
     compare_version,
+    one_line,
     put_op,
     range_end,
 )
@@ -161,7 +162,7 @@ class EtcdStore:
                 await self._reload()
                 continue
             except Exception as exc:
-                log.warning("store watch broken (%s); retrying", _one_line(exc))
+                log.warning("store watch broken (%s); retrying", one_line(exc))
             await asyncio.sleep(WATCH_RETRY_SECONDS)  # reconnect backoff
 
     async def _reload(self) -> None:
@@ -242,7 +243,7 @@ class EtcdStore:
                     view.departed.pop(name, None)
                 return "replicas"
         except (ValueError, KeyError, TypeError) as exc:
-            log.error("ignoring unreadable store key %s: %s", key, _one_line(exc))
+            log.error("ignoring unreadable store key %s: %s", key, one_line(exc))
         return None
 
     # ---- versions ----
@@ -417,7 +418,3 @@ def _rpc_error(exc: grpc.RpcError) -> str:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
     return f"{code.name if code else 'error'}: {details}"
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
