@@ -51,7 +51,8 @@ from xds_server.ha.etcd import Keys, parse_store_url, range_end
 from xds_server.ha.store import VERSION_SCALE
 from xds_server.lab.mesh import SERVICE, LocalMesh, MeshOptions
 from xds_server.lab.procs import Envoy, wait_for
-from xds_server.lab.run import DEFAULT_REGIONS, FAST_PLAN
+from xds_server.lab.run import DEFAULT_REGIONS
+from xds_server.lab.scenarios import FAST_PLAN
 from xds_server.rollout.state import LIVE
 
 PLAN: dict[str, Any] = {**FAST_PLAN, "step_duration": "1h", "max_hold": "1h"}

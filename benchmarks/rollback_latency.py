@@ -24,7 +24,7 @@ from pathlib import Path
 
 from xds_server.lab.mesh import LocalMesh, MeshOptions, canary_share
 from xds_server.lab.procs import wait_for
-from xds_server.lab.run import FAST_PLAN
+from xds_server.lab.scenarios import FAST_PLAN
 
 PLAN = FAST_PLAN
 """The lab's low-traffic analysis settings with the rollout tests' short steps."""

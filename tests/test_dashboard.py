@@ -25,7 +25,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from xds_server.lab.mesh import LocalMesh, MeshOptions
 from xds_server.lab.procs import Process, free_port, wait_for
-from xds_server.lab.run import FAST_PLAN
+from xds_server.lab.scenarios import FAST_PLAN
 from xds_server.rollout.audit import AuditEntry, rollback_cause
 
 from .conftest import make_spec_doc, write_spec

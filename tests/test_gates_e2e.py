@@ -12,7 +12,7 @@ import pytest
 
 from xds_server.lab.mesh import LocalMesh, MeshOptions, envoy_weights
 from xds_server.lab.procs import Envoy, http_get, wait_for
-from xds_server.lab.run import FAST_PLAN
+from xds_server.lab.scenarios import FAST_PLAN
 
 CTL = [sys.executable, "-m", "xds_server.ctl"]
 PLAN = {**FAST_PLAN, "steps": [5, {"pause": "until_promoted"}, 50, 100], "bake": "10m"}

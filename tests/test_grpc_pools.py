@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from xds_server.lab.background import BackgroundServer
 from xds_server.lab.mesh import LocalMesh, MeshOptions, canary_share
 from xds_server.lab.procs import Envoy, http_get, wait_for
-from xds_server.lab.run import FAST_PLAN
+from xds_server.lab.scenarios import FAST_PLAN
 from xds_server.rollout.metrics import PrometheusSource
 from xds_server.spec import (
     DEFAULT_QUERIES,

@@ -24,7 +24,7 @@ import pytest
 
 from xds_server.lab.mesh import LocalMesh, MeshOptions, canary_share, envoy_weights
 from xds_server.lab.procs import Envoy, Process, http_get, wait_for
-from xds_server.lab.run import FAST_PLAN
+from xds_server.lab.scenarios import FAST_PLAN
 from xds_server.rollout.audit import AuditEntry
 from xds_server.rollout.metrics import PrometheusSource
 from xds_server.spec.rollout import DEFAULT_QUERIES

@@ -17,7 +17,7 @@ import pytest
 
 from xds_server.lab.mesh import LocalMesh, MeshOptions
 from xds_server.lab.procs import wait_for
-from xds_server.lab.run import FAST_PLAN
+from xds_server.lab.scenarios import FAST_PLAN
 
 MAX_HOLD = 12
 """Room for step 0 after the hang at its start: the latency metric needs 20 samples a

@@ -261,6 +261,6 @@ def test_a_value_that_drops_a_third_every_interval_is_low() -> None:
 
 def test_every_lab_scenario_can_be_run_from_the_command_line() -> None:
     from xds_server.cli import LAB_SCENARIOS
-    from xds_server.lab.run import SCENARIOS
+    from xds_server.lab.scenarios import SCENARIOS
 
     assert set(LAB_SCENARIOS) == set(SCENARIOS)

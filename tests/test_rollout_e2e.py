@@ -12,7 +12,7 @@ import pytest
 
 from xds_server.lab.mesh import LocalMesh, MeshOptions, canary_share, envoy_weights
 from xds_server.lab.procs import http_get, wait_for
-from xds_server.lab.run import FAST_PLAN
+from xds_server.lab.scenarios import FAST_PLAN
 from xds_server.rollout.metrics import PrometheusSource
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from xds_server.lab.mesh import SERVICE, LocalMesh, MeshOptions, canary_share
 from xds_server.lab.procs import Envoy, wait_for
-from xds_server.lab.run import FAST_PLAN
+from xds_server.lab.scenarios import FAST_PLAN
 
 WARMUP = {
     "health_check": {"path": "/healthz", "interval": "500ms", "timeout": "500ms"},

@@ -1,0 +1,221 @@
+"""The lab's scenarios: their names, what each does to the mesh and what it expects.
+
+A table apart from the orchestration (`lab/run.py`) and the report (`lab/report.py`), and
+importable without the lab's extra dependencies (`pip install 'xds-server[lab]'`): the
+command line lists `SCENARIO_NAMES` whether the extra is installed or not. A new
+scenario is one entry in `SCENARIOS`; a new kind of fault, a field of `Fault` (a model
+server's knob) or a `replica_fault` word that `lab/run.py`'s `inject_replica_fault`
+knows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+LAB_PLAN: dict[str, Any] = {
+    "steps": [5, 20, 75, 100],
+    "step_duration": "5s",
+    "interval": "1s",
+    "window": "5s",
+    "ack_timeout": "10s",
+    "max_hold": "30s",
+    "failures_before_rollback": 2,
+    "guardrails": {
+        "max_error_rate": 0.05,
+        "max_p99_ms": 250,
+        "min_requests": 5,
+        # Every tenant's slice of the canary, from the model servers' own series: gold
+        # (10% of the lab's requests) has the tight budget.
+        "tenants": {
+            "header": "x-tenant",
+            "min_requests": 5,
+            "budgets": {"gold": {"max_p99_ms": 120}, "free": {"max_p99_ms": 250}},
+        },
+    },
+    # The lab's canary sees a few requests a second: a canary error rate shown to be
+    # under 30% is judged negligible here (the 5% ceiling above still applies).
+    # prediction_shift compares the models' score histograms (v2 really differs from
+    # v1 a little: PSI about 0.04, under the 0.1 allowance).
+    "analysis": {
+        "metrics": {
+            "error_rate": {"ignore_below": 0.3, "confidence": 0.95},
+            "latency": {"min_requests": 20},
+            "prediction_shift": {"min_requests": 40},
+        }
+    },
+    # Before any user request: Envoy health-checks the new pools, then mirrors a fifth of
+    # production's requests to them for a few seconds, and the canary ramps up slowly.
+    "warmup": {
+        "health_check": {"path": "/healthz", "interval": "500ms", "timeout": "500ms"},
+        "shadow": {"percent": 20, "duration": "3s"},
+        "slow_start": "5s",
+    },
+}
+
+STALL_PLAN: dict[str, Any] = {**LAB_PLAN, "step_duration": "20s"}
+"""Throughput needs evidence: a canary delivering two thirds of its share at 20% of
+50 requests/s is told from noise after about 1,000 of the region's requests."""
+
+FAST_PLAN: dict[str, Any] = {
+    **{k: v for k, v in LAB_PLAN.items() if k != "warmup"},
+    "step_duration": "3s",
+    "window": "4s",
+    "analysis": {
+        "metrics": {
+            name: spec
+            for name, spec in LAB_PLAN["analysis"]["metrics"].items()
+            if name != "prediction_shift"
+        }
+    },
+}
+"""The lab's plan with shorter steps, no warm-up and no output gate (which waits for 40
+outputs a side, 16 s at 5%): for the rollout tests and benchmarks, which are about the
+rollout's mechanics."""
+
+
+HA_PLAN: dict[str, Any] = FAST_PLAN
+"""The failover scenarios are about the control plane, not the judge: the rollout tests'
+short steps, so a run (and its test) takes half as long. (canary-instance-loss keeps the
+lab's plan: its steps give the second instance time to ramp up.)"""
+
+
+@dataclass(frozen=True)
+class Fault:
+    region_index: int
+    at_step: int
+    """Injected once every region has reached this step (1: 20% canary)."""
+    error_rate: float | None = None
+    latency_ms: float | None = None
+    drift: bool | None = None
+    """The canary's scores collapse (its inputs scaled by 0.01), still fast and 200."""
+    tenant_latency_ms: Mapping[str, float] | None = None
+    """Extra latency for these tenants only, e.g. {"gold": 300}."""
+    stall_fraction: float | None = None
+    """This share of user requests hangs until the caller gives up."""
+
+    def knobs(self) -> dict[str, Any]:
+        """The fault knobs this fault sets, as `LocalMesh.set_fault` takes them."""
+        names = ("error_rate", "latency_ms", "drift", "tenant_latency_ms", "stall_fraction")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def describe(self) -> str:
+        return "; ".join(_describe_knob(k, v) for k, v in self.knobs().items()) or "no change"
+
+
+def _describe_knob(name: str, value: Any) -> str:
+    if name == "error_rate":
+        return f"error rate {value:.0%}"
+    if name == "latency_ms":
+        return f"+{value:g} ms latency"
+    if name == "drift":
+        return "drifting scores" if value else "no drift"
+    if name == "tenant_latency_ms":
+        return ", ".join(f"tenant {t} +{ms:g} ms" for t, ms in value.items())
+    return f"{value:.0%} of requests stall"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    expect: str
+    fault: Fault | None
+    description: str
+    cause: str = ""
+    """A rollback's metric (as the dashboard names it) must contain this, if given."""
+    grpc_causes: tuple[str, ...] = ()
+    """Over gRPC, when it differs: the rollback's metric must contain one of these."""
+    plan: Mapping[str, Any] | None = None
+    """The scenario's own rollout plan (default: LAB_PLAN)."""
+    replica_fault: str | None = None
+    """Replicas on etcd (implies `--ha`): "leader" SIGKILLs the leading replica,
+    "etcd-member" one etcd member of three, "canary-instance" one region's registered
+    canary instance (once a second one is in its Envoys), once every region has reached
+    step 1."""
+
+
+SCENARIOS = {
+    s.name: s
+    for s in (
+        Scenario(
+            "healthy",
+            "promoted",
+            None,
+            "a healthy canary goes 5% -> 20% -> 75% -> 100% in every region",
+        ),
+        Scenario(
+            "bad-canary",
+            "rolled_back",
+            Fault(1, 1, error_rate=0.3),
+            "at 20%, one region's canary starts failing 30% of requests: every region rolls back",
+        ),
+        Scenario(
+            "slow-canary",
+            "rolled_back",
+            Fault(0, 1, latency_ms=400),
+            "at 20%, one region's canary answers 400 ms slower: p99 breaches 250 ms, every "
+            "region rolls back",
+        ),
+        Scenario(
+            "drifting-canary",
+            "rolled_back",
+            Fault(1, 1, drift=True),
+            "at 20%, one region's canary scores collapse (fast, 200, wrong): the output "
+            "gate (prediction_shift, PSI) rolls every region back",
+            cause="prediction_shift",
+        ),
+        Scenario(
+            "tenant-regression",
+            "rolled_back",
+            Fault(0, 1, tenant_latency_ms={"gold": 200}),
+            "at 20%, one region's canary is 200 ms slower for the gold tenant only (10% of "
+            "requests; the aggregate p99 stays under 250 ms): gold's budget rolls back",
+            cause="tenant gold",
+        ),
+        Scenario(
+            "stalling-canary",
+            "rolled_back",
+            Fault(2, 1, stall_fraction=0.33),
+            "at 20%, one region's canary stalls on a third of its requests, which callers "
+            "give up on (in neither its error rate nor its latency): throughput rolls back",
+            cause="throughput",
+            # gRPC sends the caller's deadline along: the model server ends a stalled
+            # call DEADLINE_EXCEEDED when the caller gives up, so Envoy times it and
+            # counts it as an error, and latency or errors may see it first.
+            grpc_causes=("p99_ms", "error_rate", "throughput"),
+            plan=STALL_PLAN,
+        ),
+        Scenario(
+            "leader-failover",
+            "promoted",
+            None,
+            "replicas on etcd: at 20%, the leading replica is SIGKILLed under load; another "
+            "takes the lead within its lease's TTL and the rollout goes on to 100%",
+            replica_fault="leader",
+            plan=HA_PLAN,
+        ),
+        Scenario(
+            "canary-instance-loss",
+            "promoted",
+            None,
+            "replicas on etcd, model servers registered: at 20%, eu-west gets a second "
+            "canary instance, then its first is SIGKILLed; its lease runs out, every "
+            "Envoy drops it, and the rollout goes on to 100%",
+            replica_fault="canary-instance",
+        ),
+        Scenario(
+            "etcd-member-loss",
+            "promoted",
+            None,
+            "replicas on etcd: at 20%, one etcd member of three is SIGKILLed; the store "
+            "keeps its quorum and the rollout goes on to 100%",
+            replica_fault="etcd-member",
+            plan=HA_PLAN,
+        ),
+    )
+}
+
+
+SCENARIO_NAMES: tuple[str, ...] = tuple(SCENARIOS)
+"""`lab run --scenario`'s choices, in the table's order."""
