@@ -2,7 +2,9 @@
 
 Every folder of generated code (the admin API, the lab's Open Inference Protocol) is
 compared file by file with a fresh generation, both ways: a file that differs, that is
-missing, or that the script no longer generates fails the test.
+missing, or that the script no longer generates fails the test. That covers the code
+(`*_pb2.py`, grpcio-tools) and its type stubs (`*_pb2.pyi`, mypy-protobuf), which mypy
+checks the package against.
 """
 
 from __future__ import annotations
@@ -33,14 +35,15 @@ def fresh(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def generated_files(folder: Path) -> set[str]:
-    return {p.name for p in folder.glob("*.py")}
+    return {p.name for p in folder.iterdir() if p.suffix in (".py", ".pyi")}
 
 
 @pytest.mark.parametrize("folder", GENERATED)
 def test_generated_protos_are_up_to_date(fresh: Path, folder: str) -> None:
     committed, regenerated = ROOT / folder, fresh / folder
     names = generated_files(regenerated)
-    assert any(n.endswith("_pb2.py") for n in names), f"nothing generated into {folder}"
+    for kind in ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi", "_pb2_grpc.pyi"):
+        assert any(n.endswith(kind) for n in names), f"no *{kind} generated into {folder}"
     assert generated_files(committed) == names, (
         f"{folder} holds other files than hack/gen-protos.sh generates: run it and commit"
     )

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import yaml
@@ -716,7 +716,8 @@ def answered(exc: grpc.RpcError) -> bool:
         trailing = exc.trailing_metadata() or ()
     except (AttributeError, ValueError):
         return False
-    return any(key == STATUS_MARK for key, _ in trailing)
+    # grpc's stubs call each item a _Metadatum; at run time it is a (key, value) tuple.
+    return any(key == STATUS_MARK for key, _ in cast(Iterable[tuple[str, Any]], trailing))
 
 
 def short_rpc_error(exc: grpc.RpcError) -> str:

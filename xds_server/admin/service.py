@@ -65,7 +65,7 @@ def _metadata(context: Context) -> dict[str, Any]:
     return dict(context.invocation_metadata() or ())
 
 
-class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
+class AdminService(admin_pb2_grpc.AdminServicer):
     def __init__(
         self, view: AdminView, tokens: Mapping[str, str] | None = None, auth_reads: bool = False
     ) -> None:
@@ -462,7 +462,7 @@ class _Undecodable:
         self.error = error
 
 
-class AdminGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class AdminGuard(grpc.aio.ServerInterceptor):
     """In front of every method of the admin port (the admin API and CSDS).
 
     grpc.aio logs a traceback for a request that does not decode and for a handler that

@@ -670,7 +670,7 @@ def _metadata(context: grpc.ServicerContext, key: str) -> str | None:
     return None
 
 
-class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     """`inference.GRPCInferenceService` over a ModelServer's model, faults and metrics."""
 
     def __init__(self, server: ModelServer) -> None:
