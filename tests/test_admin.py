@@ -15,10 +15,11 @@ import pytest
 import yaml
 from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 
+from tests.support import wait_for
 from xds_server.admin.service import AdminService, run_admin_server
 from xds_server.app import Parts
 from xds_server.lab.mesh import LocalMesh, MeshOptions, canary_share, envoy_weights
-from xds_server.lab.procs import free_port, http_get, wait_for
+from xds_server.lab.procs import free_port, http_get
 from xds_server.xds.resources import ROUTE_CONFIG_NAME
 from xds_server.xds.types import ROUTE
 
@@ -84,7 +85,7 @@ def test_nodes_are_synced_with_what_envoy_reports(mesh: LocalMesh) -> None:
             nodes if len(nodes) == 3 and all(n["sync_state"] == "SYNCED" for n in nodes) else None
         )
 
-    nodes = wait_for(all_synced, 20, "every Envoy SYNCED")
+    nodes = wait_for(all_synced, "every Envoy SYNCED", timeout=20)
     for envoy in mesh.envoys:
         (node,) = [n for n in nodes if n["id"] == envoy.opts.node_id]
         assert node["region"] == envoy.opts.region and node["client_type"] == "envoy"
@@ -104,10 +105,10 @@ def test_nodes_are_synced_with_what_envoy_reports(mesh: LocalMesh) -> None:
 
 def test_rollout_control_through_xdsctl(mesh: LocalMesh) -> None:
     load = mesh.start_load()
-    wait_for(lambda: len(load.snapshot()) >= 30, 10, "load")
+    wait_for(lambda: len(load.snapshot()) >= 30, "load", timeout=10)
     mesh.begin_rollout()
     port, token = mesh.admin_port, mesh.workdir / "admin-token"
-    wait_for(lambda: xdsctl(port, "rollout", "list"), 20, "the rollout to start")
+    wait_for(lambda: xdsctl(port, "rollout", "list"), "the rollout to start", timeout=20)
     watch_log = (mesh.workdir / "watch.jsonl").open("w")
     watcher = subprocess.Popen(
         [
@@ -144,7 +145,7 @@ def test_rollout_control_through_xdsctl(mesh: LocalMesh) -> None:
         ]
         return bool(checks) and max(e["time"] for e in checks) - paused_at >= 6
 
-    wait_for(judged_for_two_steps, 30, "two step durations of checks while paused")
+    wait_for(judged_for_two_steps, "two step durations of checks while paused", timeout=30)
     now = xdsctl(port, "rollout", "get", "recommender")
     assert now["phase"] == "paused" and {r["region"]: r["step"] for r in now["regions"]} == step
     # Resume continues; promote advances at once.
@@ -156,7 +157,9 @@ def test_rollout_control_through_xdsctl(mesh: LocalMesh) -> None:
     target = max(r["step"] for r in promoted["regions"])
     assert target >= 1
     share = PLAN["steps"][target]  # type: ignore[index]
-    wait_for(lambda: all(canary_share(e) == share for e in mesh.envoys), 10, "Envoys to follow")
+    wait_for(
+        lambda: all(canary_share(e) == share for e in mesh.envoys), "Envoys to follow", timeout=10
+    )
     # Weights by hand, in one region.
     pinned = xdsctl(
         port,
@@ -176,13 +179,13 @@ def test_rollout_control_through_xdsctl(mesh: LocalMesh) -> None:
     us_envoy = next(e for e in mesh.envoys if e.opts.region == "us-east")
     wait_for(
         lambda: envoy_weights(us_envoy) == {"production": 5000, "canary": 5000},
-        10,
         "us-east at 50/50",
+        timeout=10,
     )
     # Abort rolls back every region, as Envoy and traffic both show.
     aborted = xdsctl(port, "rollout", "abort", "recommender", "--reason", "enough", token=token)
     assert aborted["phase"] == "rolled_back"
-    wait_for(lambda: all(canary_share(e) == 0 for e in mesh.envoys), 10, "0% canary")
+    wait_for(lambda: all(canary_share(e) == 0 for e in mesh.envoys), "0% canary", timeout=10)
     for e in mesh.envoys:
         pools = {json.loads(http_get(f"http://{e.opts.listen}/")[1])["pool"] for _ in range(20)}
         assert pools == {"production"}
@@ -208,7 +211,7 @@ def test_rollout_control_through_xdsctl(mesh: LocalMesh) -> None:
         return events if any(e["rollout"]["phase"] == "rolled_back" for e in events) else None
 
     try:
-        events = wait_for(watched, 10, "the watch stream to show the abort")
+        events = wait_for(watched, "the watch stream to show the abort", timeout=10)
     finally:
         watcher.terminate()
         watcher.wait(10)
@@ -297,7 +300,7 @@ def test_a_nack_shows_as_nacked_with_envoys_message(
         (node,) = json.loads(res.stdout)
         return node if node["sync_state"] == "NACKED" else None
 
-    node = wait_for(nacked, 15, "the node to show NACKED")
+    node = wait_for(nacked, "the node to show NACKED", timeout=15)
     route = next(t for t in node["types"] if t["type"] == "route")
     assert "clusters" in route["nack_error"].lower()
     table = xdsctl(port, "nodes", output="table")
@@ -322,8 +325,8 @@ def test_admin_api_over_tls(server: ServerThread, self_signed_cert: tuple[Path, 
             == 0
             and r
         ),
-        15,
         "the TLS admin API",
+        timeout=15,
     )
     assert "reachable" in ok.stdout or '"server"' in ok.stdout
     plain = xdsctl(port, "status", check=False)

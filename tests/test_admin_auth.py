@@ -24,10 +24,11 @@ import grpc
 import pytest
 from envoy.service.status.v3 import csds_pb2
 
+from tests.support import wait_for
 from xds_server.admin.service import AdminService, run_admin_server
 from xds_server.admin.v1 import admin_pb2, admin_pb2_grpc
 from xds_server.app import Parts
-from xds_server.lab.procs import Process, free_port, wait_for
+from xds_server.lab.procs import Process, free_port
 
 from .conftest import ServerThread, make_spec_doc, write_spec
 
@@ -96,7 +97,7 @@ class Servers:
                 stub.ListRollouts(admin_pb2.ListRolloutsRequest(), timeout=1, metadata=metadata)
             return True
 
-        wait_for(answers, 20, f"{name}'s admin API to answer")
+        wait_for(answers, f"{name}'s admin API to answer", timeout=20)
         return server
 
     def stop(self) -> None:
@@ -149,7 +150,9 @@ def operator_actors(server: Server, token: Path | None = None) -> list[tuple[str
 
 
 def wait_for_rollout(server: Server, token: Path | None = None) -> None:
-    wait_for(lambda: ctl_json(server, "rollout", "list", token=token), 20, "the rollout to start")
+    wait_for(
+        lambda: ctl_json(server, "rollout", "list", token=token), "the rollout to start", timeout=20
+    )
 
 
 # ---- 1. the actor is bound to the credential ----
@@ -382,7 +385,7 @@ def test_garbage_requests_get_invalid_argument_and_one_log_line_each(servers: Se
         lines = [line for line in server.log().splitlines() if "undecodable request" in line]
         return lines if len(lines) >= undecodable else None
 
-    lines = wait_for(logged, 10, f"{undecodable} log lines about undecodable requests")
+    lines = wait_for(logged, f"{undecodable} log lines about undecodable requests", timeout=10)
     assert all(" WARNING xds_server.admin: admin API /" in line for line in lines), lines[0]
     log = server.log()
     assert "Traceback" not in log, log[log.index("Traceback") - 300 :][:3000]
@@ -433,7 +436,7 @@ def test_a_handler_bug_is_internal_and_one_log_line(
         res = xdsctl(f"127.0.0.1:{port}", "rollout", "list")
         return res.stderr.strip() if "cannot reach" not in res.stderr else None
 
-    assert wait_for(failed, 15, "the admin API to answer") == (
+    assert wait_for(failed, "the admin API to answer", timeout=15) == (
         "xdsctl: INTERNAL: /xds_server.admin.v1.Admin/ListRollouts failed: RuntimeError "
         "(the server's log has the details)"
     )

@@ -17,7 +17,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 
-from xds_server.lab.procs import wait_for
+from tests.support import wait_for
 from xds_server.traffic import Split
 from xds_server.xds.resources import ROUTE_CONFIG_NAME
 from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
@@ -83,8 +83,8 @@ def test_initial_sync_and_versions(
     (node,) = server.call(lambda: server.server.nodes.nodes("us-east"))
     wait_for(
         lambda: all(node.sync_state(t, got[t].version_info) == "SYNCED" for t in got),
-        5,
         "every type to be SYNCED",
+        timeout=5,
     )
 
 
@@ -149,8 +149,8 @@ def test_nack_is_recorded_and_not_resent(
             ),
             None,
         ),
-        5,
         "the NACK to be recorded",
+        timeout=5,
     )
     assert node.types[ROUTE].nack_version == bad.version_info
     assert node.types[ROUTE].acked_version == got[ROUTE].version_info
@@ -187,7 +187,7 @@ def test_stale_nonce_is_ignored(
     assert c.recv().type_url == ENDPOINT
     c.ack(second)
     (node,) = server.call(lambda: server.server.nodes.nodes("us-east"))
-    wait_for(lambda: node.types[CLUSTER].acked_version == second.version_info, 5, "the ACK")
+    wait_for(lambda: node.types[CLUSTER].acked_version == second.version_info, "the ACK", timeout=5)
     assert node.types[CLUSTER].nack_error == ""
 
 
@@ -241,8 +241,8 @@ def test_removed_cluster_outlives_routes_using_it(
                 "us-east", ROUTE, server.server.snapshot("us-east").type_version(ROUTE)
             )
         ),
-        5,
         "ACK",
+        timeout=5,
     )
     # The canary pool leaves the spec while routes send it traffic: the cluster stays, so
     # the first thing sent is routes without it ...

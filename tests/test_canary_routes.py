@@ -23,8 +23,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.istio_schema import problems as schema_problems
+from tests.support import wait_for
 from xds_server.lab.background import BackgroundServer
-from xds_server.lab.procs import Envoy, wait_for
+from xds_server.lab.procs import Envoy
 from xds_server.lab.upstream import ModelServer
 from xds_server.render import istio
 from xds_server.spec import MeshSpec, parse_spec, validate_spec
@@ -75,8 +76,8 @@ class Lab:
         want = self.server.route_version(REGION, self.envoy.opts.delta)
         wait_for(
             lambda: self.envoy.applied_versions().get("route") == want,
-            10,
             f"the Envoy to apply route version {want}",
+            timeout=10,
         )
 
     def upstream_rq(self) -> dict[str, int]:
@@ -206,8 +207,8 @@ def test_canary_match_requests_reach_the_canary_counted_apart(
         }
         wait_for(
             lambda: {k: the.upstream_rq().get(k, 0) for k in want} == want,
-            5,
             f"Envoy's upstream_rq_total to be {want} (last: {the.upstream_rq()})",
+            timeout=5,
         )
         # At 0% too: the match routes do not depend on the step.
         the.set_split(Split())
@@ -234,8 +235,8 @@ def test_the_direct_cluster_is_kept_until_envoy_has_routes_without_it(
         assert direct in snap.retained and direct in snap.resources.by_type[ENDPOINT]
         wait_for(
             lambda: direct not in the.region_snapshot.resources.by_type[CLUSTER],
-            10,
             "the direct cluster to go once the Envoy has routes without it",
+            timeout=10,
         )
         the.wait_applied()
         c = clients_for(clients, the.envoy)

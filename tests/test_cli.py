@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from xds_server.lab.procs import Envoy, Process, envoy_binary, free_port, http_get, wait_for
+from tests.support import wait_for
+from xds_server.lab.procs import Envoy, Process, envoy_binary, free_port, http_get
 from xds_server.lab.upstream import ModelServer
 from xds_server.render.bootstrap import BootstrapOptions
 
@@ -137,8 +138,8 @@ def test_serve_routes_reloads_on_sighup_and_stops_on_sigterm(
         server.signal(signal.SIGHUP)
         wait_for(
             lambda: json.loads(http_get(f"http://127.0.0.1:{listen}/")[1])["pool"] == "baseline",
-            5,
             "Envoy to follow the reloaded spec",
+            timeout=5,
         )
         server.signal(signal.SIGTERM)
         assert server.proc.wait(10) == 0
@@ -205,7 +206,7 @@ def test_xdsctl_fetch_prints_what_a_region_receives(spec_file: Path, tmp_path: P
             )
             return json.loads(res.stdout) if res.returncode == 0 else {}
 
-        out = wait_for(fetch, 15, "xdsctl xds fetch to answer")
+        out = wait_for(fetch, "xdsctl xds fetch to answer", timeout=15)
         names = sorted(r["cluster_name"] for r in out["resources"])  # type: ignore[attr-defined]
         assert names == ["recommender|canary", "recommender|production"]
         res = subprocess.run(

@@ -23,8 +23,9 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from tests.support import wait_for
 from xds_server.lab.mesh import LocalMesh, MeshOptions
-from xds_server.lab.procs import Process, free_port, wait_for
+from xds_server.lab.procs import Process, free_port
 from xds_server.lab.scenarios import FAST_PLAN
 from xds_server.rollout.audit import AuditEntry, rollback_cause
 
@@ -69,7 +70,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     m = LocalMesh(tmp_path_factory.mktemp("dashboard") / "mesh", opts)
     with m:
         load = m.start_load(max_seconds=400)
-        wait_for(lambda: len(load.snapshot()) >= 20, 15, "load through every Envoy")
+        wait_for(lambda: len(load.snapshot()) >= 20, "load through every Envoy", timeout=15)
         yield m
 
 
@@ -252,7 +253,7 @@ def test_without_tokens_the_dashboard_is_read_only(tmp_path: Path, browser: Brow
     server = Process("xds-server", argv, tmp_path / "serve.log")
     try:
         url = f"http://127.0.0.1:{ui}/"
-        overview = wait_for(lambda: request(f"{url}api/overview")[1], 20, "the dashboard")
+        overview = wait_for(lambda: request(f"{url}api/overview")[1], "the dashboard", timeout=20)
         assert overview["server"]["actions"] is False
         status, body = request(
             f"{url}api/rollouts/recommender/pause",

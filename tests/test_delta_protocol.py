@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from xds_server.lab.procs import wait_for
+from tests.support import wait_for
 from xds_server.traffic import Split
 from xds_server.xds.resources import ROUTE_CONFIG_NAME
 from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
@@ -120,8 +120,8 @@ def test_nack_is_recorded_and_not_resent(server: ServerThread, delta_clients: Ma
             ),
             None,
         ),
-        5,
         "the NACK",
+        timeout=5,
     )
     assert node.types[ROUTE].nack_version == bad.system_version_info
     c.send(LISTENER, unsubscribe=["*"])

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from xds_server.lab.procs import Envoy, http_get, wait_for
+from tests.support import wait_for
+from xds_server.lab.procs import Envoy, http_get
 from xds_server.lab.upstream import ModelServer
 from xds_server.traffic import Split
 from xds_server.xds.types import ROUTE
@@ -38,8 +39,8 @@ def wait_applied(server: ServerThread, envoy: Envoy, timeout: float = 10) -> Non
     want = server.route_version(envoy.opts.region, envoy.opts.delta)
     wait_for(
         lambda: envoy.applied_versions().get("route") == want,
-        timeout,
         f"{envoy.name} to apply route version {want}",
+        timeout=timeout,
     )
 
 
@@ -88,7 +89,9 @@ def test_spec_file_edit_reroutes_live_envoys(
     doc["services"][0]["pools"]["production"]["endpoints"]["eu-west"] = [f"127.0.0.1:{new_target}"]
     spec_file.write_text(yaml.safe_dump(doc))
     # The baseline model server answers "baseline": the Envoy now uses the new endpoint.
-    wait_for(lambda: get(envoy)[1].get("pool") == "baseline", 5, "Envoy to use the new endpoint")
+    wait_for(
+        lambda: get(envoy)[1].get("pool") == "baseline", "Envoy to use the new endpoint", timeout=5
+    )
 
 
 def test_invalid_spec_edit_keeps_serving(
@@ -119,7 +122,7 @@ def test_nack_keeps_last_good_config(server: ServerThread, envoys: EnvoyFactory)
         ts = node.types[ROUTE]
         return node if ts.nack_version == bad_version else None
 
-    node = wait_for(nacked, 10, "Envoy to NACK the broken route")
+    node = wait_for(nacked, "Envoy to NACK the broken route", timeout=10)
     ts = node.types[ROUTE]  # type: ignore[attr-defined]
     assert "clusters" in ts.nack_error.lower(), ts.nack_error
     assert ts.acked_version == good
@@ -156,15 +159,15 @@ def test_envoys_keep_serving_while_server_is_away(
     loader = threading.Thread(target=load)
     loader.start()
     try:
-        wait_for(lambda: results.total() >= 20, 10, "load to start")
+        wait_for(lambda: results.total() >= 20, "load to start", timeout=10)
         server.stop()
         wait_for(
             lambda: not server.call(lambda: server.server.nodes.nodes()),
-            10,
             "the server to see the stream go",
+            timeout=10,
         )
         during = results.total()
-        wait_for(lambda: results.total() >= during + 100, 20, "requests while away")
+        wait_for(lambda: results.total() >= during + 100, "requests while away", timeout=20)
         server.start(server.port)
         server.call(
             lambda: server.server.set_split("recommender", Split.from_percent({"canary": 100}))

@@ -8,15 +8,16 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
 
 from tests.conftest import REGIONS, make_spec_doc
+from tests.support import wait_for_async
 from xds_server.ha.etcd import async_client, parse_store_url, range_end
 from xds_server.ha.leader import Election
 from xds_server.ha.store import VERSION_SCALE, EtcdStore
@@ -27,25 +28,11 @@ from xds_server.rollout.ports import StoreFenced, StoreWriteError
 from xds_server.rollout.state import RolloutState
 from xds_server.spec import RolloutPlan, parse_spec
 
-T = TypeVar("T")
-
 WATCH_LATENCY = 1.0
 """How soon a replica's watch must show another replica's commit."""
 
 
 # ---- helpers ----
-
-
-async def until(predicate: Callable[[], T | None], timeout: float, what: str) -> T:
-    """Poll `predicate` on the running loop until it is truthy; fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0.02)  # the poll period, bounded by the deadline above
 
 
 async def open_store(url: str, prefix: str) -> EtcdStore:
@@ -212,7 +199,7 @@ def test_a_deposed_leader_is_fenced_and_commits_nothing(shared_etcd: EtcdCluster
         b = await replica(shared_etcd.url, prefix, "b", ttl=2)
         try:
             a.run()
-            await until(lambda: a.elected, 5, "A to win the election")
+            await wait_for_async(lambda: a.elected, "A to win the election", timeout=5)
             b.run()
             state, entries = started()
             a.store.record(state, entries, regions=("us-east",))
@@ -224,7 +211,7 @@ def test_a_deposed_leader_is_fenced_and_commits_nothing(shared_etcd: EtcdCluster
             # A loses the key as if its lease expired (A's own process does not notice).
             assert a.election.lease is not None
             await b.store.client.revoke_lease(a.election.lease)
-            await until(lambda: b.elected, 3, "B to win the key A lost")
+            await wait_for_async(lambda: b.elected, "B to win the key A lost", timeout=3)
             assert a.election.leading and a.election.valid() and a.store.fence is not None
 
             stale, stale_entries = later(state, "A's stale decision", now=20.0)
@@ -266,7 +253,7 @@ def test_a_leader_past_its_deadline_writes_nothing(shared_etcd: EtcdCluster) -> 
         a = await replica(shared_etcd.url, "/test/deadline", "a", ttl=5)
         try:
             a.run()
-            await until(lambda: a.elected, 5, "A to win the election")
+            await wait_for_async(lambda: a.elected, "A to win the election", timeout=5)
             state, entries = started()
             a.store.may_write = lambda: False
             with pytest.raises(StoreFenced, match="not renewed in time"):
@@ -274,7 +261,7 @@ def test_a_leader_past_its_deadline_writes_nothing(shared_etcd: EtcdCluster) -> 
             assert a.fenced and a.deposed and a.store.fence is None
             assert not [k for k in raw(a.store) if "/rollouts/" in k or "/audit/" in k]
             # It gave its key up (the lease revoked), and campaigns again.
-            await until(lambda: len(a.elected) == 2, 3, "A to be elected again")
+            await wait_for_async(lambda: len(a.elected) == 2, "A to be elected again", timeout=3)
             assert a.elected[1] > a.elected[0]
         finally:
             await a.close()
@@ -296,7 +283,7 @@ def test_record_commits_state_entries_and_routes_in_one_transaction(
             assert pushed is not None
             a.store.read()  # (the watch would bring it; this test runs none)
             a.run()
-            await until(lambda: a.elected, 5, "A to win the election")
+            await wait_for_async(lambda: a.elected, "A to win the election", timeout=5)
 
             state, entries = started(("us-east", "eu-west", "ap-south"))
             a.store.record(state, entries, regions=("us-east", "eu-west"))
@@ -362,7 +349,7 @@ def test_a_record_that_fails_commits_none_of_its_parts(shared_etcd: EtcdCluster)
         a = await replica(shared_etcd.url, "/test/all-or-nothing", "a", ttl=5)
         try:
             a.run()
-            await until(lambda: a.elected, 5, "A to win the election")
+            await wait_for_async(lambda: a.elected, "A to win the election", timeout=5)
             state, entries = started()
             a.store.record(state, entries, regions=("us-east",))
             before = {k: kv.mod_revision for k, kv in raw(a.store).items()}
@@ -401,14 +388,14 @@ def test_a_new_leader_whose_view_lags_keeps_the_lead_and_commits_nothing(
         b = await replica(shared_etcd.url, prefix, "b", ttl=2)  # view loaded now, no watch
         try:
             a.run()
-            await until(lambda: a.elected, 5, "A to win the election")
+            await wait_for_async(lambda: a.elected, "A to win the election", timeout=5)
             state, entries = started()
             a.store.record(state, entries, regions=("us-east",))
             a.tasks[0].cancel()  # A stops cleanly: it campaigns no more, and resigns
             await asyncio.wait(a.tasks)
             await a.election.resign()
             b.run()
-            await until(lambda: b.elected, 3, "B to win the key A gave up")
+            await wait_for_async(lambda: b.elected, "B to win the key A gave up", timeout=3)
             before = {k: kv.mod_revision for k, kv in raw(b.store).items()}
 
             new, new_entries = later(state, "B's first decision", now=20.0)
@@ -448,16 +435,20 @@ def test_the_watch_follows_commits_through_a_member_failure(etcd_cluster: EtcdCl
         try:
             b.watch()
             a.run()
-            await until(lambda: a.elected, 5, "A to win the election")
-            await until(lambda: b.store.view.leader, WATCH_LATENCY, "B's watch to see A lead")
+            await wait_for_async(lambda: a.elected, "A to win the election", timeout=5)
+            await wait_for_async(
+                lambda: b.store.view.leader, "B's watch to see A lead", timeout=WATCH_LATENCY
+            )
             told.clear()
 
             state, entries = started()
             a.store.record(state, entries, regions=("us-east", "eu-west"))
             committed = time.monotonic()
-            await until(lambda: b.store.rollout("svc", "v2"), WATCH_LATENCY, "B to see it")
+            await wait_for_async(
+                lambda: b.store.rollout("svc", "v2"), "B to see it", timeout=WATCH_LATENCY
+            )
             assert time.monotonic() - committed < WATCH_LATENCY
-            await until(lambda: told, WATCH_LATENCY, "B's listener to be told")
+            await wait_for_async(lambda: told, "B's listener to be told", timeout=WATCH_LATENCY)
             assert frozenset({"rollouts", "routes", "audit"}) in told
             assert b.store.rollout("svc", "v2") == state
             assert b.store.audit() == a.store.audit()
@@ -483,10 +474,10 @@ def test_the_watch_follows_commits_through_a_member_failure(etcd_cluster: EtcdCl
                     assert time.monotonic() < deadline, f"no write for 5 s: {failures}"
                     await asyncio.sleep(0.1)  # retry backoff, bounded by the deadline
             assert a.store.fence is not None and a.election.leading
-            await until(
+            await wait_for_async(
                 lambda: b.store.rollout("svc", "v2") == new,
-                3,
                 "B's watch to deliver a commit made after a member died",
+                timeout=3,
             )
             assert b.store.audit() == a.store.audit()
             assert [e.id for e in b.store.audit()] == [1, 2, 3, 4, 5]
@@ -564,7 +555,7 @@ def test_a_follower_takes_over_when_the_leader_stops_renewing(shared_etcd: EtcdC
         b = await replica(shared_etcd.url, prefix, "b", ttl=ttl)
         try:
             a.run()
-            await until(lambda: a.elected, 5, "A to win the election")
+            await wait_for_async(lambda: a.elected, "A to win the election", timeout=5)
             b.run()
             # B watches the leader key as ReplicaApp does (the store's watch wakes it).
             b.store.subscribe(lambda changed: b.election.wake() if "leader" in changed else None)
@@ -583,7 +574,7 @@ def test_a_follower_takes_over_when_the_leader_stops_renewing(shared_etcd: EtcdC
                 await a.tasks[0]
             assert a.election.leading  # (it never learnt otherwise)
 
-            await until(lambda: b.elected, ttl + 1.5, "B to take over")
+            await wait_for_async(lambda: b.elected, "B to take over", timeout=ttl + 1.5)
             took = b.elected_at[0] - stopped
             assert ttl / 3 < took <= ttl + 1.0, f"B took over {took:.2f} s after A stopped"
             assert a.valid_when_others_won == [False]
@@ -609,7 +600,7 @@ def test_an_election_ends_when_cancelled_in_the_tick_it_steps_down(
         a = await replica(shared_etcd.url, "/test/cancel", "a", ttl=5)
         try:
             a.run()
-            await until(lambda: a.elected, 5, "A to win the election")
+            await wait_for_async(lambda: a.elected, "A to win the election", timeout=5)
             task = a.tasks[0]
             a.election.step_down("a write was fenced")  # as EtcdStore.record does
             task.cancel()  # and the replica stops, in the same tick
@@ -632,16 +623,18 @@ def test_a_leader_cut_off_from_etcd_stops_before_its_lease_can_expire(
         a = await replica(etcd_cluster.url, "/test/paused", "a", ttl=ttl)
         try:
             a.run()
-            await until(lambda: a.elected, 5, "A to win the election")
+            await wait_for_async(lambda: a.elected, "A to win the election", timeout=5)
             etcd_cluster.pause()
             try:
                 paused = time.monotonic()
-                await until(lambda: not a.election.valid(), ttl, "valid() to turn False")
+                await wait_for_async(
+                    lambda: not a.election.valid(), "valid() to turn False", timeout=ttl
+                )
                 invalid_after = time.monotonic() - paused
                 # etcd counts the lease from when it got the last renewal, which was sent
                 # at `_renewed_at`: the lease may still be alive, the leader stops anyway.
                 assert time.monotonic() < a.election._renewed_at + ttl, "valid() outlived it"
-                await until(lambda: a.deposed, ttl, "on_deposed")
+                await wait_for_async(lambda: a.deposed, "on_deposed", timeout=ttl)
                 assert a.store.fence is None
                 state, entries = started()
                 with pytest.raises(StoreFenced):
@@ -650,7 +643,9 @@ def test_a_leader_cut_off_from_etcd_stops_before_its_lease_can_expire(
                 etcd_cluster.resume()
             assert invalid_after < ttl
             # Once etcd answers again, it campaigns again and wins a new fence.
-            await until(lambda: len(a.elected) == 2, 3 * ttl, "A to be elected again")
+            await wait_for_async(
+                lambda: len(a.elected) == 2, "A to be elected again", timeout=3 * ttl
+            )
             assert a.elected[1] > a.elected[0] and a.election.valid()
         finally:
             await a.close()

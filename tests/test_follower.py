@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
+from tests.support import wait_for
 from xds_server.lab.mesh import SERVICE, envoy_weights
-from xds_server.lab.procs import Envoy, Process, free_port, wait_for
+from xds_server.lab.procs import Envoy, Process, free_port
 from xds_server.lab.upstream import ModelServer
 from xds_server.render.bootstrap import BootstrapOptions
 
@@ -152,7 +153,7 @@ def wait_both(envoys: tuple[Envoy, Envoy], expected: dict[str, int], what: str) 
         return all(routed(e) == expected for e in envoys)
 
     try:
-        wait_for(applied, 10, what, interval=0.1)
+        wait_for(applied, what, timeout=10, interval=0.1)
     except TimeoutError as exc:
         seen = {e.name: routed(e) for e in envoys}
         raise AssertionError(f"{exc}: expected {expected}, Envoys route by {seen}") from None
@@ -162,14 +163,16 @@ def test_follower_serves_the_weights_the_leader_commits(replicas: Replicas) -> N
     leader = replicas.serve("leader")
     # The leader has the lock (it takes it before serving) and has started the rollout.
     rollouts = wait_for(
-        lambda: ctl_json(leader, "rollout", "list"), 20, "the leader to start the rollout"
+        lambda: ctl_json(leader, "rollout", "list"), "the leader to start the rollout", timeout=20
     )
     assert [(r["service"], r["canary_version"]) for r in rollouts] == [(SERVICE, "v2")]
     first = split(rollouts[0])
     assert first[REGION][2] > 0, first  # the first step sends the canary some traffic
 
     follower = replicas.serve("follower")
-    wait_for(lambda: any(FOLLOWING in m for m in follower.messages()), 20, "the follower's log")
+    wait_for(
+        lambda: any(FOLLOWING in m for m in follower.messages()), "the follower's log", timeout=20
+    )
     assert not any(FOLLOWING in m for m in leader.messages())
 
     envoys = (replicas.envoy("via-leader", leader), replicas.envoy("via-follower", follower))
@@ -196,8 +199,10 @@ def test_follower_serves_the_weights_the_leader_commits(replicas: Replicas) -> N
     def same(*args: str) -> bool:
         return bool(ctl_json(follower, *args) == ctl_json(leader, *args))
 
-    wait_for(lambda: same("rollout", "get", SERVICE), 10, "the same `rollout get` from both")
-    wait_for(lambda: same("rollout", "list"), 10, "the same `rollout list` from both")
+    wait_for(
+        lambda: same("rollout", "get", SERVICE), "the same `rollout get` from both", timeout=10
+    )
+    wait_for(lambda: same("rollout", "list"), "the same `rollout list` from both", timeout=10)
     by_hand = [
         (e["reason"], e["actor"])
         for e in ctl_json(follower, "audit", "--service", SERVICE, "--region", REGION)
@@ -233,9 +238,13 @@ def test_a_follower_takes_over_when_the_leader_dies(replicas: Replicas) -> None:
     """The lock is released by the kernel when its holder dies: the follower takes it,
     restores the committed state and decides from then on, with no weights lost."""
     leader = replicas.serve("leader")
-    wait_for(lambda: ctl_json(leader, "rollout", "list"), 20, "the leader to start the rollout")
+    wait_for(
+        lambda: ctl_json(leader, "rollout", "list"), "the leader to start the rollout", timeout=20
+    )
     follower = replicas.serve("follower")
-    wait_for(lambda: any(FOLLOWING in m for m in follower.messages()), 20, "the follower's log")
+    wait_for(
+        lambda: any(FOLLOWING in m for m in follower.messages()), "the follower's log", timeout=20
+    )
     envoy = replicas.envoy("via-follower", follower)
     envoy.wait_ready()
     set_weights(leader, 30, 10)
@@ -244,8 +253,8 @@ def test_a_follower_takes_over_when_the_leader_dies(replicas: Replicas) -> None:
     leader.process.signal(signal.SIGKILL)
     wait_for(
         lambda: any("took over the rollout controller" in m for m in follower.messages()),
-        20,
         "the follower to take over",
+        timeout=20,
     )
     # It serves what was committed, and now it decides.
     assert routed(envoy) == {"production": 6000, "baseline": 1000, "canary": 3000}

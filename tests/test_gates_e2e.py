@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import wait_for
 from xds_server.lab.mesh import LocalMesh, MeshOptions, envoy_weights
-from xds_server.lab.procs import Envoy, http_get, wait_for
+from xds_server.lab.procs import Envoy, http_get
 from xds_server.lab.scenarios import FAST_PLAN
 
 CTL = [sys.executable, "-m", "xds_server.ctl"]
@@ -24,7 +25,7 @@ def mesh(tmp_path: Path) -> Iterator[LocalMesh]:
     m = LocalMesh(tmp_path / "mesh", opts)
     with m:
         load = m.start_load(max_seconds=300)
-        wait_for(lambda: len(load.snapshot()) >= 20, 15, "load through every Envoy")
+        wait_for(lambda: len(load.snapshot()) >= 20, "load through every Envoy", timeout=15)
         yield m
 
 
@@ -55,10 +56,10 @@ def test_a_pause_step_holds_until_promoted_and_a_breach_in_the_bake_rolls_back(
         hold = [e for e in mesh.audit() if "pause until promoted" in e.reason]
         return hold[-1].id if len(hold) == len(mesh.opts.regions) else None
 
-    hold_id = wait_for(holding, 60, "every region holding at the pause")
+    hold_id = wait_for(holding, "every region holding at the pause", timeout=60)
     at_5 = {"production": 9000, "baseline": 500, "canary": 500}
     # It holds: the canary keeps being judged at 5% (passing checks pile up), no step.
-    wait_for(lambda: checks_since(mesh, hold_id, "step 0 (5%): pass") >= 6, 30, "checks")
+    wait_for(lambda: checks_since(mesh, hold_id, "step 0 (5%): pass") >= 6, "checks", timeout=30)
     state = mesh.rollout_state()
     assert state is not None and {r["step"] for r in state["regions"].values()} == {0}
     assert every_envoy(mesh, at_5)
@@ -68,13 +69,13 @@ def test_a_pause_step_holds_until_promoted_and_a_breach_in_the_bake_rolls_back(
     promote = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     assert promote.returncode == 0, promote.stderr
     at_50 = {"baseline": 5000, "canary": 5000}  # (a pool at 0% is not in the route)
-    wait_for(lambda: every_envoy(mesh, at_50), 30, "50% on every Envoy")
+    wait_for(lambda: every_envoy(mesh, at_50), "50% on every Envoy", timeout=30)
 
     # The last step passes; the bake holds at 100% with production kept at weight 0.
     wait_for(
         lambda: sum(1 for e in mesh.audit() if e.reason.startswith("baking at 100%")) == 2,
-        60,
         "every region baking",
+        timeout=60,
     )
     assert every_envoy(mesh, {"canary": 10000})
     assert all(production_cluster_kept(e) for e in mesh.envoys), "old production kept warm"
@@ -86,6 +87,6 @@ def test_a_pause_step_holds_until_promoted_and_a_breach_in_the_bake_rolls_back(
     final = mesh.wait_phase({"rolled_back", "promoted"}, 60)
     assert final["phase"] == "rolled_back", final
     production = {"production": 10000}
-    wait_for(lambda: every_envoy(mesh, production), 15, "production only on every Envoy")
+    wait_for(lambda: every_envoy(mesh, production), "production only on every Envoy", timeout=15)
     cause = [e for e in mesh.audit() if e.phase_to == "rolled_back" and e.verdict]
     assert cause and cause[0].region == "eu-west" and cause[0].step == 2

@@ -18,9 +18,10 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from tests.support import wait_for
 from xds_server.lab.background import BackgroundServer
 from xds_server.lab.mesh import LocalMesh, MeshOptions, canary_share
-from xds_server.lab.procs import Envoy, http_get, wait_for
+from xds_server.lab.procs import Envoy, http_get
 from xds_server.lab.scenarios import FAST_PLAN
 from xds_server.rollout.metrics import PrometheusSource
 from xds_server.spec import (
@@ -278,10 +279,10 @@ def _exercise(envoy: Envoy, grpc_pools: dict[str, GrpcPool]) -> None:
     canary = "recommender|canary"
     wait_for(
         lambda: _stat(envoy, "envoy_cluster_membership_healthy", canary) == 1,
-        15,
         "the canary healthy by grpc.health.v1",
+        timeout=15,
     )
-    assert wait_for(lambda: _calls(envoy, 5).get("v2") == 5, 15, "calls reach v2 over h2")
+    assert wait_for(lambda: _calls(envoy, 5).get("v2") == 5, "calls reach v2 over h2", timeout=15)
 
     grpc_pools["canary"].fail_with = grpc.StatusCode.UNAVAILABLE
     got = _calls(envoy, 20)
@@ -289,16 +290,16 @@ def _exercise(envoy: Envoy, grpc_pools: dict[str, GrpcPool]) -> None:
     # HTTP sees 200s; the gRPC stats see the failures the queries count.
     wait_for(
         lambda: _stat(envoy, "envoy_cluster_grpc_14", canary) >= 20,
-        10,
         "UNAVAILABLE counted as envoy_cluster_grpc_14",
+        timeout=10,
     )
     assert _stat(envoy, "envoy_cluster_grpc_total", canary) >= 25
 
     grpc_pools["canary"].set_serving(False)
     wait_for(
         lambda: _stat(envoy, "envoy_cluster_membership_healthy", canary) == 0,
-        15,
         "the canary unhealthy once it reports NOT_SERVING",
+        timeout=15,
     )
 
 
@@ -330,13 +331,15 @@ def test_a_canary_answering_unavailable_is_rolled_back_on_its_grpc_errors(
     opts = MeshOptions(regions=("us-east", "eu-west"), rollout=FAST_PLAN, protocol="grpc")
     with LocalMesh(tmp_path / "mesh", opts) as mesh:
         load = mesh.start_load()
-        wait_for(lambda: len(load.versions()) >= 1, 15, "gRPC answers through Envoy")
+        wait_for(lambda: len(load.versions()) >= 1, "gRPC answers through Envoy", timeout=15)
         mesh.begin_rollout()
-        wait_for(lambda: all(canary_share(e) >= 5 for e in mesh.envoys), 60, "the canary at 5%")
+        wait_for(
+            lambda: all(canary_share(e) >= 5 for e in mesh.envoys), "the canary at 5%", timeout=60
+        )
         mesh.set_fault("eu-west", "canary", error_rate=0.5)
         state = mesh.wait_phase({"rolled_back", "promoted"}, 90)
         assert state["phase"] == "rolled_back", state
-        wait_for(lambda: all(canary_share(e) == 0 for e in mesh.envoys), 20, "0% canary")
+        wait_for(lambda: all(canary_share(e) == 0 for e in mesh.envoys), "0% canary", timeout=20)
 
         (rollback,) = [e for e in mesh.audit() if e.region is None and e.phase_to == "rolled_back"]
         assert "eu-west" in rollback.reason and "error_rate" in rollback.reason

@@ -16,9 +16,10 @@ import pytest
 import yaml
 
 from tests.conftest import REGIONS, ServerThread, make_spec_doc
+from tests.support import wait_for
 from xds_server.cli import main
 from xds_server.lab.etcd import EtcdCluster
-from xds_server.lab.procs import Envoy, free_port, wait_for
+from xds_server.lab.procs import Envoy, free_port
 from xds_server.render.bootstrap import XDS_CLUSTER, BootstrapOptions, render_bootstrap
 
 CLI = [sys.executable, "-m", "xds_server.cli"]
@@ -302,7 +303,9 @@ def test_an_envoy_falls_back_to_the_next_xds_server(
             versions = envoy.applied_versions()
             return versions if versions.get("listener") and versions.get("route") else None
 
-        versions = wait_for(applied, 5, "the Envoy to report its listener and routes applied")
+        versions = wait_for(
+            applied, "the Envoy to report its listener and routes applied", timeout=5
+        )
         assert versions["listener"] and versions["cluster"]
         dump = json.dumps(envoy.config_dump())
         assert f'"port_value": {listen}' in dump  # the listener this server made for it

@@ -20,9 +20,10 @@ from typing import Any
 import grpc
 import pytest
 
+from tests.support import wait_for
 from xds_server.admin.v1 import admin_pb2, admin_pb2_grpc
 from xds_server.lab.etcd import EtcdCluster
-from xds_server.lab.procs import Process, free_port, wait_for
+from xds_server.lab.procs import Process, free_port
 
 from .conftest import REGIONS, make_spec_doc, write_spec
 
@@ -107,10 +108,12 @@ def cluster(etcd_cluster: EtcdCluster, tmp_path: Path) -> Iterator[Cluster]:
                 listed = r.replicas()
                 return len(listed) == len(SERVES) and sum(x.leader for x in listed) == 1
 
-            wait_for(ready, 20, f"replica {r.name} to see every replica and one leader")
+            wait_for(ready, f"replica {r.name} to see every replica and one leader", timeout=20)
         lead = Cluster(replicas).leader()
         wait_for(
-            lambda: ctl_json(lead.admin, "rollout", "list"), 15, "the leader to start a rollout"
+            lambda: ctl_json(lead.admin, "rollout", "list"),
+            "the leader to start a rollout",
+            timeout=15,
         )
         yield Cluster(replicas)
     finally:
@@ -180,8 +183,8 @@ def test_a_change_reaches_the_leader_and_a_follower_alone_names_it(cluster: Clus
     # The follower serves the committed state: it shows the pause too (from the store).
     wait_for(
         lambda: ctl_json(follower.admin, "rollout", "get", SERVICE)["phase"] == "paused",
-        10,
         "the follower to read the pause from the store",
+        timeout=10,
     )
     audit = ctl_json(f"{follower.admin},{leader.admin}", "audit", "--service", SERVICE)
     assert any(e["actor"].startswith("test-operator") for e in audit)

@@ -22,8 +22,9 @@ from typing import Any
 
 import pytest
 
+from tests.support import wait_for
 from xds_server.lab.mesh import LocalMesh, MeshOptions, canary_share, envoy_weights
-from xds_server.lab.procs import Envoy, Process, http_get, wait_for
+from xds_server.lab.procs import Envoy, Process, http_get
 from xds_server.lab.scenarios import FAST_PLAN
 from xds_server.rollout.audit import AuditEntry
 from xds_server.rollout.metrics import PrometheusSource
@@ -89,7 +90,7 @@ def wait_step(mesh: LocalMesh, step: int, timeout: float) -> None:
         ) == {step}
 
     try:
-        wait_for(reached, timeout, f"every region at step {step}")
+        wait_for(reached, f"every region at step {step}", timeout=timeout)
     except TimeoutError as exc:
         raise AssertionError(f"{exc}; {recent(mesh)}") from None
 
@@ -98,8 +99,8 @@ def wait_shares(envoys: Iterable[Envoy], share: float, timeout: float = 10) -> N
     envoys = list(envoys)
     wait_for(
         lambda: all(canary_share(e) == share for e in envoys),
-        timeout,
         f"{share:g}% canary in {[e.opts.node_id for e in envoys]}",
+        timeout=timeout,
     )
 
 
@@ -135,7 +136,7 @@ def etcd_raft_leader(mesh: LocalMesh) -> int:
                 return i + 1  # (0 is falsy to wait_for)
         return None
 
-    return wait_for(leader, 10, "the etcd raft leader") - 1
+    return wait_for(leader, "the etcd raft leader", timeout=10) - 1
 
 
 def replica_nodes(mesh: LocalMesh, region: str) -> list[dict[str, Any]]:
@@ -185,7 +186,7 @@ def wait_synced(mesh: LocalMesh, envoy: Envoy, timeout: float) -> str:
         return found[0] if current == acked == applied == expected else None
 
     try:
-        return wait_for(synced, timeout, f"{envoy.opts.node_id} SYNCED on a live replica")
+        return wait_for(synced, f"{envoy.opts.node_id} SYNCED on a live replica", timeout=timeout)
     except TimeoutError as exc:
         raise AssertionError(
             f"{exc}: it is on {serving(mesh, envoy.opts.node_id)}, applied "
@@ -204,7 +205,7 @@ def placement(mesh: LocalMesh) -> dict[str, str]:
         where = {e.opts.node_id: (serving(mesh, e.opts.node_id) or ("",))[0] for e in mesh.envoys}
         return where if all(where.values()) else None
 
-    return wait_for(placed, 15, "every Envoy connected to a replica")
+    return wait_for(placed, "every Envoy connected to a replica", timeout=15)
 
 
 def goes_to(mesh: LocalMesh, envoy: Envoy, down: Iterable[str]) -> str | None:
@@ -259,8 +260,8 @@ def start_load(mesh: LocalMesh) -> Any:
             {r.target for r in load.snapshot() if r.status == 200}
             == {e.opts.node_id for e in mesh.envoys}
         ),
-        15,
         "load through every Envoy",
+        timeout=15,
     )
     source = PrometheusSource(f"http://127.0.0.1:{mesh.prometheus_port}")
     template = DEFAULT_QUERIES["latency_buckets"]
@@ -270,8 +271,8 @@ def start_load(mesh: LocalMesh) -> Any:
     ]
     wait_for(
         lambda: all(source.buckets(q) for q in queries),
-        20,
         "every region's production latency in Prometheus",
+        timeout=20,
         interval=0.2,
     )
     return load
@@ -350,8 +351,8 @@ def test_etcd_member_loss_then_leader_sigkill_mid_rollout_lose_no_request(
             said = wait_for(
                 lambda: [m for m in messages(log_since(mesh.replicas[follower], offset))
                          if m.startswith(RESUMED)],
-                10,
                 "the new leader to resume the rollout",
+                timeout=10,
             )  # fmt: skip
             assert said[0] == f"{RESUMED}: progressing at steps {before}", said
             state = mesh.wait_phase(DONE, 60)
@@ -446,8 +447,8 @@ def test_a_killed_follower_fails_over_and_a_frozen_follower_hears_the_rollback(
               f"SIGCONT after {resumed_at - stopped_at:.2f}s")  # fmt: skip
         wait_for(
             lambda: all(canary_share(e) == 0 for e in on_frozen),
-            15,
             f"0% canary through {frozen}'s Envoys",
+            timeout=15,
             interval=0.05,
         )
         heard = time.monotonic() - resumed_at
@@ -492,8 +493,8 @@ def test_an_etcd_outage_decides_nothing_and_a_frozen_leader_is_fenced(tmp_path: 
         try:
             wait_for(
                 lambda: "stepping down" in log_since(mesh.replicas[leader], offset),
-                TTL + 5,
                 f"{leader} to step down",
+                timeout=TTL + 5,
             )
             stepped_down = time.monotonic() - paused_at
             # Hold the outage past the step's end: a bounded observation until this
@@ -533,8 +534,8 @@ def test_an_etcd_outage_decides_nothing_and_a_frozen_leader_is_fenced(tmp_path: 
             # The new leader's first commit: anything decided after the SIGSTOP is its.
             first = wait_for(
                 lambda: [e for e in mesh.audit() if e.time > stopped_wall],
-                15,
                 "the new leader's first commit",
+                timeout=15,
             )[0]
         finally:
             mesh.replicas[old].signal(signal.SIGCONT)
@@ -543,8 +544,8 @@ def test_an_etcd_outage_decides_nothing_and_a_frozen_leader_is_fenced(tmp_path: 
         said = wait_for(
             lambda: [m for m in messages(log_since(mesh.replicas[old], offset))
                      if "stepping down" in m or "refused" in m],
-            10,
             f"{old} to step down",
+            timeout=10,
         )  # fmt: skip
         print(f"{old}, woken: {said[0]}")
         state = mesh.wait_phase(DONE, 60)

@@ -19,13 +19,14 @@ import yaml
 from envoy.config.route.v3 import route_pb2
 
 from tests.conftest import AdsClient, make_spec_doc
+from tests.support import wait_for
 from tests.test_ads_protocol import ALL_CLUSTERS, sync_all
 from xds_server.admin.v1 import admin_pb2, admin_pb2_grpc
 from xds_server.ha.etcd import parse_store_url
 from xds_server.ha.replicas import ClusterDataPlane, Directory, ReplicaInfo
 from xds_server.ha.store import EtcdStore
 from xds_server.lab.etcd import EtcdCluster
-from xds_server.lab.procs import Process, free_port, http_get, wait_for
+from xds_server.lab.procs import Process, free_port, http_get
 from xds_server.spec import validate_spec
 from xds_server.xds.dataplane import Applied, Pending
 from xds_server.xds.publisher import XdsPublisher
@@ -73,16 +74,16 @@ def replicas(tmp_path: Path, etcd_cluster: EtcdCluster) -> Iterator[dict[str, Re
     spec = tmp_path / "mesh.yaml"
     spec.write_text(yaml.safe_dump(make_spec_doc(ports, regions=REGIONS)))
     a = start_replica(tmp_path, etcd_cluster.url, "a", "--regions", "us-east", spec=spec)
-    wait_for(lambda: store_view(etcd_cluster.url).view.spec, 20, "replica a's spec push")
+    wait_for(lambda: store_view(etcd_cluster.url).view.spec, "replica a's spec push", timeout=20)
     b = start_replica(tmp_path, etcd_cluster.url, "b")
     started = {"a": a, "b": b}
     try:
         wait_for(
             lambda: set(store_view(etcd_cluster.url).view.replicas) == {"a", "b"},
-            20,
             "both replicas in the store",
+            timeout=20,
         )
-        wait_for(lambda: store_view(etcd_cluster.url).load_rollouts(), 20, "the rollout")
+        wait_for(lambda: store_view(etcd_cluster.url).load_rollouts(), "the rollout", timeout=20)
         yield started
     finally:
         for r in started.values():
@@ -90,7 +91,7 @@ def replicas(tmp_path: Path, etcd_cluster: EtcdCluster) -> Iterator[dict[str, Re
 
 
 def leader_of(url: str) -> str:
-    lead = wait_for(lambda: store_view(url).view.leader, 20, "a leader")
+    lead = wait_for(lambda: store_view(url).view.leader, "a leader", timeout=20)
     return lead.replica
 
 
@@ -130,7 +131,7 @@ def latest_routes(client: AdsClient, until: Callable[[str, dict[str, int]], bool
         version, weights = parse_routes(next_routes(client))
         return time.monotonic() if until(version, weights) else None
 
-    return wait_for(seen, 20, "the routes asked for", interval=0)
+    return wait_for(seen, "the routes asked for", timeout=20, interval=0)
 
 
 def test_followers_serve_the_leaders_weights_under_the_same_version(
@@ -164,7 +165,9 @@ def test_followers_serve_the_leaders_weights_under_the_same_version(
     # A replica started now serves the same routes under the same version from the start.
     late = start_replica(tmp_path, etcd_cluster.url, "late")
     try:
-        wait_for(lambda: "late" in store_view(etcd_cluster.url).view.replicas, 20, "late up")
+        wait_for(
+            lambda: "late" in store_view(etcd_cluster.url).view.replicas, "late up", timeout=20
+        )
         _, first = subscribe(late.xds, "us-east", "node-on-late")
         assert parse_routes(first) == (version, want)
     finally:
@@ -174,8 +177,8 @@ def test_followers_serve_the_leaders_weights_under_the_same_version(
         want_gauge = 1.0 if name == leader.name else 0.0
         wait_for(
             lambda r=r, want_gauge=want_gauge: leader_gauge(r) == want_gauge,  # type: ignore[misc]
-            10,
             f"{name}'s xds_leader {want_gauge}",
+            timeout=10,
         )
 
 
@@ -218,7 +221,7 @@ def test_a_spec_file_change_reaches_every_replica_through_the_store(
         resp.resources[0].Unpack(config)
         return any(r.match.prefix == "/v2/" for v in config.virtual_hosts for r in v.routes)
 
-    wait_for(prefix_served, 20, "replica b serving the edited spec", interval=0)
+    wait_for(prefix_served, "replica b serving the edited spec", timeout=20, interval=0)
     history = subprocess.run(
         [*CLI, "spec", "history", "--store", etcd_cluster.url],
         capture_output=True,

@@ -26,10 +26,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.support import wait_for
 from xds_server.lab.load import LoadGenerator
 from xds_server.lab.oip.v2 import grpc_predict_v2_pb2 as oip
 from xds_server.lab.oip.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
-from xds_server.lab.procs import wait_for
 from xds_server.lab.proxyless import ProxylessCaller, TenantCycle, parse_shares
 from xds_server.lab.upstream import DRIFT_SCALE, ModelServer, score
 
@@ -335,9 +335,9 @@ def test_grpc_health_follows_the_healthy_knob(model: ModelServer, channel: grpc.
     )
     assert statuses() == {serving}
     set_fault(model, healthy=False)
-    wait_for(lambda: statuses() == {not_serving}, 5, "NOT_SERVING")
+    wait_for(lambda: statuses() == {not_serving}, "NOT_SERVING", timeout=5)
     set_fault(model, healthy=True)
-    wait_for(lambda: statuses() == {serving}, 5, "SERVING again")
+    wait_for(lambda: statuses() == {serving}, "SERVING again", timeout=5)
 
 
 def test_grpc_injected_errors_are_unavailable_and_counted_as_503(
@@ -395,9 +395,15 @@ def test_grpc_stalled_call_ends_with_the_callers_deadline(model: ModelServer, st
     code = grpc_code(stub.ModelInfer, grpc_request(), timeout=0.5)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - t0 < 5  # the deadline, not STALL_SECONDS
-    wait_for(lambda: model.stats()["stalled_now"] == 0, 5, "the stalled call to free its slot")
+    wait_for(
+        lambda: model.stats()["stalled_now"] == 0, "the stalled call to free its slot", timeout=5
+    )
     assert model.stats()["stalled_requests"] == 1
-    wait_for(lambda: metric(model, "model_requests_total", code="499") == 1, 5, "a 499 in /metrics")
+    wait_for(
+        lambda: metric(model, "model_requests_total", code="499") == 1,
+        "a 499 in /metrics",
+        timeout=5,
+    )
     assert metric(model, "model_grpc_requests_total", grpc_code="CANCELLED") == 1
     set_fault(model, stall_fraction=0.0)
     assert stub.ModelInfer(grpc_request(), timeout=5).model_version == "v2"
@@ -410,7 +416,7 @@ def run_load(load: LoadGenerator, n: int) -> LoadGenerator:
     """Start it; return once each target has `n` results (bounded by max_requests)."""
     load.start()
     try:
-        wait_for(lambda: len(load.snapshot()) == n * len(load.targets), 30, f"{n} results")
+        wait_for(lambda: len(load.snapshot()) == n * len(load.targets), f"{n} results", timeout=30)
     finally:
         load.stop()
     return load
@@ -520,7 +526,7 @@ def test_proxyless_process_writes_counts_and_stops_on_sigterm(
             doc: dict[str, Any] = json.loads(out.read_text())
             return doc if doc["ok"] >= 20 else None
 
-        first = wait_for(progress, 30, "the proxyless client's counts")
+        first = wait_for(progress, "the proxyless client's counts", timeout=30)
         assert not first["done"] and first["model"] == MODEL
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0, proc.stdout.read() if proc.stdout else ""

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +25,8 @@ import yaml
 
 from tests.conftest import make_spec_doc
 from tests.fake_kube import FakeKubeApiServer, write_kubeconfig
-from xds_server.lab.procs import Process, free_port, http_get, wait_for
+from tests.support import wait_for, wait_for_async
+from xds_server.lab.procs import Process, free_port, http_get
 from xds_server.outputs.istio_apply import IstioApplier, IstioSink, KubeCluster
 from xds_server.render import istio
 from xds_server.rollout import decide as sm
@@ -82,16 +83,6 @@ def istio_cfg(spec: MeshSpec) -> IstioConfig:
     return spec.istio
 
 
-async def until(predicate: Callable[[], Any], what: str, timeout: float = 15) -> Any:
-    """Poll on the event loop (the applier's workers run on it) until true, or fail."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0.01)  # poll interval, bounded by the deadline above
-    return value
-
-
 @asynccontextmanager
 async def running(applier: IstioApplier) -> AsyncIterator[IstioApplier]:
     task = asyncio.create_task(applier.run())
@@ -118,7 +109,9 @@ def test_applies_are_server_side_applies_with_our_field_manager(
         applier = IstioApplier(istio_cfg(spec))
         async with running(applier):
             applier.update(desired(spec))
-            await until(lambda: not any(s.pending for s in applier.status()), "every region")
+            await wait_for_async(
+                lambda: not any(s.pending for s in applier.status()), "every region"
+            )
 
     asyncio.run(main())
     for region, fake in fakes.items():
@@ -178,7 +171,7 @@ def test_objects_of_a_service_gone_from_the_spec_are_deleted_and_nothing_else(
         applier = IstioApplier(istio_cfg(spec))
         async with running(applier):
             applier.update(desired(spec))
-            await until(lambda: not leftovers(fake), "the leftovers deleted")
+            await wait_for_async(lambda: not leftovers(fake), "the leftovers deleted")
 
     asyncio.run(main())
     assert sorted(fake.objects) == sorted(
@@ -211,7 +204,7 @@ def test_a_failed_prune_holds_up_no_apply_and_is_tried_again_with_the_next(
         telemetry.attach_istio(applier)
         async with running(applier):
             applier.update(desired(spec))
-            st = await until(
+            st = await wait_for_async(
                 lambda: (s := applier.region_status("us-east")).prune_error and s, "prune error"
             )
             assert not st.pending and st.consecutive_failures == 0 and st.last_error == ""
@@ -220,8 +213,10 @@ def test_a_failed_prune_holds_up_no_apply_and_is_tried_again_with_the_next(
             # The next change (a step of a rollout) is applied, and the prune done with it.
             state = sm.start(spec.services[0].rollout, "recommender", "v2", spec.regions, 0)
             applier.update(desired(spec, {"recommender": state.state}))
-            await until(lambda: not leftovers(fake), "the leftovers deleted")
-            await until(lambda: not applier.region_status("us-east").prune_error, "cleared")
+            await wait_for_async(lambda: not leftovers(fake), "the leftovers deleted")
+            await wait_for_async(
+                lambda: not applier.region_status("us-east").prune_error, "cleared"
+            )
 
     asyncio.run(main())
     labels = {"region": "us-east", "result": "prune_failure"}
@@ -246,7 +241,9 @@ def test_nothing_is_deleted_when_pruning_is_off_or_nothing_is_wanted(
         applier = IstioApplier(cfg)
         async with running(applier):
             applier.update(wanted)
-            await until(lambda: applier.region_status("us-east").applied_generation, "applied")
+            await wait_for_async(
+                lambda: applier.region_status("us-east").applied_generation, "applied"
+            )
 
     asyncio.run(main())
     assert leftovers(fake) == ["destinationrules", "virtualservices"]
@@ -265,10 +262,14 @@ def test_newer_objects_do_not_wait_out_the_backoff_of_a_failed_apply(
         applier = IstioApplier(cfg)
         async with running(applier):
             applier.update(desired(spec))
-            await until(lambda: applier.region_status("us-east").consecutive_failures, "a failure")
+            await wait_for_async(
+                lambda: applier.region_status("us-east").consecutive_failures, "a failure"
+            )
             state = sm.start(spec.services[0].rollout, "recommender", "v2", spec.regions, 0)
             applier.update(desired(spec, {"recommender": state.state}))
-            await until(lambda: not applier.region_status("us-east").pending, "the newer objects")
+            await wait_for_async(
+                lambda: not applier.region_status("us-east").pending, "the newer objects"
+            )
 
     asyncio.run(main())
     assert vs_weights(fakes["us-east"], "us-east") is not None
@@ -287,7 +288,9 @@ def test_a_failed_apply_is_retried_with_backoff_and_reported(
         applier.subscribe(lambda st, what: seen.append((st.region, st.consecutive_failures, what)))
         async with running(applier):
             applier.update(desired(spec))
-            await until(lambda: applier.region_status("eu-west").consecutive_failures >= 1, "fail")
+            await wait_for_async(
+                lambda: applier.region_status("eu-west").consecutive_failures >= 1, "fail"
+            )
             st = applier.region_status("eu-west")
             assert st.pending and st.next_retry_at > 0
             assert st.last_error == (
@@ -295,7 +298,9 @@ def test_a_failed_apply_is_retried_with_backoff_and_reported(
                 "etcdserver: request timed out"
             )
             assert sample("xds_istio_apply_pending", region="eu-west") == 1
-            await until(lambda: not applier.region_status("eu-west").pending, "eu-west retries")
+            await wait_for_async(
+                lambda: not applier.region_status("eu-west").pending, "eu-west retries"
+            )
             st = applier.region_status("eu-west")
             assert (st.attempts, st.consecutive_failures, st.last_error) == (4, 0, "")
             assert st.applied_generation == st.desired_generation == 1
@@ -339,11 +344,11 @@ def test_only_the_latest_desired_state_is_applied(
         async with running(applier):
             with fake.hold():
                 applier.update(desired(spec, at(0)))
-                await until(lambda: fake.patches(), "the first apply to reach the cluster")
+                await wait_for_async(lambda: fake.patches(), "the first apply to reach the cluster")
                 for step in (1, 2):
                     applier.update(desired(spec, at(step)))
                 assert applier.region_status("us-east").desired_generation == 3
-            await until(lambda: not applier.region_status("us-east").pending, "us-east")
+            await wait_for_async(lambda: not applier.region_status("us-east").pending, "us-east")
 
     asyncio.run(main())
     bodies = [yaml.safe_load(p.body) for p in fake.patches()]
@@ -360,7 +365,7 @@ def test_a_cluster_that_stops_answering_holds_up_no_other_region(
         async with running(applier):
             with fakes["ap-south"].hold():
                 applier.update(desired(spec))
-                await until(
+                await wait_for_async(
                     lambda: (
                         not applier.region_status("us-east").pending
                         and not applier.region_status("eu-west").pending
@@ -369,7 +374,7 @@ def test_a_cluster_that_stops_answering_holds_up_no_other_region(
                 )
                 assert applier.region_status("ap-south").pending
                 assert vs_weights(fakes["ap-south"], "ap-south") is None
-            await until(lambda: not applier.region_status("ap-south").pending, "ap-south")
+            await wait_for_async(lambda: not applier.region_status("ap-south").pending, "ap-south")
 
     asyncio.run(main())
 
@@ -384,7 +389,9 @@ def test_a_rejected_object_is_reported_by_name_with_the_servers_reason(
         applier = IstioApplier(istio_cfg(spec))
         async with running(applier):
             applier.update({"us-east": objs})
-            await until(lambda: applier.region_status("us-east").consecutive_failures, "a 422")
+            await wait_for_async(
+                lambda: applier.region_status("us-east").consecutive_failures, "a 422"
+            )
             return applier.region_status("us-east").last_error
 
     error = asyncio.run(main())
@@ -402,7 +409,9 @@ def test_a_missing_kubeconfig_is_an_apply_error_not_a_crash(tmp_path: Path) -> N
         )
         async with running(applier):
             applier.update({"us-east": [{"kind": "VirtualService"}]})
-            await until(lambda: applier.region_status("us-east").consecutive_failures >= 2, "2")
+            await wait_for_async(
+                lambda: applier.region_status("us-east").consecutive_failures >= 2, "2"
+            )
             return applier.region_status("us-east").last_error
 
     assert asyncio.run(main()) == f"kubeconfig {missing}: no such file"
@@ -428,25 +437,33 @@ def test_decisions_reach_the_clusters_and_a_stuck_one_does_not_hold_up_a_rollbac
         async with running(applier):
             want = {"production": 80, "baseline": 10, "canary": 10}
             for region, fake in fakes.items():
-                await until(lambda f=fake, r=region: vs_weights(f, r) == want, f"{region} step 0")
+                await wait_for_async(
+                    lambda f=fake, r=region: vs_weights(f, r) == want, f"{region} step 0"
+                )
             controller.promote("recommender", "more canary", "test")
             want = {"production": 0, "baseline": 50, "canary": 50}
             for region, fake in fakes.items():
-                await until(lambda f=fake, r=region: vs_weights(f, r) == want, f"{region} step 1")
+                await wait_for_async(
+                    lambda f=fake, r=region: vs_weights(f, r) == want, f"{region} step 1"
+                )
             with fakes["eu-west"].hold():
                 asked = len(fakes["eu-west"].patches())
                 controller.promote("recommender", "even more", "test")
-                await until(lambda: len(fakes["eu-west"].patches()) > asked, "eu-west's apply")
+                await wait_for_async(
+                    lambda: len(fakes["eu-west"].patches()) > asked, "eu-west's apply"
+                )
                 controller.abort("recommender", "bad canary", "test")
                 # xDS has the rollback the moment the decision is committed
                 assert server.traffic.split("recommender", "eu-west").canary == 0
                 back = {"production": 100, "baseline": 0, "canary": 0}
                 for region in ("us-east", "ap-south"):
-                    await until(
+                    await wait_for_async(
                         lambda r=region: vs_weights(fakes[r], r) == back, f"{region} rollback"
                     )
                 assert applier.region_status("eu-west").pending
-            await until(lambda: vs_weights(fakes["eu-west"], "eu-west") == back, "eu-west back")
+            await wait_for_async(
+                lambda: vs_weights(fakes["eu-west"], "eu-west") == back, "eu-west back"
+            )
             vs = fakes["eu-west"].get("virtualservices", "models", "recommender-eu-west")
             assert vs is not None
             assert vs["metadata"]["labels"]["xds-server/phase"] == sm.ROLLED_BACK
@@ -490,7 +507,9 @@ def test_serve_applies_to_each_regions_cluster_and_reports_it(
     try:
         want = {"production": 80, "baseline": 10, "canary": 10}  # the rollout's first step
         for region, fake in fakes.items():
-            wait_for(lambda f=fake, r=region: vs_weights(f, r) == want, 30, f"{region}'s VS")
+            wait_for(
+                lambda f=fake, r=region: vs_weights(f, r) == want, f"{region}'s VS", timeout=30
+            )
 
         def status() -> dict[str, Any] | None:
             out = subprocess.run(
@@ -505,7 +524,7 @@ def test_serve_applies_to_each_regions_cluster_and_reports_it(
                 return data
             return None
 
-        data = wait_for(status, 30, "xdsctl status to show every region applied")
+        data = wait_for(status, "xdsctl status to show every region applied", timeout=30)
         by_region = {r["region"]: r for r in data["istio_apply"]}
         assert by_region["ap-south"]["consecutive_failures"] == "0"
         assert int(by_region["ap-south"]["attempts"]) >= 3  # two failures, then success

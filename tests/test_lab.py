@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from xds_server.lab.procs import wait_for
+from tests.support import wait_for
 from xds_server.rollout.store import Store
 
 LAB = [sys.executable, "-m", "xds_server.cli", "lab"]
@@ -102,7 +102,9 @@ def test_bad_canary_rolls_back_everywhere_and_keep_then_down(tmp_path: Path) -> 
             [*LAB, "down"], capture_output=True, text=True, timeout=60, cwd=tmp_path
         )
     assert down.returncode == 0, down.stdout + down.stderr
-    wait_for(lambda: not [p for p in pids(out) if alive(p)], 15, "every lab process to stop")
+    wait_for(
+        lambda: not [p for p in pids(out) if alive(p)], "every lab process to stop", timeout=15
+    )
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
@@ -117,7 +119,7 @@ def test_interrupt_stops_everything_within_bounded_time(tmp_path: Path, sig: int
         cwd=tmp_path,
     )
     try:
-        wait_for(lambda: (out / "lab.json").exists(), 60, "the lab to come up")
+        wait_for(lambda: (out / "lab.json").exists(), "the lab to come up", timeout=60)
         started = pids(out)
         proc.send_signal(sig)
         t0 = time.monotonic()

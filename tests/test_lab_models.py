@@ -21,9 +21,10 @@ from urllib.parse import quote
 
 import pytest
 
+from tests.support import wait_for
 from xds_server.lab.load import LoadGenerator
 from xds_server.lab.mesh import SERVICE, LocalMesh, MeshOptions
-from xds_server.lab.procs import Envoy, http_get, http_post_json, wait_for
+from xds_server.lab.procs import Envoy, http_get, http_post_json
 from xds_server.lab.upstream import SCORE_BUCKETS, ModelServer
 from xds_server.render.bootstrap import LATENCY_BUCKETS_MS
 from xds_server.traffic import Split
@@ -82,7 +83,7 @@ def run_load(
         targets, rate=rate, max_requests=n, timeout_s=timeout_s, model=model
     ).start()
     try:
-        wait_for(lambda: len(load.snapshot()) == n * len(targets), 120, f"{n} results")
+        wait_for(lambda: len(load.snapshot()) == n * len(targets), f"{n} results", timeout=120)
     finally:
         load.stop()
     return load
@@ -204,8 +205,8 @@ def test_stalled_requests_are_cancelled_by_the_caller_and_never_reach_envoys_5xx
     server.call(lambda: server.server.set_split("recommender", Split.from_percent({"canary": 100})))
     wait_for(
         lambda: json.loads(http_get(f"http://{listen}/predict")[1]).get("pool") == "canary",
-        15,
         "the Envoy to route to the canary",
+        timeout=15,
     )
 
     # Histograms reach /stats/prometheus at each flush (1 s): wait until it is all in.
@@ -213,7 +214,7 @@ def test_stalled_requests_are_cancelled_by_the_caller_and_never_reach_envoys_5xx
         counts = envoy_counts(envoy)
         return counts if counts["rq_time_count"] == counts["rq_2xx"] > 0 else None
 
-    before = wait_for(caught_up, 10, "Envoy's request-time histogram to catch up")
+    before = wait_for(caught_up, "Envoy's request-time histogram to catch up", timeout=10)
     set_fault(canary, stall_fraction=0.33)
     n = 60
     load = run_load({"envoy": listen}, n, rate=30, timeout_s=2.0)
@@ -228,14 +229,14 @@ def test_stalled_requests_are_cancelled_by_the_caller_and_never_reach_envoys_5xx
         delta = {k: v - before[k] for k, v in envoy_counts(envoy).items()}
         return delta if delta["rq_time_count"] == n - stalled else None
 
-    delta = wait_for(settled, 10, "Envoy's request-time histogram to flush")
+    delta = wait_for(settled, "Envoy's request-time histogram to flush", timeout=10)
     print(f"Envoy's canary cluster over the load: {delta}")
     assert delta["rq_total"] == n  # every request was sent upstream
     assert delta["rq_2xx"] == n - stalled
     assert delta["rq_5xx"] == 0 and delta["rq_timeout"] == 0  # never answered by Envoy
     assert delta["cx_destroy_local_with_active_rq"] == stalled  # cancelled
     # The model server saw its callers hang up, and let the stalled threads go.
-    wait_for(lambda: canary.stats()["stalled_now"] == 0, 5, "stalled requests to end")
+    wait_for(lambda: canary.stats()["stalled_now"] == 0, "stalled requests to end", timeout=5)
     samples = scrape(f"http://{address(canary)}/metrics")
     assert value(samples, "model_requests_total", code="499") == stalled
 
@@ -259,12 +260,12 @@ def test_prometheus_scrapes_the_model_servers_with_region_and_pool(tmp_path: Pat
             return float(prom_query(mesh, query)[0]["value"][1])  # type: ignore[index]
 
         gold = f'sum(increase(model_requests_total{{{prod},tenant="gold"}}[30s]))'
-        wait_for(lambda: scalar(gold) > 0, 30, "gold requests in Prometheus")
+        wait_for(lambda: scalar(gold) > 0, "gold requests in Prometheus", timeout=30)
         by_le = f"sum by (le) (increase(model_prediction_score_bucket{{{prod}}}[30s]))"
-        series = wait_for(lambda: prom_query(mesh, by_le), 30, "score buckets")
+        series = wait_for(lambda: prom_query(mesh, by_le), "score buckets", timeout=30)
         assert len(series) == len(SCORE_BUCKETS) + 1
         canary_query = 'model_prediction_score_count{pool="canary"}'
-        canary = wait_for(lambda: prom_query(mesh, canary_query), 30, "the canary's scores")
+        canary = wait_for(lambda: prom_query(mesh, canary_query), "the canary's scores", timeout=30)
         assert len(canary) == 1
         labels = canary[0]["metric"]
         assert isinstance(labels, dict)

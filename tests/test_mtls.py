@@ -14,8 +14,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from tests.support import wait_for
 from xds_server.lab.background import BackgroundServer
-from xds_server.lab.procs import Envoy, free_port, http_get, wait_for
+from xds_server.lab.procs import Envoy, free_port, http_get
 from xds_server.render.bootstrap import BootstrapOptions
 from xds_server.rollout.observe import Observer
 from xds_server.spec import RolloutPlan, load_spec
@@ -138,7 +139,9 @@ def test_a_second_stream_of_a_node_replaces_the_first(
     creds = credentials(certs, "us-east/us-east-1")
     first = ads_clients(server.port, node_id="us-east-1", credentials=creds)
     assert first_response_or_status(first) is not None
-    wait_for(lambda: len(server.call(lambda: server.server.nodes.nodes())) == 1, 5, "1 node")
+    wait_for(
+        lambda: len(server.call(lambda: server.server.nodes.nodes())) == 1, "1 node", timeout=5
+    )
     second = ads_clients(server.port, node_id="us-east-1", credentials=creds)
     second.send(CLUSTER)
     second.recv(10)
@@ -147,7 +150,7 @@ def test_a_second_stream_of_a_node_replaces_the_first(
         nodes = server.call(lambda: server.server.nodes.nodes("us-east"))
         return [n.stream_id for n in nodes] == [nodes[0].stream_id] and len(nodes) == 1
 
-    wait_for(one_left, 10, "the older stream to end")
+    wait_for(one_left, "the older stream to end", timeout=10)
     (node,) = server.call(lambda: server.server.nodes.nodes("us-east"))
     assert node.types[CLUSTER].sent_version  # the newer stream is the one left
 
@@ -177,7 +180,7 @@ def test_a_nack_names_the_node_and_its_certificate_identity(
         status = server.call(lambda: server.server.routes_applied("us-east"))
         return status if isinstance(status, Rejected) else None
 
-    status = wait_for(rejected, 10, "the NACK to be recorded")
+    status = wait_for(rejected, "the NACK to be recorded", timeout=10)
     assert status.node == "us-east-1"
     assert status.identity == f"spiffe://{DOMAIN}/region/us-east/node/us-east-1"
     observer = Observer(server.server, None, lambda: 0.0)  # type: ignore[arg-type]

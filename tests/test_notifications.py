@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from tests.support import wait_for
 from tests.test_controller import (
     CANARY,
     LATENCY,
@@ -38,7 +39,6 @@ from tests.test_controller import (
 )
 from xds_server.cli import main as cli_main
 from xds_server.lab.mesh import LocalMesh, MeshOptions
-from xds_server.lab.procs import wait_for
 from xds_server.outputs.notify import Notifier
 from xds_server.render.notifications import (
     CLOUDEVENTS_CONTENT_TYPE,
@@ -377,8 +377,8 @@ def test_a_rollout_and_its_rollback_reach_a_real_receiver(
 
     try:
         run(body())
-        wait_for(lambda: sent_to(notifier, "bus") == 3, 10, "three events sent to bus")
-        wait_for(lambda: receiver.at("/slack"), 10, "the rollback in the chat")
+        wait_for(lambda: sent_to(notifier, "bus") == 3, "three events sent to bus", timeout=10)
+        wait_for(lambda: receiver.at("/slack"), "the rollback in the chat", timeout=10)
     finally:
         notifier.close()
         rig.store.close()
@@ -423,7 +423,7 @@ def test_a_hanging_receiver_delays_no_rollback(
     async def body() -> None:
         await rig.start()
         # The first POST is under way (and hangs) before anything else is queued.
-        wait_for(lambda: hanging.hanging("/stuck") == 1, 10, "stuck's first POST")
+        wait_for(lambda: hanging.hanging("/stuck") == 1, "stuck's first POST", timeout=10)
         for i in range(4):
             rig.controller.pause(SERVICE, f"look {i}", "alice")
             rig.controller.resume(SERVICE, f"go on {i}", "alice")
@@ -445,7 +445,7 @@ def test_a_hanging_receiver_delays_no_rollback(
         dropped = telemetry.registry.get_sample_value
         assert dropped("xds_notifications_dropped_total", {"target": "stuck"}) == total - 3
         assert dropped("xds_notifications_queued", {"target": "stuck"}) == 2
-        wait_for(lambda: notifier.stats()["slow"].failed >= 1, 10, "slow's first failure")
+        wait_for(lambda: notifier.stats()["slow"].failed >= 1, "slow's first failure", timeout=10)
         slow_stats = notifier.stats()["slow"]
         assert slow_stats.retries >= 2 and "timed out" in slow_stats.last_error
         failures = [r for r in caplog.records if "to slow failed after 3 attempt(s)" in r.message]
@@ -457,7 +457,7 @@ def test_a_hanging_receiver_delays_no_rollback(
         )
         # The receiver comes back: the in-flight event and the two newest are delivered.
         hanging.release()
-        wait_for(lambda: sent_to(notifier, "stuck") == 3, 10, "stuck's queue sent")
+        wait_for(lambda: sent_to(notifier, "stuck") == 3, "stuck's queue sent", timeout=10)
         assert ce_types(hanging.at("/stuck")) == [
             "rollout.started",
             "rollout.resumed",
@@ -479,7 +479,7 @@ def test_a_target_removed_from_the_spec_stops_and_drops_what_it_held(
 
     async def body() -> None:
         await rig.start()
-        wait_for(lambda: hanging.hanging("/gone") == 1, 10, "the first POST")
+        wait_for(lambda: hanging.hanging("/gone") == 1, "the first POST", timeout=10)
         rig.controller.pause(SERVICE, "a", "alice")
         rig.controller.resume(SERVICE, "b", "alice")
         assert notifier.stats()["gone"].queued == 2
@@ -492,7 +492,7 @@ def test_a_target_removed_from_the_spec_stops_and_drops_what_it_held(
         st = notifier.stats()["gone"]
         assert (st.dropped, st.queued) == (2, 0)
         hanging.release()
-        wait_for(lambda: hanging.hanging("/gone") == 0, 10, "the first POST to end")
+        wait_for(lambda: hanging.hanging("/gone") == 0, "the first POST to end", timeout=10)
         assert len(hanging.at("/gone")) == 1  # nothing after it left the spec
     finally:
         notifier.close()

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import wait_for
 from xds_server.lab.mesh import LocalMesh, MeshOptions
-from xds_server.lab.procs import wait_for
 from xds_server.lab.scenarios import FAST_PLAN
 
 MAX_HOLD = 12
@@ -31,7 +31,7 @@ def mesh(tmp_path: Path) -> Iterator[LocalMesh]:
     m = LocalMesh(tmp_path / "mesh", MeshOptions(rollout=plan, load_rate=50))
     with m:
         load = m.start_load()
-        wait_for(lambda: len(load.snapshot()) >= 30, 10, "load through every Envoy")
+        wait_for(lambda: len(load.snapshot()) >= 30, "load through every Envoy", timeout=10)
         yield m
 
 
@@ -55,7 +55,7 @@ def test_a_hanging_prometheus_is_no_evidence_and_max_hold_is_kept(mesh: LocalMes
     hang(mesh)
     try:
         mesh.begin_rollout()
-        wait_for(lambda: mesh.rollout_state() is not None, 30, "the rollout to start")
+        wait_for(lambda: mesh.rollout_state() is not None, "the rollout to start", timeout=30)
         notes = [e for e in mesh.audit() if e.kind == "check" and e.region is None]
         assert notes and "queries not checked at start" in notes[0].reason, notes
         # While it hangs, step 0 is judged as no data and nothing advances.
@@ -64,13 +64,13 @@ def test_a_hanging_prometheus_is_no_evidence_and_max_hold_is_kept(mesh: LocalMes
                 e.kind == "check" and e.verdict and e.verdict["outcome"] == "no_data"
                 for e in mesh.audit()
             ),
-            15,
             "a no-data check while Prometheus hangs",
+            timeout=15,
         )
         assert steps(mesh) == {0}
     finally:
         answer(mesh)
-    wait_for(lambda: steps(mesh) == {1}, 60, "every region at step 1 once it answers")
+    wait_for(lambda: steps(mesh) == {1}, "every region at step 1 once it answers", timeout=60)
 
     # A hang during a step: the step holds, and max_hold pauses it during the hang.
     hung_at = time.time()

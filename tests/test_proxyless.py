@@ -33,10 +33,11 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 
+from tests.support import wait_for
 from xds_server.admin.service import AdminService, run_admin_server
 from xds_server.app import Parts
 from xds_server.lab.background import BackgroundServer
-from xds_server.lab.procs import free_port, wait_for
+from xds_server.lab.procs import free_port
 from xds_server.spec import validate_spec
 from xds_server.traffic import Split
 from xds_server.xds.dataplane import Applied
@@ -252,7 +253,7 @@ def wait_applied(server: BackgroundServer, region: str, version: str, nodes: int
             return status
         return None
 
-    return wait_for(applied, 20, f"{region}'s routes {version} applied by {nodes} node(s)")
+    return wait_for(applied, f"{region}'s routes {version} applied by {nodes} node(s)", timeout=20)
 
 
 def share(counts: Counter[str], version: str) -> float:
@@ -311,7 +312,7 @@ def test_grpc_client_follows_its_regions_split_and_the_rollback(
         nodes = xdsctl_nodes(admin_port, "us-east")
         return next((n for n in nodes if n["sync_state"] == "SYNCED"), None)
 
-    node = wait_for(synced, 20, "the gRPC node to show SYNCED in xdsctl nodes")
+    node = wait_for(synced, "the gRPC node to show SYNCED in xdsctl nodes", timeout=20)
     assert node["id"] == "grpc-east-1" and node["user_agent"].startswith(GRPC_AGENT)
     assert node["client_type"] == "grpc"
     route = next(t for t in node["types"] if t["type"] == "route")
@@ -347,7 +348,7 @@ def test_an_envoy_beside_grpc_clients_gets_only_its_listener(
         kinds = sorted(n.client_type for n in nodes if n.overall_sync(current) == "SYNCED")
         return kinds == ["envoy", "grpc"]
 
-    wait_for(both_synced, 20, "the Envoy and the gRPC client to be SYNCED")
+    wait_for(both_synced, "the Envoy and the gRPC client to be SYNCED", timeout=20)
 
 
 @pytest.fixture

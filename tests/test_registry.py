@@ -23,13 +23,14 @@ import yaml
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from tests.support import wait_for
 from tests.test_ha_replicas import CLI, Replica, start_replica, store_view
 from xds_server.ha.etcd import async_client, parse_store_url
 from xds_server.ha.instances import Instance, with_registered
 from xds_server.ha.registry import RegistrationError, check_address, registered
 from xds_server.ha.store import EtcdStore
 from xds_server.lab.etcd import EtcdCluster
-from xds_server.lab.procs import Envoy, Process, free_port, http_post_json, wait_for
+from xds_server.lab.procs import Envoy, Process, free_port, http_post_json
 from xds_server.lab.upstream import ModelServer
 from xds_server.render.bootstrap import BootstrapOptions
 from xds_server.rollout.state import Phase, RegionState
@@ -129,7 +130,7 @@ def first_times(
                 seen[name] = time.monotonic()
         return len(seen) == len(checks)
 
-    wait_for(all_seen, timeout, what, interval=0.01)
+    wait_for(all_seen, what, timeout=timeout, interval=0.01)
     if running is not None and not running.alive():
         raise AssertionError(f"{running.name} exited while waiting for {what}:\n{running.tail()}")
     return seen
@@ -194,8 +195,8 @@ def mesh(tmp_path: Path, etcd_cluster: EtcdCluster, procs: list[Process]) -> Mes
     procs.extend(r.process for r in replicas.values())
     wait_for(
         lambda: set(store_view(etcd_cluster.url).view.replicas) == {"a", "b"},
-        20,
         "both replicas in the store",
+        timeout=20,
     )
 
     def envoy(name: str, region: str, replica: Replica) -> Envoy:
@@ -472,7 +473,9 @@ def test_warm_up_waits_for_a_registered_canary_host_and_a_step_that_loses_it_hol
             rs is not None and rs.warming and f"canary: no registered host in {region}" in rs.reason
         )
 
-    wait_for(lambda: all(waiting(r) for r in REGIONS), 20, "both regions waiting for a host")
+    wait_for(
+        lambda: all(waiting(r) for r in REGIONS), "both regions waiting for a host", timeout=20
+    )
     east, west = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     proc = Process("register-east", register_argv(url, "v2", "us-east", east),
                    tmp_path / "register-east.log")  # fmt: skip
@@ -489,7 +492,7 @@ def test_warm_up_waits_for_a_registered_canary_host_and_a_step_that_loses_it_hol
     assert regions()["us-east"].phase == Phase.WARMING  # (waiting for the rest of its wave)
     assert waiting("eu-west")
     # Its Envoy gets the host (the warm-up judged the served spec; EDS follows it).
-    wait_for(serves(envoy, CANARY, {east}), 10, "the canary host in us-east's Envoy")
+    wait_for(serves(envoy, CANARY, {east}), "the canary host in us-east's Envoy", timeout=10)
     assert regions()["us-east"].phase == Phase.WARMING  # (hosts, but no weight yet)
 
     # eu-west's canary: the wave takes its first step.
@@ -500,7 +503,7 @@ def test_warm_up_waits_for_a_registered_canary_host_and_a_step_that_loses_it_hol
         now = regions()
         return all(now[r].phase == Phase.PROGRESSING and now[r].step == 0 for r in REGIONS)
 
-    wait_for(at_first_step, 15, "both regions at their first step")
+    wait_for(at_first_step, "both regions at their first step", timeout=15)
 
     # us-east's only canary host deregisters while the canary takes 5% there: its Envoys
     # keep the host (a pool emptied while weighted is held), and the step holds.
@@ -512,7 +515,7 @@ def test_warm_up_waits_for_a_registered_canary_host_and_a_step_that_loses_it_hol
         store.read()
         return any("no host left in us-east" in e.reason for e in store.audit(region="us-east"))
 
-    wait_for(holding, 10, "us-east's step holding for want of a canary host")
+    wait_for(holding, "us-east's step holding for want of a canary host", timeout=10)
     assert hosts(envoy, CANARY) == {east}
     now = regions()
     assert now["us-east"].phase == Phase.PROGRESSING and now["us-east"].step == 0

@@ -22,9 +22,10 @@ from typing import Any
 import grpc
 import pytest
 
+from tests.support import wait_for
 from xds_server.admin.v1 import admin_pb2, admin_pb2_grpc
 from xds_server.lab.etcd import EtcdCluster
-from xds_server.lab.procs import Process, free_port, http_get, wait_for
+from xds_server.lab.procs import Process, free_port, http_get
 
 from .conftest import make_spec_doc, write_spec
 
@@ -115,7 +116,7 @@ def mesh(tmp_path: Path, etcd_cluster: EtcdCluster) -> Iterator[Mesh]:
                 stub.ListInstances(admin_pb2.ListInstancesRequest(), timeout=1)
             return True
 
-        wait_for(answers, 20, "the replica's admin API to answer ListInstances")
+        wait_for(answers, "the replica's admin API to answer ListInstances", timeout=20)
         yield m
     finally:
         for p in m.registered.values():  # every one told first: their stops overlap
@@ -134,7 +135,7 @@ def test_xdsctl_registry_lists_filters_and_counts_the_instances(mesh: Mesh) -> N
                 raise AssertionError(f"register {address} exited:\n{p.tail()}")
         return len(listed(mesh.admin)) == 3
 
-    wait_for(all_three, 15, "three instances in the replica's registry")
+    wait_for(all_three, "three instances in the replica's registry", timeout=15)
     # JSON: every instance, by service, region, version and address; leases alive.
     data = ctl_json(mesh.admin)
     assert [(i["region"], i["address"]) for i in data] == [
@@ -180,10 +181,10 @@ def test_xdsctl_registry_lists_filters_and_counts_the_instances(mesh: Mesh) -> N
             in body.splitlines()
         )
 
-    wait_for(counted, 10, "xds_registered_instances on the replica's /metrics")
+    wait_for(counted, "xds_registered_instances on the replica's /metrics", timeout=10)
     # A clean stop revokes the lease: the instance leaves the registry at once.
     mesh.registered[west].stop()
-    wait_for(lambda: len(listed(mesh.admin)) == 2, 10, "the eu-west instance to leave")
+    wait_for(lambda: len(listed(mesh.admin)) == 2, "the eu-west instance to leave", timeout=10)
     res = xdsctl(mesh.admin, "registry", "--region", "eu-west")
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == f"no instances registered in {mesh.store} (--region eu-west)"
@@ -209,7 +210,7 @@ def test_one_process_without_a_store_has_no_registry(tmp_path: Path) -> None:
                 stub.ListReplicas(admin_pb2.ListReplicasRequest(), timeout=1)
             return True
 
-        wait_for(answers, 20, "the server's admin API to answer")
+        wait_for(answers, "the server's admin API to answer", timeout=20)
         assert one_line_error(xdsctl(admin, "registry")) == NO_REGISTRY
         assert one_line_error(xdsctl(admin, "-o", "json", "registry")) == NO_REGISTRY
     finally:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import wait_for
 from xds_server.lab.mesh import LocalMesh, MeshOptions, canary_share, envoy_weights
-from xds_server.lab.procs import http_get, wait_for
+from xds_server.lab.procs import http_get
 from xds_server.lab.scenarios import FAST_PLAN
 from xds_server.rollout.metrics import PrometheusSource
 
@@ -21,7 +22,7 @@ def mesh(tmp_path: Path) -> Iterator[LocalMesh]:
     m = LocalMesh(tmp_path / "mesh", MeshOptions(rollout=FAST_PLAN, load_rate=50))
     with m:
         load = m.start_load()
-        wait_for(lambda: len(load.snapshot()) >= 30, 10, "load through every Envoy")
+        wait_for(lambda: len(load.snapshot()) >= 30, "load through every Envoy", timeout=10)
         yield m
 
 
@@ -33,7 +34,7 @@ def steps(mesh: LocalMesh) -> set[int]:
 def wait_step(mesh: LocalMesh, step: int, timeout: float) -> None:
     """Wait until every region is at `step`; on timeout, say where the rollout was."""
     try:
-        wait_for(lambda: steps(mesh) == {step}, timeout, f"every region at step {step}")
+        wait_for(lambda: steps(mesh) == {step}, f"every region at step {step}", timeout=timeout)
     except TimeoutError as exc:
         recent = [f"{e.region} {e.kind}: {e.reason}" for e in mesh.audit()[-6:]]
         raise AssertionError(f"{exc}; state {mesh.rollout_state()}; last: {recent}") from None
@@ -79,13 +80,13 @@ def test_healthy_canary_is_promoted_with_zero_failed_requests(mesh: LocalMesh) -
 def test_fault_in_one_region_rolls_back_every_region_within_seconds(mesh: LocalMesh) -> None:
     mesh.begin_rollout()
     wait_step(mesh, 1, 60)
-    wait_for(lambda: all(canary_share(e) == 20 for e in mesh.envoys), 10, "20% in Envoy")
+    wait_for(lambda: all(canary_share(e) == 20 for e in mesh.envoys), "20% in Envoy", timeout=10)
     fault_at = time.time()
     mesh.set_fault("eu-west", "canary", error_rate=0.2)
     wait_for(
         lambda: all(canary_share(e) == 0 for e in mesh.envoys),
-        20,
         "every Envoy at 0% canary",
+        timeout=20,
         interval=0.05,
     )
     elapsed = time.time() - fault_at
@@ -115,7 +116,7 @@ def test_latency_breach_rolls_back(mesh: LocalMesh) -> None:
     state = mesh.wait_phase({"promoted", "rolled_back"}, 60)
     assert state["phase"] == "rolled_back"
     assert "p99_ms" in state["reason"] and "limit 250" in state["reason"]
-    wait_for(lambda: all(canary_share(e) == 0 for e in mesh.envoys), 10, "0% canary")
+    wait_for(lambda: all(canary_share(e) == 0 for e in mesh.envoys), "0% canary", timeout=10)
 
 
 def test_prometheus_outage_holds_then_the_rollout_continues(mesh: LocalMesh) -> None:
@@ -141,7 +142,7 @@ def test_sigkill_mid_rollout_resumes_same_step_without_failed_requests(mesh: Loc
     assert load is not None
     mesh.begin_rollout()
     wait_step(mesh, 1, 60)
-    wait_for(lambda: all(canary_share(e) == 20 for e in mesh.envoys), 10, "20% in Envoy")
+    wait_for(lambda: all(canary_share(e) == 20 for e in mesh.envoys), "20% in Envoy", timeout=10)
     shares: list[float] = []
     stop = threading.Event()
 
@@ -158,14 +159,14 @@ def test_sigkill_mid_rollout_resumes_same_step_without_failed_requests(mesh: Loc
         assert steps(mesh) == {1}
         wait_for(
             lambda: len(load.snapshot()) > 0 and load.snapshot()[-1].time > killed_at + 2,
-            10,
             "load while the server is down",
+            timeout=10,
         )
         mesh.start_server()
         wait_for(
             lambda: "resuming rollout of recommender v2" in mesh.server.tail(200),
-            20,
             "the restarted server to resume",
+            timeout=20,
         )
         state = mesh.wait_phase({"promoted", "rolled_back"}, 120)
     finally:
@@ -215,8 +216,8 @@ def test_a_query_that_never_answers_for_a_serving_pool_is_a_configuration_error(
                 "sum(increase(envoy_cluster_upstream_rq_total"
                 '{envoy_cluster_name="recommender|production"}[4s]))'
             ),
-            20,
             "production traffic in Prometheus",
+            timeout=20,
         )
         assert load.failures() == []
         mesh.begin_rollout()

@@ -23,9 +23,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import REGIONS, make_spec_doc
+from tests.support import wait_for, wait_for_async
 from xds_server.app import SpecFile
 from xds_server.lab.background import BackgroundServer
-from xds_server.lab.procs import Process, free_port, wait_for
+from xds_server.lab.procs import Process, free_port
 from xds_server.spec import MeshSpec, SpecError, load_spec, parse_spec
 from xds_server.xds.types import ENDPOINT, ROUTE
 
@@ -335,11 +336,15 @@ def test_the_watcher_keeps_the_last_good_spec_then_applies_a_good_edit(
         for i, (name, (data, expected)) in enumerate(BAD_FILES.items()):
             write(path, data, atomic=i % 2 == 0)
             wait_for(
-                lambda e=expected: rejected(caplog, path, e), 10, f"the watcher to reject {name}"
+                lambda e=expected: rejected(caplog, path, e),
+                f"the watcher to reject {name}",
+                timeout=10,
             )
             assert served() == before, name
         write(path, yaml.safe_dump(_doc(eu_west="127.0.0.1:9999")).encode(), atomic=False)
-        after = wait_for(lambda: (s := served())[2] == "127.0.0.1:9999" and s, 10, "the edit")
+        after = wait_for(
+            lambda: (s := served())[2] == "127.0.0.1:9999" and s, "the edit", timeout=10
+        )
         assert after[1] != before[1]  # the endpoints sent to Envoys changed
     finally:
         server.close()
@@ -369,18 +374,18 @@ def test_the_watcher_survives_failures_outside_the_checker(
     async def scenario() -> None:
         watcher = asyncio.create_task(spec_file.watch(on_change, 0.01))
 
-        async def until(predicate: Callable[[], bool], what: str) -> None:
-            deadline = time.monotonic() + 10
-            while not predicate():
-                assert not watcher.done(), watcher
-                assert time.monotonic() < deadline, f"timed out waiting for {what}"
-                await asyncio.sleep(0.01)  # the test's poll period
-
+        # Each wait also ends if the watcher does: it must live through both.
         path.write_text(yaml.safe_dump(_doc(eu_west="127.0.0.1:9201")))
-        await until(lambda: any("not applied" in e for e in errors()), "on_change's failure")
+        await wait_for_async(
+            lambda: watcher.done() or any("not applied" in e for e in errors()),
+            "on_change's failure",
+            timeout=10,
+        )
+        assert not watcher.done(), watcher
         assert spec_file.spec is first  # what the rest of serve still runs on
         path.write_text(yaml.safe_dump(_doc(eu_west="127.0.0.1:9203")))
-        await until(lambda: bool(applied), "the good edit")
+        await wait_for_async(lambda: watcher.done() or applied, "the good edit", timeout=10)
+        assert not watcher.done(), watcher
         watcher.cancel()
 
     asyncio.run(scenario())
@@ -454,7 +459,7 @@ def test_serve_keeps_serving_through_bad_files_and_applies_the_next_good_one(
         )
 
     try:
-        assert wait_for(eu_west_endpoints, 20, "serve to answer") == ["9101"]
+        assert wait_for(eu_west_endpoints, "serve to answer", timeout=20) == ["9101"]
         for i, name in enumerate(("deep.yaml", "one-bad-byte.yaml", "garbage.bin")):
             data, expected = BAD_FILES[name]
             write(path, data, atomic=i % 2 == 0)
@@ -462,13 +467,15 @@ def test_serve_keeps_serving_through_bad_files_and_applies_the_next_good_one(
                 lambda e=expected: any(
                     m.startswith("spec rejected") and f"{path}: {e}" in m for m in messages()
                 ),
-                10,
                 f"serve to reject {name}",
+                timeout=10,
             )
         assert server.alive()
         assert eu_west_endpoints() == ["9101"]
         path.write_text(yaml.safe_dump(_doc(eu_west="127.0.0.1:9999")))
-        wait_for(lambda: eu_west_endpoints() == ["9999"], 20, "serve to apply the good edit")
+        wait_for(
+            lambda: eu_west_endpoints() == ["9999"], "serve to apply the good edit", timeout=20
+        )
     finally:
         server.stop()
     assert "Traceback" not in server.log_path.read_text(errors="replace")

@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
-from xds_server.lab.procs import Process, free_port, wait_for
+from tests.support import wait_for
+from xds_server.lab.procs import Process, free_port
 from xds_server.rollout.controller import StoreUnavailable
 from xds_server.rollout.state import PROGRESSING, ROLLED_BACK, RolloutState
 from xds_server.rollout.store import RESERVE_NAME
@@ -226,10 +227,12 @@ def test_serve_on_a_full_disk_says_so_and_refuses_changes(
         return json.loads(res.stdout) if res.returncode == 0 else {}
 
     try:
-        wait_for(lambda: status().get("rollouts"), 30, "the rollout to start")
+        wait_for(lambda: status().get("rollouts"), "the rollout to start", timeout=30)
         filler = fill(small_disk)
         failing = wait_for(
-            lambda: (s := status()) and not s["store"]["writable"] and s, 30, "a failing store"
+            lambda: (s := status()) and not s["store"]["writable"] and s,
+            "a failing store",
+            timeout=30,
         )
         assert "full" in failing["store"]["error"]
         assert "state store: FAILING" in ctl("status").stdout
@@ -240,7 +243,7 @@ def test_serve_on_a_full_disk_says_so_and_refuses_changes(
         assert status()["rollouts"][0]["phase"] == "progressing"
         filler.unlink()
         (small_disk / "crumbs").unlink()
-        wait_for(lambda: status()["store"]["writable"], 30, "the store to work again")
+        wait_for(lambda: status()["store"]["writable"], "the store to work again", timeout=30)
         assert ctl("rollout", "pause", "recommender", "--reason", "room again").returncode == 0
         assert status()["rollouts"][0]["phase"] == "paused"
     finally:

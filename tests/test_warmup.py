@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
+from tests.support import wait_for
 from xds_server.lab.mesh import SERVICE, LocalMesh, MeshOptions, canary_share
-from xds_server.lab.procs import Envoy, wait_for
+from xds_server.lab.procs import Envoy
 from xds_server.lab.scenarios import FAST_PLAN
 
 WARMUP = {
@@ -61,13 +62,13 @@ def test_shadow_traffic_reaches_the_canary_while_users_only_see_production(
 ) -> None:
     with mesh_with(tmp_path, WARMUP) as mesh:
         load = mesh.start_load()
-        wait_for(lambda: len(load.snapshot()) >= 30, 10, "load through every Envoy")
+        wait_for(lambda: len(load.snapshot()) >= 30, "load through every Envoy", timeout=10)
         began = time.time()
         mesh.begin_rollout()
         wait_for(
             lambda: all(mirrored_pools(e) == {"canary", "baseline"} for e in mesh.envoys),
-            30,
             "every Envoy mirroring to canary and baseline",
+            timeout=30,
         )
         # Envoy applied what the warm-up asks for: health checks, slow start, the mirror.
         route, clusters = route_and_clusters(mesh.envoys[0])
@@ -83,8 +84,8 @@ def test_shadow_traffic_reaches_the_canary_while_users_only_see_production(
             lambda: all(
                 mesh.model_stats(r, "canary")["shadow_requests"] >= 20 for r in mesh.opts.regions
             ),
-            20,
             "shadow requests at every region's canary",
+            timeout=20,
         )
         # While the canary is warming, no user request reaches it, and users are answered
         # by production alone.
@@ -97,8 +98,8 @@ def test_shadow_traffic_reaches_the_canary_while_users_only_see_production(
         assert during and {r.pool for r in during} == {"production"}
         assert load.failures() == []
         # Shadow traffic passed its judgement: every region moves to its first real step.
-        wait_for(lambda: steps(mesh) == {0}, 30, "every region at step 0 after warm-up")
-        wait_for(lambda: all(canary_share(e) == 5 for e in mesh.envoys), 10, "5% in Envoy")
+        wait_for(lambda: steps(mesh) == {0}, "every region at step 0 after warm-up", timeout=30)
+        wait_for(lambda: all(canary_share(e) == 5 for e in mesh.envoys), "5% in Envoy", timeout=10)
         assert all(mirrored_pools(e) == set() for e in mesh.envoys)
         reasons = [e.reason for e in mesh.audit() if e.region == "us-east"]
         assert any("mirroring 50% of requests for 4s" in r for r in reasons), reasons
@@ -117,8 +118,8 @@ def test_a_canary_that_is_not_healthy_gets_no_weight(tmp_path: Path) -> None:
                 for e in mesh.audit()
                 if e.region == "eu-west"
             ),
-            30,
             "the controller to wait for eu-west's canary to be healthy",
+            timeout=30,
         )
         # Bounded observation: for several check intervals nothing gets any weight.
         deadline = time.monotonic() + 5
@@ -127,8 +128,8 @@ def test_a_canary_that_is_not_healthy_gets_no_weight(tmp_path: Path) -> None:
             assert all(canary_share(e) == 0 for e in mesh.envoys)
             time.sleep(0.25)  # poll interval of a bounded observation, not synchronisation
         mesh.set_fault("eu-west", "canary", healthy=True)
-        wait_for(lambda: steps(mesh) == {0}, 30, "every region at step 0 once healthy")
-        wait_for(lambda: all(canary_share(e) == 5 for e in mesh.envoys), 10, "5% in Envoy")
+        wait_for(lambda: steps(mesh) == {0}, "every region at step 0 once healthy", timeout=30)
+        wait_for(lambda: all(canary_share(e) == 5 for e in mesh.envoys), "5% in Envoy", timeout=10)
 
 
 class _Receiver(ThreadingHTTPServer):
@@ -195,7 +196,7 @@ def test_a_canary_that_fails_only_under_shadow_traffic_is_rolled_back_unseen(
 ) -> None:
     with mesh_with(tmp_path, WARMUP) as mesh:
         load = mesh.start_load()
-        wait_for(lambda: len(load.snapshot()) >= 30, 10, "load through every Envoy")
+        wait_for(lambda: len(load.snapshot()) >= 30, "load through every Envoy", timeout=10)
         mesh.set_fault("ap-south", "canary", shadow_error_rate=1.0)
         mesh.begin_rollout()
         state = mesh.wait_phase({"rolled_back", "promoted"}, 60)
@@ -205,4 +206,8 @@ def test_a_canary_that_fails_only_under_shadow_traffic_is_rolled_back_unseen(
         assert mesh.model_stats("ap-south", "canary")["shadow_requests"] > 0
         assert all(mesh.model_stats(r, "canary")["user_requests"] == 0 for r in mesh.opts.regions)
         assert load.failures() == []
-        wait_for(lambda: all(mirrored_pools(e) == set() for e in mesh.envoys), 10, "mirroring off")
+        wait_for(
+            lambda: all(mirrored_pools(e) == set() for e in mesh.envoys),
+            "mirroring off",
+            timeout=10,
+        )

@@ -23,7 +23,8 @@ from typing import Any
 import grpc
 import pytest
 
-from xds_server.lab.procs import Process, wait_for
+from tests.support import wait_for
+from xds_server.lab.procs import Process
 from xds_server.spec import validate_spec
 from xds_server.xds.publisher import XdsPublisher
 from xds_server.xds.snapshot import MAX_LISTEN_ADDRESSES_CACHED
@@ -68,7 +69,9 @@ class ServerProcess:
             "xds-server", [sys.executable, str(script), json.dumps(doc)], workdir / "server.log"
         )
         self.port = int(
-            wait_for(lambda: self._log_word("listening on port "), 30, "the server to listen")
+            wait_for(
+                lambda: self._log_word("listening on port "), "the server to listen", timeout=30
+            )
         )
 
     def _log_word(self, after: str) -> str | None:
@@ -87,8 +90,8 @@ class ServerProcess:
     def wait_disconnects(self, count: int) -> None:
         wait_for(
             lambda: self.log().count("node disconnected:") >= count,
-            30,
             f"the server to see {count} streams end",
+            timeout=30,
         )
 
 
@@ -177,8 +180,8 @@ def test_a_subscription_past_the_limit_is_refused_clearly(
         )
     wait_for(
         lambda: not server.call(lambda: server.server.nodes.nodes()),
-        5,
         "the refused streams to be gone from the registry",
+        timeout=5,
     )
 
 
@@ -231,13 +234,15 @@ def test_a_huge_nack_is_kept_and_logged_short(
             (n for n in server.call(lambda: server.server.nodes.nodes()) if n.node_id == "fuzz"),
             None,
         ),
-        5,
         "the node",
+        timeout=5,
     )
-    error = wait_for(lambda: node.types[CLUSTER].nack_error, 5, "the NACK to be recorded")
+    error = wait_for(lambda: node.types[CLUSTER].nack_error, "the NACK to be recorded", timeout=5)
     more = len(huge) - NACK_ERROR_LIMIT
     assert error == f"{huge[:NACK_ERROR_LIMIT]}... ({more} more characters)"
-    (record,) = wait_for(lambda: server_records(caplog, "NACK from fuzz"), 5, "the NACK log")
+    (record,) = wait_for(
+        lambda: server_records(caplog, "NACK from fuzz"), "the NACK log", timeout=5
+    )
     assert len(record.getMessage()) < NACK_ERROR_LIMIT + 300
     assert record.getMessage().endswith(f"... ({more} more characters)")
 
@@ -262,7 +267,7 @@ def test_a_huge_region_or_node_id_gets_a_short_invalid_argument(
     assert len(details) < 500, details
     assert f"region '{'r' * 100}'... (19900 more characters)" in details
     assert "which the mesh spec does not have (regions: us-east, eu-west, ap-south)" in details
-    (record,) = wait_for(lambda: server_records(caplog, "refused stream"), 5, "the log")
+    (record,) = wait_for(lambda: server_records(caplog, "refused stream"), "the log", timeout=5)
     assert len(record.getMessage()) < 600
 
 
