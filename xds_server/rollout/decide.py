@@ -16,14 +16,25 @@ Rules it keeps, whatever it observes:
 Warming is step -1: the canary and baseline pools get no weight until they are healthy
 and the warm-up webhooks have passed; then, if the plan has shadow traffic, Envoy mirrors
 a share of production's requests to them and that shadow traffic is judged like a step.
+
+What it reads and returns are the records of `decision.py`; how a wave moves on once its
+regions passed a step (gates, `confirm_step` hooks, promotion, the next wave) is
+`waves.py`. Operator actions (pause, resume, abort, promote, weights by hand) are here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from enum import StrEnum
 
+from xds_server.rollout.decision import (
+    Decision,
+    EntryKind,
+    Observation,
+    RegionEvent,
+    Transition,
+)
 from xds_server.rollout.judge import (
     FAIL,
     MARGINAL,
@@ -44,79 +55,33 @@ from xds_server.rollout.state import (
     ROLLED_BACK,
     WARMING,
     WARMUP_STEP,
-    Phase,
     RegionState,
     RolloutState,
     step_label,
 )
-from xds_server.spec import Gate, OnMaxHold, RolloutPlan
+from xds_server.rollout.waves import advance, awaiting_confirmation, first_state
+from xds_server.spec import OnMaxHold, RolloutPlan
 from xds_server.traffic import Split
 
-
-class EntryKind(StrEnum):
-    TRANSITION = "transition"
-    """A change of phase or step."""
-    CHECK = "check"
-    """A judgement (or a warm-up note) that changed no phase or step."""
-
-
-@dataclass(frozen=True)
-class Observation:
-    """What the controller saw of one region this interval."""
-
-    applied_at: float | None = None
-    """When every Envoy of the region had ACKed the current weights; None: not yet."""
-    apply_error: str | None = None
-    """A NACK, or no ACK within `ack_timeout`: the step fails."""
-    canary: Measurement | None = None
-    """The canary over the sliding window: what the SLA guardrails judge."""
-    step: Comparison | None = None
-    """Canary and comparator over the whole step: what the analysis judges."""
-    warmup_pending: tuple[str, ...] = ()
-    """Warm-up: what the pools are still waiting for (health, a webhook)."""
-    warmup_error: str | None = None
-    """Warm-up: a webhook failed; the rollout is blocked until resumed."""
-    confirmation: str | None = None
-    """The `confirm_step` hooks' answer, when the wave waits on them (`awaiting_
-    confirmation`): "" to go on, else why not; None when they were not asked."""
-    no_hosts: str | None = None
-    """The canary pool has no host left in the region (every registered instance gone)
-    while it takes traffic: the step holds, and fails at max_hold."""
-
-
-@dataclass(frozen=True)
-class Transition:
-    region: str | None
-    """None for a change of the whole rollout."""
-    phase_from: Phase
-    phase_to: Phase
-    step_from: int
-    step_to: int
-    reason: str
-    verdict: Verdict | None = None
-    kind: EntryKind = EntryKind.TRANSITION
-
-
-@dataclass(frozen=True)
-class Decision:
-    state: RolloutState
-    transitions: tuple[Transition, ...] = ()
-    rollback: bool = False
-    observations: Mapping[str, Observation] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class RegionEvent:
-    """What one region's observation means: its next state, and what it asks for."""
-
-    region: RegionState
-    check: str = ""
-    """A judgement or warm-up note to record (a check entry); "" for none."""
-    pause: str = ""
-    """Why the rollout must pause; "" for no pause."""
-    rollback: str = ""
-    """Why every region must roll back; "" for no rollback."""
-    verdict: Verdict | None = None
+__all__ = [
+    # The records (decision.py) and the confirm_step question (waves.py), here too:
+    # callers import the decision function's whole vocabulary from this module.
+    "Decision",
+    "EntryKind",
+    "Observation",
+    "RegionEvent",
+    "Transition",
+    "abort",
+    "awaiting_confirmation",
+    "decide",
+    "fold",
+    "pause",
+    "promote",
+    "region_event",
+    "resume",
+    "set_weights",
+    "start",
+]
 
 
 class _Progress(StrEnum):
@@ -132,7 +97,7 @@ def start(
 ) -> Decision:
     first_wave = plan.wave_list(regions)[0]
     states = {
-        r: _first_state(plan, "rollout started")
+        r: first_state(plan, "rollout started")
         if r in first_wave
         else RegionState(reason="waiting for an earlier wave")
         for r in regions
@@ -158,12 +123,6 @@ def start(
             *transitions,
         ),
     )
-
-
-def _first_state(plan: RolloutPlan, why: str) -> RegionState:
-    if plan.warmup.needed:
-        return RegionState(WARMING, WARMUP_STEP, reason=f"{why}: warming up")
-    return RegionState(PROGRESSING, 0, reason=why)
 
 
 def decide(
@@ -229,18 +188,7 @@ def fold(
     for name, ev in events.items():
         regions[name] = rs = ev.region
         if ev.check:
-            transitions.append(
-                Transition(
-                    name,
-                    rs.phase,
-                    rs.phase,
-                    rs.step,
-                    rs.step,
-                    ev.check,
-                    ev.verdict,
-                    EntryKind.CHECK,
-                )
-            )
+            transitions.append(Transition.check(name, rs, ev.check, ev.verdict))
         pause_why = pause_why or ev.pause
     state = replace(state, regions=regions, updated_at=now)
     # A pause waits until every region was judged: a failure elsewhere still rolls back.
@@ -250,7 +198,7 @@ def fold(
         return Decision(paused.state, tuple(transitions), observations=observations)
     if state.phase == PROGRESSING:
         answers = (o.confirmation for o in observations.values() if o.confirmation is not None)
-        state, advanced = _advance(plan, state, now, confirmation=next(answers, None))
+        state, advanced = advance(plan, state, now, confirmation=next(answers, None))
         transitions.extend(advanced)
     return Decision(state, tuple(transitions), observations=observations)
 
@@ -340,161 +288,6 @@ def _apply_verdict(
     if not rs.step_passed and now - rs.step_started >= duration:
         return replace(rs, step_passed=True, reason="step passed"), _Progress.PASSED
     return rs, _Progress.PASSING
-
-
-def _wave_ready(plan: RolloutPlan, state: RolloutState) -> tuple[list[str], int] | None:
-    """The current wave's live regions and their step, once every one has passed it."""
-    wave = plan.wave_list(tuple(state.regions))[state.wave]
-    live = [r for r in wave if state.regions[r].phase in LIVE]
-    if not live or not all(state.regions[r].step_passed for r in live):
-        return None
-    return live, state.regions[live[0]].step
-
-
-def _gate(plan: RolloutPlan, step: int) -> Gate | None:
-    """What holds the wave after `step` passed: a `pause:` step, or the bake after the
-    last step."""
-    if step == len(plan.steps) - 1:
-        return Gate(plan.bake) if plan.bake > 0 else None
-    return plan.gates.get(step)
-
-
-def _gate_open(gate: Gate, since: float | None, now: float) -> bool:
-    return since is not None and gate.seconds is not None and now - since >= gate.seconds
-
-
-def awaiting_confirmation(plan: RolloutPlan, state: RolloutState, now: float) -> bool:
-    """Would the current wave move to a higher weight now, but for the `confirm_step`
-    hooks? The observer asks them only then."""
-    if not plan.confirm_step or state.phase != PROGRESSING:
-        return False
-    ready = _wave_ready(plan, state)
-    if ready is None or ready[1] + 1 >= len(plan.steps):
-        return False
-    live, step = ready
-    gate = _gate(plan, step)
-    return gate is None or _gate_open(gate, state.regions[live[0]].gate_since, now)
-
-
-def _hold(
-    plan: RolloutPlan,
-    state: RolloutState,
-    live: list[str],
-    step: int,
-    now: float,
-    confirmation: str | None,
-) -> tuple[RolloutState, list[Transition]] | None:
-    """Why the wave, having passed `step`, does not move on yet: a gate (a pause, the
-    bake) or the `confirm_step` hooks; None: it may. Only recorded when it begins or its
-    reason changes. Judging goes on meanwhile: a breach still rolls back."""
-    gate = _gate(plan, step)
-    if gate is not None:
-        since = state.regions[live[0]].gate_since
-        if since is None:
-            if step == len(plan.steps) - 1:
-                why = f"baking at 100% for {gate.seconds:g}s: old production kept warm at 0%"
-            else:
-                why = f"holding at {plan.steps[step]:g}%: {gate.describe()}"
-            return _hold_all(state, live, now, why, start_gate=True)
-        if not _gate_open(gate, since, now):
-            return state, []
-    if plan.confirm_step and step + 1 < len(plan.steps) and confirmation != "":
-        nxt = f"{plan.steps[step + 1]:g}%"
-        if confirmation is None:
-            why = f"asking the confirm_step hooks before {nxt}"
-        else:
-            why = f"held before {nxt} by confirm_step: {confirmation}"
-        if all(state.regions[r].reason == why for r in live):
-            return state, []
-        return _hold_all(state, live, now, why)
-    return None
-
-
-def _hold_all(
-    state: RolloutState, live: list[str], now: float, why: str, start_gate: bool = False
-) -> tuple[RolloutState, list[Transition]]:
-    regions = dict(state.regions)
-    transitions = []
-    for r in live:
-        since = now if start_gate else regions[r].gate_since
-        rs = regions[r] = replace(regions[r], reason=why, gate_since=since)
-        transitions.append(
-            Transition(r, rs.phase, rs.phase, rs.step, rs.step, why, kind=EntryKind.CHECK)
-        )
-    return replace(state, regions=regions, updated_at=now), transitions
-
-
-def _advance(
-    plan: RolloutPlan,
-    state: RolloutState,
-    now: float,
-    *,
-    release: bool = False,
-    confirmation: str | None = None,
-) -> tuple[RolloutState, list[Transition]]:
-    """Lockstep within a wave: move every region of the wave once all have passed, and
-    no gate or hook holds it (`release`: an operator's promote, which nothing holds)."""
-    ready = _wave_ready(plan, state)
-    if ready is None:
-        return state, []
-    live, step = ready
-    if not release and (held := _hold(plan, state, live, step, now, confirmation)) is not None:
-        return held
-    waves = plan.wave_list(tuple(state.regions))
-    regions = dict(state.regions)
-    transitions: list[Transition] = []
-    if step + 1 < len(plan.steps):
-        for r in live:
-            regions[r] = RegionState(
-                PROGRESSING,
-                step + 1,
-                reason=f"every region of the wave passed {step_label(plan, step)}",
-            )
-            transitions.append(
-                Transition(
-                    r,
-                    state.regions[r].phase,
-                    PROGRESSING,
-                    step,
-                    step + 1,
-                    f"advance to {plan.steps[step + 1]:g}%: every region "
-                    f"of the wave passed {step_label(plan, step)}",
-                )
-            )
-        return replace(state, regions=regions, updated_at=now), transitions
-    for r in live:
-        regions[r] = replace(regions[r], phase=PROMOTED, reason="passed every step")
-        transitions.append(
-            Transition(r, PROGRESSING, PROMOTED, step, step, "promoted: passed every step")
-        )
-    if state.wave + 1 < len(waves):
-        nxt = waves[state.wave + 1]
-        for r in nxt:
-            regions[r] = _first_state(plan, "previous wave promoted")
-            transitions.append(
-                Transition(
-                    r,
-                    PENDING,
-                    regions[r].phase,
-                    -1,
-                    regions[r].step,
-                    f"wave {state.wave + 2} starts: previous wave promoted",
-                )
-            )
-        return replace(state, regions=regions, wave=state.wave + 1, updated_at=now), transitions
-    transitions.append(
-        Transition(
-            None,
-            PROGRESSING,
-            PROMOTED,
-            step,
-            step,
-            "every region passed every step: canary serves 100%",
-        )
-    )
-    return replace(
-        state, regions=regions, phase=PROMOTED, updated_at=now, reason="promoted"
-    ), transitions
 
 
 def _rollback(
@@ -608,7 +401,7 @@ def promote(
                 regions[r], step_passed=True, manual_canary=None, manual_baseline=None
             )
     forced = replace(state, phase=PROGRESSING, regions=regions, updated_at=now)
-    new, transitions = _advance(plan, forced, now, release=True)
+    new, transitions = advance(plan, forced, now, release=True)
     transitions = [
         replace(t, reason=f"{t.reason} (promoted by hand: {reason})") for t in transitions
     ]

@@ -14,11 +14,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-from xds_server.rollout.decide import Observation, awaiting_confirmation
+from xds_server.rollout.decision import Observation
 from xds_server.rollout.judge import Comparison, Measurement
 from xds_server.rollout.ports import MetricSource
 from xds_server.rollout.reads import PairBook, StepRead, read_step
 from xds_server.rollout.state import LIVE, RolloutState
+from xds_server.rollout.waves import awaiting_confirmation
 from xds_server.rollout.webhooks import (
     confirm_context,
     hook_context,

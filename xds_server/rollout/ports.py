@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from xds_server.rollout.audit import AuditEntry
-from xds_server.rollout.decide import Decision
+from xds_server.rollout.decision import Decision
 from xds_server.rollout.judge import Measurement, MetricReading
 from xds_server.rollout.state import RolloutState
 from xds_server.spec import MeshSpec, MetricSpec, RolloutPlan
