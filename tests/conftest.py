@@ -362,3 +362,12 @@ def etcd_cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
     """A real three-member etcd cluster (Debian's etcd-server) on loopback ports."""
     with EtcdCluster(tmp_path / "etcd") as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="module")
+def shared_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """One cluster for a test file's tests that neither kill nor pause a member (each
+    test keeps to its own prefix, as meshes do); those that do get their own
+    (`etcd_cluster`)."""
+    with EtcdCluster(tmp_path_factory.mktemp("etcd")) as cluster:
+        yield cluster

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Generic, TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
     from xds_server.lab.mesh import LocalMesh
@@ -119,3 +121,15 @@ def mesh_steps(mesh: LocalMesh) -> set[int]:
     rollout starts)."""
     state = mesh.rollout_state()
     return {r["step"] for r in state["regions"].values()} if state else set()
+
+
+@contextmanager
+def mesh_under_load(workdir: Path, plan: Mapping[str, Any]) -> Iterator[LocalMesh]:
+    """A lab mesh whose rollouts follow `plan`, with 50 requests/s through its Envoys
+    (30 of them seen before it is handed over)."""
+    from xds_server.lab.mesh import LocalMesh, MeshOptions
+
+    with LocalMesh(workdir, MeshOptions(rollout=dict(plan), load_rate=50)) as mesh:
+        load = mesh.start_load()
+        wait_for(lambda: len(load.snapshot()) >= 30, "load through every Envoy", timeout=10)
+        yield mesh

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.support import steps
 from xds_server.rollout.audit import AuditEntry
 from xds_server.rollout.controller import RolloutController
 from xds_server.rollout.judge import Measurement, MetricReading
@@ -378,10 +379,6 @@ def run(body: Coroutine[Any, Any, None]) -> None:
 
 def phases(state: RolloutState) -> set[str]:
     return {str(rs.phase) for rs in state.regions.values()}
-
-
-def steps(state: RolloutState) -> set[int]:
-    return {rs.step for rs in state.regions.values()}
 
 
 # ---- the tests ----

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -177,14 +177,6 @@ def local_peer_ports() -> set[int]:
                 if cols[3] == "01" and cols[9] in inodes:  # ESTABLISHED, ours
                     ports.add(int(cols[2].rsplit(":", 1)[1], 16))
     return ports
-
-
-@pytest.fixture(scope="module")
-def shared_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    """One cluster for the tests that neither kill nor pause a member (each test keeps to
-    its own prefix, as meshes do); those that do get their own (`etcd_cluster`)."""
-    with EtcdCluster(tmp_path_factory.mktemp("etcd")) as cluster:
-        yield cluster
 
 
 # ---- the fence ----

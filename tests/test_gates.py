@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from tests.support import steps
 from xds_server.rollout import decide as sm
 from xds_server.rollout.decide import Observation
 from xds_server.rollout.state import PAUSED, PROGRESSING, PROMOTED, ROLLED_BACK, RolloutState
@@ -46,10 +47,6 @@ def run(
         if state.phase in (PROMOTED, ROLLED_BACK):
             break
     return state, now, seen
-
-
-def steps(state: RolloutState) -> set[int]:
-    return {rs.step for rs in state.regions.values()}
 
 
 def test_a_timed_pause_holds_the_step_then_moves_on() -> None:

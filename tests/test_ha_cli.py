@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,20 +82,13 @@ def history_rows(store: list[str], capsys: pytest.CaptureFixture[str]) -> list[l
     return [row.split() for row in rows]
 
 
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    """One real three-member cluster for this file; each test keeps to its own prefix."""
-    with EtcdCluster(tmp_path_factory.mktemp("etcd")) as cluster:
-        yield cluster
-
-
 # ---- spec push / get / history ----
 
 
 def test_spec_push_get_history_round_trip(
-    etcd: EtcdCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    shared_etcd: EtcdCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    store = ["--store", etcd.url, "--store-prefix", "/cli/round-trip"]
+    store = ["--store", shared_etcd.url, "--store-prefix", "/cli/round-trip"]
     first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
     first_text, second_text = write_spec(first), write_spec(second, port=18200)
     assert history_rows(store, capsys) == []
@@ -122,14 +114,16 @@ def test_spec_push_get_history_round_trip(
     assert rows[0][3] != rows[1][3]  # the texts' digests
 
     # Another prefix is another mesh: empty.
-    code, out, err = run(["spec", "get", "--store", etcd.url, "--store-prefix", "/other"], capsys)
+    code, out, err = run(
+        ["spec", "get", "--store", shared_etcd.url, "--store-prefix", "/other"], capsys
+    )
     assert code == 2 and "holds no spec under /other" in one_line(err)
 
 
 def test_spec_push_of_a_bad_spec_stores_nothing(
-    etcd: EtcdCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    shared_etcd: EtcdCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    store = ["--store", etcd.url, "--store-prefix", "/cli/bad-spec"]
+    store = ["--store", shared_etcd.url, "--store-prefix", "/cli/bad-spec"]
     good = tmp_path / "good.yaml"
     write_spec(good)
     assert run(["spec", "push", "--spec", str(good), *store], capsys)[0] == 0
@@ -195,9 +189,9 @@ def serve_argv(tmp_path: Path, *extra: str) -> list[str]:
 
 
 def test_serve_checks_its_replica_flags_before_starting(
-    etcd: EtcdCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    shared_etcd: EtcdCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    url, prefix = etcd.url, "/cli/serve"
+    url, prefix = shared_etcd.url, "/cli/serve"
     spec = tmp_path / "mesh.yaml"
     write_spec(spec, regions=("us-east", "eu-west"))
     pushed = run(

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import wait_for
+from tests.support import holds_for, wait_for
 from xds_server.lab.mesh import LocalMesh, MeshOptions, canary_share, envoy_weights
 from xds_server.lab.procs import Envoy, Process, http_get
 from xds_server.lab.scenarios import FAST_PLAN
@@ -497,12 +497,12 @@ def test_an_etcd_outage_decides_nothing_and_a_frozen_leader_is_fenced(tmp_path: 
                 timeout=TTL + 5,
             )
             stepped_down = time.monotonic() - paused_at
-            # Hold the outage past the step's end: a bounded observation until this
-            # deadline, polled, in which Envoys keep every weight.
-            deadline = time.monotonic() + STEP_SECONDS + INTERVAL
-            while time.monotonic() < deadline:
+
+            def weights_kept() -> None:
                 assert {e.opts.node_id: envoy_weights(e) for e in mesh.envoys} == weights
-                time.sleep(0.2)  # poll interval of the bounded observation
+
+            # Hold the outage past the step's end: Envoys keep every weight throughout.
+            holds_for(weights_kept, STEP_SECONDS + INTERVAL, interval=0.2)
         finally:
             resumed_wall, resumed_at = time.time(), time.monotonic()
             mesh.etcd.resume()

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import wait_for
-from xds_server.lab.mesh import LocalMesh, MeshOptions
+from tests.support import mesh_steps, mesh_under_load, wait_for
+from xds_server.lab.mesh import LocalMesh
 from xds_server.lab.scenarios import FAST_PLAN
 
 MAX_HOLD = 12
@@ -28,16 +28,8 @@ seen paused for want of evidence before its first passing check)."""
 @pytest.fixture
 def mesh(tmp_path: Path) -> Iterator[LocalMesh]:
     plan = {**FAST_PLAN, "max_hold": f"{MAX_HOLD}s", "on_max_hold": "pause"}
-    m = LocalMesh(tmp_path / "mesh", MeshOptions(rollout=plan, load_rate=50))
-    with m:
-        load = m.start_load()
-        wait_for(lambda: len(load.snapshot()) >= 30, "load through every Envoy", timeout=10)
+    with mesh_under_load(tmp_path / "mesh", plan) as m:
         yield m
-
-
-def steps(mesh: LocalMesh) -> set[int]:
-    st = mesh.rollout_state()
-    return {r["step"] for r in st["regions"].values()} if st else set()
 
 
 def hang(mesh: LocalMesh) -> None:
@@ -67,10 +59,10 @@ def test_a_hanging_prometheus_is_no_evidence_and_max_hold_is_kept(mesh: LocalMes
             "a no-data check while Prometheus hangs",
             timeout=15,
         )
-        assert steps(mesh) == {0}
+        assert mesh_steps(mesh) == {0}
     finally:
         answer(mesh)
-    wait_for(lambda: steps(mesh) == {1}, "every region at step 1 once it answers", timeout=60)
+    wait_for(lambda: mesh_steps(mesh) == {1}, "every region at step 1 once it answers", timeout=60)
 
     # A hang during a step: the step holds, and max_hold pauses it during the hang.
     hung_at = time.time()
@@ -81,7 +73,7 @@ def test_a_hanging_prometheus_is_no_evidence_and_max_hold_is_kept(mesh: LocalMes
         answer(mesh)
     assert state["phase"] == "paused", state
     assert f"no evidence for {MAX_HOLD}s" in state["reason"], state["reason"]
-    assert steps(mesh) == {1}
+    assert mesh_steps(mesh) == {1}
     holds = [
         e
         for e in mesh.audit()

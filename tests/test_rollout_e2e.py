@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import wait_for
+from tests.support import holds_for, mesh_steps, mesh_under_load, wait_for
 from xds_server.lab.mesh import LocalMesh, MeshOptions, canary_share, envoy_weights
 from xds_server.lab.procs import http_get
 from xds_server.lab.scenarios import FAST_PLAN
@@ -19,22 +19,16 @@ from xds_server.rollout.metrics import PrometheusSource
 
 @pytest.fixture
 def mesh(tmp_path: Path) -> Iterator[LocalMesh]:
-    m = LocalMesh(tmp_path / "mesh", MeshOptions(rollout=FAST_PLAN, load_rate=50))
-    with m:
-        load = m.start_load()
-        wait_for(lambda: len(load.snapshot()) >= 30, "load through every Envoy", timeout=10)
+    with mesh_under_load(tmp_path / "mesh", FAST_PLAN) as m:
         yield m
-
-
-def steps(mesh: LocalMesh) -> set[int]:
-    st = mesh.rollout_state()
-    return {r["step"] for r in st["regions"].values()} if st else set()
 
 
 def wait_step(mesh: LocalMesh, step: int, timeout: float) -> None:
     """Wait until every region is at `step`; on timeout, say where the rollout was."""
     try:
-        wait_for(lambda: steps(mesh) == {step}, f"every region at step {step}", timeout=timeout)
+        wait_for(
+            lambda: mesh_steps(mesh) == {step}, f"every region at step {step}", timeout=timeout
+        )
     except TimeoutError as exc:
         recent = [f"{e.region} {e.kind}: {e.reason}" for e in mesh.audit()[-6:]]
         raise AssertionError(f"{exc}; state {mesh.rollout_state()}; last: {recent}") from None
@@ -123,13 +117,14 @@ def test_prometheus_outage_holds_then_the_rollout_continues(mesh: LocalMesh) -> 
     mesh.begin_rollout()
     wait_step(mesh, 1, 60)
     mesh.stop_prometheus()
-    # Over two step durations without Prometheus, nothing advances and nothing rolls back.
-    deadline = time.monotonic() + 7
-    while time.monotonic() < deadline:
+
+    def still_at_step_1() -> None:
         state = mesh.rollout_state()
         assert state is not None and state["phase"] == "progressing"
-        assert steps(mesh) == {1}
-        time.sleep(0.2)  # poll interval of a bounded observation, not synchronisation
+        assert mesh_steps(mesh) == {1}
+
+    # Over two step durations without Prometheus, nothing advances and nothing rolls back.
+    holds_for(still_at_step_1, 7, interval=0.2)
     holds = [e for e in mesh.audit() if e.kind == "check" and e.verdict["outcome"] == "no_data"]
     assert any("unreachable" in e.reason for e in holds)
     mesh.start_prometheus()
@@ -156,7 +151,7 @@ def test_sigkill_mid_rollout_resumes_same_step_without_failed_requests(mesh: Loc
     killed_at = time.time()
     try:
         mesh.kill_server()
-        assert steps(mesh) == {1}
+        assert mesh_steps(mesh) == {1}
         wait_for(
             lambda: len(load.snapshot()) > 0 and load.snapshot()[-1].time > killed_at + 2,
             "load while the server is down",

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import wait_for
+from tests.support import holds_for, mesh_steps, wait_for
 from xds_server.lab.mesh import SERVICE, LocalMesh, MeshOptions, canary_share
 from xds_server.lab.procs import Envoy
 from xds_server.lab.scenarios import FAST_PLAN
@@ -28,11 +28,6 @@ WARMUP = {
 
 def mesh_with(tmp_path: Path, warmup: dict[str, Any]) -> LocalMesh:
     return LocalMesh(tmp_path / "mesh", MeshOptions(rollout={**FAST_PLAN, "warmup": warmup}))
-
-
-def steps(mesh: LocalMesh) -> set[int]:
-    state = mesh.rollout_state()
-    return {r["step"] for r in state["regions"].values()} if state else set()
 
 
 def route_and_clusters(envoy: Envoy) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -79,7 +74,7 @@ def test_shadow_traffic_reaches_the_canary_while_users_only_see_production(
         assert canary["health_checks"][0]["http_health_check"]["path"] == "/healthz"
         assert canary["round_robin_lb_config"]["slow_start_config"]["slow_start_window"] == "10s"
         assert "round_robin_lb_config" not in clusters[f"{SERVICE}|production"]
-        assert steps(mesh) == {-1}
+        assert mesh_steps(mesh) == {-1}
         wait_for(
             lambda: all(
                 mesh.model_stats(r, "canary")["shadow_requests"] >= 20 for r in mesh.opts.regions
@@ -90,7 +85,7 @@ def test_shadow_traffic_reaches_the_canary_while_users_only_see_production(
         # While the canary is warming, no user request reaches it, and users are answered
         # by production alone.
         seen = [mesh.model_stats(r, "canary")["user_requests"] for r in mesh.opts.regions]
-        assert steps(mesh) == {-1}  # still warming after those counts were read
+        assert mesh_steps(mesh) == {-1}  # still warming after those counts were read
         assert seen == [0] * len(mesh.opts.regions)
         first_step = [e.time for e in mesh.audit() if e.kind == "transition" and e.step == 0]
         cut = min(first_step, default=time.time())
@@ -98,7 +93,9 @@ def test_shadow_traffic_reaches_the_canary_while_users_only_see_production(
         assert during and {r.pool for r in during} == {"production"}
         assert load.failures() == []
         # Shadow traffic passed its judgement: every region moves to its first real step.
-        wait_for(lambda: steps(mesh) == {0}, "every region at step 0 after warm-up", timeout=30)
+        wait_for(
+            lambda: mesh_steps(mesh) == {0}, "every region at step 0 after warm-up", timeout=30
+        )
         wait_for(lambda: all(canary_share(e) == 5 for e in mesh.envoys), "5% in Envoy", timeout=10)
         assert all(mirrored_pools(e) == set() for e in mesh.envoys)
         reasons = [e.reason for e in mesh.audit() if e.region == "us-east"]
@@ -121,14 +118,15 @@ def test_a_canary_that_is_not_healthy_gets_no_weight(tmp_path: Path) -> None:
             "the controller to wait for eu-west's canary to be healthy",
             timeout=30,
         )
-        # Bounded observation: for several check intervals nothing gets any weight.
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            assert steps(mesh) == {-1}
+
+        def no_weight_anywhere() -> None:
+            assert mesh_steps(mesh) == {-1}
             assert all(canary_share(e) == 0 for e in mesh.envoys)
-            time.sleep(0.25)  # poll interval of a bounded observation, not synchronisation
+
+        # Bounded observation: for several check intervals nothing gets any weight.
+        holds_for(no_weight_anywhere, 5, interval=0.25)
         mesh.set_fault("eu-west", "canary", healthy=True)
-        wait_for(lambda: steps(mesh) == {0}, "every region at step 0 once healthy", timeout=30)
+        wait_for(lambda: mesh_steps(mesh) == {0}, "every region at step 0 once healthy", timeout=30)
         wait_for(lambda: all(canary_share(e) == 5 for e in mesh.envoys), "5% in Envoy", timeout=10)
 
 
@@ -182,7 +180,7 @@ def test_a_failing_warmup_webhook_blocks_the_start_and_is_audited(
         assert state["phase"] == "paused"
         assert "warm-up webhook 'smoke' failed: HTTP 500: smoke test failed" in state["reason"]
         assert "(after 2 attempts)" in state["reason"]
-        assert steps(mesh) == {-1}
+        assert mesh_steps(mesh) == {-1}
         assert all(canary_share(e) == 0 for e in mesh.envoys)
         paused = [e for e in mesh.audit() if e.region is None and e.phase_to == "paused"]
         assert paused and "webhook 'smoke' failed" in paused[-1].reason
