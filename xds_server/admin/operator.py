@@ -15,14 +15,13 @@ from typing import Any
 
 from xds_server.admin.auth import Credentials
 from xds_server.admin.views import leader_hint
+from xds_server.admin.wire import ACTOR_KEY
 from xds_server.ha.replicas import Directory
 from xds_server.rollout.controller import NotLeader, RolloutController, StoreUnavailable
 from xds_server.rollout.state import RolloutState
 from xds_server.spec import MeshSpec
 from xds_server.traffic import WeightError
 
-ACTOR_KEY = "x-xds-actor"
-"""The header (gRPC metadata) in which a caller may claim who it acts for."""
 MAX_REASON = 1000
 MAX_ACTOR = 200
 
@@ -54,6 +53,31 @@ REPLICA_NOT_DECIDING = "this replica does not decide rollouts"
 
 Act = Callable[[RolloutController, str], RolloutState]
 """A controller call, given the actor."""
+
+
+def named_change(name: str, service: str, reason: str, promote_all: bool = False) -> Act:
+    """The controller call of a named change (pause, resume, abort, promote): the one
+    table behind xdsctl's RPCs and the dashboard's buttons. `promote_all`: straight to
+    100%."""
+    calls: dict[str, Act] = {
+        "pause": lambda c, who: c.pause(service, reason, who),
+        "resume": lambda c, who: c.resume(service, reason, who),
+        "abort": lambda c, who: c.abort(service, reason, who),
+        "promote": lambda c, who: c.promote(service, reason, who, promote_all),
+    }
+    if name not in calls:
+        raise Refused(Refusal.NOT_FOUND, f"no action {name!r} (one of: {', '.join(calls)})")
+    return calls[name]
+
+
+def check_weights(canary: float, baseline: float) -> None:
+    """Weights set by hand: each a percentage, together at most 100."""
+    if not (0 <= canary <= 100 and 0 <= baseline <= 100 and canary + baseline <= 100):
+        raise Refused(
+            Refusal.INVALID_ARGUMENT,
+            f"bad weights: canary {canary:g}% and baseline {baseline:g}% "
+            "must each be 0-100 and together at most 100",
+        )
 
 
 class Operator:
@@ -145,19 +169,28 @@ class Operator:
         where = leader_hint(directory) if directory is not None else "try again"
         return f"this replica no longer leads ({_message(exc)}): nothing was changed; {where}"
 
+    def submit(
+        self,
+        headers: Mapping[str, Any],
+        service: str,
+        reason: str,
+        act: Act,
+        check: Callable[[], None] = lambda: None,
+    ) -> RolloutState:
+        """A change from a caller's headers, in the order every change is checked: the
+        credential first (an unauthenticated caller learns nothing from validation
+        errors), then a known service, then the request's own `check`, then the reason
+        and the controller call (`act`)."""
+        actor = self.actor(headers)
+        self.check_service(service)
+        check()
+        return self.act(actor, reason, act)
+
     def change(self, name: str, service: str, reason: str, actor: str) -> RolloutState:
         """One of the named changes the dashboard offers (pause, resume, abort, promote),
         by the same controller path as xdsctl's."""
         self.check_service(service)
-        calls: dict[str, Act] = {
-            "pause": lambda c, who: c.pause(service, reason, who),
-            "resume": lambda c, who: c.resume(service, reason, who),
-            "abort": lambda c, who: c.abort(service, reason, who),
-            "promote": lambda c, who: c.promote(service, reason, who, False),
-        }
-        if name not in calls:
-            raise Refused(Refusal.NOT_FOUND, f"no action {name!r} (one of: {', '.join(calls)})")
-        return self.act(actor, reason, calls[name])
+        return self.act(actor, reason, named_change(name, service, reason))
 
 
 XDSCTL_TOKEN = "pass --token-file to xdsctl"

@@ -7,6 +7,10 @@ with who (the token's name, and beside it the actor the caller claims in `x-xds-
 and why (the request's reason). Mistakes come back as gRPC statuses a person can act on:
 NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION, UNAUTHENTICATED.
 
+Every change takes one path, `AdminService._change`: `Operator.submit` (the dashboard's
+checks too) with its `Refused` sent as a status; a handler only says which controller
+call its request means.
+
 `AdminGuard` stands in front of every method: it checks credentials for reads, turns an
 undecodable request into INVALID_ARGUMENT and a handler's bug into INTERNAL, one log
 line each, and marks every status the server sends itself (`STATUS_MARK`).
@@ -20,19 +24,27 @@ import logging
 import math
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
-from google.protobuf import json_format
+from google.protobuf import any_pb2, json_format
 
 from xds_server.admin.auth import Credentials
-from xds_server.admin.operator import Act, Operator, Refusal, Refused, unauthenticated
-from xds_server.admin.v1 import admin_pb2, admin_pb2_grpc
+from xds_server.admin.operator import (
+    Act,
+    Operator,
+    Refused,
+    check_weights,
+    named_change,
+    unauthenticated,
+)
+from xds_server.admin.v1 import admin_pb2 as pb
+from xds_server.admin.v1 import admin_pb2_grpc
 from xds_server.admin.views import (
     LEASE_UNKNOWN,
     NO_REGISTRY,
@@ -47,21 +59,26 @@ from xds_server.admin.views import (
     rollout_message,
     store_message,
 )
+from xds_server.admin.wire import STATUS_MARK
 from xds_server.rollout.ports import StateStore
-from xds_server.rollout.state import RolloutState
 from xds_server.xds.publisher import XdsPublisher
 from xds_server.xds.status import NodeStatus
 from xds_server.xds.types import BY_SHORT_NAME, SEND_ORDER, short
 
-Context = Any  # grpc.aio.ServicerContext; grpc ships no usable type stubs
+if TYPE_CHECKING:
+    from aetcd import Client as EtcdClient
+
+Ctx = grpc.aio.ServicerContext
+"""A call's context, as `Ctx[Request, Response]`."""
 T = TypeVar("T")
-STATUS_MARK = "x-xds-admin"
-"""Trailing metadata on every status this API sends itself: a client tells "the server
-said UNAVAILABLE" from "the server could not be reached" by it (ctl.py keeps a copy)."""
+Rq = TypeVar("Rq")
+Rs = TypeVar("Rs")
+Metadata = dict[str, str | bytes]
+"""A call's invocation metadata (headers), by key."""
 log = logging.getLogger("xds_server.admin")
 
 
-def _metadata(context: Context) -> dict[str, Any]:
+def _metadata(context: Ctx[Rq, Rs]) -> Metadata:
     return dict(context.invocation_metadata() or ())
 
 
@@ -87,39 +104,43 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     # ---- helpers ----
 
-    async def _authorize(self, context: Context) -> str:
-        """The actor of a change (`Operator.actor`), or the call ends UNAUTHENTICATED."""
-        return await _checked(context, lambda: self.operator.actor(_metadata(context)))
-
-    async def _store(self, context: Context) -> StateStore:
+    async def _store(self, context: Ctx[Rq, Rs]) -> StateStore:
         store = self.view.store
         if store is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "this server keeps no rollout state")
-        assert store is not None
         return store
 
     async def _change(
         self,
-        context: Context,
+        context: Ctx[Rq, pb.Rollout],
         service: str,
         reason: str,
         act: Act,
         check: Callable[[], None] = lambda: None,
-    ) -> Any:
-        """A change, through `Operator` (the dashboard's path too): credentials first, so
-        an unauthenticated caller learns nothing from validation errors."""
+    ) -> pb.Rollout:
+        """Every change: `Operator.submit` (credentials first, so an unauthenticated
+        caller learns nothing from validation errors; the dashboard's path too), its
+        `Refused` sent as the call's status, the rollout as it now stands answered."""
+        headers = _metadata(context)
+        state = await _checked(
+            context, lambda: self.operator.submit(headers, service, reason, act, check)
+        )
+        return rollout_message(self.view, state)
 
-        def change() -> RolloutState:
-            actor = self.operator.actor(_metadata(context))
-            self.operator.check_service(service)
-            check()
-            return self.operator.act(actor, reason, act)
-
-        return rollout_message(self.view, await _checked(context, change))
+    async def _named(
+        self,
+        context: Ctx[Rq, pb.Rollout],
+        name: str,
+        request: pb.RolloutActionRequest | pb.PromoteRolloutRequest,
+        promote_all: bool = False,
+    ) -> pb.Rollout:
+        """A named change (pause, resume, abort, promote) of `request.service`."""
+        act = named_change(name, request.service, request.reason, promote_all)
+        return await self._change(context, request.service, request.reason, act)
 
     # ---- nodes ----
 
-    async def _check_region(self, context: Context, region: str) -> None:
+    async def _check_region(self, context: Ctx[Rq, Rs], region: str) -> None:
         """A region filter ("": none) names one of the spec's regions, or NOT_FOUND."""
         if region and region not in self.view.spec.regions:
             await context.abort(
@@ -127,12 +148,20 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 f"unknown region {region!r} (regions: {', '.join(self.view.spec.regions)})",
             )
 
-    async def ListNodes(self, request: Any, context: Context) -> Any:
+    async def ListNodes(
+        self,
+        request: pb.ListNodesRequest,
+        context: Ctx[pb.ListNodesRequest, pb.ListNodesResponse],
+    ) -> pb.ListNodesResponse:
         await self._check_region(context, request.region)
         nodes = self.server.nodes.nodes(request.region or None)
-        return admin_pb2.ListNodesResponse(nodes=[node_message(self.server, n) for n in nodes])
+        return pb.ListNodesResponse(nodes=[node_message(self.server, n) for n in nodes])
 
-    async def GetNodeConfig(self, request: Any, context: Context) -> Any:
+    async def GetNodeConfig(
+        self,
+        request: pb.GetNodeConfigRequest,
+        context: Ctx[pb.GetNodeConfigRequest, pb.GetNodeConfigResponse],
+    ) -> pb.GetNodeConfigResponse:
         nodes = self.server.nodes.find(request.node_id)
         if not nodes:
             await context.abort(
@@ -146,18 +175,24 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             )
         node = max(nodes, key=lambda n: n.connected_since)
         types = [BY_SHORT_NAME[request.type]] if request.type else list(SEND_ORDER)
-        return admin_pb2.GetNodeConfigResponse(json=json.dumps(node_config(node, types), indent=2))
+        return pb.GetNodeConfigResponse(json=json.dumps(node_config(node, types), indent=2))
 
     # ---- rollouts ----
 
-    async def ListRollouts(self, request: Any, context: Context) -> Any:
+    async def ListRollouts(
+        self,
+        request: pb.ListRolloutsRequest,
+        context: Ctx[pb.ListRolloutsRequest, pb.ListRolloutsResponse],
+    ) -> pb.ListRolloutsResponse:
         states = self.view.rollouts().values()
-        return admin_pb2.ListRolloutsResponse(
+        return pb.ListRolloutsResponse(
             rollouts=[rollout_message(self.view, s) for s in states],
             store=store_message(self.view),
         )
 
-    async def GetRollout(self, request: Any, context: Context) -> Any:
+    async def GetRollout(
+        self, request: pb.GetRolloutRequest, context: Ctx[pb.GetRolloutRequest, pb.Rollout]
+    ) -> pb.Rollout:
         await _checked(context, lambda: self.operator.check_service(request.service))
         state = self.view.rollouts().get(request.service)
         if state is None:
@@ -166,63 +201,48 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 f"service {request.service!r} has no rollout (it has no "
                 "canary pool, or its canary is its production version)",
             )
-        assert state is not None
         return rollout_message(self.view, state)
 
-    async def PauseRollout(self, request: Any, context: Context) -> Any:
+    async def PauseRollout(
+        self, request: pb.RolloutActionRequest, context: Ctx[pb.RolloutActionRequest, pb.Rollout]
+    ) -> pb.Rollout:
+        return await self._named(context, "pause", request)
+
+    async def ResumeRollout(
+        self, request: pb.RolloutActionRequest, context: Ctx[pb.RolloutActionRequest, pb.Rollout]
+    ) -> pb.Rollout:
+        return await self._named(context, "resume", request)
+
+    async def AbortRollout(
+        self, request: pb.RolloutActionRequest, context: Ctx[pb.RolloutActionRequest, pb.Rollout]
+    ) -> pb.Rollout:
+        return await self._named(context, "abort", request)
+
+    async def PromoteRollout(
+        self,
+        request: pb.PromoteRolloutRequest,
+        context: Ctx[pb.PromoteRolloutRequest, pb.Rollout],
+    ) -> pb.Rollout:
+        return await self._named(context, "promote", request, promote_all=request.all)
+
+    async def SetWeights(
+        self, request: pb.SetWeightsRequest, context: Ctx[pb.SetWeightsRequest, pb.Rollout]
+    ) -> pb.Rollout:
+        r = request
+        canary, baseline, regions = r.canary_percent, r.baseline_percent, tuple(r.regions)
         return await self._change(
             context,
-            request.service,
-            request.reason,
-            lambda c, who: c.pause(request.service, request.reason, who),
+            r.service,
+            r.reason,
+            lambda c, who: c.set_weights(r.service, regions, canary, baseline, r.reason, who),
+            lambda: check_weights(canary, baseline),
         )
 
-    async def ResumeRollout(self, request: Any, context: Context) -> Any:
-        return await self._change(
-            context,
-            request.service,
-            request.reason,
-            lambda c, who: c.resume(request.service, request.reason, who),
-        )
-
-    async def AbortRollout(self, request: Any, context: Context) -> Any:
-        return await self._change(
-            context,
-            request.service,
-            request.reason,
-            lambda c, who: c.abort(request.service, request.reason, who),
-        )
-
-    async def PromoteRollout(self, request: Any, context: Context) -> Any:
-        return await self._change(
-            context,
-            request.service,
-            request.reason,
-            lambda c, who: c.promote(request.service, request.reason, who, request.all),
-        )
-
-    async def SetWeights(self, request: Any, context: Context) -> Any:
-        canary, baseline = request.canary_percent, request.baseline_percent
-
-        def check() -> None:
-            if not (0 <= canary <= 100 and 0 <= baseline <= 100 and canary + baseline <= 100):
-                raise Refused(
-                    Refusal.INVALID_ARGUMENT,
-                    f"bad weights: canary {canary:g}% and baseline {baseline:g}% "
-                    "must each be 0-100 and together at most 100",
-                )
-
-        return await self._change(
-            context,
-            request.service,
-            request.reason,
-            lambda c, who: c.set_weights(
-                request.service, tuple(request.regions), canary, baseline, request.reason, who
-            ),
-            check,
-        )
-
-    async def WatchRollouts(self, request: Any, context: Context) -> AsyncIterator[Any]:
+    async def WatchRollouts(
+        self,
+        request: pb.WatchRolloutsRequest,
+        context: Ctx[pb.WatchRolloutsRequest, pb.RolloutEvent],
+    ) -> AsyncIterator[pb.RolloutEvent]:
         controller = await _checked(context, self.operator.controller)
         sink = WatchQueue(request.service)
         unsubscribe = controller.subscribe(sink)
@@ -234,7 +254,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     # ---- audit ----
 
-    async def GetAudit(self, request: Any, context: Context) -> Any:
+    async def GetAudit(
+        self, request: pb.GetAuditRequest, context: Ctx[pb.GetAuditRequest, pb.GetAuditResponse]
+    ) -> pb.GetAuditResponse:
         if request.limit < 0:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -252,20 +274,27 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             since=request.since or None,
             limit=request.limit or None,
         )
-        return admin_pb2.GetAuditResponse(entries=[audit_message(e) for e in entries])
+        return pb.GetAuditResponse(entries=[audit_message(e) for e in entries])
 
     # ---- replicas ----
 
-    async def ListReplicas(self, request: Any, context: Context) -> Any:
+    async def ListReplicas(
+        self,
+        request: pb.ListReplicasRequest,
+        context: Ctx[pb.ListReplicasRequest, pb.ListReplicasResponse],
+    ) -> pb.ListReplicasResponse:
         return replicas_message(self.view, self.started, self.address, self.xds_address)
 
     # ---- the shared registry ----
 
-    async def ListInstances(self, request: Any, context: Context) -> Any:
+    async def ListInstances(
+        self,
+        request: pb.ListInstancesRequest,
+        context: Ctx[pb.ListInstancesRequest, pb.ListInstancesResponse],
+    ) -> pb.ListInstancesResponse:
         directory = self.view.directory
         if directory is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, NO_REGISTRY)
-        assert directory is not None
         if request.service:
             await _checked(context, lambda: self.operator.check_service(request.service))
         await self._check_region(context, request.region)
@@ -275,14 +304,18 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     # ---- the istio output mode ----
 
-    async def GetIstioApplyStatus(self, request: Any, context: Context) -> Any:
+    async def GetIstioApplyStatus(
+        self,
+        request: pb.GetIstioApplyStatusRequest,
+        context: Ctx[pb.GetIstioApplyStatusRequest, pb.GetIstioApplyStatusResponse],
+    ) -> pb.GetIstioApplyStatusResponse:
         istio = self.view.istio
         if istio is None:
-            return admin_pb2.GetIstioApplyStatusResponse(enabled=False)
-        return admin_pb2.GetIstioApplyStatusResponse(
+            return pb.GetIstioApplyStatusResponse(enabled=False)
+        return pb.GetIstioApplyStatusResponse(
             enabled=True,
             regions=[
-                admin_pb2.IstioApplyStatus(
+                pb.IstioApplyStatus(
                     region=st.region,
                     target=st.target,
                     desired_generation=st.desired_generation,
@@ -302,13 +335,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         )
 
 
-async def _checked(context: Context, call: Callable[[], T]) -> T:
+async def _checked(context: Ctx[Rq, Rs], call: Callable[[], T]) -> T:
     """`call()`, with a `Refused` sent as its gRPC status."""
     try:
         return call()
     except Refused as exc:
         await context.abort(grpc.StatusCode[exc.code], exc.message)
-        raise AssertionError("unreachable") from None
 
 
 LEASE_LOOKUP_TIMEOUT = 2.0
@@ -316,7 +348,7 @@ LEASE_LOOKUP_TIMEOUT = 2.0
 
 
 async def lease_times(
-    client: Any, leases: Iterable[int], timeout: float = LEASE_LOOKUP_TIMEOUT
+    client: EtcdClient, leases: Iterable[int], timeout: float = LEASE_LOOKUP_TIMEOUT
 ) -> tuple[dict[int, float], str]:
     """The seconds each lease has left, as etcd tells (`LEASE_UNKNOWN` for one that is
     gone), asked once per lease, all at once, for at most `timeout` seconds; a lease etcd
@@ -385,7 +417,7 @@ class ClientStatusService(csds_pb2_grpc.ClientStatusDiscoveryServiceServicer):  
     def __init__(self, server: XdsPublisher) -> None:
         self.server = server
 
-    def _response(self, request: Any) -> Any:
+    def _response(self, request: csds_pb2.ClientStatusRequest) -> csds_pb2.ClientStatusResponse:
         from envoy.admin.v3 import config_dump_shared_pb2 as dump
 
         resp = csds_pb2.ClientStatusResponse()
@@ -422,17 +454,23 @@ class ClientStatusService(csds_pb2_grpc.ClientStatusDiscoveryServiceServicer):  
                         x.xds_config.CopyFrom(res)
         return resp
 
-    async def FetchClientStatus(self, request: Any, context: Context) -> Any:
+    async def FetchClientStatus(
+        self,
+        request: csds_pb2.ClientStatusRequest,
+        context: Ctx[csds_pb2.ClientStatusRequest, csds_pb2.ClientStatusResponse],
+    ) -> csds_pb2.ClientStatusResponse:
         return self._response(request)
 
     async def StreamClientStatus(
-        self, requests: AsyncIterator[Any], context: Context
-    ) -> AsyncIterator[Any]:
+        self,
+        requests: AsyncIterator[csds_pb2.ClientStatusRequest],
+        context: Ctx[csds_pb2.ClientStatusRequest, csds_pb2.ClientStatusResponse],
+    ) -> AsyncIterator[csds_pb2.ClientStatusResponse]:
         async for request in requests:
             yield self._response(request)
 
 
-def _resource_name(packed: Any) -> str:
+def _resource_name(packed: any_pb2.Any) -> str:
     from envoy.config.cluster.v3 import cluster_pb2
     from envoy.config.endpoint.v3 import endpoint_pb2
     from envoy.config.listener.v3 import listener_pb2
@@ -473,11 +511,22 @@ class AdminGuard(grpc.aio.ServerInterceptor):
     def __init__(self, auth: Credentials) -> None:
         self.auth = auth
 
-    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Rq, Rs] | None]
+        ],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Rq, Rs] | None:
         handler = await continuation(details)
         if handler is None:  # no such method: UNIMPLEMENTED, as without the guard
             return None
         return _Guarded(self.auth, str(details.method)).wrap(handler)
+
+
+GuardedCall = Callable[[object, Ctx[object, object]], object]
+"""A method's behaviour as the guard wraps it, whatever its messages (a coroutine
+function, or an async generator function for a server stream)."""
 
 
 class _Guarded:
@@ -487,29 +536,31 @@ class _Guarded:
         self.auth = auth
         self.method = method
 
-    def wrap(self, handler: Any) -> Any:
+    def wrap(self, handler: grpc.RpcMethodHandler[Rq, Rs]) -> grpc.RpcMethodHandler[Rq, Rs]:
         deserialize = handler.request_deserializer
 
-        def lenient(raw: bytes) -> Any:
+        def lenient(raw: bytes) -> object:
             try:
                 return deserialize(raw) if deserialize is not None else raw
             except Exception as exc:
                 return _Undecodable(len(raw), exc)
 
-        changes: dict[str, Any] = {"request_deserializer": lenient}
+        changes: dict[str, object] = {"request_deserializer": lenient}
         for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
             behavior = getattr(handler, kind)
             if behavior is not None:
                 streams_in, streams_out = kind.startswith("stream"), kind.endswith("stream")
                 make = self._streaming if streams_out else self._unary
                 changes[kind] = make(behavior, streams_in)
-        return handler._replace(**changes)
+        # grpc makes its handlers as namedtuples (grpc._utilities); its stubs do not say so.
+        replace = handler._replace  # type: ignore[attr-defined]
+        return cast("grpc.RpcMethodHandler[Rq, Rs]", replace(**changes))
 
-    def _unary(self, behavior: Callable[..., Any], streams_in: bool) -> Callable[..., Any]:
-        async def call(request: Any, context: Context) -> Any:
+    def _unary(self, behavior: GuardedCall, streams_in: bool) -> GuardedCall:
+        async def call(request: object, context: Ctx[object, object]) -> object:
             request = await self._admit(request, context, streams_in)
             try:
-                return await behavior(request, context)
+                return await cast("Awaitable[object]", behavior(request, context))
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
@@ -517,11 +568,11 @@ class _Guarded:
 
         return call
 
-    def _streaming(self, behavior: Callable[..., Any], streams_in: bool) -> Callable[..., Any]:
-        async def call(request: Any, context: Context) -> AsyncIterator[Any]:
+    def _streaming(self, behavior: GuardedCall, streams_in: bool) -> GuardedCall:
+        async def call(request: object, context: Ctx[object, object]) -> AsyncIterator[object]:
             request = await self._admit(request, context, streams_in)
             try:
-                async for response in behavior(request, context):
+                async for response in cast("AsyncIterator[object]", behavior(request, context)):
                     yield response
             except grpc.aio.AbortError:
                 raise
@@ -530,7 +581,7 @@ class _Guarded:
 
         return call
 
-    async def _admit(self, request: Any, context: Context, streams_in: bool) -> Any:
+    async def _admit(self, request: object, context: Ctx[Rq, Rs], streams_in: bool) -> object:
         context.set_trailing_metadata(((STATUS_MARK, "1"),))
         if self.auth.auth_reads:
             meta = _metadata(context)
@@ -538,14 +589,16 @@ class _Guarded:
                 refused = unauthenticated("reads as well as changes", meta)
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, refused.message)
         if streams_in:
-            return self._each_decoded(request, context)
+            return self._each_decoded(cast("AsyncIterator[object]", request), context)
         return await self._decoded(request, context)
 
-    async def _each_decoded(self, requests: AsyncIterator[Any], context: Context) -> Any:
+    async def _each_decoded(
+        self, requests: AsyncIterator[object], context: Ctx[Rq, Rs]
+    ) -> AsyncIterator[object]:
         async for request in requests:
             yield await self._decoded(request, context)
 
-    async def _decoded(self, request: Any, context: Context) -> Any:
+    async def _decoded(self, request: object, context: Ctx[Rq, Rs]) -> object:
         if isinstance(request, _Undecodable):
             error = " ".join(str(request.error).split())
             log.warning(
@@ -561,7 +614,7 @@ class _Guarded:
             )
         return request
 
-    async def _failed(self, context: Context, exc: Exception) -> NoReturn:
+    async def _failed(self, context: Ctx[Rq, Rs], exc: Exception) -> NoReturn:
         """A handler raised: a bug. One line at error level; the traceback at debug."""
         frames = traceback.extract_tb(exc.__traceback__)
         where = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
@@ -572,7 +625,6 @@ class _Guarded:
             grpc.StatusCode.INTERNAL,
             f"{self.method} failed: {type(exc).__name__} (the server's log has the details)",
         )
-        raise AssertionError("unreachable")
 
 
 def add_admin_services(grpc_server: grpc.aio.Server, admin: AdminService) -> None:
