@@ -53,6 +53,34 @@ def _unanswered(obs: Observation, budget: float) -> Observation:
     return replace(obs, canary=nothing, step=Comparison(nothing, nothing, ""))
 
 
+def _step_read(
+    svc: Service,
+    state: RolloutState,
+    traffic: TrafficState,
+    region: str,
+    obs: Observation,
+    now: float,
+) -> StepRead | None:
+    """What to measure of a region whose step's clock runs; None when there is nothing to
+    judge yet (not applied, or the step's clock starts with this observation, or it
+    started less than a second ago)."""
+    started = state.regions[region].step_started
+    if obs.applied_at is None or obs.apply_error or started is None or now - started < 1:
+        return None
+    split = traffic.effective(svc, region)
+    return StepRead(
+        svc,
+        region,
+        state.canary_version,
+        comparator_pool(svc, split),
+        started,
+        now - started,
+        min(now - started, svc.rollout.window),
+        split.canary / WEIGHT_TOTAL,
+        state.regions[region].shadowing,
+    )
+
+
 class Observer:
     def __init__(
         self, dataplane: DataPlane, metrics: MetricSource, clock: Callable[[], float]
@@ -73,59 +101,12 @@ class Observer:
         """Every live region's observation, within one interval; a region whose queries
         are slower than that holds this interval (it has only its ACK state)."""
         now = self.clock()
-        plan = svc.rollout
-        out: dict[str, Observation] = {}
-        pending: dict[asyncio.Task[Observation], str] = {}
-        for region, rs in state.regions.items():
-            if rs.phase not in LIVE:
-                continue
-            if rs.warming and not rs.shadowing:
-                if not rs.step_passed:  # else warm, waiting for the rest of its wave
-                    pending[asyncio.create_task(self._warmup(svc, state, region))] = region
-                continue
-            obs = out[region] = self.applied(region, plan, now)
-            if self.dataplane.pool_hosts(region, cluster_name(svc.name, "canary")) == 0:
-                # Every host of the canary is gone (registered instances whose leases
-                # ran out): the step holds, and fails at max_hold.
-                out[region] = replace(obs, no_hosts=f"the canary has no host left in {region}")
-                continue
-            started = rs.step_started
-            if obs.applied_at is None or obs.apply_error or started is None:
-                continue  # not applied yet, or the step's clock starts with this observation
-            if now - started < 1:
-                continue  # nothing to judge yet
-            split = traffic.effective(svc, region)
-            at = StepRead(
-                svc,
-                region,
-                state.canary_version,
-                comparator_pool(svc, split),
-                started,
-                now - started,
-                min(now - started, plan.window),
-                split.canary / WEIGHT_TOTAL,
-                rs.shadowing,
-            )
-            pending[asyncio.create_task(self._measure(at, obs))] = region
+        out, pending = self._start(svc, state, traffic, now)
         confirm = self._confirm(svc, state, now)
-        budget = max(plan.interval, 0.5)
+        budget = max(svc.rollout.interval, 0.5)
         try:
-            for region, obs in list(out.items()):
-                if obs.apply_error and seen(region, obs):
-                    return out  # a NACK or an ACK timeout: no need to wait for queries
-            while pending:
-                done, _ = await asyncio.wait(
-                    pending,
-                    timeout=max(0.0, now + budget - self.clock()),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if not done:
-                    break
-                for task in done:
-                    region = pending.pop(task)
-                    out[region] = task.result()
-                    if seen(region, out[region]):
-                        return out
+            if await self._collect(out, pending, seen, now + budget):
+                return out
         finally:
             for task in pending:
                 task.cancel()
@@ -138,6 +119,60 @@ class Observer:
         if answer is not None:
             out = {region: replace(obs, confirmation=answer) for region, obs in out.items()}
         return out
+
+    def _start(
+        self, svc: Service, state: RolloutState, traffic: TrafficState, now: float
+    ) -> tuple[dict[str, Observation], dict[asyncio.Task[Observation], str]]:
+        """What is known of each live region at once (its ACK state), and a task per
+        region for what must be asked: a warming region's pools and webhooks, a judged
+        region's measurements."""
+        out: dict[str, Observation] = {}
+        pending: dict[asyncio.Task[Observation], str] = {}
+        for region, rs in state.regions.items():
+            if rs.phase not in LIVE:
+                continue
+            if rs.warming and not rs.shadowing:
+                if not rs.step_passed:  # else warm, waiting for the rest of its wave
+                    pending[asyncio.create_task(self._warmup(svc, state, region))] = region
+                continue
+            obs = out[region] = self.applied(region, svc.rollout, now)
+            if self.dataplane.pool_hosts(region, cluster_name(svc.name, "canary")) == 0:
+                # Every host of the canary is gone (registered instances whose leases
+                # ran out): the step holds, and fails at max_hold.
+                out[region] = replace(obs, no_hosts=f"the canary has no host left in {region}")
+                continue
+            at = _step_read(svc, state, traffic, region, obs, now)
+            if at is not None:
+                pending[asyncio.create_task(self._measure(at, obs))] = region
+        return out, pending
+
+    async def _collect(
+        self,
+        out: dict[str, Observation],
+        pending: dict[asyncio.Task[Observation], str],
+        seen: Seen,
+        deadline: float,
+    ) -> bool:
+        """Tell `seen` each region's observation as it comes (into `out`; a finished
+        task leaves `pending`), until every task is done or the deadline passes. True
+        when `seen` said it had enough: the caller need wait for nothing more."""
+        for region, obs in list(out.items()):
+            if obs.apply_error and seen(region, obs):
+                return True  # a NACK or an ACK timeout: no need to wait for queries
+        while pending:
+            done, _ = await asyncio.wait(
+                pending,
+                timeout=max(0.0, deadline - self.clock()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if not done:
+                break
+            for task in done:
+                region = pending.pop(task)
+                out[region] = task.result()
+                if seen(region, out[region]):
+                    return True
+        return False
 
     def _confirm(
         self, svc: Service, state: RolloutState, now: float
