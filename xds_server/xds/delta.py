@@ -34,11 +34,10 @@ from xds_server.xds.stream import (
     check_type_url,
     next_nonce,
     record_answer,
-    routes_ready,
     shared_names,
     stale,
 )
-from xds_server.xds.types import LISTENER, ROUTE, SEND_ORDER, WILDCARD, WILDCARD_TYPES
+from xds_server.xds.types import LISTENER, WILDCARD, WILDCARD_TYPES
 
 log = logging.getLogger("xds_server.delta")
 
@@ -71,6 +70,9 @@ class _DeltaType:
 
     def named(self) -> Collection[str] | None:
         return None if self.wildcard else self.names
+
+    def up_to_date(self, version: str) -> bool:
+        return self.synced_to == version and not self.dirty and not self.answer_due
 
 
 class DeltaStream(StreamBase[_DeltaType]):
@@ -125,17 +127,7 @@ class DeltaStream(StreamBase[_DeltaType]):
             delta_response(type_url, UNKNOWN_TYPE_VERSION, [], sorted(names), next_nonce())
             for type_url, names in self.unknown.take().items()
         ]
-        self.held = False
-        for type_url in SEND_ORDER:
-            ts = self.types[type_url]
-            if not ts.subscribed:
-                continue
-            version = snap.type_version(type_url)
-            if ts.synced_to == version and not ts.dirty and not ts.answer_due:
-                continue
-            if ts.in_flight or (type_url == ROUTE and not routes_ready(self.types, snap)):
-                self.held = True
-                continue
+        for type_url, ts, version in self.sendable(snap):
             own = snap.delta_items(type_url, self.listen)
             items = self._with_proxyless(snap, type_url, ts, own)
             wanted = items.keys() if ts.wildcard else items.keys() & ts.names

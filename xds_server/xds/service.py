@@ -112,19 +112,8 @@ class AdsService:
             return
         ident, status, stream = admitted
         del first  # (it may be large; the stream keeps what it needs)
-        wake = asyncio.Event()
-        wake.set()
-        self.cache.watch(ident.region, wake)
-        self._wakes.add(wake)
-        self._replace_older(ident.node_id, status.stream_id, wake)
-
-        async def read() -> None:
-            async for req in reader:
-                if stream.on_request(req):
-                    wake.set()
-
-        reader_task = asyncio.create_task(read())
-        reader_task.add_done_callback(lambda _: wake.set())
+        wake = self._watch(ident, status.stream_id)
+        reader_task = _reading(reader, stream, wake)
         reason = "stream closed by the node"
         try:
             while True:
@@ -153,15 +142,29 @@ class AdsService:
             reason = "stream cancelled"
             raise
         finally:
-            self.cache.unwatch(ident.region, wake)
-            self._wakes.discard(wake)
-            self._replaced.discard(status.stream_id)
-            if self._by_node.get(ident.node_id, (0,))[0] == status.stream_id:
-                del self._by_node[ident.node_id]
+            self._unwatch(ident, status.stream_id, wake)
             reader_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader_task
             self.registry.disconnect(status, reason)
+
+    def _watch(self, ident: NodeIdentity, stream_id: int) -> asyncio.Event:
+        """The event that wakes a stream: set now (its first response is due), by its
+        region's new snapshots, by `close`, and by a newer stream of its node id."""
+        wake = asyncio.Event()
+        wake.set()
+        self.cache.watch(ident.region, wake)
+        self._wakes.add(wake)
+        self._replace_older(ident.node_id, stream_id, wake)
+        return wake
+
+    def _unwatch(self, ident: NodeIdentity, stream_id: int, wake: asyncio.Event) -> None:
+        """Forget an ended stream everywhere `_watch` put it."""
+        self.cache.unwatch(ident.region, wake)
+        self._wakes.discard(wake)
+        self._replaced.discard(stream_id)
+        if self._by_node.get(ident.node_id, (0,))[0] == stream_id:
+            del self._by_node[ident.node_id]
 
     async def _admit(
         self,
@@ -220,6 +223,23 @@ class AdsService:
         if older is not None:
             self._replaced.add(older[0])
             older[1].set()
+
+
+def _reading(
+    reader: AsyncIterator[Any], stream: StreamProtocol, wake: asyncio.Event
+) -> asyncio.Task[None]:
+    """The node's requests, applied to the stream's protocol state as they come; one that
+    may have made something due wakes the stream, and so does the end of the requests
+    (the task's result then says how they ended)."""
+
+    async def read() -> None:
+        async for req in reader:
+            if stream.on_request(req):
+                wake.set()
+
+    task = asyncio.create_task(read())
+    task.add_done_callback(lambda _: wake.set())
+    return task
 
 
 async def _refuse(context: Any, exc: StreamError, node_id: str = "") -> None:

@@ -35,11 +35,10 @@ from xds_server.xds.stream import (
     check_type_url,
     next_nonce,
     record_answer,
-    routes_ready,
     shared_names,
     stale,
 )
-from xds_server.xds.types import ROUTE, SEND_ORDER, WILDCARD, WILDCARD_TYPES
+from xds_server.xds.types import WILDCARD, WILDCARD_TYPES
 
 log = logging.getLogger("xds_server.sotw")
 
@@ -60,6 +59,11 @@ class _TypeState:
 
     def named(self) -> NameSet | None:
         return None if self.names is None or WILDCARD in self.names else self.names
+
+    def up_to_date(self, version: str) -> bool:
+        return (
+            self.sent_version == version and self.sent_names == self.names and not self.answer_due
+        )
 
 
 class SotwStream(StreamBase[_TypeState]):
@@ -119,17 +123,7 @@ class SotwStream(StreamBase[_TypeState]):
             ).SerializeToString()
             for type_url in self.unknown.take()
         ]
-        self.held = False
-        for type_url in SEND_ORDER:
-            ts = self.types[type_url]
-            if not ts.subscribed:
-                continue
-            version = snap.type_version(type_url)
-            if ts.sent_version == version and ts.sent_names == ts.names and not ts.answer_due:
-                continue
-            if ts.in_flight or (type_url == ROUTE and not routes_ready(self.types, snap)):
-                self.held = True
-                continue
+        for type_url, ts, version in self.sendable(snap):
             encoded = snap.encoded(type_url, ts.names, self.listen)
             ts.nonce = next_nonce()
             ts.in_flight, ts.answer_due = True, False

@@ -7,7 +7,7 @@ import itertools
 import logging
 import sys
 import weakref
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -16,7 +16,7 @@ from envoy.config.core.v3 import base_pb2
 from xds_server.spec import parse_host_port
 from xds_server.xds.snapshot import ListenAddress, NameSet, Snapshot
 from xds_server.xds.status import NodeRegistry, NodeStatus, clip
-from xds_server.xds.types import CLUSTER, ENDPOINT, LISTEN_METADATA_KEY, SEND_ORDER, short
+from xds_server.xds.types import CLUSTER, ENDPOINT, LISTEN_METADATA_KEY, ROUTE, SEND_ORDER, short
 
 log = logging.getLogger("xds_server.stream")
 _nonces = itertools.count(1)
@@ -169,7 +169,30 @@ def record_answer(
     return True
 
 
-S = TypeVar("S")
+class TypeProgress(Protocol):
+    """What the route gate needs to know of one type on a stream."""
+
+    subscribed: bool
+    acked_resources: frozenset[str]
+
+    def named(self) -> Collection[str] | None:
+        """The names subscribed to; None for a wildcard subscription (every resource)."""
+        ...
+
+
+class TypeState(TypeProgress, Protocol):
+    """What the send order needs to know of one type on a stream, whatever the variant."""
+
+    in_flight: bool
+    """A response of this type awaits the node's answer."""
+
+    def up_to_date(self, version: str) -> bool:
+        """Has the node been sent this type at the snapshot's `version`, for its current
+        subscription, with no answer owed?"""
+        ...
+
+
+S = TypeVar("S", bound=TypeState)
 
 
 class StreamBase(Generic[S]):
@@ -195,16 +218,23 @@ class StreamBase(Generic[S]):
     def new_type_state(self) -> S:
         raise NotImplementedError
 
-
-class TypeProgress(Protocol):
-    """What the route gate needs to know of one type on a stream."""
-
-    subscribed: bool
-    acked_resources: frozenset[str]
-
-    def named(self) -> Collection[str] | None:
-        """The names subscribed to; None for a wildcard subscription (every resource)."""
-        ...
+    def sendable(self, snap: Snapshot) -> Iterator[tuple[str, S, str]]:
+        """Make before break: in send order (clusters, endpoints, listeners, routes), each
+        subscribed type that has something to send now, with its version in `snap`. A
+        type whose last response is unanswered waits, and so do routes until the node
+        has ACKed the clusters and endpoints they use; either sets `held`."""
+        self.held = False
+        for type_url in SEND_ORDER:
+            ts = self.types[type_url]
+            if not ts.subscribed:
+                continue
+            version = snap.type_version(type_url)
+            if ts.up_to_date(version):
+                continue
+            if ts.in_flight or (type_url == ROUTE and not routes_ready(self.types, snap)):
+                self.held = True
+                continue
+            yield type_url, ts, version
 
 
 def routes_ready(types: Mapping[str, TypeProgress], snap: Snapshot) -> bool:
