@@ -11,10 +11,10 @@ import asyncio
 import functools
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import requests
 from prometheus_api_client import PrometheusConnect
@@ -28,6 +28,7 @@ from xds_server.spec import MetricKind, MetricSpec, RolloutPlan
 from xds_server.spec.rollout import QUERY_PLACEHOLDERS
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 class QueryError(Exception):
@@ -57,10 +58,25 @@ def fill(template: str, where: Where | None = None, window_s: float = 1, **extra
     return template.format(**values)
 
 
+def _in_thread(
+    blocking: Callable[Concatenate[PrometheusSource, P], T],
+) -> Callable[Concatenate[PrometheusSource, P], Coroutine[Any, Any, T]]:
+    """A `MetricSource` method from its blocking body: the HTTP client is synchronous, so
+    each call runs in the source's own threads. A hanging Prometheus holds these (each
+    query for at most `timeout`), never the threads the rest of the server uses."""
+
+    async def in_thread(self: PrometheusSource, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        call = functools.partial(blocking, self, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._threads, call)
+
+    functools.update_wrapper(in_thread, blocking)
+    return in_thread
+
+
 @dataclass
 class PrometheusSource:
-    """The `MetricSource` on a Prometheus server. The HTTP client is synchronous, so each
-    query runs in a worker thread, off the controller's loop."""
+    """The `MetricSource` on a Prometheus server. Each of the port's methods is a blocking
+    body that `_in_thread` runs in a worker thread, off the controller's loop."""
 
     url: str
     timeout: float = 2.0
@@ -106,7 +122,8 @@ class PrometheusSource:
                 pairs.append((float(le), value))
         return tuple(sorted(pairs)) or None
 
-    def measure_sync(
+    @_in_thread
+    def measure(
         self,
         plan: RolloutPlan,
         region: str,
@@ -143,26 +160,10 @@ class PrometheusSource:
             latency_buckets=tuple(latency) if latency else None,
         )
 
-    async def measure(
-        self,
-        plan: RolloutPlan,
-        region: str,
-        cluster: str,
-        window_s: float,
-        *,
-        p99: bool = True,
-        buckets: bool = False,
-    ) -> Measurement:
-        return await self._in_thread(
-            lambda: self.measure_sync(plan, region, cluster, window_s, p99=p99, buckets=buckets)
-        )
-
-    async def read(
+    @_in_thread
+    def read(
         self, plan: RolloutPlan, metric: MetricSpec, where: Where, window_s: float
     ) -> MetricReading:
-        return await self._in_thread(self.read_sync, metric, where, window_s)
-
-    def read_sync(self, metric: MetricSpec, where: Where, window_s: float) -> MetricReading:
         client = self._client()
         try:
             if metric.kind == MetricKind.RATIO:
@@ -181,14 +182,8 @@ class PrometheusSource:
         except Exception as exc:  # an answer we cannot read is no evidence, not a crash
             return MetricReading(problem=f"unreadable answer from Prometheus: {exc!r}")
 
-    async def tenant(
-        self, plan: RolloutPlan, where: Where, tenant: str, window_s: float
-    ) -> Measurement:
-        return await self._in_thread(self.tenant_sync, plan, where, tenant, window_s)
-
-    def tenant_sync(
-        self, plan: RolloutPlan, where: Where, tenant: str, window_s: float
-    ) -> Measurement:
+    @_in_thread
+    def tenant(self, plan: RolloutPlan, where: Where, tenant: str, window_s: float) -> Measurement:
         client = self._client()
         q = plan.queries
         try:
@@ -204,12 +199,8 @@ class PrometheusSource:
             errors = 0.0
         return Measurement(requests, errors, None if p99 is None or math.isnan(p99) else p99)
 
-    async def throughput(
-        self, plan: RolloutPlan, where: Where, window_s: float
-    ) -> tuple[float | None, float | None]:
-        return await self._in_thread(self.throughput_sync, plan, where, window_s)
-
-    def throughput_sync(
+    @_in_thread
+    def throughput(
         self, plan: RolloutPlan, where: Where, window_s: float
     ) -> tuple[float | None, float | None]:
         client = self._client()
@@ -220,30 +211,8 @@ class PrometheusSource:
             return None, None
         return delivered or 0.0, total
 
-    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        """Queries run in threads of their own: a hanging Prometheus holds these (each
-        query for at most `timeout`), never the threads the rest of the server uses."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._threads, functools.partial(fn, *args))
-
-    async def pool_health(
-        self, plan: RolloutPlan, region: str, cluster: str
-    ) -> tuple[float, float]:
-        return await self._in_thread(self.pool_health_sync, plan, region, cluster)
-
-    async def check_queries(
-        self,
-        plan: RolloutPlan,
-        region: str,
-        cluster: str,
-        serving: str | None = None,
-        versions: Mapping[str, str] | None = None,
-    ) -> QueryCheck:
-        return await self._in_thread(
-            self.check_queries_sync, plan, region, cluster, serving, versions
-        )
-
-    def pool_health_sync(self, plan: RolloutPlan, region: str, cluster: str) -> tuple[float, float]:
+    @_in_thread
+    def pool_health(self, plan: RolloutPlan, region: str, cluster: str) -> tuple[float, float]:
         """(hosts, healthy hosts) summed over the region's Envoys, as the Envoys see them."""
         client = self._client()
         total, healthy = (
@@ -252,7 +221,8 @@ class PrometheusSource:
         )
         return total or 0.0, healthy or 0.0
 
-    def check_queries_sync(
+    @_in_thread
+    def check_queries(
         self,
         plan: RolloutPlan,
         region: str,
