@@ -427,19 +427,21 @@ def _ranks(
     """Two histograms compared by Mann-Whitney U with an effect-size floor on the
     `quantile`'s ratio (latency, and `distribution` metrics)."""
     n1, n2 = (sum(stats.bucket_counts(x)[1]) for x in (cb, bb))
-    if n1 < m.min_requests or n2 < m.min_requests:
-        return result(
-            MetricClass.NO_DATA,
-            None,
-            None,
-            f"{what}: canary {n1:.0f}, {pool} {n2:.0f} (need {m.min_requests} each)",
-        )
+    if few := _too_few(m, what, pool, n1, n2):
+        return result(MetricClass.NO_DATA, None, None, few)
     up, down = _directions(m)
     t = stats.latency_test(cb, bb, m.quantile, m.allowed_change, m.confidence, up, down, alpha)
     detail = f"p{m.quantile * 100:g} ratio over {n1:.0f}/{n2:.0f} samples"
     if t.significant:
         return result(HIGH if t.higher else LOW, t.effect, t.p_value, detail)
     return result(MetricClass.PASS, t.effect, t.p_value, detail)
+
+
+def _too_few(m: MetricSpec, what: str, pool: str, n1: float, n2: float) -> str:
+    """Why two samples are too small to compare (`min_requests` each); "" when they are not."""
+    if n1 < m.min_requests or n2 < m.min_requests:
+        return f"{what}: canary {n1:.0f}, {pool} {n2:.0f} (need {m.min_requests} each)"
+    return ""
 
 
 def _readings(m: MetricSpec, cmp: Comparison) -> tuple[MetricReading, MetricReading] | str:
@@ -463,13 +465,8 @@ def _tail(m: MetricSpec, cmp: Comparison, alpha: float, result: Result) -> Metri
     pool = cmp.comparator_pool
     cb, bb = cmp.canary.latency_buckets or (), b.latency_buckets or ()
     bound, slow_c, n1, slow_b, n2 = stats.tail_counts(cb, bb, m.quantile)
-    if n1 < m.min_requests or n2 < m.min_requests:
-        return result(
-            MetricClass.NO_DATA,
-            None,
-            None,
-            f"latency samples: canary {n1:.0f}, {pool} {n2:.0f} (need {m.min_requests} each)",
-        )
+    if few := _too_few(m, "latency samples", pool, n1, n2):
+        return result(MetricClass.NO_DATA, None, None, few)
     if math.isinf(bound):
         return result(
             MetricClass.NO_DATA, None, None, f"no finite bucket holds p{m.quantile * 100:g}"
