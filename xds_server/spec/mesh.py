@@ -1,5 +1,11 @@
 """Loading a mesh spec: YAML -> `MeshSpec`, or a `SpecError` listing every problem with
-its file, field path and what is wrong."""
+its file, field path and what is wrong.
+
+The file's text becomes a document in `document.py` (UTF-8, bounded YAML); here the
+document becomes the spec: regions, the listener, services and their pools. Sections
+with parsers of their own: `rollout:` (`plan.py`), `istio:` (`istio.py`),
+`notifications:` (`notifications.py`).
+"""
 
 from __future__ import annotations
 
@@ -9,14 +15,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from xds_server.spec.checker import Checker, join, one_line, shown
+from xds_server.spec.checker import Checker, join
+from xds_server.spec.document import load_document, utf8_text
+from xds_server.spec.istio import parse_istio
 from xds_server.spec.model import (
     POOL_NAMES,
     Endpoint,
-    IstioCluster,
-    IstioConfig,
     Listener,
     MeshSpec,
     Pool,
@@ -34,42 +38,10 @@ from xds_server.spec.rollout import (
     RolloutPlan,
     grpc_queries,
 )
-from xds_server.spec.values import (
-    NAME_RE,
-    is_dns_subdomain,
-    is_ip,
-    is_label_key,
-    is_label_value,
-    kind_of,
-    parse_host_port,
-)
+from xds_server.spec.values import NAME_RE, is_ip, kind_of, parse_host_port
 
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,62}$")
 _TOP_KEYS = ("regions", "listener", "services", "rollout", "istio", "notifications")
-_ISTIO_KEYS = (
-    "namespace",
-    "version_label",
-    "pool_label",
-    "cluster_domain",
-    "apply",
-    "regions",
-    "retry",
-    "timeout",
-    "resync",
-    "instance",
-    "prune",
-)
-
-
-MAX_DEPTH = 100
-"""How deeply collections may nest, aliases followed. The deepest field of a real spec is
-about 7 levels down (services[0].rollout.analysis.metrics.NAME.field), so 100 refuses
-nothing a person writes; it stops a corrupted or hostile file long before PyYAML's
-recursive composer (about 3 stack frames a level) reaches Python's recursion limit, and
-before the checker's messages repr a value nested thousands deep."""
-MAX_ALIASED = 1_000_000
-"""How many values aliases may add by repetition (a 'billion laughs' file is a few lines
-that would make one error message print billions of them)."""
 
 
 def load_spec(path: str | Path) -> MeshSpec:
@@ -80,152 +52,11 @@ def load_spec(path: str | Path) -> MeshSpec:
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise SpecError(source, [SpecProblem("", f"cannot read file: {reason}")]) from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise SpecError(source, [_not_utf8(data, exc)]) from None
-    return parse_spec(text, source)
-
-
-def _not_utf8(data: bytes, exc: UnicodeDecodeError) -> SpecProblem:
-    line = data.count(b"\n", 0, exc.start) + 1
-    line_start = data.rfind(b"\n", 0, exc.start) + 1
-    column = len(data[line_start : exc.start].decode("utf-8", "replace")) + 1
-    return SpecProblem(
-        f"line {line}, column {column}",
-        f"not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} ({exc.reason}); "
-        "a spec is a UTF-8 YAML file",
-    )
+    return parse_spec(utf8_text(data, source), source)
 
 
 def parse_spec(text: str, source: str = "<memory>") -> MeshSpec:
-    try:
-        doc = _load_yaml(text)
-    except yaml.YAMLError as exc:
-        raise SpecError(source, [_yaml_problem(exc, text)]) from None
-    return validate_spec(doc, source)
-
-
-class _Refused(yaml.MarkedYAMLError):
-    """Valid YAML this loader will not build (too deep, aliases repeating too much)."""
-
-
-class _SpecLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, bounded: nesting deeper than MAX_DEPTH is refused while it is
-    composed (before the recursion gets deep), and a scalar its tag cannot read (a date
-    like 2024-13-45, an integer past Python's 4,300 digits, `!!int x`) is a YAML error at
-    its line instead of a ValueError from inside PyYAML."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.depth = 0
-        self.aliased = False
-
-    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
-        if not self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
-            self.aliased = self.aliased or self.check_event(yaml.AliasEvent)
-            return super().compose_node(parent, index)
-        if self.depth >= MAX_DEPTH:
-            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
-            raise _Refused(None, None, f"nesting deeper than {MAX_DEPTH} levels", mark)
-        self.depth += 1
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self.depth -= 1
-
-    def construct_object(self, node: Any, deep: bool = False) -> Any:
-        try:
-            return super().construct_object(node, deep)
-        except yaml.YAMLError:
-            raise
-        except Exception as exc:  # whatever a tag's constructor raises on a bad scalar
-            tag = str(node.tag).replace("tag:yaml.org,2002:", "!!")
-            value = node.value if isinstance(node, yaml.ScalarNode) else "a collection"
-            reason = f" ({str(exc).split(';')[0]})" if isinstance(exc, ValueError) else ""
-            raise yaml.constructor.ConstructorError(
-                None, None, f"{shown(value)} is not a valid {tag}{reason}", node.start_mark
-            ) from None
-
-
-def _load_yaml(text: str) -> Any:
-    loader = _SpecLoader(text)  # (a ReaderError here: a character YAML does not allow)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        if loader.aliased:
-            _check_aliases(node)
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-def _check_aliases(root: yaml.Node) -> None:
-    """Refuse what aliases make of a document the composer let through: nesting deeper
-    than MAX_DEPTH, a collection inside itself, more than MAX_ALIASED repeated values.
-    Iterative, each node once."""
-    depth: dict[int, int] = {}  # by id(node): collections nested at and below it
-    size: dict[int, int] = {}  # by id(node): values, aliases expanded (capped)
-    open_: set[int] = set()  # the collections on the current path
-    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
-    while stack:
-        node, closing = stack.pop()
-        kids = _children(node)
-        if closing:
-            open_.discard(id(node))
-            below = max((depth[id(k)] for k in kids), default=0)
-            depth[id(node)] = below + isinstance(node, yaml.CollectionNode)
-            size[id(node)] = min(1 + sum(size[id(k)] for k in kids), 2 * MAX_ALIASED)
-            if depth[id(node)] > MAX_DEPTH:
-                msg = f"nesting deeper than {MAX_DEPTH} levels (aliases followed)"
-                raise _Refused(None, None, msg, node.start_mark)
-        elif id(node) in open_:
-            msg = "an alias inside this collection refers to it: endless nesting"
-            raise _Refused(None, None, msg, node.start_mark)
-        elif id(node) not in depth:
-            open_.add(id(node))
-            stack.append((node, True))
-            stack.extend((k, False) for k in kids)
-    if size[id(root)] - len(size) > MAX_ALIASED:
-        msg = f"aliases repeat more than {MAX_ALIASED:,} values"
-        raise _Refused(None, None, msg, root.start_mark)
-
-
-def _children(node: yaml.Node) -> list[yaml.Node]:
-    if isinstance(node, yaml.MappingNode):
-        return [n for pair in node.value for n in pair]
-    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
-
-
-def _yaml_problem(exc: yaml.YAMLError, text: str) -> SpecProblem:
-    """One line for a YAML error: where, what, and what PyYAML was reading there."""
-    if isinstance(exc, yaml.reader.ReaderError):
-        before = text[: exc.position]
-        line = len(_LINE_BREAK.findall(before)) + 1
-        column = len(_LINE_BREAK.split(before)[-1]) + 1
-        return SpecProblem(
-            f"line {line}, column {column}",
-            f"not valid YAML: character #x{exc.character:04x} is not allowed ({exc.reason})",
-        )
-    if not isinstance(exc, yaml.MarkedYAMLError):
-        return SpecProblem("", one_line(f"not valid YAML: {exc}"))
-    where = _at(exc.problem_mark)
-    message = exc.problem or str(exc)
-    if exc.context:
-        context_at = _at(exc.context_mark)
-        shown_at = f" at {context_at}" if context_at and context_at != where else ""
-        message += f" ({exc.context}{shown_at})"
-    prefix = "" if isinstance(exc, _Refused) else "not valid YAML: "
-    return SpecProblem(where, one_line(prefix + message))
-
-
-_LINE_BREAK = re.compile("\r\n|[\n\r\x85\u2028\u2029]")
-"""What YAML counts as a line break (its marks count lines the same way)."""
-
-
-def _at(mark: yaml.Mark | None) -> str:
-    return "" if mark is None else f"line {mark.line + 1}, column {mark.column + 1}"
+    return validate_spec(load_document(text, source), source)
 
 
 def validate_spec(doc: Any, source: str = "<memory>") -> MeshSpec:
@@ -256,7 +87,7 @@ class _MeshParser:
         services = self._services(top.get("services"))
         istio = None
         if top.get("istio") is not None:
-            istio = _IstioParser(self.c, self.regions, self.source).istio(top["istio"], services)
+            istio = parse_istio(self.c, top["istio"], services, self.regions, self.source)
         notifications = parse_notifications(self.c, top.get("notifications"), "notifications")
         return MeshSpec(
             self.regions, listener, tuple(services), self.source, istio, top, notifications
@@ -492,177 +323,6 @@ class _MeshParser:
             )
             return None
         return Endpoint(host, port)
-
-
-class _IstioParser:
-    """The `istio:` section."""
-
-    def __init__(self, checker: Checker, regions: tuple[str, ...], source: str) -> None:
-        self.c = checker
-        self.regions = regions
-        self.source = source
-
-    def istio(self, value: Any, services: list[Service]) -> IstioConfig | None:
-        m = self.c.mapping(value, "istio", _ISTIO_KEYS)
-        if not m and not isinstance(value, dict):
-            return None
-        d = IstioConfig()
-        namespace = m.get("namespace", d.namespace)
-        if not isinstance(namespace, str) or not NAME_RE.match(namespace):
-            self.c.fail(
-                "istio.namespace",
-                f"bad namespace {namespace!r}: use lowercase letters, digits and '-' (at most 63)",
-            )
-            namespace = d.namespace
-        labels = self._labels(m, d)
-        domain = m.get("cluster_domain", d.cluster_domain)
-        if not isinstance(domain, str) or not is_dns_subdomain(domain):
-            self.c.fail("istio.cluster_domain", f"bad DNS domain {domain!r}")
-            domain = d.cluster_domain
-        apply = self.c.boolean(m.get("apply", False), "istio.apply") or False
-        prune = self.c.boolean(m.get("prune", d.prune), "istio.prune")
-        instance = m.get("instance", d.instance)
-        if not isinstance(instance, str) or not instance or not is_label_value(instance):
-            self.c.fail(
-                "istio.instance",
-                f"bad instance {instance!r}: it labels objects, so at most 63 letters, "
-                "digits, '-', '_', '.', starting and ending with a letter or digit",
-            )
-            instance = d.instance
-        seconds = self._durations(m, d)
-        clusters = self._clusters(m.get("regions"), apply)
-        self._check_versions(services, labels.get("pool_label", d.pool_label))
-        return IstioConfig(
-            namespace=namespace,
-            version_label=labels.get("version_label", d.version_label),
-            pool_label=labels.get("pool_label", d.pool_label),
-            cluster_domain=domain,
-            apply=apply,
-            clusters=clusters,
-            retry_initial=seconds["istio.retry.initial"],
-            retry_max=seconds["istio.retry.max"],
-            timeout=seconds["istio.timeout"],
-            resync=seconds["istio.resync"],
-            instance=instance,
-            prune=d.prune if prune is None else prune,
-        )
-
-    def _labels(self, m: dict[str, Any], d: IstioConfig) -> dict[str, str]:
-        labels: dict[str, str] = {}
-        for key in ("version_label", "pool_label"):
-            label = m.get(key, getattr(d, key))
-            if key == "pool_label" and label == "":
-                labels[key] = ""
-            elif not isinstance(label, str) or not is_label_key(label):
-                self.c.fail(
-                    f"istio.{key}",
-                    f"bad label key {label!r}: expected NAME or PREFIX/NAME as in Kubernetes "
-                    "(NAME: at most 63 letters, digits, '-', '_', '.')",
-                )
-            else:
-                labels[key] = label
-        if labels.get("version_label") and labels.get("version_label") == labels.get("pool_label"):
-            self.c.fail("istio.pool_label", "must differ from istio.version_label")
-        return labels
-
-    def _durations(self, m: dict[str, Any], d: IstioConfig) -> dict[str, float]:
-        seconds: dict[str, float] = {}
-        retry = self.c.mapping(m.get("retry", {}), "istio.retry", ("initial", "max"))
-        for path, raw, default in (
-            ("istio.retry.initial", retry.get("initial"), d.retry_initial),
-            ("istio.retry.max", retry.get("max"), d.retry_max),
-            ("istio.timeout", m.get("timeout"), d.timeout),
-            ("istio.resync", m.get("resync"), d.resync),
-        ):
-            parsed = None if raw is None else self.c.duration(raw, path)
-            seconds[path] = default if parsed is None else parsed
-        if seconds["istio.retry.max"] < seconds["istio.retry.initial"]:
-            self.c.fail("istio.retry.max", "must be at least istio.retry.initial")
-        return seconds
-
-    def _check_versions(self, services: list[Service], pool_label: str) -> None:
-        for i, svc in enumerate(services):
-            for pool in svc.pools.values():
-                if not is_label_value(pool.version):
-                    self.c.fail(
-                        f"services[{i}].pools.{pool.name}.version",
-                        f"version {pool.version!r} cannot be a Kubernetes label value "
-                        "(the istio section selects pods by it): it must end with a letter "
-                        "or digit",
-                    )
-            base, prod = svc.pools.get("baseline"), svc.pools["production"]
-            if not pool_label and base is not None and base.version == prod.version:
-                self.c.fail(
-                    "istio.pool_label",
-                    f"empty, so subsets select by version only, but service {svc.name!r} has "
-                    f"baseline and production both at {prod.version!r}: their subsets would "
-                    "select the same pods",
-                )
-
-    def _clusters(self, value: Any, apply: bool) -> dict[str, IstioCluster]:
-        if value is None:
-            if apply:
-                self.c.fail("istio.regions", "required when apply is true: a cluster per region")
-            return {}
-        if not isinstance(value, dict):
-            self.c.fail(
-                "istio.regions", f"expected a mapping of region to cluster, got {kind_of(value)}"
-            )
-            return {}
-        out: dict[str, IstioCluster] = {}
-        seen: dict[tuple[str | None, str | None], str] = {}
-        for region, item in value.items():
-            cluster = self._cluster(region, item)
-            if cluster is None:
-                continue
-            key = (cluster.kubeconfig, cluster.context)
-            if key in seen:
-                self.c.fail(
-                    f"istio.regions.{region}",
-                    f"same cluster as region {seen[key]!r}: each region's objects are named "
-                    "after it, so two regions in one cluster would route the same host twice",
-                )
-                continue
-            seen[key] = region
-            out[region] = cluster
-        if apply:
-            for region in self.regions:
-                if region not in value:
-                    self.c.fail(
-                        "istio.regions",
-                        f"no cluster for region {region!r} (apply: true needs one per region)",
-                    )
-        return out
-
-    def _cluster(self, region: Any, item: Any) -> IstioCluster | None:
-        path = f"istio.regions.{region}"
-        if region not in self.regions:
-            self.c.fail(path, f"unknown region {region!r} (regions: {', '.join(self.regions)})")
-            return None
-        m = self.c.mapping(item, path, ("context", "kubeconfig", "in_cluster"))
-        in_cluster = self.c.boolean(m.get("in_cluster", False), f"{path}.in_cluster")
-        if in_cluster is None:
-            return None
-        context, kubeconfig = m.get("context"), m.get("kubeconfig")
-        if in_cluster:
-            if context is not None or kubeconfig is not None:
-                self.c.fail(
-                    path, "in_cluster uses the pod's ServiceAccount: drop context and kubeconfig"
-                )
-                return None
-        elif not isinstance(context, str) or not context:
-            self.c.fail(
-                f"{path}.context",
-                "required: the kubeconfig context of this region's cluster (or in_cluster: true)",
-            )
-            return None
-        if kubeconfig is not None:
-            if not isinstance(kubeconfig, str) or not kubeconfig:
-                self.c.fail(f"{path}.kubeconfig", "expected a file path")
-                return None
-            if not Path(kubeconfig).is_absolute() and self.source != "<memory>":
-                kubeconfig = str(Path(self.source).parent / kubeconfig)
-        return IstioCluster(context, kubeconfig, in_cluster)
 
 
 def _with_grpc_queries(plan: RolloutPlan, error_codes: tuple[str, ...]) -> RolloutPlan:
