@@ -293,73 +293,86 @@ class IstioApplier:
             listener(status, what)
 
     async def _worker(self, region: str) -> None:
-        loop = asyncio.get_running_loop()
+        """Apply the region's newest objects whenever they change (or a resync is due);
+        after a failure, back off (doubling up to `retry_max`), but newer objects (a
+        rollback) are tried at once."""
         wake = self._event(region)
         delay = self.config.retry_initial
         while True:
-            st = self._status[region]
-            if not st.pending:
-                try:
-                    await asyncio.wait_for(wake.wait(), timeout=self.config.resync)
-                except TimeoutError:
-                    if region in self._desired:  # resync: apply the same objects again
-                        st = self._status[region]
-                        self._set(replace(st, desired_generation=st.desired_generation + 1), "")
-                        self._pruned.pop(region, None)  # and look for leftovers again
-                wake.clear()
-                continue
-            generation, objects = st.desired_generation, self._desired[region]
-            started = self.clock()
-            self._set(replace(st, attempts=st.attempts + 1, last_attempt_at=started), "")
-            try:
-                await loop.run_in_executor(
-                    self._executors[region], self.clusters[region].apply, objects
-                )
-            except Exception as exc:
-                st = self._status[region]
-                message = _message(exc)
-                self._set(
-                    replace(
-                        st,
-                        consecutive_failures=st.consecutive_failures + 1,
-                        last_error=message,
-                        next_retry_at=self.clock() + delay,
-                    ),
-                    "failure",
-                )
-                log.warning(
-                    "istio apply to %s failed (attempt %d, retry in %gs): %s",
-                    region,
-                    st.consecutive_failures + 1,
-                    delay,
-                    message,
-                )
-                # Back off, but newer objects (a rollback) are tried at once.
+            if not self._status[region].pending:
+                await self._idle(region, wake)
+            elif await self._apply(region, retry_in=delay):
+                delay = self.config.retry_initial
+            else:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), timeout=delay)
                 wake.clear()
                 delay = min(delay * 2, self.config.retry_max)
-                continue
-            delay = self.config.retry_initial
-            st = self._status[region]
-            self._set(
-                replace(
-                    st,
-                    applied_generation=max(st.applied_generation, generation),
-                    consecutive_failures=0,
-                    last_error="",
-                    last_success_at=self.clock(),
-                    next_retry_at=0.0,
-                ),
-                "success",
+
+    async def _idle(self, region: str, wake: asyncio.Event) -> None:
+        """Wait for new objects; when `resync` passes without any, the same objects are
+        due again (which undoes hand edits), and leftovers are looked for again."""
+        try:
+            await asyncio.wait_for(wake.wait(), timeout=self.config.resync)
+        except TimeoutError:
+            if region in self._desired:
+                st = self._status[region]
+                self._set(replace(st, desired_generation=st.desired_generation + 1), "")
+                self._pruned.pop(region, None)
+        wake.clear()
+
+    async def _apply(self, region: str, retry_in: float) -> bool:
+        """One apply of the region's newest objects, then a prune; False when the apply
+        failed (to be tried again in `retry_in` seconds)."""
+        st = self._status[region]
+        generation, objects = st.desired_generation, self._desired[region]
+        self._set(replace(st, attempts=st.attempts + 1, last_attempt_at=self.clock()), "")
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self._executors[region], self.clusters[region].apply, objects
             )
-            log.info(
-                "istio objects applied to %s: generation %d, %d objects",
-                region,
-                generation,
-                len(objects),
-            )
-            await self._prune(region, objects)
+        except Exception as exc:
+            self._failed(region, _message(exc), retry_in)
+            return False
+        st = self._status[region]
+        self._set(
+            replace(
+                st,
+                applied_generation=max(st.applied_generation, generation),
+                consecutive_failures=0,
+                last_error="",
+                last_success_at=self.clock(),
+                next_retry_at=0.0,
+            ),
+            "success",
+        )
+        log.info(
+            "istio objects applied to %s: generation %d, %d objects",
+            region,
+            generation,
+            len(objects),
+        )
+        await self._prune(region, objects)
+        return True
+
+    def _failed(self, region: str, message: str, retry_in: float) -> None:
+        st = self._status[region]
+        self._set(
+            replace(
+                st,
+                consecutive_failures=st.consecutive_failures + 1,
+                last_error=message,
+                next_retry_at=self.clock() + retry_in,
+            ),
+            "failure",
+        )
+        log.warning(
+            "istio apply to %s failed (attempt %d, retry in %gs): %s",
+            region,
+            st.consecutive_failures + 1,
+            retry_in,
+            message,
+        )
 
     async def _prune(self, region: str, objects: Objects) -> None:
         """Delete what the region no longer wants, when the set of objects it wants
