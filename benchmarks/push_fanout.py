@@ -25,10 +25,12 @@ import threading
 import time
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from xds_server.lab.background import BackgroundServer
 from xds_server.spec import validate_spec
-from xds_server.telemetry import Telemetry
 from xds_server.traffic import Split
+from xds_server.xds.metrics import XdsMetrics
 from xds_server.xds.status import NodeStatus
 from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
@@ -213,7 +215,7 @@ def run_case(
     server = BackgroundServer(spec)
     build_s = time.perf_counter() - t0
     # As `xds-server serve` runs it: with its own metrics listening to every node event.
-    server.call(lambda: Telemetry().attach(server.server))
+    server.call(lambda: XdsMetrics(CollectorRegistry()).attach(server.server))
     port = server.start()
     ack_times: dict[str, dict[int, float]] = {}
     lock = threading.Lock()

@@ -17,9 +17,11 @@ from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 
 from tests.support import wait_for
 from xds_server.admin.service import AdminService, run_admin_server
-from xds_server.app import Parts
-from xds_server.lab.mesh import LocalMesh, MeshOptions, canary_share, envoy_weights
+from xds_server.app import Running
+from xds_server.lab.layout import MeshOptions
+from xds_server.lab.mesh import LocalMesh
 from xds_server.lab.procs import free_port, http_get
+from xds_server.lab.traffic import canary_share, envoy_weights
 from xds_server.xds.resources import ROUTE_CONFIG_NAME
 from xds_server.xds.types import ROUTE
 
@@ -80,34 +82,36 @@ def mesh(tmp_path: Path) -> Iterator[LocalMesh]:
 
 def test_nodes_are_synced_with_what_envoy_reports(mesh: LocalMesh) -> None:
     def all_synced() -> list[dict[str, Any]] | None:
-        nodes = xdsctl(mesh.admin_port, "nodes")
+        nodes = xdsctl(mesh.layout.admin_port, "nodes")
         return (
             nodes if len(nodes) == 3 and all(n["sync_state"] == "SYNCED" for n in nodes) else None
         )
 
     nodes = wait_for(all_synced, "every Envoy SYNCED", timeout=20)
-    for envoy in mesh.envoys:
+    for envoy in mesh.processes.envoys:
         (node,) = [n for n in nodes if n["id"] == envoy.opts.node_id]
         assert node["region"] == envoy.opts.region and node["client_type"] == "envoy"
         acked = {t["type"]: t["acked_version"] for t in node["types"]}
         for kind, version in envoy.applied_versions().items():
             assert acked[kind] == version, (kind, acked, envoy.applied_versions())
     # The same listing as YAML and as a table.
-    assert xdsctl(mesh.admin_port, "nodes", output="yaml") == xdsctl(mesh.admin_port, "nodes")
-    table = xdsctl(mesh.admin_port, "nodes", "--region", "eu-west", output="table")
+    assert xdsctl(mesh.layout.admin_port, "nodes", output="yaml") == xdsctl(
+        mesh.layout.admin_port, "nodes"
+    )
+    table = xdsctl(mesh.layout.admin_port, "nodes", "--region", "eu-west", output="table")
     assert table.splitlines()[0].split()[:4] == ["NODE", "REGION", "TYPE", "SYNC"]
     assert "eu-west-envoy-1" in table and "us-east" not in table
     assert table.splitlines()[1].split()[:3] == ["eu-west-envoy-1", "eu-west", "envoy"]
-    config = xdsctl(mesh.admin_port, "config", "us-east-envoy-1", "--type", "route")
+    config = xdsctl(mesh.layout.admin_port, "config", "us-east-envoy-1", "--type", "route")
     (rc,) = config["types"]["route"]["resources"]
     assert rc["name"] == ROUTE_CONFIG_NAME
 
 
 def test_rollout_control_through_xdsctl(mesh: LocalMesh) -> None:
-    load = mesh.start_load()
+    load = mesh.processes.start_load()
     wait_for(lambda: len(load.snapshot()) >= 30, "load", timeout=10)
-    mesh.begin_rollout()
-    port, token = mesh.admin_port, mesh.workdir / "admin-token"
+    mesh.spec.add_canary()
+    port, token = mesh.layout.admin_port, mesh.workdir / "admin-token"
     wait_for(lambda: xdsctl(port, "rollout", "list"), "the rollout to start", timeout=20)
     watch_log = (mesh.workdir / "watch.jsonl").open("w")
     watcher = subprocess.Popen(
@@ -158,7 +162,9 @@ def test_rollout_control_through_xdsctl(mesh: LocalMesh) -> None:
     assert target >= 1
     share = PLAN["steps"][target]  # type: ignore[index]
     wait_for(
-        lambda: all(canary_share(e) == share for e in mesh.envoys), "Envoys to follow", timeout=10
+        lambda: all(canary_share(e) == share for e in mesh.processes.envoys),
+        "Envoys to follow",
+        timeout=10,
     )
     # Weights by hand, in one region.
     pinned = xdsctl(
@@ -176,7 +182,7 @@ def test_rollout_control_through_xdsctl(mesh: LocalMesh) -> None:
     )
     us = next(r for r in pinned["regions"] if r["region"] == "us-east")
     assert us["canary_percent"] == 50 and us["manual"] and pinned["phase"] == "paused"
-    us_envoy = next(e for e in mesh.envoys if e.opts.region == "us-east")
+    us_envoy = next(e for e in mesh.processes.envoys if e.opts.region == "us-east")
     wait_for(
         lambda: envoy_weights(us_envoy) == {"production": 5000, "canary": 5000},
         "us-east at 50/50",
@@ -185,8 +191,10 @@ def test_rollout_control_through_xdsctl(mesh: LocalMesh) -> None:
     # Abort rolls back every region, as Envoy and traffic both show.
     aborted = xdsctl(port, "rollout", "abort", "recommender", "--reason", "enough", token=token)
     assert aborted["phase"] == "rolled_back"
-    wait_for(lambda: all(canary_share(e) == 0 for e in mesh.envoys), "0% canary", timeout=10)
-    for e in mesh.envoys:
+    wait_for(
+        lambda: all(canary_share(e) == 0 for e in mesh.processes.envoys), "0% canary", timeout=10
+    )
+    for e in mesh.processes.envoys:
         pools = {json.loads(http_get(f"http://{e.opts.listen}/")[1])["pool"] for _ in range(20)}
         assert pools == {"production"}
     # Errors a person can act on.
@@ -231,7 +239,7 @@ def test_rollout_control_through_xdsctl(mesh: LocalMesh) -> None:
 
 
 def test_xds_fetch_prints_what_the_envoy_of_that_region_holds(mesh: LocalMesh) -> None:
-    envoy = mesh.envoys[1]
+    envoy = mesh.processes.envoys[1]
     argv = [
         sys.executable,
         "-m",
@@ -241,7 +249,7 @@ def test_xds_fetch_prints_what_the_envoy_of_that_region_holds(mesh: LocalMesh) -
         "--region",
         envoy.opts.region,
         "--xds-server",
-        f"127.0.0.1:{mesh.xds_port}",
+        f"127.0.0.1:{mesh.layout.xds_port}",
         "--type",
     ]
     fetched = {}
@@ -262,12 +270,12 @@ def test_xds_fetch_prints_what_the_envoy_of_that_region_holds(mesh: LocalMesh) -
     }
     assert weights == envoy_weights(envoy)
     # CSDS, for standard tooling, agrees.
-    with grpc.insecure_channel(f"127.0.0.1:{mesh.admin_port}") as ch:
+    with grpc.insecure_channel(f"127.0.0.1:{mesh.layout.admin_port}") as ch:
         resp = csds_pb2_grpc.ClientStatusDiscoveryServiceStub(ch).FetchClientStatus(
             csds_pb2.ClientStatusRequest(), timeout=10
         )
     ids = sorted(c.node.id for c in resp.config)
-    assert ids == sorted(e.opts.node_id for e in mesh.envoys)
+    assert ids == sorted(e.opts.node_id for e in mesh.processes.envoys)
     cfg = next(c for c in resp.config if c.node.id == envoy.opts.node_id)
     routes = [x for x in cfg.generic_xds_configs if x.type_url == ROUTE]
     assert [x.name for x in routes] == [ROUTE_CONFIG_NAME]
@@ -276,7 +284,7 @@ def test_xds_fetch_prints_what_the_envoy_of_that_region_holds(mesh: LocalMesh) -
 
 def _start_admin(server: ServerThread, **kw: Any) -> int:
     port = free_port()
-    admin = AdminService(Parts(server.server))
+    admin = AdminService(Running(server.server))
     asyncio.run_coroutine_threadsafe(
         run_admin_server(admin, f"127.0.0.1:{port}", **kw), server.loop
     )

@@ -27,7 +27,7 @@ from envoy.service.status.v3 import csds_pb2
 from tests.support import wait_for
 from xds_server.admin.service import AdminService, run_admin_server
 from xds_server.admin.v1 import admin_pb2, admin_pb2_grpc
-from xds_server.app import Parts
+from xds_server.app import Running
 from xds_server.lab.procs import Process, free_port
 
 from .conftest import ServerThread, make_spec_doc, write_spec
@@ -429,7 +429,7 @@ def test_a_handler_bug_is_internal_and_one_log_line(
     server: ServerThread, caplog: pytest.LogCaptureFixture
 ) -> None:
     port = free_port()
-    admin = _BrokenAdmin(Parts(server.server))
+    admin = _BrokenAdmin(Running(server.server))
     asyncio.run_coroutine_threadsafe(run_admin_server(admin, f"127.0.0.1:{port}"), server.loop)
 
     def failed() -> str | None:

@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from tests.fake_kube import FakeKubeApiServer, write_kubeconfig
+from xds_server.app.metrics import ProcessMetrics
 from xds_server.lab.procs import envoy_binary
 from xds_server.spec import validate_spec
-from xds_server.telemetry import Telemetry
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"
@@ -198,7 +198,7 @@ def exported_metric_names() -> set[str]:
         "histogram": ("_bucket", "_sum", "_count", "_created"),
     }
     names = set()
-    for family in Telemetry().registry.collect():
+    for family in ProcessMetrics.create().registry.collect():
         names |= {family.name + s for s in suffixes[family.type]}
     return names
 

@@ -22,19 +22,19 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
 from tests.conftest import make_spec_doc
 from tests.fake_kube import FakeKubeApiServer, write_kubeconfig
 from tests.support import wait_for, wait_for_async
 from xds_server.lab.procs import Process, free_port, http_get
-from xds_server.outputs.istio_apply import IstioApplier, IstioSink, KubeCluster
+from xds_server.outputs.istio_apply import IstioApplier, IstioMetrics, IstioSink, KubeCluster
 from xds_server.render import istio
 from xds_server.rollout import decide as sm
 from xds_server.rollout.controller import RolloutController
 from xds_server.rollout.metrics import PrometheusSource
 from xds_server.rollout.store import Store
 from xds_server.spec import IstioCluster, IstioConfig, MeshSpec, validate_spec
-from xds_server.telemetry import Telemetry
 from xds_server.xds.publisher import XdsPublisher
 
 REGIONS = ("us-east", "eu-west", "ap-south")
@@ -197,11 +197,12 @@ def test_a_failed_prune_holds_up_no_apply_and_is_tried_again_with_the_next(
     rollbacks included, into a failure with backoff."""
     fake = plant_leftovers(fakes["us-east"])
     fake.fail_next(1, 403, "virtualservices is forbidden: cannot list", lists=True)
-    telemetry = Telemetry()
+    registry = CollectorRegistry()
+    metrics = IstioMetrics(registry)
 
     async def main() -> None:
         applier = IstioApplier(istio_cfg(spec))
-        telemetry.attach_istio(applier)
+        metrics.attach(applier)
         async with running(applier):
             applier.update(desired(spec))
             st = await wait_for_async(
@@ -220,7 +221,7 @@ def test_a_failed_prune_holds_up_no_apply_and_is_tried_again_with_the_next(
 
     asyncio.run(main())
     labels = {"region": "us-east", "result": "prune_failure"}
-    assert telemetry.registry.get_sample_value("xds_istio_apply_total", labels) == 1
+    assert registry.get_sample_value("xds_istio_apply_total", labels) == 1
 
 
 @pytest.mark.parametrize("why", ["prune: false", "nothing wanted"])
@@ -278,13 +279,14 @@ def test_newer_objects_do_not_wait_out_the_backoff_of_a_failed_apply(
 def test_a_failed_apply_is_retried_with_backoff_and_reported(
     spec: MeshSpec, fakes: dict[str, FakeKubeApiServer]
 ) -> None:
-    telemetry = Telemetry()
+    registry = CollectorRegistry()
+    metrics = IstioMetrics(registry)
     fakes["eu-west"].fail_next(3, 503, "etcdserver: request timed out")
     seen: list[tuple[str, int, str]] = []
 
     async def main() -> None:
         applier = IstioApplier(istio_cfg(spec))
-        telemetry.attach_istio(applier)
+        metrics.attach(applier)
         applier.subscribe(lambda st, what: seen.append((st.region, st.consecutive_failures, what)))
         async with running(applier):
             applier.update(desired(spec))
@@ -306,7 +308,7 @@ def test_a_failed_apply_is_retried_with_backoff_and_reported(
             assert st.applied_generation == st.desired_generation == 1
 
     def sample(name: str, **labels: str) -> float | None:
-        return telemetry.registry.get_sample_value(name, labels)
+        return registry.get_sample_value(name, labels)
 
     asyncio.run(main())
     assert [s for s in seen if s[0] == "eu-west" and s[2] == "failure"] == [

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from tests.support import wait_for
 from tests.test_controller import (
@@ -38,8 +39,9 @@ from tests.test_controller import (
     run,
 )
 from xds_server.cli import main as cli_main
-from xds_server.lab.mesh import LocalMesh, MeshOptions
-from xds_server.outputs.notify import Notifier
+from xds_server.lab.layout import MeshOptions
+from xds_server.lab.mesh import LocalMesh
+from xds_server.outputs.notify import Notifier, NotifyMetrics
 from xds_server.render.notifications import (
     CLOUDEVENTS_CONTENT_TYPE,
     JSON_CONTENT_TYPE,
@@ -68,7 +70,6 @@ from xds_server.spec import (
     NotifyKind,
     load_spec,
 )
-from xds_server.telemetry import Telemetry
 from xds_server.traffic import PRODUCTION_ONLY
 
 NOW = 1_700_000_000.25
@@ -365,8 +366,8 @@ def test_a_rollout_and_its_rollback_reach_a_real_receiver(
     )
     rig = make_rig(tmp_path, with_targets(bus, team))
     notifier = Notifier(backoff=0.01)
-    telemetry = Telemetry()
-    telemetry.attach_notifier(notifier)
+    registry = CollectorRegistry()
+    NotifyMetrics(registry).attach(notifier)
     rig.controller.subscribe(notifier)
 
     async def body() -> None:
@@ -394,7 +395,7 @@ def test_a_rollout_and_its_rollback_reach_a_real_receiver(
     (chat,) = receiver.at("/slack")
     assert chat.content_type == JSON_CONTENT_TYPE
     assert chat.body["text"].startswith(f"*{SERVICE} {CANARY}: rolled back*")
-    sent = telemetry.registry.get_sample_value
+    sent = registry.get_sample_value
     assert sent("xds_notifications_sent_total", {"target": "bus", "type": "rollout.step"}) == 1
     assert sent("xds_notifications_sent_total", {"target": "team", "type": "rollout.rolled_back"})
     assert sent("xds_notifications_failed_total", {"target": "bus", "type": "rollout.step"}) is None
@@ -413,8 +414,8 @@ def test_a_hanging_receiver_delays_no_rollback(
     )
     rig = make_rig(tmp_path, with_targets(stuck, slow, queue=2))
     notifier = Notifier(backoff=0.05)
-    telemetry = Telemetry()
-    telemetry.attach_notifier(notifier)
+    registry = CollectorRegistry()
+    NotifyMetrics(registry).attach(notifier)
     views = RecordingSink()
     rig.controller.subscribe(notifier)
     rig.controller.subscribe(views)
@@ -442,7 +443,7 @@ def test_a_hanging_receiver_delays_no_rollback(
         assert total == 10  # started, 4 x (paused, resumed), rolled_back
         st = notifier.stats()["stuck"]
         assert (st.queued, st.dropped, st.sent) == (2, total - 1 - 2, 0)
-        dropped = telemetry.registry.get_sample_value
+        dropped = registry.get_sample_value
         assert dropped("xds_notifications_dropped_total", {"target": "stuck"}) == total - 3
         assert dropped("xds_notifications_queued", {"target": "stuck"}) == 2
         wait_for(lambda: notifier.stats()["slow"].failed >= 1, "slow's first failure", timeout=10)
@@ -450,7 +451,7 @@ def test_a_hanging_receiver_delays_no_rollback(
         assert slow_stats.retries >= 2 and "timed out" in slow_stats.last_error
         failures = [r for r in caplog.records if "to slow failed after 3 attempt(s)" in r.message]
         assert len(failures) >= 1 and all("\n" not in r.getMessage() for r in failures)
-        count = telemetry.registry.get_sample_value
+        count = registry.get_sample_value
         assert count("xds_notifications_retries_total", {"target": "slow"}) >= 2
         assert count(
             "xds_notifications_failed_total", {"target": "slow", "type": "rollout.started"}
@@ -506,15 +507,15 @@ def test_the_lab_writes_a_webhook_target_for_notify(tmp_path: Path) -> None:
     url = "http://127.0.0.1:9/events"
     mesh = LocalMesh(tmp_path / "with", MeshOptions(notify_url=url))
     mesh.workdir.mkdir()
-    mesh.write_spec(with_canary=True)
-    spec = load_spec(mesh.spec_path)
+    mesh.spec.write(with_canary=True)
+    spec = load_spec(mesh.spec.path)
     assert spec.notifications_for("recommender").targets == (
         NotificationTarget("lab", NotifyKind.WEBHOOK, url),
     )
     plain = LocalMesh(tmp_path / "without", MeshOptions())
     plain.workdir.mkdir()
-    plain.write_spec(with_canary=False)
-    assert "notifications" not in load_spec(plain.spec_path).raw
+    plain.spec.write(with_canary=False)
+    assert "notifications" not in load_spec(plain.spec.path).raw
     assert cli_main(["lab", "run", "--notify", "ftp://example.com/x"]) == 2
 
 

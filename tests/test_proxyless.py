@@ -35,7 +35,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 
 from tests.support import wait_for
 from xds_server.admin.service import AdminService, run_admin_server
-from xds_server.app import Parts
+from xds_server.app import Running
 from xds_server.lab.background import BackgroundServer
 from xds_server.lab.procs import free_port
 from xds_server.spec import validate_spec
@@ -264,7 +264,7 @@ def share(counts: Counter[str], version: str) -> float:
 def admin_port(xds: BackgroundServer) -> Iterator[int]:
     """The admin API (what `xdsctl` talks to) on the server's loop; its port."""
     port = free_port()
-    admin = AdminService(Parts(xds.server))
+    admin = AdminService(Running(xds.server))
     serving = asyncio.run_coroutine_threadsafe(
         run_admin_server(admin, f"127.0.0.1:{port}"), xds.loop
     )

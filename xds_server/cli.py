@@ -107,7 +107,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from xds_server.app import App, ServeOptions
+    from xds_server.app import ServeOptions, local
 
     setup_logging(args.log_level, args.log_format)
     split_host_port(args.xds_address, "--xds-address")
@@ -148,18 +148,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _store_address(args)  # a bad --store is one line, before anything starts
         asyncio.run(_serve_replica(options))
     else:
-        asyncio.run(App(options).serve())
+        asyncio.run(local(options).serve())
     return 0
 
 
 async def _serve_replica(options: ServeOptions) -> None:
-    from xds_server.app import ReplicaApp, StoreError
+    from xds_server.app import StoreError, replica
 
     try:
-        app = await ReplicaApp.connect(options)
+        server = await replica(options)
     except (StoreError, ValueError) as exc:
         raise UsageError(str(exc)) from None
-    await app.serve()
+    await server.serve()
 
 
 def _store_address(args: argparse.Namespace) -> EtcdAddress:

@@ -33,6 +33,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
 from xds_server.render.istio import (
     FIELD_MANAGER,
     GROUP,
@@ -43,7 +45,7 @@ from xds_server.render.istio import (
     region_objects,
 )
 from xds_server.rollout.ports import Committed
-from xds_server.spec import IstioCluster, IstioConfig
+from xds_server.spec import IstioCluster, IstioConfig, MeshSpec
 
 log = logging.getLogger("xds_server.istio")
 
@@ -419,6 +421,70 @@ class IstioSink:
                 if r in spec.regions
             }
         )
+
+    async def run(self) -> None:
+        await self.applier.run()
+
+    def close(self, timeout: float) -> None:
+        """Nothing to hand over: the next leader applies the newest objects again."""
+
+
+class IstioMetrics:
+    """Apply results and pending state per region, on `/metrics`."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.applies = Counter(
+            "xds_istio_apply",
+            "Server-side applies of a region's Istio objects to its cluster, by result",
+            ["region", "result"],
+            registry=registry,
+        )
+        self.pending = Gauge(
+            "xds_istio_apply_pending",
+            "1 while a region's cluster does not hold the newest Istio objects",
+            ["region"],
+            registry=registry,
+        )
+        self.failures = Gauge(
+            "xds_istio_apply_consecutive_failures",
+            "Failed applies in a row to a region's cluster (0 once one succeeds)",
+            ["region"],
+            registry=registry,
+        )
+
+    def attach(self, applier: IstioApplier) -> None:
+        for st in applier.status():
+            for result in APPLY_RESULTS:
+                self.applies.labels(st.region, result)
+            self._on_apply(st, "")
+        applier.subscribe(self._on_apply)
+
+    def _on_apply(self, status: RegionApplyStatus, what: str) -> None:
+        if what in APPLY_RESULTS:
+            self.applies.labels(status.region, what).inc()
+        self.pending.labels(status.region).set(1 if status.pending else 0)
+        self.failures.labels(status.region).set(status.consecutive_failures)
+
+
+APPLY_RESULTS = ("success", "failure", "prune_failure")
+
+
+def istio_sinks(registry: CollectorRegistry) -> Callable[[MeshSpec], IstioSink | None]:
+    """The istio output mode as a leader sink: only the process that decides applies."""
+    metrics = IstioMetrics(registry)
+
+    def build(spec: MeshSpec) -> IstioSink | None:
+        if spec.istio is None or not spec.istio.apply:
+            return None
+        applier = IstioApplier(spec.istio)
+        metrics.attach(applier)
+        log.info(
+            "istio output: applying to %s",
+            ", ".join(f"{st.region} ({st.target})" for st in applier.status()),
+        )
+        return IstioSink(applier)
+
+    return build
 
 
 def _describe(cluster: Cluster) -> str:

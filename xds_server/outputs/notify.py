@@ -15,7 +15,7 @@ appears anywhere in it stops, and what it still held is counted as dropped. `clo
 (at shutdown) gives the workers a bounded time to send what they hold, one attempt
 each.
 
-Results reach `/metrics` through `subscribe` (`telemetry.Telemetry.attach_notifier`).
+Results reach `/metrics` through `subscribe` (`NotifyMetrics`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import urllib.request
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from xds_server.render.notifications import body, events, for_target
 from xds_server.rollout.ports import Committed
@@ -351,6 +353,9 @@ class Notifier:
         with self._lock:
             return self._counts.get((target, type_, result), 0)
 
+    async def run(self) -> None:
+        """The workers are threads of their own: nothing to run on the loop."""
+
     def close(self, timeout: float = 5.0) -> None:
         """Stop taking events; give the workers up to `timeout` in all to send what they
         hold (one attempt each, no more retries), then stop them: what is still queued
@@ -369,6 +374,71 @@ class Notifier:
                 self._report(left, DROPPED, 0, "not sent before shutdown")
 
 
+class NotifyMetrics:
+    """Sent, failed, retried, dropped and waiting notifications per target."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.sent = Counter(
+            "xds_notifications_sent",
+            "Notifications a target accepted (2xx), by target name and event type",
+            ["target", "type"],
+            registry=r,
+        )
+        self.failed = Counter(
+            "xds_notifications_failed",
+            "Notifications given up on after their retries, by target name and event type",
+            ["target", "type"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "xds_notifications_retries",
+            "Failed attempts to send a notification that were tried again",
+            ["target"],
+            registry=r,
+        )
+        self.dropped = Counter(
+            "xds_notifications_dropped",
+            "Notifications dropped unsent: the target's queue was full, or it left the spec",
+            ["target"],
+            registry=r,
+        )
+        self.queued = Gauge(
+            "xds_notifications_queued",
+            "Notifications waiting in a target's queue",
+            ["target"],
+            registry=r,
+        )
+
+    def attach(self, notifier: Notifier) -> None:
+        notifier.subscribe(self._on_result)
+
+    def _on_result(self, r: NotifyResult) -> None:
+        if r.result == SENT:
+            self.sent.labels(r.target, r.type).inc()
+        elif r.result == FAILED:
+            self.failed.labels(r.target, r.type).inc()
+        elif r.result == RETRY:
+            self.retries.labels(r.target).inc()
+        elif r.result == DROPPED:
+            self.dropped.labels(r.target).inc()
+        self.queued.labels(r.target).set(r.queued)
+
+
+def notification_sinks(registry: CollectorRegistry) -> Callable[[MeshSpec], Notifier]:
+    """Notifications as a leader sink: the leader sends them, followers none. Cheap
+    without targets (nothing is rendered); targets come and go with the spec."""
+    metrics = NotifyMetrics(registry)
+
+    def build(spec: MeshSpec) -> Notifier:
+        del spec
+        notifier = Notifier()
+        metrics.attach(notifier)
+        return notifier
+
+    return build
+
+
 __all__ = [
     "DROPPED",
     "FAILED",
@@ -377,8 +447,10 @@ __all__ = [
     "SENT",
     "Delivery",
     "Notifier",
+    "NotifyMetrics",
     "NotifyResult",
     "PostFailure",
     "TargetStats",
+    "notification_sinks",
     "post",
 ]

@@ -22,21 +22,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Collection
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 
 from xds_server.rollout import decide as sm
-from xds_server.rollout.audit import AuditEntry, decision_entries
+from xds_server.rollout.audit import decision_entries
+from xds_server.rollout.commits import CommitLog, NotLeader, StoreHealth
 from xds_server.rollout.decide import Decision, Observation, RegionEvent
 from xds_server.rollout.observe import Observer
-from xds_server.rollout.ports import (
-    Committed,
-    MetricSource,
-    StateStore,
-    StoreFenced,
-    StoreWriteError,
-    TrafficSink,
-)
+from xds_server.rollout.ports import Committed, MetricSource, StateStore, TrafficSink
 from xds_server.rollout.state import (
     LIVE,
     PROGRESSING,
@@ -51,29 +45,12 @@ from xds_server.xds.resources import cluster_name
 
 log = logging.getLogger("xds_server.rollout")
 
-STORE_RETRY_SECONDS = 1.0
-
 
 class StoreUnavailable(Exception):
     """A decision that was not made because the store cannot be written (nothing changed)."""
 
 
-class NotLeader(Exception):
-    """The store refused a write because another replica leads: this controller stops
-    (the app turns the replica into a follower); what it decided was not pushed."""
-
-
-@dataclass(frozen=True)
-class StoreHealth:
-    ok: bool = True
-    error: str = ""
-    """The last write error, while failing."""
-    since: float | None = None
-    """When the current run of failed writes began."""
-    failed_writes: int = 0
-    """Every failed write since start (retries included)."""
-    unsaved_rollbacks: int = 0
-    """Rollbacks pushed to the data plane but not committed yet."""
+__all__ = ["NotLeader", "RolloutController", "StoreHealth", "StoreUnavailable"]
 
 
 class RolloutController:
@@ -99,11 +76,7 @@ class RolloutController:
         """The weights last given to the data plane."""
         self._next_due: dict[str, float] = {}
         self._sinks: list[TrafficSink] = []
-        self.store_health = StoreHealth()
-        self._store_watchers: list[Callable[[StoreHealth], None]] = []
-        self._unsaved: list[tuple[RolloutState, list[AuditEntry], frozenset[str]]] = []
-        """Rollbacks pushed but not committed, oldest first."""
-        self._retry_at = 0.0
+        self.commits = CommitLog(store, clock)
 
     @property
     def spec(self) -> MeshSpec:
@@ -117,7 +90,11 @@ class RolloutController:
 
     def watch_store(self, listener: Callable[[StoreHealth], None]) -> None:
         """Call `listener` on every failed write and on recovery."""
-        self._store_watchers.append(listener)
+        self.commits.watch(listener)
+
+    @property
+    def store_health(self) -> StoreHealth:
+        return self.commits.health
 
     def traffic(self) -> TrafficState:
         """The weights every rollout's state implies; production only where none."""
@@ -304,7 +281,10 @@ class RolloutController:
         changed = before.regions_changed(after)
         versions = {r: self.dataplane.next_version(r) for r in changed}
         entries = decision_entries(decision, before, after, versions, now, actor)
-        if not self._save(decision.state, entries, critical=decision.rollback, regions=changed):
+        saved = self.commits.save(
+            decision.state, entries, critical=decision.rollback, regions=changed
+        )
+        if not saved:
             if decision.rollback:
                 log.error(
                     "pushing the rollback of %s %s although it is not saved; it is saved "
@@ -312,8 +292,7 @@ class RolloutController:
                     svc.name,
                     decision.state.canary_version,
                 )
-                self._unsaved.append((decision.state, entries, frozenset(changed)))
-                self._set_store_health(unsaved_rollbacks=len(self._unsaved))
+                self.commits.keep_unsaved(decision.state, entries, changed)
             elif changed or _moves(self.rollouts.get(svc.name), decision.state):
                 raise StoreUnavailable(
                     f"the state store cannot be written ({self.store_health.error}): "
@@ -334,81 +313,10 @@ class RolloutController:
         reason = "rollback" if decision.rollback else "rollout step"
         self._push(urgent=True, reason=reason, decision=decision, actor=actor)
 
-    # ---- the store's health ----
-
     def retry_store(self) -> None:
         """Save the rollbacks pushed while the store failed, once a retry is due."""
-        if self._unsaved and self.clock() >= self._retry_at:
-            self._save_unsaved()
-
-    def _save(
-        self,
-        state: RolloutState,
-        entries: list[AuditEntry],
-        *,
-        critical: bool,
-        regions: Collection[str] = (),
-    ) -> bool:
-        """Write unsaved rollbacks first (in order), then this; False if anything failed.
-        NotLeader when the store says another replica leads."""
-        if not self._save_unsaved():
-            return False
-        try:
-            self.store.record(state, entries, critical=critical, regions=regions)
-        except StoreFenced as exc:
-            raise NotLeader(str(exc)) from None
-        except StoreWriteError as exc:
-            self._store_failed(str(exc))
-            return False
-        self._store_ok()
-        return True
-
-    def _save_unsaved(self) -> bool:
-        if not self._unsaved:
-            return True
-        while self._unsaved:
-            state, entries, regions = self._unsaved[0]
-            try:
-                self.store.record(state, entries, critical=True, regions=regions)
-            except StoreFenced as exc:
-                raise NotLeader(str(exc)) from None
-            except StoreWriteError as exc:
-                self._store_failed(str(exc))
-                return False
-            self._unsaved.pop(0)
-            log.warning(
-                "saved the rollback of %s %s pushed while the store was failing",
-                state.service,
-                state.canary_version,
-            )
-        self._store_ok()
-        return True
-
-    def _store_failed(self, error: str) -> None:
-        now = self.clock()
-        self._retry_at = now + STORE_RETRY_SECONDS
-        health = self.store_health
-        if health.ok:
-            log.error("the state store cannot be written: %s", error)
-        self._set_store_health(
-            ok=False,
-            error=error,
-            since=health.since if not health.ok else now,
-            failed_writes=health.failed_writes + 1,
-        )
-
-    def _store_ok(self) -> None:
-        health = self.store_health
-        if health.ok and health.unsaved_rollbacks == len(self._unsaved):
-            return
-        if not health.ok:
-            log.warning("the state store works again (failing since %.0f)", health.since or 0)
-        self._set_store_health(ok=True, error="", since=None, unsaved_rollbacks=len(self._unsaved))
-
-    def _set_store_health(self, **changes: object) -> None:
-        self.store_health = replace(self.store_health, **changes)  # type: ignore[arg-type]
-        for listener in list(self._store_watchers):
-            listener(self.store_health)
+        if self.commits.retry_due():
+            self.commits.save_unsaved()
 
     # ---- operator actions (the admin API) ----
     # Each raises KeyError for an unknown service or region, ValueError when the rollout's

@@ -1,0 +1,49 @@
+"""What `xds-server serve` was asked for: one frozen record, filled by the command line."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    spec_path: Path | None
+    """None only with `store_url` (the spec is then the store's)."""
+    xds_address: str = "127.0.0.1:18000"
+    state_dir: Path = Path("xds-state")
+    prometheus_url: str = "http://127.0.0.1:9090"
+    metrics_address: tuple[str, int] | None = ("127.0.0.1", 18002)
+    """None: no /metrics."""
+    admin_address: str = "127.0.0.1:18001"
+    admin_tokens: Mapping[str, str] | None = None
+    """Name -> bearer token (`--admin-token-file`); None: the admin API asks for none."""
+    admin_auth_reads: bool = False
+    """Reads need a token too, not only changes."""
+    xds_tls: tuple[bytes, bytes] | None = None
+    """(certificate chain, private key) in PEM."""
+    xds_client_ca: bytes | None = None
+    """Require client certificates signed by this CA (PEM), whose identity names the
+    node's region and id (mTLS)."""
+    xds_trust_domain: str | None = None
+    admin_tls: tuple[bytes, bytes] | None = None
+    follow_interval: float = 0.5
+    """How often a follower reads the committed state."""
+    ui_address: str = "127.0.0.1:18080"
+    """The web dashboard; "" turns it off."""
+    store_url: str | None = None
+    """`etcd://HOST:PORT[,...]`: run as one replica of several on etcd (replicas);
+    None: one process on SQLite under `state_dir`."""
+    store_prefix: str = "/xds-server/default"
+    leader_ttl: float = 5.0
+    """The leader lease's TTL, seconds: how long a dead leader holds the rollouts up."""
+    regions: tuple[str, ...] = ()
+    """The regions this replica serves; (): all."""
+    replica_id: str = ""
+    """This replica's name in the store; "": the host name and the xDS port."""
+
+    @property
+    def replicated(self) -> bool:
+        """Replicas on etcd (`--store`), rather than one process on SQLite."""
+        return self.store_url is not None

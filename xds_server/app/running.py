@@ -1,0 +1,76 @@
+"""The running parts of one `serve`, read-only: what the admin API and the dashboard
+read (`admin.views.AdminView`). The server swaps its leader and follower as leadership
+comes and goes (`Roles`); readers always see the current ones."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from xds_server.app.follower import Follower
+from xds_server.app.leader import LeaderRuntime
+from xds_server.ha.replicas import Directory
+from xds_server.outputs.istio_apply import IstioApplier, IstioSink
+from xds_server.rollout.controller import RolloutController
+from xds_server.rollout.ports import StateStore
+from xds_server.rollout.state import RolloutState
+from xds_server.spec import MeshSpec
+from xds_server.xds.publisher import XdsPublisher
+
+
+class Roles:
+    """Who this process is right now: the leader's term, or a follower (one of them, or
+    neither for a moment). Only the server changes it."""
+
+    def __init__(self) -> None:
+        self.leader: LeaderRuntime | None = None
+        self.follower: Follower | None = None
+
+
+class Running:
+    def __init__(
+        self,
+        publisher: XdsPublisher,
+        store: StateStore | None = None,
+        directory: Directory | None = None,
+        roles: Roles | None = None,
+    ) -> None:
+        self._publisher = publisher
+        self._store = store
+        self._directory = directory
+        self._roles = roles or Roles()
+
+    @property
+    def spec(self) -> MeshSpec:
+        return self._publisher.spec
+
+    @property
+    def publisher(self) -> XdsPublisher:
+        return self._publisher
+
+    @property
+    def store(self) -> StateStore | None:
+        return self._store
+
+    @property
+    def directory(self) -> Directory | None:
+        """Replicas on etcd: every replica's key (for `xdsctl status`); None for one process."""
+        return self._directory
+
+    @property
+    def controller(self) -> RolloutController | None:
+        """None in a process that does not decide rollouts."""
+        leader = self._roles.leader
+        return leader.controller if leader is not None else None
+
+    @property
+    def istio(self) -> IstioApplier | None:
+        leader = self._roles.leader
+        sinks = leader.sinks if leader is not None else []
+        return next((s.applier for s in sinks if isinstance(s, IstioSink)), None)
+
+    def rollouts(self) -> Mapping[str, RolloutState]:
+        """The current rollouts: the controller's, or what the follower read."""
+        if (controller := self.controller) is not None:
+            return controller.rollouts
+        follower = self._roles.follower
+        return follower.rollouts if follower is not None else {}
