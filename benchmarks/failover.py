@@ -49,9 +49,9 @@ from aetcd import rpc
 from xds_server.ctl import main as xdsctl
 from xds_server.ha.etcd import Keys, parse_store_url, range_end
 from xds_server.ha.store import VERSION_SCALE
-from xds_server.lab.mesh import SERVICE, LocalMesh, MeshOptions
+from xds_server.lab.layout import DEFAULT_REGIONS, SERVICE, MeshOptions
+from xds_server.lab.mesh import LocalMesh
 from xds_server.lab.procs import Envoy, wait_for
-from xds_server.lab.run import DEFAULT_REGIONS
 from xds_server.lab.scenarios import FAST_PLAN
 from xds_server.rollout.state import LIVE
 
@@ -253,7 +253,7 @@ def wait_connected(
 ) -> dict[str, str]:
     """Wait until every Envoy is connected to a replica (its own region's, or the other
     one that serves its region); its node id -> that replica."""
-    nodes = {e.opts.node_id for e in mesh.envoys}
+    nodes = {e.opts.node_id for e in mesh.processes.envoys}
 
     def connected() -> dict[str, str] | None:
         homes = node_homes(store, dead)
@@ -325,7 +325,7 @@ def one_kill(mesh: LocalMesh, store: StoreReader, ttl: float, timeout: float) ->
     stranded = sorted(n for n, rid in wait_connected(mesh, store, timeout).items() if rid == killed)
     since = store.last_seq()
     t_kill = time.time()
-    mesh.replicas[killed].kill()
+    mesh.faults.kill_replica(killed)
 
     seen: dict[str, float] = {}  # what has happened since the kill -> when it was seen
     found: dict[str, Any] = {}
@@ -348,7 +348,7 @@ def one_kill(mesh: LocalMesh, store: StoreReader, ttl: float, timeout: float) ->
     leader, entry = str(found["leader"]), found["decision"]
     t_log = elected_at(mesh.workdir / f"xds-server-{leader}.log", t_kill)
     t_restart = time.time()
-    mesh.start_replica(killed)
+    mesh.processes.start_replica(killed)
 
     def fresh_key() -> bool | None:  # (the killed process's key lives until its lease ends)
         doc = store.replicas().get(killed)
@@ -373,7 +373,7 @@ def one_kill(mesh: LocalMesh, store: StoreReader, ttl: float, timeout: float) ->
 def failovers(mesh: LocalMesh, store: StoreReader, a: argparse.Namespace) -> list[Kill]:
     kills = []
     for i in range(a.kills):
-        state = mesh.rollout_state()
+        state = mesh.state.rollout()
         if state is None or state["phase"] not in LIVE:
             progress(f"stopping the kills: the rollout is {state and state['phase']}: "
                   f"{state and state['reason']}")  # fmt: skip
@@ -410,7 +410,7 @@ class Push:
 def set_weights(mesh: LocalMesh, leader: str, canary: float, i: int) -> float:
     """`xdsctl rollout set-weights` on the leader's admin API (xdsctl's own `main`, in this
     process: no interpreter start-up competing with the push for the CPU)."""
-    argv = ["--server", f"127.0.0.1:{mesh.replica_admin(leader)}", "--actor", ACTOR,
+    argv = ["--server", f"127.0.0.1:{mesh.layout.replica_admin(leader)}", "--actor", ACTOR,
             "rollout", "set-weights", SERVICE, "--canary", f"{canary:g}",
             "--reason", f"failover benchmark decision {i + 1}"]  # fmt: skip
     out, err = io.StringIO(), io.StringIO()
@@ -436,7 +436,7 @@ def one_push(
     committed = mine[0].time
     target = mine[0].revision * VERSION_SCALE
     push = Push(canary, target, lead[0], call_s)
-    nodes = [e.opts.node_id for e in mesh.envoys]
+    nodes = [e.opts.node_id for e in mesh.processes.envoys]
 
     def arrived() -> dict[str, float] | None:
         times = [(n, watch.reached(n, target)) for n in nodes]
@@ -456,15 +456,17 @@ def pushes(
     mesh: LocalMesh, store: StoreReader, a: argparse.Namespace
 ) -> tuple[list[Push], float | None]:
     """The decisions, and how often each Envoy was polled in fact (ms between polls)."""
-    state = mesh.rollout_state()
+    state = mesh.state.rollout()
     if state is None or state["phase"] not in LIVE:
         progress(f"no decisions measured: the rollout is {state and state['phase']}")
         return [], None
     homes = wait_connected(mesh, store, a.timeout)
-    by_replica = {rid: sorted(n for n, r in homes.items() if r == rid) for rid in mesh.replicas}
+    by_replica = {
+        rid: sorted(n for n, r in homes.items() if r == rid) for rid in mesh.processes.replicas
+    }
     progress(f"Envoys by replica: {by_replica}")
     budget = a.decisions * (a.timeout + 35) + 30
-    watch = VersionWatch(mesh.envoys, a.poll_ms / 1000, budget).start()
+    watch = VersionWatch(mesh.processes.envoys, a.poll_ms / 1000, budget).start()
     out = []
     try:
         for i in range(a.decisions):
@@ -559,18 +561,18 @@ def run(a: argparse.Namespace, workdir: Path) -> tuple[list[Kill], list[Push], f
                        rollout=PLAN, load_rate=50, ha=True, leader_ttl=a.leader_ttl)  # fmt: skip
     budget = a.kills * (a.leader_ttl + 4 * a.timeout) + a.decisions * (a.timeout + 35) + 300
     with LocalMesh(workdir, opts) as mesh:
-        assert mesh.etcd is not None
-        store = StoreReader(mesh.etcd.url)
+        assert mesh.processes.etcd is not None
+        store = StoreReader(mesh.processes.etcd.url)
         try:
-            progress(f"mesh up in {workdir}; leader: {mesh.wait_leader()}")
-            load = mesh.start_load(budget)
+            progress(f"mesh up in {workdir}; leader: {mesh.state.wait_leader()}")
+            load = mesh.processes.start_load(budget)
             wait_for(lambda: len(load.snapshot()) >= 20, 15, "load through the Envoys")
-            mesh.wait_latency_series()  # (a rollout needs every pool's series to start)
-            mesh.begin_rollout()
-            mesh.wait_phase({"progressing"}, 60)
+            mesh.traffic.wait_latency_series()  # (a rollout needs every pool's series to start)
+            mesh.spec.add_canary()
+            mesh.state.wait_phase({"progressing"}, 60)
             kills = failovers(mesh, store, a)
             done, period = pushes(mesh, store, a)
-            state = mesh.rollout_state()
+            state = mesh.state.rollout()
             progress(f"rollout at the end: {state['phase'] if state else None}")
             return kills, done, period
         finally:

@@ -82,8 +82,8 @@ from xds_server.app import REGISTRY_COALESCE_SECONDS
 from xds_server.ha.etcd import Keys, async_client, parse_store_url
 from xds_server.ha.instances import Instance, instance_to_json
 from xds_server.lab.etcd import EtcdCluster
+from xds_server.lab.layout import DEFAULT_REGIONS
 from xds_server.lab.procs import Process, free_port, http_get
-from xds_server.lab.run import DEFAULT_REGIONS
 from xds_server.xds.publisher import COALESCE_SECONDS
 
 SERVICE = "recommender"

@@ -22,9 +22,11 @@ import threading
 import time
 from pathlib import Path
 
-from xds_server.lab.mesh import LocalMesh, MeshOptions, canary_share
+from xds_server.lab.layout import MeshOptions
+from xds_server.lab.mesh import LocalMesh
 from xds_server.lab.procs import wait_for
 from xds_server.lab.scenarios import FAST_PLAN
+from xds_server.lab.traffic import canary_share
 
 PLAN = FAST_PLAN
 """The lab's low-traffic analysis settings with the rollout tests' short steps."""
@@ -56,24 +58,29 @@ class HangingReceiver:
 def one_run(workdir: Path, notify_url: str | None = None) -> dict[str, float]:
     opts = MeshOptions(rollout=PLAN, load_rate=50, notify_url=notify_url)
     with LocalMesh(workdir, opts) as mesh:
-        load = mesh.start_load()
+        load = mesh.processes.start_load()
         wait_for(lambda: len(load.snapshot()) >= 30, 10, "load")
-        mesh.begin_rollout()
+        mesh.spec.add_canary()
 
         def at_step_one() -> bool:
-            st = mesh.rollout_state()
+            st = mesh.state.rollout()
             return bool(st) and {r["step"] for r in st["regions"].values()} == {1}  # type: ignore[index]
 
         wait_for(at_step_one, 60, "step 1 everywhere")
-        wait_for(lambda: all(canary_share(e) == 20 for e in mesh.envoys), 10, "20% in Envoy")
-        fault = time.time()
-        mesh.set_fault("eu-west", "canary", error_rate=0.2)
         wait_for(
-            lambda: all(canary_share(e) == 0 for e in mesh.envoys), 30, "0% canary", interval=0.02
+            lambda: all(canary_share(e) == 20 for e in mesh.processes.envoys), 10, "20% in Envoy"
+        )
+        fault = time.time()
+        mesh.faults.set("eu-west", "canary", error_rate=0.2)
+        wait_for(
+            lambda: all(canary_share(e) == 0 for e in mesh.processes.envoys),
+            30,
+            "0% canary",
+            interval=0.02,
         )
         total = time.time() - fault
         decided = next(
-            e.time for e in mesh.audit() if e.region is None and e.phase_to == "rolled_back"
+            e.time for e in mesh.state.audit() if e.region is None and e.phase_to == "rolled_back"
         )
         return {
             "fault_to_all_envoys_s": total,

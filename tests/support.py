@@ -119,7 +119,7 @@ def steps(state: RolloutState) -> set[int]:
 def mesh_steps(mesh: LocalMesh) -> set[int]:
     """The steps of a lab mesh's rollout, as its committed state says (empty before the
     rollout starts)."""
-    state = mesh.rollout_state()
+    state = mesh.state.rollout()
     return {r["step"] for r in state["regions"].values()} if state else set()
 
 
@@ -127,9 +127,10 @@ def mesh_steps(mesh: LocalMesh) -> set[int]:
 def mesh_under_load(workdir: Path, plan: Mapping[str, Any]) -> Iterator[LocalMesh]:
     """A lab mesh whose rollouts follow `plan`, with 50 requests/s through its Envoys
     (30 of them seen before it is handed over)."""
-    from xds_server.lab.mesh import LocalMesh, MeshOptions
+    from xds_server.lab.layout import MeshOptions
+    from xds_server.lab.mesh import LocalMesh
 
     with LocalMesh(workdir, MeshOptions(rollout=dict(plan), load_rate=50)) as mesh:
-        load = mesh.start_load()
+        load = mesh.processes.start_load()
         wait_for(lambda: len(load.snapshot()) >= 30, "load through every Envoy", timeout=10)
         yield mesh

@@ -24,7 +24,8 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from tests.support import wait_for
-from xds_server.lab.mesh import LocalMesh, MeshOptions
+from xds_server.lab.layout import MeshOptions
+from xds_server.lab.mesh import LocalMesh
 from xds_server.lab.procs import Process, free_port
 from xds_server.lab.scenarios import FAST_PLAN
 from xds_server.rollout.audit import AuditEntry, rollback_cause
@@ -69,7 +70,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     )
     m = LocalMesh(tmp_path_factory.mktemp("dashboard") / "mesh", opts)
     with m:
-        load = m.start_load(max_seconds=400)
+        load = m.processes.start_load(max_seconds=400)
         wait_for(lambda: len(load.snapshot()) >= 20, "load through every Envoy", timeout=15)
         yield m
 
@@ -108,11 +109,11 @@ def test_an_operator_follows_and_steers_a_rollout_in_the_browser(
     mesh: LocalMesh, browser: Browser, tmp_path: Path
 ) -> None:
     page, errors = new_page(browser)
-    page.goto(mesh.dashboard_url)
+    page.goto(mesh.layout.dashboard_url)
     expect(page.locator('.service[data-service="recommender"] h2')).to_contain_text("no rollout")
 
     # The overview follows the steps as they advance, with no reload.
-    mesh.begin_rollout()
+    mesh.spec.add_canary()
     for region in mesh.opts.regions:
         expect(canary(page, region)).to_have_text("canary 5%", timeout=30_000)
     for region in mesh.opts.regions:
@@ -122,17 +123,17 @@ def test_an_operator_follows_and_steers_a_rollout_in_the_browser(
     page.screenshot(path=str(tmp_path / "overview.png"), full_page=True)
 
     # Without the token: no buttons, and the API refuses.
-    page.goto(f"{mesh.dashboard_url}#/rollout/recommender")
+    page.goto(f"{mesh.layout.dashboard_url}#/rollout/recommender")
     expect(page.locator("#actions-off")).to_be_visible()
     expect(page.locator("#action-pause")).to_have_count(0)
     status, body = request(
-        f"{mesh.dashboard_url}api/rollouts/recommender/pause",
+        f"{mesh.layout.dashboard_url}api/rollouts/recommender/pause",
         "POST",
         {"reason": "no token"},
         {"Content-Type": "application/json"},
     )
     assert status == 401, body
-    assert mesh.rollout_state()["phase"] == "progressing"
+    assert mesh.state.rollout()["phase"] == "progressing"
 
     # With it: pause, with a reason that tries to be HTML; it lands in the audit log,
     # with the token's name as the actor, and shows as text.
@@ -147,14 +148,14 @@ def test_an_operator_follows_and_steers_a_rollout_in_the_browser(
     assert page.evaluate("window.__xss") is None
     assert page.locator('img[src="x"]').count() == 0
     assert page.locator("script").count() == 1  # app.js, nothing the reason brought
-    entries = [e for e in mesh.audit() if e.phase_to == "paused" and e.region is None]
+    entries = [e for e in mesh.state.audit() if e.phase_to == "paused" and e.region is None]
     assert entries and entries[-1].actor == "admin" and XSS in entries[-1].reason
-    assert mesh.rollout_state()["phase"] == "paused"
+    assert mesh.state.rollout()["phase"] == "paused"
 
     # A bad canary in eu-west: resume, and the page shows the rollback, its region and
     # its metric, in the same document (no reload: the marker survives).
     page.evaluate("window.__sameDocument = true")
-    mesh.set_fault("eu-west", "canary", error_rate=0.6)
+    mesh.faults.set("eu-west", "canary", error_rate=0.6)
     page.fill("#action-reason", "fault injected by the test; judge it")
     page.click("#action-resume")
     cause = page.locator("#rollback-cause")
@@ -180,8 +181,8 @@ def test_an_operator_follows_and_steers_a_rollout_in_the_browser(
     assert set(rows.evaluate_all("rs => rs.map(r => r.dataset.kind)")) == {"transition"}
 
     # The nodes page: every Envoy, its client type and region.
-    page.goto(f"{mesh.dashboard_url}#/nodes")
-    for envoy in mesh.envoys:
+    page.goto(f"{mesh.layout.dashboard_url}#/nodes")
+    for envoy in mesh.processes.envoys:
         row = page.locator(f'#nodes tr[data-node="{envoy.opts.node_id}"]')
         expect(row.locator(".client-type")).to_have_text("envoy")
         expect(row).to_contain_text(envoy.opts.region)
@@ -192,7 +193,7 @@ def test_an_operator_follows_and_steers_a_rollout_in_the_browser(
 
 
 def test_the_api_refuses_what_a_foreign_page_or_a_mistake_sends(mesh: LocalMesh) -> None:
-    base = mesh.dashboard_url
+    base = mesh.layout.dashboard_url
     json_type = {"Content-Type": "application/json"}
     bearer = {**json_type, "Authorization": f"Bearer {TOKEN}"}
     # DNS rebinding: a page on another name that resolves here cannot read.

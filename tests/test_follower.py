@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 
 from tests.support import wait_for
-from xds_server.lab.mesh import SERVICE, envoy_weights
+from xds_server.lab.layout import SERVICE
 from xds_server.lab.procs import Envoy, Process, free_port
+from xds_server.lab.traffic import envoy_weights
 from xds_server.lab.upstream import ModelServer
 from xds_server.render.bootstrap import BootstrapOptions
 

@@ -20,9 +20,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tests.support import wait_for
 from xds_server.lab.background import BackgroundServer
-from xds_server.lab.mesh import LocalMesh, MeshOptions, canary_share
+from xds_server.lab.layout import MeshOptions
+from xds_server.lab.mesh import LocalMesh
 from xds_server.lab.procs import Envoy, http_get
 from xds_server.lab.scenarios import FAST_PLAN
+from xds_server.lab.traffic import canary_share
 from xds_server.rollout.metrics import PrometheusSource
 from xds_server.spec import (
     DEFAULT_QUERIES,
@@ -317,7 +319,7 @@ def test_the_shadow_phase_reads_envoys_upstream_stats_for_grpc_too() -> None:
 
 
 def _prometheus_sum(mesh: LocalMesh, promql: str) -> float:
-    source = PrometheusSource(f"http://127.0.0.1:{mesh.prometheus_port}")
+    source = PrometheusSource(f"http://127.0.0.1:{mesh.layout.prometheus_port}")
     return source.query(promql, source._client()) or 0.0
 
 
@@ -330,22 +332,30 @@ def test_a_canary_answering_unavailable_is_rolled_back_on_its_grpc_errors(
     stays at zero."""
     opts = MeshOptions(regions=("us-east", "eu-west"), rollout=FAST_PLAN, protocol="grpc")
     with LocalMesh(tmp_path / "mesh", opts) as mesh:
-        load = mesh.start_load()
+        load = mesh.processes.start_load()
         wait_for(lambda: len(load.versions()) >= 1, "gRPC answers through Envoy", timeout=15)
-        mesh.begin_rollout()
+        mesh.spec.add_canary()
         wait_for(
-            lambda: all(canary_share(e) >= 5 for e in mesh.envoys), "the canary at 5%", timeout=60
+            lambda: all(canary_share(e) >= 5 for e in mesh.processes.envoys),
+            "the canary at 5%",
+            timeout=60,
         )
-        mesh.set_fault("eu-west", "canary", error_rate=0.5)
-        state = mesh.wait_phase({"rolled_back", "promoted"}, 90)
+        mesh.faults.set("eu-west", "canary", error_rate=0.5)
+        state = mesh.state.wait_phase({"rolled_back", "promoted"}, 90)
         assert state["phase"] == "rolled_back", state
-        wait_for(lambda: all(canary_share(e) == 0 for e in mesh.envoys), "0% canary", timeout=20)
+        wait_for(
+            lambda: all(canary_share(e) == 0 for e in mesh.processes.envoys),
+            "0% canary",
+            timeout=20,
+        )
 
-        (rollback,) = [e for e in mesh.audit() if e.region is None and e.phase_to == "rolled_back"]
+        (rollback,) = [
+            e for e in mesh.state.audit() if e.region is None and e.phase_to == "rolled_back"
+        ]
         assert "eu-west" in rollback.reason and "error_rate" in rollback.reason
         checks = [
             e
-            for e in mesh.audit()
+            for e in mesh.state.audit()
             if e.kind == "check" and e.region == "eu-west" and e.measurements
         ]
         errors = max((e.measurements["canary"]["errors"] or 0) for e in checks)  # type: ignore[index]

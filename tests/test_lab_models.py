@@ -22,8 +22,9 @@ from urllib.parse import quote
 import pytest
 
 from tests.support import wait_for
+from xds_server.lab.layout import SERVICE, MeshOptions
 from xds_server.lab.load import LoadGenerator
-from xds_server.lab.mesh import SERVICE, LocalMesh, MeshOptions
+from xds_server.lab.mesh import LocalMesh
 from xds_server.lab.procs import Envoy, http_get, http_post_json
 from xds_server.lab.upstream import SCORE_BUCKETS, ModelServer
 from xds_server.render.bootstrap import LATENCY_BUCKETS_MS
@@ -242,8 +243,8 @@ def test_stalled_requests_are_cancelled_by_the_caller_and_never_reach_envoys_5xx
 
 
 def prom_query(mesh: LocalMesh, query: str) -> list[dict[str, object]]:
-    assert mesh.prometheus is not None
-    status, body, _ = http_get(f"{mesh.prometheus.url}/api/v1/query?query={quote(query)}")
+    assert mesh.processes.prometheus is not None
+    status, body, _ = http_get(f"{mesh.processes.prometheus.url}/api/v1/query?query={quote(query)}")
     assert status == 200, body
     return list(json.loads(body)["data"]["result"])
 
@@ -252,8 +253,8 @@ def test_prometheus_scrapes_the_model_servers_with_region_and_pool(tmp_path: Pat
     opts = MeshOptions(regions=("us-east",), envoys_per_region=1, load_rate=20)
     prod = 'region="us-east",pool="production"'
     with LocalMesh(tmp_path / "mesh", opts) as mesh:
-        mesh.start_load(max_seconds=120)
-        direct = {"direct": f"127.0.0.1:{mesh.model_ports[('us-east', 'canary')]}"}
+        mesh.processes.start_load(max_seconds=120)
+        direct = {"direct": f"127.0.0.1:{mesh.layout.model_ports[('us-east', 'canary')]}"}
         run_load(direct, 20, rate=20, model=SERVICE)
 
         def scalar(query: str) -> float:

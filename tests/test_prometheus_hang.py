@@ -33,28 +33,28 @@ def mesh(tmp_path: Path) -> Iterator[LocalMesh]:
 
 
 def hang(mesh: LocalMesh) -> None:
-    assert mesh.prometheus is not None
-    mesh.prometheus.signal(signal.SIGSTOP)
+    assert mesh.processes.prometheus is not None
+    mesh.processes.prometheus.signal(signal.SIGSTOP)
 
 
 def answer(mesh: LocalMesh) -> None:
-    assert mesh.prometheus is not None
-    mesh.prometheus.signal(signal.SIGCONT)
+    assert mesh.processes.prometheus is not None
+    mesh.processes.prometheus.signal(signal.SIGCONT)
 
 
 def test_a_hanging_prometheus_is_no_evidence_and_max_hold_is_kept(mesh: LocalMesh) -> None:
     # A hang at the start: the rollout starts after one bounded check, and says so.
     hang(mesh)
     try:
-        mesh.begin_rollout()
-        wait_for(lambda: mesh.rollout_state() is not None, "the rollout to start", timeout=30)
-        notes = [e for e in mesh.audit() if e.kind == "check" and e.region is None]
+        mesh.spec.add_canary()
+        wait_for(lambda: mesh.state.rollout() is not None, "the rollout to start", timeout=30)
+        notes = [e for e in mesh.state.audit() if e.kind == "check" and e.region is None]
         assert notes and "queries not checked at start" in notes[0].reason, notes
         # While it hangs, step 0 is judged as no data and nothing advances.
         wait_for(
             lambda: any(
                 e.kind == "check" and e.verdict and e.verdict["outcome"] == "no_data"
-                for e in mesh.audit()
+                for e in mesh.state.audit()
             ),
             "a no-data check while Prometheus hangs",
             timeout=15,
@@ -68,7 +68,7 @@ def test_a_hanging_prometheus_is_no_evidence_and_max_hold_is_kept(mesh: LocalMes
     hung_at = time.time()
     hang(mesh)
     try:
-        state = mesh.wait_phase({"paused", "rolled_back", "promoted"}, 60)
+        state = mesh.state.wait_phase({"paused", "rolled_back", "promoted"}, 60)
     finally:
         answer(mesh)
     assert state["phase"] == "paused", state
@@ -76,7 +76,7 @@ def test_a_hanging_prometheus_is_no_evidence_and_max_hold_is_kept(mesh: LocalMes
     assert mesh_steps(mesh) == {1}
     holds = [
         e
-        for e in mesh.audit()
+        for e in mesh.state.audit()
         if e.time >= hung_at and e.kind == "check" and e.verdict["outcome"] == "no_data"
     ]
     assert holds, "the hold is audited"

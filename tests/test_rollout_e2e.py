@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from tests.support import holds_for, mesh_steps, mesh_under_load, wait_for
-from xds_server.lab.mesh import LocalMesh, MeshOptions, canary_share, envoy_weights
+from xds_server.lab.layout import MeshOptions
+from xds_server.lab.mesh import LocalMesh
 from xds_server.lab.procs import http_get
 from xds_server.lab.scenarios import FAST_PLAN
+from xds_server.lab.traffic import canary_share, envoy_weights
 from xds_server.rollout.metrics import PrometheusSource
 
 
@@ -30,22 +32,22 @@ def wait_step(mesh: LocalMesh, step: int, timeout: float) -> None:
             lambda: mesh_steps(mesh) == {step}, f"every region at step {step}", timeout=timeout
         )
     except TimeoutError as exc:
-        recent = [f"{e.region} {e.kind}: {e.reason}" for e in mesh.audit()[-6:]]
-        raise AssertionError(f"{exc}; state {mesh.rollout_state()}; last: {recent}") from None
+        recent = [f"{e.region} {e.kind}: {e.reason}" for e in mesh.state.audit()[-6:]]
+        raise AssertionError(f"{exc}; state {mesh.state.rollout()}; last: {recent}") from None
 
 
 def test_healthy_canary_is_promoted_with_zero_failed_requests(mesh: LocalMesh) -> None:
-    load = mesh.load
+    load = mesh.processes.load
     assert load is not None
-    mesh.begin_rollout()
-    state = mesh.wait_phase({"promoted", "rolled_back"}, 120)
+    mesh.spec.add_canary()
+    state = mesh.state.wait_phase({"promoted", "rolled_back"}, 120)
     assert state["phase"] == "promoted", state
     assert all(r["phase"] == "promoted" for r in state["regions"].values())
-    for envoy in mesh.envoys:
+    for envoy in mesh.processes.envoys:
         assert envoy_weights(envoy) == {"canary": 10_000}
     assert load.failures() == []
     # Every region went through every step, in order, and the audit says why.
-    audit = mesh.audit()
+    audit = mesh.state.audit()
     for region in mesh.opts.regions:
         advanced = [
             e.step
@@ -58,7 +60,7 @@ def test_healthy_canary_is_promoted_with_zero_failed_requests(mesh: LocalMesh) -
     checks = [e for e in audit if e.kind == "check" and e.verdict["outcome"] == "pass"]
     assert checks and all(e.measurements["canary"]["requests"] >= 5 for e in checks)
     # The server's own /metrics says the same.
-    status, body, _ = http_get(f"http://127.0.0.1:{mesh.metrics_port}/metrics")
+    status, body, _ = http_get(f"http://127.0.0.1:{mesh.layout.metrics_port}/metrics")
     assert status == 200
     text = body.decode()
     assert 'xds_rollout_phase{phase="promoted",service="recommender"} 1.0' in text
@@ -72,13 +74,17 @@ def test_healthy_canary_is_promoted_with_zero_failed_requests(mesh: LocalMesh) -
 
 
 def test_fault_in_one_region_rolls_back_every_region_within_seconds(mesh: LocalMesh) -> None:
-    mesh.begin_rollout()
+    mesh.spec.add_canary()
     wait_step(mesh, 1, 60)
-    wait_for(lambda: all(canary_share(e) == 20 for e in mesh.envoys), "20% in Envoy", timeout=10)
-    fault_at = time.time()
-    mesh.set_fault("eu-west", "canary", error_rate=0.2)
     wait_for(
-        lambda: all(canary_share(e) == 0 for e in mesh.envoys),
+        lambda: all(canary_share(e) == 20 for e in mesh.processes.envoys),
+        "20% in Envoy",
+        timeout=10,
+    )
+    fault_at = time.time()
+    mesh.faults.set("eu-west", "canary", error_rate=0.2)
+    wait_for(
+        lambda: all(canary_share(e) == 0 for e in mesh.processes.envoys),
         "every Envoy at 0% canary",
         timeout=20,
         interval=0.05,
@@ -86,10 +92,10 @@ def test_fault_in_one_region_rolls_back_every_region_within_seconds(mesh: LocalM
     elapsed = time.time() - fault_at
     print(f"\nfault start -> every Envoy at 0% canary: {elapsed:.2f}s")
     assert elapsed <= 10
-    state = mesh.rollout_state()
+    state = mesh.state.rollout()
     assert state is not None and state["phase"] == "rolled_back"
     assert all(r["phase"] == "rolled_back" for r in state["regions"].values())
-    rollback = [e for e in mesh.audit() if e.region is None and e.phase_to == "rolled_back"]
+    rollback = [e for e in mesh.state.audit() if e.region is None and e.phase_to == "rolled_back"]
     (entry,) = rollback
     assert "eu-west" in entry.reason and "error_rate" in entry.reason
     # Whichever saw it first: the 5% ceiling (twice in a row), or the analysis at once.
@@ -105,65 +111,73 @@ def test_fault_in_one_region_rolls_back_every_region_within_seconds(mesh: LocalM
 
 def test_latency_breach_rolls_back(mesh: LocalMesh) -> None:
     for region in mesh.opts.regions:
-        mesh.set_fault(region, "canary", latency_ms=400)
-    mesh.begin_rollout()
-    state = mesh.wait_phase({"promoted", "rolled_back"}, 60)
+        mesh.faults.set(region, "canary", latency_ms=400)
+    mesh.spec.add_canary()
+    state = mesh.state.wait_phase({"promoted", "rolled_back"}, 60)
     assert state["phase"] == "rolled_back"
     assert "p99_ms" in state["reason"] and "limit 250" in state["reason"]
-    wait_for(lambda: all(canary_share(e) == 0 for e in mesh.envoys), "0% canary", timeout=10)
+    wait_for(
+        lambda: all(canary_share(e) == 0 for e in mesh.processes.envoys), "0% canary", timeout=10
+    )
 
 
 def test_prometheus_outage_holds_then_the_rollout_continues(mesh: LocalMesh) -> None:
-    mesh.begin_rollout()
+    mesh.spec.add_canary()
     wait_step(mesh, 1, 60)
-    mesh.stop_prometheus()
+    mesh.faults.stop_prometheus()
 
     def still_at_step_1() -> None:
-        state = mesh.rollout_state()
+        state = mesh.state.rollout()
         assert state is not None and state["phase"] == "progressing"
         assert mesh_steps(mesh) == {1}
 
     # Over two step durations without Prometheus, nothing advances and nothing rolls back.
     holds_for(still_at_step_1, 7, interval=0.2)
-    holds = [e for e in mesh.audit() if e.kind == "check" and e.verdict["outcome"] == "no_data"]
+    holds = [
+        e for e in mesh.state.audit() if e.kind == "check" and e.verdict["outcome"] == "no_data"
+    ]
     assert any("unreachable" in e.reason for e in holds)
-    mesh.start_prometheus()
-    state = mesh.wait_phase({"promoted", "rolled_back"}, 120)
+    mesh.processes.start_prometheus()
+    state = mesh.state.wait_phase({"promoted", "rolled_back"}, 120)
     assert state["phase"] == "promoted"
 
 
 def test_sigkill_mid_rollout_resumes_same_step_without_failed_requests(mesh: LocalMesh) -> None:
-    load = mesh.load
+    load = mesh.processes.load
     assert load is not None
-    mesh.begin_rollout()
+    mesh.spec.add_canary()
     wait_step(mesh, 1, 60)
-    wait_for(lambda: all(canary_share(e) == 20 for e in mesh.envoys), "20% in Envoy", timeout=10)
+    wait_for(
+        lambda: all(canary_share(e) == 20 for e in mesh.processes.envoys),
+        "20% in Envoy",
+        timeout=10,
+    )
     shares: list[float] = []
     stop = threading.Event()
 
     def watch() -> None:
         while not stop.is_set():  # bounded by the test below
-            shares.extend(canary_share(e) for e in mesh.envoys)
+            shares.extend(canary_share(e) for e in mesh.processes.envoys)
             stop.wait(0.05)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
     killed_at = time.time()
     try:
-        mesh.kill_server()
+        mesh.faults.kill_server()
         assert mesh_steps(mesh) == {1}
         wait_for(
             lambda: len(load.snapshot()) > 0 and load.snapshot()[-1].time > killed_at + 2,
             "load while the server is down",
             timeout=10,
         )
-        mesh.start_server()
+        mesh.processes.start_server()
         wait_for(
-            lambda: "resuming rollout of recommender v2" in mesh.server.tail(200),
+            lambda: "resuming rollout of recommender v2" in mesh.processes.server.tail(200),
             "the restarted server to resume",
             timeout=20,
         )
-        state = mesh.wait_phase({"promoted", "rolled_back"}, 120)
+        state = mesh.state.wait_phase({"promoted", "rolled_back"}, 120)
     finally:
         stop.set()
         watcher.join(5)
@@ -174,7 +188,7 @@ def test_sigkill_mid_rollout_resumes_same_step_without_failed_requests(mesh: Loc
     assert shares[first_after] > 20, shares[: first_after + 3]
     resumed = [
         e
-        for e in mesh.audit()
+        for e in mesh.state.audit()
         if e.kind == "transition" and e.region == "us-east" and e.phase_to == "progressing"
     ]
     assert [e.step for e in resumed] == [0, 1, 2, 3]  # no completed step repeated
@@ -183,13 +197,13 @@ def test_sigkill_mid_rollout_resumes_same_step_without_failed_requests(mesh: Loc
 def test_a_query_prometheus_rejects_is_a_configuration_error(tmp_path: Path) -> None:
     plan = {**FAST_PLAN, "queries": {"p99_ms": "histogram_quantile(0.99, rate(x[{window}]"}}
     with LocalMesh(tmp_path / "mesh", MeshOptions(rollout=plan)) as mesh:
-        mesh.begin_rollout()
-        state = mesh.wait_phase({"paused", "rolled_back", "promoted"}, 30)
+        mesh.spec.add_canary()
+        state = mesh.state.wait_phase({"paused", "rolled_back", "promoted"}, 30)
         assert state["phase"] == "paused"
         assert state["reason"].startswith(
             "configuration error: query 'p99_ms' is rejected by Prometheus: bad_data: "
         )
-        assert "configuration error" in mesh.server.tail(50)  # type: ignore[union-attr]
+        assert "configuration error" in mesh.processes.server.tail(50)  # type: ignore[union-attr]
 
 
 def test_a_query_that_never_answers_for_a_serving_pool_is_a_configuration_error(
@@ -203,9 +217,9 @@ def test_a_query_that_never_answers_for_a_serving_pool_is_a_configuration_error(
     )
     plan = {**FAST_PLAN, "queries": {"latency_buckets": typo}}
     with LocalMesh(tmp_path / "mesh", MeshOptions(rollout=plan)) as mesh:
-        load = mesh.start_load()
-        assert mesh.prometheus is not None
-        source = PrometheusSource(f"http://127.0.0.1:{mesh.prometheus_port}")
+        load = mesh.processes.start_load()
+        assert mesh.processes.prometheus is not None
+        source = PrometheusSource(f"http://127.0.0.1:{mesh.layout.prometheus_port}")
         wait_for(
             lambda: source.query(
                 "sum(increase(envoy_cluster_upstream_rq_total"
@@ -215,8 +229,8 @@ def test_a_query_that_never_answers_for_a_serving_pool_is_a_configuration_error(
             timeout=20,
         )
         assert load.failures() == []
-        mesh.begin_rollout()
-        state = mesh.wait_phase({"paused", "rolled_back", "promoted"}, 30)
+        mesh.spec.add_canary()
+        state = mesh.state.wait_phase({"paused", "rolled_back", "promoted"}, 30)
         assert state["phase"] == "paused"
         reason = state["reason"]
         assert "configuration error: query 'latency_buckets' returns no data for " in reason

@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 
 from tests.support import holds_for, mesh_steps, wait_for
-from xds_server.lab.mesh import SERVICE, LocalMesh, MeshOptions, canary_share
+from xds_server.lab.layout import SERVICE, MeshOptions
+from xds_server.lab.mesh import LocalMesh
 from xds_server.lab.procs import Envoy
 from xds_server.lab.scenarios import FAST_PLAN
+from xds_server.lab.traffic import canary_share
 
 WARMUP = {
     "health_check": {"path": "/healthz", "interval": "500ms", "timeout": "500ms"},
@@ -56,17 +58,17 @@ def test_shadow_traffic_reaches_the_canary_while_users_only_see_production(
     tmp_path: Path,
 ) -> None:
     with mesh_with(tmp_path, WARMUP) as mesh:
-        load = mesh.start_load()
+        load = mesh.processes.start_load()
         wait_for(lambda: len(load.snapshot()) >= 30, "load through every Envoy", timeout=10)
         began = time.time()
-        mesh.begin_rollout()
+        mesh.spec.add_canary()
         wait_for(
-            lambda: all(mirrored_pools(e) == {"canary", "baseline"} for e in mesh.envoys),
+            lambda: all(mirrored_pools(e) == {"canary", "baseline"} for e in mesh.processes.envoys),
             "every Envoy mirroring to canary and baseline",
             timeout=30,
         )
         # Envoy applied what the warm-up asks for: health checks, slow start, the mirror.
-        route, clusters = route_and_clusters(mesh.envoys[0])
+        route, clusters = route_and_clusters(mesh.processes.envoys[0])
         assert [c["name"].split("|")[1] for c in route["weighted_clusters"]["clusters"]] == [
             "production"
         ]
@@ -77,17 +79,18 @@ def test_shadow_traffic_reaches_the_canary_while_users_only_see_production(
         assert mesh_steps(mesh) == {-1}
         wait_for(
             lambda: all(
-                mesh.model_stats(r, "canary")["shadow_requests"] >= 20 for r in mesh.opts.regions
+                mesh.traffic.model_stats(r, "canary")["shadow_requests"] >= 20
+                for r in mesh.opts.regions
             ),
             "shadow requests at every region's canary",
             timeout=20,
         )
         # While the canary is warming, no user request reaches it, and users are answered
         # by production alone.
-        seen = [mesh.model_stats(r, "canary")["user_requests"] for r in mesh.opts.regions]
+        seen = [mesh.traffic.model_stats(r, "canary")["user_requests"] for r in mesh.opts.regions]
         assert mesh_steps(mesh) == {-1}  # still warming after those counts were read
         assert seen == [0] * len(mesh.opts.regions)
-        first_step = [e.time for e in mesh.audit() if e.kind == "transition" and e.step == 0]
+        first_step = [e.time for e in mesh.state.audit() if e.kind == "transition" and e.step == 0]
         cut = min(first_step, default=time.time())
         during = [r for r in load.snapshot() if began <= r.time < cut]
         assert during and {r.pool for r in during} == {"production"}
@@ -96,9 +99,13 @@ def test_shadow_traffic_reaches_the_canary_while_users_only_see_production(
         wait_for(
             lambda: mesh_steps(mesh) == {0}, "every region at step 0 after warm-up", timeout=30
         )
-        wait_for(lambda: all(canary_share(e) == 5 for e in mesh.envoys), "5% in Envoy", timeout=10)
-        assert all(mirrored_pools(e) == set() for e in mesh.envoys)
-        reasons = [e.reason for e in mesh.audit() if e.region == "us-east"]
+        wait_for(
+            lambda: all(canary_share(e) == 5 for e in mesh.processes.envoys),
+            "5% in Envoy",
+            timeout=10,
+        )
+        assert all(mirrored_pools(e) == set() for e in mesh.processes.envoys)
+        reasons = [e.reason for e in mesh.state.audit() if e.region == "us-east"]
         assert any("mirroring 50% of requests for 4s" in r for r in reasons), reasons
         assert any("passed warm-up" in r for r in reasons), reasons
         assert load.failures() == []
@@ -107,12 +114,12 @@ def test_shadow_traffic_reaches_the_canary_while_users_only_see_production(
 def test_a_canary_that_is_not_healthy_gets_no_weight(tmp_path: Path) -> None:
     warmup = {"health_check": WARMUP["health_check"]}
     with mesh_with(tmp_path, warmup) as mesh:
-        mesh.set_fault("eu-west", "canary", healthy=False)
-        mesh.begin_rollout()
+        mesh.faults.set("eu-west", "canary", healthy=False)
+        mesh.spec.add_canary()
         wait_for(
             lambda: any(
                 "canary: 0 of 1 hosts healthy" in e.reason
-                for e in mesh.audit()
+                for e in mesh.state.audit()
                 if e.region == "eu-west"
             ),
             "the controller to wait for eu-west's canary to be healthy",
@@ -121,13 +128,17 @@ def test_a_canary_that_is_not_healthy_gets_no_weight(tmp_path: Path) -> None:
 
         def no_weight_anywhere() -> None:
             assert mesh_steps(mesh) == {-1}
-            assert all(canary_share(e) == 0 for e in mesh.envoys)
+            assert all(canary_share(e) == 0 for e in mesh.processes.envoys)
 
         # Bounded observation: for several check intervals nothing gets any weight.
         holds_for(no_weight_anywhere, 5, interval=0.25)
-        mesh.set_fault("eu-west", "canary", healthy=True)
+        mesh.faults.set("eu-west", "canary", healthy=True)
         wait_for(lambda: mesh_steps(mesh) == {0}, "every region at step 0 once healthy", timeout=30)
-        wait_for(lambda: all(canary_share(e) == 5 for e in mesh.envoys), "5% in Envoy", timeout=10)
+        wait_for(
+            lambda: all(canary_share(e) == 5 for e in mesh.processes.envoys),
+            "5% in Envoy",
+            timeout=10,
+        )
 
 
 class _Receiver(ThreadingHTTPServer):
@@ -175,14 +186,14 @@ def test_a_failing_warmup_webhook_blocks_the_start_and_is_audited(
 ) -> None:
     hook = {"name": "smoke", "url": receiver.url, "timeout": "2s", "retries": 1}
     with mesh_with(tmp_path, {"webhooks": [hook]}) as mesh:
-        mesh.begin_rollout()
-        state = mesh.wait_phase({"paused", "rolled_back", "promoted"}, 30)
+        mesh.spec.add_canary()
+        state = mesh.state.wait_phase({"paused", "rolled_back", "promoted"}, 30)
         assert state["phase"] == "paused"
         assert "warm-up webhook 'smoke' failed: HTTP 500: smoke test failed" in state["reason"]
         assert "(after 2 attempts)" in state["reason"]
         assert mesh_steps(mesh) == {-1}
-        assert all(canary_share(e) == 0 for e in mesh.envoys)
-        paused = [e for e in mesh.audit() if e.region is None and e.phase_to == "paused"]
+        assert all(canary_share(e) == 0 for e in mesh.processes.envoys)
+        paused = [e for e in mesh.state.audit() if e.region is None and e.phase_to == "paused"]
         assert paused and "webhook 'smoke' failed" in paused[-1].reason
         call = receiver.calls[0]
         assert call["service"] == SERVICE and call["canary_version"] == "v2"
@@ -193,19 +204,21 @@ def test_a_canary_that_fails_only_under_shadow_traffic_is_rolled_back_unseen(
     tmp_path: Path,
 ) -> None:
     with mesh_with(tmp_path, WARMUP) as mesh:
-        load = mesh.start_load()
+        load = mesh.processes.start_load()
         wait_for(lambda: len(load.snapshot()) >= 30, "load through every Envoy", timeout=10)
-        mesh.set_fault("ap-south", "canary", shadow_error_rate=1.0)
-        mesh.begin_rollout()
-        state = mesh.wait_phase({"rolled_back", "promoted"}, 60)
+        mesh.faults.set("ap-south", "canary", shadow_error_rate=1.0)
+        mesh.spec.add_canary()
+        state = mesh.state.wait_phase({"rolled_back", "promoted"}, 60)
         assert state["phase"] == "rolled_back"
         assert "ap-south: warm-up" in state["reason"] and "error_rate" in state["reason"]
         # It failed on mirrored requests alone: no user request ever reached a canary.
-        assert mesh.model_stats("ap-south", "canary")["shadow_requests"] > 0
-        assert all(mesh.model_stats(r, "canary")["user_requests"] == 0 for r in mesh.opts.regions)
+        assert mesh.traffic.model_stats("ap-south", "canary")["shadow_requests"] > 0
+        assert all(
+            mesh.traffic.model_stats(r, "canary")["user_requests"] == 0 for r in mesh.opts.regions
+        )
         assert load.failures() == []
         wait_for(
-            lambda: all(mirrored_pools(e) == set() for e in mesh.envoys),
+            lambda: all(mirrored_pools(e) == set() for e in mesh.processes.envoys),
             "mirroring off",
             timeout=10,
         )

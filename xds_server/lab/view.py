@@ -11,7 +11,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from xds_server.lab.mesh import LocalMesh, envoy_weights
+from xds_server.lab.mesh import LocalMesh
+from xds_server.lab.traffic import envoy_weights
 from xds_server.rollout.audit import AuditEntry
 
 BAR = 24
@@ -23,7 +24,7 @@ class _AuditFollower:
         self.last_id = 0
 
     def new_entries(self) -> list[AuditEntry]:
-        fresh = self.mesh.audit(after_id=self.last_id)
+        fresh = self.mesh.state.audit(after_id=self.last_id)
         if fresh:
             self.last_id = fresh[-1].id
         return fresh
@@ -115,22 +116,23 @@ class LiveView:
             )
         phase = (state or {}).get("phase", "waiting for the rollout to start")
         footer = Text(f"rollout: {phase}  " + ("  |  ".join(self.notes[-2:])))
-        if not self.mesh.proxyless:
+        if not self.mesh.processes.proxyless:
             return Group(table, footer)
-        return Group(table, Text(_proxyless_line(self.mesh.proxyless_counts())), footer)
+        return Group(table, Text(_proxyless_line(self.mesh.traffic.proxyless_counts())), footer)
 
     def _weights(self, region: str) -> dict[str, int]:
-        envoy = next(e for e in self.mesh.envoys if e.opts.region == region)
+        envoy = next(e for e in self.mesh.processes.envoys if e.opts.region == region)
         try:
             return envoy_weights(envoy)
         except Exception:
             return {}
 
     def _rates(self) -> dict[str, float]:
-        if self.mesh.load is None:
+        load = self.mesh.processes.load
+        if load is None:
             return {}
         now = time.time()
-        recent = [r for r in self.mesh.load.snapshot()[-2000:] if r.time > now - 2]
+        recent = [r for r in load.snapshot()[-2000:] if r.time > now - 2]
         out: dict[str, float] = {}
         for r in recent:
             region = r.target.rsplit("-envoy-", 1)[0]

@@ -1,0 +1,75 @@
+"""What a scenario or a test breaks on purpose: a model server's fault knobs (while it
+runs), and processes killed or stopped: the server, Prometheus, a replica, an etcd
+member, a model server instance.
+
+A knob is a model server's own (`lab/upstream_model.py` says what each does); a kill is
+a SIGKILL of one process this lab started (`lab/processes.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from xds_server.lab.layout import MeshLayout
+from xds_server.lab.processes import MeshProcesses
+from xds_server.lab.procs import http_post_json
+
+
+class FaultInjector:
+    def __init__(self, layout: MeshLayout, processes: MeshProcesses) -> None:
+        self.layout = layout
+        self.processes = processes
+
+    def set(
+        self,
+        region: str,
+        pool: str,
+        error_rate: float | None = None,
+        latency_ms: float | None = None,
+        healthy: bool | None = None,
+        shadow_error_rate: float | None = None,
+        drift: bool | None = None,
+        tenant_latency_ms: Mapping[str, float] | None = None,
+        stall_fraction: float | None = None,
+    ) -> None:
+        """Change a model server's fault knobs while it runs (its POST /fault); None
+        leaves a knob as it is."""
+        knobs = {
+            "error_rate": error_rate,
+            "latency_ms": latency_ms,
+            "healthy": healthy,
+            "shadow_error_rate": shadow_error_rate,
+            "drift": drift,
+            "tenant_latency_ms": dict(tenant_latency_ms) if tenant_latency_ms is not None else None,
+            "stall_fraction": stall_fraction,
+        }
+        body = {k: v for k, v in knobs.items() if v is not None}
+        port = self.layout.model_ports[(region, pool)]
+        http_post_json(f"http://127.0.0.1:{port}/fault", body)
+
+    def kill_server(self) -> None:
+        assert self.processes.server is not None
+        self.processes.server.kill()
+
+    def stop_prometheus(self) -> None:
+        """Prometheus gone (`processes.start_prometheus()` brings it back)."""
+        assert self.processes.prometheus is not None
+        self.processes.prometheus.stop()
+
+    def kill_replica(self, region: str) -> None:
+        """SIGKILL a region's replica (with `ha`)."""
+        self.processes.replicas[region].kill()
+
+    def kill_etcd_member(self) -> str:
+        """SIGKILL the last etcd member; its name."""
+        etcd = self.processes.etcd
+        assert etcd is not None
+        index = len(etcd.members) - 1
+        name = etcd.members[index].name
+        etcd.kill(index)
+        return name
+
+    def kill_model(self, region: str, pool: str) -> int:
+        """SIGKILL a pool's first model server in a region; the port Envoy sent it to."""
+        self.processes.models[(region, pool)].kill()
+        return self.layout.pool_port(region, pool)

@@ -1,0 +1,163 @@
+"""Following one scenario's rollout to its end: the view kept up to date, the scenario's
+fault injected when every region has reached its step, and the times the report needs
+(the fault, every Envoy at 0% canary, a killed instance gone from the Envoys).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from xds_server.lab.mesh import LocalMesh
+from xds_server.lab.procs import wait_for
+from xds_server.lab.scenarios import Fault, Scenario
+from xds_server.lab.traffic import canary_share
+from xds_server.lab.view import LiveView, PlainLog
+
+
+@dataclass
+class FollowResult:
+    phase: str
+    fault_at: float | None = None
+    zero_canary_at: float | None = None
+    timed_out: bool = False
+    replica_fault_at: float | None = None
+    killed: str = ""
+    """The replica (its region) or etcd member SIGKILLed."""
+    leader_before: str = ""
+    instance: dict[str, Any] | None = None
+    """canary-instance: the region, the killed and the new instance's ports, and when
+    the killed one was gone from every Envoy of the region."""
+
+
+def follow(
+    mesh: LocalMesh,
+    scenario: Scenario,
+    timeout: float,
+    view: LiveView | PlainLog,
+    started: Callable[[], None] = lambda: None,
+) -> FollowResult:
+    """Watch until the rollout ends (and, after a fault, every Envoy is at 0% canary).
+    `started` is called when the scenario has started a process of its own (a second
+    canary instance), so that the lab's record of its processes lists it."""
+    res = FollowResult(phase="progressing")
+    deadline = time.monotonic() + timeout
+    with view:
+        while time.monotonic() < deadline:
+            state = mesh.state.rollout()
+            view.update(state)
+            if state is not None and _look(mesh, scenario, res, state, view, started):
+                view.update(state)
+                return res
+            time.sleep(0.1)  # the live view's poll period, bounded by the deadline
+    res.timed_out = True
+    return res
+
+
+def _look(
+    mesh: LocalMesh,
+    scenario: Scenario,
+    res: FollowResult,
+    state: dict[str, Any],
+    view: LiveView | PlainLog,
+    started: Callable[[], None],
+) -> bool:
+    """One look at the rollout: inject what the scenario injects once its step has come,
+    note what the report times; whether the run is over."""
+    res.phase = state["phase"]
+    steps = [r["step"] for r in state["regions"].values()]
+    if (
+        scenario.replica_fault
+        and res.replica_fault_at is None
+        and state["phase"] == "progressing"
+        and min(steps) >= 1
+    ):
+        view.note(inject_replica_fault(mesh, scenario, res, started))
+    if res.instance is not None and res.instance["gone_at"] is None:
+        gone = _instance_gone(mesh, res.instance)
+        if gone is not None:
+            res.instance["gone_at"] = gone
+            took = gone - (res.replica_fault_at or gone)
+            view.note(f"the killed instance is gone from every Envoy: {took:.2f}s")
+    fault = scenario.fault
+    if (
+        fault
+        and res.fault_at is None
+        and state["phase"] == "progressing"
+        and min(steps) >= fault.at_step
+    ):
+        view.note(inject_fault(mesh, fault, res))
+    if (
+        res.fault_at is not None
+        and res.zero_canary_at is None
+        and state["phase"] == "rolled_back"
+        and all(canary_share(e) == 0 for e in mesh.processes.envoys)
+    ):
+        res.zero_canary_at = time.time()
+    return state["phase"] == "promoted" or (
+        state["phase"] == "rolled_back" and (res.fault_at is None or res.zero_canary_at is not None)
+    )
+
+
+def inject_fault(mesh: LocalMesh, fault: Fault, res: FollowResult) -> str:
+    """Set the fault's knobs on its region's canary; what was done, for the view."""
+    region = mesh.opts.regions[fault.region_index % len(mesh.opts.regions)]
+    mesh.faults.set(region, "canary", **fault.knobs())
+    res.fault_at = time.time()
+    return f"fault injected in {region}: canary {fault.describe()}"
+
+
+def inject_replica_fault(
+    mesh: LocalMesh, scenario: Scenario, res: FollowResult, started: Callable[[], None]
+) -> str:
+    """SIGKILL the leading replica, a canary instance or an etcd member; what was killed,
+    for the view."""
+    etcd = mesh.processes.etcd
+    assert etcd is not None
+    res.leader_before = mesh.state.leader() or ""
+    if scenario.replica_fault == "leader":
+        res.killed = res.leader_before
+        mesh.faults.kill_replica(res.killed)
+        what = f"SIGKILLed the leading replica ({res.killed})"
+    elif scenario.replica_fault == "canary-instance":
+        what = _lose_canary_instance(mesh, res, started)
+    else:
+        res.killed = mesh.faults.kill_etcd_member()
+        what = f"SIGKILLed etcd member {res.killed} (of {len(etcd.members)})"
+    res.replica_fault_at = time.time()
+    return what
+
+
+def _lose_canary_instance(mesh: LocalMesh, res: FollowResult, started: Callable[[], None]) -> str:
+    """A second canary instance in the second region, in every Envoy of it and taking
+    requests; then the first one SIGKILLed."""
+    region = mesh.opts.regions[1 % len(mesh.opts.regions)]
+    port, rest_port = mesh.processes.add_instance(region, "canary")
+    started()  # (so that `lab down` stops it too)
+    envoys = [e for e in mesh.processes.envoys if e.opts.region == region]
+    wait_for(
+        lambda: all(port in mesh.traffic.envoy_hosts(e, "canary") for e in envoys),
+        10,
+        f"the second canary instance in {region}'s Envoys",
+    )
+    # Until it takes its share: a new host ramps up over the canary's slow start, and
+    # the requests a dead host refuses are retried on another only once one is there.
+    wait_for(
+        lambda: mesh.traffic.model_stats_at(rest_port)["user_requests"] >= 20,
+        30,
+        f"the second canary instance in {region} taking requests",
+    )
+    old = mesh.faults.kill_model(region, "canary")
+    res.killed = f"{region} canary instance 127.0.0.1:{old}"
+    res.instance = {"region": region, "killed_port": old, "new_port": port, "gone_at": None}
+    return f"SIGKILLed {res.killed} (a second one, port {port}, is in every Envoy)"
+
+
+def _instance_gone(mesh: LocalMesh, instance: dict[str, Any]) -> float | None:
+    """When the killed instance is out of every Envoy of its region (now), or None."""
+    envoys = [e for e in mesh.processes.envoys if e.opts.region == instance["region"]]
+    if any(instance["killed_port"] in mesh.traffic.envoy_hosts(e, "canary") for e in envoys):
+        return None
+    return time.time()

@@ -1,0 +1,141 @@
+"""What one lab is asked for (`MeshOptions`) and where everything of it goes (`MeshLayout`).
+
+Every port is chosen when the lab is made, before anything starts: Prometheus's
+configuration is written once, with every target, and a region's Envoys need their
+replicas' addresses in their bootstraps. The rooms of `LocalMesh` (processes,
+credentials, spec, faults, state and traffic reads) all read this one plan; none of them
+picks a port or a path of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xds_server.lab.procs import free_port
+
+SERVICE = "recommender"
+VERSIONS = {"production": "v1", "baseline": "v1", "canary": "v2"}
+DEFAULT_REGIONS = ("us-east", "eu-west", "ap-south")
+
+
+@dataclass
+class MeshOptions:
+    regions: tuple[str, ...] = DEFAULT_REGIONS
+    envoys_per_region: int = 1
+    rollout: dict[str, Any] = field(default_factory=dict)
+    """The spec's `rollout:` section."""
+    load_rate: float = 50.0
+    """Requests per second through each region (shared by its Envoys)."""
+    admin_token: str | None = None
+    """Require this bearer token for admin API changes."""
+    mtls: bool = False
+    """xDS over mTLS: a CA and a certificate per Envoy from hack/make-certs.sh; the
+    server checks each Envoy's region and node id against its certificate."""
+    notify_url: str | None = None
+    """Send every rollout event there as a CloudEvent (a top-level `notifications:`
+    section with one `webhook` target, `lab`)."""
+    protocol: str = "http"
+    """What Envoys and callers speak to the model servers: "http" (the Open Inference
+    Protocol's REST binding) or "grpc" (its gRPC binding; the service's pools are then
+    `protocol: grpc`, on the model servers' gRPC ports)."""
+    proxyless_per_region: int = 0
+    """Proxyless gRPC client processes per region (`xds:///recommender`); needs "grpc"."""
+    proxyless_rate: float = 10.0
+    """Requests per second of each region's proxyless clients together, beside the load
+    through its Envoys."""
+    ha: bool = False
+    """Replicas on etcd: a three-member etcd cluster and one `serve --store` replica per
+    region, serving its region and the next (`served_by`); each Envoy's bootstrap lists
+    its region's replica first, then the neighbour's that also serves it."""
+    leader_ttl: float = 3.0
+    """The replicas' `--leader-ttl` (with `ha`)."""
+    registry_ttl: float = 3.0
+    """With `ha`: the model servers register themselves (the spec lists no endpoints),
+    on leases of this TTL."""
+
+
+@dataclass(frozen=True)
+class EnvoySlot:
+    """One Envoy of the plan: its region, its number there and its two ports."""
+
+    region: str
+    index: int
+    admin_port: int
+    listen_port: int
+
+    @property
+    def node_id(self) -> str:
+        return f"{self.region}-envoy-{self.index}"
+
+
+class MeshLayout:
+    """The lab's directory, files and ports (free ones on 127.0.0.1)."""
+
+    def __init__(self, workdir: Path, opts: MeshOptions) -> None:
+        self.workdir = workdir
+        self.opts = opts
+        self.spec_path = workdir / "mesh.yaml"
+        self.state_dir = workdir / "state"
+        """The server's `--state-dir` (without `ha`)."""
+        self.spare_ports = {(r, "canary"): free_port() for r in opts.regions} if opts.ha else {}
+        """A port per region for a second canary instance (`add_instance`), scraped by
+        Prometheus from the start (its configuration is written once)."""
+        self.model_ports = {(r, p): free_port() for r in opts.regions for p in VERSIONS}
+        """(region, pool) -> the model server's REST port."""
+        self.grpc_ports = (
+            {key: free_port() for key in self.model_ports} if opts.protocol == "grpc" else {}
+        )
+        self.replica_ports = {
+            r: {k: free_port() for k in ("xds", "admin", "metrics", "ui")}
+            for r in (opts.regions if opts.ha else ())
+        }
+        """With `ha`: region -> its replica's ports (`--replica-id` is the region's name)."""
+        first = self.replica_ports.get(opts.regions[0]) if opts.ha else None
+        # The server's (with `ha`: the first region's replica's, as a default).
+        self.xds_port = first["xds"] if first else free_port()
+        self.metrics_port = first["metrics"] if first else free_port()
+        self.admin_port = first["admin"] if first else free_port()
+        self.ui_port = first["ui"] if first else free_port()
+        self.prometheus_port = free_port()
+        self.envoys = [
+            EnvoySlot(r, i, free_port(), free_port())
+            for r in opts.regions
+            for i in range(1, opts.envoys_per_region + 1)
+        ]
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.ui_port}/"
+
+    def pool_port(self, region: str, pool: str) -> int:
+        """The port Envoy (and proxyless clients) send a pool's requests to."""
+        return self.grpc_ports.get((region, pool)) or self.model_ports[(region, pool)]
+
+    def region_xds_port(self, region: str) -> int:
+        return self.replica_ports[region]["xds"] if self.opts.ha else self.xds_port
+
+    def replica_admin(self, region: str) -> int:
+        return self.replica_ports[region]["admin"] if self.opts.ha else self.admin_port
+
+    def served_by(self, replica: str) -> tuple[str, ...]:
+        """The regions a replica serves (`--regions`): its own and the next one's, in a
+        ring, so every region has two replicas: its own first, a neighbour's second."""
+        regions = list(self.opts.regions)
+        i = regions.index(replica)
+        return tuple(dict.fromkeys([replica, regions[(i + 1) % len(regions)]]))
+
+    def xds_fallbacks(self, region: str) -> tuple[tuple[str, int], ...]:
+        """The other replicas that serve the region: where its Envoys go when their own
+        replica is down."""
+        return tuple(
+            ("127.0.0.1", ports["xds"])
+            for r, ports in self.replica_ports.items()
+            if r != region and region in self.served_by(r)
+        )
+
+    def proxyless_nodes(self) -> list[tuple[str, str]]:
+        """(region, node id) of every proxyless client."""
+        n = self.opts.proxyless_per_region
+        return [(r, f"{r}-grpc-{i}") for r in self.opts.regions for i in range(1, n + 1)]

@@ -1,0 +1,241 @@
+"""Every process of one lab: model servers, etcd, Prometheus, the server or its replicas,
+Envoys, proxyless clients and the load; started on `MeshLayout`'s ports, stopped by pid.
+
+`lab/procs.py` has what one process is (`Process`, `Envoy`, ...); this room knows which
+ones a lab runs and with what arguments. `LocalMesh.start` decides the order.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from xds_server.lab.credentials import Credentials
+from xds_server.lab.etcd import EtcdCluster
+from xds_server.lab.layout import SERVICE, VERSIONS, MeshLayout
+from xds_server.lab.load import LoadGenerator
+from xds_server.lab.procs import Envoy, Process, ProxylessClient, free_port, http_get, wait_for
+from xds_server.lab.prometheus import Prometheus, ScrapeTarget
+from xds_server.render.bootstrap import BootstrapOptions, GrpcBootstrapOptions
+
+
+class MeshProcesses:
+    def __init__(self, layout: MeshLayout, credentials: Credentials) -> None:
+        self.layout = layout
+        self.opts = layout.opts
+        self.credentials = credentials
+        self.models: dict[tuple[str, str], Process] = {}
+        self.extra_models: dict[tuple[str, str, int], Process] = {}
+        """Instances added while running (`add_instance`): (region, pool, port)."""
+        self.proxyless: list[ProxylessClient] = []
+        self.envoys: list[Envoy] = []
+        self.server: Process | None = None
+        """The server (with `ha`: the first region's replica, as a default)."""
+        self.replicas: dict[str, Process] = {}
+        """With `ha`: region -> its replica (`--replica-id` is the region's name)."""
+        self.etcd: EtcdCluster | None = None
+        self.prometheus: Prometheus | None = None
+        self.load: LoadGenerator | None = None
+
+    def all(self) -> list[Process]:
+        """Every process running now (what `lab.json` lists for `lab down`)."""
+        procs: list[Process | None] = [
+            *self.proxyless,
+            *self.envoys,
+            *(self.replicas.values() if self.replicas else [self.server]),
+            self.prometheus,
+            *self.models.values(),
+            *self.extra_models.values(),
+            *(self.etcd.processes() if self.etcd else []),
+        ]
+        return [p for p in procs if p is not None]
+
+    def stop(self) -> None:
+        if self.load is not None:
+            self.load.stop()
+        for p in self.all():
+            p.stop()
+        if self.etcd is not None:
+            self.etcd.stop()  # (resumes a paused cluster first)
+
+    # ---- model servers ----
+
+    def start_models(self) -> None:
+        """Every (region, pool)'s model server, then until each answers its /healthz."""
+        for (region, pool), port in self.layout.model_ports.items():
+            self.models[(region, pool)] = self.start_model(region, pool, port)
+        for (region, pool), port in self.layout.model_ports.items():
+            wait_for(
+                lambda p=port: http_get(f"http://127.0.0.1:{p}/healthz")[0] == 200,  # type: ignore[misc]
+                20,
+                f"model server {region}/{pool}",
+            )
+
+    def start_model(
+        self, region: str, pool: str, port: int, grpc_port: int | None = None, name: str = ""
+    ) -> Process:
+        """A model server; with `ha` it registers itself in the shared registry (its lease
+        of `registry_ttl`), as the spec lists no endpoints then."""
+        if grpc_port is None:
+            grpc_port = self.layout.grpc_ports.get((region, pool))
+        grpc = ["--grpc-port", str(grpc_port)] if grpc_port else []
+        register = (
+            ["--register", self.etcd.url, "--register-ttl", f"{self.opts.registry_ttl:g}"]
+            if self.etcd is not None
+            else []
+        )
+        name = name or f"{region}-{pool}"
+        return Process(
+            f"model-{name}",
+            [sys.executable, "-m", "xds_server.lab.upstream", "--port", str(port),
+             "--region", region, "--pool", pool, "--version", VERSIONS[pool],
+             "--model", SERVICE, "--service", SERVICE, *grpc, *register],
+            self.layout.workdir / "models" / f"{name}.log",
+        )  # fmt: skip
+
+    def add_instance(self, region: str, pool: str) -> tuple[int, int]:
+        """One more registered instance of a pool in a region (with `ha`): the port
+        Envoy sends to, and its REST port (`/stats`)."""
+        port = self.layout.spare_ports.pop((region, pool), None) or free_port()
+        grpc_port = free_port() if self.opts.protocol == "grpc" else None
+        n = 1 + sum(1 for k in self.extra_models if k[:2] == (region, pool))
+        proc = self.start_model(region, pool, port, grpc_port, f"{region}-{pool}-{n + 1}")
+        self.extra_models[(region, pool, grpc_port or port)] = proc
+        wait_for(
+            lambda: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200,
+            20,
+            f"model server {region}/{pool} #{n + 1}",
+        )
+        return grpc_port or port, port
+
+    # ---- the control plane: etcd, the server or its replicas ----
+
+    def start_etcd(self) -> EtcdCluster:
+        self.etcd = EtcdCluster(self.layout.workdir / "etcd").start()
+        return self.etcd
+
+    def start_server(self) -> None:
+        lay = self.layout
+        argv = [sys.executable, "-m", "xds_server.cli", "serve", "--spec", str(lay.spec_path),
+                "--xds-address", f"127.0.0.1:{lay.xds_port}",
+                "--state-dir", str(lay.state_dir),
+                "--prometheus-url", f"http://127.0.0.1:{lay.prometheus_port}",
+                "--metrics-address", f"127.0.0.1:{lay.metrics_port}",
+                "--admin-address", f"127.0.0.1:{lay.admin_port}",
+                "--ui-address", f"127.0.0.1:{lay.ui_port}",
+                "--log-format", "json", *self.credentials.server_args()]  # fmt: skip
+        self.server = Process("xds-server", argv, lay.workdir / "xds-server.log")
+
+    def start_replica(self, region: str) -> Process:
+        assert self.etcd is not None
+        lay = self.layout
+        ports = lay.replica_ports[region]
+        argv = [sys.executable, "-m", "xds_server.cli", "serve",
+                "--store", self.etcd.url, "--regions", ",".join(lay.served_by(region)),
+                "--replica-id", region,
+                "--leader-ttl", f"{self.opts.leader_ttl:g}",
+                "--xds-address", f"127.0.0.1:{ports['xds']}",
+                "--prometheus-url", f"http://127.0.0.1:{lay.prometheus_port}",
+                "--metrics-address", f"127.0.0.1:{ports['metrics']}",
+                "--admin-address", f"127.0.0.1:{ports['admin']}",
+                "--ui-address", f"127.0.0.1:{ports['ui']}",
+                "--log-format", "json", *self.credentials.server_args()]  # fmt: skip
+        self.replicas[region] = Process(
+            f"xds-server-{region}", argv, lay.workdir / f"xds-server-{region}.log"
+        )
+        return self.replicas[region]
+
+    def start_replicas(self) -> None:
+        """One replica per region; the first region's is `server`, as a default."""
+        for region in self.opts.regions:
+            self.start_replica(region)
+        self.server = self.replicas[self.opts.regions[0]]
+
+    # ---- Prometheus ----
+
+    def start_prometheus(self) -> None:
+        """Prometheus scraping every Envoy, the server (or each replica) and every model
+        server, spare ports included; until it is ready."""
+        self.prometheus = Prometheus(
+            self.layout.workdir / "prometheus", self.layout.prometheus_port, self._scrape_targets()
+        )
+        self.prometheus.wait_ready()
+
+    def _scrape_targets(self) -> list[ScrapeTarget]:
+        lay = self.layout
+        targets = [
+            ScrapeTarget(
+                f"127.0.0.1:{e.admin_port}",
+                "/stats/prometheus",
+                {"region": e.region, "node": e.node_id},
+            )
+            for e in lay.envoys
+        ]
+        if self.opts.ha:
+            targets += [
+                ScrapeTarget(f"127.0.0.1:{p['metrics']}", "/metrics", {"replica": r})
+                for r, p in lay.replica_ports.items()
+            ]
+        else:
+            targets.append(ScrapeTarget(f"127.0.0.1:{lay.metrics_port}", "/metrics", {}))
+        # The model servers' own series (outputs, tenants): `region` and `pool` come from
+        # here, never from the exporter, so they cannot clash.
+        targets += [
+            ScrapeTarget(f"127.0.0.1:{port}", "/metrics", {"region": r, "pool": p}, job="model")
+            for (r, p), port in [*lay.model_ports.items(), *lay.spare_ports.items()]
+        ]
+        return targets
+
+    # ---- the data plane and its callers ----
+
+    def start_envoys(self) -> None:
+        """Every Envoy of the plan, then until each is ready."""
+        lay = self.layout
+        for slot in lay.envoys:
+            ca, cert, key = self.credentials.client_tls(slot.region, slot.node_id)
+            bootstrap = BootstrapOptions(
+                region=slot.region,
+                node_id=slot.node_id,
+                xds_port=lay.region_xds_port(slot.region),
+                xds_fallbacks=lay.xds_fallbacks(slot.region),
+                admin_port=slot.admin_port,
+                listen=f"127.0.0.1:{slot.listen_port}",
+                xds_tls_ca=ca,
+                xds_tls_cert=cert,
+                xds_tls_key=key,
+            )
+            self.envoys.append(Envoy(bootstrap, lay.workdir / "envoy"))
+        for e in self.envoys:
+            e.wait_ready()
+
+    def start_load(self, max_seconds: float = 600) -> LoadGenerator:
+        rate = self.opts.load_rate / self.opts.envoys_per_region
+        targets = {e.opts.node_id: e.opts.listen or "" for e in self.envoys}
+        self.load = LoadGenerator(
+            targets,
+            rate=rate,
+            max_seconds=max_seconds,
+            protocol=self.opts.protocol,
+            model=SERVICE,
+        ).start()
+        return self.load
+
+    def start_proxyless(self, max_seconds: float = 600) -> None:
+        """`proxyless_per_region` gRPC client processes per region, each dialing
+        `xds:///recommender` with a gRPC xDS bootstrap of its region."""
+        for region, node_id in self.layout.proxyless_nodes():
+            ca, cert, key = self.credentials.client_tls(region, node_id)
+            client = ProxylessClient(
+                GrpcBootstrapOptions(
+                    region,
+                    node_id,
+                    (("127.0.0.1", self.layout.xds_port),),
+                    xds_tls_ca=ca,
+                    xds_tls_cert=cert,
+                    xds_tls_key=key,
+                ),
+                self.layout.workdir / "proxyless",
+                service=SERVICE,
+                rate=self.opts.proxyless_rate / self.opts.proxyless_per_region,
+                max_seconds=max_seconds,
+            )
+            self.proxyless.append(client)

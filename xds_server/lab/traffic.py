@@ -1,0 +1,149 @@
+"""What the data plane does, read from the processes themselves: each Envoy's weights and
+hosts (its admin API), each model server's counts (`/stats`), the proxyless clients'
+counts (their files), and whether Prometheus has the series a rollout needs.
+
+The control plane's side (the rollout, the audit log) is `lab/state.py`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from xds_server.lab.layout import SERVICE, MeshLayout
+from xds_server.lab.processes import MeshProcesses
+from xds_server.lab.procs import Envoy, http_get, wait_for
+
+
+class TrafficReader:
+    def __init__(self, layout: MeshLayout, processes: MeshProcesses) -> None:
+        self.layout = layout
+        self.processes = processes
+
+    def envoy_hosts(self, envoy: Envoy, pool: str) -> set[int]:
+        """The ports of a pool's hosts in this Envoy, from its own /clusters."""
+        doc = envoy.admin_get("/clusters?format=json")
+        for cluster in doc.get("cluster_statuses", []):
+            if cluster["name"] == f"{SERVICE}|{pool}":
+                return {
+                    h["address"]["socket_address"]["port_value"]
+                    for h in cluster.get("host_statuses", [])
+                }
+        return set()
+
+    def model_stats(self, region: str, pool: str) -> dict[str, int]:
+        """How many user and shadow requests a model server has answered (and stalled)."""
+        return self.model_stats_at(self.layout.model_ports[(region, pool)])
+
+    def model_stats_at(self, rest_port: int) -> dict[str, int]:
+        status, body, _ = http_get(f"http://127.0.0.1:{rest_port}/stats")
+        assert status == 200, body
+        return dict(json.loads(body))
+
+    def proxyless_counts(self, region: str | None = None) -> dict[str, Any]:
+        """What the proxyless clients (of `region`, or all) have sent so far, added up
+        (from their own files, rewritten every second)."""
+        clients = self.processes.proxyless
+        return add_counts(c.counts() for c in clients if region in (None, c.region))
+
+    def proxyless_since(self, since: float, calls: int, timeout: float = 15) -> dict[str, Any]:
+        """The proxyless clients' calls counted after `since` (from the first file each
+        wrote after it), once there are at least `calls` of them: what they do now."""
+
+        def written_after() -> list[dict[str, Any]] | None:
+            seen = [c.counts_at() for c in self.processes.proxyless]
+            return [counts for _, counts in seen] if all(t > since for t, _ in seen) else None
+
+        start = add_counts(wait_for(written_after, timeout, "the proxyless clients' counts"))
+
+        def grown() -> dict[str, Any] | None:
+            delta = sub_counts(self.proxyless_counts(), start)
+            return delta if delta.get("sent", 0) >= calls else None
+
+        return wait_for(grown, timeout, f"{calls} more proxyless calls")
+
+    def wait_latency_series(self, timeout: float = 30) -> None:
+        """Until Prometheus can answer, for every region's production pool, what a
+        rollout checks at its start: Envoy exports counters at once but histograms only
+        at its stats flush, and `increase()` needs two samples of the model servers'
+        output histogram; a rollout started in between would find a query empty for a
+        pool that takes traffic (a configuration error: it pauses)."""
+        prometheus = self.processes.prometheus
+        assert prometheus is not None
+        regions = set(self.layout.opts.regions)
+        window = str(self.layout.opts.rollout.get("window", "5s"))
+        queries = [
+            "count by (region) (increase(envoy_cluster_upstream_rq_time_bucket"
+            f'{{envoy_cluster_name="{SERVICE}|production"}}[{window}]) > 0)',
+            "count by (region) (increase(model_prediction_score_bucket"
+            f'{{pool="production"}}[{window}]) > 0)',
+        ]
+
+        def every_region(query: str) -> bool:
+            url = f"{prometheus.url}/api/v1/query?query={urllib.parse.quote(query)}"
+            status, body, _ = http_get(url)
+            found = {r["metric"].get("region") for r in json.loads(body)["data"]["result"]}
+            return status == 200 and found >= regions
+
+        wait_for(
+            lambda: all(every_region(q) for q in queries),
+            timeout,
+            "every region's latency and output histograms in Prometheus",
+            0.2,
+        )
+
+
+def envoy_weights(envoy: Envoy) -> dict[str, int]:
+    """The weighted clusters this Envoy reports it routes by, from its own /config_dump."""
+    for cfg in envoy.config_dump().get("configs", []):
+        if cfg.get("@type", "").endswith("RoutesConfigDump"):
+            for dyn in cfg.get("dynamic_route_configs", []):
+                for vh in dyn["route_config"].get("virtual_hosts", []):
+                    if vh["name"] != SERVICE:
+                        continue
+                    for route in vh["routes"]:  # (canary_match routes come first)
+                        if "weighted_clusters" in route.get("route", {}):
+                            clusters = route["route"]["weighted_clusters"]["clusters"]
+                            return {
+                                c["name"].split("|")[1]: int(c.get("weight", 0)) for c in clusters
+                            }
+    return {}
+
+
+def canary_share(envoy: Envoy) -> float:
+    w = envoy_weights(envoy)
+    total = sum(w.values())
+    return w.get("canary", 0) * 100 / total if total else 0.0
+
+
+def add_counts(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Nested counts added up key by key (numbers summed, mappings merged the same way);
+    what is neither is left out."""
+    total: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if isinstance(value, bool):
+                continue
+            if isinstance(value, int | float):
+                total[key] = total.get(key, 0) + value
+            elif isinstance(value, Mapping):
+                total[key] = add_counts([total.get(key, {}), value])
+    return total
+
+
+def sub_counts(total: Mapping[str, Any], part: Mapping[str, Any]) -> dict[str, Any]:
+    """`total` minus `part`, key by key (as `add_counts` adds them); zeros left out."""
+    out: dict[str, Any] = {}
+    for key, value in total.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int | float):
+            if value - part.get(key, 0):
+                out[key] = value - part.get(key, 0)
+        elif isinstance(value, Mapping):
+            inner = sub_counts(value, part.get(key, {}))
+            if inner:
+                out[key] = inner
+    return out
