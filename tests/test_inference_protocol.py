@@ -31,7 +31,8 @@ from xds_server.lab.load import LoadGenerator
 from xds_server.lab.oip.v2 import grpc_predict_v2_pb2 as oip
 from xds_server.lab.oip.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
 from xds_server.lab.proxyless import ProxylessCaller, TenantCycle, parse_shares
-from xds_server.lab.upstream import DRIFT_SCALE, ModelServer, score
+from xds_server.lab.upstream import ModelServer
+from xds_server.lab.upstream_model import DRIFT_SCALE, score
 
 MODEL = "recommender"
 INFER = f"/v2/models/{MODEL}/infer"

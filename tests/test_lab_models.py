@@ -26,7 +26,8 @@ from xds_server.lab.layout import SERVICE, MeshOptions
 from xds_server.lab.load import LoadGenerator
 from xds_server.lab.mesh import LocalMesh
 from xds_server.lab.procs import Envoy, http_get, http_post_json
-from xds_server.lab.upstream import SCORE_BUCKETS, ModelServer
+from xds_server.lab.upstream import ModelServer
+from xds_server.lab.upstream_model import SCORE_BUCKETS
 from xds_server.render.bootstrap import LATENCY_BUCKETS_MS
 from xds_server.traffic import Split
 

@@ -2,7 +2,7 @@
 runs), and processes killed or stopped: the server, Prometheus, a replica, an etcd
 member, a model server instance.
 
-A knob is a model server's own (`lab/upstream_model.py` says what each does); a kill is
+A knob is a model server's own (`lab/upstream.py` says what each does); a kill is
 a SIGKILL of one process this lab started (`lab/processes.py`).
 """
 
