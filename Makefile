@@ -15,7 +15,7 @@ HA ?=
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,lab]'
 	rm -f $(VENV)/.installed-*; touch $@
 
 # Debian's Prometheus, for the rollout tests and the lab.
