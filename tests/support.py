@@ -1,5 +1,6 @@
 """What many test files share: one way to wait for something, one way to watch that
-something stays true, and the rollout readings tests compare (the steps its regions are at).
+something stays true, the rollout readings tests compare (the steps its regions are at),
+a lab mesh under load, and `xdsctl xds fetch`.
 
 No test sleeps to synchronise: every wait polls with a deadline. `wait_for` polls from
 the test's thread; `wait_for_async` polls on a running event loop, between the turns of
@@ -10,6 +11,8 @@ order, `(predicate, what, timeout=..., interval=...)`, and fail the same way.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -109,6 +112,16 @@ def holds_for(check: Callable[[], None], seconds: float, *, interval: float = 0.
     while time.monotonic() < deadline:
         check()
         time.sleep(interval)  # the poll period of the observation, bounded by its deadline
+
+
+def xds_fetch(
+    xds_address: str, region: str, kind: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`xdsctl xds fetch`: what the xDS server at `xds_address` sends `region`'s Envoys
+    (of one `kind`: cluster, endpoint, route...), as JSON on stdout."""
+    argv = [sys.executable, "-m", "xds_server.ctl", "xds", "fetch", "--region", region]
+    argv += ["--xds-server", xds_address, *(["--type", kind] if kind else [])]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30)
 
 
 def steps(state: RolloutState) -> set[int]:

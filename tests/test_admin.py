@@ -15,7 +15,7 @@ import pytest
 import yaml
 from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 
-from tests.support import wait_for
+from tests.support import wait_for, xds_fetch
 from xds_server.admin.service import AdminService, run_admin_server
 from xds_server.app import Running
 from xds_server.lab.layout import MeshOptions
@@ -240,21 +240,9 @@ def test_rollout_control_through_xdsctl(mesh: LocalMesh) -> None:
 
 def test_xds_fetch_prints_what_the_envoy_of_that_region_holds(mesh: LocalMesh) -> None:
     envoy = mesh.processes.envoys[1]
-    argv = [
-        sys.executable,
-        "-m",
-        "xds_server.ctl",
-        "xds",
-        "fetch",
-        "--region",
-        envoy.opts.region,
-        "--xds-server",
-        f"127.0.0.1:{mesh.layout.xds_port}",
-        "--type",
-    ]
     fetched = {}
     for kind in ("cluster", "route"):
-        res = subprocess.run([*argv, kind], capture_output=True, text=True, timeout=30)
+        res = xds_fetch(f"127.0.0.1:{mesh.layout.xds_port}", envoy.opts.region, kind)
         assert res.returncode == 0, res.stderr
         fetched[kind] = json.loads(res.stdout)
     names = sorted(r["name"] for r in fetched["cluster"]["resources"])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support import wait_for
+from tests.support import wait_for, xds_fetch
 from xds_server.lab.procs import Envoy, Process, envoy_binary, free_port, http_get
 from xds_server.lab.upstream import ModelServer
 from xds_server.render.bootstrap import BootstrapOptions
@@ -186,45 +186,13 @@ def test_xdsctl_fetch_prints_what_a_region_receives(spec_file: Path, tmp_path: P
     try:
 
         def fetch() -> dict[str, object]:
-            res = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "xds_server.ctl",
-                    "xds",
-                    "fetch",
-                    "--region",
-                    "eu-west",
-                    "--type",
-                    "endpoint",
-                    "--xds-server",
-                    f"127.0.0.1:{port}",
-                ],
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
+            res = xds_fetch(f"127.0.0.1:{port}", "eu-west", "endpoint")
             return json.loads(res.stdout) if res.returncode == 0 else {}
 
         out = wait_for(fetch, "xdsctl xds fetch to answer", timeout=15)
         names = sorted(r["cluster_name"] for r in out["resources"])  # type: ignore[attr-defined]
         assert names == ["recommender|canary", "recommender|production"]
-        res = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "xds_server.ctl",
-                "xds",
-                "fetch",
-                "--region",
-                "mars",
-                "--xds-server",
-                f"127.0.0.1:{port}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        res = xds_fetch(f"127.0.0.1:{port}", "mars")
         assert res.returncode == 1
         assert "INVALID_ARGUMENT" in res.stderr and "region 'mars'" in res.stderr
         assert "Traceback" not in res.stderr

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import REGIONS, make_spec_doc
-from tests.support import wait_for, wait_for_async
+from tests.support import wait_for, wait_for_async, xds_fetch
 from xds_server.app import SpecFile
 from xds_server.lab.background import BackgroundServer
 from xds_server.lab.procs import Process, free_port
@@ -430,24 +430,7 @@ def test_serve_keeps_serving_through_bad_files_and_applies_the_next_good_one(
         return [json.loads(line)["message"] for line in text.splitlines() if line.startswith("{")]
 
     def eu_west_endpoints() -> list[str]:
-        res = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "xds_server.ctl",
-                "xds",
-                "fetch",
-                "--region",
-                "eu-west",
-                "--type",
-                "endpoint",
-                "--xds-server",
-                f"127.0.0.1:{port}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        res = xds_fetch(f"127.0.0.1:{port}", "eu-west", "endpoint")
         if res.returncode != 0:
             return []
         return sorted(
