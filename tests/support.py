@@ -14,13 +14,14 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
     from xds_server.lab.mesh import LocalMesh
+    from xds_server.lab.procs import Envoy
     from xds_server.rollout.state import RolloutState
 
 T = TypeVar("T")
@@ -112,6 +113,22 @@ def holds_for(check: Callable[[], None], seconds: float, *, interval: float = 0.
     while time.monotonic() < deadline:
         check()
         time.sleep(interval)  # the poll period of the observation, bounded by its deadline
+
+
+def wait_shares(
+    envoys: Iterable[Envoy], share: float, *, timeout: float = 10, interval: float = INTERVAL
+) -> None:
+    """Wait until each of these Envoys routes `share` percent to the canary, by the
+    routes it applied (its config dump)."""
+    from xds_server.lab.traffic import canary_share
+
+    envoys = list(envoys)
+    wait_for(
+        lambda: all(canary_share(e) == share for e in envoys),
+        f"{share:g}% canary in {[e.opts.node_id for e in envoys]}",
+        timeout=timeout,
+        interval=interval,
+    )
 
 
 def xds_fetch(

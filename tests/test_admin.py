@@ -15,13 +15,13 @@ import pytest
 import yaml
 from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 
-from tests.support import wait_for, xds_fetch
+from tests.support import wait_for, wait_shares, xds_fetch
 from xds_server.admin.service import AdminService, run_admin_server
 from xds_server.app import Running
 from xds_server.lab.layout import MeshOptions
 from xds_server.lab.mesh import LocalMesh
 from xds_server.lab.procs import free_port, http_get
-from xds_server.lab.traffic import canary_share, envoy_weights
+from xds_server.lab.traffic import envoy_weights
 from xds_server.xds.resources import ROUTE_CONFIG_NAME
 from xds_server.xds.types import ROUTE
 
@@ -161,11 +161,7 @@ def test_rollout_control_through_xdsctl(mesh: LocalMesh) -> None:
     target = max(r["step"] for r in promoted["regions"])
     assert target >= 1
     share = PLAN["steps"][target]  # type: ignore[index]
-    wait_for(
-        lambda: all(canary_share(e) == share for e in mesh.processes.envoys),
-        "Envoys to follow",
-        timeout=10,
-    )
+    wait_shares(mesh.processes.envoys, share)
     # Weights by hand, in one region.
     pinned = xdsctl(
         port,
@@ -191,9 +187,7 @@ def test_rollout_control_through_xdsctl(mesh: LocalMesh) -> None:
     # Abort rolls back every region, as Envoy and traffic both show.
     aborted = xdsctl(port, "rollout", "abort", "recommender", "--reason", "enough", token=token)
     assert aborted["phase"] == "rolled_back"
-    wait_for(
-        lambda: all(canary_share(e) == 0 for e in mesh.processes.envoys), "0% canary", timeout=10
-    )
+    wait_shares(mesh.processes.envoys, 0)
     for e in mesh.processes.envoys:
         pools = {json.loads(http_get(f"http://{e.opts.listen}/")[1])["pool"] for _ in range(20)}
         assert pools == {"production"}

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import holds_for, wait_for
+from tests.support import holds_for, wait_for, wait_shares
 from xds_server.lab.layout import MeshOptions
 from xds_server.lab.mesh import LocalMesh
 from xds_server.lab.procs import Envoy, Process, http_get
@@ -95,15 +95,6 @@ def wait_step(mesh: LocalMesh, step: int, timeout: float) -> None:
         wait_for(reached, f"every region at step {step}", timeout=timeout)
     except TimeoutError as exc:
         raise AssertionError(f"{exc}; {recent(mesh)}") from None
-
-
-def wait_shares(envoys: Iterable[Envoy], share: float, timeout: float = 10) -> None:
-    envoys = list(envoys)
-    wait_for(
-        lambda: all(canary_share(e) == share for e in envoys),
-        f"{share:g}% canary in {[e.opts.node_id for e in envoys]}",
-        timeout=timeout,
-    )
 
 
 def log_size(process: Process) -> int:
@@ -454,12 +445,7 @@ def test_a_killed_follower_fails_over_and_a_frozen_follower_hears_the_rollback(
             mesh.processes.replicas[frozen].signal(signal.SIGCONT)
         print(f"follower {frozen} SIGSTOPped, rollback committed {decided:.2f}s later; "
               f"SIGCONT after {resumed_at - stopped_at:.2f}s")  # fmt: skip
-        wait_for(
-            lambda: all(canary_share(e) == 0 for e in on_frozen),
-            f"0% canary through {frozen}'s Envoys",
-            timeout=15,
-            interval=0.05,
-        )
+        wait_shares(on_frozen, 0, timeout=15, interval=0.05)
         heard = time.monotonic() - resumed_at
         print(f"follower {frozen} SIGCONT -> its Envoys at 0% canary: {heard:.2f}s")
         assert heard <= 5, f"{heard:.2f}s"

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import holds_for, mesh_steps, wait_for
+from tests.support import holds_for, mesh_steps, wait_for, wait_shares
 from xds_server.lab.layout import SERVICE, MeshOptions
 from xds_server.lab.mesh import LocalMesh
 from xds_server.lab.procs import Envoy
@@ -99,11 +99,7 @@ def test_shadow_traffic_reaches_the_canary_while_users_only_see_production(
         wait_for(
             lambda: mesh_steps(mesh) == {0}, "every region at step 0 after warm-up", timeout=30
         )
-        wait_for(
-            lambda: all(canary_share(e) == 5 for e in mesh.processes.envoys),
-            "5% in Envoy",
-            timeout=10,
-        )
+        wait_shares(mesh.processes.envoys, 5)
         assert all(mirrored_pools(e) == set() for e in mesh.processes.envoys)
         reasons = [e.reason for e in mesh.state.audit() if e.region == "us-east"]
         assert any("mirroring 50% of requests for 4s" in r for r in reasons), reasons
@@ -134,11 +130,7 @@ def test_a_canary_that_is_not_healthy_gets_no_weight(tmp_path: Path) -> None:
         holds_for(no_weight_anywhere, 5, interval=0.25)
         mesh.faults.set("eu-west", "canary", healthy=True)
         wait_for(lambda: mesh_steps(mesh) == {0}, "every region at step 0 once healthy", timeout=30)
-        wait_for(
-            lambda: all(canary_share(e) == 5 for e in mesh.processes.envoys),
-            "5% in Envoy",
-            timeout=10,
-        )
+        wait_shares(mesh.processes.envoys, 5)
 
 
 class _Receiver(ThreadingHTTPServer):
