@@ -463,7 +463,7 @@ def test_one_bad_region_rolls_back_every_region_in_one_urgent_push(rig: Rig, bad
     assert overall.reason.startswith(f"rolled back everywhere: {bad}: step 0 (5%)")
     assert {e.region for e in entries if e.phase_to == ROLLED_BACK} == {*REGIONS, None}
     (culprit,) = [e for e in entries if e.region == bad]
-    assert culprit.verdict is not None and culprit.verdict["outcome"] == "fail"
+    assert culprit.verdict is not None and culprit.verdict.outcome == "fail"
     assert culprit.snapshot_version == rollback.versions[bad]
 
 
@@ -840,7 +840,7 @@ def test_metrics_that_never_answer_are_no_evidence_and_max_hold_is_kept_by_the_c
     holds = [
         e
         for e in r.store.audit(SERVICE)
-        if e.kind == "check" and e.verdict and e.verdict["outcome"] == "no_data"
+        if e.kind == "check" and e.verdict and e.verdict.outcome == "no_data"
     ]
     assert holds and all("no answer within" in e.reason for e in holds)
     r.store.close()

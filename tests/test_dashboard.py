@@ -29,6 +29,10 @@ from xds_server.lab.mesh import LocalMesh
 from xds_server.lab.procs import Process, free_port
 from xds_server.lab.scenarios import FAST_PLAN
 from xds_server.rollout.audit import AuditEntry, rollback_cause
+from xds_server.rollout.decision import EntryKind
+from xds_server.rollout.judge import FAIL, HIGH, Check, MetricResult, Verdict
+from xds_server.rollout.state import Phase
+from xds_server.spec import NoDataRule
 
 from .conftest import make_spec_doc, write_spec
 
@@ -280,10 +284,10 @@ def entry(i: int, region: str | None, phase_to: str, **kw: Any) -> AuditEntry:
         "service": "svc",
         "canary_version": "v2",
         "region": region,
-        "kind": "transition",
+        "kind": EntryKind.TRANSITION,
         "step": 1,
-        "phase_from": "progressing",
-        "phase_to": phase_to,
+        "phase_from": Phase.PROGRESSING,
+        "phase_to": Phase(phase_to),
         "weights_before": None,
         "weights_after": None,
         "measurements": None,
@@ -298,7 +302,7 @@ def entry(i: int, region: str | None, phase_to: str, **kw: Any) -> AuditEntry:
 
 
 def test_the_cause_is_the_region_with_the_evidence_and_its_failed_metric() -> None:
-    breach = {"checks": [{"metric": "p99_ms", "ok": False}], "metrics": []}
+    breach = Verdict(FAIL, "p99", checks=(Check("p99_ms", 900.0, 500.0, ok=False),))
     entries = [
         entry(1, "us-east", "progressing"),
         entry(2, "us-east", "rolled_back", reason="eu-west: p99"),
@@ -308,7 +312,8 @@ def test_the_cause_is_the_region_with_the_evidence_and_its_failed_metric() -> No
     cause = rollback_cause(entries)
     assert cause is not None
     assert (cause.region, cause.metric, cause.entry_id) == ("eu-west", "p99_ms", 3)
-    judged = {"checks": [], "metrics": [{"name": "latency", "classification": "high"}]}
+    latency = MetricResult("latency", HIGH, 1.5, 1e-6, "", "latency", False, NoDataRule.PASS)
+    judged = Verdict(FAIL, "latency high", metrics=(latency,), conclusive=True)
     assert rollback_cause([entry(1, "ap", "rolled_back", verdict=judged)]).metric == "latency"  # type: ignore[union-attr]
 
 

@@ -23,9 +23,10 @@ from xds_server.ha.leader import Election
 from xds_server.ha.store import VERSION_SCALE, EtcdStore
 from xds_server.lab.etcd import EtcdCluster
 from xds_server.rollout import decide as sm
-from xds_server.rollout.audit import AuditEntry, transition_entry
+from xds_server.rollout.audit import AuditEntry, Weights, transition_entry
+from xds_server.rollout.decision import EntryKind
 from xds_server.rollout.ports import StoreFenced, StoreWriteError
-from xds_server.rollout.state import RolloutState
+from xds_server.rollout.state import PROGRESSING, RolloutState
 from xds_server.spec import RolloutPlan, parse_spec
 
 WATCH_LATENCY = 1.0
@@ -107,6 +108,9 @@ async def replica(url: str, prefix: str, name: str, ttl: float) -> Replica:
     return rep
 
 
+AT_5 = Weights(production=90.0, baseline=5.0, canary=5.0)
+
+
 def started(
     regions: Sequence[str] = ("us-east", "eu-west"), service: str = "svc", now: float = 10.0
 ) -> tuple[RolloutState, list[AuditEntry]]:
@@ -114,7 +118,7 @@ def started(
     version) and one per region, naming a snapshot version (the store puts the commit's)."""
     d = sm.start(RolloutPlan(), service, "v2", tuple(regions), now=now)
     entries = [
-        transition_entry(d.state, t, now, None, {"canary": 5.0}, None, 1 if t.region else None)
+        transition_entry(d.state, t, now, None, AT_5, None, 1 if t.region else None)
         for t in d.transitions
     ]
     assert [e.region for e in entries] == [None, *regions]
@@ -131,19 +135,19 @@ def later(state: RolloutState, reason: str, now: float) -> tuple[RolloutState, l
         service=state.service,
         canary_version=state.canary_version,
         region=region,
-        kind="advance",
+        kind=EntryKind.TRANSITION,
         step=1,
-        phase_from="progressing",
-        phase_to="progressing",
-        weights_before={"canary": 5.0},
-        weights_after={"canary": 10.0},
+        phase_from=PROGRESSING,
+        phase_to=PROGRESSING,
+        weights_before=AT_5,
+        weights_after=Weights(production=80.0, baseline=10.0, canary=10.0),
         measurements=None,
         verdict=None,
         reason=reason,
         snapshot_version=1,
         actor="controller",
     )
-    note = replace(entry, region=None, kind="note", snapshot_version=None, step=None)
+    note = replace(entry, region=None, kind=EntryKind.CHECK, snapshot_version=None, step=None)
     return new, [entry, note]
 
 

@@ -358,7 +358,7 @@ def test_a_canary_answering_unavailable_is_rolled_back_on_its_grpc_errors(
             for e in mesh.state.audit()
             if e.kind == "check" and e.region == "eu-west" and e.measurements
         ]
-        errors = max((e.measurements["canary"]["errors"] or 0) for e in checks)  # type: ignore[index]
+        errors = max((e.measurements.canary.errors or 0) for e in checks if e.measurements)
         assert errors >= 1
         canary = 'region="eu-west",envoy_cluster_name="recommender|canary"'
         http_5xx = _prometheus_sum(

@@ -53,7 +53,7 @@ def test_a_hanging_prometheus_is_no_evidence_and_max_hold_is_kept(mesh: LocalMes
         # While it hangs, step 0 is judged as no data and nothing advances.
         wait_for(
             lambda: any(
-                e.kind == "check" and e.verdict and e.verdict["outcome"] == "no_data"
+                e.kind == "check" and e.verdict and e.verdict.outcome == "no_data"
                 for e in mesh.state.audit()
             ),
             "a no-data check while Prometheus hangs",
@@ -77,7 +77,7 @@ def test_a_hanging_prometheus_is_no_evidence_and_max_hold_is_kept(mesh: LocalMes
     holds = [
         e
         for e in mesh.state.audit()
-        if e.time >= hung_at and e.kind == "check" and e.verdict["outcome"] == "no_data"
+        if e.time >= hung_at and e.kind == "check" and e.verdict and e.verdict.outcome == "no_data"
     ]
     assert holds, "the hold is audited"
     assert all("no answer within" in e.reason or "Timeout" in e.reason for e in holds), [

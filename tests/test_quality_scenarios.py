@@ -45,18 +45,17 @@ def test_a_quality_regression_rolls_back_naming_its_cause(
     finally:
         store.close()
     assert final.phase_to == "rolled_back"
-    verdict = final.verdict or {}
-    failed = [c["metric"] for c in verdict.get("checks", []) if not c["ok"]]
-    judged = {m["name"]: m for m in verdict.get("metrics", [])}
+    verdict = final.verdict
+    failed = [c.metric for c in verdict.failed()] if verdict else []
+    judged = {m.name: m for m in verdict.metrics} if verdict else {}
     if scenario == "drifting-canary":
         # By the output gate alone: fast, 200, within every guardrail.
         assert failed == []
         shift = judged["prediction_shift"]
-        assert shift["classification"] == "high" and shift["p_value"] <= shift["alpha"]
-        assert "PSI" in shift["detail"]
-        assert [n for n, m in judged.items() if m["classification"] == "high"] == [
-            "prediction_shift"
-        ]
+        assert shift.classification == "high"
+        assert shift.p_value is not None and shift.p_value <= shift.alpha
+        assert "PSI" in shift.detail
+        assert [n for n, m in judged.items() if m.classification == "high"] == ["prediction_shift"]
     elif scenario == "tenant-regression":
         assert failed == ["tenant gold p99_ms"]  # the aggregate p99 stayed in budget
     else:

@@ -57,8 +57,10 @@ def test_healthy_canary_is_promoted_with_zero_failed_requests(mesh: LocalMesh) -
         assert advanced == [0, 1, 2, 3], advanced
     final = [e for e in audit if e.region is None][-1]
     assert final.phase_to == "promoted"
-    checks = [e for e in audit if e.kind == "check" and e.verdict["outcome"] == "pass"]
-    assert checks and all(e.measurements["canary"]["requests"] >= 5 for e in checks)
+    checks = [e for e in audit if e.kind == "check" and e.verdict and e.verdict.outcome == "pass"]
+    assert checks and all(
+        e.measurements and (e.measurements.canary.requests or 0) >= 5 for e in checks
+    )
     # The server's own /metrics says the same.
     status, body, _ = http_get(f"http://127.0.0.1:{mesh.layout.metrics_port}/metrics")
     assert status == 200
@@ -99,14 +101,16 @@ def test_fault_in_one_region_rolls_back_every_region_within_seconds(mesh: LocalM
     (entry,) = rollback
     assert "eu-west" in entry.reason and "error_rate" in entry.reason
     # Whichever saw it first: the 5% ceiling (twice in a row), or the analysis at once.
-    failed = [c for c in entry.verdict["checks"] if not c["ok"]]
-    high = [m for m in entry.verdict["metrics"] if m["classification"] == "high"]
-    if entry.verdict["conclusive"]:
-        assert entry.verdict["score"] == 0 and "error_rate high" in entry.reason
-        assert [m["name"] for m in high] == ["error_rate"] and high[0]["effect"] > 2
+    verdict = entry.verdict
+    assert verdict is not None
+    failed = verdict.failed()
+    high = [m for m in verdict.metrics if m.classification == "high"]
+    if verdict.conclusive:
+        assert verdict.score == 0 and "error_rate high" in entry.reason
+        assert [m.name for m in high] == ["error_rate"] and (high[0].effect or 0) > 2
     else:
         assert "limit 0.05" in entry.reason
-        assert failed[0]["metric"] == "error_rate" and failed[0]["value"] > 0.05
+        assert failed[0].metric == "error_rate" and failed[0].value > 0.05
 
 
 def test_latency_breach_rolls_back(mesh: LocalMesh) -> None:
@@ -134,7 +138,9 @@ def test_prometheus_outage_holds_then_the_rollout_continues(mesh: LocalMesh) -> 
     # Over two step durations without Prometheus, nothing advances and nothing rolls back.
     holds_for(still_at_step_1, 7, interval=0.2)
     holds = [
-        e for e in mesh.state.audit() if e.kind == "check" and e.verdict["outcome"] == "no_data"
+        e
+        for e in mesh.state.audit()
+        if e.kind == "check" and e.verdict and e.verdict.outcome == "no_data"
     ]
     assert any("unreachable" in e.reason for e in holds)
     mesh.processes.start_prometheus()

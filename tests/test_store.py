@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from xds_server.rollout import decide as sm
-from xds_server.rollout.audit import transition_entry
+from xds_server.rollout.audit import Weights, transition_entry
 from xds_server.rollout.ports import StoreWriteError
 from xds_server.rollout.store import Store
 from xds_server.spec import RolloutPlan
@@ -18,9 +18,8 @@ from xds_server.spec import RolloutPlan
 def test_state_round_trips_and_audit_is_append_only(tmp_path: Path) -> None:
     store = Store.in_dir(tmp_path)
     d = sm.start(RolloutPlan(), "svc", "v2", ("a", "b"), now=10.0)
-    entries = [
-        transition_entry(d.state, t, 10.0, None, {"canary": 5.0}, None, 7) for t in d.transitions
-    ]
+    at_5 = Weights(production=90.0, baseline=5.0, canary=5.0)
+    entries = [transition_entry(d.state, t, 10.0, None, at_5, None, 7) for t in d.transitions]
     store.record(d.state, entries)
     store.close()
 
@@ -29,7 +28,7 @@ def test_state_round_trips_and_audit_is_append_only(tmp_path: Path) -> None:
     assert again.load_rollouts() == [d.state]
     audit = again.audit(service="svc")
     assert [e.region for e in audit] == [None, "a", "b"]
-    assert audit[1].weights_after == {"canary": 5.0} and audit[1].snapshot_version == 7
+    assert audit[1].weights_after == at_5 and audit[1].snapshot_version == 7
     assert [e.region for e in again.audit(region="b")] == ["b"]
     assert again.audit(since=11.0) == []
     assert [e.region for e in again.audit(limit=2)] == ["a", "b"]  # the newest, in order

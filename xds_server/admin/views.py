@@ -5,7 +5,6 @@ JSON is these messages through protobuf's JSON mapping."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -15,6 +14,7 @@ from xds_server.ha.instances import Instance
 from xds_server.ha.replicas import Directory
 from xds_server.outputs.istio_apply import IstioApplier
 from xds_server.rollout.audit import AuditEntry
+from xds_server.rollout.audit_codec import measurements_json, verdict_json, weights_json
 from xds_server.rollout.controller import RolloutController
 from xds_server.rollout.ports import Committed, StateStore
 from xds_server.rollout.state import RolloutState, region_split
@@ -68,6 +68,8 @@ def rollout_message(view: AdminView, state: RolloutState) -> admin_pb2.Rollout:
     for region, rs in state.regions.items():
         split = region_split(svc.rollout, rs, svc.has_baseline).percent()
         check = latest.get(region)
+        # "null": a check that measured nothing (as this field always said); "": no check
+        measured = "" if check is None else measurements_json(check.measurements) or "null"
         out.regions.append(
             admin_pb2.RegionRollout(
                 region=region,
@@ -78,7 +80,7 @@ def rollout_message(view: AdminView, state: RolloutState) -> admin_pb2.Rollout:
                 baseline_percent=split["baseline"],
                 canary_percent=split["canary"],
                 manual=rs.manual_canary is not None,
-                latest_measurements_json=json.dumps(check.measurements) if check else "",
+                latest_measurements_json=measured,
             )
         )
     return out
@@ -134,9 +136,7 @@ def store_message(view: AdminView) -> admin_pb2.StoreStatus:
 
 
 def audit_message(e: AuditEntry) -> admin_pb2.AuditEntry:
-    def js(v: Any) -> str:
-        return json.dumps(v) if v is not None else ""
-
+    """The entry, its parts as the JSON the audit log keeps ("" for none)."""
     return admin_pb2.AuditEntry(
         id=e.id,
         time=e.time,
@@ -148,10 +148,10 @@ def audit_message(e: AuditEntry) -> admin_pb2.AuditEntry:
         phase_from=e.phase_from or "",
         phase_to=e.phase_to or "",
         reason=e.reason,
-        verdict_json=js(e.verdict),
-        measurements_json=js(e.measurements),
-        weights_before_json=js(e.weights_before),
-        weights_after_json=js(e.weights_after),
+        verdict_json=verdict_json(e.verdict) or "",
+        measurements_json=measurements_json(e.measurements) or "",
+        weights_before_json=weights_json(e.weights_before) or "",
+        weights_after_json=weights_json(e.weights_after) or "",
         snapshot_version=e.snapshot_version or 0,
         actor=e.actor,
     )

@@ -44,6 +44,7 @@ from xds_server.admin.views import (
     store_message,
 )
 from xds_server.rollout.audit import AuditEntry, rollback_cause
+from xds_server.rollout.audit_codec import Doc, entry_doc
 from xds_server.rollout.state import RolloutState
 
 log = logging.getLogger("xds_server.dashboard")
@@ -91,8 +92,9 @@ def to_json(msg: message.Message) -> dict[str, Any]:
     )
 
 
-def audit_json(entry: AuditEntry) -> dict[str, Any]:
-    return dataclasses.asdict(entry)
+def audit_json(entry: AuditEntry) -> Doc:
+    """The entry as the page reads it: every field, the parts as the log keeps them."""
+    return entry_doc(entry)
 
 
 class Dashboard:

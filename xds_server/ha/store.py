@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -43,6 +43,7 @@ from xds_server.ha.etcd import (
 )
 from xds_server.ha.instances import Instance, instance_from_json
 from xds_server.rollout.audit import AuditEntry
+from xds_server.rollout.audit_codec import from_document, to_document
 from xds_server.rollout.ports import StoreFenced, StoreWriteError
 from xds_server.rollout.state import RolloutState, state_from_json, state_to_json
 
@@ -217,7 +218,7 @@ class EtcdStore:
                 view.rollouts[(state.service, state.canary_version)] = state
                 return "rollouts"
             if kind == "audit" and not deleted:
-                entry = _entry_from_json(value, int(name), kv.mod_revision)
+                entry = from_document(value, int(name), kv.mod_revision * VERSION_SCALE)
                 view.audit[entry.id] = entry
                 return "audit"
             if kind == "routes":
@@ -279,22 +280,9 @@ class EtcdStore:
             if self.on_fenced is not None:
                 self.on_fenced(why)
             raise StoreFenced(why)
-        seq = max(self.view.audit, default=0)
-        ops = [put_op(self.keys.rollout(state.service, state.canary_version),
-                      state_to_json(state).encode())]  # fmt: skip
-        audit_keys = []
-        for e in entries:
-            seq += 1
-            audit_keys.append(self.keys.audit(seq))
-            ops.append(put_op(audit_keys[-1], _entry_to_json(e)))
-        for region in sorted(regions):
-            ops.append(put_op(self.keys.routes(region), b"%d" % seq))
-        compare = [compare_create_revision(self.keys.leader, self.fence)]
-        compare += [compare_create_revision(k, 0) for k in audit_keys]
-        leader_now = rpc.RequestOp(request_range=rpc.RangeRequest(key=self.keys.leader.encode()))
-        request = rpc.TxnRequest(compare=compare, success=ops, failure=[leader_now])
+        seq = max(self.view.audit, default=0) + len(entries)
         try:
-            reply = self.kv.txn(request)
+            reply = self.kv.txn(self._commit_txn(self.fence, state, entries, regions, seq))
         except grpc.RpcError as exc:
             raise StoreWriteError(f"cannot write {self.path}: {_rpc_error(exc)}") from None
         if not reply.succeeded and _still_leads(reply, self.fence):
@@ -310,11 +298,43 @@ class EtcdStore:
             if self.on_fenced is not None:
                 self.on_fenced(why)
             raise StoreFenced(why)
-        # Our own commit is in the view at once (the watch's copy is then skipped).
-        revision = reply.header.revision
+        self._committed(reply.header.revision, state, entries, regions, seq)
+
+    def _commit_txn(
+        self,
+        fence: int,
+        state: RolloutState,
+        entries: Sequence[AuditEntry],
+        regions: Collection[str],
+        last: int,
+    ) -> rpc.TxnRequest:
+        """The state, the entries as audit keys up to `last`, and the routes keys, if the
+        leader key is still this replica's and no audit key is taken; else the leader key."""
+        ops = [put_op(self.keys.rollout(state.service, state.canary_version),
+                      state_to_json(state).encode())]  # fmt: skip
+        first = last - len(entries) + 1
+        audit_keys = [self.keys.audit(first + i) for i in range(len(entries))]
+        ops += [
+            put_op(k, to_document(e).encode()) for k, e in zip(audit_keys, entries, strict=True)
+        ]
+        ops += [put_op(self.keys.routes(region), b"%d" % last) for region in sorted(regions)]
+        compare = [compare_create_revision(self.keys.leader, fence)]
+        compare += [compare_create_revision(k, 0) for k in audit_keys]
+        leader_now = rpc.RequestOp(request_range=rpc.RangeRequest(key=self.keys.leader.encode()))
+        return rpc.TxnRequest(compare=compare, success=ops, failure=[leader_now])
+
+    def _committed(
+        self,
+        revision: int,
+        state: RolloutState,
+        entries: Sequence[AuditEntry],
+        regions: Collection[str],
+        last: int,
+    ) -> None:
+        """Our own commit is in the view at once (the watch's copy is then skipped)."""
         view = self.view
         view.rollouts[(state.service, state.canary_version)] = state
-        first = seq - len(entries) + 1
+        first = last - len(entries) + 1
         for i, e in enumerate(entries):
             version = None if e.snapshot_version is None else revision * VERSION_SCALE
             view.audit[first + i] = replace(e, id=first + i, snapshot_version=version)
@@ -396,22 +416,6 @@ class EtcdStore:
 def _still_leads(reply: Any, fence: int | None) -> bool:
     kvs = reply.responses[0].response_range.kvs if reply.responses else []
     return bool(kvs) and kvs[0].create_revision == fence
-
-
-def _entry_to_json(e: AuditEntry) -> bytes:
-    doc = asdict(e)
-    doc.pop("id")
-    # The version is this transaction's revision (known only once it commits): kept as
-    # a mark, filled in on reading from the key's revision.
-    doc["snapshot_version"] = None if e.snapshot_version is None else "commit"
-    return json.dumps(doc).encode()
-
-
-def _entry_from_json(value: bytes, seq: int, revision: int) -> AuditEntry:
-    doc = json.loads(value)
-    if doc.get("snapshot_version") is not None:
-        doc["snapshot_version"] = revision * VERSION_SCALE
-    return AuditEntry(**doc, id=seq)
 
 
 def _rpc_error(exc: grpc.RpcError) -> str:

@@ -74,7 +74,7 @@ def summarize(
                 "step": e.step,
                 "phase_from": e.phase_from,
                 "phase_to": e.phase_to,
-                "verdict": e.verdict["outcome"] if e.verdict else None,
+                "verdict": e.verdict.outcome if e.verdict else None,
                 "reason": e.reason,
             }
             for e in audit
@@ -338,14 +338,15 @@ def plot(audit: list[AuditEntry], path: Path, regions: tuple[str, ...]) -> None:
         for e in audit:
             if e.region == region and e.weights_after:
                 weight_t.append(e.time - t0)
-                weight.append(e.weights_after["canary"])
-        checks = [e for e in audit if e.region == region and e.kind == "check" and e.measurements]
-        ct = [e.time - t0 for e in checks]
-        err = [
-            (e.measurements["canary"]["error_rate"] or 0) * 100  # type: ignore[index]
-            for e in checks
+                weight.append(e.weights_after.canary)
+        checks = [
+            (e.time - t0, e.measurements.canary)
+            for e in audit
+            if e.region == region and e.kind == "check" and e.measurements
         ]
-        p99 = [e.measurements["canary"]["p99_ms"] for e in checks]  # type: ignore[index]
+        ct = [t for t, _ in checks]
+        err = [(canary.error_rate or 0) * 100 for _, canary in checks]
+        p99 = [canary.p99_ms for _, canary in checks]
         axes[0].step(weight_t, weight, where="post", label=region)
         axes[1].plot(ct, err, marker=".", label=region)
         axes[2].plot(ct, p99, marker=".", label=region)

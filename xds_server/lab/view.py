@@ -13,7 +13,7 @@ from rich.text import Text
 
 from xds_server.lab.mesh import LocalMesh
 from xds_server.lab.traffic import envoy_weights
-from xds_server.rollout.audit import AuditEntry
+from xds_server.rollout.audit import AuditEntry, PoolNumbers
 
 BAR = 24
 
@@ -104,7 +104,9 @@ class LiveView:
             rs = (state or {}).get("regions", {}).get(region, {})
             weights = self._weights(region)
             last = self.last.get(region)
-            canary, baseline = _pair(last, "canary"), _pair(last, "baseline")
+            measured = last.measurements if last else None
+            canary = _pair(measured.canary if measured else None)
+            baseline = _pair(measured.comparator if measured else None)
             table.add_row(
                 region,
                 f"{rs.get('phase', 'pending')} {rs.get('step', '-')}",
@@ -162,10 +164,11 @@ def _bars(weights: dict[str, int]) -> Text:
     return text
 
 
-def _pair(entry: AuditEntry | None, pool: str) -> str:
-    if entry is None or not entry.measurements or not entry.measurements.get(pool):
+def _pair(m: PoolNumbers | None) -> str:
+    """A pool's error rate and p99 as the last check measured them (the comparator's in
+    the baseline column, whichever pool it was)."""
+    if m is None:
         return "-"
-    m = entry.measurements[pool]
-    err = f"{m['error_rate'] * 100:.1f}%" if m.get("error_rate") is not None else "?"
-    p99 = f"{m['p99_ms']:.0f}ms" if m.get("p99_ms") is not None else "?"
+    err = f"{m.error_rate * 100:.1f}%" if m.error_rate is not None else "?"
+    p99 = f"{m.p99_ms:.0f}ms" if m.p99_ms is not None else "?"
     return f"{err} / {p99}"

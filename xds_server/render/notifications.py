@@ -31,11 +31,12 @@ import json
 import math
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from xds_server.rollout.audit import audit_weights, failed_metric
+from xds_server.rollout.audit import Weights, audit_weights, failed_metric
+from xds_server.rollout.audit_codec import verdict_doc, weights_doc
 from xds_server.rollout.decide import Decision, EntryKind, Observation, Transition
 from xds_server.rollout.judge import HIGH, LOW, Verdict
 from xds_server.rollout.ports import Committed
@@ -110,11 +111,11 @@ class _View:
     def state(self) -> RolloutState:
         return self.decision.state
 
-    def weights_after(self, region: str) -> dict[str, float]:
+    def weights_after(self, region: str) -> Weights:
         return audit_weights(self.committed.traffic.split(self.state.service, region))
 
     def canary_after(self, region: str) -> float:
-        return self.weights_after(region)["canary"]
+        return self.weights_after(region).canary
 
 
 def events(view: Committed) -> list[NotifyEvent]:
@@ -190,7 +191,7 @@ def _event(
         "title": f"{state.service} {state.canary_version}: {title}",
         "summary": summary,
         "regions": {
-            r: {"phase": str(rs.phase), "step": rs.step, "weights": v.weights_after(r)}
+            r: {"phase": str(rs.phase), "step": rs.step, "weights": weights_doc(v.weights_after(r))}
             for r, rs in state.regions.items()
         },
     }
@@ -241,7 +242,7 @@ def _step(v: _View, stepped: Sequence[Transition]) -> NotifyEvent:
                 "step_from": t.step_from,
                 "step_to": t.step_to,
                 "canary_percent": v.canary_after(t.region),
-                "weights": v.weights_after(t.region),
+                "weights": weights_doc(v.weights_after(t.region)),
             }
         )
     percents = sorted({m["canary_percent"] for m in moved})
@@ -304,7 +305,7 @@ def _rolled_back(v: _View, wide: Transition) -> NotifyEvent:
         **measured,
         "weights_before": before,
         "weights_after": after,
-        "verdict": _verdict_dict(verdict),
+        "verdict": verdict_doc(verdict) if verdict else None,
     }
     facts = [("Region", region or "none (not a region's evidence)")]
     if cause["metric"]:
@@ -345,7 +346,7 @@ def _culprit(v: _View, wide: Transition) -> tuple[str | None, Verdict | None]:
 def _cause(verdict: Verdict | None) -> dict[str, Any]:
     """The metric that failed (as the audit log names it), its guardrail numbers or its
     analysis result, and the analysis's p-value."""
-    metric = failed_metric(_verdict_dict(verdict))
+    metric = failed_metric(verdict)
     checks = verdict.checks if verdict else ()
     check = next((c for c in checks if not c.ok and c.metric == metric), None)
     bad = [m for m in verdict.metrics if m.classification in (HIGH, LOW)] if verdict else []
@@ -394,23 +395,9 @@ def _weights_around(v: _View) -> tuple[dict[str, Any], dict[str, Any]]:
         if t.region is None or t.phase_to != ROLLED_BACK or t.region not in v.state.regions:
             continue
         prior = replace(v.state.regions[t.region], phase=t.phase_from, step=t.step_from)
-        before[t.region] = audit_weights(region_split(v.plan, prior, v.has_baseline))
-        after[t.region] = v.weights_after(t.region)
+        before[t.region] = weights_doc(audit_weights(region_split(v.plan, prior, v.has_baseline)))
+        after[t.region] = weights_doc(v.weights_after(t.region))
     return before, after
-
-
-def _verdict_dict(verdict: Verdict | None) -> dict[str, Any] | None:
-    """As the audit log stores a verdict."""
-    if verdict is None:
-        return None
-    return {
-        "outcome": str(verdict.outcome),
-        "reason": verdict.reason,
-        "checks": [asdict(c) for c in verdict.checks],
-        "score": verdict.score,
-        "conclusive": verdict.conclusive,
-        "metrics": [m.as_dict() for m in verdict.metrics],
-    }
 
 
 def _describe(m: Mapping[str, Any]) -> str:

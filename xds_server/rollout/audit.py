@@ -1,16 +1,78 @@
 """Audit entries: what each committed decision leaves in the append-only log, and how
-they are assembled from a decision. Pure: the store writes them."""
+they are assembled from a decision. Pure: the stores write them, through
+`audit_codec.py` (the one place that turns an entry into JSON and back).
+
+An entry is typed all the way down: the region's weights (`Weights`), what was measured
+there (`Measurements`, one `PoolNumbers` per pool and window) and the judge's own
+`Verdict` (its `Check`s and `MetricResult`s, every field of which the log keeps), so a
+reader (`xdsctl`, the dashboard, the lab, notifications) never digs with string keys.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
-from xds_server.rollout.decide import Decision, Transition
-from xds_server.rollout.judge import MetricClass
-from xds_server.rollout.state import RolloutState
+from xds_server.rollout.decision import Decision, EntryKind, Transition
+from xds_server.rollout.judge import HIGH, LOW, Measurement, Verdict
+from xds_server.rollout.state import ROLLED_BACK, Phase, RolloutState
 from xds_server.traffic import WEIGHT_TOTAL, Split, TrafficState
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One region's split of a service as the log shows it: percent per pool, and the
+    share of production's requests mirrored to canary and baseline (warm-up's shadow
+    traffic; not a weight: it is outside the 100%)."""
+
+    production: float
+    baseline: float
+    canary: float
+    shadow: float | None = None
+    """None when nothing is mirrored (the log then has no `shadow` at all)."""
+
+    @classmethod
+    def of(cls, split: Split) -> Weights:
+        pct = split.percent()
+        shadow = split.shadow * 100 / WEIGHT_TOTAL if split.shadow else None
+        return cls(pct["production"], pct["baseline"], pct["canary"], shadow)
+
+
+@dataclass(frozen=True)
+class PoolNumbers:
+    """One pool's numbers over a window, as the log keeps a `judge.Measurement` (no
+    histograms, readings or tenants; NaN and infinity as None)."""
+
+    requests: float | None = None
+    errors: float | None = None
+    error_rate: float | None = None
+    p99_ms: float | None = None
+    problem: str | None = None
+    """Why the numbers could not be read (Prometheus unreachable, a query error)."""
+
+    @classmethod
+    def of(cls, m: Measurement) -> PoolNumbers:
+        return cls(
+            _finite(m.requests),
+            _finite(m.errors),
+            _finite(m.error_rate),
+            _finite(m.p99_ms),
+            m.problem,
+        )
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """What one region's judgement saw: the canary over the sliding window (what the
+    guardrails judge), and canary and comparator over the whole step (the analysis)."""
+
+    canary: PoolNumbers
+    canary_step: PoolNumbers | None = None
+    comparator_pool: str | None = None
+    """`baseline` or `production`; None: no comparison this interval."""
+    comparator: PoolNumbers | None = None
+    """The comparator's numbers over the step; None at 100% (nothing to compare with)."""
 
 
 @dataclass(frozen=True)
@@ -19,14 +81,16 @@ class AuditEntry:
     service: str
     canary_version: str
     region: str | None
-    kind: str
+    """None for an entry of the whole rollout."""
+    kind: EntryKind
     step: int | None
-    phase_from: str | None
-    phase_to: str | None
-    weights_before: dict[str, Any] | None
-    weights_after: dict[str, Any] | None
-    measurements: dict[str, Any] | None
-    verdict: dict[str, Any] | None
+    phase_from: Phase | None
+    phase_to: Phase | None
+    weights_before: Weights | None
+    weights_after: Weights | None
+    measurements: Measurements | None
+    verdict: Verdict | None
+    """The judge's verdict, whole (its checks and analysis metrics)."""
     reason: str
     snapshot_version: int | None
     actor: str
@@ -38,35 +102,25 @@ def transition_entry(
     state: RolloutState,
     t: Transition,
     now: float,
-    weights_before: Mapping[str, Any] | None,
-    weights_after: Mapping[str, Any] | None,
-    measurements: Mapping[str, Any] | None,
+    weights_before: Weights | None,
+    weights_after: Weights | None,
+    measurements: Measurements | None,
     snapshot_version: int | None,
     actor: str = "controller",
 ) -> AuditEntry:
-    verdict = None
-    if t.verdict is not None:
-        verdict = {
-            "outcome": str(t.verdict.outcome),
-            "reason": t.verdict.reason,
-            "checks": [asdict(c) for c in t.verdict.checks],
-            "score": t.verdict.score,
-            "conclusive": t.verdict.conclusive,
-            "metrics": [m.as_dict() for m in t.verdict.metrics],
-        }
     return AuditEntry(
         time=now,
         service=state.service,
         canary_version=state.canary_version,
         region=t.region,
-        kind=str(t.kind),
+        kind=t.kind,
         step=t.step_to,
-        phase_from=str(t.phase_from),
-        phase_to=str(t.phase_to),
-        weights_before=dict(weights_before) if weights_before is not None else None,
-        weights_after=dict(weights_after) if weights_after is not None else None,
-        measurements=dict(measurements) if measurements is not None else None,
-        verdict=verdict,
+        phase_from=t.phase_from,
+        phase_to=t.phase_to,
+        weights_before=weights_before,
+        weights_after=weights_after,
+        measurements=measurements,
+        verdict=t.verdict,
         reason=t.reason,
         snapshot_version=snapshot_version,
         actor=actor,
@@ -91,12 +145,12 @@ def decision_entries(
         measurements = None
         if obs is not None and obs.canary is not None:
             step = obs.step
-            measurements = {
-                "canary": obs.canary.as_dict(),
-                "canary_step": step.canary.as_dict() if step else None,
-                "comparator": step.comparator_pool if step else None,
-                "baseline": step.comparator.as_dict() if step and step.comparator else None,
-            }
+            measurements = Measurements(
+                canary=PoolNumbers.of(obs.canary),
+                canary_step=PoolNumbers.of(step.canary) if step else None,
+                comparator_pool=step.comparator_pool if step else None,
+                comparator=PoolNumbers.of(step.comparator) if step and step.comparator else None,
+            )
         entries.append(
             transition_entry(
                 decision.state,
@@ -112,12 +166,9 @@ def decision_entries(
     return entries
 
 
-def audit_weights(split: Split) -> dict[str, float]:
+def audit_weights(split: Split) -> Weights:
     """Percent per pool, and the mirrored share when there is one (warm-up)."""
-    out = split.percent()
-    if split.shadow:
-        out["shadow"] = split.shadow * 100 / WEIGHT_TOTAL
-    return out
+    return Weights.of(split)
 
 
 @dataclass(frozen=True)
@@ -138,11 +189,13 @@ def rollback_cause(entries: Sequence[AuditEntry]) -> RollbackCause | None:
     """The cause of the rollback among one rollout's entries (in commit order), or None
     if it was not rolled back. A rollback is one decision: the region that breached
     carries the verdict; the others, and the rollout-wide entry, repeat its reason."""
-    rolled_back = [e for e in entries if e.kind == "transition" and e.phase_to == "rolled_back"]
+    rolled_back = [
+        e for e in entries if e.kind == EntryKind.TRANSITION and e.phase_to == ROLLED_BACK
+    ]
     if not rolled_back:
         return None
     regional = [e for e in rolled_back if e.region is not None]
-    cause = next((e for e in regional if e.verdict), None)
+    cause = next((e for e in regional if e.verdict is not None), None)
     if cause is None:
         cause = regional[0] if regional else rolled_back[0]
     return RollbackCause(
@@ -155,15 +208,20 @@ def rollback_cause(entries: Sequence[AuditEntry]) -> RollbackCause | None:
     )
 
 
-def failed_metric(verdict: Mapping[str, Any] | None) -> str | None:
+def failed_metric(verdict: Verdict | None) -> str | None:
     """The first failed guardrail of a verdict, else its first analysis metric the
     judge held against the canary (outside its allowance, either way)."""
-    if not verdict:
+    if verdict is None:
         return None
-    for check in verdict.get("checks") or ():
-        if not check.get("ok", True):
-            return str(check.get("metric"))
-    for metric in verdict.get("metrics") or ():
-        if metric.get("classification") in (MetricClass.HIGH, MetricClass.LOW):
-            return str(metric.get("name"))
+    for check in verdict.checks:
+        if not check.ok:
+            return check.metric
+    for metric in verdict.metrics:
+        if metric.classification in (HIGH, LOW):
+            return metric.name
     return None
+
+
+def _finite(v: float | None) -> float | None:
+    """As `Measurement.as_dict` wrote a number: a float, or None for none, NaN, inf."""
+    return None if v is None or math.isnan(v) or math.isinf(v) else float(v)

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import sqlite3
 from collections.abc import Collection, Iterator, Sequence
-from dataclasses import astuple, fields
 from pathlib import Path
-from typing import Any
 
 from xds_server.rollout.audit import AuditEntry
+from xds_server.rollout.audit_codec import COLUMNS, from_row, to_row
 from xds_server.rollout.ports import StoreWriteError
 from xds_server.rollout.state import RolloutState, state_from_json, state_to_json
 
@@ -33,8 +31,6 @@ RESERVE_NAME = "reserve"
 RESERVE_BYTES = 4 * 1024 * 1024
 """Room kept for rollbacks: a rollback's commit writes a few pages (tens of KB), so this
 holds many even when every other byte of the disk is taken."""
-_JSON_COLUMNS = ("weights_before", "weights_after", "measurements", "verdict")
-_COLUMNS = tuple(f.name for f in fields(AuditEntry) if f.name != "id")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -157,13 +153,11 @@ class Store:
                 (state.service, state.canary_version, state_to_json(state), state.updated_at),
             )
             for e in entries:
-                row = dict(zip(_COLUMNS, astuple(e)[: len(_COLUMNS)], strict=True))
-                for key in _JSON_COLUMNS:
-                    row[key] = _dump(row[key])
+                row = to_row(e)
                 self.db.execute(
-                    f"INSERT INTO audit ({', '.join(_COLUMNS)}) "
-                    f"VALUES ({', '.join('?' * len(_COLUMNS))})",
-                    tuple(row.values()),
+                    f"INSERT INTO audit ({', '.join(COLUMNS)}) "
+                    f"VALUES ({', '.join('?' * len(COLUMNS))})",
+                    tuple(row[c] for c in COLUMNS),
                 )
 
     def _keep_reserve(self) -> None:
@@ -224,7 +218,7 @@ class Store:
         after_id: int | None = None,
     ) -> list[AuditEntry]:
         where: list[str] = ["1=1"]
-        args: list[Any] = []
+        args: list[str | float] = []
         for column, value in (("service", service), ("region", region), ("kind", kind)):
             if value is not None:
                 where.append(f"{column} = ?")
@@ -237,7 +231,9 @@ class Store:
             args.append(after_id)
         return self._select(" AND ".join(where), args, limit)
 
-    def _select(self, where: str, args: list[Any], limit: int | None = None) -> list[AuditEntry]:
+    def _select(
+        self, where: str, args: list[str | float], limit: int | None = None
+    ) -> list[AuditEntry]:
         sql = f"SELECT * FROM audit WHERE {where} ORDER BY id"
         if limit is not None:  # the newest `limit` entries, oldest first, as `tail` does
             sql = f"SELECT * FROM (SELECT * FROM audit WHERE {where} ORDER BY id DESC LIMIT ?)"
@@ -245,18 +241,8 @@ class Store:
             args = [*args, limit]
         cur = self.db.execute(sql, args)
         names = [d[0] for d in cur.description]
-        out = []
-        for row in cur.fetchall():
-            rec = dict(zip(names, row, strict=True))
-            for key in _JSON_COLUMNS:
-                rec[key] = json.loads(rec[key]) if rec[key] else None
-            out.append(AuditEntry(**rec))
-        return out
+        return [from_row(dict(zip(names, row, strict=True))) for row in cur.fetchall()]
 
 
 def _out_of_space(exc: sqlite3.Error) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
-
-
-def _dump(value: Any) -> str | None:
-    return None if value is None else json.dumps(value)
