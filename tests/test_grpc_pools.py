@@ -18,7 +18,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from tests.support import wait_for
+from tests.support import wait_for, wait_shares
 from xds_server.lab.background import BackgroundServer
 from xds_server.lab.layout import MeshOptions
 from xds_server.lab.mesh import LocalMesh
@@ -343,11 +343,7 @@ def test_a_canary_answering_unavailable_is_rolled_back_on_its_grpc_errors(
         mesh.faults.set("eu-west", "canary", error_rate=0.5)
         state = mesh.state.wait_phase({"rolled_back", "promoted"}, 90)
         assert state["phase"] == "rolled_back", state
-        wait_for(
-            lambda: all(canary_share(e) == 0 for e in mesh.processes.envoys),
-            "0% canary",
-            timeout=20,
-        )
+        wait_shares(mesh.processes.envoys, 0, timeout=20)
 
         (rollback,) = [
             e for e in mesh.state.audit() if e.region is None and e.phase_to == "rolled_back"

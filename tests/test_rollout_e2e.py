@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import holds_for, mesh_steps, mesh_under_load, wait_for
+from tests.support import holds_for, mesh_steps, mesh_under_load, wait_for, wait_shares
 from xds_server.lab.layout import MeshOptions
 from xds_server.lab.mesh import LocalMesh
 from xds_server.lab.procs import http_get
@@ -78,19 +78,10 @@ def test_healthy_canary_is_promoted_with_zero_failed_requests(mesh: LocalMesh) -
 def test_fault_in_one_region_rolls_back_every_region_within_seconds(mesh: LocalMesh) -> None:
     mesh.spec.add_canary()
     wait_step(mesh, 1, 60)
-    wait_for(
-        lambda: all(canary_share(e) == 20 for e in mesh.processes.envoys),
-        "20% in Envoy",
-        timeout=10,
-    )
+    wait_shares(mesh.processes.envoys, 20)
     fault_at = time.time()
     mesh.faults.set("eu-west", "canary", error_rate=0.2)
-    wait_for(
-        lambda: all(canary_share(e) == 0 for e in mesh.processes.envoys),
-        "every Envoy at 0% canary",
-        timeout=20,
-        interval=0.05,
-    )
+    wait_shares(mesh.processes.envoys, 0, timeout=20, interval=0.05)
     elapsed = time.time() - fault_at
     print(f"\nfault start -> every Envoy at 0% canary: {elapsed:.2f}s")
     assert elapsed <= 10
@@ -120,9 +111,7 @@ def test_latency_breach_rolls_back(mesh: LocalMesh) -> None:
     state = mesh.state.wait_phase({"promoted", "rolled_back"}, 60)
     assert state["phase"] == "rolled_back"
     assert "p99_ms" in state["reason"] and "limit 250" in state["reason"]
-    wait_for(
-        lambda: all(canary_share(e) == 0 for e in mesh.processes.envoys), "0% canary", timeout=10
-    )
+    wait_shares(mesh.processes.envoys, 0)
 
 
 def test_prometheus_outage_holds_then_the_rollout_continues(mesh: LocalMesh) -> None:
@@ -153,11 +142,7 @@ def test_sigkill_mid_rollout_resumes_same_step_without_failed_requests(mesh: Loc
     assert load is not None
     mesh.spec.add_canary()
     wait_step(mesh, 1, 60)
-    wait_for(
-        lambda: all(canary_share(e) == 20 for e in mesh.processes.envoys),
-        "20% in Envoy",
-        timeout=10,
-    )
+    wait_shares(mesh.processes.envoys, 20)
     shares: list[float] = []
     stop = threading.Event()
 
