@@ -1,6 +1,7 @@
 """What many test files share: one way to wait for something, one way to watch that
-something stays true, the rollout readings tests compare (the steps its regions are at),
-a lab mesh under load, and `xdsctl xds fetch`.
+something stays true, the rollout readings tests compare (the steps its regions are at,
+the Envoys' canary share), a plan with one metric changed, a lab mesh under load, and
+`xdsctl xds fetch`.
 
 No test sleeps to synchronise: every wait polls with a deadline. `wait_for` polls from
 the test's thread; `wait_for_async` polls on a running event loop, between the turns of
@@ -16,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
     from xds_server.lab.mesh import LocalMesh
     from xds_server.lab.procs import Envoy
     from xds_server.rollout.state import RolloutState
+    from xds_server.spec import RolloutPlan
 
 T = TypeVar("T")
 
@@ -139,6 +142,12 @@ def xds_fetch(
     argv = [sys.executable, "-m", "xds_server.ctl", "xds", "fetch", "--region", region]
     argv += ["--xds-server", xds_address, *(["--type", kind] if kind else [])]
     return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+
+def with_metric(plan: RolloutPlan, name: str, **changes: Any) -> RolloutPlan:
+    """`plan` with one of its analysis metrics changed (`on_no_data="fail"`, say)."""
+    metrics = tuple(replace(m, **changes) if m.name == name else m for m in plan.analysis.metrics)
+    return replace(plan, analysis=replace(plan.analysis, metrics=metrics))
 
 
 def steps(state: RolloutState) -> set[int]:

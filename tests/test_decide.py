@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support import with_metric
 from xds_server.rollout import decide as sm
 from xds_server.rollout.decide import Observation
 from xds_server.rollout.judge import FAIL, NO_DATA, PASS, Comparison, Measurement, judge
@@ -126,16 +127,7 @@ def test_too_little_data_holds_then_follows_each_metrics_rule() -> None:
     assert d is not None and not d.rollback
     assert state.phase == sm.PAUSED and now >= PLAN.max_hold
     assert "too few to rule out a 2x error rate" in state.reason
-    fail_rule = replace(
-        PLAN,
-        analysis=replace(
-            PLAN.analysis,
-            metrics=tuple(
-                replace(m, on_no_data="fail") if m.name == "error_rate" else m
-                for m in PLAN.analysis.metrics
-            ),
-        ),
-    )
+    fail_rule = with_metric(PLAN, "error_rate", on_no_data="fail")
     state = started(fail_rule)
     for _ in range(int(PLAN.max_hold) + 5):
         now += 1

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support import with_metric
 from xds_server.render.bootstrap import ENVOY_DEFAULT_BUCKETS_MS, LATENCY_BUCKETS_MS
 from xds_server.rollout import stats
 from xds_server.rollout.judge import (
@@ -187,16 +188,7 @@ def test_sparse_error_counts_are_never_a_pass(ec: int, nc: int, eb: int, nb: int
     expired = judge(PLAN, Measurement(requests=nc, errors=ec, p99_ms=80.0), step, True)
     assert expired.outcome == NO_DATA and expired.pause_requested
     # With the rule set to fail, it fails, and being critical it scores 0.
-    strict = replace(
-        PLAN,
-        analysis=replace(
-            PLAN.analysis,
-            metrics=tuple(
-                replace(m, on_no_data="fail") if m.name == "error_rate" else m
-                for m in PLAN.analysis.metrics
-            ),
-        ),
-    )
+    strict = with_metric(PLAN, "error_rate", on_no_data="fail")
     failed = judge(strict, Measurement(requests=nc, errors=ec, p99_ms=80.0), step, True)
     assert failed.outcome == FAIL and failed.score == 0
 
@@ -640,13 +632,8 @@ def test_a_score_fails_only_when_metrics_still_waiting_for_data_cannot_lift_it()
     """Latency high (weight 10) while errors (weight 90) still lack data: the score so far
     is 0, but errors could still pass and make it 90. That is a hold, not a failure."""
     rng = np.random.default_rng(12)
-    metrics = tuple(
-        replace(m, ignore_below=0.0001) if m.name == "error_rate" else m
-        for m in TWO.analysis.metrics
-    )
-    plan = replace(
-        TWO, analysis=replace(TWO.analysis, metrics=metrics, groups={"errors": 90, "latency": 10})
-    )
+    plan = with_metric(TWO, "error_rate", ignore_below=0.0001)
+    plan = replace(plan, analysis=replace(plan.analysis, groups={"errors": 90, "latency": 10}))
     slow = replace(pool(rng, 5_000, 0.0, slowdown=1.3), errors=1)
     base = replace(pool(rng, 5_000, 0.0), errors=1)
     v = judge(plan, WINDOW, Comparison(slow, base, "baseline"))
