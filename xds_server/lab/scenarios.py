@@ -4,7 +4,7 @@ A table apart from the orchestration (`lab/run.py`) and the report (`lab/report.
 importable without the lab's extra dependencies (`pip install 'xds-server[lab]'`): the
 command line lists `SCENARIO_NAMES` whether the extra is installed or not. A new
 scenario is one entry in `SCENARIOS`; a new kind of fault, a field of `Fault` (a model
-server's knob) or a `replica_fault` word that `lab/run.py`'s `inject_replica_fault`
+server's knob) or a `replica_fault` word that `lab/follow.py`'s `inject_replica_fault`
 knows.
 """
 
@@ -96,7 +96,7 @@ class Fault:
     """This share of user requests hangs until the caller gives up."""
 
     def knobs(self) -> dict[str, Any]:
-        """The fault knobs this fault sets, as `LocalMesh.set_fault` takes them."""
+        """The fault knobs this fault sets, as `mesh.faults.set` takes them."""
         names = ("error_rate", "latency_ms", "drift", "tenant_latency_ms", "stall_fraction")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
