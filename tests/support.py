@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
+    from xds_server.lab.background import BackgroundServer
     from xds_server.lab.mesh import LocalMesh
     from xds_server.lab.procs import Envoy
     from xds_server.rollout.state import RolloutState
@@ -132,6 +133,15 @@ def wait_shares(
         timeout=timeout,
         interval=interval,
     )
+
+
+def set_canary(server: BackgroundServer, percent: float, *, urgent: bool = True) -> None:
+    """Weights by hand on an in-process server: `percent` of the recommender's requests
+    to its canary, the rest to production (urgent: pushed at once, as a rollout's step)."""
+    from xds_server.traffic import Split
+
+    split = Split.from_percent({"canary": percent})
+    server.call(lambda: server.server.set_split("recommender", split, urgent=urgent))
 
 
 def xds_fetch(

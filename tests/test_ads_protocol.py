@@ -17,8 +17,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 
-from tests.support import wait_for
-from xds_server.traffic import Split
+from tests.support import set_canary, wait_for
 from xds_server.xds.resources import ROUTE_CONFIG_NAME
 from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
@@ -93,11 +92,7 @@ def test_weight_change_sends_only_routes(
 ) -> None:
     c = ads_clients(server.port)
     got = sync_all(c)
-    server.call(
-        lambda: server.server.set_split(
-            "recommender", Split.from_percent({"canary": 50}), urgent=True
-        )
-    )
+    set_canary(server, 50)
     r = c.recv()
     assert r.type_url == ROUTE
     assert int(r.version_info) > int(got[ROUTE].version_info)
@@ -127,11 +122,7 @@ def test_nack_is_recorded_and_not_resent(
 ) -> None:
     c = ads_clients(server.port)
     got = sync_all(c)
-    server.call(
-        lambda: server.server.set_split(
-            "recommender", Split.from_percent({"canary": 10}), urgent=True
-        )
-    )
+    set_canary(server, 10)
     bad = c.recv()
     c.send(
         ROUTE,
@@ -161,11 +152,7 @@ def test_nack_is_recorded_and_not_resent(
     assert eds.type_url == ENDPOINT
     c.ack(eds, ALL_CLUSTERS)
     # A new config is sent, even to a node that NACKed the previous one.
-    server.call(
-        lambda: server.server.set_split(
-            "recommender", Split.from_percent({"canary": 20}), urgent=True
-        )
-    )
+    set_canary(server, 20)
     nxt = c.recv()
     assert nxt.type_url == ROUTE and int(nxt.version_info) > int(bad.version_info)
 
@@ -229,11 +216,7 @@ def test_removed_cluster_outlives_routes_using_it(
 ) -> None:
     c = ads_clients(server.port)
     sync_all(c)
-    server.call(
-        lambda: server.server.set_split(
-            "recommender", Split.from_percent({"canary": 30}), urgent=True
-        )
-    )
+    set_canary(server, 30)
     c.ack(c.recv(), [ROUTE_CONFIG_NAME])
     wait_for(
         lambda: server.call(

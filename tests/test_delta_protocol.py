@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tests.support import wait_for
+from tests.support import set_canary, wait_for
 from xds_server.traffic import Split
 from xds_server.xds.resources import ROUTE_CONFIG_NAME
 from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
@@ -56,11 +56,7 @@ def test_wildcard_and_named_subscriptions_with_per_resource_versions(
 def test_a_weight_change_sends_one_resource(server: ServerThread, delta_clients: Make) -> None:
     c = delta_clients(server.port)
     got = sync(c)
-    server.call(
-        lambda: server.server.set_split(
-            "recommender", Split.from_percent({"canary": 30}), urgent=True
-        )
-    )
+    set_canary(server, 30)
     r = c.recv()
     assert r.type_url == ROUTE and names(r) == [ROUTE_CONFIG_NAME]
     assert r.resources[0].version != got[ROUTE].resources[0].version
@@ -104,11 +100,7 @@ def test_reconnect_with_initial_versions_gets_only_what_changed(
 def test_nack_is_recorded_and_not_resent(server: ServerThread, delta_clients: Make) -> None:
     c = delta_clients(server.port)
     sync(c)
-    server.call(
-        lambda: server.server.set_split(
-            "recommender", Split.from_percent({"canary": 10}), urgent=True
-        )
-    )
+    set_canary(server, 10)
     bad = c.recv()
     c.send(ROUTE, nonce=bad.nonce, error="rejected by test")
     node = wait_for(

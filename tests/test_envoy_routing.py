@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.support import wait_for
+from tests.support import set_canary, wait_for
 from xds_server.lab.procs import Envoy, http_get
 from xds_server.lab.upstream import ModelServer
 from xds_server.traffic import Split
@@ -64,7 +64,7 @@ def test_each_region_routes_to_its_production_pool(
 
 def test_fifty_fifty_split(server: ServerThread, envoys: EnvoyFactory) -> None:
     started = start_region_envoys(server, envoys)
-    server.call(lambda: server.server.set_split("recommender", Split.from_percent({"canary": 50})))
+    set_canary(server, 50, urgent=False)
     n = 400
     for envoy in started.values():
         wait_applied(server, envoy)
@@ -135,7 +135,7 @@ def test_restarted_envoy_gets_current_config(server: ServerThread, envoys: Envoy
     envoy = envoys.start("ap-south", server.port)
     envoy.wait_ready()
     envoy.stop()
-    server.call(lambda: server.server.set_split("recommender", Split.from_percent({"canary": 100})))
+    set_canary(server, 100, urgent=False)
     again = envoys.start("ap-south", server.port, node_id=envoy.opts.node_id)
     again.wait_ready()
     wait_applied(server, again)
@@ -196,7 +196,7 @@ def test_pool_added_live_takes_traffic_once_warm(
     wait_applied(server, envoy)
     doc["services"][0]["pools"] = pools
     server.call(lambda: server.server.apply_spec(validate_spec(doc, "two pools")))
-    server.call(lambda: server.server.set_split("recommender", Split.from_percent({"canary": 100})))
+    set_canary(server, 100, urgent=False)
     wait_applied(server, envoy)
     assert pools_seen(envoy, 10) == Counter({"canary": 10})
 
