@@ -35,10 +35,10 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from xds_server.rollout.audit import Weights, audit_weights, failed_metric
-from xds_server.rollout.audit_codec import verdict_doc, weights_doc
+from xds_server.rollout.audit import PoolNumbers, Weights, audit_weights, failed_metric
+from xds_server.rollout.audit_codec import Doc, pool_doc, verdict_doc, weights_doc
 from xds_server.rollout.decide import Decision, EntryKind, Observation, Transition
-from xds_server.rollout.judge import HIGH, LOW, Verdict
+from xds_server.rollout.judge import HIGH, LOW, Measurement, Verdict
 from xds_server.rollout.ports import Committed
 from xds_server.rollout.state import (
     PAUSED,
@@ -377,11 +377,16 @@ def _measurements(obs: Observation | None) -> dict[str, Any]:
         return {"canary": None, "canary_step": None, "comparator": None, "comparator_pool": None}
     step = obs.step
     return {
-        "canary": obs.canary.as_dict() if obs.canary else None,
-        "canary_step": step.canary.as_dict() if step else None,
-        "comparator": step.comparator.as_dict() if step and step.comparator else None,
+        "canary": _numbers(obs.canary),
+        "canary_step": _numbers(step.canary if step else None),
+        "comparator": _numbers(step.comparator if step else None),
         "comparator_pool": step.comparator_pool if step else None,
     }
+
+
+def _numbers(m: Measurement | None) -> Doc | None:
+    """A pool's numbers as the audit log keeps them."""
+    return pool_doc(PoolNumbers.of(m)) if m is not None else None
 
 
 def _weights_around(v: _View) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -401,7 +406,7 @@ def _weights_around(v: _View) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _describe(m: Mapping[str, Any]) -> str:
-    """`300/1000 errors (30%), p99 50 ms` from `Measurement.as_dict()`."""
+    """`300/1000 errors (30%), p99 50 ms` from a pool's numbers as the audit log keeps them."""
     if m.get("problem"):
         return f"unavailable: {m['problem']}"
     parts = []
