@@ -79,8 +79,12 @@ RULES: dict[str, Rule] = {
     "ctl": Rule(
         (*CLIENT, "ctl_client", "ctl_output"), f"xdsctl, the admin API's command line: {CLIENT_WHY}"
     ),
+    "cli_flags": Rule(
+        ENGINE, "what xds-server's commands share (flags, one-line errors, logging): light"
+    ),
+    "cli_serve": Rule((*SERVER, "app", "cli_flags"), "`xds-server serve`: its flags, then app"),
     "cli": Rule(
-        (*SERVER, "app", "lab"),
+        (*SERVER, "app", "lab", "cli_flags", "cli_serve"),
         "xds-server's command line: each command calls the unit that owns the work",
     ),
     "lab": Rule(
