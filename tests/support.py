@@ -7,6 +7,9 @@ No test sleeps to synchronise: every wait polls with a deadline. `wait_for` poll
 the test's thread; `wait_for_async` polls on a running event loop, between the turns of
 the tasks whose state the predicate reads. Both take the same arguments in the same
 order, `(predicate, what, timeout=..., interval=...)`, and fail the same way.
+
+The lab is imported inside the helpers that use it: a test of the control plane imports
+this module without the lab's optional extra.
 """
 
 from __future__ import annotations
