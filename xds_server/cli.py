@@ -7,15 +7,24 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
-import json
-import logging
-import signal
+import importlib
 import sys
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
+from xds_server.cli_flags import (
+    LOG_LEVELS,
+    UsageError,
+    add_store_flags,
+    seconds_flag,
+    setup_logging,
+    split_host_port,
+    store_address,
+)
+from xds_server.cli_serve import add_serve
+from xds_server.lab.scenarios import SCENARIO_NAMES
 from xds_server.render.bootstrap import (
     BootstrapOptions,
     GrpcBootstrapOptions,
@@ -33,67 +42,9 @@ from xds_server.spec import (
 from xds_server.spec.values import NAME_RE
 
 if TYPE_CHECKING:
-    from xds_server.app import ServeOptions
     from xds_server.ha.etcd import EtcdAddress
-    from xds_server.ha.store import EtcdStore, StoredSpec
+    from xds_server.ha.store import StoredSpec
     from xds_server.rollout.state import RolloutState
-
-T = TypeVar("T")
-
-log = logging.getLogger("xds_server")
-
-
-class UsageError(Exception):
-    """A command-line mistake; printed as one line, exit code 2."""
-
-
-LAB_SCENARIOS = (
-    "healthy",
-    "bad-canary",
-    "slow-canary",
-    "drifting-canary",
-    "tenant-regression",
-    "stalling-canary",
-    "leader-failover",
-    "canary-instance-loss",
-    "etcd-member-loss",
-)
-"""`lab run --scenario` (xds_server.lab.run.SCENARIOS, which a test keeps equal)."""
-
-
-def split_host_port(text: str, what: str) -> tuple[str, int]:
-    try:
-        return parse_host_port(text)
-    except ValueError as exc:
-        raise UsageError(f"{what}: {exc}, got {text!r}") from None
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
-def setup_logging(level: str = "info", fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    # grpc's own debug lines (event loop plumbing) drown ours at debug level.
-    logging.getLogger("grpc").setLevel(max(logging.INFO, root.level))
-    logging.getLogger("asyncio").setLevel(max(logging.INFO, root.level))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -106,81 +57,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from xds_server.app import ServeOptions, local
-
-    setup_logging(args.log_level, args.log_format)
-    split_host_port(args.xds_address, "--xds-address")
-    split_host_port(args.admin_address, "--admin-address")
-    metrics_host, metrics_port = split_host_port(args.metrics_address, "--metrics-address")
-    if args.ui_address:
-        split_host_port(args.ui_address, "--ui-address")
-    if not args.store:
-        if not args.spec:
-            raise UsageError("--spec FILE is required (without --store, it is the only spec)")
-        for flag in ("regions", "replica_id"):
-            if getattr(args, flag):
-                raise UsageError(f"--{flag.replace('_', '-')} goes with --store etcd://...")
-    regions = tuple(r.strip() for r in args.regions.split(",") if r.strip()) if args.regions else ()
-    if args.leader_ttl < 2:
-        raise UsageError(f"--leader-ttl: at least 2 seconds, got {args.leader_ttl}")
-    options = ServeOptions(
-        spec_path=Path(args.spec) if args.spec else None,
-        xds_address=args.xds_address,
-        state_dir=Path(args.state_dir),
-        prometheus_url=args.prometheus_url,
-        metrics_address=(metrics_host, metrics_port) if metrics_port else None,
-        admin_address=args.admin_address,
-        admin_tokens=_read_secret(args.admin_token_file, args.admin_auth_reads),
-        admin_auth_reads=args.admin_auth_reads,
-        xds_tls=_load_tls(args.xds_tls_cert, args.xds_tls_key, "--xds-tls"),
-        xds_client_ca=_client_ca(args),
-        xds_trust_domain=args.xds_trust_domain,
-        admin_tls=_load_tls(args.admin_tls_cert, args.admin_tls_key, "--admin-tls"),
-        ui_address=args.ui_address,
-        store_url=args.store,
-        store_prefix=args.store_prefix,
-        leader_ttl=args.leader_ttl,
-        regions=regions,
-        replica_id=args.replica_id or "",
-    )
-    if args.store:
-        _store_address(args)  # a bad --store is one line, before anything starts
-        asyncio.run(_serve_replica(options))
-    else:
-        asyncio.run(local(options).serve())
-    return 0
-
-
-async def _serve_replica(options: ServeOptions) -> None:
-    from xds_server.app import StoreError, replica
-
-    try:
-        server = await replica(options)
-    except (StoreError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
-    await server.serve()
-
-
-def _store_address(args: argparse.Namespace) -> EtcdAddress:
-    from xds_server.ha.etcd import StoreAddressError, parse_store_url
-
-    try:
-        return parse_store_url(args.store, args.store_prefix)
-    except StoreAddressError as exc:
-        raise UsageError(str(exc)) from None
-
-
 def cmd_spec_push(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)  # SpecError: the file, the field, what is wrong
     text = Path(args.spec).read_text()
-    address = _store_address(args)
+    address = store_address(args)
+    from xds_server.ha.oneshot import push_spec
 
-    async def push() -> StoredSpec | None:
-        async with _spec_store(address) as store:
-            return await store.push_spec(text, args.spec)
-
-    stored = _run_on_store(push(), address)
+    with _store_errors():
+        stored = push_spec(address, text, args.spec)
     if stored is None:
         print(f"{args.spec}: unchanged: the store's current spec is the same")
     else:
@@ -192,7 +76,7 @@ def cmd_spec_push(args: argparse.Namespace) -> int:
 
 
 def cmd_spec_get(args: argparse.Namespace) -> int:
-    address = _store_address(args)
+    address = store_address(args)
     history = _spec_history(address)
     if not history:
         raise UsageError(f"the store {address} holds no spec under {address.prefix}")
@@ -208,7 +92,7 @@ def cmd_spec_get(args: argparse.Namespace) -> int:
 
 
 def cmd_spec_history(args: argparse.Namespace) -> int:
-    history = _spec_history(_store_address(args))
+    history = _spec_history(store_address(args))
     print(f"{'SPEC':>4}  {'REVISION':>8}  {'PUSHED':<20}  {'SHA256':<12}  SOURCE")
     for s in history:
         pushed = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.pushed_at))
@@ -217,137 +101,50 @@ def cmd_spec_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spec_history(address: EtcdAddress) -> list[StoredSpec]:
+    from xds_server.ha.oneshot import spec_history
+
+    with _store_errors():
+        return spec_history(address)
+
+
+@contextlib.contextmanager
+def _store_errors() -> Iterator[None]:
+    """The store's one-line failures (`ha.oneshot.OneShotError`) as usage errors."""
+    from xds_server.ha.oneshot import OneShotError
+
+    try:
+        yield
+    except OneShotError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_register(args: argparse.Namespace) -> int:
     """Hold one instance's registration until SIGTERM or SIGINT, then deregister."""
     from xds_server.ha.registry import (
         InstanceSpec,
-        Registration,
         RegistrationError,
         check_address,
         check_pool,
+        hold_until_stopped,
     )
 
     setup_logging(args.log_level)
-    ttl = _seconds(args.ttl, "--ttl")
+    ttl = seconds_flag(args.ttl, "--ttl")
     if ttl < 2:
         raise UsageError(f"--ttl: at least 2s, got {args.ttl}")
     if args.health_url and not args.health_url.startswith(("http://", "https://")):
         raise UsageError(f"--health-url: expected an http(s) URL, got {args.health_url!r}")
-    address = _store_address(args)
+    address = store_address(args)
     try:
         instance = InstanceSpec(
             args.service, args.version, args.region, check_address(args.address), ttl,
             args.health_url, check_pool(args.pool or ""),
         )  # fmt: skip
+        asyncio.run(hold_until_stopped(address, instance))
     except RegistrationError as exc:
         raise UsageError(str(exc)) from None
-
-    async def hold() -> None:
-        registration = Registration(address, instance)
-        try:
-            await asyncio.wait_for(registration.check(), 10)
-        except RegistrationError as exc:
-            raise UsageError(str(exc)) from None
-        except TimeoutError:
-            raise UsageError(f"the store {address} did not answer within 10 s") from None
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        task = asyncio.create_task(registration.run())
-        await stop.wait()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    asyncio.run(hold())
     return 0
-
-
-def _seconds(text: str, flag: str) -> float:
-    from xds_server.spec import parse_duration
-
-    seconds = parse_duration(text)
-    if seconds is None:
-        raise UsageError(f"{flag}: expected a duration like 10s or 500ms, got {text!r}")
-    return seconds
-
-
-def _spec_history(address: EtcdAddress) -> list[StoredSpec]:
-    async def get() -> list[StoredSpec]:
-        async with _spec_store(address) as store:
-            return await store.spec_history()
-
-    return _run_on_store(get(), address)
-
-
-@contextlib.asynccontextmanager
-async def _spec_store(address: EtcdAddress) -> AsyncIterator[EtcdStore]:
-    from xds_server.ha.etcd import async_client
-    from xds_server.ha.store import EtcdStore
-
-    client = async_client(address, timeout=5)
-    store = EtcdStore(address, client)
-    try:
-        yield store
-    finally:
-        store.close()
-        with contextlib.suppress(Exception):
-            await client.close()
-
-
-def _run_on_store(work: Coroutine[Any, Any, T], address: EtcdAddress) -> T:
-    from xds_server.rollout.ports import StoreWriteError
-
-    try:
-        return asyncio.run(asyncio.wait_for(work, 10))
-    except StoreWriteError as exc:
-        raise UsageError(str(exc)) from None
-    except TimeoutError:
-        raise UsageError(f"the store {address} did not answer within 10 s") from None
-    except Exception as exc:
-        if isinstance(exc, SpecError | UsageError):
-            raise
-        from xds_server.ha.etcd import one_line
-
-        raise UsageError(f"cannot use the store {address}: {one_line(exc)}") from None
-
-
-def _client_ca(args: argparse.Namespace) -> bytes | None:
-    if not args.xds_tls_client_ca:
-        if args.xds_trust_domain:
-            raise UsageError("--xds-trust-domain goes with --xds-tls-client-ca")
-        return None
-    if not args.xds_tls_cert:
-        raise UsageError("--xds-tls-client-ca needs --xds-tls-cert and --xds-tls-key")
-    return Path(args.xds_tls_client_ca).read_bytes()
-
-
-def _load_tls(cert: str | None, key: str | None, flag: str) -> tuple[bytes, bytes] | None:
-    """(certificate chain, private key) from a pair of PEM files, or None for plaintext."""
-    if not cert and not key:
-        return None
-    if not (cert and key):
-        raise UsageError(f"{flag}-cert and {flag}-key go together")
-    return Path(cert).read_bytes(), Path(key).read_bytes()
-
-
-def _read_secret(path: str | None, for_reads: bool = False) -> dict[str, str] | None:
-    """The admin API's credentials, {name: token}, from `--admin-token-file`."""
-    from xds_server.admin.auth import TokenFileError, parse_tokens
-
-    if not path:
-        if for_reads:
-            raise UsageError("--admin-auth-reads needs --admin-token-file")
-        return None
-    try:
-        text = Path(path).read_bytes().decode()
-    except UnicodeDecodeError:
-        raise UsageError(f"--admin-token-file {path}: not UTF-8 text") from None
-    try:
-        return parse_tokens(text, f"--admin-token-file {path}")
-    except TokenFileError as exc:
-        raise UsageError(str(exc)) from None
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
@@ -447,23 +244,18 @@ def cmd_manifests_istio(args: argparse.Namespace) -> int:
 
 def _read_store(args: argparse.Namespace) -> tuple[MeshSpec, list[RolloutState]]:
     """The spec (`--spec`, else the store's) and the rollouts, read from etcd once."""
-    from xds_server.ha.store import EtcdStore, StoreReadError
+    from xds_server.ha.oneshot import read_once
 
-    address = _store_address(args)
-    store = EtcdStore(address)
-    try:
-        store.read()
-    except StoreReadError as exc:
-        raise UsageError(str(exc)) from None
-    finally:
-        store.close()
+    address = store_address(args)
+    with _store_errors():
+        stored = read_once(address)
     if args.spec:
         spec = load_spec(args.spec)
-    elif store.view.spec is None:
+    elif stored.spec is None:
         raise UsageError(f"the store {address} holds no spec under {address.prefix}")
     else:
-        spec = parse_spec(store.view.spec.text, f"{address}{store.keys.spec}")
-    return spec, store.load_rollouts()
+        spec = parse_spec(stored.spec.text, stored.spec_key)
+    return spec, stored.rollouts
 
 
 def read_rollouts(state_dir: Path) -> list[RolloutState]:
@@ -480,8 +272,30 @@ def read_rollouts(state_dir: Path) -> list[RolloutState]:
         store.close()
 
 
+LAB_EXTRA = ("rich", "matplotlib", "grpc_health")
+"""The packages `pip install 'xds-server[lab]'` adds (pyproject's lab extra)."""
+
+
+@contextlib.contextmanager
+def _lab_extra() -> Iterator[None]:
+    """Around the lab's import (never at this module's: the control plane installs
+    without the lab's extra): without the extra, one line that says what to install."""
+    try:
+        for name in LAB_EXTRA:  # up front: some load late (the plot, at the end of a run)
+            importlib.import_module(name)
+        yield
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in LAB_EXTRA:
+            raise
+        raise UsageError(
+            f"the lab needs its extra packages (no module named {exc.name!r}): "
+            "pip install 'xds-server[lab]'"
+        ) from None
+
+
 def cmd_lab_run(args: argparse.Namespace) -> int:
-    from xds_server.lab.run import run_lab
+    with _lab_extra():
+        from xds_server.lab.run import run_lab
 
     if args.regions < 1 or args.envoys_per_region < 1:
         raise UsageError("--regions and --envoys-per-region must be at least 1")
@@ -507,7 +321,8 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
 
 
 def cmd_lab_down(args: argparse.Namespace) -> int:
-    from xds_server.lab.run import lab_down
+    with _lab_extra():
+        from xds_server.lab.run import lab_down
 
     return lab_down(Path(args.out) if args.out else None)
 
@@ -518,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate a mesh spec; exit non-zero on error")
     c.add_argument("--spec", required=True, metavar="FILE")
     c.set_defaults(func=cmd_check)
-    _add_serve(sub)
+    add_serve(sub)
     _add_spec(sub)
     _add_register(sub)
     _add_bootstrap(sub)
@@ -527,116 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    s = sub.add_parser("serve", help="serve the mesh spec to Envoys over ADS")
-    s.add_argument(
-        "--spec",
-        metavar="FILE",
-        help="the mesh spec (required without --store; with it, its valid changes are "
-        "pushed to the store)",
-    )
-    _add_store_flags(s)
-    s.add_argument(
-        "--leader-ttl",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="with --store: the leader lease's TTL (a dead leader's rollouts wait this long)",
-    )
-    s.add_argument(
-        "--regions",
-        metavar="R1,R2",
-        help="with --store: serve only these regions' Envoys (default: every region)",
-    )
-    s.add_argument("--replica-id", help="with --store: this replica's name (default: host-port)")
-    s.add_argument("--xds-address", default="127.0.0.1:18000", metavar="HOST:PORT")
-    s.add_argument(
-        "--state-dir",
-        default="xds-state",
-        metavar="DIR",
-        help="rollout state and audit log (SQLite)",
-    )
-    s.add_argument(
-        "--prometheus-url", default="http://127.0.0.1:9090", help="where canary health is read from"
-    )
-    s.add_argument(
-        "--metrics-address",
-        default="127.0.0.1:18002",
-        metavar="HOST:PORT",
-        help="this server's own /metrics (port 0: off)",
-    )
-    s.add_argument(
-        "--admin-address",
-        default="127.0.0.1:18001",
-        metavar="HOST:PORT",
-        help="the admin API (xdsctl) and CSDS",
-    )
-    s.add_argument(
-        "--ui-address",
-        default="127.0.0.1:18080",
-        metavar="HOST:PORT",
-        help="the web dashboard (empty: off); its actions need --admin-token-file",
-    )
-    s.add_argument(
-        "--admin-token-file",
-        metavar="FILE",
-        help="require a bearer token for changes through the admin API: NAME:TOKEN lines "
-        "(the audit log records NAME), or one bare token (named admin)",
-    )
-    s.add_argument(
-        "--admin-auth-reads",
-        action="store_true",
-        help="require a token from --admin-token-file for reads too (nodes, config, "
-        "rollouts, audit, CSDS)",
-    )
-    s.add_argument("--xds-tls-cert", metavar="PEM", help="serve xDS over TLS")
-    s.add_argument("--xds-tls-key", metavar="PEM")
-    s.add_argument(
-        "--xds-tls-client-ca",
-        metavar="PEM",
-        help="require xDS clients to present a certificate signed by this CA, naming their "
-        "region and node id (spiffe://DOMAIN/region/REGION/node/NODE_ID); needs --xds-tls-cert",
-    )
-    s.add_argument(
-        "--xds-trust-domain",
-        metavar="DOMAIN",
-        help="with --xds-tls-client-ca: accept only identities of this SPIFFE trust domain",
-    )
-    s.add_argument("--admin-tls-cert", metavar="PEM", help="serve the admin API over TLS")
-    s.add_argument("--admin-tls-key", metavar="PEM")
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    s.add_argument("--log-format", default="text", choices=["text", "json"])
-    s.set_defaults(func=cmd_serve)
-
-
-def _add_store_flags(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument(
-        "--store",
-        required=required,
-        metavar="etcd://HOST:PORT[,...]",
-        help="replicas on etcd: the spec, rollout state and audit log live there",
-    )
-    p.add_argument(
-        "--store-prefix",
-        default="/xds-server/default",
-        metavar="PREFIX",
-        help="the keys' prefix in etcd (one mesh per prefix)",
-    )
-
-
 def _add_spec(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sp = sub.add_parser("spec", help="the mesh spec kept in etcd (replicas)")
     sp_sub = sp.add_subparsers(dest="spec_command", required=True)
     push = sp_sub.add_parser("push", help="validate a spec file, then store it as the next spec")
     push.add_argument("--spec", required=True, metavar="FILE")
-    _add_store_flags(push, required=True)
+    add_store_flags(push, required=True)
     push.set_defaults(func=cmd_spec_push)
     get = sp_sub.add_parser("get", help="print the stored spec (the current one by default)")
     get.add_argument("--number", type=int, help="an earlier spec, by its number in history")
-    _add_store_flags(get, required=True)
+    add_store_flags(get, required=True)
     get.set_defaults(func=cmd_spec_get)
     hist = sp_sub.add_parser("history", help="every spec pushed, oldest first")
-    _add_store_flags(hist, required=True)
+    add_store_flags(hist, required=True)
     hist.set_defaults(func=cmd_spec_history)
 
 
@@ -645,7 +363,7 @@ def _add_register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "register",
         help="register a model server instance in the shared registry until stopped",
     )
-    _add_store_flags(r, required=True)
+    add_store_flags(r, required=True)
     r.add_argument("--service", required=True)
     r.add_argument("--version", required=True, help="the pool version it serves (v2)")
     r.add_argument("--region", required=True)
@@ -658,7 +376,7 @@ def _add_register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="only this pool selects it (baseline: a fresh deploy of production's version); "
         "default: every pool of its version",
     )
-    r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    r.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     r.set_defaults(func=cmd_register)
 
 
@@ -725,7 +443,7 @@ def _add_manifests(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         help="serve's state dir: weights from its rollouts (read-only); "
         "without it (or --store): production 100%%",
     )
-    _add_store_flags(mi)
+    add_store_flags(mi)
     mi.add_argument("--region", action="append", help="only this region (repeatable)")
     mi.add_argument("--namespace", help="override the spec's istio.namespace")
     mi.set_defaults(func=cmd_manifests_istio)
@@ -735,7 +453,7 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     lab = sub.add_parser("lab", help="a local multi-region mesh with a live canary rollout")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
     run = lab_sub.add_parser("run", help="start the lab and run one rollout scenario")
-    run.add_argument("--scenario", default="healthy", choices=LAB_SCENARIOS)
+    run.add_argument("--scenario", default="healthy", choices=SCENARIO_NAMES)
     run.add_argument("--regions", type=int, default=3)
     run.add_argument("--envoys-per-region", type=int, default=2)
     run.add_argument("--keep", action="store_true", help="leave the lab running at the end")

@@ -1,5 +1,5 @@
 """Registering a model server in the shared registry: `registered(...)` and the loop
-behind `xds-server register`.
+behind `xds-server register` (`hold_until_stopped`).
 
 An instance's key, `registry/SERVICE/REGION/VERSION/HOST:PORT`, lives on a lease of its
 own (default TTL 10 s) renewed every third of the TTL: a SIGKILLed instance's key goes
@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -175,6 +176,34 @@ class Registration:
                 log.info("deregistered %s %s %s %s", *self._names())
         with contextlib.suppress(Exception):
             await self.client.close()
+
+
+CHECK_DEADLINE = 10.0
+"""Seconds `hold_until_stopped` waits for the store to answer its first check."""
+
+
+async def hold_until_stopped(
+    address: EtcdAddress, instance: InstanceSpec, check_deadline: float = CHECK_DEADLINE
+) -> None:
+    """`xds-server register`: check the instance against the store's spec, then hold its
+    registration until SIGTERM or SIGINT and deregister (its lease revoked at once).
+    RegistrationError, one line, when the check fails or the store does not answer."""
+    registration = Registration(address, instance)
+    try:
+        await asyncio.wait_for(registration.check(), check_deadline)
+    except TimeoutError:
+        raise RegistrationError(
+            f"the store {address} did not answer within {check_deadline:g} s"
+        ) from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    task = asyncio.create_task(registration.run())
+    await stop.wait()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _answers_2xx(url: str, timeout: float) -> bool:

@@ -1,0 +1,94 @@
+"""What `xds-server`'s commands share: the one-line usage error, the flags several of
+them take (HOST:PORT, durations, `--store`), and the logging `--log-level` and
+`--log-format` set up.
+
+Imports stay light (no server, no store client): every command loads this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from xds_server.spec import parse_duration, parse_host_port
+
+if TYPE_CHECKING:
+    from xds_server.ha.etcd import EtcdAddress
+
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+
+
+class UsageError(Exception):
+    """A command-line mistake; printed as one line, exit code 2."""
+
+
+def split_host_port(text: str, what: str) -> tuple[str, int]:
+    try:
+        return parse_host_port(text)
+    except ValueError as exc:
+        raise UsageError(f"{what}: {exc}, got {text!r}") from None
+
+
+def seconds_flag(text: str, flag: str) -> float:
+    """A duration flag (10s, 500ms) in seconds."""
+    seconds = parse_duration(text)
+    if seconds is None:
+        raise UsageError(f"{flag}: expected a duration like 10s or 500ms, got {text!r}")
+    return seconds
+
+
+def add_store_flags(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument(
+        "--store",
+        required=required,
+        metavar="etcd://HOST:PORT[,...]",
+        help="replicas on etcd: the spec, rollout state and audit log live there",
+    )
+    p.add_argument(
+        "--store-prefix",
+        default="/xds-server/default",
+        metavar="PREFIX",
+        help="the keys' prefix in etcd (one mesh per prefix)",
+    )
+
+
+def store_address(args: argparse.Namespace) -> EtcdAddress:
+    """`--store` and `--store-prefix`, checked (a bad URL is one line)."""
+    from xds_server.ha.etcd import StoreAddressError, parse_store_url
+
+    try:
+        return parse_store_url(args.store, args.store_prefix)
+    except StoreAddressError as exc:
+        raise UsageError(str(exc)) from None
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # grpc's own debug lines (event loop plumbing) drown ours at debug level.
+    logging.getLogger("grpc").setLevel(max(logging.INFO, root.level))
+    logging.getLogger("asyncio").setLevel(max(logging.INFO, root.level))

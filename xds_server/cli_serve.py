@@ -1,0 +1,216 @@
+"""`xds-server serve`: its flags, checked and read into `ServeOptions`, then the server
+run (one process on a state directory, or a replica on etcd with `--store`).
+
+Every mistake is one line (`UsageError`) before anything starts: addresses, flags that
+go together, the token file, the TLS files. The server itself (`xds_server.app`) is
+imported only when `serve` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from xds_server.cli_flags import (
+    LOG_LEVELS,
+    UsageError,
+    add_store_flags,
+    setup_logging,
+    split_host_port,
+    store_address,
+)
+
+if TYPE_CHECKING:
+    from xds_server.app import ServeOptions
+
+
+def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    s = sub.add_parser("serve", help="serve the mesh spec to Envoys over ADS")
+    _add_sources(s)
+    _add_addresses(s)
+    _add_security(s)
+    s.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    s.add_argument("--log-format", default="text", choices=["text", "json"])
+    s.set_defaults(func=cmd_serve)
+
+
+def _add_sources(s: argparse.ArgumentParser) -> None:
+    """Where the spec comes from: a file, or the store that replicas share."""
+    s.add_argument(
+        "--spec",
+        metavar="FILE",
+        help="the mesh spec (required without --store; with it, its valid changes are "
+        "pushed to the store)",
+    )
+    add_store_flags(s)
+    s.add_argument(
+        "--leader-ttl",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="with --store: the leader lease's TTL (a dead leader's rollouts wait this long)",
+    )
+    s.add_argument(
+        "--regions",
+        metavar="R1,R2",
+        help="with --store: serve only these regions' Envoys (default: every region)",
+    )
+    s.add_argument("--replica-id", help="with --store: this replica's name (default: host-port)")
+
+
+def _add_addresses(s: argparse.ArgumentParser) -> None:
+    """What it listens on, where it keeps state, where it reads canary health."""
+    s.add_argument("--xds-address", default="127.0.0.1:18000", metavar="HOST:PORT")
+    s.add_argument(
+        "--state-dir",
+        default="xds-state",
+        metavar="DIR",
+        help="rollout state and audit log (SQLite)",
+    )
+    s.add_argument(
+        "--prometheus-url", default="http://127.0.0.1:9090", help="where canary health is read from"
+    )
+    s.add_argument(
+        "--metrics-address",
+        default="127.0.0.1:18002",
+        metavar="HOST:PORT",
+        help="this server's own /metrics (port 0: off)",
+    )
+    s.add_argument(
+        "--admin-address",
+        default="127.0.0.1:18001",
+        metavar="HOST:PORT",
+        help="the admin API (xdsctl) and CSDS",
+    )
+    s.add_argument(
+        "--ui-address",
+        default="127.0.0.1:18080",
+        metavar="HOST:PORT",
+        help="the web dashboard (empty: off); its actions need --admin-token-file",
+    )
+
+
+def _add_security(s: argparse.ArgumentParser) -> None:
+    """Who may use the admin API, and TLS on the xDS and admin ports."""
+    s.add_argument(
+        "--admin-token-file",
+        metavar="FILE",
+        help="require a bearer token for changes through the admin API: NAME:TOKEN lines "
+        "(the audit log records NAME), or one bare token (named admin)",
+    )
+    s.add_argument(
+        "--admin-auth-reads",
+        action="store_true",
+        help="require a token from --admin-token-file for reads too (nodes, config, "
+        "rollouts, audit, CSDS)",
+    )
+    s.add_argument("--xds-tls-cert", metavar="PEM", help="serve xDS over TLS")
+    s.add_argument("--xds-tls-key", metavar="PEM")
+    s.add_argument(
+        "--xds-tls-client-ca",
+        metavar="PEM",
+        help="require xDS clients to present a certificate signed by this CA, naming their "
+        "region and node id (spiffe://DOMAIN/region/REGION/node/NODE_ID); needs --xds-tls-cert",
+    )
+    s.add_argument(
+        "--xds-trust-domain",
+        metavar="DOMAIN",
+        help="with --xds-tls-client-ca: accept only identities of this SPIFFE trust domain",
+    )
+    s.add_argument("--admin-tls-cert", metavar="PEM", help="serve the admin API over TLS")
+    s.add_argument("--admin-tls-key", metavar="PEM")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from xds_server.app import ServeOptions, local
+
+    setup_logging(args.log_level, args.log_format)
+    split_host_port(args.xds_address, "--xds-address")
+    split_host_port(args.admin_address, "--admin-address")
+    metrics_host, metrics_port = split_host_port(args.metrics_address, "--metrics-address")
+    if args.ui_address:
+        split_host_port(args.ui_address, "--ui-address")
+    if not args.store:
+        if not args.spec:
+            raise UsageError("--spec FILE is required (without --store, it is the only spec)")
+        for flag in ("regions", "replica_id"):
+            if getattr(args, flag):
+                raise UsageError(f"--{flag.replace('_', '-')} goes with --store etcd://...")
+    regions = tuple(r.strip() for r in args.regions.split(",") if r.strip()) if args.regions else ()
+    if args.leader_ttl < 2:
+        raise UsageError(f"--leader-ttl: at least 2 seconds, got {args.leader_ttl}")
+    options = ServeOptions(
+        spec_path=Path(args.spec) if args.spec else None,
+        xds_address=args.xds_address,
+        state_dir=Path(args.state_dir),
+        prometheus_url=args.prometheus_url,
+        metrics_address=(metrics_host, metrics_port) if metrics_port else None,
+        admin_address=args.admin_address,
+        admin_tokens=_read_secret(args.admin_token_file, args.admin_auth_reads),
+        admin_auth_reads=args.admin_auth_reads,
+        xds_tls=_load_tls(args.xds_tls_cert, args.xds_tls_key, "--xds-tls"),
+        xds_client_ca=_client_ca(args),
+        xds_trust_domain=args.xds_trust_domain,
+        admin_tls=_load_tls(args.admin_tls_cert, args.admin_tls_key, "--admin-tls"),
+        ui_address=args.ui_address,
+        store_url=args.store,
+        store_prefix=args.store_prefix,
+        leader_ttl=args.leader_ttl,
+        regions=regions,
+        replica_id=args.replica_id or "",
+    )
+    if args.store:
+        store_address(args)  # a bad --store is one line, before anything starts
+        asyncio.run(_serve_replica(options))
+    else:
+        asyncio.run(local(options).serve())
+    return 0
+
+
+async def _serve_replica(options: ServeOptions) -> None:
+    from xds_server.app import StoreError, replica
+
+    try:
+        server = await replica(options)
+    except (StoreError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    await server.serve()
+
+
+def _client_ca(args: argparse.Namespace) -> bytes | None:
+    if not args.xds_tls_client_ca:
+        if args.xds_trust_domain:
+            raise UsageError("--xds-trust-domain goes with --xds-tls-client-ca")
+        return None
+    if not args.xds_tls_cert:
+        raise UsageError("--xds-tls-client-ca needs --xds-tls-cert and --xds-tls-key")
+    return Path(args.xds_tls_client_ca).read_bytes()
+
+
+def _load_tls(cert: str | None, key: str | None, flag: str) -> tuple[bytes, bytes] | None:
+    """(certificate chain, private key) from a pair of PEM files, or None for plaintext."""
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise UsageError(f"{flag}-cert and {flag}-key go together")
+    return Path(cert).read_bytes(), Path(key).read_bytes()
+
+
+def _read_secret(path: str | None, for_reads: bool = False) -> dict[str, str] | None:
+    """The admin API's credentials, {name: token}, from `--admin-token-file`."""
+    from xds_server.admin.auth import TokenFileError, parse_tokens
+
+    if not path:
+        if for_reads:
+            raise UsageError("--admin-auth-reads needs --admin-token-file")
+        return None
+    try:
+        text = Path(path).read_bytes().decode()
+    except UnicodeDecodeError:
+        raise UsageError(f"--admin-token-file {path}: not UTF-8 text") from None
+    try:
+        return parse_tokens(text, f"--admin-token-file {path}")
+    except TokenFileError as exc:
+        raise UsageError(str(exc)) from None
