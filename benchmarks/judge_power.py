@@ -63,7 +63,7 @@ from xds_server.render.bootstrap import ENVOY_DEFAULT_BUCKETS_MS, LATENCY_BUCKET
 from xds_server.rollout import decide as sm
 from xds_server.rollout import stats
 from xds_server.rollout.decide import Observation
-from xds_server.rollout.judge import HIGH, LOW, Comparison, Measurement
+from xds_server.rollout.evidence import HIGH, LOW, Comparison, Measurement
 from xds_server.spec import FalseAlarmScope, Guardrails, MetricKind, RolloutPlan
 from xds_server.spec.rollout import metric_defaults
 

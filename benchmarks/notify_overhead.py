@@ -39,7 +39,7 @@ from typing import Any
 from xds_server.outputs.notify import Notifier
 from xds_server.rollout import decide as sm
 from xds_server.rollout.controller import RolloutController
-from xds_server.rollout.judge import Comparison, Measurement
+from xds_server.rollout.evidence import Comparison, Measurement
 from xds_server.rollout.ports import Committed, QueryCheck
 from xds_server.rollout.state import RegionState, rollout_traffic
 from xds_server.rollout.store import Store

@@ -50,7 +50,7 @@ from xds_server.rollout.audit_codec import (
     weights_json,
 )
 from xds_server.rollout.decision import EntryKind
-from xds_server.rollout.judge import Check, MetricClass, MetricResult, Outcome, Verdict
+from xds_server.rollout.evidence import Check, MetricClass, MetricResult, Outcome, Verdict
 from xds_server.rollout.state import Phase
 from xds_server.rollout.store import FILE_NAME, Store
 from xds_server.spec import NoDataRule

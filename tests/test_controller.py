@@ -22,7 +22,7 @@ import pytest
 from tests.support import steps
 from xds_server.rollout.audit import AuditEntry
 from xds_server.rollout.controller import RolloutController
-from xds_server.rollout.judge import Measurement, MetricReading
+from xds_server.rollout.evidence import Measurement, MetricReading
 from xds_server.rollout.ports import Committed, QueryCheck, Where
 from xds_server.rollout.state import (
     PAUSED,

@@ -30,7 +30,7 @@ from xds_server.lab.procs import Process, free_port
 from xds_server.lab.scenarios import FAST_PLAN
 from xds_server.rollout.audit import AuditEntry, rollback_cause
 from xds_server.rollout.decision import EntryKind
-from xds_server.rollout.judge import FAIL, HIGH, Check, MetricResult, Verdict
+from xds_server.rollout.evidence import FAIL, HIGH, Check, MetricResult, Verdict
 from xds_server.rollout.state import Phase
 from xds_server.spec import NoDataRule
 

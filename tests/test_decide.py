@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from tests.support import with_metric
 from xds_server.rollout import decide as sm
 from xds_server.rollout.decide import Observation
-from xds_server.rollout.judge import FAIL, NO_DATA, PASS, Comparison, Measurement, judge
+from xds_server.rollout.evidence import FAIL, NO_DATA, PASS, Comparison, Measurement
+from xds_server.rollout.judge import judge
 from xds_server.rollout.state import RolloutState, region_split
 from xds_server.spec import Guardrails, HealthCheck, RolloutPlan, parse_spec
 from xds_server.traffic import WEIGHT_TOTAL, Split

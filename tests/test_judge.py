@@ -21,16 +21,8 @@ from hypothesis import strategies as st
 from tests.support import with_metric
 from xds_server.render.bootstrap import ENVOY_DEFAULT_BUCKETS_MS, LATENCY_BUCKETS_MS
 from xds_server.rollout import stats
-from xds_server.rollout.judge import (
-    FAIL,
-    HIGH,
-    MARGINAL,
-    NO_DATA,
-    PASS,
-    Comparison,
-    Measurement,
-    judge,
-)
+from xds_server.rollout.evidence import FAIL, HIGH, MARGINAL, NO_DATA, PASS, Comparison, Measurement
+from xds_server.rollout.judge import judge
 from xds_server.spec import (
     Analysis,
     Guardrails,

@@ -53,7 +53,7 @@ from xds_server.render.notifications import (
 )
 from xds_server.rollout import decide as sm
 from xds_server.rollout.decide import Decision, EntryKind, Observation, Transition
-from xds_server.rollout.judge import Comparison, Measurement
+from xds_server.rollout.evidence import Comparison, Measurement
 from xds_server.rollout.ports import Committed
 from xds_server.rollout.state import (
     PROGRESSING,

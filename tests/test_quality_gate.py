@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from xds_server.rollout.judge import (
+from xds_server.rollout.evidence import (
     FAIL,
     HIGH,
     PASS,
@@ -15,8 +15,8 @@ from xds_server.rollout.judge import (
     Measurement,
     MetricReading,
     Throughput,
-    judge,
 )
+from xds_server.rollout.judge import judge
 from xds_server.rollout.stats import share_below_test
 from xds_server.spec import MetricKind, SpecError, parse_spec
 

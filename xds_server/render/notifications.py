@@ -38,7 +38,7 @@ from typing import Any
 from xds_server.rollout.audit import PoolNumbers, Weights, audit_weights, failed_metric
 from xds_server.rollout.audit_codec import Doc, pool_doc, verdict_doc, weights_doc
 from xds_server.rollout.decide import Decision, EntryKind, Observation, Transition
-from xds_server.rollout.judge import HIGH, LOW, Measurement, Verdict
+from xds_server.rollout.evidence import HIGH, LOW, Measurement, Verdict
 from xds_server.rollout.ports import Committed
 from xds_server.rollout.state import (
     PAUSED,

@@ -10,12 +10,11 @@ reader (`xdsctl`, the dashboard, the lab, notifications) never digs with string 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from xds_server.rollout.decision import Decision, EntryKind, Transition
-from xds_server.rollout.judge import HIGH, LOW, Measurement, Verdict
+from xds_server.rollout.evidence import HIGH, LOW, Measurement, Verdict, finite
 from xds_server.rollout.state import ROLLED_BACK, Phase, RolloutState
 from xds_server.traffic import WEIGHT_TOTAL, Split, TrafficState
 
@@ -54,10 +53,10 @@ class PoolNumbers:
     @classmethod
     def of(cls, m: Measurement) -> PoolNumbers:
         return cls(
-            _finite(m.requests),
-            _finite(m.errors),
-            _finite(m.error_rate),
-            _finite(m.p99_ms),
+            finite(m.requests),
+            finite(m.errors),
+            finite(m.error_rate),
+            finite(m.p99_ms),
             m.problem,
         )
 
@@ -220,8 +219,3 @@ def failed_metric(verdict: Verdict | None) -> str | None:
         if metric.classification in (HIGH, LOW):
             return metric.name
     return None
-
-
-def _finite(v: float | None) -> float | None:
-    """As `Measurement.as_dict` wrote a number: a float, or None for none, NaN, inf."""
-    return None if v is None or math.isnan(v) or math.isinf(v) else float(v)

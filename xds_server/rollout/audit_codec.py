@@ -29,7 +29,7 @@ from typing import TypeAlias, TypeVar
 
 from xds_server.rollout.audit import AuditEntry, Measurements, PoolNumbers, Weights
 from xds_server.rollout.decision import EntryKind
-from xds_server.rollout.judge import Check, MetricClass, MetricResult, Outcome, Verdict
+from xds_server.rollout.evidence import Check, MetricClass, MetricResult, Outcome, Verdict
 from xds_server.rollout.state import Phase
 from xds_server.spec import NoDataRule
 

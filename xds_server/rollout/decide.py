@@ -35,7 +35,7 @@ from xds_server.rollout.decision import (
     RegionEvent,
     Transition,
 )
-from xds_server.rollout.judge import (
+from xds_server.rollout.evidence import (
     FAIL,
     MARGINAL,
     NO_DATA,
@@ -43,8 +43,8 @@ from xds_server.rollout.judge import (
     Comparison,
     Measurement,
     Verdict,
-    judge,
 )
+from xds_server.rollout.judge import judge
 from xds_server.rollout.state import (
     FINISHED,
     LIVE,

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from xds_server.rollout.judge import Comparison, Measurement, Verdict
+from xds_server.rollout.evidence import Comparison, Measurement, Verdict
 from xds_server.rollout.state import Phase, RegionState, RolloutState
 
 

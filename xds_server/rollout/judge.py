@@ -18,171 +18,41 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
-from enum import StrEnum
-from typing import Any
 
 from xds_server.rollout import stats
+from xds_server.rollout.evidence import (
+    FAIL,
+    HIGH,
+    LOW,
+    MARGINAL,
+    NO_DATA,
+    PASS,
+    Check,
+    Comparison,
+    Measurement,
+    MetricClass,
+    MetricReading,
+    MetricResult,
+    Throughput,
+    Verdict,
+    finite,
+)
 from xds_server.spec import Direction, MetricKind, MetricSpec, NoDataRule, RolloutPlan
-
-
-class Outcome(StrEnum):
-    """A verdict on one region's canary."""
-
-    PASS = "pass"
-    FAIL = "fail"
-    NO_DATA = "no_data"
-    MARGINAL = "marginal"
-
-
-class MetricClass(StrEnum):
-    """How one analysis metric came out (Kayenta's classes)."""
-
-    PASS = "pass"
-    HIGH = "high"
-    LOW = "low"
-    NO_DATA = "no_data"
-
 
 THROUGHPUT_CONFIDENCE = 0.99
 """The throughput shortfall's level, shared like a metric's by the rollout's tests."""
 
-PASS, FAIL, NO_DATA, MARGINAL = Outcome.PASS, Outcome.FAIL, Outcome.NO_DATA, Outcome.MARGINAL
-HIGH, LOW = MetricClass.HIGH, MetricClass.LOW
 
-
-@dataclass(frozen=True)
-class MetricReading:
-    """A user metric's reading for one pool: two counts (ratio), a value, or a histogram
-    (distribution, output)."""
-
-    numerator: float | None = None
-    denominator: float | None = None
-    value: float | None = None
-    buckets: tuple[tuple[float, float], ...] | None = None
-    pairs: tuple[tuple[float, float], ...] = ()
-    """value: the step's per-interval (canary, comparator) readings so far."""
-    problem: str | None = None
-
-    def point(self, quantile: float) -> float | None:
-        """The canary's own value, for `max`/`min`: the ratio, the value, or the
-        histogram's `quantile`."""
-        if self.buckets:
-            bounds, counts = stats.bucket_counts(self.buckets)
-            return stats.quantile(bounds, counts, quantile)
-        if self.numerator is not None:
-            den = _num(self.denominator)
-            return (_num(self.numerator) or 0.0) / den if den else None
-        return _num(self.value)
-
-
-@dataclass(frozen=True)
-class Throughput:
-    """Over the step: what the canary delivered (completed, non-5xx) of every request the
-    service's pools were sent in the region, and the canary's share of the weight."""
-
-    delivered: float | None
-    requests: float | None
-    share: float
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """One pool's numbers in one region over a window."""
-
-    requests: float | None = None
-    errors: float | None = None
-    p99_ms: float | None = None
-    problem: str | None = None
-    """Why the numbers could not be read (Prometheus unreachable, a query error)."""
-    latency_buckets: tuple[tuple[float, float], ...] | None = None
-    """Request-time histogram, cumulative (upper bound in ms, count), +inf last."""
-    readings: Mapping[str, MetricReading] = field(default_factory=dict)
-    """The user metrics' readings, by metric name."""
-    tenants: Mapping[str, Measurement] = field(default_factory=dict)
-    """Per tenant (the canary over the window): requests, errors, p99."""
-
-    @property
-    def error_rate(self) -> float | None:
-        requests = _num(self.requests)
-        if not requests:
-            return None
-        return (_num(self.errors) or 0.0) / requests
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "requests": _num(self.requests),
-            "errors": _num(self.errors),
-            "error_rate": _num(self.error_rate),
-            "p99_ms": _num(self.p99_ms),
-            "problem": self.problem,
-        }
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """Canary and comparator over the whole step so far: what the analysis judges."""
-
-    canary: Measurement
-    comparator: Measurement | None
-    comparator_pool: str
-    """`baseline` or `production`; None comparator: no pool to compare with this step."""
-    throughput: Throughput | None = None
-
-
-@dataclass(frozen=True)
-class Check:
-    metric: str
-    value: float
-    limit: float
-    ok: bool
-    floor: bool = False
-    """The limit is a floor (a minimum), not a ceiling."""
-
-    def describe(self) -> str:
-        op = (">=" if self.ok else "<") if self.floor else ("<=" if self.ok else ">")
-        return f"{self.metric} {self.value:.4g} {op} limit {self.limit:.4g}"
-
-
-@dataclass(frozen=True)
-class MetricResult:
-    name: str
-    classification: MetricClass
-    effect: float | None
-    p_value: float | None
-    detail: str
-    group: str
-    critical: bool
-    on_no_data: NoDataRule
-    alpha: float = 0.0
-    """The p-value at or below which this metric is a regression (its share of the
-    false-alarm level)."""
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class Verdict:
-    outcome: Outcome
-    reason: str
-    checks: tuple[Check, ...] = ()
-    metrics: tuple[MetricResult, ...] = ()
-    score: float | None = None
-    conclusive: bool = False
-    """A failure that needs no second look (the analysis's sequential tests)."""
-
-    def failed(self) -> tuple[Check, ...]:
-        return tuple(c for c in self.checks if not c.ok)
-
-    @property
-    def pause_requested(self) -> bool:
-        """A metric without data whose rule for that is to pause (the state machine asks
-        only once the hold has reached max_hold)."""
-        return any(
-            m.classification == MetricClass.NO_DATA and m.on_no_data == NoDataRule.PAUSE
-            for m in self.metrics
-        )
+def reading_point(reading: MetricReading, quantile: float) -> float | None:
+    """The canary's own value of a user metric, for `max`/`min`: the ratio, the value,
+    or the histogram's `quantile`."""
+    if reading.buckets:
+        bounds, counts = stats.bucket_counts(reading.buckets)
+        return stats.quantile(bounds, counts, quantile)
+    if reading.numerator is not None:
+        den = finite(reading.denominator)
+        return (finite(reading.numerator) or 0.0) / den if den else None
+    return finite(reading.value)
 
 
 def judge(
@@ -230,7 +100,7 @@ def judge(
     if score is not None and score < plan.analysis.pass_score:
         why = "; ".join(_describe(m) for m in bad)
         return Verdict(MARGINAL, f"marginal {scored}: {why}", tuple(checks), metrics, score)
-    requests = _num(canary.requests) or 0.0
+    requests = finite(canary.requests) or 0.0
     summary = f"within guardrails ({requests:.0f} requests)"
     if score is not None:
         compared = comparison.comparator_pool if comparison else ""
@@ -243,14 +113,14 @@ def guardrail_checks(plan: RolloutPlan, canary: Measurement) -> tuple[list[Check
     g = plan.guardrails
     if canary.problem:
         return [], f"canary metrics unavailable: {canary.problem}"
-    requests = _num(canary.requests)
+    requests = finite(canary.requests)
     if requests is None or requests < g.min_requests:
         got = "none" if requests is None else f"{requests:.0f}"
         return [], f"too few canary requests in the window: {got} (need {g.min_requests})"
     rate = canary.error_rate or 0.0
     checks = [Check("error_rate", rate, g.max_error_rate, rate <= g.max_error_rate)]
     checks += tenant_checks(plan, canary) + bound_checks(plan, canary)
-    p99 = _num(canary.p99_ms)
+    p99 = finite(canary.p99_ms)
     if p99 is None:
         return checks, "canary latency p99 unavailable"
     checks.append(Check("p99_ms", p99, g.max_p99_ms, p99 <= g.max_p99_ms))
@@ -264,13 +134,13 @@ def tenant_checks(plan: RolloutPlan, canary: Measurement) -> list[Check]:
     checks = []
     for name, budget in t.budgets.items():
         m = canary.tenants.get(name)
-        if m is None or m.problem or (_num(m.requests) or 0.0) < t.min_requests:
+        if m is None or m.problem or (finite(m.requests) or 0.0) < t.min_requests:
             continue
         rate = m.error_rate or 0.0
         if budget.max_error_rate is not None:
             limit = budget.max_error_rate
             checks.append(Check(f"tenant {name} error_rate", rate, limit, rate <= limit))
-        p99 = _num(m.p99_ms)
+        p99 = finite(m.p99_ms)
         if budget.max_p99_ms is not None and p99 is not None:
             limit = budget.max_p99_ms
             checks.append(Check(f"tenant {name} p99_ms", p99, limit, p99 <= limit))
@@ -284,7 +154,7 @@ def bound_checks(plan: RolloutPlan, canary: Measurement) -> list[Check]:
         reading = canary.readings.get(m.name)
         if reading is None or reading.problem or (m.max is None and m.min is None):
             continue
-        value = reading.point(m.quantile)
+        value = reading_point(reading, m.quantile)
         if value is None:
             continue
         if m.max is not None:
@@ -303,7 +173,7 @@ def throughput_check(plan: RolloutPlan, t: Throughput | None, alpha: float) -> C
     floor = plan.guardrails.min_throughput_ratio
     if t is None or floor <= 0 or not 0 < t.share <= 1:
         return None
-    delivered, total = _num(t.delivered), _num(t.requests)
+    delivered, total = finite(t.delivered), finite(t.requests)
     if delivered is None or not total or total < plan.guardrails.min_requests:
         return None
     ratio = delivered / (t.share * total)
@@ -344,8 +214,8 @@ def _metric(m: MetricSpec, cmp: Comparison, tests: int) -> MetricResult:
 def _errors(m: MetricSpec, cmp: Comparison, alpha: float, result: Result) -> MetricResult:
     c, b = cmp.canary, cmp.comparator
     assert b is not None
-    nc, nb = _num(c.requests) or 0.0, _num(b.requests) or 0.0
-    ec, eb = _num(c.errors) or 0.0, _num(b.errors) or 0.0
+    nc, nb = finite(c.requests) or 0.0, finite(b.requests) or 0.0
+    ec, eb = finite(c.errors) or 0.0, finite(b.errors) or 0.0
     return _proportions(m, cmp.comparator_pool, (ec, nc, eb, nb), alpha, result, "error rate")
 
 
@@ -355,10 +225,10 @@ def _ratio(m: MetricSpec, cmp: Comparison, alpha: float, result: Result) -> Metr
         return result(MetricClass.NO_DATA, None, None, readings)
     rc, rb = readings
     counts = (
-        _num(rc.numerator) or 0.0,
-        _num(rc.denominator) or 0.0,
-        _num(rb.numerator) or 0.0,
-        _num(rb.denominator) or 0.0,
+        finite(rc.numerator) or 0.0,
+        finite(rc.denominator) or 0.0,
+        finite(rb.numerator) or 0.0,
+        finite(rb.denominator) or 0.0,
     )
     return _proportions(m, cmp.comparator_pool, counts, alpha, result, m.name)
 
@@ -583,10 +453,6 @@ def _describe(m: MetricResult) -> str:
     if m.p_value is not None and m.classification != MetricClass.NO_DATA:
         p = f", p={m.p_value:.2g} (alpha {m.alpha:.2g})"
     return f"{m.name} {m.classification}{effect}{p} ({m.detail})"
-
-
-def _num(v: float | None) -> float | None:
-    return None if v is None or math.isnan(v) or math.isinf(v) else float(v)
 
 
 def _directions(m: MetricSpec) -> tuple[bool, bool]:

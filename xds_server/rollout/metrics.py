@@ -21,7 +21,7 @@ from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
-from xds_server.rollout.judge import Measurement, MetricReading
+from xds_server.rollout.evidence import Measurement, MetricReading
 from xds_server.rollout.ports import QueryCheck, Where
 from xds_server.rollout.stats import Buckets
 from xds_server.spec import MetricKind, MetricSpec, RolloutPlan

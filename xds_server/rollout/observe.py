@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from xds_server.rollout.decision import Observation
-from xds_server.rollout.judge import Comparison, Measurement
+from xds_server.rollout.evidence import Comparison, Measurement
 from xds_server.rollout.ports import MetricSource
 from xds_server.rollout.reads import PairBook, StepRead, read_step
 from xds_server.rollout.state import LIVE, RolloutState

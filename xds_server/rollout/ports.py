@@ -18,7 +18,7 @@ from typing import Protocol
 
 from xds_server.rollout.audit import AuditEntry
 from xds_server.rollout.decision import Decision
-from xds_server.rollout.judge import Measurement, MetricReading
+from xds_server.rollout.evidence import Measurement, MetricReading
 from xds_server.rollout.state import RolloutState
 from xds_server.spec import MeshSpec, MetricSpec, RolloutPlan
 from xds_server.traffic import TrafficState

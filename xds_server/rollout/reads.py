@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field, replace
 
-from xds_server.rollout.judge import Comparison, Measurement, MetricReading, Throughput
+from xds_server.rollout.evidence import Comparison, Measurement, MetricReading, Throughput
 from xds_server.rollout.ports import MetricSource, Where
 from xds_server.spec import MetricKind, MetricSpec, Service
 from xds_server.spec.rollout import USER_QUERY_KINDS
