@@ -51,7 +51,7 @@ async def close_store(store: EtcdStore) -> None:
 
 @dataclass
 class Replica:
-    """A store and an election, wired as `app.ReplicaApp` wires them."""
+    """A store and an election, wired as `app.replica` wires them (`app.electors.EtcdElector`)."""
 
     store: EtcdStore
     election: Election
@@ -553,7 +553,7 @@ def test_a_follower_takes_over_when_the_leader_stops_renewing(shared_etcd: EtcdC
             a.run()
             await wait_for_async(lambda: a.elected, "A to win the election", timeout=5)
             b.run()
-            # B watches the leader key as ReplicaApp does (the store's watch wakes it).
+            # B watches the leader key as a replica does (the store's watch wakes it).
             b.store.subscribe(lambda changed: b.election.wake() if "leader" in changed else None)
             b.watch()
 

@@ -25,7 +25,7 @@ from xds_server.xds.types import SEND_ORDER, short
 
 
 class AdminView(Protocol):
-    """What the admin API reads and drives: the pieces `serve` wired (`app.Parts`)."""
+    """What the admin API reads and drives: the pieces `serve` runs (`app.Running`, read-only)."""
 
     @property
     def spec(self) -> MeshSpec: ...

@@ -1,13 +1,13 @@
 """What the rollout controller needs from the world, as narrow `typing.Protocol`s.
 
 The controller depends on these and on the data plane's port (`xds.dataplane`) only;
-`app.py` decides which implementation each one gets:
+the server (`app/server.py`) decides which implementation each one gets:
 
 | port          | implemented by                                   |
 | ------------- | ------------------------------------------------ |
 | MetricSource  | `rollout.metrics.PrometheusSource`               |
 | StateStore    | `rollout.store.Store` (SQLite), `ha.store.EtcdStore` |
-| TrafficSink   | `telemetry.Telemetry`, `outputs.istio_apply`, the admin event stream |
+| TrafficSink   | `rollout.exported.RolloutMetrics`, the leader's sinks (`app.leader.LEADER_SINKS`), the admin event stream |
 """
 
 from __future__ import annotations
