@@ -51,7 +51,8 @@ from xds_server.ha.etcd import Keys, parse_store_url, range_end
 from xds_server.ha.store import VERSION_SCALE
 from xds_server.lab.layout import DEFAULT_REGIONS, SERVICE, MeshOptions
 from xds_server.lab.mesh import LocalMesh
-from xds_server.lab.procs import Envoy, wait_for
+from xds_server.lab.polling import wait_for
+from xds_server.lab.procs import Envoy
 from xds_server.lab.scenarios import FAST_PLAN
 from xds_server.rollout.state import LIVE
 
@@ -566,7 +567,7 @@ def run(a: argparse.Namespace, workdir: Path) -> tuple[list[Kill], list[Push], f
         try:
             progress(f"mesh up in {workdir}; leader: {mesh.state.wait_leader()}")
             load = mesh.processes.start_load(budget)
-            wait_for(lambda: len(load.snapshot()) >= 20, 15, "load through the Envoys")
+            wait_for(lambda: len(load.snapshot()) >= 20, "load through the Envoys", timeout=15)
             mesh.traffic.wait_latency_series()  # (a rollout needs every pool's series to start)
             mesh.spec.add_canary()
             mesh.state.wait_phase({"progressing"}, 60)

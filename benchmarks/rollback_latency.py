@@ -24,7 +24,7 @@ from pathlib import Path
 
 from xds_server.lab.layout import MeshOptions
 from xds_server.lab.mesh import LocalMesh
-from xds_server.lab.procs import wait_for
+from xds_server.lab.polling import wait_for
 from xds_server.lab.scenarios import FAST_PLAN
 from xds_server.lab.traffic import canary_share
 
@@ -59,23 +59,25 @@ def one_run(workdir: Path, notify_url: str | None = None) -> dict[str, float]:
     opts = MeshOptions(rollout=PLAN, load_rate=50, notify_url=notify_url)
     with LocalMesh(workdir, opts) as mesh:
         load = mesh.processes.start_load()
-        wait_for(lambda: len(load.snapshot()) >= 30, 10, "load")
+        wait_for(lambda: len(load.snapshot()) >= 30, "load", timeout=10)
         mesh.spec.add_canary()
 
         def at_step_one() -> bool:
             st = mesh.state.rollout()
             return bool(st) and {r["step"] for r in st["regions"].values()} == {1}  # type: ignore[index]
 
-        wait_for(at_step_one, 60, "step 1 everywhere")
+        wait_for(at_step_one, "step 1 everywhere", timeout=60)
         wait_for(
-            lambda: all(canary_share(e) == 20 for e in mesh.processes.envoys), 10, "20% in Envoy"
+            lambda: all(canary_share(e) == 20 for e in mesh.processes.envoys),
+            "20% in Envoy",
+            timeout=10,
         )
         fault = time.time()
         mesh.faults.set("eu-west", "canary", error_rate=0.2)
         wait_for(
             lambda: all(canary_share(e) == 0 for e in mesh.processes.envoys),
-            30,
             "0% canary",
+            timeout=30,
             interval=0.02,
         )
         total = time.time() - fault

@@ -14,7 +14,6 @@ this module without the lab's optional extra.
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 import time
@@ -22,7 +21,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from xds_server.lab.polling import INTERVAL
+from xds_server.lab.polling import wait_for as wait_for
+from xds_server.lab.polling import wait_for_async as wait_for_async
 
 if TYPE_CHECKING:
     from xds_server.lab.background import BackgroundServer
@@ -32,85 +35,6 @@ if TYPE_CHECKING:
     from xds_server.spec import RolloutPlan
 
 T = TypeVar("T")
-
-TIMEOUT = 15.0
-"""Seconds a wait gives its predicate when the call does not say."""
-INTERVAL = 0.05
-"""Between two polls from a thread: a predicate there often runs a command or an HTTP call."""
-LOOP_INTERVAL = 0.01
-"""Between two polls on an event loop: the predicate reads memory; the tasks it watches
-get the loop in between."""
-SHOWN = 300
-"""Characters of the last value a failure message shows."""
-
-
-class _Attempts(Generic[T]):
-    """One wait's bookkeeping, the same for both waits: the deadline, the last value and
-    the last error the predicate raised."""
-
-    def __init__(self, predicate: Callable[[], T | None], what: str, timeout: float) -> None:
-        self.predicate = predicate
-        self.what = what
-        self.timeout = timeout
-        self.deadline = time.monotonic() + timeout
-        self.last: object = None
-        self.error: Exception | None = None
-
-    def attempt(self) -> T | None:
-        """The predicate's value when truthy; None to poll again; TimeoutError once the
-        deadline has passed. A predicate that raises has not held yet (a server still
-        starting refuses connections, a command fails until it answers): its error is
-        kept for the message."""
-        try:
-            value = self.predicate()
-        except Exception as exc:
-            self.error = exc
-        else:
-            if value:
-                return value
-            self.last = value
-        if time.monotonic() > self.deadline:
-            raise TimeoutError(self.message())
-        return None
-
-    def message(self) -> str:
-        shown = repr(self.last)
-        if len(shown) > SHOWN:
-            shown = shown[:SHOWN] + "..."
-        error = f"; last error: {type(self.error).__name__}: {self.error}" if self.error else ""
-        return (
-            f"timed out after {self.timeout:g}s waiting for {self.what} "
-            f"(last value: {shown}{error})"
-        )
-
-
-def wait_for(
-    predicate: Callable[[], T | None],
-    what: str,
-    *,
-    timeout: float = TIMEOUT,
-    interval: float = INTERVAL,
-) -> T:
-    """Poll `predicate` until it returns something truthy, and return that. After
-    `timeout` seconds, TimeoutError naming `what`, the last value and the last error."""
-    attempts = _Attempts(predicate, what, timeout)
-    while (value := attempts.attempt()) is None:
-        time.sleep(interval)  # the poll period, bounded by the deadline
-    return value
-
-
-async def wait_for_async(
-    predicate: Callable[[], T | None],
-    what: str,
-    *,
-    timeout: float = TIMEOUT,
-    interval: float = LOOP_INTERVAL,
-) -> T:
-    """`wait_for` on the running event loop: the loop's tasks run between polls."""
-    attempts = _Attempts(predicate, what, timeout)
-    while (value := attempts.attempt()) is None:
-        await asyncio.sleep(interval)  # the poll period, bounded by the deadline
-    return value
 
 
 def holds_for(check: Callable[[], None], seconds: float, *, interval: float = 0.2) -> None:

@@ -8,7 +8,8 @@ import shutil
 import signal
 from pathlib import Path
 
-from xds_server.lab.procs import Process, free_port, http_get, wait_for
+from xds_server.lab.polling import wait_for
+from xds_server.lab.procs import Process, free_port, http_get
 
 ETCD_BINARY = "etcd"
 
@@ -94,8 +95,8 @@ class EtcdCluster:
     def wait_healthy(self, timeout: float = 30.0) -> None:
         wait_for(
             lambda: all(m.healthy() for m in self.members if m.process and m.process.alive()),
-            timeout,
             "every running etcd member to report healthy",
+            timeout=timeout,
             interval=0.1,
         )
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from xds_server.lab.mesh import LocalMesh
-from xds_server.lab.procs import wait_for
+from xds_server.lab.polling import wait_for
 from xds_server.lab.scenarios import Fault, Scenario
 from xds_server.lab.traffic import canary_share
 from xds_server.lab.view import LiveView, PlainLog
@@ -139,15 +139,15 @@ def _lose_canary_instance(mesh: LocalMesh, res: FollowResult, started: Callable[
     envoys = [e for e in mesh.processes.envoys if e.opts.region == region]
     wait_for(
         lambda: all(port in mesh.traffic.envoy_hosts(e, "canary") for e in envoys),
-        10,
         f"the second canary instance in {region}'s Envoys",
+        timeout=10,
     )
     # Until it takes its share: a new host ramps up over the canary's slow start, and
     # the requests a dead host refuses are retried on another only once one is there.
     wait_for(
         lambda: mesh.traffic.model_stats_at(rest_port)["user_requests"] >= 20,
-        30,
         f"the second canary instance in {region} taking requests",
+        timeout=30,
     )
     old = mesh.faults.kill_model(region, "canary")
     res.killed = f"{region} canary instance 127.0.0.1:{old}"

@@ -8,12 +8,14 @@ ones a lab runs and with what arguments. `LocalMesh.start` decides the order.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from xds_server.lab.credentials import Credentials
 from xds_server.lab.etcd import EtcdCluster
 from xds_server.lab.layout import SERVICE, VERSIONS, MeshLayout
 from xds_server.lab.load import LoadGenerator
-from xds_server.lab.procs import Envoy, Process, ProxylessClient, free_port, http_get, wait_for
+from xds_server.lab.polling import wait_for
+from xds_server.lab.procs import Envoy, Process, ProxylessClient, free_port, http_get
 from xds_server.lab.prometheus import Prometheus, ScrapeTarget
 from xds_server.render.bootstrap import BootstrapOptions, GrpcBootstrapOptions
 
@@ -64,11 +66,7 @@ class MeshProcesses:
         for (region, pool), port in self.layout.model_ports.items():
             self.models[(region, pool)] = self.start_model(region, pool, port)
         for (region, pool), port in self.layout.model_ports.items():
-            wait_for(
-                lambda p=port: http_get(f"http://127.0.0.1:{p}/healthz")[0] == 200,  # type: ignore[misc]
-                20,
-                f"model server {region}/{pool}",
-            )
+            wait_for(answers(port), f"model server {region}/{pool}", timeout=20)
 
     def start_model(
         self, region: str, pool: str, port: int, grpc_port: int | None = None, name: str = ""
@@ -101,9 +99,9 @@ class MeshProcesses:
         proc = self.start_model(region, pool, port, grpc_port, f"{region}-{pool}-{n + 1}")
         self.extra_models[(region, pool, grpc_port or port)] = proc
         wait_for(
-            lambda: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200,
-            20,
+            answers(port),
             f"model server {region}/{pool} #{n + 1}",
+            timeout=20,
         )
         return grpc_port or port, port
 
@@ -239,3 +237,8 @@ class MeshProcesses:
                 max_seconds=max_seconds,
             )
             self.proxyless.append(client)
+
+
+def answers(port: int) -> Callable[[], bool]:
+    """Does the model server on this port answer its /healthz?"""
+    return lambda: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200

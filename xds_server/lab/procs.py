@@ -14,13 +14,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from xds_server.lab.polling import wait_for
 from xds_server.render.bootstrap import (
     BootstrapOptions,
     GrpcBootstrapOptions,
@@ -75,25 +75,6 @@ def _kernel_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def wait_for(
-    predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05
-) -> T:
-    """Poll `predicate` until it returns something truthy, or fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while True:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as exc:
-            last_error = exc
-        if time.monotonic() > deadline:
-            extra = f" (last error: {last_error})" if last_error else ""
-            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}{extra}")
-        time.sleep(interval)
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes, dict[str, str]]:
@@ -244,7 +225,7 @@ class Envoy(Process):
                 raise RuntimeError(f"{self.name} exited:\n{self.tail()}")
             return bool(self.admin_get("/ready").strip() == "LIVE")
 
-        wait_for(ready, timeout, f"{self.name} to be ready")
+        wait_for(ready, f"{self.name} to be ready", timeout=timeout)
 
 
 class ProxylessClient(Process):

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from xds_server.lab.procs import Process, http_get, wait_for
+from xds_server.lab.polling import wait_for
+from xds_server.lab.procs import Process, http_get
 
 INSTALL_HINT = "sudo apt-get install -y prometheus   (make demo and make test do it for you)"
 
@@ -92,4 +93,4 @@ class Prometheus(Process):
                 raise RuntimeError(f"prometheus exited:\n{self.tail()}")
             return http_get(self.url + "/-/ready")[0] == 200
 
-        wait_for(ready, timeout, "prometheus to be ready")
+        wait_for(ready, "prometheus to be ready", timeout=timeout)

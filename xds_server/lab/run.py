@@ -26,7 +26,7 @@ from xds_server.lab.follow import follow
 from xds_server.lab.layout import DEFAULT_REGIONS, MeshOptions
 from xds_server.lab.load import LoadGenerator
 from xds_server.lab.mesh import LocalMesh
-from xds_server.lab.procs import wait_for
+from xds_server.lab.polling import wait_for
 from xds_server.lab.report import print_addresses, print_intro, print_keep, write_report
 from xds_server.lab.scenarios import LAB_PLAN, SCENARIOS, Scenario
 from xds_server.lab.view import LiveView, PlainLog
@@ -122,13 +122,13 @@ def _start_traffic(mesh: LocalMesh, timeout: float) -> LoadGenerator:
     and Prometheus has the series a rollout checks at its start."""
     load = mesh.processes.start_load(max_seconds=timeout)
     mesh.processes.start_proxyless(max_seconds=timeout)
-    wait_for(lambda: len(load.snapshot()) >= 20, 15, "load through the Envoys")
+    wait_for(lambda: len(load.snapshot()) >= 20, "load through the Envoys", timeout=15)
     mesh.traffic.wait_latency_series()
     if mesh.opts.proxyless_per_region:
         wait_for(
             lambda: mesh.traffic.proxyless_counts().get("ok", 0) >= 5 * len(mesh.opts.regions),
-            30,
             "answers to the proxyless gRPC clients",
+            timeout=30,
         )
     return load
 

@@ -13,8 +13,8 @@ from typing import Any
 from xds_server.ha.etcd import parse_store_url
 from xds_server.ha.store import EtcdStore
 from xds_server.lab.layout import MeshLayout
+from xds_server.lab.polling import wait_for
 from xds_server.lab.processes import MeshProcesses
-from xds_server.lab.procs import wait_for
 from xds_server.rollout.audit import AuditEntry
 from xds_server.rollout.state import RolloutState
 from xds_server.rollout.store import FILE_NAME, Store
@@ -52,7 +52,9 @@ class StateReader:
             state = self.rollout()
             return state if state is not None and state["phase"] in phases else None
 
-        return wait_for(reached, timeout, f"rollout phase in {sorted(phases)}", interval=0.1)
+        return wait_for(
+            reached, f"rollout phase in {sorted(phases)}", timeout=timeout, interval=0.1
+        )
 
     def audit(self, after_id: int | None = None) -> list[AuditEntry]:
         if self.processes.etcd is not None:
@@ -84,8 +86,8 @@ class StateReader:
 
         return wait_for(
             elected,
-            timeout,
             "a leader replica" + (f" other than {other_than}" if other_than else ""),
+            timeout=timeout,
             interval=0.05,
         )
 
@@ -98,7 +100,7 @@ class StateReader:
             store.read()
             return set(store.view.replicas) >= set(self.processes.replicas)
 
-        wait_for(listed, timeout, "every replica's key in the store", interval=0.1)
+        wait_for(listed, "every replica's key in the store", timeout=timeout, interval=0.1)
 
     def close(self) -> None:
         if self._sqlite is not None:

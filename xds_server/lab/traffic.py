@@ -13,8 +13,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from xds_server.lab.layout import SERVICE, MeshLayout
+from xds_server.lab.polling import wait_for
 from xds_server.lab.processes import MeshProcesses
-from xds_server.lab.procs import Envoy, http_get, wait_for
+from xds_server.lab.procs import Envoy, http_get
 
 
 class TrafficReader:
@@ -56,13 +57,15 @@ class TrafficReader:
             seen = [c.counts_at() for c in self.processes.proxyless]
             return [counts for _, counts in seen] if all(t > since for t, _ in seen) else None
 
-        start = add_counts(wait_for(written_after, timeout, "the proxyless clients' counts"))
+        start = add_counts(
+            wait_for(written_after, "the proxyless clients' counts", timeout=timeout)
+        )
 
         def grown() -> dict[str, Any] | None:
             delta = sub_counts(self.proxyless_counts(), start)
             return delta if delta.get("sent", 0) >= calls else None
 
-        return wait_for(grown, timeout, f"{calls} more proxyless calls")
+        return wait_for(grown, f"{calls} more proxyless calls", timeout=timeout)
 
     def wait_latency_series(self, timeout: float = 30) -> None:
         """Until Prometheus can answer, for every region's production pool, what a
@@ -89,9 +92,9 @@ class TrafficReader:
 
         wait_for(
             lambda: all(every_region(q) for q in queries),
-            timeout,
             "every region's latency and output histograms in Prometheus",
-            0.2,
+            timeout=timeout,
+            interval=0.2,
         )
 
 
