@@ -108,9 +108,10 @@ class EtcdElector:
     def lead_now(self) -> bool:
         return False
 
-    def wake(self) -> None:
-        """The leader key changed: look now, not at the next poll."""
-        self.election.wake()
+    def store_changed(self, changed: frozenset[str]) -> None:
+        """The leader key changed (the store's watch): look now, not at the next poll."""
+        if "leader" in changed:
+            self.election.wake()
 
     async def run(self, elected: Callable[[], None], deposed: Callable[[str], None]) -> None:
         self._elected, self._deposed = elected, deposed

@@ -143,11 +143,8 @@ class Server:
         self.publisher.apply_spec(spec, reason)
 
     def store_changed(self, changed: frozenset[str]) -> None:
-        """Replicas: the store's watch saw these parts change."""
-        if "leader" in changed and isinstance(self.deployment.elector, EtcdElector):
-            self.deployment.elector.wake()
-        if isinstance(self.deployment.specs, StoreSpecSource):
-            self.deployment.specs.store_changed(changed)
+        """Replicas: the store's watch saw these parts change (after the elector and the
+        spec source, which the store tells first)."""
         if self.roles.leader is None and changed & {"spec", "rollouts", "routes"}:
             self.follower.try_refresh()
             if changed & {"spec", "routes"}:  # (a check entry moves no version)
@@ -260,6 +257,8 @@ async def replica(options: ServeOptions) -> Server:
         publisher.ads.served = options.regions
         publisher.ads.elsewhere = lambda region: ", ".join(directory.serving(region))
 
+    elector = EtcdElector(store, replica_id, options.leader_ttl)
+
     async def close() -> None:
         await directory.withdraw()
         store.close()
@@ -267,7 +266,7 @@ async def replica(options: ServeOptions) -> Server:
     deployment = Deployment(
         store=store,
         specs=specs,
-        elector=EtcdElector(store, replica_id, options.leader_ttl),
+        elector=elector,
         publisher=publisher,
         metrics=metrics,
         leader_dataplane=ClusterDataPlane(publisher, directory, specs.live_hosts),
@@ -277,6 +276,8 @@ async def replica(options: ServeOptions) -> Server:
         close=close,
     )
     server = Server(options, deployment)
+    store.subscribe(elector.store_changed)
+    store.subscribe(specs.store_changed)
     store.subscribe(server.store_changed)
     log.info(
         "replica %s on %s: serving %s",
