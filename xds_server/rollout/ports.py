@@ -7,7 +7,8 @@ the server (`app/server.py`) decides which implementation each one gets:
 | ------------- | ------------------------------------------------ |
 | MetricSource  | `rollout.metrics.PrometheusSource`               |
 | StateStore    | `rollout.store.Store` (SQLite), `ha.store.EtcdStore` |
-| TrafficSink   | `rollout.exported.RolloutMetrics`, the leader's sinks (`app.leader.LEADER_SINKS`), the admin event stream |
+| TrafficSink   | `rollout.exported.RolloutMetrics`, the leader's sinks       |
+|               | (`app.leader.LEADER_SINKS`), the admin event stream  |
 """
 
 from __future__ import annotations
