@@ -65,6 +65,7 @@ def test_a_leader_sink_lives_and_dies_with_the_leadership_term(tmp_path: Path) -
         server.elected()
         assert server.view.controller is not None
         (sink,) = built
+        assert len(sink.followed) == 1, "the committed state restored once, before any tick"
         await asyncio.wait_for(sink.running.wait(), 5)
         assert sink.followed, "restore tells the sinks what it serves"
         seen = len(sink.followed)

@@ -67,9 +67,13 @@ class LeaderRuntime:
             self.controller.subscribe(sink)
         self._tasks: list[asyncio.Task[None]] = []
 
-    def start(self) -> None:
-        """Restore the committed rollouts (their weights are pushed at once), then run."""
+    def restore(self) -> None:
+        """Take up the committed rollouts: their weights are pushed at once (before the
+        xDS port opens, when the process leads from its start)."""
         self.controller.restore()
+
+    def start(self) -> None:
+        """Run the controller's loop and the sinks' work, until `stop`."""
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self.controller.run())]
         self._tasks += [loop.create_task(sink.run()) for sink in self.sinks]

@@ -109,7 +109,7 @@ class Server:
         )
         self.roles.leader = leader
         self.metrics.leadership.leading(True)
-        leader.controller.restore()
+        leader.restore()
         return leader
 
     def elected(self) -> None:
