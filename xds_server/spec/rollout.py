@@ -356,16 +356,58 @@ class Webhook:
     retries: int = 2
 
 
+class CheckType(StrEnum):
+    """What a warm-up health check asks a host."""
+
+    HTTP = "http"
+    """GET `path`: 200 is healthy (Envoy's HTTP health check)."""
+    GRPC = "grpc"
+    """`grpc.health.v1.Health/Check` of `grpc_service`: SERVING is healthy."""
+    OIP = "oip"
+    """Open Inference Protocol model readiness of `model`: over HTTP `GET
+    /v2/models/{model}/ready` (Envoy checks it); on a gRPC port with no HTTP port,
+    `ModelReady`, which Envoy cannot send: the control plane asks it itself."""
+
+
 @dataclass(frozen=True)
 class HealthCheck:
+    type: CheckType | None = None
+    """None: `grpc` for a `protocol: grpc` service, `http` otherwise (`for_protocol`)."""
     path: str = "/healthz"
-    """HTTP pools: the path that answers 2xx when the host is ready."""
+    """`http` checks: the path that answers 200 when the host is ready."""
     grpc_service: str = ""
-    """gRPC pools: the `grpc.health.v1` service name to check ("": the server as a whole)."""
+    """`grpc` checks: the `grpc.health.v1` service name to check ("": the server as a whole)."""
+    model: str = ""
+    """`oip` checks: the model whose readiness is asked."""
+    port: int | None = None
+    """Check every host on this port rather than its traffic port (an endpoint's own
+    `health_port` wins): MLServer and KServe answer REST beside their gRPC port."""
     interval: float = 1.0
     timeout: float = 1.0
     healthy_threshold: int = 1
     unhealthy_threshold: int = 2
+    where: str = field(default="", compare=False)
+    """The spec field it was written at (`services[0].rollout.warmup.health_check`), so
+    a problem found once the service's protocol is known names the right field."""
+
+    def for_protocol(self, grpc: bool) -> CheckType:
+        if self.type is not None:
+            return self.type
+        return CheckType.GRPC if grpc else CheckType.HTTP
+
+    def over_http(self, grpc: bool, health_port: int | None) -> bool:
+        """Is the check an HTTP request? `oip` is, except on a gRPC host's traffic port."""
+        kind = self.for_protocol(grpc)
+        if kind == CheckType.OIP:
+            return not grpc or health_port is not None or self.port is not None
+        return kind == CheckType.HTTP
+
+    @property
+    def http_path(self) -> str:
+        """The path an HTTP check asks (`oip`: the model's readiness)."""
+        if self.type == CheckType.OIP:
+            return f"/v2/models/{self.model}/ready"
+        return self.path
 
 
 @dataclass(frozen=True)
@@ -373,7 +415,9 @@ class Warmup:
     """What a region does before its canary and baseline pools take any user traffic."""
 
     health_check: HealthCheck | None = None
-    """Active HTTP health checks on every pool; weight waits for healthy pools."""
+    """Active health checks of the pools that warm (canary, baseline; never production's
+    serving hosts, which the control plane probes once with the same check before any
+    weight moves); weight waits for healthy pools."""
     min_healthy: float = 1.0
     """Share of a pool's hosts every Envoy of the region must see healthy."""
     shadow_percent: float = 0.0
