@@ -389,6 +389,8 @@ class HealthCheck:
     where: str = field(default="", compare=False)
     """The spec field it was written at (`services[0].rollout.warmup.health_check`), so
     a problem found once the service's protocol is known names the right field."""
+    given: frozenset[str] = field(default=frozenset(), compare=False)
+    """The fields the spec wrote: one that the check's type does not read is an error."""
 
     def for_protocol(self, grpc: bool) -> CheckType:
         if self.type is not None:
