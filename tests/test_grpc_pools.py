@@ -166,6 +166,9 @@ def test_grpc_pools_get_http2_and_grpc_health_checks() -> None:
         options = http_protocol_options_pb2.HttpProtocolOptions()
         assert cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].Unpack(options)
         assert options.explicit_http_config.HasField("http2_protocol_options"), name
+        if name.endswith("|production"):  # serving hosts: the control plane probes them
+            assert not cluster.health_checks
+            continue
         (check,) = cluster.health_checks
         assert check.WhichOneof("health_checker") == "grpc_health_check"
         assert check.grpc_health_check.service_name == "inference.GRPCInferenceService"
@@ -174,8 +177,11 @@ def test_grpc_pools_get_http2_and_grpc_health_checks() -> None:
 def test_http_pools_stay_http1_with_http_health_checks() -> None:
     doc = copy.deepcopy(grpc_doc({"production": 1, "canary": 2}))
     del doc["services"][0]["protocol"]
-    for cluster in _clusters(doc).values():
+    for name, cluster in _clusters(doc).items():
         assert not cluster.typed_extension_protocol_options
+        if name.endswith("|production"):  # serving hosts: the control plane probes them
+            assert not cluster.health_checks
+            continue
         (check,) = cluster.health_checks
         assert check.http_health_check.path == "/healthz"
 

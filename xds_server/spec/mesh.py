@@ -30,7 +30,7 @@ from xds_server.spec.model import (
     SpecProblem,
 )
 from xds_server.spec.notifications import parse_notifications
-from xds_server.spec.plan import parse_plan
+from xds_server.spec.plan import check_health, parse_plan
 from xds_server.spec.rollout import (
     DEFAULT_QUERIES,
     GRPC_SERVER_FAULTS,
@@ -198,6 +198,13 @@ class _MeshParser:
         error_codes = self._grpc(m.get("grpc"), join(path, "grpc"), protocol)
         if name is None or pools is None or protocol is None:
             return None
+        check_health(
+            self.c,
+            plan.warmup.health_check,
+            name,
+            protocol == Protocol.GRPC,
+            _health_ports(pools, join(path, "pools")),
+        )
         if protocol == Protocol.GRPC:
             plan = _with_grpc_queries(plan, error_codes)
         if any(pools[p].registered for p in ("canary", "baseline") if p in pools):
@@ -297,8 +304,8 @@ class _MeshParser:
                 ep = self._address(addr, f"{rpath}[{j}]")
                 if ep is None:
                     ok = False
-                elif ep in eps:
-                    self.c.fail(f"{rpath}[{j}]", f"duplicate address {addr!r}")
+                elif any((e.host, e.port) == (ep.host, ep.port) for e in eps):
+                    self.c.fail(f"{rpath}[{j}]", f"duplicate address {str(ep)!r}")
                     ok = False
                 else:
                     eps.append(ep)
@@ -310,6 +317,24 @@ class _MeshParser:
         return out if ok else None
 
     def _address(self, value: Any, path: str) -> Endpoint | None:
+        """`HOST:PORT`, or `{address: HOST:PORT, health_port: N}` for a host whose health
+        is served on a port of its own."""
+        if isinstance(value, dict):
+            m = self.c.mapping(value, path, ("address", "health_port"))
+            if "address" not in m:
+                self.c.fail(join(path, "address"), "required: the host's HOST:PORT")
+                return None
+            ep = self._address(m["address"], join(path, "address"))
+            if "health_port" not in m or ep is None:
+                return ep
+            health = m["health_port"]
+            if isinstance(health, bool) or not isinstance(health, int) or not 1 <= health <= 65535:
+                self.c.fail(
+                    join(path, "health_port"),
+                    f"bad port {health!r}: expected an integer from 1 to 65535",
+                )
+                return None
+            return Endpoint(ep.host, ep.port, health)
         try:
             host, port = parse_host_port(value if isinstance(value, str) else "", port_from=1)
         except ValueError as exc:
@@ -323,6 +348,20 @@ class _MeshParser:
             )
             return None
         return Endpoint(host, port)
+
+
+def _health_ports(pools: dict[str, Pool], path: str) -> dict[str, bool]:
+    """Each endpoint's field -> does it name a `health_port`? A registered pool (its hosts
+    from the registry, with none) counts as one endpoint without."""
+    out: dict[str, bool] = {}
+    for name, pool in pools.items():
+        if pool.registered:
+            out[join(path, name)] = False
+        for region, eps in pool.endpoints.items():
+            for j, ep in enumerate(eps):
+                where = f"{path}.{name}.endpoints.{region}[{j}]"
+                out[where + ".health_port" if ep.health_port else where] = bool(ep.health_port)
+    return out
 
 
 def _with_grpc_queries(plan: RolloutPlan, error_codes: tuple[str, ...]) -> RolloutPlan:

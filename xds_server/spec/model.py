@@ -18,6 +18,10 @@ POOL_NAMES: tuple[str, ...] = ("production", "baseline", "canary")
 class Endpoint:
     host: str
     port: int
+    health_port: int | None = None
+    """Where the warm-up's health check asks this host, when not on `port` (and not on the
+    check's own `port:`): hosts that share an address serve their health on ports of
+    their own (`{address: HOST:PORT, health_port: N}` in the spec)."""
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import fields, replace
 from typing import Any
 
@@ -21,6 +22,7 @@ from xds_server.spec.rollout import (
     QUERY_PLACEHOLDERS,
     USER_QUERY_KINDS,
     Analysis,
+    CheckType,
     FalseAlarmScope,
     Gate,
     Guardrails,
@@ -483,10 +485,13 @@ def _shadow(c: Checker, value: Any, path: str) -> dict[str, float]:
 
 
 def _health_check(c: Checker, value: Any, path: str) -> HealthCheck:
-    m = c.mapping(value, path, [f.name for f in fields(HealthCheck)])
-    changes: dict[str, Any] = {}
+    m = c.mapping(value, path, [f.name for f in fields(HealthCheck) if f.init and f.compare])
+    changes: dict[str, Any] = {"where": path, "given": frozenset(m)}
     for key, v in m.items():
-        if key == "path":
+        if key == "type":
+            if (kind := c.choice(v, f"{path}.type", CheckType)) is not None:
+                changes[key] = kind
+        elif key == "path":
             if not isinstance(v, str) or not v.startswith("/"):
                 c.fail(f"{path}.path", f"expected an HTTP path starting with '/', got {v!r}")
             else:
@@ -496,12 +501,61 @@ def _health_check(c: Checker, value: Any, path: str) -> HealthCheck:
                 c.fail(f"{path}.{key}", f'expected a gRPC service name (or ""), got {v!r}')
             else:
                 changes[key] = v
+        elif key == "model":
+            if not isinstance(v, str | int) or isinstance(v, bool) or not str(v).strip():
+                c.fail(f"{path}.model", f"expected the name the model is served under, got {v!r}")
+            else:
+                changes[key] = str(v)
         elif key in ("interval", "timeout"):
             if (d := c.duration(v, f"{path}.{key}")) is not None:
                 changes[key] = d
+        elif key == "port":
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535:
+                c.fail(f"{path}.port", f"bad port {v!r}: expected an integer from 1 to 65535")
+            else:
+                changes[key] = v
         elif (n := c.whole_number(v, f"{path}.{key}", 1)) is not None:
             changes[key] = n
     return replace(HealthCheck(), **changes)
+
+
+_READ_BY = {"path": CheckType.HTTP, "grpc_service": CheckType.GRPC, "model": CheckType.OIP}
+"""The health-check fields that one type of check reads, and no other."""
+
+
+def check_health(
+    c: Checker,
+    hc: HealthCheck | None,
+    service: str,
+    grpc: bool,
+    health_ports: Mapping[str, bool],
+) -> None:
+    """What a service's warm-up check means once its protocol is known; every field the
+    check would ignore is an error at the field it was written at. `health_ports`:
+    endpoint field path -> True (the endpoints that name a `health_port`), False for the
+    pools without one (and registered pools)."""
+    if hc is None:
+        for where, named in health_ports.items():
+            if named:
+                c.fail(where, "nothing asks a health port without `rollout.warmup.health_check`")
+        return
+    kind = hc.for_protocol(grpc)
+    whose = f"the check of service {service!r} is `type: {kind}`"
+    for key, reads in _READ_BY.items():
+        if key in hc.given and kind != reads:
+            c.fail(f"{hc.where}.{key}", f"only a `type: {reads}` check reads it ({whose})")
+    if kind == CheckType.OIP and not hc.model:
+        c.fail(f"{hc.where}.model", "required for `type: oip`: the model whose readiness is asked")
+    if kind == CheckType.GRPC and not grpc:
+        # Envoy health-checks over gRPC only clusters that speak HTTP/2 to their hosts.
+        c.fail(f"{hc.where}.type", f"`grpc` checks need `protocol: grpc` (service {service!r})")
+    elif kind == CheckType.HTTP and grpc and hc.port is None and not all(health_ports.values()):
+        c.fail(
+            f"{hc.where}.port",
+            f"required: service {service!r} serves gRPC on its traffic ports, which an "
+            "`http` check cannot ask; give the port that answers HTTP (or a `health_port` "
+            "on every endpoint)",
+        )
 
 
 def _webhook(c: Checker, value: Any, path: str) -> Webhook | None:

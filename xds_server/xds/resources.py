@@ -37,6 +37,7 @@ from xds_server.spec import (
     Service,
     Sticky,
 )
+from xds_server.spec.rollout import CheckType
 from xds_server.traffic import Split, TrafficState
 from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
@@ -115,7 +116,9 @@ class RegionBuilder:
     def __init__(self, region: str) -> None:
         self.region = region
         self._clusters: dict[tuple[str, ClusterOptions], message.Message] = {}
-        self._endpoints: dict[tuple[str, tuple[Endpoint, ...]], message.Message] = {}
+        self._endpoints: dict[
+            tuple[str, tuple[Endpoint, ...], HealthPorts | None], message.Message
+        ] = {}
         self._vhosts: dict[tuple[Any, ...], message.Message] = {}
         self._routes: tuple[tuple[Any, ...], message.Message] | None = None
         """The route configuration, keyed by its virtual hosts' keys (values, not ids)."""
@@ -135,9 +138,13 @@ class RegionBuilder:
                     self._clusters[ckey] = build_cluster(name, ckey[1])
                 clusters[name] = self._clusters[ckey]
                 used_clusters.add(ckey)
-                key = (name, svc.pools[pool].endpoints.get(self.region, ()))
+                key = (
+                    name,
+                    svc.pools[pool].endpoints.get(self.region, ()),
+                    health_ports(ckey[1].health_check),
+                )
                 if key not in self._endpoints:
-                    self._endpoints[key] = build_load_assignment(name, self.region, key[1])
+                    self._endpoints[key] = build_load_assignment(name, self.region, key[1], key[2])
                 endpoints[name] = self._endpoints[key]
                 used_eps.add(key)
         vkeys = [self._vhost_key(svc, traffic) for svc in spec.services]
@@ -212,25 +219,58 @@ def _ads() -> config_source_pb2.ConfigSource:
     )
 
 
+WARMING_POOLS = ("canary", "baseline")
+"""The pools whose clusters carry the warm-up's active health checks. Production's
+serving hosts never do: a check they fail (a misconfigured one) would mark them
+unhealthy under traffic; the control plane probes them instead (`rollout.probes`)."""
+
+
 @dataclass(frozen=True)
 class ClusterOptions:
     """What a pool's cluster carries besides its name: the service's warm-up settings
     and protocol."""
 
     health_check: HealthCheck | None = None
+    """The active check Envoy runs (None: none, or one only the control plane can ask)."""
     slow_start: float = 0.0
     grpc: bool = False
-    """HTTP/2 to the hosts, and health checks over `grpc.health.v1`."""
+    """HTTP/2 to the hosts."""
+
+
+def envoy_health_check(svc: Service, pool: str) -> HealthCheck | None:
+    """The warm-up check Envoy runs on a pool's hosts; None for production, without a
+    check, and for an `oip` check of a gRPC host's traffic port (`ModelReady`: Envoy's
+    gRPC checks speak `grpc.health.v1` only, so the control plane asks it itself)."""
+    hc = svc.rollout.warmup.health_check
+    if hc is None or pool not in WARMING_POOLS:
+        return None
+    grpc = svc.protocol == Protocol.GRPC
+    if hc.for_protocol(grpc) == CheckType.OIP and grpc and hc.port is None:
+        p = svc.pools[pool]
+        hosts = [ep for eps in p.endpoints.values() for ep in eps]
+        if p.registered or not all(ep.health_port for ep in hosts):
+            return None
+    return hc
 
 
 def cluster_options(svc: Service, pool: str) -> ClusterOptions:
     grpc = svc.protocol == Protocol.GRPC
-    warmup = svc.rollout.warmup if svc.rollout is not None else None
-    if warmup is None:
-        return ClusterOptions(grpc=grpc)
+    warmup = svc.rollout.warmup
     # Slow start ramps up the new version's hosts: only the canary's cluster gets it.
     slow_start = warmup.slow_start if pool == "canary" else 0.0
-    return ClusterOptions(warmup.health_check, slow_start, grpc)
+    return ClusterOptions(envoy_health_check(svc, pool), slow_start, grpc)
+
+
+@dataclass(frozen=True)
+class HealthPorts:
+    """A health-checked cluster's endpoints: each is checked on its `health_port`, else
+    on the check's `port`, else (None) on its traffic port."""
+
+    default: int | None = None
+
+
+def health_ports(hc: HealthCheck | None) -> HealthPorts | None:
+    return None if hc is None else HealthPorts(hc.port)
 
 
 def build_cluster(name: str, options: ClusterOptions = ClusterOptions()) -> cluster_pb2.Cluster:
@@ -240,6 +280,9 @@ def build_cluster(name: str, options: ClusterOptions = ClusterOptions()) -> clus
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
         connect_timeout=duration_pb2.Duration(seconds=1),
         lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
+        # A host an EDS update drops leaves at once, even while its active health check
+        # passes (Envoy would keep it, `/pending_dynamic_removal`, serving requests).
+        ignore_health_on_host_removal=True,
     )
     if options.grpc:
         protocol = upstream_http_pb2.HttpProtocolOptions()
@@ -264,10 +307,10 @@ def _health_check(hc: HealthCheck, grpc: bool) -> health_check_pb2.HealthCheck:
         healthy_threshold=wrappers_pb2.UInt32Value(value=hc.healthy_threshold),
         unhealthy_threshold=wrappers_pb2.UInt32Value(value=hc.unhealthy_threshold),
     )
-    if grpc:
+    if hc.for_protocol(grpc) == CheckType.GRPC:
         check.grpc_health_check.service_name = hc.grpc_service
-    else:
-        check.http_health_check.path = hc.path
+    else:  # http, or oip over HTTP (its model's readiness path)
+        check.http_health_check.path = hc.http_path
     return check
 
 
@@ -278,26 +321,30 @@ def _duration(seconds: float) -> duration_pb2.Duration:
 
 
 def build_load_assignment(
-    name: str, region: str, eps: tuple[Endpoint, ...]
+    name: str, region: str, eps: tuple[Endpoint, ...], checked: HealthPorts | None = None
 ) -> endpoint_pb2.ClusterLoadAssignment:
     """One locality (the region) with the pool's endpoints. The locality has a weight:
     proxyless gRPC clients drop a locality without one (Envoy uses locality weights only
-    with locality-weighted balancing, which these clusters do not enable)."""
+    with locality-weighted balancing, which these clusters do not enable). `checked`:
+    the cluster is health-checked; each host on its health port, when it has one."""
     return endpoint_pb2.ClusterLoadAssignment(
         cluster_name=name,
         endpoints=[
             endpoint_components_pb2.LocalityLbEndpoints(
                 locality=base_pb2.Locality(region=region),
                 load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
-                lb_endpoints=[
-                    endpoint_components_pb2.LbEndpoint(
-                        endpoint=endpoint_components_pb2.Endpoint(address=_socket(ep.host, ep.port))
-                    )
-                    for ep in eps
-                ],
+                lb_endpoints=[_lb_endpoint(ep, checked) for ep in eps],
             )
         ],
     )
+
+
+def _lb_endpoint(ep: Endpoint, checked: HealthPorts | None) -> endpoint_components_pb2.LbEndpoint:
+    endpoint = endpoint_components_pb2.Endpoint(address=_socket(ep.host, ep.port))
+    port = ep.health_port or (checked.default if checked is not None else None)
+    if checked is not None and port:
+        endpoint.health_check_config.port_value = port
+    return endpoint_components_pb2.LbEndpoint(endpoint=endpoint)
 
 
 def _socket(host: str, port: int) -> address_pb2.Address:
