@@ -83,6 +83,8 @@ class TrafficReader:
             "count by (region) (increase(model_prediction_score_bucket"
             f'{{pool="production"}}[{window}]) > 0)',
         ]
+        if self.layout.opts.models == "mlserver":
+            queries = queries[:1]  # MLServer exports no score histogram
 
         def every_region(query: str) -> bool:
             url = f"{prometheus.url}/api/v1/query?query={urllib.parse.quote(query)}"
