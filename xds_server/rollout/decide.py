@@ -150,8 +150,12 @@ def region_event(
         return RegionEvent(rs) if rs.step_passed else _warm_up(plan, name, rs, obs, now)
     if obs.no_hosts:
         return _no_hosts(plan, name, rs, obs.no_hosts, now)
-    if obs.applied_at is None:
-        return RegionEvent(rs)  # the data plane has not applied the step yet: not judged
+    if obs.applied_at is None:  # the data plane has not applied the step yet: not judged
+        if obs.apply_unknown:  # ... and cannot say which of its nodes did: audited
+            return RegionEvent(
+                rs, check=f"{step_label(plan, rs.step)}: holding: {obs.apply_unknown}"
+            )
+        return RegionEvent(rs)
     rs = replace(rs, step_started=rs.step_started or obs.applied_at)
     if obs.canary is None:
         return RegionEvent(rs)

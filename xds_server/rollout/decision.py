@@ -29,6 +29,9 @@ class Observation:
     """When every Envoy of the region had ACKed the current weights; None: not yet."""
     apply_error: str | None = None
     """A NACK, or no ACK within `ack_timeout`: the step fails."""
+    apply_unknown: str | None = None
+    """Not applied yet, and some nodes are not known to have applied the step (their
+    replica is gone or silent): which and why. The region holds, audited with this."""
     canary: Measurement | None = None
     """The canary over the sliding window: what the SLA guardrails judge."""
     step: Comparison | None = None
