@@ -9,14 +9,28 @@ SCENARIO ?= healthy
 PROTOCOL ?=
 PROXYLESS ?= 0
 HA ?=
+MODELS ?=
+# MLServer for `lab run --models mlserver` and tests/test_mlserver.py: its own venv
+# (MLServer 1.7.1 needs protobuf < 7, and cannot share a process with tritonclient.grpc).
+MLSERVER_VENV ?= .venv-mlserver
+MLSERVER_REQS := hack/mlserver-requirements.txt
+MLSERVER_STAMP := $(MLSERVER_VENV)/.installed-$(shell cat $(MLSERVER_REQS) | md5sum | cut -c1-8)
 
-.PHONY: setup test lint fmt typecheck pytest demo bench clean prometheus kubectl openssl chromium etcd
+.PHONY: mlserver setup test lint fmt typecheck pytest demo bench clean prometheus kubectl openssl chromium etcd
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev,lab]'
 	rm -f $(VENV)/.installed-*; touch $@
+
+$(MLSERVER_STAMP): $(MLSERVER_REQS)
+	$(PYTHON) -m venv $(MLSERVER_VENV)
+	$(MLSERVER_VENV)/bin/pip install -q --upgrade pip
+	$(MLSERVER_VENV)/bin/pip install -q -r $(MLSERVER_REQS)
+	rm -f $(MLSERVER_VENV)/.installed-*; touch $@
+
+mlserver: $(MLSERVER_STAMP)
 
 # Debian's Prometheus, for the rollout tests and the lab.
 prometheus:
@@ -55,7 +69,7 @@ etcd:
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends etcd-server; }
 
-setup: $(STAMP) prometheus kubectl openssl chromium etcd
+setup: $(STAMP) mlserver prometheus kubectl openssl chromium etcd
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -68,16 +82,17 @@ fmt: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# CI=1: tests/test_mlserver.py fails rather than skips when MLServer's venv is missing.
 pytest: setup
-	$(BIN)/pytest
+	CI=$${CI:-1} XDS_MLSERVER_VENV=$(abspath $(MLSERVER_VENV)) $(BIN)/pytest
 
 test: lint typecheck pytest
 
 demo: setup
-	$(BIN)/xds-server lab run --scenario $(SCENARIO) $(if $(PROTOCOL),--protocol $(PROTOCOL)) --proxyless $(PROXYLESS) $(if $(HA),--ha)
+	$(BIN)/xds-server lab run --scenario $(SCENARIO) $(if $(PROTOCOL),--protocol $(PROTOCOL)) --proxyless $(PROXYLESS) $(if $(HA),--ha) $(if $(MODELS),--models $(MODELS))
 
 bench: setup
 	$(BIN)/python benchmarks/push_fanout.py
 
 clean:
-	rm -rf $(VENV) .lab .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MLSERVER_VENV) .lab .pytest_cache .mypy_cache .ruff_cache

@@ -305,6 +305,8 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
         raise UsageError("--proxyless must be 0 or more")
     if args.proxyless and args.protocol == "http":
         raise UsageError("--proxyless clients speak gRPC: use --protocol grpc (or leave it out)")
+    if args.models == "mlserver":
+        _check_mlserver(args)
     return run_lab(
         args.scenario,
         args.regions,
@@ -317,7 +319,26 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
         protocol=args.protocol or "http",
         proxyless=args.proxyless,
         ha=args.ha,
+        models=args.models,
     )
+
+
+def _check_mlserver(args: argparse.Namespace) -> None:
+    """`lab run --models mlserver`: a scenario its canary models cover, callers it can
+    answer, and MLServer's virtual environment there."""
+    from xds_server.lab.mlserver import CANARY_MODELS, MLServerMissing, find_venv
+
+    if args.scenario not in CANARY_MODELS:
+        raise UsageError(
+            f"--models mlserver: scenario {args.scenario!r} needs the built-in servers' "
+            f"knobs; with MLServer: {', '.join(CANARY_MODELS)}"
+        )
+    if args.proxyless:
+        raise UsageError("--models mlserver: proxyless clients send the built-in model's inputs")
+    try:
+        find_venv()
+    except MLServerMissing as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_lab_down(args: argparse.Namespace) -> int:
@@ -488,6 +509,13 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="replicas on etcd: a three-member etcd cluster and one xds-server per region "
         "(implied by leader-failover and etcd-member-loss)",
+    )
+    run.add_argument(
+        "--models",
+        choices=("builtin", "mlserver"),
+        default="builtin",
+        help="who serves the pools: the lab's built-in model servers (fault knobs) or a "
+        "real MLServer per pool with scikit-learn models (`make mlserver` installs it)",
     )
     run.set_defaults(func=cmd_lab_run)
     down = lab_sub.add_parser("down", help="stop a lab left running with --keep")

@@ -54,6 +54,12 @@ class MeshOptions:
     registry_ttl: float = 3.0
     """With `ha`: the model servers register themselves (the spec lists no endpoints),
     on leases of this TTL."""
+    models: str = "builtin"
+    """Who serves the pools: "builtin" (the lab's own model server, with fault knobs) or
+    "mlserver" (a real MLServer process per pool and region, `lab/mlserver.py`)."""
+    canary_model: str = "healthy"
+    """With "mlserver": the scenario whose canary model the canary serves
+    (`lab/mlserver.py`'s `CANARY_MODELS`)."""
 
 
 @dataclass(frozen=True)
@@ -85,8 +91,15 @@ class MeshLayout:
         self.model_ports = {(r, p): free_port() for r in opts.regions for p in VERSIONS}
         """(region, pool) -> the model server's REST port."""
         self.grpc_ports = (
-            {key: free_port() for key in self.model_ports} if opts.protocol == "grpc" else {}
+            {key: free_port() for key in self.model_ports}
+            if opts.protocol == "grpc" or opts.models == "mlserver"
+            else {}
         )
+        """(region, pool) -> the model server's gRPC port (MLServer always has one)."""
+        self.metrics_ports = (
+            {key: free_port() for key in self.model_ports} if opts.models == "mlserver" else {}
+        )
+        """With "mlserver": (region, pool) -> MLServer's own /metrics port."""
         self.replica_ports = {
             r: {k: free_port() for k in ("xds", "admin", "metrics", "ui")}
             for r in (opts.regions if opts.ha else ())
@@ -111,7 +124,9 @@ class MeshLayout:
 
     def pool_port(self, region: str, pool: str) -> int:
         """The port Envoy (and proxyless clients) send a pool's requests to."""
-        return self.grpc_ports.get((region, pool)) or self.model_ports[(region, pool)]
+        if self.opts.protocol == "grpc":
+            return self.grpc_ports[(region, pool)]
+        return self.model_ports[(region, pool)]
 
     def region_xds_port(self, region: str) -> int:
         return self.replica_ports[region]["xds"] if self.opts.ha else self.xds_port

@@ -8,7 +8,8 @@ target) and in concurrency; every request has a client timeout (`timeout_s`); it
 stops on `stop()`.
 
 Every request is an Open Inference Protocol (KServe v2) inference of the model `model`:
-one row of the input "features" (FP32, shape [1, 3]).
+one row of the input "features" (FP32, shape [1, n_features]: 3 for the lab's built-in
+model, 30 for the lab's scikit-learn models on MLServer).
 
 - `protocol="http"` (the default): `POST /v2/models/{model}/infer` with the protocol's
   JSON, each worker on its own keep-alive HTTP/1.1 connection; the answer's
@@ -82,7 +83,7 @@ GRPC_TO_HTTP: dict[grpc.StatusCode, int] = {
 }
 """A gRPC status -> the HTTP status of the same outcome (as grpc-gateway maps them)."""
 
-Features = tuple[float, float, float]
+Features = tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -116,16 +117,16 @@ class Answer:
     grpc_code: str = ""
 
 
-def draw_features(rng: random.Random) -> Features:
+def draw_features(rng: random.Random, n: int = N_FEATURES) -> Features:
     """One request's model inputs."""
-    return (round(rng.gauss(0, 1), 4), round(rng.gauss(0, 1), 4), round(rng.gauss(0, 1), 4))
+    return tuple(round(rng.gauss(0, 1), 4) for _ in range(n))
 
 
 def rest_body(features: Features, ident: str) -> bytes:
     """An Open Inference Protocol JSON inference request of one row."""
     tensor = {
         "name": INPUT_NAME,
-        "shape": [1, N_FEATURES],
+        "shape": [1, len(features)],
         "datatype": FP32,
         "data": list(features),
     }
@@ -141,7 +142,7 @@ def infer_request(model: str, rows: Sequence[Features], ident: str = "") -> Any:
             oip.ModelInferRequest.InferInputTensor(
                 name=INPUT_NAME,
                 datatype=FP32,
-                shape=[len(rows), N_FEATURES],
+                shape=[len(rows), len(rows[0]) if rows else N_FEATURES],
                 contents=oip.InferTensorContents(fp32_contents=[x for r in rows for x in r]),
             )
         ],
@@ -194,6 +195,8 @@ class LoadGenerator:
     """Requests outstanding at once per target; when all are, the schedule waits."""
     tenants: tuple[str, ...] = DEFAULT_TENANTS
     seed: int = 0
+    n_features: int = N_FEATURES
+    """Features per request (the model's signature: 3 for the built-in model)."""
     results: list[Result] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -227,7 +230,7 @@ class LoadGenerator:
         try:
             with ThreadPoolExecutor(self.max_in_flight, thread_name_prefix=f"load-{label}") as pool:
                 for i in range(self.max_requests):
-                    features = draw_features(rng)
+                    features = draw_features(rng, self.n_features)
                     if not self._wait_until(next_at, start) or not self._take(slots, start):
                         break
                     next_at = max(next_at + 1.0 / self.rate, time.monotonic() - MAX_BURST_S)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from xds_server.lab import mlserver
 from xds_server.lab.credentials import Credentials
 from xds_server.lab.etcd import EtcdCluster
 from xds_server.lab.layout import SERVICE, VERSIONS, MeshLayout
 from xds_server.lab.load import LoadGenerator
+from xds_server.lab.oip.model import N_FEATURES
 from xds_server.lab.polling import wait_for
 from xds_server.lab.procs import Envoy, Process, ProxylessClient, free_port, http_get
 from xds_server.lab.prometheus import Prometheus, ScrapeTarget
@@ -28,6 +30,9 @@ class MeshProcesses:
         self.models: dict[tuple[str, str], Process] = {}
         self.extra_models: dict[tuple[str, str, int], Process] = {}
         """Instances added while running (`add_instance`): (region, pool, port)."""
+        self.registrations: dict[tuple[str, str], Process] = {}
+        """With MLServer and `ha`: an `xds-server register` process per model server
+        (MLServer cannot register itself)."""
         self.proxyless: list[ProxylessClient] = []
         self.envoys: list[Envoy] = []
         self.server: Process | None = None
@@ -45,6 +50,7 @@ class MeshProcesses:
             *self.envoys,
             *(self.replicas.values() if self.replicas else [self.server]),
             self.prometheus,
+            *self.registrations.values(),
             *self.models.values(),
             *self.extra_models.values(),
             *(self.etcd.processes() if self.etcd else []),
@@ -63,6 +69,9 @@ class MeshProcesses:
 
     def start_models(self) -> None:
         """Every (region, pool)'s model server, then until each answers its /healthz."""
+        if self.opts.models == "mlserver":
+            self.start_mlservers()
+            return
         for (region, pool), port in self.layout.model_ports.items():
             self.models[(region, pool)] = self.start_model(region, pool, port)
         for (region, pool), port in self.layout.model_ports.items():
@@ -88,6 +97,46 @@ class MeshProcesses:
              "--region", region, "--pool", pool, "--version", VERSIONS[pool],
              "--model", SERVICE, "--service", SERVICE, *grpc, *register],
             self.layout.workdir / "models" / f"{name}.log",
+        )  # fmt: skip
+
+    def start_mlservers(self) -> None:
+        """An MLServer per (region, pool), its models trained first (`lab/mlserver.py`),
+        then until each says it is ready; with `ha`, each registered by an
+        `xds-server register` gated on its readiness."""
+        venv = mlserver.find_venv()
+        root = self.layout.workdir / "mlserver"
+        mlserver.train(venv, root / "trained")
+        canary = mlserver.CANARY_MODELS[self.opts.canary_model]
+        lay = self.layout
+        for (region, pool), port in lay.model_ports.items():
+            model = canary if pool == "canary" else mlserver.CanaryModel(mlserver.POOL_MODELS[pool])
+            slot = mlserver.MLServerSlot(
+                f"{region}-{pool}",
+                port,
+                lay.grpc_ports[(region, pool)],
+                lay.metrics_ports[(region, pool)],
+                root / "trained" / f"{model.model}.joblib",
+                VERSIONS[pool],
+                model.served_name,
+            )
+            self.models[(region, pool)] = mlserver.start_mlserver(venv, root / slot.name, slot)
+        for (region, pool), port in lay.model_ports.items():
+            wait_for(mlserver.ready(port), f"MLServer {region}/{pool} ready", timeout=90)
+            if self.etcd is not None:
+                self.registrations[(region, pool)] = self._register(region, pool, port)
+
+    def _register(self, region: str, pool: str, rest_port: int) -> Process:
+        """`xds-server register` for one model server that cannot register itself."""
+        assert self.etcd is not None
+        only = pool if pool in ("baseline", "production") else ""
+        return Process(
+            f"register-{region}-{pool}",
+            [sys.executable, "-m", "xds_server.cli", "register", "--store", self.etcd.url,
+             "--service", SERVICE, "--version", VERSIONS[pool], "--region", region,
+             "--address", f"127.0.0.1:{self.layout.pool_port(region, pool)}",
+             "--ttl", f"{self.opts.registry_ttl:g}s", "--pool", only,
+             "--health-url", mlserver.health_url(rest_port)],
+            self.layout.workdir / "models" / f"register-{region}-{pool}.log",
         )  # fmt: skip
 
     def add_instance(self, region: str, pool: str) -> tuple[int, int]:
@@ -177,9 +226,10 @@ class MeshProcesses:
             targets.append(ScrapeTarget(f"127.0.0.1:{lay.metrics_port}", "/metrics", {}))
         # The model servers' own series (outputs, tenants): `region` and `pool` come from
         # here, never from the exporter, so they cannot clash.
+        model_ports = lay.metrics_ports or lay.model_ports  # MLServer's own port
         targets += [
             ScrapeTarget(f"127.0.0.1:{port}", "/metrics", {"region": r, "pool": p}, job="model")
-            for (r, p), port in [*lay.model_ports.items(), *lay.spare_ports.items()]
+            for (r, p), port in [*model_ports.items(), *lay.spare_ports.items()]
         ]
         return targets
 
@@ -214,6 +264,7 @@ class MeshProcesses:
             max_seconds=max_seconds,
             protocol=self.opts.protocol,
             model=SERVICE,
+            n_features=mlserver.N_FEATURES if self.opts.models == "mlserver" else N_FEATURES,
         ).start()
         return self.load
 

@@ -20,8 +20,10 @@ import secrets
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
+from xds_server.lab import mlserver
 from xds_server.lab.follow import follow
 from xds_server.lab.layout import DEFAULT_REGIONS, MeshOptions
 from xds_server.lab.load import LoadGenerator
@@ -54,18 +56,24 @@ def run_lab(
     protocol: str = "http",
     proxyless: int = 0,
     ha: bool = False,
+    models: str = "builtin",
 ) -> int:
     """`proxyless`: gRPC client processes per region that route by xDS themselves (they
     imply `protocol="grpc"`: they call the model servers' gRPC ports). `ha`: a replica
     per region on a three-member etcd cluster (a scenario with a replica fault implies
-    it)."""
+    it). `models="mlserver"`: every pool a real MLServer (`lab/mlserver.py`); the
+    scenario's fault is then its canary's model, there from the start, not a knob."""
     scenario = SCENARIOS[scenario_name]
+    plan = dict(scenario.plan or LAB_PLAN)
+    if models == "mlserver":
+        plan = mlserver.lab_plan(plan, "grpc" if proxyless else protocol)
+        scenario = replace(scenario, fault=None)
     out = out or LAB_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{scenario.name}"
     out = out.resolve()
     opts = MeshOptions(
         region_names(regions),
         envoys_per_region,
-        rollout=dict(scenario.plan or LAB_PLAN),
+        rollout=plan,
         load_rate=50,
         mtls=mtls,
         admin_token=secrets.token_urlsafe(18),  # for the dashboard's actions and xdsctl's
@@ -73,6 +81,8 @@ def run_lab(
         protocol="grpc" if proxyless else protocol,
         proxyless_per_region=proxyless,
         ha=ha or scenario.replica_fault is not None,
+        models=models,
+        canary_model=scenario.name,
     )
     mesh = LocalMesh(out, opts)
     live = sys.stdout.isatty() if live is None else live

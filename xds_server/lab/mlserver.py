@@ -1,0 +1,215 @@
+"""Real model servers for the lab: Seldon MLServer 1.7.1 serving scikit-learn models.
+
+`xds-server lab run --models mlserver` serves every pool of every region with an
+MLServer process instead of the lab's built-in model server. MLServer needs
+protobuf < 7 and cannot share a process with `tritonclient.grpc`, so it lives in its own
+virtual environment (`.venv-mlserver`, made by `make mlserver` from
+`hack/mlserver-requirements.txt`); this module never imports it: it runs that
+environment's Python to train the models and its `mlserver start` to serve them.
+
+The models are trained when the lab starts, on scikit-learn's own copy of the Wisconsin
+breast cancer data set (`load_breast_cancer`: 569 rows, 30 features; nothing is
+downloaded), each a pipeline that standardises its inputs first, so the load
+generator's N(0, 1) features are inputs of the right scale:
+
+- `v1` (production, baseline): logistic regression;
+- `v2` (the canary): a random forest: another estimator, the same answers mostly;
+- `shuffled` (drifting-canary's canary): the random forest trained on shuffled labels:
+  fast, 200, and wrong;
+- `narrow` (bad-canary's canary): trained on the first 20 features only: every call
+  with 30 fails (sklearn's ValueError, MLServer's 500 / INTERNAL);
+- wrong-model-name's canary serves `v2` under another name (`recommender-v2`): MLServer
+  routes by the model name in the request, so every call gets 404 / NOT_FOUND.
+
+Every version of a pool is served under the one model name the callers use (the
+service's, `recommender`) with its `parameters.version`, so the answers' `model_version`
+says which version answered.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from xds_server.lab.procs import Process, http_get
+
+MODEL_NAME = "recommender"
+"""The name callers ask for (the lab's service's name)."""
+N_FEATURES = 30
+"""The breast cancer data set's features: what every request carries."""
+VENV_ENV = "XDS_MLSERVER_VENV"
+"""Where MLServer's virtual environment is, when not `.venv-mlserver` of the checkout."""
+REQUIREMENTS = "hack/mlserver-requirements.txt"
+READY_PATH = "/v2/health/ready"
+"""MLServer's readiness on its REST port: 200 once every model is loaded."""
+
+
+@dataclass(frozen=True)
+class CanaryModel:
+    """What a scenario's canary serves: a trained model, under a name."""
+
+    model: str
+    served_name: str = MODEL_NAME
+
+
+CANARY_MODELS: dict[str, CanaryModel] = {
+    "healthy": CanaryModel("v2"),
+    "bad-canary": CanaryModel("narrow"),
+    "drifting-canary": CanaryModel("shuffled"),
+    "wrong-model-name": CanaryModel("v2", f"{MODEL_NAME}-v2"),
+    "leader-failover": CanaryModel("v2"),
+    "etcd-member-loss": CanaryModel("v2"),
+}
+"""The scenarios that run with `--models mlserver`, and their canary's model. The
+others inject a knob of the built-in server (latency, a tenant's latency, stalls) that a
+real server has not, or count an instance's requests on its `/stats`
+(canary-instance-loss)."""
+
+POOL_MODELS = {"production": "v1", "baseline": "v1"}
+
+TRAIN_SCRIPT = """
+import sys
+import joblib
+import numpy as np
+from sklearn.datasets import load_breast_cancer
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+out = sys.argv[1]
+X, y = load_breast_cancer(return_X_y=True)
+def forest():
+    return make_pipeline(StandardScaler(), RandomForestClassifier(n_estimators=30, random_state=0))
+models = {
+    "v1": make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(X, y),
+    "v2": forest().fit(X, y),
+    "shuffled": forest().fit(X, np.random.default_rng(0).permutation(y)),
+    "narrow": forest().fit(X[:, :20], y),
+}
+for name, model in models.items():
+    joblib.dump(model, f"{out}/{name}.joblib")
+"""
+
+
+class MLServerMissing(RuntimeError):
+    """MLServer's virtual environment is not there: what to run to make it."""
+
+
+def venv_dir() -> Path:
+    """MLServer's virtual environment: $XDS_MLSERVER_VENV, else `.venv-mlserver` beside
+    this checkout's `pyproject.toml` (or in the current directory)."""
+    if os.environ.get(VENV_ENV):
+        return Path(os.environ[VENV_ENV])
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").exists():
+        return checkout / ".venv-mlserver"
+    return Path(".venv-mlserver").resolve()
+
+
+def find_venv() -> Path:
+    """MLServer's virtual environment, or MLServerMissing saying how to make it."""
+    venv = venv_dir()
+    if not (venv / "bin" / "mlserver").exists():
+        raise MLServerMissing(
+            f"MLServer is not installed in {venv}: run `make mlserver` (a virtual "
+            f"environment from {REQUIREMENTS}), or set {VENV_ENV}"
+        )
+    return venv
+
+
+def train(venv: Path, out: Path) -> None:
+    """Train every model (`TRAIN_SCRIPT`) into `out/NAME.joblib`, with the environment's
+    scikit-learn (the one that will load them)."""
+    out.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [str(venv / "bin" / "python"), "-c", TRAIN_SCRIPT, str(out)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+@dataclass(frozen=True)
+class MLServerSlot:
+    """One MLServer process: its name, ports and the one model it serves."""
+
+    name: str
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    model_path: Path
+    version: str
+    served_name: str = MODEL_NAME
+
+
+def write_repository(directory: Path, slot: MLServerSlot) -> Path:
+    """A model repository of one model (`model-settings.json`) and the server's
+    `settings.json`, in `directory`."""
+    import json
+
+    model_dir = directory / slot.served_name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    settings: dict[str, Any] = {
+        "name": slot.served_name,
+        "implementation": "mlserver_sklearn.SKLearnModel",
+        "parameters": {"uri": str(slot.model_path), "version": slot.version},
+    }
+    (model_dir / "model-settings.json").write_text(json.dumps(settings, indent=2))
+    server = {
+        "http_port": slot.http_port,
+        "grpc_port": slot.grpc_port,
+        "metrics_port": slot.metrics_port,
+        "host": "127.0.0.1",
+        # One process, no inference pool of worker processes: ready in about 2 s.
+        "parallel_workers": 0,
+    }
+    (directory / "settings.json").write_text(json.dumps(server, indent=2))
+    return directory
+
+
+def start_mlserver(venv: Path, directory: Path, slot: MLServerSlot) -> Process:
+    """`mlserver start` on a repository written for `slot` (one process: it stops with
+    its process group)."""
+    write_repository(directory, slot)
+    return Process(
+        f"mlserver-{slot.name}",
+        [str(venv / "bin" / "mlserver"), "start", str(directory)],
+        directory.parent / f"{slot.name}.log",
+        env={"MLSERVER_PARALLEL_WORKERS": "0"},
+    )
+
+
+def ready(http_port: int) -> Callable[[], bool]:
+    """Does the MLServer on this REST port say it is ready (every model loaded)?"""
+    return lambda: http_get(health_url(http_port))[0] == 200
+
+
+def health_url(http_port: int) -> str:
+    return f"http://127.0.0.1:{http_port}{READY_PATH}"
+
+
+def lab_plan(base: Mapping[str, Any], protocol: str) -> dict[str, Any]:
+    """A scenario's plan for MLServer pools. MLServer exports neither the lab's
+    per-tenant series nor its score histogram, so the tenants' budgets and the output
+    gate (prediction_shift) go; the warm-up checks MLServer's readiness,
+    `/v2/health/ready` on its REST port (over gRPC too: MLServer serves no
+    grpc.health.v1, so the check goes to each endpoint's REST port)."""
+    plan = dict(base)
+    guardrails = {k: v for k, v in plan.get("guardrails", {}).items() if k != "tenants"}
+    plan["guardrails"] = guardrails
+    analysis = dict(plan.get("analysis", {}))
+    metrics = {k: v for k, v in analysis.get("metrics", {}).items() if k != "prediction_shift"}
+    plan["analysis"] = {**analysis, "metrics": metrics}
+    if "warmup" in plan:
+        warmup = dict(plan["warmup"])
+        check: dict[str, Any] = {**warmup.get("health_check", {}), "path": READY_PATH}
+        if protocol == "grpc":
+            check["type"] = "http"
+        warmup["health_check"] = check
+        plan["warmup"] = warmup
+    return plan
