@@ -16,7 +16,9 @@ from dataclasses import replace
 
 from xds_server.rollout.decision import Observation
 from xds_server.rollout.evidence import Comparison, Measurement
-from xds_server.rollout.ports import MetricSource
+from xds_server.rollout.health import HealthBook, production_fails, why_unhealthy
+from xds_server.rollout.ports import HostProber, MetricSource
+from xds_server.rollout.probes import NetworkProber
 from xds_server.rollout.reads import PairBook, StepRead, read_step
 from xds_server.rollout.state import LIVE, RolloutState
 from xds_server.rollout.waves import awaiting_confirmation
@@ -29,6 +31,7 @@ from xds_server.rollout.webhooks import (
 from xds_server.spec import RolloutPlan, Service
 from xds_server.traffic import WEIGHT_TOTAL, Split, TrafficState
 from xds_server.xds.dataplane import DataPlane, Pending, Rejected
+from xds_server.xds.health_checks import envoy_health_check
 from xds_server.xds.resources import cluster_name
 
 log = logging.getLogger("xds_server.observe")
@@ -43,6 +46,12 @@ def comparator_pool(svc: Service, split: Split) -> str | None:
     if svc.has_baseline and (split.baseline or split.shadow):
         return "baseline"
     return "production" if split.production else None
+
+
+def _probe_timeout(svc: Service) -> float:
+    """The control plane's probes within the observation's budget (one interval)."""
+    hc = svc.rollout.warmup.health_check
+    return min(hc.timeout if hc else 1.0, max(svc.rollout.interval, 0.5) / 3)
 
 
 def _unanswered(obs: Observation, budget: float) -> Observation:
@@ -78,6 +87,7 @@ def _step_read(
         min(now - started, svc.rollout.window),
         split.canary / WEIGHT_TOTAL,
         state.regions[region].shadowing,
+        {pool: split.get(pool) / WEIGHT_TOTAL for pool in ("production", "baseline", "canary")},
     )
 
 
@@ -94,6 +104,11 @@ class Observer:
         self._pairs = PairBook()
         self._confirms: dict[tuple[str, str, int, int], asyncio.Future[str]] = {}
         """`confirm_step` runs by (service, canary version, wave, step)."""
+        self.prober: HostProber = NetworkProber()
+        """The control plane's own health probe of hosts (a test may swap it)."""
+        self._production_passed: set[tuple[str, str, str]] = set()
+        """(service, canary version, region) whose production hosts passed the check."""
+        self._health = HealthBook()
 
     async def observe(
         self, svc: Service, state: RolloutState, traffic: TrafficState, seen: Seen
@@ -244,7 +259,14 @@ class Observer:
         return replace(obs, canary=window, step=comparison)
 
     async def _warmup(self, svc: Service, state: RolloutState, region: str) -> Observation:
-        """What keeps a warming region's pools from shadow traffic or their first step."""
+        """What keeps a warming region's pools from shadow traffic or their first step.
+        First of all, production's hosts must pass the check: else it is misconfigured."""
+        key = (svc.name, state.canary_version, region)
+        if key not in self._production_passed:
+            failed = await production_fails(self.prober, svc, region, _probe_timeout(svc))
+            if failed:
+                return Observation(warmup_error=failed)
+            self._production_passed.add(key)
         waiting = await self._unhealthy_pools(svc, region)
         if svc.rollout.warmup.webhooks and not waiting:
             run = self._webhooks(svc, state, region)
@@ -265,20 +287,32 @@ class Observer:
                 waiting.append(f"{pool}: no registered host in {region} yet")
         if plan.warmup.health_check is None or waiting:
             return waiting
+        timeout = _probe_timeout(svc)
         for pool in ("canary", "baseline"):
             if pool not in svc.pools:
                 continue
-            try:
-                total, healthy = await self.metrics.pool_health(
-                    plan, region, cluster_name(svc.name, pool)
+            why = ""
+            if envoy_health_check(svc, pool) is None:  # a check only the control plane asks
+                hosts, ok, why = await self._health.check(
+                    self.prober, svc, pool, region, timeout, self.clock()
                 )
-            except Exception as exc:  # unreachable, rejected, or an unreadable answer
-                waiting.append(f"{pool} health unknown: {exc}")
-                continue
+                total, healthy = float(hosts), float(ok)
+            else:
+                try:
+                    total, healthy = await self.metrics.pool_health(
+                        plan, region, cluster_name(svc.name, pool)
+                    )
+                except Exception as exc:  # unreachable, rejected, or an unreadable answer
+                    waiting.append(f"{pool} health unknown: {exc}")
+                    continue
+                if total and healthy < plan.warmup.min_healthy * total:
+                    # Envoy says how many; the control plane asks the hosts why.
+                    why = await why_unhealthy(self.prober, svc, pool, region, timeout)
             if total == 0:
                 waiting.append(f"{pool}: no hosts in the region's Envoys yet")
             elif healthy < plan.warmup.min_healthy * total:
-                waiting.append(f"{pool}: {healthy:.0f} of {total:.0f} hosts healthy")
+                cause = f" ({why})" if why else ""
+                waiting.append(f"{pool}: {healthy:.0f} of {total:.0f} hosts healthy{cause}")
         return waiting
 
     def _webhooks(
@@ -299,7 +333,9 @@ class Observer:
         return run
 
     def forget_failed_webhooks(self, service: str) -> None:
-        """A webhook that blocked the warm-up runs again (after a resume)."""
+        """A webhook that blocked the warm-up runs again (after a resume), and the hosts
+        the control plane checks itself start over."""
+        self._health.forget(service)
         for key in [k for k, run in self._hooks.items() if k[0] == service]:
             run = self._hooks[key]
             if run.done() and (run.exception() is not None or run.result()):

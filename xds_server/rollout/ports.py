@@ -6,6 +6,7 @@ the server (`app/server.py`) decides which implementation each one gets:
 | port          | implemented by                                   |
 | ------------- | ------------------------------------------------ |
 | MetricSource  | `rollout.metrics.PrometheusSource`               |
+| HostProber    | `rollout.probes.NetworkProber`                   |
 | StateStore    | `rollout.store.Store` (SQLite), `ha.store.EtcdStore` |
 | TrafficSink   | `rollout.exported.RolloutMetrics`, the leader's sinks       |
 |               | (`app.leader.LEADER_SINKS`), the admin event stream  |
@@ -21,7 +22,7 @@ from xds_server.rollout.audit import AuditEntry
 from xds_server.rollout.decision import Decision
 from xds_server.rollout.evidence import Measurement, MetricReading
 from xds_server.rollout.state import RolloutState
-from xds_server.spec import MeshSpec, MetricSpec, RolloutPlan
+from xds_server.spec import Endpoint, HealthCheck, MeshSpec, MetricSpec, RolloutPlan
 from xds_server.traffic import TrafficState
 
 
@@ -99,6 +100,19 @@ class MetricSource(Protocol):
         ...
 
 
+class HostProber(Protocol):
+    """Asks one host the warm-up's health check, as the control plane itself (Envoy's
+    stats say how many hosts are healthy, not why one is not; and Envoy cannot send an
+    OIP `ModelReady` over gRPC). Never raises."""
+
+    async def probe(
+        self, hc: HealthCheck, grpc_service: bool, ep: Endpoint, timeout: float
+    ) -> str | None:
+        """None when the host passes the check, else the cause (`HTTP 503 from GET
+        /v2/health/ready`, `UNIMPLEMENTED: ...`, `connection refused`, `timeout: ...`)."""
+        ...
+
+
 class StoreWriteError(Exception):
     """A `StateStore.record` that committed nothing; the message says why."""
 
@@ -171,6 +185,7 @@ class TrafficSink(Protocol):
 
 __all__ = [
     "Committed",
+    "HostProber",
     "MetricSource",
     "QueryCheck",
     "StateStore",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -37,8 +37,13 @@ from xds_server.spec import (
     Service,
     Sticky,
 )
-from xds_server.spec.rollout import CheckType
 from xds_server.traffic import Split, TrafficState
+from xds_server.xds.health_checks import (
+    HealthPorts,
+    build_health_check,
+    envoy_health_check,
+    health_ports,
+)
 from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 LISTENER_NAME = "ingress"
@@ -219,12 +224,6 @@ def _ads() -> config_source_pb2.ConfigSource:
     )
 
 
-WARMING_POOLS = ("canary", "baseline")
-"""The pools whose clusters carry the warm-up's active health checks. Production's
-serving hosts never do: a check they fail (a misconfigured one) would mark them
-unhealthy under traffic; the control plane probes them instead (`rollout.probes`)."""
-
-
 @dataclass(frozen=True)
 class ClusterOptions:
     """What a pool's cluster carries besides its name: the service's warm-up settings
@@ -237,40 +236,12 @@ class ClusterOptions:
     """HTTP/2 to the hosts."""
 
 
-def envoy_health_check(svc: Service, pool: str) -> HealthCheck | None:
-    """The warm-up check Envoy runs on a pool's hosts; None for production, without a
-    check, and for an `oip` check of a gRPC host's traffic port (`ModelReady`: Envoy's
-    gRPC checks speak `grpc.health.v1` only, so the control plane asks it itself)."""
-    hc = svc.rollout.warmup.health_check
-    if hc is None or pool not in WARMING_POOLS:
-        return None
-    grpc = svc.protocol == Protocol.GRPC
-    if hc.for_protocol(grpc) == CheckType.OIP and grpc and hc.port is None:
-        p = svc.pools[pool]
-        hosts = [ep for eps in p.endpoints.values() for ep in eps]
-        if p.registered or not all(ep.health_port for ep in hosts):
-            return None
-    return hc
-
-
 def cluster_options(svc: Service, pool: str) -> ClusterOptions:
     grpc = svc.protocol == Protocol.GRPC
     warmup = svc.rollout.warmup
     # Slow start ramps up the new version's hosts: only the canary's cluster gets it.
     slow_start = warmup.slow_start if pool == "canary" else 0.0
     return ClusterOptions(envoy_health_check(svc, pool), slow_start, grpc)
-
-
-@dataclass(frozen=True)
-class HealthPorts:
-    """A health-checked cluster's endpoints: each is checked on its `health_port`, else
-    on the check's `port`, else (None) on its traffic port."""
-
-    default: int | None = None
-
-
-def health_ports(hc: HealthCheck | None) -> HealthPorts | None:
-    return None if hc is None else HealthPorts(hc.port)
 
 
 def build_cluster(name: str, options: ClusterOptions = ClusterOptions()) -> cluster_pb2.Cluster:
@@ -289,29 +260,12 @@ def build_cluster(name: str, options: ClusterOptions = ClusterOptions()) -> clus
         protocol.explicit_http_config.http2_protocol_options.SetInParent()
         cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].Pack(protocol)
     if options.health_check is not None:
-        cluster.health_checks.append(_health_check(options.health_check, options.grpc))
+        cluster.health_checks.append(build_health_check(options.health_check, options.grpc))
     if options.slow_start > 0:
         cluster.round_robin_lb_config.slow_start_config.slow_start_window.CopyFrom(
             _duration(options.slow_start)
         )
     return cluster
-
-
-def _health_check(hc: HealthCheck, grpc: bool) -> health_check_pb2.HealthCheck:
-    check = health_check_pb2.HealthCheck(
-        timeout=_duration(hc.timeout),
-        interval=_duration(hc.interval),
-        # A warming pool has no traffic by design; Envoy would otherwise check it only
-        # every 60 s, and a healed canary would wait that long for weight.
-        no_traffic_interval=_duration(hc.interval),
-        healthy_threshold=wrappers_pb2.UInt32Value(value=hc.healthy_threshold),
-        unhealthy_threshold=wrappers_pb2.UInt32Value(value=hc.unhealthy_threshold),
-    )
-    if hc.for_protocol(grpc) == CheckType.GRPC:
-        check.grpc_health_check.service_name = hc.grpc_service
-    else:  # http, or oip over HTTP (its model's readiness path)
-        check.http_health_check.path = hc.http_path
-    return check
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
