@@ -29,7 +29,15 @@ from typing import TypeAlias, TypeVar
 
 from xds_server.rollout.audit import AuditEntry, Measurements, PoolNumbers, Weights
 from xds_server.rollout.decision import EntryKind
-from xds_server.rollout.evidence import Check, MetricClass, MetricResult, Outcome, Verdict
+from xds_server.rollout.evidence import (
+    Check,
+    MetricClass,
+    MetricResult,
+    Outcome,
+    Signals,
+    Verdict,
+    finite,
+)
 from xds_server.rollout.state import Phase
 from xds_server.spec import NoDataRule
 
@@ -98,13 +106,35 @@ def measurements_doc(m: Measurements) -> Doc:
 
 
 def verdict_doc(v: Verdict) -> Doc:
-    return {
+    doc: Doc = {
         "outcome": str(v.outcome),
         "reason": v.reason,
         "checks": [_check_doc(c) for c in v.checks],
         "score": v.score,
         "conclusive": v.conclusive,
         "metrics": [_metric_doc(m) for m in v.metrics],
+    }
+    # Written only when there is something to say: entries without them (every entry
+    # before issue 27) keep their bytes.
+    if v.untrusted:
+        doc["untrusted"] = v.untrusted
+    if v.signals is not None:
+        doc["signals"] = signals_doc(v.signals)
+    return doc
+
+
+def signals_doc(s: Signals) -> Doc:
+    return {
+        "age_s": finite(s.age_s),
+        "scrape_interval": s.scrape_interval,
+        "targets": s.targets,
+        "targets_up": s.targets_up,
+        "resets": s.resets,
+        "problem": s.problem,
+        "sent": {k: finite(v) for k, v in s.sent.items()},
+        "configured": {k: finite(v) for k, v in s.configured.items()},
+        "srm_p": finite(s.srm_p),
+        "srm_skipped": s.srm_skipped,
     }
 
 
@@ -244,7 +274,33 @@ def verdict_from_doc(value: object, path: str = "verdict") -> Verdict:
         metrics=tuple(_metric(m) for m in f.objects("metrics")),
         score=f.number("score"),
         conclusive=f.flag("conclusive", False),
+        untrusted=f.text("untrusted") if "untrusted" in f.doc else "",
+        signals=f.part("signals", signals_from_doc),
     )
+
+
+def signals_from_doc(value: object, path: str = "signals") -> Signals:
+    f = _Fields(value, path)
+    return Signals(
+        age_s=f.number("age_s"),
+        scrape_interval=f.number("scrape_interval"),
+        targets=int(f.real("targets", 0)),
+        targets_up=int(f.real("targets_up", 0)),
+        resets=int(f.real("resets", 0)),
+        problem=f.text("problem") if "problem" in f.doc else "",
+        sent=_numbers(f, "sent"),
+        configured=_numbers(f, "configured"),
+        srm_p=f.number("srm_p"),
+        srm_skipped=f.text("srm_skipped") if "srm_skipped" in f.doc else "",
+    )
+
+
+def _numbers(f: _Fields, key: str) -> dict[str, float]:
+    """A {name: number} object (pools' counts or shares); nulls are left out."""
+    inner = f.nested(key)
+    if inner is None:
+        return {}
+    return {k: v for k in inner.doc if (v := inner.number(k)) is not None}
 
 
 def _check(f: _Fields) -> Check:

@@ -57,6 +57,44 @@ class Throughput:
     delivered: float | None
     requests: float | None
     share: float
+    sent: float | None = None
+    """Requests Envoy sent the canary over the step (None: not known): when known, the
+    guardrail is delivered vs sent, the canary's own doing, apart from the split (SRM)."""
+
+
+@dataclass(frozen=True)
+class Signals:
+    """Whether one region's evidence can be trusted this interval (issue 27): how fresh
+    Prometheus's samples of the region's Envoys are, whether every Envoy target is up,
+    whether a counter restarted within the step, and the requests Envoy routed to each
+    pool (for the sample-ratio mismatch test) against the configured shares."""
+
+    age_s: float | None = None
+    """Age of the oldest target's newest sample (seconds); None: no sample at all."""
+    scrape_interval: float | None = None
+    """Prometheus's scrape interval for Envoy's stats: stale is older than two."""
+    targets: int = 0
+    """The region's Envoy targets Prometheus scraped recently."""
+    targets_up: int = 0
+    resets: int = 0
+    """Counter resets of the service's Envoy series within the step."""
+    problem: str = ""
+    """Why the region's numbers are no evidence (stale, partial, reset, unreadable);
+    "" when fresh."""
+    sent: Mapping[str, float] = field(default_factory=dict)
+    """Requests Envoy's routers sent each pool over the step (retries not counted twice)."""
+    configured: Mapping[str, float] = field(default_factory=dict)
+    """Each pool's configured share of the service's requests (0-1)."""
+    srm_p: float | None = None
+    """The sample-ratio mismatch test's always-valid p-value (the judge fills it in)."""
+    srm_skipped: str = ""
+    """Why no sample-ratio test ran ("" when it did, or could not for lack of data)."""
+
+    @property
+    def canary_share(self) -> float | None:
+        """The canary's share of the requests routed to the service's pools."""
+        total = sum(self.sent.values())
+        return self.sent.get("canary", 0.0) / total if total > 0 else None
 
 
 @dataclass(frozen=True)
@@ -92,6 +130,8 @@ class Comparison:
     comparator_pool: str
     """`baseline` or `production`; None comparator: no pool to compare with this step."""
     throughput: Throughput | None = None
+    signals: Signals | None = None
+    """Freshness, targets and routed requests of the region (None: not read)."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +172,12 @@ class Verdict:
     score: float | None = None
     conclusive: bool = False
     """A failure that needs no second look (the analysis's sequential tests)."""
+    untrusted: str = ""
+    """Why the evidence itself cannot be judged (a sample-ratio mismatch, stale or
+    partial series): the step holds, and at max_hold the rollout pauses for an operator
+    (not the canary's fault: never a rollback)."""
+    signals: Signals | None = None
+    """The region's signal health as judged (with the SRM p-value)."""
 
     def failed(self) -> tuple[Check, ...]:
         return tuple(c for c in self.checks if not c.ok)
@@ -139,8 +185,8 @@ class Verdict:
     @property
     def pause_requested(self) -> bool:
         """A metric without data whose rule for that is to pause (the state machine asks
-        only once the hold has reached max_hold)."""
-        return any(
+        only once the hold has reached max_hold); untrusted evidence always pauses."""
+        return bool(self.untrusted) or any(
             m.classification == MetricClass.NO_DATA and m.on_no_data == NoDataRule.PAUSE
             for m in self.metrics
         )

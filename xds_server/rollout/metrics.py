@@ -21,8 +21,9 @@ from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
-from xds_server.rollout.evidence import Measurement, MetricReading
+from xds_server.rollout.evidence import Measurement, MetricReading, Signals
 from xds_server.rollout.ports import QueryCheck, Where
+from xds_server.rollout.signals import EnvoyJobs, envoy_jobs, read_signals
 from xds_server.rollout.stats import Buckets
 from xds_server.spec import MetricKind, MetricSpec, RolloutPlan
 from xds_server.spec.rollout import QUERY_PLACEHOLDERS
@@ -81,6 +82,10 @@ class PrometheusSource:
     url: str
     timeout: float = 2.0
     """Per query: to connect, and to read the answer."""
+    scrape_interval: float | None = None
+    """Seconds between Prometheus's scrapes of Envoy's stats (stale: older than two);
+    None: read from Prometheus's configuration API (`envoy_jobs`)."""
+    _envoy: EnvoyJobs | None = field(default=None, init=False, repr=False)
     _threads: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(16, thread_name_prefix="prometheus"),
         init=False,
@@ -210,6 +215,46 @@ class PrometheusSource:
         except Exception:  # no evidence either way: the check is skipped this interval
             return None, None
         return delivered or 0.0, total
+
+    @_in_thread
+    def signals(
+        self,
+        plan: RolloutPlan,
+        region: str,
+        service: str,
+        configured: Mapping[str, float],
+        step_age: float,
+    ) -> Signals:
+        """The region's signal health over the step: freshness and `up` of its Envoy
+        targets, counter resets, and the requests Envoy routed to each pool
+        (`signals.py`). A failure is a `problem` (no data), never an exception."""
+        client = self._client()
+        try:
+            jobs = self._envoy_jobs(client)
+            return read_signals(self._vector, client, jobs, region, service, step_age, configured)
+        except QueryError as exc:
+            return Signals(problem=f"signals unreadable: {exc}", configured=configured)
+        except Exception as exc:  # an answer we cannot read is no evidence, not a crash
+            return Signals(problem=f"signals unreadable: {exc!r}", configured=configured)
+
+    def _envoy_jobs(self, client: PrometheusConnect) -> EnvoyJobs:
+        """Prometheus's jobs that scrape Envoy's stats and their interval, read once."""
+        if self._envoy is None:
+            found = envoy_jobs(self._config(client))
+            if self.scrape_interval is not None:
+                found = EnvoyJobs(found.jobs, self.scrape_interval)
+            self._envoy = found
+        return self._envoy
+
+    def _config(self, client: PrometheusConnect) -> str:
+        try:
+            response = requests.get(f"{self.url}/api/v1/status/config", timeout=self.timeout)
+            response.raise_for_status()
+            return str(response.json()["data"]["yaml"])
+        except (requests.RequestException, KeyError, ValueError) as exc:
+            raise QueryError(
+                f"Prometheus's configuration unreadable at {self.url}: {exc}", bad_query=False
+            ) from None
 
     @_in_thread
     def pool_health(self, plan: RolloutPlan, region: str, cluster: str) -> tuple[float, float]:

@@ -20,7 +20,7 @@ from typing import Protocol
 
 from xds_server.rollout.audit import AuditEntry
 from xds_server.rollout.decision import Decision
-from xds_server.rollout.evidence import Measurement, MetricReading
+from xds_server.rollout.evidence import Measurement, MetricReading, Signals
 from xds_server.rollout.state import RolloutState
 from xds_server.spec import Endpoint, HealthCheck, MeshSpec, MetricSpec, RolloutPlan
 from xds_server.traffic import TrafficState
@@ -97,6 +97,19 @@ class MetricSource(Protocol):
     ) -> tuple[float | None, float | None]:
         """(what `where`'s cluster delivered: responses that are not 5xx; every request
         the service's pools were sent in the region)."""
+        ...
+
+    async def signals(
+        self,
+        plan: RolloutPlan,
+        region: str,
+        service: str,
+        configured: Mapping[str, float],
+        step_age: float,
+    ) -> Signals:
+        """The region's signal health over the step: how fresh the Envoy targets'
+        samples are, whether they are up, counter resets, and the requests Envoy routed
+        to each pool (`configured`: each pool's share, 0-1). Never raises: a `problem`."""
         ...
 
 

@@ -8,9 +8,16 @@ exception.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from xds_server.rollout.evidence import Comparison, Measurement, MetricReading, Throughput
+from xds_server.rollout.evidence import (
+    Comparison,
+    Measurement,
+    MetricReading,
+    Signals,
+    Throughput,
+)
 from xds_server.rollout.ports import MetricSource, Where
 from xds_server.spec import MetricKind, MetricSpec, Service
 from xds_server.spec.rollout import USER_QUERY_KINDS
@@ -32,6 +39,9 @@ class StepRead:
     canary_share: float
     shadowing: bool = False
     """The warm-up's shadow phase: canary and comparator see mirrored requests only."""
+    shares: Mapping[str, float] = field(default_factory=dict)
+    """Each pool's configured share of the region's requests (0-1): what the sample-ratio
+    test holds the routed requests to. Empty: the signals are not read."""
 
 
 @dataclass
@@ -62,11 +72,17 @@ async def read_step(
 ) -> tuple[Measurement, Comparison]:
     """`canary` (the window) and `cmp` (the step) with the user metrics' readings, the
     tenants' slices and the throughput added."""
-    (window, step, comparator), tenants, throughput = await asyncio.gather(
-        _readings(source, at, book), _tenants(source, at), _throughput(source, at)
+    (window, step, comparator), tenants, throughput, signals = await asyncio.gather(
+        _readings(source, at, book),
+        _tenants(source, at),
+        _throughput(source, at),
+        _signals(source, at),
     )
+    if throughput is not None and signals is not None and not signals.problem:
+        throughput = replace(throughput, sent=signals.sent.get("canary", 0.0))
     canary = replace(canary, readings=window, tenants=tenants)
     cmp = replace(cmp, canary=replace(cmp.canary, readings=step), throughput=throughput)
+    cmp = replace(cmp, signals=signals)
     if cmp.comparator is not None:
         cmp = replace(cmp, comparator=replace(cmp.comparator, readings=comparator))
     return canary, cmp
@@ -120,6 +136,17 @@ async def _throughput(source: MetricSource, at: StepRead) -> Throughput | None:
         return None
     delivered, total = await source.throughput(plan, _where(at, "canary"), at.step_age)
     return Throughput(delivered, total, at.canary_share)
+
+
+async def _signals(source: MetricSource, at: StepRead) -> Signals | None:
+    """The region's signal health over the step (freshness, targets, routed requests);
+    None when the plan's steps are not read that way (no shares), or the source cannot
+    say (a test double that predates it)."""
+    read = getattr(source, "signals", None)
+    if read is None or not at.shares:
+        return None
+    signals: Signals = await read(at.svc.rollout, at.region, at.svc.name, at.shares, at.step_age)
+    return signals
 
 
 def _where(at: StepRead, pool: str) -> Where:

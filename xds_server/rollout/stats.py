@@ -554,3 +554,66 @@ def t_mixture_log_lr(xs: Sequence[float], gs: Sequence[float] = _VALUE_G) -> flo
         logs.append(-0.5 * math.log1p(n * g) + n / 2 * (math.log(sq) - math.log(rest)))
     top = max(logs)
     return top + math.log(sum(math.exp(v - top) for v in logs) / len(logs))
+
+
+# ---- sample-ratio mismatch: were the requests split as configured? ----
+
+SRM_CONCENTRATION = 100.0
+"""The SRM test's prior: Dirichlet(SRM_CONCENTRATION * configured shares), centred on
+the configured split; 100 puts its weight on shifts of a few points of share (20% sent
+as 14% or 26%), where a mismatch is subtle enough to need a test at all."""
+
+
+@dataclass(frozen=True)
+class SrmResult:
+    """The requests Envoy routed to each pool against the configured shares."""
+
+    shares: tuple[float, ...]
+    """Observed share of each pool (of the routed requests counted), in input order."""
+    p_value: float
+    """Always-valid: 1 / the Dirichlet-multinomial Bayes factor, at most 1."""
+    significant: bool
+    requests: float
+    """The requests counted (whole)."""
+
+
+def srm_test(counts: Sequence[float], shares: Sequence[float], alpha: float) -> SrmResult:
+    """Is the split of `counts` (requests routed to each pool) not `shares` (the
+    configured weights, summing to 1)?
+
+    Each routed request picks its pool at random with the configured probabilities
+    (Envoy's weighted clusters), so under "the split is the configured one" the counts
+    are multinomial with known shares p0. The Bayes factor of a Dirichlet-multinomial
+    mixture (prior Dirichlet(c p0)) against that point null is a nonnegative martingale
+    under it (Lindon and Malek, "Anytime-valid inference for multinomial count data",
+    the test Netflix and Optimizely run for sample-ratio mismatch): by Ville's inequality
+    the chance it *ever* reaches 1/alpha, however often it is looked at, is at most
+    alpha. Pools with a configured share of 0 must be left out by the caller (one
+    request there is certain proof, and belongs to another check). Counts from
+    Prometheus may be fractional: rounded half up."""
+    if len(counts) != len(shares) or any(s <= 0 for s in shares):
+        raise ValueError("srm_test: one positive configured share per count")
+    xs = [math.floor(max(c, 0.0) + 0.5) for c in counts]
+    total = sum(shares)
+    p0 = [s / total for s in shares]
+    n = sum(xs)
+    observed = tuple(x / n if n else 0.0 for x in xs)
+    if n == 0 or len(xs) < 2:
+        return SrmResult(observed, 1.0, False, float(n))
+    log_bf = srm_log_bayes_factor(xs, p0)
+    p = math.exp(-min(log_bf, 700.0)) if log_bf > 0 else 1.0
+    return SrmResult(observed, p, p <= alpha, float(n))
+
+
+def srm_log_bayes_factor(
+    counts: Sequence[int], p0: Sequence[float], concentration: float = SRM_CONCENTRATION
+) -> float:
+    """log of [Gamma(A) / Gamma(A + n)] prod Gamma(a_i + x_i) / Gamma(a_i) / prod p0_i^x_i,
+    a_i = A p0_i: the Dirichlet-multinomial marginal likelihood of the sequence over its
+    likelihood under p0 (math.lgamma: no scipy needed)."""
+    a = [concentration * p for p in p0]
+    n = sum(counts)
+    log_m = math.lgamma(concentration) - math.lgamma(concentration + n)
+    log_m += sum(math.lgamma(ai + x) - math.lgamma(ai) for ai, x in zip(a, counts, strict=True))
+    log_null = sum(x * math.log(p) for x, p in zip(counts, p0, strict=True) if x)
+    return log_m - log_null
