@@ -63,7 +63,8 @@ from xds_server.render.bootstrap import ENVOY_DEFAULT_BUCKETS_MS, LATENCY_BUCKET
 from xds_server.rollout import decide as sm
 from xds_server.rollout import stats
 from xds_server.rollout.decide import Observation
-from xds_server.rollout.evidence import HIGH, LOW, Comparison, Measurement
+from xds_server.rollout.evidence import HIGH, LOW, Comparison, Measurement, Signals
+from xds_server.rollout.judge import SRM_CONFIDENCE, srm
 from xds_server.spec import FalseAlarmScope, Guardrails, MetricKind, RolloutPlan
 from xds_server.spec.rollout import metric_defaults
 
@@ -616,6 +617,120 @@ def print_custom_table(cases: list[dict[str, Any]], duration: float, tests: int)
         )
 
 
+# ---- sample-ratio mismatch: false alarms on healthy splits, and detection ----
+
+
+SRM_TARGET = 0.001
+"""SRM false alarms: under 0.1% of healthy steps (a region's step holds, then pauses)."""
+SRM_SPLITS: dict[str, tuple[float, float, float]] = {
+    # configured (production, baseline, canary) shares of the default plan's steps
+    "5%": (0.90, 0.05, 0.05),
+    "20%": (0.60, 0.20, 0.20),
+    "50%": (0.0, 0.50, 0.50),
+}
+SRM_OFF = "20% sent as 14%"
+"""Detection case: an Envoy share off its weights, the canary sent 14% (baseline 20%)."""
+
+
+@dataclass(frozen=True)
+class SrmTask:
+    case: str
+    sent: tuple[float, float, float]
+    """The shares Envoy really routes with."""
+    configured: tuple[float, float, float]
+    rps: float
+    """Requests/s of the whole service in the region."""
+    steps: int
+    seed: np.random.SeedSequence
+    params: Params
+
+
+def run_srm(task: SrmTask) -> list[float]:
+    """Per simulated step: the first look (seconds) at which the judge's SRM test (the
+    real `judge.srm`, at the rollout's shared level) holds the step; inf: never. The
+    routed requests are multinomial per interval with the `sent` shares (Envoy's
+    weighted clusters pick a pool at random per request)."""
+    rng = np.random.default_rng(task.seed)
+    p = task.params
+    plan = p.plan()
+    tests = plan.analysis_tests(p.regions)
+    alpha = (1 - SRM_CONFIDENCE) / tests
+    names = ("production", "baseline", "canary")
+    configured = dict(zip(names, task.configured, strict=True))
+    shares = np.array(task.sent)
+    out: list[float] = []
+    for _ in range(task.steps):
+        per_look = rng.poisson(task.rps * p.interval, size=p.looks)
+        counts = np.cumsum(rng.multinomial(per_look, shares), axis=0)
+        first = math.inf
+        for k in range(p.looks):
+            sent = dict(zip(names, counts[k].tolist(), strict=True))
+            signals = srm(plan, Signals(sent=sent, configured=configured), tests)
+            if signals.srm_p is not None and signals.srm_p <= alpha:
+                first = (k + 1) * p.interval
+                break
+        out.append(first)
+    return out
+
+
+def build_srm_tasks(args: argparse.Namespace, params: Params) -> list[SrmTask]:
+    tasks: list[SrmTask] = []
+    root = np.random.SeedSequence([args.seed, 27])
+    cases = [(name, shares, shares) for name, shares in SRM_SPLITS.items()]
+    cases.append((SRM_OFF, (0.66, 0.20, 0.14), SRM_SPLITS["20%"]))
+    grid = [(c, rps) for c in cases for rps in args.rps]
+    for ((name, sent, configured), rps), seed in zip(grid, root.spawn(len(grid)), strict=True):
+        total = args.srm_steps if sent == configured else args.trials
+        sizes = [min(CHUNK * 4, total - start) for start in range(0, total, CHUNK * 4)]
+        for size, sub in zip(sizes, seed.spawn(len(sizes)), strict=True):
+            # rps: per pool of the judge's simulation; the service sends its share to each
+            tasks.append(
+                SrmTask(name, sent, configured, rps / max(configured[2], 0.05), size, sub, params)
+            )
+    return tasks
+
+
+def summarise_srm(tasks: list[SrmTask], results: list[list[float]]) -> list[dict[str, Any]]:
+    grouped: dict[tuple[str, float], list[float]] = {}
+    healthy: dict[tuple[str, float], bool] = {}
+    for task, res in zip(tasks, results, strict=True):
+        key = (task.case, task.rps)
+        grouped.setdefault(key, []).extend(res)
+        healthy[key] = task.sent == task.configured
+    cases = []
+    for (case, rps), times in grouped.items():
+        n, hits = len(times), sum(1 for t in times if math.isfinite(t))
+        median, p95 = nearest_rank(times, 0.5), nearest_rank(times, 0.95)
+        cases.append(
+            {
+                "case": case,
+                "service_rps": rps,
+                "healthy": healthy[(case, rps)],
+                "steps": n,
+                "holds": hits,
+                "hold_rate": hits / n if n else 0.0,
+                "hold_upper95": wilson_upper(hits, n),
+                "detect_median_s": median if math.isfinite(median) else None,
+                "detect_p95_s": p95 if math.isfinite(p95) else None,
+            }
+        )
+    return cases
+
+
+def print_srm_table(cases: list[dict[str, Any]], duration: float) -> None:
+    print("\nsample-ratio mismatch (routed requests vs configured shares, every look):")
+    print(
+        f"{'case':<18} {'service rps':>11} {'steps':>6} {'holds':>6} {'rate':>8} "
+        f"{'95% upper':>9} {'median s':>8} {'p95 s':>6}"
+    )
+    for c in cases:
+        print(
+            f"{c['case']:<18} {c['service_rps']:>11.0f} {c['steps']:>6} {c['holds']:>6} "
+            f"{c['hold_rate']:>8.3%} {c['hold_upper95']:>9.3%} "
+            f"{fmt_s(c['detect_median_s'], duration):>8} {fmt_s(c['detect_p95_s'], duration):>6}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--trials", type=int, default=400, help="trials per regression case")
@@ -647,6 +762,9 @@ def main(argv: list[str] | None = None) -> int:
         default=FalseAlarmScope.ROLLOUT,
         help="analysis.false_alarm_scope: the level shared by the rollout (default) or per step",
     )
+    p.add_argument(
+        "--srm-steps", type=int, default=5000, help="healthy steps per SRM split and rps"
+    )
     p.add_argument("--seed", type=int, default=20240601)
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--json", action="store_true")
@@ -659,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.trials, args.healthy_trials = min(args.trials, 12), min(args.healthy_trials, 20)
+        args.srm_steps = min(args.srm_steps, 50)
     second = args.second_base_error_rate
     if second is None:
         second = 0.05 if args.base_error_rate != 0.05 else 0.01
@@ -677,13 +796,16 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     tasks = build_tasks(args, rates, params)
     custom_tasks = [] if args.skip_custom else build_custom_tasks(args, params)
+    srm_tasks = build_srm_tasks(args, params)
     if args.processes > 1:
         with multiprocessing.get_context("fork").Pool(args.processes) as pool:
             results = pool.map(run_task, tasks, chunksize=1)
             custom_results = pool.map(run_custom, custom_tasks, chunksize=1)
+            srm_results = pool.map(run_srm, srm_tasks, chunksize=1)
     else:
         results = [run_task(t) for t in tasks]
         custom_results = [run_custom(t) for t in custom_tasks]
+        srm_results = [run_srm(t) for t in srm_tasks]
     wall = time.perf_counter() - started
 
     times: dict[tuple[str, float, float], list[tuple[float, str]]] = {}
@@ -726,6 +848,20 @@ def main(argv: list[str] | None = None) -> int:
             f"{target_case['rollback_share']:.1%} detected within the step",
         }
     custom_cases = summarise_custom(custom_tasks, custom_results, tests)
+    srm_cases = summarise_srm(srm_tasks, srm_results)
+    srm_healthy = [c for c in srm_cases if c["healthy"]]
+    if srm_healthy:
+        worst_srm = max(srm_healthy, key=lambda c: c["hold_rate"])
+        steps = sum(c["steps"] for c in srm_healthy)
+        holds = sum(c["holds"] for c in srm_healthy)
+        targets["srm_false_alarms"] = {
+            "description": f"SRM holds under {SRM_TARGET:.1%} of healthy steps (every split "
+            "and rps, looked at every interval)",
+            "met": all(c["hold_rate"] < SRM_TARGET for c in srm_healthy),
+            "observed": f"{holds} in {steps} healthy steps ({holds / steps:.3%}, 95% upper "
+            f"{wilson_upper(holds, steps):.3%}); worst {worst_srm['hold_rate']:.3%} "
+            f"({worst_srm['case']} at {worst_srm['service_rps']:g} rps)",
+        }
     result = {
         "parameters": {
             "interval_s": args.interval,
@@ -757,6 +893,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "cases": cases,
         "custom_cases": custom_cases,
+        "srm_cases": srm_cases,
         "targets": targets,
         "wall_time_s": wall,
     }
@@ -766,6 +903,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(result)
         if custom_tasks:
             print_custom_table(custom_cases, args.duration, tests)
+        print_srm_table(srm_cases, args.duration)
     return 0
 
 
