@@ -91,7 +91,8 @@ def test_healthy_rollout_walks_every_step_then_promotes() -> None:
 @pytest.mark.parametrize(
     ("canary", "reason"),
     [
-        (Measurement(100, 20, 50), "error_rate 0.2 > limit 0.05"),
+        # 10 of 100: over 5%, but not certainly (a canary at 3% does it by chance)
+        (Measurement(100, 10, 50), "error_rate 0.1 > limit 0.05"),
         (Measurement(100, 1, 900), "p99_ms 900 > limit 300"),
     ],
 )
@@ -105,6 +106,15 @@ def test_a_breach_in_one_region_rolls_back_every_region(canary: Measurement, rea
     assert second.rollback and second.state.phase == sm.ROLLED_BACK
     assert all(rs.phase == sm.ROLLED_BACK for rs in second.state.regions.values())
     assert "eu-west" in second.state.reason and reason in second.state.reason
+
+
+def test_a_certain_guardrail_breach_rolls_back_at_the_first_look() -> None:
+    # 20 errors of 100 rule out a 5% rate at 99.9%: a second look only costs users
+    d = sm.decide(
+        PLAN, started(), {**everywhere(obs()), "eu-west": obs(Measurement(100, 20, 50))}, 5
+    )
+    assert d.rollback and d.state.phase == sm.ROLLED_BACK
+    assert "error_rate 0.2 > limit 0.05 (certain: 20 errors of 100" in d.state.reason
 
 
 def test_a_conclusive_analysis_failure_rolls_back_at_the_first_look() -> None:
@@ -140,7 +150,7 @@ def test_too_little_data_holds_then_follows_each_metrics_rule() -> None:
 
 
 def test_failures_must_be_consecutive() -> None:
-    bad = {**everywhere(obs()), "us-east": obs(Measurement(100, 30, 50))}
+    bad = {**everywhere(obs()), "us-east": obs(Measurement(100, 10, 50))}  # not certain
     d1 = sm.decide(PLAN, started(), bad, 5)
     d2 = sm.decide(PLAN, d1.state, everywhere(obs()), 6)
     assert d2.state.regions["us-east"].failures == 0

@@ -637,3 +637,24 @@ def test_a_score_fails_only_when_metrics_still_waiting_for_data_cannot_lift_it()
     step = Comparison(replace(slow, errors=0), replace(base, errors=0), "baseline")
     clean = judge(settled, WINDOW, step)
     assert clean.outcome == MARGINAL and clean.score == pytest.approx(90)
+
+
+def test_a_guardrail_breach_is_conclusive_only_when_its_window_proves_it() -> None:
+    from scipy.stats import binom
+
+    from xds_server.rollout.judge import GUARDRAIL_CERTAINTY, certain_breach
+
+    ceiling = 0.05
+    plan = replace(PLAN, guardrails=Guardrails(max_error_rate=ceiling, max_p99_ms=1e9))
+    # For every window size, the fewest errors called certain are those a canary right
+    # at the ceiling reaches with probability at most 0.1% (the exact binomial tail),
+    # and one error fewer is not certain: no look fails a canary at 5% more often.
+    for n in range(plan.guardrails.min_requests, 400):
+        k = next(k for k in range(n + 1) if certain_breach(plan, Measurement(n, k, 10.0)))
+        assert binom.sf(k - 1, n, ceiling) <= 1 - GUARDRAIL_CERTAINTY
+        assert binom.sf(k - 2, n, ceiling) > (1 - GUARDRAIL_CERTAINTY) / 10
+    certain = judge(plan, Measurement(100, 20, 10.0))
+    assert certain.outcome == FAIL and certain.conclusive and "certain: 20 errors" in certain.reason
+    noisy = judge(plan, Measurement(100, 10, 10.0))  # 10%, but a canary at 3% can do it
+    assert noisy.outcome == FAIL and not noisy.conclusive and "certain" not in noisy.reason
+    assert not certain_breach(plan, Measurement(100, 20, 10.0, problem="stale"))
