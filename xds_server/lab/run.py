@@ -66,8 +66,10 @@ def run_lab(
     scenario = SCENARIOS[scenario_name]
     plan = dict(scenario.plan or LAB_PLAN)
     if models == "mlserver":
-        plan = mlserver.lab_plan(plan, "grpc" if proxyless else protocol)
-        scenario = replace(scenario, fault=None)
+        registered = ha or scenario.replica_fault is not None
+        plan = mlserver.lab_plan(plan, "grpc" if proxyless else protocol, registered)
+        description = mlserver.CANARY_MODELS[scenario.name].description
+        scenario = replace(scenario, fault=None, description=description or scenario.description)
     out = out or LAB_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{scenario.name}"
     out = out.resolve()
     opts = MeshOptions(

@@ -68,5 +68,13 @@ class SpecWriter:
         """A pool of the spec: with `ha` its version only (the registry's instances)."""
         if self.opts.ha:
             return {"version": VERSIONS[pool]}
-        endpoints = {r: [f"127.0.0.1:{self.layout.pool_port(r, pool)}"] for r in self.opts.regions}
+        endpoints = {r: [self._endpoint(r, pool)] for r in self.opts.regions}
         return {"version": VERSIONS[pool], "endpoints": endpoints}
+
+    def _endpoint(self, region: str, pool: str) -> str | dict[str, Any]:
+        """HOST:PORT; a gRPC MLServer's with its REST port as `health_port` (it serves no
+        grpc.health.v1: the warm-up asks `/v2/health/ready` there)."""
+        address = f"127.0.0.1:{self.layout.pool_port(region, pool)}"
+        if self.opts.models == "mlserver" and self.opts.protocol == "grpc":
+            return {"address": address, "health_port": self.layout.model_ports[(region, pool)]}
+        return address
