@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 from xds_server.rollout import stats
 from xds_server.rollout.evidence import (
@@ -33,6 +34,7 @@ from xds_server.rollout.evidence import (
     MetricClass,
     MetricReading,
     MetricResult,
+    Signals,
     Throughput,
     Verdict,
     finite,
@@ -41,6 +43,9 @@ from xds_server.spec import Direction, MetricKind, MetricSpec, NoDataRule, Rollo
 
 THROUGHPUT_CONFIDENCE = 0.99
 """The throughput shortfall's level, shared like a metric's by the rollout's tests."""
+SRM_CONFIDENCE = 0.999
+"""The sample-ratio mismatch test's level, shared like a metric's by the rollout's
+tests: at most 0.1% of a region's steps hold on a healthy split (Ville's inequality)."""
 
 
 def reading_point(reading: MetricReading, quantile: float) -> float | None:
@@ -64,7 +69,76 @@ def judge(
 ) -> Verdict:
     """`canary`: the sliding window, for the guardrails; `comparison`: the step so far;
     `regions`: how many the rollout crosses (they share each metric's false-alarm level
-    when its scope is the rollout)."""
+    when its scope is the rollout). The region's signal health (`comparison.signals`)
+    then decides whether a verdict other than a failure may stand (`trusted`)."""
+    verdict = _judge(plan, canary, comparison, hold_expired, regions)
+    signals = comparison.signals if comparison is not None else None
+    return trusted(plan, verdict, signals, plan.analysis_tests(regions))
+
+
+def trusted(plan: RolloutPlan, verdict: Verdict, signals: Signals | None, tests: int) -> Verdict:
+    """A verdict, held when its evidence cannot be trusted: stale, partial or reset
+    series (no data, never a pass), or a sample-ratio mismatch (the split Envoy made is
+    not the configured one: the comparison does not mean what it assumes).
+
+    A failure stands either way: it was measured on the canary's own requests (its
+    error rate, latency, what it delivered of what it was sent), a rollback only moves
+    users to production, and a canary failing where part of the signal is missing must
+    not keep its share for max_hold. Signal trouble blocks passing, never rolling back.
+    Freshness comes first: a stale count says nothing of the split either."""
+    if signals is None:
+        return verdict
+    signals = srm(plan, signals, tests)
+    verdict = replace(verdict, signals=signals)
+    if verdict.outcome == FAIL:
+        return verdict
+    why = ""
+    if signals.problem:
+        why = f"no data: {signals.problem}"
+    elif signals.srm_p is not None and signals.srm_p <= (1 - SRM_CONFIDENCE) / tests:
+        why = srm_reason(signals)
+    if not why:
+        return verdict
+    return replace(verdict, outcome=NO_DATA, reason=why, untrusted=why)
+
+
+def srm(plan: RolloutPlan, signals: Signals, tests: int) -> Signals:
+    """The sample-ratio mismatch test of the requests Envoy routed to the pools with a
+    configured share (its p-value into the signals), or why it does not run."""
+    pools = [p for p, share in signals.configured.items() if share > 0]
+    if plan.sticky is not None:
+        why = "not tested: sticky sessions split users, not requests"
+        return replace(signals, srm_skipped=why)
+    if len(pools) < 2 or not signals.sent:
+        return replace(signals, srm_skipped="not tested: one pool takes every request")
+    alpha = (1 - SRM_CONFIDENCE) / tests
+    t = stats.srm_test(
+        [signals.sent.get(p, 0.0) for p in pools], [signals.configured[p] for p in pools], alpha
+    )
+    return replace(signals, srm_p=t.p_value)
+
+
+def srm_reason(signals: Signals) -> str:
+    """`sample ratio mismatch: canary 14.1% of routed requests, configured 20%, p=...`"""
+    share = signals.canary_share or 0.0
+    configured = signals.configured.get("canary", 0.0)
+    p = signals.srm_p if signals.srm_p is not None else 1.0
+    total = sum(signals.sent.values())
+    return (
+        f"sample ratio mismatch: canary {share * 100:.1f}% of routed requests, "
+        f"configured {configured * 100:.3g}%, p={p:.2g} ({total:.0f} requests; "
+        + ", ".join(f"{pool} {n:.0f}" for pool, n in signals.sent.items())
+        + ")"
+    )
+
+
+def _judge(
+    plan: RolloutPlan,
+    canary: Measurement,
+    comparison: Comparison | None,
+    hold_expired: bool,
+    regions: int,
+) -> Verdict:
     tests = plan.analysis_tests(regions)
     metrics = analyse(plan, comparison, tests) if comparison is not None else ()
     score, best, critical_failed = _score(plan, metrics, hold_expired)
@@ -207,15 +281,25 @@ def bound_checks(plan: RolloutPlan, canary: Measurement) -> list[Check]:
 
 
 def throughput_check(plan: RolloutPlan, t: Throughput | None, alpha: float) -> Check | None:
-    """What the canary delivered over the step against its weight's share of the
-    region's requests. A shortfall below `min_throughput_ratio` counts only once a
+    """What the canary delivered over the step against what Envoy sent it (when the
+    signals read that; else against its weight's share of the region's requests). A
+    shortfall below `min_throughput_ratio` counts only once a
     sequential test rules out the full share (as the latency metric: no change as the
     null hypothesis, the ratio as an effect-size floor), so a few unlucky seconds at 5%
     never fail it."""
     floor = plan.guardrails.min_throughput_ratio
     if t is None or floor <= 0 or not 0 < t.share <= 1:
         return None
-    delivered, total = finite(t.delivered), finite(t.requests)
+    delivered, sent = finite(t.delivered), finite(t.sent)
+    if delivered is not None and sent is not None:
+        # Delivered vs what Envoy sent the canary: a split that is off (an Envoy at old
+        # weights) moves both, and is the sample-ratio test's to see, not this one's.
+        if sent < plan.guardrails.min_requests:
+            return None
+        ratio = min(delivered / sent, 1.0)
+        short = ratio < floor and stats.share_below_test(delivered, sent, 1.0, alpha)
+        return Check("throughput_ratio", ratio, floor, not short, floor=True)
+    total = finite(t.requests)
     if delivered is None or not total or total < plan.guardrails.min_requests:
         return None
     ratio = delivered / (t.share * total)
