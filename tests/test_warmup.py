@@ -112,13 +112,12 @@ def test_a_canary_that_is_not_healthy_gets_no_weight(tmp_path: Path) -> None:
     with mesh_with(tmp_path, warmup) as mesh:
         mesh.faults.set("eu-west", "canary", healthy=False)
         mesh.spec.add_canary()
+        # Envoy counts the unhealthy host; the control plane asks it why (issue 26).
+        port = mesh.layout.model_ports[("eu-west", "canary")]
+        why = f"canary: 0 of 1 hosts healthy (127.0.0.1:{port}: HTTP 503 from GET /healthz)"
         wait_for(
-            lambda: any(
-                "canary: 0 of 1 hosts healthy" in e.reason
-                for e in mesh.state.audit()
-                if e.region == "eu-west"
-            ),
-            "the controller to wait for eu-west's canary to be healthy",
+            lambda: any(why in e.reason for e in mesh.state.audit() if e.region == "eu-west"),
+            "the controller to wait for eu-west's canary to be healthy, naming why",
             timeout=30,
         )
 
