@@ -256,10 +256,11 @@ def test_manifests_istio_from_the_store_carry_the_committed_weights(
     assert weights.get("canary") == 40 and weights.get("production") == 60
 
 
-def test_the_nodes_of_a_replica_that_went_away_hold_the_gate_for_a_grace() -> None:
-    """A region whose only replica died has no visible node: its Envoys are between
-    replicas with the old weights. Their last ACKs count (as lagging) until they are seen
-    on another replica, or for DEPARTED_GRACE_TTLS leader TTLs."""
+def test_the_nodes_of_a_silent_or_gone_replica_are_unknown_until_seen_applying() -> None:
+    """A region whose Envoys are on a replica that stopped rewriting its key (frozen, cut
+    off from the store) or whose key went away has nodes that are *unknown*: never
+    applied, whatever the rest did. They hold the region until seen, on a replica heard
+    from, with the current routes; a replica heard from again vouches for its nodes."""
     ports = {(r, p): 1 for r in REGIONS for p in ("production", "canary")}
     spec = validate_spec(make_spec_doc(ports, regions=REGIONS), "grace")
     publisher = XdsPublisher(spec)
@@ -270,15 +271,34 @@ def test_the_nodes_of_a_replica_that_went_away_hold_the_gate_for_a_grace() -> No
     current = publisher.snapshot("us-east").type_version(ROUTE)
     old = {"id": "e1", "region": "us-east", "agent": "envoy/1.40.0",
            "routes": {"acked": "1", "sent": "1"}}  # fmt: skip
-    store.view.departed["dead"] = ({"id": "dead", "nodes": [old]}, time.monotonic())
-    held = dataplane.routes_applied("us-east")
-    assert isinstance(held, Pending) and held.lagging == ("e1",) and held.version == current
-    # Seen again on a live replica, with the current routes: applied.
     moved = {**old, "routes": {"acked": current, "sent": current, "acked_at": 1.0}}
-    store.view.replicas["alive"] = {"id": "alive", "nodes": [moved]}
+    live = {"id": "e2", "region": "us-east", "agent": "envoy/1.40.0", "routes": moved["routes"]}
+    # A silent replica: its key not rewritten for more than two heartbeats.
+    store.view.replicas["frozen"] = {"id": "frozen", "heartbeat": 1.0, "nodes": [moved, live]}
+    store.view.heard["frozen"] = (7, time.monotonic() - 2.6)
+    held = dataplane.routes_applied("us-east")
+    assert isinstance(held, Pending) and held.lagging == () and held.version == current
+    assert held.counts == (0, 2, 0), held
+    assert "e1 (replica frozen silent for 2." in held.unknown[0], held.unknown
+    # Heard from again: what it says counts.
+    store.view.heard["frozen"] = (8, time.monotonic())
     assert isinstance(dataplane.routes_applied("us-east"), Applied)
-    # Never seen again: after the grace, they no longer hold the region.
+    # Gone: its nodes are unknown (not lagging, not applied) until seen elsewhere.
+    store.view.departed["frozen"] = (store.view.replicas.pop("frozen"), time.monotonic() - 60)
+    held = dataplane.routes_applied("us-east")
+    assert isinstance(held, Pending) and held.counts == (0, 2, 0), held
+    assert "replica frozen gone 60." in held.waiting_for(), held.waiting_for()
+    # e1 seen on a live replica, still with the old routes: lagging; e2 still unknown.
+    store.view.replicas["alive"] = {"id": "alive", "heartbeat": 1.0, "nodes": [old]}
+    store.view.heard["alive"] = (9, time.monotonic())
+    held = dataplane.routes_applied("us-east")
+    assert isinstance(held, Pending) and held.counts == (0, 1, 1), held
+    # Both seen applying the current routes: applied.
+    store.view.replicas["alive"]["nodes"] = [moved, live]
+    applied = dataplane.routes_applied("us-east")
+    assert isinstance(applied, Applied) and applied.nodes == 2, applied
+    # Never seen again: forgotten after NODE_MEMORY.
     del store.view.replicas["alive"]
-    store.view.departed["dead"] = ({"id": "dead", "nodes": [old]}, time.monotonic() - 7)
+    store.view.departed["frozen"] = (store.view.departed["frozen"][0], time.monotonic() - 301)
     assert isinstance(dataplane.routes_applied("us-east"), Applied)
     store.close()

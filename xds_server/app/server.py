@@ -272,7 +272,7 @@ async def replica(options: ServeOptions) -> Server:
         leader_dataplane=ClusterDataPlane(publisher, directory, specs.live_hosts),
         watched=True,
         directory=directory,
-        background=[store.watch, directory.run],
+        background=[store.watch, directory.run, directory.watch_store],
         close=close,
     )
     server = Server(options, deployment)

@@ -6,6 +6,8 @@ key is rewritten when that changes (at most every `PUBLISH_INTERVAL`) and vanish
 with the replica's lease when it dies. From every replica's key:
 
 - the leader's ACK gate counts a region's nodes across all replicas (`ClusterDataPlane`);
+  a replica whose key is not rewritten at its heartbeat (frozen, cut off) or gone is
+  silent, and its nodes are unknown, never applied, until seen elsewhere;
 - a node that dials the wrong replica is told which ones serve its region;
 - `xdsctl status` shows every replica.
 """
@@ -34,12 +36,13 @@ log = logging.getLogger("xds_server.ha.replicas")
 
 PUBLISH_INTERVAL = 0.1
 """The most often a replica rewrites its key (node ACKs coalesce into one write)."""
-DEPARTED_GRACE_TTLS = 2
-"""How long (in leader TTLs) the nodes of a replica whose key expired still count, as
-not having applied anything newer: they are between replicas (their Envoys reconnect to
-the next server of their bootstrap within a couple of seconds) or stuck on a frozen
-one. Without it a region whose only replica died would count as applied, with no node
-having the new weights."""
+NODE_MEMORY = 300.0
+"""How long (seconds) the nodes of a replica whose key went away are remembered. Until
+they are seen on a replica that is heard from, they are *unknown*: never counted as
+having applied anything newer than what their replica last published, so a region
+with such a node holds (and `ack_timeout` decides). An Envoy of a dead replica moves to
+the next server of its bootstrap within a few seconds and is seen there; one that is
+never seen again (it died with its replica) is forgotten after this long."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,10 @@ class Directory:
         self.publisher = publisher
         self.ttl = max(2, round(ttl))
         self.leading = False
+        self.lost_after = self.ttl * 2 / 3 + 0.5
+        """No renewal for this long: the store is lost (two renewals missed, and a
+        margin for a busy event loop), before the key's lease can run out."""
+        self._renewed = time.monotonic()
         self._dirty = asyncio.Event()
         publisher.nodes.subscribe(lambda _status: self._dirty.set())
 
@@ -80,34 +87,68 @@ class Directory:
             "started": self.info.started,
             "leader": self.leading,
             "updated": time.time(),
+            "heartbeat": self.ttl / 3,
             "nodes": [node_document(n) for n in self.publisher.node_status()],
         }
 
     async def run(self) -> None:
         """Keep this replica's key until cancelled: a lease renewed every third of its
-        TTL, the key rewritten on change. A failing store is retried."""
+        TTL, the key rewritten at each renewal (a heartbeat others see: `heard`) and on
+        change. A failing store is retried; each call gives up after a third of the TTL
+        (a partitioned etcd member would leave it hanging)."""
         client = self.store.client
+        beat = self.ttl / 3
         while True:
             try:
-                await client.connect()
-                lease = await client.lease(self.ttl)
-                await self._publish(lease.id)
-                renew_at = time.monotonic() + self.ttl / 3
+                await asyncio.wait_for(client.connect(), beat)
+                lease = await asyncio.wait_for(client.lease(self.ttl), beat)
+                await asyncio.wait_for(self._publish(lease.id), beat)
+                self._renewed = time.monotonic()
+                renew_at = time.monotonic() + beat
                 while True:
                     await wait_event(self._dirty, max(0.0, renew_at - time.monotonic()))
                     if time.monotonic() >= renew_at:
-                        reply = await client.refresh_lease(lease.id)
+                        reply = await asyncio.wait_for(client.refresh_lease(lease.id), beat)
                         if reply is None or reply.TTL <= 0:
                             raise LookupError("the replica's lease expired")
-                        renew_at = time.monotonic() + self.ttl / 3
+                        renew_at = time.monotonic() + beat
+                        self._dirty.set()  # the heartbeat
                     if self._dirty.is_set():
                         await asyncio.sleep(PUBLISH_INTERVAL)  # coalesce a burst of ACKs
-                        await self._publish(lease.id)
+                        await asyncio.wait_for(self._publish(lease.id), beat)
+                        self._renewed = time.monotonic()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("cannot keep this replica's key in the store: %s", exc)
+                log.warning(
+                    "cannot keep this replica's key in the store: %s",
+                    exc or type(exc).__name__,
+                )
                 await asyncio.sleep(0.5)  # the store's retry backoff
+
+    def store_lost(self) -> str | None:
+        """Why this replica must not present itself as current (it has not renewed its
+        key for `lost_after` seconds: cut off from the store, so its routes may be
+        stale), or None."""
+        silent = time.monotonic() - self._renewed
+        if silent <= self.lost_after:
+            return None
+        return f"replica {self.info.replica_id} has not reached the store for {silent:.1f}s"
+
+    async def watch_store(self, interval: float = 0.25) -> None:
+        """Until cancelled: tell the xDS server whenever this replica loses the store
+        (it answers NOT_SERVING to health checks and ends its streams, so its nodes move
+        to a replica that can reach the store) and when it has it again."""
+        ads = self.publisher.ads
+        while True:
+            lost = self.store_lost()
+            if (lost is None) != (ads.aside is None):
+                if lost:
+                    log.warning("%s: stepping aside (NOT_SERVING, streams ended)", lost)
+                else:
+                    log.info("the store is reachable again: serving xDS as current")
+                ads.step_aside(lost)
+            await asyncio.sleep(interval)
 
     async def _publish(self, lease: int) -> None:
         self._dirty.clear()
@@ -135,22 +176,39 @@ class Directory:
             if not doc.get("regions") or region in doc["regions"]
         ]
 
-    def remote_nodes(self, region: str | None = None) -> list[NodeStatus]:
-        """The nodes other replicas hold, as they last published them; then those of
-        replicas that went away within DEPARTED_GRACE_TTLS, unless seen elsewhere."""
-        out: dict[str, NodeStatus] = {}
+    def region_nodes(self, region: str) -> tuple[list[NodeStatus], dict[str, str]]:
+        """The region's nodes on other replicas: (those on replicas heard from recently,
+        as they last published them; node id -> why it is unknown, for the nodes known
+        only from a replica that is silent (its key not rewritten for two heartbeats) or
+        gone within NODE_MEMORY)."""
+        now = time.monotonic()
+        seen: dict[str, NodeStatus] = {}
+        unknown: dict[str, str] = {}
         for rid, doc in self.others().items():
-            for n in doc.get("nodes", []):
-                if region is None or n.get("region") == region:
-                    out.setdefault(n["id"], node_from_document(n, rid))
-        since = time.monotonic() - DEPARTED_GRACE_TTLS * self.ttl
+            quiet = now - self.store.view.heard.get(rid, (0, now))[1]
+            beat = doc.get("heartbeat")
+            silent = isinstance(beat, (int, float)) and quiet > 2 * beat + 0.5
+            for n in _judged(doc, region, rid):
+                if silent:
+                    unknown.setdefault(n.node_id, f"replica {rid} silent for {quiet:.1f}s")
+                else:
+                    before = seen.get(n.node_id)
+                    if before is None or n.connected_since >= before.connected_since:
+                        seen[n.node_id] = n  # (a newer stream: the older one is dying)
         for rid, (doc, gone) in self.store.view.departed.items():
-            if gone < since or rid == self.info.replica_id:
+            if rid == self.info.replica_id or now - gone > NODE_MEMORY:
                 continue
-            for n in doc.get("nodes", []):
-                if (region is None or n.get("region") == region) and n["id"] not in out:
-                    out[n["id"]] = node_from_document(n, f"{rid} (gone)")
-        return list(out.values())
+            for n in _judged(doc, region, rid):
+                unknown.setdefault(n.node_id, f"replica {rid} gone {now - gone:.1f}s ago")
+        return list(seen.values()), {k: v for k, v in unknown.items() if k not in seen}
+
+
+def _judged(doc: dict[str, Any], region: str, replica: str) -> list[NodeStatus]:
+    """A replica document's nodes of `region` whose route ACKs count."""
+    nodes = [
+        node_from_document(n, replica) for n in doc.get("nodes", []) if n.get("region") == region
+    ]
+    return [n for n in nodes if n.judged_on(ROUTE)]
 
 
 def node_document(n: NodeStatus) -> dict[str, Any]:
@@ -209,18 +267,21 @@ class ClusterDataPlane:
         return self.publisher.next_version(region)
 
     def routes_applied(self, region: str) -> RouteStatus:
+        """Every node of the region on a replica heard from (this one's, then others'),
+        and, as unknown, the nodes known only from a silent or gone replica: they hold
+        the region until seen applying the routes somewhere (`Pending.unknown`)."""
         local = self.publisher.nodes.judged(region, ROUTE)
         local_ids = {n.node_id for n in local}
-        remote = [
-            n
-            for n in self.directory.remote_nodes(region)
-            if n.node_id not in local_ids and n.judged_on(ROUTE)
-        ]
-        # (A node that left a dead replica counts as lagging until it is seen again.)
+        seen, silent = self.directory.region_nodes(region)
+        remote = [n for n in seen if n.node_id not in local_ids]
+        unknown = tuple(
+            f"{node} ({why})" for node, why in sorted(silent.items()) if node not in local_ids
+        )
         return judge_routes(
             self.publisher.snapshot(region).type_version(ROUTE),
             self.publisher.routes_published(region),
             [*local, *remote],
+            unknown,
         )
 
     def node_status(self, region: str | None = None) -> list[NodeStatus]:

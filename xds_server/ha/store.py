@@ -93,6 +93,11 @@ class View:
     departed: dict[str, tuple[dict[str, Any], float]] = field(default_factory=dict)
     """Replicas whose key went away (a lease that expired: dead, or frozen): their last
     document, and when (monotonic)."""
+    heard: dict[str, tuple[int, float]] = field(default_factory=dict)
+    """Replica id -> (its key's mod revision, when this replica first saw that revision,
+    monotonic). Each replica rewrites its key at every renewal, so a key not rewritten
+    for a while is a silent replica (frozen, or cut off from the store) even before its
+    lease runs out."""
 
 
 Listener = Callable[[frozenset[str]], None]
@@ -126,7 +131,7 @@ class EtcdStore:
     async def start(self) -> None:
         """Load everything under the prefix (raises when etcd cannot be reached)."""
         got = await self.client.get_prefix(self.keys.everything.encode())
-        view = View(revision=got.header.revision)
+        view = View(revision=got.header.revision, heard=self.view.heard)
         for kv in got:
             self._apply(view, kv.key.decode(), kv, deleted=False)
         self.view = view
@@ -138,7 +143,9 @@ class EtcdStore:
             got = self.kv.range(self.keys.everything, range_end(self.keys.everything))
         except grpc.RpcError as exc:
             raise StoreReadError(f"cannot read {self.path}: {_rpc_error(exc)}") from None
-        view = View(revision=got.header.revision, departed=self.view.departed)
+        view = View(
+            revision=got.header.revision, departed=self.view.departed, heard=self.view.heard
+        )
         for kv in got.kvs:
             self._apply(view, kv.key.decode(), kv, deleted=False)
         self.view = view
@@ -237,11 +244,14 @@ class EtcdStore:
                 return "registry"
             if kind == "replicas":
                 if deleted:
+                    view.heard.pop(name, None)
                     if name in view.replicas:
                         view.departed[name] = (view.replicas.pop(name), time.monotonic())
                 else:
                     view.replicas[name] = json.loads(value)
                     view.departed.pop(name, None)
+                    if view.heard.get(name, (0, 0.0))[0] != kv.mod_revision:
+                        view.heard[name] = (kv.mod_revision, time.monotonic())
                 return "replicas"
         except (ValueError, KeyError, TypeError) as exc:
             log.error("ignoring unreadable store key %s: %s", key, one_line(exc))

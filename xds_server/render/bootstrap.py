@@ -36,19 +36,27 @@ class BootstrapOptions:
     xds_tls_key: str | None = None
     xds_fallbacks: tuple[tuple[str, int], ...] = ()
     """Further xDS servers (replicas), tried in this order when the first is down: each
-    gets the next priority, and a TCP health check tells Envoy which are up."""
+    gets the next priority, and a gRPC health check tells Envoy which are up."""
 
 
 XDS_HEALTH_CHECK = {
     "timeout": "1s",
     "interval": "1s",
     "no_traffic_interval": "1s",
+    "no_traffic_healthy_interval": "1s",
     "unhealthy_threshold": 1,
     "healthy_threshold": 1,
-    "tcp_health_check": {},
+    "grpc_health_check": {},
 }
-"""With several xDS servers: a replica that stops answering is left after one failed
-probe (at most about 2 s), so the ADS stream's next reconnect goes to the next one."""
+"""grpc.health.v1 on the xDS port, every second: a server that stops answering (a
+frozen process still accepts TCP, so a TCP check would pass) or answers NOT_SERVING (a
+replica cut off from the store) is unhealthy after one failed probe, at most about 2 s;
+the cluster's `close_connections_on_host_health_failure` then ends the ADS stream, and
+it reconnects to the next server in priority order."""
+
+XDS_KEEPALIVE = {"interval": "1s", "timeout": "1s"}
+"""HTTP/2 PINGs on the xDS connection: a peer that leaves one unanswered for a second is
+dropped, whichever server the stream is on."""
 
 
 def _duration(seconds: float) -> str:
@@ -140,7 +148,7 @@ def _xds_cluster(opts: BootstrapOptions) -> dict[str, Any]:
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
                 "explicit_http_config": {
                     "http2_protocol_options": {
-                        "connection_keepalive": {"interval": "10s", "timeout": "5s"},
+                        "connection_keepalive": XDS_KEEPALIVE,
                     }
                 },
             },
@@ -161,7 +169,8 @@ def _xds_cluster(opts: BootstrapOptions) -> dict[str, Any]:
                 for priority, (host, port) in enumerate(servers)
             ],
         },
-        **({"health_checks": [XDS_HEALTH_CHECK]} if opts.xds_fallbacks else {}),
+        "health_checks": [XDS_HEALTH_CHECK],
+        "close_connections_on_host_health_failure": True,
     }
 
 

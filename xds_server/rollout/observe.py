@@ -231,7 +231,13 @@ class Observer:
             if now - status.since > plan.ack_timeout:
                 return Observation(
                     apply_error=f"no ACK of routes {status.version} within "
-                    f"{plan.ack_timeout:g}s from {', '.join(status.lagging)}"
+                    f"{plan.ack_timeout:g}s ({status.waiting_for()})"
+                )
+            if status.unknown:
+                # Not known to route by the step's weights: no evidence, neither way.
+                return Observation(
+                    apply_unknown=f"routes {status.version} not known to be applied "
+                    f"({status.waiting_for()})"
                 )
             return Observation()
         return Observation(applied_at=status.at)

@@ -20,15 +20,41 @@ class Applied:
     """When the last of them ACKed (the publish time when no node is connected)."""
     nodes: int
 
+    @property
+    def counts(self) -> tuple[int, int, int]:
+        """(applied, unknown, lagging) nodes."""
+        return self.nodes, 0, 0
+
 
 @dataclass(frozen=True)
 class Pending:
-    """Some nodes have not ACKed the current routes yet."""
+    """Some nodes have not ACKed the current routes yet, or are not known to have: the
+    region is not judged (it holds) until they are seen applying them, or `ack_timeout`
+    decides."""
 
     version: str
     since: float
     """When these routes were published."""
     lagging: tuple[str, ...]
+    """Nodes seen (on a replica that is heard from) that have not ACKed these routes."""
+    unknown: tuple[str, ...] = ()
+    """Nodes of a replica that is gone or silent, each as 'NODE (why)': not known to have
+    applied anything newer than what that replica last published, so never counted as
+    applied; they are waited for until seen applying the routes on some replica."""
+    applied: int = 0
+    """Nodes seen that have ACKed these routes."""
+
+    @property
+    def counts(self) -> tuple[int, int, int]:
+        """(applied, unknown, lagging) nodes."""
+        return self.applied, len(self.unknown), len(self.lagging)
+
+    def waiting_for(self) -> str:
+        """The nodes waited for, and why, for a log line or an audit entry."""
+        parts = [f"unknown: {', '.join(self.unknown)}"] if self.unknown else []
+        if self.lagging:
+            parts.append(f"not ACKed yet: {', '.join(self.lagging)}")
+        return "; ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -40,6 +66,11 @@ class Rejected:
     error: str
     identity: str = ""
     """The node's certificate identity (xDS over mTLS), else ""."""
+
+    @property
+    def counts(self) -> tuple[int, int, int]:
+        """(applied, unknown, lagging) nodes: not known once one rejected the routes."""
+        return 0, 0, 1
 
 
 RouteStatus = Applied | Pending | Rejected
@@ -56,7 +87,10 @@ class DataPlane(Protocol):
         decision before its push)."""
         ...
 
-    def routes_applied(self, region: str) -> RouteStatus: ...
+    def routes_applied(self, region: str) -> RouteStatus:
+        """Where the region's nodes stand on its current routes; `counts` gives the
+        applied, unknown and lagging nodes (signal health)."""
+        ...
 
     def node_status(self, region: str | None = None) -> list[NodeStatus]:
         """Every connected node (of one region), with what it was sent and ACKed."""

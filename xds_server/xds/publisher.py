@@ -302,7 +302,10 @@ class XdsPublisher:
         self._grpc = grpc.aio.server(
             options=[
                 ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                # Envoy PINGs its xDS server every second (the bootstrap's keepalive, so
+                # a frozen server is left fast): never answer that with GOAWAY.
+                ("grpc.http2.min_ping_interval_without_data_ms", 500),
+                ("grpc.http2.max_ping_strikes", 0),
                 ("grpc.max_concurrent_streams", 100_000),
             ]
         )
@@ -338,16 +341,23 @@ class XdsPublisher:
             self.ads.closing = False
 
 
-def judge_routes(version: str, published: float, nodes: Iterable[NodeStatus]) -> RouteStatus:
-    """Where these nodes stand on routes `version`, published at `published`."""
+def judge_routes(
+    version: str,
+    published: float,
+    nodes: Iterable[NodeStatus],
+    unknown: tuple[str, ...] = (),
+) -> RouteStatus:
+    """Where these nodes stand on routes `version`, published at `published`; `unknown`:
+    nodes not heard from (their replica is gone or silent), each 'NODE (why)', which
+    keep the routes pending whatever the others did."""
     nodes = list(nodes)
     for n in nodes:
         ts = n.types[ROUTE]
         if ts.nack_version == version and ts.acked_version != version:
             return Rejected(version, n.node_id, ts.nack_error, n.identity)
     lagging = tuple(n.node_id for n in nodes if n.types[ROUTE].acked_version != version)
-    if lagging:
-        return Pending(version, published, lagging)
+    if lagging or unknown:
+        return Pending(version, published, lagging, unknown, len(nodes) - len(lagging))
     acked = [t for n in nodes if (t := n.types[ROUTE].acked_at) is not None]
     return Applied(version, max([published, *acked]), len(nodes))
 

@@ -34,6 +34,12 @@ from xds_server.xds.stream import (
 log = logging.getLogger("xds_server.ads")
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+HEALTH_SERVICE = "grpc.health.v1.Health"
+SERVING = b"\x08\x01"
+"""grpc.health.v1 HealthCheckResponse{status: SERVING}, encoded (field 1, varint 1): the
+one message of that service this server sends, written out so that the server does not
+depend on the grpcio-health-checking package."""
+NOT_SERVING = b"\x08\x02"
 
 
 class AdsService:
@@ -59,6 +65,18 @@ class AdsService:
         """A regional replica's regions (`serve --regions`); None: every region."""
         self.elsewhere: Callable[[str], str] = lambda region: ""
         """Where a region this replica does not serve is served (for the refusal)."""
+        self.aside: str | None = None
+        """Why this server must not present itself as current (a replica that lost the
+        store): health checks get NOT_SERVING, streams are ended and refused with
+        UNAVAILABLE, so nodes move to the next server of their bootstrap; None: serving."""
+
+    def step_aside(self, reason: str | None) -> None:
+        """Stop presenting this server as current (`reason`), ending every stream; or,
+        with None, serve again."""
+        self.aside = reason
+        if reason is not None:
+            for wake in self._wakes:
+                wake.set()
 
     def close(self) -> None:
         """End every stream normally (the nodes reconnect), before the gRPC server stops."""
@@ -85,7 +103,21 @@ class AdsService:
                 ),
             },
         )
-        server.add_generic_rpc_handlers((handler,))
+        health = grpc.method_handlers_generic_handler(
+            HEALTH_SERVICE,
+            {
+                "Check": grpc.unary_unary_rpc_method_handler(
+                    self.check_health, request_deserializer=None, response_serializer=None
+                ),
+            },
+        )
+        server.add_generic_rpc_handlers((handler, health))
+
+    async def check_health(self, request: bytes, context: Any) -> bytes:
+        """grpc.health.v1's Check, for any service name: what Envoy's active health check
+        of its xDS servers asks (a stopped process never answers it: the check times out,
+        and Envoy closes the stream and moves on)."""
+        return SERVING if self.aside is None and not self.closing else NOT_SERVING
 
     async def stream_aggregated_resources(self, requests: AsyncIterator[Any], context: Any) -> None:
         await self._serve(requests, context, SotwStream)
@@ -122,6 +154,9 @@ class AdsService:
                 if self.closing:
                     reason = "server stopping"
                     break
+                if self.aside is not None:
+                    reason = f"stepped aside: {self.aside}"
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, self.aside)
                 if status.stream_id in self._replaced:
                     reason = "replaced by a newer stream of the same node id"
                     break
@@ -174,6 +209,8 @@ class AdsService:
     ) -> tuple[NodeIdentity, NodeStatus, StreamProtocol] | None:
         """Who the node is (and, with mTLS, whether its certificate says so), and its
         first request applied; None when the stream was refused (with a status)."""
+        if self.aside is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.aside)
         try:
             ident = identify(first.node, self.regions)
             if self.served is not None and ident.region not in self.served:
