@@ -198,3 +198,16 @@ def test_signals_round_trip_through_the_audit_record() -> None:
     assert back == v
     plain = verdict(None)
     assert "signals" not in (verdict_json(plain) or "")  # old entries keep their bytes
+
+
+def test_requests_sent_to_a_pool_at_weight_zero_are_a_mismatch() -> None:
+    """At 50% production has no weight: an Envoy at old weights still sends it half the
+    region's requests while canary and baseline stay even."""
+    at_half = {"production": 0.0, "baseline": 0.5, "canary": 0.5}
+    even = {"production": 0.0, "baseline": 1000.0, "canary": 1000.0}
+    assert verdict(fresh(even, configured=at_half)).outcome == PASS
+    stray = {"production": 2.0, "baseline": 1000.0, "canary": 1000.0}
+    assert verdict(fresh(stray, configured=at_half)).outcome == PASS  # a stray is no proof
+    off = {"production": 1000.0, "baseline": 500.0, "canary": 500.0}
+    v = verdict(fresh(off, configured=at_half))
+    assert v.outcome == NO_DATA and "canary 25.0% of routed requests, configured 50%" in v.reason

@@ -3,7 +3,9 @@ the server."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +88,30 @@ class Prometheus(Process):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def rescrape(self, targets: list[ScrapeTarget], interval: str = "1s") -> None:
+        """Scrape these targets from now on: the configuration rewritten, then reloaded
+        (SIGHUP, as an operator's `kill -HUP`), until Prometheus's configuration API
+        serves the new one. Targets left out stop being scraped: their series turn
+        stale (what a scrape config gone wrong does to a region)."""
+        write_config(self.config_path, targets, interval)
+        wanted = {t.address for t in targets}
+        self.signal(signal.SIGHUP)
+
+        def reloaded() -> bool:
+            status, body, _ = http_get(self.url + "/api/v1/status/config")
+            if status != 200:
+                return False
+            config = yaml.safe_load(json.loads(body)["data"]["yaml"]) or {}
+            seen = {
+                address
+                for job in config.get("scrape_configs") or []
+                for static in job.get("static_configs") or []
+                for address in static.get("targets") or []
+            }
+            return seen == wanted
+
+        wait_for(reloaded, "prometheus to load its new scrape configuration", timeout=20)
 
     def wait_ready(self, timeout: float = 30) -> None:
         def ready() -> bool:

@@ -46,6 +46,8 @@ THROUGHPUT_CONFIDENCE = 0.99
 SRM_CONFIDENCE = 0.999
 """The sample-ratio mismatch test's level, shared like a metric's by the rollout's
 tests: at most 0.1% of a region's steps hold on a healthy split (Ville's inequality)."""
+ZERO_SHARE = 1e-4
+"""The share a pool at weight 0 counts for in the SRM test when requests reach it."""
 
 
 def reading_point(reading: MetricReading, quantile: float) -> float | None:
@@ -105,16 +107,21 @@ def trusted(plan: RolloutPlan, verdict: Verdict, signals: Signals | None, tests:
 def srm(plan: RolloutPlan, signals: Signals, tests: int) -> Signals:
     """The sample-ratio mismatch test of the requests Envoy routed to the pools with a
     configured share (its p-value into the signals), or why it does not run."""
-    pools = [p for p, share in signals.configured.items() if share > 0]
     if plan.sticky is not None:
         why = "not tested: sticky sessions split users, not requests"
         return replace(signals, srm_skipped=why)
-    if len(pools) < 2 or not signals.sent:
+    weighted = [p for p, share in signals.configured.items() if share > 0]
+    # A pool at weight 0 that Envoy still sends requests to (an Envoy at old weights
+    # at 50%, where production has none) is a mismatch too: it counts with a share of
+    # ZERO_SHARE, so a stray request is no proof and dozens are.
+    pools = [p for p in signals.configured if p in weighted or signals.sent.get(p, 0.0) > 0]
+    if len(weighted) < 2 and len(pools) < 2:
         return replace(signals, srm_skipped="not tested: one pool takes every request")
+    if not signals.sent:
+        return signals
     alpha = (1 - SRM_CONFIDENCE) / tests
-    t = stats.srm_test(
-        [signals.sent.get(p, 0.0) for p in pools], [signals.configured[p] for p in pools], alpha
-    )
+    shares = [max(signals.configured[p], ZERO_SHARE) for p in pools]
+    t = stats.srm_test([signals.sent.get(p, 0.0) for p in pools], shares, alpha)
     return replace(signals, srm_p=t.p_value)
 
 

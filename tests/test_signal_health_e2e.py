@@ -1,0 +1,99 @@
+"""Signal health end to end (issue 27): `xds-server serve`, real Envoys, a real
+Prometheus scraping them every second, steady load.
+
+- An Envoy of the region that never receives the step (it is pointed at another xDS
+  server, which keeps production at 100%): the region's routed requests are off the
+  configured split, the step holds on a sample-ratio mismatch, nothing is promoted, and
+  after max_hold the rollout pauses for an operator (never a rollback).
+- Prometheus stops scraping one region's Envoy (its scrape config rewritten and
+  reloaded): that region is no data, audited as stale, never a pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from tests.support import wait_for
+from xds_server.lab.background import BackgroundServer
+from xds_server.lab.layout import MeshOptions
+from xds_server.lab.mesh import LocalMesh
+from xds_server.lab.procs import Envoy
+from xds_server.lab.scenarios import FAST_PLAN
+from xds_server.spec import load_spec
+
+SRM_PLAN = {**FAST_PLAN, "steps": [20, 100], "step_duration": "60s", "max_hold": "8s"}
+"""One analysed step long enough for the mismatch to show (the region sends the canary
+10% where 20% is configured), and a short max_hold so the pause comes soon."""
+
+
+def _checks(mesh: LocalMesh, region: str) -> list[str]:
+    return [e.reason for e in mesh.state.audit() if e.kind == "check" and e.region == region]
+
+
+def test_an_envoy_off_the_configured_split_holds_the_step_on_a_sample_ratio_mismatch(
+    tmp_path: Path,
+) -> None:
+    opts = MeshOptions(
+        regions=("us-east",), envoys_per_region=2, rollout=dict(SRM_PLAN), load_rate=80
+    )
+    with LocalMesh(tmp_path / "mesh", opts) as mesh:
+        # The second Envoy restarts pointed at an xDS server of its own: same admin and
+        # listener ports (Prometheus scrapes it as us-east, the load goes through it),
+        # but the control plane never sees it, so the step is applied without it.
+        rogue = mesh.processes.envoys[1]
+        rogue.stop()
+        other = BackgroundServer(load_spec(mesh.spec.path))
+        try:
+            port = other.start()
+            envoy = Envoy(replace(rogue.opts, xds_port=port, xds_fallbacks=()), tmp_path / "rogue")
+            envoy.wait_ready()
+            mesh.processes.envoys[1] = envoy  # stopped with the mesh
+            load = mesh.processes.start_load()
+            wait_for(lambda: len(load.snapshot()) >= 30, "load through both Envoys", timeout=15)
+            mesh.spec.add_canary()
+            state = mesh.state.wait_phase({"paused", "promoted", "rolled_back"}, 60)
+        finally:
+            other.close()
+        assert state["phase"] == "paused", state
+        assert "sample ratio mismatch: canary" in state["reason"], state["reason"]
+        srm = [r for r in _checks(mesh, "us-east") if "sample ratio mismatch" in r]
+        assert srm and "configured 20%, p=" in srm[0], _checks(mesh, "us-east")
+        entries = [e for e in mesh.state.audit() if e.verdict and e.verdict.untrusted]
+        signals = entries[0].verdict.signals if entries[0].verdict else None
+        assert signals is not None and signals.srm_p is not None and signals.srm_p < 1e-3
+        assert (signals.canary_share or 0) < 0.15 and signals.configured["canary"] == 0.2
+        assert all(r["step"] == 0 for r in state["regions"].values())  # nothing promoted
+
+
+def test_a_region_prometheus_stops_scraping_is_no_data_audited_as_stale(tmp_path: Path) -> None:
+    plan = {**FAST_PLAN, "max_hold": "6s"}
+    opts = MeshOptions(regions=("us-east", "eu-west"), rollout=plan, load_rate=40)
+    with LocalMesh(tmp_path / "mesh", opts) as mesh:
+        load = mesh.processes.start_load()
+        wait_for(lambda: len(load.snapshot()) >= 30, "load through every Envoy", timeout=15)
+        prometheus = mesh.processes.prometheus
+        assert prometheus is not None
+        kept = [
+            t
+            for t in mesh.processes._scrape_targets()
+            if not (t.job_name == "envoy" and t.labels.get("region") == "us-east")
+        ]
+        prometheus.rescrape(kept)
+        mesh.spec.add_canary()
+        state = mesh.state.wait_phase({"paused", "promoted", "rolled_back"}, 60)
+        assert state["phase"] == "paused", state
+        checks = _checks(mesh, "us-east")
+        stale = [r for r in checks if "no data: stale: 1 of 1 Envoy targets of us-east" in r]
+        assert stale, checks
+        assert "scrape interval 1s, stale past 2s" in stale[0]
+        passed = [
+            e
+            for e in mesh.state.audit()
+            if e.region == "us-east" and e.verdict is not None and e.verdict.outcome == "pass"
+        ]
+        assert passed == []
+        assert "stale" in state["reason"]
+        assert all(r["step"] == 0 for r in state["regions"].values())
+        # eu-west, still scraped, was judged on fresh evidence.
+        assert any("pass" in r for r in _checks(mesh, "eu-west")), _checks(mesh, "eu-west")
