@@ -233,3 +233,29 @@ def test_an_http_check_of_a_grpc_service_is_fine_with_a_health_port_on_every_hos
     missing = copy.deepcopy(d)
     missing["services"][0]["pools"]["production"]["endpoints"][REGION] = ["127.0.0.1:9001"]
     assert any(f"{HC}.port: required" in line for line in problems(missing))
+
+
+def test_a_registered_instance_brings_its_health_port_to_envoy() -> None:
+    """`xds-server register --health-port`: the instance's key carries it, the served
+    spec's endpoint has it, Envoy checks the host there."""
+    from xds_server.ha.instances import (
+        Instance,
+        instance_from_json,
+        instance_to_json,
+        with_registered,
+    )
+
+    d = doc({"type": "http", "path": "/v2/health/ready", "port": 9100}, "grpc")
+    del d["services"][0]["pools"]["canary"]["endpoints"]  # the registry's instances
+    i = Instance(SERVICE, "v2", REGION, "127.0.0.1:9005", 1.0, 10.0, health_port=9006)
+    again = instance_from_json(instance_to_json(i))
+    assert again.endpoint.health_port == 9006
+    old = Instance(SERVICE, "v2", REGION, "127.0.0.1:9007", 1.0, 10.0)
+    assert instance_from_json(instance_to_json(old)).endpoint.health_port is None
+    served = with_registered(validate_spec(d, "mesh.yaml"), [again, old]).spec
+    cla = build_region(served, TrafficState(), REGION).by_type[ENDPOINT][f"{SERVICE}|canary"]
+    ports = {
+        lb.endpoint.address.socket_address.port_value: lb.endpoint.health_check_config.port_value
+        for lb in cla.endpoints[0].lb_endpoints  # type: ignore[attr-defined]
+    }
+    assert ports == {9005: 9006, 9007: 9100}  # its own, else the check's

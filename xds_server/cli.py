@@ -135,11 +135,13 @@ def cmd_register(args: argparse.Namespace) -> int:
         raise UsageError(f"--ttl: at least 2s, got {args.ttl}")
     if args.health_url and not args.health_url.startswith(("http://", "https://")):
         raise UsageError(f"--health-url: expected an http(s) URL, got {args.health_url!r}")
+    if args.health_port is not None and not 1 <= args.health_port <= 65535:
+        raise UsageError(f"--health-port: expected a port from 1 to 65535, got {args.health_port}")
     address = store_address(args)
     try:
         instance = InstanceSpec(
             args.service, args.version, args.region, check_address(args.address), ttl,
-            args.health_url, check_pool(args.pool or ""),
+            args.health_url, check_pool(args.pool or ""), args.health_port,
         )  # fmt: skip
         asyncio.run(hold_until_stopped(address, instance))
     except RegistrationError as exc:
@@ -391,6 +393,13 @@ def _add_register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     r.add_argument("--address", required=True, metavar="HOST:PORT", help="where Envoy sends")
     r.add_argument("--ttl", default="10s", help="its lease: gone this long after it dies")
     r.add_argument("--health-url", metavar="URL", help="registered only while this answers 2xx")
+    r.add_argument(
+        "--health-port",
+        type=int,
+        metavar="PORT",
+        help="where the warm-up's health check asks it, if not on --address's port "
+        "(a gRPC model server's REST port)",
+    )
     r.add_argument(
         "--pool",
         default="",

@@ -37,11 +37,14 @@ class Instance:
     pool: str = ""
     """Only this pool selects it ("baseline": a fresh deploy of production's version);
     "": every pool of its version."""
+    health_port: int | None = None
+    """Where the warm-up's health check asks it, when not on its traffic port (a gRPC
+    model server's REST port: `register --health-port`); an endpoint's `health_port`."""
 
     @property
     def endpoint(self) -> Endpoint:
         host, port = parse_host_port(self.address, port_from=1)
-        return Endpoint(host, port)
+        return Endpoint(host, port, self.health_port)
 
 
 def instance_to_json(i: Instance) -> bytes:
@@ -54,6 +57,8 @@ def instance_to_json(i: Instance) -> bytes:
         "ttl": i.ttl,
         "pool": i.pool,
     }
+    if i.health_port is not None:
+        doc["health_port"] = i.health_port
     return json.dumps(doc).encode()
 
 
@@ -69,6 +74,7 @@ def instance_from_json(value: bytes, lease: int = 0, revision: int = 0) -> Insta
         lease,
         revision,
         str(doc.get("pool", "")),
+        int(doc["health_port"]) if doc.get("health_port") else None,
     )
 
 

@@ -55,6 +55,8 @@ class InstanceSpec:
     health_url: str | None = None
     pool: str = ""
     """Only this pool selects the instance; "": every pool of its version."""
+    health_port: int | None = None
+    """Where the warm-up's health check asks it, when not on its traffic port."""
 
 
 def check_address(address: str) -> str:
@@ -144,8 +146,9 @@ class Registration:
             healthy = await self._healthy()
             if healthy and not self.registered.is_set():
                 doc = Instance(
-                    i.service, i.version, i.region, i.address, time.time(), i.ttl, pool=i.pool
-                )
+                    i.service, i.version, i.region, i.address, time.time(), i.ttl,
+                    pool=i.pool, health_port=i.health_port,
+                )  # fmt: skip
                 await self.client.put(self.key.encode(), instance_to_json(doc), lease.id)
                 self.registered.set()
                 log.info("registered %s %s %s %s (ttl %gs)", *self._names(), i.ttl)
@@ -226,6 +229,7 @@ async def registered(
     health_url: str | None = None,
     prefix: str = DEFAULT_PREFIX,
     pool: str = "",
+    health_port: int | None = None,
 ) -> AsyncIterator[Registration]:
     """Hold a registration of this instance while the block runs (it is in the store
     when the block starts, unless `health_url` does not answer 2xx yet);
@@ -235,9 +239,12 @@ async def registered(
         raise RegistrationError(f"ttl {ttl!r}: at least 2 seconds (renewed every third)")
     if health_url is not None and not health_url.startswith(("http://", "https://")):
         raise RegistrationError(f"health_url {health_url!r}: expected an http(s) URL")
+    if health_port is not None and not 1 <= health_port <= 65535:
+        raise RegistrationError(f"health_port {health_port!r}: expected a port from 1 to 65535")
     instance = InstanceSpec(
-        service, version, region, check_address(address), ttl, health_url, check_pool(pool)
-    )
+        service, version, region, check_address(address), ttl, health_url, check_pool(pool),
+        health_port,
+    )  # fmt: skip
     registration = Registration(parse_store_url(store, prefix), instance)
     await registration.check()
     task = asyncio.create_task(registration.run())

@@ -351,12 +351,10 @@ class _MeshParser:
 
 
 def _health_ports(pools: dict[str, Pool], path: str) -> dict[str, bool]:
-    """Each endpoint's field -> does it name a `health_port`? A registered pool (its hosts
-    from the registry, with none) counts as one endpoint without."""
+    """Each endpoint's field -> does it name a `health_port`? (A registered pool's hosts
+    bring their own: `register --health-port`.)"""
     out: dict[str, bool] = {}
     for name, pool in pools.items():
-        if pool.registered:
-            out[join(path, name)] = False
         for region, eps in pool.endpoints.items():
             for j, ep in enumerate(eps):
                 where = f"{path}.{name}.endpoints.{region}[{j}]"
