@@ -43,6 +43,9 @@ class Observation:
     confirmation: str | None = None
     """The `confirm_step` hooks' answer, when the wave waits on them (`awaiting_
     confirmation`): "" to go on, else why not; None when they were not asked."""
+    nodes: tuple[int, int, int] | None = None
+    """The region's data-plane nodes on the current routes: (applied, unknown, lagging),
+    as the `DataPlane` counts them (signal health); None: not asked."""
     no_hosts: str | None = None
     """The canary pool has no host left in the region (every registered instance gone)
     while it takes traffic: the step holds, and fails at max_hold."""

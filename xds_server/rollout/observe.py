@@ -150,7 +150,10 @@ class Observer:
                 if not rs.step_passed:  # else warm, waiting for the rest of its wave
                     pending[asyncio.create_task(self._warmup(svc, state, region))] = region
                 continue
-            obs = out[region] = self.applied(region, svc.rollout, now)
+            obs = out[region] = replace(
+                self.applied(region, svc.rollout, now),
+                nodes=self.dataplane.routes_applied(region).counts,
+            )
             if self.dataplane.pool_hosts(region, cluster_name(svc.name, "canary")) == 0:
                 # Every host of the canary is gone (registered instances whose leases
                 # ran out): the step holds, and fails at max_hold.
