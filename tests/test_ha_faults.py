@@ -38,10 +38,11 @@ INTERVAL = 1.0
 """The plan's decision interval (FAST_PLAN's `interval`)."""
 STEP_SECONDS = 3.0
 """FAST_PLAN's `step_duration`."""
-KEEPALIVE_TIMEOUT = 5.0
-"""An Envoy drops its stream to an xDS server that leaves its HTTP/2 PING unanswered
-this long (the bootstrap's `connection_keepalive`): a frozen replica keeps its Envoys
-for this long at least (at most the keepalive interval more), then they move on."""
+KEEPALIVE_TIMEOUT = 1.0
+"""A frozen replica keeps its Envoys for this long at least: their bootstrap's gRPC
+health check of it times out after 1 s (and its HTTP/2 PINGs go unanswered for 1 s);
+then they move on to the next server of their bootstrap (about 2 to 3 s, measured by
+benchmarks/xds_failover.py)."""
 TWO = ("us-east", "eu-west")
 THREE = ("us-east", "eu-west", "ap-south")
 RESUMED = "resuming rollout of recommender v2"
