@@ -59,7 +59,7 @@ def infer(port: int, n: int) -> int:
 
 def one_run(venv: Path, root: Path, model: str, i: int) -> dict[str, float]:
     slot = mlserver.MLServerSlot(
-        f"bench-{i}", free_port(), free_port(), free_port(), root / f"{model}.joblib", "v1"
+        f"bench-{i}", free_port(), free_port(), None, root / f"{model}.joblib", "v1"
     )
     t0 = time.monotonic()
     proc = mlserver.start_mlserver(venv, root / slot.name, slot)

@@ -158,7 +158,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     with LocalMesh(workdir, opts) as mesh:
         rest, grpc_port = free_port(), free_port()
         slot = mlserver.MLServerSlot(
-            "wrong-name", rest, grpc_port, free_port(),
+            "wrong-name", rest, grpc_port, None,
             workdir / "mlserver" / "trained" / "v2.joblib", "v3", "recommender-v2",
         )  # fmt: skip
         extra: Process = mlserver.start_mlserver(venv, workdir / "mlserver" / slot.name, slot)

@@ -96,10 +96,6 @@ class MeshLayout:
             else {}
         )
         """(region, pool) -> the model server's gRPC port (MLServer always has one)."""
-        self.metrics_ports = (
-            {key: free_port() for key in self.model_ports} if opts.models == "mlserver" else {}
-        )
-        """With "mlserver": (region, pool) -> MLServer's own /metrics port."""
         self.replica_ports = {
             r: {k: free_port() for k in ("xds", "admin", "metrics", "ui")}
             for r in (opts.regions if opts.ha else ())

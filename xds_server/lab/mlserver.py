@@ -158,7 +158,8 @@ class MLServerSlot:
     name: str
     http_port: int
     grpc_port: int
-    metrics_port: int
+    metrics_port: int | None
+    """None: no metrics server (one port fewer to collide on; the lab reads Envoy's)."""
     model_path: Path
     version: str
     served_name: str = MODEL_NAME
@@ -177,14 +178,17 @@ def write_repository(directory: Path, slot: MLServerSlot) -> Path:
         "parameters": {"uri": str(slot.model_path), "version": slot.version},
     }
     (model_dir / "model-settings.json").write_text(json.dumps(settings, indent=2))
-    server = {
+    server: dict[str, Any] = {
         "http_port": slot.http_port,
         "grpc_port": slot.grpc_port,
-        "metrics_port": slot.metrics_port,
         "host": "127.0.0.1",
         # One process, no inference pool of worker processes: ready in about 2 s.
         "parallel_workers": 0,
     }
+    if slot.metrics_port is None:
+        server["metrics_endpoint"] = None
+    else:
+        server["metrics_port"] = slot.metrics_port
     (directory / "settings.json").write_text(json.dumps(server, indent=2))
     return directory
 

@@ -114,7 +114,7 @@ class MeshProcesses:
                 f"{region}-{pool}",
                 port,
                 lay.grpc_ports[(region, pool)],
-                lay.metrics_ports[(region, pool)],
+                None,
                 root / "trained" / f"{model.model}.joblib",
                 VERSIONS[pool],
                 model.served_name,
@@ -226,10 +226,11 @@ class MeshProcesses:
             targets.append(ScrapeTarget(f"127.0.0.1:{lay.metrics_port}", "/metrics", {}))
         # The model servers' own series (outputs, tenants): `region` and `pool` come from
         # here, never from the exporter, so they cannot clash.
-        model_ports = lay.metrics_ports or lay.model_ports  # MLServer's own port
+        if self.opts.models == "mlserver":
+            return targets  # (its metrics server is off: the judge reads Envoy's series)
         targets += [
             ScrapeTarget(f"127.0.0.1:{port}", "/metrics", {"region": r, "pool": p}, job="model")
-            for (r, p), port in [*model_ports.items(), *lay.spare_ports.items()]
+            for (r, p), port in [*lay.model_ports.items(), *lay.spare_ports.items()]
         ]
         return targets
 
