@@ -150,7 +150,7 @@ def test_a_frozen_followers_envoy_holds_its_region_until_seen_applying(tmp_path:
                 moved = [e for e in mesh.processes.envoys if where[e.opts.node_id] == follower]
                 for envoy in moved:
                     wait_for(
-                        lambda envoy=envoy: synced_on(mesh, envoy, leader),  # type: ignore[misc]
+                        lambda envoy=envoy: synced_on(mesh, envoy, leader),
                         f"{envoy.opts.node_id} SYNCED on {leader}",
                         timeout=10,
                     )
