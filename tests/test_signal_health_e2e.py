@@ -18,7 +18,7 @@ from tests.support import wait_for
 from xds_server.lab.background import BackgroundServer
 from xds_server.lab.layout import MeshOptions
 from xds_server.lab.mesh import LocalMesh
-from xds_server.lab.procs import Envoy
+from xds_server.lab.procs import Envoy, http_get
 from xds_server.lab.scenarios import FAST_PLAN
 from xds_server.spec import load_spec
 
@@ -64,6 +64,14 @@ def test_an_envoy_off_the_configured_split_holds_the_step_on_a_sample_ratio_mism
         assert signals is not None and signals.srm_p is not None and signals.srm_p < 1e-3
         assert (signals.canary_share or 0) < 0.15 and signals.configured["canary"] == 0.2
         assert all(r["step"] == 0 for r in state["regions"].values())  # nothing promoted
+        # /metrics shows the region's signal health: one node applied (the rogue Envoy
+        # is not the control plane's), Prometheus's targets up, the mismatch.
+        text = http_get(f"http://127.0.0.1:{mesh.layout.metrics_port}/metrics")[1].decode()
+        where = 'region="us-east",service="recommender"'
+        assert f'xds_rollout_signal_nodes{{{where},state="applied"}} 1.0' in text
+        assert f'xds_rollout_signal_targets{{{where},state="up"}} 2.0' in text
+        assert f"xds_rollout_signal_trusted{{{where}}} 0.0" in text
+        assert f"xds_rollout_signal_srm_p_value{{{where}}}" in text
 
 
 def test_a_region_prometheus_stops_scraping_is_no_data_audited_as_stale(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from xds_server.rollout.commits import StoreHealth
-from xds_server.rollout.decide import EntryKind
+from xds_server.rollout.decide import Decision, EntryKind
 from xds_server.rollout.ports import Committed
 from xds_server.rollout.state import PHASE_GAUGES, PROGRESSING
 from xds_server.spec import POOL_NAMES, MeshSpec
@@ -52,6 +52,7 @@ class RolloutMetrics:
             ["service", "outcome"],
             registry=r,
         )
+        self.signals = SignalMetrics(r)
         self.store = StoreMetrics(r)
 
     def set_weights(self, traffic: TrafficState, spec: MeshSpec) -> None:
@@ -71,6 +72,7 @@ class RolloutMetrics:
             self.phase.labels(state.service, phase).set(1 if state.phase == phase else 0)
         for region, rs in state.regions.items():
             self.step.labels(state.service, region).set(rs.step)
+        self.signals.follow(state.service, event.decision)
         for t in event.decision.transitions:
             outcome = str(
                 t.verdict.outcome if t.kind == EntryKind.CHECK and t.verdict else t.phase_to
@@ -87,6 +89,65 @@ class RolloutMetrics:
                     self.score.labels(state.service, t.region).set(t.verdict.score)
                 for m in t.verdict.metrics:
                     self.metric_results.labels(state.service, m.name, m.classification).inc()
+
+
+class SignalMetrics:
+    """Signal health per service and region (issue 27): the data plane's nodes on the
+    current routes, the evidence's age, Prometheus's Envoy targets, the sample-ratio
+    test's p-value, and whether the region's evidence is trusted."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        labels = ["service", "region"]
+        self.nodes = Gauge(
+            "xds_rollout_signal_nodes",
+            "A region's data-plane nodes on the current routes, by state "
+            "(applied, unknown: replica gone or silent, lagging: not ACKed yet)",
+            [*labels, "state"],
+            registry=r,
+        )
+        self.age = Gauge(
+            "xds_rollout_signal_evidence_age_seconds",
+            "Age of the oldest Envoy target's newest sample in Prometheus",
+            labels,
+            registry=r,
+        )
+        self.targets = Gauge(
+            "xds_rollout_signal_targets",
+            "The region's Envoy targets Prometheus scrapes, by state (up, down)",
+            [*labels, "state"],
+            registry=r,
+        )
+        self.srm_p = Gauge(
+            "xds_rollout_signal_srm_p_value",
+            "The sample-ratio mismatch test's always-valid p-value over the step",
+            labels,
+            registry=r,
+        )
+        self.trusted = Gauge(
+            "xds_rollout_signal_trusted",
+            "1 while a region's evidence is fresh and its split as configured, 0 while "
+            "its step holds on untrusted evidence (stale, partial, reset, SRM)",
+            labels,
+            registry=r,
+        )
+
+    def follow(self, service: str, decision: Decision) -> None:
+        for region, obs in decision.observations.items():
+            if obs.nodes is not None:
+                for state, n in zip(("applied", "unknown", "lagging"), obs.nodes, strict=True):
+                    self.nodes.labels(service, region, state).set(n)
+        for t in decision.transitions:
+            if t.region is None or t.verdict is None or t.verdict.signals is None:
+                continue
+            s = t.verdict.signals
+            if s.age_s is not None:
+                self.age.labels(service, t.region).set(s.age_s)
+            self.targets.labels(service, t.region, "up").set(s.targets_up)
+            self.targets.labels(service, t.region, "down").set(s.targets - s.targets_up)
+            if s.srm_p is not None:
+                self.srm_p.labels(service, t.region).set(s.srm_p)
+            self.trusted.labels(service, t.region).set(0 if t.verdict.untrusted else 1)
 
 
 class StoreMetrics:
