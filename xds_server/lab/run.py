@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from xds_server.lab import mlserver
 from xds_server.lab.follow import follow
@@ -61,28 +62,22 @@ def run_lab(
     """`proxyless`: gRPC client processes per region that route by xDS themselves (they
     imply `protocol="grpc"`: they call the model servers' gRPC ports). `ha`: a replica
     per region on a three-member etcd cluster (a scenario with a replica fault implies
-    it). `models="mlserver"`: every pool a real MLServer (`lab/mlserver.py`); the
-    scenario's fault is then its canary's model, there from the start, not a knob."""
+    it). `models="mlserver"`: every pool a real MLServer (`_on_models`)."""
     scenario = SCENARIOS[scenario_name]
-    plan = dict(scenario.plan or LAB_PLAN)
-    if models == "mlserver":
-        registered = ha or scenario.replica_fault is not None
-        plan = mlserver.lab_plan(plan, "grpc" if proxyless else protocol, registered)
-        description = mlserver.CANARY_MODELS[scenario.name].description
-        scenario = replace(scenario, fault=None, description=description or scenario.description)
+    ha = ha or scenario.replica_fault is not None
+    scenario, plan = _on_models(scenario, models, "grpc" if proxyless else protocol, ha)
     out = out or LAB_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{scenario.name}"
     out = out.resolve()
     opts = MeshOptions(
         region_names(regions),
         envoys_per_region,
         rollout=plan,
-        load_rate=50,
         mtls=mtls,
         admin_token=secrets.token_urlsafe(18),  # for the dashboard's actions and xdsctl's
         notify_url=notify_url,
         protocol="grpc" if proxyless else protocol,
         proxyless_per_region=proxyless,
-        ha=ha or scenario.replica_fault is not None,
+        ha=ha,
         models=models,
         canary_model=scenario.name,
     )
@@ -109,6 +104,18 @@ def run_lab(
         if not kept:
             mesh.stop()
             _clear_current(out)
+
+
+def _on_models(
+    scenario: Scenario, models: str, protocol: str, registered: bool
+) -> tuple[Scenario, dict[str, Any]]:
+    """The scenario and its plan on these model servers. On MLServer the fault is the
+    canary's model, there from the start (`lab/mlserver.py`), not a knob set mid-rollout."""
+    if models != "mlserver":
+        return scenario, dict(scenario.plan or LAB_PLAN)
+    plan = mlserver.lab_plan(scenario.plan or LAB_PLAN, protocol, registered)
+    description = mlserver.CANARY_MODELS[scenario.name].description or scenario.description
+    return replace(scenario, fault=None, description=description), plan
 
 
 def _run(mesh: LocalMesh, scenario: Scenario, timeout: float, live: bool) -> bool:
