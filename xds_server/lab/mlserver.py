@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from xds_server.lab.procs import Process, http_get
+from xds_server.lab.scenarios import FAST_PLAN
 
 MODEL_NAME = "recommender"
 """The name callers ask for (the lab's service's name)."""
@@ -215,26 +216,26 @@ def health_url(http_port: int) -> str:
 
 
 def lab_plan(base: Mapping[str, Any], protocol: str, registered: bool) -> dict[str, Any]:
-    """A scenario's plan for MLServer pools. MLServer exports neither the lab's
-    per-tenant series nor its score histogram, so the tenants' budgets and the output
-    gate (prediction_shift) go; the warm-up checks MLServer's readiness,
+    """A scenario's plan for MLServer pools: the rollout tests' fast steps (nine
+    MLServers share the machine with the rest of the lab). MLServer exports neither the
+    lab's per-tenant series nor its score histogram, so the tenants' budgets and the
+    output gate (prediction_shift) go. The warm-up checks MLServer's readiness,
     `/v2/health/ready` on its REST port (over gRPC too: MLServer serves no
-    grpc.health.v1, so the check goes to each endpoint's `health_port`, its REST port).
-    Registered gRPC instances (`registered`) carry no health port: no check then (the
-    registration itself is gated on that readiness)."""
-    plan = dict(base)
+    grpc.health.v1, so the check goes to each endpoint's `health_port`, its REST port),
+    then the canary ramps up over a short slow start. Registered gRPC instances
+    (`registered`) carry no health port: no check then (their registration is gated on
+    the same readiness)."""
+    plan = {**base, **{k: FAST_PLAN[k] for k in ("step_duration", "window")}}
     guardrails = {k: v for k, v in plan.get("guardrails", {}).items() if k != "tenants"}
     plan["guardrails"] = guardrails
     analysis = dict(plan.get("analysis", {}))
     metrics = {k: v for k, v in analysis.get("metrics", {}).items() if k != "prediction_shift"}
     plan["analysis"] = {**analysis, "metrics": metrics}
-    if "warmup" in plan:
-        warmup = dict(plan["warmup"])
-        check: dict[str, Any] = {**warmup.get("health_check", {}), "path": READY_PATH}
-        if protocol == "grpc":
-            check["type"] = "http"
+    check: dict[str, Any] = {"path": READY_PATH, "interval": "500ms", "timeout": "500ms"}
+    if protocol == "grpc":
+        check["type"] = "http"
+    warmup: dict[str, Any] = {"slow_start": "3s"}
+    if not (protocol == "grpc" and registered):
         warmup["health_check"] = check
-        if protocol == "grpc" and registered:
-            del warmup["health_check"]
-        plan["warmup"] = warmup
+    plan["warmup"] = warmup
     return plan
