@@ -244,3 +244,21 @@ def test_a_canary_serving_another_model_name_rolls_back(lab: Lab) -> None:
     since = time.time()
     for name, results in lab.answers_since(since, 20).items():
         assert {r.status for r in results} == {200}, name
+
+
+def test_lab_run_refuses_what_mlserver_cannot_do() -> None:
+    """A scenario that sets a knob only the built-in servers have, or proxyless clients
+    (the built-in model's inputs), is refused in one line naming what runs."""
+    import subprocess
+    import sys
+
+    for extra in (["--scenario", "slow-canary"], ["--proxyless", "1"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "xds_server.cli", "lab", "run", "--models", "mlserver", *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, done.stderr
+        assert "--models mlserver" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
