@@ -315,10 +315,50 @@ def rollout_rows(r: pb.Rollout) -> list[tuple[Any, ...]]:
     return rows
 
 
+SIGNAL_HEADERS = [
+    "REGION",
+    "NODES A/U/L",
+    "TARGETS UP",
+    "EVIDENCE AGE",
+    "CANARY ROUTED",
+    "SRM P",
+    "SIGNALS",
+]
+
+
+def signal_rows(r: pb.Rollout) -> list[tuple[Any, ...]]:
+    """Each region's signal health: nodes applied / unknown / lagging, Prometheus's
+    Envoy targets up, the evidence's age, the canary's routed share against its
+    configured one and the SRM test's p-value, and whether the evidence is trusted."""
+    rows = []
+    for reg in r.regions:
+        s = reg.signals
+        nodes = f"{s.nodes_applied}/{s.nodes_unknown}/{s.nodes_lagging}" if s.nodes_known else "-"
+        if not s.read:
+            rows.append((reg.region, nodes, "-", "-", "-", "-", "not read yet"))
+            continue
+        age = f"{s.evidence_age_s:.1f}s" if s.evidence_age_s >= 0 else "none"
+        routed = (
+            f"{s.canary_routed_percent:.1f}% of {s.canary_configured_percent:g}%"
+            if s.canary_routed_percent >= 0
+            else "-"
+        )
+        srm = f"{s.srm_p_value:.2g}" if s.srm_p_value >= 0 else "-"
+        health = s.problem or (s.srm_note if not s.trusted else "ok")
+        rows.append(
+            (reg.region, nodes, f"{s.targets_up}/{s.targets}", age, routed, srm, health[:70])
+        )
+    return rows
+
+
 def rollout_table(r: pb.Rollout) -> str:
-    """One rollout: its phase, then each region's step, weights and canary numbers."""
-    return f"{r.service} {r.canary_version}: {r.phase} ({r.reason})\n" + render_table(
-        ROLLOUT_HEADERS, rollout_rows(r)
+    """One rollout: its phase, then each region's step, weights and canary numbers, and
+    each region's signal health."""
+    return (
+        f"{r.service} {r.canary_version}: {r.phase} ({r.reason})\n"
+        + render_table(ROLLOUT_HEADERS, rollout_rows(r))
+        + "\n"
+        + render_table(SIGNAL_HEADERS, signal_rows(r))
     )
 
 

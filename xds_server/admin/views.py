@@ -16,6 +16,7 @@ from xds_server.outputs.istio_apply import IstioApplier
 from xds_server.rollout.audit import AuditEntry
 from xds_server.rollout.audit_codec import measurements_json, verdict_json, weights_json
 from xds_server.rollout.controller import RolloutController
+from xds_server.rollout.evidence import Verdict
 from xds_server.rollout.ports import Committed, StateStore
 from xds_server.rollout.state import RolloutState, region_split
 from xds_server.spec import MeshSpec
@@ -81,8 +82,39 @@ def rollout_message(view: AdminView, state: RolloutState) -> admin_pb2.Rollout:
                 canary_percent=split["canary"],
                 manual=rs.manual_canary is not None,
                 latest_measurements_json=measured,
+                signals=signal_health(view, region, check.verdict if check else None),
             )
         )
+    return out
+
+
+def signal_health(view: AdminView, region: str, verdict: Verdict | None) -> admin_pb2.SignalHealth:
+    """A region's signal health: its nodes on the current routes (the deciding process's
+    data plane, which counts every replica's nodes), and what the latest check read."""
+    out = admin_pb2.SignalHealth(evidence_age_s=-1, srm_p_value=-1, trusted=True)
+    controller = view.controller
+    if controller is not None:
+        applied, unknown, lagging = controller.dataplane.routes_applied(region).counts
+        out.nodes_known = True
+        out.nodes_applied, out.nodes_unknown, out.nodes_lagging = applied, unknown, lagging
+    if verdict is None or verdict.signals is None:
+        return out
+    s = verdict.signals
+    out.read = True
+    out.evidence_age_s = s.age_s if s.age_s is not None else -1
+    out.scrape_interval_s = s.scrape_interval or 0.0
+    out.targets, out.targets_up, out.resets, out.problem = (
+        s.targets,
+        s.targets_up,
+        s.resets,
+        s.problem,
+    )
+    out.srm_p_value = s.srm_p if s.srm_p is not None else -1
+    out.srm_note = verdict.untrusted if verdict.untrusted.startswith("sample") else s.srm_skipped
+    share = s.canary_share
+    out.canary_routed_percent = share * 100 if share is not None else -1
+    out.canary_configured_percent = s.configured.get("canary", 0.0) * 100
+    out.trusted = not verdict.untrusted
     return out
 
 

@@ -218,6 +218,7 @@ class RegionRollout(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     LATEST_MEASUREMENTS_JSON_FIELD_NUMBER: _builtins.int
     MANUAL_FIELD_NUMBER: _builtins.int
+    SIGNALS_FIELD_NUMBER: _builtins.int
     region: _builtins.str
     phase: _builtins.str
     step: _builtins.int
@@ -230,6 +231,10 @@ class RegionRollout(_message.Message):
     """the last check's canary and baseline numbers"""
     manual: _builtins.bool
     """weights set by hand"""
+    @_builtins.property
+    def signals(self) -> Global___SignalHealth:
+        """whether the region's evidence can be trusted"""
+
     def __init__(
         self,
         *,
@@ -242,14 +247,94 @@ class RegionRollout(_message.Message):
         reason: _builtins.str = ...,
         latest_measurements_json: _builtins.str = ...,
         manual: _builtins.bool = ...,
+        signals: Global___SignalHealth | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["signals", b"signals"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_percent", b"baseline_percent", "canary_percent", b"canary_percent", "latest_measurements_json", b"latest_measurements_json", "manual", b"manual", "phase", b"phase", "production_percent", b"production_percent", "reason", b"reason", "region", b"region", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_percent", b"baseline_percent", "canary_percent", b"canary_percent", "latest_measurements_json", b"latest_measurements_json", "manual", b"manual", "phase", b"phase", "production_percent", b"production_percent", "reason", b"reason", "region", b"region", "signals", b"signals", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RegionRollout: _TypeAlias = RegionRollout  # noqa: Y015
+
+@_typing.final
+class SignalHealth(_message.Message):
+    """One region's signal health (issue 27): the data plane's nodes on the current routes,
+    and, from the latest check, how fresh Prometheus's samples of its Envoys were, its
+    targets, and the sample-ratio mismatch test of the requests Envoy routed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODES_KNOWN_FIELD_NUMBER: _builtins.int
+    NODES_APPLIED_FIELD_NUMBER: _builtins.int
+    NODES_UNKNOWN_FIELD_NUMBER: _builtins.int
+    NODES_LAGGING_FIELD_NUMBER: _builtins.int
+    READ_FIELD_NUMBER: _builtins.int
+    EVIDENCE_AGE_S_FIELD_NUMBER: _builtins.int
+    SCRAPE_INTERVAL_S_FIELD_NUMBER: _builtins.int
+    TARGETS_FIELD_NUMBER: _builtins.int
+    TARGETS_UP_FIELD_NUMBER: _builtins.int
+    RESETS_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
+    SRM_P_VALUE_FIELD_NUMBER: _builtins.int
+    SRM_NOTE_FIELD_NUMBER: _builtins.int
+    CANARY_ROUTED_PERCENT_FIELD_NUMBER: _builtins.int
+    CANARY_CONFIGURED_PERCENT_FIELD_NUMBER: _builtins.int
+    TRUSTED_FIELD_NUMBER: _builtins.int
+    nodes_known: _builtins.bool
+    """false: the data plane was not asked (a follower)"""
+    nodes_applied: _builtins.int
+    nodes_unknown: _builtins.int
+    """their replica is gone or silent"""
+    nodes_lagging: _builtins.int
+    """not ACKed yet"""
+    read: _builtins.bool
+    """false: no check has read the signals yet"""
+    evidence_age_s: _builtins.float
+    """the oldest Envoy target's newest sample; -1: none"""
+    scrape_interval_s: _builtins.float
+    targets: _builtins.int
+    targets_up: _builtins.int
+    resets: _builtins.int
+    problem: _builtins.str
+    """stale / partial / reset / unreadable; "": fresh"""
+    srm_p_value: _builtins.float
+    """-1: not tested"""
+    srm_note: _builtins.str
+    """why not tested, or the mismatch"""
+    canary_routed_percent: _builtins.float
+    """of the requests routed to the service's pools"""
+    canary_configured_percent: _builtins.float
+    trusted: _builtins.bool
+    """the latest verdict was not held on its evidence"""
+    def __init__(
+        self,
+        *,
+        nodes_known: _builtins.bool = ...,
+        nodes_applied: _builtins.int = ...,
+        nodes_unknown: _builtins.int = ...,
+        nodes_lagging: _builtins.int = ...,
+        read: _builtins.bool = ...,
+        evidence_age_s: _builtins.float = ...,
+        scrape_interval_s: _builtins.float = ...,
+        targets: _builtins.int = ...,
+        targets_up: _builtins.int = ...,
+        resets: _builtins.int = ...,
+        problem: _builtins.str = ...,
+        srm_p_value: _builtins.float = ...,
+        srm_note: _builtins.str = ...,
+        canary_routed_percent: _builtins.float = ...,
+        canary_configured_percent: _builtins.float = ...,
+        trusted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary_configured_percent", b"canary_configured_percent", "canary_routed_percent", b"canary_routed_percent", "evidence_age_s", b"evidence_age_s", "nodes_applied", b"nodes_applied", "nodes_known", b"nodes_known", "nodes_lagging", b"nodes_lagging", "nodes_unknown", b"nodes_unknown", "problem", b"problem", "read", b"read", "resets", b"resets", "scrape_interval_s", b"scrape_interval_s", "srm_note", b"srm_note", "srm_p_value", b"srm_p_value", "targets", b"targets", "targets_up", b"targets_up", "trusted", b"trusted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignalHealth: _TypeAlias = SignalHealth  # noqa: Y015
 
 @_typing.final
 class Rollout(_message.Message):
