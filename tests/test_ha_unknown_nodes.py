@@ -17,6 +17,7 @@ import contextlib
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,7 @@ from tests.test_ha_faults import (
 from xds_server.lab.layout import MeshOptions
 from xds_server.lab.mesh import LocalMesh
 from xds_server.lab.procs import Envoy, free_port
-from xds_server.lab.scenarios import LAB_PLAN
+from xds_server.lab.scenarios import FAST_PLAN, LAB_PLAN
 from xds_server.lab.traffic import canary_share
 from xds_server.render.bootstrap import BootstrapOptions
 from xds_server.rollout.audit import AuditEntry
@@ -106,7 +107,19 @@ def synced_on(mesh: LocalMesh, envoy: Envoy, replica: str) -> bool:
 
 
 def options() -> MeshOptions:
-    return ha_options(TWO)
+    """The HA tests' mesh and fast plan, its latency limits loose: this test is about
+    which traffic is evidence, and on a shared 2-core machine a healthy canary's
+    latency next to its baseline's is noise (a false "latency high" is the judge's
+    question, benchmarks/judge_power.py). Errors and throughput are still judged."""
+    guardrails = FAST_PLAN["guardrails"]
+    tenants = guardrails["tenants"]
+    loose = {name: {"max_p99_ms": 5000} for name in tenants["budgets"]}
+    plan = {
+        **FAST_PLAN,
+        "guardrails": {**guardrails, "max_p99_ms": 5000, "tenants": {**tenants, "budgets": loose}},
+        "analysis": {"metrics": {"error_rate": FAST_PLAN["analysis"]["metrics"]["error_rate"]}},
+    }
+    return replace(ha_options(TWO), rollout=plan)
 
 
 def _moved_to(entry: AuditEntry, region: str, step: int) -> bool:
