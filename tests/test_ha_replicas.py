@@ -29,8 +29,9 @@ from xds_server.lab.etcd import EtcdCluster
 from xds_server.lab.procs import Process, free_port, http_get
 from xds_server.spec import validate_spec
 from xds_server.xds.dataplane import Applied, Pending
-from xds_server.xds.publisher import XdsPublisher
+from xds_server.xds.publisher import XdsPublisher, judge_routes
 from xds_server.xds.resources import ROUTE_CONFIG_NAME
+from xds_server.xds.status import NodeStatus, TypeStatus
 from xds_server.xds.types import CLUSTER, ENDPOINT, ROUTE
 
 REGIONS = ("us-east", "eu-west")
@@ -302,3 +303,18 @@ def test_the_nodes_of_a_silent_or_gone_replica_are_unknown_until_seen_applying()
     store.view.departed["frozen"] = (store.view.departed["frozen"][0], time.monotonic() - 301)
     assert isinstance(dataplane.routes_applied("us-east"), Applied)
     store.close()
+
+
+def test_ack_timeout_for_unknown_nodes_counts_from_when_they_went_unknown() -> None:
+    """Routes applied long ago, then a replica lost: its nodes are waited for from the
+    loss (a long step is not failed at once); a node that has not ACKed the routes
+    still counts from their publish."""
+    n = NodeStatus(1, "e1", "us-east", 0.0, user_agent="envoy/1.40.0")
+    n.types[ROUTE] = TypeStatus(acked_version="old")
+    held = judge_routes("v", 100.0, [], ("e2 (replica x gone 1.0s ago)",), 150.0)
+    assert isinstance(held, Pending) and held.since == 150.0 and held.counts == (0, 1, 0)
+    lagging = judge_routes("v", 100.0, [n], ("e2 (replica x gone 1.0s ago)",), 150.0)
+    assert isinstance(lagging, Pending) and lagging.since == 100.0
+    assert lagging.counts == (0, 1, 1) and lagging.waiting_for().startswith("unknown: e2")
+    fresh = judge_routes("v", 200.0, [], ("e2 (replica x gone 1.0s ago)",), 150.0)
+    assert isinstance(fresh, Pending) and fresh.since == 200.0

@@ -176,21 +176,24 @@ class Directory:
             if not doc.get("regions") or region in doc["regions"]
         ]
 
-    def region_nodes(self, region: str) -> tuple[list[NodeStatus], dict[str, str]]:
+    def region_nodes(self, region: str) -> tuple[list[NodeStatus], dict[str, tuple[str, float]]]:
         """The region's nodes on other replicas: (those on replicas heard from recently,
-        as they last published them; node id -> why it is unknown, for the nodes known
-        only from a replica that is silent (its key not rewritten for two heartbeats) or
-        gone within NODE_MEMORY)."""
+        as they last published them; node id -> (why it is unknown, since when: wall
+        clock), for the nodes known only from a replica that is silent (its key not
+        rewritten for two heartbeats) or gone within NODE_MEMORY)."""
         now = time.monotonic()
+        wall = time.time() - now  # (monotonic -> wall clock)
         seen: dict[str, NodeStatus] = {}
-        unknown: dict[str, str] = {}
+        unknown: dict[str, tuple[str, float]] = {}
         for rid, doc in self.others().items():
-            quiet = now - self.store.view.heard.get(rid, (0, now))[1]
+            heard = self.store.view.heard.get(rid, (0, now))[1]
+            quiet = now - heard
             beat = doc.get("heartbeat")
             silent = isinstance(beat, (int, float)) and quiet > 2 * beat + 0.5
             for n in _judged(doc, region, rid):
                 if silent:
-                    unknown.setdefault(n.node_id, f"replica {rid} silent for {quiet:.1f}s")
+                    why = f"replica {rid} silent for {quiet:.1f}s"
+                    unknown.setdefault(n.node_id, (why, wall + heard))
                 else:
                     before = seen.get(n.node_id)
                     if before is None or n.connected_since >= before.connected_since:
@@ -199,7 +202,8 @@ class Directory:
             if rid == self.info.replica_id or now - gone > NODE_MEMORY:
                 continue
             for n in _judged(doc, region, rid):
-                unknown.setdefault(n.node_id, f"replica {rid} gone {now - gone:.1f}s ago")
+                why = f"replica {rid} gone {now - gone:.1f}s ago"
+                unknown.setdefault(n.node_id, (why, wall + gone))
         return list(seen.values()), {k: v for k, v in unknown.items() if k not in seen}
 
 
@@ -269,19 +273,20 @@ class ClusterDataPlane:
     def routes_applied(self, region: str) -> RouteStatus:
         """Every node of the region on a replica heard from (this one's, then others'),
         and, as unknown, the nodes known only from a silent or gone replica: they hold
-        the region until seen applying the routes somewhere (`Pending.unknown`)."""
+        the region until seen applying the routes somewhere (`Pending.unknown`), and
+        `ack_timeout` runs from when they went unknown when the routes are older (a
+        replica lost in the middle of a long step is waited for, not failed at once)."""
         local = self.publisher.nodes.judged(region, ROUTE)
         local_ids = {n.node_id for n in local}
         seen, silent = self.directory.region_nodes(region)
         remote = [n for n in seen if n.node_id not in local_ids]
-        unknown = tuple(
-            f"{node} ({why})" for node, why in sorted(silent.items()) if node not in local_ids
-        )
+        silent = {node: v for node, v in silent.items() if node not in local_ids}
         return judge_routes(
             self.publisher.snapshot(region).type_version(ROUTE),
             self.publisher.routes_published(region),
             [*local, *remote],
-            unknown,
+            tuple(f"{node} ({why})" for node, (why, _) in sorted(silent.items())),
+            min((since for _, since in silent.values()), default=None),
         )
 
     def node_status(self, region: str | None = None) -> list[NodeStatus]:

@@ -34,7 +34,8 @@ class Pending:
 
     version: str
     since: float
-    """When these routes were published."""
+    """When these routes were published (or, when only unknown nodes hold them, when the
+    first of those went unknown, if later): what `ack_timeout` counts from."""
     lagging: tuple[str, ...]
     """Nodes seen (on a replica that is heard from) that have not ACKed these routes."""
     unknown: tuple[str, ...] = ()

@@ -346,10 +346,13 @@ def judge_routes(
     published: float,
     nodes: Iterable[NodeStatus],
     unknown: tuple[str, ...] = (),
+    unknown_since: float | None = None,
 ) -> RouteStatus:
     """Where these nodes stand on routes `version`, published at `published`; `unknown`:
     nodes not heard from (their replica is gone or silent), each 'NODE (why)', which
-    keep the routes pending whatever the others did."""
+    keep the routes pending whatever the others did. The pending routes' clock
+    (`Pending.since`, what `ack_timeout` counts from) starts at the publish, or, when
+    only unknown nodes hold them, when the first went unknown if that is later."""
     nodes = list(nodes)
     for n in nodes:
         ts = n.types[ROUTE]
@@ -357,7 +360,10 @@ def judge_routes(
             return Rejected(version, n.node_id, ts.nack_error, n.identity)
     lagging = tuple(n.node_id for n in nodes if n.types[ROUTE].acked_version != version)
     if lagging or unknown:
-        return Pending(version, published, lagging, unknown, len(nodes) - len(lagging))
+        since = published
+        if not lagging and unknown_since is not None:
+            since = max(published, unknown_since)
+        return Pending(version, since, lagging, unknown, len(nodes) - len(lagging))
     acked = [t for n in nodes if (t := n.types[ROUTE].acked_at) is not None]
     return Applied(version, max([published, *acked]), len(nodes))
 
