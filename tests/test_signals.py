@@ -211,3 +211,64 @@ def test_requests_sent_to_a_pool_at_weight_zero_are_a_mismatch() -> None:
     off = {"production": 1000.0, "baseline": 500.0, "canary": 500.0}
     v = verdict(fresh(off, configured=at_half))
     assert v.outcome == NO_DATA and "canary 25.0% of routed requests, configured 50%" in v.reason
+
+
+# ---- reading the signals (Prometheus's answers, as its API returns them) ----
+
+
+def answers(ages: dict[str, float], up: dict[str, float], resets: float = 0.0):
+    """A stand-in for one instant query's raw result, keyed by what each query asks."""
+
+    def vector(promql: str, _client: object) -> list[dict[str, object]]:
+        def rows(values: dict[str, float]) -> list[dict[str, object]]:
+            return [
+                {"metric": {"job": "envoy", "instance": i}, "value": [0, str(v)]}
+                for i, v in values.items()
+            ]
+
+        if promql.startswith("time() - max by"):
+            return rows(ages)
+        if promql.startswith("time() - timestamp"):
+            return rows({i: a for i, a in ages.items() if a < 300})
+        if promql.startswith("min by (job, instance) (up"):
+            return rows(up)
+        if promql.startswith("sum(resets("):
+            return [{"metric": {}, "value": [0, str(resets)]}]
+        pool = "canary" if "upstream_rq_total" in promql else ""
+        return (
+            [{"metric": {"envoy_cluster_name": f"svc|{pool}"}, "value": [0, "10"]}] if pool else []
+        )
+
+    return vector
+
+
+@pytest.mark.parametrize(
+    ("ages", "up", "resets", "problem"),
+    [
+        ({"a": 0.5, "b": 1.1}, {"a": 1, "b": 1}, 0, ""),
+        (
+            {"a": 0.5, "b": 9.0},
+            {"a": 1},
+            0,
+            "stale: 1 of 2 Envoy targets of r not scraped for 9.0s",
+        ),
+        (
+            {"a": 0.5, "b": 1.0},
+            {"a": 1, "b": 0},
+            0,
+            "partial: 1 of 2 Envoy targets of r down: envoy/b",
+        ),
+        ({"a": 0.5}, {"a": 1}, 2, "counter reset within the step (2 in r): an Envoy restarted"),
+        ({}, {}, 0, "no Envoy target of r scraped by Prometheus in the last 300s"),
+    ],
+)
+def test_stale_partial_and_reset_targets_say_why(
+    ages: dict[str, float], up: dict[str, float], resets: float, problem: str
+) -> None:
+    from xds_server.rollout.signals import EnvoyJobs, read_signals
+
+    s = read_signals(
+        answers(ages, up, resets), None, EnvoyJobs(("envoy",), 1.0), "r", "svc", 10, SHARES
+    )
+    assert s.problem.startswith(problem) and bool(s.problem) == bool(problem)
+    assert s.targets == len(ages) and s.sent == {"canary": 10.0}
