@@ -130,6 +130,16 @@ def test_an_operator_follows_and_steers_a_rollout_in_the_browser(
     page.goto(f"{mesh.layout.dashboard_url}#/rollout/recommender")
     expect(page.locator("#actions-off")).to_be_visible()
     expect(page.locator("#action-pause")).to_have_count(0)
+    # Each region's signals panel: its node applied, its Envoy target up, fresh evidence.
+    panel = page.locator('.signals[data-region="us-east"]')
+    expect(panel.locator('tr[data-signal="nodes"] td')).to_have_text(
+        "1 applied / 0 unknown / 0 lagging"
+    )
+    expect(panel.locator('tr[data-signal="targets up"] td')).to_have_text("1 of 1")
+    expect(panel.locator('tr[data-signal="verdict"] td')).to_have_text("trusted")
+    expect(panel.locator('tr[data-signal="canary routed"] td')).to_contain_text(
+        "% of 20% configured"
+    )
     status, body = request(
         f"{mesh.layout.dashboard_url}api/rollouts/recommender/pause",
         "POST",

@@ -279,6 +279,29 @@ function actionsPanel(page) {
     msg ? h("div", { class: `message ${msg.error ? "error" : ""}`, id: "action-message" }, msg.text) : null);
 }
 
+// One region's signal health (issue 27): can its evidence be trusted? Nodes applied /
+// unknown / lagging on the current routes, Prometheus's Envoy targets up, the evidence's
+// age, the canary's routed share against its configured one (the SRM test's p-value).
+function signalsPanel(reg) {
+  const s = reg.signals || {};
+  const nodes = s.nodes_known ? `${s.nodes_applied} applied / ${s.nodes_unknown} unknown / ${s.nodes_lagging} lagging` : "not known here";
+  const row = (name, value, bad) => h("tr", { "data-signal": name, class: bad ? "signal-bad" : "" },
+    h("th", {}, name), h("td", {}, value));
+  const rows = [row("nodes", nodes, s.nodes_known && (s.nodes_unknown > 0 || s.nodes_lagging > 0))];
+  if (!s.read) {
+    rows.push(row("evidence", "not read yet", false));
+  } else {
+    rows.push(row("targets up", `${s.targets_up} of ${s.targets}`, s.targets_up < s.targets || s.targets === 0));
+    rows.push(row("evidence age", s.evidence_age_s >= 0 ? `${fmtNum(s.evidence_age_s)} s (scrape ${fmtNum(s.scrape_interval_s)} s)` : "no sample",
+      s.evidence_age_s < 0 || s.evidence_age_s > 2 * s.scrape_interval_s));
+    rows.push(row("canary routed", s.canary_routed_percent >= 0 ? `${pct(s.canary_routed_percent)} of ${pct(s.canary_configured_percent)} configured` : "no requests yet", false));
+    rows.push(row("SRM p-value", s.srm_p_value >= 0 ? fmtNum(s.srm_p_value) : (s.srm_note || "not tested"), !s.trusted && !s.problem));
+    rows.push(row("verdict", s.trusted ? "trusted" : (s.problem || s.srm_note), !s.trusted));
+  }
+  return h("div", { class: `signals ${s.read && !s.trusted ? "untrusted" : ""}`, "data-region": reg.region },
+    h("h3", {}, "signals"), h("table", {}, rows));
+}
+
 function renderRollout(main, r) {
   const page = state.page;
   if (!page) { main.appendChild(h("p", { class: "muted" }, `no rollout of ${r.service}`)); return; }
@@ -307,6 +330,7 @@ function renderRollout(main, r) {
           [{ label: "max_error_rate", value: g.max_error_rate }], s.markers, t0, t1),
         chart("p99 ms", [{ name: "canary", cls: "canary", points: s.canaryP99 }, { name: s.comparator, cls: "comparator", points: s.compP99 }],
           [{ label: "max_p99_ms", value: g.max_p99_ms }], s.markers, t0, t1)),
+      signalsPanel(reg),
       h("p", { class: "region-reason" }, reg.reason)));
   }
   main.appendChild(h("h2", {}, "Checks (latest per region)"));
