@@ -259,3 +259,25 @@ def test_a_registered_instance_brings_its_health_port_to_envoy() -> None:
         for lb in cla.endpoints[0].lb_endpoints  # type: ignore[attr-defined]
     }
     assert ports == {9005: 9006, 9007: 9100}  # its own, else the check's
+
+
+def test_a_pool_may_have_a_check_of_its_own() -> None:
+    """`pools.<pool>.health_check` replaces the service's for that pool: a canary served
+    by another server (another model name) is asked what it answers."""
+    d = doc(None, health_check={"type": "oip", "model": "iris"})
+    spec = validate_spec(d, "mesh.yaml")
+    svc = spec.services[0]
+    assert svc.rollout.warmup.needed  # warm-up runs for the pool's own check
+    assert svc.health_check("production") is None
+    assert canary_check(d).http_health_check.path == "/v2/models/iris/ready"
+    d["rollout"] = {"warmup": {"health_check": {"path": "/v2/health/ready"}}}
+    assert canary_check(d).http_health_check.path == "/v2/models/iris/ready"  # its own wins
+    assert validate_spec(d, "mesh.yaml").services[0].health_check("production").path == (  # type: ignore[union-attr]
+        "/v2/health/ready"
+    )
+    bad = doc(None, health_check={"path": "/ready", "model": "iris"})
+    at = "mesh.yaml: services[0].pools.canary.health_check.model: "
+    assert any(line.startswith(at) for line in problems(bad))
+    grpc = doc({"type": "oip", "model": "iris"}, "grpc", health_check={"type": "http"})
+    at = "mesh.yaml: services[0].pools.canary.health_check.port: required"
+    assert any(line.startswith(at) for line in problems(grpc)), problems(grpc)

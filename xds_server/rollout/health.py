@@ -55,7 +55,7 @@ async def production_fails(
 ) -> str | None:
     """Why the warm-up's check is misconfigured (no production host of the region passes
     it: each host and its cause), or None (one passes, or nothing to check)."""
-    hc = svc.rollout.warmup.health_check
+    hc = svc.health_check("production")
     hosts = _hosts(svc, "production", region)
     if hc is None or not hosts:
         return None
@@ -72,7 +72,7 @@ async def why_unhealthy(
     prober: HostProber, svc: Service, pool: str, region: str, timeout: float
 ) -> str:
     """The pool's hosts that fail the check now, each with its cause ("" if none does)."""
-    hc = svc.rollout.warmup.health_check
+    hc = svc.health_check(pool)
     hosts = _hosts(svc, pool, region)
     if hc is None or not hosts:
         return ""
@@ -109,7 +109,7 @@ class HealthBook:
         now: float,
     ) -> tuple[int, int, str]:
         """(hosts, healthy hosts, the unhealthy ones and their causes)."""
-        hc = svc.rollout.warmup.health_check
+        hc = svc.health_check(pool)
         hosts = _hosts(svc, pool, region)
         if hc is None or not hosts:
             return len(hosts), len(hosts), ""

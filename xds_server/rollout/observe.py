@@ -50,8 +50,8 @@ def comparator_pool(svc: Service, split: Split) -> str | None:
 
 def _probe_timeout(svc: Service) -> float:
     """The control plane's probes within the observation's budget (one interval)."""
-    hc = svc.rollout.warmup.health_check
-    return min(hc.timeout if hc else 1.0, max(svc.rollout.interval, 0.5) / 3)
+    checks = [hc.timeout for p in svc.pools if (hc := svc.health_check(p)) is not None]
+    return min([*checks, 1.0, max(svc.rollout.interval, 0.5) / 3])
 
 
 def _unanswered(obs: Observation, budget: float) -> Observation:
@@ -294,11 +294,11 @@ class Observer:
             hosts = self.dataplane.pool_hosts(region, cluster_name(svc.name, pool))
             if pool in svc.pools and hosts == 0:
                 waiting.append(f"{pool}: no registered host in {region} yet")
-        if plan.warmup.health_check is None or waiting:
+        if waiting:
             return waiting
         timeout = _probe_timeout(svc)
         for pool in ("canary", "baseline"):
-            if pool not in svc.pools:
+            if pool not in svc.pools or svc.health_check(pool) is None:
                 continue
             why = ""
             if envoy_health_check(svc, pool) is None:  # a check only the control plane asks

@@ -30,11 +30,12 @@ from xds_server.spec.model import (
     SpecProblem,
 )
 from xds_server.spec.notifications import parse_notifications
-from xds_server.spec.plan import check_health, parse_plan
+from xds_server.spec.plan import check_health, parse_health_check, parse_plan
 from xds_server.spec.rollout import (
     DEFAULT_QUERIES,
     GRPC_SERVER_FAULTS,
     GRPC_STATUS_CODES,
+    HealthCheck,
     RolloutPlan,
     grpc_queries,
 )
@@ -198,13 +199,11 @@ class _MeshParser:
         error_codes = self._grpc(m.get("grpc"), join(path, "grpc"), protocol)
         if name is None or pools is None or protocol is None:
             return None
-        check_health(
-            self.c,
-            plan.warmup.health_check,
-            name,
-            protocol == Protocol.GRPC,
-            _health_ports(pools, join(path, "pools")),
-        )
+        if any(p.health_check is not None for p in pools.values()):
+            plan = dataclasses.replace(
+                plan, warmup=dataclasses.replace(plan.warmup, pool_checks=True)
+            )
+        self._check_health(pools, plan, name, protocol, join(path, "pools"))
         if protocol == Protocol.GRPC:
             plan = _with_grpc_queries(plan, error_codes)
         if any(pools[p].registered for p in ("canary", "baseline") if p in pools):
@@ -257,8 +256,22 @@ class _MeshParser:
                     out[pool_name] = pool
         return out if "production" in out else None
 
+    def _check_health(
+        self, pools: dict[str, Pool], plan: RolloutPlan, name: str, protocol: Protocol, path: str
+    ) -> None:
+        """Each warm-up check against the pools it checks (its own, or the service's for
+        the pools without one): their endpoints' health ports, the service's protocol."""
+        by_check: dict[int, tuple[HealthCheck | None, dict[str, bool]]] = {}
+        for pool_name, pool in pools.items():
+            hc = pool.health_check or plan.warmup.health_check
+            ports = _health_ports(pool_name, pool, path)
+            entry = by_check.setdefault(id(hc), (hc, {}))
+            entry[1].update(ports)
+        for hc, ports in by_check.values():
+            check_health(self.c, hc, name, protocol == Protocol.GRPC, ports)
+
     def _pool(self, name: str, value: Any, path: str) -> Pool | None:
-        m = self.c.mapping(value, path, ("version", "endpoints"))
+        m = self.c.mapping(value, path, ("version", "endpoints", "health_check"))
         if not m:
             return None
         version = m.get("version")
@@ -271,12 +284,15 @@ class _MeshParser:
                 f"bad version {version!r}: expected a short string such as v1 or 2024-05-01",
             )
             version = None
+        hc = None
+        if m.get("health_check") not in (None, False):
+            hc = parse_health_check(self.c, m["health_check"], join(path, "health_check"))
         if "endpoints" not in m:  # the registry's instances (replicas on etcd)
-            return None if version is None else Pool(name, version, {}, registered=True)
+            return None if version is None else Pool(name, version, {}, True, hc)
         endpoints = self._endpoints(m.get("endpoints"), join(path, "endpoints"))
         if version is None or endpoints is None:
             return None
-        return Pool(name, version, endpoints)
+        return Pool(name, version, endpoints, health_check=hc)
 
     def _endpoints(self, value: Any, path: str) -> dict[str, tuple[Endpoint, ...]] | None:
         if value is None:
@@ -350,15 +366,14 @@ class _MeshParser:
         return Endpoint(host, port)
 
 
-def _health_ports(pools: dict[str, Pool], path: str) -> dict[str, bool]:
+def _health_ports(name: str, pool: Pool, path: str) -> dict[str, bool]:
     """Each endpoint's field -> does it name a `health_port`? (A registered pool's hosts
     bring their own: `register --health-port`.)"""
     out: dict[str, bool] = {}
-    for name, pool in pools.items():
-        for region, eps in pool.endpoints.items():
-            for j, ep in enumerate(eps):
-                where = f"{path}.{name}.endpoints.{region}[{j}]"
-                out[where + ".health_port" if ep.health_port else where] = bool(ep.health_port)
+    for region, eps in pool.endpoints.items():
+        for j, ep in enumerate(eps):
+            where = f"{path}.{name}.endpoints.{region}[{j}]"
+            out[where + ".health_port" if ep.health_port else where] = bool(ep.health_port)
     return out
 
 

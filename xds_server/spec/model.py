@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from xds_server.spec.rollout import GRPC_SERVER_FAULTS, RolloutPlan
+from xds_server.spec.rollout import GRPC_SERVER_FAULTS, HealthCheck, RolloutPlan
 
 POOL_NAMES: tuple[str, ...] = ("production", "baseline", "canary")
 """The pools a service may have, in the order they are listed everywhere."""
@@ -48,6 +48,9 @@ class Pool:
     registered: bool = False
     """No `endpoints:` in the spec: the pool's hosts are the registry's instances of its
     service and version, region by region (replicas on etcd)."""
+    health_check: HealthCheck | None = None
+    """The pool's own warm-up check (`pools.<pool>.health_check`), in place of the
+    service's: its servers answer another one (another model name, another server)."""
 
 
 NOTIFY_EVENTS: tuple[str, ...] = (
@@ -106,6 +109,11 @@ class Service:
 
     def pool_names(self) -> tuple[str, ...]:
         return tuple(self.pools)
+
+    def health_check(self, pool: str) -> HealthCheck | None:
+        """The warm-up's check of a pool: its own, else the service's (None: none)."""
+        own = self.pools[pool].health_check if pool in self.pools else None
+        return own if own is not None else self.rollout.warmup.health_check
 
     @property
     def canary_version(self) -> str | None:

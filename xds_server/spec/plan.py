@@ -450,7 +450,7 @@ def _warmup(c: Checker, value: Any, path: str, base: Warmup) -> Warmup:
         if hc is None or hc is False:
             changes["health_check"] = None
         else:
-            changes["health_check"] = _health_check(
+            changes["health_check"] = parse_health_check(
                 c, {} if hc is True else hc, f"{path}.health_check"
             )
     if "min_healthy" in m:
@@ -484,7 +484,10 @@ def _shadow(c: Checker, value: Any, path: str) -> dict[str, float]:
     return out
 
 
-def _health_check(c: Checker, value: Any, path: str) -> HealthCheck:
+def parse_health_check(c: Checker, value: Any, path: str) -> HealthCheck:
+    """A `health_check:` mapping (`true`: every default), at `path`."""
+    if value is True:
+        value = {}
     m = c.mapping(value, path, [f.name for f in fields(HealthCheck) if f.init and f.compare])
     changes: dict[str, Any] = {"where": path, "given": frozenset(m)}
     for key, v in m.items():

@@ -432,11 +432,18 @@ class Warmup:
     registered_hosts: bool = False
     """The canary or baseline pool takes its hosts from the registry (it lists no
     endpoints): weight waits until each has a registered host in the region."""
+    pool_checks: bool = False
+    """A pool has a check of its own (`pools.<pool>.health_check`): warm-up runs for it
+    even without the service's."""
 
     @property
     def needed(self) -> bool:
         return bool(
-            self.health_check or self.shadow_duration or self.webhooks or self.registered_hosts
+            self.health_check
+            or self.pool_checks
+            or self.shadow_duration
+            or self.webhooks
+            or self.registered_hosts
         )
 
 

@@ -22,7 +22,7 @@ def envoy_health_check(svc: Service, pool: str) -> HealthCheck | None:
     """The warm-up check Envoy runs on a pool's hosts; None for production, without a
     check, and for an `oip` check of a gRPC host's traffic port (`ModelReady`: Envoy's
     gRPC checks speak `grpc.health.v1` only, so the control plane asks it itself)."""
-    hc = svc.rollout.warmup.health_check
+    hc = svc.health_check(pool)
     if hc is None or pool not in WARMING_POOLS:
         return None
     grpc = svc.protocol == Protocol.GRPC
