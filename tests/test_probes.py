@@ -11,6 +11,7 @@ import socket
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import replace
+from typing import Any
 
 import grpc
 import pytest
@@ -169,3 +170,38 @@ def test_the_control_plane_keeps_envoys_arithmetic_for_the_hosts_it_checks(
     assert (total, ok) == (1, 0) and "passed 1 of 2 times in a row" in why
     assert asyncio.run(check(100.5))[1] == 0  # within the interval: not asked again
     assert asyncio.run(check(101.0))[:2] == (1, 1)
+
+
+def test_production_that_does_not_answer_at_all_is_no_evidence_against_the_check() -> None:
+    """A control plane that cannot reach the hosts (another network than its Envoys')
+    must not call every check misconfigured; a host that refuses, or answers no, does."""
+    from xds_server.rollout.health import production_fails
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        quiet = f"127.0.0.1:{silent.getsockname()[1]}"
+        svc = _service_with_production(quiet)
+        assert asyncio.run(production_fails(NetworkProber(), svc, "us-east", 0.3)) is None
+    refused = f"127.0.0.1:{free_port()}"
+    why = asyncio.run(
+        production_fails(NetworkProber(), _service_with_production(refused), "us-east", 0.3)
+    )
+    assert why is not None and f"{refused}: connection refused" in why and "misconfigured" in why
+
+
+def _service_with_production(address: str) -> Any:
+    doc = {
+        "regions": ["us-east"],
+        "rollout": {"warmup": {"health_check": {}}},
+        "services": [
+            {
+                "name": MODEL,
+                "pools": {
+                    "production": {"version": "v1", "endpoints": {"us-east": [address]}},
+                    "canary": {"version": "v2", "endpoints": {"us-east": ["127.0.0.1:1"]}},
+                },
+            }
+        ],
+    }
+    return validate_spec(doc, "mesh.yaml").services[0]

@@ -15,11 +15,14 @@ Three things the control plane asks hosts itself, with the spec's own check:
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 
 from xds_server.rollout.ports import HostProber
-from xds_server.rollout.probes import describe
+from xds_server.rollout.probes import describe, unreached
 from xds_server.spec import Endpoint, HealthCheck, Protocol, Service
+
+log = logging.getLogger("xds_server.warmup")
 
 
 def _hosts(svc: Service, pool: str, region: str) -> tuple[Endpoint, ...]:
@@ -54,7 +57,8 @@ async def production_fails(
     prober: HostProber, svc: Service, region: str, timeout: float
 ) -> str | None:
     """Why the warm-up's check is misconfigured (no production host of the region passes
-    it: each host and its cause), or None (one passes, or nothing to check)."""
+    it: each host and its cause), or None (one passes, nothing to check, or no host
+    answered at all: timeouts and unreachable hosts say nothing about the check)."""
     hc = svc.health_check("production")
     hosts = _hosts(svc, "production", region)
     if hc is None or not hosts:
@@ -62,9 +66,17 @@ async def production_fails(
     causes = await probe_hosts(prober, hc, svc, hosts, timeout)
     if any(cause is None for cause in causes):
         return None
+    named = _named(hc, svc, hosts, causes)
+    if all(cause is not None and unreached(cause) for cause in causes):
+        # The control plane may not reach the hosts at all (another network than its
+        # Envoys'): no evidence against the check; the warming pools' checks decide.
+        log.warning(
+            "%s %s: production's hosts did not answer the probe: %s", svc.name, region, named
+        )
+        return None
     return (
         f"the warm-up health check fails on production's serving hosts in {region} too, "
-        f"so the check is misconfigured (no weight moved): {_named(hc, svc, hosts, causes)}"
+        f"so the check is misconfigured (no weight moved): {named}"
     )
 
 

@@ -30,6 +30,16 @@ SERVING = 1
 _HEALTH_STATUSES = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
 
 
+UNREACHED = ("timeout", "cannot connect", "UNAVAILABLE")
+"""How the causes begin when nothing answered (no route, no answer in time): the probe
+says nothing about the check then. "connection refused" is an answer: nothing listens
+on that port of that host."""
+
+
+def unreached(cause: str) -> bool:
+    return cause.startswith(UNREACHED)
+
+
 def check_port(hc: HealthCheck, ep: Endpoint) -> int:
     """The port a host is checked on: its own health port, else the check's, else its
     traffic port (what Envoy's `health_check_config.port_value` does too)."""
