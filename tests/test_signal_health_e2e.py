@@ -11,6 +11,9 @@ Prometheus scraping them every second, steady load.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +25,8 @@ from xds_server.lab.procs import Envoy, http_get
 from xds_server.lab.scenarios import FAST_PLAN
 from xds_server.spec import load_spec
 
+XDSCTL = [sys.executable, "-m", "xds_server.ctl"]
+GET = ("rollout", "get", "recommender")
 SRM_PLAN = {**FAST_PLAN, "steps": [20, 100], "step_duration": "60s", "max_hold": "8s"}
 """One analysed step long enough for the mismatch to show (the region sends the canary
 10% where 20% is configured), and a short max_hold so the pause comes soon."""
@@ -51,6 +56,7 @@ def test_an_envoy_off_the_configured_split_holds_the_step_on_a_sample_ratio_mism
             mesh.processes.envoys[1] = envoy  # stopped with the mesh
             load = mesh.processes.start_load()
             wait_for(lambda: len(load.snapshot()) >= 30, "load through both Envoys", timeout=15)
+            mesh.traffic.wait_latency_series()
             mesh.spec.add_canary()
             state = mesh.state.wait_phase({"paused", "promoted", "rolled_back"}, 60)
         finally:
@@ -72,14 +78,28 @@ def test_an_envoy_off_the_configured_split_holds_the_step_on_a_sample_ratio_mism
         assert f'xds_rollout_signal_targets{{{where},state="up"}} 2.0' in text
         assert f"xds_rollout_signal_trusted{{{where}}} 0.0" in text
         assert f"xds_rollout_signal_srm_p_value{{{where}}}" in text
+        # xdsctl rollout get: the region's SIGNALS row names the mismatch.
+        table = subprocess.run(
+            [*XDSCTL, "--server", f"127.0.0.1:{mesh.layout.admin_port}", *GET],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        row = next(line for line in table.splitlines()[4:] if line.startswith("us-east"))
+        assert "1/0/0" in row and "2/2" in row and "of 20%" in row, table
+        assert "sample ratio mismatch: canary" in row, table
 
 
 def test_a_region_prometheus_stops_scraping_is_no_data_audited_as_stale(tmp_path: Path) -> None:
-    plan = {**FAST_PLAN, "max_hold": "6s"}
+    plan = {**FAST_PLAN, "step_duration": "60s", "max_hold": "6s"}
     opts = MeshOptions(regions=("us-east", "eu-west"), rollout=plan, load_rate=40)
     with LocalMesh(tmp_path / "mesh", opts) as mesh:
         load = mesh.processes.start_load()
         wait_for(lambda: len(load.snapshot()) >= 30, "load through every Envoy", timeout=15)
+        mesh.traffic.wait_latency_series()
+        mesh.spec.add_canary()
+        wait_for(lambda: _checks(mesh, "us-east"), "us-east judged on fresh evidence", timeout=30)
         prometheus = mesh.processes.prometheus
         assert prometheus is not None
         kept = [
@@ -88,9 +108,12 @@ def test_a_region_prometheus_stops_scraping_is_no_data_audited_as_stale(tmp_path
             if not (t.job_name == "envoy" and t.labels.get("region") == "us-east")
         ]
         prometheus.rescrape(kept)
-        mesh.spec.add_canary()
+        # Samples stay fresh for two scrape intervals after the last scrape (and the
+        # look after that one may have started): nothing of us-east passes past this.
+        cut = time.time() + 3.5
         state = mesh.state.wait_phase({"paused", "promoted", "rolled_back"}, 60)
         assert state["phase"] == "paused", state
+        assert "stale" in state["reason"], state["reason"]
         checks = _checks(mesh, "us-east")
         stale = [r for r in checks if "no data: stale: 1 of 1 Envoy targets of us-east" in r]
         assert stale, checks
@@ -98,10 +121,13 @@ def test_a_region_prometheus_stops_scraping_is_no_data_audited_as_stale(tmp_path
         passed = [
             e
             for e in mesh.state.audit()
-            if e.region == "us-east" and e.verdict is not None and e.verdict.outcome == "pass"
+            if e.region == "us-east"
+            and e.time > cut
+            and e.verdict is not None
+            and e.verdict.outcome == "pass"
         ]
         assert passed == []
-        assert "stale" in state["reason"]
-        assert all(r["step"] == 0 for r in state["regions"].values())
-        # eu-west, still scraped, was judged on fresh evidence.
-        assert any("pass" in r for r in _checks(mesh, "eu-west")), _checks(mesh, "eu-west")
+        assert all(r["step"] == 0 for r in state["regions"].values())  # nothing promoted
+        # eu-west, still scraped, is judged on fresh evidence.
+        eu = [e.verdict for e in mesh.state.audit() if e.region == "eu-west" and e.verdict]
+        assert eu and all(not v.untrusted for v in eu), [v.reason for v in eu]
