@@ -14,10 +14,24 @@ UPSTREAM_REQUESTS = (
     'sum(increase(envoy_cluster_upstream_rq_total{{region="{region}",'
     'envoy_cluster_name="{cluster}"}}[{window}]))'
 )
-UPSTREAM_5XX = (
-    'sum(increase(envoy_cluster_upstream_rq_xx{{region="{region}",'
-    'envoy_cluster_name="{cluster}",envoy_response_code_class="5"}}[{window}]))'
+_5XX_SERIES = (
+    'envoy_cluster_upstream_rq_xx{{region="{region}",'
+    'envoy_cluster_name="{cluster}",envoy_response_code_class="5"}}'
 )
+UPSTREAM_5XX = (
+    f"(sum(increase({_5XX_SERIES}[{{window}}])) or vector(0))"
+    f" + (sum((min_over_time({_5XX_SERIES}[{{window}}]) unless {_5XX_SERIES} offset {{window}})"
+    " and on(instance) (envoy_cluster_upstream_rq_total"
+    '{{region="{region}",envoy_cluster_name="{cluster}"}} offset {window})) or vector(0))'
+)
+"""A pool's 5xx answers over the window. Envoy makes a response class's series on its
+first use, and `increase()` cannot count what a series held when it appeared: a
+canary's first errors (all of them, for one scrape interval, and always the first
+sample's count) would read as none, and a step could pass on them. So the value of a
+series born within the window (absent at its start) is added, when its Envoy was
+scraped before the window began (its request counter for the cluster was there: not a
+new Envoy, nor a Prometheus that has just started, whose first samples hold older
+counts). It may count what one scrape interval held before the window, never less."""
 
 
 def delivered_query(errors: str) -> str:
