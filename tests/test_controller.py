@@ -22,6 +22,7 @@ import pytest
 from tests.support import steps
 from xds_server.rollout.audit import AuditEntry
 from xds_server.rollout.controller import RolloutController
+from xds_server.rollout.decision import EntryKind
 from xds_server.rollout.evidence import Measurement, MetricReading
 from xds_server.rollout.ports import Committed, QueryCheck, Where
 from xds_server.rollout.state import (
@@ -612,7 +613,8 @@ def test_abort_rolls_back_everywhere(rig: Rig) -> None:
     assert rig.pushes[-1].urgent and rig.pushes[-1].reason == "rollback"
     stored = rig.store.rollout(SERVICE, CANARY)
     assert stored is not None and stored.reason == "aborted: bad feeling"
-    assert {e.actor for e in rig.store.audit(SERVICE, since=rig.clock())} == {"bob"}
+    entries = rig.store.audit(SERVICE, since=rig.clock())
+    assert {e.actor for e in entries if e.kind != EntryKind.CHECK} == {"bob"}
 
 
 def test_set_weights_pauses_with_the_given_weights(rig: Rig) -> None:
@@ -707,7 +709,8 @@ def test_a_restarted_controller_pushes_exactly_what_was_last_pushed(tmp_path: Pa
 def test_the_judge_runs_once_per_region_per_tick(rig: Rig) -> None:
     """Each tick measures each judged region once: the canary over the window, the canary
     over the step, and its comparator (baseline below 100%; none at 100%); the tick that
-    starts a step's clock measures nothing."""
+    starts a step's clock measures too, the step being a second old (its Envoys applied
+    it a tick ago): a canary failing from the step's first second is seen a look earlier."""
     per_tick: list[dict[str, list[MeasureCall]]] = []
 
     async def body() -> None:
@@ -720,19 +723,20 @@ def test_the_judge_runs_once_per_region_per_tick(rig: Rig) -> None:
 
     run(body())
     canary, baseline = cluster_name(SERVICE, "canary"), cluster_name(SERVICE, "baseline")
-    window = (canary, STEP_DURATION, True, False)  # the guardrails' sliding window
-    step = (canary, STEP_DURATION, False, True)  # the analysis: canary over the step...
-    comparator = (baseline, STEP_DURATION, True, True)  # ...and its comparator
     judged = 0
     for ticks in per_tick:
         if not any(ticks.values()):
             continue
         judged += 1
+        age = 1.0 if judged % 2 else float(STEP_DURATION)  # the step's first look, then its second
+        window = (canary, age, True, False)  # the guardrails' sliding window
+        step = (canary, age, False, True)  # the analysis: canary over the step...
+        comparator = (baseline, age, True, True)  # ...and its comparator
         for region, calls in ticks.items():
             got = sorted((c.cluster, c.window_s, c.p99, c.buckets) for c in calls)
             assert got in (sorted([window, step, comparator]), sorted([window, step])), region
-    assert judged == 3  # one look per step: each passes at its first full step_duration
-    assert [len(t["us-east"]) for t in per_tick] == [0, 3, 0, 3, 0, 2]
+    assert judged == 6  # two looks per step: each passes at its first full step_duration
+    assert [len(t["us-east"]) for t in per_tick] == [3, 3, 3, 3, 2, 2]
     assert rig.metrics.health_calls == 0
     assert len(rig.metrics.check_calls) == len(REGIONS)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -168,7 +169,12 @@ class RolloutController:
                 return
             except Exception:
                 log.exception("controller loop error; continuing")
-            await asyncio.sleep(self.tick_seconds)  # the loop's period, not a wait for state
+            # The loop's period, not a wait for state; shorter when a look is due sooner.
+            soonest = min(
+                (self._next_due.get(s, 0) for s, st in self.rollouts.items() if st.phase in LIVE),
+                default=math.inf,
+            )
+            await asyncio.sleep(min(self.tick_seconds, max(0.01, soonest - self.clock())))
 
     async def reconcile(self) -> None:
         """Start rollouts for new canary versions; retire those the spec no longer has."""
@@ -239,7 +245,8 @@ class RolloutController:
     async def tick(self, service: str) -> None:
         svc = self.spec.service(service)
         plan = svc.rollout
-        self._next_due[service] = self.clock() + plan.interval
+        due = self.clock() + plan.interval
+        self._next_due[service] = due
         state = self.rollouts[service]
         events: dict[str, RegionEvent] = {}
 
@@ -264,6 +271,13 @@ class RolloutController:
         # A quiet tick (nothing recorded, nothing but the clock changed) writes nothing.
         if decision.transitions or replace(decision.state, updated_at=newest.updated_at) != newest:
             self.commit(svc, decision)
+        # The next look, just after the next scrape lands: of the regions on a run of
+        # failures if any (their next look decides a rollback), else of every region.
+        regions = decision.state.regions
+        watched = [r for r, rs in regions.items() if rs.failures and rs.phase in LIVE]
+        self._next_due[service] = self.observer.next_look(
+            service, watched or list(observations), due, plan.interval
+        )
 
     # ---- committing ----
 

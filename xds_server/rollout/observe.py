@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -20,6 +20,7 @@ from xds_server.rollout.health import HealthBook, production_fails, why_unhealth
 from xds_server.rollout.ports import HostProber, MetricSource
 from xds_server.rollout.probes import NetworkProber
 from xds_server.rollout.reads import PairBook, StepRead, read_step
+from xds_server.rollout.scrapes import Scrapes, next_look
 from xds_server.rollout.state import LIVE, RolloutState
 from xds_server.rollout.waves import awaiting_confirmation
 from xds_server.rollout.webhooks import (
@@ -69,13 +70,27 @@ def _step_read(
     region: str,
     obs: Observation,
     now: float,
+    scrapes: Scrapes | None = None,
 ) -> StepRead | None:
     """What to measure of a region whose step's clock runs; None when there is nothing to
-    judge yet (not applied, or the step's clock starts with this observation, or it
-    started less than a second ago)."""
-    started = state.regions[region].step_started
-    if obs.applied_at is None or obs.apply_error or started is None or now - started < 1:
+    judge yet (not applied, or applied less than a second ago: half a scrape interval,
+    when the region's last look told it).
+
+    The step's clock starts when its Envoys applied it (`obs.applied_at`), which the
+    look that starts the clock knows already: that look measures too. The guardrails'
+    window is never shorter than two scrapes (`increase()` needs two samples: a shorter
+    window reads nothing, and a canary failing from the step's first second would be
+    seen a look later), so early in a step it reaches back to the last scrape before
+    the step began, never further: at most one scrape interval of the same canary's
+    requests at the previous weight."""
+    rs = state.regions[region]
+    started = rs.step_started if rs.step_started is not None else obs.applied_at
+    soonest = 1.0 if scrapes is None else min(1.0, scrapes.interval / 2)
+    if obs.applied_at is None or obs.apply_error or started is None or now - started < soonest:
         return None
+    window = min(now - started, svc.rollout.window)
+    if scrapes is not None:
+        window = max(window, min(2 * scrapes.interval, now - started + scrapes.interval))
     split = traffic.effective(svc, region)
     return StepRead(
         svc,
@@ -84,9 +99,9 @@ def _step_read(
         comparator_pool(svc, split),
         started,
         now - started,
-        min(now - started, svc.rollout.window),
+        window,
         split.canary / WEIGHT_TOTAL,
-        state.regions[region].shadowing,
+        rs.shadowing,
         {pool: split.get(pool) / WEIGHT_TOTAL for pool in ("production", "baseline", "canary")},
     )
 
@@ -109,6 +124,8 @@ class Observer:
         self._production_passed: set[tuple[str, str, str]] = set()
         """(service, canary version, region) whose production hosts passed the check."""
         self._health = HealthBook()
+        self._scrapes: dict[tuple[str, str], Scrapes] = {}
+        """(service, region): when the samples its last look read were scraped."""
 
     async def observe(
         self, svc: Service, state: RolloutState, traffic: TrafficState, seen: Seen
@@ -159,7 +176,8 @@ class Observer:
                 # ran out): the step holds, and fails at max_hold.
                 out[region] = replace(obs, no_hosts=f"the canary has no host left in {region}")
                 continue
-            at = _step_read(svc, state, traffic, region, obs, now)
+            scrapes = self._scrapes.get((svc.name, region))
+            at = _step_read(svc, state, traffic, region, obs, now, scrapes)
             if at is not None:
                 pending[asyncio.create_task(self._measure(at, obs))] = region
         return out, pending
@@ -265,7 +283,18 @@ class Observer:
         results = await asyncio.gather(*jobs)
         comparison = Comparison(results[1], results[2] if pool else None, pool or "")
         window, comparison = await read_step(self.metrics, at, self._pairs, results[0], comparison)
+        scrapes = Scrapes.of(comparison.signals, self.clock())
+        if scrapes is None:
+            self._scrapes.pop((svc.name, region), None)
+        else:
+            self._scrapes[(svc.name, region)] = scrapes
         return replace(obs, canary=window, step=comparison)
+
+    def next_look(self, service: str, regions: Iterable[str], due: float, interval: float) -> float:
+        """When the controller should look at `service` next: `due`, or just after the
+        next scrape of `regions`' Envoys lands (scrapes.py), from their last looks."""
+        known = (self._scrapes.get((service, r)) for r in regions)
+        return next_look(due, interval, (s for s in known if s is not None))
 
     async def _warmup(self, svc: Service, state: RolloutState, region: str) -> Observation:
         """What keeps a warming region's pools from shadow traffic or their first step.

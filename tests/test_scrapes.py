@@ -1,0 +1,33 @@
+"""When the controller looks next (rollout/scrapes.py): just after a fresh scrape lands."""
+
+from __future__ import annotations
+
+import pytest
+
+from xds_server.rollout.evidence import Signals
+from xds_server.rollout.scrapes import Scrapes, next_look
+
+
+def test_the_next_look_moves_to_just_after_the_next_scrape() -> None:
+    # Samples read at 10.0 were 0.3 s old: scrapes land at 9.7, 10.7, 11.7, ...
+    s = Scrapes.of(Signals(age_s=0.3, scrape_interval=1.0), read_at=10.0)
+    assert s is not None and s.newest == pytest.approx(9.7)
+    # Due at 11.0 (a 1 s interval): the scrape of 10.7 is queryable at 10.9, not 11.7.
+    assert next_look(11.0, 1.0, [s]) == pytest.approx(10.9)
+    # Never the scrape already read, however soon the look is due.
+    assert s.landing_after(9.0) == pytest.approx(10.9)
+    # Several regions: after the last of their scrapes.
+    other = Scrapes(newest=10.2, interval=1.0)
+    assert next_look(11.0, 1.0, [s, other]) == pytest.approx(11.4)
+
+
+def test_the_look_keeps_its_own_cadence_without_a_usable_scrape() -> None:
+    assert next_look(11.0, 1.0, []) == 11.0
+    # A scrape interval far longer than the look's: half an interval at most, else `due`.
+    slow = Scrapes(newest=0.0, interval=30.0)
+    assert next_look(10.0, 10.0, [slow]) == 10.0
+    # Stale or unread signals tell nothing of the scrapes.
+    assert Scrapes.of(Signals(age_s=0.3, scrape_interval=1.0, problem="stale"), 1.0) is None
+    assert Scrapes.of(Signals(age_s=None, scrape_interval=1.0), 1.0) is None
+    assert Scrapes.of(Signals(age_s=0.3, scrape_interval=None), 1.0) is None
+    assert Scrapes.of(None, 1.0) is None
