@@ -125,6 +125,7 @@ def behind_relays(mesh: LocalMesh, replica: str) -> list[Relay]:
 
 def run_once(m: Mesh, first: str, second: str, relays: list[Relay]) -> dict[str, Any]:
     processes = m.mesh.processes
+    led = m.mesh.state.leader()
     stopped = time.monotonic()
     processes.replicas[first].signal(signal.SIGSTOP)
     try:
@@ -133,6 +134,7 @@ def run_once(m: Mesh, first: str, second: str, relays: list[Relay]) -> dict[str,
         woken = time.time()
         processes.replicas[first].signal(signal.SIGCONT)
     wait_for(lambda: m.back(first, woken), f"{first} back", timeout=30, interval=POLL)
+    cut_led = m.mesh.state.leader()
     cut = time.monotonic()
     for r in relays:
         r.cut()
@@ -148,6 +150,8 @@ def run_once(m: Mesh, first: str, second: str, relays: list[Relay]) -> dict[str,
         "sigstop_to_synced": frozen,
         "cut_to_synced": moved,
         "heal_to_serving": time.monotonic() - healed,  # (key rewritten, and SERVING)
+        "frozen_led": led == first,
+        "cut_led": cut_led == second,
     }
 
 
@@ -188,9 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.runs):
                 result = run_once(m, first, second, relays)
                 runs.append(result)
-                print(f"run {i + 1}: SIGSTOP -> SYNCED elsewhere "
+                print(f"run {i + 1}: SIGSTOP{' (the leader)' * result['frozen_led']} -> "
+                      f"SYNCED elsewhere "
                       f"{', '.join(f'{t:.2f}' for t in result['sigstop_to_synced'])}s; "
-                      f"cut from etcd -> SYNCED elsewhere "
+                      f"cut from etcd{' (the leader)' * result['cut_led']} -> SYNCED elsewhere "
                       f"{', '.join(f'{t:.2f}' for t in result['cut_to_synced'])}s; "
                       f"healed -> SERVING {result['heal_to_serving']:.2f}s",
                       file=out, flush=True)  # fmt: skip
