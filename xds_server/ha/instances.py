@@ -113,7 +113,9 @@ def with_registered(
             for region in spec.regions:
                 eps = list(pool.endpoints.get(region, ()))
                 mine = registered.get((region, svc.name, pool.version), [])
-                eps += [e for hint, e in mine if hint in ("", name) and e not in eps]
+                # One host per address: a static endpoint wins over its registration.
+                at = {(e.host, e.port) for e in eps}
+                eps += [e for hint, e in mine if hint in ("", name) and (e.host, e.port) not in at]
                 live[(region, svc.name, name)] = len(eps)
                 if not eps and _weighted(traffic, svc.name, region, name):
                     kept = _hosts(previous, svc.name, name, region)
