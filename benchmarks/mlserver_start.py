@@ -39,6 +39,13 @@ def rss_mib(pid: int) -> float:
     return total_kib / 1024
 
 
+def answers(url: str) -> bool:
+    try:
+        return http_get(url, timeout=1)[0] == 200
+    except OSError:  # not listening yet
+        return False
+
+
 def infer(port: int, n: int) -> int:
     """n REST inferences; how many answered 200."""
     import http.client
@@ -64,7 +71,7 @@ def one_run(venv: Path, root: Path, model: str, i: int) -> dict[str, float]:
     t0 = time.monotonic()
     proc = mlserver.start_mlserver(venv, root / slot.name, slot)
     try:
-        while http_get(mlserver.health_url(slot.http_port), timeout=1)[0] != 200:
+        while not answers(mlserver.health_url(slot.http_port)):
             if not proc.alive:
                 raise RuntimeError(f"MLServer exited: {proc.tail()}")
             time.sleep(0.02)  # polling for readiness: what is measured
