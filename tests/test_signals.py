@@ -272,3 +272,15 @@ def test_stale_partial_and_reset_targets_say_why(
     )
     assert s.problem.startswith(problem) and bool(s.problem) == bool(problem)
     assert s.targets == len(ages) and s.sent == {"canary": 10.0}
+
+
+def test_a_split_the_reader_says_is_none_is_not_tested() -> None:
+    """The shadow phase: canary and baseline get copies of production's requests."""
+    shadow = {"production": 1.0, "baseline": 0.0, "canary": 0.0}
+    copies = fresh(
+        {"production": 1000.0, "baseline": 200.0, "canary": 200.0},
+        configured=shadow,
+        srm_skipped="not tested: shadow traffic is mirrored",
+    )
+    v = verdict(copies)
+    assert v.outcome == PASS and v.signals is not None and v.signals.srm_p is None

@@ -107,6 +107,8 @@ def trusted(plan: RolloutPlan, verdict: Verdict, signals: Signals | None, tests:
 def srm(plan: RolloutPlan, signals: Signals, tests: int) -> Signals:
     """The sample-ratio mismatch test of the requests Envoy routed to the pools with a
     configured share (its p-value into the signals), or why it does not run."""
+    if signals.srm_skipped:
+        return signals  # the reader knows it is no split (shadow traffic)
     if plan.sticky is not None:
         why = "not tested: sticky sessions split users, not requests"
         return replace(signals, srm_skipped=why)

@@ -146,6 +146,10 @@ async def _signals(source: MetricSource, at: StepRead) -> Signals | None:
     if read is None or not at.shares:
         return None
     signals: Signals = await read(at.svc.rollout, at.region, at.svc.name, at.shares, at.step_age)
+    if at.shadowing:
+        # Envoy mirrors production's requests to canary and baseline: their upstream
+        # counts are copies, not a split. Freshness still holds the shadow phase.
+        signals = replace(signals, srm_skipped="not tested: shadow traffic is mirrored")
     return signals
 
 
