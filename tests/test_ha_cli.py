@@ -251,13 +251,19 @@ def test_bootstrap_lists_the_xds_servers_in_priority_order(
         (2, {"address": "127.0.0.1", "port_value": 3}),
     ]
     (check,) = cluster["health_checks"]
-    assert "tcp_health_check" in check and check["unhealthy_threshold"] == 1
+    # grpc.health.v1 (a frozen server still accepts TCP); its failure ends the stream.
+    assert "grpc_health_check" in check and check["unhealthy_threshold"] == 1
+    assert cluster["close_connections_on_host_health_failure"] is True
+    options = cluster["typed_extension_protocol_options"]
+    (http,) = options.values()
+    keepalive = http["explicit_http_config"]["http2_protocol_options"]["connection_keepalive"]
+    assert keepalive == {"interval": "1s", "timeout": "1s"}
 
-    # One server: one endpoint, no health check.
+    # One server: one endpoint, the same check (it steps aside when it loses the store).
     code, out, _ = run([*argv, "--xds-address", "127.0.0.1:1"], capsys)
-    cluster = xds_cluster(json.loads(out))
-    assert code == 0 and len(cluster["load_assignment"]["endpoints"]) == 1
-    assert "health_checks" not in cluster
+    single = xds_cluster(json.loads(out))
+    assert code == 0 and len(single["load_assignment"]["endpoints"]) == 1
+    assert single["health_checks"] == cluster["health_checks"]
 
     code, out, err = run([*argv, "--xds-address", "127.0.0.1:1,nonsense"], capsys)
     assert code == 2 and out == "" and "--xds-address" in one_line(err)
@@ -267,7 +273,7 @@ def test_an_envoy_falls_back_to_the_next_xds_server(
     server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The first address has nothing listening: the Envoy gets its config from the second
-    (the priority-1 endpoint of its xDS cluster, once the TCP check fails the first)."""
+    (the priority-1 endpoint of its xDS cluster, once the health check fails the first)."""
     dead = free_port()
     admin, listen = free_port(), free_port()
     opts = BootstrapOptions(
