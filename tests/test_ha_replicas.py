@@ -23,7 +23,7 @@ from tests.support import wait_for
 from tests.test_ads_protocol import ALL_CLUSTERS, sync_all
 from xds_server.admin.v1 import admin_pb2, admin_pb2_grpc
 from xds_server.ha.etcd import parse_store_url
-from xds_server.ha.replicas import ClusterDataPlane, Directory, ReplicaInfo
+from xds_server.ha.replicas import VANISHED_GRACE, ClusterDataPlane, Directory, ReplicaInfo
 from xds_server.ha.store import EtcdStore
 from xds_server.lab.etcd import EtcdCluster
 from xds_server.lab.procs import Process, free_port, http_get
@@ -298,9 +298,16 @@ def test_the_nodes_of_a_silent_or_gone_replica_are_unknown_until_seen_applying()
     store.view.replicas["alive"]["nodes"] = [moved, live]
     applied = dataplane.routes_applied("us-east")
     assert isinstance(applied, Applied) and applied.nodes == 2, applied
-    # Never seen again: forgotten after NODE_MEMORY.
+    # Listed nowhere now (their stream ended, their replica gone long ago): unknown for
+    # VANISHED_GRACE, then forgotten.
     del store.view.replicas["alive"]
     store.view.departed["frozen"] = (store.view.departed["frozen"][0], time.monotonic() - 301)
+    held = dataplane.routes_applied("us-east")
+    assert isinstance(held, Pending) and held.counts == (0, 2, 0), held
+    assert "e1 (left alive 0.0s ago, not seen since)" in held.unknown, held.unknown
+    for nodes in dataplane._known.values():  # (as if VANISHED_GRACE had passed)
+        for node, (last, where) in nodes.items():
+            nodes[node] = (last - VANISHED_GRACE - 1, where)
     assert isinstance(dataplane.routes_applied("us-east"), Applied)
     store.close()
 

@@ -45,6 +45,13 @@ the next server of its bootstrap within a few seconds and is seen there; one tha
 never seen again (it died with its replica) is forgotten after this long."""
 
 
+VANISHED_GRACE = 10.0
+"""How long (seconds) a node that was listed (on some replica, or as unknown) and is
+listed nowhere now stays unknown: an Envoy between replicas (its stream ended: it
+reconnects within a few seconds, with back-off), or a node whose frozen replica woke
+up and dropped it. Then it is forgotten (an Envoy that went away for good)."""
+
+
 @dataclass(frozen=True)
 class ReplicaInfo:
     replica_id: str
@@ -263,6 +270,8 @@ class ClusterDataPlane:
         self.publisher = publisher
         self.directory = directory
         self.live_hosts = live_hosts
+        self._known: dict[str, dict[str, tuple[float, str]]] = {}
+        """Region -> node id -> (when it was last listed anywhere, monotonic; where)."""
 
     def set_traffic(self, traffic: TrafficState, *, urgent: bool, reason: str) -> None:
         self.publisher.set_traffic(traffic, urgent=urgent, reason=reason)
@@ -272,15 +281,19 @@ class ClusterDataPlane:
 
     def routes_applied(self, region: str) -> RouteStatus:
         """Every node of the region on a replica heard from (this one's, then others'),
-        and, as unknown, the nodes known only from a silent or gone replica: they hold
-        the region until seen applying the routes somewhere (`Pending.unknown`), and
-        `ack_timeout` runs from when they went unknown when the routes are older (a
-        replica lost in the middle of a long step is waited for, not failed at once)."""
+        and, as unknown, the nodes known only from a silent or gone replica, or listed
+        somewhere within VANISHED_GRACE and nowhere now: they hold the region until seen
+        applying the routes somewhere (`Pending.unknown`), and `ack_timeout` runs from
+        when they went unknown when the routes are older (a replica lost in the middle
+        of a long step is waited for, not failed at once)."""
         local = self.publisher.nodes.judged(region, ROUTE)
         local_ids = {n.node_id for n in local}
         seen, silent = self.directory.region_nodes(region)
         remote = [n for n in seen if n.node_id not in local_ids]
         silent = {node: v for node, v in silent.items() if node not in local_ids}
+        listed = {n.node_id: self.directory.info.replica_id for n in local}
+        listed.update({n.node_id: n.listen.removeprefix("via ") for n in remote})
+        silent.update(self._vanished(region, listed, silent))
         return judge_routes(
             self.publisher.snapshot(region).type_version(ROUTE),
             self.publisher.routes_published(region),
@@ -288,6 +301,28 @@ class ClusterDataPlane:
             tuple(f"{node} ({why})" for node, (why, _) in sorted(silent.items())),
             min((since for _, since in silent.values()), default=None),
         )
+
+    def _vanished(
+        self, region: str, listed: dict[str, str], unknown: dict[str, tuple[str, float]]
+    ) -> dict[str, tuple[str, float]]:
+        """Remember where (`listed`: node id -> replica) each of the region's nodes is
+        listed now; return the nodes
+        listed within VANISHED_GRACE and nowhere now (a frozen replica that woke up
+        without them, a stream that ended), as unknown: (why, since when, wall clock)."""
+        now, wall = time.monotonic(), time.time()
+        known = self._known.setdefault(region, {})
+        for node, where in listed.items():
+            known[node] = (now, where)
+        for node in unknown:
+            known[node] = (now, known.get(node, (now, "a silent replica"))[1])
+        out: dict[str, tuple[str, float]] = {}
+        for node, (last, where) in list(known.items()):
+            if now - last > VANISHED_GRACE:
+                del known[node]
+            elif last < now:
+                why = f"left {where} {now - last:.1f}s ago, not seen since"
+                out[node] = (why, wall - (now - last))
+        return out
 
     def node_status(self, region: str | None = None) -> list[NodeStatus]:
         return self.publisher.node_status(region)
