@@ -29,6 +29,7 @@ from xds_server.lab.procs import Envoy
 from xds_server.lab.upstream import ModelServer
 from xds_server.render import istio
 from xds_server.spec import MeshSpec, parse_spec, validate_spec
+from xds_server.spec.rollout import CANARY_MATCH_HEADER
 from xds_server.traffic import WEIGHT_TOTAL, Split, TrafficState
 from xds_server.xds.publisher import XdsPublisher
 from xds_server.xds.resources import (
@@ -402,7 +403,9 @@ def test_without_sticky_or_rules_the_routes_are_as_before() -> None:
     )
     (route,) = split_routes(spec, TrafficState())
     assert not route.route.weighted_clusters.header_name
-    assert not route.typed_per_filter_config and not route.request_headers_to_remove
+    assert not route.typed_per_filter_config
+    # (Every split route strips the canary_match mark: no caller can set it.)
+    assert list(route.request_headers_to_remove) == [CANARY_MATCH_HEADER]
     assert set(build_region(spec, TrafficState(), REGION).by_type[CLUSTER]) == {
         cluster_name(SERVICE, "production")
     }

@@ -37,6 +37,7 @@ from xds_server.spec import (
     Service,
     Sticky,
 )
+from xds_server.spec.rollout import CANARY_MATCH_HEADER
 from xds_server.traffic import Split, TrafficState
 from xds_server.xds.health_checks import (
     HealthPorts,
@@ -356,6 +357,8 @@ def split_route(svc: Service, split: Split) -> route_components_pb2.Route:
             request_mirror_policies=mirrors,
             retry_policy=SAFE_RETRY,
         ),
+        # Only a `canary_match` route may mark a request as its own: a caller cannot.
+        request_headers_to_remove=[CANARY_MATCH_HEADER],
     )
     if sticky is not None:
         # The Lua filter (disabled on the listener) runs for this route only: it turns the
@@ -393,7 +396,9 @@ SAFE_RETRY.retry_host_predicate[0].typed_config.Pack(previous_hosts_pb2.Previous
 
 def canary_match_routes(svc: Service) -> list[route_components_pb2.Route]:
     """One route per `canary_match` rule, to the canary's direct cluster, whatever the
-    split (at 0% and during warm-up too) while the spec has a canary pool."""
+    split (at 0% and during warm-up too) while the spec has a canary pool. Each marks its
+    requests with CANARY_MATCH_HEADER (overwriting one a caller sent), which model
+    servers label their series with: the analysis leaves them out (spec.SPLIT_ONLY)."""
     if "canary" not in svc.pools:
         return []
     return [
@@ -401,9 +406,16 @@ def canary_match_routes(svc: Service) -> list[route_components_pb2.Route]:
             name=f"{svc.name}-canary-match-{i}",
             match=route_components_pb2.RouteMatch(prefix=svc.prefix, headers=[match_header(rule)]),
             route=route_components_pb2.RouteAction(cluster=direct_cluster_name(svc.name)),
+            request_headers_to_add=[CANARY_MATCH_MARK],
         )
         for i, rule in enumerate(svc.rollout.canary_match)
     ]
+
+
+CANARY_MATCH_MARK = base_pb2.HeaderValueOption(
+    header=base_pb2.HeaderValue(key=CANARY_MATCH_HEADER, value="true"),
+    append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+)
 
 
 def match_header(rule: MatchRule) -> route_components_pb2.HeaderMatcher:
