@@ -31,6 +31,7 @@ class FaultInjector:
         drift: bool | None = None,
         tenant_latency_ms: Mapping[str, float] | None = None,
         stall_fraction: float | None = None,
+        model_name: str | None = None,
     ) -> None:
         """Change a model server's fault knobs while it runs (its POST /fault); None
         leaves a knob as it is."""
@@ -42,6 +43,7 @@ class FaultInjector:
             "drift": drift,
             "tenant_latency_ms": dict(tenant_latency_ms) if tenant_latency_ms is not None else None,
             "stall_fraction": stall_fraction,
+            "model_name": model_name,
         }
         body = {k: v for k, v in knobs.items() if v is not None}
         port = self.layout.model_ports[(region, pool)]

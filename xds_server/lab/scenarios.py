@@ -37,10 +37,12 @@ LAB_PLAN: dict[str, Any] = {
     # The lab's canary sees a few requests a second: a canary error rate shown to be
     # under 30% is judged negligible here (the 5% ceiling above still applies).
     # prediction_shift compares the models' score histograms (v2 really differs from
-    # v1 a little: PSI about 0.04, under the 0.1 allowance).
+    # v1 a little: PSI about 0.04, under the 0.1 allowance). client_errors (4xx; gRPC:
+    # NOT_FOUND, INVALID_ARGUMENT, ...) is judged as error_rate is.
     "analysis": {
         "metrics": {
             "error_rate": {"ignore_below": 0.3, "confidence": 0.95},
+            "client_errors": {"ignore_below": 0.3, "confidence": 0.95},
             "latency": {"min_requests": 20},
             "prediction_shift": {"min_requests": 40},
         }
@@ -81,6 +83,11 @@ short steps, so a run (and its test) takes half as long. (canary-instance-loss k
 lab's plan: its steps give the second instance time to ramp up.)"""
 
 
+WRONG_MODEL_NAME = "recommender-v2"
+"""wrong-model-name: the name the canary serves its model under (callers ask for the
+service's name, `recommender`)."""
+
+
 @dataclass(frozen=True)
 class Fault:
     region_index: int
@@ -94,10 +101,21 @@ class Fault:
     """Extra latency for these tenants only, e.g. {"gold": 300}."""
     stall_fraction: float | None = None
     """This share of user requests hangs until the caller gives up."""
+    model_name: str | None = None
+    """The canary serves its model under this name, while callers ask for the service's
+    (the lab's servers answer every inference NOT_FOUND / 404; a real server's lab
+    starts the canary's model under this name)."""
 
     def knobs(self) -> dict[str, Any]:
         """The fault knobs this fault sets, as `mesh.faults.set` takes them."""
-        names = ("error_rate", "latency_ms", "drift", "tenant_latency_ms", "stall_fraction")
+        names = (
+            "error_rate",
+            "latency_ms",
+            "drift",
+            "tenant_latency_ms",
+            "stall_fraction",
+            "model_name",
+        )
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def describe(self) -> str:
@@ -113,6 +131,8 @@ def _describe_knob(name: str, value: Any) -> str:
         return "drifting scores" if value else "no drift"
     if name == "tenant_latency_ms":
         return ", ".join(f"tenant {t} +{ms:g} ms" for t, ms in value.items())
+    if name == "model_name":
+        return f"model served as {value!r}"
     return f"{value:.0%} of requests stall"
 
 
@@ -172,6 +192,15 @@ SCENARIOS = {
             "at 20%, one region's canary is 200 ms slower for the gold tenant only (10% of "
             "requests; the aggregate p99 stays under 250 ms): gold's budget rolls back",
             cause="tenant gold",
+        ),
+        Scenario(
+            "wrong-model-name",
+            "rolled_back",
+            Fault(1, 0, model_name=WRONG_MODEL_NAME),
+            "from the first step, one region's canary serves its model under another name: "
+            "it answers every inference NOT_FOUND (gRPC) / 404 (REST) where production "
+            "answers them, fast and never a 5xx: client_errors rolls every region back",
+            cause="client_errors",
         ),
         Scenario(
             "stalling-canary",

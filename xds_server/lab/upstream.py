@@ -112,8 +112,10 @@ from xds_server.lab.upstream_model import (
     TENANT_HEADER,
     Call,
     ServedModel,
+    is_canary_match,
     is_shadow,
 )
+from xds_server.spec.rollout import CANARY_MATCH_HEADER
 
 MAX_BODY_BYTES = 1 << 20
 _MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
@@ -214,6 +216,7 @@ class _Handler(BaseHTTPRequestHandler):
             s.served.tenant(self.headers.get(TENANT_HEADER)),
             is_shadow(self.headers.get("host")),
             started,
+            canary_match=is_canary_match(self.headers.get(CANARY_MATCH_HEADER)),
         )
 
     def do_GET(self) -> None:
@@ -253,7 +256,7 @@ class _Handler(BaseHTTPRequestHandler):
             healthy = self.server.served.faults.healthy
             self._reply(200 if healthy else 400, {"name": match[1], "ready": healthy})
         else:
-            self._reply(200, model_metadata(self.server.model, self.server.version))
+            self._reply(200, model_metadata(self.server.served.served_name, self.server.version))
 
     def _predict(self, query: str) -> None:
         """The legacy prediction: one row from `?a=..&b=..&c=..` (each 1 when absent)."""
@@ -295,7 +298,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(
                 200,
                 {
-                    "model_name": s.model,
+                    "model_name": s.served.served_name,
                     "model_version": s.version,
                     "id": outcome.inference.id,
                     "parameters": {"region": s.region, "pool": s.pool},

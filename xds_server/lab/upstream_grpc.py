@@ -34,8 +34,11 @@ from xds_server.lab.upstream_model import (
     Call,
     Faults,
     ServedModel,
+    canary_match_label,
+    is_canary_match,
     is_shadow,
 )
+from xds_server.spec.rollout import CANARY_MATCH_HEADER
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
 GRPC_SPARE_WORKERS = 64
@@ -142,7 +145,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._check(request.name, request.version, context)
-        meta = model_metadata(self.served.model, self.served.version)
+        meta = model_metadata(self.served.served_name, self.served.version)
         tensors = {
             k: [oip.ModelMetadataResponse.TensorMetadata(**t) for t in meta[k]]
             for k in ("inputs", "outputs")
@@ -160,6 +163,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             is_shadow(_authority(context)),
             time.monotonic(),
             over_grpc=True,
+            canary_match=is_canary_match(_metadata(context, CANARY_MATCH_HEADER)),
         )
         ended = threading.Event()
         if not context.add_callback(ended.set):
@@ -173,7 +177,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         if outcome.code == 0:
             _abort(context, grpc.StatusCode.UNAVAILABLE, outcome.error)
         code = GRPC_CODES.get(outcome.code, grpc.StatusCode.UNKNOWN)
-        s.metrics.grpc_requests.labels(call.tenant, code.name).inc()
+        direct = canary_match_label(call.canary_match)
+        s.metrics.grpc_requests.labels(call.tenant, code.name, direct).inc()
         if code != grpc.StatusCode.OK or outcome.inference is None:
             _abort(context, code, outcome.error)
         return self._response(outcome.inference.id, outcome.scores)
@@ -181,7 +186,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     def _response(self, ident: str, scores: Sequence[float]) -> Any:
         s = self.served
         return oip.ModelInferResponse(
-            model_name=s.model,
+            model_name=s.served_name,
             model_version=s.version,
             id=ident,
             parameters={

@@ -24,6 +24,7 @@ from prometheus_client.exposition import generate_latest
 
 from xds_server.lab.oip.model import BadInput, Inference
 from xds_server.render.bootstrap import LATENCY_BUCKETS_MS
+from xds_server.spec.rollout import CANARY_MATCH_LABEL
 
 MODEL_WEIGHTS: dict[str, tuple[tuple[float, float, float], float]] = {
     "v1": ((1.2, 0.9, 0.9), -0.4),
@@ -58,6 +59,17 @@ def score(version: str, features: tuple[float, float, float], scale: float = 1.0
     return round(1.0 / (1.0 + math.exp(-z)), 6)
 
 
+def canary_match_label(marked: bool) -> str:
+    """The CANARY_MATCH_LABEL's value: "true", or "" (Prometheus keeps no empty label:
+    the split's series look as they did before the label existed)."""
+    return "true" if marked else ""
+
+
+def is_canary_match(value: str | None) -> bool:
+    """Whether Envoy marked the request as sent by a `canary_match` route."""
+    return value == "true"
+
+
 def is_shadow(host: str | None) -> bool:
     """Whether Envoy mirrored this request: its Host or `:authority`, without a port,
     ends with `-shadow` ("recommender-shadow", "recommender-shadow:8080")."""
@@ -72,6 +84,9 @@ class Call:
     shadow: bool
     started: float
     over_grpc: bool = False
+    canary_match: bool = False
+    """Sent by a `canary_match` route (Envoy's CANARY_MATCH_HEADER): counted under the
+    CANARY_MATCH_LABEL, which the analysis leaves out."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +109,8 @@ class Faults:
     drift: bool = False
     tenant_latency_ms: dict[str, float] = field(default_factory=dict)
     stall_fraction: float = 0.0
+    model_name: str = ""
+    """Serve the model under this name ("": the server's own, `--model`)."""
 
     def updated(self, body: Mapping[str, Any]) -> Faults:
         """These faults with a POST /fault body's knobs applied; ValueError if one is bad."""
@@ -109,6 +126,10 @@ class Faults:
                 if not isinstance(body[name], bool):
                     raise ValueError(f"{name}: expected true or false")
                 setattr(new, name, body[name])
+        if "model_name" in body:
+            if not isinstance(body["model_name"], str):
+                raise ValueError("model_name: expected a string")
+            new.model_name = body["model_name"]
         if "tenant_latency_ms" in body:
             new.tenant_latency_ms = {str(k): float(v) for k, v in body["tenant_latency_ms"].items()}
         if not 0 <= new.stall_fraction <= 1:
@@ -124,7 +145,7 @@ class ModelMetrics:
         self.scores = Histogram(
             "model_prediction_score",
             "The score answered for each prediction (user and shadow requests)",
-            ["version"],
+            ["version", CANARY_MATCH_LABEL],
             buckets=SCORE_BUCKETS,
             registry=self.registry,
         )
@@ -132,27 +153,29 @@ class ModelMetrics:
             "model_requests",
             "Predictions by tenant (the x-tenant header) and HTTP status (gRPC calls: the "
             "status the same outcome has over REST)",
-            ["tenant", "code"],
+            ["tenant", "code", CANARY_MATCH_LABEL],
             registry=self.registry,
         )
         self.grpc_requests = Counter(
             "model_grpc_requests",
             "gRPC inferences by tenant (the x-tenant metadata) and gRPC status name",
-            ["tenant", "grpc_code"],
+            ["tenant", "grpc_code", CANARY_MATCH_LABEL],
             registry=self.registry,
         )
         self.duration = Histogram(
             "model_request_duration_ms",
             "Time from a prediction's arrival to its answer, in milliseconds",
-            ["tenant"],
+            ["tenant", CANARY_MATCH_LABEL],
             buckets=LATENCY_BUCKETS_MS,
             registry=self.registry,
         )
 
-    def answered(self, tenant: str, code: int, started: float) -> None:
-        self.requests.labels(tenant, str(code)).inc()
+    def answered(self, call: Call, code: int) -> None:
+        direct = canary_match_label(call.canary_match)
+        self.requests.labels(call.tenant, str(code), direct).inc()
         if code != CLIENT_CLOSED:  # never answered: no time to answer (as in Envoy's)
-            self.duration.labels(tenant).observe((time.monotonic() - started) * 1000)
+            elapsed = (time.monotonic() - call.started) * 1000
+            self.duration.labels(call.tenant, direct).observe(elapsed)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -214,10 +237,15 @@ class ServedModel:
             self._tenants.add(name)
             return name
 
+    @property
+    def served_name(self) -> str:
+        """The name the model answers to now (the `model_name` knob may change it)."""
+        return self.faults.model_name or self.model
+
     def check_model(self, name: str, version: str | None = None) -> None:
         """BadInput 404 unless this is the model (and version, when one is named) served."""
-        if name != self.model:
-            raise BadInput(404, f"unknown model {name!r}: this server has {self.model!r}")
+        if name != self.served_name:
+            raise BadInput(404, f"unknown model {name!r}: this server has {self.served_name!r}")
         if version and version != self.version:
             raise BadInput(404, f"model {name!r} has no version {version!r}")
 
@@ -269,24 +297,25 @@ class ServedModel:
             finally:
                 self.end_stall()
             if how == "hung up":
-                self.metrics.answered(call.tenant, CLIENT_CLOSED, call.started)
+                self.metrics.answered(call, CLIENT_CLOSED)
                 return Outcome(CLIENT_CLOSED, error="the caller hung up")
             if how == "closing":
                 return Outcome(0, error="the server is closing")
         error_rate = faults.shadow_error_rate if call.shadow else faults.error_rate
         if error_rate and random.random() < error_rate:
-            self.metrics.answered(call.tenant, 503, call.started)
+            self.metrics.answered(call, 503)
             return Outcome(503, error="injected fault")
         try:
             inference = parse()
         except BadInput as exc:
-            self.metrics.answered(call.tenant, exc.code, call.started)
+            self.metrics.answered(call, exc.code)
             return Outcome(exc.code, error=str(exc))
         scale = DRIFT_SCALE if faults.drift else 1.0
         scores = tuple(score(self.version, row, scale) for row in inference.rows)
+        histogram = self.metrics.scores.labels(self.version, canary_match_label(call.canary_match))
         for s in scores:
-            self.metrics.scores.labels(self.version).observe(s)
-        self.metrics.answered(call.tenant, 200, call.started)
+            histogram.observe(s)
+        self.metrics.answered(call, 200)
         return Outcome(200, inference, scores)
 
     def stats(self) -> dict[str, int]:

@@ -32,6 +32,21 @@ series born within the window (absent at its start) is added, when its Envoy was
 scraped before the window began (its request counter for the cluster was there: not a
 new Envoy, nor a Prometheus that has just started, whose first samples hold older
 counts). It may count what one scrape interval held before the window, never less."""
+UPSTREAM_4XX = (
+    '(sum(increase(envoy_cluster_upstream_rq_xx{{region="{region}",'
+    'envoy_cluster_name="{cluster}",envoy_response_code_class="4"}}[{window}])) or vector(0))'
+)
+"""The caller's-mistake answers (`client_errors`); the class's series exists from its
+first response, so no series reads as none."""
+CANARY_MATCH_HEADER = "x-xds-canary-match"
+"""Envoy sets it ("true") on the requests its `canary_match` routes send to the canary and
+removes it from every other request (a caller cannot set it): model servers label their
+series with it (`CANARY_MATCH_LABEL`) so that the analysis leaves those requests out."""
+CANARY_MATCH_LABEL = "canary_match"
+SPLIT_ONLY = f'{CANARY_MATCH_LABEL}!="true"'
+"""The matcher that keeps a model server's series to the split's traffic: every built-in
+model-side template has it, and a template of the spec's own should (the README says);
+the series of a server that does not export the label match it."""
 
 
 def delivered_query(errors: str) -> str:
@@ -75,12 +90,13 @@ DEFAULT_QUERIES: Mapping[str, str] = {
     "service_requests": 'sum(increase(envoy_cluster_upstream_rq_total{{region="{region}",'
     'envoy_cluster_name=~"{service}\\\\|(production|baseline|canary)"}}[{window}]))',
     # Per tenant, from the model servers' own series (Envoy's stats have no tenant).
+    # (Only the split's requests: never those `canary_match` sent, see SPLIT_ONLY.)
     "tenant_requests": 'sum(increase(model_requests_total{{region="{region}",pool="{pool}",'
-    'tenant="{tenant}"}}[{window}]))',
+    f'tenant="{{tenant}}",{SPLIT_ONLY}}}}}[{{window}}]))',
     "tenant_errors": 'sum(increase(model_requests_total{{region="{region}",pool="{pool}",'
-    'tenant="{tenant}",code=~"5.."}}[{window}]))',
+    f'tenant="{{tenant}}",code=~"5..",{SPLIT_ONLY}}}}}[{{window}}]))',
     "tenant_p99_ms": "histogram_quantile(0.99, sum by (le) (rate(model_request_duration_ms_bucket"
-    '{{region="{region}",pool="{pool}",tenant="{tenant}"}}[{window}])))',
+    f'{{{{region="{{region}}",pool="{{pool}}",tenant="{{tenant}}",{SPLIT_ONLY}}}}}[{{window}}])))',
 }
 """PromQL templates; `{region}`, `{cluster}` and `{window}` (like `30s`) are filled in,
 and `{service}`, `{pool}`, `{version}`, `{tenant}` where they mean something."""
@@ -130,17 +146,33 @@ def grpc_queries(error_codes: tuple[str, ...]) -> dict[str, str]:
     Delivered (the throughput check) is `delivered_query` of those errors, as for HTTP.
     What the service's pools were sent stays Envoy's upstream request count: a call its
     caller gave up on has no status, but was sent."""
-    faults = "|".join(str(n) for n in sorted(GRPC_STATUS_CODES[c] for c in error_codes))
-    errors = (
-        f'sum(increase({{{{__name__=~"envoy_cluster_grpc_({faults})",region="{{region}}",'
-        'envoy_cluster_name="{cluster}"}}[{window}]))'
-    )
+    errors = grpc_status_count(error_codes)
     return {
         "requests": 'sum(increase(envoy_cluster_grpc_total{{region="{region}",'
         'envoy_cluster_name="{cluster}"}}[{window}]))',
         "errors": errors,
         "delivered": delivered_query(errors),
     }
+
+
+def grpc_status_count(codes: tuple[str, ...]) -> str:
+    """Calls that ended in one of `codes`: a term per status, each read as 0 while its
+    series does not exist (Envoy makes it on the status's first call). Not one selector
+    over `__name__=~"envoy_cluster_grpc_(5|14)"`: increase() drops the metric's name, two
+    statuses of one cluster then collide, and Prometheus refuses the whole query ("vector
+    cannot contain metrics with the same labelset")."""
+    terms = [
+        f'(sum(increase(envoy_cluster_grpc_{n}{{{{region="{{region}}",'
+        'envoy_cluster_name="{cluster}"}}[{window}])) or vector(0))'
+        for n in sorted(GRPC_STATUS_CODES[c] for c in codes)
+    ]
+    return " + ".join(terms) or "vector(0)"
+
+
+def grpc_client_codes(error_codes: tuple[str, ...]) -> tuple[str, ...]:
+    """The caller-class statuses (`client_errors`): every one but OK, CANCELLED (the
+    caller gave up) and those counted as the server's errors (`grpc.error_codes`)."""
+    return tuple(c for c in GRPC_STATUS_CODES if c not in ("OK", "CANCELLED", *error_codes))
 
 
 class MetricKind(StrEnum):
@@ -168,9 +200,14 @@ QUERY_PLACEHOLDERS = ("region", "cluster", "pool", "version", "window", "service
 """What a PromQL template may name, in braces (PromQL's own braces are doubled)."""
 PREDICTION_BUCKETS_QUERY = (
     "sum by (le) (increase(model_prediction_score_bucket"
-    '{{region="{region}",pool="{pool}"}}[{window}]))'
+    f'{{{{region="{{region}}",pool="{{pool}}",{SPLIT_ONLY}}}}}[{{window}}]))'
 )
 """The lab's model servers' output histogram (see the README for what to export)."""
+
+
+CLIENT_ERRORS = "client_errors"
+"""The built-in metric of the caller's-mistake answers (`metric_defaults`): `client_errors:
+{}` in a plan's metrics, as the lab's plans have it."""
 
 
 class Direction(StrEnum):
@@ -287,6 +324,21 @@ def metric_defaults(name: str, kind: MetricKind) -> MetricSpec:
     `latency` metric tolerates 10% by default, a `tail` metric 20% on the p99), in its
     kind's group."""
     base = MetricSpec(name, kind, group=str(kind))
+    if name == CLIENT_ERRORS and kind == MetricKind.RATIO:
+        # Answers that blame the caller (4xx; over gRPC `grpc_client_codes`, which
+        # spec/mesh.py swaps in) that the canary gives and its comparator does not, for
+        # the same traffic (a model served under another name fails every call so); a
+        # steady share of bad requests is in both. Judged as error_rate is, in its group.
+        # The denominator is what the pool was sent: in the shadow phase, the mirrored
+        # requests too (whose gRPC statuses Envoy never sees: none, for gRPC, there).
+        return replace(
+            base,
+            critical=True,
+            group="errors",
+            on_no_data=NoDataRule.PAUSE,
+            numerator=UPSTREAM_4XX,
+            denominator=UPSTREAM_REQUESTS,
+        )
     if kind in (MetricKind.ERRORS, MetricKind.RATIO):
         return base
     if kind in (MetricKind.LATENCY, MetricKind.DISTRIBUTION):
@@ -315,6 +367,7 @@ BUILTIN_KINDS: Mapping[str, MetricKind] = {
     "latency": MetricKind.LATENCY,
     "latency_p99": MetricKind.TAIL,
     "prediction_shift": MetricKind.OUTPUT,
+    CLIENT_ERRORS: MetricKind.RATIO,
 }
 """Metric names whose kind goes without saying in the spec."""
 
