@@ -45,7 +45,9 @@ PLAN: dict[str, Any] = {
     "max_hold": "30s",
     "failures_before_rollback": 2,
     "guardrails": {"max_error_rate": 0.05, "max_p99_ms": 1000, "min_requests": 5},
-    "analysis": {"metrics": {"error_rate": {"ignore_below": 0.3}}},
+    "analysis": {
+        "metrics": {"error_rate": {"ignore_below": 0.3}, "client_errors": {"ignore_below": 0.3}}
+    },
     # An HTTP check for both: on the REST service's traffic port, on each gRPC
     # endpoint's health_port (MLServer's REST port).
     "warmup": {
