@@ -140,7 +140,7 @@ def test_a_canary_failure_wins_over_a_mismatch() -> None:
     [
         "stale: 1 of 1 Envoy targets of us-east not scraped for 9.0s",
         "partial: 1 of 2 Envoy targets of us-east down",
-        "counter reset within the step (1 in us-east): an Envoy restarted",
+        "counter reset in the last window (1 in us-east): an Envoy restarted",
     ],
 )
 def test_stale_partial_or_reset_series_are_no_data_never_a_pass(problem: str) -> None:
@@ -258,7 +258,7 @@ def answers(ages: dict[str, float], up: dict[str, float], resets: float = 0.0):
             0,
             "partial: 1 of 2 Envoy targets of r down: envoy/b",
         ),
-        ({"a": 0.5}, {"a": 1}, 2, "counter reset within the step (2 in r): an Envoy restarted"),
+        ({"a": 0.5}, {"a": 1}, 2, "counter reset in the last window (2 in r): an Envoy restarted"),
         ({}, {}, 0, "no Envoy target of r scraped by Prometheus in the last 300s"),
     ],
 )
@@ -272,6 +272,7 @@ def test_stale_partial_and_reset_targets_say_why(
     )
     assert s.problem.startswith(problem) and bool(s.problem) == bool(problem)
     assert s.targets == len(ages) and s.sent == {"canary": 10.0}
+    assert bool(s.srm_skipped) == bool(resets)  # the step's split is untested across it
 
 
 def test_a_split_the_reader_says_is_none_is_not_tested() -> None:

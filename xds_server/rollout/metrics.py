@@ -231,7 +231,9 @@ class PrometheusSource:
         client = self._client()
         try:
             jobs = self._envoy_jobs(client)
-            return read_signals(self._vector, client, jobs, region, service, step_age, configured)
+            return read_signals(
+                self._vector, client, jobs, region, service, step_age, configured, plan.window
+            )
         except QueryError as exc:
             return Signals(problem=f"signals unreadable: {exc}", configured=configured)
         except Exception as exc:  # an answer we cannot read is no evidence, not a crash
