@@ -50,7 +50,9 @@ LAB_PLAN: dict[str, Any] = {
     # Before any user request: Envoy health-checks the new pools, then mirrors a fifth of
     # production's requests to them for a few seconds, and the canary ramps up slowly.
     "warmup": {
-        "health_check": {"path": "/healthz", "interval": "500ms", "timeout": "500ms"},
+        # (The check's type goes with the protocol: `GET /healthz` over HTTP, the
+        # default path; grpc.health.v1 over gRPC, which reads no path.)
+        "health_check": {"interval": "500ms", "timeout": "500ms"},
         "shadow": {"percent": 20, "duration": "3s"},
         "slow_start": "5s",
     },
