@@ -184,7 +184,8 @@ def test_a_frozen_followers_envoy_holds_its_region_until_seen_applying(tmp_path:
         assert not [e for e in audit if e.phase_to == "rolled_back"]
         # The hold was audited: the node that is not known, and why.
         held = [e for e in audit if e.region == follower and HOLDING in e.reason]
-        print(f"{len(held)} hold entries, first: {held[0].reason if held else None}")
+        print(f"{len(held)} hold entries, first: {held[0].reason if held else None}; "
+              f"last: {held[-1].reason if held else None}")  # fmt: skip
         assert held, recent(mesh)
         assert pinned.opts.node_id in held[0].reason
         assert "silent" in held[0].reason or "gone" in held[0].reason, held[0].reason
