@@ -279,7 +279,7 @@ def observations(draw: st.DrawFn) -> Observation:
             ),
         )
     )
-    return Observation(applied, error, canary, step)
+    return Observation(applied_at=applied, apply_error=error, canary=canary, step=step)
 
 
 @st.composite
