@@ -680,7 +680,7 @@ def build_srm_tasks(args: argparse.Namespace, params: Params) -> list[SrmTask]:
     cases.append((SRM_OFF, (0.66, 0.20, 0.14), SRM_SPLITS["20%"]))
     grid = [(c, rps) for c in cases for rps in args.rps]
     for ((name, sent, configured), rps), seed in zip(grid, root.spawn(len(grid)), strict=True):
-        total = args.srm_steps if sent == configured else args.trials
+        total = args.srm_steps if sent == configured else min(args.trials, args.srm_steps)
         sizes = [min(CHUNK * 4, total - start) for start in range(0, total, CHUNK * 4)]
         for size, sub in zip(sizes, seed.spawn(len(sizes)), strict=True):
             # rps: per pool of the judge's simulation; the service sends its share to each
@@ -777,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.trials, args.healthy_trials = min(args.trials, 12), min(args.healthy_trials, 20)
-        args.srm_steps = min(args.srm_steps, 50)
+        args.srm_steps = min(args.srm_steps, 10)
     second = args.second_base_error_rate
     if second is None:
         second = 0.05 if args.base_error_rate != 0.05 else 0.01

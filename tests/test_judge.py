@@ -544,7 +544,14 @@ def test_judge_power_benchmark_quick_json() -> None:
         "false_rollbacks",
         "false_rollbacks_per_rollout",
         "errors_2x_detect",
+        "srm_false_alarms",
     }
+    # The sample-ratio test: healthy splits at every rate, and a split off its weights
+    # (the canary sent 14% of a 20% step) held in every quick step at 5,000 requests/s.
+    srm = result["srm_cases"]
+    assert {c["case"] for c in srm if c["healthy"]} == {"5%", "20%", "50%"}
+    off = [c for c in srm if not c["healthy"] and c["service_rps"] == 5000]
+    assert off and off[0]["hold_rate"] == 1.0
     # The default plan over three regions: each metric's level is shared by 9 tests.
     assert result["parameters"]["tests_sharing_alpha"] == 9
     # A 30% slowdown at 1000 requests/s is found in every quick trial.
