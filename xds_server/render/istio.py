@@ -23,6 +23,7 @@ import yaml
 
 from xds_server.rollout.state import RolloutState, service_split
 from xds_server.spec import POOL_NAMES, IstioConfig, MatchRule, MeshSpec, Protocol, Service
+from xds_server.spec.rollout import CANARY_MATCH_HEADER
 from xds_server.traffic import WEIGHT_TOTAL, Split
 from xds_server.xds.resources import cookie_regex
 
@@ -174,6 +175,8 @@ def virtual_service(
         "name": "rollout",
         "match": [{"uri": {"prefix": svc.prefix}}],
         "route": route,
+        # Only a canary-match route may mark a request as its own (as over xDS).
+        "headers": {"request": {"remove": [CANARY_MATCH_HEADER]}},
     }
     if split.shadow:
         # Warm-up shadow traffic, as the xDS route mirrors it (answers are dropped).
@@ -205,6 +208,8 @@ def canary_match_http(svc: Service, host: str) -> list[dict[str, Any]]:
             "name": "canary-match",
             "match": [{"uri": {"prefix": svc.prefix}, "headers": _header_match(r)} for r in rules],
             "route": [{"destination": {"host": host, "subset": "canary"}, "weight": 100}],
+            # Model servers label what they export with it: the analysis leaves it out.
+            "headers": {"request": {"set": {CANARY_MATCH_HEADER: "true"}}},
         }
     ]
 
