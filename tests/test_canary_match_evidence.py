@@ -11,6 +11,9 @@ import http.client
 import json
 from pathlib import Path
 
+import grpc
+import pytest
+
 from tests.support import wait_for
 from xds_server.lab.layout import SERVICE, MeshOptions
 from xds_server.lab.mesh import LocalMesh
@@ -108,3 +111,51 @@ def test_requests_canary_match_sends_never_reach_what_the_analysis_reads(tmp_pat
         split_canary = (spoofed + first).count("canary")
         assert canary_outputs <= split_canary * 1.5, (canary_outputs, split_canary)
         assert (canary_gold or 0) <= split_canary * 1.5, (canary_gold, split_canary)
+
+
+def test_the_lab_model_server_labels_marked_requests_over_both_bindings() -> None:
+    """The mark arrives as a header (REST) or as metadata (gRPC); the server's series
+    carry `canary_match="true"` for it, and no such label for the rest. The
+    `model_name` knob (wrong-model-name) answers NOT_FOUND / 404 for the old name."""
+    from tests.test_inference_protocol import metric, rest, set_fault, start_model, stop_model
+    from xds_server.lab.oip.v2 import grpc_predict_v2_pb2 as oip
+    from xds_server.lab.oip.v2 import grpc_predict_v2_pb2_grpc as oip_grpc
+
+    server = start_model()
+    tensor = {"name": "features", "shape": [1, 3], "datatype": "FP32", "data": [1, 1, 1]}
+    path = f"/v2/models/{server.model}/infer"
+    request = oip.ModelInferRequest(
+        model_name=server.model,
+        inputs=[
+            oip.ModelInferRequest.InferInputTensor(
+                name="features",
+                datatype="FP32",
+                shape=[1, 3],
+                contents=oip.InferTensorContents(fp32_contents=[1, 1, 1]),
+            )
+        ],
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = oip_grpc.GRPCInferenceServiceStub(channel)
+            stub.ModelInfer(request, metadata=[(CANARY_MATCH_HEADER, "true")], timeout=5)
+            stub.ModelInfer(request, timeout=5)
+            assert (
+                rest(server, "POST", path, {"inputs": [tensor]}, {CANARY_MATCH_HEADER: "true"})[0]
+                == 200
+            )
+            assert rest(server, "POST", path, {"inputs": [tensor]})[0] == 200
+            assert metric(server, "model_prediction_score_count", canary_match="true") == 2
+            assert metric(server, "model_requests_total", canary_match="true", code="200") == 2
+            assert metric(server, "model_grpc_requests_total", canary_match="true") == 1
+            assert metric(server, "model_requests_total", canary_match="") == 2
+
+            set_fault(server, model_name="other-name")
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(request, timeout=5)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            assert rest(server, "POST", path, {"inputs": [tensor]})[0] == 404
+            renamed = "/v2/models/other-name/infer"
+            assert rest(server, "POST", renamed, {"inputs": [tensor]})[0] == 200
+    finally:
+        stop_model(server)
