@@ -34,7 +34,8 @@ INVALID_ARGUMENT (a malformed tensor), UNAVAILABLE (the injected fault).
 
 Fault knobs can be changed while it runs, with `POST /fault` and any of
 `{"error_rate": 0.2, "latency_ms": 300, "healthy": false, "shadow_error_rate": 1.0,
-"drift": true, "tenant_latency_ms": {"gold": 300}, "stall_fraction": 0.33}`. They apply
+"drift": true, "tenant_latency_ms": {"gold": 300}, "stall_fraction": 0.33,
+"model_name": "other"}`. They apply
 to every inference (legacy, REST and gRPC) alike:
 
 - `healthy: false` fails its health checks (REST and gRPC);
@@ -44,6 +45,8 @@ to every inference (legacy, REST and gRPC) alike:
 - `latency_ms` delays every prediction, `tenant_latency_ms` only those of the tenants
   it names (the `x-tenant` header or gRPC metadata; it replaces the previous map, `{}`
   clears it);
+- `model_name` serves the model under that name from now on ("" restores `--model`):
+  callers asking for the old name get 404 / NOT_FOUND (the wrong-model-name scenario);
 - `drift: true` scores the features scaled by 0.01, as a mis-scaled input would: every
   score collapses to about `1 / (1 + exp(-b))`, still fast and 200;
 - `stall_fraction` makes that share of user requests (deterministically: every request
@@ -69,7 +72,10 @@ Prometheus text, from a registry of its own:
   to its answer, injected latency and stalls included, over Envoy's bootstrap buckets.
 
 The tenant is the `x-tenant` header ("none" without one; at most `MAX_TENANTS` distinct
-values, then "other"). Region and pool are not labels here: Prometheus adds them from
+values, then "other"). Every series also has the label `canary_match`: "true" for a
+request Envoy's `canary_match` route marked (`x-xds-canary-match: true`, header or gRPC
+metadata), empty otherwise, so the analysis's queries can leave testers' requests out.
+Region and pool are not labels here: Prometheus adds them from
 its scrape configuration.
 
 This module is the REST binding and the command line (`python -m xds_server.lab.upstream`,
