@@ -167,6 +167,8 @@ def test_a_frozen_followers_envoy_holds_its_region_until_seen_applying(tmp_path:
                         f"{envoy.opts.node_id} SYNCED on {leader}",
                         timeout=10,
                     )
+                    print(f"{envoy.opts.node_id} SYNCED on {leader} "
+                          f"{time.time() - stopped:.2f}s after the SIGSTOP")  # fmt: skip
                 # The pinned one cannot: it keeps the step's weights it had.
                 holds_for(
                     lambda: _routes(pinned, STEPS[1]), max(0.0, FROZEN_FOR - time.time() + stopped)
