@@ -58,7 +58,7 @@ def plan_of(doc: dict[str, Any]) -> RolloutPlan:
 
 
 def grpc_codes(query: str) -> list[int]:
-    return [int(n) for n in re.findall(r"envoy_cluster_grpc_(\d+)\{", query)]
+    return sorted({int(n) for n in re.findall(r"envoy_cluster_grpc_(\d+)\{", query)})
 
 
 # ---- the spec ----

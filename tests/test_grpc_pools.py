@@ -108,7 +108,7 @@ def test_grpc_service_reads_errors_from_envoys_grpc_stats() -> None:
 
 def grpc_codes(query: str) -> list[int]:
     """The gRPC statuses a query counts (`envoy_cluster_grpc_<code>` series)."""
-    return [int(n) for n in re.findall(r"envoy_cluster_grpc_(\d+)\{", query)]
+    return sorted({int(n) for n in re.findall(r"envoy_cluster_grpc_(\d+)\{", query)})
 
 
 def test_grpc_error_codes_are_configurable_and_own_queries_are_kept() -> None:

@@ -18,12 +18,20 @@ _5XX_SERIES = (
     'envoy_cluster_upstream_rq_xx{{region="{region}",'
     'envoy_cluster_name="{cluster}",envoy_response_code_class="5"}}'
 )
-UPSTREAM_5XX = (
-    f"(sum(increase({_5XX_SERIES}[{{window}}])) or vector(0))"
-    f" + (sum((min_over_time({_5XX_SERIES}[{{window}}]) unless {_5XX_SERIES} offset {{window}})"
-    " and on(instance) (envoy_cluster_upstream_rq_total"
-    '{{region="{region}",envoy_cluster_name="{cluster}"}} offset {window})) or vector(0))'
-)
+
+
+def counted(series: str) -> str:
+    """The events a counter `series` (a selector template) counted over the window, a
+    series born within it included (see UPSTREAM_5XX)."""
+    return (
+        f"(sum(increase({series}[{{window}}])) or vector(0))"
+        f" + (sum((min_over_time({series}[{{window}}]) unless {series} offset {{window}})"
+        " and on(instance) (envoy_cluster_upstream_rq_total"
+        '{{region="{region}",envoy_cluster_name="{cluster}"}} offset {window})) or vector(0))'
+    )
+
+
+UPSTREAM_5XX = counted(_5XX_SERIES)
 """A pool's 5xx answers over the window. Envoy makes a response class's series on its
 first use, and `increase()` cannot count what a series held when it appeared: a
 canary's first errors (all of them, for one scrape interval, and always the first
@@ -32,12 +40,9 @@ series born within the window (absent at its start) is added, when its Envoy was
 scraped before the window began (its request counter for the cluster was there: not a
 new Envoy, nor a Prometheus that has just started, whose first samples hold older
 counts). It may count what one scrape interval held before the window, never less."""
-UPSTREAM_4XX = (
-    '(sum(increase(envoy_cluster_upstream_rq_xx{{region="{region}",'
-    'envoy_cluster_name="{cluster}",envoy_response_code_class="4"}}[{window}])) or vector(0))'
-)
-"""The caller's-mistake answers (`client_errors`); the class's series exists from its
-first response, so no series reads as none."""
+UPSTREAM_4XX = counted(_5XX_SERIES.replace('class="5"', 'class="4"'))
+"""The caller's-mistake answers (`client_errors`), counted as the 5xx are: no series
+reads as none, a series born within the window counts from its first sample."""
 CANARY_MATCH_HEADER = "x-xds-canary-match"
 """Envoy sets it ("true") on the requests its `canary_match` routes send to the canary and
 removes it from every other request (a caller cannot set it): model servers label their
@@ -156,14 +161,15 @@ def grpc_queries(error_codes: tuple[str, ...]) -> dict[str, str]:
 
 
 def grpc_status_count(codes: tuple[str, ...]) -> str:
-    """Calls that ended in one of `codes`: a term per status, each read as 0 while its
-    series does not exist (Envoy makes it on the status's first call). Not one selector
+    """Calls that ended in one of `codes`: a term per status, `counted` as the 5xx are
+    (Envoy makes a status's series on its first call). Not one selector
     over `__name__=~"envoy_cluster_grpc_(5|14)"`: increase() drops the metric's name, two
     statuses of one cluster then collide, and Prometheus refuses the whole query ("vector
     cannot contain metrics with the same labelset")."""
     terms = [
-        f'(sum(increase(envoy_cluster_grpc_{n}{{{{region="{{region}}",'
-        'envoy_cluster_name="{cluster}"}}[{window}])) or vector(0))'
+        counted(
+            f'envoy_cluster_grpc_{n}{{{{region="{{region}}",envoy_cluster_name="{{cluster}}"}}}}'
+        )
         for n in sorted(GRPC_STATUS_CODES[c] for c in codes)
     ]
     return " + ".join(terms) or "vector(0)"
