@@ -242,6 +242,20 @@ def test_a_paused_rollout_does_not_advance_but_still_rolls_back() -> None:
     assert state.phase == sm.ROLLED_BACK
 
 
+def test_resume_judges_an_unpassed_step_on_evidence_from_after_the_resume() -> None:
+    """What paused a step (a sample-ratio mismatch, stale series) makes the counts taken
+    before the pause suspect: a resumed step's clock starts again; a passed step keeps
+    its own."""
+    state = sm.decide(PLAN, started(), everywhere(obs(applied_at=1)), 2).state
+    assert {rs.step_started for rs in state.regions.values()} == {1}
+    passed = {**state.regions, "ap-south": replace(state.regions["ap-south"], step_passed=True)}
+    paused = sm.pause(replace(state, regions=passed), 3, "sample ratio mismatch").state
+    resumed = sm.resume(paused, 50, "fixed the Envoy").state
+    assert resumed.regions["us-east"].step_started == 50
+    assert resumed.regions["eu-west"].step_started == 50
+    assert resumed.regions["ap-south"].step_started == 1
+
+
 def test_operator_actions_check_their_preconditions() -> None:
     state = started()
     with pytest.raises(ValueError, match="not paused"):

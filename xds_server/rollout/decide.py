@@ -348,16 +348,29 @@ def pause(state: RolloutState, now: float, reason: str) -> Decision:
 
 
 def resume(state: RolloutState, now: float, reason: str) -> Decision:
+    """Go on from where each paused region was. A step it had not passed starts its
+    evidence afresh: what paused it (a sample-ratio mismatch, stale series, a hand on
+    the weights) makes the counts gathered before the pause suspect, and the judge
+    reads a step's counts from its clock."""
     if state.phase != PAUSED:
         raise ValueError(f"rollout is {state.phase}, not paused")
     regions = {
-        r: replace(rs, phase=WARMING if rs.step == WARMUP_STEP else PROGRESSING, hold_since=None)
-        if rs.phase == PAUSED
-        else rs
-        for r, rs in state.regions.items()
+        r: _resumed(rs, now) if rs.phase == PAUSED else rs for r, rs in state.regions.items()
     }
     new = replace(state, phase=PROGRESSING, regions=regions, updated_at=now, reason=reason)
     return Decision(new, (Transition(None, PAUSED, PROGRESSING, -1, -1, f"resumed: {reason}"),))
+
+
+def _resumed(rs: RegionState, now: float) -> RegionState:
+    warming = rs.step == WARMUP_STEP
+    fresh = not warming and not rs.step_passed and rs.step_started is not None
+    return replace(
+        rs,
+        phase=WARMING if warming else PROGRESSING,
+        hold_since=None,
+        step_started=now if fresh else rs.step_started,
+        failures=0 if fresh else rs.failures,
+    )
 
 
 def abort(state: RolloutState, now: float, reason: str) -> Decision:
