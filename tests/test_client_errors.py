@@ -6,6 +6,8 @@ real Envoy's stats in a real Prometheus, over REST and over gRPC."""
 from __future__ import annotations
 
 import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,8 @@ import pytest
 from tests.support import wait_for, wait_shares
 from xds_server.lab.layout import MeshOptions
 from xds_server.lab.mesh import LocalMesh
+from xds_server.lab.procs import free_port
+from xds_server.lab.prometheus import Prometheus, ScrapeTarget
 from xds_server.lab.scenarios import FAST_PLAN, SCENARIOS, WRONG_MODEL_NAME
 from xds_server.rollout.evidence import (
     FAIL,
@@ -25,6 +29,8 @@ from xds_server.rollout.evidence import (
     MetricReading,
 )
 from xds_server.rollout.judge import judge
+from xds_server.rollout.metrics import PrometheusSource, QueryError, fill
+from xds_server.rollout.ports import Where
 from xds_server.spec import MetricKind, RolloutPlan, SpecError, validate_spec
 from xds_server.spec.rollout import (
     CLIENT_ERRORS,
@@ -186,3 +192,72 @@ def test_a_canary_serving_its_model_under_another_name_is_rolled_back(
         assert "error_rate high" not in rollback.reason
         failed = {f.grpc_code if protocol == "grpc" else str(f.status) for f in load.failures()}
         assert failed == {"NOT_FOUND" if protocol == "grpc" else "404"}, failed
+
+
+# ---- the gRPC status queries against a real Prometheus ----
+
+
+class _Exporter(ThreadingHTTPServer):
+    """Serves `text` as Prometheus metrics: a stand-in for one Envoy's stats."""
+
+    text = ""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Exporter
+
+    def do_GET(self) -> None:
+        data = self.server.text.encode()
+        self.send_response(200)
+        self.send_header("content-type", "text/plain; version=0.0.4")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _stats(not_found: int, unavailable: int) -> str:
+    c = 'envoy_cluster_name="recommender|canary"'
+    return (
+        f"envoy_cluster_upstream_rq_total{{{c}}} {10 + not_found + unavailable}\n"
+        f"envoy_cluster_grpc_5{{{c}}} {not_found}\nenvoy_cluster_grpc_14{{{c}}} {unavailable}\n"
+    )
+
+
+def test_two_statuses_of_one_cluster_are_counted_not_refused(tmp_path: Path) -> None:
+    """One selector over `__name__=~"envoy_cluster_grpc_(5|14)"` made Prometheus refuse
+    the query once both series existed ("vector cannot contain metrics with the same
+    labelset"): errors then read as unavailable, and a failing gRPC canary held instead
+    of rolling back. Each status is its own term now."""
+    exporter = _Exporter(("127.0.0.1", 0), _Handler)
+    exporter.text = _stats(1, 1)
+    threading.Thread(target=exporter.serve_forever, daemon=True).start()
+    target = ScrapeTarget(f"127.0.0.1:{exporter.server_address[1]}", "/metrics", {"region": REGION})
+    prometheus = Prometheus(tmp_path / "prometheus", free_port(), [target])
+    try:
+        source = PrometheusSource(prometheus.url)
+        seen = f'count(envoy_cluster_grpc_14{{region="{REGION}"}})'
+        wait_for(lambda: source.query(seen) == 1, "both statuses in Prometheus", timeout=30)
+        exporter.text = _stats(4, 3)
+        grpc = plan_of(spec_doc("grpc", grpc={"error_codes": ["UNAVAILABLE"]}))
+        queries = {
+            "errors": grpc.queries["errors"],
+            "client_errors": grpc.analysis.metrics[1].numerator,
+            "one selector": 'sum(increase({{__name__=~"envoy_cluster_grpc_(5|14)",'
+            'region="{region}",envoy_cluster_name="{cluster}"}}[{window}]))',
+        }
+        where = Where(REGION, "recommender", "canary", "v2", "recommender|canary")
+
+        def read(key: str) -> float:
+            return source.query(fill(queries[key], where, 60)) or 0.0
+
+        wait_for(lambda: read("errors") >= 2, "UNAVAILABLE's increase", timeout=30)
+        assert read("client_errors") >= 3  # NOT_FOUND's, from the same cluster
+        with pytest.raises(QueryError, match="same labelset"):
+            read("one selector")
+    finally:
+        prometheus.stop()
+        exporter.shutdown()
+        exporter.server_close()
