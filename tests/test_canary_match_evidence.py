@@ -138,7 +138,7 @@ def test_the_lab_model_server_labels_marked_requests_over_both_bindings() -> Non
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
             stub = oip_grpc.GRPCInferenceServiceStub(channel)
-            stub.ModelInfer(request, metadata=[(CANARY_MATCH_HEADER, "true")], timeout=5)
+            stub.ModelInfer(request, metadata=((CANARY_MATCH_HEADER, "true"),), timeout=5)
             stub.ModelInfer(request, timeout=5)
             assert (
                 rest(server, "POST", path, {"inputs": [tensor]}, {CANARY_MATCH_HEADER: "true"})[0]

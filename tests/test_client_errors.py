@@ -22,10 +22,10 @@ from xds_server.lab.scenarios import FAST_PLAN, SCENARIOS, WRONG_MODEL_NAME
 from xds_server.rollout.evidence import (
     FAIL,
     HIGH,
-    NO_DATA,
     PASS,
     Comparison,
     Measurement,
+    MetricClass,
     MetricReading,
 )
 from xds_server.rollout.judge import judge
@@ -144,7 +144,7 @@ def test_a_steady_share_of_bad_requests_in_every_version_passes() -> None:
     # 10% of the callers' requests are malformed, whichever version answers them.
     v = judge(JUDGED, WINDOW, step((52, 500), (48, 500)), regions=3)
     (result,) = [m for m in v.metrics if m.name == CLIENT_ERRORS]
-    assert result.classification == PASS, v.reason
+    assert result.classification == MetricClass.PASS, v.reason
     assert v.outcome == PASS, v.reason
 
 
@@ -153,11 +153,11 @@ def test_a_missing_client_error_series_reads_as_none() -> None:
     client error (a pass with enough requests), never "no data"."""
     v = judge(JUDGED, WINDOW, step((None, 2000), (None, 2000)), regions=1)
     (result,) = [m for m in v.metrics if m.name == CLIENT_ERRORS]
-    assert result.classification == PASS, result.detail
+    assert result.classification == MetricClass.PASS, result.detail
     # Without requests, though, there is nothing to judge: hold.
     v = judge(JUDGED, WINDOW, step((None, 0), (None, 0)))
     (result,) = [m for m in v.metrics if m.name == CLIENT_ERRORS]
-    assert result.classification == NO_DATA
+    assert result.classification == MetricClass.NO_DATA
 
 
 # ---- end to end: wrong-model-name ----
