@@ -26,7 +26,6 @@ from xds_server.rollout.evidence import (
     Comparison,
     Measurement,
     MetricClass,
-    MetricReading,
 )
 from xds_server.rollout.judge import judge
 from xds_server.rollout.metrics import PrometheusSource, QueryError, fill
@@ -70,42 +69,51 @@ def grpc_codes(query: str) -> list[int]:
 # ---- the spec ----
 
 
-def test_http_services_read_envoys_4xx_class_over_every_request() -> None:
-    (_, m) = plan_of(spec_doc()).analysis.metrics
-    assert (m.name, m.kind, m.critical, m.group) == (
-        CLIENT_ERRORS,
-        MetricKind.RATIO,
-        True,
-        "errors",
+def test_client_errors_is_a_default_metric_judged_like_error_rate() -> None:
+    """A spec that says nothing about analysis judges client errors: the canary that
+    answered every call with NOT_FOUND was promoted by a default spec."""
+    doc = spec_doc()
+    del doc["rollout"]
+    metrics = {m.name: m for m in plan_of(doc).analysis.metrics}
+    m = metrics[CLIENT_ERRORS]
+    assert (m.kind, m.critical, m.group) == (MetricKind.CLIENT_ERRORS, True, "errors")
+    assert (m.allowed_change, m.detect_change) == (
+        metrics["error_rate"].allowed_change,
+        metrics["error_rate"].detect_change,
     )
-    assert m.numerator == UPSTREAM_4XX and 'envoy_response_code_class="4"' in m.numerator
-    assert m.numerator.endswith("or vector(0))")  # no series yet: none, not no data
-    assert m.denominator == DEFAULT_QUERIES["requests"]
+
+
+def test_http_services_read_envoys_4xx_class() -> None:
+    q = plan_of(spec_doc()).queries["client_errors"]
+    assert q == UPSTREAM_4XX == DEFAULT_QUERIES["client_errors"]
+    assert 'envoy_response_code_class="4"' in q
+    assert q.endswith("or vector(0))")  # no series yet: none, not no data
 
 
 def test_grpc_services_read_the_caller_class_statuses() -> None:
-    (_, m) = plan_of(spec_doc("grpc")).analysis.metrics
+    q = plan_of(spec_doc("grpc")).queries["client_errors"]
     # INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED, RESOURCE_EXHAUSTED,
     # FAILED_PRECONDITION, ABORTED, OUT_OF_RANGE, UNAUTHENTICATED: neither OK, CANCELLED
     # nor a server fault (those are error_rate's).
-    assert grpc_codes(m.numerator) == [3, 5, 6, 7, 8, 9, 10, 11, 16]
-    assert m.denominator == DEFAULT_QUERIES["requests"]  # mirrored calls too
+    assert grpc_codes(q) == [3, 5, 6, 7, 8, 9, 10, 11, 16]
     # A status counted as an error is not a client error as well.
     doc = spec_doc("grpc", grpc={"error_codes": ["UNAVAILABLE", "NOT_FOUND"]})
-    (_, m) = plan_of(doc).analysis.metrics
-    assert grpc_codes(m.numerator) == [2, 3, 4, 6, 7, 8, 9, 10, 11, 12, 13, 15, 16]
+    q = plan_of(doc).queries["client_errors"]
+    assert grpc_codes(q) == [2, 3, 4, 6, 7, 8, 9, 10, 11, 12, 13, 15, 16]
 
 
 def test_the_spec_may_tune_replace_or_leave_out_client_errors() -> None:
-    own = 'sum(increase(my_4xx{{region="{region}"}}[{window}]))'
+    own = 'sum(increase(my_4xx{{region="{region}",envoy_cluster_name="{cluster}"}}[{window}]))'
     doc = spec_doc("grpc")
-    doc["rollout"]["analysis"]["metrics"][CLIENT_ERRORS] = {"numerator": own, "confidence": 0.95}
-    (_, m) = plan_of(doc).analysis.metrics
-    assert (m.numerator, m.confidence) == (own, 0.95)  # the spec's own query is kept
+    doc["rollout"]["queries"] = {"client_errors": own}
+    doc["rollout"]["analysis"]["metrics"][CLIENT_ERRORS] = {"confidence": 0.95}
+    plan = plan_of(doc)
+    assert plan.queries["client_errors"] == own  # the spec's own query is kept
+    assert plan.analysis.metrics[1].confidence == 0.95
     doc["rollout"]["analysis"]["metrics"] = {"error_rate": {}}
     assert [m.name for m in plan_of(doc).analysis.metrics] == ["error_rate"]
-    doc["rollout"]["analysis"]["metrics"] = {CLIENT_ERRORS: {"kind": "value"}}
-    with pytest.raises(SpecError, match=r"client_errors\.query: required"):
+    doc["rollout"]["analysis"]["metrics"] = {CLIENT_ERRORS: {"query": own}}
+    with pytest.raises(SpecError, match=r"client_errors: a client_errors metric reads Envoy"):
         plan_of(doc)
 
 
@@ -115,11 +123,7 @@ def test_the_spec_may_tune_replace_or_leave_out_client_errors() -> None:
 def step(canary: tuple[float | None, float], comparator: tuple[float | None, float]) -> Comparison:
     def pool(reading: tuple[float | None, float]) -> Measurement:
         numerator, requests = reading
-        return Measurement(
-            requests=requests,
-            errors=0,
-            readings={CLIENT_ERRORS: MetricReading(numerator=numerator, denominator=requests)},
-        )
+        return Measurement(requests=requests, errors=0, client_errors=numerator)
 
     return Comparison(pool(canary), pool(comparator), "baseline")
 
@@ -244,7 +248,7 @@ def test_two_statuses_of_one_cluster_are_counted_not_refused(tmp_path: Path) -> 
         grpc = plan_of(spec_doc("grpc", grpc={"error_codes": ["UNAVAILABLE"]}))
         queries = {
             "errors": grpc.queries["errors"],
-            "client_errors": grpc.analysis.metrics[1].numerator,
+            "client_errors": grpc.queries["client_errors"],
             "one selector": 'sum(increase({{__name__=~"envoy_cluster_grpc_(5|14)",'
             'region="{region}",envoy_cluster_name="{cluster}"}}[{window}]))',
         }

@@ -41,10 +41,12 @@ WINDOW = Measurement(requests=1000, errors=10, p99_ms=120.0)
 TWO = replace(
     PLAN,
     analysis=replace(
-        PLAN.analysis, metrics=tuple(m for m in PLAN.analysis.metrics if m.name != "latency_p99")
+        PLAN.analysis,
+        metrics=tuple(m for m in PLAN.analysis.metrics if m.name in ("error_rate", "latency")),
     ),
 )
-"""Errors and the median alone (no critical tail metric): for the score arithmetic."""
+"""Errors and the median alone (no critical tail or client-error metric): for the score
+arithmetic."""
 
 
 def histogram(latencies_ms: np.ndarray) -> tuple[tuple[float, float], ...]:
@@ -304,7 +306,8 @@ def test_clopper_pearson_upper_bound(k: int, n: int, c1: float, c2: float) -> No
     k = min(k, n)
     lo, hi = sorted((c1, c2))
     u_lo, u_hi = stats.binomial_upper(k, n, lo), stats.binomial_upper(k, n, hi)
-    assert k / n <= u_lo <= u_hi <= 1.0
+    # Confidences a float's step apart may give bounds a rounding error apart.
+    assert k / n <= u_lo <= u_hi + 1e-12 and u_hi <= 1.0
     if k < n:
         assert u_lo > k / n
 

@@ -112,6 +112,9 @@ class Measurement:
     """The user metrics' readings, by metric name."""
     tenants: Mapping[str, Measurement] = field(default_factory=dict)
     """Per tenant (the canary over the window): requests, errors, p99."""
+    client_errors: float | None = None
+    """Answers that blame the caller (4xx; gRPC's caller-class statuses): read when a
+    `client_errors` metric judges them; None reads as none, as `errors` does."""
 
     @property
     def error_rate(self) -> float | None:

@@ -347,11 +347,28 @@ def _metric(m: MetricSpec, cmp: Comparison, tests: int) -> MetricResult:
 
 
 def _errors(m: MetricSpec, cmp: Comparison, alpha: float, result: Result) -> MetricResult:
+    return _answers(m, cmp, alpha, result, lambda p: p.errors, "error rate")
+
+
+def _client_errors(m: MetricSpec, cmp: Comparison, alpha: float, result: Result) -> MetricResult:
+    return _answers(m, cmp, alpha, result, lambda p: p.client_errors, "client error rate")
+
+
+def _answers(
+    m: MetricSpec,
+    cmp: Comparison,
+    alpha: float,
+    result: Result,
+    counted: Callable[[Measurement], float | None],
+    what: str,
+) -> MetricResult:
+    """Some of each pool's requests' answers (its 5xx, its 4xx), as proportions; a count
+    not read is none (Envoy makes a response class's series on its first answer)."""
     c, b = cmp.canary, cmp.comparator
     assert b is not None
     nc, nb = finite(c.requests) or 0.0, finite(b.requests) or 0.0
-    ec, eb = finite(c.errors) or 0.0, finite(b.errors) or 0.0
-    return _proportions(m, cmp.comparator_pool, (ec, nc, eb, nb), alpha, result, "error rate")
+    ec, eb = finite(counted(c)) or 0.0, finite(counted(b)) or 0.0
+    return _proportions(m, cmp.comparator_pool, (ec, nc, eb, nb), alpha, result, what)
 
 
 def _ratio(m: MetricSpec, cmp: Comparison, alpha: float, result: Result) -> MetricResult:
@@ -380,7 +397,7 @@ def _proportions(
     `ratio` metrics): the binomial mixture test of stats.error_ratio_test."""
     ec, nc, eb, nb = counts
     if nc < 1 or nb < 1:
-        trials = "requests" if what == "error rate" else "denominator"
+        trials = "requests" if what.endswith("error rate") else "denominator"
         return result(
             MetricClass.NO_DATA, None, None, f"{trials}: canary {nc:.0f}, {pool} {nb:.0f}"
         )
@@ -536,6 +553,7 @@ def _value(m: MetricSpec, cmp: Comparison, alpha: float, result: Result) -> Metr
 
 KINDS: Mapping[MetricKind, Callable[[MetricSpec, Comparison, float, Result], MetricResult]] = {
     MetricKind.ERRORS: _errors,
+    MetricKind.CLIENT_ERRORS: _client_errors,
     MetricKind.LATENCY: _latency,
     MetricKind.TAIL: _tail,
     MetricKind.RATIO: _ratio,

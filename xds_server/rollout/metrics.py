@@ -145,8 +145,10 @@ class PrometheusSource:
         def filled(key: str) -> str:
             return fill(plan.queries[key], None, window_s, region=region, cluster=cluster)
 
+        client_errors = any(m.kind == MetricKind.CLIENT_ERRORS for m in plan.analysis.metrics)
+        keys = ("requests", "errors", *(("p99_ms",) if p99 else ()))
         try:
-            for key in ("requests", "errors", *(("p99_ms",) if p99 else ())):
+            for key in (*keys, *(("client_errors",) if client_errors else ())):
                 out[key] = self.query(filled(key), client)
             if buckets:
                 latency = self.buckets(filled("latency_buckets"), client)
@@ -154,15 +156,17 @@ class PrometheusSource:
             return Measurement(problem=str(exc))
         except Exception as exc:  # an answer we cannot read is no evidence, not a crash
             return Measurement(problem=f"unreadable answer from Prometheus: {exc!r}")
-        errors = out["errors"]
-        if errors is None and out["requests"] is not None:
-            errors = 0.0  # Envoy exports the 5xx series only once a 5xx has happened
+        # Envoy exports a response class's (a status's) series only once one happened.
+        errors, caller = out["errors"], out.get("client_errors")
+        if out["requests"] is not None:
+            errors, caller = errors or 0.0, caller or 0.0
         p = out.get("p99_ms")
         return Measurement(
             out["requests"],
             errors,
             None if p is None or math.isnan(p) else p,
             latency_buckets=tuple(latency) if latency else None,
+            client_errors=caller if client_errors else None,
         )
 
     @_in_thread

@@ -35,12 +35,9 @@ from xds_server.spec.rollout import (
     DEFAULT_QUERIES,
     GRPC_SERVER_FAULTS,
     GRPC_STATUS_CODES,
-    UPSTREAM_4XX,
     HealthCheck,
     RolloutPlan,
-    grpc_client_codes,
     grpc_queries,
-    grpc_status_count,
 )
 from xds_server.spec.values import NAME_RE, is_ip, kind_of, parse_host_port
 
@@ -388,12 +385,4 @@ def _with_grpc_queries(plan: RolloutPlan, error_codes: tuple[str, ...]) -> Rollo
     for key, query in ours.items():
         if queries.get(key) == DEFAULT_QUERIES[key]:
             queries[key] = query
-    # `client_errors` as built in (4xx, which gRPC's failures are not): the caller-class
-    # statuses, every one that is neither OK, CANCELLED nor one of `error_codes`.
-    client = grpc_status_count(grpc_client_codes(error_codes))
-    metrics = tuple(
-        dataclasses.replace(m, numerator=client) if m.numerator == UPSTREAM_4XX else m
-        for m in plan.analysis.metrics
-    )
-    analysis = dataclasses.replace(plan.analysis, metrics=metrics)
-    return dataclasses.replace(plan, queries=queries, analysis=analysis)
+    return dataclasses.replace(plan, queries=queries)

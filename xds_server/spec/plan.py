@@ -418,6 +418,7 @@ def _metric(c: Checker, name: str, value: Any, path: str) -> MetricSpec:
     out = replace(base, **{k: v for k, v in changes.items() if v is not None})
     if out.detect_change <= out.allowed_change and out.kind in (
         MetricKind.ERRORS,
+        MetricKind.CLIENT_ERRORS,
         MetricKind.RATIO,
     ):
         c.fail(f"{path}.detect_change", "must be above allowed_change")

@@ -73,6 +73,8 @@ DEFAULT_QUERIES: Mapping[str, str] = {
     # Over Envoy's own cluster stats, scraped from each Envoy with a `region` label.
     "requests": UPSTREAM_REQUESTS,
     "errors": UPSTREAM_5XX,
+    # Answers that blame the caller: a canary serving its model under another name 404s.
+    "client_errors": UPSTREAM_4XX,
     # Mirrored requests (the warm-up's shadow phase): Envoy's router drops their answers
     # before any filter sees them, so they are judged on the cluster's upstream stats
     # whatever the protocol (a gRPC service keeps these when its other queries change).
@@ -156,6 +158,7 @@ def grpc_queries(error_codes: tuple[str, ...]) -> dict[str, str]:
         "requests": 'sum(increase(envoy_cluster_grpc_total{{region="{region}",'
         'envoy_cluster_name="{cluster}"}}[{window}]))',
         "errors": errors,
+        "client_errors": grpc_status_count(grpc_client_codes(error_codes)),
         "delivered": delivered_query(errors),
     }
 
@@ -182,10 +185,13 @@ def grpc_client_codes(error_codes: tuple[str, ...]) -> tuple[str, ...]:
 
 
 class MetricKind(StrEnum):
-    """What an analysis metric compares (see `MetricSpec`). The first three read Envoy's
+    """What an analysis metric compares (see `MetricSpec`). The first four read Envoy's
     own stats; the others read the user's `query` (or `numerator`/`denominator`)."""
 
     ERRORS = "errors"
+    CLIENT_ERRORS = "client_errors"
+    """Answers that blame the caller (4xx; gRPC's caller-class statuses), judged as a
+    proportion of requests like errors: a canary may not blame callers production serves."""
     LATENCY = "latency"
     TAIL = "tail"
     RATIO = "ratio"
@@ -212,8 +218,8 @@ PREDICTION_BUCKETS_QUERY = (
 
 
 CLIENT_ERRORS = "client_errors"
-"""The built-in metric of the caller's-mistake answers (`metric_defaults`): `client_errors:
-{}` in a plan's metrics, as the lab's plans have it."""
+"""The built-in metric of the caller's-mistake answers (`metric_defaults`), one of the
+default metrics."""
 
 
 class Direction(StrEnum):
@@ -330,21 +336,12 @@ def metric_defaults(name: str, kind: MetricKind) -> MetricSpec:
     `latency` metric tolerates 10% by default, a `tail` metric 20% on the p99), in its
     kind's group."""
     base = MetricSpec(name, kind, group=str(kind))
-    if name == CLIENT_ERRORS and kind == MetricKind.RATIO:
-        # Answers that blame the caller (4xx; over gRPC `grpc_client_codes`, which
-        # spec/mesh.py swaps in) that the canary gives and its comparator does not, for
-        # the same traffic (a model served under another name fails every call so); a
-        # steady share of bad requests is in both. Judged as error_rate is, in its group.
-        # The denominator is what the pool was sent: in the shadow phase, the mirrored
-        # requests too (whose gRPC statuses Envoy never sees: none, for gRPC, there).
-        return replace(
-            base,
-            critical=True,
-            group="errors",
-            on_no_data=NoDataRule.PAUSE,
-            numerator=UPSTREAM_4XX,
-            denominator=UPSTREAM_REQUESTS,
-        )
+    if kind == MetricKind.CLIENT_ERRORS:
+        # Answers that blame the caller (the `client_errors` query: 4xx; over gRPC
+        # `grpc_client_codes`) that the canary gives and its comparator does not, for the
+        # same traffic (a model served under another name fails every call so); a steady
+        # share of bad requests is in both. Judged as error_rate is, in its group.
+        return replace(base, critical=True, group="errors", on_no_data=NoDataRule.PAUSE)
     if kind in (MetricKind.ERRORS, MetricKind.RATIO):
         return base
     if kind in (MetricKind.LATENCY, MetricKind.DISTRIBUTION):
@@ -373,7 +370,7 @@ BUILTIN_KINDS: Mapping[str, MetricKind] = {
     "latency": MetricKind.LATENCY,
     "latency_p99": MetricKind.TAIL,
     "prediction_shift": MetricKind.OUTPUT,
-    CLIENT_ERRORS: MetricKind.RATIO,
+    CLIENT_ERRORS: MetricKind.CLIENT_ERRORS,
 }
 """Metric names whose kind goes without saying in the spec."""
 
@@ -389,6 +386,9 @@ DEFAULT_METRICS: tuple[MetricSpec, ...] = (
     metric_defaults("latency", MetricKind.LATENCY),
     # The slowest 1%: a regression there is what users of a model server feel first.
     replace(metric_defaults("latency_p99", MetricKind.TAIL), critical=True),
+    # A canary that blames its callers where production answers them (a model served
+    # under another name: every call a 404 / NOT_FOUND) fails every call without a 5xx.
+    metric_defaults(CLIENT_ERRORS, MetricKind.CLIENT_ERRORS),
 )
 
 
