@@ -22,12 +22,21 @@ _5XX_SERIES = (
 
 def counted(series: str) -> str:
     """The events a counter `series` (a selector template) counted over the window, a
-    series born within it included (see UPSTREAM_5XX)."""
+    series born within it included (see UPSTREAM_5XX).
+
+    A series born within the window, on an Envoy Prometheus scraped before it began:
+    its last value, all of it counted within the window, and not its `increase()` as
+    well (which extrapolates a young counter back towards zero: the sum of both counted
+    up to twice its first sample, and error rates above 1 were read). Any other series:
+    its `increase()` (on an Envoy, or by a Prometheus, new within the window, the first
+    sample may hold older counts)."""
+    born = (
+        f"((last_over_time({series}[{{window}}]) unless {series} offset {{window}})"
+        ' and on(instance) (up{{region="{region}"}} offset {window}))'
+    )
     return (
-        f"(sum(increase({series}[{{window}}])) or vector(0))"
-        f" + (sum((min_over_time({series}[{{window}}]) unless {series} offset {{window}})"
-        " and on(instance) (envoy_cluster_upstream_rq_total"
-        '{{region="{region}",envoy_cluster_name="{cluster}"}} offset {window})) or vector(0))'
+        f"(sum(increase({series}[{{window}}]) unless {born}) or vector(0))"
+        f" + (sum({born}) or vector(0))"
     )
 
 
@@ -36,10 +45,11 @@ UPSTREAM_5XX = counted(_5XX_SERIES)
 first use, and `increase()` cannot count what a series held when it appeared: a
 canary's first errors (all of them, for one scrape interval, and always the first
 sample's count) would read as none, and a step could pass on them. So the value of a
-series born within the window (absent at its start) is added, when its Envoy was
-scraped before the window began (its request counter for the cluster was there: not a
-new Envoy, nor a Prometheus that has just started, whose first samples hold older
-counts). It may count what one scrape interval held before the window, never less."""
+series born within the window (absent at its start) is counted whole, when its Envoy
+was scraped before the window began (its `up` was there: not a new Envoy, nor a
+Prometheus that has just started, whose first samples hold older counts; a cluster new
+in the window, a canary pool just added, still counts). It may count what one scrape
+interval held before the window, never less."""
 UPSTREAM_4XX = counted(_5XX_SERIES.replace('class="5"', 'class="4"'))
 """The caller's-mistake answers (`client_errors`), counted as the 5xx are: no series
 reads as none, a series born within the window counts from its first sample."""
@@ -155,8 +165,10 @@ def grpc_queries(error_codes: tuple[str, ...]) -> dict[str, str]:
     caller gave up on has no status, but was sent."""
     errors = grpc_status_count(error_codes)
     return {
-        "requests": 'sum(increase(envoy_cluster_grpc_total{{region="{region}",'
-        'envoy_cluster_name="{cluster}"}}[{window}]))',
+        # Envoy makes the calls' counter on a cluster's first call, as each status's.
+        "requests": counted(
+            'envoy_cluster_grpc_total{{region="{region}",envoy_cluster_name="{cluster}"}}'
+        ),
         "errors": errors,
         "client_errors": grpc_status_count(grpc_client_codes(error_codes)),
         "delivered": delivered_query(errors),
