@@ -102,7 +102,7 @@ def test_grpc_service_reads_errors_from_envoys_grpc_stats() -> None:
     filled = queries["errors"].format(region=REGION, cluster="recommender|canary", window="30s")
     assert filled.startswith(
         '(sum(increase(envoy_cluster_grpc_2{region="us-east",'
-        'envoy_cluster_name="recommender|canary"}[30s])) or vector(0)) + '
+        'envoy_cluster_name="recommender|canary"}[30s]) unless '
     )
 
 
