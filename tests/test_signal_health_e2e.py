@@ -92,7 +92,9 @@ def test_an_envoy_off_the_configured_split_holds_the_step_on_a_sample_ratio_mism
 
 
 def test_a_region_prometheus_stops_scraping_is_no_data_audited_as_stale(tmp_path: Path) -> None:
-    plan = {**FAST_PLAN, "step_duration": "60s", "max_hold": "6s"}
+    # The first step at 20%: at 5% eu-west's canary got 1 request/s, fewer than the
+    # guardrails' minimum in a 4 s window on a loaded machine, and its own hold ran out.
+    plan = {**FAST_PLAN, "steps": [20, 100], "step_duration": "60s", "max_hold": "6s"}
     opts = MeshOptions(regions=("us-east", "eu-west"), rollout=plan, load_rate=40)
     with LocalMesh(tmp_path / "mesh", opts) as mesh:
         load = mesh.processes.start_load()
