@@ -96,6 +96,11 @@ class MeshLayout:
             else {}
         )
         """(region, pool) -> the model server's gRPC port (MLServer always has one)."""
+        self.mlserver_metrics_ports = (
+            {key: free_port() for key in self.model_ports} if opts.models == "mlserver" else {}
+        )
+        """(region, pool) -> its MLServer's metrics server (`/metrics`, scraped as the
+        built-in servers' REST port is: the scores' histogram of the output gate)."""
         self.replica_ports = {
             r: {k: free_port() for k in ("xds", "admin", "metrics", "ui")}
             for r in (opts.regions if opts.ha else ())

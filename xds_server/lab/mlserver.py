@@ -17,9 +17,15 @@ generator's N(0, 1) features are inputs of the right scale:
   and as cheap to call. A 30-tree random forest was not (over gRPC its p50 was 3.1 times
   production's, and the latency analysis rolled it back, rightly); nor, by a little, a
   depth-6 decision tree (p50 3.23 ms against 2.77 ms under concurrent calls on the busy
-  machine; the ridge classifier 2.79 ms);
-- `shuffled` (drifting-canary's canary): the ridge classifier trained on shuffled
-  labels: fast, 200, and wrong;
+  machine; the ridge classifier 2.79 ms). Its decision is calibrated to a probability
+  (Platt scaling, sklearn's `CalibratedClassifierCV`), so its scores can be compared
+  with v1's, and stored as the logistic model that amounts to: the calibrated
+  classifier itself took three times v1's time per call (451 us to 125 us, predict and
+  predict_proba of one row), the folded one the same (143 us to 150 us). On the load
+  generator's inputs its score histogram is v1's (PSI 0.007 over 4,000 rows);
+- `shuffled` (drifting-canary's canary): the same, trained on shuffled labels: fast,
+  200, about v1's share of each class (54%), and wrong. Calibrated on noise, its scores
+  spread where v1's are sure (PSI 1.5 against v1's);
 - `narrow` (bad-canary's canary): trained on the first 20 features only: every call
   with 30 fails (sklearn's ValueError, MLServer's 500 / INTERNAL);
 - wrong-model-name's canary serves `v2` under another name (`recommender-v2`): MLServer
@@ -28,11 +34,18 @@ generator's N(0, 1) features are inputs of the right scale:
 Every version of a pool is served under the one model name the callers use (the
 service's, `recommender`) with its `parameters.version`, so the answers' `model_version`
 says which version answered.
+
+Every model is served by the lab's runtime (`lab/mlserver_runtime.py`, copied into each
+model's folder): scikit-learn's, which also logs each answer's positive-class score into
+a `prediction_score` histogram (MLServer's custom metrics) on its metrics port. The lab's
+Prometheus scrapes that port with `region` and `pool`, and the plan's output gate
+(prediction_shift) reads it (`SCORE_QUERY`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -41,6 +54,7 @@ from typing import Any
 
 from xds_server.lab.procs import Process, http_get
 from xds_server.lab.scenarios import FAST_PLAN
+from xds_server.spec.rollout import SPLIT_ONLY
 
 MODEL_NAME = "recommender"
 """The name callers ask for (the lab's service's name)."""
@@ -51,6 +65,18 @@ VENV_ENV = "XDS_MLSERVER_VENV"
 REQUIREMENTS = "hack/mlserver-requirements.txt"
 READY_PATH = "/v2/health/ready"
 """MLServer's readiness on its REST port: 200 once every model is loaded."""
+RUNTIME = Path(__file__).with_name("mlserver_runtime.py")
+"""The lab's MLServer runtime (scikit-learn's, logging each answer's score), copied
+beside each model's settings; it runs in MLServer's environment, never imported here."""
+IMPLEMENTATION = "mlserver_runtime.ScoredSKLearnModel"
+SCORE_QUERY = (
+    "sum by (le) (increase(prediction_score_bucket"
+    f'{{{{region="{{region}}",pool="{{pool}}",{SPLIT_ONLY}}}}}[{{window}}]))'
+)
+"""prediction_shift's query on MLServer: the runtime's `prediction_score` histogram (a
+custom metric: `model_name` and `model_version` from MLServer, `region` and `pool` from
+the lab's scrape targets). MLServer exports no `canary_match` label, so the split-only
+matcher keeps every series; it stays for a server that does."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +121,7 @@ TRAIN_SCRIPT = """
 import sys
 import joblib
 import numpy as np
+from sklearn.calibration import CalibratedClassifierCV
 from sklearn.datasets import load_breast_cancer
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from sklearn.pipeline import make_pipeline
@@ -104,10 +131,22 @@ out = sys.argv[1]
 X, y = load_breast_cancer(return_X_y=True)
 def ridge():
     return make_pipeline(StandardScaler(), RidgeClassifier())
+def calibrated(labels):
+    # Platt scaling of the ridge classifier's decision (cross-validated), folded into
+    # the logistic model it amounts to: p = 1 / (1 + exp(a d + b)) with d = w x + c.
+    cal = CalibratedClassifierCV(ridge(), method="sigmoid", ensemble=False).fit(X, labels)
+    fitted = cal.calibrated_classifiers_[0]
+    scaler, clf, platt = fitted.estimator[0], fitted.estimator[-1], fitted.calibrators[0]
+    folded = LogisticRegression()
+    folded.coef_ = -platt.a_ * clf.coef_
+    folded.intercept_ = -(platt.a_ * clf.intercept_ + platt.b_)
+    folded.classes_ = clf.classes_
+    folded.n_features_in_ = X.shape[1]
+    return make_pipeline(scaler, folded)
 models = {
     "v1": make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(X, y),
-    "v2": ridge().fit(X, y),
-    "shuffled": ridge().fit(X, np.random.default_rng(0).permutation(y)),
+    "v2": calibrated(y),
+    "shuffled": calibrated(np.random.default_rng(0).permutation(y)),
     "narrow": ridge().fit(X[:, :20], y),
 }
 for name, model in models.items():
@@ -161,22 +200,25 @@ class MLServerSlot:
     http_port: int
     grpc_port: int
     metrics_port: int | None
-    """None: no metrics server (one port fewer to collide on; the lab reads Envoy's)."""
+    """Its metrics server's port (`/metrics`: the scores' histogram, MLServer's own
+    series); None: no metrics server."""
     model_path: Path
     version: str
     served_name: str = MODEL_NAME
 
 
 def write_repository(directory: Path, slot: MLServerSlot) -> Path:
-    """A model repository of one model (`model-settings.json`) and the server's
-    `settings.json`, in `directory`."""
+    """A model repository of one model (`model-settings.json`, served by the lab's
+    runtime, copied beside it: MLServer imports a model's implementation from its
+    folder) and the server's `settings.json`, in `directory`."""
     import json
 
     model_dir = directory / slot.served_name
     model_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(RUNTIME, model_dir / RUNTIME.name)
     settings: dict[str, Any] = {
         "name": slot.served_name,
-        "implementation": "mlserver_sklearn.SKLearnModel",
+        "implementation": IMPLEMENTATION,
         "parameters": {"uri": str(slot.model_path), "version": slot.version},
     }
     (model_dir / "model-settings.json").write_text(json.dumps(settings, indent=2))
@@ -218,9 +260,10 @@ def health_url(http_port: int) -> str:
 
 def lab_plan(base: Mapping[str, Any], protocol: str, registered: bool) -> dict[str, Any]:
     """A scenario's plan for MLServer pools: the rollout tests' fast steps (nine
-    MLServers share the machine with the rest of the lab). MLServer exports neither the
-    lab's per-tenant series nor its score histogram, so the tenants' budgets and the
-    output gate (prediction_shift) go. The warm-up checks MLServer's readiness,
+    MLServers share the machine with the rest of the lab). MLServer exports none of the
+    lab's per-tenant series, so the tenants' budgets go; the output gate
+    (prediction_shift) reads the lab runtime's score histogram (`SCORE_QUERY`). The
+    warm-up checks MLServer's readiness,
     `/v2/health/ready` on its REST port (over gRPC too: MLServer serves no
     grpc.health.v1, so the check goes to each endpoint's `health_port`, its REST port),
     then the canary ramps up over a short slow start. Registered gRPC instances
@@ -237,7 +280,9 @@ def lab_plan(base: Mapping[str, Any], protocol: str, registered: bool) -> dict[s
     guardrails = {k: v for k, v in plan.get("guardrails", {}).items() if k != "tenants"}
     plan["guardrails"] = guardrails
     analysis = dict(plan.get("analysis", {}))
-    metrics = {k: v for k, v in analysis.get("metrics", {}).items() if k != "prediction_shift"}
+    metrics = dict(analysis.get("metrics", {}))
+    if "prediction_shift" in metrics:
+        metrics["prediction_shift"] = {**metrics["prediction_shift"], "query": SCORE_QUERY}
     plan["analysis"] = {**analysis, "metrics": metrics}
     check: dict[str, Any] = {"path": READY_PATH, "interval": "500ms", "timeout": "500ms"}
     if protocol == "grpc":

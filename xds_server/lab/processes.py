@@ -114,7 +114,7 @@ class MeshProcesses:
                 f"{region}-{pool}",
                 port,
                 lay.grpc_ports[(region, pool)],
-                None,
+                lay.mlserver_metrics_ports[(region, pool)],
                 root / "trained" / f"{model.model}.joblib",
                 VERSIONS[pool],
                 model.served_name,
@@ -225,12 +225,15 @@ class MeshProcesses:
         else:
             targets.append(ScrapeTarget(f"127.0.0.1:{lay.metrics_port}", "/metrics", {}))
         # The model servers' own series (outputs, tenants): `region` and `pool` come from
-        # here, never from the exporter, so they cannot clash.
+        # here, never from the exporter, so they cannot clash. MLServer serves them on
+        # its metrics port (the lab runtime's score histogram).
         if self.opts.models == "mlserver":
-            return targets  # (its metrics server is off: the judge reads Envoy's series)
+            ports = list(lay.mlserver_metrics_ports.items())
+        else:
+            ports = [*lay.model_ports.items(), *lay.spare_ports.items()]
         targets += [
             ScrapeTarget(f"127.0.0.1:{port}", "/metrics", {"region": r, "pool": p}, job="model")
-            for (r, p), port in [*lay.model_ports.items(), *lay.spare_ports.items()]
+            for (r, p), port in ports
         ]
         return targets
 
