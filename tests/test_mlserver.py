@@ -15,12 +15,14 @@ fails under `make test` (CI=1) and skips elsewhere, saying why.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import yaml
@@ -30,7 +32,7 @@ from xds_server.lab import mlserver
 from xds_server.lab.layout import MeshOptions
 from xds_server.lab.load import LoadGenerator
 from xds_server.lab.mesh import LocalMesh
-from xds_server.lab.procs import Process, free_port
+from xds_server.lab.procs import Process, free_port, http_get
 from xds_server.rollout.state import FINISHED, PAUSED, RolloutState
 from xds_server.rollout.store import Store
 
@@ -121,6 +123,14 @@ class Lab:
             for h in c.get("host_statuses", [])
         }
 
+    def prom(self, query: str) -> list[dict[str, Any]]:
+        """An instant query's result vector, from the lab's Prometheus."""
+        assert self.mesh.processes.prometheus is not None
+        url = self.mesh.processes.prometheus.url
+        status, body, _ = http_get(f"{url}/api/v1/query?query={quote(query)}")
+        assert status == 200, body
+        return list(json.loads(body)["data"]["result"])
+
     def rollouts(self, version: str) -> dict[str, RolloutState]:
         """Each service's rollout of this canary version, from the server's store."""
         states = self.store.load_rollouts()
@@ -204,6 +214,16 @@ def test_a_healthy_canary_warms_up_and_promotes(lab: Lab) -> None:
         }
     )
     lab.wait_phases("v2", "promoted")
+    # The lab runtime's score histogram reaches Prometheus with the pool's labels, as
+    # the MLServer plan's prediction_shift reads it: the canary's answers, 10 buckets.
+    query = mlserver.SCORE_QUERY.format(region=REGION, pool="canary", window="5m")
+
+    def scored() -> list[dict[str, Any]] | None:
+        got = lab.prom(query)
+        return got if any(float(b["value"][1]) > 0 for b in got) else None
+
+    buckets = wait_for(scored, "the canary's scores in Prometheus", timeout=20)
+    assert len(buckets) == 11, buckets
     audit = lab.store.audit()
     for name in SERVICES:
         warmups = [e.reason for e in audit if e.service == name and e.step == -1]
