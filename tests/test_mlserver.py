@@ -6,7 +6,8 @@ whose canary serves its model under another name. Two services share them: `rest
 (OIP over HTTP, to MLServer's REST ports) and `grpc` (OIP over gRPC, to its gRPC ports;
 MLServer has no grpc.health.v1, so the warm-up checks `/v2/health/ready` on each
 endpoint's `health_port`). The cases run in order on that mesh: a healthy canary warms
-up and promotes on both services; production moved to v2 leaves v1 without a request;
+up and promotes on both services (and its scores' histogram, which the lab's MLServer
+runtime exports, reaches Prometheus); production moved to v2 leaves v1 without a request;
 a canary answering NOT_FOUND / 404 to every call rolls back on both.
 
 MLServer lives in its own virtual environment (`make mlserver`). Without it the test

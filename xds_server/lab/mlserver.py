@@ -99,7 +99,9 @@ CANARY_MODELS: dict[str, CanaryModel] = {
     ),
     "drifting-canary": CanaryModel(
         "shuffled",
-        description="the canary's model was trained on shuffled labels: fast, 200, wrong",
+        description="the canary's model was trained on shuffled labels: fast, 200, wrong, "
+        "and unsure of every answer: its scores' histogram shifts from the baseline's, and "
+        "the output gate (prediction_shift) rolls every region back",
     ),
     "wrong-model-name": CanaryModel(
         "v2",
@@ -263,10 +265,9 @@ def lab_plan(base: Mapping[str, Any], protocol: str, registered: bool) -> dict[s
     MLServers share the machine with the rest of the lab). MLServer exports none of the
     lab's per-tenant series, so the tenants' budgets go; the output gate
     (prediction_shift) reads the lab runtime's score histogram (`SCORE_QUERY`). The
-    warm-up checks MLServer's readiness,
-    `/v2/health/ready` on its REST port (over gRPC too: MLServer serves no
-    grpc.health.v1, so the check goes to each endpoint's `health_port`, its REST port),
-    then the canary ramps up over a short slow start. Registered gRPC instances
+    warm-up checks MLServer's readiness, `/v2/health/ready` on its REST port (over gRPC
+    too: MLServer serves no grpc.health.v1, so the check goes to each endpoint's
+    `health_port`, its REST port), then the canary ramps up over a short slow start. Registered gRPC instances
     (`registered`) carry no health port: no check then (their registration is gated on
     the same readiness).
 
