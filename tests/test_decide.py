@@ -109,7 +109,7 @@ def test_a_breach_in_one_region_rolls_back_every_region(canary: Measurement, rea
 
 
 def test_a_certain_guardrail_breach_rolls_back_at_the_first_look() -> None:
-    # 20 errors of 100 rule out a 5% rate at 99.9%: a second look only costs users
+    # 20 errors of 100 rule out a 5% rate at 99%: a second look only costs users
     d = sm.decide(
         PLAN, started(), {**everywhere(obs()), "eu-west": obs(Measurement(100, 20, 50))}, 5
     )

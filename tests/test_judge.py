@@ -657,8 +657,9 @@ def test_a_guardrail_breach_is_conclusive_only_when_its_window_proves_it() -> No
     ceiling = 0.05
     plan = replace(PLAN, guardrails=Guardrails(max_error_rate=ceiling, max_p99_ms=1e9))
     # For every window size, the fewest errors called certain are those a canary right
-    # at the ceiling reaches with probability at most 0.1% (the exact binomial tail),
-    # and one error fewer is not certain: no look fails a canary at 5% more often.
+    # at the ceiling reaches with probability at most 1 - GUARDRAIL_CERTAINTY (the exact
+    # binomial tail), and one error fewer is not certain: no look fails a canary at 5%
+    # more often.
     for n in range(plan.guardrails.min_requests, 400):
         k = next(k for k in range(n + 1) if certain_breach(plan, Measurement(n, k, 10.0)))
         assert binom.sf(k - 1, n, ceiling) <= 1 - GUARDRAIL_CERTAINTY
