@@ -44,6 +44,7 @@ Prometheus scrapes that port with `region` and `pool`, and the plan's output gat
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -51,6 +52,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from xds_server.lab.procs import Process, http_get
 from xds_server.lab.scenarios import FAST_PLAN
@@ -260,6 +262,21 @@ def health_url(http_port: int) -> str:
     return f"http://127.0.0.1:{http_port}{READY_PATH}"
 
 
+def scraped_twice(prometheus_url: str, servers: int) -> Callable[[], bool]:
+    """Has Prometheus scraped every MLServer's metrics (job "model") twice? The output
+    gate's query is an increase(), which has no value before a series' second sample,
+    and a rollout's start checks that it answers for production: a lab that started its
+    rollout within Prometheus's first scrape interval paused on "returns no data"."""
+    query = quote('count(sum_over_time(up{job="model"}[1m]) >= 2)')
+
+    def done() -> bool:
+        status, body, _ = http_get(f"{prometheus_url}/api/v1/query?query={query}")
+        result = json.loads(body)["data"]["result"] if status == 200 else []
+        return bool(result) and float(result[0]["value"][1]) >= servers
+
+    return done
+
+
 def lab_plan(base: Mapping[str, Any], protocol: str, registered: bool) -> dict[str, Any]:
     """A scenario's plan for MLServer pools: the rollout tests' fast steps (nine
     MLServers share the machine with the rest of the lab). MLServer exports none of the
@@ -267,9 +284,9 @@ def lab_plan(base: Mapping[str, Any], protocol: str, registered: bool) -> dict[s
     (prediction_shift) reads the lab runtime's score histogram (`SCORE_QUERY`). The
     warm-up checks MLServer's readiness, `/v2/health/ready` on its REST port (over gRPC
     too: MLServer serves no grpc.health.v1, so the check goes to each endpoint's
-    `health_port`, its REST port), then the canary ramps up over a short slow start. Registered gRPC instances
-    (`registered`) carry no health port: no check then (their registration is gated on
-    the same readiness).
+    `health_port`, its REST port), then the canary ramps up over a short slow start.
+    Registered gRPC instances (`registered`) carry no health port: no check then (their
+    registration is gated on the same readiness).
 
     Its steps stop at 50% before 100%, where canary and baseline take equal shares
     (75% is 0/25/75): an MLServer is one process, and on a busy machine its latency

@@ -206,6 +206,10 @@ class MeshProcesses:
             self.layout.workdir / "prometheus", self.layout.prometheus_port, self._scrape_targets()
         )
         self.prometheus.wait_ready()
+        if self.opts.models == "mlserver":
+            servers = len(self.layout.mlserver_metrics_ports)
+            scraped = mlserver.scraped_twice(self.prometheus.url, servers)
+            wait_for(scraped, "Prometheus to scrape every MLServer twice", timeout=30)
 
     def _scrape_targets(self) -> list[ScrapeTarget]:
         lay = self.layout
