@@ -194,6 +194,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                     model=mlserver.MODEL_NAME, n_features=mlserver.N_FEATURES, tenants=(),
                 ).start()  # fmt: skip
             lab.answers_since(0, 20)
+            # A rollout's start checks that production's latency answers (a rate(): two
+            # samples): Prometheus has scraped both services' production twice.
+            scraped = (
+                "count(count_over_time(envoy_cluster_upstream_rq_time_count"
+                '{envoy_cluster_name=~"(rest|grpc)[|]production"}[1m]) >= 2) >= 2'
+            )
+            wait_for(lambda: lab.prom(scraped), "production's latency in Prometheus", timeout=20)
             yield lab
             lab.store.close()
         finally:
