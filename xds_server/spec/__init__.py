@@ -6,6 +6,7 @@ reads, so it sits at the bottom.
 
 from xds_server.spec.mesh import load_spec, parse_spec, validate_spec
 from xds_server.spec.model import (
+    ARM_HEADER,
     NOTIFY_EVENTS,
     POOL_NAMES,
     Endpoint,
@@ -18,6 +19,7 @@ from xds_server.spec.model import (
     NotifyKind,
     Pool,
     Protocol,
+    RolloutGroup,
     Service,
     SpecError,
     SpecProblem,
@@ -46,6 +48,7 @@ from xds_server.spec.rollout import (
 from xds_server.spec.values import parse_duration, parse_host_port
 
 __all__ = [
+    "ARM_HEADER",
     "DEFAULT_METRICS",
     "DEFAULT_QUERIES",
     "NOTIFY_EVENTS",
@@ -71,6 +74,7 @@ __all__ = [
     "OnMaxHold",
     "Pool",
     "Protocol",
+    "RolloutGroup",
     "RolloutPlan",
     "Service",
     "SpecError",

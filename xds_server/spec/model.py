@@ -106,6 +106,9 @@ class Service:
     protocol: Protocol = Protocol.HTTP
     grpc_error_codes: tuple[str, ...] = GRPC_SERVER_FAULTS
     """gRPC statuses counted as errors (`grpc.error_codes`); read by the default queries."""
+    after: tuple[str, ...] = ()
+    """Services whose canary must be promoted (serving 100%) before this one's rollout
+    starts (`after:`); a rollback of one of them rolls this one back too."""
 
     def pool_names(self) -> tuple[str, ...]:
         return tuple(self.pools)
@@ -176,6 +179,24 @@ class IstioConfig:
         return f"{service}.{self.namespace}.svc.{self.cluster_domain}"
 
 
+ARM_HEADER = "x-xds-arm"
+"""The request header that carries the arm (`production`, `baseline`, `canary`) a
+request was routed to, from one member of a `consistent` rollout group to the next: a
+plain header, which Envoy and Istio match exactly and every HTTP or gRPC library
+propagates as it is told (W3C baggage would need parsing in the route)."""
+
+
+@dataclass(frozen=True)
+class RolloutGroup:
+    """Services that roll out, and roll back, as one (`rollout_groups:`)."""
+
+    name: str
+    services: tuple[str, ...]
+    consistent: bool = False
+    """Version-consistent routing: a request routed to one member's arm carries
+    `ARM_HEADER`, and every member's routes send a request carrying it to the same arm."""
+
+
 @dataclass(frozen=True)
 class MeshSpec:
     regions: tuple[str, ...]
@@ -187,6 +208,20 @@ class MeshSpec:
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """The parsed YAML document, for sections that later layers interpret themselves."""
     notifications: Notifications = field(default_factory=Notifications, compare=False)
+    rollout_groups: tuple[RolloutGroup, ...] = ()
+
+    def group_of(self, service: str) -> RolloutGroup | None:
+        """The rollout group `service` belongs to (a service is in at most one)."""
+        for group in self.rollout_groups:
+            if service in group.services:
+                return group
+        return None
+
+    def group(self, name: str) -> RolloutGroup:
+        for group in self.rollout_groups:
+            if group.name == name:
+                return group
+        raise KeyError(name)
 
     def notifications_for(self, service: str) -> Notifications:
         own = self.service(service).notifications
