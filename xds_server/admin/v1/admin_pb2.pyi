@@ -346,14 +346,31 @@ class Rollout(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     REGIONS_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
+    GROUP_ROLLOUTS_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     canary_version: _builtins.str
     phase: _builtins.str
+    """"" for a service whose rollout waits to start (`waiting`)"""
     reason: _builtins.str
+    group: _builtins.str
+    """the rollout group the service moves with; "": none"""
+    waiting: _builtins.str
+    """Why the service's new canary has not started (a member of a group waiting for another
+    member's canary, an `after:` dependency not yet promoted): "" when nothing waits, or
+    on a server that does not decide rollouts.
+    """
     @_builtins.property
     def regions(self) -> _containers.RepeatedCompositeFieldContainer[Global___RegionRollout]: ...
     @_builtins.property
     def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def group_rollouts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rollout]:
+        """An action on a group (`group` in the request): every member's rollout as it now
+        stands, in the group's order (this message is the first of them).
+        """
+
     def __init__(
         self,
         *,
@@ -363,10 +380,13 @@ class Rollout(_message.Message):
         reason: _builtins.str = ...,
         regions: _abc.Iterable[Global___RegionRollout] | None = ...,
         steps: _abc.Iterable[_builtins.float] | None = ...,
+        group: _builtins.str = ...,
+        waiting: _builtins.str = ...,
+        group_rollouts: _abc.Iterable[Global___Rollout] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary_version", b"canary_version", "phase", b"phase", "reason", b"reason", "regions", b"regions", "service", b"service", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary_version", b"canary_version", "group", b"group", "group_rollouts", b"group_rollouts", "phase", b"phase", "reason", b"reason", "regions", b"regions", "service", b"service", "steps", b"steps", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -435,7 +455,9 @@ class ListRolloutsResponse(_message.Message):
     ROLLOUTS_FIELD_NUMBER: _builtins.int
     STORE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def rollouts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rollout]: ...
+    def rollouts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rollout]:
+        """with the services whose rollout waits to start (phase "")"""
+
     @_builtins.property
     def store(self) -> Global___StoreStatus: ...
     def __init__(
@@ -473,21 +495,28 @@ Global___GetRolloutRequest: _TypeAlias = GetRolloutRequest  # noqa: Y015
 
 @_typing.final
 class RolloutActionRequest(_message.Message):
+    """Pause, resume or abort: exactly one of `service` and `group` (a rollout group: every
+    member acted on as one, in one push; the answer lists them in `group_rollouts`).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SERVICE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     reason: _builtins.str
+    group: _builtins.str
     def __init__(
         self,
         *,
         service: _builtins.str = ...,
         reason: _builtins.str = ...,
+        group: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "service", b"service"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "reason", b"reason", "service", b"service"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -500,20 +529,24 @@ class PromoteRolloutRequest(_message.Message):
     SERVICE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     ALL_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     reason: _builtins.str
     all: _builtins.bool
-    """all the way to 100% at once"""
+    """all the way to 100% at once (a service only)"""
+    group: _builtins.str
+    """instead of `service`: every member of the group"""
     def __init__(
         self,
         *,
         service: _builtins.str = ...,
         reason: _builtins.str = ...,
         all: _builtins.bool = ...,
+        group: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "reason", b"reason", "service", b"service"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "group", b"group", "reason", b"reason", "service", b"service"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -652,6 +685,7 @@ class AuditEntry(_message.Message):
     WEIGHTS_AFTER_JSON_FIELD_NUMBER: _builtins.int
     SNAPSHOT_VERSION_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     time: _builtins.float
     service: _builtins.str
@@ -668,6 +702,8 @@ class AuditEntry(_message.Message):
     weights_after_json: _builtins.str
     snapshot_version: _builtins.int
     actor: _builtins.str
+    group: _builtins.str
+    """the rollout group the entry was decided for; "": none"""
     def __init__(
         self,
         *,
@@ -687,10 +723,11 @@ class AuditEntry(_message.Message):
         weights_after_json: _builtins.str = ...,
         snapshot_version: _builtins.int = ...,
         actor: _builtins.str = ...,
+        group: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "canary_version", b"canary_version", "id", b"id", "kind", b"kind", "measurements_json", b"measurements_json", "phase_from", b"phase_from", "phase_to", b"phase_to", "reason", b"reason", "region", b"region", "service", b"service", "snapshot_version", b"snapshot_version", "step", b"step", "time", b"time", "verdict_json", b"verdict_json", "weights_after_json", b"weights_after_json", "weights_before_json", b"weights_before_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "canary_version", b"canary_version", "group", b"group", "id", b"id", "kind", b"kind", "measurements_json", b"measurements_json", "phase_from", b"phase_from", "phase_to", b"phase_to", "reason", b"reason", "region", b"region", "service", b"service", "snapshot_version", b"snapshot_version", "step", b"step", "time", b"time", "verdict_json", b"verdict_json", "weights_after_json", b"weights_after_json", "weights_before_json", b"weights_before_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
