@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from xds_server.rollout.evidence import Signals
-from xds_server.rollout.scrapes import Scrapes, next_look
+from xds_server.rollout.scrapes import Scrapes, look_times, next_look
 
 
 def test_the_next_look_moves_to_just_after_the_next_scrape() -> None:
@@ -13,19 +13,28 @@ def test_the_next_look_moves_to_just_after_the_next_scrape() -> None:
     s = Scrapes.of(Signals(age_s=0.3, scrape_interval=1.0), read_at=10.0)
     assert s is not None and s.newest == pytest.approx(9.7)
     # Due at 11.0 (a 1 s interval): the scrape of 10.7 is queryable at 10.9, not 11.7.
-    assert next_look(11.0, 1.0, [s]) == pytest.approx(10.9)
+    assert next_look(11.0, 1.0, {"a": s}) == pytest.approx(10.9)
     # Never the scrape already read, however soon the look is due.
     assert s.landing_after(9.0) == pytest.approx(10.9)
-    # Several regions: after the last of their scrapes.
+    # Scrapes compare by when they land: taken at 10.4, queryable at 10.6, which is
+    # within half an interval of 11.0, where the scrape of 11.4 would be 0.6 s late.
+    early = Scrapes(newest=9.4, interval=1.0)
+    assert next_look(11.0, 1.0, {"a": early}) == pytest.approx(10.6)
+    # Several regions: each read just after its own scrape; the look starts with the
+    # first of them (not after the last, which left a region's samples unread).
     other = Scrapes(newest=10.2, interval=1.0)
-    assert next_look(11.0, 1.0, [s, other]) == pytest.approx(11.4)
+    assert look_times(11.0, 1.0, {"a": s, "b": other}) == {
+        "a": pytest.approx(10.9),
+        "b": pytest.approx(11.4),
+    }
+    assert next_look(11.0, 1.0, {"a": s, "b": other}) == pytest.approx(10.9)
 
 
 def test_the_look_keeps_its_own_cadence_without_a_usable_scrape() -> None:
-    assert next_look(11.0, 1.0, []) == 11.0
+    assert next_look(11.0, 1.0, {}) == 11.0
     # A scrape interval far longer than the look's: half an interval at most, else `due`.
     slow = Scrapes(newest=0.0, interval=30.0)
-    assert next_look(10.0, 10.0, [slow]) == 10.0
+    assert next_look(10.0, 10.0, {"a": slow}) == 10.0
     # Stale or unread signals tell nothing of the scrapes.
     assert Scrapes.of(Signals(age_s=0.3, scrape_interval=1.0, problem="stale"), 1.0) is None
     assert Scrapes.of(Signals(age_s=None, scrape_interval=1.0), 1.0) is None

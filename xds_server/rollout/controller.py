@@ -271,12 +271,9 @@ class RolloutController:
         # A quiet tick (nothing recorded, nothing but the clock changed) writes nothing.
         if decision.transitions or replace(decision.state, updated_at=newest.updated_at) != newest:
             self.commit(svc, decision)
-        # The next look, just after the next scrape lands: of the regions on a run of
-        # failures if any (their next look decides a rollback), else of every region.
-        regions = decision.state.regions
-        watched = [r for r, rs in regions.items() if rs.failures and rs.phase in LIVE]
+        # The next look: each region read just after its own next scrape lands.
         self._next_due[service] = self.observer.next_look(
-            service, watched or list(observations), due, plan.interval
+            service, list(observations), due, plan.interval
         )
 
     # ---- committing ----

@@ -20,7 +20,7 @@ from xds_server.rollout.health import HealthBook, production_fails, why_unhealth
 from xds_server.rollout.ports import HostProber, MetricSource
 from xds_server.rollout.probes import NetworkProber
 from xds_server.rollout.reads import PairBook, StepRead, read_step
-from xds_server.rollout.scrapes import Scrapes, next_look
+from xds_server.rollout.scrapes import Scrapes, look_times
 from xds_server.rollout.state import LIVE, RolloutState
 from xds_server.rollout.waves import awaiting_confirmation
 from xds_server.rollout.webhooks import (
@@ -126,6 +126,9 @@ class Observer:
         self._health = HealthBook()
         self._scrapes: dict[tuple[str, str], Scrapes] = {}
         """(service, region): when the samples its last look read were scraped."""
+        self._read_after: dict[tuple[str, str], float] = {}
+        """(service, region): how long after its next look starts that look reads it
+        (just after its scrape lands)."""
 
     async def observe(
         self, svc: Service, state: RolloutState, traffic: TrafficState, seen: Seen
@@ -133,11 +136,11 @@ class Observer:
         """Every live region's observation, within one interval; a region whose queries
         are slower than that holds this interval (it has only its ACK state)."""
         now = self.clock()
-        out, pending = self._start(svc, state, traffic, now)
+        out, pending, last_read = self._start(svc, state, traffic, now)
         confirm = self._confirm(svc, state, now)
         budget = max(svc.rollout.interval, 0.5)
         try:
-            if await self._collect(out, pending, seen, now + budget):
+            if await self._collect(out, pending, seen, last_read + budget):
                 return out
         finally:
             for task in pending:
@@ -154,12 +157,14 @@ class Observer:
 
     def _start(
         self, svc: Service, state: RolloutState, traffic: TrafficState, now: float
-    ) -> tuple[dict[str, Observation], dict[asyncio.Task[Observation], str]]:
+    ) -> tuple[dict[str, Observation], dict[asyncio.Task[Observation], str], float]:
         """What is known of each live region at once (its ACK state), and a task per
         region for what must be asked: a warming region's pools and webhooks, a judged
-        region's measurements."""
+        region's measurements (read when its scrape lands, no later than the third
+        value)."""
         out: dict[str, Observation] = {}
         pending: dict[asyncio.Task[Observation], str] = {}
+        last_read = now
         for region, rs in state.regions.items():
             if rs.phase not in LIVE:
                 continue
@@ -176,11 +181,31 @@ class Observer:
                 # ran out): the step holds, and fails at max_hold.
                 out[region] = replace(obs, no_hosts=f"the canary has no host left in {region}")
                 continue
-            scrapes = self._scrapes.get((svc.name, region))
-            at = _step_read(svc, state, traffic, region, obs, now, scrapes)
-            if at is not None:
-                pending[asyncio.create_task(self._measure(at, obs))] = region
-        return out, pending
+            after = self._read_after.pop((svc.name, region), 0.0)
+            when = now + min(after, svc.rollout.interval / 2)
+            last_read = max(last_read, when)
+            pending[asyncio.create_task(self._read(when, svc, state, traffic, region, obs))] = (
+                region
+            )
+        return out, pending, last_read
+
+    async def _read(
+        self,
+        when: float,
+        svc: Service,
+        state: RolloutState,
+        traffic: TrafficState,
+        region: str,
+        obs: Observation,
+    ) -> Observation:
+        """A judged region's measurements, read at `when`: just after its Envoys' next
+        scrape lands (scrapes.py), the first region's at the look's start."""
+        if (wait := when - self.clock()) > 0:
+            await asyncio.sleep(wait)  # the region's next scrape is queryable then
+        now = self.clock()
+        scrapes = self._scrapes.get((svc.name, region))
+        at = _step_read(svc, state, traffic, region, obs, now, scrapes)
+        return obs if at is None else await self._measure(at, obs)
 
     async def _collect(
         self,
@@ -291,10 +316,16 @@ class Observer:
         return replace(obs, canary=window, step=comparison)
 
     def next_look(self, service: str, regions: Iterable[str], due: float, interval: float) -> float:
-        """When the controller should look at `service` next: `due`, or just after the
-        next scrape of `regions`' Envoys lands (scrapes.py), from their last looks."""
-        known = (self._scrapes.get((service, r)) for r in regions)
-        return next_look(due, interval, (s for s in known if s is not None))
+        """When the controller should look at `service` next: when the first of
+        `regions` is to be read, each just after its Envoys' next scrape lands
+        (scrapes.py, from its last look), or at `due` when that is not known."""
+        regions = list(regions)
+        known = {r: s for r in regions if (s := self._scrapes.get((service, r))) is not None}
+        times = {r: due for r in regions} | look_times(due, interval, known)
+        start = min(times.values(), default=due)
+        for region, when in times.items():
+            self._read_after[(service, region)] = when - start
+        return start
 
     async def _warmup(self, svc: Service, state: RolloutState, region: str) -> Observation:
         """What keeps a warming region's pools from shadow traffic or their first step.
