@@ -28,6 +28,7 @@ from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, message, wrappers_pb2
 
 from xds_server.spec import (
+    ARM_HEADER,
     POOL_NAMES,
     Endpoint,
     HealthCheck,
@@ -35,7 +36,6 @@ from xds_server.spec import (
     MeshSpec,
     Protocol,
     Service,
-    Sticky,
 )
 from xds_server.spec.rollout import CANARY_MATCH_HEADER
 from xds_server.traffic import Split, TrafficState
@@ -45,6 +45,10 @@ from xds_server.xds.health_checks import (
     envoy_health_check,
     health_ports,
 )
+from xds_server.xds.sticky import STICKY_HEADER as STICKY_HEADER
+from xds_server.xds.sticky import STICKY_MODULUS as STICKY_MODULUS
+from xds_server.xds.sticky import sticky_hash as sticky_hash
+from xds_server.xds.sticky import sticky_lua
 from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 LISTENER_NAME = "ingress"
@@ -52,10 +56,6 @@ ROUTE_CONFIG_NAME = "ingress"
 LUA_FILTER = "envoy.filters.http.lua"
 GRPC_STATS_FILTER = "envoy.filters.http.grpc_stats"
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-STICKY_HEADER = "x-xds-sticky"
-"""Set by the sticky Lua code to the user's hash; Envoy's weighted choice reads it."""
-STICKY_MODULUS = 2_147_483_647
-"""2^31 - 1: the sticky hash's range (exact in the doubles of LuaJIT and Lua 5.1)."""
 
 
 def cluster_name(service: str, pool: str) -> str:
@@ -153,7 +153,7 @@ class RegionBuilder:
                     self._endpoints[key] = build_load_assignment(name, self.region, key[1], key[2])
                 endpoints[name] = self._endpoints[key]
                 used_eps.add(key)
-        vkeys = [self._vhost_key(svc, traffic) for svc in spec.services]
+        vkeys = [self._vhost_key(spec, svc, traffic) for svc in spec.services]
         # Forget what the spec no longer has, so the memo stays the size of the spec.
         self._clusters = {k: v for k, v in self._clusters.items() if k in used_clusters}
         self._endpoints = {k: v for k, v in self._endpoints.items() if k in used_eps}
@@ -181,17 +181,18 @@ class RegionBuilder:
         }
         if changed:
             vkeys = [
-                self._vhost_key(svc, traffic) if svc.name in changed else key
+                self._vhost_key(spec, svc, traffic) if svc.name in changed else key
                 for svc, key in zip(spec.services, vkeys, strict=True)
             ]
             old = RegionResources(self.region, {**old.by_type, ROUTE: self._route_config(vkeys)})
         self._last = (spec, traffic, old, vkeys)
         return old
 
-    def _vhost_key(self, svc: Service, traffic: TrafficState) -> tuple[Any, ...]:
+    def _vhost_key(self, spec: MeshSpec, svc: Service, traffic: TrafficState) -> tuple[Any, ...]:
         """Build (or reuse) a service's virtual host; return its memo key."""
         split = traffic.effective(svc, self.region)
         plan = svc.rollout
+        consistent = is_consistent(spec, svc.name)
         key = (
             svc.name,
             svc.domains,
@@ -200,9 +201,10 @@ class RegionBuilder:
             split,
             plan.canary_match,
             plan.sticky,
+            consistent,
         )
         if key not in self._vhosts:
-            self._vhosts[key] = virtual_host(svc, split)
+            self._vhosts[key] = virtual_host(svc, split, consistent)
         return key
 
     def _route_config(self, vkeys: list[Any]) -> dict[str, message.Message]:
@@ -308,25 +310,85 @@ def _socket(host: str, port: int) -> address_pb2.Address:
     )
 
 
-def virtual_host(svc: Service, split: Split) -> route_components_pb2.VirtualHost:
-    """A service's routes: its `canary_match` routes first (they win over the split),
-    then the weighted route of its prefix."""
+def virtual_host(
+    svc: Service, split: Split, consistent: bool = False
+) -> route_components_pb2.VirtualHost:
+    """A service's routes: its `canary_match` routes first (they win over everything),
+    then, for a member of a `consistent` rollout group, the routes of the arm a request
+    carries (`arm_routes`), then the weighted route of its prefix."""
+    arms = arm_routes(svc, split) if consistent else []
     return route_components_pb2.VirtualHost(
         name=svc.name,
         domains=list(svc.domains),
-        routes=[*canary_match_routes(svc), split_route(svc, split)],
+        routes=[*canary_match_routes(svc, consistent), *arms, split_route(svc, split, consistent)],
     )
 
 
-def split_route(svc: Service, split: Split) -> route_components_pb2.Route:
+def is_consistent(spec: MeshSpec, service: str) -> bool:
+    """Is `service` a member of a rollout group with version-consistent routing?"""
+    group = spec.group_of(service)
+    return group is not None and group.consistent
+
+
+def arm_mark(pool: str) -> base_pb2.HeaderValueOption:
+    """ARM_HEADER set to `pool` (overwriting what a caller sent): the arm the upstream
+    and everything it calls through Envoy will see."""
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=ARM_HEADER, value=pool),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+ARMS = ("canary", "baseline", "production")
+"""The values of ARM_HEADER that a consistent member's routes honour, in route order."""
+
+
+def arm_routes(svc: Service, split: Split) -> list[route_components_pb2.Route]:
+    """A consistent member's routes by the arm a request already carries (set by the
+    previous member's route): `canary` to the canary's cluster, `baseline` to the
+    baseline's (production's without one), `production` to production's. Only while
+    the split gives the canary weight in the region: without it every request goes to
+    production and the weighted route marks it so. The header passes on unchanged.
+    These are the real pools' clusters (the member's traffic, judged like the split's);
+    the group's members share their steps, so the shares stay the configured ones."""
+    if split.canary == 0:
+        return []
+    routes = []
+    for arm in ARMS:
+        pool = arm if arm in svc.pools else "production"
+        route = route_components_pb2.Route(
+            name=f"{svc.name}-arm-{arm}",
+            match=route_components_pb2.RouteMatch(
+                prefix=svc.prefix,
+                headers=[
+                    route_components_pb2.HeaderMatcher(
+                        name=ARM_HEADER, string_match=string_pb2.StringMatcher(exact=arm)
+                    )
+                ],
+            ),
+            route=route_components_pb2.RouteAction(
+                cluster=cluster_name(svc.name, pool), retry_policy=SAFE_RETRY
+            ),
+            request_headers_to_remove=[CANARY_MATCH_HEADER],
+        )
+        if svc.rollout.sticky is not None:
+            route.request_headers_to_remove.append(STICKY_HEADER)
+        routes.append(route)
+    return routes
+
+
+def split_route(svc: Service, split: Split, consistent: bool = False) -> route_components_pb2.Route:
     # Pools at 0% are left out of the route: the route then never names a cluster it does
     # not use, which keeps make-before-break simple. Production carries the rest.
     # Production, baseline, canary, in this order: with sticky users Envoy picks the
     # cluster whose interval of [0, total) holds the user's hash % total, so the canary,
     # last, owns [total - canary, total), which only grows as its share grows.
+    # A consistent member's request carries the pool it was sent to (`arm_routes`).
     weighted = [
         route_components_pb2.WeightedCluster.ClusterWeight(
-            name=cluster_name(svc.name, pool), weight=wrappers_pb2.UInt32Value(value=w)
+            name=cluster_name(svc.name, pool),
+            weight=wrappers_pb2.UInt32Value(value=w),
+            request_headers_to_add=[arm_mark(pool)] if consistent else [],
         )
         for pool in POOL_NAMES
         if pool in svc.pools and (w := split.get(pool)) > 0
@@ -394,19 +456,22 @@ a host may have processed: inference is not assumed idempotent."""
 SAFE_RETRY.retry_host_predicate[0].typed_config.Pack(previous_hosts_pb2.PreviousHostsPredicate())
 
 
-def canary_match_routes(svc: Service) -> list[route_components_pb2.Route]:
+def canary_match_routes(svc: Service, consistent: bool = False) -> list[route_components_pb2.Route]:
     """One route per `canary_match` rule, to the canary's direct cluster, whatever the
     split (at 0% and during warm-up too) while the spec has a canary pool. Each marks its
     requests with CANARY_MATCH_HEADER (overwriting one a caller sent), which model
-    servers label their series with: the analysis leaves them out (spec.SPLIT_ONLY)."""
+    servers label their series with: the analysis leaves them out (spec.SPLIT_ONLY).
+    A consistent member's also sets the arm to `canary`: a tester reaches the canary of
+    every member its request goes through (the next members count it as their canary's)."""
     if "canary" not in svc.pools:
         return []
+    marks = [CANARY_MATCH_MARK, arm_mark("canary")] if consistent else [CANARY_MATCH_MARK]
     return [
         route_components_pb2.Route(
             name=f"{svc.name}-canary-match-{i}",
             match=route_components_pb2.RouteMatch(prefix=svc.prefix, headers=[match_header(rule)]),
             route=route_components_pb2.RouteAction(cluster=direct_cluster_name(svc.name)),
-            request_headers_to_add=[CANARY_MATCH_MARK],
+            request_headers_to_add=marks,
         )
         for i, rule in enumerate(svc.rollout.canary_match)
     ]
@@ -450,74 +515,6 @@ def re2_escape(text: str) -> str:
         else:
             out.append(f"\\x{{{ord(c):02x}}}")
     return "".join(out)
-
-
-def sticky_hash(user: str) -> int:
-    """The hash the sticky Lua code computes (the same arithmetic): a polynomial hash of
-    the UTF-8 bytes mod 2^31 - 1, then two multiplicative (MINSTD) steps to spread short
-    ids. Envoy takes it % the total weight to pick a cluster; a test predicts with it."""
-    h = 0
-    for byte in user.encode():
-        h = (h * 1_000_003 + byte) % STICKY_MODULUS
-    for _ in range(2):
-        h = h * 48_271 % STICKY_MODULUS
-    return h
-
-
-def sticky_lua(sticky: Sticky) -> str:
-    """The Lua code for one sticky setting: STICKY_HEADER = sticky_hash(user), where the
-    user is the value of the header (or cookie); no user, no header (a random choice).
-    Products stay below 2^53, so doubles (LuaJIT, Lua 5.1) compute them exactly."""
-    if sticky.header is not None:
-        user = f"  return headers:get({_lua_string(sticky.header)})\n"
-    else:
-        assert sticky.cookie is not None
-        user = _LUA_COOKIE.format(name=_lua_string(sticky.cookie))
-    return _LUA_STICKY.format(user=user, header=_lua_string(STICKY_HEADER), m=STICKY_MODULUS)
-
-
-_LUA_COOKIE = """\
-  local cookies = headers:get("cookie")
-  if cookies == nil then return nil end
-  for pair in string.gmatch(cookies, "[^;]+") do
-    local eq = string.find(pair, "=", 1, true)
-    if eq ~= nil and (string.gsub(string.sub(pair, 1, eq - 1), "^%s+", "")) == {name} then
-      return string.sub(pair, eq + 1)
-    end
-  end
-  return nil
-"""
-
-_LUA_STICKY = """\
--- xds-server sticky users: the user's hash, for the weighted choice of the route.
-local function user_of(headers)
-{user}end
-
-function envoy_on_request(handle)
-  local headers = handle:headers()
-  if headers:get({header}) ~= nil then headers:remove({header}) end
-  local user = user_of(headers)
-  if user == nil or user == "" then return end
-  local h = 0
-  for i = 1, #user do
-    h = (h * 1000003 + string.byte(user, i)) % {m}
-  end
-  h = (h * 48271) % {m}
-  h = (h * 48271) % {m}
-  headers:add({header}, string.format("%d", h))
-end
-"""
-
-
-def _lua_string(text: str) -> str:
-    """A Lua string literal: letters, digits, '-' and '_' as they are, other bytes as
-    decimal escapes (nothing in a header or cookie name can break out of it)."""
-    safe = {ord(c) for c in "-_"}
-    body = "".join(
-        chr(b) if (chr(b).isascii() and chr(b).isalnum()) or b in safe else f"\\{b:03d}"
-        for b in text.encode()
-    )
-    return f'"{body}"'
 
 
 def build_listener(address: str, port: int) -> listener_pb2.Listener:
@@ -625,8 +622,11 @@ def proxyless_route_config(
     routes, same weights: the split Envoys of the region apply), matching any authority.
 
     What gRPC does not implement it ignores: mirror policies, the sticky hash header
-    (gRPC clients get the plain weighted split) and the Lua filter's per-route config,
-    which is marked optional (`FilterConfig.is_optional`) for this reason."""
+    (gRPC clients get the plain weighted split), the Lua filter's per-route config,
+    which is marked optional (`FilterConfig.is_optional`) for this reason, and header
+    manipulation: a consistent member's weighted clusters set ARM_HEADER for Envoy only
+    (gRPC's pick is not told to the server). Its arm routes, header matches, gRPC
+    honours: a client that forwards the arm it was called with keeps the request on it."""
     mine = route_components_pb2.VirtualHost()
     mine.CopyFrom(vhost)
     del mine.domains[:]

@@ -1,0 +1,351 @@
+"""Version-consistent routing (issue 31): a member of a `consistent` rollout group routes a
+request carrying `x-xds-arm` to that arm, and tells the upstream the arm it was sent to.
+
+The builder's routes for every split, a hypothesis property over specs and splits, a real
+Envoy 1.40 routing with them (upstreams that answer with the arm they were told), and
+the Istio rendering validated against Istio's CRD schemas."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.test_builder_properties import specs as random_specs
+from xds_server.spec import ARM_HEADER, MeshSpec, RolloutGroup, validate_spec
+from xds_server.spec.rollout import CANARY_MATCH_HEADER
+from xds_server.traffic import WEIGHT_TOTAL, Split, TrafficState
+from xds_server.xds.resources import (
+    STICKY_HEADER,
+    RegionBuilder,
+    build_region,
+    cluster_name,
+    direct_cluster_name,
+    proxyless_route_config,
+)
+from xds_server.xds.types import CLUSTER, ROUTE
+
+REGION = "us-east"
+OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def mesh(
+    ports: dict[tuple[str, str], int] | None = None,
+    *,
+    consistent: bool = True,
+    baseline: bool = True,
+    rollout: dict[str, Any] | None = None,
+    protocol: str = "http",
+    outsider: bool = True,
+) -> MeshSpec:
+    """`features` and `recommender` in group `ranking` (`features` without a baseline
+    when `baseline` is False), and `search`, outside any group. Built directly: the
+    spec's `rollout_groups:` section is parsed by another part of issue 31."""
+    ports = ports or {}
+    port = iter(range(9100, 9200))
+
+    def service(name: str, pools: tuple[str, ...]) -> dict[str, Any]:
+        return {
+            "name": name,
+            "domains": [name],
+            "prefix": "/",
+            "protocol": protocol,
+            "rollout": rollout or {},
+            "pools": {
+                p: {
+                    "version": "v2" if p == "canary" else "v1",
+                    "endpoints": {REGION: [f"127.0.0.1:{ports.get((name, p)) or next(port)}"]},
+                }
+                for p in pools
+            },
+        }
+
+    three = ("production", "baseline", "canary")
+    services = [
+        service("features", three if baseline else ("production", "canary")),
+        service("recommender", three),
+    ]
+    if outsider:
+        services.append(service("search", three))
+    spec = validate_spec({"regions": [REGION], "services": services}, "test")
+    group = RolloutGroup("ranking", ("features", "recommender"), consistent=consistent)
+    return replace(spec, rollout_groups=(group,))
+
+
+def at(
+    percent: float, services: tuple[str, ...] = ("features", "recommender", "search")
+) -> TrafficState:
+    """Every service of `services` at the rollout's split for `percent` (with a baseline
+    share where it has a baseline pool)."""
+    state = TrafficState()
+    for name in services:
+        state = state.with_split(name, [REGION], Split.at_canary_percent(percent, True))
+    return state
+
+
+def vhosts(spec: MeshSpec, traffic: TrafficState) -> dict[str, route_components_pb2.VirtualHost]:
+    (rc,) = build_region(spec, traffic, REGION).by_type[ROUTE].values()
+    assert isinstance(rc, route_pb2.RouteConfiguration)
+    return {vh.name: vh for vh in rc.virtual_hosts}
+
+
+def arm_of(route: route_components_pb2.Route) -> str | None:
+    """The arm a route matches on (None: it matches no arm)."""
+    for h in route.match.headers:
+        if h.name == ARM_HEADER:
+            return str(h.string_match.exact)
+    return None
+
+
+def marks(options: Any) -> dict[str, str]:
+    """Headers a route (or weighted cluster) sets, all of them overwriting."""
+    assert all(o.append_action == OVERWRITE for o in options)
+    return {o.header.key: o.header.value for o in options}
+
+
+# ---- the builder ----
+
+
+def test_arm_routes_come_before_the_weighted_route_that_sets_each_pools_arm() -> None:
+    vh = vhosts(mesh(), at(20))["recommender"]
+    *arms, split = vh.routes
+    assert [(arm_of(r), r.route.cluster) for r in arms] == [
+        ("canary", cluster_name("recommender", "canary")),
+        ("baseline", cluster_name("recommender", "baseline")),
+        ("production", cluster_name("recommender", "production")),
+    ]
+    for r in arms:
+        assert r.match.prefix == "/" and len(r.match.headers) == 1
+        assert r.route.retry_policy.num_retries.value == 2  # as the weighted route's
+        # The arm passes on as it came; a caller's canary_match mark does not.
+        assert not r.request_headers_to_add
+        assert list(r.request_headers_to_remove) == [CANARY_MATCH_HEADER]
+    assert arm_of(split) is None
+    weighted = split.route.weighted_clusters.clusters
+    assert [(c.name, c.weight.value) for c in weighted] == [
+        (cluster_name("recommender", "production"), 6000),
+        (cluster_name("recommender", "baseline"), 2000),
+        (cluster_name("recommender", "canary"), 2000),
+    ]
+    for c in weighted:
+        assert marks(c.request_headers_to_add) == {ARM_HEADER: c.name.split("|")[1]}
+
+
+def test_the_baseline_arm_falls_back_to_production_without_a_baseline_pool() -> None:
+    vh = vhosts(mesh(baseline=False), at(20))["features"]
+    routes = {arm_of(r): r.route.cluster for r in vh.routes[:-1]}
+    assert routes == {
+        "canary": "features|canary",
+        "baseline": "features|production",
+        "production": "features|production",
+    }
+    weighted = vh.routes[-1].route.weighted_clusters.clusters
+    assert [marks(c.request_headers_to_add)[ARM_HEADER] for c in weighted] == [
+        "production",
+        "canary",
+    ]
+
+
+@pytest.mark.parametrize("split", [Split(), Split(shadow=500)], ids=["0%", "shadow"])
+def test_without_canary_weight_no_arm_routes_and_every_request_is_production(
+    split: Split,
+) -> None:
+    traffic = TrafficState().with_split("recommender", [REGION], split)
+    (route,) = vhosts(mesh(), traffic)["recommender"].routes
+    (only,) = route.route.weighted_clusters.clusters
+    assert only.name == cluster_name("recommender", "production")
+    assert marks(only.request_headers_to_add) == {ARM_HEADER: "production"}
+
+
+def test_at_100_percent_the_arms_still_route_to_their_pools() -> None:
+    """A request marked by a member still at its previous step goes to its own arm."""
+    vh = vhosts(mesh(), at(100))["recommender"]
+    assert [(arm_of(r), r.route.cluster.split("|")[1]) for r in vh.routes[:-1]] == [
+        ("canary", "canary"),
+        ("baseline", "baseline"),
+        ("production", "production"),
+    ]
+    (canary,) = vh.routes[-1].route.weighted_clusters.clusters
+    assert marks(canary.request_headers_to_add) == {ARM_HEADER: "canary"}
+
+
+def test_canary_match_routes_first_and_they_set_the_canary_arm() -> None:
+    rules = {"canary_match": [{"header": "x-canary", "value": "always"}]}
+    vh = vhosts(mesh(rollout=rules), at(5))["recommender"]
+    order = [(r.name, arm_of(r)) for r in vh.routes]
+    assert order == [
+        ("recommender-canary-match-0", None),
+        ("recommender-arm-canary", "canary"),
+        ("recommender-arm-baseline", "baseline"),
+        ("recommender-arm-production", "production"),
+        ("recommender-split", None),
+    ]
+    match = vh.routes[0]
+    assert match.route.cluster == direct_cluster_name("recommender")
+    assert marks(match.request_headers_to_add) == {
+        CANARY_MATCH_HEADER: "true",
+        ARM_HEADER: "canary",
+    }
+    # Outside a consistent group the canary_match route sets no arm.
+    assert marks(vhosts(mesh(rollout=rules), at(5))["search"].routes[0].request_headers_to_add) == {
+        CANARY_MATCH_HEADER: "true"
+    }
+
+
+def test_sticky_members_keep_the_hash_on_the_weighted_route_only() -> None:
+    vh = vhosts(mesh(rollout={"sticky": {"header": "x-user-id"}}), at(20))["recommender"]
+    *arms, split = vh.routes
+    assert split.route.weighted_clusters.header_name == STICKY_HEADER
+    assert split.typed_per_filter_config  # the Lua hash
+    for r in arms:  # the arm decides: no hash, and a caller's hash header is dropped
+        assert not r.typed_per_filter_config
+        assert list(r.request_headers_to_remove) == [CANARY_MATCH_HEADER, STICKY_HEADER]
+
+
+def test_grpc_members_route_by_the_arm_the_same_way() -> None:
+    """gRPC metadata is HTTP/2 headers: the same matches and marks serve a gRPC service."""
+    http, grpc = (vhosts(mesh(protocol=p), at(20)) for p in ("http", "grpc"))
+    assert grpc["recommender"] == http["recommender"]
+    built = build_region(mesh(protocol="grpc"), at(20), REGION)
+    assert built.by_type[CLUSTER]["recommender|canary"].typed_extension_protocol_options  # type: ignore[attr-defined]
+
+
+def test_services_outside_consistent_groups_are_built_byte_for_byte_as_before() -> None:
+    plain = replace(mesh(), rollout_groups=())
+    for traffic in (at(0), at(20), at(100)):
+        before = vhosts(plain, traffic)
+        for spec in (mesh(), mesh(consistent=False)):
+            after = vhosts(spec, traffic)
+            assert after["search"].SerializeToString() == before["search"].SerializeToString()
+        unmarked = vhosts(mesh(consistent=False), traffic)
+        for name in ("features", "recommender"):  # a group without `consistent`
+            assert unmarked[name].SerializeToString() == before[name].SerializeToString()
+
+
+def test_proxyless_route_configs_carry_the_arm_routes() -> None:
+    """gRPC matches headers (gRFC A28) and ignores header manipulation, which it does not
+    implement: a proxyless client forwarding the arm it was called with keeps it."""
+    vh = vhosts(mesh(protocol="grpc"), at(20))["recommender"]
+    config = proxyless_route_config(vh)
+    (mine,) = config.virtual_hosts
+    assert list(mine.domains) == ["*"]
+    assert list(mine.routes) == list(vh.routes)
+
+
+def test_the_memoized_builder_follows_steps_and_group_changes() -> None:
+    builder = RegionBuilder(REGION)
+    spec = mesh()
+    for traffic in (at(0), at(5), at(20), at(0)):
+        assert builder.build(spec, traffic) == build_region(spec, traffic, REGION)
+    for edited in (mesh(consistent=False), mesh()):
+        assert builder.build(edited, at(0)) == build_region(edited, at(0), REGION)
+
+
+# ---- for every spec and split ----
+
+
+@st.composite
+def grouped(draw: st.DrawFn) -> tuple[MeshSpec, TrafficState]:
+    """A random spec (test_builder_properties') with a random consistent group, and
+    random splits."""
+    spec = draw(random_specs())
+    names = [s.name for s in spec.services]
+    members = draw(st.lists(st.sampled_from(names), unique=True, max_size=len(names)))
+    if members:
+        group = RolloutGroup("g", tuple(members), consistent=draw(st.booleans()))
+        spec = replace(spec, rollout_groups=(group,))
+    traffic = TrafficState()
+    for svc in spec.services:
+        for region in spec.regions:
+            c = draw(st.sampled_from([0, 0, 1, 500, 2000, 5000, WEIGHT_TOTAL]))
+            b = draw(st.integers(0, WEIGHT_TOTAL - c))
+            shadow = draw(st.sampled_from([0, 500]))
+            traffic = traffic.with_split(
+                svc.name, [region], Split(WEIGHT_TOTAL - b - c, b, c, shadow)
+            )
+    return spec, traffic
+
+
+@given(grouped())
+@settings(max_examples=150, deadline=None)
+def test_every_route_uses_a_cluster_of_the_snapshot_and_arms_match_pools(
+    case: tuple[MeshSpec, TrafficState],
+) -> None:
+    spec, traffic = case
+    for region in spec.regions:
+        built = build_region(spec, traffic, region)
+        clusters = set(built.by_type[CLUSTER])
+        assert built.route_targets() <= clusters  # make-before-break's premise
+        (rc,) = built.by_type[ROUTE].values()
+        for vh in rc.virtual_hosts:  # type: ignore[attr-defined]
+            group = spec.group_of(vh.name)
+            consistent = group is not None and group.consistent
+            split = traffic.effective(spec.service(vh.name), region)
+            *arms, weighted = vh.routes
+            # Every weighted cluster of a consistent member names its own pool as the arm;
+            # nothing else sets one.
+            for c in weighted.route.weighted_clusters.clusters:
+                pool = c.name.split("|")[1]
+                assert marks(c.request_headers_to_add) == ({ARM_HEADER: pool} if consistent else {})
+            # Arm routes exist exactly while the canary has weight, each to its own pool
+            # (baseline's to production's when there is none).
+            pools = spec.service(vh.name).pools
+            want = (
+                [
+                    (a, a if a in pools else "production")
+                    for a in ("canary", "baseline", "production")
+                ]
+                if consistent and split.canary > 0
+                else []
+            )
+            assert [(arm_of(r), r.route.cluster.split("|")[1]) for r in arms] == want
+        memo = RegionBuilder(region)  # from no canary to these splits: rebuilt in part
+        memo.build(spec, TrafficState())
+        assert memo.build(spec, traffic) == built
+
+
+# ---- a real Envoy ----
+
+
+class ArmEcho(ThreadingHTTPServer):
+    """An upstream of one pool that answers with its pool and the arm it was told."""
+
+    def __init__(self, pool: str) -> None:
+        self.pool = pool
+        super().__init__(("127.0.0.1", 0), _EchoHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+class _EchoHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: ArmEcho
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        body = json.dumps({"pool": self.server.pool, "arm": self.headers.get(ARM_HEADER)})
+        data = body.encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def echoes() -> Iterator[dict[str, ArmEcho]]:
+    servers = {p: ArmEcho(p) for p in ("production", "baseline", "canary")}
+    yield servers
+    for s in servers.values():
+        s.shutdown()
+        s.server_close()
