@@ -124,8 +124,7 @@ def cmd_rollout(args: argparse.Namespace, admin: Admin) -> None:
     if action == "watch":
         cmd_watch(args, admin)
         return
-    if not args.service:
-        raise CtlError(f"rollout {action}: name the service")
+    check_target(args)
     if action == "get":
         r = admin.call(GET_ROLLOUT, admin_pb2.GetRolloutRequest(service=args.service))
     else:
@@ -133,13 +132,45 @@ def cmd_rollout(args: argparse.Namespace, admin: Admin) -> None:
     emit(args, to_dict(r), lambda: rollout_table(r))
 
 
+GROUP_ACTIONS = ("pause", "resume", "abort", "promote")
+"""What `--group NAME` does to every member of a rollout group at once."""
+
+
+def check_target(args: argparse.Namespace) -> None:
+    """A rollout command names its service, or (a group action) `--group NAME`: one."""
+    action, service, group = args.action, args.service, args.group
+    if group is not None and action not in GROUP_ACTIONS:
+        raise UsageError(
+            f"rollout {action}: --group works with {', '.join(GROUP_ACTIONS)}; "
+            "name a service instead"
+        )
+    if group is not None and service:
+        raise UsageError(
+            f"rollout {action}: name the service or --group {group}, not both "
+            "(a group action acts on every member)"
+        )
+    if group is not None and not group:
+        raise UsageError(f"rollout {action}: --group needs the group's name")
+    if group is None and not service:
+        hint = " (or --group NAME)" if action in GROUP_ACTIONS else ""
+        raise CtlError(f"rollout {action}: name the service{hint}")
+    if group is not None and action == "promote" and args.all:
+        raise UsageError(
+            "rollout promote: --all promotes one service; a group moves a step at a time"
+        )
+
+
 def rollout_change(args: argparse.Namespace, admin: Admin) -> admin_pb2.Rollout:
-    """`rollout pause|resume|abort|promote|set-weights SERVICE --reason ...`."""
-    action, service, reason = args.action, args.service, args.reason
+    """`rollout pause|resume|abort|promote|set-weights SERVICE --reason ...`, or
+    `rollout pause|resume|abort|promote --group NAME --reason ...`."""
+    action, service, reason = args.action, args.service or "", args.reason
+    group = args.group or ""
     if not reason:
         raise CtlError(f"rollout {action}: --reason is required (it goes in the audit log)")
     if action == "promote":
-        request = admin_pb2.PromoteRolloutRequest(service=service, reason=reason, all=args.all)
+        request = admin_pb2.PromoteRolloutRequest(
+            service=service, group=group, reason=reason, all=args.all
+        )
         return admin.call(PROMOTE_ROLLOUT, request)
     if action == "set-weights":
         if args.canary is None:
@@ -153,7 +184,8 @@ def rollout_change(args: argparse.Namespace, admin: Admin) -> admin_pb2.Rollout:
         )
         return admin.call(SET_WEIGHTS, weights)
     rpc = {"pause": PAUSE_ROLLOUT, "resume": RESUME_ROLLOUT, "abort": ABORT_ROLLOUT}[action]
-    return admin.call(rpc, admin_pb2.RolloutActionRequest(service=service, reason=reason))
+    change = admin_pb2.RolloutActionRequest(service=service, group=group, reason=reason)
+    return admin.call(rpc, change)
 
 
 def cmd_watch(args: argparse.Namespace, admin: Admin) -> None:
@@ -182,11 +214,12 @@ def cmd_audit(args: argparse.Namespace, admin: Admin) -> None:
         args,
         [to_dict(e) for e in entries],
         lambda: render_table(
-            ["TIME", "SERVICE", "REGION", "KIND", "STEP", "PHASE", "ACTOR", "REASON"],
+            ["TIME", "SERVICE", "GROUP", "REGION", "KIND", "STEP", "PHASE", "ACTOR", "REASON"],
             [
                 (
                     stamp(e.time),
                     e.service,
+                    e.group or "-",
                     e.region or "all",
                     e.kind,
                     e.step,
@@ -369,6 +402,12 @@ def _add_rollout(r: argparse.ArgumentParser) -> None:
         choices=["list", "get", "pause", "resume", "promote", "abort", "set-weights", "watch"],
     )
     r.add_argument("service", nargs="?")
+    r.add_argument(
+        "--group",
+        metavar="NAME",
+        help="pause, resume, abort or promote every member of this rollout group as one "
+        "(instead of naming a service)",
+    )
     r.add_argument("--reason", help="why (required for changes; goes in the audit log)")
     r.add_argument("--all", action="store_true", help="promote: straight to 100%%")
     r.add_argument("--canary", type=float, help="set-weights: canary percent")

@@ -113,9 +113,11 @@ class Status:
             "rollouts": [
                 {
                     "service": r.service,
+                    "group": r.group,
                     "canary_version": r.canary_version,
                     "phase": r.phase,
                     "reason": r.reason,
+                    "waiting": r.waiting,
                 }
                 for r in self.listed.rollouts
             ],
@@ -149,8 +151,11 @@ class Status:
         )
         out.append(
             render_table(
-                ["SERVICE", "CANARY", "PHASE", "REASON"],
-                [(r.service, r.canary_version, r.phase, r.reason[:80]) for r in rollouts],
+                ["SERVICE", "GROUP", "CANARY", "PHASE", "REASON"],
+                [
+                    (r.service, r.group or "-", r.canary_version, phase_word(r), why(r)[:80])
+                    for r in rollouts
+                ],
             )
             if rollouts
             else "no rollouts"
@@ -351,26 +356,47 @@ def signal_rows(r: pb.Rollout) -> list[tuple[Any, ...]]:
     return rows
 
 
+def phase_word(r: pb.Rollout) -> str:
+    """A rollout's phase; `waiting` for a canary that has not started."""
+    return r.phase or ("waiting" if r.waiting else "-")
+
+
+def why(r: pb.Rollout) -> str:
+    """What a one-line listing says of a rollout: why its new canary waits, or its reason."""
+    return f"waiting: {r.waiting}" if r.waiting and r.phase else r.waiting or r.reason
+
+
 def rollout_table(r: pb.Rollout) -> str:
-    """One rollout: its phase, then each region's step, weights and canary numbers, and
-    each region's signal health."""
-    return (
-        f"{r.service} {r.canary_version}: {r.phase} ({r.reason})\n"
-        + render_table(ROLLOUT_HEADERS, rollout_rows(r))
-        + "\n"
-        + render_table(SIGNAL_HEADERS, signal_rows(r))
-    )
+    """One rollout: its phase (its group, why a new canary waits), then each region's
+    step, weights and canary numbers, and each region's signal health. The answer to a
+    group's action: every member's, one after another."""
+    if r.group_rollouts:
+        head = f"group {r.group}: {len(r.group_rollouts)} member rollout(s)"
+        return "\n\n".join([head, *(rollout_table(m) for m in r.group_rollouts)])
+    group = f" [group {r.group}]" if r.group else ""
+    if not r.phase:
+        return f"{r.service} {r.canary_version}{group}: waiting: {r.waiting}"
+    lines = [f"{r.service} {r.canary_version}{group}: {r.phase} ({r.reason})"]
+    if r.waiting:
+        lines.append(f"next canary waiting: {r.waiting}")
+    if r.regions:
+        lines += [
+            render_table(ROLLOUT_HEADERS, rollout_rows(r)),
+            render_table(SIGNAL_HEADERS, signal_rows(r)),
+        ]
+    return "\n".join(lines)
 
 
 def rollouts_table(rollouts: Iterable[pb.Rollout]) -> str:
     return render_table(
-        ["SERVICE", "CANARY", "PHASE", "STEPS BY REGION"],
+        ["SERVICE", "GROUP", "CANARY", "PHASE", "STEPS BY REGION"],
         [
             (
                 r.service,
+                r.group or "-",
                 r.canary_version,
-                r.phase,
-                " ".join(f"{g.region}={g.step}" for g in r.regions),
+                phase_word(r),
+                " ".join(f"{g.region}={g.step}" for g in r.regions) or why(r)[:80],
             )
             for r in rollouts
         ],

@@ -2,8 +2,10 @@
 (the admin gRPC API) or the dashboard (its HTTP API).
 
 Both doors go through `Operator`: who is asking (the token's name), whether the request
-makes sense (a known service, a reason, weights in range), and then the controller's own
-method, so every change lands in the audit log the same way. A refusal is a `Refused`
+makes sense (a known service or rollout group, a reason, weights in range), and then the
+controller's own method, so every change lands in the audit log the same way. A rollout
+group (`rollout_groups:`) is paused, resumed, aborted or promoted as one: every member by
+one controller call (`RolloutController.act_on_group`), one push. A refusal is a `Refused`
 with a `Refusal` code that each door turns into its own status (gRPC, HTTP).
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from xds_server.admin.auth import Credentials
 from xds_server.admin.views import leader_hint
@@ -24,6 +26,7 @@ from xds_server.traffic import WeightError
 
 MAX_REASON = 1000
 MAX_ACTOR = 200
+T = TypeVar("T")
 
 
 class Refusal(StrEnum):
@@ -53,6 +56,9 @@ REPLICA_NOT_DECIDING = "this replica does not decide rollouts"
 
 Act = Callable[[RolloutController, str], RolloutState]
 """A controller call, given the actor."""
+GroupAct = Callable[[RolloutController, str], list[RolloutState]]
+"""A controller call on a rollout group, given the actor: every member's state after it."""
+NAMED_CHANGES = ("pause", "resume", "abort", "promote")
 
 
 def named_change(name: str, service: str, reason: str, promote_all: bool = False) -> Act:
@@ -68,6 +74,26 @@ def named_change(name: str, service: str, reason: str, promote_all: bool = False
     if name not in calls:
         raise Refused(Refusal.NOT_FOUND, f"no action {name!r} (one of: {', '.join(calls)})")
     return calls[name]
+
+
+def group_change(name: str, group: str, reason: str) -> GroupAct:
+    """The controller call of a named change of a whole rollout group: the same four
+    actions as a service's, each acting on every member at once."""
+    if name not in NAMED_CHANGES:
+        raise Refused(Refusal.NOT_FOUND, f"no action {name!r} (one of: {', '.join(NAMED_CHANGES)})")
+    return lambda c, who: c.act_on_group(group, name, reason, who)
+
+
+def check_target(service: str, group: str) -> None:
+    """A named change names exactly one of a service and a rollout group."""
+    if service and group:
+        raise Refused(
+            Refusal.INVALID_ARGUMENT,
+            f"name a service or a rollout group, not both (service {service[:100]!r}, "
+            f"group {group[:100]!r})",
+        )
+    if not service and not group:
+        raise Refused(Refusal.INVALID_ARGUMENT, "name the service (or the rollout group) to act on")
 
 
 def check_weights(canary: float, baseline: float) -> None:
@@ -123,6 +149,17 @@ class Operator:
                 Refusal.NOT_FOUND, f"unknown service {service!r} (services: {names})"
             ) from None
 
+    def check_group(self, group: str) -> None:
+        spec = self._spec()
+        try:
+            spec.group(group)
+        except KeyError:
+            names = ", ".join(g.name for g in spec.rollout_groups)
+            known = f"groups: {names}" if names else "the spec has no rollout_groups"
+            raise Refused(
+                Refusal.NOT_FOUND, f"unknown rollout group {group[:100]!r} ({known})"
+            ) from None
+
     def not_deciding(self) -> str:
         """Why this server refuses changes, and where to go instead (a replica's leader)."""
         directory = self._directory()
@@ -136,7 +173,7 @@ class Operator:
             raise Refused(Refusal.UNAVAILABLE, self.not_deciding())
         return controller
 
-    def act(self, actor: str, reason: str, act: Act) -> RolloutState:
+    def act(self, actor: str, reason: str, act: Callable[[RolloutController, str], T]) -> T:
         """`actor`: from `actor()`, which each change calls before looking at its request
         (an unauthenticated caller learns nothing from validation errors)."""
         if not reason.strip():
@@ -186,11 +223,37 @@ class Operator:
         check()
         return self.act(actor, reason, act)
 
-    def change(self, name: str, service: str, reason: str, actor: str) -> RolloutState:
+    def change(
+        self, name: str, service: str, reason: str, actor: str, promote_all: bool = False
+    ) -> RolloutState:
         """One of the named changes the dashboard offers (pause, resume, abort, promote),
         by the same controller path as xdsctl's."""
         self.check_service(service)
-        return self.act(actor, reason, named_change(name, service, reason))
+        return self.act(actor, reason, named_change(name, service, reason, promote_all))
+
+    def named(
+        self,
+        actor: str,
+        name: str,
+        reason: str,
+        *,
+        service: str = "",
+        group: str = "",
+        promote_all: bool = False,
+    ) -> list[RolloutState]:
+        """A named change (pause, resume, abort, promote) of one service, or of every
+        member of a rollout group: exactly one of `service` and `group`. The states the
+        change left: the service's, or each member's. `actor`: from `actor()`."""
+        check_target(service, group)
+        if not group:
+            return [self.change(name, service, reason, actor, promote_all)]
+        if promote_all:
+            raise Refused(
+                Refusal.INVALID_ARGUMENT,
+                "promote all the way acts on one service; a group is promoted a step at a time",
+            )
+        self.check_group(group)
+        return self.act(actor, reason, group_change(name, group, reason))
 
 
 XDSCTL_TOKEN = "pass --token-file to xdsctl"

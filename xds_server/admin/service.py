@@ -7,9 +7,10 @@ with who (the token's name, and beside it the actor the caller claims in `x-xds-
 and why (the request's reason). Mistakes come back as gRPC statuses a person can act on:
 NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION, UNAUTHENTICATED.
 
-Every change takes one path, `AdminService._change`: `Operator.submit` (the dashboard's
-checks too) with its `Refused` sent as a status; a handler only says which controller
-call its request means.
+Every change takes one path through `Operator` (the dashboard's checks too), with its
+`Refused` sent as a status: `AdminService._change` (`Operator.submit`), and for the named
+changes, which may name a rollout group instead of a service, `AdminService._named`
+(`Operator.named`); a handler only says which controller call its request means.
 
 `AdminGuard` (admin/guard.py) stands in front of every method: it checks credentials for
 reads, turns an undecodable request into INVALID_ARGUMENT and a handler's bug into
@@ -34,13 +35,7 @@ from google.protobuf import any_pb2, json_format
 
 from xds_server.admin.auth import Credentials
 from xds_server.admin.guard import AdminGuard, invocation_metadata
-from xds_server.admin.operator import (
-    Act,
-    Operator,
-    Refused,
-    check_weights,
-    named_change,
-)
+from xds_server.admin.operator import Act, Operator, Refused, check_weights
 from xds_server.admin.v1 import admin_pb2 as pb
 from xds_server.admin.v1 import admin_pb2_grpc
 from xds_server.admin.views import (
@@ -50,14 +45,19 @@ from xds_server.admin.views import (
     WatchQueue,
     audit_message,
     event_message,
+    group_answer,
+    group_name,
     instances_message,
     node_message,
     registry_instances,
     replicas_message,
     rollout_message,
+    rollout_messages,
+    service_rollout,
     store_message,
 )
 from xds_server.rollout.ports import StateStore
+from xds_server.rollout.state import RolloutState
 from xds_server.xds.publisher import XdsPublisher
 from xds_server.xds.status import NodeStatus
 from xds_server.xds.types import BY_SHORT_NAME, SEND_ORDER, short
@@ -131,9 +131,25 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         request: pb.RolloutActionRequest | pb.PromoteRolloutRequest,
         promote_all: bool = False,
     ) -> pb.Rollout:
-        """A named change (pause, resume, abort, promote) of `request.service`."""
-        act = named_change(name, request.service, request.reason, promote_all)
-        return await self._change(context, request.service, request.reason, act)
+        """A named change (pause, resume, abort, promote) of `request.service`, or of
+        every member of the rollout group `request.group` (exactly one of them). A
+        member's change answers with the whole group's rollouts too: pausing, resuming or
+        aborting one member acts on every member."""
+        headers, r = _metadata(context), request
+
+        def change() -> list[RolloutState]:
+            actor = self.operator.actor(headers)
+            return self.operator.named(
+                actor, name, r.reason, service=r.service, group=r.group, promote_all=promote_all
+            )
+
+        states = await _checked(context, change)
+        group = r.group or group_name(self.view, r.service)
+        if group and not r.group:  # the members as they now stand, this one first
+            rollouts = self.view.rollouts()
+            members = self.view.spec.group(group).services
+            states += [rollouts[m] for m in members if m != r.service and m in rollouts]
+        return group_answer(self.view, states, group)
 
     # ---- nodes ----
 
@@ -181,24 +197,22 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         request: pb.ListRolloutsRequest,
         context: Ctx[pb.ListRolloutsRequest, pb.ListRolloutsResponse],
     ) -> pb.ListRolloutsResponse:
-        states = self.view.rollouts().values()
         return pb.ListRolloutsResponse(
-            rollouts=[rollout_message(self.view, s) for s in states],
-            store=store_message(self.view),
+            rollouts=rollout_messages(self.view), store=store_message(self.view)
         )
 
     async def GetRollout(
         self, request: pb.GetRolloutRequest, context: Ctx[pb.GetRolloutRequest, pb.Rollout]
     ) -> pb.Rollout:
         await _checked(context, lambda: self.operator.check_service(request.service))
-        state = self.view.rollouts().get(request.service)
-        if state is None:
+        rollout = service_rollout(self.view, request.service)
+        if rollout is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
                 f"service {request.service!r} has no rollout (it has no "
                 "canary pool, or its canary is its production version)",
             )
-        return rollout_message(self.view, state)
+        return rollout
 
     async def PauseRollout(
         self, request: pb.RolloutActionRequest, context: Ctx[pb.RolloutActionRequest, pb.Rollout]

@@ -55,6 +55,68 @@ class AdminView(Protocol):
         ...
 
 
+def group_name(view: AdminView, service: str) -> str:
+    """The rollout group `service` moves with; "" for none."""
+    group = view.spec.group_of(service)
+    return group.name if group is not None else ""
+
+
+def waiting_reason(view: AdminView, service: str) -> str:
+    """Why `service`'s canary has not started (a group member without a canary, an
+    `after:` dependency not promoted yet), as the controller sees it now; "" when
+    nothing waits, or in a process that does not decide (it is not stored)."""
+    controller = view.controller
+    return controller.waiting.get(service, "") if controller is not None else ""
+
+
+def waiting_message(view: AdminView, service: str, why: str) -> admin_pb2.Rollout:
+    """A service whose canary waits to start: no phase, no regions yet."""
+    svc = view.spec.service(service)
+    return admin_pb2.Rollout(
+        service=service,
+        canary_version=svc.canary_version or "",
+        steps=list(svc.rollout.steps),
+        group=group_name(view, service),
+        waiting=why,
+    )
+
+
+def service_rollout(view: AdminView, service: str) -> admin_pb2.Rollout | None:
+    """`service`'s current rollout, or its canary waiting to start; None for neither."""
+    state = view.rollouts().get(service)
+    if state is not None:
+        return rollout_message(view, state)
+    why = waiting_reason(view, service)
+    return waiting_message(view, service, why) if why else None
+
+
+def rollout_messages(view: AdminView) -> list[admin_pb2.Rollout]:
+    """Every current rollout, then every service whose canary waits to start."""
+    rollouts = view.rollouts()
+    out = [rollout_message(view, s) for s in rollouts.values()]
+    for svc in view.spec.services:
+        why = waiting_reason(view, svc.name) if svc.name not in rollouts else ""
+        if why:
+            out.append(waiting_message(view, svc.name, why))
+    return out
+
+
+def group_answer(
+    view: AdminView, states: Sequence[RolloutState], group: str = ""
+) -> admin_pb2.Rollout:
+    """The answer to an action on a rollout group: the first member's rollout, with
+    every member's in `group_rollouts`. One state and no `group`: that rollout alone."""
+    messages = [rollout_message(view, s) for s in states]
+    if not group and len(messages) == 1:
+        return messages[0]
+    out = admin_pb2.Rollout()
+    if messages:
+        out.CopyFrom(messages[0])
+    out.group = out.group or group
+    out.group_rollouts.extend(messages)
+    return out
+
+
 def rollout_message(view: AdminView, state: RolloutState) -> admin_pb2.Rollout:
     svc = view.spec.service(state.service)
     store = view.store
@@ -65,6 +127,8 @@ def rollout_message(view: AdminView, state: RolloutState) -> admin_pb2.Rollout:
         phase=state.phase,
         reason=state.reason,
         steps=list(svc.rollout.steps),
+        group=group_name(view, state.service),
+        waiting=waiting_reason(view, state.service),
     )
     for region, rs in state.regions.items():
         split = region_split(svc.rollout, rs, svc.has_baseline).percent()
@@ -186,6 +250,7 @@ def audit_message(e: AuditEntry) -> admin_pb2.AuditEntry:
         weights_after_json=weights_json(e.weights_after) or "",
         snapshot_version=e.snapshot_version or 0,
         actor=e.actor,
+        group=e.group or "",
     )
 
 

@@ -10,8 +10,9 @@ aiohttp, on the server's own event loop. What it serves:
 - `/api/events`: the controller's stream of committed decisions, the one `xdsctl rollout
   watch` reads, as server-sent events (a replica that does not decide sends the
   committed state whenever it changes);
-- the operator's actions (pause, resume, abort, promote), through `admin/operator.py`:
-  the same checks and controller calls as `xdsctl`'s.
+- the operator's actions (pause, resume, abort, promote) on a service or on a whole
+  rollout group, through `admin/operator.py`: the same checks and controller calls as
+  `xdsctl`'s.
 
 Safe by default: it binds to loopback; every action needs an admin token, sent as an
 `Authorization: Bearer` header (never a URL or a cookie), so without
@@ -35,12 +36,15 @@ from aiohttp import web
 from google.protobuf import json_format, message
 
 from xds_server.admin.operator import Operator, Refusal, Refused, unauthenticated
+from xds_server.admin.v1 import admin_pb2 as pb
 from xds_server.admin.views import (
     AdminView,
     WatchQueue,
     event_message,
+    group_name,
     node_message,
     rollout_message,
+    service_rollout,
     store_message,
 )
 from xds_server.rollout.audit import AuditEntry, rollback_cause
@@ -116,6 +120,7 @@ class Dashboard:
         app.router.add_get("/api/rollouts/{service}", self.rollout)
         app.router.add_get("/api/events", self.events)
         app.router.add_post("/api/rollouts/{service}/{action}", self.action)
+        app.router.add_post("/api/groups/{group}/{action}", self.group_action)
         return app
 
     async def run(self, address: str) -> None:
@@ -186,15 +191,15 @@ class Dashboard:
         """Every service with its rollout and last decision; nodes by sync state per
         region; this replica's role and its store."""
         view, store = self.view, self.view.store
-        rollouts = view.rollouts()
         services = []
         for svc in view.spec.services:
-            state = rollouts.get(svc.name)
+            rollout = service_rollout(view, svc.name)
             last = store.audit(service=svc.name, kind="transition", limit=1) if store else []
             services.append(
                 {
                     "name": svc.name,
-                    "rollout": to_json(rollout_message(view, state)) if state else None,
+                    "group": group_name(view, svc.name),
+                    "rollout": to_json(rollout) if rollout else None,
                     "last_decision": audit_json(last[-1]) if last else None,
                 }
             )
@@ -207,9 +212,31 @@ class Dashboard:
             {
                 "server": self._server_info(),
                 "services": services,
+                "groups": [self._group(g.name) for g in view.spec.rollout_groups],
                 "regions": [{"region": r, "nodes": n} for r, n in sync.items()],
             }
         )
+
+    def _group(self, name: str) -> dict[str, Any]:
+        """A rollout group and where each member stands: its phase, or why it waits."""
+        group = self.view.spec.group(name)
+        members = []
+        for service in group.services:
+            rollout = service_rollout(self.view, service) or pb.Rollout(service=service)
+            members.append(
+                {
+                    "service": service,
+                    "canary_version": rollout.canary_version,
+                    "phase": rollout.phase,
+                    "waiting": rollout.waiting,
+                }
+            )
+        return {
+            "name": group.name,
+            "services": list(group.services),
+            "consistent": group.consistent,
+            "members": members,
+        }
 
     def _server_info(self) -> dict[str, Any]:
         auth = self.operator.auth
@@ -247,9 +274,11 @@ class Dashboard:
         cause = rollback_cause(entries) if state.phase == "rolled_back" else None
         plan = self.view.spec.service(service).rollout
         history = [s for s in (store.load_rollouts() if store else []) if s.service == service]
+        group = group_name(self.view, service)
         return web.json_response(
             {
                 "rollout": to_json(rollout_message(self.view, state)),
+                "group": self._group(group) if group else None,
                 "started_at": state.started_at,
                 "updated_at": state.updated_at,
                 "guardrails": dataclasses.asdict(plan.guardrails),
@@ -341,6 +370,26 @@ class Dashboard:
     async def action(self, request: web.Request) -> web.StreamResponse:
         """POST /api/rollouts/SERVICE/ACTION with {"reason": "..."} and the admin token
         as `Authorization: Bearer TOKEN`."""
+        actor, reason = await self._actor_and_reason(request)
+        service, name = request.match_info["service"], request.match_info["action"]
+        state = self.operator.change(name, service, reason, actor)
+        log.info("dashboard: %s %s by %s: %s", name, service, actor, " ".join(reason.split()))
+        return web.json_response({"rollout": to_json(rollout_message(self.view, state))})
+
+    async def group_action(self, request: web.Request) -> web.StreamResponse:
+        """POST /api/groups/GROUP/ACTION (pause, resume, abort, promote) with
+        {"reason": "..."}: every member of the rollout group at once, by the same
+        controller call as `xdsctl rollout ACTION --group GROUP`."""
+        actor, reason = await self._actor_and_reason(request)
+        group, name = request.match_info["group"], request.match_info["action"]
+        states = self.operator.named(actor, name, reason, group=group)
+        log.info("dashboard: %s group %s by %s: %s", name, group, actor, " ".join(reason.split()))
+        return web.json_response(
+            {"group": group, "rollouts": [to_json(rollout_message(self.view, s)) for s in states]}
+        )
+
+    async def _actor_and_reason(self, request: web.Request) -> tuple[str, str]:
+        """An action's caller (its token checked) and the reason its JSON body gives."""
         if not self.operator.auth.configured:
             raise Refused(Refusal.PERMISSION_DENIED, READ_ONLY)
         if request.content_type != "application/json":
@@ -353,10 +402,7 @@ class Dashboard:
         reason = body.get("reason") if isinstance(body, dict) else None
         if not isinstance(reason, str):
             raise Refused(Refusal.INVALID_ARGUMENT, 'expected {"reason": "..."}')
-        service, name = request.match_info["service"], request.match_info["action"]
-        state = self.operator.change(name, service, reason, actor)
-        log.info("dashboard: %s %s by %s: %s", name, service, actor, " ".join(reason.split()))
-        return web.json_response({"rollout": to_json(rollout_message(self.view, state))})
+        return actor, reason
 
 
 def _asset(name: str) -> web.Response:

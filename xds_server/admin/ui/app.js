@@ -102,6 +102,11 @@ function stepLabel(rollout, step) {
   return step < steps.length ? `step ${step} (${steps[step]}%)` : `step ${step}`;
 }
 
+// A rollout group (issue 31): its members move, and roll back, as one.
+function groupBadge(name) {
+  return h("span", { class: "group", "data-group": name, title: "rollout group: its members move and roll back as one" }, `group ${name}`);
+}
+
 // ---- overview ----
 
 function renderOverview(main) {
@@ -112,9 +117,11 @@ function renderOverview(main) {
     const ro = svc.rollout;
     const card = h("section", { class: "card service", "data-service": svc.name },
       h("h2", {}, h("a", { href: `#/rollout/${encodeURIComponent(svc.name)}` }, svc.name), " ",
-        ro ? phase(ro.phase) : h("span", { class: "muted" }, "no rollout"),
+        ro && ro.phase ? phase(ro.phase) : h("span", { class: "muted" }, ro ? "waiting" : "no rollout"),
+        svc.group ? groupBadge(svc.group) : null,
         ro ? h("span", { class: "muted" }, ` canary ${ro.canary_version} · steps ${(ro.steps || []).join(" → ")}%`) : null));
-    if (ro) {
+    if (ro && ro.waiting) card.appendChild(h("p", { class: "waiting" }, `${ro.phase ? "next canary " : ""}waiting: ${ro.waiting}`));
+    if (ro && ro.phase) {
       if (ro.reason) card.appendChild(h("p", { class: "rollout-reason" }, ro.reason));
       const rows = ro.regions.map((r) => h("tr", { "data-region": r.region },
         h("td", {}, r.region), h("td", {}, phase(r.phase)), h("td", {}, stepLabel(ro, r.step), r.manual ? " (set by hand)" : ""),
@@ -247,9 +254,10 @@ function auditTable(page) {
   const rows = shown.slice(-500).reverse().map((e) => h("tr", { "data-id": e.id, "data-kind": e.kind, "data-region": e.region || "all" },
     h("td", {}, fmtTime(e.time)), h("td", {}, e.region || "all"), h("td", {}, e.kind),
     h("td", {}, e.step === null ? "" : String(e.step)), h("td", {}, `${e.phase_from || ""} → ${e.phase_to || ""}`),
-    h("td", { class: "actor" }, e.actor), h("td", {}, h("pre", { class: "reason" }, e.reason))));
+    h("td", { class: "actor" }, e.actor), h("td", { class: "audit-group" }, e.group || ""),
+    h("td", {}, h("pre", { class: "reason" }, e.reason))));
   return h("div", {}, filters, h("table", { id: "audit" },
-    h("tr", {}, ["time", "region", "kind", "step", "phase", "actor", "reason"].map((c) => h("th", {}, c))), rows));
+    h("tr", {}, ["time", "region", "kind", "step", "phase", "actor", "group", "reason"].map((c) => h("th", {}, c))), rows));
 }
 
 function actionsPanel(page) {
@@ -261,21 +269,30 @@ function actionsPanel(page) {
     return h("p", { class: "muted", id: "actions-off" }, "Enter the admin token above to pause, resume, abort or promote.");
   }
   const reason = h("input", { type: "text", id: "action-reason", placeholder: "reason (required; goes in the audit log)" });
-  const act = async (name) => {
+  // `path`: the service's actions, or its rollout group's (every member at once).
+  const act = async (path, label) => {
     if (!reason.value.trim()) { state.message = { text: "a reason is required", error: true }; render(); return; }
     try {
-      await api(`/api/rollouts/${encodeURIComponent(page.rollout.service)}/${name}`, {
+      await api(path, {
         method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ reason: reason.value }),
       });
-      state.message = { text: `${name}: done`, error: false };
+      state.message = { text: `${label}: done`, error: false };
     } catch (e) {
-      state.message = { text: `${name}: ${e.message}`, error: true };
+      state.message = { text: `${label}: ${e.message}`, error: true };
     }
     await refresh();
   };
+  const names = ["pause", "resume", "abort", "promote"];
+  const service = encodeURIComponent(page.rollout.service);
+  const group = page.group;
   const msg = state.message;
   return h("div", { class: "actions" }, reason,
-    ["pause", "resume", "abort", "promote"].map((n) => h("button", { type: "button", id: `action-${n}`, onclick: () => act(n) }, n)),
+    names.map((n) => h("button", { type: "button", id: `action-${n}`, onclick: () => act(`/api/rollouts/${service}/${n}`, n) }, n)),
+    group ? h("div", { class: "group-actions", "data-group": group.name },
+      `group ${group.name} (${group.services.join(", ")}): `,
+      names.map((n) => h("button", {
+        type: "button", id: `group-action-${n}`, onclick: () => act(`/api/groups/${encodeURIComponent(group.name)}/${n}`, `group ${group.name} ${n}`),
+      }, `${n} group`))) : null,
     msg ? h("div", { class: `message ${msg.error ? "error" : ""}`, id: "action-message" }, msg.text) : null);
 }
 
@@ -302,11 +319,22 @@ function signalsPanel(reg) {
     h("h3", {}, "signals"), h("table", {}, rows));
 }
 
+// The rollout group's members: each one's phase, or why its canary waits to start.
+function groupPanel(group) {
+  return h("section", { class: "card group-members", id: "group", "data-group": group.name },
+    h("strong", {}, `Rollout group ${group.name}`), group.consistent ? " (consistent routing)" : "", ": ",
+    group.members.map((m, i) => h("span", { class: "member", "data-service": m.service }, i ? ", " : "",
+      h("a", { href: `#/rollout/${encodeURIComponent(m.service)}` }, m.service), " ",
+      m.phase ? phase(m.phase) : h("span", { class: "muted" }, m.waiting ? `waiting: ${m.waiting}` : "no rollout"))));
+}
+
 function renderRollout(main, r) {
   const page = state.page;
   if (!page) { main.appendChild(h("p", { class: "muted" }, `no rollout of ${r.service}`)); return; }
   const ro = page.rollout;
-  main.appendChild(h("h1", {}, `${ro.service} ${ro.canary_version} `, phase(ro.phase)));
+  main.appendChild(h("h1", {}, `${ro.service} ${ro.canary_version} `, phase(ro.phase), ro.group ? groupBadge(ro.group) : null));
+  if (page.group) main.appendChild(groupPanel(page.group));
+  if (ro.waiting) main.appendChild(h("p", { class: "waiting" }, `next canary waiting: ${ro.waiting}`));
   if (page.cause) {
     const c = page.cause;
     main.appendChild(h("section", { class: "card cause", id: "rollback-cause", "data-region": c.region || "", "data-metric": c.metric || "" },
