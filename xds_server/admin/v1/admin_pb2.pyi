@@ -367,8 +367,9 @@ class Rollout(_message.Message):
     def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     @_builtins.property
     def group_rollouts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rollout]:
-        """An action on a group (`group` in the request): every member's rollout as it now
-        stands, in the group's order (this message is the first of them).
+        """The answer to a named change (pause, resume, abort, promote) of a group (`group` in
+        the request), or of one member (pausing, resuming or aborting one acts on them all):
+        every member's rollout as it now stands, the one acted on first.
         """
 
     def __init__(
