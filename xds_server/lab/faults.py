@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from xds_server.lab.layout import MeshLayout
+from xds_server.lab.layout import SERVICE, MeshLayout
 from xds_server.lab.processes import MeshProcesses
 from xds_server.lab.procs import http_post_json
 
@@ -32,9 +32,10 @@ class FaultInjector:
         tenant_latency_ms: Mapping[str, float] | None = None,
         stall_fraction: float | None = None,
         model_name: str | None = None,
+        service: str = SERVICE,
     ) -> None:
         """Change a model server's fault knobs while it runs (its POST /fault); None
-        leaves a knob as it is."""
+        leaves a knob as it is. `service`: whose server (with `features`, either)."""
         knobs = {
             "error_rate": error_rate,
             "latency_ms": latency_ms,
@@ -46,7 +47,7 @@ class FaultInjector:
             "model_name": model_name,
         }
         body = {k: v for k, v in knobs.items() if v is not None}
-        port = self.layout.model_ports[(region, pool)]
+        port = self.layout.service_ports(service)[(region, pool)]
         http_post_json(f"http://127.0.0.1:{port}/fault", body)
 
     def kill_server(self) -> None:

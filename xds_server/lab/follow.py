@@ -1,15 +1,20 @@
 """Following one scenario's rollout to its end: the view kept up to date, the scenario's
 fault injected when every region has reached its step, and the times the report needs
 (the fault, every Envoy at 0% canary, a killed instance gone from the Envoys).
+
+With the `features` option two services roll out as one group: the rollout followed is
+both of theirs (`group_state`), over once both have ended, and after a fault once every
+Envoy routes 0% to the canary of both.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from xds_server.lab.layout import SERVICE
 from xds_server.lab.mesh import LocalMesh
 from xds_server.lab.polling import wait_for
 from xds_server.lab.scenarios import Fault, Scenario
@@ -30,6 +35,8 @@ class FollowResult:
     instance: dict[str, Any] | None = None
     """canary-instance: the region, the killed and the new instance's ports, and when
     the killed one was gone from every Envoy of the region."""
+    zero_canary_by_service: dict[str, float] = field(default_factory=dict)
+    """After a fault: when every Envoy first routed 0% to each service's canary."""
 
 
 def follow(
@@ -46,7 +53,7 @@ def follow(
     deadline = time.monotonic() + timeout
     with view:
         while time.monotonic() < deadline:
-            state = mesh.state.rollout()
+            state = followed_state(mesh)
             view.update(state)
             if state is not None and _look(mesh, scenario, res, state, view, started):
                 view.update(state)
@@ -89,24 +96,70 @@ def _look(
         and min(steps) >= fault.at_step
     ):
         view.note(inject_fault(mesh, fault, res))
-    if (
-        res.fault_at is not None
-        and res.zero_canary_at is None
-        and state["phase"] == "rolled_back"
-        and all(canary_share(e) == 0 for e in mesh.processes.envoys)
-    ):
-        res.zero_canary_at = time.time()
+    if res.fault_at is not None and res.zero_canary_at is None:
+        _note_zero_canary(mesh, res, state)
     return state["phase"] == "promoted" or (
         state["phase"] == "rolled_back" and (res.fault_at is None or res.zero_canary_at is not None)
     )
 
 
+def _note_zero_canary(mesh: LocalMesh, res: FollowResult, state: dict[str, Any]) -> None:
+    """After a fault, the first look at which every Envoy routes 0% to each service's
+    canary (each service's time once its own rollout has ended), and to every one's."""
+    for service, own in state.get("services", {SERVICE: state}).items():
+        if (
+            service not in res.zero_canary_by_service
+            and own is not None
+            and own["phase"] == "rolled_back"
+            and all(canary_share(e, service) == 0 for e in mesh.processes.envoys)
+        ):
+            res.zero_canary_by_service[service] = time.time()
+    if state["phase"] == "rolled_back" and set(res.zero_canary_by_service) >= set(
+        mesh.layout.services()
+    ):
+        res.zero_canary_at = max(res.zero_canary_by_service.values())
+
+
+def followed_state(mesh: LocalMesh) -> dict[str, Any] | None:
+    """The rollout a lab run follows: the recommender's; with `features`, the group's
+    (`group_state`)."""
+    if not mesh.opts.features:
+        return mesh.state.rollout(SERVICE)
+    return group_state({s: mesh.state.rollout(s) for s in mesh.layout.services()})
+
+
+def group_state(states: dict[str, dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Several services' rollouts as one: ended (promoted, rolled back) once each has
+    ended so, each region at the lowest step any of them is at; each service's own
+    state under `services`. None until every one has started."""
+    if any(s is None for s in states.values()):
+        return None
+    own = [s for s in states.values() if s is not None]
+    phases = {s["phase"] for s in own}
+    first = own[0]
+    regions = {
+        r: {
+            "phase": rs["phase"],
+            "step": min(s["regions"].get(r, rs)["step"] for s in own),
+        }
+        for r, rs in first["regions"].items()
+    }
+    return {
+        **first,
+        "phase": phases.pop() if len(phases) == 1 else "progressing",
+        "reason": "; ".join(f"{s.get('service', '?')}: {s['reason']}" for s in own),
+        "regions": regions,
+        "services": states,
+    }
+
+
 def inject_fault(mesh: LocalMesh, fault: Fault, res: FollowResult) -> str:
-    """Set the fault's knobs on its region's canary; what was done, for the view."""
+    """Set the fault's knobs on its region's canary (of its service); what was done, for
+    the view."""
     region = mesh.opts.regions[fault.region_index % len(mesh.opts.regions)]
-    mesh.faults.set(region, "canary", **fault.knobs())
+    mesh.faults.set(region, "canary", service=fault.service, **fault.knobs())
     res.fault_at = time.time()
-    return f"fault injected in {region}: canary {fault.describe()}"
+    return f"fault injected in {region}: {fault.service}'s canary {fault.describe()}"
 
 
 def inject_replica_fault(

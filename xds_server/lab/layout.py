@@ -16,6 +16,10 @@ from typing import Any
 from xds_server.lab.procs import free_port
 
 SERVICE = "recommender"
+FEATURES = "features"
+"""The lab's second service (`MeshOptions.features`): the recommender's dependency."""
+GROUP = "ranking"
+"""The rollout group of the two services (`rollout_groups:`), with the `features` option."""
 VERSIONS = {"production": "v1", "baseline": "v1", "canary": "v2"}
 DEFAULT_REGIONS = ("us-east", "eu-west", "ap-south")
 
@@ -60,6 +64,27 @@ class MeshOptions:
     canary_model: str = "healthy"
     """With "mlserver": the scenario whose canary model the canary serves
     (`lab/mlserver.py`'s `CANARY_MODELS`)."""
+    features: bool = False
+    """A second service, `features` (pools v1/v1/v2 on model servers of its own in every
+    region, its own virtual host: the domain `features`), which the recommender's model
+    servers call through their region's Envoys for each inference, propagating
+    `x-xds-arm`; the two are the consistent rollout group `ranking` (the spec's shape
+    can change: `SpecWriter.shape`). Over HTTP with the lab's own servers, without `ha`."""
+
+    def problems(self) -> list[str]:
+        """What of these options cannot go together (empty: nothing)."""
+        if not self.features:
+            return []
+        out = []
+        if self.protocol != "http":
+            out.append("the features service is called over HTTP only (protocol http)")
+        if self.models != "builtin":
+            out.append(
+                "only the lab's own model servers call the features service (models builtin)"
+            )
+        if self.ha:
+            out.append("the features service's servers do not register themselves (no ha)")
+        return out
 
 
 @dataclass(frozen=True)
@@ -90,6 +115,13 @@ class MeshLayout:
         Prometheus from the start (its configuration is written once)."""
         self.model_ports = {(r, p): free_port() for r in opts.regions for p in VERSIONS}
         """(region, pool) -> the model server's REST port."""
+        problems = opts.problems()
+        if problems:
+            raise ValueError("lab options: " + "; ".join(problems))
+        self.feature_ports = (
+            {(r, p): free_port() for r in opts.regions for p in VERSIONS} if opts.features else {}
+        )
+        """With `features`: (region, pool) -> the features service's model server's port."""
         self.grpc_ports = (
             {key: free_port() for key in self.model_ports}
             if opts.protocol == "grpc" or opts.models == "mlserver"
@@ -128,6 +160,19 @@ class MeshLayout:
         if self.opts.protocol == "grpc":
             return self.grpc_ports[(region, pool)]
         return self.model_ports[(region, pool)]
+
+    def services(self) -> tuple[str, ...]:
+        """The services of the lab's spec: the recommender, and with `features` its
+        dependency."""
+        return (SERVICE, FEATURES) if self.opts.features else (SERVICE,)
+
+    def service_ports(self, service: str) -> dict[tuple[str, str], int]:
+        """(region, pool) -> the REST port of one service's model servers."""
+        return self.feature_ports if service == FEATURES else self.model_ports
+
+    def region_listeners(self, region: str) -> list[str]:
+        """HOST:PORT of the region's Envoys' listeners (where a caller in the region goes)."""
+        return [f"127.0.0.1:{e.listen_port}" for e in self.envoys if e.region == region]
 
     def region_xds_port(self, region: str) -> int:
         return self.replica_ports[region]["xds"] if self.opts.ha else self.xds_port

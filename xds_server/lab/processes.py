@@ -13,7 +13,7 @@ from collections.abc import Callable
 from xds_server.lab import mlserver
 from xds_server.lab.credentials import Credentials
 from xds_server.lab.etcd import EtcdCluster
-from xds_server.lab.layout import SERVICE, VERSIONS, MeshLayout
+from xds_server.lab.layout import FEATURES, SERVICE, VERSIONS, MeshLayout
 from xds_server.lab.load import LoadGenerator
 from xds_server.lab.oip.model import N_FEATURES
 from xds_server.lab.polling import wait_for
@@ -28,6 +28,8 @@ class MeshProcesses:
         self.opts = layout.opts
         self.credentials = credentials
         self.models: dict[tuple[str, str], Process] = {}
+        self.feature_models: dict[tuple[str, str], Process] = {}
+        """With `features`: (region, pool) -> the features service's model server."""
         self.extra_models: dict[tuple[str, str, int], Process] = {}
         """Instances added while running (`add_instance`): (region, pool, port)."""
         self.registrations: dict[tuple[str, str], Process] = {}
@@ -52,6 +54,7 @@ class MeshProcesses:
             self.prometheus,
             *self.registrations.values(),
             *self.models.values(),
+            *self.feature_models.values(),
             *self.extra_models.values(),
             *(self.etcd.processes() if self.etcd else []),
         ]
@@ -72,16 +75,28 @@ class MeshProcesses:
         if self.opts.models == "mlserver":
             self.start_mlservers()
             return
-        for (region, pool), port in self.layout.model_ports.items():
+        lay = self.layout
+        for (region, pool), port in lay.model_ports.items():
             self.models[(region, pool)] = self.start_model(region, pool, port)
-        for (region, pool), port in self.layout.model_ports.items():
-            wait_for(answers(port), f"model server {region}/{pool}", timeout=20)
+        for (region, pool), port in lay.feature_ports.items():
+            self.feature_models[(region, pool)] = self.start_model(
+                region, pool, port, service=FEATURES
+            )
+        for (region, pool), port in [*lay.model_ports.items(), *lay.feature_ports.items()]:
+            wait_for(answers(port), f"model server {region}/{pool} on {port}", timeout=20)
 
     def start_model(
-        self, region: str, pool: str, port: int, grpc_port: int | None = None, name: str = ""
+        self,
+        region: str,
+        pool: str,
+        port: int,
+        grpc_port: int | None = None,
+        name: str = "",
+        service: str = SERVICE,
     ) -> Process:
         """A model server; with `ha` it registers itself in the shared registry (its lease
-        of `registry_ttl`), as the spec lists no endpoints then."""
+        of `registry_ttl`), as the spec lists no endpoints then. With `features`, the
+        recommender's call the features service through their region's Envoys."""
         if grpc_port is None:
             grpc_port = self.layout.grpc_ports.get((region, pool))
         grpc = ["--grpc-port", str(grpc_port)] if grpc_port else []
@@ -90,12 +105,17 @@ class MeshProcesses:
             if self.etcd is not None
             else []
         )
-        name = name or f"{region}-{pool}"
+        downstream: list[str] = []
+        if self.opts.features and service == SERVICE:
+            for listener in self.layout.region_listeners(region):
+                downstream += ["--downstream", listener]
+            downstream += ["--downstream-host", FEATURES, "--downstream-model", FEATURES]
+        name = name or (f"{region}-{pool}" if service == SERVICE else f"{service}-{region}-{pool}")
         return Process(
             f"model-{name}",
             [sys.executable, "-m", "xds_server.lab.upstream", "--port", str(port),
              "--region", region, "--pool", pool, "--version", VERSIONS[pool],
-             "--model", SERVICE, "--service", SERVICE, *grpc, *register],
+             "--model", service, "--service", service, *grpc, *register, *downstream],
             self.layout.workdir / "models" / f"{name}.log",
         )  # fmt: skip
 
@@ -238,6 +258,17 @@ class MeshProcesses:
         targets += [
             ScrapeTarget(f"127.0.0.1:{port}", "/metrics", {"region": r, "pool": p}, job="model")
             for (r, p), port in ports
+        ]
+        # The features service's servers, told apart by `service` (the built-in
+        # model-side queries do not ask for it: a plan for both services leaves them out).
+        targets += [
+            ScrapeTarget(
+                f"127.0.0.1:{port}",
+                "/metrics",
+                {"region": r, "pool": p, "service": FEATURES},
+                job="model",
+            )
+            for (r, p), port in lay.feature_ports.items()
         ]
         return targets
 

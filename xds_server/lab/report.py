@@ -13,8 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from xds_server.lab.follow import FollowResult
-from xds_server.lab.layout import VERSIONS, MeshOptions
+from xds_server.lab.follow import FollowResult, followed_state
+from xds_server.lab.layout import GROUP, VERSIONS, MeshOptions
 from xds_server.lab.mesh import LocalMesh
 from xds_server.lab.scenarios import Scenario
 from xds_server.rollout.audit import AuditEntry, rollback_cause
@@ -43,7 +43,7 @@ def summarize(
     proxyless_after: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`proxyless_after`: what the proxyless clients sent once the rollout had ended."""
-    state = mesh.state.rollout() or {"phase": "none", "regions": {}, "reason": ""}
+    state = followed_state(mesh) or {"phase": "none", "regions": {}, "reason": ""}
     audit = mesh.state.audit()
     outcome = {r: s["phase"] for r, s in state["regions"].items()}
     load = mesh.processes.load
@@ -104,6 +104,9 @@ def _add_sections(
     if mesh.processes.proxyless:
         summary["proxyless"] = proxyless_summary(mesh, scenario, proxyless_after)
         summary["ok"] = summary["ok"] and summary["proxyless"]["followed"]
+    if mesh.opts.features:
+        summary["group"] = group_summary(mesh, scenario, res, audit)
+        summary["ok"] = summary["ok"] and summary["group"]["ok"]
     if scenario.fault is not None:
         fault = scenario.fault
         summary["fault"] = {
@@ -114,6 +117,54 @@ def _add_sections(
                 res.zero_canary_at - res.fault_at if res.fault_at and res.zero_canary_at else None
             ),
         }
+
+
+def group_summary(
+    mesh: LocalMesh, scenario: Scenario, res: FollowResult, audit: list[AuditEntry]
+) -> dict[str, Any]:
+    """Both services of the group: each one's outcome per region, its servers' own counts
+    of the arms their requests carried (`arm_crossed` must be 0: no request met another
+    arm than the pool serving it; `arm_missing`: requests without the header), the
+    recommender's calls answered by another arm of features than its own, each one's
+    time from the fault to every Envoy at 0% canary, and the pushes its rollback took
+    per region (the snapshot versions of the rollback's entries: one expected)."""
+    services: dict[str, Any] = {}
+    for service in mesh.layout.services():
+        state = mesh.state.rollout(service) or {"regions": {}}
+        counts = mesh.traffic.service_stats(service)
+        done = res.zero_canary_by_service.get(service)
+        rollbacks = [
+            e for e in audit if e.service == service and e.region and e.phase_to == "rolled_back"
+        ]
+        services[service] = {
+            "outcome": {r: s["phase"] for r, s in state["regions"].items()},
+            "requests": counts.get("user_requests", 0),
+            "crossed_arms": counts.get("arm_crossed", 0),
+            "without_header": counts.get("arm_missing", 0),
+            "same_arm": counts.get("arm_matched", 0),
+            "calls": counts.get("downstream_calls", 0),
+            "calls_failed": counts.get("downstream_failed", 0),
+            "calls_crossed": counts.get("downstream_crossed", 0),
+            "to_zero_canary_s": done - res.fault_at if done and res.fault_at else None,
+            "rollback_pushes": {
+                r: len({e.snapshot_version for e in rollbacks if e.region == r})
+                for r in mesh.opts.regions
+                if any(e.region == r for e in rollbacks)
+            },
+        }
+    both = res.zero_canary_at - res.fault_at if res.zero_canary_at and res.fault_at else None
+    return {
+        "name": GROUP,
+        "consistent": mesh.spec.shape.group and mesh.spec.shape.consistent,
+        "services": services,
+        "to_zero_canary_s": both,
+        "ok": all(
+            s["crossed_arms"] == 0
+            and s["outcome"]
+            and all(p == scenario.expect for p in s["outcome"].values())
+            for s in services.values()
+        ),
+    }
 
 
 def replica_summary(
@@ -245,6 +296,8 @@ def print_report(summary: dict[str, Any], mesh: LocalMesh, plot_path: Path) -> N
             f"  fault in {f['region']} -> every Envoy at 0% canary: "
             + (f"{took:.2f}s" if took is not None else "not reached")
         )
+    if "group" in summary:
+        _print_group(summary["group"])
     req = summary["requests"]
     print(f"  requests through the Envoys: {req['total']} by status {req['by_status']}")
     if "proxyless" in summary:
@@ -263,6 +316,28 @@ def print_report(summary: dict[str, Any], mesh: LocalMesh, plot_path: Path) -> N
         f"lab: {'as expected' if summary['ok'] else 'NOT as expected'}: "
         f"expected {summary['expected']}"
     )
+
+
+def _print_group(group: Mapping[str, Any]) -> None:
+    """Each member's outcome, crossed arms and time to 0% canary."""
+    for name, s in group["services"].items():
+        took = s["to_zero_canary_s"]
+        outcome = ", ".join(sorted(set(s["outcome"].values()))) or "no rollout"
+        print(
+            f"  group {group['name']} member {name}: {outcome}; crossed arms "
+            f"{s['crossed_arms']} of {s['requests']} requests ({s['without_header']} "
+            f"without the header)"
+            + (
+                f"; calls answered by another arm {s['calls_crossed']} of {s['calls']}"
+                if s["calls"]
+                else ""
+            )
+            + (
+                f"; every Envoy at 0% canary {took:.2f}s after the fault"
+                if took is not None
+                else ""
+            )
+        )
 
 
 def _print_replica_fault(replicas: Mapping[str, Any]) -> None:

@@ -66,21 +66,20 @@ def run_lab(
     scenario = SCENARIOS[scenario_name]
     ha = ha or scenario.replica_fault is not None
     scenario, plan = _on_models(scenario, models, "grpc" if proxyless else protocol, ha)
-    out = out or LAB_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{scenario.name}"
-    out = out.resolve()
-    opts = MeshOptions(
-        region_names(regions),
-        envoys_per_region,
-        rollout=plan,
-        mtls=mtls,
+    out = (out or LAB_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{scenario.name}").resolve()
+    opts = replace(
+        MeshOptions(region_names(regions), envoys_per_region, rollout=plan, mtls=mtls, ha=ha),
         admin_token=secrets.token_urlsafe(18),  # for the dashboard's actions and xdsctl's
         notify_url=notify_url,
         protocol="grpc" if proxyless else protocol,
         proxyless_per_region=proxyless,
-        ha=ha,
         models=models,
         canary_model=scenario.name,
+        features=scenario.features,
     )
+    if problems := opts.problems():
+        print(f"lab: scenario {scenario.name} cannot run so: " + "; ".join(problems))
+        return 2
     mesh = LocalMesh(out, opts)
     live = sys.stdout.isatty() if live is None else live
     # Ctrl-C, kill, or the terminal going away: all end the lab cleanly.

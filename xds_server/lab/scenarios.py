@@ -79,6 +79,16 @@ outputs a side, 16 s at 5%): for the rollout tests and benchmarks, which are abo
 rollout's mechanics."""
 
 
+GROUP_PLAN: dict[str, Any] = {
+    **FAST_PLAN,
+    "guardrails": {k: v for k, v in FAST_PLAN["guardrails"].items() if k != "tenants"},
+}
+"""Two services in a rollout group (the `features` option): the rollout tests' short
+steps, judged on Envoy's own stats only. The model servers' series (tenants, outputs)
+carry no service label the built-in queries ask for, and the features service's
+servers answer the recommender's calls: a per-tenant query would read both services'."""
+
+
 HA_PLAN: dict[str, Any] = FAST_PLAN
 """The failover scenarios are about the control plane, not the judge: the rollout tests'
 short steps, so a run (and its test) takes half as long. (canary-instance-loss keeps the
@@ -107,6 +117,8 @@ class Fault:
     """The canary serves its model under this name, while callers ask for the service's
     (the lab's servers answer every inference NOT_FOUND / 404; a real server's lab
     starts the canary's model under this name)."""
+    service: str = "recommender"
+    """Whose canary: the recommender's, or (with `Scenario.features`) "features"."""
 
     def knobs(self) -> dict[str, Any]:
         """The fault knobs this fault sets, as `mesh.faults.set` takes them."""
@@ -155,6 +167,11 @@ class Scenario:
     "etcd-member" one etcd member of three, "canary-instance" one region's registered
     canary instance (once a second one is in its Envoys), once every region has reached
     step 1."""
+    features: bool = False
+    """Two services: the lab's `features` option (the recommender calls a `features`
+    service; both in the consistent rollout group `ranking`). The run also reports the
+    `group` figures: crossed arms per service (which must be 0) and the time from the
+    fault to every Envoy at 0% canary for both."""
 
 
 SCENARIOS = {
@@ -243,6 +260,16 @@ SCENARIOS = {
             "keeps its quorum and the rollout goes on to 100%",
             replica_fault="etcd-member",
             plan=HA_PLAN,
+        ),
+        Scenario(
+            "group-bad-member",
+            "rolled_back",
+            Fault(1, 1, error_rate=0.2, service="features"),
+            "two services in a consistent rollout group (the recommender calls features, "
+            "propagating x-xds-arm): at 20%, one region's features canary fails 20% of "
+            "requests: both services roll back in every region, and no request crossed arms",
+            plan=GROUP_PLAN,
+            features=True,
         ),
     )
 }

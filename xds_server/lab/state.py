@@ -33,27 +33,31 @@ class StateReader:
         etcd = self.processes.etcd
         return str(etcd.url) if etcd else str(self.layout.state_dir / FILE_NAME)
 
-    def rollout(self) -> dict[str, Any] | None:
-        """The newest rollout's phase, reason, canary version and each region's phase and
-        step; None before there is one."""
-        states = self._states()
+    def rollout(self, service: str | None = None) -> dict[str, Any] | None:
+        """The newest rollout's (of `service`, or of any) phase, reason, canary version
+        and each region's phase and step; None before there is one."""
+        states = [s for s in self._states() if service in (None, s.service)]
         if not states:
             return None
         s = states[-1]
         return {
             "phase": s.phase,
             "reason": s.reason,
+            "service": s.service,
             "canary_version": s.canary_version,
             "regions": {r: {"phase": rs.phase, "step": rs.step} for r, rs in s.regions.items()},
         }
 
-    def wait_phase(self, phases: set[str], timeout: float) -> dict[str, Any]:
+    def wait_phase(
+        self, phases: set[str], timeout: float, service: str | None = None
+    ) -> dict[str, Any]:
         def reached() -> dict[str, Any] | None:
-            state = self.rollout()
+            state = self.rollout(service)
             return state if state is not None and state["phase"] in phases else None
 
+        whose = f"{service}'s " if service else ""
         return wait_for(
-            reached, f"rollout phase in {sorted(phases)}", timeout=timeout, interval=0.1
+            reached, f"{whose}rollout phase in {sorted(phases)}", timeout=timeout, interval=0.1
         )
 
     def audit(self, after_id: int | None = None) -> list[AuditEntry]:

@@ -34,9 +34,17 @@ class TrafficReader:
                 }
         return set()
 
-    def model_stats(self, region: str, pool: str) -> dict[str, int]:
-        """How many user and shadow requests a model server has answered (and stalled)."""
-        return self.model_stats_at(self.layout.model_ports[(region, pool)])
+    def model_stats(self, region: str, pool: str, service: str = SERVICE) -> dict[str, int]:
+        """How many user and shadow requests a model server has answered (and stalled);
+        the arms its requests carried and its calls to the next service."""
+        return self.model_stats_at(self.layout.service_ports(service)[(region, pool)])
+
+    def service_stats(self, service: str = SERVICE) -> dict[str, int]:
+        """One service's model servers' counts (`model_stats`), added up over every
+        region and pool: its crossed arms (`arm_crossed`), requests without the arm
+        header (`arm_missing`), calls answered by another arm (`downstream_crossed`)."""
+        ports = self.layout.service_ports(service)
+        return add_counts(self.model_stats_at(port) for port in ports.values())
 
     def model_stats_at(self, rest_port: int) -> dict[str, int]:
         status, body, _ = http_get(f"http://127.0.0.1:{rest_port}/stats")
@@ -100,15 +108,18 @@ class TrafficReader:
         )
 
 
-def envoy_weights(envoy: Envoy) -> dict[str, int]:
-    """The weighted clusters this Envoy reports it routes by, from its own /config_dump."""
+def envoy_weights(envoy: Envoy, service: str = SERVICE) -> dict[str, int]:
+    """The weighted clusters this Envoy reports it routes a service by, from its own
+    /config_dump."""
     for cfg in envoy.config_dump().get("configs", []):
         if cfg.get("@type", "").endswith("RoutesConfigDump"):
             for dyn in cfg.get("dynamic_route_configs", []):
                 for vh in dyn["route_config"].get("virtual_hosts", []):
-                    if vh["name"] != SERVICE:
+                    if vh["name"] != service:
                         continue
-                    for route in vh["routes"]:  # (canary_match routes come first)
+                    # (canary_match and a consistent group's arm routes come first: each
+                    # goes to one cluster, never by weight)
+                    for route in vh["routes"]:
                         if "weighted_clusters" in route.get("route", {}):
                             clusters = route["route"]["weighted_clusters"]["clusters"]
                             return {
@@ -117,8 +128,8 @@ def envoy_weights(envoy: Envoy) -> dict[str, int]:
     return {}
 
 
-def canary_share(envoy: Envoy) -> float:
-    w = envoy_weights(envoy)
+def canary_share(envoy: Envoy, service: str = SERVICE) -> float:
+    w = envoy_weights(envoy, service)
     total = sum(w.values())
     return w.get("canary", 0) * 100 / total if total else 0.0
 

@@ -57,7 +57,11 @@ to every inference (legacy, REST and gRPC) alike:
   stalled threads cannot pile up.
 
 `GET /stats` counts user and shadow requests apart (and stalls), gRPC inferences
-included; `grpc_requests` counts the gRPC ones again on their own. `GET /metrics` is
+included; `grpc_requests` counts the gRPC ones again on their own; `arm_*` the user
+requests by the `x-xds-arm` header they carried against the server's pool (matched,
+crossed, missing) and `downstream_*` the calls to the next service (`--downstream`:
+each inference calls it through the region's Envoy, propagating the header, and answers
+502 when that call fails; `lab/upstream_calls.py`). `GET /metrics` is
 Prometheus text, from a registry of its own:
 
 - `model_prediction_score{version}`: histogram of every score answered (user and
@@ -68,6 +72,10 @@ Prometheus text, from a registry of its own:
   covers both protocols;
 - `model_grpc_requests_total{tenant, grpc_code}`: the gRPC inferences again, by their
   gRPC status name ("OK", "UNAVAILABLE", ...), to tell the protocols apart;
+- `model_arm_requests_total{arm}`: user requests by the `x-xds-arm` header they carried
+  ("none" without one);
+- `model_downstream_calls_total{arm, code}`: calls to the next service by the pool that
+  answered and its status;
 - `model_request_duration_ms{tenant}`: histogram of the time from the request's arrival
   to its answer, injected latency and stalls included, over Envoy's bootstrap buckets.
 
@@ -110,6 +118,7 @@ from xds_server.lab.oip.model import (
     model_metadata,
     rest_inference,
 )
+from xds_server.lab.upstream_calls import Downstream
 from xds_server.lab.upstream_grpc import GrpcModelServer
 from xds_server.lab.upstream_model import (
     CLIENT_CLOSED,
@@ -121,6 +130,7 @@ from xds_server.lab.upstream_model import (
     is_canary_match,
     is_shadow,
 )
+from xds_server.spec.model import ARM_HEADER
 from xds_server.spec.rollout import CANARY_MATCH_HEADER
 
 MAX_BODY_BYTES = 1 << 20
@@ -223,6 +233,7 @@ class _Handler(BaseHTTPRequestHandler):
             is_shadow(self.headers.get("host")),
             started,
             canary_match=is_canary_match(self.headers.get(CANARY_MATCH_HEADER)),
+            arm=self.headers.get(ARM_HEADER),
         )
 
     def do_GET(self) -> None:
@@ -381,10 +392,23 @@ def main() -> None:
     p.add_argument("--register", metavar="etcd://...", help="register in the shared registry")
     p.add_argument("--register-ttl", type=float, default=10.0)
     p.add_argument("--service", default=DEFAULT_MODEL, help="the service it registers under")
+    p.add_argument(
+        "--downstream",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="call the next service through this Envoy for each inference (repeat: in turn)",
+    )
+    p.add_argument("--downstream-host", default="", help="the next service's Host (domain)")
+    p.add_argument("--downstream-model", default="", help="the next service's model name")
     a = p.parse_args()
     server = ModelServer(
         (a.host, a.port), a.region, a.pool, a.version, a.model, a.grpc_port or None
     )
+    if a.downstream:
+        server.served.downstream = Downstream(
+            a.downstream, a.downstream_host or a.downstream_model, a.downstream_model
+        )
     if a.register:
         # Where Envoy sends: the gRPC port when there is one. The baseline is production's
         # version: registered for the baseline pool only.

@@ -38,6 +38,7 @@ from xds_server.lab.upstream_model import (
     is_canary_match,
     is_shadow,
 )
+from xds_server.spec.model import ARM_HEADER
 from xds_server.spec.rollout import CANARY_MATCH_HEADER
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
@@ -47,6 +48,7 @@ GRPC_CODES: dict[int, grpc.StatusCode] = {
     200: grpc.StatusCode.OK,
     400: grpc.StatusCode.INVALID_ARGUMENT,
     404: grpc.StatusCode.NOT_FOUND,
+    502: grpc.StatusCode.UNAVAILABLE,
     503: grpc.StatusCode.UNAVAILABLE,
     CLIENT_CLOSED: grpc.StatusCode.CANCELLED,
 }
@@ -164,6 +166,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             time.monotonic(),
             over_grpc=True,
             canary_match=is_canary_match(_metadata(context, CANARY_MATCH_HEADER)),
+            arm=_metadata(context, ARM_HEADER),
         )
         ended = threading.Event()
         if not context.add_callback(ended.set):

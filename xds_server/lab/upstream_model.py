@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
 
 from xds_server.lab.oip.model import BadInput, Inference
+from xds_server.lab.upstream_calls import ArmCounts, Downstream, DownstreamAnswer, arm_label
 from xds_server.render.bootstrap import LATENCY_BUCKETS_MS
 from xds_server.spec.rollout import CANARY_MATCH_LABEL
 
@@ -43,6 +44,8 @@ MAX_TENANTS = 64
 STALL_SECONDS = 30.0
 MAX_STALLED = 256
 CLIENT_CLOSED = 499
+BAD_GATEWAY = 502
+"""The code of an inference whose call to the next service failed (`Downstream`)."""
 """The code recorded for a stalled request whose caller hung up first (nginx's)."""
 SHADOW_SUFFIX = "-shadow"
 """Envoy appends this to the Host (`:authority`) of the requests it mirrors."""
@@ -87,6 +90,8 @@ class Call:
     canary_match: bool = False
     """Sent by a `canary_match` route (Envoy's CANARY_MATCH_HEADER): counted under the
     CANARY_MATCH_LABEL, which the analysis leaves out."""
+    arm: str | None = None
+    """The `ARM_HEADER` the request carried (a consistent group's arm), if any."""
 
 
 @dataclass(frozen=True)
@@ -162,6 +167,20 @@ class ModelMetrics:
             ["tenant", "grpc_code", CANARY_MATCH_LABEL],
             registry=self.registry,
         )
+        self.arms = Counter(
+            "model_arm_requests",
+            "User requests by the x-xds-arm header they carried (none: without it); one "
+            "naming another arm than the server's pool crossed arms",
+            ["arm"],
+            registry=self.registry,
+        )
+        self.downstream = Counter(
+            "model_downstream_calls",
+            "Calls to the next service, by the pool that answered (none: no answer) and "
+            "its HTTP status (0: no answer)",
+            ["arm", "code"],
+            registry=self.registry,
+        )
         self.duration = Histogram(
             "model_request_duration_ms",
             "Time from a prediction's arrival to its answer, in milliseconds",
@@ -193,6 +212,9 @@ class ServedModel:
         self.on_faults: list[Callable[[Faults], None]] = []
         """Told of every new set of knobs (the gRPC health service follows `healthy`)."""
         self.metrics = ModelMetrics()
+        self.arms = ArmCounts(pool)
+        self.downstream: Downstream | None = None
+        """The next service this server calls for each inference (None: none)."""
         self.requests = 0
         self.shadow_requests = 0
         self.grpc_requests = 0
@@ -288,6 +310,10 @@ class ServedModel:
         then `parse` (which may raise BadInput), then the scores; counted and timed."""
         faults = self.faults
         self.count(call.shadow, call.over_grpc)
+        if not call.shadow:
+            arm = arm_label(call.arm)
+            self.arms.seen(arm)
+            self.metrics.arms.labels(arm).inc()
         delay_ms = faults.latency_ms + faults.tenant_latency_ms.get(call.tenant, 0.0)
         if delay_ms > 0:
             time.sleep(delay_ms / 1000)  # the injected latency fault (not a wait for anything)
@@ -310,6 +336,11 @@ class ServedModel:
         except BadInput as exc:
             self.metrics.answered(call, exc.code)
             return Outcome(exc.code, error=str(exc))
+        if self.downstream is not None:
+            answer = self.call_downstream(call, inference)
+            if answer.code != 200:
+                self.metrics.answered(call, BAD_GATEWAY)
+                return Outcome(BAD_GATEWAY, inference, error=answer.error)
         scale = DRIFT_SCALE if faults.drift else 1.0
         scores = tuple(score(self.version, row, scale) for row in inference.rows)
         histogram = self.metrics.scores.labels(self.version, canary_match_label(call.canary_match))
@@ -318,9 +349,20 @@ class ServedModel:
         self.metrics.answered(call, 200)
         return Outcome(200, inference, scores)
 
+    def call_downstream(self, call: Call, inference: Inference) -> DownstreamAnswer:
+        """The next service's inference on the same rows, on the arm this request came
+        by; counted (by the pool that answered) whatever its outcome."""
+        assert self.downstream is not None
+        answer = self.downstream.call(call.arm, inference.id, inference.rows)
+        self.arms.called(answer)
+        self.metrics.downstream.labels(arm_label(answer.pool), str(answer.code)).inc()
+        return answer
+
     def stats(self) -> dict[str, int]:
+        arms = self.arms.stats()
         with self._lock:
             return {
+                **arms,
                 "user_requests": self.requests,
                 "shadow_requests": self.shadow_requests,
                 "grpc_requests": self.grpc_requests,

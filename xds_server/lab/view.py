@@ -35,6 +35,7 @@ class PlainLog:
 
     def __init__(self, mesh: LocalMesh) -> None:
         self.follower = _AuditFollower(mesh)
+        self.services = len(mesh.layout.services()) > 1
 
     def __enter__(self) -> PlainLog:
         return self
@@ -49,8 +50,9 @@ class PlainLog:
         for e in self.follower.new_entries():
             stamp = time.strftime("%H:%M:%S", time.localtime(e.time))
             where = e.region or "all regions"
+            who = f"{e.service:<12} " if self.services else ""
             print(
-                f"{stamp} {where:<11} {e.kind:<10} {e.phase_from} -> {e.phase_to} "
+                f"{stamp} {who}{where:<11} {e.kind:<10} {e.phase_from} -> {e.phase_to} "
                 f"step {e.step}: {e.reason}",
                 flush=True,
             )
