@@ -95,6 +95,11 @@ class AuditEntry:
     actor: str
     id: int = 0
     """Assigned by the store, in commit order; 0 until then."""
+    group: str | None = None
+    """The rollout group (`rollout_groups:`) of the entry's service; None: not in one
+    (and every entry written before groups). A group's decision leaves one entry set
+    per member: the member that decided is the one whose reason does not begin with
+    `group NAME: member ...`."""
 
 
 def transition_entry(
@@ -106,6 +111,7 @@ def transition_entry(
     measurements: Measurements | None,
     snapshot_version: int | None,
     actor: str = "controller",
+    group: str | None = None,
 ) -> AuditEntry:
     return AuditEntry(
         time=now,
@@ -123,6 +129,7 @@ def transition_entry(
         reason=t.reason,
         snapshot_version=snapshot_version,
         actor=actor,
+        group=group,
     )
 
 
@@ -133,9 +140,11 @@ def decision_entries(
     versions: Mapping[str, int],
     now: float,
     actor: str,
+    group: str | None = None,
 ) -> list[AuditEntry]:
     """One entry per transition: the weights before and after in its region, what was
-    measured there, and the snapshot version that carries the new weights."""
+    measured there, and the snapshot version that carries the new weights; `group`, the
+    rollout group of the service, if any."""
     service = decision.state.service
     entries = []
     for t in decision.transitions:
@@ -160,6 +169,7 @@ def decision_entries(
                 measurements,
                 versions.get(region) if region else None,
                 actor,
+                group,
             )
         )
     return entries

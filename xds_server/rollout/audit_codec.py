@@ -18,6 +18,11 @@ The JSON keys of the measurements are `canary`, `canary_step`, `comparator` (the
 comparator's pool name: `Measurements.comparator_pool`) and `baseline` (the comparator's
 numbers, whichever pool it is: `Measurements.comparator`). A key added to the record
 after an entry was written reads as its default (`floor`, `alpha`, `problem`, ...).
+
+An entry's rollout group (issue 31) is written only when it has one: in the etcd
+document and the dashboard's row as `group`, in SQLite as the `GROUP_COLUMN` column
+(added to stores made before it; NULL, like a missing key, reads as no group). Every
+entry without a group keeps its bytes.
 """
 
 from __future__ import annotations
@@ -64,6 +69,9 @@ COLUMNS = (
 )
 """An entry's SQLite columns (and its etcd document's keys), in the order they are kept;
 the row's `id` is the store's."""
+GROUP_COLUMN = "rollout_group"
+"""SQLite: the column of an entry's rollout group (`group` is an SQL keyword), after
+COLUMNS; present in a row only when the entry has a group."""
 COMMIT_MARK = "commit"
 """etcd: the snapshot version is the committing transaction's revision."""
 
@@ -359,8 +367,9 @@ def verdict_from_json(text: str | None) -> Verdict | None:
 
 
 def entry_doc(e: AuditEntry) -> Doc:
-    """Every field, its parts as JSON objects (the dashboard's rows)."""
-    return {
+    """Every field, its parts as JSON objects (the dashboard's rows); `group` only when
+    the entry has one."""
+    doc: Doc = {
         "time": e.time,
         "service": e.service,
         "canary_version": e.canary_version,
@@ -378,15 +387,21 @@ def entry_doc(e: AuditEntry) -> Doc:
         "actor": e.actor,
         "id": e.id,
     }
+    if e.group is not None:
+        doc["group"] = e.group
+    return doc
 
 
 def to_row(e: AuditEntry) -> dict[str, SQLValue]:
-    """SQLite: the COLUMNS, the parts as JSON text."""
+    """SQLite: the COLUMNS, the parts as JSON text; GROUP_COLUMN only when the entry has
+    a group (the store inserts the row's own columns)."""
     doc = entry_doc(e)
     row: dict[str, SQLValue] = {}
     for column in COLUMNS:
         value = doc[column]
         row[column] = _dumps(value) if column in _PARTS else _scalar(value)
+    if e.group is not None:
+        row[GROUP_COLUMN] = e.group
     return row
 
 
@@ -399,6 +414,7 @@ def from_row(row: Mapping[str, object]) -> AuditEntry:
         if text is not None and not isinstance(text, str):
             raise AuditDecodeError(f"{where}.{column}: expected JSON text, got {_kind(text)}")
         doc[column] = _loads(text, f"{where}.{column}")
+    doc["group"] = doc.pop(GROUP_COLUMN, None)
     f = _Fields(doc, where)
     id_ = f.integer("id")
     return _entry(f, id_ or 0, f.integer("snapshot_version"))
@@ -444,6 +460,7 @@ def _entry(f: _Fields, id_: int, snapshot_version: int | None) -> AuditEntry:
         snapshot_version=snapshot_version,
         actor=f.text("actor"),
         id=id_,
+        group=f.opt_text("group"),
     )
 
 

@@ -23,14 +23,20 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 
 from xds_server.rollout import decide as sm
-from xds_server.rollout.audit import decision_entries
+from xds_server.rollout.audit import AuditEntry, decision_entries
 from xds_server.rollout.commits import CommitLog, NotLeader, StoreHealth
 from xds_server.rollout.decide import Decision, Observation, RegionEvent
+from xds_server.rollout.groups import (
+    group_rollbacks,
+    lockstep_hold,
+    start_block,
+)
 from xds_server.rollout.observe import Observer
+from xds_server.rollout.operations import OperatorActions
 from xds_server.rollout.ports import Committed, MetricSource, StateStore, TrafficSink
 from xds_server.rollout.state import (
     LIVE,
@@ -40,7 +46,7 @@ from xds_server.rollout.state import (
     rollout_traffic,
 )
 from xds_server.spec import MeshSpec, Service
-from xds_server.traffic import TrafficState, WeightError
+from xds_server.traffic import TrafficState
 from xds_server.xds.dataplane import DataPlane
 from xds_server.xds.resources import cluster_name
 
@@ -54,7 +60,7 @@ class StoreUnavailable(Exception):
 __all__ = ["NotLeader", "RolloutController", "StoreHealth", "StoreUnavailable"]
 
 
-class RolloutController:
+class RolloutController(OperatorActions):
     def __init__(
         self,
         spec: Callable[[], MeshSpec],
@@ -78,6 +84,7 @@ class RolloutController:
         self._next_due: dict[str, float] = {}
         self._sinks: list[TrafficSink] = []
         self.commits = CommitLog(store, clock)
+        self._waiting: dict[str, str] = {}
 
     @property
     def spec(self) -> MeshSpec:
@@ -96,6 +103,13 @@ class RolloutController:
     @property
     def store_health(self) -> StoreHealth:
         return self.commits.health
+
+    @property
+    def waiting(self) -> Mapping[str, str]:
+        """Service -> why its canary's rollout has not started (a member of its rollout
+        group without a canary, an `after:` dependency not through yet): as the last
+        reconcile saw it, level-triggered, never stored."""
+        return dict(self._waiting)
 
     def traffic(self) -> TrafficState:
         """The weights every rollout's state implies; production only where none."""
@@ -133,19 +147,23 @@ class RolloutController:
         *,
         urgent: bool,
         reason: str,
-        decision: Decision | None = None,
+        decisions: Sequence[Decision] = (),
         actor: str = "controller",
     ) -> None:
+        """One push of the weights every rollout implies (if they changed), then the
+        sinks told once per decision (once, with none, after a restore or spec change)."""
         traffic = self.traffic()
         if traffic != self._pushed:
             self.dataplane.set_traffic(traffic, urgent=urgent, reason=reason)
             self._pushed = traffic
-        event = Committed(self.clock(), self.spec, dict(self.rollouts), traffic, decision, actor)
-        for sink in list(self._sinks):
-            try:
-                sink.follow(event)
-            except Exception:
-                log.exception("a traffic sink failed to follow a decision; continuing")
+        rollouts = dict(self.rollouts)
+        for decision in decisions or (None,):
+            event = Committed(self.clock(), self.spec, rollouts, traffic, decision, actor)
+            for sink in list(self._sinks):
+                try:
+                    sink.follow(event)
+                except Exception:
+                    log.exception("a traffic sink failed to follow a decision; continuing")
 
     # ---- the loop ----
 
@@ -177,7 +195,9 @@ class RolloutController:
             await asyncio.sleep(min(self.tick_seconds, max(0.01, soonest - self.clock())))
 
     async def reconcile(self) -> None:
-        """Start rollouts for new canary versions; retire those the spec no longer has."""
+        """Start rollouts for new canary versions (once their group and `after:` let
+        them: `waiting` says why not); retire those the spec no longer has."""
+        waiting: dict[str, str] = {}
         for svc in self.spec.services:
             canary = svc.pools.get("canary")
             current = self.rollouts.get(svc.name)
@@ -191,7 +211,13 @@ class RolloutController:
                 self.rollouts[svc.name] = stored
                 self._push(urgent=True, reason="rollout state")
             elif svc.canary_version is not None:
-                await self._start(svc, svc.canary_version)
+                if why := start_block(self.spec, svc.name, self.rollouts):
+                    if self._waiting.get(svc.name) != why:
+                        log.info("rollout of %s %s waits: %s", svc.name, canary.version, why)
+                    waiting[svc.name] = why
+                else:
+                    await self._start(svc, svc.canary_version)
+        self._waiting = waiting
         known = {s.name for s in self.spec.services}
         for name in [n for n in self.rollouts if n not in known]:
             del self.rollouts[name]
@@ -260,14 +286,15 @@ class RolloutController:
         newest = self.rollouts.get(service)
         if newest is None:
             return
+        hold = lockstep_hold(self.spec, service, self.rollouts)  # (its group's members)
         if newest is not state:
             # An operator acted while we were observing: decide on the newest state.
-            decision = sm.decide(plan, newest, observations, self.clock())
+            decision = sm.decide(plan, newest, observations, self.clock(), hold)
         else:
             for region, obs in observations.items():
                 if region not in events:
                     seen(region, obs)
-            decision = sm.fold(plan, state, events, observations, self.clock())
+            decision = sm.fold(plan, state, events, observations, self.clock(), hold)
         # A quiet tick (nothing recorded, nothing but the clock changed) writes nothing.
         if decision.transitions or replace(decision.state, updated_at=newest.updated_at) != newest:
             self.commit(svc, decision)
@@ -279,106 +306,107 @@ class RolloutController:
     # ---- committing ----
 
     def commit(self, svc: Service, decision: Decision, actor: str = "controller") -> None:
-        """Persist the decision with its audit entries, then push its weights.
+        """Persist the decision with its audit entries, then push its weights (a rollback
+        takes its group and the services `after:` it along: `commit_all`).
 
         When the store cannot be written: a decision that moves the rollout (a phase, a
         step, weights) raises StoreUnavailable and changes nothing; a rollback is pushed
         all the same and saved later; a decision that only keeps the books of a step
         (its clock, failures in a row, a hold) stands in memory, so judging goes on, and
         is saved with the next write that succeeds (its check entries are lost)."""
+        self.commit_all([(svc, decision)], actor)
+
+    def commit_all(
+        self, decisions: Sequence[tuple[Service, Decision]], actor: str = "controller"
+    ) -> None:
+        """Several rollouts' decisions as one: each one's state and audit entries
+        committed in turn, then ONE push of the weights they imply together (one
+        snapshot per region), then the sinks told of each. A rollback among them takes
+        along every live rollout that goes with it (`groups.group_rollbacks`). The
+        discipline is `commit`'s, decision by decision: when one that moves cannot be
+        written, the ones before it (committed) stand and are pushed, and it and the rest
+        change nothing (StoreUnavailable)."""
         now = self.clock()
+        batch = list(decisions)
+        for _, decision in [d for d in batch if d[1].rollback]:
+            taken = {s.name for s, _ in batch}
+            more = group_rollbacks(self.spec, decision, self.rollouts, now)
+            batch += [(s, d) for s, d in more if s.name not in taken]
         before = self._pushed
-        after = rollout_traffic(self.spec, {**self.rollouts, svc.name: decision.state})
+        after = rollout_traffic(self.spec, {**self.rollouts, **{s.name: d.state for s, d in batch}})
         changed = before.regions_changed(after)
         versions = {r: self.dataplane.next_version(r) for r in changed}
-        entries = decision_entries(decision, before, after, versions, now, actor)
-        saved = self.commits.save(
-            decision.state, entries, critical=decision.rollback, regions=changed
-        )
-        if not saved:
-            if decision.rollback:
-                log.error(
-                    "pushing the rollback of %s %s although it is not saved; it is saved "
-                    "as soon as the store works again",
-                    svc.name,
-                    decision.state.canary_version,
+        done: list[tuple[Service, Decision]] = []
+        try:
+            for svc, decision in batch:
+                group = self.spec.group_of(svc.name)
+                entries = decision_entries(
+                    decision, before, after, versions, now, actor, group.name if group else None
                 )
-                self.commits.keep_unsaved(decision.state, entries, changed)
-            elif changed or _moves(self.rollouts.get(svc.name), decision.state):
-                raise StoreUnavailable(
-                    f"the state store cannot be written ({self.store_health.error}): "
-                    "nothing was changed"
-                )
-        self.rollouts[svc.name] = decision.state
-        for t in decision.transitions:
-            log.log(
-                logging.INFO if t.kind == sm.EntryKind.TRANSITION else logging.DEBUG,
-                "%s %s%s: %s -> %s: %s",
+                moved = {
+                    r for r in changed if before.split(svc.name, r) != after.split(svc.name, r)
+                }
+                self._save(svc, decision, entries, changed, bool(moved))
+                done.append((svc, decision))
+        finally:
+            self._apply(done, actor)
+
+    def _save(
+        self,
+        svc: Service,
+        decision: Decision,
+        entries: list[AuditEntry],
+        regions: Collection[str],
+        moved: bool,
+    ) -> None:
+        """Commit one decision, or keep a rollback that cannot be written (it is pushed),
+        or raise StoreUnavailable for one that moves the rollout (`moved`: its weights)."""
+        if self.commits.save(decision.state, entries, critical=decision.rollback, regions=regions):
+            return
+        if decision.rollback:
+            log.error(
+                "pushing the rollback of %s %s although it is not saved; it is saved "
+                "as soon as the store works again",
                 svc.name,
                 decision.state.canary_version,
-                f" {t.region}" if t.region else "",
-                t.phase_from,
-                t.phase_to,
-                t.reason,
             )
-        reason = "rollback" if decision.rollback else "rollout step"
-        self._push(urgent=True, reason=reason, decision=decision, actor=actor)
+            self.commits.keep_unsaved(decision.state, entries, regions)
+        elif moved or _moves(self.rollouts.get(svc.name), decision.state):
+            raise StoreUnavailable(
+                f"the state store cannot be written ({self.store_health.error}): "
+                f"nothing was changed for {svc.name}"
+            )
+
+    def _apply(self, done: Sequence[tuple[Service, Decision]], actor: str) -> None:
+        """Decisions committed (or rollbacks kept): into memory, one push, the sinks."""
+        if not done:
+            return
+        for svc, decision in done:
+            self.rollouts[svc.name] = decision.state
+            _log_transitions(decision)
+        rollback = any(d.rollback for _, d in done)
+        reason = "rollback" if rollback else "rollout step"
+        self._push(urgent=True, reason=reason, decisions=[d for _, d in done], actor=actor)
 
     def retry_store(self) -> None:
         """Save the rollbacks pushed while the store failed, once a retry is due."""
         if self.commits.retry_due():
             self.commits.save_unsaved()
 
-    # ---- operator actions (the admin API) ----
-    # Each raises KeyError for an unknown service or region, ValueError when the rollout's
-    # phase does not allow it, WeightError for weights that cannot be applied.
 
-    def pause(self, service: str, reason: str, actor: str) -> RolloutState:
-        return self._operate(service, actor, lambda st, now: sm.pause(st, now, reason))
-
-    def resume(self, service: str, reason: str, actor: str) -> RolloutState:
-        self.observer.forget_failed_webhooks(service)
-        return self._operate(service, actor, lambda st, now: sm.resume(st, now, reason))
-
-    def abort(self, service: str, reason: str, actor: str) -> RolloutState:
-        return self._operate(service, actor, lambda st, now: sm.abort(st, now, reason))
-
-    def promote(
-        self, service: str, reason: str, actor: str, all_the_way: bool = False
-    ) -> RolloutState:
-        plan = self.spec.service(service).rollout
-        return self._operate(
-            service, actor, lambda st, now: sm.promote(plan, st, now, reason, all_the_way)
+def _log_transitions(decision: Decision) -> None:
+    state = decision.state
+    for t in decision.transitions:
+        log.log(
+            logging.INFO if t.kind == sm.EntryKind.TRANSITION else logging.DEBUG,
+            "%s %s%s: %s -> %s: %s",
+            state.service,
+            state.canary_version,
+            f" {t.region}" if t.region else "",
+            t.phase_from,
+            t.phase_to,
+            t.reason,
         )
-
-    def set_weights(
-        self,
-        service: str,
-        regions: tuple[str, ...],
-        canary: float,
-        baseline: float,
-        reason: str,
-        actor: str,
-    ) -> RolloutState:
-        svc = self.spec.service(service)
-        if baseline and not svc.has_baseline:
-            raise WeightError(f"service {service!r} has no baseline pool")
-        return self._operate(
-            service,
-            actor,
-            lambda st, now: sm.set_weights(st, regions, canary, baseline, now, reason),
-        )
-
-    def _operate(
-        self, service: str, actor: str, act: Callable[[RolloutState, float], Decision]
-    ) -> RolloutState:
-        state = self.rollouts.get(service)
-        if state is None:
-            self.spec.service(service)  # KeyError: unknown service
-            raise ValueError(f"service {service!r} has no rollout")
-        decision = act(state, self.clock())
-        self.commit(self.spec.service(service), decision, actor=actor)
-        return decision.state
 
 
 def _moves(old: RolloutState | None, new: RolloutState) -> bool:

@@ -79,6 +79,7 @@ __all__ = [
     "promote",
     "region_event",
     "resume",
+    "rollback",
     "set_weights",
     "start",
 ]
@@ -126,7 +127,11 @@ def start(
 
 
 def decide(
-    plan: RolloutPlan, state: RolloutState, observations: Mapping[str, Observation], now: float
+    plan: RolloutPlan,
+    state: RolloutState,
+    observations: Mapping[str, Observation],
+    now: float,
+    group_hold: str | None = None,
 ) -> Decision:
     if state.phase not in LIVE:
         return Decision(state, observations=observations)
@@ -135,7 +140,7 @@ def decide(
         for name, obs in observations.items()
         if name in state.regions and state.regions[name].phase in LIVE
     }
-    return fold(plan, state, events, observations, now)
+    return fold(plan, state, events, observations, now, group_hold)
 
 
 def region_event(
@@ -180,8 +185,10 @@ def fold(
     events: Mapping[str, RegionEvent],
     observations: Mapping[str, Observation],
     now: float,
+    group_hold: str | None = None,
 ) -> Decision:
-    """The regions' events -> one decision: any rollback wins, then a pause, then advance."""
+    """The regions' events -> one decision: any rollback wins, then a pause, then advance.
+    `group_hold`: why the rollout group holds the wave (`groups.lockstep_hold`)."""
     for name, ev in events.items():
         if ev.rollback:
             region = name if ev.verdict is not None else None
@@ -202,7 +209,9 @@ def fold(
         return Decision(paused.state, tuple(transitions), observations=observations)
     if state.phase == PROGRESSING:
         answers = (o.confirmation for o in observations.values() if o.confirmation is not None)
-        state, advanced = advance(plan, state, now, confirmation=next(answers, None))
+        state, advanced = advance(
+            plan, state, now, confirmation=next(answers, None), group=group_hold
+        )
         transitions.extend(advanced)
     return Decision(state, tuple(transitions), observations=observations)
 
@@ -371,6 +380,12 @@ def _resumed(rs: RegionState, now: float) -> RegionState:
         step_started=now if fresh else rs.step_started,
         failures=0 if fresh else rs.failures,
     )
+
+
+def rollback(state: RolloutState, now: float, reason: str) -> Decision:
+    """Every region back to production for a cause outside the rollout's own evidence:
+    its rollout group's, or a dependency's (`after:`), rollback."""
+    return _rollback(state, now, reason, {})
 
 
 def abort(state: RolloutState, now: float, reason: str) -> Decision:

@@ -20,7 +20,7 @@ from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 from xds_server.rollout.audit import AuditEntry
-from xds_server.rollout.audit_codec import COLUMNS, from_row, to_row
+from xds_server.rollout.audit_codec import GROUP_COLUMN, from_row, to_row
 from xds_server.rollout.ports import StoreWriteError
 from xds_server.rollout.state import RolloutState, state_from_json, state_to_json
 
@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS audit (
     verdict TEXT,
     reason TEXT NOT NULL,
     snapshot_version INTEGER,
-    actor TEXT NOT NULL
+    actor TEXT NOT NULL,
+    rollout_group TEXT
 );
 CREATE INDEX IF NOT EXISTS audit_by_service ON audit (service, time);
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
@@ -84,8 +85,15 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        self._add_group_column()
         self.reserve = self.path.parent / RESERVE_NAME
         self._keep_reserve()
+
+    def _add_group_column(self) -> None:
+        """A store made before rollout groups gets their column (NULL: no group)."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(audit)")}
+        if GROUP_COLUMN not in columns:
+            self.db.execute(f"ALTER TABLE audit ADD COLUMN {GROUP_COLUMN} TEXT")
 
     @classmethod
     def in_dir(cls, state_dir: str | Path) -> Store:
@@ -153,11 +161,10 @@ class Store:
                 (state.service, state.canary_version, state_to_json(state), state.updated_at),
             )
             for e in entries:
-                row = to_row(e)
+                row = to_row(e)  # (its group's column only when it has one)
                 self.db.execute(
-                    f"INSERT INTO audit ({', '.join(COLUMNS)}) "
-                    f"VALUES ({', '.join('?' * len(COLUMNS))})",
-                    tuple(row[c] for c in COLUMNS),
+                    f"INSERT INTO audit ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                    tuple(row.values()),
                 )
 
     def _keep_reserve(self) -> None:

@@ -1,7 +1,8 @@
 """Moving a wave on: lockstep within a wave, one wave after another. Pure: no I/O, no clock.
 
 A wave moves once every live region of it has passed its step and nothing holds it: a
-gate (a `pause:` after the step, or the bake after the last step) or the `confirm_step`
+gate (a `pause:` after the step, or the bake after the last step), its rollout group (a
+member that has not passed the step: `groups.lockstep_hold`) or the `confirm_step`
 hooks. Moving on is the next step for every region of the wave; after the last step it
 is promotion, then the next wave's first step (or warm-up), or, after the last wave, the
 whole rollout promoted. Judging goes on while a wave is held: a breach still rolls back
@@ -57,14 +58,22 @@ def advance(
     *,
     release: bool = False,
     confirmation: str | None = None,
+    group: str | None = None,
 ) -> Moved:
     """Lockstep within a wave: move every region of the wave once all have passed, and
-    no gate or hook holds it (`release`: an operator's promote, which nothing holds)."""
+    no gate, group or hook holds it (`release`: an operator's promote, which nothing
+    holds). `group`: why the rollout group holds the wave (`groups.lockstep_hold`)."""
     ready = _wave_ready(plan, state)
     if ready is None:
         return state, []
     live, step = ready
-    if not release and (held := _hold(plan, state, live, step, now, confirmation)) is not None:
+    if release:
+        held = None
+    else:
+        held = _hold(plan, state, live, step, now, confirmation) or _group_hold(
+            state, live, now, group
+        )
+    if held is not None:
         return held
     if step + 1 < len(plan.steps):
         return _next_step(plan, state, live, step, now)
@@ -124,6 +133,18 @@ def _hold(
             return state, []
         return _hold_all(state, live, now, why)
     return None
+
+
+def _group_hold(
+    state: RolloutState, live: list[str], now: float, group: str | None
+) -> Moved | None:
+    """Held by the rollout group (after any gate of its own has opened): recorded when
+    it begins or its reason changes, like a gate."""
+    if group is None:
+        return None
+    if all(state.regions[r].reason == group for r in live):
+        return state, []
+    return _hold_all(state, live, now, group)
 
 
 def _hold_all(
