@@ -7,11 +7,15 @@ the Istio rendering validated against Istio's CRD schemas."""
 
 from __future__ import annotations
 
+import copy
+import http.client
 import json
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,10 +24,18 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.istio_schema import problems as schema_problems
+from tests.support import wait_for
 from tests.test_builder_properties import specs as random_specs
+from xds_server.lab.background import BackgroundServer
+from xds_server.lab.procs import Envoy
+from xds_server.render import istio
+from xds_server.rollout import decide as sm
+from xds_server.rollout.state import PROGRESSING, RegionState, RolloutState
 from xds_server.spec import ARM_HEADER, MeshSpec, RolloutGroup, validate_spec
 from xds_server.spec.rollout import CANARY_MATCH_HEADER
 from xds_server.traffic import WEIGHT_TOTAL, Split, TrafficState
+from xds_server.xds.publisher import XdsPublisher
 from xds_server.xds.resources import (
     STICKY_HEADER,
     RegionBuilder,
@@ -33,6 +45,8 @@ from xds_server.xds.resources import (
     proxyless_route_config,
 )
 from xds_server.xds.types import CLUSTER, ROUTE
+
+from .conftest import EnvoyFactory
 
 REGION = "us-east"
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -327,6 +341,7 @@ class ArmEcho(ThreadingHTTPServer):
 
 class _EchoHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as two writes
     server: ArmEcho
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -349,3 +364,125 @@ def echoes() -> Iterator[dict[str, ArmEcho]]:
     for s in servers.values():
         s.shutdown()
         s.server_close()
+
+
+class Through:
+    """GETs to one service through one Envoy, on one keep-alive connection: (the pool
+    that answered, the arm it was told)."""
+
+    def __init__(self, envoy: Envoy, service: str) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", envoy.listen_port, timeout=5)  # type: ignore[attr-defined]
+        self.service = service
+
+    def get(self, arm: str | None = None) -> tuple[str, str | None]:
+        headers = {"host": self.service, **({ARM_HEADER: arm} if arm is not None else {})}
+        self.conn.request("GET", "/predict", headers=headers)
+        resp = self.conn.getresponse()
+        body = json.loads(resp.read())
+        assert resp.status == 200, body
+        return body["pool"], body["arm"]
+
+    def many(self, n: int, arm: str | None = None) -> Counter[tuple[str, str | None]]:
+        return Counter(self.get(arm) for _ in range(n))
+
+
+def test_a_real_envoy_routes_by_the_arm_and_tells_each_pool_its_arm(
+    tmp_path: Path, echoes: dict[str, ArmEcho]
+) -> None:
+    ports = {(s, p): e.server_port for s in ("features", "recommender") for p, e in echoes.items()}
+    spec = mesh(ports, outsider=False)
+    server = BackgroundServer(spec, publisher=XdsPublisher)
+    envoys = EnvoyFactory(tmp_path / "envoy")
+    try:
+        server.start()
+        envoy = envoys.start(REGION, server.port)
+        envoy.wait_ready()
+        rec = Through(envoy, "recommender")
+
+        def step(percent: float) -> None:
+            split = Split.at_canary_percent(percent, has_baseline=True)
+            server.call(lambda: server.server.set_split("recommender", split, urgent=True))
+            want = server.route_version(REGION)
+            wait_for(
+                lambda: envoy.applied_versions().get("route") == want,
+                f"the Envoy to apply route version {want}",
+                timeout=10,
+            )
+
+        step(20)  # 60/20/20
+        for arm in ("canary", "baseline", "production"):
+            assert rec.many(100, arm) == Counter({(arm, arm): 100})
+        # Without the header (or with a value that is no arm): split by weight, and every
+        # upstream is told its own pool, whatever the caller claimed.
+        plain = rec.many(300) + rec.many(100, "canary2")
+        assert all(pool == arm for pool, arm in plain), plain
+        pools: Counter[str] = Counter()
+        for (pool, _), n in plain.items():
+            pools[pool] += n
+        # Binomial(400, 0.2): mean 80, sd 8; 40..120 is 5 sd either side.
+        assert set(pools) == {"production", "baseline", "canary"}, pools
+        assert 40 <= pools["canary"] <= 120 and 40 <= pools["baseline"] <= 120, pools
+        # Without canary weight: no arm routes; everything production, and told so.
+        step(0)
+        assert rec.many(50, "canary") == Counter({("production", "production"): 50})
+        rec.conn.close()
+    finally:
+        envoys.stop_all()
+        server.close()
+
+
+# ---- Istio ----
+
+
+def rollouts_at(spec: MeshSpec, step: int | None) -> dict[str, RolloutState]:
+    """Every service's rollout in REGION at `step` (None: no rollouts)."""
+    if step is None:
+        return {}
+    out = {}
+    for svc in spec.services:
+        state = sm.start(svc.rollout, svc.name, "v2", spec.regions, 1000.0).state
+        out[svc.name] = replace(state, regions={REGION: RegionState(PROGRESSING, step)})
+    return out
+
+
+def virtual_services(spec: MeshSpec, rollouts: dict[str, RolloutState]) -> dict[str, Any]:
+    objects = istio.region_objects(spec, REGION, rollouts)
+    for obj in objects:
+        assert schema_problems(obj) == [], obj["metadata"]["name"]
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == "VirtualService"}
+
+
+@pytest.mark.parametrize("step", [None, 0, 1, 2, 3])
+def test_istio_arm_routes_and_marks_valid_against_istios_schemas(step: int | None) -> None:
+    rules = {"canary_match": [{"header": "x-canary", "value": "always"}]}
+    spec = mesh(baseline=False, rollout=rules)
+    rollouts = rollouts_at(spec, step)
+    vs = virtual_services(spec, rollouts)
+    plain = virtual_services(replace(spec, rollout_groups=()), rollouts)
+    assert vs["search-us-east"] == plain["search-us-east"]  # outside the group: as before
+    canary_weight = istio.route_weights(vs["recommender-us-east"])["canary"]
+    assert (canary_weight > 0) == (step is not None)
+    for name in ("features", "recommender"):
+        http = vs[f"{name}-us-east"]["spec"]["http"]
+        match, *arms, weighted = http
+        assert match["name"] == "canary-match"
+        assert match["headers"]["request"]["set"] == {
+            CANARY_MATCH_HEADER: "true",
+            ARM_HEADER: "canary",
+        }
+        subsets = {
+            a["match"][0]["headers"][ARM_HEADER]["exact"]: a["route"][0]["destination"]["subset"]
+            for a in arms
+        }
+        want = {"canary": "canary", "baseline": "baseline", "production": "production"}
+        if name == "features":  # no baseline pool
+            want["baseline"] = "production"
+        assert subsets == (want if canary_weight else {})
+        assert [a["name"] for a in arms] == [f"arm-{a}" for a in want if canary_weight]
+        for d in weighted["route"]:
+            assert d["headers"] == {"request": {"set": {ARM_HEADER: d["destination"]["subset"]}}}
+        # The weighted route is what it was, but for the marks.
+        bare = copy.deepcopy(weighted)
+        for d in bare["route"]:
+            del d["headers"]
+        assert bare == plain[f"{name}-us-east"]["spec"]["http"][-1]

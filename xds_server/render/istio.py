@@ -6,7 +6,11 @@ output mode, and a test can validate every one of them against Istio's CRD schem
 
 `canary_match` rules become a route before the weighted one that sends what they match
 to the canary subset; sticky users (`sticky:`) have no Istio form (a consistent hash
-picks an endpoint within one subset, not the subset) and render nothing.
+picks an endpoint within one subset, not the subset) and render nothing. A member of a
+`consistent` rollout group gets what its xDS routes have (`xds.resources.arm_routes`):
+after the `canary_match` route, one route per arm matching `x-xds-arm` exactly to that
+arm's subset (while the canary has weight), and the weighted route's destinations each
+setting `x-xds-arm` to their own subset.
 
 The weights are the ones the controller pushes over xDS (`rollout.state.service_split`,
 with pools the spec no longer has giving their share to production), turned into the whole
@@ -22,10 +26,18 @@ from typing import Any
 import yaml
 
 from xds_server.rollout.state import RolloutState, service_split
-from xds_server.spec import POOL_NAMES, IstioConfig, MatchRule, MeshSpec, Protocol, Service
+from xds_server.spec import (
+    ARM_HEADER,
+    POOL_NAMES,
+    IstioConfig,
+    MatchRule,
+    MeshSpec,
+    Protocol,
+    Service,
+)
 from xds_server.spec.rollout import CANARY_MATCH_HEADER
 from xds_server.traffic import WEIGHT_TOTAL, Split
-from xds_server.xds.resources import cookie_regex
+from xds_server.xds.resources import ARMS, cookie_regex, is_consistent
 
 GROUP = "networking.istio.io"
 VERSION = "v1"
@@ -80,7 +92,7 @@ def region_objects(
     for svc in spec.services:
         rollout = rollouts.get(svc.name)
         rules.append(destination_rule(svc, region, rollout, cfg))
-        routes.append(virtual_service(svc, region, rollout, cfg))
+        routes.append(virtual_service(svc, region, rollout, cfg, is_consistent(spec, svc.name)))
     return rules + routes
 
 
@@ -162,15 +174,24 @@ def destination_rule(
 
 
 def virtual_service(
-    svc: Service, region: str, rollout: RolloutState | None, cfg: IstioConfig
+    svc: Service,
+    region: str,
+    rollout: RolloutState | None,
+    cfg: IstioConfig,
+    consistent: bool = False,
 ) -> dict[str, Any]:
+    """`consistent`: the service is a member of a `consistent` rollout group."""
     split = service_split(svc, region, rollout).within(svc)
     host = cfg.host(svc.name)
     weights = percent_weights(split, svc.pool_names())
-    route = [
+    route: list[dict[str, Any]] = [
         {"destination": {"host": host, "subset": pool}, "weight": weights[pool]}
         for pool in svc.pool_names()
     ]
+    if consistent:
+        for r in route:
+            r["headers"] = {"request": {"set": {ARM_HEADER: r["destination"]["subset"]}}}
+    arms = arm_http(svc, host) if consistent and weights.get("canary", 0) > 0 else []
     http: dict[str, Any] = {
         "name": "rollout",
         "match": [{"uri": {"prefix": svc.prefix}}],
@@ -192,24 +213,49 @@ def virtual_service(
         "apiVersion": API_VERSION,
         "kind": "VirtualService",
         "metadata": _metadata(svc, region, rollout, cfg, split),
-        "spec": {"hosts": [host], "http": [*canary_match_http(svc, host), http]},
+        "spec": {"hosts": [host], "http": [*canary_match_http(svc, host, consistent), *arms, http]},
     }
 
 
-def canary_match_http(svc: Service, host: str) -> list[dict[str, Any]]:
+def arm_http(svc: Service, host: str) -> list[dict[str, Any]]:
+    """A consistent member's routes by the arm a request carries, as over xDS: `canary`
+    to the canary subset, `baseline` to the baseline's (production's without one),
+    `production` to production's; the header passes on unchanged."""
+    return [
+        {
+            "name": f"arm-{arm}",
+            "match": [{"uri": {"prefix": svc.prefix}, "headers": {ARM_HEADER: {"exact": arm}}}],
+            "route": [
+                {
+                    "destination": {
+                        "host": host,
+                        "subset": arm if arm in svc.pools else "production",
+                    },
+                    "weight": 100,
+                }
+            ],
+            "headers": {"request": {"remove": [CANARY_MATCH_HEADER]}},
+        }
+        for arm in ARMS
+    ]
+
+
+def canary_match_http(svc: Service, host: str, consistent: bool = False) -> list[dict[str, Any]]:
     """The `canary_match` rules as one route (any of its matches) to the canary subset,
     placed before the weighted route, whatever the step, while there is a canary pool.
-    Unlike xDS (a cluster of their own), Istio counts them with the canary subset."""
+    Unlike xDS (a cluster of their own), Istio counts them with the canary subset. A
+    consistent member's sets the canary arm too, as over xDS."""
     rules = svc.rollout.canary_match
     if "canary" not in svc.pools or not rules:
         return []
+    mark = {CANARY_MATCH_HEADER: "true", **({ARM_HEADER: "canary"} if consistent else {})}
     return [
         {
             "name": "canary-match",
             "match": [{"uri": {"prefix": svc.prefix}, "headers": _header_match(r)} for r in rules],
             "route": [{"destination": {"host": host, "subset": "canary"}, "weight": 100}],
             # Model servers label what they export with it: the analysis leaves it out.
-            "headers": {"request": {"set": {CANARY_MATCH_HEADER: "true"}}},
+            "headers": {"request": {"set": mark}},
         }
     ]
 
