@@ -4,7 +4,7 @@ its file, field path and what is wrong.
 The file's text becomes a document in `document.py` (UTF-8, bounded YAML); here the
 document becomes the spec: regions, the listener, services and their pools. Sections
 with parsers of their own: `rollout:` (`plan.py`), `istio:` (`istio.py`),
-`notifications:` (`notifications.py`).
+`notifications:` (`notifications.py`), `rollout_groups:` and `after:` (`groups.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 from xds_server.spec.checker import Checker, join
 from xds_server.spec.document import load_document, utf8_text
+from xds_server.spec.groups import check_after, parse_after, parse_groups
 from xds_server.spec.istio import parse_istio
 from xds_server.spec.model import (
     POOL_NAMES,
@@ -42,7 +43,15 @@ from xds_server.spec.rollout import (
 from xds_server.spec.values import NAME_RE, is_ip, kind_of, parse_host_port
 
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,62}$")
-_TOP_KEYS = ("regions", "listener", "services", "rollout", "istio", "notifications")
+_TOP_KEYS = (
+    "regions",
+    "listener",
+    "services",
+    "rollout",
+    "istio",
+    "notifications",
+    "rollout_groups",
+)
 
 
 def load_spec(path: str | Path) -> MeshSpec:
@@ -74,6 +83,8 @@ class _MeshParser:
         self.source = source
         self.regions: tuple[str, ...] = ()
         self.default_plan = RolloutPlan()
+        self.paths: dict[str, str] = {}
+        """Each parsed service's field path (`services[2]`), for checks across services."""
 
     def spec(self, doc: Any) -> MeshSpec | None:
         if doc is None:
@@ -90,8 +101,10 @@ class _MeshParser:
         if top.get("istio") is not None:
             istio = parse_istio(self.c, top["istio"], services, self.regions, self.source)
         notifications = parse_notifications(self.c, top.get("notifications"), "notifications")
+        groups = parse_groups(self.c, top.get("rollout_groups"), services, self.regions)
+        check_after(self.c, services, self.paths, groups)
         return MeshSpec(
-            self.regions, listener, tuple(services), self.source, istio, top, notifications
+            self.regions, listener, tuple(services), self.source, istio, top, notifications, groups
         )
 
     def _regions(self, value: Any) -> list[str]:
@@ -155,13 +168,24 @@ class _MeshParser:
                     )
                 domains_seen.setdefault(d, svc.name)
             out.append(svc)
+            self.paths[svc.name] = f"services[{i}]"
         return out
 
     def _service(self, value: Any, path: str) -> Service | None:
         m = self.c.mapping(
             value,
             path,
-            ("name", "domains", "prefix", "protocol", "grpc", "pools", "rollout", "notifications"),
+            (
+                "name",
+                "domains",
+                "prefix",
+                "protocol",
+                "grpc",
+                "pools",
+                "rollout",
+                "notifications",
+                "after",
+            ),
         )
         if not m:
             return None
@@ -197,6 +221,7 @@ class _MeshParser:
             )
         protocol = self.c.choice(m.get("protocol", "http"), join(path, "protocol"), Protocol)
         error_codes = self._grpc(m.get("grpc"), join(path, "grpc"), protocol)
+        after = parse_after(self.c, m.get("after"), join(path, "after"))
         if name is None or pools is None or protocol is None:
             return None
         if any(p.health_check is not None for p in pools.values()):
@@ -211,7 +236,7 @@ class _MeshParser:
             warmup = dataclasses.replace(plan.warmup, registered_hosts=True)
             plan = dataclasses.replace(plan, warmup=warmup)
         return Service(
-            name, tuple(domains), prefix, pools, plan, notifications, protocol, error_codes
+            name, tuple(domains), prefix, pools, plan, notifications, protocol, error_codes, after
         )
 
     def _grpc(self, value: Any, path: str, protocol: Protocol | None) -> tuple[str, ...]:
