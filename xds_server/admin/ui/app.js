@@ -330,7 +330,18 @@ function groupPanel(group) {
 
 function renderRollout(main, r) {
   const page = state.page;
-  if (!page) { main.appendChild(h("p", { class: "muted" }, `no rollout of ${r.service}`)); return; }
+  if (!page) {
+    // A canary that waits to start (a group member without a canary, an `after:`) has no rollout yet.
+    const svc = ((state.overview && state.overview.services) || []).find((s) => s.name === r.service);
+    const ro = svc && svc.rollout;
+    if (ro && ro.waiting) {
+      main.appendChild(h("h1", {}, `${r.service} ${ro.canary_version} `, h("span", { class: "muted" }, "waiting"), svc.group ? groupBadge(svc.group) : null));
+      main.appendChild(h("p", { class: "waiting", id: "waiting" }, `waiting: ${ro.waiting}`));
+    } else {
+      main.appendChild(h("p", { class: "muted" }, `no rollout of ${r.service}`));
+    }
+    return;
+  }
   const ro = page.rollout;
   main.appendChild(h("h1", {}, `${ro.service} ${ro.canary_version} `, phase(ro.phase), ro.group ? groupBadge(ro.group) : null));
   if (page.group) main.appendChild(groupPanel(page.group));
@@ -400,7 +411,11 @@ async function refresh() {
   const r = route();
   try {
     state.overview = await api("/api/overview");
-    if (r.page === "rollout") {
+    const svc = state.overview.services.find((s) => s.name === r.service);
+    const waiting = svc && svc.rollout && !svc.rollout.phase; // not started: nothing to fetch
+    if (r.page === "rollout" && waiting && !r.version) {
+      state.page = null;
+    } else if (r.page === "rollout") {
       const q = r.version ? `?version=${encodeURIComponent(r.version)}` : "";
       try { state.page = await api(`/api/rollouts/${encodeURIComponent(r.service)}${q}`); } catch (e) {
         if (e.status === 404) state.page = null; else throw e;
