@@ -150,6 +150,12 @@ def test_xdsctl_pauses_and_resumes_the_group_as_one(mesh: Mesh) -> None:
     assert "recommender v2 [group ranking]" in res.stdout
     mesh.wait_live()
 
+    # Promoted as one: both members a step on in every region.
+    answer = mesh.json("rollout", "promote", "--group", "ranking", "--reason", "next step")
+    steps = {(r["service"], g["region"]): g["step"] for r in answer["group_rollouts"]
+             for g in r["regions"]}  # fmt: skip
+    assert steps == {(m, region): 1 for m in MEMBERS for region in REGIONS}
+
     # The audit log names the group on every member's entries of the operator's action.
     for service in MEMBERS:
         mine = [
@@ -249,6 +255,13 @@ def test_the_dashboard_shows_the_group_and_acts_on_it(mesh: Mesh, browser: Brows
 
 
 def test_aborting_the_group_rolls_back_every_member(mesh: Mesh) -> None:
+    # Pausing one member pauses the group: the answer shows every member.
+    answer = mesh.json("rollout", "pause", "recommender", "--reason", "one member")
+    assert answer["service"] == "recommender" and answer["group"] == "ranking"
+    assert [(r["service"], r["phase"]) for r in answer["group_rollouts"]] == [
+        ("recommender", "paused"),
+        ("features", "paused"),
+    ]
     answer = mesh.json("rollout", "abort", "--group", "ranking", "--reason", "stop both")
     assert {r["service"]: r["phase"] for r in answer["group_rollouts"]} == {
         "features": "rolled_back",
