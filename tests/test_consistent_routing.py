@@ -10,14 +10,19 @@ from __future__ import annotations
 import copy
 import http.client
 import json
+import os
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from concurrent import futures
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -27,6 +32,7 @@ from hypothesis import strategies as st
 from tests.istio_schema import problems as schema_problems
 from tests.support import wait_for
 from tests.test_builder_properties import specs as random_specs
+from tests.test_proxyless import bootstrap
 from xds_server.lab.background import BackgroundServer
 from xds_server.lab.procs import Envoy
 from xds_server.render import istio
@@ -331,7 +337,7 @@ def test_every_route_uses_a_cluster_of_the_snapshot_and_arms_match_pools(
 
 
 class ArmEcho(ThreadingHTTPServer):
-    """An upstream of one pool that answers with its pool and the arm it was told."""
+    """An upstream of one pool that answers with its pool and the arm(s) it was told."""
 
     def __init__(self, pool: str) -> None:
         self.pool = pool
@@ -348,7 +354,9 @@ class _EchoHandler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
-        body = json.dumps({"pool": self.server.pool, "arm": self.headers.get(ARM_HEADER)})
+        # Every value it got: a caller's header the route failed to overwrite would show.
+        arm = ",".join(self.headers.get_all(ARM_HEADER) or []) or None
+        body = json.dumps({"pool": self.server.pool, "arm": arm})
         data = body.encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
@@ -486,3 +494,79 @@ def test_istio_arm_routes_and_marks_valid_against_istios_schemas(step: int | Non
         for d in bare["route"]:
             del d["headers"]
         assert bare == plain[f"{name}-us-east"]["spec"]["http"][-1]
+
+
+# ---- a proxyless gRPC client ----
+
+PROXYLESS_SCRIPT = """
+import collections, json, sys
+import grpc
+
+call = grpc.insecure_channel(sys.argv[1]).unary_unary(sys.argv[2])
+
+
+def one(metadata):
+    try:
+        return call(b"", timeout=10, metadata=metadata, wait_for_ready=True).decode()
+    except grpc.RpcError as exc:
+        return "error " + exc.code().name
+
+
+out = {}
+for arm in ("canary", "baseline", "production", ""):
+    metadata = [("x-xds-arm", arm)] if arm else []
+    out[arm or "none"] = collections.Counter(one(metadata) for _ in range(int(sys.argv[3])))
+print(json.dumps(out))
+"""
+
+
+def _grpc_echo(pool: str) -> tuple[grpc.Server, int]:
+    """A gRPC server answering `POOL ARM`: its pool and the arm its caller sent ("-")."""
+
+    def answer(request: bytes, context: grpc.ServicerContext) -> bytes:
+        arms = [str(v) for k, v in context.invocation_metadata() if k == ARM_HEADER]
+        return f"{pool} {','.join(arms) or '-'}".encode()
+
+    handler = grpc.method_handlers_generic_handler(
+        "test.Arm", {"Get": grpc.unary_unary_rpc_method_handler(answer)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+def test_a_proxyless_grpc_client_honours_the_arm_but_cannot_tell_it(tmp_path: Path) -> None:
+    """grpcio's xDS client takes a consistent member's routes (no NACK): metadata
+    `x-xds-arm: canary` reaches the canary; its weighted pick sets no header (gRPC does
+    no header rewriting), so the server it picked is not told its arm."""
+    made = {p: _grpc_echo(p) for p in ("production", "baseline", "canary")}
+    ports = {(s, p): port for s in ("features", "recommender") for p, (_, port) in made.items()}
+    server = BackgroundServer(mesh(ports, outsider=False, protocol="grpc"))
+    try:
+        server.start()
+        split = Split.at_canary_percent(20, has_baseline=True)
+        server.call(lambda: server.server.set_split("recommender", split, urgent=True))
+        boot_args = ("--xds-address", f"127.0.0.1:{server.port}")
+        boot = bootstrap("--proxyless", "--region", REGION, "--node-id", "grpc-1", *boot_args)
+        assert boot.returncode == 0, boot.stderr
+        (tmp_path / "bootstrap.json").write_text(boot.stdout)
+        (tmp_path / "client.py").write_text(PROXYLESS_SCRIPT)
+        argv = [sys.executable, str(tmp_path / "client.py"), "xds:///recommender"]
+        run = subprocess.run(
+            [*argv, "/test.Arm/Get", "100"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "GRPC_XDS_BOOTSTRAP": str(tmp_path / "bootstrap.json")},
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        got = json.loads(run.stdout)
+        for arm in ("canary", "baseline", "production"):
+            assert got[arm] == {f"{arm} {arm}": 100}, got  # the caller's metadata, forwarded
+        assert set(got["none"]) == {"production -", "baseline -", "canary -"}, got
+    finally:
+        server.close()
+        for s, _ in made.values():
+            s.stop(0)
