@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from xds_server.rollout.audit_codec import (
     to_document,
     to_row,
 )
-from xds_server.rollout.controller import RolloutController
+from xds_server.rollout.controller import RolloutController, StoreUnavailable
 from xds_server.rollout.decision import EntryKind
 from xds_server.rollout.evidence import Measurement
 from xds_server.rollout.groups import (
@@ -41,6 +42,7 @@ from xds_server.rollout.groups import (
     rollback_targets,
     start_block,
 )
+from xds_server.rollout.ports import StoreWriteError
 from xds_server.rollout.state import (
     LIVE,
     PAUSED,
@@ -543,3 +545,59 @@ def test_a_store_made_before_groups_gets_the_column_and_its_rows_read_as_no_grou
     db = sqlite3.connect(tmp_path / "rollouts.sqlite3")
     assert GROUP_COLUMN in {row[1] for row in db.execute("PRAGMA table_info(audit)")}
     db.close()
+
+
+# ---- when the store cannot be written ----
+
+
+class BreakableStore(Store):
+    """The SQLite store, refusing every write while `broken` (an I/O error)."""
+
+    broken = False
+
+    def record(
+        self,
+        state: RolloutState,
+        entries: Sequence[AuditEntry],
+        *,
+        critical: bool = False,
+        regions: Collection[str] = (),
+    ) -> None:
+        if self.broken:
+            raise StoreWriteError("disk I/O error")
+        super().record(state, entries, critical=critical, regions=regions)
+
+
+def test_a_group_rollback_is_pushed_whatever_the_store_says_and_saved_later(
+    tmp_path: Path,
+) -> None:
+    store = BreakableStore(tmp_path / "rollouts.sqlite3")
+    rig = GroupRig(make_spec(), store)
+    ctl = rig.controller
+
+    async def body() -> None:
+        await rig.start()
+        await rig.loop_until(lambda: rig.state("features").regions["us-east"].step == 1)
+        store.broken = True
+        with pytest.raises(StoreUnavailable):  # a group action that moves: nothing changes
+            ctl.act_on_group("ranking", "promote", "x", "alice")
+        assert {ctl.rollouts[m].regions["us-east"].step for m in MEMBERS} == {1}
+        rig.metrics.failing.add(("recommender", "us-east"))
+        await rig.loop_until(lambda: rig.state("recommender").phase == ROLLED_BACK)
+
+    try:
+        run(body())
+        assert ctl.rollouts["features"].phase == ROLLED_BACK
+        (i,) = rig.rollback_pushes()
+        assert production_only(rig.dataplane.pushes[i].traffic, *MEMBERS)
+        assert ctl.store_health.unsaved_rollbacks == 2
+        assert {s.phase for s in store.load_rollouts()} == {PROGRESSING}  # not written yet
+        store.broken = False
+        rig.clock.advance(2.0)
+        ctl.retry_store()
+        assert ctl.store_health.unsaved_rollbacks == 0
+        assert {s.phase for s in store.load_rollouts()} == {ROLLED_BACK}
+        taken = [e for e in store.audit("features") if e.phase_to == ROLLED_BACK]
+        assert taken and all(e.reason.count("member recommender rolled back") == 1 for e in taken)
+    finally:
+        store.close()
