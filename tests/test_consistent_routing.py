@@ -175,6 +175,17 @@ def test_the_baseline_arm_falls_back_to_production_without_a_baseline_pool() -> 
     ]
 
 
+def test_each_mirrored_copy_carries_its_own_pools_arm() -> None:
+    traffic = TrafficState().with_split("recommender", [REGION], Split(shadow=500))
+    for spec, consistent in ((mesh(), True), (mesh(consistent=False), False)):
+        (route,) = vhosts(spec, traffic)["recommender"].routes
+        mirrors = route.route.request_mirror_policies
+        assert [m.cluster for m in mirrors] == ["recommender|canary", "recommender|baseline"]
+        for m in mirrors:
+            want = {ARM_HEADER: m.cluster.split("|")[1]} if consistent else {}
+            assert marks([h.append for h in m.request_headers_mutations]) == want
+
+
 @pytest.mark.parametrize("split", [Split(), Split(shadow=500)], ids=["0%", "shadow"])
 def test_without_canary_weight_no_arm_routes_and_every_request_is_production(
     split: Split,
@@ -241,7 +252,8 @@ def test_grpc_members_route_by_the_arm_the_same_way() -> None:
 
 def test_services_outside_consistent_groups_are_built_byte_for_byte_as_before() -> None:
     plain = replace(mesh(), rollout_groups=())
-    for traffic in (at(0), at(20), at(100)):
+    shadow = TrafficState({(s, REGION): Split(shadow=500) for s in ("features", "search")})
+    for traffic in (at(0), at(20), at(100), shadow):
         before = vhosts(plain, traffic)
         for spec in (mesh(), mesh(consistent=False)):
             after = vhosts(spec, traffic)
@@ -316,6 +328,9 @@ def test_every_route_uses_a_cluster_of_the_snapshot_and_arms_match_pools(
             for c in weighted.route.weighted_clusters.clusters:
                 pool = c.name.split("|")[1]
                 assert marks(c.request_headers_to_add) == ({ARM_HEADER: pool} if consistent else {})
+            for m in weighted.route.request_mirror_policies:  # shadow copies: their own
+                mine = {ARM_HEADER: m.cluster.split("|")[1]} if consistent else {}
+                assert marks([h.append for h in m.request_headers_mutations]) == mine
             # Arm routes exist exactly while the canary has weight, each to its own pool
             # (baseline's to production's when there is none).
             pools = spec.service(vh.name).pools
@@ -337,10 +352,13 @@ def test_every_route_uses_a_cluster_of_the_snapshot_and_arms_match_pools(
 
 
 class ArmEcho(ThreadingHTTPServer):
-    """An upstream of one pool that answers with its pool and the arm(s) it was told."""
+    """An upstream of one pool that answers with its pool and the arm(s) it was told;
+    `shadowed` keeps the arms of the requests Envoy mirrored to it (their answers are
+    dropped)."""
 
     def __init__(self, pool: str) -> None:
         self.pool = pool
+        self.shadowed: list[str | None] = []
         super().__init__(("127.0.0.1", 0), _EchoHandler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -356,6 +374,8 @@ class _EchoHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         # Every value it got: a caller's header the route failed to overwrite would show.
         arm = ",".join(self.headers.get_all(ARM_HEADER) or []) or None
+        if (self.headers.get("host") or "").endswith("-shadow"):
+            self.server.shadowed.append(arm)
         body = json.dumps({"pool": self.server.pool, "arm": arm})
         data = body.encode()
         self.send_response(200)
@@ -407,8 +427,8 @@ def test_a_real_envoy_routes_by_the_arm_and_tells_each_pool_its_arm(
         envoy.wait_ready()
         rec = Through(envoy, "recommender")
 
-        def step(percent: float) -> None:
-            split = Split.at_canary_percent(percent, has_baseline=True)
+        def step(percent: float, shadow: int = 0) -> None:
+            split = replace(Split.at_canary_percent(percent, has_baseline=True), shadow=shadow)
             server.call(lambda: server.server.set_split("recommender", split, urgent=True))
             want = server.route_version(REGION)
             wait_for(
@@ -433,6 +453,17 @@ def test_a_real_envoy_routes_by_the_arm_and_tells_each_pool_its_arm(
         # Without canary weight: no arm routes; everything production, and told so.
         step(0)
         assert rec.many(50, "canary") == Counter({("production", "production"): 50})
+        # Shadow traffic (warm-up): each pool's copy carries its own arm.
+        step(0, shadow=WEIGHT_TOTAL)
+        assert rec.many(20, "canary") == Counter({("production", "production"): 20})
+        copies = {p: echoes[p].shadowed for p in ("canary", "baseline")}
+        wait_for(
+            lambda: all(len(arms) == 20 for arms in copies.values()),
+            "20 requests mirrored to canary and to baseline",
+            timeout=5,
+        )
+        assert copies == {p: [p] * 20 for p in copies}
+        assert not echoes["production"].shadowed
         rec.conn.close()
     finally:
         envoys.stop_all()

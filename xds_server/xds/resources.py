@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
@@ -404,6 +405,11 @@ def split_route(svc: Service, split: Split, consistent: bool = False) -> route_c
                     denominator=percent_pb2.FractionalPercent.TEN_THOUSAND,
                 )
             ),
+            # A consistent member's copy is the pool's own: it carries its arm, not the
+            # arm of the request it copies.
+            request_headers_mutations=[mutation_rules_pb2.HeaderMutation(append=arm_mark(pool))]
+            if consistent
+            else [],
         )
         for pool in ("canary", "baseline")
         if split.shadow > 0 and pool in svc.pools
