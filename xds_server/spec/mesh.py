@@ -43,6 +43,17 @@ from xds_server.spec.rollout import (
 from xds_server.spec.values import NAME_RE, is_ip, kind_of, parse_host_port
 
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,62}$")
+_SERVICE_KEYS = (
+    "name",
+    "domains",
+    "prefix",
+    "protocol",
+    "grpc",
+    "pools",
+    "rollout",
+    "notifications",
+    "after",
+)
 _TOP_KEYS = (
     "regions",
     "listener",
@@ -172,21 +183,7 @@ class _MeshParser:
         return out
 
     def _service(self, value: Any, path: str) -> Service | None:
-        m = self.c.mapping(
-            value,
-            path,
-            (
-                "name",
-                "domains",
-                "prefix",
-                "protocol",
-                "grpc",
-                "pools",
-                "rollout",
-                "notifications",
-                "after",
-            ),
-        )
+        m = self.c.mapping(value, path, _SERVICE_KEYS)
         if not m:
             return None
         name = m.get("name")
