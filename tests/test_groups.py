@@ -352,6 +352,8 @@ def test_a_group_starts_only_when_every_member_has_a_canary(store: Store) -> Non
     run(body())
     assert set(rig.controller.rollouts) == set(MEMBERS)
     assert rig.controller.waiting == {}
+    (push,) = rig.dataplane.pushes  # the group starts in one push
+    assert push.traffic == rig.dataplane.traffic
     assert not production_only(rig.dataplane.traffic, "features")
     assert not production_only(rig.dataplane.traffic, "recommender")
 

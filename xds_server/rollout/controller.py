@@ -196,8 +196,10 @@ class RolloutController(OperatorActions):
 
     async def reconcile(self) -> None:
         """Start rollouts for new canary versions (once their group and `after:` let
-        them: `waiting` says why not); retire those the spec no longer has."""
+        them: `waiting` says why not), all in one push (a group starts as one); retire
+        those the spec no longer has."""
         waiting: dict[str, str] = {}
+        starts: list[tuple[Service, Decision]] = []
         for svc in self.spec.services:
             canary = svc.pools.get("canary")
             current = self.rollouts.get(svc.name)
@@ -216,8 +218,11 @@ class RolloutController(OperatorActions):
                         log.info("rollout of %s %s waits: %s", svc.name, canary.version, why)
                     waiting[svc.name] = why
                 else:
-                    await self._start(svc, svc.canary_version)
-        self._waiting = waiting
+                    starts.append((svc, await self._start(svc, svc.canary_version)))
+        if starts:
+            self.commit_all(starts)
+        # Said as things stand once this reconcile's rollouts started.
+        self._waiting = {n: w for n in waiting if (w := start_block(self.spec, n, self.rollouts))}
         known = {s.name for s in self.spec.services}
         for name in [n for n in self.rollouts if n not in known]:
             del self.rollouts[name]
@@ -233,7 +238,9 @@ class RolloutController(OperatorActions):
             self.commit(svc, sm.abort(current, self.clock(), why), actor="spec")
         del self.rollouts[svc.name]
 
-    async def _start(self, svc: Service, version: str) -> None:
+    async def _start(self, svc: Service, version: str) -> Decision:
+        """The decision that starts a rollout of `version` (paused when its queries
+        cannot be judged); the caller commits it."""
         decision = sm.start(svc.rollout, svc.name, version, self.spec.regions, self.clock())
         checks = await asyncio.gather(
             *(
@@ -266,7 +273,7 @@ class RolloutController(OperatorActions):
         log.info(
             "rollout of %s: canary %s has not been rolled out yet: starting", svc.name, version
         )
-        self.commit(svc, decision)
+        return decision
 
     async def tick(self, service: str) -> None:
         svc = self.spec.service(service)
