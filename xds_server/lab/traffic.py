@@ -86,13 +86,16 @@ class TrafficReader:
         regions = set(self.layout.opts.regions)
         window = str(self.layout.opts.rollout.get("window", "5s"))
         queries = [
-            "count by (region) (increase(envoy_cluster_upstream_rq_time_bucket"
-            f'{{envoy_cluster_name="{SERVICE}|production"}}[{window}]) > 0)',
+            *(
+                "count by (region) (increase(envoy_cluster_upstream_rq_time_bucket"
+                f'{{envoy_cluster_name="{service}|production"}}[{window}]) > 0)'
+                for service in self.layout.services()
+            ),
             "count by (region) (increase(model_prediction_score_bucket"
             f'{{pool="production"}}[{window}]) > 0)',
         ]
         if self.layout.opts.models == "mlserver":
-            queries = queries[:1]  # MLServer exports no score histogram
+            queries = queries[:-1]  # MLServer exports no score histogram
 
         def every_region(query: str) -> bool:
             url = f"{prometheus.url}/api/v1/query?query={urllib.parse.quote(query)}"
