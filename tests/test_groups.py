@@ -249,6 +249,33 @@ def test_a_group_promotes_together_the_early_member_holding_once_per_step(store:
     assert rig.dataplane.traffic.split("recommender", "eu-west").canary == 10000
 
 
+def test_no_member_is_promoted_while_another_still_bakes(store: Store) -> None:
+    """Both bake 3 s at 100%; features' steps take 5 s, so recommender's bake is over
+    first. It holds until features' bake is over too: features failing in its bake
+    still rolls recommender back (a promotion could not be undone)."""
+    slow = {"rollout": {**PLAN, "step_duration": "5s", "bake": "3s"}}
+    spec = make_spec(features=slow, recommender={"rollout": {**PLAN, "bake": "3s"}})
+    rig = GroupRig(spec, store)
+    last = 2
+
+    def waiting_for_the_bake() -> bool:
+        return rig.state("recommender").regions["us-east"].reason == (
+            "group ranking: waiting for features to bake in us-east"
+        )
+
+    async def body() -> None:
+        await rig.start()
+        await rig.loop_until(waiting_for_the_bake)
+        features = rig.state("features").regions["us-east"]
+        assert (features.step, features.step_passed) == (last, True)
+        rig.metrics.failing.add(("features", "eu-west"))
+        await rig.loop_until(lambda: rig.state("features").phase == ROLLED_BACK)
+
+    run(body())
+    assert rig.state("recommender").phase == ROLLED_BACK
+    assert not [e for e in rig.audit("recommender") if e.phase_to == PROMOTED]
+
+
 def test_a_failing_member_rolls_back_every_member_in_one_push(store: Store) -> None:
     rig = GroupRig(make_spec(), store)
 
@@ -429,13 +456,29 @@ def test_lockstep_hold_names_the_member_step_and_region() -> None:
     ahead = rollout("recommender", region(1, passed=True), region(1, passed=True))
     behind = rollout("features", region(1, passed=True), region(1))
     rollouts = {"recommender": ahead, "features": behind}
-    assert lockstep_hold(spec, "recommender", rollouts) == (
+    assert lockstep_hold(spec, "recommender", rollouts, 0.0) == (
         "group ranking: waiting for features to pass 20% in eu-west"
     )
-    assert lockstep_hold(spec, "features", rollouts) is None
+    assert lockstep_hold(spec, "features", rollouts, 0.0) is None
     rollouts["features"] = rollout("features", region(2), region(1, passed=True))
-    assert lockstep_hold(spec, "recommender", rollouts) is None
-    assert lockstep_hold(make_spec([]), "recommender", rollouts) is None  # no group
+    assert lockstep_hold(spec, "recommender", rollouts, 0.0) is None
+    assert lockstep_hold(make_spec([]), "recommender", rollouts, 0.0) is None  # no group
+    baking = {"rollout": {**PLAN, "bake": "3s"}}
+    spec = make_spec(features=baking, recommender=baking)
+    at_last = region(2, passed=True)
+    since = replace(at_last, gate_since=10.0)
+    rollouts = {
+        "recommender": rollout("recommender", since, since),
+        "features": rollout("features", since, at_last),
+    }
+    assert lockstep_hold(spec, "recommender", rollouts, 20.0) == (
+        "group ranking: waiting for features to bake in eu-west"
+    )
+    rollouts["features"] = rollout("features", since, since)
+    assert lockstep_hold(spec, "recommender", rollouts, 12.0) == (
+        "group ranking: waiting for features to bake in us-east"
+    )
+    assert lockstep_hold(spec, "recommender", rollouts, 13.0) is None
 
 
 def test_start_block_and_after_block_reasons() -> None:
@@ -499,7 +542,7 @@ def test_no_member_ever_moves_past_a_step_another_has_not_passed(
             }
             rollouts[member] = replace(state, regions=regions)
         else:
-            hold = lockstep_hold(WAVED, member, rollouts)
+            hold = lockstep_hold(WAVED, member, rollouts, float(now))
             rollouts[member] = advance(MEMBER_PLAN, state, float(now), group=hold)[0]
         lockstep_kept(WAVED, rollouts)
 

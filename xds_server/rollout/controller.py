@@ -293,7 +293,7 @@ class RolloutController(OperatorActions):
         newest = self.rollouts.get(service)
         if newest is None:
             return
-        hold = lockstep_hold(self.spec, service, self.rollouts)  # (its group's members)
+        hold = lockstep_hold(self.spec, service, self.rollouts, self.clock())  # (its group's)
         if newest is not state:
             # An operator acted while we were observing: decide on the newest state.
             decision = sm.decide(plan, newest, observations, self.clock(), hold)

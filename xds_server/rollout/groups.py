@@ -5,6 +5,9 @@ owe each other. Pure: no I/O, no clock; the controller asks, and commits what it
   every other member, in every region of that wave, has passed step k too (its step is
   past k, or is k and passed, or the region is promoted). Until then the wave holds,
   like a gate, with the reason `group NAME: waiting for MEMBER to pass 20% in REGION`.
+  The last step counts as passed once its bake is over too: promotion is the one move
+  a rollback cannot undo, so no member is promoted while another still bakes (and may
+  yet roll the group back).
   Members keep their own plans, metrics and durations; the spec makes them share their
   number of steps and their waves, so "step k of wave w" means the same for all.
 - One rollback (`rollback_targets`, `group_rollbacks`): a member's rollback rolls back
@@ -48,10 +51,17 @@ def passed(rs: RegionState, step: int) -> bool:
     return rs.phase == PROMOTED or rs.step > step or (rs.step == step and rs.step_passed)
 
 
-def lockstep_hold(spec: MeshSpec, service: str, rollouts: Rollouts) -> str | None:
+def baked(plan: RolloutPlan, rs: RegionState, now: float) -> bool:
+    """Has a region that passed the last step also held it for the plan's bake?"""
+    since = rs.gate_since
+    return plan.bake <= 0 or (since is not None and now - since >= plan.bake)
+
+
+def lockstep_hold(spec: MeshSpec, service: str, rollouts: Rollouts, now: float) -> str | None:
     """Why `service`'s current wave may not move on past its step although its own
     regions passed it: a member of its group that has not passed that step in a region
-    of the wave; None: nothing of the group holds it (or it is in no group)."""
+    of the wave (the last step: and baked it); None: nothing of the group holds it (or
+    it is in no group)."""
     group = spec.group_of(service)
     state = rollouts.get(service)
     if group is None or state is None or state.phase not in LIVE:
@@ -67,11 +77,18 @@ def lockstep_hold(spec: MeshSpec, service: str, rollouts: Rollouts) -> str | Non
         # group back. Rolled back: the whole group is being rolled back.
         if member == service or other is None or other.phase in (PROMOTED, ROLLED_BACK):
             continue
+        plan = _plan(spec, member)
         for region in wave:
             rs = other.regions.get(region)
-            if rs is None or rs.phase == ROLLED_BACK or passed(rs, step):
+            if rs is None or rs.phase == ROLLED_BACK:
                 continue
-            what = _step_text(_plan(spec, member), step)
+            if passed(rs, step) and (
+                rs.phase == PROMOTED or step < len(plan.steps) - 1 or baked(plan, rs, now)
+            ):
+                continue
+            if passed(rs, step):
+                return f"group {group.name}: waiting for {member} to bake in {region}"
+            what = _step_text(plan, step)
             return f"group {group.name}: waiting for {member} to pass {what} in {region}"
     return None
 
