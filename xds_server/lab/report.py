@@ -129,13 +129,11 @@ def group_summary(
     time from the fault to every Envoy at 0% canary, and the pushes its rollback took
     per region (the snapshot versions of the rollback's entries: one expected)."""
     services: dict[str, Any] = {}
+    rollbacks = [e for e in audit if e.kind == "transition" and e.phase_to == "rolled_back"]
     for service in mesh.layout.services():
         state = mesh.state.rollout(service) or {"regions": {}}
         counts = mesh.traffic.service_stats(service)
         done = res.zero_canary_by_service.get(service)
-        rollbacks = [
-            e for e in audit if e.service == service and e.region and e.phase_to == "rolled_back"
-        ]
         services[service] = {
             "outcome": {r: s["phase"] for r, s in state["regions"].items()},
             "requests": counts.get("user_requests", 0),
@@ -146,19 +144,24 @@ def group_summary(
             "calls_failed": counts.get("downstream_failed", 0),
             "calls_crossed": counts.get("downstream_crossed", 0),
             "to_zero_canary_s": done - res.fault_at if done and res.fault_at else None,
-            "rollback_pushes": {
-                r: len({e.snapshot_version for e in rollbacks if e.region == r})
-                for r in mesh.opts.regions
-                if any(e.region == r for e in rollbacks)
-            },
         }
     both = res.zero_canary_at - res.fault_at if res.zero_canary_at and res.fault_at else None
+    # The rollback's pushes per region: the snapshot versions of every member's entries.
+    pushes = {
+        r: len({e.snapshot_version for e in rollbacks if e.region == r})
+        for r in mesh.opts.regions
+        if any(e.region == r for e in rollbacks)
+    }
+    followers = {e.service for e in rollbacks if f"group {GROUP}: member " in e.reason}
     return {
         "name": GROUP,
         "consistent": mesh.spec.shape.group and mesh.spec.shape.consistent,
         "services": services,
         "to_zero_canary_s": both,
-        "ok": all(
+        "rollback_pushes": pushes,
+        "decided_by": sorted({e.service for e in rollbacks} - followers),
+        "ok": all(v == 1 for v in pushes.values())
+        and all(
             s["crossed_arms"] == 0
             and s["outcome"]
             and all(p == scenario.expect for p in s["outcome"].values())
@@ -319,7 +322,13 @@ def print_report(summary: dict[str, Any], mesh: LocalMesh, plot_path: Path) -> N
 
 
 def _print_group(group: Mapping[str, Any]) -> None:
-    """Each member's outcome, crossed arms and time to 0% canary."""
+    """Each member's outcome, crossed arms and time to 0% canary; who decided the
+    rollback, and in how many pushes per region."""
+    if group["decided_by"]:
+        print(
+            f"  group {group['name']}: rolled back by member {', '.join(group['decided_by'])}; "
+            f"pushes per region {group['rollback_pushes']}"
+        )
     for name, s in group["services"].items():
         took = s["to_zero_canary_s"]
         outcome = ", ".join(sorted(set(s["outcome"].values()))) or "no rollout"
