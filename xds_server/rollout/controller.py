@@ -332,31 +332,32 @@ class RolloutController(OperatorActions):
         along every live rollout that goes with it (`groups.group_rollbacks`). The
         discipline is `commit`'s, decision by decision: when one that moves cannot be
         written, the ones before it (committed) stand and are pushed, and it and the rest
-        change nothing (StoreUnavailable)."""
+        change nothing (StoreUnavailable); rollbacks go first, so they are always pushed."""
         now = self.clock()
         batch = list(decisions)
         for _, decision in [d for d in batch if d[1].rollback]:
             taken = {s.name for s, _ in batch}
             more = group_rollbacks(self.spec, decision, self.rollouts, now)
             batch += [(s, d) for s, d in more if s.name not in taken]
+        batch.sort(key=lambda d: not d[1].rollback)  # (stable: the deciding one first)
         before = self._pushed
         after = rollout_traffic(self.spec, {**self.rollouts, **{s.name: d.state for s, d in batch}})
         changed = before.regions_changed(after)
         versions = {r: self.dataplane.next_version(r) for r in changed}
         done: list[tuple[Service, Decision]] = []
-        try:
-            for svc, decision in batch:
-                group = self.spec.group_of(svc.name)
-                entries = decision_entries(
-                    decision, before, after, versions, now, actor, group.name if group else None
-                )
-                moved = {
-                    r for r in changed if before.split(svc.name, r) != after.split(svc.name, r)
-                }
-                self._save(svc, decision, entries, changed, bool(moved))
-                done.append((svc, decision))
-        finally:
-            self._apply(done, actor)
+        for svc, decision in batch:
+            group = self.spec.group_of(svc.name)
+            entries = decision_entries(
+                decision, before, after, versions, now, actor, group.name if group else None
+            )
+            moved = any(before.split(svc.name, r) != after.split(svc.name, r) for r in changed)
+            try:
+                self._save(svc, decision, entries, changed, moved)
+            except StoreUnavailable:
+                self._apply(done, actor)  # (committed: they stand)
+                raise
+            done.append((svc, decision))
+        self._apply(done, actor)
 
     def _save(
         self,
