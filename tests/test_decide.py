@@ -158,6 +158,22 @@ def test_failures_must_be_consecutive() -> None:
     assert d3.state.phase == sm.PROGRESSING
 
 
+def test_a_region_failing_after_its_step_passed_holds_the_wave() -> None:
+    """A failed check after the step passed (not yet the rollback: a run of one) keeps
+    the wave where it is, even when the last region passes then; the next passing look
+    lets it move on."""
+    late = {**everywhere(obs()), "eu-west": obs(applied_at=5)}
+    state = sm.decide(PLAN, started(), late, 11).state  # eu-west's step has 4 s to go
+    assert state.regions["us-east"].step_passed and not state.regions["eu-west"].step_passed
+    us_east_bad = {**late, "us-east": obs(Measurement(100, 10, 50))}  # not certain
+    held = sm.decide(PLAN, state, us_east_bad, 15).state
+    assert held.regions["eu-west"].step_passed and held.regions["us-east"].failures == 1
+    assert held.phase == sm.PROGRESSING
+    assert {rs.step for rs in held.regions.values()} == {0}
+    moved = sm.decide(PLAN, held, late, 16).state
+    assert {rs.step for rs in moved.regions.values()} == {1}
+
+
 def test_one_failure_rolls_back_when_configured() -> None:
     plan = replace(PLAN, failures_before_rollback=1)
     d = sm.decide(plan, started(plan), {"ap-south": obs(Measurement(100, 30, 50))}, 3)

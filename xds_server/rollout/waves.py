@@ -81,10 +81,15 @@ def advance(
 
 
 def _wave_ready(plan: RolloutPlan, state: RolloutState) -> tuple[list[str], int] | None:
-    """The current wave's live regions and their step, once every one has passed it."""
+    """The current wave's live regions and their step, once every one has passed it and
+    none is on a run of failed checks: a region that passed its step, then breached a
+    guardrail on a later look, is failing now, and a wave moved on then would put more
+    users on a canary one more look might roll back (rollback_latency saw 75% pushed in
+    the tick of such a breach, rolled back a look later)."""
     wave = plan.wave_list(tuple(state.regions))[state.wave]
     live = [r for r in wave if state.regions[r].phase in LIVE]
-    if not live or not all(state.regions[r].step_passed for r in live):
+    ready = (state.regions[r].step_passed and not state.regions[r].failures for r in live)
+    if not live or not all(ready):
         return None
     return live, state.regions[live[0]].step
 
