@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xds_server.spec import MeshSpec, RolloutGroup, SpecError, validate_spec
 
@@ -218,3 +220,25 @@ def test_after_in_a_chain_loads() -> None:
         doc(recommender={"after": ["features"]}, ranker={"after": ["recommender"]})
     )
     assert [s.after for s in spec.services] == [(), ("features",), ("recommender",)]
+
+
+JUNK = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=12)
+    | st.sampled_from(["features", "recommender", "ranker", "ranking"]),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.sampled_from(["name", "services", "consistent", "x"]), inner, max_size=4),
+    max_leaves=12,
+)  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(JUNK, JUNK)
+def test_any_groups_or_after_is_a_spec_or_a_spec_error(groups: Any, after: Any) -> None:
+    """Whatever `rollout_groups:` and `after:` hold: a spec, or problems that each name a
+    field; never another exception."""
+    document = doc(ranker={"after": after})
+    document["rollout_groups"] = groups
+    try:
+        validate_spec(document, "mesh.yaml")
+    except SpecError as err:
+        assert all(p.path for p in err.problems), err.render()
