@@ -219,9 +219,10 @@ class RolloutController(OperatorActions):
                     waiting[svc.name] = why
                 else:
                     starts.append((svc, await self._start(svc, svc.canary_version)))
+        self._waiting = waiting
         if starts:
             self.commit_all(starts)
-        # Said as things stand once this reconcile's rollouts started.
+        # Said again as things stand once this reconcile's rollouts started.
         self._waiting = {n: w for n in waiting if (w := start_block(self.spec, n, self.rollouts))}
         known = {s.name for s in self.spec.services}
         for name in [n for n in self.rollouts if n not in known]:
