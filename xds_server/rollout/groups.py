@@ -82,14 +82,12 @@ def lockstep_hold(spec: MeshSpec, service: str, rollouts: Rollouts, now: float) 
             rs = other.regions.get(region)
             if rs is None or rs.phase == ROLLED_BACK:
                 continue
-            if passed(rs, step) and (
-                rs.phase == PROMOTED or step < len(plan.steps) - 1 or baked(plan, rs, now)
-            ):
-                continue
-            if passed(rs, step):
+            if not passed(rs, step):
+                what = _step_text(plan, step)
+                return f"group {group.name}: waiting for {member} to pass {what} in {region}"
+            last = step == len(plan.steps) - 1
+            if last and rs.phase != PROMOTED and not baked(plan, rs, now):
                 return f"group {group.name}: waiting for {member} to bake in {region}"
-            what = _step_text(plan, step)
-            return f"group {group.name}: waiting for {member} to pass {what} in {region}"
     return None
 
 
