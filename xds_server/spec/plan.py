@@ -47,6 +47,8 @@ _PLAN_KEYS = (
     "interval",
     "window",
     "ack_timeout",
+    "ack_quorum",
+    "nack_tolerance",
     "max_hold",
     "on_max_hold",
     "failures_before_rollback",
@@ -94,6 +96,7 @@ def parse_plan(
         n = c.whole_number(m["failures_before_rollback"], f"{path}.failures_before_rollback", 1)
         if n is not None:
             changes["failures_before_rollback"] = n
+    changes.update(_ack_gate(c, m, path, base))
     if "regions" in m:
         changes["waves"] = _waves(c, m["regions"], f"{path}.regions", regions)
     if "guardrails" in m:
@@ -107,6 +110,34 @@ def parse_plan(
     if "queries" in m:
         changes["queries"] = _queries(c, m["queries"], f"{path}.queries", base.queries)
     return replace(base, **changes)
+
+
+def _ack_gate(c: Checker, m: dict[str, Any], path: str, base: RolloutPlan) -> dict[str, Any]:
+    """`ack_quorum` (a share above 0, at most 1) and `nack_tolerance` (a count of
+    nodes); tolerating a NACK needs a quorum below 1 (at 1 every node must ACK)."""
+    out: dict[str, Any] = {}
+    if "ack_quorum" in m:
+        q = c.number(
+            m["ack_quorum"],
+            f"{path}.ack_quorum",
+            0,
+            1,
+            "a share of the region's nodes above 0 and at most 1 (0.9 or '90%')",
+            open_low=True,
+        )
+        if q is not None:
+            out["ack_quorum"] = q
+    if "nack_tolerance" in m:
+        n = c.whole_number(m["nack_tolerance"], f"{path}.nack_tolerance", 0)
+        if n is not None:
+            out["nack_tolerance"] = n
+    quorum = out.get("ack_quorum", base.ack_quorum)
+    if out.get("nack_tolerance", 0) > 0 and quorum >= 1:
+        c.fail(
+            f"{path}.nack_tolerance",
+            "tolerating NACKs needs ack_quorum below 1 (at 1 every node must ACK the routes)",
+        )
+    return out
 
 
 def _steps(c: Checker, value: Any, path: str) -> tuple[tuple[float, ...], dict[int, Gate]] | None:

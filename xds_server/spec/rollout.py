@@ -583,6 +583,14 @@ class RolloutPlan:
     window: float = 60.0
     """The sliding analysis window; it never reaches back before the step's start."""
     ack_timeout: float = 30.0
+    """How long each node has to ACK a step's routes, from when that node was sent them."""
+    ack_quorum: float = 1.0
+    """The share of a region's nodes that must ACK a step's routes for the region to count
+    as applied (issue 28); the rest, once past `ack_timeout`, are stragglers: named,
+    left out of the analysis, not a rollback while the quorum holds. 1.0: every node."""
+    nack_tolerance: int = 0
+    """NACKing nodes of a region tolerated (as stragglers: they keep their last good
+    config) before a rollback; 0: the first NACK rolls back."""
     max_hold: float = 300.0
     on_max_hold: OnMaxHold = OnMaxHold.ROLLBACK
     failures_before_rollback: int = 2
