@@ -69,6 +69,7 @@ def summarize(
         "decisions": [
             {
                 "time": e.time,
+                "service": e.service,
                 "region": e.region,
                 "kind": e.kind,
                 "step": e.step,
@@ -280,16 +281,7 @@ def print_report(summary: dict[str, Any], mesh: LocalMesh, plot_path: Path) -> N
     if summary.get("cause"):
         print(f"  rolled back by {summary['cause']}")
     decisions = summary["decisions"]
-    for region in mesh.opts.regions:
-        mine = [d for d in decisions if d["region"] == region]
-        verdicts = Counter(d["verdict"] or "warm-up" for d in mine if d["kind"] == "check")
-        steps = [
-            d["step"] for d in mine if d["kind"] == "transition" and d["phase_to"] == "progressing"
-        ]
-        print(
-            f"  {region:<10} {summary['outcome'].get(region, '?'):<12} steps reached "
-            f"{steps}  checks: " + ", ".join(f"{k} {v}" for k, v in sorted(verdicts.items()))
-        )
+    _print_regions(summary, mesh)
     if "replicas" in summary and "fault" in summary["replicas"]:
         _print_replica_fault(summary["replicas"])
     if "fault" in summary:
@@ -319,6 +311,32 @@ def print_report(summary: dict[str, Any], mesh: LocalMesh, plot_path: Path) -> N
         f"lab: {'as expected' if summary['ok'] else 'NOT as expected'}: "
         f"expected {summary['expected']}"
     )
+
+
+def _print_regions(summary: Mapping[str, Any], mesh: LocalMesh) -> None:
+    """Per region (with `features`: per service and region): its outcome, the steps it
+    reached and its checks."""
+    services = mesh.layout.services()
+    group = summary.get("group", {}).get("services", {})
+    for service in services:
+        outcome = group.get(service, {}).get("outcome", summary["outcome"])
+        for region in mesh.opts.regions:
+            mine = [
+                d
+                for d in summary["decisions"]
+                if d["region"] == region and d.get("service", service) == service
+            ]
+            verdicts = Counter(d["verdict"] or "warm-up" for d in mine if d["kind"] == "check")
+            steps = [
+                d["step"]
+                for d in mine
+                if d["kind"] == "transition" and d["phase_to"] == "progressing"
+            ]
+            where = f"{service} {region}" if len(services) > 1 else region
+            print(
+                f"  {where:<10} {outcome.get(region, '?'):<12} steps reached {steps}  checks: "
+                + ", ".join(f"{k} {v}" for k, v in sorted(verdicts.items()))
+            )
 
 
 def _print_group(group: Mapping[str, Any]) -> None:
