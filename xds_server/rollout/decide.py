@@ -147,7 +147,18 @@ def region_event(
     plan: RolloutPlan, name: str, rs: RegionState, obs: Observation, now: float, regions: int
 ) -> RegionEvent:
     """One live region's observation -> its event. `regions`: how many the rollout has
-    (they share each metric's false-alarm level)."""
+    (they share each metric's false-alarm level). A change of the region's stragglers
+    (issue 28) is audited with the event's check."""
+    ev = _region_event(plan, name, rs, obs, now, regions)
+    if not obs.stragglers_changed or ev.rollback:
+        return ev
+    note = f"{step_label(plan, ev.region.step)}: {obs.stragglers_changed}"
+    return replace(ev, check=f"{ev.check}; {note}" if ev.check else note)
+
+
+def _region_event(
+    plan: RolloutPlan, name: str, rs: RegionState, obs: Observation, now: float, regions: int
+) -> RegionEvent:
     if obs.apply_error:
         why = f"{name}: {step_label(plan, rs.step)} not applied by the data plane: "
         return RegionEvent(rs, rollback=why + obs.apply_error)

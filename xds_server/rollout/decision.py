@@ -26,9 +26,11 @@ class Observation:
     """What the controller saw of one region this interval."""
 
     applied_at: float | None = None
-    """When every Envoy of the region had ACKed the current weights; None: not yet."""
+    """When the region's quorum of Envoys (`ack_quorum`; every one by default) had ACKed
+    the current weights; None: not yet."""
     apply_error: str | None = None
-    """A NACK, or no ACK within `ack_timeout`: the step fails."""
+    """NACKs beyond `nack_tolerance`, or the quorum not ACKed within `ack_timeout`
+    (each node's from its send): the step fails."""
     apply_unknown: str | None = None
     """Not applied yet, and some nodes are not known to have applied the step (their
     replica is gone or silent): which and why. The region holds, audited with this."""
@@ -49,6 +51,10 @@ class Observation:
     no_hosts: str | None = None
     """The canary pool has no host left in the region (every registered instance gone)
     while it takes traffic: the step holds, and fails at max_hold."""
+    stragglers: tuple[str, ...] = ()
+    """Nodes that missed the step while the quorum holds (`xds.acks`), 'NODE (why)'."""
+    stragglers_changed: str = ""
+    """The straggler set changed since the last look: the note to audit, else ""."""
 
 
 @dataclass(frozen=True)
