@@ -231,6 +231,7 @@ def node_document(n: NodeStatus) -> dict[str, Any]:
         "since": n.connected_since,
         "routes": {
             "sent": ts.sent_version,
+            "sent_at": ts.sent_at,
             "acked": ts.acked_version,
             "acked_at": ts.acked_at,
             "nack": ts.nack_version,
@@ -248,6 +249,7 @@ def node_from_document(doc: dict[str, Any], replica: str) -> NodeStatus:
     status.listen = f"via {replica}"
     status.types[ROUTE] = TypeStatus(
         sent_version=r.get("sent", ""),
+        sent_at=r.get("sent_at"),
         acked_version=r.get("acked", ""),
         acked_at=r.get("acked_at"),
         nack_version=r.get("nack", ""),

@@ -11,7 +11,7 @@ import asyncio
 import functools
 import json
 import math
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -37,6 +37,25 @@ class QueryError(Exception):
         super().__init__(message)
         self.bad_query = bad_query
         """True when Prometheus rejected the query itself: a configuration error."""
+
+
+NODE_LABEL = "node"
+"""The label naming the Envoy (its node id) on the series scraped from it: a target
+label of the scrape config (the lab sets it; manifests/prometheus/prometheus.yml says
+how). By it the reads leave out the nodes not known to route by the step's weights
+(`exclude_nodes`: stragglers, issue 28). A series without it (a model server's, or an
+Envoy scraped without the label) is never left out: it matches `node!~"..."`."""
+
+
+def node_matcher(nodes: Collection[str]) -> str:
+    """`,node!~"A|B"`: a PromQL matcher (to follow `region="R"`) that leaves out the
+    series of these nodes, each a literal inside a regex inside a quoted string."""
+    special = set(".^$*+?()[]{}|\\")
+    alternation = "|".join(
+        "".join(f"\\\\{c}" if c in special else c for c in node).replace('"', '\\"')
+        for node in sorted(nodes)
+    )
+    return f',{NODE_LABEL}!~"{alternation}"'
 
 
 def window_text(seconds: float) -> str:
@@ -86,6 +105,8 @@ class PrometheusSource:
     """Seconds between Prometheus's scrapes of Envoy's stats (stale: older than two);
     None: read from Prometheus's configuration API (`envoy_jobs`)."""
     _envoy: EnvoyJobs | None = field(default=None, init=False, repr=False)
+    _without: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    """Region -> the matcher leaving out its excluded nodes (`exclude_nodes`)."""
     _threads: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(16, thread_name_prefix="prometheus"),
         init=False,
@@ -95,9 +116,25 @@ class PrometheusSource:
     def _client(self) -> PrometheusConnect:
         return PrometheusConnect(url=self.url, retry=Retry(total=0), timeout=self.timeout)
 
+    def exclude_nodes(self, region: str, nodes: Collection[str]) -> None:
+        """The `NodeFilter`: from now on every query of `region` (each `region="R"`
+        matcher of a filled template, the signals' too) leaves out these nodes' series
+        (by `NODE_LABEL`); () puts every node back."""
+        if nodes:
+            self._without[region] = node_matcher(nodes)
+        else:
+            self._without.pop(region, None)
+
+    def scoped(self, promql: str) -> str:
+        """`promql` with each excluded region's nodes left out (`exclude_nodes`)."""
+        for region, matcher in list(self._without.items()):
+            promql = promql.replace(f'region="{region}"', f'region="{region}"{matcher}')
+        return promql
+
     def _vector(self, promql: str, client: PrometheusConnect | None) -> list[dict[str, Any]]:
         """One instant query's raw result; QueryError (saying whose fault) on failure."""
         client = client or self._client()
+        promql = self.scoped(promql)
         try:
             result: list[dict[str, Any]] = client.custom_query(promql, timeout=self.timeout)
         except (requests.ConnectionError, requests.Timeout) as exc:

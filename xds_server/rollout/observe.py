@@ -17,7 +17,7 @@ from dataclasses import replace
 from xds_server.rollout.decision import Observation
 from xds_server.rollout.evidence import Comparison, Measurement
 from xds_server.rollout.health import HealthBook, production_fails, why_unhealthy
-from xds_server.rollout.ports import HostProber, MetricSource
+from xds_server.rollout.ports import HostProber, MetricSource, NodeFilter
 from xds_server.rollout.probes import NetworkProber
 from xds_server.rollout.reads import PairBook, StepRead, read_step
 from xds_server.rollout.scrapes import Scrapes, look_times
@@ -31,7 +31,8 @@ from xds_server.rollout.webhooks import (
 )
 from xds_server.spec import RolloutPlan, Service
 from xds_server.traffic import WEIGHT_TOTAL, Split, TrafficState
-from xds_server.xds.dataplane import DataPlane, Pending, Rejected
+from xds_server.xds.acks import ack_gate
+from xds_server.xds.dataplane import DataPlane
 from xds_server.xds.health_checks import envoy_health_check
 from xds_server.xds.resources import cluster_name
 
@@ -126,6 +127,8 @@ class Observer:
         self._health = HealthBook()
         self._scrapes: dict[tuple[str, str], Scrapes] = {}
         """(service, region): when the samples its last look read were scraped."""
+        self._stragglers: dict[tuple[str, str], set[str]] = {}
+        """(service, region): the stragglers its last look saw (their change is audited)."""
         self._read_after: dict[tuple[str, str], float] = {}
         """(service, region): how long after its next look starts that look reads it
         (just after its scrape lands)."""
@@ -172,9 +175,13 @@ class Observer:
                 if not rs.step_passed:  # else warm, waiting for the rest of its wave
                     pending[asyncio.create_task(self._warmup(svc, state, region))] = region
                 continue
-            obs = out[region] = replace(
-                self.applied(region, svc.rollout, now),
-                nodes=self.dataplane.routes_applied(region).counts,
+            obs = out[region] = self._straggler_note(
+                svc.name,
+                region,
+                replace(
+                    self.applied(region, svc.rollout, now),
+                    nodes=self.dataplane.routes_applied(region).counts,
+                ),
             )
             if self.dataplane.pool_hosts(region, cluster_name(svc.name, "canary")) == 0:
                 # Every host of the canary is gone (registered instances whose leases
@@ -266,27 +273,34 @@ class Observer:
         return run.result()
 
     def applied(self, region: str, plan: RolloutPlan, now: float) -> Observation:
-        """Has every Envoy of the region ACKed the routes that carry the current weights?"""
+        """Has the region's quorum of Envoys (`ack_quorum`) ACKed the routes that carry
+        the current weights, each within `ack_timeout` of its own send (`xds.acks`)?
+        Nodes not applied are left out of the analysis where the source can
+        (`NodeFilter`); those that missed the step are the observation's stragglers."""
         status = self.dataplane.routes_applied(region)
-        if isinstance(status, Rejected):
-            who = f"{status.node} ({status.identity})" if status.identity else status.node
-            return Observation(
-                apply_error=f"Envoy {who} rejected routes {status.version}: {status.error}"
-            )
-        if isinstance(status, Pending):
-            if now - status.since > plan.ack_timeout:
-                return Observation(
-                    apply_error=f"no ACK of routes {status.version} within "
-                    f"{plan.ack_timeout:g}s ({status.waiting_for()})"
-                )
-            if status.unknown:
-                # Not known to route by the step's weights: no evidence, neither way.
-                return Observation(
-                    apply_unknown=f"routes {status.version} not known to be applied "
-                    f"({status.waiting_for()})"
-                )
-            return Observation()
-        return Observation(applied_at=status.at)
+        gate = ack_gate(status, plan.ack_quorum, plan.nack_tolerance, plan.ack_timeout, now)
+        if isinstance(self.metrics, NodeFilter):
+            self.metrics.exclude_nodes(region, gate.excluded)
+        if gate.error is not None:
+            return Observation(apply_error=gate.error, stragglers=gate.stragglers)
+        # Not known to route by the step's weights: no evidence, neither way.
+        return Observation(
+            applied_at=gate.applied_at, apply_unknown=gate.unknown, stragglers=gate.stragglers
+        )
+
+    def _straggler_note(self, service: str, region: str, obs: Observation) -> Observation:
+        """`obs` with the audit's note when the region's stragglers changed since the
+        last look (named, and who rejoined)."""
+        now = {s.partition(" (")[0]: s for s in obs.stragglers}
+        before = self._stragglers.get((service, region), set())
+        if set(now) == before:
+            return obs
+        self._stragglers[(service, region)] = set(now)
+        back = sorted(before - set(now))
+        parts = [f"stragglers: {', '.join(now.values())}" if now else "stragglers: none"]
+        if back:
+            parts.append(f"rejoined: {', '.join(back)}")
+        return replace(obs, stragglers_changed="; ".join(parts))
 
     async def _measure(self, at: StepRead, obs: Observation) -> Observation:
         """The canary over the sliding window (guardrails) and, over the whole step, the

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from xds_server.rollout.audit import AuditEntry
 from xds_server.rollout.decision import Decision
@@ -45,6 +45,15 @@ class Where:
     pool: str
     version: str
     cluster: str
+
+
+@runtime_checkable
+class NodeFilter(Protocol):
+    """A `MetricSource` that can leave some nodes' traffic out of a region's reads: the
+    nodes not known to route by the step's weights (stragglers, nodes not applied yet:
+    `xds.acks.Gate.excluded`), told before each look; () puts every node back."""
+
+    def exclude_nodes(self, region: str, nodes: Collection[str]) -> None: ...
 
 
 class MetricSource(Protocol):

@@ -4,11 +4,31 @@ ADS; controller tests use an in-memory double."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from xds_server.traffic import TrafficState
 from xds_server.xds.status import NodeStatus
+
+
+@dataclass(frozen=True)
+class NodeAck:
+    """One node's standing on its region's current routes: what the ACK gate weighs
+    (`xds.acks.ack_gate`: quorum, stragglers, each node's own clock)."""
+
+    node: str
+    since: float
+    """When the node's time to ACK these routes began: when it was sent them (if not
+    yet: when it connected or they were published, the later); for an unknown node,
+    when it went unknown (or the publish, the later)."""
+    acked_at: float | None = None
+    """When it ACKed these routes; None: it has not (or is not known to have)."""
+    nack: str = ""
+    """Its NACK of these routes (the error), else "": it keeps its last good config."""
+    identity: str = ""
+    """Its certificate identity (xDS over mTLS), else ""."""
+    unknown: str = ""
+    """Why it is not known to have applied anything (its replica silent or gone), else ""."""
 
 
 @dataclass(frozen=True)
@@ -19,6 +39,8 @@ class Applied:
     at: float
     """When the last of them ACKed (the publish time when no node is connected)."""
     nodes: int
+    acks: tuple[NodeAck, ...] = field(default=(), repr=False)
+    """Each node's standing (empty from a data plane that does not tell)."""
 
     @property
     def counts(self) -> tuple[int, int, int]:
@@ -44,6 +66,8 @@ class Pending:
     applied; they are waited for until seen applying the routes on some replica."""
     applied: int = 0
     """Nodes seen that have ACKed these routes."""
+    acks: tuple[NodeAck, ...] = field(default=(), repr=False)
+    """Each node's standing (empty from a data plane that does not tell)."""
 
     @property
     def counts(self) -> tuple[int, int, int]:
@@ -60,13 +84,16 @@ class Pending:
 
 @dataclass(frozen=True)
 class Rejected:
-    """A node NACKed the current routes: it keeps serving its last good config."""
+    """A node NACKed the current routes: it keeps serving its last good config (the
+    first one; `acks` has every node, NACKs tolerated or not: `xds.acks`)."""
 
     version: str
     node: str
     error: str
     identity: str = ""
     """The node's certificate identity (xDS over mTLS), else ""."""
+    acks: tuple[NodeAck, ...] = field(default=(), repr=False)
+    """Each node's standing (empty from a data plane that does not tell)."""
 
     @property
     def counts(self) -> tuple[int, int, int]:

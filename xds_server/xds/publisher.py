@@ -21,7 +21,7 @@ import grpc
 from xds_server.spec import MeshSpec
 from xds_server.traffic import Split, TrafficState, WeightError
 from xds_server.xds.cache import SnapshotCache
-from xds_server.xds.dataplane import Applied, Pending, Rejected, RouteStatus
+from xds_server.xds.dataplane import Applied, NodeAck, Pending, Rejected, RouteStatus
 from xds_server.xds.identity import IdentityPolicy
 from xds_server.xds.resources import RegionBuilder, RegionResources
 from xds_server.xds.service import AdsService
@@ -57,9 +57,12 @@ class XdsPublisher:
         trust_domain: str | None = None,
         routes_version: Callable[[str], int] | None = None,
         traffic: TrafficState | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """`traffic`: the weights to build the first snapshots with (a replica starts
-        from the store's, so its first routes are the ones every replica serves)."""
+        from the store's, so its first routes are the ones every replica serves).
+        `clock`: the wall clock of its nodes' send and ACK times and of its publishes,
+        which the rollout's `ack_timeout` is counted on (the controller's)."""
         self.spec = spec
         self.tls = tls
         """(certificate chain, private key) in PEM: serve xDS over TLS."""
@@ -67,7 +70,8 @@ class XdsPublisher:
         """With TLS: require client certificates signed by this CA (PEM), naming the node."""
         self.traffic = traffic if traffic is not None else TrafficState()
         self.cache = SnapshotCache()
-        self.nodes = NodeRegistry()
+        self.clock = clock
+        self.nodes = NodeRegistry(clock)
         self.identity = IdentityPolicy(trust_domain) if client_ca is not None else None
         """What a node's client certificate must say (mTLS); None: no client certificates."""
         self.ads = AdsService(self.cache, self.nodes, spec.regions)
@@ -101,7 +105,7 @@ class XdsPublisher:
         and every proxyless gRPC client that subscribes to routes: `judged_on`.)"""
         return judge_routes(
             self.snapshot(region).type_version(ROUTE),
-            self._routes_published.get(region, time.time()),
+            self._routes_published.get(region, self.clock()),
             self.nodes.judged(region, ROUTE),
         )
 
@@ -119,7 +123,7 @@ class XdsPublisher:
 
     def routes_published(self, region: str) -> float:
         """When the region's current routes were published (the ACK clock's start)."""
-        return self._routes_published.get(region, time.time())
+        return self._routes_published.get(region, self.clock())
 
     def refresh_versions(self, reason: str) -> None:
         """The store's versions moved (`routes_version`): rebuild every region, so routes
@@ -225,7 +229,7 @@ class XdsPublisher:
             return None
         self.cache.set(snap)
         if old is None or snap.type_version(ROUTE) != old.type_version(ROUTE):
-            self._routes_published[region] = time.time()
+            self._routes_published[region] = self.clock()
         changed = tuple(
             short(t)
             for t in SEND_ORDER
@@ -350,22 +354,54 @@ def judge_routes(
 ) -> RouteStatus:
     """Where these nodes stand on routes `version`, published at `published`; `unknown`:
     nodes not heard from (their replica is gone or silent), each 'NODE (why)', which
-    keep the routes pending whatever the others did. The pending routes' clock
-    (`Pending.since`, what `ack_timeout` counts from) starts at the publish, or, when
-    only unknown nodes hold them, when the first went unknown if that is later."""
+    keep the routes pending whatever the others did. Each node's clock (what
+    `ack_timeout` counts from, `NodeAck.since`) starts when that node was sent the
+    routes (`node_clock`); an unknown node's at the publish, or when the first went
+    unknown if that is later. `Pending.since` is the earliest clock of a node held for.
+    Every status carries each node's standing (`acks`) for the ACK gate (`xds.acks`)."""
     nodes = list(nodes)
-    for n in nodes:
-        ts = n.types[ROUTE]
-        if ts.nack_version == version and ts.acked_version != version:
-            return Rejected(version, n.node_id, ts.nack_error, n.identity)
-    lagging = tuple(n.node_id for n in nodes if n.types[ROUTE].acked_version != version)
+    lost = max(published, unknown_since) if unknown_since is not None else published
+    acks = tuple(node_ack(n, version, published) for n in nodes) + tuple(
+        NodeAck(node, lost, unknown=why) for node, why in map(_unknown_parts, unknown)
+    )
+    for n, a in zip(nodes, acks, strict=False):
+        if a.nack:
+            return Rejected(version, n.node_id, a.nack, n.identity, acks)
+    lagging = tuple(a.node for a in acks[: len(nodes)] if a.acked_at is None)
     if lagging or unknown:
-        since = published
-        if not lagging and unknown_since is not None:
-            since = max(published, unknown_since)
-        return Pending(version, since, lagging, unknown, len(nodes) - len(lagging))
-    acked = [t for n in nodes if (t := n.types[ROUTE].acked_at) is not None]
-    return Applied(version, max([published, *acked]), len(nodes))
+        since = min(a.since for a in acks if a.acked_at is None)
+        return Pending(version, since, lagging, unknown, len(nodes) - len(lagging), acks)
+    acked = [a.acked_at for a in acks if a.acked_at is not None]
+    return Applied(version, max([published, *acked]), len(nodes), acks)
+
+
+def node_clock(n: NodeStatus, version: str, published: float) -> float:
+    """When node `n`'s time to ACK routes `version` began: when it was sent them (a node
+    that connects late in a step gets its own `ack_timeout`); not sent yet (it has not
+    asked, or waits for its clusters): when it connected, or the publish if later."""
+    ts = n.types[ROUTE]
+    if ts.sent_version == version and ts.sent_at is not None:
+        return max(published, ts.sent_at)
+    return max(published, n.connected_since)
+
+
+def node_ack(n: NodeStatus, version: str, published: float) -> NodeAck:
+    """Node `n`'s standing on routes `version`, for the ACK gate."""
+    ts = n.types[ROUTE]
+    acked = ts.acked_version == version
+    return NodeAck(
+        n.node_id,
+        node_clock(n, version, published),
+        (ts.acked_at or published) if acked else None,
+        ts.nack_error if not acked and ts.nack_version == version else "",
+        n.identity,
+    )
+
+
+def _unknown_parts(text: str) -> tuple[str, str]:
+    """'NODE (why)' -> (NODE, why)."""
+    node, _, why = text.partition(" (")
+    return node, why.removesuffix(")")
 
 
 def tune_gc_for_many_streams() -> None:

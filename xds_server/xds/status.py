@@ -39,6 +39,7 @@ def clip(text: str, limit: int = ECHO_LIMIT, *, quote: bool = False) -> str:
 class TypeStatus:
     sent_version: str = ""
     sent_at: float | None = None
+    """When `sent_version` was first sent to the node (its time to ACK runs from there)."""
     acked_version: str = ""
     acked_at: float | None = None
     nack_version: str = ""
@@ -108,7 +109,9 @@ Listener = Callable[[NodeStatus], None]
 
 
 class NodeRegistry:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        """The wall clock its times are on (the rollout controller's; a test may skew both)."""
         self._nodes: dict[int, NodeStatus] = {}
         self._per_region: Counter[str] = Counter()
         self._next_id = 0
@@ -124,7 +127,7 @@ class NodeRegistry:
     ) -> NodeStatus:
         self._next_id += 1
         status = NodeStatus(
-            self._next_id, node_id, region, time.time(), listen, user_agent, identity
+            self._next_id, node_id, region, self.clock(), listen, user_agent, identity
         )
         self._nodes[status.stream_id] = status
         self._per_region[region] += 1
@@ -154,7 +157,11 @@ class NodeRegistry:
         self, status: NodeStatus, type_url: str, version: str, response: bytes = b""
     ) -> None:
         ts = status.types[type_url]
-        ts.sent_version, ts.sent_at, ts.sent_response = version, time.time(), response
+        if version != ts.sent_version or ts.sent_at is None:
+            # (A version sent again, a subscription's change, keeps its first send: the
+            # node's time to ACK it runs from there, `xds.acks`.)
+            ts.sent_at = self.clock()
+        ts.sent_version, ts.sent_response = version, response
 
     def record_subscription(self, status: NodeStatus, type_url: str, subscribed: bool) -> None:
         """The node now subscribes to some of the type (or all of it), or to none of it."""
@@ -162,7 +169,7 @@ class NodeRegistry:
 
     def record_ack(self, status: NodeStatus, type_url: str, version: str) -> None:
         ts = status.types[type_url]
-        ts.acked_version, ts.acked_at = version, time.time()
+        ts.acked_version, ts.acked_at = version, self.clock()
         log.debug(
             "ACK from %s region=%s type=%s version=%s",
             clip(status.node_id),
@@ -176,7 +183,7 @@ class NodeRegistry:
         """Record a NACK; its error is kept (and logged) cut to NACK_ERROR_LIMIT characters."""
         ts = status.types[type_url]
         error = clip(error, NACK_ERROR_LIMIT)
-        ts.nack_version, ts.nack_error, ts.nack_at = version, error, time.time()
+        ts.nack_version, ts.nack_error, ts.nack_at = version, error, self.clock()
         log.warning(
             "NACK from %s region=%s type=%s version=%s: %s",
             clip(status.node_id),
