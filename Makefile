@@ -16,7 +16,7 @@ MLSERVER_VENV ?= .venv-mlserver
 MLSERVER_REQS := hack/mlserver-requirements.txt
 MLSERVER_STAMP := $(MLSERVER_VENV)/.installed-$(shell cat $(MLSERVER_REQS) | md5sum | cut -c1-8)
 
-.PHONY: mlserver setup test lint fmt typecheck pytest demo bench clean prometheus kubectl openssl chromium etcd
+.PHONY: mlserver setup test lint fmt typecheck pytest demo bench clean prometheus kubectl openssl chromium etcd nftables
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -69,7 +69,15 @@ etcd:
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends etcd-server; }
 
-setup: $(STAMP) mlserver prometheus kubectl openssl chromium etcd
+# Debian's nftables (`nft`), for `lab run --netns` and tests/test_netns.py: the lab's
+# partitions are drop rules in its own network namespaces (issue 29).
+nftables:
+	@command -v nft >/dev/null 2>&1 || { \
+	  echo "installing Debian's nftables package"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends nftables; }
+
+setup: $(STAMP) mlserver prometheus kubectl openssl chromium etcd nftables
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -82,7 +90,8 @@ fmt: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# CI=1: tests/test_mlserver.py fails rather than skips when MLServer's venv is missing.
+# CI=1: tests/test_mlserver.py fails rather than skips when MLServer's venv is missing,
+# and tests/test_netns.py when namespaces or nftables are (CI runs as root).
 pytest: setup
 	CI=$${CI:-1} XDS_MLSERVER_VENV=$(abspath $(MLSERVER_VENV)) $(BIN)/pytest
 
