@@ -44,6 +44,7 @@ FAMILIES = {
     ("xds_rollout_signal_srm_p_value", "gauge", ("service", "region")),
     ("xds_rollout_signal_targets", "gauge", ("service", "region", "state")),
     ("xds_rollout_signal_trusted", "gauge", ("service", "region")),
+    ("xds_stragglers", "gauge", ("service", "region")),
     ("xds_store_unsaved_rollbacks", "gauge", ()),
     ("xds_store_writable", "gauge", ()),
     ("xds_store_write_failures", "counter", ()),

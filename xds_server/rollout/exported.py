@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from xds_server.rollout.commits import StoreHealth
 from xds_server.rollout.decide import Decision, EntryKind
 from xds_server.rollout.ports import Committed
-from xds_server.rollout.state import PHASE_GAUGES, PROGRESSING
+from xds_server.rollout.state import LIVE, PHASE_GAUGES, PROGRESSING
 from xds_server.spec import POOL_NAMES, MeshSpec
 from xds_server.traffic import TrafficState
 
@@ -106,6 +106,14 @@ class SignalMetrics:
             [*labels, "state"],
             registry=r,
         )
+        self.stragglers = Gauge(
+            "xds_stragglers",
+            "A region's stragglers (issue 28): nodes past ack_timeout without ACKing the "
+            "step's routes, or NACKing within nack_tolerance, while the ack_quorum holds; "
+            "left out of the analysis (0 once the region's rollout is over)",
+            labels,
+            registry=r,
+        )
         self.age = Gauge(
             "xds_rollout_signal_evidence_age_seconds",
             "Age of the oldest Envoy target's newest sample in Prometheus",
@@ -137,6 +145,10 @@ class SignalMetrics:
             if obs.nodes is not None:
                 for state, n in zip(("applied", "unknown", "lagging"), obs.nodes, strict=True):
                     self.nodes.labels(service, region, state).set(n)
+                self.stragglers.labels(service, region).set(len(obs.stragglers))
+        for region, rs in decision.state.regions.items():
+            if rs.phase not in LIVE:  # (promoted, rolled back: no step, no straggler)
+                self.stragglers.labels(service, region).set(0)
         for t in decision.transitions:
             if t.region is None or t.verdict is None or t.verdict.signals is None:
                 continue
