@@ -22,11 +22,16 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
+from prometheus_client import CollectorRegistry
 
 from tests.support import wait_for_async
 from tests.test_controller import ScriptedMetricSource
+from xds_server.admin.v1 import admin_pb2
+from xds_server.ctl_output import Status
 from xds_server.rollout.controller import RolloutController
 from xds_server.rollout.decision import EntryKind
+from xds_server.rollout.exported import RolloutMetrics
+from xds_server.rollout.ports import Committed
 from xds_server.rollout.state import PROMOTED, ROLLED_BACK, RolloutState
 from xds_server.rollout.store import Store
 from xds_server.spec import MeshSpec, validate_spec
@@ -167,6 +172,24 @@ class Recorder(ScriptedMetricSource):
         self.ever_excluded |= set(nodes)
 
 
+class Seen:
+    """A sink beside the controller: after each commit, the region's `xds_stragglers`
+    (the real `RolloutMetrics`) and the stragglers the admin API would show."""
+
+    def __init__(self, controller: RolloutController) -> None:
+        self.registry = CollectorRegistry()
+        self.metrics = RolloutMetrics(self.registry)
+        self.controller = controller
+        self.gauge: list[float | None] = []
+        self.named: set[str] = set()
+
+    def follow(self, event: Committed) -> None:
+        self.metrics.follow(event)
+        labels = {"service": SERVICE, "region": REGION}
+        self.gauge.append(self.registry.get_sample_value("xds_stragglers", labels))
+        self.named |= set(self.controller.observer.stragglers(SERVICE, REGION))
+
+
 class Rig:
     """A publisher on loopback, its nodes, and a controller over it."""
 
@@ -181,6 +204,8 @@ class Rig:
         )
         self.nodes: list[Node] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self.seen = Seen(self.controller)
+        self.controller.subscribe(self.seen)
 
     def clock(self) -> float:
         """The wall clock, `skew` ahead: the controller's and the publisher's."""
@@ -294,6 +319,8 @@ def test_quorum_lets_a_rollout_promote_past_a_node_that_never_acks(
     notes = [c for c in rig.checks() if "stragglers" in c]
     assert notes and straggler in notes[0] and "no ACK within 3s of its send" in notes[0], notes
     assert rig.metrics.ever_excluded == {straggler}
+    assert 1.0 in rig.seen.gauge and rig.seen.gauge[-1] == 0.0, rig.seen.gauge
+    assert {n.partition(" (")[0] for n in rig.seen.named} == {straggler}
     stored = rig.store.rollout(SERVICE, "v2")
     assert stored is not None and stored.phase == PROMOTED
 
@@ -384,3 +411,32 @@ def test_the_gate_starts_the_step_at_the_quorum_ack_and_names_stragglers() -> No
     assert full.applied_at is None and full.error is not None and "n9" in full.error
     rejoined = Applied("v", 109.0, 10, (*acks[:9], NodeAck("n9", 100.0, 109.0)))
     assert ack_gate(rejoined, 0.9, 0, ACK_TIMEOUT, 110.0).stragglers == ()
+
+
+def test_xdsctl_status_lists_the_stragglers() -> None:
+    """`xdsctl status` names each straggler with its region and why (table and JSON)."""
+    nodes = [
+        admin_pb2.Node(id="us-east-envoy-1", region=REGION, sync_state="SYNCED"),
+        admin_pb2.Node(
+            id="us-east-envoy-20",
+            region=REGION,
+            sync_state="STALE",
+            straggler="recommender: no ACK within 3s of its send",
+        ),
+    ]
+    status = Status(
+        "127.0.0.1:1",
+        nodes,
+        admin_pb2.ListRolloutsResponse(),
+        admin_pb2.GetIstioApplyStatusResponse(),
+        None,
+    )
+    table = status.table()
+    assert "STRAGGLER" in table and "us-east-envoy-20" in table and "within 3s" in table
+    assert status.document()["stragglers"] == [
+        {
+            "node": "us-east-envoy-20",
+            "region": REGION,
+            "why": "recommender: no ACK within 3s of its send",
+        }
+    ]

@@ -122,6 +122,10 @@ class Status:
                 for r in self.listed.rollouts
             ],
         }
+        if missed := self.stragglers():
+            data["stragglers"] = [
+                {"node": n.id, "region": n.region, "why": n.straggler} for n in missed
+            ]
         if store.known:
             data["store"] = to_dict(store)
         if self.istio.enabled:
@@ -160,9 +164,20 @@ class Status:
             if rollouts
             else "no rollouts"
         )
+        if missed := self.stragglers():
+            out.append(
+                render_table(
+                    ["STRAGGLER", "REGION", "WHY"],
+                    [(n.id, n.region, n.straggler[:80]) for n in missed],
+                )
+            )
         if self.istio.enabled:
             out.append(istio_table(self.istio.regions))
         return "\n\n".join(out)
+
+    def stragglers(self) -> list[pb.Node]:
+        """The nodes that missed a live rollout's step (issue 28)."""
+        return sorted((n for n in self.nodes if n.straggler), key=lambda n: (n.region, n.id))
 
 
 def replicas_table(listed: pb.ListReplicasResponse) -> str:
@@ -235,6 +250,7 @@ NODE_HEADERS = [
     "AGE",
     "LAST NACK",
     "IDENTITY",
+    "STRAGGLER",
 ]
 
 
@@ -257,6 +273,7 @@ def nodes_table(nodes: Iterable[pb.Node]) -> str:
                 ago(n.connected_since),
                 f"{nack.type}: {nack.nack_error[:60]}" if nack else "",
                 n.identity or "-",
+                n.straggler[:60],
             )
         )
     return render_table(NODE_HEADERS, rows)

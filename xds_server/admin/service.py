@@ -55,6 +55,7 @@ from xds_server.admin.views import (
     rollout_messages,
     service_rollout,
     store_message,
+    stragglers_by_node,
 )
 from xds_server.rollout.ports import StateStore
 from xds_server.rollout.state import RolloutState
@@ -168,7 +169,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     ) -> pb.ListNodesResponse:
         await self._check_region(context, request.region)
         nodes = self.server.nodes.nodes(request.region or None)
-        return pb.ListNodesResponse(nodes=[node_message(self.server, n) for n in nodes])
+        missed = stragglers_by_node(self.view)
+        return pb.ListNodesResponse(
+            nodes=[
+                node_message(self.server, n, missed.get((n.region, n.node_id), "")) for n in nodes
+            ]
+        )
 
     async def GetNodeConfig(
         self,

@@ -18,7 +18,7 @@ from xds_server.rollout.audit_codec import measurements_json, verdict_json, weig
 from xds_server.rollout.controller import RolloutController
 from xds_server.rollout.evidence import Verdict
 from xds_server.rollout.ports import Committed, StateStore
-from xds_server.rollout.state import RolloutState, region_split
+from xds_server.rollout.state import LIVE, RolloutState, region_split
 from xds_server.spec import MeshSpec
 from xds_server.xds.publisher import XdsPublisher
 from xds_server.xds.status import NodeStatus
@@ -146,16 +146,51 @@ def rollout_message(view: AdminView, state: RolloutState) -> admin_pb2.Rollout:
                 canary_percent=split["canary"],
                 manual=rs.manual_canary is not None,
                 latest_measurements_json=measured,
-                signals=signal_health(view, region, check.verdict if check else None),
+                signals=signal_health(
+                    view,
+                    region,
+                    check.verdict if check else None,
+                    stragglers(view, state.service, region),
+                ),
             )
         )
     return out
 
 
-def signal_health(view: AdminView, region: str, verdict: Verdict | None) -> admin_pb2.SignalHealth:
+def stragglers(view: AdminView, service: str, region: str) -> tuple[str, ...]:
+    """The nodes that missed the live step of `service` in `region` (issue 28), each
+    'NODE (why)', as the controller's last look saw them; () elsewhere (a follower, a
+    rollout over, a region not live)."""
+    controller = view.controller
+    state = controller.rollouts.get(service) if controller is not None else None
+    if controller is None or state is None:
+        return ()
+    rs = state.regions.get(region)
+    if rs is None or rs.phase not in LIVE:
+        return ()
+    return controller.observer.stragglers(service, region)
+
+
+def stragglers_by_node(view: AdminView) -> dict[tuple[str, str], str]:
+    """(region, node id) -> why it is a straggler of some live rollout (`stragglers`)."""
+    controller = view.controller
+    out: dict[tuple[str, str], str] = {}
+    for service, state in (controller.rollouts if controller is not None else {}).items():
+        for region in state.regions:
+            for entry in stragglers(view, service, region):
+                node, _, why = entry.partition(" (")
+                out.setdefault((region, node), f"{service}: {why.removesuffix(')')}")
+    return out
+
+
+def signal_health(
+    view: AdminView, region: str, verdict: Verdict | None, missed: Sequence[str] = ()
+) -> admin_pb2.SignalHealth:
     """A region's signal health: its nodes on the current routes (the deciding process's
-    data plane, which counts every replica's nodes), and what the latest check read."""
+    data plane, which counts every replica's nodes), its stragglers (`missed`), and what
+    the latest check read."""
     out = admin_pb2.SignalHealth(evidence_age_s=-1, srm_p_value=-1, trusted=True)
+    out.stragglers.extend(missed)
     controller = view.controller
     if controller is not None:
         applied, unknown, lagging = controller.dataplane.routes_applied(region).counts
@@ -182,7 +217,9 @@ def signal_health(view: AdminView, region: str, verdict: Verdict | None) -> admi
     return out
 
 
-def node_message(publisher: XdsPublisher, n: NodeStatus) -> admin_pb2.Node:
+def node_message(publisher: XdsPublisher, n: NodeStatus, straggler: str = "") -> admin_pb2.Node:
+    """A node as the admin API shows it; `straggler`: why it missed a live rollout's
+    step (`stragglers_by_node`), else ""."""
     snap = publisher.cache.get(n.region)
     current = {t: snap.type_version(t) if snap else "" for t in SEND_ORDER}
     types = []
@@ -213,6 +250,7 @@ def node_message(publisher: XdsPublisher, n: NodeStatus) -> admin_pb2.Node:
         stream_id=n.stream_id,
         identity=n.identity,
         client_type=n.client_type,
+        straggler=straggler,
     )
 
 

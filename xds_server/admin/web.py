@@ -46,6 +46,7 @@ from xds_server.admin.views import (
     rollout_message,
     service_rollout,
     store_message,
+    stragglers_by_node,
 )
 from xds_server.rollout.audit import AuditEntry, rollback_cause
 from xds_server.rollout.audit_codec import Doc, entry_doc
@@ -253,9 +254,10 @@ class Dashboard:
         }
 
     async def nodes(self, request: web.Request) -> web.StreamResponse:
+        missed = stragglers_by_node(self.view)
         nodes = [
-            to_json(node_message(self.view.publisher, node))
-            for node in self.view.publisher.nodes.nodes(None)
+            to_json(node_message(self.view.publisher, n, missed.get((n.region, n.node_id), "")))
+            for n in self.view.publisher.nodes.nodes(None)
         ]
         return web.json_response({"nodes": nodes})
 

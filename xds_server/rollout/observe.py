@@ -127,8 +127,9 @@ class Observer:
         self._health = HealthBook()
         self._scrapes: dict[tuple[str, str], Scrapes] = {}
         """(service, region): when the samples its last look read were scraped."""
-        self._stragglers: dict[tuple[str, str], set[str]] = {}
-        """(service, region): the stragglers its last look saw (their change is audited)."""
+        self._stragglers: dict[tuple[str, str], dict[str, str]] = {}
+        """(service, region): the stragglers its last look saw, node -> 'NODE (why)'
+        (a change of the set is audited)."""
         self._read_after: dict[tuple[str, str], float] = {}
         """(service, region): how long after its next look starts that look reads it
         (just after its scrape lands)."""
@@ -288,14 +289,19 @@ class Observer:
             applied_at=gate.applied_at, apply_unknown=gate.unknown, stragglers=gate.stragglers
         )
 
+    def stragglers(self, service: str, region: str) -> tuple[str, ...]:
+        """The region's stragglers as the service's last look saw them, 'NODE (why)'
+        (the admin API and the dashboard show them while the rollout is live)."""
+        return tuple(self._stragglers.get((service, region), {}).values())
+
     def _straggler_note(self, service: str, region: str, obs: Observation) -> Observation:
         """`obs` with the audit's note when the region's stragglers changed since the
         last look (named, and who rejoined)."""
         now = {s.partition(" (")[0]: s for s in obs.stragglers}
-        before = self._stragglers.get((service, region), set())
+        before = set(self._stragglers.get((service, region), {}))
+        self._stragglers[(service, region)] = now
         if set(now) == before:
             return obs
-        self._stragglers[(service, region)] = set(now)
         back = sorted(before - set(now))
         parts = [f"stragglers: {', '.join(now.values())}" if now else "stragglers: none"]
         if back:

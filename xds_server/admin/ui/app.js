@@ -305,6 +305,9 @@ function signalsPanel(reg) {
   const row = (name, value, bad) => h("tr", { "data-signal": name, class: bad ? "signal-bad" : "" },
     h("th", {}, name), h("td", {}, value));
   const rows = [row("nodes", nodes, s.nodes_known && (s.nodes_unknown > 0 || s.nodes_lagging > 0))];
+  // Stragglers (issue 28): nodes that missed the step while the ACK quorum holds.
+  const stragglers = s.stragglers || [];
+  if (stragglers.length) rows.push(row("stragglers", stragglers.join("; "), true));
   if (!s.read) {
     rows.push(row("evidence", "not read yet", false));
   } else {
@@ -389,7 +392,7 @@ function renderNodes(main) {
   main.appendChild(h("h1", {}, "Nodes"));
   const types = ["listener", "route", "cluster", "endpoint"];
   main.appendChild(h("table", { id: "nodes" },
-    h("tr", {}, ["node", "client", "region", "sync", "connected since", ...types, "NACK"].map((c) => h("th", {}, c))),
+    h("tr", {}, ["node", "client", "region", "sync", "connected since", ...types, "NACK", "straggler"].map((c) => h("th", {}, c))),
     nodes.map((n) => {
       const byType = Object.fromEntries(n.types.map((t) => [t.type, t]));
       const nacks = n.types.filter((t) => t.nack_error).map((t) => `${t.type}: ${t.nack_error}`);
@@ -401,7 +404,8 @@ function renderNodes(main) {
           const ts = byType[t];
           return h("td", { class: "num" }, ts ? `sent ${ts.sent_version || "-"} / acked ${ts.acked_version || "-"}` : "");
         }),
-        h("td", { class: "nack" }, nacks.join("; ")));
+        h("td", { class: "nack" }, nacks.join("; ")),
+        h("td", { class: "straggler" }, n.straggler || ""));
     })));
 }
 

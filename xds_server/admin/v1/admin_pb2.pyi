@@ -88,6 +88,7 @@ class Node(_message.Message):
     STREAM_ID_FIELD_NUMBER: _builtins.int
     IDENTITY_FIELD_NUMBER: _builtins.int
     CLIENT_TYPE_FIELD_NUMBER: _builtins.int
+    STRAGGLER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     region: _builtins.str
     connected_since: _builtins.float
@@ -100,6 +101,8 @@ class Node(_message.Message):
     """its client certificate's SPIFFE identity (xDS over mTLS)"""
     client_type: _builtins.str
     """envoy, grpc (a proxyless gRPC client), or its user agent's name"""
+    straggler: _builtins.str
+    """why it missed a live rollout's step (issue 28), else "" """
     @_builtins.property
     def types(self) -> _containers.RepeatedCompositeFieldContainer[Global___TypeStatus]: ...
     def __init__(
@@ -115,10 +118,11 @@ class Node(_message.Message):
         stream_id: _builtins.int = ...,
         identity: _builtins.str = ...,
         client_type: _builtins.str = ...,
+        straggler: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_type", b"client_type", "connected_since", b"connected_since", "id", b"id", "identity", b"identity", "listen", b"listen", "region", b"region", "stream_id", b"stream_id", "sync_state", b"sync_state", "types", b"types", "user_agent", b"user_agent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_type", b"client_type", "connected_since", b"connected_since", "id", b"id", "identity", b"identity", "listen", b"listen", "region", b"region", "straggler", b"straggler", "stream_id", b"stream_id", "sync_state", b"sync_state", "types", b"types", "user_agent", b"user_agent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -282,6 +286,7 @@ class SignalHealth(_message.Message):
     CANARY_ROUTED_PERCENT_FIELD_NUMBER: _builtins.int
     CANARY_CONFIGURED_PERCENT_FIELD_NUMBER: _builtins.int
     TRUSTED_FIELD_NUMBER: _builtins.int
+    STRAGGLERS_FIELD_NUMBER: _builtins.int
     nodes_known: _builtins.bool
     """false: the data plane was not asked (a follower)"""
     nodes_applied: _builtins.int
@@ -308,6 +313,10 @@ class SignalHealth(_message.Message):
     canary_configured_percent: _builtins.float
     trusted: _builtins.bool
     """the latest verdict was not held on its evidence"""
+    @_builtins.property
+    def stragglers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """nodes that missed the step (issue 28): 'NODE (why)'"""
+
     def __init__(
         self,
         *,
@@ -327,10 +336,11 @@ class SignalHealth(_message.Message):
         canary_routed_percent: _builtins.float = ...,
         canary_configured_percent: _builtins.float = ...,
         trusted: _builtins.bool = ...,
+        stragglers: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary_configured_percent", b"canary_configured_percent", "canary_routed_percent", b"canary_routed_percent", "evidence_age_s", b"evidence_age_s", "nodes_applied", b"nodes_applied", "nodes_known", b"nodes_known", "nodes_lagging", b"nodes_lagging", "nodes_unknown", b"nodes_unknown", "problem", b"problem", "read", b"read", "resets", b"resets", "scrape_interval_s", b"scrape_interval_s", "srm_note", b"srm_note", "srm_p_value", b"srm_p_value", "targets", b"targets", "targets_up", b"targets_up", "trusted", b"trusted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary_configured_percent", b"canary_configured_percent", "canary_routed_percent", b"canary_routed_percent", "evidence_age_s", b"evidence_age_s", "nodes_applied", b"nodes_applied", "nodes_known", b"nodes_known", "nodes_lagging", b"nodes_lagging", "nodes_unknown", b"nodes_unknown", "problem", b"problem", "read", b"read", "resets", b"resets", "scrape_interval_s", b"scrape_interval_s", "srm_note", b"srm_note", "srm_p_value", b"srm_p_value", "stragglers", b"stragglers", "targets", b"targets", "targets_up", b"targets_up", "trusted", b"trusted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
