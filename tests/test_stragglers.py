@@ -31,6 +31,7 @@ from xds_server.ctl_output import Status
 from xds_server.rollout.controller import RolloutController
 from xds_server.rollout.decision import EntryKind
 from xds_server.rollout.exported import RolloutMetrics
+from xds_server.rollout.metrics import PrometheusSource
 from xds_server.rollout.ports import Committed
 from xds_server.rollout.state import PROMOTED, ROLLED_BACK, RolloutState
 from xds_server.rollout.store import Store
@@ -440,3 +441,17 @@ def test_xdsctl_status_lists_the_stragglers() -> None:
             "why": "recommender: no ACK within 3s of its send",
         }
     ]
+
+
+def test_the_analysis_leaves_excluded_nodes_series_out_by_their_node_label() -> None:
+    """Every `region="R"` matcher of a query gets `node!~"..."` for R's excluded nodes
+    (each id a regex literal), and no other region's (not one whose name R begins);
+    an empty set puts every node back."""
+    source = PrometheusSource("http://127.0.0.1:1")
+    source.exclude_nodes(REGION, ["us-east-envoy-20", "odd.node"])
+    query = 'sum(x{region="us-east",a="b"}) + sum(x{region="us-east-2"}) and up{region="us-east"}'
+    scoped = source.scoped(query)
+    matcher = 'node!~"odd\\\\.node|us-east-envoy-20"'
+    assert scoped.count(matcher) == 2 and 'x{region="us-east-2"}' in scoped, scoped
+    source.exclude_nodes(REGION, ())
+    assert source.scoped(query) == query

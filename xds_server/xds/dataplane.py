@@ -97,8 +97,13 @@ class Rejected:
 
     @property
     def counts(self) -> tuple[int, int, int]:
-        """(applied, unknown, lagging) nodes: not known once one rejected the routes."""
-        return 0, 0, 1
+        """(applied, unknown, lagging) nodes (NACKing ones lag); without `acks`, not
+        known once one rejected the routes."""
+        if not self.acks:
+            return 0, 0, 1
+        applied = sum(a.acked_at is not None for a in self.acks)
+        unknown = sum(bool(a.unknown) for a in self.acks)
+        return applied, unknown, len(self.acks) - applied - unknown
 
 
 RouteStatus = Applied | Pending | Rejected
