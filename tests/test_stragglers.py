@@ -11,8 +11,10 @@ every send and ACK keeps its real time; every wait polls (`wait_for_async`).
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 from prometheus_client import CollectorRegistry
 
-from tests.support import wait_for_async
+from tests.support import wait_for, wait_for_async
 from tests.test_controller import ScriptedMetricSource
 from xds_server.admin.v1 import admin_pb2
 from xds_server.ctl_output import Status
@@ -455,3 +457,61 @@ def test_the_analysis_leaves_excluded_nodes_series_out_by_their_node_label() -> 
     assert scoped.count(matcher) == 2 and 'x{region="us-east-2"}' in scoped, scoped
     source.exclude_nodes(REGION, ())
     assert source.scoped(query) == query
+
+
+def test_a_real_prometheus_reads_without_the_excluded_nodes(tmp_path: Path) -> None:
+    """Two Envoy-like targets of one region, scraped by a real Prometheus with `region`
+    and `node` target labels (as the lab scrapes Envoys): the pool's hosts read 1 + 100
+    with every node, 1 once node b (a straggler) is excluded, 101 again once it rejoins."""
+    from xds_server.lab.procs import free_port
+    from xds_server.lab.prometheus import Prometheus, ScrapeTarget
+
+    hosts = {"a": 1, "b": 100}
+    servers = []
+    for node, n in hosts.items():
+        body = (
+            "# TYPE envoy_cluster_membership_total gauge\n"
+            f'envoy_cluster_membership_total{{envoy_cluster_name="{SERVICE}|canary"}} {n}\n'
+        ).encode()
+
+        class Stats(BaseHTTPRequestHandler):
+            payload = body
+
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.end_headers()
+                self.wfile.write(self.payload)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Stats)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append((node, server))
+    targets = [
+        ScrapeTarget(
+            f"127.0.0.1:{s.server_port}", "/stats/prometheus", {"region": REGION, "node": node}
+        )
+        for node, s in servers
+    ]
+    prometheus = Prometheus(tmp_path / "prometheus", free_port(), targets)
+    source = PrometheusSource(prometheus.url)
+    plan = make_spec().service(SERVICE).rollout
+    canary = f"{SERVICE}|canary"
+
+    def hosts_read() -> float:
+        return asyncio.run(source.pool_health(plan, REGION, canary))[0]
+
+    try:
+        prometheus.wait_ready()
+        wait_for(lambda: hosts_read() == 101, "both targets scraped")
+        source.exclude_nodes(REGION, ["b"])
+        assert hosts_read() == 1
+        source.exclude_nodes(REGION, ())
+        assert hosts_read() == 101
+    finally:
+        prometheus.stop()
+        for _, server in servers:
+            server.shutdown()
+            server.server_close()
