@@ -42,6 +42,7 @@ from xds_server.xds.acks import ack_gate, quorum_of
 from xds_server.xds.dataplane import Applied, NodeAck, Pending
 from xds_server.xds.publisher import XdsPublisher
 from xds_server.xds.resources import ROUTE_CONFIG_NAME
+from xds_server.xds.status import NodeRegistry
 from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 REGION = "us-east"
@@ -515,3 +516,20 @@ def test_a_real_prometheus_reads_without_the_excluded_nodes(tmp_path: Path) -> N
         for _, server in servers:
             server.shutdown()
             server.server_close()
+
+
+def test_a_node_that_reconnects_keeps_its_time_to_ack() -> None:
+    """A node's time to ACK routes runs from when it (by id) was first sent them, over
+    its streams: one that reconnects again and again without ever ACKing is not given a
+    fresh ack_timeout each time; new routes start a new one."""
+    now = [100.0]
+    registry = NodeRegistry(lambda: now[0])
+    first = registry.connect("n1", REGION)
+    registry.record_sent(first, ROUTE, "v1")
+    registry.disconnect(first, "stream ended")
+    now[0] = 105.0
+    again = registry.connect("n1", REGION)
+    registry.record_sent(again, ROUTE, "v1")
+    assert again.types[ROUTE].sent_at == 100.0
+    registry.record_sent(again, ROUTE, "v2")
+    assert again.types[ROUTE].sent_at == 105.0

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from xds_server.xds.types import SEND_ORDER, short
+from xds_server.xds.types import ROUTE, SEND_ORDER, short
 
 log = logging.getLogger("xds_server.status")
 
@@ -116,6 +116,10 @@ class NodeRegistry:
         self._per_region: Counter[str] = Counter()
         self._next_id = 0
         self._listeners: list[Listener] = []
+        self._routes_first_sent: dict[tuple[str, str], tuple[str, float]] = {}
+        """(region, node id) -> (routes version, when that node was first sent it, on
+        any of its streams): a node that reconnects keeps its time to ACK the routes
+        (a node flapping without ever ACKing must not hold a step forever)."""
 
     def connect(
         self,
@@ -161,7 +165,24 @@ class NodeRegistry:
             # (A version sent again, a subscription's change, keeps its first send: the
             # node's time to ACK it runs from there, `xds.acks`.)
             ts.sent_at = self.clock()
+            if type_url == ROUTE:
+                ts.sent_at = self._first_route_send(status, version, ts.sent_at)
         ts.sent_version, ts.sent_response = version, response
+
+    def _first_route_send(self, status: NodeStatus, version: str, now: float) -> float:
+        """When this node (by id, over its streams) was first sent routes `version`.
+        The memory is kept to the connected nodes when it grows past twice their number."""
+        key = (status.region, status.node_id)
+        first = self._routes_first_sent.get(key)
+        if first is not None and first[0] == version:
+            return first[1]
+        self._routes_first_sent[key] = (version, now)
+        if len(self._routes_first_sent) > 2 * len(self._nodes) + 1_000:
+            live = {(n.region, n.node_id) for n in self._nodes.values()}
+            self._routes_first_sent = {
+                k: v for k, v in self._routes_first_sent.items() if k in live
+            }
+        return now
 
     def record_subscription(self, status: NodeStatus, type_url: str, subscribed: bool) -> None:
         """The node now subscribes to some of the type (or all of it), or to none of it."""
