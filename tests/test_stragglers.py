@@ -38,6 +38,7 @@ from xds_server.rollout.ports import Committed
 from xds_server.rollout.state import PROMOTED, ROLLED_BACK, RolloutState
 from xds_server.rollout.store import Store
 from xds_server.spec import MeshSpec, validate_spec
+from xds_server.spec.model import SpecError
 from xds_server.xds.acks import ack_gate, quorum_of
 from xds_server.xds.dataplane import Applied, NodeAck, Pending
 from xds_server.xds.publisher import XdsPublisher
@@ -533,3 +534,28 @@ def test_a_node_that_reconnects_keeps_its_time_to_ack() -> None:
     assert again.types[ROUTE].sent_at == 100.0
     registry.record_sent(again, ROUTE, "v2")
     assert again.types[ROUTE].sent_at == 105.0
+
+
+@pytest.mark.parametrize(
+    ("rollout", "problem"),
+    [
+        ({"ack_quorum": 0}, "rollout.ack_quorum: expected a share of the region's nodes above 0"),
+        ({"ack_quorum": "150%"}, "rollout.ack_quorum: expected a share"),
+        ({"ack_quorum": 0.9, "nack_tolerance": -1}, "rollout.nack_tolerance: expected a whole"),
+        (
+            {"nack_tolerance": 1},
+            "rollout.nack_tolerance: tolerating NACKs needs ack_quorum below 1",
+        ),
+    ],
+)
+def test_bad_quorum_settings_are_named(rollout: dict[str, Any], problem: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        make_spec(**rollout)
+    assert problem in str(caught.value)
+
+
+def test_quorum_settings_parse() -> None:
+    plan = make_spec(ack_quorum="90%", nack_tolerance=2).service(SERVICE).rollout
+    assert (plan.ack_quorum, plan.nack_tolerance) == (0.9, 2)
+    default = make_spec().service(SERVICE).rollout
+    assert (default.ack_quorum, default.nack_tolerance) == (1.0, 0)
