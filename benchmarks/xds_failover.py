@@ -110,14 +110,19 @@ class Mesh:
         return sorted(out.values())
 
 
-def behind_relays(mesh: LocalMesh, replica: str) -> list[Relay]:
-    """Restart `replica` with its store reached through a relay per etcd member."""
+def behind_relays(
+    mesh: LocalMesh, replica: str, moved: Callable[[], bool] = lambda: True
+) -> list[Relay]:
+    """Restart `replica` with its store reached through a relay per etcd member, once
+    `moved` says its Envoys left it (else an Envoy whose health check had not yet seen
+    it stop reconnects to it, and the runs start with streams on both replicas)."""
     assert mesh.processes.etcd is not None
     relays = [Relay(("127.0.0.1", m.client_port)) for m in mesh.processes.etcd.members]
     old = mesh.processes.replicas[replica]
     argv = list(old.argv)
     argv[argv.index("--store") + 1] = "etcd://" + ",".join(r.address for r in relays)
     old.stop()
+    wait_for(moved, f"every Envoy off {replica}", timeout=30)
     log = old.log_path.with_name(old.log_path.stem + "-relayed.log")
     mesh.processes.replicas[replica] = Process(old.name, argv, log)
     return relays
@@ -182,12 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     with LocalMesh(workdir / "mesh", opts) as mesh:
         first, second = REGIONS
-        relays = behind_relays(mesh, second)
         m = Mesh(mesh)
+        envoys = mesh.processes.envoys
+        relays = behind_relays(mesh, second, lambda: all(m.synced_on(e, first) for e in envoys))
         try:
             wait_for(lambda: m.serving(second), f"{second} SERVING", timeout=30)
             load = mesh.processes.start_load(3600)
-            for envoy in mesh.processes.envoys:  # (all on the first: the second restarted)
+            for envoy in envoys:  # (all on the first: the second restarted after they left)
                 wait_for(lambda e=envoy: m.synced_on(e, first), "placement", timeout=30)
             for i in range(args.runs):
                 result = run_once(m, first, second, relays)
