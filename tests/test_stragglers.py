@@ -406,15 +406,17 @@ def test_quorum_counts_whole_nodes() -> None:
 
 
 def test_the_gate_starts_the_step_at_the_quorum_ack_and_names_stragglers() -> None:
-    acks = (*(NodeAck(f"n{i}", 100.0, 100.0 + i) for i in range(9)), NodeAck("n9", 100.0))
-    status = Pending("v", 100.0, ("n9",), applied=9, acks=acks)
+    times = tuple(100.0 + i for i in range(9))
+    status = Pending(
+        "v", 100.0, ("n9",), applied=9, acked_times=times, holdouts=(NodeAck("n9", 100.0),)
+    )
     early = ack_gate(status, 0.9, 0, ACK_TIMEOUT, 102.0)
     assert early.applied_at == 108.0 and early.stragglers == () and early.excluded == ("n9",)
     late = ack_gate(status, 0.9, 0, ACK_TIMEOUT, 104.0)
     assert late.applied_at == 108.0 and late.stragglers == ("n9 (no ACK within 3s of its send)",)
     full = ack_gate(status, 1.0, 0, ACK_TIMEOUT, 104.0)
     assert full.applied_at is None and full.error is not None and "n9" in full.error
-    rejoined = Applied("v", 109.0, 10, (*acks[:9], NodeAck("n9", 100.0, 109.0)))
+    rejoined = Applied("v", 109.0, 10, (*times, 109.0))
     assert ack_gate(rejoined, 0.9, 0, ACK_TIMEOUT, 110.0).stragglers == ()
 
 

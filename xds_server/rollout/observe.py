@@ -177,12 +177,7 @@ class Observer:
                     pending[asyncio.create_task(self._warmup(svc, state, region))] = region
                 continue
             obs = out[region] = self._straggler_note(
-                svc.name,
-                region,
-                replace(
-                    self.applied(region, svc.rollout, now),
-                    nodes=self.dataplane.routes_applied(region).counts,
-                ),
+                svc.name, region, self.applied(region, svc.rollout, now)
             )
             if self.dataplane.pool_hosts(region, cluster_name(svc.name, "canary")) == 0:
                 # Every host of the canary is gone (registered instances whose leases
@@ -277,16 +272,22 @@ class Observer:
         """Has the region's quorum of Envoys (`ack_quorum`) ACKed the routes that carry
         the current weights, each within `ack_timeout` of its own send (`xds.acks`)?
         Nodes not applied are left out of the analysis where the source can
-        (`NodeFilter`); those that missed the step are the observation's stragglers."""
+        (`NodeFilter`); those that missed the step are the observation's stragglers;
+        its `nodes` are the applied / unknown / lagging counts (signal health)."""
         status = self.dataplane.routes_applied(region)
         gate = ack_gate(status, plan.ack_quorum, plan.nack_tolerance, plan.ack_timeout, now)
         if isinstance(self.metrics, NodeFilter):
             self.metrics.exclude_nodes(region, gate.excluded)
         if gate.error is not None:
-            return Observation(apply_error=gate.error, stragglers=gate.stragglers)
+            return Observation(
+                apply_error=gate.error, stragglers=gate.stragglers, nodes=status.counts
+            )
         # Not known to route by the step's weights: no evidence, neither way.
         return Observation(
-            applied_at=gate.applied_at, apply_unknown=gate.unknown, stragglers=gate.stragglers
+            applied_at=gate.applied_at,
+            apply_unknown=gate.unknown,
+            stragglers=gate.stragglers,
+            nodes=status.counts,
         )
 
     def stragglers(self, service: str, region: str) -> tuple[str, ...]:

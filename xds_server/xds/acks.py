@@ -18,6 +18,7 @@ With the defaults (quorum 1.0, no NACK tolerated) this is the gate of every node
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,20 +58,21 @@ def ack_gate(
     status: RouteStatus, quorum: float, nack_tolerance: int, ack_timeout: float, now: float
 ) -> Gate:
     """The gate over `status` (see the module's docstring); `now` on the wall clock."""
-    if not status.acks:
+    if not status.acked_times and not status.holdouts:
         return _coarse(status, ack_timeout, now)
-    acks = status.acks
-    need = quorum_of(len(acks), quorum)
-    acked = sorted(a.acked_at for a in acks if a.acked_at is not None)
-    nacks = [a for a in acks if a.nack and a.acked_at is None]
-    silent = [a for a in acks if a.acked_at is None and not a.nack]
+    held = status.holdouts
+    total = len(status.acked_times) + len(held)
+    need = quorum_of(total, quorum)
+    applied = len(status.acked_times)
+    nacks = [a for a in held if a.nack]
+    silent = [a for a in held if not a.nack]
     late = [a for a in silent if now - a.since > ack_timeout]
     waiting = [a for a in silent if now - a.since <= ack_timeout]
     stragglers = tuple(
         [f"{_who(a)} (rejected routes {status.version}: {a.nack})" for a in nacks]
         + [f"{a.node} ({_late_why(a, ack_timeout)})" for a in late]
     )
-    excluded = tuple(a.node for a in acks if a.acked_at is None)
+    excluded = tuple(a.node for a in held)
     if len(nacks) > nack_tolerance:
         first = nacks[0]
         more = len(nacks) - 1
@@ -79,9 +81,10 @@ def ack_gate(
         )
         error = f"Envoy {_who(first)} rejected routes {status.version}: {first.nack}{tail}"
         return Gate(error=error, stragglers=stragglers, excluded=excluded)
-    if len(acked) >= need:
-        return Gate(applied_at=acked[need - 1], stragglers=stragglers, excluded=excluded)
-    if len(acked) + len(waiting) >= need:  # the quorum may still ACK: hold
+    if applied >= need:
+        at = _nth_smallest(status.acked_times, need)
+        return Gate(applied_at=at, stragglers=stragglers, excluded=excluded)
+    if applied + len(waiting) >= need:  # the quorum may still ACK: hold
         unknown = [a for a in waiting if a.unknown]
         note = None
         if unknown:
@@ -90,7 +93,7 @@ def ack_gate(
     error = f"no ACK of routes {status.version} within {ack_timeout:g}s ({_listing(late)})"
     if quorum < 1 or nacks:
         error += (
-            f": quorum {need} of {len(acks)} nodes out of reach ({len(acked)} applied"
+            f": quorum {need} of {total} nodes out of reach ({applied} applied"
             + (f", {len(nacks)} NACKing" if nacks else "")
             + ")"
         )
@@ -116,6 +119,15 @@ def _coarse(status: RouteStatus, ack_timeout: float, now: float) -> Gate:
         return Gate()
     assert isinstance(status, Applied)
     return Gate(applied_at=status.at)
+
+
+def _nth_smallest(times: Sequence[float], n: int) -> float:
+    """The n-th (from 1) smallest of `times`: the ACK that made the quorum. A quorum
+    near 1 needs only the few largest (heapq), not a sort of the whole fleet."""
+    rest = len(times) - n + 1
+    if rest <= 64:
+        return heapq.nlargest(rest, times)[-1]
+    return sorted(times)[n - 1]
 
 
 def _who(a: NodeAck) -> str:

@@ -5,24 +5,22 @@ ADS; controller tests use an in-memory double."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from xds_server.traffic import TrafficState
 from xds_server.xds.status import NodeStatus
 
 
-@dataclass(frozen=True)
-class NodeAck:
-    """One node's standing on its region's current routes: what the ACK gate weighs
-    (`xds.acks.ack_gate`: quorum, stragglers, each node's own clock)."""
+class NodeAck(NamedTuple):
+    """A node that has not ACKed (or is not known to have ACKed) its region's current
+    routes: what the ACK gate weighs of it (`xds.acks.ack_gate`: quorum, stragglers,
+    each node's own clock). The nodes that did ACK are only their ACK times."""
 
     node: str
     since: float
     """When the node's time to ACK these routes began: when it was sent them (if not
     yet: when it connected or they were published, the later); for an unknown node,
     when it went unknown (or the publish, the later)."""
-    acked_at: float | None = None
-    """When it ACKed these routes; None: it has not (or is not known to have)."""
     nack: str = ""
     """Its NACK of these routes (the error), else "": it keeps its last good config."""
     identity: str = ""
@@ -39,8 +37,11 @@ class Applied:
     at: float
     """When the last of them ACKed (the publish time when no node is connected)."""
     nodes: int
-    acks: tuple[NodeAck, ...] = field(default=(), repr=False)
-    """Each node's standing (empty from a data plane that does not tell)."""
+    acked_times: tuple[float, ...] = field(default=(), repr=False)
+    """When each node that ACKed these routes did (empty from a data plane that does
+    not tell: then `holdouts` is too)."""
+    holdouts: tuple[NodeAck, ...] = field(default=(), repr=False)
+    """Every other node's standing (`xds.acks`)."""
 
     @property
     def counts(self) -> tuple[int, int, int]:
@@ -66,8 +67,11 @@ class Pending:
     applied; they are waited for until seen applying the routes on some replica."""
     applied: int = 0
     """Nodes seen that have ACKed these routes."""
-    acks: tuple[NodeAck, ...] = field(default=(), repr=False)
-    """Each node's standing (empty from a data plane that does not tell)."""
+    acked_times: tuple[float, ...] = field(default=(), repr=False)
+    """When each node that ACKed these routes did (empty from a data plane that does
+    not tell: then `holdouts` is too)."""
+    holdouts: tuple[NodeAck, ...] = field(default=(), repr=False)
+    """Every other node's standing (`xds.acks`)."""
 
     @property
     def counts(self) -> tuple[int, int, int]:
@@ -85,25 +89,28 @@ class Pending:
 @dataclass(frozen=True)
 class Rejected:
     """A node NACKed the current routes: it keeps serving its last good config (the
-    first one; `acks` has every node, NACKs tolerated or not: `xds.acks`)."""
+    first one; `holdouts` has every node that did not ACK, NACKs tolerated or not:
+    `xds.acks`)."""
 
     version: str
     node: str
     error: str
     identity: str = ""
     """The node's certificate identity (xDS over mTLS), else ""."""
-    acks: tuple[NodeAck, ...] = field(default=(), repr=False)
-    """Each node's standing (empty from a data plane that does not tell)."""
+    acked_times: tuple[float, ...] = field(default=(), repr=False)
+    """When each node that ACKed these routes did (empty from a data plane that does
+    not tell: then `holdouts` is too)."""
+    holdouts: tuple[NodeAck, ...] = field(default=(), repr=False)
+    """Every other node's standing (`xds.acks`)."""
 
     @property
     def counts(self) -> tuple[int, int, int]:
-        """(applied, unknown, lagging) nodes (NACKing ones lag); without `acks`, not
-        known once one rejected the routes."""
-        if not self.acks:
+        """(applied, unknown, lagging) nodes (NACKing ones lag); without the nodes'
+        standing, not known once one rejected the routes."""
+        if not self.holdouts:
             return 0, 0, 1
-        applied = sum(a.acked_at is not None for a in self.acks)
-        unknown = sum(bool(a.unknown) for a in self.acks)
-        return applied, unknown, len(self.acks) - applied - unknown
+        unknown = sum(bool(a.unknown) for a in self.holdouts)
+        return len(self.acked_times), unknown, len(self.holdouts) - unknown
 
 
 RouteStatus = Applied | Pending | Rejected

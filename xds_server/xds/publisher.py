@@ -358,21 +358,33 @@ def judge_routes(
     `ack_timeout` counts from, `NodeAck.since`) starts when that node was sent the
     routes (`node_clock`); an unknown node's at the publish, or when the first went
     unknown if that is later. `Pending.since` is the earliest clock of a node held for.
-    Every status carries each node's standing (`acks`) for the ACK gate (`xds.acks`)."""
+    Every status carries the ACK times and the other nodes' standing for the ACK gate
+    (`xds.acks`)."""
     nodes = list(nodes)
+    acked: list[float] = []
+    holdouts: list[NodeAck] = []
+    nack: NodeStatus | None = None
+    for n in nodes:  # (one pass: a fleet's thousands of nodes at every look)
+        ts = n.types[ROUTE]
+        if ts.acked_version == version:
+            acked.append(ts.acked_at or published)
+            continue
+        error = ts.nack_error if ts.nack_version == version else ""
+        if error and nack is None:
+            nack = n
+        since = node_clock(n, version, published)
+        holdouts.append(NodeAck(n.node_id, since, error, n.identity))
+    lagging = tuple(a.node for a in holdouts)
     lost = max(published, unknown_since) if unknown_since is not None else published
-    acks = tuple(node_ack(n, version, published) for n in nodes) + tuple(
-        NodeAck(node, lost, unknown=why) for node, why in map(_unknown_parts, unknown)
-    )
-    for n, a in zip(nodes, acks, strict=False):
-        if a.nack:
-            return Rejected(version, n.node_id, a.nack, n.identity, acks)
-    lagging = tuple(a.node for a in acks[: len(nodes)] if a.acked_at is None)
-    if lagging or unknown:
-        since = min(a.since for a in acks if a.acked_at is None)
-        return Pending(version, since, lagging, unknown, len(nodes) - len(lagging), acks)
-    acked = [a.acked_at for a in acks if a.acked_at is not None]
-    return Applied(version, max([published, *acked]), len(nodes), acks)
+    holdouts.extend(NodeAck(node, lost, unknown=why) for node, why in map(_unknown_parts, unknown))
+    times, held = tuple(acked), tuple(holdouts)
+    if nack is not None:
+        ts = nack.types[ROUTE]
+        return Rejected(version, nack.node_id, ts.nack_error, nack.identity, times, held)
+    if held:
+        since = min(a.since for a in held)
+        return Pending(version, since, lagging, unknown, len(acked), times, held)
+    return Applied(version, max([published, *acked]), len(nodes), times, held)
 
 
 def node_clock(n: NodeStatus, version: str, published: float) -> float:
@@ -383,19 +395,6 @@ def node_clock(n: NodeStatus, version: str, published: float) -> float:
     if ts.sent_version == version and ts.sent_at is not None:
         return max(published, ts.sent_at)
     return max(published, n.connected_since)
-
-
-def node_ack(n: NodeStatus, version: str, published: float) -> NodeAck:
-    """Node `n`'s standing on routes `version`, for the ACK gate."""
-    ts = n.types[ROUTE]
-    acked = ts.acked_version == version
-    return NodeAck(
-        n.node_id,
-        node_clock(n, version, published),
-        (ts.acked_at or published) if acked else None,
-        ts.nack_error if not acked and ts.nack_version == version else "",
-        n.identity,
-    )
 
 
 def _unknown_parts(text: str) -> tuple[str, str]:
