@@ -257,7 +257,7 @@ def test_bootstrap_lists_the_xds_servers_in_priority_order(
     options = cluster["typed_extension_protocol_options"]
     (http,) = options.values()
     keepalive = http["explicit_http_config"]["http2_protocol_options"]["connection_keepalive"]
-    assert keepalive == {"interval": "1s", "timeout": "1s"}
+    assert keepalive == {"interval": "0.5s", "timeout": "0.5s"}
 
     # One server: one endpoint, the same check (it steps aside when it loses the store).
     code, out, _ = run([*argv, "--xds-address", "127.0.0.1:1"], capsys)

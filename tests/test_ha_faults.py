@@ -38,9 +38,10 @@ INTERVAL = 1.0
 """The plan's decision interval (FAST_PLAN's `interval`)."""
 STEP_SECONDS = 3.0
 """FAST_PLAN's `step_duration`."""
-KEEPALIVE_TIMEOUT = 1.0
-"""A frozen replica keeps its Envoys for this long at least: their bootstrap's gRPC
-health check of it times out after 1 s (and its HTTP/2 PINGs go unanswered for 1 s);
+KEEPALIVE_TIMEOUT = 0.5
+"""A frozen replica keeps its Envoys for this long at least: their HTTP/2 PINGs to it go
+unanswered for 0.5 s before the stream is dropped (and its gRPC health check times out
+after 1 s);
 then they move on to the next server of their bootstrap (about 2 to 3 s, measured by
 benchmarks/xds_failover.py)."""
 TWO = ("us-east", "eu-west")
