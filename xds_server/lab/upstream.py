@@ -412,13 +412,15 @@ def main() -> None:
     if a.register:
         # Where Envoy sends: the gRPC port when there is one. The baseline is production's
         # version: registered for the baseline pool only.
-        port = a.grpc_port or a.port
+        # Its own address, bound (a lab's namespace), else loopback.
+        host = a.host if a.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        address = f"{host}:{a.grpc_port or a.port}"
         pool = a.pool if a.pool in ("baseline", "production") else ""
         threading.Thread(
             target=asyncio.run,
             args=(
                 _stay_registered(
-                    a.register, a.service, a.version, a.region, port, a.register_ttl, pool
+                    a.register, a.service, a.version, a.region, address, a.register_ttl, pool
                 ),
             ),
             name="registration",
@@ -428,11 +430,11 @@ def main() -> None:
 
 
 async def _stay_registered(
-    store: str, service: str, version: str, region: str, port: int, ttl: float, pool: str
+    store: str, service: str, version: str, region: str, address: str, ttl: float, pool: str
 ) -> None:
     """The three lines a model server needs to be found: register, and stay registered
     while it runs (the lease goes with the process)."""
-    async with registered(store, service, version, region, f"127.0.0.1:{port}", ttl=ttl, pool=pool):
+    async with registered(store, service, version, region, address, ttl=ttl, pool=pool):
         await asyncio.Event().wait()
 
 
