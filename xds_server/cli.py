@@ -322,6 +322,7 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
         proxyless=args.proxyless,
         ha=args.ha,
         models=args.models,
+        netns=args.netns,
     )
 
 
@@ -526,8 +527,17 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="who serves the pools: the lab's built-in model servers (fault knobs) or a "
         "real MLServer per pool with scikit-learn models (`make mlserver` installs it)",
     )
+    run.add_argument(
+        "--netns",
+        action="store_true",
+        help="each region in a network namespace of its own, Prometheus and the operator's "
+        "side in another, joined by a bridge (needs root; without it: on loopback, as "
+        "the lab says)",
+    )
     run.set_defaults(func=cmd_lab_run)
-    down = lab_sub.add_parser("down", help="stop a lab left running with --keep")
+    down = lab_sub.add_parser(
+        "down", help="stop a lab left running with --keep (and remove its namespaces)"
+    )
     down.add_argument("--out", metavar="DIR", help="the lab's folder (default: the last one)")
     down.set_defaults(func=cmd_lab_down)
 

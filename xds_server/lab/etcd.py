@@ -1,11 +1,15 @@
 """A real etcd cluster on loopback (Debian's `etcd-server`, etcd 3.4): the lab's and the
 tests' store for replicas. Each member is its own process with its own data directory,
-so a test can kill, pause or restart one."""
+so a test can kill, pause or restart one. In a lab with namespaces (issue 29) each
+member has a `Place`: the address it binds and the namespace it runs in (a region's own
+member, cut off with its region)."""
 
 from __future__ import annotations
 
 import shutil
 import signal
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from xds_server.lab.polling import wait_for
@@ -23,21 +27,37 @@ def etcd_binary() -> str:
     return found
 
 
+@dataclass(frozen=True)
+class Place:
+    """Where a member runs: the address it binds (client and peer URLs) and its
+    command's prefix (`ip netns exec NS`, or nothing)."""
+
+    host: str = "127.0.0.1"
+    wrap: tuple[str, ...] = field(default=())
+
+
 class EtcdMember:
-    def __init__(self, name: str, workdir: Path, client_port: int, peer_port: int) -> None:
+    def __init__(
+        self, name: str, workdir: Path, client_port: int, peer_port: int, place: Place = Place()
+    ) -> None:
         self.name = name
         self.workdir = workdir
         self.client_port = client_port
         self.peer_port = peer_port
+        self.place = place
         self.process: Process | None = None
 
     @property
+    def client_address(self) -> str:
+        return f"{self.place.host}:{self.client_port}"
+
+    @property
     def client_url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"http://{self.client_address}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://127.0.0.1:{self.peer_port}"
+        return f"http://{self.place.host}:{self.peer_port}"
 
     def start(self, initial_cluster: str, state: str = "new") -> None:
         argv = [
@@ -58,7 +78,8 @@ class EtcdMember:
             "--logger", "zap",
             "--log-level", "warn",
         ]  # fmt: skip
-        self.process = Process(f"etcd-{self.name}", argv, self.workdir / f"{self.name}.log")
+        log = self.workdir / f"{self.name}.log"
+        self.process = Process(f"etcd-{self.name}", argv, log, wrap=self.place.wrap)
 
     def healthy(self) -> bool:
         if self.process is None or not self.process.alive():
@@ -70,10 +91,15 @@ class EtcdMember:
 class EtcdCluster:
     """`members` etcd processes forming one cluster; `endpoints` for `--store`."""
 
-    def __init__(self, workdir: Path, members: int = 3) -> None:
+    def __init__(self, workdir: Path, members: int = 3, places: Sequence[Place] = ()) -> None:
+        """`places`: each member's (as many as `members`); loopback without."""
         self.workdir = workdir
+        places = list(places) or [Place()] * members
+        if len(places) != members:
+            raise ValueError(f"etcd: {members} members, {len(places)} places")
         self.members = [
-            EtcdMember(f"etcd{i}", workdir, free_port(), free_port()) for i in range(members)
+            EtcdMember(f"etcd{i}", workdir, free_port(), free_port(), place)
+            for i, place in enumerate(places)
         ]
 
     @property
@@ -83,7 +109,7 @@ class EtcdCluster:
     @property
     def url(self) -> str:
         """`etcd://127.0.0.1:P1,127.0.0.1:P2,...`, for `serve --store`."""
-        return "etcd://" + ",".join(f"127.0.0.1:{m.client_port}" for m in self.members)
+        return "etcd://" + ",".join(m.client_address for m in self.members)
 
     def start(self, timeout: float = 30.0) -> EtcdCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)

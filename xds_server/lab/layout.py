@@ -4,7 +4,13 @@ Every port is chosen when the lab is made, before anything starts: Prometheus's
 configuration is written once, with every target, and a region's Envoys need their
 replicas' addresses in their bootstraps. The rooms of `LocalMesh` (processes,
 credentials, spec, faults, state and traffic reads) all read this one plan; none of them
-picks a port or a path of its own.
+picks a port, an address or a path of its own.
+
+With `netns` (issue 29) the plan also holds the lab's network (`lab/netns.py`): each
+region's processes run in that region's namespace and bind its address, Prometheus and
+the control plane without `ha` in `ops`; every address anything is given or dialled
+comes from `host(key)` (127.0.0.1 without namespaces), so the lab's driver, in the root
+namespace, reaches them all over the bridge.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xds_server.lab import netns
 from xds_server.lab.procs import free_port
 
 SERVICE = "recommender"
@@ -22,6 +29,10 @@ GROUP = "ranking"
 """The rollout group of the two services (`rollout_groups:`), with the `features` option."""
 VERSIONS = {"production": "v1", "baseline": "v1", "canary": "v2"}
 DEFAULT_REGIONS = ("us-east", "eu-west", "ap-south")
+LOOPBACK = "127.0.0.1"
+ETCD_MEMBERS = 3
+"""At least this many etcd members (with `ha`): one per region, and with fewer regions
+the rest in `ops` (with `netns`), so cutting one region never takes the majority."""
 
 
 @dataclass
@@ -71,11 +82,18 @@ class MeshOptions:
     `x-xds-arm`; the two are the consistent rollout group `ranking` (the spec's shape
     can change: `SpecWriter.shape`). Over HTTP with the lab's own servers, without `ha`."""
 
+    netns: bool = False
+    """Each region in a network namespace of its own, Prometheus and the control plane
+    without `ha` in `ops` (`lab/netns.py`; needs root: without it the lab says why in
+    one line and runs on loopback)."""
+
     def problems(self) -> list[str]:
         """What of these options cannot go together (empty: nothing)."""
-        if not self.features:
-            return []
         out = []
+        if self.netns and self.models != "builtin":
+            out.append("MLServer binds loopback only: --netns runs the built-in model servers")
+        if not self.features:
+            return out
         if self.protocol != "http":
             out.append("the features service is called over HTTP only (protocol http)")
         if self.models != "builtin":
@@ -102,11 +120,21 @@ class EnvoySlot:
 
 
 class MeshLayout:
-    """The lab's directory, files and ports (free ones on 127.0.0.1)."""
+    """The lab's directory, files, ports (free ones on 127.0.0.1) and, with `netns`,
+    its network's plan (made by `LocalMesh.start`, not here)."""
 
     def __init__(self, workdir: Path, opts: MeshOptions) -> None:
         self.workdir = workdir
         self.opts = opts
+        self.net: netns.NetworkPlan | None = None
+        """With `netns` on a machine that can: the lab's network, planned."""
+        self.netns_unavailable: str | None = None
+        """With `netns` on a machine that cannot: why, in one line (the lab runs on
+        loopback)."""
+        if opts.netns:
+            self.netns_unavailable = netns.available()
+            if self.netns_unavailable is None:
+                self.net = netns.plan_network(opts.regions)
         self.spec_path = workdir / "mesh.yaml"
         self.state_dir = workdir / "state"
         """The server's `--state-dir` (without `ha`)."""
@@ -150,10 +178,77 @@ class MeshLayout:
             for r in opts.regions
             for i in range(1, opts.envoys_per_region + 1)
         ]
+        self.extra_hosts: dict[int, str] = {}
+        """Ports taken while running (`add_instance`) -> their address (`port_host`)."""
+
+    # ---- where each process runs and binds ----
+
+    def host(self, key: str) -> str:
+        """The address of namespace `key` (a region, or `netns.OPS`): where its
+        processes bind and are reached; 127.0.0.1 without namespaces."""
+        return self.net.address(key) if self.net is not None else LOOPBACK
+
+    def exec_prefix(self, key: str) -> list[str]:
+        """Prepended to a command to run it in namespace `key` (nothing without)."""
+        return self.net.exec_prefix(key) if self.net is not None else []
+
+    @property
+    def server_key(self) -> str:
+        """Where the server runs without `ha`: `ops`, beside Prometheus (it is every
+        region's control plane, none's own)."""
+        return netns.OPS
+
+    def replica_key(self, region: str) -> str:
+        """The namespace of a region's replica (with `ha`): its region's."""
+        return region
+
+    def server_host(self) -> str:
+        """The address of `server` (with `ha`: the first region's replica)."""
+        return self.host(self.opts.regions[0] if self.opts.ha else self.server_key)
+
+    def region_xds_host(self, region: str) -> str:
+        return self.host(self.replica_key(region) if self.opts.ha else self.server_key)
+
+    def replica_host(self, region: str) -> str:
+        """The admin/xDS address of the replica of `region` (the server without `ha`)."""
+        return self.region_xds_host(region)
+
+    @property
+    def prometheus_host(self) -> str:
+        return self.host(netns.OPS)
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://{self.prometheus_host}:{self.prometheus_port}"
+
+    def etcd_keys(self) -> list[str]:
+        """The namespace of each etcd member (with `ha`): one per region, then `ops`
+        up to `ETCD_MEMBERS`."""
+        regions = list(self.opts.regions)
+        return regions + [netns.OPS] * max(0, ETCD_MEMBERS - len(regions))
+
+    def port_host(self, port: int) -> str:
+        """The address of whatever of the plan listens on `port` (a model server's
+        REST, gRPC or metrics port, an Envoy's): for readers that know a port only.
+        127.0.0.1 without namespaces, or for a port the plan does not know."""
+        for ports in (
+            self.model_ports,
+            self.feature_ports,
+            self.grpc_ports,
+            self.mlserver_metrics_ports,
+            self.spare_ports,
+        ):
+            for (region, _), p in ports.items():
+                if p == port:
+                    return self.host(region)
+        for e in self.envoys:
+            if port in (e.admin_port, e.listen_port):
+                return self.host(e.region)
+        return self.extra_hosts.get(port, LOOPBACK)
 
     @property
     def dashboard_url(self) -> str:
-        return f"http://127.0.0.1:{self.ui_port}/"
+        return f"http://{self.server_host()}:{self.ui_port}/"
 
     def pool_port(self, region: str, pool: str) -> int:
         """The port Envoy (and proxyless clients) send a pool's requests to."""
@@ -172,7 +267,8 @@ class MeshLayout:
 
     def region_listeners(self, region: str) -> list[str]:
         """HOST:PORT of the region's Envoys' listeners (where a caller in the region goes)."""
-        return [f"127.0.0.1:{e.listen_port}" for e in self.envoys if e.region == region]
+        host = self.host(region)
+        return [f"{host}:{e.listen_port}" for e in self.envoys if e.region == region]
 
     def region_xds_port(self, region: str) -> int:
         return self.replica_ports[region]["xds"] if self.opts.ha else self.xds_port
@@ -191,7 +287,7 @@ class MeshLayout:
         """The other replicas that serve the region: where its Envoys go when their own
         replica is down."""
         return tuple(
-            ("127.0.0.1", ports["xds"])
+            (self.host(self.replica_key(r)), ports["xds"])
             for r, ports in self.replica_ports.items()
             if r != region and region in self.served_by(r)
         )

@@ -29,20 +29,30 @@ generator seeded with `seed` (so every target gets the same sequence), and reque
 a target carries the tenant `tenants[i % len(tenants)]` (the `x-tenant` header or gRPC
 metadata; by default "gold" on every 10th request from the first, "free" on the rest;
 none when `tenants` is empty).
+
+In a lab with namespaces (issue 29) a region's load cannot come from the lab's own
+process (in the root namespace: a cut region would lose its callers with its links), so
+each region runs `python -m xds_server.lab.load` inside its namespace, which appends its
+results to a JSON-lines file; `ResultFiles` reads them back for the driver with the same
+methods as `LoadGenerator` (`LoadResults`), so a region's own traffic keeps flowing, and
+counted, while it is cut off.
 """
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import random
+import signal
 import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
 
 import grpc
 
@@ -172,8 +182,28 @@ def failure_of(exc: grpc.RpcError) -> Answer:
     return Answer(GRPC_TO_HTTP.get(code, 500), error=error, grpc_code=code.name)
 
 
+class LoadResults:
+    """What the lab, its report and the tests read of a load, wherever it runs."""
+
+    def snapshot(self) -> list[Result]:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def statuses(self, since: float = 0.0) -> Counter[int]:
+        return Counter(r.status for r in self.snapshot() if r.time >= since)
+
+    def failures(self, since: float = 0.0) -> list[Result]:
+        return [r for r in self.snapshot() if r.time >= since and r.status != 200]
+
+    def versions(self, since: float = 0.0) -> Counter[str]:
+        """Answers by the model version that gave them (failures left out)."""
+        return Counter(r.version for r in self.snapshot() if r.time >= since and r.version)
+
+
 @dataclass
-class LoadGenerator:
+class LoadGenerator(LoadResults):
     targets: dict[str, str]
     """label -> HOST:PORT of an Envoy listener (or of a model server, directly)."""
     rate: float = 50.0
@@ -219,6 +249,14 @@ class LoadGenerator:
         self._stop.set()
         for t in self._threads:
             t.join(self.timeout_s + 10)
+
+    def halt(self) -> None:
+        """Send nothing more, without waiting for the requests in flight."""
+        self._stop.set()
+
+    def running(self) -> bool:
+        """Is any target's schedule still sending (its duration or count not over)?"""
+        return any(t.is_alive() for t in self._threads)
 
     def _run(self, label: str, address: str) -> None:
         """The schedule of one target: a slot and a worker per request."""
@@ -292,15 +330,10 @@ class LoadGenerator:
         with self._lock:
             return list(self.results)
 
-    def statuses(self, since: float = 0.0) -> Counter[int]:
-        return Counter(r.status for r in self.snapshot() if r.time >= since)
-
-    def failures(self, since: float = 0.0) -> list[Result]:
-        return [r for r in self.snapshot() if r.time >= since and r.status != 200]
-
-    def versions(self, since: float = 0.0) -> Counter[str]:
-        """Answers by the model version that gave them (failures left out)."""
-        return Counter(r.version for r in self.snapshot() if r.time >= since and r.version)
+    def since(self, index: int) -> list[Result]:
+        """The results after the first `index` (in the order they were kept)."""
+        with self._lock:
+            return self.results[index:]
 
 
 class _Client:
@@ -379,3 +412,91 @@ class _GrpcClient(_Client):
 
     def close(self) -> None:
         self.channel.close()
+
+
+# ---- a load of its own process (a region's, in its namespace) ----
+
+FLUSH_S = 0.25
+"""How often a load process appends its new results to its file."""
+
+
+class ResultFiles(LoadResults):
+    """The results of load processes, read back from the JSON-lines files they append
+    to (whole lines only: a line being written is read at the next call). `stop` stops
+    the processes (`stoppers`) and reads what they wrote last."""
+
+    def __init__(self, paths: Sequence[Path], stoppers: Sequence[Any] = ()) -> None:
+        self.paths = list(paths)
+        self.stoppers = list(stoppers)
+        """Objects with `stop()` (the processes), stopped by `stop`."""
+        self._offsets = dict.fromkeys(self.paths, 0)
+        self._results: list[Result] = []
+        self._lock = threading.Lock()
+
+    def snapshot(self) -> list[Result]:
+        with self._lock:
+            for path in self.paths:
+                self._read(path)
+            return list(self._results)
+
+    def _read(self, path: Path) -> None:
+        try:
+            with path.open("rb") as f:
+                f.seek(self._offsets[path])
+                data = f.read()
+        except FileNotFoundError:
+            return
+        complete = data[: data.rfind(b"\n") + 1]
+        self._offsets[path] += len(complete)
+        for line in complete.splitlines():
+            if line.strip():
+                self._results.append(Result(**json.loads(line)))
+
+    def stop(self) -> None:
+        for process in self.stoppers:
+            process.stop()
+        self.snapshot()
+
+
+def _append(load: LoadGenerator, out: IO[str], written: int) -> int:
+    new = load.since(written)
+    if new:
+        out.write("".join(json.dumps(asdict(r)) + "\n" for r in new))
+        out.flush()
+    return written + len(new)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m xds_server.lab.load --target LABEL=HOST:PORT ... --out FILE`: a
+    `LoadGenerator` in a process of its own, appending its results to FILE every
+    `FLUSH_S`, until its duration ends or SIGTERM (then the last ones, and exit)."""
+    p = argparse.ArgumentParser(description="the lab's load, as a process of its own")
+    p.add_argument("--target", action="append", required=True, metavar="LABEL=HOST:PORT")
+    p.add_argument("--rate", type=float, default=50.0, help="requests per second per target")
+    p.add_argument("--duration", type=float, default=600.0)
+    p.add_argument("--protocol", choices=PROTOCOLS, default="http")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--n-features", type=int, default=N_FEATURES)
+    p.add_argument("--out", required=True, metavar="FILE", help="results, one JSON per line")
+    a = p.parse_args(argv)
+    targets = dict(t.split("=", 1) for t in a.target)
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    load = LoadGenerator(
+        targets,
+        rate=a.rate,
+        max_seconds=a.duration,
+        protocol=a.protocol,
+        model=a.model,
+        n_features=a.n_features,
+    ).start()
+    written = 0
+    with Path(a.out).open("a") as out:
+        while not stopped.wait(FLUSH_S) and load.running():
+            written = _append(load, out, written)
+        load.halt()  # requests in flight end within their timeout; not waited for
+        written = _append(load, out, written)
+
+
+if __name__ == "__main__":
+    main()

@@ -16,6 +16,12 @@ that owns what they want:
 - `state` (lab/state.py): the rollout, the audit log, the leader, from the store;
 - `traffic` (lab/traffic.py): Envoys' weights and hosts, model servers' and proxyless
   clients' counts, Prometheus's series.
+
+With `MeshOptions(netns=True)` (issue 29) the lab has a network of its own
+(`lab/netns.py`): `start` makes it first, `stop` removes it last (also after a start
+that failed); `layout.net` is its plan (`cut`, `isolate`, `heal`), `layout.host(key)`
+each namespace's address. Where namespaces cannot be made, `start` says why in one line
+and the lab runs on loopback.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from pathlib import Path
 from xds_server.lab.credentials import Credentials
 from xds_server.lab.faults import FaultInjector
 from xds_server.lab.layout import MeshLayout, MeshOptions
+from xds_server.lab.netns import NetworkPlan
 from xds_server.lab.processes import MeshProcesses
 from xds_server.lab.specfile import SpecWriter
 from xds_server.lab.state import StateReader
@@ -42,11 +49,22 @@ class LocalMesh:
         self.state = StateReader(self.layout, self.processes)
         self.traffic = TrafficReader(self.layout, self.processes)
         self.faults = FaultInjector(self.layout, self.processes)
+        self._net_made = False
+
+    @property
+    def net(self) -> NetworkPlan | None:
+        """The lab's network (with `netns`, where the machine can), planned."""
+        return self.layout.net
 
     def start(self) -> LocalMesh:
         """Model servers, the spec (production only), certificates, Prometheus, the
         server (with `ha`: etcd first, then a replica per region), then the Envoys."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.layout.netns_unavailable is not None:
+            print(f"lab: no network namespaces ({self.layout.netns_unavailable}): on loopback")
+        if self.net is not None:
+            self._net_made = True  # before create: a create that fails removes its part
+            self.net.create()
         procs = self.processes
         if self.opts.ha:
             # The store first: model servers register in it, and check the spec's there.
@@ -67,8 +85,13 @@ class LocalMesh:
         return self
 
     def stop(self) -> None:
-        self.processes.stop()
-        self.state.close()
+        try:
+            self.processes.stop()
+            self.state.close()
+        finally:
+            if self.net is not None and self._net_made:
+                self._net_made = False
+                self.net.destroy()
 
     def __enter__(self) -> LocalMesh:
         try:

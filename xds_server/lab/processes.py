@@ -3,6 +3,11 @@ Envoys, proxyless clients and the load; started on `MeshLayout`'s ports, stopped
 
 `lab/procs.py` has what one process is (`Process`, `Envoy`, ...); this room knows which
 ones a lab runs and with what arguments. `LocalMesh.start` decides the order.
+
+With namespaces (`MeshOptions.netns`) each process runs in its namespace (`wrap`:
+`MeshLayout.exec_prefix`) and binds that namespace's address (`MeshLayout.host`): a
+region's model servers, Envoys, replica, etcd member and load in the region's; the
+server without `ha`, Prometheus and the `ops` etcd members in `ops`.
 """
 
 from __future__ import annotations
@@ -12,9 +17,10 @@ from collections.abc import Callable
 
 from xds_server.lab import mlserver
 from xds_server.lab.credentials import Credentials
-from xds_server.lab.etcd import EtcdCluster
+from xds_server.lab.etcd import EtcdCluster, Place
 from xds_server.lab.layout import FEATURES, SERVICE, VERSIONS, MeshLayout
-from xds_server.lab.load import LoadGenerator
+from xds_server.lab.load import LoadGenerator, LoadResults, ResultFiles
+from xds_server.lab.netns import OPS
 from xds_server.lab.oip.model import N_FEATURES
 from xds_server.lab.polling import wait_for
 from xds_server.lab.procs import Envoy, Process, ProxylessClient, free_port, http_get
@@ -43,7 +49,9 @@ class MeshProcesses:
         """With `ha`: region -> its replica (`--replica-id` is the region's name)."""
         self.etcd: EtcdCluster | None = None
         self.prometheus: Prometheus | None = None
-        self.load: LoadGenerator | None = None
+        self.load: LoadResults | None = None
+        self.load_processes: list[Process] = []
+        """With namespaces: a load process per region, in its namespace."""
 
     def all(self) -> list[Process]:
         """Every process running now (what `lab.json` lists for `lab down`)."""
@@ -57,6 +65,7 @@ class MeshProcesses:
             *self.feature_models.values(),
             *self.extra_models.values(),
             *(self.etcd.processes() if self.etcd else []),
+            *self.load_processes,
         ]
         return [p for p in procs if p is not None]
 
@@ -83,7 +92,8 @@ class MeshProcesses:
                 region, pool, port, service=FEATURES
             )
         for (region, pool), port in [*lay.model_ports.items(), *lay.feature_ports.items()]:
-            wait_for(answers(port), f"model server {region}/{pool} on {port}", timeout=20)
+            host = lay.host(region)
+            wait_for(answers(host, port), f"model server {region}/{pool} on {port}", timeout=20)
 
     def start_model(
         self,
@@ -114,9 +124,11 @@ class MeshProcesses:
         return Process(
             f"model-{name}",
             [sys.executable, "-m", "xds_server.lab.upstream", "--port", str(port),
+             "--host", self.layout.host(region),
              "--region", region, "--pool", pool, "--version", VERSIONS[pool],
              "--model", service, "--service", service, *grpc, *register, *downstream],
             self.layout.workdir / "models" / f"{name}.log",
+            wrap=self.layout.exec_prefix(region),
         )  # fmt: skip
 
     def start_mlservers(self) -> None:
@@ -165,10 +177,13 @@ class MeshProcesses:
         port = self.layout.spare_ports.pop((region, pool), None) or free_port()
         grpc_port = free_port() if self.opts.protocol == "grpc" else None
         n = 1 + sum(1 for k in self.extra_models if k[:2] == (region, pool))
+        for taken in (port, grpc_port):
+            if taken:
+                self.layout.extra_hosts[taken] = self.layout.host(region)
         proc = self.start_model(region, pool, port, grpc_port, f"{region}-{pool}-{n + 1}")
         self.extra_models[(region, pool, grpc_port or port)] = proc
         wait_for(
-            answers(port),
+            answers(self.layout.host(region), port),
             f"model server {region}/{pool} #{n + 1}",
             timeout=20,
         )
@@ -177,37 +192,47 @@ class MeshProcesses:
     # ---- the control plane: etcd, the server or its replicas ----
 
     def start_etcd(self) -> EtcdCluster:
-        self.etcd = EtcdCluster(self.layout.workdir / "etcd").start()
+        """etcd's members: with namespaces, one in each region's (then `ops`)."""
+        lay = self.layout
+        keys = lay.etcd_keys()
+        places = [Place(lay.host(k), tuple(lay.exec_prefix(k))) for k in keys]
+        self.etcd = EtcdCluster(lay.workdir / "etcd", len(keys), places).start()
         return self.etcd
 
     def start_server(self) -> None:
         lay = self.layout
+        host = lay.host(lay.server_key)
         argv = [sys.executable, "-m", "xds_server.cli", "serve", "--spec", str(lay.spec_path),
-                "--xds-address", f"127.0.0.1:{lay.xds_port}",
+                "--xds-address", f"{host}:{lay.xds_port}",
                 "--state-dir", str(lay.state_dir),
-                "--prometheus-url", f"http://127.0.0.1:{lay.prometheus_port}",
-                "--metrics-address", f"127.0.0.1:{lay.metrics_port}",
-                "--admin-address", f"127.0.0.1:{lay.admin_port}",
-                "--ui-address", f"127.0.0.1:{lay.ui_port}",
+                "--prometheus-url", lay.prometheus_url,
+                "--metrics-address", f"{host}:{lay.metrics_port}",
+                "--admin-address", f"{host}:{lay.admin_port}",
+                "--ui-address", f"{host}:{lay.ui_port}",
                 "--log-format", "json", *self.credentials.server_args()]  # fmt: skip
-        self.server = Process("xds-server", argv, lay.workdir / "xds-server.log")
+        wrap = lay.exec_prefix(lay.server_key)
+        self.server = Process("xds-server", argv, lay.workdir / "xds-server.log", wrap=wrap)
 
     def start_replica(self, region: str) -> Process:
         assert self.etcd is not None
         lay = self.layout
         ports = lay.replica_ports[region]
+        host = lay.host(lay.replica_key(region))
         argv = [sys.executable, "-m", "xds_server.cli", "serve",
                 "--store", self.etcd.url, "--regions", ",".join(lay.served_by(region)),
                 "--replica-id", region,
                 "--leader-ttl", f"{self.opts.leader_ttl:g}",
-                "--xds-address", f"127.0.0.1:{ports['xds']}",
-                "--prometheus-url", f"http://127.0.0.1:{lay.prometheus_port}",
-                "--metrics-address", f"127.0.0.1:{ports['metrics']}",
-                "--admin-address", f"127.0.0.1:{ports['admin']}",
-                "--ui-address", f"127.0.0.1:{ports['ui']}",
+                "--xds-address", f"{host}:{ports['xds']}",
+                "--prometheus-url", lay.prometheus_url,
+                "--metrics-address", f"{host}:{ports['metrics']}",
+                "--admin-address", f"{host}:{ports['admin']}",
+                "--ui-address", f"{host}:{ports['ui']}",
                 "--log-format", "json", *self.credentials.server_args()]  # fmt: skip
         self.replicas[region] = Process(
-            f"xds-server-{region}", argv, lay.workdir / f"xds-server-{region}.log"
+            f"xds-server-{region}",
+            argv,
+            lay.workdir / f"xds-server-{region}.log",
+            wrap=lay.exec_prefix(lay.replica_key(region)),
         )
         return self.replicas[region]
 
@@ -222,8 +247,13 @@ class MeshProcesses:
     def start_prometheus(self) -> None:
         """Prometheus scraping every Envoy, the server (or each replica) and every model
         server, spare ports included; until it is ready."""
+        lay = self.layout
         self.prometheus = Prometheus(
-            self.layout.workdir / "prometheus", self.layout.prometheus_port, self._scrape_targets()
+            lay.workdir / "prometheus",
+            lay.prometheus_port,
+            self._scrape_targets(),
+            host=lay.prometheus_host,
+            wrap=lay.exec_prefix(OPS),
         )
         self.prometheus.wait_ready()
         if self.opts.models == "mlserver":
@@ -235,7 +265,7 @@ class MeshProcesses:
         lay = self.layout
         targets = [
             ScrapeTarget(
-                f"127.0.0.1:{e.admin_port}",
+                f"{lay.host(e.region)}:{e.admin_port}",
                 "/stats/prometheus",
                 {"region": e.region, "node": e.node_id},
             )
@@ -243,11 +273,14 @@ class MeshProcesses:
         ]
         if self.opts.ha:
             targets += [
-                ScrapeTarget(f"127.0.0.1:{p['metrics']}", "/metrics", {"replica": r})
+                ScrapeTarget(
+                    f"{lay.host(lay.replica_key(r))}:{p['metrics']}", "/metrics", {"replica": r}
+                )
                 for r, p in lay.replica_ports.items()
             ]
         else:
-            targets.append(ScrapeTarget(f"127.0.0.1:{lay.metrics_port}", "/metrics", {}))
+            server = f"{lay.host(lay.server_key)}:{lay.metrics_port}"
+            targets.append(ScrapeTarget(server, "/metrics", {}))
         # The model servers' own series (outputs, tenants): `region` and `pool` come from
         # here, never from the exporter, so they cannot clash. MLServer serves them on
         # its metrics port (the lab runtime's score histogram).
@@ -256,14 +289,14 @@ class MeshProcesses:
         else:
             ports = [*lay.model_ports.items(), *lay.spare_ports.items()]
         targets += [
-            ScrapeTarget(f"127.0.0.1:{port}", "/metrics", {"region": r, "pool": p}, job="model")
+            ScrapeTarget(f"{lay.host(r)}:{port}", "/metrics", {"region": r, "pool": p}, job="model")
             for (r, p), port in ports
         ]
         # The features service's servers, told apart by `service` (the built-in
         # model-side queries do not ask for it: a plan for both services leaves them out).
         targets += [
             ScrapeTarget(
-                f"127.0.0.1:{port}",
+                f"{lay.host(r)}:{port}",
                 "/metrics",
                 {"region": r, "pool": p, "service": FEATURES},
                 job="model",
@@ -279,33 +312,69 @@ class MeshProcesses:
         lay = self.layout
         for slot in lay.envoys:
             ca, cert, key = self.credentials.client_tls(slot.region, slot.node_id)
+            host = lay.host(slot.region)
             bootstrap = BootstrapOptions(
                 region=slot.region,
                 node_id=slot.node_id,
+                xds_host=lay.region_xds_host(slot.region),
                 xds_port=lay.region_xds_port(slot.region),
                 xds_fallbacks=lay.xds_fallbacks(slot.region),
                 admin_port=slot.admin_port,
-                listen=f"127.0.0.1:{slot.listen_port}",
+                admin_host=host,
+                listen=f"{host}:{slot.listen_port}",
                 xds_tls_ca=ca,
                 xds_tls_cert=cert,
                 xds_tls_key=key,
             )
-            self.envoys.append(Envoy(bootstrap, lay.workdir / "envoy"))
+            wrap = lay.exec_prefix(slot.region)
+            self.envoys.append(Envoy(bootstrap, lay.workdir / "envoy", wrap=wrap))
         for e in self.envoys:
             e.wait_ready()
 
-    def start_load(self, max_seconds: float = 600) -> LoadGenerator:
-        rate = self.opts.load_rate / self.opts.envoys_per_region
+    def start_load(self, max_seconds: float = 600) -> LoadResults:
+        """`load_rate` through each region's Envoys: from this process, or with
+        namespaces from a process in each region's (`start_region_loads`)."""
+        if self.layout.net is not None:
+            self.load = self.start_region_loads(max_seconds)
+            return self.load
         targets = {e.opts.node_id: e.opts.listen or "" for e in self.envoys}
         self.load = LoadGenerator(
             targets,
-            rate=rate,
+            rate=self.opts.load_rate / self.opts.envoys_per_region,
             max_seconds=max_seconds,
             protocol=self.opts.protocol,
             model=SERVICE,
-            n_features=mlserver.N_FEATURES if self.opts.models == "mlserver" else N_FEATURES,
+            n_features=self._n_features(),
         ).start()
         return self.load
+
+    def _n_features(self) -> int:
+        return mlserver.N_FEATURES if self.opts.models == "mlserver" else N_FEATURES
+
+    def start_region_loads(self, max_seconds: float) -> ResultFiles:
+        """A load process per region, inside its namespace, sending to its own Envoys'
+        listeners: a region cut off from the others keeps its callers (the lab's own
+        process, in the root namespace, would not). Results come back by file."""
+        lay = self.layout
+        paths = []
+        for region in self.opts.regions:
+            path = lay.workdir / "load" / f"{region}.jsonl"
+            targets = [
+                f"--target={e.opts.node_id}={e.opts.listen}"
+                for e in self.envoys
+                if e.opts.region == region
+            ]
+            argv = [sys.executable, "-m", "xds_server.lab.load", *targets,
+                    "--rate", f"{self.opts.load_rate / self.opts.envoys_per_region:g}",
+                    "--duration", f"{max_seconds:g}", "--protocol", self.opts.protocol,
+                    "--model", SERVICE, "--n-features", str(self._n_features()),
+                    "--out", str(path)]  # fmt: skip
+            log = lay.workdir / "load" / f"{region}.log"
+            self.load_processes.append(
+                Process(f"load-{region}", argv, log, wrap=lay.exec_prefix(region))
+            )
+            paths.append(path)
+        return ResultFiles(paths, list(self.load_processes))
 
     def start_proxyless(self, max_seconds: float = 600) -> None:
         """`proxyless_per_region` gRPC client processes per region, each dialing
@@ -316,7 +385,7 @@ class MeshProcesses:
                 GrpcBootstrapOptions(
                     region,
                     node_id,
-                    (("127.0.0.1", self.layout.xds_port),),
+                    ((self.layout.server_host(), self.layout.xds_port),),
                     xds_tls_ca=ca,
                     xds_tls_cert=cert,
                     xds_tls_key=key,
@@ -325,10 +394,11 @@ class MeshProcesses:
                 service=SERVICE,
                 rate=self.opts.proxyless_rate / self.opts.proxyless_per_region,
                 max_seconds=max_seconds,
+                wrap=self.layout.exec_prefix(region),
             )
             self.proxyless.append(client)
 
 
-def answers(port: int) -> Callable[[], bool]:
-    """Does the model server on this port answer its /healthz?"""
-    return lambda: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+def answers(host: str, port: int) -> Callable[[], bool]:
+    """Does the model server on this address answer its /healthz?"""
+    return lambda: http_get(f"http://{host}:{port}/healthz")[0] == 200

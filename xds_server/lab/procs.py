@@ -113,13 +113,22 @@ def envoy_binary() -> str:
 
 
 class Process:
-    """A child process in its own process group, stopped (with its children) by pid."""
+    """A child process in its own process group, stopped (with its children) by pid.
+
+    `wrap` is prepended to its command: `ip netns exec NS` runs it in a lab's network
+    namespace (`MeshLayout.exec_prefix`); `ip` execs the command, so the pid is still the
+    process's own and stopping it by pid works the same."""
 
     def __init__(
-        self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        wrap: Sequence[str] = (),
     ) -> None:
         self.name = name
-        self.argv = list(argv)
+        self.argv = [*wrap, *argv]
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 (closed in stop)
@@ -171,7 +180,7 @@ class Process:
 class Envoy(Process):
     """A real Envoy with a bootstrap from `render_bootstrap`, on its own admin port."""
 
-    def __init__(self, opts: BootstrapOptions, workdir: Path) -> None:
+    def __init__(self, opts: BootstrapOptions, workdir: Path, wrap: Sequence[str] = ()) -> None:
         self.opts = opts
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / f"envoy-{opts.node_id}.yaml"
@@ -188,11 +197,12 @@ class Envoy(Process):
             "--drain-time-s",
             "1",
         ]
-        super().__init__(f"envoy-{opts.node_id}", argv, workdir / f"envoy-{opts.node_id}.log")
+        log = workdir / f"envoy-{opts.node_id}.log"
+        super().__init__(f"envoy-{opts.node_id}", argv, log, wrap=wrap)
 
     @property
     def admin(self) -> str:
-        return f"http://127.0.0.1:{self.opts.admin_port}"
+        return f"http://{self.opts.admin_host}:{self.opts.admin_port}"
 
     def admin_get(self, path: str) -> Any:
         status, body, _ = http_get(self.admin + path)
@@ -242,6 +252,7 @@ class ProxylessClient(Process):
         service: str,
         rate: float,
         max_seconds: float,
+        wrap: Sequence[str] = (),
     ) -> None:
         self.opts = opts
         self.region = opts.region
@@ -255,7 +266,7 @@ class ProxylessClient(Process):
                 "--out", str(self.counts_path)]  # fmt: skip
         env = {"GRPC_XDS_BOOTSTRAP": str(self.bootstrap_path)}
         log = workdir / f"{opts.node_id}.log"
-        super().__init__(f"grpc-{opts.node_id}", argv, log, env=env)
+        super().__init__(f"grpc-{opts.node_id}", argv, log, env=env, wrap=wrap)
 
     def counts(self) -> dict[str, Any]:
         """The client's last written counts ({} before its first write)."""

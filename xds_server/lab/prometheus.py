@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,10 +69,19 @@ def write_config(path: Path, targets: list[ScrapeTarget], interval: str = "1s") 
 
 class Prometheus(Process):
     def __init__(
-        self, workdir: Path, port: int, targets: list[ScrapeTarget], interval: str = "1s"
+        self,
+        workdir: Path,
+        port: int,
+        targets: list[ScrapeTarget],
+        interval: str = "1s",
+        host: str = "127.0.0.1",
+        wrap: Sequence[str] = (),
     ) -> None:
+        """`host`: the address it listens on; `wrap`: its command's prefix (a lab's
+        namespace, `Process`)."""
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = port
+        self.host = host
         self.workdir = workdir
         self.config_path = workdir / "prometheus.yml"
         write_config(self.config_path, targets, interval)
@@ -79,15 +89,15 @@ class Prometheus(Process):
             prometheus_binary(),
             f"--config.file={self.config_path}",
             f"--storage.tsdb.path={workdir / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
+            f"--web.listen-address={host}:{port}",
             "--storage.tsdb.retention.time=1d",
             "--log.level=warn",
         ]
-        super().__init__("prometheus", argv, workdir / "prometheus.log")
+        super().__init__("prometheus", argv, workdir / "prometheus.log", wrap=wrap)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def rescrape(self, targets: list[ScrapeTarget], interval: str = "1s") -> None:
         """Scrape these targets from now on: the configuration rewritten, then reloaded

@@ -8,7 +8,9 @@ ended as the scenario expects.
 
 This module orchestrates; the scenarios are `lab/scenarios.py`'s table, the mesh is
 `lab/mesh.py`'s, following the rollout is `lab/follow.py` and the report
-`lab/report.py`. `lab down` stops what `lab.json` (written here) lists.
+`lab/report.py`. `lab down` stops what `lab.json` (written here) lists, and with
+`--netns` removes the lab's network namespaces, links and rules (their record is in
+`lab.json` before any is made, so a crashed lab's go too).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from typing import Any
 from xds_server.lab import mlserver
 from xds_server.lab.follow import follow
 from xds_server.lab.layout import DEFAULT_REGIONS, MeshOptions
-from xds_server.lab.load import LoadGenerator
+from xds_server.lab.load import LoadResults
 from xds_server.lab.mesh import LocalMesh
+from xds_server.lab.netns import NetnsError, destroy_recorded
 from xds_server.lab.polling import wait_for
 from xds_server.lab.report import print_addresses, print_intro, print_keep, write_report
 from xds_server.lab.scenarios import LAB_PLAN, SCENARIOS, Scenario
@@ -58,11 +61,13 @@ def run_lab(
     proxyless: int = 0,
     ha: bool = False,
     models: str = "builtin",
+    netns: bool = False,
 ) -> int:
     """`proxyless`: gRPC client processes per region that route by xDS themselves (they
     imply `protocol="grpc"`: they call the model servers' gRPC ports). `ha`: a replica
     per region on a three-member etcd cluster (a scenario with a replica fault implies
-    it). `models="mlserver"`: every pool a real MLServer (`_on_models`)."""
+    it). `models="mlserver"`: every pool a real MLServer (`_on_models`). `netns`: each
+    region in a network namespace of its own (`MeshOptions.netns`)."""
     scenario = SCENARIOS[scenario_name]
     ha = ha or scenario.replica_fault is not None
     scenario, plan = _on_models(scenario, models, "grpc" if proxyless else protocol, ha)
@@ -76,6 +81,7 @@ def run_lab(
         models=models,
         canary_model=scenario.name,
         features=scenario.features,
+        netns=netns,
     )
     if problems := opts.problems():
         print(f"lab: scenario {scenario.name} cannot run so: " + "; ".join(problems))
@@ -120,6 +126,7 @@ def _on_models(
 def _run(mesh: LocalMesh, scenario: Scenario, timeout: float, live: bool) -> bool:
     """Start the mesh and its traffic, add the canary, follow the rollout to its end and
     report; whether it ended as the scenario expects."""
+    write_lab_file(mesh)  # the network's record, before anything of it is made
     mesh.start()
     write_lab_file(mesh)
     print_addresses(mesh)
@@ -135,7 +142,7 @@ def _run(mesh: LocalMesh, scenario: Scenario, timeout: float, live: bool) -> boo
     return bool(summary["ok"])
 
 
-def _start_traffic(mesh: LocalMesh, timeout: float) -> LoadGenerator:
+def _start_traffic(mesh: LocalMesh, timeout: float) -> LoadResults:
     """The load through the Envoys and the proxyless clients, until both are answered
     and Prometheus has the series a rollout checks at its start."""
     load = mesh.processes.start_load(max_seconds=timeout)
@@ -159,10 +166,12 @@ def _raise_interrupt(*_: object) -> None:
 
 
 def write_lab_file(mesh: LocalMesh) -> None:
-    doc = {
+    doc: dict[str, Any] = {
         "processes": [{"name": p.name, "pid": p.pid} for p in mesh.processes.all()],
         "started_at": time.time(),
     }
+    if mesh.net is not None:
+        doc["netns"] = mesh.net.record()
     (mesh.workdir / "lab.json").write_text(json.dumps(doc, indent=2))
     LAB_ROOT.mkdir(exist_ok=True)
     CURRENT.write_text(str(mesh.workdir))
@@ -183,7 +192,8 @@ def lab_down(out: Path | None) -> int:
     if not lab_file.exists():
         print(f"lab down: {lab_file} not found")
         return 1
-    procs = json.loads(lab_file.read_text())["processes"]
+    doc = json.loads(lab_file.read_text())
+    procs = doc["processes"]
     for p in procs:
         _stop_group(p["pid"], signal.SIGTERM)
     deadline = time.monotonic() + 10
@@ -193,7 +203,25 @@ def lab_down(out: Path | None) -> int:
         if _alive(p["pid"]):
             _stop_group(p["pid"], signal.SIGKILL)
     print(f"lab down: stopped {len(procs)} processes of {out}")
+    code = _remove_network(doc.get("netns"), lab_file)
     _clear_current(out)
+    return code
+
+
+def _remove_network(record: Any, lab_file: Path) -> int:
+    """The lab's namespaces, links and rules, from their record (None: it had none)."""
+    if record is None:
+        return 0
+    if not isinstance(record, dict):
+        print(f"lab down: {lab_file}: netns: not an object")
+        return 1
+    try:
+        removed = destroy_recorded(record, where=f"{lab_file}: netns")
+    except NetnsError as exc:
+        print(f"lab down: {exc}")
+        return 1
+    namespaces = sum(1 for what in removed if what.startswith("netns "))
+    print(f"lab down: removed the lab's network ({namespaces} namespaces, {len(removed)} parts)")
     return 0
 
 

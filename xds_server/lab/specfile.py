@@ -127,9 +127,10 @@ class SpecWriter:
     def _endpoint(self, service: str, region: str, pool: str) -> str | dict[str, Any]:
         """HOST:PORT; a gRPC MLServer's with its REST port as `health_port` (it serves no
         grpc.health.v1: the warm-up asks `/v2/health/ready` there)."""
+        host = self.layout.host(region)  # its namespace's, with `netns`
         if service == FEATURES:
-            return f"127.0.0.1:{self.layout.feature_ports[(region, pool)]}"
-        address = f"127.0.0.1:{self.layout.pool_port(region, pool)}"
+            return f"{host}:{self.layout.feature_ports[(region, pool)]}"
+        address = f"{host}:{self.layout.pool_port(region, pool)}"
         if self.opts.models == "mlserver" and self.opts.protocol == "grpc":
             return {"address": address, "health_port": self.layout.model_ports[(region, pool)]}
         return address
