@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
+from tests.test_controller import SERVICE, make_spec
+from xds_server.rollout import decide as sm
+from xds_server.rollout.decide import Observation
 from xds_server.rollout.evidence import Signals
+from xds_server.rollout.observe import _step_read
 from xds_server.rollout.scrapes import Scrapes, look_times, next_look
+from xds_server.rollout.state import rollout_traffic
 
 
 def test_the_next_look_moves_to_just_after_the_next_scrape() -> None:
@@ -40,3 +47,30 @@ def test_the_look_keeps_its_own_cadence_without_a_usable_scrape() -> None:
     assert Scrapes.of(Signals(age_s=None, scrape_interval=1.0), 1.0) is None
     assert Scrapes.of(Signals(age_s=0.3, scrape_interval=None), 1.0) is None
     assert Scrapes.of(None, 1.0) is None
+
+
+def test_a_steps_first_look_never_reaches_back_past_the_rollouts_start() -> None:
+    """Early in a step the guardrails' window reaches back a scrape before the step
+    (two samples for increase()), but never before the rollout started: the canary
+    cluster keeps its name across versions, and a fixed canary redeployed just after
+    a rollback would otherwise be judged on the old one's errors."""
+    spec = make_spec()
+    svc = spec.service(SERVICE)
+    state = sm.start(svc.rollout, SERVICE, "v2", spec.regions, now=100.0).state
+    region = spec.regions[0]
+    state = replace(
+        state,
+        regions={**state.regions, region: replace(state.regions[region], step_started=100.5)},
+    )
+    traffic = rollout_traffic(spec, {SERVICE: state})
+    scrapes = Scrapes(newest=101.0, interval=1.0)
+    obs = Observation(applied_at=100.5)
+    early = _step_read(svc, state, traffic, region, obs, 101.2, scrapes)
+    assert early is not None and early.window == pytest.approx(1.2)  # not 1.7
+    # A step that began later reaches back a scrape before it, as before: 0.7 s + 1 s.
+    later = replace(
+        state,
+        regions={**state.regions, region: replace(state.regions[region], step_started=110.0)},
+    )
+    late = _step_read(svc, later, traffic, region, obs, 110.7, scrapes)
+    assert late is not None and late.window == pytest.approx(1.7)

@@ -83,7 +83,7 @@ def _step_read(
     window reads nothing, and a canary failing from the step's first second would be
     seen a look later), so early in a step it reaches back to the last scrape before
     the step began, never further: at most one scrape interval of the same canary's
-    requests at the previous weight."""
+    requests at the previous weight, and never from before the rollout started."""
     rs = state.regions[region]
     started = rs.step_started if rs.step_started is not None else obs.applied_at
     soonest = 1.0 if scrapes is None else min(1.0, scrapes.interval / 2)
@@ -92,6 +92,11 @@ def _step_read(
     window = min(now - started, svc.rollout.window)
     if scrapes is not None:
         window = max(window, min(2 * scrapes.interval, now - started + scrapes.interval))
+        # Never back past the rollout's own start: the canary cluster keeps its name
+        # across versions, so before it lie the last rollout's requests (a fixed canary
+        # redeployed seconds after a rollback was rolled back at 5% on the old one's
+        # errors, 0.7 s after it started).
+        window = min(window, now - state.started_at)
     split = traffic.effective(svc, region)
     return StepRead(
         svc,
