@@ -306,6 +306,38 @@ def test_a_failing_member_rolls_back_every_member_in_one_push(store: Store) -> N
         assert e.snapshot_version == i + 1 or e.region is None
 
 
+def test_a_group_rollback_cut_short_between_commits_is_finished_after_a_restart(
+    store: Store,
+) -> None:
+    """A crash after features' rollback was committed but before recommender's: the
+    restarted controller finds recommender live beside a rolled-back member and rolls
+    it back at its next tick (level-triggered), naming the member and its cause."""
+    rig = GroupRig(make_spec(), store)
+
+    async def body() -> None:
+        await rig.start()
+        await rig.loop_until(lambda: rig.state("features").regions["us-east"].step == 1)
+
+    run(body())
+    cause = "eu-west: step 1 (20%): error_rate 0.3 > limit 0.05"
+    crashed = sm.rollback(rig.state("features"), rig.clock(), cause)
+    store.record(crashed.state, [])  # only this member's commit made it
+    assert store.rollout("recommender", "v2").phase == PROGRESSING  # type: ignore[union-attr]
+
+    again = GroupRig(make_spec(), store, clock=rig.clock)
+
+    async def after_restart() -> None:
+        await again.start()
+        assert again.state("recommender").phase == PROGRESSING
+        await again.loop()
+
+    run(after_restart())
+    taken = again.state("recommender")
+    assert taken.phase == ROLLED_BACK
+    assert taken.reason == f"group ranking: member features rolled back: {cause}"
+    assert production_only(again.dataplane.traffic, *MEMBERS)
+
+
 def test_after_holds_until_the_dependency_passed_its_last_step_and_its_rollback_takes_it(
     store: Store,
 ) -> None:

@@ -31,6 +31,7 @@ from xds_server.rollout.audit import AuditEntry, decision_entries
 from xds_server.rollout.commits import CommitLog, NotLeader, StoreHealth
 from xds_server.rollout.decide import Decision, Observation, RegionEvent
 from xds_server.rollout.groups import (
+    fallen,
     group_rollbacks,
     lockstep_hold,
     start_block,
@@ -282,6 +283,9 @@ class RolloutController(OperatorActions):
         due = self.clock() + plan.interval
         self._next_due[service] = due
         state = self.rollouts[service]
+        if (why := fallen(self.spec, service, self.rollouts)) is not None:
+            self.commit(svc, sm.rollback(state, self.clock(), why))
+            return
         events: dict[str, RegionEvent] = {}
 
         def seen(region: str, obs: Observation) -> bool:

@@ -12,7 +12,8 @@ owe each other. Pure: no I/O, no clock; the controller asks, and commits what it
   number of steps and their waves, so "step k of wave w" means the same for all.
 - One rollback (`rollback_targets`, `group_rollbacks`): a member's rollback rolls back
   every live member of its group, and every live service `after:` it, in turn; the
-  controller commits each one's state and audit, then pushes once.
+  controller commits each one's state and audit, then pushes once. `fallen` says the
+  same level-triggered, for a rollback cut short between commits.
 - Start (`start_block`): a member starts only when every member has a canary to roll
   out (and could start itself); a service with `after:` only once each dependency's
   current rollout has passed its last step in every region, or is promoted. Until then
@@ -159,6 +160,27 @@ def rollback_targets(spec: MeshSpec, service: str, rollouts: Rollouts) -> dict[s
                 out[target] = why
                 todo.append(target)
     return out
+
+
+def fallen(spec: MeshSpec, service: str, rollouts: Rollouts) -> str | None:
+    """Why `service`'s live rollout must roll back because one it goes with already has
+    (None: none has): a member of its group, or a service it is `after:`, whose current
+    rollout is rolled back. Level-triggered, so that a group rollback interrupted
+    between its members' commits (a crash, a store that failed half-way) still ends
+    with every member rolled back once the controller runs again."""
+    state = rollouts.get(service)
+    if state is None or state.phase not in LIVE:
+        return None
+    group = spec.group_of(service)
+    others = [(m, f"group {group.name}: member {m}") for m in group.services] if group else []
+    others += [(d, f"after {d}: {d}") for d in spec.service(service).after]
+    for other, who in others:
+        theirs = rollouts.get(other)
+        version = spec.service(other).canary_version if other != service else None
+        if theirs is None or theirs.canary_version != version or theirs.phase != ROLLED_BACK:
+            continue
+        return f"{who} rolled back: {theirs.reason}"
+    return None
 
 
 def group_rollbacks(
