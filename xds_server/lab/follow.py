@@ -5,6 +5,12 @@ fault injected when every region has reached its step, and the times the report 
 With the `features` option two services roll out as one group: the rollout followed is
 both of theirs (`group_state`), over once both have ended, and after a fault once every
 Envoy routes 0% to the canary of both.
+
+A partition (issue 29) is cut once every Envoy routes by the scenario's step, watched
+while it lasts (who leads, where a region's Envoys get their xDS from), healed on its
+kind's event, and the run is over once the rollout has ended and the cut region has
+converged to the committed state (or failed to within `converge_within`). Whatever
+happens, `follow` heals every cut it made before it returns.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from xds_server.lab import partitions
 from xds_server.lab.layout import SERVICE
 from xds_server.lab.mesh import LocalMesh
+from xds_server.lab.partitions import PartitionResult
 from xds_server.lab.polling import wait_for
 from xds_server.lab.scenarios import Fault, Scenario
 from xds_server.lab.traffic import canary_share
@@ -37,6 +45,8 @@ class FollowResult:
     the killed one was gone from every Envoy of the region."""
     zero_canary_by_service: dict[str, float] = field(default_factory=dict)
     """After a fault: when every Envoy first routed 0% to each service's canary."""
+    partition: PartitionResult | None = None
+    """A partition scenario's cut, heal and what was seen in between."""
 
 
 def follow(
@@ -50,17 +60,23 @@ def follow(
     `started` is called when the scenario has started a process of its own (a second
     canary instance), so that the lab's record of its processes lists it."""
     res = FollowResult(phase="progressing")
+    if scenario.partition is not None:
+        res.partition = PartitionResult(scenario.partition.kind)
     deadline = time.monotonic() + timeout
-    with view:
-        while time.monotonic() < deadline:
-            state = followed_state(mesh)
-            view.update(state)
-            if state is not None and _look(mesh, scenario, res, state, view, started):
+    try:
+        with view:
+            while time.monotonic() < deadline:
+                state = followed_state(mesh)
                 view.update(state)
-                return res
-            time.sleep(0.1)  # the live view's poll period, bounded by the deadline
-    res.timed_out = True
-    return res
+                if state is not None and _look(mesh, scenario, res, state, view, started):
+                    view.update(state)
+                    return res
+                time.sleep(0.1)  # the live view's poll period, bounded by the deadline
+        res.timed_out = True
+        return res
+    finally:
+        if res.partition is not None:
+            partitions.finish(mesh, res.partition, view, lambda: followed_state(mesh))
 
 
 def _look(
@@ -74,6 +90,8 @@ def _look(
     """One look at the rollout: inject what the scenario injects once its step has come,
     note what the report times; whether the run is over."""
     res.phase = state["phase"]
+    if scenario.partition is not None and res.partition is not None:
+        return partitions.look(mesh, scenario.partition, res.partition, state, view)
     steps = [r["step"] for r in state["regions"].values()]
     if (
         scenario.replica_fault

@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from xds_server.lab import partitions
 from xds_server.lab.follow import FollowResult, followed_state
 from xds_server.lab.layout import GROUP, VERSIONS, MeshOptions
 from xds_server.lab.mesh import LocalMesh
@@ -108,6 +109,9 @@ def _add_sections(
     if mesh.opts.features:
         summary["group"] = group_summary(mesh, scenario, res, audit)
         summary["ok"] = summary["ok"] and summary["group"]["ok"]
+    if res.partition is not None and scenario.partition is not None:
+        summary["partition"] = partitions.summary(mesh, scenario, res.partition, audit, results)
+        summary["ok"] = summary["ok"] and summary["partition"]["ok"]
     if scenario.fault is not None:
         fault = scenario.fault
         summary["fault"] = {
@@ -293,6 +297,8 @@ def print_report(summary: dict[str, Any], mesh: LocalMesh, plot_path: Path) -> N
         )
     if "group" in summary:
         _print_group(summary["group"])
+    if "partition" in summary:
+        partitions.print_partition(summary["partition"])
     req = summary["requests"]
     print(f"  requests through the Envoys: {req['total']} by status {req['by_status']}")
     if "proxyless" in summary:

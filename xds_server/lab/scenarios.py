@@ -4,8 +4,8 @@ A table apart from the orchestration (`lab/run.py`) and the report (`lab/report.
 importable without the lab's extra dependencies (`pip install 'xds-server[lab]'`): the
 command line lists `SCENARIO_NAMES` whether the extra is installed or not. A new
 scenario is one entry in `SCENARIOS`; a new kind of fault, a field of `Fault` (a model
-server's knob) or a `replica_fault` word that `lab/follow.py`'s `inject_replica_fault`
-knows.
+server's knob), a `replica_fault` word that `lab/follow.py`'s `inject_replica_fault`
+knows, or a `Partition` kind (issue 29) that `lab/faults.py` cuts and heals.
 """
 
 from __future__ import annotations
@@ -95,6 +95,19 @@ short steps, so a run (and its test) takes half as long. (canary-instance-loss k
 lab's plan: its steps give the second instance time to ramp up.)"""
 
 
+PARTITION_PLAN: dict[str, Any] = {
+    **FAST_PLAN,
+    "ack_timeout": "4s",
+    "max_hold": "12s",
+    "on_max_hold": "pause",
+}
+"""The partition scenarios (issue 29): the rollout tests' short steps, an `ack_timeout`
+a cut outlasts within seconds and a `max_hold` reached within a run. `on_max_hold:
+pause`: a region without evidence is stale signals (`judge.trusted`), which pause at
+max_hold whatever the rule says (issue 27: never the canary's fault), so the rule the
+scenario names is the one the product follows."""
+
+
 WRONG_MODEL_NAME = "recommender-v2"
 """wrong-model-name: the name the canary serves its model under (callers ask for the
 service's name, `recommender`)."""
@@ -150,6 +163,54 @@ def _describe_knob(name: str, value: Any) -> str:
     return f"{value:.0%} of requests stall"
 
 
+PARTITION_KINDS = ("region", "leader", "prometheus", "asymmetric")
+"""What a `Partition` cuts (issue 29; `lab/netns.py` makes the cuts):
+
+- "region": the region's namespace from every other one (control plane, etcd,
+  Prometheus; the driver keeps watching it), until the rollout has followed
+  `on_max_hold` (or `lasts` seconds);
+- "leader": the leading replica's namespace from the other regions' (their replicas and
+  etcd members): it keeps its Envoys, Prometheus and its own etcd member, a minority;
+  healed once another replica leads and has committed a decision (or after `lasts`);
+- "prometheus": the operator's namespace (Prometheus) from the region's: its targets go
+  stale while the others' do not; healed after `lasts` seconds;
+- "asymmetric": the region's replica's xDS port, for the region's own addresses only:
+  the replica reaches etcd, its Envoys cannot reach it; healed when the rollout ends.
+"""
+
+
+@dataclass(frozen=True)
+class Partition:
+    kind: str
+    region_index: int = 1
+    """The region cut (for "leader": whichever region's replica leads at the cut)."""
+    at_step: int = 1
+    """Cut once every region has reached this step and every Envoy routes by it."""
+    lasts: float = 0.0
+    """Seconds from the cut to the heal ("prometheus"), or the most a cut healed on an
+    event lasts (0: the run's own timeout)."""
+    converge_within: float = 10.0
+    """After the heal, the cut region's Envoys route by the committed state and its
+    replica lists them again, within this many seconds."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in PARTITION_KINDS:
+            raise ValueError(f"partition kind {self.kind!r}: not one of {PARTITION_KINDS}")
+
+    @property
+    def needs_ha(self) -> bool:
+        """Replicas on etcd: every kind but Prometheus's is about them."""
+        return self.kind != "prometheus"
+
+    def describe(self, region: str) -> str:
+        return {
+            "region": f"{region} cut off from every other namespace",
+            "leader": "the leader's namespace cut from the other regions' (etcd, replicas)",
+            "prometheus": f"Prometheus cut from {region}'s namespace",
+            "asymmetric": f"{region}'s replica's xDS port dropped for {region}'s Envoys",
+        }[self.kind]
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -172,6 +233,21 @@ class Scenario:
     service; both in the consistent rollout group `ranking`). The run also reports the
     `group` figures: crossed arms per service (which must be 0) and the time from the
     fault to every Envoy at 0% canary for both."""
+    partition: Partition | None = None
+    """A network partition (issue 29): implies `--netns`, and `--ha` but for Prometheus's
+    (`needs_ha`); the `partition` figures and checks of the report."""
+
+    @property
+    def needs_ha(self) -> bool:
+        """Replicas on etcd, whatever the command line says."""
+        return self.replica_fault is not None or (
+            self.partition is not None and self.partition.needs_ha
+        )
+
+    @property
+    def needs_netns(self) -> bool:
+        """The lab's own network namespaces, whatever the command line says."""
+        return self.partition is not None
 
 
 SCENARIOS = {
@@ -270,6 +346,49 @@ SCENARIOS = {
             "requests: both services roll back in every region, and no request crossed arms",
             plan=GROUP_PLAN,
             features=True,
+        ),
+        Scenario(
+            "region-partition",
+            "paused",
+            None,
+            "replicas on etcd, regions in namespaces: at 20%, eu-west is cut off from every "
+            "other namespace for longer than ack_timeout; its Envoys keep serving 20% with 0 "
+            "failed requests, the rollout holds and at max_hold pauses (on_max_hold); on heal "
+            "eu-west converges to the committed state",
+            plan=PARTITION_PLAN,
+            partition=Partition("region", 1, lasts=40.0),
+        ),
+        Scenario(
+            "leader-isolated",
+            "promoted",
+            None,
+            "replicas on etcd, regions in namespaces: at 20%, the leader's namespace loses "
+            "the other regions (etcd's majority) but keeps its Envoys: it stops leading "
+            "within its TTL, another replica leads and goes on, the old one commits nothing; "
+            "healed, the rollout goes on to 100%",
+            plan=PARTITION_PLAN,
+            partition=Partition("leader", 0, lasts=20.0),
+        ),
+        Scenario(
+            "prometheus-split",
+            "promoted",
+            None,
+            "regions in namespaces: at 20%, Prometheus loses ap-south's Envoys for 8s: "
+            "ap-south is stale (no data), the others are judged, no step advances on partial "
+            "evidence; healed, the rollout goes on to 100%",
+            plan=PARTITION_PLAN,
+            partition=Partition("prometheus", 2, lasts=8.0),
+        ),
+        Scenario(
+            "asymmetric",
+            "promoted",
+            None,
+            "replicas on etcd, regions in namespaces: at 20%, eu-west's replica still reaches "
+            "etcd but its Envoys cannot reach it: they fail over to the neighbour's replica, "
+            "the leader counts them unknown until they ACK there, and the rollout goes on to "
+            "100%",
+            plan=PARTITION_PLAN,
+            partition=Partition("asymmetric", 1),
         ),
     )
 }

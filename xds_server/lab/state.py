@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from xds_server.ha.etcd import parse_store_url
-from xds_server.ha.store import EtcdStore
+from xds_server.ha.store import EtcdStore, StoreReadError
 from xds_server.lab.layout import MeshLayout
 from xds_server.lab.polling import wait_for
 from xds_server.lab.processes import MeshProcesses
+from xds_server.lab.procs import http_get
 from xds_server.rollout.audit import AuditEntry
 from xds_server.rollout.state import RolloutState
 from xds_server.rollout.store import FILE_NAME, Store
@@ -26,6 +27,8 @@ class StateReader:
         self.processes = processes
         self._sqlite: Store | None = None
         self._etcd_store: EtcdStore | None = None
+        self._first_member = 0
+        """The etcd member the lab's reads go to first (the next one once it fails)."""
 
     @property
     def audit_log(self) -> str:
@@ -63,7 +66,6 @@ class StateReader:
     def audit(self, after_id: int | None = None) -> list[AuditEntry]:
         if self.processes.etcd is not None:
             store = self.etcd_store()
-            store.read()
             return store.audit(after_id=after_id)
         sqlite = self._store()
         return sqlite.audit(after_id=after_id) if sqlite else []
@@ -71,16 +73,29 @@ class StateReader:
     # ---- replicas on etcd (`ha`) ----
 
     def etcd_store(self) -> EtcdStore:
-        """A reader of the replicas' store (its view re-read on each call's `read()`)."""
-        assert self.processes.etcd is not None
-        if self._etcd_store is None:
-            self._etcd_store = EtcdStore(parse_store_url(self.processes.etcd.url))
-        return self._etcd_store
+        """A reader of the replicas' store, its view read now. When the member it asks
+        does not answer (killed, or cut off with its region: a minority, whose reads
+        fail rather than answer stale), the next member is asked, each once."""
+        etcd = self.processes.etcd
+        assert etcd is not None
+        members = etcd.url.removeprefix("etcd://").split(",")
+        for _ in members:
+            if self._etcd_store is None:
+                first = self._first_member % len(members)
+                order = members[first:] + members[:first]
+                self._etcd_store = EtcdStore(parse_store_url("etcd://" + ",".join(order)))
+            try:
+                self._etcd_store.read()
+                return self._etcd_store
+            except StoreReadError:
+                self._etcd_store.close()
+                self._etcd_store = None
+                self._first_member += 1
+        raise StoreReadError(f"no member of {etcd.url} answers the lab")
 
     def leader(self) -> str | None:
         """The replica (region) that holds the leader key now, if any."""
         store = self.etcd_store()
-        store.read()
         return store.view.leader.replica if store.view.leader else None
 
     def wait_leader(self, timeout: float = 30, other_than: str | None = None) -> str:
@@ -101,10 +116,39 @@ class StateReader:
 
         def listed() -> bool:
             store = self.etcd_store()
-            store.read()
             return set(store.view.replicas) >= set(self.processes.replicas)
 
         wait_for(listed, "every replica's key in the store", timeout=timeout, interval=0.1)
+
+    def replica_leads(self, region: str) -> bool | None:
+        """Does the region's replica say it leads (`xds_leader` on its /metrics)? None
+        when it does not answer. Its own word, not the store's: a replica cut off from
+        etcd keeps the leader key's last value in its view until it steps down."""
+        ports = self.layout.replica_ports[region]
+        url = f"http://{self.layout.replica_host(region)}:{ports['metrics']}/metrics"
+        try:
+            status, body, _ = http_get(url, timeout=1.0)
+        except OSError:  # refused, timed out
+            return None
+        if status != 200:
+            return None
+        for line in body.decode(errors="replace").splitlines():
+            if line.startswith("xds_leader "):
+                return float(line.split()[1]) == 1.0
+        return None
+
+    def listed_in_sync(self, nodes: set[str]) -> bool:
+        """Is every one of these nodes listed by a replica in the store's directory, in
+        sync on routes (it ACKed the last routes its replica sent)? What the leader's
+        ACK gate sees of them: listed, they are known again."""
+        store = self.etcd_store()
+        found: dict[str, bool] = {}
+        for doc in store.view.replicas.values():
+            for node in doc.get("nodes", []):
+                routes = node.get("routes", {})
+                synced = bool(routes.get("acked")) and routes.get("acked") == routes.get("sent")
+                found[node.get("id", "")] = found.get(node.get("id", ""), False) or synced
+        return all(found.get(n, False) for n in nodes)
 
     def close(self) -> None:
         if self._sqlite is not None:
@@ -123,7 +167,6 @@ class StateReader:
     def _states(self) -> list[RolloutState]:
         if self.processes.etcd is not None:
             store = self.etcd_store()
-            store.read()
             return store.load_rollouts()
         sqlite = self._store()
         return sqlite.load_rollouts() if sqlite else []

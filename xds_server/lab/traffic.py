@@ -16,6 +16,7 @@ from xds_server.lab.layout import SERVICE, MeshLayout
 from xds_server.lab.polling import wait_for
 from xds_server.lab.processes import MeshProcesses
 from xds_server.lab.procs import Envoy, http_get
+from xds_server.render.bootstrap import XDS_CLUSTER
 
 
 class TrafficReader:
@@ -34,6 +35,21 @@ class TrafficReader:
                 }
         return set()
 
+    def xds_servers(self, envoy: Envoy) -> set[str]:
+        """HOST:PORT of the xDS servers this Envoy has a connection open to now (its
+        `xds_server` cluster's hosts with an active connection, from its /clusters)."""
+        doc = envoy.admin_get("/clusters?format=json")
+        out: set[str] = set()
+        for cluster in doc.get("cluster_statuses", []):
+            if cluster["name"] != XDS_CLUSTER:
+                continue
+            for host in cluster.get("host_statuses", []):
+                stats = {s["name"]: int(s.get("value", 0)) for s in host.get("stats", [])}
+                if stats.get("cx_active", 0) > 0:
+                    addr = host["address"]["socket_address"]
+                    out.add(f"{addr['address']}:{addr['port_value']}")
+        return out
+
     def model_stats(self, region: str, pool: str, service: str = SERVICE) -> dict[str, int]:
         """How many user and shadow requests a model server has answered (and stalled);
         the arms its requests carried and its calls to the next service."""
@@ -47,7 +63,7 @@ class TrafficReader:
         return add_counts(self.model_stats_at(port) for port in ports.values())
 
     def model_stats_at(self, rest_port: int) -> dict[str, int]:
-        status, body, _ = http_get(f"http://127.0.0.1:{rest_port}/stats")
+        status, body, _ = http_get(f"http://{self.layout.port_host(rest_port)}:{rest_port}/stats")
         assert status == 200, body
         return dict(json.loads(body))
 
