@@ -172,6 +172,7 @@ def write_lab_file(mesh: LocalMesh) -> None:
     }
     if mesh.net is not None:
         doc["netns"] = mesh.net.record()
+    mesh.workdir.mkdir(parents=True, exist_ok=True)
     (mesh.workdir / "lab.json").write_text(json.dumps(doc, indent=2))
     LAB_ROOT.mkdir(exist_ok=True)
     CURRENT.write_text(str(mesh.workdir))
