@@ -3,6 +3,10 @@
 A stream is identified by its first request's node, then woken whenever the node asks
 or its region's snapshot changes, and sends what its protocol state (`SotwStream` or
 `DeltaStream`) says is due. One event loop serves every stream; no thread per stream.
+
+A request that does not decode ends its stream with INVALID_ARGUMENT and one log line:
+the requests are decoded leniently (`_lenient`), because a deserializer that raises
+makes grpc log a traceback per request (issue 30: 150 per 1,500 garbage requests).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from xds_server.xds.stream import (
     MAX_NAMES_PER_TYPE,
     NodeError,
     NodeIdentity,
+    ProtocolError,
     StreamError,
     StreamProtocol,
     identify,
@@ -93,12 +98,12 @@ class AdsService:
             {
                 "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
                     self.stream_aggregated_resources,
-                    request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                    request_deserializer=_lenient(discovery_pb2.DiscoveryRequest),
                     response_serializer=None,  # responses are already encoded bytes
                 ),
                 "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
                     self.delta_aggregated_resources,
-                    request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                    request_deserializer=_lenient(discovery_pb2.DeltaDiscoveryRequest),
                     response_serializer=None,
                 ),
             },
@@ -212,6 +217,7 @@ class AdsService:
         if self.aside is not None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, self.aside)
         try:
+            _check_decoded(first)
             ident = identify(first.node, self.regions)
             if self.served is not None and ident.region not in self.served:
                 where = self.elsewhere(ident.region)
@@ -271,6 +277,7 @@ def _reading(
 
     async def read() -> None:
         async for req in reader:
+            _check_decoded(req)
             if stream.on_request(req):
                 wake.set()
 
@@ -281,5 +288,40 @@ def _reading(
 
 async def _refuse(context: Any, exc: StreamError, node_id: str = "") -> None:
     """End the stream with the error's status; its message echoes nothing unclipped."""
-    log.warning("refused stream%s: %s", f" of {clip(node_id)}" if node_id else "", exc)
+    who = f" of {clip(node_id)}" if node_id else f" from {clip(str(context.peer()))}"
+    log.warning("refused stream%s: %s", who, exc)
     await context.abort(grpc.StatusCode[exc.code], str(exc))
+
+
+class Undecodable:
+    """A request that did not decode: what `_lenient` hands the stream instead of
+    raising (which would make grpc log a traceback), for the stream to refuse."""
+
+    def __init__(self, message: str, size: int, error: Exception) -> None:
+        self.message = message
+        self.size = size
+        text = " ".join(str(error).split())
+        # protobuf's "Error parsing message with type 'X': why": the type is said already
+        self.error = (text.rpartition("': ")[2] if "': " in text else text)[:200]
+
+
+def _lenient(message: Any) -> Callable[[bytes], Any]:
+    """`message.FromString`, returning an `Undecodable` rather than raising."""
+    name = str(message.DESCRIPTOR.name)
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return message.FromString(raw)
+        except Exception as exc:  # DecodeError, or anything protobuf raises on garbage
+            return Undecodable(name, len(raw), exc)
+
+    return decode
+
+
+def _check_decoded(request: Any) -> None:
+    """A request that did not decode ends the stream: INVALID_ARGUMENT, one log line."""
+    if isinstance(request, Undecodable):
+        raise ProtocolError(
+            f"the request does not decode as a {request.message} ({request.size} bytes): "
+            f"{request.error}"
+        )
