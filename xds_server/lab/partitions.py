@@ -88,7 +88,7 @@ def look(
             part.expected_share["healed"] = _expected_shares(mesh, state)
             view.note(heal(mesh, part))
         return False
-    if part.converged_at is None and _converged(mesh, part.region, state):
+    if part.converged_at is None and _converged(mesh, part.kind, part.region, state):
         part.converged_at = time.time()
         view.note(
             f"{part.region} converged {part.converged_at - part.healed_at:.2f}s after the heal"
@@ -105,8 +105,9 @@ def cut(mesh: LocalMesh, p: Partition, part: PartitionResult, state: dict[str, A
         part.leader_before = mesh.state.leader() or ""
     if p.kind == "leader":
         part.region = part.leader_before
-    if p.kind == "prometheus" and part.region == part.leader_before:
-        # (a leader cut from Prometheus reads no region: another region, then)
+    elif part.region == part.leader_before:
+        # Another region than the leader's: a leader cut from everything is the
+        # leader's kind, and a leader cut from Prometheus reads no region at all.
         part.region = next(r for r in regions if r != part.leader_before)
     part.shares["cut"] = _shares(mesh)
     part.expected_share["cut"] = _expected_shares(mesh, state)
@@ -233,9 +234,12 @@ def _shares(mesh: LocalMesh) -> dict[str, float]:
     return {e.opts.node_id: round(canary_share(e), 2) for e in mesh.processes.envoys}
 
 
-def _converged(mesh: LocalMesh, region: str, state: dict[str, Any]) -> bool:
+def _converged(mesh: LocalMesh, part_kind: str, region: str, state: dict[str, Any]) -> bool:
     """The region's Envoys route by the committed state and, with replicas, each is
-    listed in sync by a replica (the leader's ACK gate sees them again)."""
+    listed in sync by a replica (the leader's ACK gate sees them again); cut from
+    Prometheus only: Prometheus scrapes every one of them again."""
+    if part_kind == "prometheus":  # (nothing of the region was cut but its scrapes)
+        return mesh.traffic.targets_up(region)
     envoys = [e for e in mesh.processes.envoys if e.opts.region == region]
     want = expected_share(mesh, state, region)
     if any(abs(canary_share(e) - want) >= 0.01 for e in envoys):
@@ -345,8 +349,10 @@ def _leader_figures(
         "stepped_down_s": part.stepped_down_at - cut if part.stepped_down_at else None,
         "new_leader_s": new - cut if new is not None else None,
         "new_leader_first_commit_s": first - cut if first is not None else None,
+        # Until another leads (or, if none did, the heal): only the cut leader could
+        # have committed, and it cannot without etcd's majority.
         "committed_between_cut_and_new_leader": sum(
-            1 for e in audit if cut < e.time < (new if new is not None else float("inf"))
+            1 for e in audit if cut < e.time < (new or part.healed_at or float("inf"))
         ),
     }
 
@@ -385,15 +391,24 @@ def checks(
 def _region_checks(
     mesh: LocalMesh, part: PartitionResult, out: dict[str, Any], after: list[AuditEntry]
 ) -> dict[str, bool]:
-    """Held (no pause nor rollback before max_hold), then on_max_hold's phase, and the
-    cut region's Envoys at the heal on the weights they had at the cut."""
+    """Held (no pause nor rollback before max_hold), then on_max_hold's phase, pushed to
+    every region it can reach (their Envoys on the committed weights at the heal), and
+    the cut region's Envoys at the heal on the weights they had at the cut."""
     rollout = mesh.opts.rollout
     max_hold = _seconds(rollout.get("max_hold", "300s"))
     wanted = {"pause": "paused", "rollback": "rolled_back"}[
         str(rollout.get("on_max_hold", "rollback"))
     ]
     shares = out["served"].get(part.region, {}).get("canary_share", {})
+    expected = part.expected_share.get("healed", {})
+    reachable = [
+        share == expected.get(node.rsplit("-envoy-", 1)[0])
+        for region, served in out["served"].items()
+        if region != part.region
+        for node, share in served["canary_share"].get("healed", {}).items()
+    ]
     return {
+        "reachable_regions_followed": bool(reachable) and all(reachable),
         "held_until_max_hold": out["to_outcome_s"] is not None
         and out["to_outcome_s"] >= max_hold - 1.0,
         "followed_on_max_hold": out["outcome"].startswith(wanted),

@@ -91,6 +91,17 @@ class TrafficReader:
 
         return wait_for(grown, f"{calls} more proxyless calls", timeout=timeout)
 
+    def targets_up(self, region: str) -> bool:
+        """Does Prometheus scrape every Envoy of the region now (`up` 1 on each)?"""
+        prometheus = self.processes.prometheus
+        assert prometheus is not None
+        query = f'up{{job="envoy",region="{region}"}}'
+        url = f"{prometheus.url}/api/v1/query?query={urllib.parse.quote(query)}"
+        status, body, _ = http_get(url)
+        found = json.loads(body)["data"]["result"] if status == 200 else []
+        envoys = [e for e in self.layout.envoys if e.region == region]
+        return len(found) == len(envoys) and all(r["value"][1] == "1" for r in found)
+
     def wait_latency_series(self, timeout: float = 30) -> None:
         """Until Prometheus can answer, for every region's production pool, what a
         rollout checks at its start: Envoy exports counters at once but histograms only
