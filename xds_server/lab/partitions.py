@@ -251,8 +251,14 @@ def _converged(mesh: LocalMesh, part_kind: str, region: str, state: dict[str, An
 
 # ---- the report ----
 
-HELD = ("holding", "no data", "no_data", "not known to be applied", "unknown")
-"""Words of a check entry that holds a step rather than judges it."""
+HELD = {
+    "region": ("holding", "no data:"),
+    "leader": ("holding", "no data:"),
+    "prometheus": ("no data:",),
+    "asymmetric": ("not known to be applied", "not ACKed"),
+}
+"""Per kind: words of the cut region's check entry that holds its step for want of
+evidence (a step held for ordinary reasons, too few requests yet, does not count)."""
 STALE_GRACE = 3.0
 """Seconds after a cut in which the cut region's last samples may still count as fresh
 (two scrape intervals of the lab's 1 s, and one look)."""
@@ -272,7 +278,7 @@ def summary(
     rollout = mesh.opts.rollout
     after = [e for e in audit if cut is not None and e.time >= cut]
     mine = [e for e in after if e.region == part.region and e.kind == "check"]
-    held = next((e for e in mine if any(w in e.reason for w in HELD)), None)
+    held = next((e for e in mine if any(w in e.reason for w in HELD[part.kind])), None)
     ended = next((e for e in after if e.phase_to in ("paused", "rolled_back")), None)
     out: dict[str, Any] = {
         "kind": part.kind,
@@ -456,22 +462,9 @@ def _prometheus_checks(
 def _asymmetric_checks(
     mesh: LocalMesh, part: PartitionResult, out: dict[str, Any], after: list[AuditEntry]
 ) -> dict[str, bool]:
-    """The region's Envoys failed over; counted unknown, not applied: no step of the
-    region passed while they were cut from their replica and not yet on another."""
-    cut, over = part.cut_at, part.failed_over_at
-    passed = [
-        e
-        for e in after
-        if e.region == part.region
-        and "step passed" in e.reason
-        and cut is not None
-        and over is not None
-        and cut < e.time < over
-    ]
-    return {
-        "envoys_failed_over": over is not None,
-        "not_counted_applied_while_cut_off": over is not None and not passed,
-    }
+    """The region's Envoys failed over to another replica (that they then route by the
+    committed state is `converged_after_heal`'s, and the end's shares the outcome's)."""
+    return {"envoys_failed_over": part.failed_over_at is not None}
 
 
 def _advances(after: list[AuditEntry], cut: float | None, healed: float | None) -> list[Any]:

@@ -408,8 +408,9 @@ def admin_servers(mesh: LocalMesh) -> str:
     """xdsctl's --server: every replica's admin API (it tries them in order)."""
     replicas = mesh.processes.replicas
     if not replicas:
-        return f"127.0.0.1:{mesh.layout.admin_port}"
-    return ",".join(f"127.0.0.1:{mesh.layout.replica_admin(r)}" for r in replicas)
+        return f"{mesh.layout.server_host()}:{mesh.layout.admin_port}"
+    lay = mesh.layout
+    return ",".join(f"{lay.replica_host(r)}:{lay.replica_admin(r)}" for r in replicas)
 
 
 def print_keep(mesh: LocalMesh) -> None:
@@ -419,16 +420,17 @@ def print_keep(mesh: LocalMesh) -> None:
         f"  admin API       xdsctl --server {admin_servers(mesh)} "
         f"--token-file {mesh.credentials.token_file} status"
     )
-    print(f"  Prometheus      http://127.0.0.1:{mesh.layout.prometheus_port}")
+    print(f"  Prometheus      {mesh.layout.prometheus_url}")
     lay = mesh.layout
     print(
-        f"  xds-server      xDS 127.0.0.1:{lay.xds_port}, metrics "
-        f"http://127.0.0.1:{lay.metrics_port}/metrics, log {mesh.workdir / 'xds-server.log'}"
+        f"  xds-server      xDS {lay.server_host()}:{lay.xds_port}, metrics http://"
+        f"{lay.server_host()}:{lay.metrics_port}/metrics, log {mesh.workdir / 'xds-server.log'}"
     )
     for e in mesh.processes.envoys:
         print(f"  {e.name:<15} http://{e.opts.listen}/predict  admin {e.admin}")
     for (region, pool), port in mesh.layout.model_ports.items():
-        print(f"  model {region}/{pool}: http://127.0.0.1:{port}  (POST /fault to change faults)")
+        host = mesh.layout.host(region)
+        print(f"  model {region}/{pool}: http://{host}:{port}  (POST /fault to change faults)")
     print(f"  stop it all: xds-server lab down --out {mesh.workdir}")
 
 
