@@ -69,7 +69,7 @@ def run_lab(
     it). `models="mlserver"`: every pool a real MLServer (`_on_models`). `netns`: each
     region in a network namespace of its own (`MeshOptions.netns`)."""
     scenario = SCENARIOS[scenario_name]
-    ha = ha or scenario.replica_fault is not None
+    ha, netns = ha or scenario.needs_ha, netns or scenario.needs_netns
     scenario, plan = _on_models(scenario, models, "grpc" if proxyless else protocol, ha)
     out = (out or LAB_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{scenario.name}").resolve()
     opts = replace(
