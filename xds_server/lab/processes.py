@@ -12,13 +12,16 @@ server without `ha`, Prometheus and the `ops` etcd members in `ops`.
 
 from __future__ import annotations
 
+import functools
+import re
+import subprocess
 import sys
 from collections.abc import Callable
 
 from xds_server.lab import mlserver
 from xds_server.lab.credentials import Credentials
 from xds_server.lab.etcd import EtcdCluster, Place
-from xds_server.lab.layout import FEATURES, SERVICE, VERSIONS, MeshLayout
+from xds_server.lab.layout import FEATURES, LOOPBACK, SERVICE, VERSIONS, MeshLayout
 from xds_server.lab.load import LoadGenerator, LoadResults, ResultFiles
 from xds_server.lab.netns import OPS
 from xds_server.lab.oip.model import N_FEATURES
@@ -209,7 +212,8 @@ class MeshProcesses:
                 "--metrics-address", f"{host}:{lay.metrics_port}",
                 "--admin-address", f"{host}:{lay.admin_port}",
                 "--ui-address", f"{host}:{lay.ui_port}",
-                "--log-format", "json", *self.credentials.server_args()]  # fmt: skip
+                "--log-format", "json", *self.credentials.server_args(),
+                *off_loopback(host)]  # fmt: skip
         wrap = lay.exec_prefix(lay.server_key)
         self.server = Process("xds-server", argv, lay.workdir / "xds-server.log", wrap=wrap)
 
@@ -227,7 +231,8 @@ class MeshProcesses:
                 "--metrics-address", f"{host}:{ports['metrics']}",
                 "--admin-address", f"{host}:{ports['admin']}",
                 "--ui-address", f"{host}:{ports['ui']}",
-                "--log-format", "json", *self.credentials.server_args()]  # fmt: skip
+                "--log-format", "json", *self.credentials.server_args(),
+                *off_loopback(host)]  # fmt: skip
         self.replicas[region] = Process(
             f"xds-server-{region}",
             argv,
@@ -397,6 +402,34 @@ class MeshProcesses:
                 wrap=self.layout.exec_prefix(region),
             )
             self.proxyless.append(client)
+
+
+def off_loopback(host: str) -> list[str]:
+    """`serve`'s flag for binding a lab namespace's address without TLS and tokens
+    (`--insecure`), when it has one (issue 30's secure default refuses such a bind).
+    The lab's network is a bridge of its own that only this machine's root namespace
+    reaches; its driver and Prometheus read the server plainly, and the admin token
+    still guards actions."""
+    if host == LOOPBACK or not _serve_accepts(INSECURE):
+        return []
+    return [INSECURE]
+
+
+INSECURE = "--insecure"
+
+
+@functools.cache
+def _serve_accepts(flag: str) -> bool:
+    """Does `xds-server serve` take `flag`? Asked of its --help once per process (the lab
+    may not import the command line)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "xds_server.cli", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return re.search(rf"(^|\s){re.escape(flag)}(?![\w-])", done.stdout) is not None
 
 
 def answers(host: str, port: int) -> Callable[[], bool]:
