@@ -164,7 +164,7 @@ class Server:
     def tasks(self) -> list[Task]:
         """What runs beside the xDS server, until it stops."""
         opts, d = self.options, self.deployment
-        admin = AdminService(self.view, opts.admin_tokens, opts.admin_auth_reads)
+        admin = AdminService(self.view, opts.admin_tokens, opts.admin_auth_reads, opts.admin_scopes)
         admin.xds_address = opts.xds_address
         tasks: list[Task] = [
             *d.background,
@@ -177,7 +177,7 @@ class Server:
             tasks.append(self._follow_by_polling)
         if opts.ui_address:
             dashboard = Dashboard(self.view, admin.operator)
-            tasks.append(lambda: dashboard.run(opts.ui_address))
+            tasks.append(lambda: dashboard.run(opts.ui_address, opts.ui_tls))
         return tasks
 
     async def serve(self) -> None:
