@@ -33,7 +33,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 from google.protobuf import any_pb2, json_format
 
-from xds_server.admin.auth import Credentials
+from xds_server.admin.auth import Credentials, Scope
 from xds_server.admin.guard import AdminGuard, invocation_metadata
 from xds_server.admin.operator import Act, Operator, Refused, check_weights
 from xds_server.admin.v1 import admin_pb2 as pb
@@ -82,10 +82,14 @@ def _metadata(context: Ctx[Rq, Rs]) -> Metadata:
 
 class AdminService(admin_pb2_grpc.AdminServicer):
     def __init__(
-        self, view: AdminView, tokens: Mapping[str, str] | None = None, auth_reads: bool = False
+        self,
+        view: AdminView,
+        tokens: Mapping[str, str] | None = None,
+        auth_reads: bool = False,
+        scopes: Mapping[str, Scope] | None = None,
     ) -> None:
         self.view = view
-        self.auth = Credentials(tokens, auth_reads)
+        self.auth = Credentials(tokens, auth_reads, scopes)
         self.operator = Operator(
             self.auth, lambda: view.spec, lambda: view.controller, lambda: view.directory
         )
@@ -139,9 +143,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         headers, r = _metadata(context), request
 
         def change() -> list[RolloutState]:
-            actor = self.operator.actor(headers)
+            caller = self.operator.caller(headers)
             return self.operator.named(
-                actor, name, r.reason, service=r.service, group=r.group, promote_all=promote_all
+                caller, name, r.reason, service=r.service, group=r.group, promote_all=promote_all
             )
 
         states = await _checked(context, change)
@@ -291,7 +295,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             since=request.since or None,
             limit=request.limit or None,
         )
-        return pb.GetAuditResponse(entries=[audit_message(e) for e in entries])
+        canonical = request.canonical  # (the bytes each hash covers: audit verify)
+        return pb.GetAuditResponse(entries=[audit_message(e, canonical) for e in entries])
 
     # ---- replicas ----
 
