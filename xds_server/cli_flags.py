@@ -8,8 +8,10 @@ Imports stay light (no server, no store client): every command loads this.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
+import socket
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -31,6 +33,23 @@ def split_host_port(text: str, what: str) -> tuple[str, int]:
         return parse_host_port(text)
     except ValueError as exc:
         raise UsageError(f"{what}: {exc}, got {text!r}") from None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps a port on this machine: a loopback address, or a
+    name every address of which is one. Every interface (0.0.0.0, ::, "") is not."""
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False  # (the bind will fail on its own)
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
 
 
 def seconds_flag(text: str, flag: str) -> float:

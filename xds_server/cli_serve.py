@@ -4,6 +4,10 @@ run (one process on a state directory, or a replica on etcd with `--store`).
 Every mistake is one line (`UsageError`) before anything starts: addresses, flags that
 go together, the token file, the TLS files. The server itself (`xds_server.app`) is
 imported only when `serve` runs.
+
+Secure by default off loopback (issue 30): an xDS, admin or dashboard address that is
+not loopback needs TLS (mTLS for xDS) and, for the admin API and the dashboard, tokens,
+which then guard reads too; or `--insecure`, which serves it as asked (`off_loopback`).
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ from xds_server.cli_flags import (
     LOG_LEVELS,
     UsageError,
     add_store_flags,
+    is_loopback,
     setup_logging,
     split_host_port,
     store_address,
 )
 
 if TYPE_CHECKING:
+    from xds_server.admin.auth import Scope
     from xds_server.app import ServeOptions
 
 
@@ -121,6 +127,14 @@ def _add_security(s: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--admin-tls-cert", metavar="PEM", help="serve the admin API over TLS")
     s.add_argument("--admin-tls-key", metavar="PEM")
+    s.add_argument("--ui-tls-cert", metavar="PEM", help="serve the dashboard over HTTPS")
+    s.add_argument("--ui-tls-key", metavar="PEM")
+    s.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow xDS, admin or dashboard addresses off loopback without TLS and tokens "
+        "(without it, serve refuses them and names the flags to add)",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -141,6 +155,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     regions = tuple(r.strip() for r in args.regions.split(",") if r.strip()) if args.regions else ()
     if args.leader_ttl < 2:
         raise UsageError(f"--leader-ttl: at least 2 seconds, got {args.leader_ttl}")
+    exposed = off_loopback(args)
+    auth_reads = args.admin_auth_reads or bool(exposed and not args.insecure)
     options = ServeOptions(
         spec_path=Path(args.spec) if args.spec else None,
         xds_address=args.xds_address,
@@ -149,12 +165,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_address=(metrics_host, metrics_port) if metrics_port else None,
         admin_address=args.admin_address,
         admin_tokens=_read_secret(args.admin_token_file, args.admin_auth_reads),
-        admin_auth_reads=args.admin_auth_reads,
+        admin_auth_reads=auth_reads,
+        admin_scopes=_read_scopes(args.admin_token_file),
         xds_tls=_load_tls(args.xds_tls_cert, args.xds_tls_key, "--xds-tls"),
         xds_client_ca=_client_ca(args),
         xds_trust_domain=args.xds_trust_domain,
         admin_tls=_load_tls(args.admin_tls_cert, args.admin_tls_key, "--admin-tls"),
         ui_address=args.ui_address,
+        ui_tls=_load_tls(args.ui_tls_cert, args.ui_tls_key, "--ui-tls"),
         store_url=args.store,
         store_prefix=args.store_prefix,
         leader_ttl=args.leader_ttl,
@@ -167,6 +185,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         asyncio.run(local(options).serve())
     return 0
+
+
+def off_loopback(args: argparse.Namespace) -> list[str]:
+    """The addresses bound off loopback. Without `--insecure`, each must be secured, or
+    `serve` stops with one line naming the flags to add: xDS needs mTLS (a server
+    certificate and the clients' CA), the admin API and the dashboard TLS and a token
+    file (reads then need a token too)."""
+    exposed: list[str] = []
+    missing: list[str] = []
+    token = [] if args.admin_token_file else ["--admin-token-file"]
+    ports = [
+        (
+            "--xds-address",
+            args.xds_address,
+            ["--xds-tls-cert", "--xds-tls-key", "--xds-tls-client-ca"],
+            [],
+        ),
+        ("--admin-address", args.admin_address, ["--admin-tls-cert", "--admin-tls-key"], token),
+        ("--ui-address", args.ui_address, ["--ui-tls-cert", "--ui-tls-key"], token),
+    ]
+    for flag, address, tls, tokens in ports:
+        if not address or is_loopback(split_host_port(address, flag)[0]):
+            continue
+        exposed.append(f"{flag} {address}")
+        need = [f for f in tls if not getattr(args, f[2:].replace("-", "_"))] + tokens
+        missing += [f for f in need if f not in missing]
+    if missing and not args.insecure:
+        raise UsageError(
+            f"{', '.join(exposed)}: not loopback, so serve needs TLS and tokens there: "
+            f"add {' '.join(missing)} (or --insecure to serve it unprotected)"
+        )
+    return exposed
 
 
 async def _serve_replica(options: ServeOptions) -> None:
@@ -196,6 +246,13 @@ def _load_tls(cert: str | None, key: str | None, flag: str) -> tuple[bytes, byte
     if not (cert and key):
         raise UsageError(f"{flag}-cert and {flag}-key go together")
     return Path(cert).read_bytes(), Path(key).read_bytes()
+
+
+def _read_scopes(path: str | None) -> dict[str, Scope] | None:
+    """What each token may do (`NAME:TOKEN:SCOPE`); the file was checked by `_read_secret`."""
+    from xds_server.admin.auth import parse_scopes
+
+    return parse_scopes(Path(path).read_bytes().decode(), path) if path else None
 
 
 def _read_secret(path: str | None, for_reads: bool = False) -> dict[str, str] | None:

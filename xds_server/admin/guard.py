@@ -2,9 +2,10 @@
 
 grpc.aio logs a traceback for a request that does not decode and for a handler that
 raises; behind `AdminGuard` each becomes one log line and a status (INVALID_ARGUMENT,
-INTERNAL). It also asks for a credential for reads (`--admin-auth-reads`: the servicer
-checks changes itself), and marks every status the server sends itself with
-`STATUS_MARK`, which is how `xdsctl` tells "the server said no" from "nothing answered".
+INTERNAL). It also asks for a credential for reads (`--admin-auth-reads`, implied off
+loopback: the servicer checks changes itself) with the `read` verb in its scope, and
+marks every status the server sends itself with `STATUS_MARK`, which is how `xdsctl`
+tells "the server said no" from "nothing answered".
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import NoReturn, TypeVar, cast
 
 import grpc
 
-from xds_server.admin.auth import Credentials
+from xds_server.admin.auth import Credentials, Verb, method_verb
 from xds_server.admin.operator import unauthenticated
 from xds_server.admin.wire import STATUS_MARK
 
@@ -125,9 +126,18 @@ class _Guarded:
         context.set_trailing_metadata(((STATUS_MARK, "1"),))
         if self.auth.auth_reads:
             meta = invocation_metadata(context)
-            if self.auth.identify(meta) is None:
+            name = self.auth.identify(meta)
+            if name is None:
                 refused = unauthenticated("reads as well as changes", meta)
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, refused.message)
+            if method_verb(self.method) is Verb.READ:  # changes: the operator checks
+                scope = self.auth.scope(name)
+                if not scope.may(Verb.READ):
+                    await context.abort(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        f"the token {name} may not read ({self.method}): its scope lacks "
+                        f"verbs=read (it has {scope.describe()})",
+                    )
         if streams_in:
             return self._each_decoded(cast("AsyncIterator[object]", request), context)
         return await self._decoded(request, context)

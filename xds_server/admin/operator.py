@@ -7,15 +7,21 @@ controller's own method, so every change lands in the audit log the same way. A 
 group (`rollout_groups:`) is paused, resumed, aborted or promoted as one: every member by
 one controller call (`RolloutController.act_on_group`), one push. A refusal is a `Refused`
 with a `Refusal` code that each door turns into its own status (gRPC, HTTP).
+
+Least privilege (issue 30): a change is done by a `Caller` (the token's name and its
+`Scope`), and needs its verb on every service it touches: a group's action every
+member, and so does a member's pause, resume or abort (they act on the whole group). A
+refusal is PERMISSION_DENIED naming the part of the scope that is missing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from xds_server.admin.auth import Credentials
+from xds_server.admin.auth import FULL, Credentials, Scope, Verb
 from xds_server.admin.views import leader_hint
 from xds_server.admin.wire import ACTOR_KEY
 from xds_server.ha.replicas import Directory
@@ -59,6 +65,31 @@ Act = Callable[[RolloutController, str], RolloutState]
 GroupAct = Callable[[RolloutController, str], list[RolloutState]]
 """A controller call on a rollout group, given the actor: every member's state after it."""
 NAMED_CHANGES = ("pause", "resume", "abort", "promote")
+GROUP_WIDE = ("pause", "resume", "abort")
+"""The named changes that, on a member of a rollout group, act on the whole group."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks for a change: the actor the audit log records, the token's name (None:
+    no tokens configured) and what that token may do."""
+
+    actor: str
+    name: str | None = None
+    scope: Scope = FULL
+
+
+def permit(caller: Caller, verb: Verb, services: Sequence[str], what: str) -> None:
+    """Refuse (PERMISSION_DENIED) unless the caller's scope allows `verb` on every one
+    of `services`; `what` names the target in the message ("recommender", "rollout
+    group G"). The message names the scope part that is missing."""
+    lacks = caller.scope.lacks(verb, services)
+    if lacks:
+        raise Refused(
+            Refusal.PERMISSION_DENIED,
+            f"the token {caller.name or '?'} may not {verb} {what}: its scope lacks {lacks} "
+            f"(it has {caller.scope.describe()})",
+        )
 
 
 def named_change(name: str, service: str, reason: str, promote_all: bool = False) -> Act:
@@ -139,6 +170,20 @@ class Operator:
             return f"{claim or 'unknown'} (unauthenticated)"
         return name if claim in ("", name) else f"{name} (claims: {claim})"
 
+    def caller(self, headers: Mapping[str, Any], door: str = "") -> Caller:
+        """`actor` (the credential checked), with the token's name and scope."""
+        actor = self.actor(headers, door)
+        name = self.auth.identify(headers)
+        return Caller(actor, name, self.auth.scope(name))
+
+    def members(self, service: str, name: str) -> tuple[list[str], str]:
+        """The services a named change of `service` touches, and how to name them: the
+        whole group for a member's pause, resume or abort."""
+        group = self._spec().group_of(service) if name in GROUP_WIDE else None
+        if group is None:
+            return [service], service
+        return list(group.services), f"{service} (its rollout group {group.name}: every member)"
+
     def check_service(self, service: str) -> None:
         spec = self._spec()
         try:
@@ -213,27 +258,32 @@ class Operator:
         reason: str,
         act: Act,
         check: Callable[[], None] = lambda: None,
+        verb: Verb = Verb.SET_WEIGHTS,
     ) -> RolloutState:
         """A change from a caller's headers, in the order every change is checked: the
         credential first (an unauthenticated caller learns nothing from validation
-        errors), then a known service, then the request's own `check`, then the reason
-        and the controller call (`act`)."""
-        actor = self.actor(headers)
+        errors), then a known service, then the caller's scope (`verb` on it), then the
+        request's own `check`, then the reason and the controller call (`act`). The one
+        change submitted this way is set-weights; the named ones go through `named`."""
+        caller = self.caller(headers)
         self.check_service(service)
+        permit(caller, verb, [service], service)
         check()
-        return self.act(actor, reason, act)
+        return self.act(caller.actor, reason, act)
 
     def change(
-        self, name: str, service: str, reason: str, actor: str, promote_all: bool = False
+        self, name: str, service: str, reason: str, caller: Caller, promote_all: bool = False
     ) -> RolloutState:
         """One of the named changes the dashboard offers (pause, resume, abort, promote),
-        by the same controller path as xdsctl's."""
+        by the same controller path as xdsctl's, if the caller's scope allows it."""
+        act = named_change(name, service, reason, promote_all)
         self.check_service(service)
-        return self.act(actor, reason, named_change(name, service, reason, promote_all))
+        permit(caller, Verb(name), *self.members(service, name))
+        return self.act(caller.actor, reason, act)
 
     def named(
         self,
-        actor: str,
+        caller: Caller,
         name: str,
         reason: str,
         *,
@@ -243,17 +293,21 @@ class Operator:
     ) -> list[RolloutState]:
         """A named change (pause, resume, abort, promote) of one service, or of every
         member of a rollout group: exactly one of `service` and `group`. The states the
-        change left: the service's, or each member's. `actor`: from `actor()`."""
+        change left: the service's, or each member's. `caller`: from `caller()`; a
+        group's change needs its scope on every member."""
         check_target(service, group)
         if not group:
-            return [self.change(name, service, reason, actor, promote_all)]
+            return [self.change(name, service, reason, caller, promote_all)]
         if promote_all:
             raise Refused(
                 Refusal.INVALID_ARGUMENT,
                 "promote all the way acts on one service; a group is promoted a step at a time",
             )
+        act = group_change(name, group, reason)
         self.check_group(group)
-        return self.act(actor, reason, group_change(name, group, reason))
+        members = list(self._spec().group(group).services)
+        permit(caller, Verb(name), members, f"rollout group {group} (every member)")
+        return self.act(caller.actor, reason, act)
 
 
 XDSCTL_TOKEN = "pass --token-file to xdsctl"

@@ -12,11 +12,13 @@ aiohttp, on the server's own event loop. What it serves:
   committed state whenever it changes);
 - the operator's actions (pause, resume, abort, promote) on a service or on a whole
   rollout group, through `admin/operator.py`: the same checks and controller calls as
-  `xdsctl`'s.
+  `xdsctl`'s, the token's scope included (a refusal is a 403 naming what it lacks);
+  `/api/scope` tells the page what its token may do, and the page shows only that.
 
-Safe by default: it binds to loopback; every action needs an admin token, sent as an
-`Authorization: Bearer` header (never a URL or a cookie), so without
-`--admin-token-file` the page is read-only; requests must name this server in `Host`
+Safe by default: it binds to loopback (off loopback, `serve` asks for HTTPS,
+`--ui-tls-cert`, and tokens for reads too, or `--insecure`); every action needs an
+admin token, sent as an `Authorization: Bearer` header (never a URL or a cookie), so
+without `--admin-token-file` the page is read-only; requests must name this server in `Host`
 (a DNS-rebinding page cannot read it) and, when they carry an `Origin`, come from it;
 every response forbids inline scripts (Content-Security-Policy), and the page writes
 every string from the spec or the audit log as text.
@@ -28,6 +30,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,8 @@ from typing import Any
 from aiohttp import web
 from google.protobuf import json_format, message
 
-from xds_server.admin.operator import Operator, Refusal, Refused, unauthenticated
+from xds_server.admin.auth import VERBS, Verb
+from xds_server.admin.operator import Caller, Operator, Refusal, Refused, unauthenticated
 from xds_server.admin.v1 import admin_pb2 as pb
 from xds_server.admin.views import (
     AdminView,
@@ -109,6 +113,7 @@ class Dashboard:
         self.heartbeat = heartbeat
         self.hosts: set[str] = set()
         """Accepted `Host` values: this server's address, by name and number."""
+        self.scheme = "http"
 
     # ---- the app ----
 
@@ -116,6 +121,7 @@ class Dashboard:
         app = web.Application(middlewares=[self._guard], client_max_size=64 * 1024)
         app.router.add_get("/", self.page)
         app.router.add_get("/ui/{name}", self.asset)
+        app.router.add_get("/api/scope", self.scope)
         app.router.add_get("/api/overview", self.overview)
         app.router.add_get("/api/nodes", self.nodes)
         app.router.add_get("/api/rollouts/{service}", self.rollout)
@@ -124,14 +130,17 @@ class Dashboard:
         app.router.add_post("/api/groups/{group}/{action}", self.group_action)
         return app
 
-    async def run(self, address: str) -> None:
-        """Serve on HOST:PORT until cancelled."""
+    async def run(self, address: str, tls: tuple[bytes, bytes] | None = None) -> None:
+        """Serve on HOST:PORT until cancelled; over HTTPS with `tls` (certificate chain,
+        key: PEM)."""
         host, _, port = address.rpartition(":")
         host = host.strip("[]")
         runner = web.AppRunner(self.app(), access_log=None)
         await runner.setup()
+        context = _ssl_context(tls) if tls is not None else None
+        self.scheme = "https" if tls is not None else "http"
         try:
-            await web.TCPSite(runner, host, int(port)).start()
+            await web.TCPSite(runner, host, int(port), ssl_context=context).start()
         except OSError as exc:  # the dashboard is a window on serve, not a part of it
             log.error("dashboard off: cannot listen on %s: %s", address, exc.strerror or exc)
             await runner.cleanup()
@@ -139,7 +148,8 @@ class Dashboard:
         bound = runner.addresses[0][1] if runner.addresses else int(port)
         self.hosts = _host_names(host, bound)
         log.info(
-            "dashboard on http://%s:%d/ (%s)",
+            "dashboard on %s://%s:%d/ (%s)",
+            self.scheme,
             host,
             bound,
             "actions with an admin token" if self.operator.auth.configured else READ_ONLY,
@@ -168,12 +178,24 @@ class Dashboard:
                 f"Host {request.host[:100]!r} is not this server's address",
             )
         origin = request.headers.get("Origin")
-        if origin is not None and origin.lower() not in {f"http://{h}" for h in self.hosts}:
+        if origin is not None and origin.lower() not in {
+            f"{self.scheme}://{h}" for h in self.hosts
+        }:
             raise Refused(Refusal.PERMISSION_DENIED, "cross-origin requests are refused")
         auth = self.operator.auth
         reading = request.path.startswith("/api/") and auth.auth_reads
-        if reading and auth.identify(request.headers) is None:
+        if not reading:
+            return
+        name = auth.identify(request.headers)
+        if name is None:
             raise unauthenticated("reads as well as changes", request.headers, BEARER)
+        scope = auth.scope(name)
+        if request.method == "GET" and request.path != "/api/scope" and not scope.may(Verb.READ):
+            raise Refused(
+                Refusal.PERMISSION_DENIED,
+                f"the token {name} may not read: its scope lacks verbs=read "
+                f"(it has {scope.describe()})",
+            )
 
     # ---- the page ----
 
@@ -187,6 +209,25 @@ class Dashboard:
         return _asset(name)
 
     # ---- reads ----
+
+    async def scope(self, request: web.Request) -> web.StreamResponse:
+        """What the request's token may do, for the page to show only that: its name,
+        verbs and services (None: every service). No token: `name` null; a token that
+        matches none: 401."""
+        auth = self.operator.auth
+        name = auth.identify(request.headers)
+        if name is None and request.headers.get("Authorization"):
+            raise unauthenticated("this", request.headers, BEARER)
+        scope = auth.scope(name)
+        verbs = [v for v in VERBS if scope.may(v)] if name is not None else []
+        return web.json_response(
+            {
+                "name": name,
+                "verbs": [str(v) for v in verbs],
+                "services": list(scope.services) if scope.services is not None else None,
+                "scope": scope.describe() if name is not None else "",
+            }
+        )
 
     async def overview(self, request: web.Request) -> web.StreamResponse:
         """Every service with its rollout and last decision; nodes by sync state per
@@ -372,9 +413,10 @@ class Dashboard:
     async def action(self, request: web.Request) -> web.StreamResponse:
         """POST /api/rollouts/SERVICE/ACTION with {"reason": "..."} and the admin token
         as `Authorization: Bearer TOKEN`."""
-        actor, reason = await self._actor_and_reason(request)
+        caller, reason = await self._caller_and_reason(request)
         service, name = request.match_info["service"], request.match_info["action"]
-        state = self.operator.change(name, service, reason, actor)
+        state = self.operator.change(name, service, reason, caller)
+        actor = caller.actor
         log.info("dashboard: %s %s by %s: %s", name, service, actor, " ".join(reason.split()))
         return web.json_response({"rollout": to_json(rollout_message(self.view, state))})
 
@@ -382,21 +424,22 @@ class Dashboard:
         """POST /api/groups/GROUP/ACTION (pause, resume, abort, promote) with
         {"reason": "..."}: every member of the rollout group at once, by the same
         controller call as `xdsctl rollout ACTION --group GROUP`."""
-        actor, reason = await self._actor_and_reason(request)
+        caller, reason = await self._caller_and_reason(request)
         group, name = request.match_info["group"], request.match_info["action"]
-        states = self.operator.named(actor, name, reason, group=group)
-        log.info("dashboard: %s group %s by %s: %s", name, group, actor, " ".join(reason.split()))
+        states = self.operator.named(caller, name, reason, group=group)
+        who, why = caller.actor, " ".join(reason.split())
+        log.info("dashboard: %s group %s by %s: %s", name, group, who, why)
         return web.json_response(
             {"group": group, "rollouts": [to_json(rollout_message(self.view, s)) for s in states]}
         )
 
-    async def _actor_and_reason(self, request: web.Request) -> tuple[str, str]:
+    async def _caller_and_reason(self, request: web.Request) -> tuple[Caller, str]:
         """An action's caller (its token checked) and the reason its JSON body gives."""
         if not self.operator.auth.configured:
             raise Refused(Refusal.PERMISSION_DENIED, READ_ONLY)
         if request.content_type != "application/json":
             raise Refused(Refusal.INVALID_ARGUMENT, "send the reason as application/json")
-        actor = self.operator.actor(request.headers, door=BEARER)
+        caller = self.operator.caller(request.headers, door=BEARER)
         try:
             body = json.loads(await request.read())
         except (ValueError, UnicodeDecodeError):
@@ -404,7 +447,22 @@ class Dashboard:
         reason = body.get("reason") if isinstance(body, dict) else None
         if not isinstance(reason, str):
             raise Refused(Refusal.INVALID_ARGUMENT, 'expected {"reason": "..."}')
-        return actor, reason
+        return caller, reason
+
+
+def _ssl_context(tls: tuple[bytes, bytes]) -> ssl.SSLContext:
+    """A server context from PEM bytes (ssl loads files only: written to a private
+    temporary directory, read, removed)."""
+    import tempfile
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    with tempfile.TemporaryDirectory() as tmp:
+        cert, key = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
+        cert.write_bytes(tls[0])
+        key.touch(mode=0o600)
+        key.write_bytes(tls[1])
+        context.load_cert_chain(cert, key)
+    return context
 
 
 def _asset(name: str) -> web.Response:

@@ -5,6 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from xds_server.admin.auth import Scope
 
 
 @dataclass(frozen=True)
@@ -20,7 +24,10 @@ class ServeOptions:
     admin_tokens: Mapping[str, str] | None = None
     """Name -> bearer token (`--admin-token-file`); None: the admin API asks for none."""
     admin_auth_reads: bool = False
-    """Reads need a token too, not only changes."""
+    """Reads need a token too, not only changes (implied when the admin API or the
+    dashboard is bound off loopback without `--insecure`)."""
+    admin_scopes: Mapping[str, Scope] | None = None
+    """Name -> what its token may do (`NAME:TOKEN:SCOPE` lines); a name not here: all."""
     xds_tls: tuple[bytes, bytes] | None = None
     """(certificate chain, private key) in PEM."""
     xds_client_ca: bytes | None = None
@@ -32,6 +39,8 @@ class ServeOptions:
     """How often a follower reads the committed state."""
     ui_address: str = "127.0.0.1:18080"
     """The web dashboard; "" turns it off."""
+    ui_tls: tuple[bytes, bytes] | None = None
+    """The dashboard over HTTPS: (certificate chain, private key) in PEM."""
     store_url: str | None = None
     """`etcd://HOST:PORT[,...]`: run as one replica of several on etcd (replicas);
     None: one process on SQLite under `state_dir`."""

@@ -14,6 +14,7 @@ const state = {
   auditRegion: "",
   auditKind: "",
   message: null,    // {text, error} after an action
+  scope: null,      // what the token may do (GET /api/scope): {name, verbs, services}
 };
 
 // ---- small helpers ----
@@ -260,6 +261,16 @@ function auditTable(page) {
     h("tr", {}, ["time", "region", "kind", "step", "phase", "actor", "group", "reason"].map((c) => h("th", {}, c))), rows));
 }
 
+// Least privilege (issue 30): may the token do `verb` on every one of `services`?
+// The server checks every action anyway; the page only hides what would be refused.
+function allowed(verb, services) {
+  const sc = state.scope;
+  if (!sc || !sc.name || !(sc.verbs || []).includes(verb)) return false;
+  if (sc.services === null || sc.services === undefined) return true;
+  const covers = (svc) => sc.services.some((p) => (p.endsWith("*") ? svc.startsWith(p.slice(0, -1)) : svc === p));
+  return services.every(covers);
+}
+
 function actionsPanel(page) {
   const ov = state.overview;
   if (!ov || !ov.server.actions) {
@@ -285,12 +296,21 @@ function actionsPanel(page) {
   const names = ["pause", "resume", "abort", "promote"];
   const service = encodeURIComponent(page.rollout.service);
   const group = page.group;
+  const members = group ? group.services : [page.rollout.service];
+  // A member's pause, resume or abort acts on its whole group: it needs every member.
+  const mine = names.filter((n) => allowed(n, n === "promote" ? [page.rollout.service] : members));
+  const groupNames = group ? names.filter((n) => allowed(n, members)) : [];
   const msg = state.message;
+  if (!mine.length && !groupNames.length) {
+    const sc = state.scope;
+    return h("p", { class: "muted", id: "actions-off" },
+      sc && sc.name ? `The token ${sc.name} may not act on ${page.rollout.service} (its scope: ${sc.scope}).` : "The token's scope is not known (see the error above).");
+  }
   return h("div", { class: "actions" }, reason,
-    names.map((n) => h("button", { type: "button", id: `action-${n}`, onclick: () => act(`/api/rollouts/${service}/${n}`, n) }, n)),
-    group ? h("div", { class: "group-actions", "data-group": group.name },
+    mine.map((n) => h("button", { type: "button", id: `action-${n}`, onclick: () => act(`/api/rollouts/${service}/${n}`, n) }, n)),
+    groupNames.length ? h("div", { class: "group-actions", "data-group": group.name },
       `group ${group.name} (${group.services.join(", ")}): `,
-      names.map((n) => h("button", {
+      groupNames.map((n) => h("button", {
         type: "button", id: `group-action-${n}`, onclick: () => act(`/api/groups/${encodeURIComponent(group.name)}/${n}`, `group ${group.name} ${n}`),
       }, `${n} group`))) : null,
     msg ? h("div", { class: `message ${msg.error ? "error" : ""}`, id: "action-message" }, msg.text) : null);
@@ -414,6 +434,7 @@ function renderNodes(main) {
 async function refresh() {
   const r = route();
   try {
+    if (state.token && !state.scope) state.scope = await api("/api/scope");
     state.overview = await api("/api/overview");
     const svc = state.overview.services.find((s) => s.name === r.service);
     const waiting = svc && svc.rollout && !svc.rollout.phase; // not started: nothing to fetch
@@ -502,6 +523,7 @@ document.getElementById("token-form").addEventListener("submit", (ev) => {
   ev.preventDefault();
   const input = document.getElementById("token");
   state.token = input.value.trim();
+  state.scope = null; // asked again for the new token
   input.value = "";
   input.placeholder = state.token ? "token set (kept in this tab only)" : "admin token (kept in this tab only)";
   refresh();
