@@ -109,7 +109,8 @@ def test_the_deployment_runs_the_server_safely() -> None:
     assert ports == {"xds": 18000, "admin": 18001, "metrics": 18002}
     assert c["readinessProbe"]["tcpSocket"]["port"] == "xds"
     assert c["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
-    args = dict(a.split("=", 1) for a in c["args"][1:])
+    args = dict(a.partition("=")[::2] for a in c["args"][1:])
+    assert "--insecure" in args  # off loopback, behind the NetworkPolicy (issue 30)
     assert c["args"][0] == "serve"
     for flag, port in (("xds", 18000), ("admin", 18001), ("metrics", 18002)):
         assert args[f"--{flag}-address"] == f"0.0.0.0:{port}"
