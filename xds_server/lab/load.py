@@ -491,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         n_features=a.n_features,
     ).start()
     written = 0
-    with Path(a.out).open("a") as out:
+    with Path(a.out).open("w") as out:
         while not stopped.wait(FLUSH_S) and load.running():
             written = _append(load, out, written)
         load.halt()  # requests in flight end within their timeout; not waited for

@@ -364,6 +364,7 @@ class MeshProcesses:
         paths = []
         for region in self.opts.regions:
             path = lay.workdir / "load" / f"{region}.jsonl"
+            path.unlink(missing_ok=True)  # a folder used again: none of the last lab's
             targets = [
                 f"--target={e.opts.node_id}={e.opts.listen}"
                 for e in self.envoys
