@@ -10,7 +10,10 @@ Chromium of tests/test_dashboard.py.
 
 from __future__ import annotations
 
+import ssl
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -351,10 +354,12 @@ def certs(tmp_path: Path) -> Path:
 def test_off_loopback_with_tls_and_tokens_reads_need_a_token(tmp_path: Path, certs: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text(token_file_text())
-    port = free_port()
+    port, ui = free_port(), free_port()
     cert, key = str(certs / "server.pem"), str(certs / "server.key")
     argv = serve_argv(tmp_path, "--admin-address", f"0.0.0.0:{port}",
                       "--admin-tls-cert", cert, "--admin-tls-key", key,
+                      "--ui-address", f"0.0.0.0:{ui}",
+                      "--ui-tls-cert", cert, "--ui-tls-key", key,
                       "--admin-token-file", str(tokens))  # fmt: skip
     server = Process("xds-server", argv, tmp_path / "serve.log")
     creds = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes())
@@ -376,6 +381,22 @@ def test_off_loopback_with_tls_and_tokens_reads_need_a_token(tmp_path: Path, cer
         wait_for(lambda: list_rollouts("reader") == "OK", "the admin API over TLS", timeout=20)
         assert list_rollouts(None) == "UNAUTHENTICATED"  # no --admin-auth-reads needed
         assert list_rollouts("blind") == "PERMISSION_DENIED"
+        # The dashboard over HTTPS, reads with a token only.
+        tls = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+
+        def overview(who: str | None) -> int:
+            bearer = {"Authorization": f"Bearer {TOKENS[who][0]}"} if who else {}
+            req = urllib.request.Request(f"https://127.0.0.1:{ui}/api/overview", headers=bearer)
+            try:
+                with urllib.request.urlopen(req, timeout=5, context=tls) as resp:
+                    return int(resp.status)
+            except urllib.error.HTTPError as exc:
+                return exc.code
+            except urllib.error.URLError:
+                return 0  # not listening yet
+
+        wait_for(lambda: overview("reader") == 200, "the dashboard over HTTPS", timeout=20)
+        assert overview(None) == 401
     finally:
         server.stop()
 
