@@ -43,6 +43,8 @@ from xds_server.ctl_client import (
 )
 from xds_server.ctl_output import (
     Status,
+    chain_docs,
+    chain_table,
     emit,
     emit_document,
     in_field_order,
@@ -54,6 +56,7 @@ from xds_server.ctl_output import (
     stamp,
     to_dict,
 )
+from xds_server.rollout.audit_chain import Chained, verify
 from xds_server.spec import parse_duration
 from xds_server.xds.resources import ROUTE_CONFIG_NAME
 from xds_server.xds.types import BY_SHORT_NAME, CLUSTER, ENDPOINT, ROUTE
@@ -202,6 +205,11 @@ def cmd_watch(args: argparse.Namespace, admin: Admin) -> None:
 
 
 def cmd_audit(args: argparse.Namespace, admin: Admin) -> None:
+    if args.action == "verify":
+        cmd_audit_verify(args, admin)
+        return
+    if args.target or args.version:
+        raise UsageError("audit: SERVICE and --version go with `audit verify`; else --service")
     limit = parse_limit(args.limit) if args.limit is not None else 0
     since = parse_since(args.since) if args.since else 0.0
     entries = admin.call(
@@ -231,6 +239,27 @@ def cmd_audit(args: argparse.Namespace, admin: Admin) -> None:
             ],
         ),
     )
+
+
+def cmd_audit_verify(args: argparse.Namespace, admin: Admin) -> None:
+    """Check each rollout's hash chain (issue 30) from the admin API's listing, on any
+    replica: every entry with the bytes its hash covers; exit 1 naming the first broken
+    entry of each broken chain."""
+    service = args.target or args.service or ""
+    request = admin_pb2.GetAuditRequest(service=service, region="", canonical=True)
+    entries = admin.call(GET_AUDIT, request).entries
+    reports = verify(
+        Chained(e.id, e.service, e.canary_version, e.prev_hash, e.hash, e.canonical.encode())
+        for e in entries
+        if not args.version or e.canary_version == args.version
+    )
+    emit(args, chain_docs(reports), lambda: chain_table(reports))
+    broken = [r for r in reports if not r.intact]
+    if broken:
+        first = "; ".join(f"{r.service} {r.version} at entry {r.broken_at}" for r in broken)
+        raise CtlError(f"audit chain broken: {first}")
+    if service and not reports:
+        raise CtlError(f"no audit entries for {service} {args.version or ''}".rstrip())
 
 
 def parse_limit(text: str) -> int:
@@ -385,7 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("node")
     c.add_argument("--type", choices=sorted(BY_SHORT_NAME))
     _add_rollout(command("rollout", cmd_rollout, help="list, inspect and steer rollouts"))
-    a = command("audit", cmd_audit, help="the audit log")
+    a = command("audit", cmd_audit, help="the audit log; `audit verify`: check its hash chains")
+    a.add_argument("action", nargs="?", choices=["list", "verify"], default="list")
+    a.add_argument("target", nargs="?", metavar="SERVICE", help="verify: only this service")
+    a.add_argument("--version", help="verify: only this canary version's rollout")
     a.add_argument("--service")
     a.add_argument("--region")
     a.add_argument("--since", help="10m, an epoch time, or 2026-11-27T14:00:00")

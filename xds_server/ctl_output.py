@@ -18,6 +18,7 @@ import yaml
 from google.protobuf import json_format, message
 
 from xds_server.admin.v1 import admin_pb2 as pb
+from xds_server.rollout.audit_chain import ChainReport
 
 Document = Any
 """What `-o json|yaml` prints: JSON-ready dicts, lists and scalars."""
@@ -417,4 +418,42 @@ def rollouts_table(rollouts: Iterable[pb.Rollout]) -> str:
             )
             for r in rollouts
         ],
+    )
+
+
+# ---- audit verify ----
+
+
+def chain_docs(reports: Sequence[ChainReport]) -> list[dict[str, Any]]:
+    """`xdsctl audit verify -o json`: one object per rollout's chain."""
+    return [
+        {
+            "service": r.service,
+            "version": r.version,
+            "entries": r.entries,
+            "unchained": r.unchained,
+            "intact": r.intact,
+            "broken_at": r.broken_at or None,
+            "why": r.why or None,
+        }
+        for r in reports
+    ]
+
+
+def chain_result(r: ChainReport) -> str:
+    if not r.intact:
+        return f"BROKEN at entry {r.broken_at}: {r.why}"
+    if r.unchained == r.entries:
+        return "unchained (every entry written before the chain)"
+    if r.unchained:
+        return f"intact after {r.unchained} unchained (written before the chain)"
+    return "intact"
+
+
+def chain_table(reports: Sequence[ChainReport]) -> str:
+    if not reports:
+        return "no audit entries"
+    return render_table(
+        ["SERVICE", "VERSION", "ENTRIES", "CHAIN"],
+        [(r.service, r.version, r.entries, chain_result(r)) for r in reports],
     )

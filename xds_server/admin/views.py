@@ -14,7 +14,12 @@ from xds_server.ha.instances import Instance
 from xds_server.ha.replicas import Directory
 from xds_server.outputs.istio_apply import IstioApplier
 from xds_server.rollout.audit import AuditEntry
-from xds_server.rollout.audit_codec import measurements_json, verdict_json, weights_json
+from xds_server.rollout.audit_codec import (
+    canonical,
+    measurements_json,
+    verdict_json,
+    weights_json,
+)
 from xds_server.rollout.controller import RolloutController
 from xds_server.rollout.evidence import Verdict
 from xds_server.rollout.ports import Committed, StateStore
@@ -269,8 +274,9 @@ def store_message(view: AdminView) -> admin_pb2.StoreStatus:
     )
 
 
-def audit_message(e: AuditEntry) -> admin_pb2.AuditEntry:
-    """The entry, its parts as the JSON the audit log keeps ("" for none)."""
+def audit_message(e: AuditEntry, with_canonical: bool = False) -> admin_pb2.AuditEntry:
+    """The entry, its parts as the JSON the audit log keeps ("" for none); its chain
+    link, and (`with_canonical`) the bytes its hash covers, for `xdsctl audit verify`."""
     return admin_pb2.AuditEntry(
         id=e.id,
         time=e.time,
@@ -289,6 +295,9 @@ def audit_message(e: AuditEntry) -> admin_pb2.AuditEntry:
         snapshot_version=e.snapshot_version or 0,
         actor=e.actor,
         group=e.group or "",
+        prev_hash=e.chain.prev if e.chain else "",
+        hash=e.chain.hash if e.chain else "",
+        canonical=canonical(e).decode("ascii") if with_canonical else "",
     )
 
 

@@ -100,6 +100,11 @@ class Keys:
         return f"{self.prefix}/registry/" + (tail if len(parts) == 4 else tail + "/" * bool(tail))
 
     @property
+    def schema(self) -> str:
+        """The store's schema version (issue 30): absent in stores made before versions."""
+        return f"{self.prefix}/schema"
+
+    @property
     def leader(self) -> str:
         return f"{self.prefix}/leader"
 
@@ -170,6 +175,13 @@ def compare_create_revision(key: str, revision: int) -> Any:
         result=rpc.Compare.EQUAL,
         target=rpc.Compare.CREATE,
         create_revision=revision,
+    )
+
+
+def compare_mod_revision(key: str, revision: int) -> Any:
+    """Holds while `key` was last written at this revision (0: while it does not exist)."""
+    return rpc.Compare(
+        key=key.encode(), result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=revision
     )
 
 

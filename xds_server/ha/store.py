@@ -14,6 +14,19 @@ Routes versions: a region's snapshot carries `routes_version(region)`, the newes
 spec's revision and the region's routes key's revision, times 1000 (the lower digits are
 left to the replica's own make-before-break rebuilds). It is derived from the store, so
 every replica gives the same routes the same version.
+
+The audit's hash chain (`rollout/audit_chain.py`): `record` links each entry to its
+rollout's newest entry as the leader's view holds it. That view is the store's newest:
+it was read whole at election, has every commit of this leader's since, and the
+transaction commits only while the next audit key is free, which proves no entry was
+committed after the view's newest (any writer takes keys in sequence). A deposed leader's
+stale view never commits (the fence).
+
+Schema versions: the `schema` key (`Keys.schema`, a JSON document whose `version` is
+SCHEMA_VERSION; absent: version 1, the stores made before versions). `start` refuses a
+newer one (`StoreVersionError`, one line); the leader migrates an older one once
+(`migrate`, before its first write), in a transaction conditioned on the fence and on
+the schema key being the one it read.
 """
 
 from __future__ import annotations
@@ -25,7 +38,7 @@ import logging
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from aetcd import rpc
@@ -36,6 +49,7 @@ from xds_server.ha.etcd import (
     Keys,
     SyncKV,
     compare_create_revision,
+    compare_mod_revision,
     compare_version,
     one_line,
     put_op,
@@ -43,9 +57,11 @@ from xds_server.ha.etcd import (
 )
 from xds_server.ha.instances import Instance, instance_from_json
 from xds_server.rollout.audit import AuditEntry
-from xds_server.rollout.audit_codec import from_document, to_document
+from xds_server.rollout.audit_chain import genesis
+from xds_server.rollout.audit_codec import chained, from_document, to_document
 from xds_server.rollout.ports import StoreFenced, StoreWriteError
 from xds_server.rollout.state import RolloutState, state_from_json, state_to_json
+from xds_server.rollout.store import SCHEMA_VERSION, UNVERSIONED, newer_schema
 
 log = logging.getLogger("xds_server.ha.store")
 
@@ -81,6 +97,11 @@ class View:
     """Everything under the prefix, as of `revision`."""
 
     revision: int = 0
+    schema: int = UNVERSIONED
+    schema_revision: int = 0
+    """The schema key's mod revision; 0: no key (a store made before versions)."""
+    heads: dict[tuple[str, str], tuple[int, str | None]] = field(default_factory=dict)
+    """Each rollout's newest audit entry: its id and hash (None: unchained)."""
     spec: StoredSpec | None = None
     rollouts: dict[tuple[str, str], RolloutState] = field(default_factory=dict)
     audit: dict[int, AuditEntry] = field(default_factory=dict)
@@ -133,7 +154,9 @@ class EtcdStore:
         got = await self.client.get_prefix(self.keys.everything.encode())
         view = View(revision=got.header.revision, heard=self.view.heard)
         for kv in got:
-            self._apply(view, kv.key.decode(), kv, deleted=False)
+            _apply(view, self.keys.prefix, kv.key.decode(), kv, deleted=False)
+        if view.schema > SCHEMA_VERSION:
+            raise newer_schema(self.path + self.keys.schema, view.schema)
         self.view = view
 
     def read(self) -> None:
@@ -147,7 +170,7 @@ class EtcdStore:
             revision=got.header.revision, departed=self.view.departed, heard=self.view.heard
         )
         for kv in got.kvs:
-            self._apply(view, kv.key.decode(), kv, deleted=False)
+            _apply(view, self.keys.prefix, kv.key.decode(), kv, deleted=False)
         self.view = view
 
     def subscribe(self, listener: Listener) -> None:
@@ -192,7 +215,7 @@ class EtcdStore:
         view = self.view
         if kv.mod_revision < view.revision and event.kind == "PUT":
             return  # applied already (a reconnect's replay); a commit's events share one
-        part = self._apply(view, kv.key.decode(), kv, deleted=event.kind == "DELETE")
+        part = _apply(view, self.keys.prefix, kv.key.decode(), kv, deleted=event.kind == "DELETE")
         view.revision = max(view.revision, kv.mod_revision)
         if part:
             self._changed.add(part)
@@ -208,54 +231,6 @@ class EtcdStore:
                 listener(changed)
             except Exception:
                 log.exception("a store listener failed; continuing")
-
-    def _apply(self, view: View, key: str, kv: Any, *, deleted: bool) -> str | None:
-        rest = key[len(self.keys.prefix) + 1 :]
-        kind, _, name = rest.partition("/")
-        value = b"" if deleted else kv.value
-        try:
-            if rest == "spec" and not deleted:
-                doc = json.loads(value)
-                view.spec = StoredSpec(
-                    doc["text"], kv.mod_revision, kv.version, doc["pushed_at"], doc["source"]
-                )
-                return "spec"
-            if kind == "rollouts" and not deleted:
-                state = state_from_json(value.decode())
-                view.rollouts[(state.service, state.canary_version)] = state
-                return "rollouts"
-            if kind == "audit" and not deleted:
-                entry = from_document(value, int(name), kv.mod_revision * VERSION_SCALE)
-                view.audit[entry.id] = entry
-                return "audit"
-            if kind == "routes":
-                view.routes[name] = kv.mod_revision
-                return "routes"
-            if rest == "leader":
-                view.leader = (
-                    None if deleted else LeaderKey(value.decode(), kv.create_revision, kv.lease)
-                )
-                return "leader"
-            if kind == "registry":
-                if deleted:
-                    view.registry.pop(key, None)
-                else:
-                    view.registry[key] = instance_from_json(value, kv.lease, kv.create_revision)
-                return "registry"
-            if kind == "replicas":
-                if deleted:
-                    view.heard.pop(name, None)
-                    if name in view.replicas:
-                        view.departed[name] = (view.replicas.pop(name), time.monotonic())
-                else:
-                    view.replicas[name] = json.loads(value)
-                    view.departed.pop(name, None)
-                    if view.heard.get(name, (0, 0.0))[0] != kv.mod_revision:
-                        view.heard[name] = (kv.mod_revision, time.monotonic())
-                return "replicas"
-        except (ValueError, KeyError, TypeError) as exc:
-            log.error("ignoring unreadable store key %s: %s", key, one_line(exc))
-        return None
 
     # ---- versions ----
 
@@ -281,18 +256,16 @@ class EtcdStore:
     ) -> None:
         """Commit the state, its entries and the routes keys of `regions` in one
         transaction, fenced on the leader key. StoreFenced when this replica does not
-        lead; StoreWriteError when etcd does not answer in time."""
+        lead; StoreWriteError when etcd does not answer in time. A store of an older
+        schema is migrated first; one of a newer schema refused."""
         del critical  # etcd keeps no reserve: a full etcd refuses every write alike
-        if self.fence is None:
-            raise StoreFenced("this replica does not lead: it writes nothing")
-        if not self.may_write():
-            why = "the leader lease was not renewed in time: not writing"
-            if self.on_fenced is not None:
-                self.on_fenced(why)
-            raise StoreFenced(why)
+        fence = self._check_lead()
+        if self.view.schema != SCHEMA_VERSION:
+            self.migrate()
+        entries = _linked(self.view, entries)
         seq = max(self.view.audit, default=0) + len(entries)
         try:
-            reply = self.kv.txn(self._commit_txn(self.fence, state, entries, regions, seq))
+            reply = self.kv.txn(self._commit_txn(fence, state, entries, regions, seq))
         except grpc.RpcError as exc:
             raise StoreWriteError(f"cannot write {self.path}: {_rpc_error(exc)}") from None
         if not reply.succeeded and _still_leads(reply, self.fence):
@@ -300,15 +273,62 @@ class EtcdStore:
             # commit. The watch brings those entries; this decision is made again.
             raise StoreWriteError(f"cannot write {self.path}: audit sequence {seq} is taken")
         if not reply.succeeded:
-            fence, self.fence = self.fence, None
-            why = (
-                f"refused: the leader key is no longer the one this replica won "
-                f"(revision {fence}): another replica leads"
-            )
+            self._deposed()
+        self._committed(reply.header.revision, state, entries, regions, seq)
+
+    def _check_lead(self) -> int:
+        """The fence, while this replica leads and may write; else StoreFenced."""
+        if self.fence is None:
+            raise StoreFenced("this replica does not lead: it writes nothing")
+        if not self.may_write():
+            why = "the leader lease was not renewed in time: not writing"
             if self.on_fenced is not None:
                 self.on_fenced(why)
             raise StoreFenced(why)
-        self._committed(reply.header.revision, state, entries, regions, seq)
+        return self.fence
+
+    def _deposed(self) -> NoReturn:
+        fence, self.fence = self.fence, None
+        why = (
+            f"refused: the leader key is no longer the one this replica won "
+            f"(revision {fence}): another replica leads"
+        )
+        if self.on_fenced is not None:
+            self.on_fenced(why)
+        raise StoreFenced(why)
+
+    def migrate(self) -> bool:
+        """Bring the store's schema up to SCHEMA_VERSION (1 -> 2: audit documents may
+        carry their chain; nothing to rewrite), fenced and conditioned on the schema key
+        the view holds. True: this call migrated; False: it was done (by another
+        replica, the transaction found). StoreFenced when this replica does not lead;
+        StoreWriteError for a newer schema, or etcd not answering."""
+        view = self.view
+        if view.schema > SCHEMA_VERSION:
+            raise StoreWriteError(str(newer_schema(self.path + self.keys.schema, view.schema)))
+        if view.schema == SCHEMA_VERSION:
+            return False
+        fence = self._check_lead()
+        request = _migrate_txn(self.keys, fence, view.schema, view.schema_revision)
+        try:
+            reply = self.kv.txn(request)
+        except grpc.RpcError as exc:
+            raise StoreWriteError(f"cannot migrate {self.path}: {_rpc_error(exc)}") from None
+        if reply.succeeded:
+            log.info("migrated %s from schema %d to %d", self.path, view.schema, SCHEMA_VERSION)
+            view.schema, view.schema_revision = SCHEMA_VERSION, reply.header.revision
+            return True
+        if not _still_leads(reply, fence):
+            self._deposed()
+        schema = reply.responses[1].response_range.kvs
+        if schema:
+            view.schema = _schema_version(schema[0].value)
+            view.schema_revision = schema[0].mod_revision
+        if view.schema > SCHEMA_VERSION:
+            raise StoreWriteError(str(newer_schema(self.path + self.keys.schema, view.schema)))
+        if view.schema < SCHEMA_VERSION:
+            raise StoreWriteError(f"cannot migrate {self.path}: its schema key changed; again")
+        return False
 
     def _commit_txn(
         self,
@@ -348,6 +368,7 @@ class EtcdStore:
         for i, e in enumerate(entries):
             version = None if e.snapshot_version is None else revision * VERSION_SCALE
             view.audit[first + i] = replace(e, id=first + i, snapshot_version=version)
+            _note_head(view, view.audit[first + i])
         for region in regions:
             view.routes[region] = revision
         # Everything below `revision` was seen by the watch or is ours.
@@ -421,6 +442,108 @@ class EtcdStore:
             out.append(StoredSpec(doc["text"], kv.mod_revision, number, doc["pushed_at"],
                                   doc["source"]))  # fmt: skip
         return sorted(out, key=lambda s: s.number)
+
+
+def _apply(view: View, prefix: str, key: str, kv: Any, *, deleted: bool) -> str | None:
+    """One key under `prefix` into the view; the part it changed, or None."""
+    rest = key[len(prefix) + 1 :]
+    kind, _, name = rest.partition("/")
+    value = b"" if deleted else kv.value
+    try:
+        if rest == "schema" and not deleted:
+            view.schema = _schema_version(value)
+            view.schema_revision = kv.mod_revision
+            return "schema"
+        if rest == "spec" and not deleted:
+            doc = json.loads(value)
+            view.spec = StoredSpec(
+                doc["text"], kv.mod_revision, kv.version, doc["pushed_at"], doc["source"]
+            )
+            return "spec"
+        if kind == "rollouts" and not deleted:
+            state = state_from_json(value.decode())
+            view.rollouts[(state.service, state.canary_version)] = state
+            return "rollouts"
+        if kind == "audit" and not deleted:
+            entry = from_document(value, int(name), kv.mod_revision * VERSION_SCALE)
+            view.audit[entry.id] = entry
+            _note_head(view, entry)
+            return "audit"
+        if kind == "routes":
+            view.routes[name] = kv.mod_revision
+            return "routes"
+        if rest == "leader":
+            view.leader = (
+                None if deleted else LeaderKey(value.decode(), kv.create_revision, kv.lease)
+            )
+            return "leader"
+        if kind == "registry":
+            if deleted:
+                view.registry.pop(key, None)
+            else:
+                view.registry[key] = instance_from_json(value, kv.lease, kv.create_revision)
+            return "registry"
+        if kind == "replicas":
+            if deleted:
+                view.heard.pop(name, None)
+                if name in view.replicas:
+                    view.departed[name] = (view.replicas.pop(name), time.monotonic())
+            else:
+                view.replicas[name] = json.loads(value)
+                view.departed.pop(name, None)
+                if view.heard.get(name, (0, 0.0))[0] != kv.mod_revision:
+                    view.heard[name] = (kv.mod_revision, time.monotonic())
+            return "replicas"
+    except (ValueError, KeyError, TypeError) as exc:
+        log.error("ignoring unreadable store key %s: %s", key, one_line(exc))
+    return None
+
+
+def _linked(view: View, entries: Sequence[AuditEntry]) -> list[AuditEntry]:
+    """The entries, each linked to its rollout's newest entry (the view's, then the one
+    before it in `entries`); the snapshot version hashed as the commit mark."""
+    heads: dict[tuple[str, str], str] = {}
+    out = []
+    for e in entries:
+        rollout = (e.service, e.canary_version)
+        prev = heads.get(rollout) or view.heads.get(rollout, (0, None))[1] or genesis(*rollout)
+        e = chained(e, prev, snapshot_mark=True)
+        assert e.chain is not None
+        heads[rollout] = e.chain.hash
+        out.append(e)
+    return out
+
+
+def _note_head(view: View, entry: AuditEntry) -> None:
+    rollout = (entry.service, entry.canary_version)
+    if entry.id >= view.heads.get(rollout, (0, None))[0]:
+        view.heads[rollout] = (entry.id, entry.chain.hash if entry.chain else None)
+
+
+def _schema_version(value: bytes) -> int:
+    """The schema key's document -> its version (ValueError when it has none)."""
+    version = json.loads(value).get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"schema: 'version' is {version!r}, not a version number")
+    return version
+
+
+def _migrate_txn(keys: Keys, fence: int, old: int, old_revision: int) -> rpc.TxnRequest:
+    """The schema key at SCHEMA_VERSION, if the leader key is still this replica's and the
+    schema key is still the one read (`old_revision`; 0: none); else both keys."""
+    doc = {"version": SCHEMA_VERSION, "migrated_from": old, "at": time.time()}
+    ranges = [
+        rpc.RequestOp(request_range=rpc.RangeRequest(key=key.encode()))
+        for key in (keys.leader, keys.schema)
+    ]
+    return rpc.TxnRequest(
+        compare=[
+            compare_create_revision(keys.leader, fence),
+            compare_mod_revision(keys.schema, old_revision),
+        ],
+        success=[put_op(keys.schema, json.dumps(doc).encode())],
+        failure=ranges,
+    )
 
 
 def _still_leads(reply: Any, fence: int | None) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from xds_server.rollout.audit_chain import Link
 from xds_server.rollout.decision import Decision, EntryKind, Transition
 from xds_server.rollout.evidence import HIGH, LOW, Measurement, Verdict, finite
 from xds_server.rollout.state import ROLLED_BACK, Phase, RolloutState
@@ -100,6 +101,9 @@ class AuditEntry:
     (and every entry written before groups). A group's decision leaves one entry set
     per member: the member that decided is the one whose reason does not begin with
     `group NAME: member ...`."""
+    chain: Link | None = None
+    """Its place in its rollout's hash chain (`audit_chain.py`), set by the store when it
+    writes the entry; None before that, and for entries written before the chain."""
 
 
 def transition_entry(

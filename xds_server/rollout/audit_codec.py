@@ -23,16 +23,26 @@ An entry's rollout group (issue 31) is written only when it has one: in the etcd
 document and the dashboard's row as `group`, in SQLite as the `GROUP_COLUMN` column
 (added to stores made before it; NULL, like a missing key, reads as no group). Every
 entry without a group keeps its bytes.
+
+An entry's place in its rollout's hash chain (issue 30, `audit_chain.py`) is written
+only when it has one, the same way: SQLite's `CHAIN_COLUMNS`, the etcd document's
+`prev_hash` and `hash`. What the hash covers is `canonical(entry)`: `entry_doc` without
+the id, its snapshot version as the store keeps it (SQLite: the number; etcd: the
+COMMIT_MARK), keys sorted, no spaces, ASCII. So a field added to the record later must
+stay out of `entry_doc` while it has its default (as `group` does), or every chain
+written before it breaks (tests/test_audit_chain.py pins one entry's hash).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from enum import StrEnum
 from typing import TypeAlias, TypeVar
 
 from xds_server.rollout.audit import AuditEntry, Measurements, PoolNumbers, Weights
+from xds_server.rollout.audit_chain import Link, link
 from xds_server.rollout.decision import EntryKind
 from xds_server.rollout.evidence import (
     Check,
@@ -72,6 +82,9 @@ the row's `id` is the store's."""
 GROUP_COLUMN = "rollout_group"
 """SQLite: the column of an entry's rollout group (`group` is an SQL keyword), after
 COLUMNS; present in a row only when the entry has a group."""
+CHAIN_COLUMNS = ("prev_hash", "hash")
+"""SQLite: an entry's link in its rollout's hash chain, after COLUMNS (and the etcd
+document's keys); present only when the entry has one."""
 COMMIT_MARK = "commit"
 """etcd: the snapshot version is the committing transaction's revision."""
 
@@ -402,6 +415,8 @@ def to_row(e: AuditEntry) -> dict[str, SQLValue]:
         row[column] = _dumps(value) if column in _PARTS else _scalar(value)
     if e.group is not None:
         row[GROUP_COLUMN] = e.group
+    if e.chain is not None:
+        row.update(zip(CHAIN_COLUMNS, (e.chain.prev, e.chain.hash), strict=True))
     return row
 
 
@@ -417,7 +432,7 @@ def from_row(row: Mapping[str, object]) -> AuditEntry:
     doc["group"] = doc.pop(GROUP_COLUMN, None)
     f = _Fields(doc, where)
     id_ = f.integer("id")
-    return _entry(f, id_ or 0, f.integer("snapshot_version"))
+    return _entry(f, id_ or 0, f.integer("snapshot_version"), _link(f, snapshot_mark=False))
 
 
 def to_document(e: AuditEntry) -> str:
@@ -425,6 +440,8 @@ def to_document(e: AuditEntry) -> str:
     doc = entry_doc(e)
     del doc["id"]
     doc["snapshot_version"] = None if e.snapshot_version is None else COMMIT_MARK
+    if e.chain is not None:
+        doc.update(zip(CHAIN_COLUMNS, (e.chain.prev, e.chain.hash), strict=True))
     return json.dumps(doc)
 
 
@@ -435,14 +452,50 @@ def from_document(text: str | bytes, id_: int, committed_version: int) -> AuditE
     mark = f.doc.get("snapshot_version")
     if mark is not None and mark != COMMIT_MARK:
         raise AuditDecodeError(f"{where}.snapshot_version: expected {COMMIT_MARK!r} or null")
-    return _entry(f, id_, None if mark is None else committed_version)
+    link_ = _link(f, snapshot_mark=True)
+    return _entry(f, id_, None if mark is None else committed_version, link_)
+
+
+# ---- the hash chain ----
+
+
+def canonical(e: AuditEntry, snapshot_mark: bool | None = None) -> bytes:
+    """The bytes an entry's hash covers: `entry_doc` without the id, the snapshot version
+    as the store keeps it (`snapshot_mark`: as the COMMIT_MARK, etcd's; None: as the
+    entry's chain says), `json.dumps(sort_keys=True, separators=(",", ":"))`, ASCII."""
+    if snapshot_mark is None:
+        snapshot_mark = e.chain is not None and e.chain.snapshot_mark
+    doc = entry_doc(e)
+    del doc["id"]
+    if snapshot_mark and e.snapshot_version is not None:
+        doc["snapshot_version"] = COMMIT_MARK
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("ascii")
+
+
+def chained(e: AuditEntry, prev: str, *, snapshot_mark: bool) -> AuditEntry:
+    """The entry linked after `prev` (the hash of its rollout's entry before it, or the
+    rollout's `audit_chain.genesis`): what a store writes, under its write."""
+    digest = link(prev, canonical(e, snapshot_mark))
+    return replace(e, chain=Link(prev, digest, snapshot_mark))
+
+
+def _link(f: _Fields, *, snapshot_mark: bool) -> Link | None:
+    prev, digest = (f.opt_text(key) for key in CHAIN_COLUMNS)
+    if prev is None and digest is None:
+        return None
+    if prev is None or digest is None:
+        missing = CHAIN_COLUMNS[0] if prev is None else CHAIN_COLUMNS[1]
+        raise AuditDecodeError(f"{f.path}.{missing}: expected a hash with the other one")
+    return Link(prev, digest, snapshot_mark)
 
 
 _PARTS = frozenset({"weights_before", "weights_after", "measurements", "verdict"})
 """The columns kept as JSON text."""
 
 
-def _entry(f: _Fields, id_: int, snapshot_version: int | None) -> AuditEntry:
+def _entry(
+    f: _Fields, id_: int, snapshot_version: int | None, chain: Link | None = None
+) -> AuditEntry:
     return AuditEntry(
         time=f.real("time"),
         service=f.text("service"),
@@ -461,6 +514,7 @@ def _entry(f: _Fields, id_: int, snapshot_version: int | None) -> AuditEntry:
         actor=f.text("actor"),
         id=id_,
         group=f.opt_text("group"),
+        chain=chain,
     )
 
 

@@ -2,7 +2,11 @@
 
 A decision is committed here (fsync'd: synchronous=FULL) before its weights are pushed,
 so a server killed at any moment restarts at the step it had announced, never earlier.
-The audit table refuses UPDATE and DELETE by trigger.
+The audit table refuses UPDATE and DELETE by trigger, and each entry carries the hash
+of its rollout's entry before it (`audit_chain.py`), computed inside the write
+transaction: whoever drops the triggers and edits a row breaks the chain. The schema's
+version is `PRAGMA user_version` (`SCHEMA_VERSION`): older stores are migrated once,
+newer ones refused (`StoreVersionError`, one line).
 
 A full disk must not keep a rollback from being written: the store keeps a reserve file
 (`STATE_DIR/reserve`, RESERVE_BYTES) that it deletes to make room for a critical write
@@ -20,7 +24,8 @@ from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 from xds_server.rollout.audit import AuditEntry
-from xds_server.rollout.audit_codec import GROUP_COLUMN, from_row, to_row
+from xds_server.rollout.audit_chain import genesis
+from xds_server.rollout.audit_codec import CHAIN_COLUMNS, GROUP_COLUMN, chained, from_row, to_row
 from xds_server.rollout.ports import StoreWriteError
 from xds_server.rollout.state import RolloutState, state_from_json, state_to_json
 
@@ -32,15 +37,21 @@ RESERVE_BYTES = 4 * 1024 * 1024
 """Room kept for rollbacks: a rollback's commit writes a few pages (tens of KB), so this
 holds many even when every other byte of the disk is taken."""
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS rollouts (
+SCHEMA_VERSION = 2
+"""The store's layout, kept in `PRAGMA user_version`: 2, the audit's hash chain
+(`CHAIN_COLUMNS`, `audit_by_rollout`). A store made before schema versions reads 0 there
+and is version 1 (`UNVERSIONED`): migrated once, on opening, in one write transaction."""
+UNVERSIONED = 1
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS rollouts (
     service TEXT NOT NULL,
     canary_version TEXT NOT NULL,
     state TEXT NOT NULL,
     updated_at REAL NOT NULL,
     PRIMARY KEY (service, canary_version)
-);
-CREATE TABLE IF NOT EXISTS audit (
+)""",
+    """CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     time REAL NOT NULL,
     service TEXT NOT NULL,
@@ -57,43 +68,101 @@ CREATE TABLE IF NOT EXISTS audit (
     reason TEXT NOT NULL,
     snapshot_version INTEGER,
     actor TEXT NOT NULL,
-    rollout_group TEXT
-);
-CREATE INDEX IF NOT EXISTS audit_by_service ON audit (service, time);
-CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
-    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
-    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-"""
+    rollout_group TEXT,
+    prev_hash TEXT,
+    hash TEXT
+)""",
+    "CREATE INDEX IF NOT EXISTS audit_by_service ON audit (service, time)",
+    "CREATE INDEX IF NOT EXISTS audit_by_rollout ON audit (service, canary_version, id)",
+    """CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
+    """CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
+)
+"""Every statement is idempotent: run on a store of any older version, they bring it up
+to this one (with the columns `_add_columns` adds to tables made before)."""
 
 
 class StoreUnreadable(Exception):
     """A state directory whose store cannot be read; the message says which and why."""
 
 
+class StoreVersionError(OSError):
+    """A store of a schema newer than this release understands: refused, never read or
+    written. An OSError, so every command line prints it as the one line it is."""
+
+
+def newer_schema(where: str, version: int) -> StoreVersionError:
+    return StoreVersionError(
+        f"{where}: the store's schema is version {version}, newer than this xds-server "
+        f"understands ({SCHEMA_VERSION}): run a release that knows it"
+    )
+
+
 class Store:
     def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = Path(path)
+        self.migrated_from: int | None = None
+        """The schema version this process migrated the store from; None: it did not."""
         if read_only:
             # A running server may own it: reading must never change it.
             self.db = sqlite3.connect(
                 f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False
             )
+            self._refuse_newer()
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=10
+        )
+        self._refuse_newer()
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
-        self._add_group_column()
+        if self._version() < SCHEMA_VERSION:
+            self._migrate()
         self.reserve = self.path.parent / RESERVE_NAME
         self._keep_reserve()
 
-    def _add_group_column(self) -> None:
-        """A store made before rollout groups gets their column (NULL: no group)."""
+    def _version(self) -> int:
+        stored = int(self.db.execute("PRAGMA user_version").fetchone()[0])
+        return stored or UNVERSIONED
+
+    def _refuse_newer(self) -> None:
+        try:
+            version = self._version()
+        except sqlite3.Error as exc:
+            self.db.close()
+            raise StoreUnreadable(f"cannot read {self.path}: {exc}") from None
+        if version > SCHEMA_VERSION:
+            self.db.close()
+            raise newer_schema(str(self.path), version)
+
+    def _migrate(self) -> None:
+        """Bring a store of an older version (or none yet) up to SCHEMA_VERSION, in one
+        write transaction that reads the version again first: of several processes
+        opening it at once, one migrates and the others find it done."""
+        with self._transaction():
+            version = self._version()
+            if version > SCHEMA_VERSION:
+                raise newer_schema(str(self.path), version)
+            if version == SCHEMA_VERSION:
+                return
+            made = self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'audit'").fetchone()
+            for statement in SCHEMA:
+                self.db.execute(statement)
+            self._add_columns()
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if made:
+            self.migrated_from = version
+            log.info("migrated %s from schema %d to %d", self.path, version, SCHEMA_VERSION)
+
+    def _add_columns(self) -> None:
+        """A store made before rollout groups, or before the chain, gets their columns
+        (NULL: no group; an unchained entry)."""
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(audit)")}
-        if GROUP_COLUMN not in columns:
-            self.db.execute(f"ALTER TABLE audit ADD COLUMN {GROUP_COLUMN} TEXT")
+        for column in (GROUP_COLUMN, *CHAIN_COLUMNS):
+            if column not in columns:
+                self.db.execute(f"ALTER TABLE audit ADD COLUMN {column} TEXT")
 
     @classmethod
     def in_dir(cls, state_dir: str | Path) -> Store:
@@ -160,12 +229,29 @@ class Store:
                 "DO UPDATE SET state=excluded.state, updated_at=excluded.updated_at",
                 (state.service, state.canary_version, state_to_json(state), state.updated_at),
             )
+            heads: dict[tuple[str, str], str] = {}
             for e in entries:
-                row = to_row(e)  # (its group's column only when it has one)
+                rollout = (e.service, e.canary_version)
+                prev = heads.get(rollout) or self._head(*rollout)
+                e = chained(e, prev, snapshot_mark=False)
+                assert e.chain is not None
+                heads[rollout] = e.chain.hash
+                row = to_row(e)  # (its group's and chain's columns only when it has them)
                 self.db.execute(
                     f"INSERT INTO audit ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                     tuple(row.values()),
                 )
+
+    def _head(self, service: str, version: str) -> str:
+        """The hash the rollout's next entry chains from, read inside the write
+        transaction (BEGIN IMMEDIATE: no other writer in between): its newest entry's,
+        or its genesis when it has none, or only entries written before the chain."""
+        row = self.db.execute(
+            "SELECT hash FROM audit WHERE service = ? AND canary_version = ? "
+            "ORDER BY id DESC LIMIT 1",
+            (service, version),
+        ).fetchone()
+        return str(row[0]) if row and row[0] else genesis(service, version)
 
     def _keep_reserve(self) -> None:
         """Make sure the reserve exists (cheap when it does); quietly later if no room."""

@@ -654,12 +654,15 @@ class GetAuditRequest(_message.Message):
     REGION_FIELD_NUMBER: _builtins.int
     SINCE_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    CANONICAL_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     region: _builtins.str
     since: _builtins.float
     """seconds since the epoch"""
     limit: _builtins.int
     """at most this many entries; 0: all (negative: INVALID_ARGUMENT)"""
+    canonical: _builtins.bool
+    """fill each entry's canonical (xdsctl audit verify)"""
     def __init__(
         self,
         *,
@@ -667,10 +670,11 @@ class GetAuditRequest(_message.Message):
         region: _builtins.str = ...,
         since: _builtins.float = ...,
         limit: _builtins.int = ...,
+        canonical: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "region", b"region", "service", b"service", "since", b"since"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canonical", b"canonical", "limit", b"limit", "region", b"region", "service", b"service", "since", b"since"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -697,6 +701,9 @@ class AuditEntry(_message.Message):
     SNAPSHOT_VERSION_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
+    PREV_HASH_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
+    CANONICAL_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     time: _builtins.float
     service: _builtins.str
@@ -715,6 +722,13 @@ class AuditEntry(_message.Message):
     actor: _builtins.str
     group: _builtins.str
     """the rollout group the entry was decided for; "": none"""
+    prev_hash: _builtins.str
+    """Its rollout's hash chain (issue 30): the hash of the rollout's entry before it (or of
+    the rollout's genesis), and its own; both "" for an entry written before the chain.
+    """
+    hash: _builtins.str
+    canonical: _builtins.str
+    """the bytes the hash covers (asked for: GetAuditRequest.canonical)"""
     def __init__(
         self,
         *,
@@ -735,10 +749,13 @@ class AuditEntry(_message.Message):
         snapshot_version: _builtins.int = ...,
         actor: _builtins.str = ...,
         group: _builtins.str = ...,
+        prev_hash: _builtins.str = ...,
+        hash: _builtins.str = ...,
+        canonical: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "canary_version", b"canary_version", "group", b"group", "id", b"id", "kind", b"kind", "measurements_json", b"measurements_json", "phase_from", b"phase_from", "phase_to", b"phase_to", "reason", b"reason", "region", b"region", "service", b"service", "snapshot_version", b"snapshot_version", "step", b"step", "time", b"time", "verdict_json", b"verdict_json", "weights_after_json", b"weights_after_json", "weights_before_json", b"weights_before_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "canary_version", b"canary_version", "canonical", b"canonical", "group", b"group", "hash", b"hash", "id", b"id", "kind", b"kind", "measurements_json", b"measurements_json", "phase_from", b"phase_from", "phase_to", b"phase_to", "prev_hash", b"prev_hash", "reason", b"reason", "region", b"region", "service", b"service", "snapshot_version", b"snapshot_version", "step", b"step", "time", b"time", "verdict_json", b"verdict_json", "weights_after_json", b"weights_after_json", "weights_before_json", b"weights_before_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
