@@ -36,7 +36,7 @@ from xds_server.ha.store import EtcdStore
 from xds_server.rollout.metrics import PrometheusSource
 from xds_server.rollout.ports import StateStore
 from xds_server.rollout.state import current_rollouts, rollout_traffic
-from xds_server.rollout.store import Store
+from xds_server.rollout.store import Store, StoreVersionError
 from xds_server.spec import MeshSpec, SpecError, load_spec, parse_spec
 from xds_server.traffic import TrafficState
 from xds_server.xds.dataplane import DataPlane
@@ -318,6 +318,8 @@ async def _open_store(options: ServeOptions) -> tuple[EtcdStore, MeshSpec]:
         await store.start()
     except (SpecError, StoreError):
         raise
+    except StoreVersionError as exc:  # (a newer schema: its own line, not "cannot reach")
+        raise StoreError(str(exc)) from None
     except Exception as exc:
         raise StoreError(f"cannot reach the store {address}: {one_line(exc)}") from None
     stored = store.view.spec
