@@ -171,3 +171,17 @@ def test_a_lab_killed_while_starting_leaves_nothing_lab_down_cannot_remove(
     assert lab_namespaces(prefix) == []
     assert not Path(f"/sys/class/net/{prefix}br").exists()
     assert not [pid for pid in pids if alive(pid)]
+
+
+def test_without_namespaces_the_lab_says_why_and_plans_loopback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where `available()` says no (not root, no nft), `netns` plans no network: every
+    address is loopback, and the reason is the one line `LocalMesh.start` prints."""
+    monkeypatch.setattr(netns, "available", lambda: "network namespaces need root (uid 1000)")
+    mesh = LocalMesh(tmp_path, MeshOptions(REGIONS, 1, netns=True, ha=True))
+    assert mesh.net is None
+    assert mesh.layout.netns_unavailable == "network namespaces need root (uid 1000)"
+    assert {mesh.layout.host(r) for r in REGIONS} == {"127.0.0.1"}
+    assert mesh.layout.exec_prefix("east") == []
+    assert mesh.layout.prometheus_url.startswith("http://127.0.0.1:")

@@ -61,7 +61,7 @@ class LocalMesh:
         server (with `ha`: etcd first, then a replica per region), then the Envoys."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.layout.netns_unavailable is not None:
-            print(f"lab: no network namespaces ({self.layout.netns_unavailable}): on loopback")
+            print(f"lab: --netns: {self.layout.netns_unavailable}; running on loopback instead")
         if self.net is not None:
             self._net_made = True  # before create: a create that fails removes its part
             self.net.create()
