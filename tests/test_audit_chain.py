@@ -249,11 +249,17 @@ def test_xdsctl_audit_verify_exits_non_zero_naming_the_broken_entry(tmp_path: Pa
 
 
 def leading(cluster: EtcdCluster, prefix: str) -> EtcdStore:
-    """A store that leads: the leader key written by hand, its fence the key's."""
+    """A store that leads: the leader key written (again) by hand, its fence the key's
+    create revision (a replica still holding an older fence is deposed)."""
     address = parse_store_url(cluster.url, prefix)
     kv = SyncKV(address)
-    key = f"{prefix}/leader"
-    reply = kv.txn(rpc.TxnRequest(success=[put_op(key, b"test-leader")]))
+    key = f"{prefix}/leader".encode()
+    kv.txn(
+        rpc.TxnRequest(
+            success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))]
+        )
+    )
+    reply = kv.txn(rpc.TxnRequest(success=[put_op(key.decode(), b"test-leader")]))
     kv.close()
     store = EtcdStore(address)
     store.read()
