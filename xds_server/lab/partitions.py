@@ -106,9 +106,10 @@ def cut(mesh: LocalMesh, p: Partition, part: PartitionResult, state: dict[str, A
     if p.kind == "leader":
         part.region = part.leader_before
     elif part.region == part.leader_before:
-        # Another region than the leader's: a leader cut from everything is the
-        # leader's kind, and a leader cut from Prometheus reads no region at all.
-        part.region = next(r for r in regions if r != part.leader_before)
+        # Another region than the leader's (the next one): a leader cut from everything
+        # is the leader's kind, and a leader cut from Prometheus reads no region at all.
+        i = regions.index(part.region)
+        part.region = next(r for r in (*regions[i:], *regions[:i]) if r != part.leader_before)
     part.shares["cut"] = _shares(mesh)
     part.expected_share["cut"] = _expected_shares(mesh, state)
     faults = mesh.faults

@@ -351,10 +351,10 @@ SCENARIOS = {
             "region-partition",
             "paused",
             None,
-            "replicas on etcd, regions in namespaces: at 20%, eu-west is cut off from every "
-            "other namespace for longer than ack_timeout; its Envoys keep serving 20% with 0 "
-            "failed requests, the rollout holds and at max_hold pauses (on_max_hold); on heal "
-            "eu-west converges to the committed state",
+            "replicas on etcd, regions in namespaces: at 20%, eu-west (ap-south if eu-west "
+            "leads) is cut off from every other namespace for longer than ack_timeout; its "
+            "Envoys keep serving 20% with 0 failed requests, the rollout holds and at max_hold "
+            "pauses (on_max_hold); on heal the region converges to the committed state",
             plan=PARTITION_PLAN,
             partition=Partition("region", 1, lasts=40.0),
         ),
@@ -383,10 +383,10 @@ SCENARIOS = {
             "asymmetric",
             "promoted",
             None,
-            "replicas on etcd, regions in namespaces: at 20%, eu-west's replica still reaches "
-            "etcd but its Envoys cannot reach it: they fail over to the neighbour's replica, "
-            "the leader counts them unknown until they ACK there, and the rollout goes on to "
-            "100%",
+            "replicas on etcd, regions in namespaces: at 20%, eu-west's replica (ap-south's if "
+            "eu-west leads) still reaches etcd but its Envoys cannot reach it: they fail over "
+            "to the neighbour's replica within seconds, with 0 failed requests, and the "
+            "rollout goes on to 100%",
             plan=PARTITION_PLAN,
             partition=Partition("asymmetric", 1),
         ),
