@@ -12,9 +12,6 @@ server without `ha`, Prometheus and the `ops` etcd members in `ops`.
 
 from __future__ import annotations
 
-import functools
-import re
-import subprocess
 import sys
 from collections.abc import Callable
 
@@ -407,30 +404,10 @@ class MeshProcesses:
 
 def off_loopback(host: str) -> list[str]:
     """`serve`'s flag for binding a lab namespace's address without TLS and tokens
-    (`--insecure`), when it has one (issue 30's secure default refuses such a bind).
-    The lab's network is a bridge of its own that only this machine's root namespace
-    reaches; its driver and Prometheus read the server plainly, and the admin token
-    still guards actions."""
-    if host == LOOPBACK or not _serve_accepts(INSECURE):
-        return []
-    return [INSECURE]
-
-
-INSECURE = "--insecure"
-
-
-@functools.cache
-def _serve_accepts(flag: str) -> bool:
-    """Does `xds-server serve` take `flag`? Asked of its --help once per process (the lab
-    may not import the command line)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "xds_server.cli", "serve", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    return re.search(rf"(^|\s){re.escape(flag)}(?![\w-])", done.stdout) is not None
+    (`--insecure`: issue 30's secure default refuses such a bind). The lab's network is
+    a bridge of its own that only this machine's root namespace reaches; its driver and
+    Prometheus read the server plainly, and the admin token still guards actions."""
+    return [] if host == LOOPBACK else ["--insecure"]
 
 
 def answers(host: str, port: int) -> Callable[[], bool]:
