@@ -123,7 +123,7 @@ class View:
 
 Listener = Callable[[frozenset[str]], None]
 """Told which parts changed ("spec", "rollouts", "routes", "leader", "replicas", "audit",
-"registry")."""
+"registry", "schema")."""
 
 
 class EtcdStore:
@@ -207,6 +207,7 @@ class EtcdStore:
                 "replicas",
                 "audit",
                 "registry",
+                "schema",
             }
             self._notify()
 
