@@ -38,6 +38,8 @@ class PartitionResult:
     kind: str
     region: str = ""
     """The region cut (for "leader": the leader's at the cut)."""
+    unavailable: str = ""
+    """Why no cut was made (a lab on loopback: no root, no namespaces)."""
     cut_at: float | None = None
     healed_at: float | None = None
     changes: list[dict[str, Any]] = field(default_factory=list)
@@ -76,6 +78,11 @@ def look(
     """Cut when the step has come; while cut, watch and heal on the kind's event; once
     healed, until the cut region has converged. Whether the run is over."""
     now = time.time()
+    if mesh.layout.net is None:  # (on loopback: nothing to cut; said once, then followed)
+        if not part.unavailable:
+            part.unavailable = mesh.layout.netns_unavailable or "the lab runs without --netns"
+            view.note(f"partition {p.kind}: not made, no network namespaces: {part.unavailable}")
+        return state["phase"] in ENDED
     if part.cut_at is None:
         steps = [r["step"] for r in state["regions"].values()]
         if state["phase"] == "progressing" and min(steps) >= p.at_step and _routed(mesh, state):
@@ -284,6 +291,7 @@ def summary(
     out: dict[str, Any] = {
         "kind": part.kind,
         "region": part.region,
+        "unavailable": part.unavailable,
         "cut_at": cut,
         "healed_at": healed,
         "cut_s": healed - cut if cut is not None and healed is not None else None,
@@ -491,6 +499,8 @@ def print_partition(part: Mapping[str, Any]) -> None:
     def secs(v: float | None) -> str:
         return f"{v:.2f}s" if v is not None else "never"
 
+    if part.get("unavailable"):
+        print(f"  partition {part['kind']}: not made ({part['unavailable']})")
     served = part["served"].get(part["region"], {})
     print(
         f"  partition {part['kind']} ({part['region']}): cut {secs(part['cut_s'])}; its own "
