@@ -275,13 +275,15 @@ def test_grpc_model_infer(model: ModelServer, stub: Any, raw: bool) -> None:
         math.isclose(a, b, abs_tol=1e-6)
         for a, b in zip(out.contents.fp32_contents, want, strict=True)
     )
-    assert model.stats() == {
+    counts = model.stats()
+    assert {k: counts[k] for k in ("user_requests", "shadow_requests", "grpc_requests")} == {
         "user_requests": 1,
         "shadow_requests": 0,
         "grpc_requests": 1,
-        "stalled_requests": 0,
-        "stalled_now": 0,
     }
+    assert (counts["stalled_requests"], counts["stalled_now"]) == (0, 0)
+    # Called directly, not through Envoy: no arm header, so neither matched nor crossed.
+    assert (counts["arm_missing"], counts["arm_matched"], counts["arm_crossed"]) == (1, 0, 0)
     assert metric(model, "model_prediction_score_count", version="v2") == 2
 
 
