@@ -253,7 +253,7 @@ class MeshProcesses:
         self.prometheus = Prometheus(
             lay.workdir / "prometheus",
             lay.prometheus_port,
-            self._scrape_targets(),
+            scrape_targets(lay),
             host=lay.prometheus_host,
             wrap=lay.exec_prefix(OPS),
         )
@@ -262,50 +262,6 @@ class MeshProcesses:
             servers = len(self.layout.mlserver_metrics_ports)
             scraped = mlserver.scraped_twice(self.prometheus.url, servers)
             wait_for(scraped, "Prometheus to scrape every MLServer twice", timeout=30)
-
-    def _scrape_targets(self) -> list[ScrapeTarget]:
-        lay = self.layout
-        targets = [
-            ScrapeTarget(
-                f"{lay.host(e.region)}:{e.admin_port}",
-                "/stats/prometheus",
-                {"region": e.region, "node": e.node_id},
-            )
-            for e in lay.envoys
-        ]
-        if self.opts.ha:
-            targets += [
-                ScrapeTarget(
-                    f"{lay.host(lay.replica_key(r))}:{p['metrics']}", "/metrics", {"replica": r}
-                )
-                for r, p in lay.replica_ports.items()
-            ]
-        else:
-            server = f"{lay.host(lay.server_key)}:{lay.metrics_port}"
-            targets.append(ScrapeTarget(server, "/metrics", {}))
-        # The model servers' own series (outputs, tenants): `region` and `pool` come from
-        # here, never from the exporter, so they cannot clash. MLServer serves them on
-        # its metrics port (the lab runtime's score histogram).
-        if self.opts.models == "mlserver":
-            ports = list(lay.mlserver_metrics_ports.items())
-        else:
-            ports = [*lay.model_ports.items(), *lay.spare_ports.items()]
-        targets += [
-            ScrapeTarget(f"{lay.host(r)}:{port}", "/metrics", {"region": r, "pool": p}, job="model")
-            for (r, p), port in ports
-        ]
-        # The features service's servers, told apart by `service` (the built-in
-        # model-side queries do not ask for it: a plan for both services leaves them out).
-        targets += [
-            ScrapeTarget(
-                f"{lay.host(r)}:{port}",
-                "/metrics",
-                {"region": r, "pool": p, "service": FEATURES},
-                job="model",
-            )
-            for (r, p), port in lay.feature_ports.items()
-        ]
-        return targets
 
     # ---- the data plane and its callers ----
 
@@ -413,3 +369,51 @@ def off_loopback(host: str) -> list[str]:
 def answers(host: str, port: int) -> Callable[[], bool]:
     """Does the model server on this address answer its /healthz?"""
     return lambda: http_get(f"http://{host}:{port}/healthz")[0] == 200
+
+
+def scrape_targets(lay: MeshLayout) -> list[ScrapeTarget]:
+    """What the lab's Prometheus scrapes: every Envoy (`region`, `node`), the server or
+    each replica, and every model server (`region`, `pool`; the features service's with
+    `service`)."""
+    opts = lay.opts
+    targets = [
+        ScrapeTarget(
+            f"{lay.host(e.region)}:{e.admin_port}",
+            "/stats/prometheus",
+            {"region": e.region, "node": e.node_id},
+        )
+        for e in lay.envoys
+    ]
+    if opts.ha:
+        targets += [
+            ScrapeTarget(
+                f"{lay.host(lay.replica_key(r))}:{p['metrics']}", "/metrics", {"replica": r}
+            )
+            for r, p in lay.replica_ports.items()
+        ]
+    else:
+        server = f"{lay.host(lay.server_key)}:{lay.metrics_port}"
+        targets.append(ScrapeTarget(server, "/metrics", {}))
+    # The model servers' own series (outputs, tenants): `region` and `pool` come from
+    # here, never from the exporter, so they cannot clash. MLServer serves them on
+    # its metrics port (the lab runtime's score histogram).
+    if opts.models == "mlserver":
+        ports = list(lay.mlserver_metrics_ports.items())
+    else:
+        ports = [*lay.model_ports.items(), *lay.spare_ports.items()]
+    targets += [
+        ScrapeTarget(f"{lay.host(r)}:{port}", "/metrics", {"region": r, "pool": p}, job="model")
+        for (r, p), port in ports
+    ]
+    # The features service's servers, told apart by `service` (the built-in
+    # model-side queries do not ask for it: a plan for both services leaves them out).
+    targets += [
+        ScrapeTarget(
+            f"{lay.host(r)}:{port}",
+            "/metrics",
+            {"region": r, "pool": p, "service": FEATURES},
+            job="model",
+        )
+        for (r, p), port in lay.feature_ports.items()
+    ]
+    return targets

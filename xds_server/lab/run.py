@@ -86,13 +86,20 @@ def run_lab(
     if problems := opts.problems():
         print(f"lab: scenario {scenario.name} cannot run so: " + "; ".join(problems))
         return 2
-    mesh = LocalMesh(out, opts)
+    print_intro(scenario, opts, out)
     live = sys.stdout.isatty() if live is None else live
+    return _run_until_done(LocalMesh(out, opts), scenario, timeout, live, keep)
+
+
+def _run_until_done(
+    mesh: LocalMesh, scenario: Scenario, timeout: float, live: bool, keep: bool
+) -> int:
+    """Run the scenario; stop everything after, unless kept (the exit code: 0 as
+    expected, 1 not, 130 interrupted)."""
     # Ctrl-C, kill, or the terminal going away: all end the lab cleanly.
     previous = {
         sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)
     }
-    print_intro(scenario, opts, out)
     kept = False
     try:
         ok = _run(mesh, scenario, timeout, live)
@@ -108,7 +115,7 @@ def run_lab(
             signal.signal(sig, handler)
         if not kept:
             mesh.stop()
-            _clear_current(out)
+            _clear_current(mesh.workdir)
 
 
 def _on_models(
