@@ -10,6 +10,10 @@ Rules it keeps, whatever it observes:
 - any region failing rolls back every region, at once, whatever else is going on
   (a pause or a hold included);
 - a region that is still waiting for its Envoys to apply a step is not judged;
+- a region whose nodes nobody can see (their replica silent or gone) is no evidence:
+  it holds, on its own hold clock, until they are seen applying the step (its evidence
+  then starts again) or `max_hold` (then `on_max_hold`); `ack_timeout` fails only
+  nodes that are seen and do not ACK;
 - a failure of the statistical analysis is conclusive (its sequential test already
   weighed every look): it rolls back at once, without waiting for a second failure.
 
@@ -167,15 +171,70 @@ def _region_event(
     if obs.no_hosts:
         return _no_hosts(plan, name, rs, obs.no_hosts, now)
     if obs.applied_at is None:  # the data plane has not applied the step yet: not judged
-        if obs.apply_unknown:  # ... and cannot say which of its nodes did: audited
-            return RegionEvent(
-                rs, check=f"{step_label(plan, rs.step)}: holding: {obs.apply_unknown}"
-            )
+        if obs.apply_unknown:  # ... and cannot say which of its nodes did: a hold
+            return _unknown_hold(plan, name, rs, obs.apply_unknown, now)
         return RegionEvent(rs)
+    if _holding_for_unknown(rs):
+        return _seen_again(plan, rs, obs.applied_at, now)
     rs = replace(rs, step_started=rs.step_started or obs.applied_at)
     if obs.canary is None:
         return RegionEvent(rs)
     return _judged(plan, name, rs, obs.canary, obs.step, now, regions)
+
+
+UNKNOWN_HOLD = "holding (no evidence of application): "
+"""How a region's reason begins while it holds for nodes nobody can see (`_unknown_hold`)."""
+
+
+def _holding_for_unknown(rs: RegionState) -> bool:
+    """Was the region holding for unknown nodes at its last look? (Its reason says so
+    until the hold ends, also across a pause and its resume, which clears the clock.)"""
+    return rs.reason.startswith(UNKNOWN_HOLD)
+
+
+def _unknown_hold(
+    plan: RolloutPlan, name: str, rs: RegionState, why: str, now: float
+) -> RegionEvent:
+    """The region's quorum needs nodes that are unknown (their replica silent or gone:
+    nobody can see what they route by): no evidence, neither a pass nor a failure
+    (issues 27, 29). `ack_timeout` does not end it (it decides for nodes that are seen
+    and do not ACK); the hold's own clock does: at `max_hold` the rollout follows
+    `on_max_hold` wherever it can reach. Audited when the hold begins and when its
+    reason changes (other nodes, a silent replica now gone), not at every look."""
+    where = step_label(plan, rs.step)
+    reason = f"{UNKNOWN_HOLD}{why}"
+    began = not _holding_for_unknown(rs) or rs.hold_since is None
+    changed = began or reason != rs.reason
+    # Its own clock: a hold of another kind before (too few requests yet) says
+    # nothing of how long the region has been out of sight.
+    since = now if began or rs.hold_since is None else rs.hold_since
+    rs = replace(rs, hold_since=since, reason=reason)
+    if now - since >= plan.max_hold:
+        stop = f"{name}: {where}: no evidence for {plan.max_hold:g}s: {why}"
+        if plan.on_max_hold == OnMaxHold.ROLLBACK:
+            return RegionEvent(rs, rollback=stop)
+        return RegionEvent(rs, pause=stop)
+    return RegionEvent(rs, check=f"{where}: holding: {why}" if changed else "")
+
+
+def _seen_again(plan: RolloutPlan, rs: RegionState, applied_at: float, now: float) -> RegionEvent:
+    """The nodes a region held for are seen applying its routes again (on any replica):
+    the hold ends and the step goes on. A step that had started and not passed starts
+    its evidence afresh, as a resumed one does (`_resumed`): what the region routed
+    while nobody could see it is not known to be the step's; one that had not started
+    starts now, from its quorum's ACK, as any step does."""
+    where = step_label(plan, rs.step)
+    held = f" after {now - rs.hold_since:.1f}s not known" if rs.hold_since is not None else ""
+    fresh = not rs.step_passed and rs.step_started is not None
+    rs = replace(
+        rs,
+        hold_since=None,
+        step_started=now if fresh else rs.step_started or applied_at,
+        failures=0 if fresh else rs.failures,
+        reason=f"routes applied again{held}",
+    )
+    again = "; the step's evidence starts again" if fresh else ""
+    return RegionEvent(rs, check=f"{where}: routes applied again{held}{again}")
 
 
 def _no_hosts(plan: RolloutPlan, name: str, rs: RegionState, why: str, now: float) -> RegionEvent:

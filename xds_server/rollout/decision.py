@@ -32,8 +32,11 @@ class Observation:
     """NACKs beyond `nack_tolerance`, or the quorum not ACKed within `ack_timeout`
     (each node's from its send): the step fails."""
     apply_unknown: str | None = None
-    """Not applied yet, and some nodes are not known to have applied the step (their
-    replica is gone or silent): which and why. The region holds, audited with this."""
+    """Not applied yet, and the quorum needs nodes not known to have applied the step
+    (their replica is gone or silent): which and why, without durations (the same text
+    while the reason is the same). No evidence either way: the region holds, on its
+    hold clock (`max_hold`, then `on_max_hold`), not `ack_timeout`; audited when the
+    hold begins or this changes."""
     canary: Measurement | None = None
     """The canary over the sliding window: what the SLA guardrails judge."""
     step: Comparison | None = None

@@ -278,7 +278,9 @@ class Observer:
         the current weights, each within `ack_timeout` of its own send (`xds.acks`)?
         Nodes not applied are left out of the analysis where the source can
         (`NodeFilter`); those that missed the step are the observation's stragglers;
-        its `nodes` are the applied / unknown / lagging counts (signal health)."""
+        its `nodes` are the applied / unknown / lagging counts (signal health). Nodes
+        nobody can see (unknown) never fail the step: a quorum that needs them is
+        `apply_unknown`, a hold that `max_hold` ends (`decide._unknown_hold`)."""
         status = self.dataplane.routes_applied(region)
         gate = ack_gate(status, plan.ack_quorum, plan.nack_tolerance, plan.ack_timeout, now)
         if isinstance(self.metrics, NodeFilter):
