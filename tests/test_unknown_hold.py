@@ -40,6 +40,7 @@ from xds_server.xds.dataplane import NodeAck, Pending, RouteStatus
 CUT = "eu-west"
 MAX_HOLD = 10.0
 """tests/test_controller.py's plan: max_hold 10 s, ack_timeout 5 s, 1 s interval."""
+CANARY_CLUSTER = f"{SERVICE}|canary"
 GONE_AFTER = 3.0
 """The cut replica's key is silent, then gone this long after the cut (its lease)."""
 
@@ -56,14 +57,21 @@ class CutDataPlane(InMemoryDataPlane):
         self.stuck: dict[str, tuple[str, ...]] = {}
 
     def cut(self, region: str, *stuck: str) -> None:
+        """Cut off: its nodes unknown, and its canary hosts' registrations lapsed (they
+        cannot renew their leases either)."""
         self.cut_at[region] = self.clock()
         self.stuck[region] = stuck
+        self.hosts[(region, CANARY_CLUSTER)] = 0
 
     def heal(self, region: str) -> None:
-        """Its nodes seen again, applying its routes (an ACK now)."""
+        """Its nodes seen again, applying its routes (an ACK now); its hosts register
+        again later (`registered`)."""
         del self.cut_at[region]
         self.stuck.pop(region, None)
         self.ack(region)
+
+    def registered(self, region: str) -> None:
+        del self.hosts[(region, CANARY_CLUSTER)]
 
     def routes_applied(self, region: str) -> RouteStatus:
         if region not in self.cut_at:
@@ -129,7 +137,8 @@ def test_unknown_nodes_past_ack_timeout_hold_then_pause_at_max_hold(
     """on_max_hold: pause. Well past ack_timeout the cut region still holds (no rollback,
     no step passed); the hold is audited when it begins and when its replica goes from
     silent to gone, not at every look; at max_hold of the hold the rollout pauses,
-    keeping every region's weights."""
+    keeping every region's weights. Its canary's registrations lapsed with the cut: no
+    rollback for "no host left" either (nobody can tell they are gone)."""
     rig = rig_for(on_max_hold="pause")
 
     async def body() -> None:
@@ -210,7 +219,8 @@ def test_nodes_seen_again_applying_let_the_step_go_on_from_then(
     """Cut past ack_timeout (but within max_hold), then seen again ACKing: the hold ends
     (audited), the step's evidence starts again at that look (what the region routed
     out of sight is not known to be the step's), and the rollout promotes, never
-    rolled back nor paused."""
+    rolled back nor paused. Its canary hosts register again a few looks after the heal,
+    past max_hold of the whole: that wait has a hold clock of its own."""
     rig = rig_for()
     seen_again: list[float] = []
 
@@ -223,6 +233,10 @@ def test_nodes_seen_again_applying_let_the_step_go_on_from_then(
         rs = rig.state().regions[CUT]
         assert rs.step == 1 and rs.hold_since is None and rs.step_started == rig.clock()
         assert not rs.step_passed
+        for _ in range(4):
+            await rig.tick()
+        assert rig.clock() - cut > MAX_HOLD and rig.state().phase == PROGRESSING
+        dataplane(rig).registered(CUT)
         await rig.tick_until(lambda: rig.state().phase == PROMOTED)
 
     asyncio.run(body())

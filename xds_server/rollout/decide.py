@@ -168,14 +168,18 @@ def _region_event(
         return RegionEvent(rs, rollback=why + obs.apply_error)
     if rs.warming and not rs.shadowing:
         return RegionEvent(rs) if rs.step_passed else _warm_up(plan, name, rs, obs, now)
+    # Nodes nobody can see come first: a region cut off is also a region whose hosts'
+    # registrations lapse (they cannot renew either), and which of the two failed is
+    # what the control plane cannot tell. Seen again, the hold ends before anything
+    # else (a lapsed registration then gets a hold clock of its own).
+    if obs.applied_at is None and obs.apply_unknown:
+        return _unknown_hold(plan, name, rs, obs.apply_unknown, now)
+    if obs.applied_at is not None and _holding_for_unknown(rs):
+        return _seen_again(plan, rs, obs.applied_at, now)
     if obs.no_hosts:
         return _no_hosts(plan, name, rs, obs.no_hosts, now)
     if obs.applied_at is None:  # the data plane has not applied the step yet: not judged
-        if obs.apply_unknown:  # ... and cannot say which of its nodes did: a hold
-            return _unknown_hold(plan, name, rs, obs.apply_unknown, now)
         return RegionEvent(rs)
-    if _holding_for_unknown(rs):
-        return _seen_again(plan, rs, obs.applied_at, now)
     rs = replace(rs, step_started=rs.step_started or obs.applied_at)
     if obs.canary is None:
         return RegionEvent(rs)
