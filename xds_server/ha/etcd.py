@@ -5,37 +5,117 @@ things: the asynchronous `aetcd` client (grpc.aio, on the server's event loop) f
 runs beside the loop (the watch, leases, the election, node status), and a synchronous
 unary channel for the fenced commit, which the controller makes on the loop before it
 pushes, as it does a SQLite commit (bounded by a deadline; see `SyncKV`).
+
+Failover between members (issue 29's leader-isolated run): each channel dials every
+member as one gRPC target, and gRPC moves on by itself from a member that refuses or
+resets, but not from one that has gone silent (packets dropped: the connection stays
+up and every call waits for its deadline). So a process keeps its own order of the
+members (`Members`, one per `EtcdAddress`, shared by both clients): a call that times
+out or finds etcd UNAVAILABLE, or the async client's probe (a linearizable read every
+PROBE_INTERVAL, which also fails on a member cut off from the majority), moves the
+member it was on to the back, and both clients dial the new order. Detection within
+PROBE_INTERVAL + PROBE_TIMEOUT, well inside a lease's TTL.
+
+Not gRPC keepalive: etcd refuses pings more often than its `--grpc-keepalive-min-time`
+(5 s by default) with GOAWAY too_many_pings, which ends every stream of the connection,
+and a ping every 5 s plus its timeout is slower than a 3 s lease. Ordinary calls with
+short deadlines work with any etcd configuration, and tell a member without a majority
+from a healthy one, which a ping cannot.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import socket
+import threading
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import aetcd
 import grpc
 from aetcd import rpc
+from aetcd.exceptions import ConnectionFailedError, ConnectionTimeoutError
+
+log = logging.getLogger("xds_server.ha.etcd")
+
+T = TypeVar("T")
 
 DEFAULT_PREFIX = "/xds-server/default"
 COMMIT_TIMEOUT = 1.0
 """The longest a fenced commit may hold the event loop (etcd on loopback answers in a
 few ms; a store that does not answer in this time is failing)."""
+CALL_TIMEOUT = 0.8
+"""The deadline of a renewal (a lease keepalive, a replica's key): etcd answers in
+milliseconds; a member that has not answered by then is taken as silent, and the call
+is tried again on the next one while the lease lasts."""
+PROBE_INTERVAL = 0.5
+PROBE_TIMEOUT = 0.8
+"""The async client's probe: a linearizable read this often, within this deadline."""
+LONGEST_CALL = 5.0
+"""No call of a client here has a longer deadline (the aetcd client's own timeout is
+capped to it): a channel left behind by a failover is closed after this and a margin,
+once every call on it has ended by its own deadline."""
+FAILOVER_CODES = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE})
 
 
 class StoreAddressError(ValueError):
     """`--store` that is not `etcd://HOST:PORT[,HOST:PORT...]`; the message says why."""
 
 
+class Members:
+    """The order in which this process dials etcd's members, shared by every client of
+    one `EtcdAddress`: the channels use the first member that answers; `failover` moves
+    a member that stopped answering to the back, and `generation` counts the moves (a
+    client whose channel is of an older generation dials again)."""
+
+    def __init__(self, endpoints: tuple[tuple[str, int], ...]) -> None:
+        self._order = [f"{h}:{p}" for h, p in endpoints]
+        self._lock = threading.Lock()
+        self.generation = 0
+
+    def current(self) -> tuple[int, str]:
+        """(generation, the gRPC target over every member in the current order)."""
+        with self._lock:
+            return self.generation, "ipv4:" + ",".join(self._order)
+
+    @property
+    def order(self) -> list[str]:
+        with self._lock:
+            return list(self._order)
+
+    def failover(self, generation: int, why: str) -> bool:
+        """The first member did not answer on a channel of `generation`: to the back.
+        False when another client moved the order already. (The channel may be on a
+        later member, when the first refused connections: then the next failover
+        reaches it; gRPC does not tell a client call's peer.)"""
+        with self._lock:
+            if generation != self.generation or len(self._order) < 2:
+                return False
+            bad = self._order.pop(0)
+            self._order.append(bad)
+            self.generation += 1
+            first = self._order[0]
+        log.warning("etcd member %s did not answer (%s): dialling %s first", bad, why, first)
+        return True
+
+
 @dataclass(frozen=True)
 class EtcdAddress:
     endpoints: tuple[tuple[str, int], ...]
     prefix: str = DEFAULT_PREFIX
+    members: Members = field(init=False, compare=False, repr=False)
+    """This process's order of the members (see `Members`), shared by the clients made
+    from this address."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "members", Members(self.endpoints))
 
     @property
     def target(self) -> str:
-        """A gRPC target over every member: the channel moves to another when one fails."""
+        """A gRPC target over every member, in the order given."""
         return "ipv4:" + ",".join(f"{h}:{p}" for h, p in self.endpoints)
 
     def __str__(self) -> str:
@@ -127,41 +207,213 @@ def range_end(prefix: str) -> bytes:
     return raw[:-1] + bytes([raw[-1] + 1])
 
 
-def async_client(address: EtcdAddress, timeout: float = 2.0) -> aetcd.Client:
-    """An aetcd client over every member (host:port of aetcd's own form cannot list
-    several: the gRPC target does)."""
-    target = address.target
-    host, _, port = target.rpartition(":")
-    return aetcd.Client(host=host, port=int(port), timeout=timeout)
+def async_client(address: EtcdAddress, timeout: float = 2.0) -> FailoverClient:
+    """An aetcd client over every member, moving on from a silent one (`FailoverClient`)."""
+    return FailoverClient(address, timeout)
+
+
+def moves_on(exc: BaseException) -> bool:
+    """Is this failure one to try the next member for (a deadline passed, etcd
+    UNAVAILABLE: a silent member, one without a majority, one that went away)?"""
+    if isinstance(exc, (TimeoutError, ConnectionTimeoutError, ConnectionFailedError)):
+        return True
+    return isinstance(exc, grpc.RpcError) and exc.code() in FAILOVER_CODES
+
+
+class FailoverClient(aetcd.Client):  # type: ignore[misc]  # (aetcd has no type hints)
+    """The aetcd client, on a channel over every member in `Members`' order, that
+    moves to the next member when the one it is on goes silent.
+
+    Two ways to notice: `bounded` calls that time out or find etcd UNAVAILABLE, and a
+    probe (`PROBE_INTERVAL`) that covers what has no deadline of its own, the watch
+    above all. On a failover the channel is left, not closed under its calls: its watch
+    stream is ended (the store's watch loop watches again on the new channel, from the
+    revision it has seen), its calls end by their own deadlines, and it is closed once
+    the longest of them has passed (closing it at once would cancel them, and grpc.aio
+    raises a cancelled call as the caller's own CancelledError)."""
+
+    def __init__(self, address: EtcdAddress, timeout: float = 2.0) -> None:
+        self.members = address.members
+        self.generation = -1
+        """The member order's generation this client's channel dials."""
+        self._probe_key = Keys(address.prefix).leader.encode()
+        self._probe: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._left: list[Any] = []
+        _, target = self.members.current()
+        host, _, port = target.rpartition(":")
+        super().__init__(host=host, port=int(port), timeout=min(timeout, LONGEST_CALL))
+
+    async def connect(self) -> None:
+        generation, target = self.members.current()
+        if self._connected.is_set() and generation != self.generation:
+            self._leave()  # (another client of this address moved the order)
+        if not self._connected.is_set():
+            self._host, _, port = target.rpartition(":")
+            self._port = int(port)
+            self.generation = generation
+        await super().connect()
+        if self._probe is None:
+            self._probe = asyncio.get_running_loop().create_task(self._watch_member())
+
+    def failover(self, generation: int, why: str) -> None:
+        """A call on a channel of `generation` timed out or found etcd UNAVAILABLE."""
+        self.members.failover(generation, why)
+        if self._connected.is_set() and self.generation != self.members.generation:
+            self._leave()
+
+    async def bounded(self, call: Callable[[], Awaitable[T]], timeout: float, what: str) -> T:
+        """`call()` within `timeout` seconds; when it times out or etcd is UNAVAILABLE,
+        this client moves on (`failover`) before the error is raised, so the caller's
+        next try goes to the next member."""
+        await self.connect()
+        generation = self.generation
+        try:
+            async with asyncio.timeout(timeout):
+                return await call()
+        except Exception as exc:
+            if moves_on(exc):
+                self.failover(generation, f"{what}: {one_line(exc)}")
+            raise
+
+    async def _watch_member(self) -> None:
+        """Until `close`: a linearizable read of one key every PROBE_INTERVAL, on the
+        member dialled now; one that does not answer within PROBE_TIMEOUT (silent, or
+        cut off from the majority) is left."""
+        request = rpc.RangeRequest(key=self._probe_key, count_only=True)
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL)
+            generation = self.generation
+            try:
+                await self.connect()
+                generation = self.generation
+                await self.kvstub.Range(request, timeout=PROBE_TIMEOUT, metadata=self.metadata)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # (close(); else a call cancelled by its channel's closing)
+            except Exception as exc:
+                if moves_on(exc):
+                    self.failover(generation, f"probe: {one_line(exc)}")
+                else:
+                    log.debug("etcd probe: %s", one_line(exc))
+
+    def _leave(self) -> None:
+        """Dial the current order at the next call; the old channel's watch ended now,
+        the channel itself closed once its calls have passed their deadlines."""
+        channel, watcher = self.channel, self._watcher
+        self._init_channel_attrs()
+        self._connected.clear()
+        if channel is None:
+            return
+        self._left.append(channel)
+        task = asyncio.get_running_loop().create_task(self._retire(channel, watcher))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, channel: Any, watcher: Any) -> None:
+        if watcher is not None:
+            await watcher.shutdown()  # (its watches end: their owners watch again)
+        await asyncio.sleep(LONGEST_CALL + 1.0)
+        if channel in self._left:
+            self._left.remove(channel)
+            await channel.close()
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
+            self._probe = None
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+        for channel in self._left:
+            await channel.close()
+        self._left.clear()
+        await super().close()
+
+
+async def retrying(
+    client: FailoverClient, call: Callable[[], Awaitable[T]], until: float, what: str
+) -> T:
+    """`call()` (one that may be repeated), each try within CALL_TIMEOUT on the member
+    the client dials then (a silent one is left after its try), until `until`
+    (monotonic) has passed: its result, or the last try's error."""
+    while True:
+        started = time.monotonic()
+        try:
+            left = until - started
+            return await client.bounded(call, max(0.05, min(CALL_TIMEOUT, left)), what)
+        except Exception as exc:
+            if not moves_on(exc) or until - time.monotonic() <= 0.1:
+                raise
+            log.debug("%s: %s; trying again", what, one_line(exc))
+            if time.monotonic() - started < 0.1:
+                await asyncio.sleep(0.1)  # (refused at once: no busy loop)
+
+
+async def renew(client: FailoverClient, lease: int, until: float, what: str) -> Any:
+    """Renew `lease` (`retrying` until `until`): the reply (None or TTL <= 0: the lease
+    is gone), or the last try's error."""
+    return await retrying(client, lambda: client.refresh_lease(lease), until, what)
 
 
 class SyncKV:
     """A blocking KV client for the commit path (etcd's own generated stubs, as shipped
-    with aetcd): one call, one deadline, no event loop needed."""
+    with aetcd): one call, one deadline, no event loop needed. Its channel dials the
+    address's `Members` order; a call that times out or finds etcd UNAVAILABLE moves the
+    order on (a commit is not tried again here: it holds the event loop; a read is)."""
 
     def __init__(self, address: EtcdAddress, timeout: float = COMMIT_TIMEOUT) -> None:
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address.target)
-        self._kv = rpc.KVStub(self._channel)
+        self.members = address.members
+        self._lock = threading.Lock()
+        self._generation = -1
+        self._channel: grpc.Channel | None = None
+        self._kv: Any = None
+
+    def _stub(self) -> tuple[int, Any]:
+        with self._lock:
+            generation, target = self.members.current()
+            if generation != self._generation or self._channel is None:
+                if self._channel is not None:
+                    self._channel.close()
+                self._channel = grpc.insecure_channel(target)
+                self._kv = rpc.KVStub(self._channel)
+                self._generation = generation
+            return generation, self._kv
+
+    def _call(self, method: str, request: Any) -> Any:
+        generation, kv = self._stub()
+        try:
+            return getattr(kv, method)(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            if exc.code() in FAILOVER_CODES:
+                self.members.failover(generation, f"{method}: {one_line(exc)}")
+            raise
 
     def txn(self, request: Any) -> Any:
-        return self._kv.Txn(request, timeout=self.timeout)
+        return self._call("Txn", request)
 
     def range(self, key: str, end: bytes | None = None, attempts: int = 5) -> Any:
         """A read, tried again (reads are safe to repeat) while etcd answers UNAVAILABLE,
-        as it does for a moment when a member is lost or its raft leader changes."""
+        as it does for a moment when a member is lost or its raft leader changes, or
+        does not answer in time (the next try goes to the next member)."""
         req = rpc.RangeRequest(key=key.encode(), range_end=end or b"")
         for attempt in range(attempts):
             try:
-                return self._kv.Range(req, timeout=self.timeout)
+                return self._call("Range", req)
             except grpc.RpcError as exc:
-                if attempt == attempts - 1 or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                if attempt == attempts - 1 or exc.code() not in FAILOVER_CODES:
                     raise
                 time.sleep(0.1 * (attempt + 1))  # backoff before the next attempt
         raise AssertionError("unreachable")
 
     def close(self) -> None:
-        self._channel.close()
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+                self._channel = None
 
 
 def put_op(key: str, value: bytes, lease: int = 0) -> Any:

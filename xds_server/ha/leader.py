@@ -12,6 +12,10 @@ lease every third of its TTL. It stops deciding on its own:
 
 A paused process (SIGSTOP) that wakes up past its TTL is deposed by whichever comes
 first: the deadline check or the fence. Either way it commits nothing.
+
+A renewal that does not answer within `CALL_TIMEOUT` (its etcd member gone silent) is
+tried again at once, the client then dialling the next member (`ha.etcd.renew`): a
+leader whose member goes silent keeps its lease through the others.
 """
 
 from __future__ import annotations
@@ -25,7 +29,14 @@ from typing import Any
 
 from aetcd import rpc
 
-from xds_server.ha.etcd import Keys, compare_create_revision, one_line, put_op
+from xds_server.ha.etcd import (
+    LONGEST_CALL,
+    Keys,
+    compare_create_revision,
+    one_line,
+    put_op,
+    renew,
+)
 
 log = logging.getLogger("xds_server.ha.leader")
 
@@ -102,7 +113,7 @@ class Election:
             compare=[compare_create_revision(self.keys.leader, 0)],
             success=[put_op(self.keys.leader, self.replica_id.encode(), lease.id)],
         )
-        reply = await self.client.kvstub.Txn(request, timeout=self.ttl / 2)
+        reply = await self.client.kvstub.Txn(request, timeout=min(self.ttl / 2, LONGEST_CALL))
         if not reply.succeeded:
             with contextlib.suppress(Exception):
                 await self.client.revoke_lease(lease.id)
@@ -135,12 +146,10 @@ class Election:
                     return
                 sent = time.monotonic()
                 try:
-                    reply = await asyncio.wait_for(
-                        self.client.refresh_lease(lease), max(0.1, self._deadline() - sent)
-                    )
+                    reply = await renew(self.client, lease, self._deadline(), "leader lease")
                 except asyncio.CancelledError:
                     raise
-                except (TimeoutError, Exception) as exc:
+                except Exception as exc:
                     log.warning("cannot renew the leader lease: %s", one_line(exc))
                     continue
                 if reply is None or reply.TTL <= 0:

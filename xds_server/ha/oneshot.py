@@ -4,17 +4,22 @@ no election, no lease).
 
 Whatever goes wrong comes back as `OneShotError`, one line that names the store; a spec
 that does not validate stays a `SpecError` (it names the file and the field).
+
+A member that does not answer (silent, or cut off from the majority) costs one try: the
+command is tried again on the next member, once per member (a push is safe to repeat:
+its transaction holds only on the spec it read, and a push that did land is then found
+equal).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from xds_server.ha.etcd import EtcdAddress, async_client, one_line
+from xds_server.ha.etcd import EtcdAddress, async_client, moves_on, one_line
 from xds_server.ha.store import EtcdStore, StoredSpec, StoreReadError
 from xds_server.rollout.ports import StoreWriteError
 from xds_server.rollout.state import RolloutState
@@ -24,6 +29,8 @@ T = TypeVar("T")
 
 DEADLINE = 10.0
 """Seconds one command waits for the store before it gives up."""
+CALL_DEADLINE = 2.0
+"""Seconds one call to a member may take before the next member is tried."""
 
 
 class OneShotError(Exception):
@@ -37,7 +44,7 @@ def push_spec(address: EtcdAddress, text: str, source: str) -> StoredSpec | None
         async with _spec_store(address) as store:
             return await store.push_spec(text, source)
 
-    return _run(push(), address)
+    return _run(push, address)
 
 
 def spec_history(address: EtcdAddress) -> list[StoredSpec]:
@@ -47,7 +54,7 @@ def spec_history(address: EtcdAddress) -> list[StoredSpec]:
         async with _spec_store(address) as store:
             return await store.spec_history()
 
-    return _run(get(), address)
+    return _run(get, address)
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,7 @@ def read_once(address: EtcdAddress) -> Stored:
 
 @contextlib.asynccontextmanager
 async def _spec_store(address: EtcdAddress) -> AsyncIterator[EtcdStore]:
-    client = async_client(address, timeout=5)
+    client = async_client(address, timeout=CALL_DEADLINE)
     store = EtcdStore(address, client)
     try:
         yield store
@@ -84,9 +91,23 @@ async def _spec_store(address: EtcdAddress) -> AsyncIterator[EtcdStore]:
             await client.close()
 
 
-def _run(work: Coroutine[Any, Any, T], address: EtcdAddress) -> T:
+def _run(work: Callable[[], Coroutine[Any, Any, T]], address: EtcdAddress) -> T:
+    """`work()` within DEADLINE, tried once per member while a member does not answer."""
+
+    async def tries() -> T:
+        members = address.members
+        for attempt in range(len(address.endpoints)):
+            generation, _ = members.current()
+            try:
+                return await work()
+            except Exception as exc:
+                if attempt == len(address.endpoints) - 1 or not moves_on(exc):
+                    raise
+                members.failover(generation, one_line(exc))
+        raise AssertionError("unreachable")
+
     try:
-        return asyncio.run(asyncio.wait_for(work, DEADLINE))
+        return asyncio.run(asyncio.wait_for(tries(), DEADLINE))
     except StoreWriteError as exc:
         raise OneShotError(str(exc)) from None
     except TimeoutError:

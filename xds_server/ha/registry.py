@@ -23,14 +23,19 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 from xds_server.ha.etcd import (
     DEFAULT_PREFIX,
     EtcdAddress,
     Keys,
     async_client,
+    moves_on,
     one_line,
     parse_store_url,
+    renew,
+    retrying,
 )
 from xds_server.ha.instances import Instance, instance_to_json
 from xds_server.spec import POOL_NAMES, SpecError, parse_host_port, parse_spec
@@ -39,6 +44,8 @@ from xds_server.spec.values import is_ip
 log = logging.getLogger("xds_server.ha.registry")
 
 DEFAULT_TTL = 10.0
+CALL_DEADLINE = 2.0
+"""Seconds the first read of the store may take on one member before the next."""
 
 
 class RegistrationError(ValueError):
@@ -98,7 +105,7 @@ class Registration:
         RegistrationError (one line)."""
         i = self.instance
         try:
-            got = await self.client.get(self.keys.spec.encode())
+            got = await self._read_spec()
         except Exception as exc:
             raise RegistrationError(
                 f"cannot reach the store {self.store}: {one_line(exc)}"
@@ -121,6 +128,20 @@ class Registration:
                 f"--service {i.service!r}: not in the spec (services: {', '.join(names)})"
             )
 
+    async def _read_spec(self) -> Any:
+        """The spec key, tried once per member while a member does not answer (the
+        client moves past it: `FailoverClient.bounded`)."""
+        tries = len(self.store.endpoints)
+        for attempt in range(tries):
+            try:
+                return await self.client.bounded(
+                    lambda: self.client.get(self.keys.spec.encode()), CALL_DEADLINE, "spec"
+                )
+            except Exception as exc:
+                if attempt == tries - 1 or not moves_on(exc):
+                    raise
+        raise AssertionError("unreachable")
+
     async def run(self) -> None:
         """Register, renew, follow the health URL; on cancellation, deregister."""
         i = self.instance
@@ -138,10 +159,13 @@ class Registration:
             await self._deregister()
 
     async def _hold(self) -> None:
-        i = self.instance
-        lease = await self.client.lease(max(1, round(i.ttl)))
+        """Register on a new lease and renew it; each call tried again, past an etcd
+        member that does not answer, while the lease may last (`ha.etcd.retrying`)."""
+        i, client = self.instance, self.client
+        ttl = max(1, round(i.ttl))
+        alive = time.monotonic() + ttl  # (the lease cannot outlive this)
+        lease = await client.bounded(lambda: client.lease(ttl), i.ttl / 3, "lease")
         self._lease = lease.id
-        every = i.ttl / 3
         while True:
             healthy = await self._healthy()
             if healthy and not self.registered.is_set():
@@ -149,17 +173,20 @@ class Registration:
                     i.service, i.version, i.region, i.address, time.time(), i.ttl,
                     pool=i.pool, health_port=i.health_port,
                 )  # fmt: skip
-                await self.client.put(self.key.encode(), instance_to_json(doc), lease.id)
+                put = partial(client.put, self.key.encode(), instance_to_json(doc), lease.id)
+                await retrying(client, put, alive, "key")
                 self.registered.set()
                 log.info("registered %s %s %s %s (ttl %gs)", *self._names(), i.ttl)
             elif not healthy and self.registered.is_set():
-                await self.client.delete(self.key.encode())
+                await retrying(client, lambda: client.delete(self.key.encode()), alive, "key")
                 self.registered.clear()
                 log.warning("deregistered %s: %s does not answer 2xx", i.address, i.health_url)
-            await asyncio.sleep(every)  # the renewal period
-            reply = await self.client.refresh_lease(lease.id)
+            await asyncio.sleep(i.ttl / 3)  # the renewal period
+            sent = time.monotonic()
+            reply = await renew(client, lease.id, alive, "registration lease")
             if reply is None or reply.TTL <= 0:
                 raise LookupError("its lease expired")
+            alive = sent + ttl
 
     def _names(self) -> tuple[str, str, str, str]:
         i = self.instance

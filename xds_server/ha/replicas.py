@@ -23,7 +23,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-from xds_server.ha.etcd import Keys
+from xds_server.ha.etcd import Keys, renew, retrying
 from xds_server.ha.leader import wait_event
 from xds_server.ha.store import EtcdStore
 from xds_server.traffic import TrafficState
@@ -101,29 +101,17 @@ class Directory:
     async def run(self) -> None:
         """Keep this replica's key until cancelled: a lease renewed every third of its
         TTL, the key rewritten at each renewal (a heartbeat others see: `heard`) and on
-        change. A failing store is retried; each call gives up after a third of the TTL
-        (a partitioned etcd member would leave it hanging)."""
+        change. Each call gives up after CALL_TIMEOUT and is tried again, on the next
+        etcd member when the one dialled went silent, while the lease may last; then
+        the store is lost and a new lease is asked for."""
         client = self.store.client
-        beat = self.ttl / 3
         while True:
             try:
-                await asyncio.wait_for(client.connect(), beat)
-                lease = await asyncio.wait_for(client.lease(self.ttl), beat)
-                await asyncio.wait_for(self._publish(lease.id), beat)
-                self._renewed = time.monotonic()
-                renew_at = time.monotonic() + beat
-                while True:
-                    await wait_event(self._dirty, max(0.0, renew_at - time.monotonic()))
-                    if time.monotonic() >= renew_at:
-                        reply = await asyncio.wait_for(client.refresh_lease(lease.id), beat)
-                        if reply is None or reply.TTL <= 0:
-                            raise LookupError("the replica's lease expired")
-                        renew_at = time.monotonic() + beat
-                        self._dirty.set()  # the heartbeat
-                    if self._dirty.is_set():
-                        await asyncio.sleep(PUBLISH_INTERVAL)  # coalesce a burst of ACKs
-                        await asyncio.wait_for(self._publish(lease.id), beat)
-                        self._renewed = time.monotonic()
+                granted = time.monotonic()
+                lease = await client.bounded(
+                    lambda: client.lease(self.ttl), self.ttl / 3, "replica lease"
+                )
+                await self._keep(lease.id, granted)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -132,6 +120,30 @@ class Directory:
                     exc or type(exc).__name__,
                 )
                 await asyncio.sleep(0.5)  # the store's retry backoff
+
+    async def _keep(self, lease: int, granted: float) -> None:
+        """Publish this replica's key on `lease` and keep both, until an error: the
+        lease gone, or no answer from any member while the lease may last."""
+        client = self.store.client
+        beat = self.ttl / 3
+        alive = granted + self.ttl  # (the lease cannot outlive this)
+        await retrying(client, lambda: self._publish(lease), alive, "replica key")
+        self._renewed = time.monotonic()
+        renew_at = time.monotonic() + beat
+        while True:
+            await wait_event(self._dirty, max(0.0, renew_at - time.monotonic()))
+            if time.monotonic() >= renew_at:
+                sent = time.monotonic()
+                reply = await renew(client, lease, alive, "replica lease")
+                if reply is None or reply.TTL <= 0:
+                    raise LookupError("the replica's lease expired")
+                alive = sent + self.ttl
+                renew_at = time.monotonic() + beat
+                self._dirty.set()  # the heartbeat
+            if self._dirty.is_set():
+                await asyncio.sleep(PUBLISH_INTERVAL)  # coalesce a burst of ACKs
+                await retrying(client, lambda: self._publish(lease), alive, "replica key")
+                self._renewed = time.monotonic()
 
     def store_lost(self) -> str | None:
         """Why this replica must not present itself as current (it has not renewed its
