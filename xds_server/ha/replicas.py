@@ -40,7 +40,7 @@ NODE_MEMORY = 300.0
 """How long (seconds) the nodes of a replica whose key went away are remembered. Until
 they are seen on a replica that is heard from, they are *unknown*: never counted as
 having applied anything newer than what their replica last published, so a region
-with such a node holds (and `ack_timeout` decides). An Envoy of a dead replica moves to
+with such a node holds (until `max_hold`: no evidence, never a failure). An Envoy of a dead replica moves to
 the next server of its bootstrap within a few seconds and is seen there; one that is
 never seen again (it died with its replica) is forgotten after this long."""
 
@@ -297,9 +297,9 @@ class ClusterDataPlane:
         """Every node of the region on a replica heard from (this one's, then others'),
         and, as unknown, the nodes known only from a silent or gone replica, or listed
         somewhere within VANISHED_GRACE and nowhere now: they hold the region until seen
-        applying the routes somewhere (`Pending.unknown`), and `ack_timeout` runs from
-        when they went unknown when the routes are older (a replica lost in the middle
-        of a long step is waited for, not failed at once)."""
+        applying the routes somewhere (`Pending.unknown`), or the rollout's `max_hold`
+        (their clock, `NodeAck.since`, runs from when they went unknown when the routes
+        are older)."""
         local = self.publisher.nodes.judged(region, ROUTE)
         local_ids = {n.node_id for n in local}
         seen, silent = self.directory.region_nodes(region)

@@ -52,8 +52,8 @@ class Applied:
 @dataclass(frozen=True)
 class Pending:
     """Some nodes have not ACKed the current routes yet, or are not known to have: the
-    region is not judged (it holds) until they are seen applying them, or `ack_timeout`
-    decides."""
+    region is not judged (it holds) until they are seen applying them; `ack_timeout`
+    decides for the lagging ones, `max_hold` for the unknown ones (`xds.acks`)."""
 
     version: str
     since: float
