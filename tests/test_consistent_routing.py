@@ -209,18 +209,20 @@ def test_at_100_percent_the_arms_still_route_to_their_pools() -> None:
     assert marks(canary.request_headers_to_add) == {ARM_HEADER: "canary"}
 
 
-def test_canary_match_routes_first_and_they_set_the_canary_arm() -> None:
+def test_arm_routes_first_then_canary_match_routes_which_set_the_canary_arm() -> None:
+    """The arm a request carries wins over this member's canary_match rules: a request
+    an earlier member sent to production stays on production here even if it matches."""
     rules = {"canary_match": [{"header": "x-canary", "value": "always"}]}
     vh = vhosts(mesh(rollout=rules), at(5))["recommender"]
     order = [(r.name, arm_of(r)) for r in vh.routes]
     assert order == [
-        ("recommender-canary-match-0", None),
         ("recommender-arm-canary", "canary"),
         ("recommender-arm-baseline", "baseline"),
         ("recommender-arm-production", "production"),
+        ("recommender-canary-match-0", None),
         ("recommender-split", None),
     ]
-    match = vh.routes[0]
+    match = vh.routes[3]
     assert match.route.cluster == direct_cluster_name("recommender")
     assert marks(match.request_headers_to_add) == {
         CANARY_MATCH_HEADER: "true",
@@ -503,7 +505,7 @@ def test_istio_arm_routes_and_marks_valid_against_istios_schemas(step: int | Non
     assert (canary_weight > 0) == (step is not None)
     for name in ("features", "recommender"):
         http = vs[f"{name}-us-east"]["spec"]["http"]
-        match, *arms, weighted = http
+        *arms, match, weighted = http
         assert match["name"] == "canary-match"
         assert match["headers"]["request"]["set"] == {
             CANARY_MATCH_HEADER: "true",

@@ -156,6 +156,26 @@ def test_a_consistent_groups_members_need_the_same_steps_a_plain_one_only_as_man
     assert spec.service("recommender").rollout.steps == (1, 10, 50, 100)
 
 
+def test_a_consistent_groups_members_need_a_baseline_and_a_warm_up_at_each_or_none() -> None:
+    with_baseline = service("recommender", 9200)
+    with_baseline["pools"] = {
+        **with_baseline["pools"],
+        "baseline": {"version": "v1", "endpoints": {r: ["127.0.0.1:9999"] for r in REGIONS}},
+    }
+    warm = {"rollout": {"warmup": {"health_check": {"interval": "1s"}}}}
+    lines = problems(doc([RANKING], recommender={**with_baseline, **warm}))
+    assert lines == [
+        "mesh.yaml: rollout_groups[0].services[1]: recommender has a baseline pool and "
+        "features has none: a consistent group's members need a baseline at each or at none "
+        "(requests keep their arm from member to member)",
+        "mesh.yaml: rollout_groups[0].services[1]: recommender warms up and features does "
+        "not: a consistent group's members need a warm-up at each or at none (they take their "
+        "first weight together)",
+    ]
+    # A plain group keeps its members' own pools and warm-ups.
+    validate_spec(doc([{**RANKING, "consistent": False}], recommender={**with_baseline, **warm}))
+
+
 def test_members_need_the_same_waves() -> None:
     waves = {"rollout": {"regions": {"waves": [["us-east"], ["eu-west"]]}}}
     lines = problems(doc([RANKING], recommender=waves))

@@ -209,13 +209,14 @@ def test_abort_needs_the_abort_verb(mesh: Mesh) -> None:
     assert mesh.phases()["recommender"] not in ("aborted", "rolled_back")
 
 
-def test_promote_needs_the_promote_verb_on_that_service_only(mesh: Mesh) -> None:
+def test_promote_needs_the_promote_verb_on_every_member(mesh: Mesh) -> None:
     promote = pb.PromoteRolloutRequest(service="recommender", reason="scoped test")
     code, details = mesh.call("pauser", "PromoteRollout", promote)
     assert code == "PERMISSION_DENIED" and "lacks verbs=promote" in details
-    # A member's promote acts on that member alone: ranker's scope is enough.
+    # A member's promote moves its whole group (a member promoted alone would stay on
+    # its canary when its partner rolls back): ranker's scope on recommender is not enough.
     code, details = mesh.call("ranker", "PromoteRollout", promote)
-    assert code != "PERMISSION_DENIED", details
+    assert code == "PERMISSION_DENIED" and "lacks services=features" in details
     group = pb.PromoteRolloutRequest(group="ranking", reason="scoped test")
     code, details = mesh.call("ranker", "PromoteRollout", group)
     assert code == "PERMISSION_DENIED" and "lacks services=features" in details
@@ -292,9 +293,9 @@ def test_the_dashboard_shows_only_what_the_token_may_do(mesh: Mesh, browser: Bro
     expect(page.locator("#group-action-pause")).to_have_count(1)
     for hidden in ("#action-abort", "#action-promote", "#group-action-promote"):
         expect(page.locator(hidden)).to_have_count(0)
-    use("ranker")  # recommender only: promote is its own, pause would take features along
-    expect(page.locator("#action-promote")).to_have_count(1)
-    for hidden in ("#action-pause", "#action-abort", "#group-action-pause"):
+    use("ranker")  # recommender only: every change would take features along
+    expect(page.locator("#actions-off")).to_contain_text("The token ranker may not act on")
+    for hidden in ("#action-promote", "#action-pause", "#action-abort", "#group-action-pause"):
         expect(page.locator(hidden)).to_have_count(0)
     use("reader")
     expect(page.locator("#actions-off")).to_contain_text("The token reader may not act on")

@@ -10,7 +10,7 @@ with a `Refusal` code that each door turns into its own status (gRPC, HTTP).
 
 Least privilege (issue 30): a change is done by a `Caller` (the token's name and its
 `Scope`), and needs its verb on every service it touches: a group's action every
-member, and so does a member's pause, resume or abort (they act on the whole group). A
+member, and so does a member's pause, resume, abort or promote (they act on the group). A
 refusal is PERMISSION_DENIED naming the part of the scope that is missing.
 """
 
@@ -65,8 +65,9 @@ Act = Callable[[RolloutController, str], RolloutState]
 GroupAct = Callable[[RolloutController, str], list[RolloutState]]
 """A controller call on a rollout group, given the actor: every member's state after it."""
 NAMED_CHANGES = ("pause", "resume", "abort", "promote")
-GROUP_WIDE = ("pause", "resume", "abort")
-"""The named changes that, on a member of a rollout group, act on the whole group."""
+GROUP_WIDE = ("pause", "resume", "abort", "promote")
+"""The named changes that, on a member of a rollout group, act on the whole group (a
+member promoted alone would stay on its canary when its partner rolls back)."""
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ class Operator:
 
     def members(self, service: str, name: str) -> tuple[list[str], str]:
         """The services a named change of `service` touches, and how to name them: the
-        whole group for a member's pause, resume or abort."""
+        whole group for a member's pause, resume, abort or promote."""
         group = self._spec().group_of(service) if name in GROUP_WIDE else None
         if group is None:
             return [service], service

@@ -8,7 +8,7 @@ output mode, and a test can validate every one of them against Istio's CRD schem
 to the canary subset; sticky users (`sticky:`) have no Istio form (a consistent hash
 picks an endpoint within one subset, not the subset) and render nothing. A member of a
 `consistent` rollout group gets what its xDS routes have (`xds.resources.arm_routes`):
-after the `canary_match` route, one route per arm matching `x-xds-arm` exactly to that
+before the `canary_match` route, one route per arm matching `x-xds-arm` exactly to that
 arm's subset (while the canary has weight), and the weighted route's destinations each
 setting `x-xds-arm` to their own subset.
 
@@ -213,7 +213,7 @@ def virtual_service(
         "apiVersion": API_VERSION,
         "kind": "VirtualService",
         "metadata": _metadata(svc, region, rollout, cfg, split),
-        "spec": {"hosts": [host], "http": [*canary_match_http(svc, host, consistent), *arms, http]},
+        "spec": {"hosts": [host], "http": [*arms, *canary_match_http(svc, host, consistent), http]},
     }
 
 

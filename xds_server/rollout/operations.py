@@ -61,8 +61,18 @@ class OperatorActions:
         self, service: str, reason: str, actor: str, all_the_way: bool = False
     ) -> RolloutState:
         plan = self.spec.service(service).rollout
+        group = self.spec.group_of(service)
+        if all_the_way and group is not None:
+            # One member at 100% while its partner may still roll back: never.
+            raise ValueError(
+                f"{service} is in rollout group {group.name}: promote the group a step at "
+                "a time (promote --group), not one member all the way"
+            )
         return self._operate(
-            service, actor, lambda st, now: sm.promote(plan, st, now, reason, all_the_way)
+            service,
+            actor,
+            lambda st, now: sm.promote(plan, st, now, reason, all_the_way),
+            ("promote", reason),
         )
 
     def act_on_group(self, group: str, action: str, reason: str, actor: str) -> list[RolloutState]:

@@ -166,6 +166,31 @@ def _check_plans(
                 f"{first.name}'s {_waves(plan.wave_list(regions))}: the members of a group "
                 "need the same waves",
             )
+        if group.consistent:
+            _check_consistent(c, where, first, services[name])
+
+
+def _check_consistent(c: Checker, where: str, first: Service, other: Service) -> None:
+    """What a request's arm needs to mean the same at every member: a baseline at each
+    or at none (a member without one sends no request marked `baseline`, and the next
+    member's baseline would get none: a sample-ratio mismatch at every step), and a
+    warm-up at each or at none (a member at 5% while its partner still warms up at 0%
+    has no arm routes yet, so its partner's canary requests would reach its production)."""
+    if other.has_baseline != first.has_baseline:
+        has, lacks = (other, first) if other.has_baseline else (first, other)
+        c.fail(
+            where,
+            f"{has.name} has a baseline pool and {lacks.name} has none: a consistent "
+            "group's members need a baseline at each or at none (requests keep their arm "
+            "from member to member)",
+        )
+    if other.rollout.warmup.needed != first.rollout.warmup.needed:
+        warms, cold = (other, first) if other.rollout.warmup.needed else (first, other)
+        c.fail(
+            where,
+            f"{warms.name} warms up and {cold.name} does not: a consistent group's members "
+            "need a warm-up at each or at none (they take their first weight together)",
+        )
 
 
 def check_after(

@@ -314,14 +314,18 @@ def _socket(host: str, port: int) -> address_pb2.Address:
 def virtual_host(
     svc: Service, split: Split, consistent: bool = False
 ) -> route_components_pb2.VirtualHost:
-    """A service's routes: its `canary_match` routes first (they win over everything),
-    then, for a member of a `consistent` rollout group, the routes of the arm a request
-    carries (`arm_routes`), then the weighted route of its prefix."""
+    """A service's routes: its `canary_match` routes (they win over the split), then the
+    weighted route of its prefix. A member of a `consistent` rollout group puts the
+    routes of the arm a request carries (`arm_routes`) before even those: a request an
+    earlier member sent to production must not meet this member's canary because it
+    also matches a `canary_match` rule here (a tester's request, sent to the canary
+    there, carries the canary arm and still reaches the canary)."""
     arms = arm_routes(svc, split) if consistent else []
+    matched = canary_match_routes(svc, consistent)
     return route_components_pb2.VirtualHost(
         name=svc.name,
         domains=list(svc.domains),
-        routes=[*canary_match_routes(svc, consistent), *arms, split_route(svc, split, consistent)],
+        routes=[*arms, *matched, split_route(svc, split, consistent)],
     )
 
 

@@ -297,8 +297,8 @@ function actionsPanel(page) {
   const service = encodeURIComponent(page.rollout.service);
   const group = page.group;
   const members = group ? group.services : [page.rollout.service];
-  // A member's pause, resume or abort acts on its whole group: it needs every member.
-  const mine = names.filter((n) => allowed(n, n === "promote" ? [page.rollout.service] : members));
+  // A member's pause, resume, abort or promote acts on its whole group: it needs every member.
+  const mine = names.filter((n) => allowed(n, members));
   const groupNames = group ? names.filter((n) => allowed(n, members)) : [];
   const msg = state.message;
   if (!mine.length && !groupNames.length) {
