@@ -37,6 +37,14 @@ def test_the_next_look_moves_to_just_after_the_next_scrape() -> None:
     assert next_look(11.0, 1.0, {"a": s, "b": other}) == pytest.approx(10.9)
 
 
+def test_a_look_interval_longer_than_the_scrape_keeps_its_cadence() -> None:
+    """A 10 s look at 1 s scrapes moves to the landing nearest its due time, not the
+    first one in the half interval before it (which would look twice as often)."""
+    s = Scrapes(newest=100.0, interval=1.0)
+    assert next_look(110.0, 10.0, {"a": s}) == pytest.approx(110.2)
+    assert next_look(110.5, 10.0, {"a": s}) == pytest.approx(110.2)
+
+
 def test_the_look_keeps_its_own_cadence_without_a_usable_scrape() -> None:
     assert next_look(11.0, 1.0, {}) == 11.0
     # A scrape interval far longer than the look's: half an interval at most, else `due`.

@@ -68,7 +68,9 @@ def look_times(due: float, interval: float, regions: Mapping[str, Scrapes]) -> d
     the look's own cadence then rules, as without the signals)."""
     times = {}
     for region, s in regions.items():
-        landing = s.landing_after(due - interval / 2)
+        # The landing nearest `due`: within half a *scrape* interval of it (half the
+        # look's interval would pull a 10 s look 5 s early at 1 s scrapes).
+        landing = s.landing_after(due - s.interval / 2)
         times[region] = landing if abs(landing - due) <= interval / 2 else due
     return times
 
