@@ -201,6 +201,14 @@ def one_line(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
 
 
+def why_left(exc: BaseException) -> str:
+    """Why a member was left, short: a gRPC status and its details, or the error."""
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        details = exc.details() if hasattr(exc, "details") else ""
+        return " ".join(f"{exc.code().name}: {details}".split())[:200]
+    return one_line(exc)
+
+
 def range_end(prefix: str) -> bytes:
     """etcd's end of a prefix range: the prefix with its last byte incremented."""
     raw = prefix.encode()
@@ -273,7 +281,7 @@ class FailoverClient(aetcd.Client):  # type: ignore[misc]  # (aetcd has no type 
                 return await call()
         except Exception as exc:
             if moves_on(exc):
-                self.failover(generation, f"{what}: {one_line(exc)}")
+                self.failover(generation, f"{what}: {why_left(exc)}")
             raise
 
     async def _watch_member(self) -> None:
@@ -294,7 +302,7 @@ class FailoverClient(aetcd.Client):  # type: ignore[misc]  # (aetcd has no type 
                     raise  # (close(); else a call cancelled by its channel's closing)
             except Exception as exc:
                 if moves_on(exc):
-                    self.failover(generation, f"probe: {one_line(exc)}")
+                    self.failover(generation, f"probe: {why_left(exc)}")
                 else:
                     log.debug("etcd probe: %s", one_line(exc))
 
@@ -389,7 +397,7 @@ class SyncKV:
             return getattr(kv, method)(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             if exc.code() in FAILOVER_CODES:
-                self.members.failover(generation, f"{method}: {one_line(exc)}")
+                self.members.failover(generation, f"{method}: {why_left(exc)}")
             raise
 
     def txn(self, request: Any) -> Any:

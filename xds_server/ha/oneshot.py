@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from xds_server.ha.etcd import EtcdAddress, async_client, moves_on, one_line
+from xds_server.ha.etcd import EtcdAddress, async_client, moves_on, one_line, why_left
 from xds_server.ha.store import EtcdStore, StoredSpec, StoreReadError
 from xds_server.rollout.ports import StoreWriteError
 from xds_server.rollout.state import RolloutState
@@ -103,7 +103,7 @@ def _run(work: Callable[[], Coroutine[Any, Any, T]], address: EtcdAddress) -> T:
             except Exception as exc:
                 if attempt == len(address.endpoints) - 1 or not moves_on(exc):
                     raise
-                members.failover(generation, one_line(exc))
+                members.failover(generation, why_left(exc))
         raise AssertionError("unreachable")
 
     try:

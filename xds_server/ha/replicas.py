@@ -40,9 +40,10 @@ NODE_MEMORY = 300.0
 """How long (seconds) the nodes of a replica whose key went away are remembered. Until
 they are seen on a replica that is heard from, they are *unknown*: never counted as
 having applied anything newer than what their replica last published, so a region
-with such a node holds (until `max_hold`: no evidence, never a failure). An Envoy of a dead replica moves to
-the next server of its bootstrap within a few seconds and is seen there; one that is
-never seen again (it died with its replica) is forgotten after this long."""
+with such a node holds (until `max_hold`: no evidence, never a failure). An Envoy of a
+dead replica moves to the next server of its bootstrap within a few seconds and is seen
+there; one that is never seen again (it died with its replica) is forgotten after this
+long."""
 
 
 VANISHED_GRACE = 10.0
