@@ -103,9 +103,10 @@ PARTITION_PLAN: dict[str, Any] = {
 }
 """The partition scenarios (issue 29): the rollout tests' short steps, an `ack_timeout`
 a cut outlasts within seconds and a `max_hold` reached within a run. `on_max_hold:
-pause`: a region without evidence is stale signals (`judge.trusted`), which pause at
-max_hold whatever the rule says (issue 27: never the canary's fault), so the rule the
-scenario names is the one the product follows."""
+pause`: a cut region's nodes are unseen (no replica hears them), which holds the step
+until max_hold and then follows this rule; its metrics are stale signals besides
+(`judge.trusted`), which always pause (issue 27: never the canary's fault). With
+`pause`, both say the same."""
 
 
 WRONG_MODEL_NAME = "recommender-v2"
