@@ -21,6 +21,7 @@ from tests.support import wait_for
 from xds_server.lab.background import BackgroundServer
 from xds_server.lab.layout import MeshOptions
 from xds_server.lab.mesh import LocalMesh
+from xds_server.lab.processes import scrape_targets
 from xds_server.lab.procs import Envoy, http_get
 from xds_server.lab.scenarios import FAST_PLAN
 from xds_server.spec import load_spec
@@ -106,7 +107,7 @@ def test_a_region_prometheus_stops_scraping_is_no_data_audited_as_stale(tmp_path
         assert prometheus is not None
         kept = [
             t
-            for t in mesh.processes._scrape_targets()
+            for t in scrape_targets(mesh.layout)
             if not (t.job_name == "envoy" and t.labels.get("region") == "us-east")
         ]
         prometheus.rescrape(kept)

@@ -38,7 +38,12 @@ def send_raw(port: int, method: str, *messages: bytes) -> grpc.RpcError:
 
 
 def refusals(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if "does not decode" in r.getMessage()]
+    """The refusal lines (not the node's disconnect line, which quotes the refusal)."""
+    return [
+        r
+        for r in caplog.records
+        if "does not decode" in r.getMessage() and r.getMessage().startswith("refused stream")
+    ]
 
 
 @pytest.mark.parametrize(
