@@ -119,8 +119,9 @@ def test_interrupt_stops_everything_within_bounded_time(tmp_path: Path, sig: int
         cwd=tmp_path,
     )
     try:
-        wait_for(lambda: (out / "lab.json").exists(), "the lab to come up", timeout=60)
-        started = pids(out)
+        # lab.json is written before anything starts (it records the lab's network), and
+        # again once the processes run: wait for those, so the stop has something to stop.
+        started = wait_for(lambda: pids(out), "the lab to come up", timeout=60)
         proc.send_signal(sig)
         t0 = time.monotonic()
         assert proc.wait(30) == 130
