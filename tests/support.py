@@ -1,7 +1,7 @@
 """What many test files share: one way to wait for something, one way to watch that
 something stays true, the rollout readings tests compare (the steps its regions are at,
 the Envoys' canary share), a plan with one metric changed, a lab mesh under load, and
-`xdsctl xds fetch`.
+`xdsctl xds fetch`, and an earlier release's code to run processes of (upgrade tests).
 
 No test sleeps to synchronise: every wait polls with a deadline. `wait_for` polls from
 the test's thread; `wait_for_async` polls on a running event loop, between the turns of
@@ -14,8 +14,11 @@ this module without the lab's optional extra.
 
 from __future__ import annotations
 
+import io
+import os
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -110,3 +113,51 @@ def mesh_under_load(workdir: Path, plan: Mapping[str, Any]) -> Iterator[LocalMes
         load = mesh.processes.start_load()
         wait_for(lambda: len(load.snapshot()) >= 30, "load through every Envoy", timeout=10)
         yield mesh
+
+
+# ---- an earlier release (rolling upgrades) ----
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def release_tree(commit: str, into: Path) -> Path:
+    """The package as it was at `commit`, unpacked under `into` (returned): an earlier
+    release to upgrade from, taken from this clone's history (`git archive`), so a test
+    needs no recorded copy. A shallow clone lacks it: the error says so."""
+    got = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "--format=tar", commit, "xds_server"],
+        capture_output=True,
+        timeout=60,
+    )
+    if got.returncode != 0:
+        raise RuntimeError(
+            f"git archive {commit}: {got.stderr.decode(errors='replace').strip()} "
+            "(the upgrade test needs the repository's history: not a shallow clone)"
+        )
+    into.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(got.stdout)) as tar:
+        tar.extractall(into, filter="data")
+    return into
+
+
+def release_env(tree: Path) -> dict[str, str]:
+    """What makes `python -m xds_server...` (this venv's interpreter) run `tree`'s code:
+    `tree` first on the path, and no current directory there (PYTHONSAFEPATH: `-m`
+    would put a checkout's own package first when run from it)."""
+    return {"PYTHONPATH": str(tree), "PYTHONSAFEPATH": "1"}
+
+
+@contextmanager
+def started_with(env: Mapping[str, str]) -> Iterator[None]:
+    """Processes started inside get `env` on top of this process's environment (the lab
+    starts its processes with this process's: an older release's replicas, say)."""
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
