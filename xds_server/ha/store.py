@@ -141,6 +141,9 @@ class EtcdStore:
         self.on_fenced: Callable[[str], None] | None = None
         self.may_write: Callable[[], bool] = lambda: True
         """The election's deadline: False once the lease may have run out unrenewed."""
+        self.admit: Callable[[bool], str | None] = lambda critical: None
+        """Why a write (critical: a rollback) may not go ahead now, or None: etcd's
+        headroom (`ha/maintainer.py`: above its high-water mark only rollbacks)."""
         self._listeners: list[Listener] = []
         self._changed: set[str] = set()
         self._notify_handle: asyncio.Handle | None = None
@@ -259,8 +262,9 @@ class EtcdStore:
         transaction, fenced on the leader key. StoreFenced when this replica does not
         lead; StoreWriteError when etcd does not answer in time. A store of an older
         schema is migrated first; one of a newer schema refused."""
-        del critical  # etcd keeps no reserve: a full etcd refuses every write alike
         fence = self._check_lead()
+        if (held := self.admit(critical)) is not None:
+            raise StoreWriteError(f"not writing {self.path}: {held}")
         if self.view.schema != SCHEMA_VERSION:
             self.migrate()
         entries = _linked(self.view, entries)
@@ -410,6 +414,8 @@ class EtcdStore:
 
     async def push_spec(self, text: str, source: str) -> StoredSpec | None:
         """Write a (validated) spec as the next one; None if it equals the current."""
+        if (held := self.admit(False)) is not None:
+            raise StoreWriteError(f"not pushing the spec to {self.path}: {held}")
         current = await self.client.get(self.keys.spec.encode())
         number = current.version if current is not None else 0
         if current is not None and json.loads(current.value)["text"] == text:
