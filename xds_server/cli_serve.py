@@ -26,6 +26,7 @@ from xds_server.cli_flags import (
     split_host_port,
     store_address,
 )
+from xds_server.spec.values import parse_duration
 
 if TYPE_CHECKING:
     from xds_server.admin.auth import Scope
@@ -64,6 +65,21 @@ def _add_sources(s: argparse.ArgumentParser) -> None:
         help="with --store: serve only these regions' Envoys (default: every region)",
     )
     s.add_argument("--replica-id", help="with --store: this replica's name (default: host-port)")
+    s.add_argument(
+        "--store-compaction-retention",
+        default="1h",
+        metavar="DURATION",
+        help="with --store: the leader compacts etcd's revisions older than this (30s, 1h; "
+        "0: never)",
+    )
+    s.add_argument(
+        "--store-quota-bytes",
+        type=int,
+        default=2 * 1024**3,
+        metavar="BYTES",
+        help="with --store: etcd's --quota-backend-bytes (etcd's default: 2 GiB); above 90%% "
+        "of it the leader writes only rollbacks",
+    )
 
 
 def _add_addresses(s: argparse.ArgumentParser) -> None:
@@ -155,6 +171,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     regions = tuple(r.strip() for r in args.regions.split(",") if r.strip()) if args.regions else ()
     if args.leader_ttl < 2:
         raise UsageError(f"--leader-ttl: at least 2 seconds, got {args.leader_ttl}")
+    retention = parse_duration(args.store_compaction_retention)
+    if retention is None or retention < 0:
+        raise UsageError(
+            "--store-compaction-retention: a duration like 30s or 1h (0: never), got "
+            f"{args.store_compaction_retention!r}"
+        )
+    if args.store_quota_bytes <= 0:
+        raise UsageError(f"--store-quota-bytes: a number of bytes, got {args.store_quota_bytes}")
     exposed = off_loopback(args)
     auth_reads = args.admin_auth_reads or bool(exposed and not args.insecure)
     options = ServeOptions(
@@ -178,6 +202,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         leader_ttl=args.leader_ttl,
         regions=regions,
         replica_id=args.replica_id or "",
+        store_retention=retention,
+        store_quota_bytes=args.store_quota_bytes,
     )
     if args.store:
         store_address(args)  # a bad --store is one line, before anything starts

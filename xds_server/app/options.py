@@ -51,6 +51,10 @@ class ServeOptions:
     """The regions this replica serves; (): all."""
     replica_id: str = ""
     """This replica's name in the store; "": the host name and the xDS port."""
+    store_retention: float = 3600.0
+    """Seconds of etcd history the leader keeps (it compacts older revisions); 0: all."""
+    store_quota_bytes: int = 2 * 1024**3
+    """etcd's `--quota-backend-bytes`: above 90% of it the leader writes only rollbacks."""
 
     @property
     def replicated(self) -> bool:
