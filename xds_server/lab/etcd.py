@@ -38,9 +38,17 @@ class Place:
 
 class EtcdMember:
     def __init__(
-        self, name: str, workdir: Path, client_port: int, peer_port: int, place: Place = Place()
+        self,
+        name: str,
+        workdir: Path,
+        client_port: int,
+        peer_port: int,
+        place: Place = Place(),
+        quota_bytes: int | None = None,
     ) -> None:
         self.name = name
+        self.quota_bytes = quota_bytes
+        """etcd's `--quota-backend-bytes`; None: etcd's default (2 GiB)."""
         self.workdir = workdir
         self.client_port = client_port
         self.peer_port = peer_port
@@ -78,6 +86,8 @@ class EtcdMember:
             "--logger", "zap",
             "--log-level", "warn",
         ]  # fmt: skip
+        if self.quota_bytes is not None:
+            argv += ["--quota-backend-bytes", str(self.quota_bytes)]
         log = self.workdir / f"{self.name}.log"
         self.process = Process(f"etcd-{self.name}", argv, log, wrap=self.place.wrap)
 
@@ -91,14 +101,22 @@ class EtcdMember:
 class EtcdCluster:
     """`members` etcd processes forming one cluster; `endpoints` for `--store`."""
 
-    def __init__(self, workdir: Path, members: int = 3, places: Sequence[Place] = ()) -> None:
-        """`places`: each member's (as many as `members`); loopback without."""
+    def __init__(
+        self,
+        workdir: Path,
+        members: int = 3,
+        places: Sequence[Place] = (),
+        quota_bytes: int | None = None,
+    ) -> None:
+        """`places`: each member's (as many as `members`); loopback without.
+        `quota_bytes`: each member's `--quota-backend-bytes` (a small one fills soon:
+        etcd's NOSPACE alarm); None: etcd's default."""
         self.workdir = workdir
         places = list(places) or [Place()] * members
         if len(places) != members:
             raise ValueError(f"etcd: {members} members, {len(places)} places")
         self.members = [
-            EtcdMember(f"etcd{i}", workdir, free_port(), free_port(), place)
+            EtcdMember(f"etcd{i}", workdir, free_port(), free_port(), place, quota_bytes)
             for i, place in enumerate(places)
         ]
 
