@@ -16,6 +16,11 @@ PROBE_INTERVAL, which also fails on a member cut off from the majority), moves t
 member it was on to the back, and both clients dial the new order. Detection within
 PROBE_INTERVAL + PROBE_TIMEOUT, well inside a lease's TTL.
 
+TLS and a user (`etcds://`, `--store-ca/-cert/-key`, `--store-credentials`): the
+address carries them (`StoreSecurity`, `ha/security.py`), so every client made from it
+honours them; a TLS channel dials one member at a time (its certificate names that
+member), and `check_access` says in one line why etcd refuses this process.
+
 Not gRPC keepalive: etcd refuses pings more often than its `--grpc-keepalive-min-time`
 (5 s by default) with GOAWAY too_many_pings, which ends every stream of the connection,
 and a ping every 5 s plus its timeout is slower than a 3 s lease. Ordinary calls with
@@ -36,8 +41,18 @@ from typing import Any, TypeVar
 
 import aetcd
 import grpc
-from aetcd import rpc
+from aetcd import rpc, watcher
 from aetcd.exceptions import ConnectionFailedError, ConnectionTimeoutError
+
+from xds_server.ha.security import (
+    StoreAccessError,
+    StoreSecurity,
+    SyncAuth,
+    TokenInterceptor,
+    is_stale,
+    probe_member,
+    quiet_grpc_core,
+)
 
 log = logging.getLogger("xds_server.ha.etcd")
 
@@ -58,11 +73,15 @@ LONGEST_CALL = 5.0
 """No call of a client here has a longer deadline (the aetcd client's own timeout is
 capped to it): a channel left behind by a failover is closed after this and a margin,
 once every call on it has ended by its own deadline."""
+CONNECT_TIMEOUT = 1.0
+"""A TLS channel (one member) not connected by then is left for the next member."""
+CHECK_TIMEOUT = 3.0
+"""`check_access`'s wait for one member (a login is a raft write and a bcrypt check)."""
 FAILOVER_CODES = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE})
 
 
 class StoreAddressError(ValueError):
-    """`--store` that is not `etcd://HOST:PORT[,HOST:PORT...]`; the message says why."""
+    """`--store` that is not `etcd[s]://HOST:PORT[,HOST:PORT...]`; the message says why."""
 
 
 class Members:
@@ -71,10 +90,24 @@ class Members:
     a member that stopped answering to the back, and `generation` counts the moves (a
     client whose channel is of an older generation dials again)."""
 
-    def __init__(self, endpoints: tuple[tuple[str, int], ...]) -> None:
+    def __init__(self, endpoints: tuple[tuple[str, int], ...], names: tuple[str, ...] = ()) -> None:
         self._order = [f"{h}:{p}" for h, p in endpoints]
+        self._names = dict(zip(self._order, names or [h for h, _ in endpoints], strict=True))
         self._lock = threading.Lock()
         self.generation = 0
+
+    def name(self, member: str) -> str:
+        """The host `--store` wrote for this member (its TLS certificate names it)."""
+        return self._names[member]
+
+    def dial(self, tls: bool) -> tuple[int, str, str]:
+        """(generation, gRPC target, the name its certificate must show): every member in
+        the current order; with TLS the first alone (see `ha/security.py`)."""
+        with self._lock:
+            first = self._order[0]
+            if tls:
+                return self.generation, first, self._names[first]
+            return self.generation, "ipv4:" + ",".join(self._order), self._names[first]
 
     def current(self) -> tuple[int, str]:
         """(generation, the gRPC target over every member in the current order)."""
@@ -106,12 +139,16 @@ class Members:
 class EtcdAddress:
     endpoints: tuple[tuple[str, int], ...]
     prefix: str = DEFAULT_PREFIX
+    security: StoreSecurity = field(default_factory=StoreSecurity)
+    """TLS and the login every client of this address uses (`etcds://`, the flags)."""
+    names: tuple[str, ...] = ()
+    """Each member's host as `--store` wrote it (default: its address)."""
     members: Members = field(init=False, compare=False, repr=False)
     """This process's order of the members (see `Members`), shared by the clients made
     from this address."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "members", Members(self.endpoints))
+        object.__setattr__(self, "members", Members(self.endpoints, self.names))
 
     @property
     def target(self) -> str:
@@ -119,20 +156,28 @@ class EtcdAddress:
         return "ipv4:" + ",".join(f"{h}:{p}" for h, p in self.endpoints)
 
     def __str__(self) -> str:
-        return "etcd://" + ",".join(f"{h}:{p}" for h, p in self.endpoints)
+        scheme = "etcds" if self.security.tls else "etcd"
+        return f"{scheme}://" + ",".join(f"{h}:{p}" for h, p in self.endpoints)
 
 
-def parse_store_url(url: str, prefix: str = DEFAULT_PREFIX) -> EtcdAddress:
-    """`etcd://HOST:PORT[,HOST:PORT...]` -> EtcdAddress; StoreAddressError naming the part
-    that is wrong. Host names are resolved once, here (the channel wants addresses)."""
+def parse_store_url(
+    url: str, prefix: str = DEFAULT_PREFIX, security: StoreSecurity | None = None
+) -> EtcdAddress:
+    """`etcd[s]://HOST:PORT[,HOST:PORT...]` -> EtcdAddress; StoreAddressError naming the
+    part that is wrong. Host names are resolved once, here (the channel wants addresses);
+    TLS checks each member's certificate against the name as written. `security`: the
+    TLS files and login (default: TLS as the scheme says, no files, no user)."""
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme != "etcd":
-        raise StoreAddressError(f"--store {url!r}: expected etcd://HOST:PORT[,HOST:PORT...]")
+    if not sep or scheme not in ("etcd", "etcds"):
+        raise StoreAddressError(f"--store {url!r}: expected etcd[s]://HOST:PORT[,HOST:PORT...]")
+    security = security or StoreSecurity(tls=scheme == "etcds")
+    if security.tls != (scheme == "etcds"):
+        raise StoreAddressError(f"--store {url!r}: TLS is etcds://, plaintext etcd://")
     if not prefix.startswith("/") or prefix.endswith("/") or len(prefix) < 2:
         raise StoreAddressError(
             f"--store-prefix {prefix!r}: must start with '/' and not end with one"
         )
-    endpoints = []
+    endpoints, names = [], []
     for part in rest.split(","):
         host, colon, port = part.strip().rpartition(":")
         if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -142,7 +187,29 @@ def parse_store_url(url: str, prefix: str = DEFAULT_PREFIX) -> EtcdAddress:
         except OSError:
             raise StoreAddressError(f"--store {url!r}: cannot resolve host {host!r}") from None
         endpoints.append((str(ip), int(port)))
-    return EtcdAddress(tuple(endpoints), prefix)
+        names.append(host.strip("[]"))
+    return EtcdAddress(tuple(endpoints), prefix, security, tuple(names))
+
+
+def check_access(address: EtcdAddress, timeout: float = CHECK_TIMEOUT) -> None:
+    """Before anything starts: can this process read its prefix from some member, as
+    the user it logs in as? StoreAccessError, one line, naming the flag or file to fix
+    (a member etcd refused over TLS or a login; else each member's reason)."""
+    key = Keys(address.prefix).schema.encode()
+    reasons: list[tuple[str, bool]] = []
+    with quiet_grpc_core():
+        for member in address.members.order:
+            name = address.members.name(member)
+            why = probe_member(address.security, member, name, key, address.prefix, timeout)
+            if why is None:
+                return
+            reasons.append(why)
+    specific = [text for text, known in reasons if known]
+    if specific:
+        raise StoreAccessError(specific[0])
+    raise StoreAccessError(
+        f"cannot reach the store {address}: " + "; ".join(text for text, _ in reasons)
+    )
 
 
 @dataclass(frozen=True)
@@ -242,27 +309,67 @@ class FailoverClient(aetcd.Client):  # type: ignore[misc]  # (aetcd has no type 
 
     def __init__(self, address: EtcdAddress, timeout: float = 2.0) -> None:
         self.members = address.members
+        self.security = address.security
         self.generation = -1
         """The member order's generation this client's channel dials."""
+        self.auth: TokenInterceptor | None = None
+        """The current channel's login (with `--store-credentials`)."""
         self._probe_key = Keys(address.prefix).leader.encode()
         self._probe: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         self._left: list[Any] = []
-        _, target = self.members.current()
-        host, _, port = target.rpartition(":")
-        super().__init__(host=host, port=int(port), timeout=min(timeout, LONGEST_CALL))
+        self._opening: asyncio.Lock | None = None
+        super().__init__(timeout=min(timeout, LONGEST_CALL))
 
     async def connect(self) -> None:
-        generation, target = self.members.current()
+        """aetcd's connect, on this process's channel: the member order, TLS and the
+        login of the address (aetcd itself dials one plaintext host)."""
+        generation, _, _ = self.members.dial(self.security.tls)
         if self._connected.is_set() and generation != self.generation:
             self._leave()  # (another client of this address moved the order)
         if not self._connected.is_set():
-            self._host, _, port = target.rpartition(":")
-            self._port = int(port)
-            self.generation = generation
-        await super().connect()
+            self._opening = self._opening or asyncio.Lock()
+            async with self._opening:
+                if not self._connected.is_set():
+                    await self._open()
         if self._probe is None:
             self._probe = asyncio.get_running_loop().create_task(self._watch_member())
+
+    async def _open(self) -> None:
+        """A channel to the current order. Over TLS it dials the first member alone: one
+        that does not connect within CONNECT_TIMEOUT (down, or refusing) is left for the
+        next, as gRPC does by itself across a plaintext channel's members."""
+        members = len(self.members.order)
+        for attempt in range(1, members + 1):
+            generation, target, name = self.members.dial(self.security.tls)
+            auth = TokenInterceptor(self.security.login) if self.security.login else None
+            channel = self.security.aio_channel(target, name, [], [auth] if auth else [])
+            if auth is not None:
+                auth.bind(channel)
+            if self.security.tls and attempt < members:
+                try:
+                    await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT)
+                except TimeoutError:
+                    await channel.close()
+                    self.members.failover(generation, f"no TLS connection in {CONNECT_TIMEOUT}s")
+                    continue
+            self.channel, self.auth, self.generation = channel, auth, generation
+            self.kvstub = rpc.KVStub(channel)
+            self.clusterstub = rpc.ClusterStub(channel)
+            self.leasestub = rpc.LeaseStub(channel)
+            self.maintenancestub = rpc.MaintenanceStub(channel)
+            self.auth_stub = rpc.AuthStub(channel)
+            self._watcher = watcher.Watcher(rpc.WatchStub(channel), timeout=self._timeout)
+            self._connected.set()
+            return
+
+    def forget_token(self) -> bool:
+        """etcd no longer knows this channel's token (seen on a stream call, which the
+        interceptor cannot repeat): the next call logs in again. False without a login."""
+        if self.auth is None or self.auth.token is None:
+            return False
+        self.auth.forget(self.auth.token)
+        return True
 
     def failover(self, generation: int, why: str) -> None:
         """A call on a channel of `generation` timed out or found etcd UNAVAILABLE."""
@@ -353,6 +460,8 @@ async def retrying(
             left = until - started
             return await client.bounded(call, max(0.05, min(CALL_TIMEOUT, left)), what)
         except Exception as exc:
+            if is_stale(exc) and client.forget_token():
+                continue  # (a lease renewal: a stream, which the interceptor cannot repeat)
             if not moves_on(exc) or until - time.monotonic() <= 0.1:
                 raise
             log.debug("%s: %s; trying again", what, one_line(exc))
@@ -369,32 +478,38 @@ async def renew(client: FailoverClient, lease: int, until: float, what: str) -> 
 class SyncKV:
     """A blocking KV client for the commit path (etcd's own generated stubs, as shipped
     with aetcd): one call, one deadline, no event loop needed. Its channel dials the
-    address's `Members` order; a call that times out or finds etcd UNAVAILABLE moves the
-    order on (a commit is not tried again here: it holds the event loop; a read is)."""
+    address's `Members` order (over TLS, the first member); a call that times out or
+    finds etcd UNAVAILABLE moves the order on (a commit is not tried again here: it
+    holds the event loop; a read is). With a login, each call carries the token, and a
+    call etcd refused for a token it forgot is made again after a new login (etcd
+    checks the token before it applies anything, so a commit too)."""
 
     def __init__(self, address: EtcdAddress, timeout: float = COMMIT_TIMEOUT) -> None:
         self.timeout = timeout
         self.members = address.members
+        self.security = address.security
         self._lock = threading.Lock()
         self._generation = -1
         self._channel: grpc.Channel | None = None
         self._kv: Any = None
+        self._auth: SyncAuth | None = None
 
-    def _stub(self) -> tuple[int, Any]:
+    def _stub(self) -> tuple[int, Any, SyncAuth]:
         with self._lock:
-            generation, target = self.members.current()
-            if generation != self._generation or self._channel is None:
+            generation, target, name = self.members.dial(self.security.tls)
+            if generation != self._generation or self._channel is None or self._auth is None:
                 if self._channel is not None:
                     self._channel.close()
-                self._channel = grpc.insecure_channel(target)
+                self._channel = self.security.sync_channel(target, name)
                 self._kv = rpc.KVStub(self._channel)
+                self._auth = SyncAuth(self._channel, self.security.login)
                 self._generation = generation
-            return generation, self._kv
+            return generation, self._kv, self._auth
 
     def _call(self, method: str, request: Any) -> Any:
-        generation, kv = self._stub()
+        generation, kv, auth = self._stub()
         try:
-            return getattr(kv, method)(request, timeout=self.timeout)
+            return auth.call(getattr(kv, method), request, self.timeout)
         except grpc.RpcError as exc:
             if exc.code() in FAILOVER_CODES:
                 self.members.failover(generation, f"{method}: {why_left(exc)}")
