@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from xds_server.admin.auth import Scope
+    from xds_server.ha.security import StoreSecurity
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class ServeOptions:
     """`etcd://HOST:PORT[,...]`: run as one replica of several on etcd (replicas);
     None: one process on SQLite under `state_dir`."""
     store_prefix: str = "/xds-server/default"
+    store_security: StoreSecurity | None = None
+    """`etcds://` and the store's TLS files and login (`--store-ca`, `--store-cert`,
+    `--store-key`, `--store-credentials`); None: as the URL's scheme says, no files."""
     leader_ttl: float = 5.0
     """The leader lease's TTL, seconds: how long a dead leader holds the rollouts up."""
     regions: tuple[str, ...] = ()
