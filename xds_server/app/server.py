@@ -307,7 +307,7 @@ def _publisher(
 async def _open_store(options: ServeOptions) -> tuple[EtcdStore, MeshSpec]:
     """Load the store (pushing `--spec FILE` first when it differs)."""
     assert options.store_url is not None
-    address = parse_store_url(options.store_url, options.store_prefix)
+    address = parse_store_url(options.store_url, options.store_prefix, options.store_security)
     store = EtcdStore(address, async_client(address))
     try:
         if options.spec_path is not None:
