@@ -58,11 +58,15 @@ class XdsPublisher:
         routes_version: Callable[[str], int] | None = None,
         traffic: TrafficState | None = None,
         clock: Callable[[], float] = time.time,
+        reuse_port: bool = False,
     ) -> None:
         """`traffic`: the weights to build the first snapshots with (a replica starts
         from the store's, so its first routes are the ones every replica serves).
         `clock`: the wall clock of its nodes' send and ACK times and of its publishes,
-        which the rollout's `ack_timeout` is counted on (the controller's)."""
+        which the rollout's `ack_timeout` is counted on (the controller's).
+        `reuse_port`: share the xDS port with other processes (`serve --workers`:
+        SO_REUSEPORT, the kernel spreads new connections over them)."""
+        self.reuse_port = reuse_port
         self.spec = spec
         self.tls = tls
         """(certificate chain, private key) in PEM: serve xDS over TLS."""
@@ -311,6 +315,8 @@ class XdsPublisher:
                 ("grpc.http2.min_ping_interval_without_data_ms", 500),
                 ("grpc.http2.max_ping_strikes", 0),
                 ("grpc.max_concurrent_streams", 100_000),
+                # (gRPC sets SO_REUSEPORT unless told not to: said out loud for workers.)
+                *([("grpc.so_reuseport", 1)] if self.reuse_port else []),
             ]
         )
         self.ads.add_to(self._grpc)
