@@ -20,6 +20,7 @@ from xds_server.spec import parse_duration, parse_host_port
 
 if TYPE_CHECKING:
     from xds_server.ha.etcd import EtcdAddress
+    from xds_server.ha.security import StoreSecurity
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
@@ -64,8 +65,9 @@ def add_store_flags(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument(
         "--store",
         required=required,
-        metavar="etcd://HOST:PORT[,...]",
-        help="replicas on etcd: the spec, rollout state and audit log live there",
+        metavar="etcd[s]://HOST:PORT[,...]",
+        help="replicas on etcd: the spec, rollout state and audit log live there "
+        "(etcds://: over TLS)",
     )
     p.add_argument(
         "--store-prefix",
@@ -73,15 +75,67 @@ def add_store_flags(p: argparse.ArgumentParser, required: bool = False) -> None:
         metavar="PREFIX",
         help="the keys' prefix in etcd (one mesh per prefix)",
     )
+    add_store_security_flags(p)
 
 
-def store_address(args: argparse.Namespace) -> EtcdAddress:
-    """`--store` and `--store-prefix`, checked (a bad URL is one line)."""
-    from xds_server.ha.etcd import StoreAddressError, parse_store_url
+def add_store_security_flags(p: argparse.ArgumentParser) -> None:
+    """TLS and the etcd user, for every command that reaches the store."""
+    p.add_argument(
+        "--store-ca",
+        metavar="PEM",
+        help="with etcds://: the CA that signed etcd's certificates (default: the "
+        "system's trusted roots)",
+    )
+    p.add_argument("--store-cert", metavar="PEM", help="with etcds://: a client certificate")
+    p.add_argument("--store-key", metavar="PEM", help="with etcds://: its private key")
+    p.add_argument(
+        "--store-credentials",
+        metavar="FILE",
+        help="log in to etcd as the user of FILE: one line user:password (chmod 600)",
+    )
+
+
+def store_security(args: argparse.Namespace, url: str) -> StoreSecurity:
+    """The store flags' files read and checked (one line naming a flag and file)."""
+    from xds_server.ha.security import StoreSecurityError, load_security
 
     try:
-        return parse_store_url(args.store, args.store_prefix)
+        return load_security(
+            url.startswith("etcds://"),
+            args.store_ca,
+            args.store_cert,
+            args.store_key,
+            args.store_credentials,
+        )
+    except StoreSecurityError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def store_address(args: argparse.Namespace, check: bool = True) -> EtcdAddress:
+    """`--store`, `--store-prefix` and the TLS and login flags, checked (a bad URL, a
+    file that cannot be read, is one line). `check`: then ask etcd, once, whether it
+    lets this process read the prefix (a wrong password, a certificate it refuses:
+    one line naming the flag, before anything starts)."""
+    from xds_server.ha.etcd import StoreAddressError, parse_store_url
+
+    security = store_security(args, args.store)
+    try:
+        address = parse_store_url(args.store, args.store_prefix, security)
     except StoreAddressError as exc:
+        raise UsageError(str(exc)) from None
+    if check:
+        check_store(address)
+    return address
+
+
+def check_store(address: EtcdAddress) -> None:
+    """Does etcd let this process read its prefix? One line naming the flag if not."""
+    from xds_server.ha.etcd import check_access
+    from xds_server.ha.security import StoreAccessError
+
+    try:
+        check_access(address)
+    except StoreAccessError as exc:
         raise UsageError(str(exc)) from None
 
 

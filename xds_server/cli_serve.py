@@ -8,6 +8,8 @@ imported only when `serve` runs.
 Secure by default off loopback (issue 30): an xDS, admin or dashboard address that is
 not loopback needs TLS (mTLS for xDS) and, for the admin API and the dashboard, tokens,
 which then guard reads too; or `--insecure`, which serves it as asked (`off_loopback`).
+So does the store: etcd off loopback is reached over TLS (`etcds://`) with a client
+certificate or a login, or `--insecure` (`store_off_loopback`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from xds_server.cli_flags import (
     LOG_LEVELS,
     UsageError,
     add_store_flags,
+    check_store,
     is_loopback,
     setup_logging,
     split_host_port,
@@ -31,6 +34,7 @@ from xds_server.spec.values import parse_duration
 if TYPE_CHECKING:
     from xds_server.admin.auth import Scope
     from xds_server.app import ServeOptions
+    from xds_server.ha.etcd import EtcdAddress
 
 
 def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -148,8 +152,9 @@ def _add_security(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--insecure",
         action="store_true",
-        help="allow xDS, admin or dashboard addresses off loopback without TLS and tokens "
-        "(without it, serve refuses them and names the flags to add)",
+        help="allow xDS, admin or dashboard addresses off loopback without TLS and tokens, "
+        "and etcd off loopback in plaintext (without it, serve refuses them and names the "
+        "flags to add)",
     )
 
 
@@ -179,7 +184,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     if args.store_quota_bytes <= 0:
         raise UsageError(f"--store-quota-bytes: a number of bytes, got {args.store_quota_bytes}")
+    address = store_address(args, check=False) if args.store else None
     exposed = off_loopback(args)
+    if address is not None:
+        store_off_loopback(address, args.insecure)
     auth_reads = args.admin_auth_reads or bool(exposed and not args.insecure)
     options = ServeOptions(
         spec_path=Path(args.spec) if args.spec else None,
@@ -199,14 +207,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ui_tls=_load_tls(args.ui_tls_cert, args.ui_tls_key, "--ui-tls"),
         store_url=args.store,
         store_prefix=args.store_prefix,
+        store_security=address.security if address is not None else None,
         leader_ttl=args.leader_ttl,
         regions=regions,
         replica_id=args.replica_id or "",
         store_retention=retention,
         store_quota_bytes=args.store_quota_bytes,
     )
-    if args.store:
-        store_address(args)  # a bad --store is one line, before anything starts
+    if address is not None:
+        check_store(address)  # etcd refusing this process: one line, before anything starts
         asyncio.run(_serve_replica(options))
     else:
         asyncio.run(local(options).serve())
@@ -243,6 +252,26 @@ def off_loopback(args: argparse.Namespace) -> list[str]:
             f"add {' '.join(missing)} (or --insecure to serve it unprotected)"
         )
     return exposed
+
+
+def store_off_loopback(address: EtcdAddress, insecure: bool) -> None:
+    """etcd holds every region's configuration and decides who leads: off loopback,
+    `serve` reaches it over TLS (`etcds://`) and proves who it is (a client certificate
+    or a login), or is told `--insecure`; else one line naming what to add."""
+    if insecure or all(is_loopback(host) for host, _ in address.endpoints):
+        return
+    if not address.security.tls:
+        raise UsageError(
+            f"--store {address}: not loopback, so serve reaches etcd over TLS with a client "
+            "identity: use etcds:// with --store-ca (unless a public CA signed etcd's "
+            "certificates), --store-cert and --store-key and/or --store-credentials FILE "
+            "(or --insecure to reach it in plaintext)"
+        )
+    if not address.security.identity:
+        raise UsageError(
+            f"--store {address}: not loopback, so serve proves who it is to etcd: add "
+            "--store-cert and --store-key, or --store-credentials FILE (or --insecure)"
+        )
 
 
 async def _serve_replica(options: ServeOptions) -> None:
