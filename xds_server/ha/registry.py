@@ -38,6 +38,7 @@ from xds_server.ha.etcd import (
     retrying,
 )
 from xds_server.ha.instances import Instance, instance_to_json
+from xds_server.ha.security import StoreSecurity
 from xds_server.spec import POOL_NAMES, SpecError, parse_host_port, parse_spec
 from xds_server.spec.values import is_ip
 
@@ -257,11 +258,13 @@ async def registered(
     prefix: str = DEFAULT_PREFIX,
     pool: str = "",
     health_port: int | None = None,
+    security: StoreSecurity | None = None,
 ) -> AsyncIterator[Registration]:
     """Hold a registration of this instance while the block runs (it is in the store
     when the block starts, unless `health_url` does not answer 2xx yet);
     RegistrationError, one line, for bad input or no store.
-    `pool`: only that pool selects it (a baseline deploy of production's version)."""
+    `pool`: only that pool selects it (a baseline deploy of production's version).
+    `security`: etcds://'s TLS files and the login (`ha.security.load_security`)."""
     if not ttl >= 2:
         raise RegistrationError(f"ttl {ttl!r}: at least 2 seconds (renewed every third)")
     if health_url is not None and not health_url.startswith(("http://", "https://")):
@@ -272,7 +275,11 @@ async def registered(
         service, version, region, check_address(address), ttl, health_url, check_pool(pool),
         health_port,
     )  # fmt: skip
-    registration = Registration(parse_store_url(store, prefix), instance)
+    try:
+        where = parse_store_url(store, prefix, security)
+    except ValueError as exc:
+        raise RegistrationError(str(exc)) from None
+    registration = Registration(where, instance)
     await registration.check()
     task = asyncio.create_task(registration.run())
     try:

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -458,10 +459,9 @@ def _tls_mismatch(security: StoreSecurity, member: str, name: str, details: str)
     ca = security.files.get("--store-ca")
     cert = security.files.get("--store-cert")
     if "CERTIFICATE_VERIFY_FAILED" in details:
-        signer = (
-            f"the CA of --store-ca {ca}" if ca else "a CA this machine trusts (give --store-ca)"
-        )
-        return f"etcd at {member}: its TLS certificate is not signed by {signer}"
+        signer = f"the CA of --store-ca {ca}" if ca else "a CA this machine trusts"
+        fix = "" if ca else ": give --store-ca"
+        return f"etcd at {member}: its TLS certificate is not signed by {signer}{fix}"
     if "Hostname Verification" in details:
         return (
             f"etcd at {member}: its TLS certificate does not name {name!r}, the host --store "
@@ -481,5 +481,7 @@ def _tls_mismatch(security: StoreSecurity, member: str, name: str, details: str)
 
 
 def _tail(details: str) -> str:
-    """gRPC's reason without its preamble ("failed to connect to all addresses; ...")."""
-    return details.rpartition("last error: ")[2][:200]
+    """gRPC's reason without its preamble ("failed to connect to all addresses; last
+    error: UNKNOWN: ipv4:HOST:PORT: ...")."""
+    reason = details.rpartition("last error: ")[2]
+    return re.sub(r"^[A-Z_]+: (ipv[46]:)?[^ ]+: ", "", reason)[:200]
