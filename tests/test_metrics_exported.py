@@ -19,6 +19,16 @@ CLI = [sys.executable, "-m", "xds_server.cli"]
 
 FAMILIES = {
     ("xds_connected_nodes", "gauge", ("region",)),
+    ("xds_etcd_alarm", "gauge", ("alarm",)),
+    ("xds_etcd_compacted_revision", "gauge", ()),
+    ("xds_etcd_compactions", "counter", ()),
+    ("xds_etcd_db_size_bytes", "gauge", ("member",)),
+    ("xds_etcd_db_size_in_use_bytes", "gauge", ("member",)),
+    ("xds_etcd_defrags", "counter", ()),
+    ("xds_etcd_keys", "gauge", ()),
+    ("xds_etcd_quota_bytes", "gauge", ()),
+    ("xds_etcd_revision", "gauge", ()),
+    ("xds_etcd_writes_held", "gauge", ()),
     ("xds_istio_apply", "counter", ("region", "result")),
     ("xds_istio_apply_consecutive_failures", "gauge", ("region",)),
     ("xds_istio_apply_pending", "gauge", ("region",)),

@@ -176,14 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     regions = tuple(r.strip() for r in args.regions.split(",") if r.strip()) if args.regions else ()
     if args.leader_ttl < 2:
         raise UsageError(f"--leader-ttl: at least 2 seconds, got {args.leader_ttl}")
-    retention = parse_duration(args.store_compaction_retention)
-    if retention is None or retention < 0:
-        raise UsageError(
-            "--store-compaction-retention: a duration like 30s or 1h (0: never), got "
-            f"{args.store_compaction_retention!r}"
-        )
-    if args.store_quota_bytes <= 0:
-        raise UsageError(f"--store-quota-bytes: a number of bytes, got {args.store_quota_bytes}")
+    retention, quota = _store_upkeep(args)
     address = store_address(args, check=False) if args.store else None
     exposed = off_loopback(args)
     if address is not None:
@@ -212,7 +205,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         regions=regions,
         replica_id=args.replica_id or "",
         store_retention=retention,
-        store_quota_bytes=args.store_quota_bytes,
+        store_quota_bytes=quota,
     )
     if address is not None:
         check_store(address)  # etcd refusing this process: one line, before anything starts
@@ -220,6 +213,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         asyncio.run(local(options).serve())
     return 0
+
+
+def _store_upkeep(args: argparse.Namespace) -> tuple[float, int]:
+    """`--store-compaction-retention` (seconds) and `--store-quota-bytes`, checked."""
+    retention = parse_duration(args.store_compaction_retention)
+    if retention is None or retention < 0:
+        raise UsageError(
+            "--store-compaction-retention: a duration like 30s or 1h (0: never), got "
+            f"{args.store_compaction_retention!r}"
+        )
+    if args.store_quota_bytes <= 0:
+        raise UsageError(f"--store-quota-bytes: a number of bytes, got {args.store_quota_bytes}")
+    return retention, args.store_quota_bytes
 
 
 def off_loopback(args: argparse.Namespace) -> list[str]:

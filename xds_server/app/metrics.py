@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from xds_server.app.electors import LeadershipMetrics
 from xds_server.app.leader import SinkFactory, leader_sinks
 from xds_server.app.specs import RegistryMetrics
+from xds_server.ha.maintainer import EtcdMetrics
 from xds_server.rollout.exported import RolloutMetrics
 from xds_server.xds.metrics import XdsMetrics
 
@@ -24,6 +25,7 @@ class ProcessMetrics:
     rollouts: RolloutMetrics
     leadership: LeadershipMetrics
     registered: RegistryMetrics
+    etcd: EtcdMetrics
     sinks: tuple[SinkFactory, ...]
     """The leader sinks' builders (their metrics registered here)."""
 
@@ -36,5 +38,6 @@ class ProcessMetrics:
             RolloutMetrics(r),
             LeadershipMetrics(r),
             RegistryMetrics(r),
+            EtcdMetrics(r),
             leader_sinks(r),
         )

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 from xds_server.app.follower import Follower
 from xds_server.app.leader import LeaderRuntime
+from xds_server.ha.maintainer import StoreMaintainer
 from xds_server.ha.replicas import Directory
 from xds_server.outputs.istio_apply import IstioApplier, IstioSink
 from xds_server.rollout.controller import RolloutController
@@ -33,11 +34,13 @@ class Running:
         store: StateStore | None = None,
         directory: Directory | None = None,
         roles: Roles | None = None,
+        maintainer: StoreMaintainer | None = None,
     ) -> None:
         self._publisher = publisher
         self._store = store
         self._directory = directory
         self._roles = roles or Roles()
+        self._maintainer = maintainer
 
     @property
     def spec(self) -> MeshSpec:
@@ -55,6 +58,11 @@ class Running:
     def directory(self) -> Directory | None:
         """Replicas on etcd: every replica's key (for `xdsctl status`); None for one process."""
         return self._directory
+
+    @property
+    def etcd(self) -> StoreMaintainer | None:
+        """Replicas on etcd: its size, alarms and upkeep; None for one process."""
+        return self._maintainer
 
     @property
     def controller(self) -> RolloutController | None:

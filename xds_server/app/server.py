@@ -31,6 +31,8 @@ from xds_server.app.options import ServeOptions
 from xds_server.app.running import Roles, Running
 from xds_server.app.specs import FileSpecSource, SpecFile, SpecSource, StoreSpecSource, Task
 from xds_server.ha.etcd import async_client, one_line, parse_store_url
+from xds_server.ha.maintainer import StoreMaintainer
+from xds_server.ha.maintenance import MaintenanceOptions
 from xds_server.ha.replicas import ClusterDataPlane, Directory, ReplicaInfo, served_regions
 from xds_server.ha.store import EtcdStore
 from xds_server.rollout.metrics import PrometheusSource
@@ -66,6 +68,8 @@ class Deployment:
     """The store tells of its changes (etcd's watch); else a follower reads it again
     every `follow_interval`."""
     directory: Directory | None = None
+    maintainer: StoreMaintainer | None = None
+    """Replicas: etcd's status polled, and bounded by the leader (`ha/maintainer.py`)."""
     background: list[Task] = field(default_factory=list)
     """What the deployment runs beside the server (the store's watch, the directory)."""
     close: Callable[[], Awaitable[None]] = _nothing
@@ -84,7 +88,7 @@ class Server:
             lambda: d.specs.spec, d.store, d.publisher, options.follow_interval
         )
         self.roles.follower = self.follower
-        self.view = Running(d.publisher, d.store, d.directory, self.roles)
+        self.view = Running(d.publisher, d.store, d.directory, self.roles, d.maintainer)
         """The read-only view the admin API and the dashboard get."""
 
     @property
@@ -109,6 +113,8 @@ class Server:
         )
         self.roles.leader = leader
         self.metrics.leadership.leading(True)
+        if (maintainer := d.maintainer) is not None:  # (NOSPACE on a write: act at once)
+            leader.controller.watch_store(lambda health: maintainer.write_failed(health.error))
         leader.restore()
         return leader
 
@@ -129,6 +135,15 @@ class Server:
         log.warning("following the store: %s", why)
         self.follower.try_refresh()
         self.publisher.refresh_versions("following the store")
+
+    def room_made(self) -> None:
+        """etcd has room again after NOSPACE: the rollbacks pushed meanwhile are written
+        now, before anything else takes the room."""
+        if (leader := self.roles.leader) is not None:
+            try:
+                leader.controller.commits.save_unsaved()
+            except Exception as exc:  # (NotLeader: the controller's loop stops on its own)
+                log.warning("could not write the rollbacks kept: %s", one_line(exc))
 
     # ---- changes: the spec's, the store's ----
 
@@ -258,9 +273,13 @@ async def replica(options: ServeOptions) -> Server:
         publisher.ads.elsewhere = lambda region: ", ".join(directory.serving(region))
 
     elector = EtcdElector(store, replica_id, options.leader_ttl)
+    upkeep = MaintenanceOptions(options.store_retention, options.store_quota_bytes)
+    maintainer = StoreMaintainer(store, upkeep, metrics.etcd)
+    store.admit = maintainer.admit
 
     async def close() -> None:
         await directory.withdraw()
+        await maintainer.close()
         store.close()
 
     deployment = Deployment(
@@ -272,10 +291,12 @@ async def replica(options: ServeOptions) -> Server:
         leader_dataplane=ClusterDataPlane(publisher, directory, specs.live_hosts),
         watched=True,
         directory=directory,
-        background=[store.watch, directory.run, directory.watch_store],
+        maintainer=maintainer,
+        background=[store.watch, directory.run, directory.watch_store, maintainer.run],
         close=close,
     )
     server = Server(options, deployment)
+    maintainer.room_made.append(server.room_made)
     store.subscribe(elector.store_changed)
     store.subscribe(specs.store_changed)
     store.subscribe(server.store_changed)
