@@ -966,6 +966,142 @@ class Replica(_message.Message):
 Global___Replica: _TypeAlias = Replica  # noqa: Y015
 
 @_typing.final
+class EtcdMember(_message.Message):
+    """etcd as the answering replica last polled it (every second; `ha/maintainer.py`): each
+    member's database against the quota, the alarms, and the leader's upkeep of it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    DB_SIZE_FIELD_NUMBER: _builtins.int
+    DB_SIZE_IN_USE_FIELD_NUMBER: _builtins.int
+    RAFT_LEADER_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """HOST:PORT, as --store names it"""
+    member_id: _builtins.int
+    db_size: _builtins.int
+    """bytes: the database file (what etcd's quota is checked against)"""
+    db_size_in_use: _builtins.int
+    """bytes in use; the rest is free pages (defragmentation)"""
+    raft_leader: _builtins.bool
+    error: _builtins.str
+    """why it did not answer; "": it did"""
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        member_id: _builtins.int = ...,
+        db_size: _builtins.int = ...,
+        db_size_in_use: _builtins.int = ...,
+        raft_leader: _builtins.bool = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["db_size", b"db_size", "db_size_in_use", b"db_size_in_use", "endpoint", b"endpoint", "error", b"error", "member_id", b"member_id", "raft_leader", b"raft_leader"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EtcdMember: _TypeAlias = EtcdMember  # noqa: Y015
+
+@_typing.final
+class EtcdAlarm(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    ALARM_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.int
+    alarm: _builtins.str
+    """"NOSPACE" (every write refused) or "CORRUPT" """
+    def __init__(
+        self,
+        *,
+        member_id: _builtins.int = ...,
+        alarm: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alarm", b"alarm", "member_id", b"member_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EtcdAlarm: _TypeAlias = EtcdAlarm  # noqa: Y015
+
+@_typing.final
+class EtcdStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KNOWN_FIELD_NUMBER: _builtins.int
+    POLLED_AT_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    ALARMS_FIELD_NUMBER: _builtins.int
+    QUOTA_BYTES_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    WRITES_HELD_FIELD_NUMBER: _builtins.int
+    RETENTION_SECONDS_FIELD_NUMBER: _builtins.int
+    COMPACTED_REVISION_FIELD_NUMBER: _builtins.int
+    LAST_COMPACTION_FIELD_NUMBER: _builtins.int
+    LAST_DEFRAG_FIELD_NUMBER: _builtins.int
+    LAST_RECOVERY_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    known: _builtins.bool
+    """false: not polled yet, or one process without etcd"""
+    polled_at: _builtins.float
+    """epoch seconds"""
+    quota_bytes: _builtins.int
+    """serve --store-quota-bytes (etcd's --quota-backend-bytes)"""
+    keys: _builtins.int
+    """under the store's prefix; -1: not counted"""
+    revision: _builtins.int
+    writes_held: _builtins.str
+    """why only rollbacks are written now; "": every write goes"""
+    retention_seconds: _builtins.float
+    """serve --store-compaction-retention; 0: never compacted"""
+    compacted_revision: _builtins.int
+    """the newest compaction this replica made; 0: none"""
+    last_compaction: _builtins.str
+    """this replica's: "to revision R at HH:MM:SS in 0.01s" """
+    last_defrag: _builtins.str
+    """this replica's: "HOST:PORT: 3.8 MiB -> 96.0 KiB at ..." """
+    last_recovery: _builtins.str
+    """the last NOSPACE recovery, in one line; "": none"""
+    error: _builtins.str
+    """why the alarms or the keys could not be read"""
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___EtcdMember]: ...
+    @_builtins.property
+    def alarms(self) -> _containers.RepeatedCompositeFieldContainer[Global___EtcdAlarm]: ...
+    def __init__(
+        self,
+        *,
+        known: _builtins.bool = ...,
+        polled_at: _builtins.float = ...,
+        members: _abc.Iterable[Global___EtcdMember] | None = ...,
+        alarms: _abc.Iterable[Global___EtcdAlarm] | None = ...,
+        quota_bytes: _builtins.int = ...,
+        keys: _builtins.int = ...,
+        revision: _builtins.int = ...,
+        writes_held: _builtins.str = ...,
+        retention_seconds: _builtins.float = ...,
+        compacted_revision: _builtins.int = ...,
+        last_compaction: _builtins.str = ...,
+        last_defrag: _builtins.str = ...,
+        last_recovery: _builtins.str = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alarms", b"alarms", "compacted_revision", b"compacted_revision", "error", b"error", "keys", b"keys", "known", b"known", "last_compaction", b"last_compaction", "last_defrag", b"last_defrag", "last_recovery", b"last_recovery", "members", b"members", "polled_at", b"polled_at", "quota_bytes", b"quota_bytes", "retention_seconds", b"retention_seconds", "revision", b"revision", "writes_held", b"writes_held"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EtcdStatus: _TypeAlias = EtcdStatus  # noqa: Y015
+
+@_typing.final
 class ListReplicasRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -986,21 +1122,27 @@ class ListReplicasResponse(_message.Message):
 
     REPLICAS_FIELD_NUMBER: _builtins.int
     STORE_FIELD_NUMBER: _builtins.int
+    ETCD_FIELD_NUMBER: _builtins.int
     store: _builtins.str
     """the store the replicas share (etcd://...); "": none"""
     @_builtins.property
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___Replica]:
         """by id"""
 
+    @_builtins.property
+    def etcd(self) -> Global___EtcdStatus:
+        """that store's size, alarms and upkeep"""
+
     def __init__(
         self,
         *,
         replicas: _abc.Iterable[Global___Replica] | None = ...,
         store: _builtins.str = ...,
+        etcd: Global___EtcdStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["etcd", b"etcd"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["replicas", b"replicas", "store", b"store"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etcd", b"etcd", "replicas", b"replicas", "store", b"store"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
