@@ -110,6 +110,7 @@ from urllib.parse import parse_qs, urlparse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from xds_server.ha.registry import registered
+from xds_server.ha.security import StoreSecurity, load_security
 from xds_server.lab.oip.model import (
     FP32,
     OUTPUT_NAME,
@@ -391,6 +392,8 @@ def main() -> None:
     p.add_argument("--grpc-port", type=int, default=0, help="gRPC OIP and health (0: none)")
     p.add_argument("--register", metavar="etcd://...", help="register in the shared registry")
     p.add_argument("--register-ttl", type=float, default=10.0)
+    for flag in ("--store-ca", "--store-cert", "--store-key", "--store-credentials"):
+        p.add_argument(flag, metavar="FILE", help=f"with --register etcds://: xds-server's {flag}")
     p.add_argument("--service", default=DEFAULT_MODEL, help="the service it registers under")
     p.add_argument(
         "--downstream",
@@ -416,13 +419,16 @@ def main() -> None:
         host = a.host if a.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
         address = f"{host}:{a.grpc_port or a.port}"
         pool = a.pool if a.pool in ("baseline", "production") else ""
+        security = load_security(
+            a.register.startswith("etcds://"),
+            a.store_ca, a.store_cert, a.store_key, a.store_credentials,
+        )  # fmt: skip
+        stay = _stay_registered(
+            a.register, a.service, a.version, a.region, address, a.register_ttl, pool, security
+        )
         threading.Thread(
             target=asyncio.run,
-            args=(
-                _stay_registered(
-                    a.register, a.service, a.version, a.region, address, a.register_ttl, pool
-                ),
-            ),
+            args=(stay,),
             name="registration",
             daemon=True,
         ).start()
@@ -430,11 +436,21 @@ def main() -> None:
 
 
 async def _stay_registered(
-    store: str, service: str, version: str, region: str, address: str, ttl: float, pool: str
+    store: str,
+    service: str,
+    version: str,
+    region: str,
+    address: str,
+    ttl: float,
+    pool: str,
+    security: StoreSecurity | None = None,
 ) -> None:
     """The three lines a model server needs to be found: register, and stay registered
-    while it runs (the lease goes with the process)."""
-    async with registered(store, service, version, region, address, ttl=ttl, pool=pool):
+    while it runs (the lease goes with the process). `security`: etcds://'s files."""
+    kept = registered(
+        store, service, version, region, address, ttl=ttl, pool=pool, security=security
+    )
+    async with kept:
         await asyncio.Event().wait()
 
 
