@@ -111,10 +111,11 @@ class MeshProcesses:
             grpc_port = self.layout.grpc_ports.get((region, pool))
         grpc = ["--grpc-port", str(grpc_port)] if grpc_port else []
         register = (
-            ["--register", self.etcd.url, "--register-ttl", f"{self.opts.registry_ttl:g}"]
+            ["--register", self.etcd.url, "--register-ttl", f"{self.opts.registry_ttl:g}",
+             *self.etcd.client_flags()]
             if self.etcd is not None
             else []
-        )
+        )  # fmt: skip
         downstream: list[str] = []
         if self.opts.features and service == SERVICE:
             for listener in self.layout.region_listeners(region):
@@ -164,6 +165,7 @@ class MeshProcesses:
         return Process(
             f"register-{region}-{pool}",
             [sys.executable, "-m", "xds_server.cli", "register", "--store", self.etcd.url,
+             *self.etcd.client_flags(),
              "--service", SERVICE, "--version", VERSIONS[pool], "--region", region,
              "--address", f"127.0.0.1:{self.layout.pool_port(region, pool)}",
              "--ttl", f"{self.opts.registry_ttl:g}s", "--pool", only,
@@ -192,11 +194,14 @@ class MeshProcesses:
     # ---- the control plane: etcd, the server or its replicas ----
 
     def start_etcd(self) -> EtcdCluster:
-        """etcd's members: with namespaces, one in each region's (then `ops`)."""
+        """etcd's members: with namespaces, one in each region's (then `ops`). With
+        `mtls`, over TLS with client certificates and etcd's users (issue 30): every
+        replica, registration and push then gives the store flags."""
         lay = self.layout
         keys = lay.etcd_keys()
         places = [Place(lay.host(k), tuple(lay.exec_prefix(k))) for k in keys]
-        self.etcd = EtcdCluster(lay.workdir / "etcd", len(keys), places).start()
+        secure = self.opts.mtls
+        self.etcd = EtcdCluster(lay.workdir / "etcd", len(keys), places, secure=secure).start()
         return self.etcd
 
     def start_server(self) -> None:
@@ -220,7 +225,8 @@ class MeshProcesses:
         ports = lay.replica_ports[region]
         host = lay.host(lay.replica_key(region))
         argv = [sys.executable, "-m", "xds_server.cli", "serve",
-                "--store", self.etcd.url, "--regions", ",".join(lay.served_by(region)),
+                "--store", self.etcd.url, *self.etcd.client_flags(),
+                "--regions", ",".join(lay.served_by(region)),
                 "--replica-id", region,
                 "--leader-ttl", f"{self.opts.leader_ttl:g}",
                 "--xds-address", f"{host}:{ports['xds']}",

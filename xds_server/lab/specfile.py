@@ -91,7 +91,7 @@ class SpecWriter:
         if etcd is not None:  # replicas read the spec from the store: push it there
             subprocess.run(
                 [sys.executable, "-m", "xds_server.cli", "spec", "push",
-                 "--spec", str(self.path), "--store", etcd.url],
+                 "--spec", str(self.path), "--store", etcd.url, *etcd.client_flags()],
                 check=True, capture_output=True, timeout=60,
             )  # fmt: skip
 

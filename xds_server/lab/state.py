@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from xds_server.ha.etcd import parse_store_url
+from xds_server.ha.etcd import DEFAULT_PREFIX, parse_store_url
 from xds_server.ha.store import EtcdStore, StoreReadError
 from xds_server.lab.layout import MeshLayout
 from xds_server.lab.polling import wait_for
@@ -78,12 +78,14 @@ class StateReader:
         fail rather than answer stale), the next member is asked, each once."""
         etcd = self.processes.etcd
         assert etcd is not None
-        members = etcd.url.removeprefix("etcd://").split(",")
+        scheme, _, rest = etcd.url.partition("://")
+        members = rest.split(",")
         for _ in members:
             if self._etcd_store is None:
                 first = self._first_member % len(members)
-                order = members[first:] + members[:first]
-                self._etcd_store = EtcdStore(parse_store_url("etcd://" + ",".join(order)))
+                order = f"{scheme}://" + ",".join(members[first:] + members[:first])
+                address = parse_store_url(order, DEFAULT_PREFIX, etcd.security())
+                self._etcd_store = EtcdStore(address)
             try:
                 self._etcd_store.read()
                 return self._etcd_store
