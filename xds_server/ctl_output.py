@@ -134,6 +134,8 @@ class Status:
         if self.replicas is not None:
             data["replica_store"] = self.replicas.store
             data["replicas"] = [in_field_order(r) for r in self.replicas.replicas]
+            if self.replicas.etcd.known:
+                data["etcd"] = to_dict(self.replicas.etcd)
         return data
 
     def table(self) -> str:
@@ -143,6 +145,8 @@ class Status:
             out[0] += f"; {store_line(store)}"
         if self.replicas is not None:
             out.append(replicas_table(self.replicas))
+            if self.replicas.etcd.known:
+                out.append(etcd_lines(self.replicas.etcd))
         out.append(
             render_table(
                 ["REGION", "NODES"],
@@ -199,6 +203,41 @@ def replicas_table(listed: pb.ListReplicasResponse) -> str:
     where = f" on {listed.store}" if listed.store else ""
     head = f"{len(rows)} replica(s){where}; * answered"
     return head + "\n" + render_table(["ID", "REGIONS", "XDS", "ADMIN", "NODES", "ROLE"], rows)
+
+
+def etcd_lines(etcd: pb.EtcdStatus) -> str:
+    """etcd's size against its quota, its alarms first, and the leader's upkeep."""
+    answered = [m for m in etcd.members if not m.error]
+    db = max((m.db_size for m in answered), default=0)
+    used = max((m.db_size_in_use for m in answered), default=0)
+    share = f"{db / etcd.quota_bytes:.0%}" if etcd.quota_bytes else "?"
+    keys = f", {etcd.keys:,} keys" if etcd.keys >= 0 else ""
+    lines = [f"ALARM {a.alarm} on etcd member {a.member_id:x}" for a in etcd.alarms]
+    lines.append(
+        f"etcd: {size(db)} of its {size(etcd.quota_bytes)} quota ({share}; {size(used)} in "
+        f"use){keys}, revision {etcd.revision:,}; polled {ago(etcd.polled_at)} ago"
+    )
+    if etcd.writes_held:
+        lines.append(f"writes held: {etcd.writes_held}")
+    retention = seconds(etcd.retention_seconds) if etcd.retention_seconds else "off"
+    done = [f"compaction retention {retention}"]
+    done += [f"{what} {text}" for what, text in (
+        ("last compaction", etcd.last_compaction), ("last defragmentation", etcd.last_defrag),
+        ("last NOSPACE recovery", etcd.last_recovery)) if text]  # fmt: skip
+    lines.append("; ".join(done))
+    lines += [f"etcd member {m.endpoint}: no answer: {m.error}" for m in etcd.members if m.error]
+    if etcd.error:
+        lines.append(f"etcd alarms and keys unknown: {etcd.error}")
+    return "\n".join(lines)
+
+
+def size(n: float) -> str:
+    """Bytes, short: 812 B, 3.1 MiB, 2.0 GiB."""
+    for unit in ("B", "KiB", "MiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def store_line(store: pb.StoreStatus) -> str:

@@ -11,6 +11,8 @@ from typing import Any, Protocol
 
 from xds_server.admin.v1 import admin_pb2
 from xds_server.ha.instances import Instance
+from xds_server.ha.maintainer import StoreMaintainer
+from xds_server.ha.maintenance import MemberStatus
 from xds_server.ha.replicas import Directory
 from xds_server.outputs.istio_apply import IstioApplier
 from xds_server.rollout.audit import AuditEntry
@@ -53,6 +55,11 @@ class AdminView(Protocol):
     @property
     def directory(self) -> Directory | None:
         """Replicas on etcd: every replica's key in the store; None for one process."""
+        ...
+
+    @property
+    def etcd(self) -> StoreMaintainer | None:
+        """Replicas on etcd: its size, alarms and upkeep; None for one process."""
         ...
 
     def rollouts(self) -> Mapping[str, RolloutState]:
@@ -392,6 +399,43 @@ def replicas_message(
             for rid, doc in sorted(replica_documents(directory).items())
         ],
         store=str(directory.store.address),
+        etcd=etcd_message(view.etcd),
+    )
+
+
+def etcd_message(maintainer: StoreMaintainer | None) -> admin_pb2.EtcdStatus:
+    """etcd as this replica last polled it, and the upkeep it made (when it led)."""
+    status = maintainer.status if maintainer is not None else None
+    if maintainer is None or status is None:
+        return admin_pb2.EtcdStatus(known=False)
+    options = maintainer.options
+    compaction, defrag = maintainer.last_compaction, maintainer.last_defrag
+    return admin_pb2.EtcdStatus(
+        known=True,
+        polled_at=status.at,
+        members=[etcd_member(m) for m in status.members],
+        alarms=[admin_pb2.EtcdAlarm(member_id=a.member_id, alarm=a.kind) for a in status.alarms],
+        quota_bytes=options.quota_bytes,
+        keys=status.keys,
+        revision=status.revision,
+        writes_held=maintainer.admit(critical=False) or "",
+        retention_seconds=options.retention,
+        compacted_revision=maintainer.revisions.compacted,
+        last_compaction=compaction.describe() if compaction else "",
+        last_defrag=defrag.describe() if defrag else "",
+        last_recovery=maintainer.last_recovery,
+        error=status.error,
+    )
+
+
+def etcd_member(m: MemberStatus) -> admin_pb2.EtcdMember:
+    return admin_pb2.EtcdMember(
+        endpoint=m.endpoint,
+        member_id=m.member_id,
+        db_size=m.db_size,
+        db_size_in_use=m.in_use,
+        raft_leader=m.raft_leader,
+        error=m.error,
     )
 
 

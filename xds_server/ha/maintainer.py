@@ -59,6 +59,10 @@ class Done:
     what: str
     seconds: float
 
+    def describe(self) -> str:
+        clock = time.strftime("%H:%M:%S", time.localtime(self.at))
+        return f"{self.what} at {clock} in {self.seconds:.2f}s"
+
 
 class EtcdMetrics:
     """etcd as the replicas see it: `xds_etcd_*` (every replica polls; the leader acts)."""
