@@ -33,7 +33,6 @@ from xds_server.ha.maintenance import (
     Narrator,
     Recovery,
     RevisionClock,
-    describe,
     is_nospace,
     room_made,
     size,
@@ -233,8 +232,9 @@ class StoreMaintainer:
         started = time.monotonic()
         before = status.db_size
         log.warning(
-            "etcd is out of space (%s): compacting and defragmenting",
-            describe(status, self.options),
+            "etcd is out of space: compacting to revision %d, defragmenting %d member(s)",
+            status.revision,
+            len(status.answered),
         )
         await self.compact(status.revision)
         for m in sorted(status.answered, key=lambda m: m.raft_leader):
