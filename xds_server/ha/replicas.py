@@ -25,6 +25,7 @@ from typing import Any
 
 from xds_server.ha.etcd import Keys, renew, retrying
 from xds_server.ha.leader import wait_event
+from xds_server.ha.maintenance import is_nospace
 from xds_server.ha.store import EtcdStore
 from xds_server.traffic import TrafficState
 from xds_server.xds.dataplane import RouteStatus
@@ -79,6 +80,8 @@ class Directory:
         """No renewal for this long: the store is lost (two renewals missed, and a
         margin for a busy event loop), before the key's lease can run out."""
         self._renewed = time.monotonic()
+        self.full = False
+        """etcd refused the last rewrite of this replica's key for NOSPACE."""
         self._dirty = asyncio.Event()
         publisher.nodes.subscribe(lambda _status: self._dirty.set())
 
@@ -128,8 +131,7 @@ class Directory:
         client = self.store.client
         beat = self.ttl / 3
         alive = granted + self.ttl  # (the lease cannot outlive this)
-        await retrying(client, lambda: self._publish(lease), alive, "replica key")
-        self._renewed = time.monotonic()
+        await self._rewrite(lease, alive)
         renew_at = time.monotonic() + beat
         while True:
             await wait_event(self._dirty, max(0.0, renew_at - time.monotonic()))
@@ -143,8 +145,28 @@ class Directory:
                 self._dirty.set()  # the heartbeat
             if self._dirty.is_set():
                 await asyncio.sleep(PUBLISH_INTERVAL)  # coalesce a burst of ACKs
-                await retrying(client, lambda: self._publish(lease), alive, "replica key")
-                self._renewed = time.monotonic()
+                await self._rewrite(lease, alive)
+
+    async def _rewrite(self, lease: int, alive: float) -> None:
+        """Rewrite this replica's key (while `lease` may last). etcd refusing it for
+        NOSPACE is not a store lost: the lease was renewed, and while nobody can write,
+        what this replica follows is current; so it serves on (its key as it was, which
+        the leader's ACK gate takes for silence) and writes the key again at the next
+        heartbeat, until etcd has room."""
+        client = self.store.client
+        try:
+            await retrying(client, lambda: self._publish(lease), alive, "replica key")
+        except Exception as exc:
+            if not is_nospace(exc):
+                raise
+            if not self.full:
+                log.warning("etcd refuses this replica's key (NOSPACE): serving on")
+            self.full = True
+        else:
+            if self.full:
+                log.info("etcd has room again: this replica's key is current")
+            self.full = False
+        self._renewed = time.monotonic()
 
     def store_lost(self) -> str | None:
         """Why this replica must not present itself as current (it has not renewed its
