@@ -21,7 +21,7 @@ import grpc
 from aetcd import rpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from xds_server.ha.etcd import range_end, why_left
+from xds_server.ha.etcd import EtcdAddress, range_end, why_left
 from xds_server.ha.maintenance import (
     ALARMS,
     NOSPACE,
@@ -38,6 +38,7 @@ from xds_server.ha.maintenance import (
     size,
     writes_held,
 )
+from xds_server.ha.security import TokenInterceptor
 from xds_server.ha.store import EtcdStore
 
 log = logging.getLogger("xds_server.ha.maintainer")
@@ -123,10 +124,10 @@ class StoreMaintainer:
         metrics: EtcdMetrics | None = None,
         channel: Callable[[str], grpc.aio.Channel] | None = None,
     ) -> None:
-        """`channel`: a channel to one member (HOST:PORT), as this process reaches etcd
-        (TLS, a login); plaintext by default."""
+        """`channel`: a channel to one member (HOST:PORT); default: as the store's
+        address says (TLS, a login: `member_channel`)."""
         self.store = store
-        self._dial = channel or grpc.aio.insecure_channel
+        self._dial = channel or (lambda endpoint: member_channel(store.address, endpoint))
         self.options = options
         self.metrics = metrics
         self.status: EtcdStatus | None = None
@@ -138,6 +139,8 @@ class StoreMaintainer:
         self.last_defrag: Done | None = None
         self.last_recovery = ""
         """What the last NOSPACE recovery did, in one line."""
+        self.defrag_refused = ""
+        """Why etcd refuses to defragment to this process's user; "": it does not."""
         self.room_made: list[Callable[[], None]] = []
         """Told once NOSPACE is disarmed: the leader writes what it pushed meanwhile."""
         self._polled = 0.0
@@ -247,6 +250,8 @@ class StoreMaintainer:
                 f"no room made at {time.strftime('%H:%M:%S')}: {size(after.in_use)} of data in "
                 f"use against a {size(self.options.quota_bytes)} quota; delete data or raise "
                 "the quota (rollbacks are pushed meanwhile, written once there is room)"
+                if not self.defrag_refused
+                else f"no room made at {time.strftime('%H:%M:%S')}: {self.defrag_refused}"
             )
             log.error("etcd: %s", self.last_recovery)
             return False
@@ -352,7 +357,7 @@ class StoreMaintainer:
         try:
             await stub.Defragment(rpc.DefragmentRequest(), timeout=DEFRAG_TIMEOUT)
         except grpc.RpcError as exc:
-            log.warning("etcd member %s: defragmentation failed: %s", endpoint, why_left(exc))
+            self._defrag_failed(endpoint, exc)
             return False
         took = time.monotonic() - started
         after = await self._member(endpoint)
@@ -362,6 +367,21 @@ class StoreMaintainer:
             self.metrics.defrags.inc()
         log.info("defragmented etcd member %s in %.2fs", self.last_defrag.what, took)
         return True
+
+    def _defrag_failed(self, endpoint: str, exc: grpc.RpcError) -> None:
+        """One line; etcd refusing it to this user says what to do, once."""
+        if "permission denied" not in _details(exc):
+            log.warning("etcd member %s: defragmentation failed: %s", endpoint, why_left(exc))
+            return
+        user = self.store.address.security.describe_user()
+        refused = (
+            f"etcd refuses to defragment to {user}: it needs etcd's root role (grant it, or "
+            "run `etcdctl defrag` on each member when etcd is near its quota); compaction "
+            "still bounds the history"
+        )
+        if self.defrag_refused != refused:
+            log.error("%s", refused)
+        self.defrag_refused = refused
 
     async def disarm(self, alarms: list[Alarm]) -> None:
         for a in alarms:
@@ -385,6 +405,20 @@ class StoreMaintainer:
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             await channel.close()
+
+
+def member_channel(address: EtcdAddress, endpoint: str) -> grpc.aio.Channel:
+    """A channel to one member, as the replicas' clients reach etcd: over TLS naming
+    the host as `--store` wrote it, with the login's token on every call."""
+    security = address.security
+    hosts = [f"{h}:{p}" for h, p in address.endpoints]
+    names = address.names or tuple(h for h, _ in address.endpoints)
+    name = names[hosts.index(endpoint)] if endpoint in hosts else endpoint.rpartition(":")[0]
+    auth = TokenInterceptor(security.login) if security.login else None
+    channel = security.aio_channel(endpoint, name, [], [auth] if auth else [])
+    if auth is not None:
+        auth.bind(channel)
+    return channel
 
 
 def _details(exc: Any) -> str:
