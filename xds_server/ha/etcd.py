@@ -343,7 +343,9 @@ class FailoverClient(aetcd.Client):  # type: ignore[misc]  # (aetcd has no type 
         for attempt in range(1, members + 1):
             generation, target, name = self.members.dial(self.security.tls)
             auth = TokenInterceptor(self.security.login) if self.security.login else None
-            channel = self.security.aio_channel(target, name, [], [auth] if auth else [])
+            channel = self.security.aio_channel(
+                target, name, [], auth.interceptors() if auth else []
+            )
             if auth is not None:
                 auth.bind(channel)
             if self.security.tls and attempt < members:

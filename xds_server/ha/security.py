@@ -244,12 +244,13 @@ def _with_token(metadata: Any, token: str) -> grpc.aio.Metadata:
     return grpc.aio.Metadata(*pairs, ("token", token))
 
 
-class TokenInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor
-):
+class TokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
     """Every call of one aio channel carries the login's token; a unary call etcd
     answers "invalid auth token" logs in again and is made once more. `bind` the
-    channel once it exists (the login goes over it, to the member it dials)."""
+    channel once it exists (the login goes over it, to the member it dials). The
+    channel takes `interceptors()`: grpc.aio files an interceptor under one kind of
+    call only, so the streams (the watch, lease renewals) have their own, sharing this
+    one's token."""
 
     def __init__(self, login: Login) -> None:
         self.login = login
@@ -260,6 +261,9 @@ class TokenInterceptor(
 
     def bind(self, channel: grpc.aio.Channel) -> None:
         self._channel = channel
+
+    def interceptors(self) -> list[Any]:
+        return [self, _StreamTokens(self)]
 
     async def current(self) -> str:
         """The token, logging in first when there is none ("" when etcd has auth off)."""
@@ -300,28 +304,6 @@ class TokenInterceptor(
             return call
         raise AssertionError("unreachable")
 
-    async def intercept_stream_stream(
-        self, continuation: Callable[..., Awaitable[Any]], details: Any, requests: Any
-    ) -> Any:
-        token = await self.current()
-        call = await continuation(self._details(details, token), requests)
-        return self._watch(call, token) if details.method == WATCH else call
-
-    async def _watch(self, call: Any, token: str) -> AsyncIterator[Any]:
-        """The watch stream's responses; a watch cancelled for its permission ends the
-        stream with an error (and the token is logged in afresh)."""
-        async for response in call:
-            if response.canceled and "permission denied" in response.cancel_reason:
-                self.forget(token)
-                call.cancel()
-                raise grpc.aio.AioRpcError(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    grpc.aio.Metadata(),
-                    grpc.aio.Metadata(),
-                    details=f"watch cancelled: {response.cancel_reason}",
-                )
-            yield response
-
     @staticmethod
     def _details(details: Any, token: str) -> Any:
         if not token:
@@ -333,6 +315,37 @@ class TokenInterceptor(
             details.credentials,
             details.wait_for_ready,
         )
+
+
+class _StreamTokens(grpc.aio.StreamStreamClientInterceptor):
+    """The token on a channel's streams (`TokenInterceptor.interceptors`)."""
+
+    def __init__(self, tokens: TokenInterceptor) -> None:
+        self.tokens = tokens
+
+    async def intercept_stream_stream(
+        self, continuation: Callable[..., Awaitable[Any]], details: Any, requests: Any
+    ) -> Any:
+        token = await self.tokens.current()
+        call = await continuation(TokenInterceptor._details(details, token), requests)
+        return self._watch(call, token) if details.method == WATCH else call
+
+    async def _watch(self, call: Any, token: str) -> AsyncIterator[Any]:
+        """The watch stream's responses; a watch cancelled for its token or permission
+        ("...: etcdserver: invalid auth token") ends the stream with an error, and the
+        token is logged in afresh."""
+        async for response in call:
+            reason = response.cancel_reason
+            if response.canceled and any(s in reason for s in (*STALE_TOKEN, "permission")):
+                self.tokens.forget(token)
+                call.cancel()
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    grpc.aio.Metadata(),
+                    grpc.aio.Metadata(),
+                    details=f"watch cancelled: {response.cancel_reason}",
+                )
+            yield response
 
 
 class SyncAuth:
