@@ -66,6 +66,10 @@ class MeshOptions:
     its region's replica first, then the neighbour's that also serves it."""
     leader_ttl: float = 3.0
     """The replicas' `--leader-ttl` (with `ha`)."""
+    etcd_quota_bytes: int | None = None
+    """With `ha`: each etcd member's `--quota-backend-bytes`, told to the replicas
+    (`--store-quota-bytes`); None: etcd's default, 2 GiB. A small one fills soon, to
+    etcd's NOSPACE alarm (tests/test_ha_nospace.py)."""
     registry_ttl: float = 3.0
     """With `ha`: the model servers register themselves (the spec lists no endpoints),
     on leases of this TTL."""

@@ -200,8 +200,9 @@ class MeshProcesses:
         lay = self.layout
         keys = lay.etcd_keys()
         places = [Place(lay.host(k), tuple(lay.exec_prefix(k))) for k in keys]
-        secure = self.opts.mtls
-        self.etcd = EtcdCluster(lay.workdir / "etcd", len(keys), places, secure=secure).start()
+        secure, quota = self.opts.mtls, self.opts.etcd_quota_bytes
+        cluster = EtcdCluster(lay.workdir / "etcd", len(keys), places, quota, secure=secure)
+        self.etcd = cluster.start()
         return self.etcd
 
     def start_server(self) -> None:
@@ -236,6 +237,8 @@ class MeshProcesses:
                 "--ui-address", f"{host}:{ports['ui']}",
                 "--log-format", "json", *self.credentials.server_args(),
                 *off_loopback(host)]  # fmt: skip
+        if self.opts.etcd_quota_bytes is not None:
+            argv += ["--store-quota-bytes", str(self.opts.etcd_quota_bytes)]
         self.replicas[region] = Process(
             f"xds-server-{region}",
             argv,
