@@ -7,8 +7,10 @@ its region and node id as the server checks them.
 
 With `ha` too, etcd runs with TLS and users (issue 30): `make_etcd_credentials` makes
 etcd's own CA (the store's trust is not the mesh's), a certificate per member (for
-clients and peers, naming the member's address), a client certificate for the replicas
-whose CN is their etcd user, and the users' credential files (`EtcdCredentials`).
+clients and peers, naming the member's address), a client certificate for the lab's
+processes, and the users' credential files (`EtcdCredentials`). The certificate's CN
+is no etcd user (`CLIENT_CN`): etcd takes a certificate's CN for the user of a call
+without a token, so with it every call must carry the login's token, or fail.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from xds_server.lab.layout import MeshLayout
 ETCD_USER = "xds-replica"
 """The etcd user the lab's replicas, registrations and driver log in as: read and
 write on `ETCD_PREFIX` only (root is kept for the operator)."""
+CLIENT_CN = "xds-server lab client"
+"""The client certificate's subject: what a machine is, not who logs in."""
 ETCD_PREFIX = "/xds-server/"
 """What the lab's etcd user may read and write (every mesh prefix under it)."""
 _OPENSSL_CONFIG = "[req]\ndistinguished_name=dn\n[dn]\n"
@@ -48,7 +52,7 @@ class EtcdCredentials:
 
     @property
     def client(self) -> tuple[Path, Path]:
-        """The replicas' client certificate and key (CN: `user`)."""
+        """The lab's client certificate and key (CN: `CLIENT_CN`, no etcd user)."""
         return self.directory / "client.pem", self.directory / "client.key"
 
     def credentials(self, user: str = "") -> Path:
@@ -89,7 +93,7 @@ def make_etcd_credentials(
                  [f"subjectAltName={','.join(names)}", "extendedKeyUsage=serverAuth,clientAuth",
                   "basicConstraints=critical,CA:FALSE"], signer=(made.ca, key))  # fmt: skip
     cert, cert_key = made.client
-    _openssl(config, cert, cert_key, f"/CN={user}",
+    _openssl(config, cert, cert_key, f"/CN={CLIENT_CN}",
              ["extendedKeyUsage=clientAuth", "basicConstraints=critical,CA:FALSE"],
              signer=(made.ca, key))  # fmt: skip
     for who in ("root", user):
