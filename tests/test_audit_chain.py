@@ -282,7 +282,7 @@ def test_etcd_an_edited_document_is_named_on_every_replica(shared_etcd: EtcdClus
         assert all(e.snapshot_version != 1 for e in follower.audit() if e.snapshot_version)
 
         # A raw put of a modified document (the weights it claims).
-        key = leader.keys.audit(5)
+        key = leader.log_keys.log("svc", "v2", 5)
         got = leader.kv.range(key)
         doc = json.loads(got.kvs[0].value)
         assert doc["service"] == "svc" and doc["canary_version"] == "v2"

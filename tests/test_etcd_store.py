@@ -287,12 +287,13 @@ def test_record_commits_state_entries_and_routes_in_one_transaction(
             written = {
                 k: kv.mod_revision
                 for k, kv in keys.items()
-                if any(p in k for p in ("/rollouts/", "/audit/", "/routes/"))
+                if any(p in k for p in ("/rollouts/", "/audit-log/", "/audit-seq", "/routes/"))
             }
-            assert sorted(k.rpartition("/")[0].rpartition("/")[2] for k in written) == [
-                *["audit"] * 4,
+            assert sorted(k.removeprefix(prefix + "/").split("/")[0] for k in written) == [
+                *["audit-log"] * 4,  # (audit-log/svc/v2/ID: the rollout's own log)
+                "audit-seq",
+                "rollouts",
                 *["routes"] * 2,
-                "svc",  # (/rollouts/svc/v2)
             ]
             (revision,) = set(written.values())  # one transaction: one revision
             assert revision > pushed.revision
@@ -338,7 +339,7 @@ def test_record_commits_state_entries_and_routes_in_one_transaction(
 
 
 def test_a_record_that_fails_commits_none_of_its_parts(shared_etcd: EtcdCluster) -> None:
-    """An audit key that exists already (written behind the leader's back) fails the
+    """An audit id given behind the leader's back (audit-seq moved) fails the
     transaction: neither the state, nor any entry, nor a routes key is written."""
 
     async def scenario() -> None:
@@ -349,14 +350,16 @@ def test_a_record_that_fails_commits_none_of_its_parts(shared_etcd: EtcdCluster)
             state, entries = started()
             a.store.record(state, entries, regions=("us-east",))
             before = {k: kv.mod_revision for k, kv in raw(a.store).items()}
-            squatter = a.store.keys.audit(5)  # the second entry of the next record
-            await a.store.client.put(squatter.encode(), b"{}")  # (no entry: views skip it)
+            squatter = a.store.log_keys.seq  # ids taken by another writer
+            await a.store.client.put(squatter.encode(), b"5")
 
             new, new_entries = later(state, "advance", now=20.0)
             with pytest.raises(StoreWriteError):
                 a.store.record(new, new_entries, regions=("us-east", "eu-west"))
             after = {k: kv.mod_revision for k, kv in raw(a.store).items()}
-            assert {k: r for k, r in after.items() if k != squatter} == before
+            assert {k: r for k, r in after.items() if k != squatter} == {
+                k: r for k, r in before.items() if k != squatter
+            }
             reader = await open_store(shared_etcd.url, "/test/all-or-nothing")
             try:
                 assert reader.rollout("svc", "v2") == state

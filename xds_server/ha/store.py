@@ -1,9 +1,14 @@
 """The etcd `StateStore`: rollout state, the audit log, the spec and the routes versions.
 
-Every replica keeps a `View` of everything under the prefix, loaded once and then kept
-current by one watch. Reads (the port's `load_rollouts`, `audit`, ...) are answered from
-the view, never by a round trip, so an unreachable etcd never blocks the event loop on
-a read and a follower serves exactly what the watch delivered.
+Every replica keeps a `View` of what it serves and decides from (rollouts, routes
+versions, the spec, the registry, replicas; of the audit only `AuditMemory`: the chain's
+heads, each unfinished rollout's newest entries, the archives' headers), loaded in pages
+at one revision and then kept current by one watch. Those reads (`load_rollouts`,
+`latest_checks`, ...) are answered from the view, never by a round trip, so an
+unreachable etcd never blocks the event loop on them and a follower serves exactly what
+the watch delivered. The audit itself is never held: `audit(...)` pages it from etcd
+(`ha/audit_log.py`: the live log per rollout, the archives), so a caller on the event
+loop runs it in a thread.
 
 Writes are the leader's, and fenced: `record` is one transaction that commits the state,
 its audit entries and the routes keys of the regions it changes only while the leader
@@ -16,17 +21,23 @@ left to the replica's own make-before-break rebuilds). It is derived from the st
 every replica gives the same routes the same version.
 
 The audit's hash chain (`rollout/audit_chain.py`): `record` links each entry to its
-rollout's newest entry as the leader's view holds it. That view is the store's newest:
-it was read whole at election, has every commit of this leader's since, and the
-transaction commits only while the next audit key is free, which proves no entry was
-committed after the view's newest (any writer takes keys in sequence). A deposed leader's
-stale view never commits (the fence).
+rollout's head as the leader's view holds it. That view is the store's newest: the
+transaction commits only while `audit-seq` (the last id given, written by every record)
+is the one the view holds, which proves no entry was committed after the view's heads.
+A deposed leader's stale view never commits (the fence).
+
+Retention (`rollout/archive.py`): the leader moves a finished rollout's live log into
+its archive (`archive`: read and encoded off the loop, then one fenced transaction that
+writes the archive and its index and deletes the live keys).
 
 Schema versions: the `schema` key (`Keys.schema`, a JSON document whose `version` is
 SCHEMA_VERSION; absent: version 1, the stores made before versions). `start` refuses a
 newer one (`StoreVersionError`, one line); the leader migrates an older one once
-(`migrate`, before its first write), in a transaction conditioned on the fence and on
-the schema key being the one it read.
+(`migrate`, before its first write): 2 -> 3 moves the flat audit log (`audit/ID`) into
+the per-rollout log, a fenced transaction per batch, then sets `audit-seq` and the
+schema key in a transaction conditioned on the fence and on the schema key it read.
+Replicas of the previous release ignore the new keys while they follow, and refuse to
+write (or to start) once the schema key says 3.
 """
 
 from __future__ import annotations
@@ -36,7 +47,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
 
@@ -44,11 +55,17 @@ import grpc
 from aetcd import rpc
 from aetcd.exceptions import RevisionCompactedError
 
+from xds_server.ha import audit_log
+from xds_server.ha.audit_log import (
+    VERSION_SCALE,
+    AuditKeys,
+    AuditMemory,
+    Pages,
+)
 from xds_server.ha.etcd import (
     EtcdAddress,
     Keys,
     SyncKV,
-    compare_create_revision,
     compare_mod_revision,
     compare_version,
     one_line,
@@ -56,22 +73,29 @@ from xds_server.ha.etcd import (
     range_end,
 )
 from xds_server.ha.instances import Instance, instance_from_json
+from xds_server.ha.store_audit import (
+    AuditSide,
+    fenced,
+    migrate_txn,
+    move_flat_log,
+    rpc_error,
+    still_leads,
+)
+from xds_server.ha.store_audit import StoreReadError as StoreReadError  # (re-exported)
 from xds_server.rollout.audit import AuditEntry
 from xds_server.rollout.audit_chain import genesis
-from xds_server.rollout.audit_codec import chained, from_document, to_document
+from xds_server.rollout.audit_codec import chained, to_document
 from xds_server.rollout.ports import StoreFenced, StoreWriteError
-from xds_server.rollout.state import RolloutState, state_from_json, state_to_json
+from xds_server.rollout.state import FINISHED, RolloutState, state_from_json, state_to_json
 from xds_server.rollout.store import SCHEMA_VERSION, UNVERSIONED, newer_schema
 
 log = logging.getLogger("xds_server.ha.store")
 
-VERSION_SCALE = 1000
-"""A store revision R gives routes version R * 1000."""
 WATCH_RETRY_SECONDS = 0.5
-
-
-class StoreReadError(Exception):
-    """The store could not be read; the message says which and why."""
+VIEW_KEYS = ("schema", "spec", "leader", "audit-seq")
+VIEW_FOLDERS = ("rollouts", "routes", "registry", "replicas", "archive-index")
+"""What a replica loads (the rest, the audit's entries and archives and the spec's
+history, is read when asked for)."""
 
 
 @dataclass(frozen=True)
@@ -94,17 +118,16 @@ class LeaderKey:
 
 @dataclass
 class View:
-    """Everything under the prefix, as of `revision`."""
+    """What a replica holds of the prefix, as of `revision` (see the module's docstring)."""
 
     revision: int = 0
     schema: int = UNVERSIONED
     schema_revision: int = 0
     """The schema key's mod revision; 0: no key (a store made before versions)."""
-    heads: dict[tuple[str, str], tuple[int, str | None]] = field(default_factory=dict)
-    """Each rollout's newest audit entry: its id and hash (None: unchained)."""
+    log: AuditMemory = field(default_factory=AuditMemory)
+    """Of the audit, what decisions and reads need without a round trip."""
     spec: StoredSpec | None = None
     rollouts: dict[tuple[str, str], RolloutState] = field(default_factory=dict)
-    audit: dict[int, AuditEntry] = field(default_factory=dict)
     routes: dict[str, int] = field(default_factory=dict)
     """Region -> the mod revision of its routes key."""
     leader: LeaderKey | None = None
@@ -126,12 +149,13 @@ Listener = Callable[[frozenset[str]], None]
 "registry", "schema")."""
 
 
-class EtcdStore:
+class EtcdStore(AuditSide):
     """The `StateStore` of a replica. `await start()` loads the view; `watch()` keeps it."""
 
     def __init__(self, address: EtcdAddress, client: Any = None) -> None:
         self.address = address
         self.keys = Keys(address.prefix)
+        self.log_keys = AuditKeys(address.prefix)
         self.client = client
         """The aetcd client (the watch, leases, the election)."""
         self.kv = SyncKV(address)
@@ -153,28 +177,38 @@ class EtcdStore:
     # ---- the view ----
 
     async def start(self) -> None:
-        """Load everything under the prefix (raises when etcd cannot be reached)."""
-        got = await self.client.get_prefix(self.keys.everything.encode())
-        view = View(revision=got.header.revision, heard=self.view.heard)
-        for kv in got:
-            _apply(view, self.keys.prefix, kv.key.decode(), kv, deleted=False)
-        if view.schema > SCHEMA_VERSION:
-            raise newer_schema(self.path + self.keys.schema, view.schema)
-        self.view = view
+        """Load the view (raises when etcd cannot be reached; StoreVersionError, before
+        anything else is read, for a newer schema). The reads run off the loop."""
+        self.view = await asyncio.to_thread(self._load, self.view)
 
     def read(self) -> None:
         """Load the view now, blocking (a reader outside any event loop: the lab, `manifests
-        istio --store`); StoreReadError when etcd does not answer."""
+        istio --store`), without the unfinished rollouts' newest entries (reads of the
+        audit page from etcd all the same); StoreReadError when etcd does not answer."""
         try:
-            got = self.kv.range(self.keys.everything, range_end(self.keys.everything))
+            self.view = self._load(self.view, newest=False, refuse_newer=False)
         except grpc.RpcError as exc:
-            raise StoreReadError(f"cannot read {self.path}: {_rpc_error(exc)}") from None
-        view = View(
-            revision=got.header.revision, departed=self.view.departed, heard=self.view.heard
-        )
-        for kv in got.kvs:
-            _apply(view, self.keys.prefix, kv.key.decode(), kv, deleted=False)
-        self.view = view
+            raise StoreReadError(f"cannot read {self.path}: {rpc_error(exc)}") from None
+
+    def _load(self, old: View, newest: bool = True, refuse_newer: bool = True) -> View:
+        """The view at one revision: the keys it holds, a page at a time; then what it
+        keeps of the audit (`audit_log.load`). A newer schema: StoreVersionError, or
+        (`refuse_newer` False: a reader) what it can read of it."""
+        pages = Pages(self.kv)
+        view = View(departed=old.departed, heard=old.heard)
+        prefix = self.keys.prefix
+        for name in VIEW_KEYS:
+            if (kv := pages.get(f"{prefix}/{name}")) is not None:
+                _apply(view, prefix, kv.key.decode(), kv, deleted=False)
+            if name == "schema" and view.schema > SCHEMA_VERSION and refuse_newer:
+                raise newer_schema(self.path + self.keys.schema, view.schema)
+        for folder in VIEW_FOLDERS:
+            start = f"{prefix}/{folder}/"
+            for kv in pages.scan(start, range_end(start)):
+                _apply(view, prefix, kv.key.decode(), kv, deleted=False)
+        audit_log.load(pages, self.log_keys, view.log, view.rollouts, newest)
+        view.revision = pages.revision
+        return view
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -236,6 +270,14 @@ class EtcdStore:
             except Exception:
                 log.exception("a store listener failed; continuing")
 
+    @property
+    def memory(self) -> AuditMemory:
+        return self.view.log
+
+    @property
+    def states(self) -> Mapping[tuple[str, str], RolloutState]:
+        return self.view.rollouts
+
     # ---- versions ----
 
     def routes_version(self, region: str) -> int:
@@ -268,15 +310,18 @@ class EtcdStore:
         if self.view.schema != SCHEMA_VERSION:
             self.migrate()
         entries = _linked(self.view, entries)
-        seq = max(self.view.audit, default=0) + len(entries)
+        seq = self.view.log.seq + len(entries)
         try:
             reply = self.kv.txn(self._commit_txn(fence, state, entries, regions, seq))
         except grpc.RpcError as exc:
-            raise StoreWriteError(f"cannot write {self.path}: {_rpc_error(exc)}") from None
-        if not reply.succeeded and _still_leads(reply, self.fence):
-            # The fence holds, an audit key exists: an earlier attempt that timed out did
+            raise StoreWriteError(f"cannot write {self.path}: {rpc_error(exc)}") from None
+        if not reply.succeeded and still_leads(reply, self.fence):
+            # The fence holds, audit-seq moved: an earlier attempt that timed out did
             # commit. The watch brings those entries; this decision is made again.
-            raise StoreWriteError(f"cannot write {self.path}: audit sequence {seq} is taken")
+            raise StoreWriteError(
+                f"cannot write {self.path}: the audit moved past {self.view.log.seq} since "
+                "this replica's view (a commit it has not seen yet)"
+            )
         if not reply.succeeded:
             self._deposed()
         self._committed(reply.header.revision, state, entries, regions, seq)
@@ -304,26 +349,31 @@ class EtcdStore:
 
     def migrate(self) -> bool:
         """Bring the store's schema up to SCHEMA_VERSION (1 -> 2: audit documents may
-        carry their chain; nothing to rewrite), fenced and conditioned on the schema key
-        the view holds. True: this call migrated; False: it was done (by another
-        replica, the transaction found). StoreFenced when this replica does not lead;
-        StoreWriteError for a newer schema, or etcd not answering."""
+        carry their chain; 2 -> 3: the flat audit log moved into the per-rollout log, a
+        fenced transaction per batch, and `audit-seq`), the last step fenced and
+        conditioned on the schema key the view holds. True: this call migrated; False:
+        it was done (by another replica, the transaction found). StoreFenced when this
+        replica does not lead; StoreWriteError for a newer schema, or etcd not answering."""
         view = self.view
         if view.schema > SCHEMA_VERSION:
             raise StoreWriteError(str(newer_schema(self.path + self.keys.schema, view.schema)))
         if view.schema == SCHEMA_VERSION:
             return False
         fence = self._check_lead()
-        request = _migrate_txn(self.keys, fence, view.schema, view.schema_revision)
         try:
+            seq = max(view.log.seq, self._move_flat_log(fence))
+            request = migrate_txn(
+                self.keys, fence, view.schema, view.schema_revision, seq, SCHEMA_VERSION
+            )
             reply = self.kv.txn(request)
         except grpc.RpcError as exc:
-            raise StoreWriteError(f"cannot migrate {self.path}: {_rpc_error(exc)}") from None
+            raise StoreWriteError(f"cannot migrate {self.path}: {rpc_error(exc)}") from None
         if reply.succeeded:
             log.info("migrated %s from schema %d to %d", self.path, view.schema, SCHEMA_VERSION)
             view.schema, view.schema_revision = SCHEMA_VERSION, reply.header.revision
+            view.log.seq, view.log.seq_revision, view.log.legacy = seq, reply.header.revision, False
             return True
-        if not _still_leads(reply, fence):
+        if not still_leads(reply, fence):
             self._deposed()
         schema = reply.responses[1].response_range.kvs
         if schema:
@@ -335,6 +385,14 @@ class EtcdStore:
             raise StoreWriteError(f"cannot migrate {self.path}: its schema key changed; again")
         return False
 
+    def _move_flat_log(self, fence: int) -> int:
+        """What is left of the flat audit log moved (`audit_log.move_flat_log`): the
+        highest id moved (0: none)."""
+        highest = move_flat_log(self.kv, self.log_keys, self.keys.leader, fence)
+        if highest is None:
+            self._deposed()
+        return highest
+
     def _commit_txn(
         self,
         fence: int,
@@ -343,20 +401,19 @@ class EtcdStore:
         regions: Collection[str],
         last: int,
     ) -> rpc.TxnRequest:
-        """The state, the entries as audit keys up to `last`, and the routes keys, if the
-        leader key is still this replica's and no audit key is taken; else the leader key."""
-        ops = [put_op(self.keys.rollout(state.service, state.canary_version),
-                      state_to_json(state).encode())]  # fmt: skip
+        """The state, the entries as the rollout's log keys up to `last` (and audit-seq),
+        and the routes keys, if the leader key is still this replica's and audit-seq is
+        the view's; else the leader key."""
+        rollout = (state.service, state.canary_version)
+        ops = [put_op(self.keys.rollout(*rollout), state_to_json(state).encode())]
         first = last - len(entries) + 1
-        audit_keys = [self.keys.audit(first + i) for i in range(len(entries))]
-        ops += [
-            put_op(k, to_document(e).encode()) for k, e in zip(audit_keys, entries, strict=True)
-        ]
+        ops += [put_op(self.log_keys.log(*rollout, first + i), to_document(e).encode())
+                for i, e in enumerate(entries)]  # fmt: skip
+        if entries:
+            ops.append(put_op(self.log_keys.seq, b"%d" % last))
         ops += [put_op(self.keys.routes(region), b"%d" % last) for region in sorted(regions)]
-        compare = [compare_create_revision(self.keys.leader, fence)]
-        compare += [compare_create_revision(k, 0) for k in audit_keys]
-        leader_now = rpc.RequestOp(request_range=rpc.RangeRequest(key=self.keys.leader.encode()))
-        return rpc.TxnRequest(compare=compare, success=ops, failure=[leader_now])
+        seq_now = compare_mod_revision(self.log_keys.seq, self.view.log.seq_revision)
+        return fenced(self.keys.leader, fence, ops, (seq_now,))
 
     def _committed(
         self,
@@ -368,44 +425,22 @@ class EtcdStore:
     ) -> None:
         """Our own commit is in the view at once (the watch's copy is then skipped)."""
         view = self.view
-        view.rollouts[(state.service, state.canary_version)] = state
+        rollout = (state.service, state.canary_version)
+        view.rollouts[rollout] = state
+        finished = state.phase in FINISHED
+        if finished:
+            view.log.finished(rollout)
         first = last - len(entries) + 1
         for i, e in enumerate(entries):
             version = None if e.snapshot_version is None else revision * VERSION_SCALE
-            view.audit[first + i] = replace(e, id=first + i, snapshot_version=version)
-            _note_head(view, view.audit[first + i])
+            view.log.note(replace(e, id=first + i, snapshot_version=version), finished)
+        if entries:
+            view.log.seq, view.log.seq_revision = last, revision
         for region in regions:
             view.routes[region] = revision
         # Everything below `revision` was seen by the watch or is ours.
         if revision == view.revision + 1:
             view.revision = revision
-
-    def audit(
-        self,
-        service: str | None = None,
-        region: str | None = None,
-        since: float | None = None,
-        kind: str | None = None,
-        limit: int | None = None,
-        after_id: int | None = None,
-    ) -> list[AuditEntry]:
-        out = [
-            e
-            for _, e in sorted(self.view.audit.items())
-            if (service is None or e.service == service)
-            and (region is None or e.region == region)
-            and (kind is None or e.kind == kind)
-            and (since is None or e.time >= since)
-            and (after_id is None or e.id > after_id)
-        ]
-        return out[-limit:] if limit is not None else out
-
-    def latest_checks(self, service: str, version: str) -> dict[str, AuditEntry]:
-        out: dict[str, AuditEntry] = {}
-        for _, e in sorted(self.view.audit.items()):
-            if (e.service, e.canary_version, e.kind) == (service, version, "check") and e.region:
-                out[e.region] = e
-        return out
 
     def close(self) -> None:
         self.kv.close()
@@ -470,12 +505,11 @@ def _apply(view: View, prefix: str, key: str, kv: Any, *, deleted: bool) -> str 
         if kind == "rollouts" and not deleted:
             state = state_from_json(value.decode())
             view.rollouts[(state.service, state.canary_version)] = state
+            if state.phase in FINISHED:
+                view.log.finished((state.service, state.canary_version))
             return "rollouts"
-        if kind == "audit" and not deleted:
-            entry = from_document(value, int(name), kv.mod_revision * VERSION_SCALE)
-            view.audit[entry.id] = entry
-            _note_head(view, entry)
-            return "audit"
+        if kind in ("audit-log", "audit", "archive-index") or rest == "audit-seq":
+            return None if deleted else audit_log.apply(view.log, view.rollouts, rest, kv)
         if kind == "routes":
             view.routes[name] = kv.mod_revision
             return "routes"
@@ -507,24 +541,18 @@ def _apply(view: View, prefix: str, key: str, kv: Any, *, deleted: bool) -> str 
 
 
 def _linked(view: View, entries: Sequence[AuditEntry]) -> list[AuditEntry]:
-    """The entries, each linked to its rollout's newest entry (the view's, then the one
-    before it in `entries`); the snapshot version hashed as the commit mark."""
+    """The entries, each linked to its rollout's head (the view's, then the one before
+    it in `entries`); the snapshot version hashed as the commit mark."""
     heads: dict[tuple[str, str], str] = {}
     out = []
     for e in entries:
         rollout = (e.service, e.canary_version)
-        prev = heads.get(rollout) or view.heads.get(rollout, (0, None))[1] or genesis(*rollout)
+        prev = heads.get(rollout) or view.log.head_hash(rollout) or genesis(*rollout)
         e = chained(e, prev, snapshot_mark=True)
         assert e.chain is not None
         heads[rollout] = e.chain.hash
         out.append(e)
     return out
-
-
-def _note_head(view: View, entry: AuditEntry) -> None:
-    rollout = (entry.service, entry.canary_version)
-    if entry.id >= view.heads.get(rollout, (0, None))[0]:
-        view.heads[rollout] = (entry.id, entry.chain.hash if entry.chain else None)
 
 
 def _schema_version(value: bytes) -> int:
@@ -533,32 +561,3 @@ def _schema_version(value: bytes) -> int:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ValueError(f"schema: 'version' is {version!r}, not a version number")
     return version
-
-
-def _migrate_txn(keys: Keys, fence: int, old: int, old_revision: int) -> rpc.TxnRequest:
-    """The schema key at SCHEMA_VERSION, if the leader key is still this replica's and the
-    schema key is still the one read (`old_revision`; 0: none); else both keys."""
-    doc = {"version": SCHEMA_VERSION, "migrated_from": old, "at": time.time()}
-    ranges = [
-        rpc.RequestOp(request_range=rpc.RangeRequest(key=key.encode()))
-        for key in (keys.leader, keys.schema)
-    ]
-    return rpc.TxnRequest(
-        compare=[
-            compare_create_revision(keys.leader, fence),
-            compare_mod_revision(keys.schema, old_revision),
-        ],
-        success=[put_op(keys.schema, json.dumps(doc).encode())],
-        failure=ranges,
-    )
-
-
-def _still_leads(reply: Any, fence: int | None) -> bool:
-    kvs = reply.responses[0].response_range.kvs if reply.responses else []
-    return bool(kvs) and kvs[0].create_revision == fence
-
-
-def _rpc_error(exc: grpc.RpcError) -> str:
-    code = exc.code() if hasattr(exc, "code") else None
-    details = exc.details() if hasattr(exc, "details") else str(exc)
-    return f"{code.name if code else 'error'}: {details}"

@@ -173,7 +173,13 @@ class StateStore(Protocol):
         kind: str | None = None,
         limit: int | None = None,
         after_id: int | None = None,
-    ) -> list[AuditEntry]: ...
+        before_id: int | None = None,
+        version: str | None = None,
+    ) -> list[AuditEntry]:
+        """The live log's and the archives' entries that match, in id order; with
+        `limit`, the newest `limit` (pages: `before_id`, the oldest id seen). Blocking
+        (a store read): on an event loop, run it in a thread."""
+        ...
 
     def latest_checks(self, service: str, version: str) -> dict[str, AuditEntry]: ...
 

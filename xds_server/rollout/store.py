@@ -2,11 +2,18 @@
 
 A decision is committed here (fsync'd: synchronous=FULL) before its weights are pushed,
 so a server killed at any moment restarts at the step it had announced, never earlier.
-The audit table refuses UPDATE and DELETE by trigger, and each entry carries the hash
-of its rollout's entry before it (`audit_chain.py`), computed inside the write
-transaction: whoever drops the triggers and edits a row breaks the chain. The schema's
-version is `PRAGMA user_version` (`SCHEMA_VERSION`): older stores are migrated once,
-newer ones refused (`StoreVersionError`, one line).
+The audit table refuses UPDATE by trigger, and DELETE of any entry that is not in an
+archive; each entry carries the hash of its rollout's entry before it
+(`audit_chain.py`), computed inside the write transaction: whoever drops the triggers
+and edits a row breaks the chain. The schema's version is `PRAGMA user_version`
+(`SCHEMA_VERSION`): older stores are migrated once, newer ones refused
+(`StoreVersionError`, one line).
+
+Retention (issue 30, `rollout/archive.py`): a finished rollout past the retention has
+its audit moved, in one write transaction, into one row of `audit_archive` (the
+entries' rows, compressed, with the chain's head), which is append-only too. `audit`
+reads both, merged by id; reads use a connection of their own (WAL: they see committed
+writes only), so they may run off the event loop's thread.
 
 A full disk must not keep a rollback from being written: the store keeps a reserve file
 (`STATE_DIR/reserve`, RESERVE_BYTES) that it deletes to make room for a critical write
@@ -20,14 +27,28 @@ import errno
 import logging
 import os
 import sqlite3
-from collections.abc import Collection, Iterator, Sequence
+import threading
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from xds_server.rollout.archive import (
+    ArchiveError,
+    Loaded,
+    Query,
+    Source,
+    decode,
+    due,
+    encode,
+    header_for,
+    pick,
+)
 from xds_server.rollout.audit import AuditEntry
 from xds_server.rollout.audit_chain import genesis
 from xds_server.rollout.audit_codec import CHAIN_COLUMNS, GROUP_COLUMN, chained, from_row, to_row
 from xds_server.rollout.ports import StoreWriteError
-from xds_server.rollout.state import RolloutState, state_from_json, state_to_json
+from xds_server.rollout.state import FINISHED, RolloutState, state_from_json, state_to_json
 
 log = logging.getLogger("xds_server.store")
 
@@ -37,10 +58,12 @@ RESERVE_BYTES = 4 * 1024 * 1024
 """Room kept for rollbacks: a rollback's commit writes a few pages (tens of KB), so this
 holds many even when every other byte of the disk is taken."""
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The store's layout, kept in `PRAGMA user_version`: 2, the audit's hash chain
-(`CHAIN_COLUMNS`, `audit_by_rollout`). A store made before schema versions reads 0 there
-and is version 1 (`UNVERSIONED`): migrated once, on opening, in one write transaction."""
+(`CHAIN_COLUMNS`, `audit_by_rollout`); 3, the archive (`audit_archive`; `audit_no_delete`
+lets archived entries leave). A store made before schema versions reads 0 there and is
+version 1 (`UNVERSIONED`): migrated once, on opening, in one write transaction. (etcd's
+layout shares the number: `ha/store.py`.)"""
 UNVERSIONED = 1
 
 SCHEMA = (
@@ -74,10 +97,31 @@ SCHEMA = (
 )""",
     "CREATE INDEX IF NOT EXISTS audit_by_service ON audit (service, time)",
     "CREATE INDEX IF NOT EXISTS audit_by_rollout ON audit (service, canary_version, id)",
+    """CREATE TABLE IF NOT EXISTS audit_archive (
+    service TEXT NOT NULL,
+    canary_version TEXT NOT NULL,
+    first_id INTEGER NOT NULL,
+    last_id INTEGER NOT NULL,
+    entries INTEGER NOT NULL,
+    since REAL NOT NULL,
+    until REAL NOT NULL,
+    last_hash TEXT NOT NULL,
+    archived_at REAL NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (service, canary_version)
+)""",
+    "CREATE INDEX IF NOT EXISTS archive_by_last ON audit_archive (last_id)",
     """CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
-    """CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
-    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
+    "DROP TRIGGER IF EXISTS audit_no_delete",  # (schema 2's refused every delete)
+    """CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+    WHEN NOT EXISTS (SELECT 1 FROM audit_archive a WHERE a.service = OLD.service
+        AND a.canary_version = OLD.canary_version AND OLD.id BETWEEN a.first_id AND a.last_id)
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only: only archived entries leave'); END""",
+    """CREATE TRIGGER IF NOT EXISTS archive_no_update BEFORE UPDATE ON audit_archive
+    BEGIN SELECT RAISE(ABORT, 'the audit archive is append-only'); END""",
+    """CREATE TRIGGER IF NOT EXISTS archive_no_delete BEFORE DELETE ON audit_archive
+    BEGIN SELECT RAISE(ABORT, 'the audit archive is append-only'); END""",
 )
 """Every statement is idempotent: run on a store of any older version, they bring it up
 to this one (with the columns `_add_columns` adds to tables made before)."""
@@ -110,6 +154,8 @@ class Store:
                 f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False
             )
             self._refuse_newer()
+            self.reads = self.db
+            self._read_lock = threading.Lock()
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(
@@ -122,6 +168,9 @@ class Store:
             self._migrate()
         self.reserve = self.path.parent / RESERVE_NAME
         self._keep_reserve()
+        self.reads = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
+        """The audit's reads (any thread, one at a time): committed writes only."""
+        self._read_lock = threading.Lock()
 
     def _version(self) -> int:
         stored = int(self.db.execute("PRAGMA user_version").fetchone()[0])
@@ -182,6 +231,8 @@ class Store:
         return store
 
     def close(self) -> None:
+        if self.reads is not self.db:
+            self.reads.close()
         self.db.close()
 
     # ---- rollout state ----
@@ -251,6 +302,11 @@ class Store:
             "ORDER BY id DESC LIMIT 1",
             (service, version),
         ).fetchone()
+        if row is None:  # (none live: archived, whose chain goes on from its head)
+            row = self.db.execute(
+                "SELECT last_hash FROM audit_archive WHERE service = ? AND canary_version = ?",
+                (service, version),
+            ).fetchone()
         return str(row[0]) if row and row[0] else genesis(service, version)
 
     def _keep_reserve(self) -> None:
@@ -293,13 +349,18 @@ class Store:
     # ---- audit ----
 
     def latest_checks(self, service: str, version: str) -> dict[str, AuditEntry]:
-        """The newest judgement of each region for one rollout."""
-        entries = self._select(
-            "id IN (SELECT MAX(id) FROM audit WHERE service = ? AND canary_version = ? "
-            "AND kind = 'check' GROUP BY region)",
-            [service, version],
-        )
-        return {e.region: e for e in entries if e.region}
+        """The newest judgement of each region for one rollout (from its archive once
+        its audit was archived)."""
+        with self._read_lock:
+            entries = self._select(
+                "id IN (SELECT MAX(id) FROM audit WHERE service = ? AND canary_version = ? "
+                "AND kind = 'check' GROUP BY region)",
+                [service, version],
+            )
+            if not entries:
+                query = Query(service=service, canary_version=version, kind="check")
+                entries = [e for s in self._archives(query) for e in s.entries(None)]
+        return {e.region: e for e in sorted(entries, key=lambda e: e.id) if e.region}
 
     def audit(
         self,
@@ -309,20 +370,14 @@ class Store:
         kind: str | None = None,
         limit: int | None = None,
         after_id: int | None = None,
+        before_id: int | None = None,
+        version: str | None = None,
     ) -> list[AuditEntry]:
-        where: list[str] = ["1=1"]
-        args: list[str | float] = []
-        for column, value in (("service", service), ("region", region), ("kind", kind)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if since is not None:
-            where.append("time >= ?")
-            args.append(since)
-        if after_id is not None:  # for followers: only what is new since the last read
-            where.append("id > ?")
-            args.append(after_id)
-        return self._select(" AND ".join(where), args, limit)
+        """The live log's entries and the archived ones that match, in id order; with
+        `limit`, the newest `limit`. Thread-safe (the reads' own connection)."""
+        query = Query(service, version, region, kind, since, after_id, before_id)
+        with self._read_lock:
+            return pick([_LiveRows(self, query), *self._archives(query)], limit)
 
     def _select(
         self, where: str, args: list[str | float], limit: int | None = None
@@ -332,9 +387,141 @@ class Store:
             sql = f"SELECT * FROM (SELECT * FROM audit WHERE {where} ORDER BY id DESC LIMIT ?)"
             sql += " ORDER BY id"
             args = [*args, limit]
-        cur = self.db.execute(sql, args)
+        cur = self.reads.execute(sql, args)
         names = [d[0] for d in cur.description]
         return [from_row(dict(zip(names, row, strict=True))) for row in cur.fetchall()]
+
+    def _archives(self, query: Query) -> list[Source]:
+        """The archives that may hold matches (none in a store older than archives)."""
+        if not self._has_table("audit_archive"):
+            return []
+        where: list[str] = ["last_id > ?"]
+        args: list[Any] = [query.after_id or 0]
+        for column, value in (("service", query.service), ("canary_version", query.canary_version)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if query.before_id is not None:
+            where.append("first_id < ?")
+            args.append(query.before_id)
+        if query.since is not None:
+            where.append("until >= ?")
+            args.append(query.since)
+        rows = self.reads.execute(
+            "SELECT service, canary_version, last_id FROM audit_archive WHERE "
+            + " AND ".join(where),
+            args,
+        ).fetchall()
+        return [_ArchiveRow(self, query, s, v, last) for s, v, last in rows]
+
+    def _has_table(self, name: str) -> bool:
+        row = self.reads.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (name,))
+        return row.fetchone() is not None
+
+    def archived(self, service: str, version: str) -> list[AuditEntry]:
+        """One rollout's archived entries ([] when it has no archive)."""
+        row = self.reads.execute(
+            "SELECT data FROM audit_archive WHERE service = ? AND canary_version = ?",
+            (service, version),
+        ).fetchone()
+        return decode(row[0], f"{self.path} archive {service} {version}")[1] if row else []
+
+    # ---- retention (rollout/archive.py) ----
+
+    def archivable(self, now: float, retention: float) -> list[tuple[str, str]]:
+        """Finished rollouts past the retention with live audit, oldest change first."""
+        rows = self.db.execute(
+            "SELECT state FROM rollouts r WHERE updated_at <= ? AND EXISTS (SELECT 1 FROM "
+            "audit a WHERE a.service = r.service AND a.canary_version = r.canary_version) "
+            "ORDER BY updated_at",
+            (now - retention,),
+        ).fetchall()
+        states = [state_from_json(r[0]) for r in rows]
+        return [(s.service, s.canary_version) for s in states if due(s, now, retention)]
+
+    async def archive(self, service: str, version: str, now: float) -> bool:
+        """Move a finished rollout's live audit into its archive row, in one write
+        transaction (read, encoded and deleted under it); False: nothing to move."""
+        try:
+            with self._transaction():
+                return self._archive(service, version, now)
+        except sqlite3.Error as exc:
+            raise StoreWriteError(f"cannot archive in {self.path}: {exc}") from None
+
+    def _archive(self, service: str, version: str, now: float) -> bool:
+        state = self.rollout(service, version)
+        if state is None or state.phase not in FINISHED:
+            return False  # (a live rollout's audit is never archived)
+        cur = self.db.execute(
+            "SELECT * FROM audit WHERE service = ? AND canary_version = ? ORDER BY id",
+            (service, version),
+        )
+        names = [d[0] for d in cur.description]
+        rows = [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        if not rows:
+            return False
+        entries = [from_row(r) for r in rows]
+        header = header_for(state, "sqlite", entries, now)
+        records = [{"id": r.pop("id"), "row": r} for r in rows]
+        self.db.execute(
+            "INSERT INTO audit_archive (service, canary_version, first_id, last_id, entries, "
+            "since, until, last_hash, archived_at, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (service, version, header.first_id, header.last_id, header.entries, header.since,
+             header.until, header.last_hash, now, encode(header, records)),
+        )  # fmt: skip
+        self.db.execute(
+            "DELETE FROM audit WHERE service = ? AND canary_version = ?", (service, version)
+        )
+        log.info("archived the audit of %s %s (%d entries)", service, version, len(rows))
+        return True
+
+
+@dataclass(frozen=True)
+class _LiveRows:
+    """The live table as one `Source`: SQL filters, orders and limits."""
+
+    store: Store
+    query: Query
+    top: int = 2**63
+
+    def entries(self, limit: int | None) -> Iterable[AuditEntry]:
+        q = self.query
+        where: list[str] = ["1=1"]
+        args: list[Any] = []
+        for column, value in (
+            ("service", q.service),
+            ("canary_version", q.canary_version),
+            ("region", q.region),
+            ("kind", q.kind),
+        ):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        for clause, bound in (("time >= ?", q.since), ("id > ?", q.after_id),
+                              ("id < ?", q.before_id)):  # fmt: skip
+            if bound is not None:
+                where.append(clause)
+                args.append(bound)
+        return self.store._select(" AND ".join(where), args, limit)
+
+
+@dataclass(frozen=True)
+class _ArchiveRow:
+    """One archived rollout, decoded only when read."""
+
+    store: Store
+    query: Query
+    service: str
+    version: str
+    top: int
+
+    def entries(self, limit: int | None) -> Iterable[AuditEntry]:
+        try:
+            items = self.store.archived(self.service, self.version)
+        except ArchiveError as exc:
+            log.error("%s", exc)  # (one unreadable archive must not hide the others)
+            return []
+        return Loaded(items, self.query, self.top).entries(limit)
 
 
 def _out_of_space(exc: sqlite3.Error) -> bool:
