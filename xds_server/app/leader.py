@@ -17,9 +17,11 @@ from prometheus_client import CollectorRegistry
 
 from xds_server.outputs.istio_apply import istio_sinks
 from xds_server.outputs.notify import notification_sinks
+from xds_server.rollout.archive import DEFAULT_RETENTION, Archiving
 from xds_server.rollout.controller import RolloutController
 from xds_server.rollout.exported import RolloutMetrics
 from xds_server.rollout.ports import Committed, MetricSource, StateStore
+from xds_server.rollout.retention import AuditRetention
 from xds_server.spec import MeshSpec
 from xds_server.xds.dataplane import DataPlane
 
@@ -57,8 +59,13 @@ class LeaderRuntime:
         metric_source: MetricSource,
         metrics: RolloutMetrics,
         sinks: tuple[SinkFactory, ...],
+        audit_retention: float = DEFAULT_RETENTION,
     ) -> None:
         self.controller = RolloutController(spec, dataplane, store, metric_source)
+        self.retention = (
+            AuditRetention(store, audit_retention) if isinstance(store, Archiving) else None
+        )
+        """Finished rollouts' audit to the archive, under this term's writes (issue 30)."""
         self.controller.subscribe(metrics)
         self.controller.watch_store(metrics.store.on_health)
         current = spec()
@@ -77,6 +84,8 @@ class LeaderRuntime:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self.controller.run())]
         self._tasks += [loop.create_task(sink.run()) for sink in self.sinks]
+        if self.retention is not None:
+            self._tasks.append(loop.create_task(self.retention.run()))
 
     def stop(self, timeout: float) -> None:
         """The term ends: stop deciding; each sink gets up to `timeout` seconds to finish."""

@@ -27,7 +27,7 @@ import json
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from xds_server.rollout.audit import AuditEntry
 from xds_server.rollout.audit_codec import AuditDecodeError, from_document, from_row
@@ -175,6 +175,7 @@ def due(state: RolloutState, now: float, retention: float) -> bool:
     return state.phase in FINISHED and state.updated_at <= now - retention
 
 
+@runtime_checkable
 class Archiving(Protocol):
     """What a store offers the leader's retention (`rollout/retention.py`)."""
 
