@@ -96,6 +96,13 @@ def _add_addresses(s: argparse.ArgumentParser) -> None:
         help="rollout state and audit log (SQLite)",
     )
     s.add_argument(
+        "--audit-retention",
+        default="30d",
+        metavar="DURATION",
+        help="a finished rollout's audit moves to the archive (compressed; xdsctl audit "
+        "still reads it) this long after its last change: 30d, 12h, 90s (default 30d)",
+    )
+    s.add_argument(
         "--prometheus-url", default="http://127.0.0.1:9090", help="where canary health is read from"
     )
     s.add_argument(
@@ -206,6 +213,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         replica_id=args.replica_id or "",
         store_retention=retention,
         store_quota_bytes=quota,
+        audit_retention=audit_retention(args.audit_retention),
     )
     if address is not None:
         check_store(address)  # etcd refusing this process: one line, before anything starts
@@ -213,6 +221,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         asyncio.run(local(options).serve())
     return 0
+
+
+def audit_retention(text: str) -> float:
+    """`--audit-retention`: a duration (30d, 12h, 90s, a number of seconds), over 0."""
+    days = text.strip().removesuffix("d")
+    seconds = (
+        float(days) * 86400 if days != text.strip() and days.replace(".", "", 1).isdigit()
+        else parse_duration(text)
+    )  # fmt: skip
+    if seconds is None or not seconds > 0:
+        raise UsageError(f"--audit-retention: a duration like 30d, 12h or 90s, got {text!r}")
+    return seconds
 
 
 def _store_upkeep(args: argparse.Namespace) -> tuple[float, int]:

@@ -55,6 +55,9 @@ class ServeOptions:
     """The regions this replica serves; (): all."""
     replica_id: str = ""
     """This replica's name in the store; "": the host name and the xDS port."""
+    audit_retention: float = 30 * 86400.0
+    """Seconds a finished rollout's audit stays in the live log before the leader moves
+    it to the archive (`--audit-retention`; `rollout/archive.py`)."""
     store_retention: float = 3600.0
     """Seconds of etcd history the leader keeps (it compacts older revisions); 0: all."""
     store_quota_bytes: int = 2 * 1024**3

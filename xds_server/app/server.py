@@ -110,6 +110,7 @@ class Server:
             PrometheusSource(self.options.prometheus_url),
             self.metrics.rollouts,
             self.metrics.sinks,
+            audit_retention=self.options.audit_retention,
         )
         self.roles.leader = leader
         self.metrics.leadership.leading(True)
