@@ -184,10 +184,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.leader_ttl < 2:
         raise UsageError(f"--leader-ttl: at least 2 seconds, got {args.leader_ttl}")
     retention, quota = _store_upkeep(args)
-    address = store_address(args, check=False) if args.store else None
+    address = _store(args)
     exposed = off_loopback(args)
-    if address is not None:
-        store_off_loopback(address, args.insecure)
     auth_reads = args.admin_auth_reads or bool(exposed and not args.insecure)
     options = ServeOptions(
         spec_path=Path(args.spec) if args.spec else None,
@@ -278,6 +276,16 @@ def off_loopback(args: argparse.Namespace) -> list[str]:
             f"add {' '.join(missing)} (or --insecure to serve it unprotected)"
         )
     return exposed
+
+
+def _store(args: argparse.Namespace) -> EtcdAddress | None:
+    """`--store` and its flags, read (etcd not asked yet: `check_store`); off loopback
+    only secured or with `--insecure`."""
+    if not args.store:
+        return None
+    address = store_address(args, check=False)
+    store_off_loopback(address, args.insecure)
+    return address
 
 
 def store_off_loopback(address: EtcdAddress, insecure: bool) -> None:
