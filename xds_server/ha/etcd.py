@@ -169,7 +169,9 @@ def parse_store_url(
     TLS files and login (default: TLS as the scheme says, no files, no user)."""
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in ("etcd", "etcds"):
-        raise StoreAddressError(f"--store {url!r}: expected etcd[s]://HOST:PORT[,HOST:PORT...]")
+        raise StoreAddressError(
+            f"--store {url!r}: expected etcd://HOST:PORT[,HOST:PORT...] (etcds:// over TLS)"
+        )
     security = security or StoreSecurity(tls=scheme == "etcds")
     if security.tls != (scheme == "etcds"):
         raise StoreAddressError(f"--store {url!r}: TLS is etcds://, plaintext etcd://")
