@@ -62,6 +62,8 @@ from xds_server.xds.resources import ROUTE_CONFIG_NAME
 from xds_server.xds.types import BY_SHORT_NAME, CLUSTER, ENDPOINT, ROUTE
 
 MAX_LIMIT = 2**31 - 1
+AUDIT_PAGE = 200
+"""Entries per GetAudit call (an entry is 1-20 KB: an answer stays under gRPC's 4 MB)."""
 
 
 # ---- commands ----
@@ -212,12 +214,10 @@ def cmd_audit(args: argparse.Namespace, admin: Admin) -> None:
         raise UsageError("audit: SERVICE and --version go with `audit verify`; else --service")
     limit = parse_limit(args.limit) if args.limit is not None else 0
     since = parse_since(args.since) if args.since else 0.0
-    entries = admin.call(
-        GET_AUDIT,
-        admin_pb2.GetAuditRequest(
-            service=args.service or "", region=args.region or "", since=since, limit=limit
-        ),
-    ).entries
+    request = admin_pb2.GetAuditRequest(
+        service=args.service or "", region=args.region or "", since=since
+    )
+    entries = audit_pages(admin, request, limit)
     emit(
         args,
         [to_dict(e) for e in entries],
@@ -246,8 +246,10 @@ def cmd_audit_verify(args: argparse.Namespace, admin: Admin) -> None:
     replica: every entry with the bytes its hash covers; exit 1 naming the first broken
     entry of each broken chain."""
     service = args.target or args.service or ""
-    request = admin_pb2.GetAuditRequest(service=service, region="", canonical=True)
-    entries = admin.call(GET_AUDIT, request).entries
+    request = admin_pb2.GetAuditRequest(
+        service=service, canonical=True, canary_version=args.version or "" if service else ""
+    )
+    entries = audit_pages(admin, request, 0, page=AUDIT_PAGE // 2)
     reports = verify(
         Chained(e.id, e.service, e.canary_version, e.prev_hash, e.hash, e.canonical.encode())
         for e in entries
@@ -260,6 +262,31 @@ def cmd_audit_verify(args: argparse.Namespace, admin: Admin) -> None:
         raise CtlError(f"audit chain broken: {first}")
     if service and not reports:
         raise CtlError(f"no audit entries for {service} {args.version or ''}".rstrip())
+
+
+def audit_pages(
+    admin: Admin, request: admin_pb2.GetAuditRequest, want: int, page: int = 0
+) -> list[admin_pb2.AuditEntry]:
+    """The newest `want` entries (0: every one) that `request` asks for, oldest first,
+    read a page at a time, newest first (the server pages the store the same way), so
+    no answer grows with the log. A server older than pages (it ignores `before_id`)
+    is asked once for them all."""
+    page = page or AUDIT_PAGE
+    out: list[admin_pb2.AuditEntry] = []
+    before = 0
+    while True:
+        size = min(page, want - len(out)) if want else page
+        asked = admin_pb2.GetAuditRequest()
+        asked.CopyFrom(request)
+        asked.limit, asked.before_id = size, before
+        got = list(admin.call(GET_AUDIT, asked).entries)
+        if before and any(e.id >= before for e in got):
+            asked.limit, asked.before_id = want, 0
+            return list(admin.call(GET_AUDIT, asked).entries)
+        out[:0] = got
+        if len(got) < size or (want and len(out) >= want):
+            return out
+        before = got[0].id
 
 
 def parse_limit(text: str) -> int:

@@ -20,6 +20,7 @@ INTERNAL, one log line each, and marks every status the server sends itself.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -57,6 +58,7 @@ from xds_server.admin.views import (
     store_message,
     stragglers_by_node,
 )
+from xds_server.ha.store_audit import StoreReadError
 from xds_server.rollout.ports import StateStore
 from xds_server.rollout.state import RolloutState
 from xds_server.xds.publisher import XdsPublisher
@@ -288,13 +290,25 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"since is {request.since}; expected seconds since the epoch (0: from the start)",
             )
+        if request.before_id < 0:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"before_id is {request.before_id}; expected an entry's id (0: no bound)",
+            )
         store = await self._store(context)
-        entries = store.audit(
+        read = functools.partial(
+            store.audit,
             service=request.service or None,
             region=request.region or None,
             since=request.since or None,
             limit=request.limit or None,
+            before_id=request.before_id or None,
+            version=request.canary_version or None,
         )
+        try:
+            entries = await asyncio.to_thread(read)  # (a store read: etcd pages it)
+        except StoreReadError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         canonical = request.canonical  # (the bytes each hash covers: audit verify)
         return pb.GetAuditResponse(entries=[audit_message(e, canonical) for e in entries])
 

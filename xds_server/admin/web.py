@@ -236,7 +236,12 @@ class Dashboard:
         services = []
         for svc in view.spec.services:
             rollout = service_rollout(view, svc.name)
-            last = store.audit(service=svc.name, kind="transition", limit=1) if store else []
+            # (a store read: etcd pages it, off the loop)
+            last = (
+                await asyncio.to_thread(store.audit, service=svc.name, kind="transition", limit=1)
+                if store
+                else []
+            )
             services.append(
                 {
                     "name": svc.name,
@@ -309,11 +314,13 @@ class Dashboard:
         self.operator.check_service(service)
         state = self._find(service, request.query.get("version", ""))
         store = self.view.store
-        entries = [
-            e
-            for e in (store.audit(service=service, limit=AUDIT_LIMIT) if store else [])
-            if e.canary_version == state.canary_version
-        ]
+        entries = (  # (its live log or its archive, off the loop)
+            await asyncio.to_thread(
+                store.audit, service=service, version=state.canary_version, limit=AUDIT_LIMIT
+            )
+            if store
+            else []
+        )
         cause = rollback_cause(entries) if state.phase == "rolled_back" else None
         plan = self.view.spec.service(service).rollout
         history = [s for s in (store.load_rollouts() if store else []) if s.service == service]

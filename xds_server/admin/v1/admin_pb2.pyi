@@ -655,14 +655,22 @@ class GetAuditRequest(_message.Message):
     SINCE_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     CANONICAL_FIELD_NUMBER: _builtins.int
+    BEFORE_ID_FIELD_NUMBER: _builtins.int
+    CANARY_VERSION_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     region: _builtins.str
     since: _builtins.float
     """seconds since the epoch"""
     limit: _builtins.int
-    """at most this many entries; 0: all (negative: INVALID_ARGUMENT)"""
+    """the newest this many entries; 0: all (negative: INVALID_ARGUMENT)"""
     canonical: _builtins.bool
     """fill each entry's canonical (xdsctl audit verify)"""
+    before_id: _builtins.int
+    """Pages (issue 30): only entries with a lower id (0: none left out). xdsctl asks for
+    `limit` entries before the oldest it has, until a page comes back short.
+    """
+    canary_version: _builtins.str
+    """only this rollout's entries (with service); "": every one"""
     def __init__(
         self,
         *,
@@ -671,10 +679,12 @@ class GetAuditRequest(_message.Message):
         since: _builtins.float = ...,
         limit: _builtins.int = ...,
         canonical: _builtins.bool = ...,
+        before_id: _builtins.int = ...,
+        canary_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["canonical", b"canonical", "limit", b"limit", "region", b"region", "service", b"service", "since", b"since"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["before_id", b"before_id", "canary_version", b"canary_version", "canonical", b"canonical", "limit", b"limit", "region", b"region", "service", b"service", "since", b"since"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
