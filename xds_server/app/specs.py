@@ -8,7 +8,6 @@ served; the server is told of each good change through a `SpecTarget`.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import os
 from collections.abc import Callable, Coroutine
@@ -18,7 +17,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry, Gauge
 
 from xds_server.ha.etcd import one_line
-from xds_server.ha.instances import Served, with_registered
+from xds_server.ha.instances import RegistryIndex, Served
 from xds_server.ha.store import EtcdStore, StoredSpec
 from xds_server.spec import MeshSpec, SpecError, load_spec, parse_spec
 from xds_server.traffic import TrafficState
@@ -161,12 +160,15 @@ class StoreSpecSource:
         self.store = store
         self.stored = stored
         """The spec as pushed; what is served adds the registry's instances."""
-        self.served: Served = with_registered(stored, store.view.registry.values(), None, traffic)
+        self.index = RegistryIndex()
+        """The registry as last served, grouped: an update costs what changed."""
+        self.index.update(store.view.registry)
+        self.served: Served = self.index.serve(stored, None, traffic)
         self.traffic: Callable[[], TrafficState] = lambda: traffic
         """The weights served now (the server points this at its publisher)."""
         self.file = spec_file
         self.metrics = metrics
-        self.metrics.set(store)
+        self.metrics.set(self.index)
         self._text = store.view.spec.text if store.view.spec else ""
         """The text of the spec served now (a watch event for the same text is no news)."""
         self._registry_handle: asyncio.TimerHandle | None = None
@@ -220,15 +222,14 @@ class StoreSpecSource:
 
     def _registry_changed(self) -> None:
         self._registry_handle = None
-        self.metrics.set(self.store)
         self._serve()
+        self.metrics.set(self.index)
         if self._target is not None:
             self._target.endpoints_changed(self.spec, "registry changed")
 
     def _serve(self) -> None:
-        self.served = with_registered(
-            self.stored, self.store.view.registry.values(), self.served.spec, self.traffic()
-        )
+        self.index.update(self.store.view.registry)
+        self.served = self.index.serve(self.stored, self.served.spec, self.traffic())
         for region, service, pool in sorted(self.served.held):
             log.warning(
                 "%s %s in %s has no host left while it takes traffic: keeping its last "
@@ -256,11 +257,9 @@ class RegistryMetrics:
             registry=registry,
         )
 
-    def set(self, store: EtcdStore) -> None:
-        instances = store.view.registry.values()
-        counts = collections.Counter((i.service, i.version, i.region) for i in instances)
+    def set(self, index: RegistryIndex) -> None:
         self.registered.clear()
-        for (service, version, region), n in counts.items():
+        for (region, service, version), n in index.counts().items():
             self.registered.labels(service, version, region).set(n)
 
 

@@ -9,6 +9,12 @@ in a region and has none left while the weights give it traffic there keeps its 
 hosts (`held`). Envoy would answer "no healthy upstream" for an empty cluster anyway; the
 held pool also tells the rollout to hold there (`Registry.live_hosts`), and a hold that
 lasts past `max_hold` fails the step.
+
+A replica serves a registry of thousands of instances that changes many times a second
+(a fleet starting, churning): `RegistryIndex` keeps the instances grouped by region,
+service and version from one change to the next, so each update costs the instances
+that changed, and a pool whose hosts did not change keeps the very same tuple (which the
+snapshot builder then recognises without looking at its hosts).
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+from functools import cached_property
+from operator import attrgetter
 
 from xds_server.spec import MeshSpec, parse_host_port
 from xds_server.spec.model import Endpoint
@@ -41,8 +49,9 @@ class Instance:
     """Where the warm-up's health check asks it, when not on its traffic port (a gRPC
     model server's REST port: `register --health-port`); an endpoint's `health_port`."""
 
-    @property
+    @cached_property
     def endpoint(self) -> Endpoint:
+        """Parsed once: an instance is served at every update while its key lives."""
         host, port = parse_host_port(self.address, port_from=1)
         return Endpoint(host, port, self.health_port)
 
@@ -92,6 +101,124 @@ class Served:
     """Hosts per pool and region that are really there (static or registered)."""
 
 
+GroupKey = tuple[str, str, str]
+"""(region, service, version): the instances a pool of that version selects there."""
+Selected = tuple[tuple[str, Endpoint], ...]
+"""A group's instances as (pool hint, endpoint), in registration order (the key's create
+revision, then the address)."""
+
+_ORDER = attrgetter("revision", "address")
+
+_PoolMemo = tuple[tuple[Endpoint, ...], Selected, tuple[Endpoint, ...]]
+
+
+class RegistryIndex:
+    """The registry grouped by (region, service, version), updated change by change.
+
+    `update` compares the registry with the one it saw last, instance by instance (an
+    unchanged key is the very same `Instance` object in the store's view), and sorts
+    only the groups that changed; `serve` reuses each pool's endpoint tuple while its
+    group and static endpoints are the same objects. Equal to `with_registered` from
+    scratch (`tests/test_registry_index.py`)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, Instance] = {}
+        self._members: dict[GroupKey, dict[str, Instance]] = {}
+        self.groups: dict[GroupKey, Selected] = {}
+        self._pools: dict[PoolKey, _PoolMemo] = {}
+        """(region, service, pool) -> (its static endpoints, its group, what it served)."""
+
+    def update(self, registry: Mapping[str, Instance]) -> frozenset[GroupKey]:
+        """Take the registry as it is now (key -> instance); the groups that changed."""
+        prev, kept = self._seen, 0
+        touched: set[GroupKey] = set()
+        for key, inst in registry.items():
+            old = prev.get(key)
+            if old is inst:
+                kept += 1
+                continue
+            if old is not None:
+                kept += 1
+                self._leave(key, old, touched)
+            group = (inst.region, inst.service, inst.version)
+            self._members.setdefault(group, {})[key] = inst
+            touched.add(group)
+        if kept < len(prev):  # (some keys are gone)
+            for key in prev.keys() - registry.keys():
+                self._leave(key, prev[key], touched)
+        self._seen = dict(registry)
+        for group in touched:
+            members = self._members.get(group)
+            if members:
+                ordered = sorted(members.values(), key=_ORDER)
+                self.groups[group] = tuple((i.pool, i.endpoint) for i in ordered)
+            else:
+                self._members.pop(group, None)
+                self.groups.pop(group, None)
+        return frozenset(touched)
+
+    def _leave(self, key: str, inst: Instance, touched: set[GroupKey]) -> None:
+        group = (inst.region, inst.service, inst.version)
+        self._members.get(group, {}).pop(key, None)
+        touched.add(group)
+
+    def counts(self) -> dict[GroupKey, int]:
+        """Instances per (region, service, version)."""
+        return {group: len(members) for group, members in self._members.items()}
+
+    def serve(
+        self,
+        spec: MeshSpec,
+        previous: MeshSpec | None = None,
+        traffic: TrafficState | None = None,
+    ) -> Served:
+        """The spec to serve: each pool's static endpoints plus its registered instances;
+        a pool emptied while `traffic` weights it keeps its hosts from `previous`."""
+        held: set[PoolKey] = set()
+        live: dict[PoolKey, int] = {}
+        pools_seen: dict[PoolKey, _PoolMemo] = {}
+        services = []
+        for svc in spec.services:
+            pools = {}
+            for name, pool in svc.pools.items():
+                endpoints = {}
+                for region in spec.regions:
+                    key = (region, svc.name, name)
+                    static = pool.endpoints.get(region, ())
+                    mine = self.groups.get((region, svc.name, pool.version), ())
+                    memo = self._pools.get(key)
+                    if memo is not None and memo[0] is static and memo[1] is mine:
+                        eps = memo[2]
+                    else:
+                        eps = _pool_endpoints(static, mine, name)
+                    pools_seen[key] = (static, mine, eps)
+                    live[key] = len(eps)
+                    if not eps and _weighted(traffic, svc.name, region, name):
+                        kept = _hosts(previous, svc.name, name, region)
+                        if kept:
+                            eps = kept
+                            held.add(key)
+                    if eps:
+                        endpoints[region] = eps
+                pools[name] = replace(pool, endpoints=endpoints)
+            services.append(replace(svc, pools=pools))
+        self._pools = pools_seen  # (only the spec's pools: the memo stays its size)
+        return Served(replace(spec, services=tuple(services)), frozenset(held), live)
+
+
+def _pool_endpoints(
+    static: tuple[Endpoint, ...], mine: Selected, pool: str
+) -> tuple[Endpoint, ...]:
+    """A pool's hosts: its static endpoints, then the registered ones it selects; one host
+    per address (a static endpoint wins over its registration)."""
+    if not static:
+        return tuple(e for hint, e in mine if hint in ("", pool))
+    at = {(e.host, e.port) for e in static}
+    return static + tuple(
+        e for hint, e in mine if hint in ("", pool) and (e.host, e.port) not in at
+    )
+
+
 def with_registered(
     spec: MeshSpec,
     instances: Iterable[Instance],
@@ -99,34 +226,11 @@ def with_registered(
     traffic: TrafficState | None = None,
 ) -> Served:
     """The spec to serve: each pool's static endpoints plus its registered instances;
-    a pool emptied while `traffic` weights it keeps its hosts from `previous`."""
-    registered: dict[tuple[str, str, str], list[tuple[str, Endpoint]]] = {}
-    for i in sorted(instances, key=lambda i: (i.revision, i.address)):
-        registered.setdefault((i.region, i.service, i.version), []).append((i.pool, i.endpoint))
-    held: set[PoolKey] = set()
-    live: dict[PoolKey, int] = {}
-    services = []
-    for svc in spec.services:
-        pools = {}
-        for name, pool in svc.pools.items():
-            endpoints = {}
-            for region in spec.regions:
-                eps = list(pool.endpoints.get(region, ()))
-                mine = registered.get((region, svc.name, pool.version), [])
-                # One host per address: a static endpoint wins over its registration.
-                at = {(e.host, e.port) for e in eps}
-                eps += [e for hint, e in mine if hint in ("", name) and (e.host, e.port) not in at]
-                live[(region, svc.name, name)] = len(eps)
-                if not eps and _weighted(traffic, svc.name, region, name):
-                    kept = _hosts(previous, svc.name, name, region)
-                    if kept:
-                        eps = list(kept)
-                        held.add((region, svc.name, name))
-                if eps:
-                    endpoints[region] = tuple(eps)
-            pools[name] = replace(pool, endpoints=endpoints)
-        services.append(replace(svc, pools=pools))
-    return Served(replace(spec, services=tuple(services)), frozenset(held), live)
+    a pool emptied while `traffic` weights it keeps its hosts from `previous`. (From
+    scratch: a replica keeps a `RegistryIndex` instead.)"""
+    index = RegistryIndex()
+    index.update({str(n): i for n, i in enumerate(instances)})
+    return index.serve(spec, previous, traffic)
 
 
 def _weighted(traffic: TrafficState | None, service: str, region: str, pool: str) -> bool:

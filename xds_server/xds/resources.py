@@ -12,8 +12,7 @@ from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
-from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.core.v3 import base_pb2, config_source_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.grpc_stats.v3 import config_pb2 as grpc_stats_pb2
@@ -31,7 +30,6 @@ from google.protobuf import any_pb2, duration_pb2, message, wrappers_pb2
 from xds_server.spec import (
     ARM_HEADER,
     POOL_NAMES,
-    Endpoint,
     HealthCheck,
     MatchRule,
     MeshSpec,
@@ -40,8 +38,8 @@ from xds_server.spec import (
 )
 from xds_server.spec.rollout import CANARY_MATCH_HEADER
 from xds_server.traffic import Split, TrafficState
+from xds_server.xds.endpoints import LoadAssignments, socket_address
 from xds_server.xds.health_checks import (
-    HealthPorts,
     build_health_check,
     envoy_health_check,
     health_ports,
@@ -123,9 +121,7 @@ class RegionBuilder:
     def __init__(self, region: str) -> None:
         self.region = region
         self._clusters: dict[tuple[str, ClusterOptions], message.Message] = {}
-        self._endpoints: dict[
-            tuple[str, tuple[Endpoint, ...], HealthPorts | None], message.Message
-        ] = {}
+        self._endpoints = LoadAssignments(region)
         self._vhosts: dict[tuple[Any, ...], message.Message] = {}
         self._routes: tuple[tuple[Any, ...], message.Message] | None = None
         """The route configuration, keyed by its virtual hosts' keys (values, not ids)."""
@@ -136,7 +132,6 @@ class RegionBuilder:
             return self._reweigh(traffic)
         clusters: dict[str, message.Message] = {}
         endpoints: dict[str, message.Message] = {}
-        used_eps = set()
         used_clusters = set()
         for svc in spec.services:
             for name, pool in service_clusters(svc):
@@ -145,19 +140,15 @@ class RegionBuilder:
                     self._clusters[ckey] = build_cluster(name, ckey[1])
                 clusters[name] = self._clusters[ckey]
                 used_clusters.add(ckey)
-                key = (
+                endpoints[name] = self._endpoints.get(
                     name,
                     svc.pools[pool].endpoints.get(self.region, ()),
                     health_ports(ckey[1].health_check),
                 )
-                if key not in self._endpoints:
-                    self._endpoints[key] = build_load_assignment(name, self.region, key[1], key[2])
-                endpoints[name] = self._endpoints[key]
-                used_eps.add(key)
         vkeys = [self._vhost_key(spec, svc, traffic) for svc in spec.services]
         # Forget what the spec no longer has, so the memo stays the size of the spec.
         self._clusters = {k: v for k, v in self._clusters.items() if k in used_clusters}
-        self._endpoints = {k: v for k, v in self._endpoints.items() if k in used_eps}
+        self._endpoints.keep_only(endpoints)
         built = RegionResources(
             self.region,
             {
@@ -276,39 +267,6 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
     d.FromNanoseconds(round(seconds * 1e9))
     return d
-
-
-def build_load_assignment(
-    name: str, region: str, eps: tuple[Endpoint, ...], checked: HealthPorts | None = None
-) -> endpoint_pb2.ClusterLoadAssignment:
-    """One locality (the region) with the pool's endpoints. The locality has a weight:
-    proxyless gRPC clients drop a locality without one (Envoy uses locality weights only
-    with locality-weighted balancing, which these clusters do not enable). `checked`:
-    the cluster is health-checked; each host on its health port, when it has one."""
-    return endpoint_pb2.ClusterLoadAssignment(
-        cluster_name=name,
-        endpoints=[
-            endpoint_components_pb2.LocalityLbEndpoints(
-                locality=base_pb2.Locality(region=region),
-                load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
-                lb_endpoints=[_lb_endpoint(ep, checked) for ep in eps],
-            )
-        ],
-    )
-
-
-def _lb_endpoint(ep: Endpoint, checked: HealthPorts | None) -> endpoint_components_pb2.LbEndpoint:
-    endpoint = endpoint_components_pb2.Endpoint(address=_socket(ep.host, ep.port))
-    port = ep.health_port or (checked.default if checked is not None else None)
-    if checked is not None and port:
-        endpoint.health_check_config.port_value = port
-    return endpoint_components_pb2.LbEndpoint(endpoint=endpoint)
-
-
-def _socket(host: str, port: int) -> address_pb2.Address:
-    return address_pb2.Address(
-        socket_address=address_pb2.SocketAddress(address=host, port_value=port)
-    )
 
 
 def virtual_host(
@@ -554,7 +512,7 @@ def build_listener(address: str, port: int) -> listener_pb2.Listener:
     )
     return listener_pb2.Listener(
         name=LISTENER_NAME,
-        address=_socket(address, port),
+        address=socket_address(address, port),
         filter_chains=[
             listener_components_pb2.FilterChain(
                 filters=[
