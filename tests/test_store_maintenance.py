@@ -38,6 +38,7 @@ from xds_server.ha.maintenance import (
 from xds_server.lab.etcd import EtcdCluster
 from xds_server.rollout import decide as sm
 from xds_server.rollout.audit import transition_entry
+from xds_server.rollout.commits import StoreHealth
 from xds_server.rollout.ports import StoreWriteError
 
 MIB = 1024**2
@@ -111,11 +112,20 @@ def test_nospace_is_disarmed_only_with_room_and_a_failed_recovery_waits() -> Non
     recovery = Recovery()
     full = status((101, 101), alarms=(Alarm(1, NOSPACE),), revision=10)
     assert recovery.due(full, 0.0)
-    recovery.failed(full, 0.0)
-    assert not recovery.due(full, 5.0)  # the same data: not every second
+    # No room found (the data fills the quota): not every second; soon once deleted.
+    recovery.done(full, OPTIONS, 0.0, disarmed=False)
+    assert not recovery.due(full, 5.0) and not recovery.due(full, 5.0, urgent=True)
     assert recovery.due(full, 31.0)
     deleted = status((101, 60), alarms=(Alarm(1, NOSPACE),), revision=11)
     assert not recovery.due(deleted, 0.5) and recovery.due(deleted, 1.0)
+    # Room made, little of it (93%): the alarm comes back as writes go in; again only
+    # for a rollback that waits.
+    recovery.done(status((93, 93), revision=12), OPTIONS, 0.0, disarmed=True)
+    again = status((100, 93), alarms=(Alarm(1, NOSPACE),), revision=30)
+    assert not recovery.due(again, 2.0) and recovery.due(again, 2.0, urgent=True)
+    # Room made, plenty: a new NOSPACE is met at once.
+    recovery.done(status((5, 5), revision=12), OPTIONS, 0.0, disarmed=True)
+    assert recovery.due(again, 0.1)
     assert not Recovery().due(status((101, 101)), 0.0)  # no alarm, nothing to recover
 
 
@@ -342,7 +352,8 @@ def test_a_write_refused_for_nospace_polls_at_once(small_etcd: EtcdCluster) -> N
             await wait_for_async(lambda: maintainer.status, "the first poll", timeout=5)
             await fill(small_etcd, "/elsewhere", live=False)
             polled = maintainer.status.at
-            maintainer.write_failed("RESOURCE_EXHAUSTED: etcdserver: mvcc: database space exceeded")
+            error = "RESOURCE_EXHAUSTED: etcdserver: mvcc: database space exceeded"
+            maintainer.store_health(StoreHealth(ok=False, error=error, unsaved_rollbacks=1))
             # Made room well before the 30 s interval would have polled again.
             await wait_for_async(
                 lambda: "disarmed" in maintainer.last_recovery, "room made", timeout=10

@@ -115,7 +115,7 @@ class Server:
         self.roles.leader = leader
         self.metrics.leadership.leading(True)
         if (maintainer := d.maintainer) is not None:  # (NOSPACE on a write: act at once)
-            leader.controller.watch_store(lambda health: maintainer.write_failed(health.error))
+            leader.controller.watch_store(maintainer.store_health)
         leader.restore()
         return leader
 

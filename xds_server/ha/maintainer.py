@@ -40,6 +40,7 @@ from xds_server.ha.maintenance import (
 )
 from xds_server.ha.security import TokenInterceptor
 from xds_server.ha.store import EtcdStore
+from xds_server.rollout.commits import StoreHealth
 
 log = logging.getLogger("xds_server.ha.maintainer")
 
@@ -139,6 +140,8 @@ class StoreMaintainer:
         self.last_defrag: Done | None = None
         self.last_recovery = ""
         """What the last NOSPACE recovery did, in one line."""
+        self.rollbacks_waiting = 0
+        """Rollbacks the leader pushed but could not write (`store_health`)."""
         self.defrag_refused = ""
         """Why etcd refuses to defragment to this process's user; "": it does not."""
         self.room_made: list[Callable[[], None]] = []
@@ -167,9 +170,11 @@ class StoreMaintainer:
         if self._poke is not None:
             self._poke.set()
 
-    def write_failed(self, error: str) -> None:
-        """A write's error: NOSPACE is acted on at once, not at the next poll."""
-        if is_nospace(error):
+    def store_health(self, health: StoreHealth) -> None:
+        """The leader's writes (`CommitLog`): a refusal for NOSPACE is acted on at once,
+        not at the next poll; a rollback kept unsaved makes room-making urgent."""
+        self.rollbacks_waiting = health.unsaved_rollbacks
+        if is_nospace(health.error):
             self.poke()
 
     # ---- the loop ----
@@ -221,7 +226,7 @@ class StoreMaintainer:
         """The leader's upkeep after a poll: room after NOSPACE first; else compaction
         by the retention, then a defragmentation that is due."""
         now = time.monotonic()
-        if self.recovery.due(status, now):
+        if self.recovery.due(status, now, urgent=self.rollbacks_waiting > 0):
             await self.make_room(status)
             return
         if (target := self.revisions.due(now)) is not None:
@@ -245,7 +250,7 @@ class StoreMaintainer:
         after = await self.poll()
         took = time.monotonic() - started
         if not room_made(after, self.options):
-            self.recovery.failed(after, time.monotonic())
+            self.recovery.done(after, self.options, time.monotonic(), disarmed=False)
             self.last_recovery = (
                 f"no room made at {time.strftime('%H:%M:%S')}: {size(after.in_use)} of data in "
                 f"use against a {size(self.options.quota_bytes)} quota; delete data or raise "
@@ -256,7 +261,7 @@ class StoreMaintainer:
             log.error("etcd: %s", self.last_recovery)
             return False
         await self.disarm([a for a in after.alarms if a.kind == NOSPACE])
-        self.recovery.succeeded()
+        self.recovery.done(after, self.options, time.monotonic(), disarmed=True)
         self.last_recovery = (
             f"room made at {time.strftime('%H:%M:%S')} in {took:.2f}s: "
             f"{size(before)} -> {size(after.db_size)}, NOSPACE disarmed"

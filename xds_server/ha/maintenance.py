@@ -249,26 +249,40 @@ class Defrags:
 
 @dataclass
 class Recovery:
-    """The NOSPACE recoveries' memory: when the last one failed, at which revision, so a
-    store full of live data is not defragmented every second."""
+    """The NOSPACE recoveries' memory, so that a store whose data itself fills the quota
+    is not compacted and defragmented every second for nothing."""
 
-    failed_at: float | None = None
+    last_at: float | None = None
+    """When the last recovery ended (monotonic)."""
+    disarmed: bool = True
+    """It disarmed the alarm (else it found no room)."""
+    roomy: bool = True
+    """It left every file below the high-water mark: history was what filled etcd, and
+    a NOSPACE raised after it is a new one, met at once."""
     revision_then: int = 0
 
-    def due(self, status: EtcdStatus, now: float) -> bool:
+    def due(self, status: EtcdStatus, now: float, urgent: bool = False) -> bool:
+        """Make room now? At once after a roomy recovery; after one that found no room,
+        once something was deleted (while NOSPACE is raised only deletions make
+        revisions) or RECOVERY_GAP passed; after one that left little room (the alarm
+        came back as writes went in), only for a rollback that waits (`urgent`), or
+        after RECOVERY_GAP."""
         if not status.raised(NOSPACE) or not status.answered:
             return False
-        if self.failed_at is None:
+        if self.last_at is None or self.roomy:
             return True
-        waited = now - self.failed_at
-        moved = status.revision > self.revision_then
-        return waited >= RECOVERY_GAP or (moved and waited >= RECOVERY_RETRY)
+        waited = now - self.last_at
+        if waited >= RECOVERY_GAP:
+            return True
+        if not self.disarmed:
+            return status.revision > self.revision_then and waited >= RECOVERY_RETRY
+        return urgent and waited >= RECOVERY_RETRY
 
-    def failed(self, status: EtcdStatus, now: float) -> None:
-        self.failed_at, self.revision_then = now, status.revision
-
-    def succeeded(self) -> None:
-        self.failed_at = None
+    def done(
+        self, after: EtcdStatus, options: MaintenanceOptions, now: float, disarmed: bool
+    ) -> None:
+        self.last_at, self.revision_then, self.disarmed = now, after.revision, disarmed
+        self.roomy = disarmed and fill(after, options.quota_bytes) < options.high_water
 
 
 @dataclass
