@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,11 +31,13 @@ from xds_server.cli_flags import (
     split_host_port,
     store_address,
 )
+from xds_server.spec import load_spec
 from xds_server.spec.values import parse_duration
 
 if TYPE_CHECKING:
     from xds_server.admin.auth import Scope
     from xds_server.app import ServeOptions
+    from xds_server.app.supervisor import WorkerId
     from xds_server.ha.etcd import EtcdAddress
 
 
@@ -42,6 +46,15 @@ def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _add_sources(s)
     _add_addresses(s)
     _add_security(s)
+    s.add_argument(
+        "--workers",
+        type=_count,
+        default=1,
+        metavar="N",
+        help="N processes serve the xDS port (SO_REUSEPORT) and one of them decides: a "
+        "push's work spread over N cores; a supervisor restarts a worker that dies "
+        "(default 1: this process alone)",
+    )
     s.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     s.add_argument("--log-format", default="text", choices=["text", "json"])
     s.set_defaults(func=cmd_serve)
@@ -166,7 +179,7 @@ def _add_security(s: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from xds_server.app import ServeOptions, local
+    from xds_server.app import ServeOptions
 
     setup_logging(args.log_level, args.log_format)
     split_host_port(args.xds_address, "--xds-address")
@@ -212,11 +225,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         store_retention=retention,
         store_quota_bytes=quota,
         audit_retention=audit_retention(args.audit_retention),
+        workers=args.workers,
     )
+    return _run(options, address)
+
+
+def _run(options: ServeOptions, address: EtcdAddress | None) -> int:
+    """Serve: this process alone, or (`--workers N`) the supervisor or one of its workers."""
     if address is not None:
         check_store(address)  # etcd refusing this process: one line, before anything starts
+    if options.workers > 1:
+        return _workers(options, address is not None)
+    if address is not None:
         asyncio.run(_serve_replica(options))
     else:
+        from xds_server.app import local
+
         asyncio.run(local(options).serve())
     return 0
 
@@ -244,6 +268,17 @@ def _store_upkeep(args: argparse.Namespace) -> tuple[float, int]:
     if args.store_quota_bytes <= 0:
         raise UsageError(f"--store-quota-bytes: a number of bytes, got {args.store_quota_bytes}")
     return retention, args.store_quota_bytes
+
+
+def _count(text: str) -> int:
+    """`--workers`: a whole number, at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of processes, at least 1, got {text!r}")
+    return n
 
 
 def off_loopback(args: argparse.Namespace) -> list[str]:
@@ -308,11 +343,48 @@ def store_off_loopback(address: EtcdAddress, insecure: bool) -> None:
         )
 
 
-async def _serve_replica(options: ServeOptions) -> None:
+def _workers(options: ServeOptions, replicated: bool) -> int:
+    """`--workers N`: this process is the supervisor of N workers (the same command line
+    again), or one of them (`app/workers.py`)."""
+    from xds_server.app.supervisor import bind_to_parent, tag_log_lines, worker_id
+
+    me = worker_id()
+    if me is None:
+        return _supervise(options)
+    bind_to_parent(me)
+    tag_log_lines(me)
+    if replicated:
+        asyncio.run(_serve_replica(options, me))
+    else:
+        from xds_server.app.worker_server import local_worker
+
+        asyncio.run(local_worker(options, me).serve())
+    return 0
+
+
+def _supervise(options: ServeOptions) -> int:
+    from xds_server.app.board import Board
+    from xds_server.app.supervisor import WorkerId, supervise
+
+    argv = sys.argv[1:]
+    if "serve" not in argv:
+        raise UsageError(
+            "--workers starts its workers with its command line: run `xds-server serve`"
+        )
+    on_death: Callable[[int], None] = lambda index: None  # noqa: E731
+    if options.spec_path is not None and options.store_url is None:
+        load_spec(options.spec_path)  # a bad spec: one report, before any worker starts
+        board = Board.in_dir(options.state_dir)
+        on_death = lambda index: board.gone(WorkerId(index, 0, 0).name)  # noqa: E731
+    return supervise(argv, options.workers, on_death)
+
+
+async def _serve_replica(options: ServeOptions, me: WorkerId | None = None) -> None:
     from xds_server.app import StoreError, replica
+    from xds_server.app.worker_server import replica_worker
 
     try:
-        server = await replica(options)
+        server = await (replica(options) if me is None else replica_worker(options, me))
     except (StoreError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     await server.serve()

@@ -5,6 +5,7 @@ JSON is these messages through protobuf's JSON mapping."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -64,6 +65,15 @@ class AdminView(Protocol):
 
     def rollouts(self) -> Mapping[str, RolloutState]:
         """The current rollouts: the controller's, or what a follower read from the store."""
+        ...
+
+    def nodes(self, region: str | None = None) -> list[NodeStatus]:
+        """Every node connected to this process (of `region`), then those of the other
+        workers of `serve --workers`."""
+        ...
+
+    def workers(self) -> list[dict[str, Any]]:
+        """`serve --workers` on SQLite: every worker's row; [] otherwise."""
         ...
 
 
@@ -378,6 +388,14 @@ def replicas_message(
     """Every replica, as this one sees the store; one process answers with itself alone
     (described by the arguments: the directory knows a replica's own)."""
     directory = view.directory
+    if directory is None and (workers := view.workers()):
+        pid = os.getpid()  # (the workers of `serve --workers` on SQLite)
+        return admin_pb2.ListReplicasResponse(
+            replicas=[
+                replica_message(doc, leader=bool(doc.get("leader")), this=doc.get("pid") == pid)
+                for doc in workers
+            ]
+        )
     if directory is None:
         port = view.publisher.port
         nodes = [{"region": n.region} for n in view.publisher.node_status()]

@@ -55,6 +55,8 @@ class ServeOptions:
     """The regions this replica serves; (): all."""
     replica_id: str = ""
     """This replica's name in the store; "": the host name and the xDS port."""
+    workers: int = 1
+    """`serve --workers N`: N processes share the xDS port, one decides (`app/workers.py`)."""
     audit_retention: float = 30 * 86400.0
     """Seconds a finished rollout's audit stays in the live log before the leader moves
     it to the archive (`--audit-retention`; `rollout/archive.py`)."""

@@ -5,9 +5,11 @@ comes and goes (`Roles`); readers always see the current ones."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from xds_server.app.follower import Follower
 from xds_server.app.leader import LeaderRuntime
+from xds_server.app.workers import Listing
 from xds_server.ha.maintainer import StoreMaintainer
 from xds_server.ha.replicas import Directory
 from xds_server.outputs.istio_apply import IstioApplier, IstioSink
@@ -16,6 +18,7 @@ from xds_server.rollout.ports import StateStore
 from xds_server.rollout.state import RolloutState
 from xds_server.spec import MeshSpec
 from xds_server.xds.publisher import XdsPublisher
+from xds_server.xds.status import NodeStatus
 
 
 class Roles:
@@ -40,6 +43,8 @@ class Running:
         self._store = store
         self._directory = directory
         self._roles = roles or Roles()
+        self.listing: Listing | None = None
+        """`serve --workers`: the other workers of this host (their nodes, their rows)."""
         self._maintainer = maintainer
 
     @property
@@ -75,6 +80,17 @@ class Running:
         leader = self._roles.leader
         sinks = leader.sinks if leader is not None else []
         return next((s.applier for s in sinks if isinstance(s, IstioSink)), None)
+
+    def nodes(self, region: str | None = None) -> list[NodeStatus]:
+        """Every node connected to this process, then those of the other workers of
+        `serve --workers` (their route standing, `via worker-N`)."""
+        own = self._publisher.node_status(region)
+        return own if self.listing is None else [*own, *self.listing.nodes(region)]
+
+    def workers(self) -> list[dict[str, Any]]:
+        """`serve --workers` on SQLite: every worker's row (id, pid, leader, nodes...);
+        [] otherwise."""
+        return self.listing.documents() if self.listing is not None else []
 
     def rollouts(self) -> Mapping[str, RolloutState]:
         """The current rollouts: the controller's, or what the follower read."""

@@ -30,6 +30,7 @@ from xds_server.app.metrics import ProcessMetrics
 from xds_server.app.options import ServeOptions
 from xds_server.app.running import Roles, Running
 from xds_server.app.specs import FileSpecSource, SpecFile, SpecSource, StoreSpecSource, Task
+from xds_server.app.workers import WorkerRole
 from xds_server.ha.etcd import async_client, one_line, parse_store_url
 from xds_server.ha.maintainer import StoreMaintainer
 from xds_server.ha.maintenance import MaintenanceOptions
@@ -73,6 +74,11 @@ class Deployment:
     background: list[Task] = field(default_factory=list)
     """What the deployment runs beside the server (the store's watch, the directory)."""
     close: Callable[[], Awaitable[None]] = _nothing
+    follower: Follower | None = None
+    """How this process follows while another decides (None: the store's committed
+    state, `Follower`)."""
+    worker: WorkerRole | None = None
+    """One worker of `serve --workers N` (`app/workers.py`); None: the only process."""
 
 
 class Server:
@@ -84,12 +90,14 @@ class Server:
         self.metrics.xds.attach(d.publisher)
         self.metrics.rollouts.set_weights(d.publisher.traffic, d.publisher.spec)
         self.roles = Roles()
-        self.follower = Follower(
+        self.follower = d.follower or Follower(
             lambda: d.specs.spec, d.store, d.publisher, options.follow_interval
         )
         self.roles.follower = self.follower
         self.view = Running(d.publisher, d.store, d.directory, self.roles, d.maintainer)
         """The read-only view the admin API and the dashboard get."""
+        if d.worker is not None:
+            self.view.listing = d.worker.listing
 
     @property
     def spec(self) -> MeshSpec:
@@ -179,22 +187,52 @@ class Server:
 
     def tasks(self) -> list[Task]:
         """What runs beside the xDS server, until it stops."""
-        opts, d = self.options, self.deployment
-        admin = AdminService(self.view, opts.admin_tokens, opts.admin_auth_reads, opts.admin_scopes)
-        admin.xds_address = opts.xds_address
+        d = self.deployment
         tasks: list[Task] = [
             *d.background,
-            lambda: d.elector.run(self.elected, self.deposed),
             *d.specs.tasks(self),
-            lambda: run_admin_server(admin, opts.admin_address, opts.admin_tls),
             lambda: self.metrics.xds.sample_nodes_forever(self.publisher),
         ]
         if not d.watched:
             tasks.append(self._follow_by_polling)
+        if d.worker is not None:
+            return [*tasks, self._as_worker]
+        return [*tasks, lambda: d.elector.run(self.elected, self.deposed), *self._port_tasks()]
+
+    def _port_tasks(self) -> list[Task]:
+        """The admin API and the dashboard."""
+        opts = self.options
+        admin = AdminService(self.view, opts.admin_tokens, opts.admin_auth_reads, opts.admin_scopes)
+        admin.xds_address = opts.xds_address
+        tasks: list[Task] = [lambda: run_admin_server(admin, opts.admin_address, opts.admin_tls)]
         if opts.ui_address:
             dashboard = Dashboard(self.view, admin.operator)
             tasks.append(lambda: dashboard.run(opts.ui_address, opts.ui_tls))
         return tasks
+
+    def _start_metrics(self) -> None:
+        if self.options.metrics_address is not None:
+            host, port = self.options.metrics_address
+            start_http_server(port, addr=host, registry=self.metrics.registry)
+            log.info("metrics on http://%s:%d/metrics", host, port)
+
+    async def _as_worker(self) -> None:
+        """One worker of several: serve xDS only until this worker may decide (SQLite:
+        it holds the controller's lock; etcd: the host's lock, then it campaigns), then
+        bind the host's admin, dashboard and metrics ports too."""
+        d, worker = self.deployment, self.deployment.worker
+        assert worker is not None
+        lead: list[Task] = []
+        if worker.host_lock is not None:
+            await worker.host_lock.hold()
+            lead.append(lambda: d.elector.run(self.elected, self.deposed))
+        else:
+            await d.elector.run(self.elected, self.deposed)  # returns once it leads
+        log.info("%s binds the admin API on %s", worker.me.name, self.options.admin_address)
+        for told in worker.on_ports:
+            told(self.options.admin_address)
+        self._start_metrics()
+        await asyncio.gather(*(run() for run in [*lead, *self._port_tasks()]))
 
     async def serve(self) -> None:
         """Restore (or follow), open the ports, run until SIGTERM or SIGINT; SIGHUP
@@ -205,10 +243,8 @@ class Server:
         leader = self._take_lead() if self.deployment.elector.lead_now() else None
         if leader is None:
             self.follower.try_refresh()
-        if self.options.metrics_address is not None:
-            host, port = self.options.metrics_address
-            start_http_server(port, addr=host, registry=self.metrics.registry)
-            log.info("metrics on http://%s:%d/metrics", host, port)
+        if self.deployment.worker is None:
+            self._start_metrics()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -315,14 +351,18 @@ def _publisher(
     spec: MeshSpec,
     store: EtcdStore | None = None,
     traffic: TrafficState | None = None,
+    routes_version: Callable[[str], int] | None = None,
 ) -> XdsPublisher:
+    """`routes_version`: the regions' routes versions when not the store's (workers on
+    SQLite: the board's)."""
     return XdsPublisher(
         spec,
         tls=options.xds_tls,
         client_ca=options.xds_client_ca,
         trust_domain=options.xds_trust_domain,
-        routes_version=store.routes_version if store is not None else None,
+        routes_version=store.routes_version if store is not None else routes_version,
         traffic=traffic,
+        reuse_port=options.workers > 1,
     )
 
 

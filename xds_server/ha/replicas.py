@@ -19,9 +19,9 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from xds_server.ha.etcd import Keys, renew, retrying
 from xds_server.ha.leader import wait_event
@@ -218,35 +218,86 @@ class Directory:
             if not doc.get("regions") or region in doc["regions"]
         ]
 
+    @property
+    def replica_id(self) -> str:
+        return self.info.replica_id
+
     def region_nodes(self, region: str) -> tuple[list[NodeStatus], dict[str, tuple[str, float]]]:
-        """The region's nodes on other replicas: (those on replicas heard from recently,
-        as they last published them; node id -> (why it is unknown, since when: wall
-        clock), for the nodes known only from a replica that is silent (its key not
-        rewritten for two heartbeats) or gone within NODE_MEMORY)."""
+        """The region's nodes on other replicas (`peer_nodes`): those on replicas heard
+        from recently, and the nodes known only from a silent or gone replica."""
         now = time.monotonic()
-        wall = time.time() - now  # (monotonic -> wall clock)
-        seen: dict[str, NodeStatus] = {}
-        unknown: dict[str, tuple[str, float]] = {}
-        for rid, doc in self.others().items():
-            heard = self.store.view.heard.get(rid, (0, now))[1]
-            quiet = now - heard
-            beat = doc.get("heartbeat")
-            silent = isinstance(beat, (int, float)) and quiet > 2 * beat + 0.5
-            for n in _judged(doc, region, rid):
-                if silent:
-                    why = f"replica {rid} silent for {quiet:.1f}s"
-                    unknown.setdefault(n.node_id, (why, wall + heard))
-                else:
-                    before = seen.get(n.node_id)
-                    if before is None or n.connected_since >= before.connected_since:
-                        seen[n.node_id] = n  # (a newer stream: the older one is dying)
-        for rid, (doc, gone) in self.store.view.departed.items():
-            if rid == self.info.replica_id or now - gone > NODE_MEMORY:
-                continue
-            for n in _judged(doc, region, rid):
-                why = f"replica {rid} gone {now - gone:.1f}s ago"
-                unknown.setdefault(n.node_id, (why, wall + gone))
-        return list(seen.values()), {k: v for k, v in unknown.items() if k not in seen}
+        heard = [
+            PeerDoc(rid, doc, self.store.view.heard.get(rid, (0, now))[1])
+            for rid, doc in self.others().items()
+        ]
+        departed = [
+            PeerDoc(rid, doc, gone)
+            for rid, (doc, gone) in self.store.view.departed.items()
+            if rid != self.info.replica_id
+        ]
+        return peer_nodes(region, heard, departed)
+
+
+class Peers(Protocol):
+    """Where the leader's ACK gate learns of the nodes connected to other processes:
+    the other replicas on etcd (`Directory`), or the other workers of `serve --workers`
+    on one state directory (`app.workers.BoardPeers`)."""
+
+    @property
+    def replica_id(self) -> str:
+        """This process's name among its peers."""
+        ...
+
+    def region_nodes(self, region: str) -> tuple[list[NodeStatus], dict[str, tuple[str, float]]]:
+        """The region's nodes on the other processes: (those on peers heard from
+        recently; node id -> (why it is unknown, since when: wall clock) for those known
+        only from a silent or gone peer)."""
+        ...
+
+
+@dataclass(frozen=True)
+class PeerDoc:
+    """One peer's document (`Directory.document`'s shape) and when it was last heard
+    from (a departed peer: when it went away), on the monotonic clock."""
+
+    peer: str
+    doc: dict[str, Any]
+    at: float
+    kind: str = "replica"
+    """What the peer is called in a reason ("replica", "worker")."""
+
+
+def peer_nodes(
+    region: str, heard: Iterable[PeerDoc], departed: Iterable[PeerDoc]
+) -> tuple[list[NodeStatus], dict[str, tuple[str, float]]]:
+    """The region's nodes on peers: (those on peers heard from recently, as they last
+    published them, the newest stream of a node listed twice; node id -> (why it is
+    unknown, since when: wall clock), for the nodes known only from a peer that is
+    silent (its document not rewritten for two heartbeats and 0.5 s) or departed
+    within NODE_MEMORY)."""
+    now = time.monotonic()
+    wall = time.time() - now  # (monotonic -> wall clock)
+    seen: dict[str, NodeStatus] = {}
+    unknown: dict[str, tuple[str, float]] = {}
+    for p in heard:
+        quiet = now - p.at
+        beat = p.doc.get("heartbeat")
+        silent = isinstance(beat, (int, float)) and quiet > 2 * beat + 0.5
+        for n in _judged(p.doc, region, p.peer):
+            if silent:
+                why = f"{p.kind} {p.peer} silent for {quiet:.1f}s"
+                unknown.setdefault(n.node_id, (why, wall + p.at))
+            else:
+                before = seen.get(n.node_id)
+                if before is None or n.connected_since >= before.connected_since:
+                    seen[n.node_id] = n  # (a newer stream: the older one is dying)
+    for p in departed:
+        if now - p.at > NODE_MEMORY:
+            continue
+        for n in _judged(p.doc, region, p.peer):
+            why = f"{p.kind} {p.peer} gone {now - p.at:.1f}s ago"
+            unknown.setdefault(n.node_id, (why, wall + p.at))
+    return list(seen.values()), {k: v for k, v in unknown.items() if k not in seen}
 
 
 def _judged(doc: dict[str, Any], region: str, replica: str) -> list[NodeStatus]:
@@ -301,11 +352,12 @@ class ClusterDataPlane:
     def __init__(
         self,
         publisher: XdsPublisher,
-        directory: Directory,
+        directory: Peers,
         live_hosts: Callable[[str, str], int | None] | None = None,
     ) -> None:
         self.publisher = publisher
         self.directory = directory
+        """The other processes' nodes: replicas on etcd, or `serve --workers`' workers."""
         self.live_hosts = live_hosts
         self._known: dict[str, dict[str, tuple[float, str]]] = {}
         """Region -> node id -> (when it was last listed anywhere, monotonic; where)."""
@@ -328,7 +380,7 @@ class ClusterDataPlane:
         seen, silent = self.directory.region_nodes(region)
         remote = [n for n in seen if n.node_id not in local_ids]
         silent = {node: v for node, v in silent.items() if node not in local_ids}
-        listed = {n.node_id: self.directory.info.replica_id for n in local}
+        listed = {n.node_id: self.directory.replica_id for n in local}
         listed.update({n.node_id: n.listen.removeprefix("via ") for n in remote})
         silent.update(self._vanished(region, listed, silent))
         return judge_routes(

@@ -1,0 +1,442 @@
+"""`xds-server serve --workers 2` (issue 28): two processes share the xDS port
+(SO_REUSEPORT), one decides, both serve the same routes under the same versions, and the
+leader's ACK gate counts the nodes of both.
+
+Real processes (the supervisor and its workers, as an operator starts them) and real
+gRPC xDS clients: simulated ADS nodes that sync as Envoy does (CDS, EDS for the clusters
+CDS named, LDS, RDS), each on its own TCP connection, so the kernel spreads them over
+the workers. Which worker serves a node is read from the admin API (`xdsctl nodes`: the
+other workers' nodes are listed `via worker-N`). Every wait polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.rpc import status_pb2
+
+from tests.support import wait_for
+from xds_server.admin.v1 import admin_pb2
+from xds_server.admin.v1.admin_pb2_grpc import AdminStub
+from xds_server.admin.wire import ACTOR_KEY
+from xds_server.lab.etcd import EtcdCluster
+from xds_server.lab.procs import Process, free_port
+from xds_server.xds.resources import ROUTE_CONFIG_NAME
+from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+
+CLI = [sys.executable, "-m", "xds_server.cli"]
+CTL = [sys.executable, "-m", "xds_server.ctl"]
+SERVICE = "recommender"
+REGIONS = ("us-east", "eu-west")
+REGION = "us-east"
+"""Where the simulated nodes run."""
+
+
+def spec_doc(ack_timeout: str) -> dict[str, Any]:
+    """Steps far apart and no Prometheus: nothing moves the rollout but the operator
+    and the ACK gate (addresses never contacted)."""
+    pools = {
+        pool: {"version": version, "endpoints": {r: [f"127.0.0.1:{port}"] for r in REGIONS}}
+        for pool, version, port in (
+            ("production", "v1", 9201),
+            ("baseline", "v1", 9202),
+            ("canary", "v2", 9203),
+        )
+    }
+    return {
+        "regions": list(REGIONS),
+        "listener": {"port": 10000},
+        "rollout": {"step_duration": "10m", "max_hold": "10m", "ack_timeout": ack_timeout},
+        "services": [{"name": SERVICE, "domains": ["*"], "prefix": "/", "pools": pools}],
+    }
+
+
+# ---- simulated nodes ----
+
+
+class Node:
+    """One simulated node on its own connection: ACKs everything, or (`routes`) answers
+    routes with nothing ("quiet") or a NACK ("nack"); reconnects when its stream ends."""
+
+    def __init__(self, port: int, node_id: str, routes: str = "ack") -> None:
+        self.port, self.node_id, self.routes = port, node_id, routes
+        self.acked_routes = ""
+        self.weights: dict[str, int] = {}
+        self.streams = 0
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._eds: list[str] = []
+        self._last_routes: Any = None
+        self._call: Any = None
+
+    async def run(self) -> None:
+        while True:
+            self.streams += 1
+            try:
+                await self._stream()
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.1)  # reconnect backoff, as Envoy's
+
+    async def _stream(self) -> None:
+        # Its own TCP connection (by default channels share one): the kernel picks a
+        # worker per connection.
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.port}", options=options) as ch:
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch)
+            self._queue = asyncio.Queue()
+            self._eds = []
+            first = discovery_pb2.DiscoveryRequest(type_url=CLUSTER)
+            first.node.CopyFrom(
+                base_pb2.Node(id=self.node_id, locality=base_pb2.Locality(region=REGION))
+            )
+            for req in (
+                first,
+                discovery_pb2.DiscoveryRequest(type_url=LISTENER),
+                discovery_pb2.DiscoveryRequest(type_url=ROUTE, resource_names=[ROUTE_CONFIG_NAME]),
+            ):
+                self._queue.put_nowait(req)
+            self._call = stub.StreamAggregatedResources(self._requests())
+            async for resp in self._call:
+                self._answer(resp)
+
+    def reconnect(self) -> None:
+        """End this stream (a new connection follows: maybe to the other worker)."""
+        if self._call is not None:
+            self._call.cancel()
+
+    def nack_now(self) -> None:
+        """NACK the routes last received (a "quiet" node that turns bad)."""
+        self.routes = "nack"
+        if self._last_routes is not None:
+            self._route(self._last_routes)
+
+    async def _requests(self) -> AsyncIterator[Any]:
+        queue = self._queue
+        while True:
+            yield await queue.get()
+
+    def _request(self, resp: Any, names: list[str], **kw: Any) -> Any:
+        return discovery_pb2.DiscoveryRequest(
+            type_url=resp.type_url, response_nonce=resp.nonce, resource_names=names, **kw
+        )
+
+    def _answer(self, resp: Any) -> None:
+        put = self._queue.put_nowait
+        if resp.type_url == ROUTE:
+            self._last_routes = resp
+            self._route(resp)
+        elif resp.type_url == CLUSTER:
+            put(self._request(resp, [], version_info=resp.version_info))
+            names = []
+            for any_msg in resp.resources:
+                c = cluster_pb2.Cluster()
+                any_msg.Unpack(c)
+                names.append(c.name)
+            if sorted(names) != self._eds:
+                self._eds = sorted(names)
+                put(discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=self._eds))
+        elif resp.type_url == ENDPOINT:
+            put(self._request(resp, self._eds, version_info=resp.version_info))
+        else:
+            put(self._request(resp, [], version_info=resp.version_info))
+
+    def _route(self, resp: Any) -> None:
+        names = [ROUTE_CONFIG_NAME]
+        if self.routes == "quiet":
+            return
+        if self.routes == "nack":
+            error = status_pb2.Status(code=3, message="routes rejected by this test node")
+            self._queue.put_nowait(
+                self._request(resp, names, version_info=self.acked_routes, error_detail=error)
+            )
+            return
+        self.weights = route_weights(resp)
+        self.acked_routes = resp.version_info
+        self._queue.put_nowait(self._request(resp, names, version_info=resp.version_info))
+
+
+def route_weights(resp: Any) -> dict[str, int]:
+    """The service's pools and their weights in a routes response."""
+    out: dict[str, int] = {}
+    for any_msg in resp.resources:
+        rc = route_pb2.RouteConfiguration()
+        any_msg.Unpack(rc)
+        for vhost in rc.virtual_hosts:
+            for route in vhost.routes:
+                for wc in route.route.weighted_clusters.clusters:
+                    if wc.name.startswith(f"{SERVICE}|") and wc.weight:
+                        out[wc.name.partition("|")[2]] = wc.weight.value
+    return out
+
+
+class Fleet:
+    """Simulated nodes on an event loop of their own (a thread), while the test polls."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.nodes: dict[str, Node] = {}
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self._tasks: list[Future[None]] = []
+
+    def add(self, node_id: str, routes: str = "ack") -> Node:
+        node = self.nodes[node_id] = Node(self.port, node_id, routes)
+        self._tasks.append(asyncio.run_coroutine_threadsafe(node.run(), self.loop))
+        return node
+
+    def call(self, fn: Any) -> None:
+        self.loop.call_soon_threadsafe(fn)
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+
+# ---- the server ----
+
+
+@dataclass
+class Workers:
+    """`xds-server serve --workers 2` and its ports."""
+
+    process: Process
+    xds_port: int
+    admin_port: int
+    fleet: Fleet = field(init=False)
+    _admin: AdminStub | None = None
+
+    def __post_init__(self) -> None:
+        self.fleet = Fleet(self.xds_port)
+
+    @property
+    def admin(self) -> AdminStub:
+        if self._admin is None:
+            channel = grpc.insecure_channel(f"127.0.0.1:{self.admin_port}")
+            self._admin = AdminStub(channel)
+        return self._admin
+
+    def replicas(self) -> list[admin_pb2.Replica]:
+        try:
+            listed = self.admin.ListReplicas(admin_pb2.ListReplicasRequest(), timeout=2)
+            return list(listed.replicas)
+        except grpc.RpcError:  # (not up yet)
+            return []
+
+    def leader(self) -> str:
+        return next(r.id for r in self.replicas() if r.leader)
+
+    def where(self) -> dict[str, str]:
+        """Node id -> the worker serving its stream (what `xdsctl nodes` lists: the other
+        workers' nodes `via worker-N`)."""
+        leader = self.leader()
+        nodes = self.admin.ListNodes(admin_pb2.ListNodesRequest(), timeout=5).nodes
+        return {
+            n.id: n.listen.removeprefix("via ") if n.listen.startswith("via ") else leader
+            for n in nodes
+        }
+
+    def rollout(self) -> admin_pb2.Rollout:
+        return self.admin.GetRollout(admin_pb2.GetRolloutRequest(service=SERVICE), timeout=5)
+
+    def set_weights(self, canary: float, baseline: float = 0) -> None:
+        request = admin_pb2.SetWeightsRequest(
+            service=SERVICE, canary_percent=canary, baseline_percent=baseline, reason="test"
+        )
+        self.admin.SetWeights(request, timeout=5, metadata=[(ACTOR_KEY, "test")])
+
+    def children(self) -> dict[str, int]:
+        """Worker name -> pid, from the supervisor's children."""
+        path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        out = {}
+        for pid in path.read_text().split():
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            for var in env:
+                if var.startswith(b"XDS_SERVER_WORKER="):
+                    out[f"worker-{var.split(b'=')[1].split(b'/')[0].decode()}"] = int(pid)
+        return out
+
+    def stop(self) -> int | None:
+        self.fleet.close()
+        return self.process.stop(15)
+
+
+def start_workers(
+    started: list[Workers], tmp: Path, ack_timeout: str = "30s", *store: str
+) -> Workers:
+    spec = tmp / "mesh.yaml"
+    spec.write_text(yaml.safe_dump(spec_doc(ack_timeout), sort_keys=False))
+    xds_port, admin_port = free_port(), free_port()
+    argv = [*CLI, "serve", "--workers", "2", "--spec", str(spec),
+            "--xds-address", f"127.0.0.1:{xds_port}",
+            "--admin-address", f"127.0.0.1:{admin_port}",
+            "--metrics-address", "127.0.0.1:0", "--ui-address", "",
+            "--state-dir", str(tmp / "state"),
+            "--prometheus-url", f"http://127.0.0.1:{free_port()}", *store]  # fmt: skip
+    w = Workers(Process("workers", argv, tmp / "workers.log"), xds_port, admin_port)
+    started.append(w)  # (stopped by the fixture whatever happens next)
+    wait_for(lambda: len(w.replicas()) == 2, "both workers listed by `xdsctl status`", timeout=30)
+    return w
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[list[Workers]]:
+    started: list[Workers] = []
+    try:
+        yield started
+    finally:
+        for w in started:
+            w.stop()
+
+
+def spread(w: Workers, per_worker: int, prefix: str = "node") -> dict[str, str]:
+    """Connect nodes until each worker serves `per_worker` of them (or more); node id
+    -> its worker."""
+    for i in range(40):
+        w.fleet.add(f"{prefix}-{i}")
+        if i + 1 < 2 * per_worker:
+            continue
+        where = wait_for(
+            lambda n=i + 1: (lambda got: got if len(got) == n else None)(w.where()),
+            "every node listed",
+            timeout=10,
+        )
+        counts = [list(where.values()).count(x) for x in set(where.values())]
+        if len(counts) == 2 and min(counts) >= per_worker:
+            return where
+    raise AssertionError(f"40 connections, not {per_worker} on each worker: {w.where()}")
+
+
+def synced(w: Workers, nodes: dict[str, str]) -> dict[str, tuple[str, dict[str, int]]]:
+    """Node id -> (routes version it ACKed, the weights they carry)."""
+    return {n: (w.fleet.nodes[n].acked_routes, w.fleet.nodes[n].weights) for n in nodes}
+
+
+def signals(w: Workers) -> admin_pb2.SignalHealth:
+    return next(r.signals for r in w.rollout().regions if r.region == REGION)
+
+
+def test_workers_share_the_port_and_serve_one_decision(
+    tmp_path: Path, workers: list[Workers]
+) -> None:
+    w = start_workers(workers, tmp_path)
+    nodes = spread(w, per_worker=2)
+
+    # Both workers serve the leader's step under one version, and the leader's gate
+    # counts every node, on whichever worker it is.
+    def one_version() -> set[tuple[str, str]] | None:
+        got = synced(w, nodes)
+        versions = {(v, json.dumps(wt, sort_keys=True)) for v, wt in got.values()}
+        return versions if len(versions) == 1 and "" not in {v for v, _ in versions} else None
+
+    (first,) = wait_for(one_version, "every node on the step's routes", timeout=10)
+    # `xdsctl status` lists every node and, per worker, how many it serves.
+    res = subprocess.run(
+        [*CTL, "--server", f"127.0.0.1:{w.admin_port}", "--output", "json", "status"],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    status = json.loads(res.stdout)
+    listed = sum(sum(by_sync.values()) for by_sync in status["nodes"].values())
+    assert listed == len(nodes), status["nodes"]
+    per_worker = {r["id"]: r["nodes"] for r in status["replicas"]}
+    assert per_worker == {x: list(nodes.values()).count(x) for x in per_worker}, per_worker
+    assert json.loads(first[1]).get("canary", 0) > 0, first
+    wait_for(lambda: signals(w).nodes_applied == len(nodes), "the gate counts all", timeout=10)
+
+    # A weight change reaches every node, on both workers, with the same version.
+    w.set_weights(30, 10)
+    want = {"production": 6000, "baseline": 1000, "canary": 3000}
+    (after,) = wait_for(
+        lambda: (v := one_version()) and json.loads(next(iter(v))[1]) == want and v,
+        "every node at canary 30%",
+        timeout=10,
+    )
+    assert after[0] != first[0], (first, after)
+
+    # A worker killed loses its streams only: they reconnect, to the survivor or to the
+    # worker the supervisor starts again, and get the same routes under the same version.
+    pids = w.children()
+    leader = w.leader()
+    victim = "worker-1" if leader == "worker-2" else "worker-2"
+    moved = [n for n, at in nodes.items() if at == victim]
+    streams = {n: w.fleet.nodes[n].streams for n in moved}
+    os.kill(pids[victim], signal.SIGKILL)
+    wait_for(
+        lambda: w.children().get(victim, pids[victim]) != pids[victim],
+        f"the supervisor restarting {victim}",
+        timeout=10,
+    )
+    wait_for(
+        lambda: all(w.fleet.nodes[n].streams > streams[n] for n in moved),
+        "the killed worker's nodes reconnecting",
+        timeout=10,
+    )
+    wait_for(lambda: len(w.where()) == len(nodes), "every node listed again", timeout=10)
+    assert one_version() == {after}, synced(w, nodes)
+    assert w.children()[leader] == pids[leader], "the leader was not restarted"
+    wait_for(lambda: len(w.replicas()) == 2, "both workers listed again", timeout=30)
+    assert w.stop() == 0, w.process.tail()
+
+
+def test_the_gate_counts_a_nack_on_the_worker_that_does_not_decide(
+    tmp_path: Path, workers: list[Workers]
+) -> None:
+    w = start_workers(workers, tmp_path)
+    spread(w, per_worker=1)
+    leader = w.leader()
+    # A node that takes the routes and answers nothing, moved until it is on the worker
+    # that does not decide; then it NACKs them: the rollout rolls back, as on one process.
+    bad = w.fleet.add("bad", routes="quiet")
+    for _ in range(30):
+        at = wait_for(lambda: w.where().get("bad"), "the quiet node listed", timeout=10)
+        if at != leader:
+            break
+        streams = bad.streams
+        w.fleet.call(bad.reconnect)
+        wait_for(lambda s=streams: bad.streams > s, "the quiet node reconnecting", timeout=10)
+        wait_for(lambda: "bad" not in w.where(), "its old stream gone", timeout=10)
+    else:
+        raise AssertionError("30 connections, all to the leader")
+    w.fleet.call(bad.nack_now)
+    state = wait_for(
+        lambda: (r := w.rollout()).phase == "rolled_back" and r, "the rollback", timeout=15
+    )
+    assert "bad" in state.reason and "rejected routes" in state.reason, state.reason
+    assert w.stop() == 0, w.process.tail()
+
+
+def test_workers_on_etcd_are_replicas_of_one_leader(
+    tmp_path: Path, workers: list[Workers], shared_etcd: EtcdCluster
+) -> None:
+    w = start_workers(workers, tmp_path, "30s", "--store", shared_etcd.url, "--store-prefix", "/w")
+    ids = sorted(r.id for r in w.replicas())
+    assert len(ids) == 2 and all(i.rsplit(".w", 1)[1] in ("1", "2") for i in ids), ids
+    nodes = spread(w, per_worker=1)
+    w.set_weights(40)
+    want = {"production": 6000, "canary": 4000}
+
+    def same() -> bool:
+        got = synced(w, nodes)
+        return len({v for v, _ in got.values()}) == 1 and all(wt == want for _, wt in got.values())
+
+    wait_for(same, "every node at canary 40%, one version", timeout=10)
+    assert w.stop() == 0, w.process.tail()
