@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from xds_server.ha.leader import Election
 from xds_server.ha.store import EtcdStore, StoreReadError
+from xds_server.rollout.store import SCHEMA_VERSION, newer_schema
 
 log = logging.getLogger("xds_server.app")
 
@@ -93,14 +94,27 @@ class LockFileElector:
 
 class EtcdElector:
     """Replicas: the leader key on a lease (`ha/leader.py`); a write refused by the fence
-    or a lease past its deadline deposes this replica at once."""
+    or a lease past its deadline deposes this replica at once.
+
+    A replica whose store's schema is newer than it understands (a rolling upgrade's old
+    replica, once a new leader migrated the store) does not stand for election, and
+    steps down if it leads: it could write nothing, and as leader it would keep a
+    replica of the newer release from deciding. It goes on following and serving."""
 
     def __init__(self, store: EtcdStore, replica_id: str, ttl: float) -> None:
         self.store = store
         self._elected: Callable[[], None] = lambda: None
         self._deposed: Callable[[str], None] = lambda why: None
+        self.newer: str | None = None
+        """Why this replica does not stand (the store's schema is newer), or None."""
         self.election = Election(
-            store.client, store.keys, replica_id, ttl, self._on_elected, self._on_deposed
+            store.client,
+            store.keys,
+            replica_id,
+            ttl,
+            self._on_elected,
+            self._on_deposed,
+            may_campaign=lambda: self._newer_schema() is None,
         )
         store.on_fenced = self.election.step_down
         store.may_write = self.election.valid
@@ -109,9 +123,26 @@ class EtcdElector:
         return False
 
     def store_changed(self, changed: frozenset[str]) -> None:
-        """The leader key changed (the store's watch): look now, not at the next poll."""
+        """The leader key changed (the store's watch): look now, not at the next poll. The
+        schema moved past this release: step down now."""
+        if "schema" in changed and (why := self._newer_schema()):
+            self.election.step_down(why)
         if "leader" in changed:
             self.election.wake()
+
+    def _newer_schema(self) -> str | None:
+        """The refusal's line when the store's schema is newer than this release's (logged
+        once, when it becomes so), else None."""
+        view = self.store.view
+        why = (
+            str(newer_schema(self.store.path + self.store.keys.schema, view.schema))
+            if view.schema > SCHEMA_VERSION
+            else None
+        )
+        if why is not None and why != self.newer:
+            log.error("not standing for leader: %s", why)
+        self.newer = why
+        return why
 
     async def run(self, elected: Callable[[], None], deposed: Callable[[str], None]) -> None:
         self._elected, self._deposed = elected, deposed
@@ -127,6 +158,9 @@ class EtcdElector:
         except StoreReadError as exc:
             log.warning("elected, but the store cannot be read (%s): stepping down", exc)
             self.election.step_down(str(exc))
+            return
+        if why := self._newer_schema():  # (migrated since the campaign looked)
+            self.election.step_down(why)
             return
         self._elected()
 

@@ -53,6 +53,7 @@ class Election:
         ttl: float,
         on_elected: Callable[[int], None],
         on_deposed: Callable[[str], None],
+        may_campaign: Callable[[], bool] = lambda: True,
     ) -> None:
         self.client = client
         self.keys = keys
@@ -61,6 +62,9 @@ class Election:
         self.margin = min(1.0, self.ttl / 4)
         self.on_elected = on_elected
         self.on_deposed = on_deposed
+        self.may_campaign = may_campaign
+        """False: this replica does not stand for election now (it follows a store whose
+        schema is newer than it understands)."""
         self.fence: int | None = None
         self.lease: int | None = None
         self._renewed_at = 0.0
@@ -103,6 +107,8 @@ class Election:
             await wait_event(self._wake, CAMPAIGN_INTERVAL)
 
     async def _campaign(self) -> bool:
+        if not self.may_campaign():
+            return False
         await self.client.connect()
         current = await self.client.get(self.keys.leader.encode())
         if current is not None:
