@@ -35,11 +35,19 @@ from pathlib import Path
 import pytest
 from aetcd import rpc
 
-from tests.support import release_env, release_tree, started_with, wait_for, wait_shares
+from tests.support import (
+    holds_for,
+    release_env,
+    release_tree,
+    started_with,
+    wait_for,
+    wait_shares,
+)
 from tests.test_ha_faults import (
     THREE,
     TTL,
     ha_options,
+    messages,
     recent,
     region_steps,
     start_load,
@@ -49,6 +57,7 @@ from tests.test_ha_faults import (
 from tests.test_schema_versions import one_line, serve
 from xds_server.ha.etcd import put_op
 from xds_server.lab.mesh import LocalMesh
+from xds_server.lab.procs import Process
 from xds_server.lab.scenarios import FAST_PLAN
 from xds_server.lab.traffic import canary_share
 from xds_server.rollout.store import SCHEMA_VERSION
@@ -122,6 +131,18 @@ def swap(mesh: LocalMesh, region: str, *, hold_still: str | None = None) -> tupl
     for envoy in mesh.processes.envoys:
         wait_synced(mesh, envoy, 20)
     return keyed, time.monotonic() - began
+
+
+def write_schema(mesh: LocalMesh, version: int) -> int:
+    """The store's schema key at `version`, as a newer release's leader leaves it."""
+    store = mesh.state.etcd_store()
+    doc = json.dumps({"version": version}).encode()
+    store.kv.txn(rpc.TxnRequest(success=[put_op(store.keys.schema, doc)]))
+    return version
+
+
+def no_leader(mesh: LocalMesh) -> None:
+    assert mesh.state.leader() is None, recent(mesh)
 
 
 def advance(mesh: LocalMesh) -> str:
@@ -224,13 +245,36 @@ def test_a_rolling_upgrade_mid_rollout_loses_no_request(tmp_path: Path) -> None:
         url = mesh.processes.etcd.url
         newer = SCHEMA_VERSION
         if newer == old_schema:  # (no bump in this tree: a newer release's key)
-            newer += 1
-            store = mesh.state.etcd_store()
-            doc_bytes = json.dumps({"version": newer}).encode()
-            store.kv.txn(rpc.TxnRequest(success=[put_op(store.keys.schema, doc_bytes)]))
+            newer = write_schema(mesh, newer + 1)
         with started_with(old_env):
             line = one_line(serve(tmp_path, "--store", url, "--replica-id", "old-release"))
         assert line.startswith("xds-server: ") and line.endswith(
             f"/schema: the store's schema is version {newer}, newer than this xds-server "
             f"understands ({old_schema}): run a release that knows it"
         ), line
+
+        # So do this tree's running replicas once a newer release migrates the store:
+        # none stands for leader (it could write nothing), each says why in one line,
+        # and they go on serving their Envoys.
+        newer = write_schema(mesh, SCHEMA_VERSION + 1)
+        wait_for(lambda: mesh.state.leader() is None, "the leader to step down", timeout=10)
+        holds_for(lambda: no_leader(mesh), 1.0)
+        said = (
+            f"/schema: the store's schema is version {newer}, newer than this xds-server "
+            f"understands ({SCHEMA_VERSION}): run a release that knows it"
+        )
+
+        def says_why(process: Process) -> bool:
+            return any(
+                m.startswith("not standing for leader: ") and m.endswith(said)
+                for m in messages(process.log_path.read_text())
+            )
+
+        for region, process in mesh.processes.replicas.items():
+            wait_for(
+                lambda process=process: says_why(process),
+                f"{region} to say why it does not stand",
+                timeout=10,
+            )
+        for envoy in mesh.processes.envoys:
+            wait_synced(mesh, envoy, 15)
