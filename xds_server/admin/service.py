@@ -174,7 +174,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         context: Ctx[pb.ListNodesRequest, pb.ListNodesResponse],
     ) -> pb.ListNodesResponse:
         await self._check_region(context, request.region)
-        nodes = self.server.nodes.nodes(request.region or None)
+        nodes = self.view.nodes(request.region or None)
         missed = stragglers_by_node(self.view)
         return pb.ListNodesResponse(
             nodes=[

@@ -251,7 +251,7 @@ class Dashboard:
                 }
             )
         sync: dict[str, dict[str, int]] = {region: {} for region in view.spec.regions}
-        for node in view.publisher.nodes.nodes(None):
+        for node in view.nodes(None):
             state_name = node_message(view.publisher, node).sync_state
             counts = sync.setdefault(node.region, {})
             counts[state_name] = counts.get(state_name, 0) + 1
@@ -303,7 +303,7 @@ class Dashboard:
         missed = stragglers_by_node(self.view)
         nodes = [
             to_json(node_message(self.view.publisher, n, missed.get((n.region, n.node_id), "")))
-            for n in self.view.publisher.nodes.nodes(None)
+            for n in self.view.nodes(None)
         ]
         return web.json_response({"nodes": nodes})
 
