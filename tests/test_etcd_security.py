@@ -150,16 +150,18 @@ def test_clients_log_in_again_when_etcd_forgets_their_token(etcds: EtcdCluster) 
     """A token etcd does not know (as after --auth-token-ttl unused, or a restart):
     the blocking channel and the async client log in again and the call goes through;
     a watch made under it fails (aetcd would wait on a cancelled watch forever), and
-    the next one, logged in afresh, sees the write."""
+    the next one, logged in afresh, sees the write. The clients of one address share
+    one login."""
     address = parse_store_url(etcds.url, PREFIX, etcds.security())
+    token = address.token
     kv = SyncKV(address)
     key = f"{PREFIX}/token-test"
     try:
         assert kv.range(key).count == 0
-        assert kv._auth is not None
-        kv._auth.token = "forgotten"
+        assert token.logins == 1
+        token.value = "forgotten"
         assert kv.range(key).count == 0
-        assert kv._auth.token not in ("forgotten", None)
+        assert token.value not in ("forgotten", None) and token.logins == 2
     finally:
         kv.close()
 
@@ -167,11 +169,11 @@ def test_clients_log_in_again_when_etcd_forgets_their_token(etcds: EtcdCluster) 
         client = async_client(address)
         try:
             await client.put(key.encode(), b"1")
-            assert client.auth is not None
-            client.auth.token = "forgotten"
+            assert token.logins == 2  # (the blocking channel's login serves it too)
+            token.value = "forgotten"
             assert (await client.get(key.encode())).value == b"1"
-            assert client.auth.logins == 2
-            client.auth.token = "forgotten"
+            assert token.logins == 3
+            token.value = "forgotten"
             with pytest.raises(Exception, match="invalid auth token"):
                 await client.watch_once(key.encode(), timeout=5)
             written = await client.put(key.encode(), b"2")

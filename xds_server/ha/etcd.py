@@ -48,6 +48,7 @@ from xds_server.ha.security import (
     StoreAccessError,
     StoreSecurity,
     SyncAuth,
+    Token,
     TokenInterceptor,
     is_stale,
     probe_member,
@@ -146,9 +147,12 @@ class EtcdAddress:
     members: Members = field(init=False, compare=False, repr=False)
     """This process's order of the members (see `Members`), shared by the clients made
     from this address."""
+    token: Token = field(init=False, compare=False, repr=False)
+    """This process's etcd token (see `Token`), shared by the same clients."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "members", Members(self.endpoints, self.names))
+        object.__setattr__(self, "token", Token(self.security.login))
 
     @property
     def target(self) -> str:
@@ -312,6 +316,7 @@ class FailoverClient(aetcd.Client):  # type: ignore[misc]  # (aetcd has no type 
     def __init__(self, address: EtcdAddress, timeout: float = 2.0) -> None:
         self.members = address.members
         self.security = address.security
+        self.token = address.token
         self.generation = -1
         """The member order's generation this client's channel dials."""
         self.auth: TokenInterceptor | None = None
@@ -344,7 +349,7 @@ class FailoverClient(aetcd.Client):  # type: ignore[misc]  # (aetcd has no type 
         members = len(self.members.order)
         for attempt in range(1, members + 1):
             generation, target, name = self.members.dial(self.security.tls)
-            auth = TokenInterceptor(self.security.login) if self.security.login else None
+            auth = TokenInterceptor(self.token) if self.token.login else None
             channel = self.security.aio_channel(
                 target, name, [], auth.interceptors() if auth else []
             )
@@ -370,9 +375,10 @@ class FailoverClient(aetcd.Client):  # type: ignore[misc]  # (aetcd has no type 
     def forget_token(self) -> bool:
         """etcd no longer knows this channel's token (seen on a stream call, which the
         interceptor cannot repeat): the next call logs in again. False without a login."""
-        if self.auth is None or self.auth.token is None:
+        token = self.token.value
+        if self.token.login is None or token is None:
             return False
-        self.auth.forget(self.auth.token)
+        self.token.forget(token)
         return True
 
     def failover(self, generation: int, why: str) -> None:
@@ -492,6 +498,7 @@ class SyncKV:
         self.timeout = timeout
         self.members = address.members
         self.security = address.security
+        self.token = address.token
         self._lock = threading.Lock()
         self._generation = -1
         self._channel: grpc.Channel | None = None
@@ -506,7 +513,7 @@ class SyncKV:
                     self._channel.close()
                 self._channel = self.security.sync_channel(target, name)
                 self._kv = rpc.KVStub(self._channel)
-                self._auth = SyncAuth(self._channel, self.security.login)
+                self._auth = SyncAuth(self._channel, self.token)
                 self._generation = generation
             return generation, self._kv, self._auth
 

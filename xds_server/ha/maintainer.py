@@ -419,8 +419,8 @@ def member_channel(address: EtcdAddress, endpoint: str) -> grpc.aio.Channel:
     hosts = [f"{h}:{p}" for h, p in address.endpoints]
     names = address.names or tuple(h for h, _ in address.endpoints)
     name = names[hosts.index(endpoint)] if endpoint in hosts else endpoint.rpartition(":")[0]
-    auth = TokenInterceptor(security.login) if security.login else None
-    channel = security.aio_channel(endpoint, name, [], [auth] if auth else [])
+    auth = TokenInterceptor(address.token) if address.token.login else None
+    channel = security.aio_channel(endpoint, name, [], auth.interceptors() if auth else [])
     if auth is not None:
         auth.bind(channel)
     return channel

@@ -34,6 +34,7 @@ import logging
 import os
 import re
 import ssl
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,6 +245,32 @@ def _with_token(metadata: Any, token: str) -> grpc.aio.Metadata:
     return grpc.aio.Metadata(*pairs, ("token", token))
 
 
+class Token:
+    """The token of one login, shared by every channel of a process's store address
+    (`EtcdAddress.token`): etcd 3.4 gives every member the token a login got (the login
+    is a raft write), so a process logs in once, not once per channel or member (each
+    login costs etcd a raft write and a bcrypt check, tens of ms of its CPU), and again
+    only when a member says it does not know the token."""
+
+    def __init__(self, login: Login | None) -> None:
+        self.login = login
+        self.value: str | None = None if login else ""
+        """None: log in first; "": no login (or etcd has auth off)."""
+        self.logins = 0
+        self._lock = threading.Lock()
+
+    def set(self, value: str) -> None:
+        with self._lock:
+            self.value = value
+            self.logins += 1
+
+    def forget(self, token: str) -> None:
+        """etcd does not know `token` (unless another login replaced it already)."""
+        with self._lock:
+            if self.value == token and self.login is not None:
+                self.value = None
+
+
 class TokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
     """Every call of one aio channel carries the login's token; a unary call etcd
     answers "invalid auth token" logs in again and is made once more. `bind` the
@@ -252,10 +279,10 @@ class TokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
     call only, so the streams (the watch, lease renewals) have their own, sharing this
     one's token."""
 
-    def __init__(self, login: Login) -> None:
-        self.login = login
-        self.token: str | None = None
-        self.logins = 0
+    def __init__(self, token: Token) -> None:
+        assert token.login is not None
+        self.login = token.login
+        self.token = token
         self._channel: grpc.aio.Channel | None = None
         self._lock = asyncio.Lock()
 
@@ -268,7 +295,7 @@ class TokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
     async def current(self) -> str:
         """The token, logging in first when there is none ("" when etcd has auth off)."""
         async with self._lock:
-            if self.token is None:
+            if self.token.value is None:
                 assert self._channel is not None
                 request = rpc.AuthenticateRequest(
                     name=self.login.user, password=self.login.password
@@ -277,17 +304,15 @@ class TokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
                     reply = await rpc.AuthStub(self._channel).Authenticate(
                         request, timeout=AUTH_TIMEOUT
                     )
-                    self.token = str(reply.token)
+                    self.token.set(str(reply.token))
                 except grpc.aio.AioRpcError as exc:
                     if AUTH_OFF not in (exc.details() or ""):
                         raise
-                    self.token = ""
-                self.logins += 1
-            return self.token
+                    self.token.set("")
+            return self.token.value or ""
 
     def forget(self, token: str) -> None:
-        if self.token == token:
-            self.token = None
+        self.token.forget(token)
 
     async def intercept_unary_unary(
         self, continuation: Callable[..., Awaitable[Any]], details: Any, request: Any
@@ -349,39 +374,42 @@ class _StreamTokens(grpc.aio.StreamStreamClientInterceptor):
 
 
 class SyncAuth:
-    """The login of one blocking channel: the token as call metadata, got on first use
-    and again when etcd says it forgot it (`call`)."""
+    """The login of one blocking channel: the (shared) token as call metadata, got on
+    first use and again when etcd says it forgot it (`call`). A login may take
+    AUTH_TIMEOUT, longer than a commit's deadline: it is rare (the async client of the
+    same address has usually logged in already, and its probe keeps the token in use)."""
 
-    def __init__(self, channel: grpc.Channel, login: Login | None) -> None:
+    def __init__(self, channel: grpc.Channel, token: Token) -> None:
         self.channel = channel
-        self.login = login
-        self.token: str | None = None if login else ""
+        self.token = token
 
-    def metadata(self, timeout: float) -> tuple[tuple[str, str], ...]:
-        if self.token is None:
-            assert self.login is not None
-            request = rpc.AuthenticateRequest(name=self.login.user, password=self.login.password)
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        if self.token.value is None:
+            login = self.token.login
+            assert login is not None
+            request = rpc.AuthenticateRequest(name=login.user, password=login.password)
             try:
-                reply = rpc.AuthStub(self.channel).Authenticate(request, timeout=timeout)
-                self.token = str(reply.token)
+                reply = rpc.AuthStub(self.channel).Authenticate(request, timeout=AUTH_TIMEOUT)
+                self.token.set(str(reply.token))
             except grpc.RpcError as exc:
                 if AUTH_OFF not in str(exc.details() if hasattr(exc, "details") else exc):
                     raise
-                self.token = ""
-        return (("token", self.token),) if self.token else ()
+                self.token.set("")
+        token = self.token.value
+        return (("token", token),) if token else ()
 
     def call(self, method: Callable[..., Any], request: Any, timeout: float) -> Any:
         """`method(request)` with the token; once more after a new login when etcd
         answers that it does not know the token."""
         for attempt in (1, 2):
-            metadata = self.metadata(timeout)
+            metadata = self.metadata()
             try:
                 return method(request, timeout=timeout, metadata=metadata)
             except grpc.RpcError as exc:
                 if attempt == 2 or not metadata or not is_stale(exc):
                     raise
                 log.info("etcd forgot this process's token: logging in again")
-                self.token = None
+                self.token.forget(metadata[0][1])
         raise AssertionError("unreachable")
 
 
@@ -415,10 +443,10 @@ def probe_member(
     when etcd refused this process, which no other member would accept either."""
     channel = security.sync_channel(member, name)
     try:
-        auth = SyncAuth(channel, security.login)
+        auth = SyncAuth(channel, Token(security.login))
         request = rpc.RangeRequest(key=key, count_only=True, serializable=True)
         auth.call(rpc.KVStub(channel).Range, request, timeout)
-        if security.login is not None and auth.token == "":
+        if security.login is not None and auth.token.value == "":
             raise StoreAccessError(
                 f"{security.login.source}: etcd at {member} has authentication off, so a "
                 "user protects nothing: enable it (etcdctl auth enable) or leave the flag out"
