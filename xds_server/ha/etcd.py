@@ -75,7 +75,8 @@ LONGEST_CALL = 5.0
 capped to it): a channel left behind by a failover is closed after this and a margin,
 once every call on it has ended by its own deadline."""
 CONNECT_TIMEOUT = 1.0
-"""A TLS channel (one member) not connected by then is left for the next member."""
+"""How long a new TLS channel (one member) is watched for a refusal, which leaves the
+member for the next one."""
 CHECK_TIMEOUT = 3.0
 """`check_access`'s wait for one member (a login is a raft write and a bcrypt check)."""
 FAILOVER_CODES = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE})
@@ -344,8 +345,8 @@ class FailoverClient(aetcd.Client):  # type: ignore[misc]  # (aetcd has no type 
 
     async def _open(self) -> None:
         """A channel to the current order. Over TLS it dials the first member alone: one
-        that does not connect within CONNECT_TIMEOUT (down, or refusing) is left for the
-        next, as gRPC does by itself across a plaintext channel's members."""
+        that refuses (down, or failing TLS) within CONNECT_TIMEOUT is left for the next,
+        as gRPC does by itself across a plaintext channel's members."""
         members = len(self.members.order)
         for attempt in range(1, members + 1):
             generation, target, name = self.members.dial(self.security.tls)
@@ -355,13 +356,10 @@ class FailoverClient(aetcd.Client):  # type: ignore[misc]  # (aetcd has no type 
             )
             if auth is not None:
                 auth.bind(channel)
-            if self.security.tls and attempt < members:
-                try:
-                    await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT)
-                except TimeoutError:
-                    await channel.close()
-                    self.members.failover(generation, f"no TLS connection in {CONNECT_TIMEOUT}s")
-                    continue
+            if self.security.tls and attempt < members and not await _connects(channel):
+                await channel.close()
+                self.members.failover(generation, "connect: refused, or TLS failed")
+                continue
             self.channel, self.auth, self.generation = channel, auth, generation
             self.kvstub = rpc.KVStub(channel)
             self.clusterstub = rpc.ClusterStub(channel)
@@ -456,6 +454,24 @@ class FailoverClient(aetcd.Client):  # type: ignore[misc]  # (aetcd has no type 
             await channel.close()
         self._left.clear()
         await super().close()
+
+
+async def _connects(channel: grpc.aio.Channel) -> bool:
+    """False when the channel's member fails to connect (TRANSIENT_FAILURE: refused, or
+    a failed handshake) within CONNECT_TIMEOUT; True once READY, or still connecting
+    then: slow is not down (a silent member is the probe's to judge)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CONNECT_TIMEOUT
+    state = channel.get_state(try_to_connect=True)
+    while state != grpc.ChannelConnectivity.READY:
+        if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            return False
+        try:
+            await asyncio.wait_for(channel.wait_for_state_change(state), deadline - loop.time())
+        except TimeoutError:
+            return True
+        state = channel.get_state()
+    return True
 
 
 async def retrying(
