@@ -125,22 +125,22 @@ class StoreReader:
         return {kv.key.decode()[len(prefix) :]: json.loads(kv.value) for kv in got.kvs}
 
     def last_seq(self) -> int:
-        prefix = self.keys.audit()
-        got = self._range(prefix, range_end(prefix), limit=1, keys_only=True,
-                          sort_order=rpc.RangeRequest.DESCEND,
-                          sort_target=rpc.RangeRequest.KEY)  # fmt: skip
-        return int(got.kvs[0].key.decode()[len(prefix) :]) if got.kvs else 0
+        """The last audit id given (`audit-seq`, ha/audit_log.py)."""
+        got = self._range(f"{self.keys.prefix}/audit-seq")
+        return int(got.kvs[0].value) if got.kvs else 0
 
     def entries_after(self, seq: int) -> list[Entry]:
-        prefix = self.keys.audit()
-        got = self._range(self.keys.audit(seq + 1), range_end(prefix))
+        """Every live entry after `seq`, by id (the log is kept per rollout)."""
+        prefix = f"{self.keys.prefix}/audit-log/"
+        got = self._range(prefix, range_end(prefix))
         out = []
         for kv in got.kvs:
             doc = json.loads(kv.value)
-            out.append(Entry(int(kv.key.decode()[len(prefix) :]), doc["time"], doc["kind"],
-                             doc["actor"], doc["region"], doc["reason"],
-                             kv.mod_revision))  # fmt: skip
-        return out
+            id_ = int(kv.key.decode().rpartition("/")[2])
+            if id_ > seq:
+                out.append(Entry(id_, doc["time"], doc["kind"], doc["actor"], doc["region"],
+                                 doc["reason"], kv.mod_revision))  # fmt: skip
+        return sorted(out, key=lambda e: e.seq)
 
     def close(self) -> None:
         self._channel.close()
