@@ -309,29 +309,30 @@ def test_etcd_reads_page_and_the_watch_follows_an_archive(shared_etcd: EtcdClust
 
 def test_etcd_a_store_of_schema_1_is_migrated_under_the_fence(shared_etcd: EtcdCluster) -> None:
     """The flat log (today's `audit/ID`) moves to the per-rollout log before the leader's
-    first write, each entry keeping its commit's version; the old rollout archives."""
+    first write (here, an archive), each entry keeping its commit's version; the old
+    rollout archives, and the next ids follow the flat log's."""
     prefix = "/test/archive-migrate"
     load_dump(shared_etcd, prefix)
     leader = leading(shared_etcd, prefix)
+    reader = EtcdStore(parse_store_url(shared_etcd.url, prefix))
     try:
         before = leader.audit()
         assert leader.view.log.legacy and len(before) == 45
-        (state, entries), *_ = decisions("svc", "v9", 1, now=NOW)
-        leader.record(state, entries)
+        assert sweep(leader, now=10**10) >= 1
         kv = SyncKV(parse_store_url(shared_etcd.url, prefix))
         got = kv.range(f"{prefix}/", range_end(f"{prefix}/")).kvs
         kv.close()
         assert not [k for k in got if k.key.decode().startswith(f"{prefix}/audit/")]
-        reader = EtcdStore(parse_store_url(shared_etcd.url, prefix))
+        assert [k for k in got if k.key.decode().startswith(f"{prefix}/archive-index/")]
         reader.read()
-        after = reader.audit()
-        assert after[:45] == before and [e.id for e in after[45:]] == [46, 47, 48]
+        assert reader.audit() == before
         assert reader.view.schema == SCHEMA_VERSION and not reader.view.log.legacy
-        assert sweep(leader, now=10**10) >= 1
+        (state, entries), *_ = decisions("svc", "v9", 1, now=NOW)
+        leader.record(state, entries)
         reader.read()
-        assert reader.audit() == after
-        reader.close()
+        assert [e.id for e in reader.audit()[45:]] == [46, 47, 48]
     finally:
+        reader.close()
         leader.close()
 
 

@@ -73,6 +73,10 @@ class AuditSide:
     def _deposed(self) -> NoReturn:
         raise NotImplementedError
 
+    def migrate(self) -> bool:
+        """The store's schema brought up to this release's (the archive needs 3)."""
+        raise NotImplementedError
+
     def audit(
         self,
         service: str | None = None,
@@ -125,6 +129,7 @@ class AuditSide:
         the rollout's key is the one read (no entry of it came since)."""
         rollout = (service, version)
         self._check_lead()
+        self.migrate()  # (a store of schemas 1-2: the flat log moved first)
         try:
             staged = await asyncio.to_thread(stage, self.kv, self.log_keys, rollout, now)
             if staged is None:
