@@ -191,13 +191,14 @@ class NodeRegistry:
     def record_ack(self, status: NodeStatus, type_url: str, version: str) -> None:
         ts = status.types[type_url]
         ts.acked_version, ts.acked_at = version, self.clock()
-        log.debug(
-            "ACK from %s region=%s type=%s version=%s",
-            clip(status.node_id),
-            status.region,
-            short(type_url),
-            version,
-        )
+        if log.isEnabledFor(logging.DEBUG):  # (every ACK of a fleet: no arguments made)
+            log.debug(
+                "ACK from %s region=%s type=%s version=%s",
+                clip(status.node_id),
+                status.region,
+                short(type_url),
+                version,
+            )
         self._notify(status)
 
     def record_nack(self, status: NodeStatus, type_url: str, version: str, error: str) -> None:
