@@ -40,12 +40,18 @@ class XdsMetrics:
         """Follow the publisher's pushes and nodes (a NACK counts once per version)."""
         publisher.on_push(self._on_push)
         seen_nacks: dict[tuple[int, str], str] = {}
+        counted: dict[str, int] = {}
 
-        def on_node(status: NodeStatus) -> None:
-            self.nodes.labels(status.region).set(publisher.nodes.count(status.region))
+        def on_node(status: NodeStatus) -> None:  # (at every ACK of a fleet: little work)
+            count = publisher.nodes.count(status.region)
+            if counted.get(status.region) != count:
+                counted[status.region] = count
+                self.nodes.labels(status.region).set(count)
             for type_url, ts in status.types.items():
+                if not ts.nack_version:
+                    continue
                 key = (status.stream_id, type_url)
-                if ts.nack_version and seen_nacks.get(key) != ts.nack_version:
+                if seen_nacks.get(key) != ts.nack_version:
                     seen_nacks[key] = ts.nack_version
                     self.nacks.labels(status.region, short(type_url)).inc()
 
