@@ -9,10 +9,11 @@ import fcntl
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from xds_server.ha.etcd import compare_mod_revision
 from xds_server.ha.leader import Election
 from xds_server.ha.store import EtcdStore, StoreReadError
 from xds_server.rollout.store import SCHEMA_VERSION, newer_schema
@@ -114,7 +115,7 @@ class EtcdElector:
             ttl,
             self._on_elected,
             self._on_deposed,
-            may_campaign=lambda: self._newer_schema() is None,
+            may_campaign=self._may_campaign,
         )
         store.on_fenced = self.election.step_down
         store.may_write = self.election.valid
@@ -129,6 +130,14 @@ class EtcdElector:
             self.election.step_down(why)
         if "leader" in changed:
             self.election.wake()
+
+    def _may_campaign(self) -> list[Any] | None:
+        """None while the store's schema is newer than this release's; else the campaign
+        holds only while the schema key is the one judged (a migration in between, seen
+        or not yet, makes it fail)."""
+        if self._newer_schema() is not None:
+            return None
+        return [compare_mod_revision(self.store.keys.schema, self.store.view.schema_revision)]
 
     def _newer_schema(self) -> str | None:
         """The refusal's line when the store's schema is newer than this release's (logged

@@ -53,7 +53,7 @@ class Election:
         ttl: float,
         on_elected: Callable[[int], None],
         on_deposed: Callable[[str], None],
-        may_campaign: Callable[[], bool] = lambda: True,
+        may_campaign: Callable[[], list[Any] | None] = lambda: [],
     ) -> None:
         self.client = client
         self.keys = keys
@@ -63,8 +63,10 @@ class Election:
         self.on_elected = on_elected
         self.on_deposed = on_deposed
         self.may_campaign = may_campaign
-        """False: this replica does not stand for election now (it follows a store whose
-        schema is newer than it understands)."""
+        """None: this replica does not stand for election now (it follows a store whose
+        schema is newer than it understands); else what the campaign's transaction also
+        compares: the store as this replica judged it (a campaign from a stale view of
+        it fails, and the next one judges afresh)."""
         self.fence: int | None = None
         self.lease: int | None = None
         self._renewed_at = 0.0
@@ -107,7 +109,8 @@ class Election:
             await wait_event(self._wake, CAMPAIGN_INTERVAL)
 
     async def _campaign(self) -> bool:
-        if not self.may_campaign():
+        conditions = self.may_campaign()
+        if conditions is None:
             return False
         await self.client.connect()
         current = await self.client.get(self.keys.leader.encode())
@@ -116,7 +119,7 @@ class Election:
         sent = time.monotonic()
         lease = await self.client.lease(self.ttl)
         request = rpc.TxnRequest(
-            compare=[compare_create_revision(self.keys.leader, 0)],
+            compare=[compare_create_revision(self.keys.leader, 0), *conditions],
             success=[put_op(self.keys.leader, self.replica_id.encode(), lease.id)],
         )
         reply = await self.client.kvstub.Txn(request, timeout=min(self.ttl / 2, LONGEST_CALL))
