@@ -70,6 +70,9 @@ class MeshOptions:
     """With `ha`: each etcd member's `--quota-backend-bytes`, told to the replicas
     (`--store-quota-bytes`); None: etcd's default, 2 GiB. A small one fills soon, to
     etcd's NOSPACE alarm (tests/test_ha_nospace.py)."""
+    store_retention: float | None = None
+    """With `ha`: the replicas' `--store-compaction-retention`, seconds (a soak's short
+    one applies within its run); None: serve's default, an hour."""
     registry_ttl: float = 3.0
     """With `ha`: the model servers register themselves (the spec lists no endpoints),
     on leases of this TTL."""

@@ -239,6 +239,8 @@ class MeshProcesses:
                 *off_loopback(host)]  # fmt: skip
         if self.opts.etcd_quota_bytes is not None:
             argv += ["--store-quota-bytes", str(self.opts.etcd_quota_bytes)]
+        if self.opts.store_retention is not None:
+            argv += ["--store-compaction-retention", f"{self.opts.store_retention:g}s"]
         self.replicas[region] = Process(
             f"xds-server-{region}",
             argv,
