@@ -26,13 +26,12 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from xds_server.xds.snapshot import DeltaItem, NameSet, Snapshot, delta_response
+from xds_server.xds.snapshot import DeltaItem, NameSet, Snapshot, delta_response, next_nonce
 from xds_server.xds.stream import (
     UNKNOWN_TYPE_VERSION,
     StreamBase,
     check_names,
     check_type_url,
-    next_nonce,
     record_answer,
     shared_names,
     stale,

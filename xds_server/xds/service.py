@@ -178,6 +178,7 @@ class AdsService:
                     continue
                 for body in stream.due(snap):
                     await context.write(body)
+                body = b""  # (a waiting stream keeps no response alive: a fleet's add up)
         except asyncio.CancelledError:
             reason = "stream cancelled"
             raise

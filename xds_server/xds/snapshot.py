@@ -6,8 +6,12 @@ routes only. Endpoints always get a new version when clusters change, because En
 an updated cluster warming until it receives that cluster's endpoints again.
 
 Responses are encoded once per (type, requested names, listen address) and shared by
-every stream; the per-stream nonce is appended to the encoded bytes (a protobuf message
-may be extended by concatenating fields), so no stream re-serializes anything.
+every stream, nonce included: every stream that is sent a type's new version gets the
+very same bytes object (`Encoded.body`, with a nonce of its own, `Encoded.nonce`), so a
+push costs each stream nothing but the write, and holds no copy per stream. A stream
+sent the same version again (a new subscription, a node re-asking) needs a nonce no
+earlier response of its type had: that one is appended to a copy (`with_nonce`; a
+protobuf field given twice takes its last value), so no stream re-serializes anything.
 
 What a snapshot caches for its streams is bounded by what streams hold: an encoding for
 a requested name set lives only while some stream holds that `NameSet` (a weak
@@ -25,6 +29,7 @@ What they can hold is bounded by the spec (its services and domains), not by cli
 from __future__ import annotations
 
 import hashlib
+import itertools
 import weakref
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -59,10 +64,24 @@ from xds_server.xds.types import (
 
 ListenAddress = tuple[str, int]
 
+_nonces = itertools.count(1)
+
+
+def next_nonce() -> str:
+    """A nonce unique in this process: for one response on one stream, or for a shared
+    encoding (`Encoded.nonce`), which a stream is sent once at most (see `with_nonce`)."""
+    return str(next(_nonces))
+
+
 MAX_LISTEN_ADDRESSES_CACHED = 1_024
 """Listen addresses (besides the spec's) whose listener a snapshot caches; nodes choose
 them, so a churn of addresses must not grow the cache. Past it, a listener is encoded
 per request (one small message)."""
+
+
+MAX_READY_ANSWERS = 64
+"""Answers of `routes_ready` a snapshot keeps: a fleet in step shares a handful of ACKed
+sets; nodes that differ (proxyless clients, a churn) are answered afresh."""
 
 
 class NameSet(frozenset[str]):
@@ -104,11 +123,14 @@ class SnapshotError(ValueError):
 
 @dataclass(frozen=True)
 class Encoded:
-    """One encoded response (without nonce) and the names of the resources in it."""
+    """One encoded response and the names of the resources in it. `body` carries
+    `nonce`, a nonce of its own, drawn once: every stream sent this version of the type
+    for the first time is written these very bytes (one object for the whole fleet)."""
 
     body: bytes
     version: str
     names: frozenset[str]
+    nonce: str
 
 
 @dataclass(frozen=True)
@@ -195,6 +217,8 @@ class Snapshot:
     )
     _proxyless: _ProxylessMemo = field(default_factory=_ProxylessMemo, repr=False)
     """What proxyless gRPC clients were given, carried over from the predecessor."""
+    _ready: dict[tuple[int, int], tuple[bool, Any, Any]] = field(default_factory=dict, repr=False)
+    """`routes_ready` answered per pair of ACKed sets (by identity: a fleet shares them)."""
 
     @classmethod
     def first(cls, resources: RegionResources, listen: ListenAddress, version: int = 1) -> Snapshot:
@@ -321,8 +345,17 @@ class Snapshot:
         proxyless gRPC client asks for the clusters its routes use only once it has the
         routes, so it is judged on the ones it asked for: waiting for the others would
         never end. (gRPC itself holds calls to a new cluster until it has connected.)"""
+        if scope is None:  # (Envoy's question, asked by every stream at every push)
+            key = (id(acked_clusters), id(acked_endpoints))
+            hit = self._ready.get(key)
+            if hit is not None and hit[1] is acked_clusters and hit[2] is acked_endpoints:
+                return hit[0]
         targets = self.route_targets if scope is None else self.route_targets & set(scope)
-        return all(acked is None or targets <= acked for acked in (acked_clusters, acked_endpoints))
+        acked_sets = (acked_clusters, acked_endpoints)
+        ready = all(acked is None or targets <= acked for acked in acked_sets)
+        if scope is None and len(self._ready) < MAX_READY_ANSWERS:
+            self._ready[key] = (ready, acked_clusters, acked_endpoints)
+        return ready
 
     def check(self) -> None:
         """Every route target is a cluster here, and every cluster has its endpoints."""
@@ -344,7 +377,12 @@ class Snapshot:
             )
 
     def type_version(self, type_url: str) -> str:
-        return str(self.type_versions[type_url])
+        return self._version_texts[type_url]
+
+    @cached_property
+    def _version_texts(self) -> Mapping[str, str]:
+        """Each type's version as sent (asked by every stream at every wake-up)."""
+        return {t: str(v) for t, v in self.type_versions.items()}
 
     def encoded(
         self, type_url: str, names: frozenset[str] | None, listen: ListenAddress | None = None
@@ -463,7 +501,10 @@ class Snapshot:
             type_url=type_url,
             resources=[pack(items[n]) for n in chosen],
         )
-        return Encoded(response.SerializeToString(), version, frozenset(chosen))
+        nonce = next_nonce()
+        return Encoded(
+            with_nonce(response.SerializeToString(), nonce), version, frozenset(chosen), nonce
+        )
 
 
 def _vhosts_by_route(resources: RegionResources) -> dict[str, Any]:
@@ -491,7 +532,9 @@ def _field(number: int, data: bytes) -> bytes:
 
 
 def with_nonce(body: bytes, nonce: str) -> bytes:
-    """Append DiscoveryResponse.nonce (field 5, length-delimited) to an encoded response."""
+    """Append DiscoveryResponse.nonce (field 5, length-delimited) to an encoded response:
+    a copy. On a body that has a nonce already, this one wins (a singular field given
+    twice takes its last value, in every protobuf parser)."""
     raw = nonce.encode()
     return body + b"\x2a" + _varint(len(raw)) + raw
 

@@ -27,13 +27,12 @@ from dataclasses import dataclass
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from xds_server.xds.snapshot import NameSet, Snapshot, with_nonce
+from xds_server.xds.snapshot import NameSet, Snapshot, next_nonce, with_nonce
 from xds_server.xds.stream import (
     UNKNOWN_TYPE_VERSION,
     StreamBase,
     check_names,
     check_type_url,
-    next_nonce,
     record_answer,
     shared_names,
     stale,
@@ -62,7 +61,9 @@ class _TypeState:
 
     def up_to_date(self, version: str) -> bool:
         return (
-            self.sent_version == version and self.sent_names == self.names and not self.answer_due
+            self.sent_version == version
+            and (self.sent_names is self.names or self.sent_names == self.names)
+            and not self.answer_due
         )
 
 
@@ -88,7 +89,7 @@ class SotwStream(StreamBase[_TypeState]):
             if record_answer(self.registry, self.status, req, ts.sent_version, req.version_info):
                 ts.acked_resources = ts.sent_resources
             # A plain ACK makes nothing due unless something waited for it.
-            wake = self.held or names != ts.names
+            wake = self.held or (names is not ts.names and names != ts.names)
         else:  # a new subscription, or the node re-asking: it gets an answer
             ts.answer_due, ts.in_flight = True, False
             wake = True
@@ -125,10 +126,14 @@ class SotwStream(StreamBase[_TypeState]):
         ]
         for type_url, ts, version in self.sendable(snap):
             encoded = snap.encoded(type_url, ts.names, self.listen)
-            ts.nonce = next_nonce()
+            if version != ts.sent_version:  # the fleet's bytes: nothing of this stream's own
+                ts.nonce, body = encoded.nonce, encoded.body
+            else:  # sent this version before: a nonce its earlier response did not have
+                ts.nonce = next_nonce()
+                body = with_nonce(encoded.body, ts.nonce)
             ts.in_flight, ts.answer_due = True, False
             ts.sent_version, ts.sent_names = version, ts.names
             ts.sent_resources = encoded.names
             self.registry.record_sent(self.status, type_url, version, encoded.body)
-            out.append(with_nonce(encoded.body, ts.nonce))
+            out.append(body)
         return out

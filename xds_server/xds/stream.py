@@ -3,12 +3,12 @@ make-before-break, nonces, and the shape of a stream's protocol state. No I/O.""
 
 from __future__ import annotations
 
-import itertools
 import logging
 import sys
 import weakref
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Generic, Protocol, TypeVar
 
 from envoy.config.core.v3 import base_pb2
@@ -19,7 +19,6 @@ from xds_server.xds.status import NodeRegistry, NodeStatus, clip
 from xds_server.xds.types import CLUSTER, ENDPOINT, LISTEN_METADATA_KEY, ROUTE, SEND_ORDER, short
 
 log = logging.getLogger("xds_server.stream")
-_nonces = itertools.count(1)
 
 MAX_NAMES_PER_TYPE = 10_000
 """The most resource names one stream may subscribe to per type (state of the world: in
@@ -36,11 +35,6 @@ MAX_UNKNOWN_PENDING = 8
 
 UNKNOWN_TYPE_VERSION = "0"
 """The version of the empty answer to a type this server does not serve: it never changes."""
-
-
-def next_nonce() -> str:
-    """A nonce unique in this process, for any stream's next response."""
-    return str(next(_nonces))
 
 
 class StreamProtocol(Protocol):
@@ -104,6 +98,9 @@ def shared_names(names: Iterable[str]) -> NameSet:
     return hit
 
 
+_NOTHING_PENDING: Mapping[str, set[str]] = MappingProxyType({})
+
+
 class UnknownTypes:
     """Requests for types this server does not serve get an empty answer, so a node need
     not wait for a timeout: state of the world, a response with no resources; delta, the
@@ -137,7 +134,11 @@ class UnknownTypes:
         check_names(type_url, len(waiting), self.limit)
         return True
 
-    def take(self) -> dict[str, set[str]]:
+    def take(self) -> Mapping[str, set[str]]:
+        """The unknown types to answer now (nothing allocated when there are none: it is
+        asked at every wake-up of every stream)."""
+        if not self.pending:
+            return _NOTHING_PENDING
         out, self.pending = self.pending, {}
         return out
 
