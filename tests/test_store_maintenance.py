@@ -192,13 +192,10 @@ async def fill(etcd: EtcdCluster, prefix: str, *, live: bool) -> int:
 
 
 async def reset(etcd: EtcdCluster) -> None:
-    """Everything deleted, compacted, defragmented and disarmed."""
+    """Disarmed (etcd refuses even deletions while CORRUPT), everything deleted,
+    compacted and defragmented."""
     async with grpc.aio.insecure_channel(endpoint(etcd)) as channel:
         kv, maintenance = rpc.KVStub(channel), rpc.MaintenanceStub(channel)
-        deleted = await kv.DeleteRange(rpc.DeleteRangeRequest(key=b"\0", range_end=b"\0"))
-        with contextlib.suppress(grpc.aio.AioRpcError):  # (compacted there already)
-            await kv.Compact(rpc.CompactionRequest(revision=deleted.header.revision, physical=True))
-        await maintenance.Defragment(rpc.DefragmentRequest())
         alarms = await maintenance.Alarm(rpc.AlarmRequest(action=rpc.AlarmRequest.GET))
         for a in alarms.alarms:
             await maintenance.Alarm(
@@ -206,6 +203,10 @@ async def reset(etcd: EtcdCluster) -> None:
                     action=rpc.AlarmRequest.DEACTIVATE, memberID=a.memberID, alarm=a.alarm
                 )
             )
+        deleted = await kv.DeleteRange(rpc.DeleteRangeRequest(key=b"\0", range_end=b"\0"))
+        with contextlib.suppress(grpc.aio.AioRpcError):  # (compacted there already)
+            await kv.Compact(rpc.CompactionRequest(revision=deleted.header.revision, physical=True))
+        await maintenance.Defragment(rpc.DefragmentRequest())
 
 
 @contextlib.asynccontextmanager
@@ -362,5 +363,25 @@ def test_a_write_refused_for_nospace_polls_at_once(small_etcd: EtcdCluster) -> N
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    asyncio.run(scenario())
+
+
+def test_corrupt_is_reported_and_left_to_an_operator(small_etcd: EtcdCluster) -> None:
+    async def scenario() -> None:
+        async with leader(small_etcd, "/corrupt") as (_rep, maintainer, registry):
+            member = (await maintainer.poll()).members[0].member_id
+            async with grpc.aio.insecure_channel(endpoint(small_etcd)) as channel:
+                corrupt = rpc.AlarmType.Value("CORRUPT")
+                request = rpc.AlarmRequest(
+                    action=rpc.AlarmRequest.ACTIVATE, memberID=member, alarm=corrupt
+                )
+                await rpc.MaintenanceStub(channel).Alarm(request)  # (as etcd's check would)
+            status = await maintainer.step()
+            assert [a.kind for a in status.alarms] == [CORRUPT]
+            assert sample(registry, "xds_etcd_alarm", alarm="CORRUPT") == 1
+            assert sample(registry, "xds_etcd_alarm", alarm="NOSPACE") == 0
+            assert maintainer.last_recovery == ""  # (never disarmed here)
+            assert [a.kind for a in (await maintainer.step()).alarms] == [CORRUPT]
 
     asyncio.run(scenario())

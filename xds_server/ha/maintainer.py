@@ -206,18 +206,19 @@ class StoreMaintainer:
     async def poll(self) -> EtcdStatus:
         """Every member's status, the alarms and the prefix's keys, now; reported."""
         members = await asyncio.gather(*(self._member(e) for e in self.endpoints))
-        alarms: tuple[Alarm, ...] = ()
-        keys, error = -1, ""
-        answering = [m for m in members if m.answered]
+        alarms = self.status.alarms if self.status else ()
+        keys, errors = -1, []
+        answering = [m.endpoint for m in members if m.answered]
         if answering:
             try:
-                alarms, keys = await self._cluster(answering[0].endpoint)
+                alarms = await self._alarms(answering[0])
+            except grpc.RpcError as exc:  # (unknown: the last ones stand)
+                errors.append(f"alarms: {why_left(exc)}")
+            try:
+                keys = await self._keys(answering[0])
             except grpc.RpcError as exc:
-                error = why_left(exc)
-        status = EtcdStatus(time.time(), tuple(members), alarms, keys, error)
-        if error:  # (alarms unknown: keep the last ones rather than clear them)
-            last = self.status.alarms if self.status else ()
-            status = EtcdStatus(status.at, status.members, last, keys, error)
+                errors.append(f"keys: {why_left(exc)}")
+        status = EtcdStatus(time.time(), tuple(members), alarms, keys, "; ".join(errors))
         self.revisions.note(time.monotonic(), status.revision)
         self._report(status)
         return status
@@ -260,7 +261,12 @@ class StoreMaintainer:
             )
             log.error("etcd: %s", self.last_recovery)
             return False
-        await self.disarm([a for a in after.alarms if a.kind == NOSPACE])
+        try:
+            await self.disarm([a for a in after.alarms if a.kind == NOSPACE])
+        except grpc.RpcError as exc:
+            log.warning("etcd: NOSPACE could not be disarmed: %s", why_left(exc))
+            self.recovery.done(after, self.options, time.monotonic(), disarmed=False)
+            return False
         self.recovery.done(after, self.options, time.monotonic(), disarmed=True)
         self.last_recovery = (
             f"room made at {time.strftime('%H:%M:%S')} in {took:.2f}s: "
@@ -297,24 +303,25 @@ class StoreMaintainer:
             raft_leader=got.leader == got.header.member_id,
         )
 
-    async def _cluster(self, endpoint: str) -> tuple[tuple[Alarm, ...], int]:
-        """etcd's alarms (every member's, as the cluster agreed them) and the keys
-        under the prefix (a serializable count: no round of the raft group)."""
-        channel = self._channel(endpoint)
-        got = await rpc.MaintenanceStub(channel).Alarm(
+    async def _alarms(self, endpoint: str) -> tuple[Alarm, ...]:
+        """etcd's alarms, every member's, as the cluster agreed them."""
+        got = await rpc.MaintenanceStub(self._channel(endpoint)).Alarm(
             rpc.AlarmRequest(action=rpc.AlarmRequest.GET), timeout=STATUS_TIMEOUT
         )
-        alarms = tuple(
+        return tuple(
             Alarm(a.memberID, ALARM_NAMES.get(a.alarm, str(a.alarm)))
             for a in got.alarms
             if a.alarm != rpc.AlarmType.Value("NONE")
         )
+
+    async def _keys(self, endpoint: str) -> int:
+        """The keys under the prefix (a serializable count: no round of the raft group)."""
         prefix = self.store.keys.everything
         request = rpc.RangeRequest(
             key=prefix.encode(), range_end=range_end(prefix), count_only=True, serializable=True
         )
-        counted = await rpc.KVStub(channel).Range(request, timeout=STATUS_TIMEOUT)
-        return alarms, int(counted.count)
+        counted = await rpc.KVStub(self._channel(endpoint)).Range(request, timeout=STATUS_TIMEOUT)
+        return int(counted.count)
 
     def _any(self) -> str:
         """A member that answered the last poll (else the first)."""
