@@ -486,9 +486,11 @@ async def retrying(
             left = until - started
             return await client.bounded(call, max(0.05, min(CALL_TIMEOUT, left)), what)
         except Exception as exc:
+            if until - time.monotonic() <= 0.1:
+                raise
             if is_stale(exc) and client.forget_token():
                 continue  # (a lease renewal: a stream, which the interceptor cannot repeat)
-            if not moves_on(exc) or until - time.monotonic() <= 0.1:
+            if not moves_on(exc):
                 raise
             log.debug("%s: %s; trying again", what, one_line(exc))
             if time.monotonic() - started < 0.1:
