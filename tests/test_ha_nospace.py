@@ -130,18 +130,16 @@ def test_a_canary_fault_is_rolled_back_while_etcd_is_full(tmp_path: Path) -> Non
 
         # etcd full of data not ours: seen at once, on a follower too.
         keys = fill(etcd)
-        refused = time.monotonic()  # (the last refusal, the alarm raised before it)
         wait_for(
             lambda: ALARM in metrics(mesh, follower),
             "NOSPACE on a follower's /metrics",
             timeout=10,
             interval=0.05,
         )
-        seen = time.monotonic() - refused
         status = wait_for(
             lambda: alarmed(xdsctl_status(mesh, follower)), "NOSPACE in xdsctl status", timeout=20
         )
-        assert alarms(status) == ["NOSPACE"], status
+        assert set(alarms(status)) == {"NOSPACE"}, status  # (one per member that raised it)
 
         # The canary fails: the rollback reaches the leader's Envoys though it cannot be
         # written; the follower's Envoy (what is committed) keeps the canary meanwhile.
@@ -163,9 +161,9 @@ def test_a_canary_fault_is_rolled_back_while_etcd_is_full(tmp_path: Path) -> Non
         assert mesh.state.rollout()["phase"] == "rolled_back", recent(mesh)
         wait_for(lambda: ALARM not in metrics(mesh, follower), "NOSPACE cleared", timeout=10)
         assert not alarms(xdsctl_status(mesh, follower))
-        print(f"\n{keys} keys of 64 KiB to NOSPACE; the alarm on a follower's /metrics "
-              f"{seen:.2f}s later; the rollback at the leader's Envoys {pushed:.2f}s after "
-              f"the fault, at the follower's {written:.2f}s after the data went")  # fmt: skip
+        print(f"\n{keys} keys of 64 KiB to a NOSPACE no compaction clears; the rollback at "
+              f"the leader's Envoys {pushed:.2f}s after the fault, at the follower's "
+              f"{written:.2f}s after the data went")  # fmt: skip
         logs = {r: p.log_path.read_text() for r, p in mesh.processes.replicas.items()}
         for region, text in logs.items():  # (each reached etcd: none stepped aside)
             assert "stepping aside" not in text, (region, text[-2000:])
