@@ -31,8 +31,9 @@ from xds_server.rollout import decide as sm
 from xds_server.rollout.archive import Query, decode, due
 from xds_server.rollout.audit import AuditEntry, Weights, transition_entry
 from xds_server.rollout.audit_chain import ChainReport
+from xds_server.rollout.decision import EntryKind
 from xds_server.rollout.retention import AuditRetention
-from xds_server.rollout.state import RolloutState
+from xds_server.rollout.state import PROGRESSING, RolloutState
 from xds_server.rollout.store import FILE_NAME, SCHEMA_VERSION, Store
 
 NOW = 1_000_000.0
@@ -240,6 +241,7 @@ def test_etcd_a_finished_rollout_moves_to_its_archive_and_leaves_memory(
         for store in (leader, follower):
             memory = store.view.log
             assert ("svc", "v1") not in memory.heads and ("svc", "v1") not in memory.newest
+            assert not memory.checks  # (a finished rollout's latest checks: until archived)
             assert set(memory.newest) == {("svc", "v2")}
             held = [e for n in memory.newest.values() for e in n.values()]
             assert {e.canary_version for e in held} == {"v2"} and len(held) <= 6
@@ -305,6 +307,37 @@ def test_etcd_reads_page_and_the_watch_follows_an_archive(shared_etcd: EtcdClust
             leader.close()
 
     asyncio.run(scenario())
+
+
+def test_etcd_latest_checks_from_memory_then_from_the_archive(shared_etcd: EtcdCluster) -> None:
+    prefix = "/test/archive-checks"
+    leader = leading(shared_etcd, prefix)
+    follower = EtcdStore(parse_store_url(shared_etcd.url, prefix))
+    try:
+        plan = rollout("svc", "v1", 2, now=NOW - 1000, end="abort")
+        state = plan[-2][0]
+        looked = AuditEntry(
+            time=NOW - 999, service="svc", canary_version="v1", region="eu-west",
+            kind=EntryKind.CHECK, step=0, phase_from=PROGRESSING, phase_to=PROGRESSING,
+            weights_before=None, weights_after=None, measurements=None, verdict=None,
+            reason="looked", snapshot_version=None, actor="controller",
+        )  # fmt: skip
+        fill(leader, [*plan[:-1], (state, [looked]), plan[-1]])
+        follower.read()  # (a reader's view: what it does not hold, it reads back)
+        (held,) = leader.view.log.checks[("svc", "v1")].values()
+        assert held.reason == "looked" and leader.view.log.entries_held() == 1
+        assert follower.latest_checks("svc", "v1") == {"eu-west": held}
+        assert leader.latest_checks("svc", "v1") == {"eu-west": held}
+        asyncio.run(follower.start())  # (a replica's view: held)
+        assert follower.view.log.checks == leader.view.log.checks
+        assert sweep(leader) == 1
+        asyncio.run(follower.start())
+        assert follower.view.log.entries_held() == 0
+        assert follower.latest_checks("svc", "v1") == {"eu-west": held}  # (its archive)
+        assert ("svc", "v1") in follower._archived_checks
+    finally:
+        leader.close()
+        follower.close()
 
 
 def test_etcd_a_store_of_schema_1_is_migrated_under_the_fence(shared_etcd: EtcdCluster) -> None:

@@ -125,9 +125,15 @@ class AuditMemory:
     """Each rollout with live entries: its newest entry's id and hash (None: unchained)."""
     newest: dict[Rollout, dict[tuple[str, str | None], AuditEntry]] = field(default_factory=dict)
     """Each unfinished rollout's newest entry of each (kind, region)."""
+    checks: dict[Rollout, dict[str, AuditEntry]] = field(default_factory=dict)
+    """Each finished rollout's (until it is archived) newest check of each region: its
+    latest checks, which `xdsctl rollout get` and the dashboard show."""
     archives: dict[Rollout, Indexed] = field(default_factory=dict)
     legacy: bool = False
     """Keys of the flat log (schemas 1-2) may be left: reads include it."""
+    complete: bool = True
+    """`newest` and `checks` hold what they say (False: loaded without them, as a
+    reader's `EtcdStore.read` does: reads go to etcd instead)."""
 
     def note(self, entry: AuditEntry, finished: bool) -> None:
         """An entry committed (seen by the watch, or ours)."""
@@ -136,6 +142,10 @@ class AuditMemory:
             self.heads[rollout] = (entry.id, entry.chain.hash if entry.chain else None)
         self.seq = max(self.seq, entry.id)
         if finished:
+            if entry.kind == "check" and entry.region:
+                checks = self.checks.setdefault(rollout, {})
+                if entry.region not in checks or checks[entry.region].id < entry.id:
+                    checks[entry.region] = entry
             return
         newest = self.newest.setdefault(rollout, {})
         slot = (str(entry.kind), entry.region)
@@ -143,13 +153,29 @@ class AuditMemory:
             newest[slot] = entry
 
     def finished(self, rollout: Rollout) -> None:
-        """Its rollout finished: nothing more is decided from its entries."""
-        self.newest.pop(rollout, None)
+        """Its rollout finished: nothing more is decided from its entries; its latest
+        checks are kept until it is archived."""
+        newest = self.newest.pop(rollout, {})
+        checks = {r: e for (k, r), e in newest.items() if k == "check" and r}
+        if checks:
+            self.checks[rollout] = {**checks, **self.checks.get(rollout, {})}
 
     def archived(self, rollout: Rollout, indexed: Indexed) -> None:
         self.archives[rollout] = indexed
         self.heads.pop(rollout, None)
         self.newest.pop(rollout, None)
+        self.checks.pop(rollout, None)
+
+    def latest_checks(self, rollout: Rollout) -> dict[str, AuditEntry] | None:
+        """Its newest check of each region, as held; None: not held (archived, unknown,
+        or not loaded)."""
+        if not self.complete:
+            return None
+        if rollout in self.newest:
+            return {r: e for (k, r), e in self.newest[rollout].items() if k == "check" and r}
+        if rollout in self.heads:
+            return dict(self.checks.get(rollout, {}))
+        return None
 
     def head_hash(self, rollout: Rollout) -> str | None:
         """The hash its next entry chains from: its head's, an archive's (a rollout is
@@ -160,8 +186,9 @@ class AuditMemory:
         return indexed.header.last_hash or None if indexed else None
 
     def entries_held(self) -> int:
-        """How many entries are held (the newest of each kind and region)."""
-        return sum(len(n) for n in self.newest.values())
+        """How many entries are held (the newest of each kind and region, the latest
+        checks of finished rollouts)."""
+        return sum(len(n) for n in self.newest.values()) + sum(map(len, self.checks.values()))
 
 
 # ---- parsing what the watch and the loads bring ----
@@ -395,7 +422,7 @@ def read(
     `limit`: the newest `limit`), from the rollouts and archives `memory` knows."""
     pages = Pages(kv)
     heads, archives = dict(memory.heads), dict(memory.archives)  # (a copy: any thread)
-    newest = dict(memory.newest)
+    newest = dict(memory.newest) if memory.complete else {}
 
     def archived(rollout: Rollout) -> Source | None:
         got = pages.get(keys.index(*rollout))
@@ -430,7 +457,9 @@ def load(
     """Fill `memory` from the store at `pages`' revision (its archives already in it):
     the flat log's entries folded in if any is left; each unarchived rollout's head (its
     log's last key); with `newest`, each unfinished rollout's newest entry of each kind
-    and region (its log read back until every one is found, or to its start)."""
+    and region, each finished one's latest check of each region (its log read back until
+    every one is found, or to its start)."""
+    memory.complete = newest
     folder = keys.legacy()
     if pages.range(folder, range_end(folder), limit=1, keys_only=True):
         memory.legacy = True
@@ -440,11 +469,15 @@ def load(
         if rollout in memory.archives:
             continue
         folder = keys.log(*rollout)
-        live = newest and state.phase not in FINISHED
+        finished = state.phase in FINISHED
         wanted = {(k, r) for k in NEWEST_KINDS for r in (*state.regions, None)}
         for kv in pages.scan(folder, range_end(folder), descending=True, first=1):
             _fold(memory, rollouts, kv, kv.key.decode().rpartition("/")[2])
-            if not live or wanted <= memory.newest.get(rollout, {}).keys():
+            if not newest:
+                break
+            if finished and set(state.regions) <= memory.checks.get(rollout, {}).keys():
+                break
+            if not finished and wanted <= memory.newest.get(rollout, {}).keys():
                 break
 
 

@@ -47,6 +47,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
@@ -156,6 +157,7 @@ class EtcdStore(AuditSide):
         self.address = address
         self.keys = Keys(address.prefix)
         self.log_keys = AuditKeys(address.prefix)
+        self._archived_checks = OrderedDict()
         self.client = client
         """The aetcd client (the watch, leases, the election)."""
         self.kv = SyncKV(address)

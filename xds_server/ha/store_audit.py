@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -50,12 +51,18 @@ class StoreReadError(Exception):
     """The store could not be read; the message says which and why."""
 
 
+ARCHIVED_CHECKS = 16
+"""Archived rollouts whose latest checks a replica keeps once read (a current rollout
+finished long ago is shown on every `xdsctl status`)."""
+
+
 class AuditSide:
     kv: SyncKV
     keys: Keys
     log_keys: AuditKeys
     path: str
     fence: int | None
+    _archived_checks: OrderedDict[Rollout, dict[str, AuditEntry]]
 
     @property
     def memory(self) -> AuditMemory:
@@ -98,18 +105,28 @@ class AuditSide:
             raise StoreReadError(f"cannot read {self.path}: {rpc_error(exc)}") from None
 
     def latest_checks(self, service: str, version: str) -> dict[str, AuditEntry]:
-        """An unfinished rollout's from the view; a finished one's read back (its last
-        check in each region)."""
+        """From the view (an unarchived rollout's are held); an archived one's read from
+        its archive once, then kept (`ARCHIVED_CHECKS` of them: they never change)."""
         rollout = (service, version)
-        state = self.states.get(rollout)
-        if rollout in self.memory.newest or (state is not None and state.phase not in FINISHED):
-            newest = self.memory.newest.get(rollout, {})
-            return {r: e for (k, r), e in newest.items() if k == "check" and r}
-        out: dict[str, AuditEntry] = {}
-        for region in state.regions if state is not None else ():
-            got = self.audit(service, region, kind="check", limit=1, version=version)
-            out.update((region, e) for e in got)
-        return out
+        held = self.memory.latest_checks(rollout)
+        if held is not None:
+            return held
+        if rollout in self._archived_checks:
+            self._archived_checks.move_to_end(rollout)
+            return dict(self._archived_checks[rollout])
+        if rollout not in self.memory.archives:  # (a reader's view, or unknown: read back)
+            state = self.states.get(rollout)
+            out: dict[str, AuditEntry] = {}
+            for region in state.regions if state is not None else ():
+                got = self.audit(service, region, kind="check", limit=1, version=version)
+                out.update((region, e) for e in got)
+            return out
+        got = self.audit(service, kind="check", version=version)
+        checks = {e.region: e for e in got if e.region}
+        self._archived_checks[rollout] = checks
+        while len(self._archived_checks) > ARCHIVED_CHECKS:
+            self._archived_checks.popitem(last=False)
+        return dict(checks)
 
     # ---- retention (rollout/archive.py) ----
 
