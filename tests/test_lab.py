@@ -78,6 +78,7 @@ def test_bad_canary_rolls_back_everywhere_and_keep_then_down(tmp_path: Path) -> 
             "run",
             "--scenario",
             "bad-canary",
+            "--fast",
             "--envoys-per-region",
             "1",
             "--keep",
@@ -146,7 +147,7 @@ def _lab(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], 
 
 
 def test_over_grpc_the_bad_canary_fails_unavailable_and_rolls_back(tmp_path: Path) -> None:
-    res, summary = _lab(tmp_path, "--protocol", "grpc", "--scenario", "bad-canary")
+    res, summary = _lab(tmp_path, "--protocol", "grpc", "--scenario", "bad-canary", "--fast")
     assert "Open Inference Protocol over GRPC" in res.stdout
     assert set(summary["outcome"].values()) == {"rolled_back"}
     assert summary["cause"].startswith("error_rate in eu-west")
@@ -156,7 +157,7 @@ def test_over_grpc_the_bad_canary_fails_unavailable_and_rolls_back(tmp_path: Pat
 
 
 def test_proxyless_grpc_clients_follow_the_rollout_counted_apart(tmp_path: Path) -> None:
-    res, summary = _lab(tmp_path, "--scenario", "healthy", "--proxyless", "2")
+    res, summary = _lab(tmp_path, "--scenario", "healthy", "--proxyless", "2", "--fast")
     assert set(summary["outcome"].values()) == {"promoted"}
     proxyless = summary["proxyless"]
     assert proxyless["clients_per_region"] == 2 and proxyless["followed"]

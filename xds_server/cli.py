@@ -323,6 +323,7 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
         ha=args.ha,
         models=args.models,
         netns=args.netns,
+        fast=args.fast,
     )
 
 
@@ -490,6 +491,17 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--keep", action="store_true", help="leave the lab running at the end")
     run.add_argument("--out", metavar="DIR", help="output folder (default: under .lab/)")
     run.add_argument("--timeout", type=float, default=240, help="seconds before giving up")
+    _add_lab_run_options(run)
+    run.set_defaults(func=cmd_lab_run)
+    down = lab_sub.add_parser(
+        "down", help="stop a lab left running with --keep (and remove its namespaces)"
+    )
+    down.add_argument("--out", metavar="DIR", help="the lab's folder (default: the last one)")
+    down.set_defaults(func=cmd_lab_down)
+
+
+def _add_lab_run_options(run: argparse.ArgumentParser) -> None:
+    """`lab run`'s choices of how the lab is built and run."""
     run.add_argument(
         "--mtls",
         action="store_true",
@@ -534,12 +546,12 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "side in another, joined by a bridge (needs root; without it: on loopback, as "
         "the lab says)",
     )
-    run.set_defaults(func=cmd_lab_run)
-    down = lab_sub.add_parser(
-        "down", help="stop a lab left running with --keep (and remove its namespaces)"
+    run.add_argument(
+        "--fast",
+        action="store_true",
+        help="short steps (3 s), no warm-up and no output gate, for scenarios on the "
+        "lab's default plan: a quicker look at the rollout's mechanics",
     )
-    down.add_argument("--out", metavar="DIR", help="the lab's folder (default: the last one)")
-    down.set_defaults(func=cmd_lab_down)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

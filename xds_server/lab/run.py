@@ -34,7 +34,7 @@ from xds_server.lab.mesh import LocalMesh
 from xds_server.lab.netns import NetnsError, destroy_recorded
 from xds_server.lab.polling import wait_for
 from xds_server.lab.report import print_addresses, print_intro, print_keep, write_report
-from xds_server.lab.scenarios import LAB_PLAN, SCENARIOS, Scenario
+from xds_server.lab.scenarios import FAST_PLAN, LAB_PLAN, SCENARIOS, Scenario
 from xds_server.lab.view import LiveView, PlainLog
 
 LAB_ROOT = Path(".lab")
@@ -62,13 +62,18 @@ def run_lab(
     ha: bool = False,
     models: str = "builtin",
     netns: bool = False,
+    fast: bool = False,
 ) -> int:
     """`proxyless`: gRPC client processes per region that route by xDS themselves (they
     imply `protocol="grpc"`: they call the model servers' gRPC ports). `ha`: a replica
     per region on a three-member etcd cluster (a scenario with a replica fault implies
     it). `models="mlserver"`: every pool a real MLServer (`_on_models`). `netns`: each
-    region in a network namespace of its own (`MeshOptions.netns`)."""
+    region in a network namespace of its own (`MeshOptions.netns`). `fast`: a scenario on
+    the lab's default plan runs the rollout tests' short one (`FAST_PLAN`: 3 s steps, no
+    warm-up, no output gate); a scenario with a plan of its own keeps it."""
     scenario = SCENARIOS[scenario_name]
+    if fast and scenario.plan is None:
+        scenario = replace(scenario, plan=FAST_PLAN)
     ha, netns = ha or scenario.needs_ha, netns or scenario.needs_netns
     scenario, plan = _on_models(scenario, models, "grpc" if proxyless else protocol, ha)
     out = (out or LAB_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{scenario.name}").resolve()
