@@ -2,7 +2,7 @@
 version is written the very same bytes object, the snapshot's encoding with its nonce;
 a stream sent a version again gets a nonce of its own, so no nonce ever repeats on a
 stream and a late answer to an earlier response is still told stale. The protocol state
-of state-of-the-world streams, without gRPC: what `due` returns is what is written."""
+of streams (state of the world and delta), without gRPC: what `due` returns is written."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from xds_server.spec import validate_spec
 from xds_server.traffic import Split
+from xds_server.xds.delta import DeltaStream
 from xds_server.xds.publisher import XdsPublisher
 from xds_server.xds.sotw import SotwStream
 from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
@@ -98,3 +99,40 @@ def test_a_version_sent_again_has_a_nonce_of_its_own() -> None:
     (a,), (b,) = stream.due(pub.snapshot(REGION)), other.due(pub.snapshot(REGION))
     assert a is b
     assert discovery_pb2.DiscoveryResponse.FromString(a).nonce not in [*nonces, resp.nonce]
+
+
+def delta_synced(pub: XdsPublisher, node: str, extra: tuple[str, ...] = ()) -> DeltaStream:
+    """A delta stream subscribed to every type (routes also by `extra` names), in sync."""
+    stream = DeltaStream(pub.nodes.connect(node, REGION), pub.nodes)
+    for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE):
+        names = [*NAMES.get(t, []), *(extra if t == ROUTE else ())]
+        stream.on_request(
+            discovery_pb2.DeltaDiscoveryRequest(type_url=t, resource_names_subscribe=names)
+        )
+    while sent := stream.due(pub.snapshot(REGION)):
+        for body in sent:
+            resp = discovery_pb2.DeltaDiscoveryResponse.FromString(body)
+            stream.on_request(
+                discovery_pb2.DeltaDiscoveryRequest(
+                    type_url=resp.type_url, response_nonce=resp.nonce
+                )
+            )
+    return stream
+
+
+def test_delta_streams_in_step_share_one_response() -> None:
+    pub = publisher()
+    streams = [delta_synced(pub, f"node-{i}") for i in range(3)]
+    odd = delta_synced(pub, "node-odd", extra=("no-such-routes",))  # told it is missing
+    pub.set_split("web", Split.from_percent({"canary": 20}), urgent=True)
+    snap = pub.snapshot(REGION)
+    (a,), (b,), (c,), (own,) = (s.due(snap) for s in [*streams, odd])
+    assert a is b is c and own is not a
+    shared = discovery_pb2.DeltaDiscoveryResponse.FromString(a)
+    mine = discovery_pb2.DeltaDiscoveryResponse.FromString(own)
+    assert [r.name for r in shared.resources] == [r.name for r in mine.resources] == ["ingress"]
+    assert shared.resources == mine.resources and shared.nonce != mine.nonce
+    assert shared.system_version_info == snap.type_version(ROUTE)
+    for s, resp in ((streams[0], shared), (odd, mine)):
+        s.on_request(discovery_pb2.DeltaDiscoveryRequest(type_url=ROUTE, response_nonce=resp.nonce))
+        assert s.types[ROUTE].acked_resources == {"ingress"} and not s.due(snap)

@@ -8,6 +8,11 @@ names of those it must drop, and a node that reconnects with `initial_resource_v
 gets only what changed meanwhile, and a name asked for that does not exist comes back in
 `removed_resources` (the protocol's way to say so).
 
+Streams in step share their responses: a stream in sync with a snapshot's whole type,
+with the subscription of others and nothing owed or told missing, stands where they
+stand, and every stream standing there is sent the one response made for the first
+(`Snapshot.fleet_delta`: one bytes object, one nonce); a stream elsewhere gets its own.
+
 Subscription changes are applied from every request, whatever its nonce: in delta a
 request both answers a response and changes the subscription, and a lost subscription
 change would never be repeated.
@@ -26,7 +31,14 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from xds_server.xds.snapshot import DeltaItem, NameSet, Snapshot, delta_response, next_nonce
+from xds_server.xds.snapshot import (
+    DeltaItem,
+    FleetStanding,
+    NameSet,
+    Snapshot,
+    delta_response,
+    next_nonce,
+)
 from xds_server.xds.stream import (
     UNKNOWN_TYPE_VERSION,
     StreamBase,
@@ -62,10 +74,13 @@ class _DeltaType:
     sent_version: str = ""
     acked_resources: frozenset[str] = frozenset()
     answer_due: bool = False
-    told_missing: set[str] = field(default_factory=set)
+    told_missing: frozenset[str] = frozenset()
     """Names asked for that do not exist, which the node was told (in removed_resources)."""
     sent_names: NameSet | None = None
     """`names` when last sent, shared: keeps the snapshot's encoding of them alive."""
+    names_set: NameSet | None = None
+    """`names` as the NameSet every stream asking for them shares (made when first
+    needed after a change; None: not made yet)."""
 
     def named(self) -> Collection[str] | None:
         return None if self.wildcard else self.names
@@ -108,6 +123,8 @@ class DeltaStream(StreamBase[_DeltaType]):
                 if name in ts.client:
                     ts.client = {k: v for k, v in ts.client.items() if k != name}
                     ts.client_names = None
+        if req.resource_names_subscribe or req.resource_names_unsubscribe:
+            ts.names_set = None
         check_names(req.type_url, len(ts.names), self.max_names)
         self.registry.record_subscription(self.status, req.type_url, ts.wildcard or bool(ts.names))
         if req.resource_names_subscribe or req.resource_names_unsubscribe or ts.answer_due:
@@ -127,47 +144,74 @@ class DeltaStream(StreamBase[_DeltaType]):
             for type_url, names in self.unknown.take().items()
         ]
         for type_url, ts, version in self.sendable(snap):
-            own = snap.delta_items(type_url, self.listen)
-            items = self._with_proxyless(snap, type_url, ts, own)
-            wanted = items.keys() if ts.wildcard else items.keys() & ts.names
-            changed = sorted(n for n in wanted if ts.client.get(n) != items[n].version)
-            gone = sorted(n for n in ts.client if n not in wanted)
-            # A name asked for that does not exist is answered in removed_resources too, so
-            # the node need not wait for its initial fetch to time out; once.
-            missing = sorted(ts.names - items.keys() - ts.told_missing - set(gone))
-            ts.told_missing = (ts.told_missing | set(missing)) & (ts.names - items.keys())
+            standing = self._standing(type_url, ts)
+            sent = snap.fleet_delta(standing) if standing is not None else None
+            if sent is None:
+                sent = self._response(snap, type_url, ts, version, standing is not None)
+                if sent is not None and sent.shared and standing is not None:
+                    snap.keep_fleet_delta(standing, sent)
             ts.synced_to, ts.dirty = version, False
-            if not changed and not gone and not missing and not ts.answer_due:
+            if sent is None:
                 continue
-            client = dict(ts.client)
-            for name in changed:
-                client[name] = items[name].version
-            for name in gone:
-                del client[name]
-            versions = snap.delta_versions(type_url, self.listen)
-            # In sync with all of it: share, don't copy. (Only the type's own resources
-            # may be shared: then the node holds only names of `versions`.)
-            if len(client) == len(versions) and items is own:
-                ts.client = versions
-                ts.client_names = snap.delta_names(type_url, self.listen)
-            else:
-                ts.client, ts.client_names = client, None
-            removed = gone + missing
-            ts.nonce = next_nonce()
+            ts.client, ts.client_names, ts.told_missing = sent.client, sent.client_names, sent.told
+            ts.nonce = sent.nonce
             ts.in_flight, ts.answer_due, ts.sent_version = True, False, version
-            ts.sent_names = self._sent_names(ts)
-            self.registry.record_sent(
-                self.status,
-                type_url,
-                version,
-                snap.encoded(type_url, ts.sent_names, self.listen).body,
-            )
-            out.append(
-                delta_response(
-                    type_url, version, [items[n].encoded for n in changed], removed, ts.nonce
-                )
-            )
+            ts.sent_names = sent.sent_names
+            self.registry.record_sent(self.status, type_url, version, sent.shown)
+            out.append(sent.body)
         return out
+
+    def _standing(self, type_url: str, ts: _DeltaType) -> FleetStanding | None:
+        """Where this stream stands, as every stream in the same place shares it: in sync
+        with a snapshot's whole type (its shared mapping), with the same subscription
+        (its shared NameSet), nothing owed and nothing told missing. None: a place of its
+        own (its response is made for it alone)."""
+        if ts.client_names is None or ts.told_missing or ts.answer_due:
+            return None
+        if ts.names_set is None:
+            ts.names_set = shared_names(ts.names)
+        listen = self.listen if type_url == LISTENER else None
+        return (type_url, listen, ts.wildcard, ts.names_set, ts.client)
+
+    def _response(
+        self, snap: Snapshot, type_url: str, ts: _DeltaType, version: str, standing: bool
+    ) -> _Response | None:
+        """What the node lacks of the type, as one response; None when it lacks nothing
+        and is owed no answer (what it was told missing is updated either way). A stream
+        in a shared `standing` that ends in sync with the whole type gets a response
+        every stream in its standing can be sent (`shared`: one nonce, one bytes object)."""
+        own = snap.delta_items(type_url, self.listen)
+        items = self._with_proxyless(snap, type_url, ts, own)
+        wanted = items.keys() if ts.wildcard else items.keys() & ts.names
+        changed = sorted(n for n in wanted if ts.client.get(n) != items[n].version)
+        gone = sorted(n for n in ts.client if n not in wanted)
+        # A name asked for that does not exist is answered in removed_resources too, so
+        # the node need not wait for its initial fetch to time out; once.
+        missing = sorted(ts.names - items.keys() - ts.told_missing - set(gone))
+        told = (ts.told_missing | set(missing)) & (ts.names - items.keys())
+        if not changed and not gone and not missing and not ts.answer_due:
+            ts.told_missing = told
+            return None
+        client = dict(ts.client)
+        for name in changed:
+            client[name] = items[name].version
+        for name in gone:
+            del client[name]
+        versions = snap.delta_versions(type_url, self.listen)
+        # In sync with all of it: share, don't copy. (Only the type's own resources
+        # may be shared: then the node holds only names of `versions`.)
+        held: Mapping[str, str] = client
+        held_names = None
+        if len(client) == len(versions) and items is own:
+            held, held_names = versions, snap.delta_names(type_url, self.listen)
+        nonce = next_nonce()
+        sent_names = self._sent_names(ts)
+        body = delta_response(
+            type_url, version, [items[n].encoded for n in changed], gone + missing, nonce
+        )
+        shown = snap.encoded(type_url, sent_names, self.listen).body
+        shared = standing and not told and held_names is not None
+        return _Response(body, nonce, held, held_names, told, sent_names, shown, shared)
 
     @staticmethod
     def _with_proxyless(
@@ -187,4 +231,22 @@ class DeltaStream(StreamBase[_DeltaType]):
         """The subscription as the snapshot's `encoded` takes it (for what CSDS shows)."""
         if ts.wildcard:
             return shared_names({*ts.names, WILDCARD}) if ts.names else None
-        return shared_names(ts.names)
+        if ts.names_set is None:
+            ts.names_set = shared_names(ts.names)
+        return ts.names_set
+
+
+@dataclass(frozen=True)
+class _Response:
+    """One delta response and the stream's standing once it is sent."""
+
+    body: bytes
+    nonce: str
+    client: Mapping[str, str]
+    client_names: frozenset[str] | None
+    told: frozenset[str]
+    sent_names: NameSet | None
+    shown: bytes
+    """What CSDS shows of it: the state-of-the-world encoding of the subscription."""
+    shared: bool
+    """Every stream in the standing it was made for may be sent it, as it is."""

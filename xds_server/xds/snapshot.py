@@ -79,6 +79,15 @@ them, so a churn of addresses must not grow the cache. Past it, a listener is en
 per request (one small message)."""
 
 
+FleetStanding = tuple[str, "ListenAddress | None", bool, "NameSet", Mapping[str, str]]
+"""Where a delta stream stands on a type, as a fleet in step shares it: the type, the
+listen address (listeners only), the wildcard, the subscription's shared NameSet, and
+the shared mapping of what the node holds (`xds/delta.py`)."""
+
+MAX_FLEET_STANDINGS = 256
+"""Delta responses a snapshot keeps for standings streams share (a fleet in step has a
+handful; past this, each stream's response is made for it)."""
+
 MAX_READY_ANSWERS = 64
 """Answers of `routes_ready` a snapshot keeps: a fleet in step shares a handful of ACKed
 sets; nodes that differ (proxyless clients, a churn) are answered afresh."""
@@ -219,6 +228,10 @@ class Snapshot:
     """What proxyless gRPC clients were given, carried over from the predecessor."""
     _ready: dict[tuple[int, int], tuple[bool, Any, Any]] = field(default_factory=dict, repr=False)
     """`routes_ready` answered per pair of ACKed sets (by identity: a fleet shares them)."""
+    _fleet: dict[tuple[Any, ...], tuple[FleetStanding, Any]] = field(
+        default_factory=dict, repr=False
+    )
+    """Delta responses per standing (`fleet_delta`), by the identity of its sets."""
 
     @classmethod
     def first(cls, resources: RegionResources, listen: ListenAddress, version: int = 1) -> Snapshot:
@@ -376,6 +389,20 @@ class Snapshot:
                 f"region {self.region}: retained clusters not in snapshot {sorted(unknown)}"
             )
 
+    def fleet_delta(self, standing: FleetStanding) -> Any | None:
+        """The delta response made for a stream in `standing` from this snapshot, which
+        every stream standing there is sent as it is (one bytes object, one nonce: a
+        stream leaves the standing once sent it, so none is sent it twice); None: none
+        made yet."""
+        hit = self._fleet.get(_identity(standing))
+        if hit is None or hit[0][3] is not standing[3] or hit[0][4] is not standing[4]:
+            return None
+        return hit[1]
+
+    def keep_fleet_delta(self, standing: FleetStanding, response: Any) -> None:
+        if len(self._fleet) < MAX_FLEET_STANDINGS:
+            self._fleet[_identity(standing)] = (standing, response)
+
     def type_version(self, type_url: str) -> str:
         return self._version_texts[type_url]
 
@@ -505,6 +532,12 @@ class Snapshot:
         return Encoded(
             with_nonce(response.SerializeToString(), nonce), version, frozenset(chosen), nonce
         )
+
+
+def _identity(standing: FleetStanding) -> tuple[Any, ...]:
+    """A standing as a dict key: its sets by identity (never compared element by element)."""
+    type_url, listen, wildcard, names, client = standing
+    return (type_url, listen, wildcard, id(names), id(client))
 
 
 def _vhosts_by_route(resources: RegionResources) -> dict[str, Any]:
