@@ -13,8 +13,12 @@ the lab's) is written the way the release before this one wrote it (the flat log
 - this tree's replica with `--audit-retention 1` archives every rollout: how long from
   its start; etcd's keys and database before and after (and after a compaction and a
   defragmentation, what an operator's etcd upkeep gets back);
-- audit reads, in process, against the archived store (median of RUNS): the newest
-  page of 200, one service's newest 50, one rollout's entries, and everything.
+- audit reads, in process, against the live store and the archived one (median of
+  RUNS): the newest page of 200, one service's newest 50, one rollout's entries, and
+  everything.
+
+The release before cannot start on a store whose audit exceeds about 4 MB (its one read
+of the whole prefix passes gRPC's message limit): its figure is then why.
 
     python benchmarks/audit_memory.py [--rollouts 40] [--decisions 8] [--before COMMIT]
         [--runs 5] [--json]
@@ -268,23 +272,29 @@ def main() -> None:
         figures["entry_bytes"] = round(statistics.mean(sizes))
         old_env = release_env(release_tree(args.before, work / "before"))
 
-        def measure(name: str, prefix: str, env: Mapping[str, str]) -> int:
+        def measure(name: str, prefix: str, env: Mapping[str, str]) -> int | None:
+            """The replica's RSS; None (and why, in the figures) when it did not start."""
             proc, admin = replica(work, name, url, prefix, env)
             try:
-                figures[f"rss_kib {name}"] = settled_rss(proc, admin)
+                figures[f"rss_kib {name}"] = got = settled_rss(proc, admin)
+                return got
+            except (RuntimeError, TimeoutError) as exc:
+                figures[f"rss_kib {name}"] = f"did not start: {str(exc).splitlines()[-1]}"
+                return None
             finally:
                 proc.stop()
-            return int(figures[f"rss_kib {name}"])
+
+        def per_entry(label: str, got: int | None, base: int | None) -> None:
+            if got is not None and base is not None:
+                figures[f"kib_per_entry {label}"] = round((got - base) / n, 2)
 
         base_before = measure("before-empty", "/bench/empty", old_env)
-        got = measure("before-flat", full, old_env)
-        figures["kib_per_entry before"] = round((got - base_before) / n, 2)
+        per_entry("before", measure("before-flat", full, old_env), base_before)
         base = measure("this-empty", "/bench/empty", {})
-        got = measure("this-flat", full, {})
-        figures["kib_per_entry this (flat log, before its migration)"] = round((got - base) / n, 2)
+        per_entry("this (flat log, before its migration)", measure("this-flat", full, {}), base)
         migrate(url, full)
-        got = measure("this-live", full, {})
-        figures["kib_per_entry this (per-rollout log, live)"] = round((got - base) / n, 2)
+        per_entry("this (per-rollout log, live)", measure("this-live", full, {}), base)
+        figures["reads (live store)"] = read_figures(url, full, args.runs)
 
         figures["etcd before"] = etcd_figures(url, full)
         proc, _ = replica(work, "archiver", url, full, {}, "--audit-retention", "1")
@@ -297,7 +307,7 @@ def main() -> None:
                 reader = EtcdStore(parse_store_url(url, full))
                 try:
                     reader.read()
-                    return len(reader.view.log.archives) == args.rollouts
+                    return len(reader.view.log.archives) == int(args.rollouts)
                 finally:
                     reader.close()
 
@@ -309,8 +319,7 @@ def main() -> None:
         figures["etcd after"] = after
         compact_and_defrag(url, after["revision"])
         figures["etcd after compaction+defrag"] = etcd_figures(url, full)
-        got = measure("this-archived", full, {})
-        figures["kib_per_entry this (archived)"] = round((got - base) / n, 2)
+        per_entry("this (archived)", measure("this-archived", full, {}), base)
         figures["reads (archived store)"] = read_figures(url, full, args.runs)
 
     if args.json:
