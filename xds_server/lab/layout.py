@@ -73,6 +73,9 @@ class MeshOptions:
     store_retention: float | None = None
     """With `ha`: the replicas' `--store-compaction-retention`, seconds (a soak's short
     one applies within its run); None: serve's default, an hour."""
+    audit_retention: float | None = None
+    """The server's or replicas' `--audit-retention`, seconds (a soak's short one archives
+    finished rollouts within its run); None: serve's default, 30 days."""
     registry_ttl: float = 3.0
     """With `ha`: the model servers register themselves (the spec lists no endpoints),
     on leases of this TTL."""

@@ -217,8 +217,14 @@ class MeshProcesses:
                 "--ui-address", f"{host}:{lay.ui_port}",
                 "--log-format", "json", *self.credentials.server_args(),
                 *off_loopback(host)]  # fmt: skip
+        argv += self._audit_retention()
         wrap = lay.exec_prefix(lay.server_key)
         self.server = Process("xds-server", argv, lay.workdir / "xds-server.log", wrap=wrap)
+
+    def _audit_retention(self) -> list[str]:
+        """`--audit-retention` when the lab sets one (`MeshOptions.audit_retention`)."""
+        retention = self.opts.audit_retention
+        return [] if retention is None else ["--audit-retention", f"{retention:g}s"]
 
     def start_replica(self, region: str) -> Process:
         assert self.etcd is not None
@@ -241,6 +247,7 @@ class MeshProcesses:
             argv += ["--store-quota-bytes", str(self.opts.etcd_quota_bytes)]
         if self.opts.store_retention is not None:
             argv += ["--store-compaction-retention", f"{self.opts.store_retention:g}s"]
+        argv += self._audit_retention()
         self.replicas[region] = Process(
             f"xds-server-{region}",
             argv,
