@@ -23,7 +23,8 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from functools import cached_property
-from operator import attrgetter
+from itertools import compress
+from operator import is_not, itemgetter
 
 from xds_server.spec import MeshSpec, parse_host_port
 from xds_server.spec.model import Endpoint
@@ -103,55 +104,76 @@ class Served:
 
 GroupKey = tuple[str, str, str]
 """(region, service, version): the instances a pool of that version selects there."""
-Selected = tuple[tuple[str, Endpoint], ...]
-"""A group's instances as (pool hint, endpoint), in registration order (the key's create
-revision, then the address)."""
 
-_ORDER = attrgetter("revision", "address")
 
-_PoolMemo = tuple[tuple[Endpoint, ...], Selected, tuple[Endpoint, ...]]
+@dataclass(frozen=True, eq=False)
+class Group:
+    """A group's instances in registration order (the key's create revision, then the
+    address), as a pool takes them."""
+
+    selected: tuple[tuple[str, Endpoint], ...]
+    """(pool hint, endpoint) of each."""
+    endpoints: tuple[Endpoint, ...]
+    """Their endpoints: what a pool without static endpoints serves when no instance
+    names a pool (`hinted` False), the same tuple for every such pool."""
+    hinted: bool
+
+
+EMPTY = Group((), (), False)
+
+_Member = tuple[int, str, str, Endpoint]
+"""(create revision, address, pool hint, endpoint): sorted, registration order."""
+_REGISTRATION = itemgetter(0, 1)
+_SELECTED = itemgetter(2, 3)
+_ENDPOINT = itemgetter(3)
+_HINT = itemgetter(2)
+
+_PoolMemo = tuple[tuple[Endpoint, ...], Group, tuple[Endpoint, ...]]
 
 
 class RegistryIndex:
     """The registry grouped by (region, service, version), updated change by change.
 
-    `update` compares the registry with the one it saw last, instance by instance (an
-    unchanged key is the very same `Instance` object in the store's view), and sorts
-    only the groups that changed; `serve` reuses each pool's endpoint tuple while its
-    group and static endpoints are the same objects. Equal to `with_registered` from
-    scratch (`tests/test_registry_index.py`)."""
+    `update` finds the keys that changed (an unchanged key is the very same `Instance`
+    object in the store's view: compared by identity, at C speed) and sorts only the
+    groups that changed; `serve` reuses each pool's endpoint tuple while its group and
+    static endpoints are the same objects. Equal to `with_registered` from scratch
+    (`tests/test_registry_index.py`)."""
 
     def __init__(self) -> None:
         self._seen: dict[str, Instance] = {}
-        self._members: dict[GroupKey, dict[str, Instance]] = {}
-        self.groups: dict[GroupKey, Selected] = {}
+        self._members: dict[GroupKey, dict[str, _Member]] = {}
+        self.groups: dict[GroupKey, Group] = {}
         self._pools: dict[PoolKey, _PoolMemo] = {}
         """(region, service, pool) -> (its static endpoints, its group, what it served)."""
 
     def update(self, registry: Mapping[str, Instance]) -> frozenset[GroupKey]:
         """Take the registry as it is now (key -> instance); the groups that changed."""
-        prev, kept = self._seen, 0
+        seen = self._seen
         touched: set[GroupKey] = set()
-        for key, inst in registry.items():
-            old = prev.get(key)
-            if old is inst:
-                kept += 1
-                continue
+        changed = list(compress(registry, map(is_not, registry.values(), map(seen.get, registry))))
+        gone = len(seen) + sum(1 for key in changed if key not in seen) - len(registry)
+        if gone:
+            for key in seen.keys() - registry.keys():
+                self._leave(key, seen.pop(key), touched)
+        for key in changed:
+            old = seen.get(key)
             if old is not None:
-                kept += 1
                 self._leave(key, old, touched)
+            seen[key] = inst = registry[key]
             group = (inst.region, inst.service, inst.version)
-            self._members.setdefault(group, {})[key] = inst
+            member = (inst.revision, inst.address, inst.pool, inst.endpoint)
+            self._members.setdefault(group, {})[key] = member
             touched.add(group)
-        if kept < len(prev):  # (some keys are gone)
-            for key in prev.keys() - registry.keys():
-                self._leave(key, prev[key], touched)
-        self._seen = dict(registry)
         for group in touched:
             members = self._members.get(group)
             if members:
-                ordered = sorted(members.values(), key=_ORDER)
-                self.groups[group] = tuple((i.pool, i.endpoint) for i in ordered)
+                ordered = sorted(members.values(), key=_REGISTRATION)
+                self.groups[group] = Group(
+                    tuple(map(_SELECTED, ordered)),
+                    tuple(map(_ENDPOINT, ordered)),
+                    any(map(_HINT, ordered)),
+                )
             else:
                 self._members.pop(group, None)
                 self.groups.pop(group, None)
@@ -185,13 +207,13 @@ class RegistryIndex:
                 for region in spec.regions:
                     key = (region, svc.name, name)
                     static = pool.endpoints.get(region, ())
-                    mine = self.groups.get((region, svc.name, pool.version), ())
+                    group = self.groups.get((region, svc.name, pool.version), EMPTY)
                     memo = self._pools.get(key)
-                    if memo is not None and memo[0] is static and memo[1] is mine:
+                    if memo is not None and memo[0] is static and memo[1] is group:
                         eps = memo[2]
                     else:
-                        eps = _pool_endpoints(static, mine, name)
-                    pools_seen[key] = (static, mine, eps)
+                        eps = _pool_endpoints(static, group, name)
+                    pools_seen[key] = (static, group, eps)
                     live[key] = len(eps)
                     if not eps and _weighted(traffic, svc.name, region, name):
                         kept = _hosts(previous, svc.name, name, region)
@@ -206,17 +228,17 @@ class RegistryIndex:
         return Served(replace(spec, services=tuple(services)), frozenset(held), live)
 
 
-def _pool_endpoints(
-    static: tuple[Endpoint, ...], mine: Selected, pool: str
-) -> tuple[Endpoint, ...]:
+def _pool_endpoints(static: tuple[Endpoint, ...], group: Group, pool: str) -> tuple[Endpoint, ...]:
     """A pool's hosts: its static endpoints, then the registered ones it selects; one host
     per address (a static endpoint wins over its registration)."""
+    if group.hinted:
+        mine: tuple[Endpoint, ...] = tuple(e for h, e in group.selected if h in ("", pool))
+    else:
+        mine = group.endpoints
     if not static:
-        return tuple(e for hint, e in mine if hint in ("", pool))
+        return mine
     at = {(e.host, e.port) for e in static}
-    return static + tuple(
-        e for hint, e in mine if hint in ("", pool) and (e.host, e.port) not in at
-    )
+    return static + tuple(e for e in mine if (e.host, e.port) not in at)
 
 
 def with_registered(

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from itertools import compress, repeat
+from operator import is_, itemgetter
+from typing import cast
 
 from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
@@ -62,7 +65,12 @@ class Assigned:
     endpoints: tuple[Endpoint, ...]
     checked: HealthPorts | None
     message: endpoint_pb2.ClusterLoadAssignment
-    encoded: Mapping[Endpoint, bytes]
+    encoded: Mapping[int, tuple[Endpoint, bytes]]
+    """id(endpoint) -> (the endpoint, its encoding). By identity, which is cheap to look up
+    (an Endpoint's hash is computed in Python) and safe: the endpoint is held here, so no
+    other object can have its id; an equal endpoint that is another object is encoded
+    again. A registry replica's unchanged hosts are the same objects from one update to
+    the next (`ha.instances.Instance.endpoint`)."""
 
 
 class LoadAssignments:
@@ -80,7 +88,7 @@ class LoadAssignments:
         same tuple, which a registry replica keeps for an unchanged pool, or an equal
         one); else assembled, each host encoded once while the cluster has it."""
         last = self._assigned.get(name)
-        known: Mapping[Endpoint, bytes] = {}
+        known: Mapping[int, tuple[Endpoint, bytes]] = {}
         if last is not None and last.checked == checked:
             if last.endpoints is eps or last.endpoints == eps:
                 return last.message
@@ -95,6 +103,7 @@ class LoadAssignments:
             self._assigned = {k: v for k, v in self._assigned.items() if k in wanted}
 
 
+_SECOND = itemgetter(1)
 _CLUSTER_NAME = endpoint_pb2.ClusterLoadAssignment.DESCRIPTOR.fields_by_name["cluster_name"]
 _LOCALITIES = endpoint_pb2.ClusterLoadAssignment.DESCRIPTOR.fields_by_name["endpoints"]
 _LB_ENDPOINTS = endpoint_components_pb2.LocalityLbEndpoints.DESCRIPTOR.fields_by_name[
@@ -107,20 +116,21 @@ def assemble(
     region: str,
     eps: tuple[Endpoint, ...],
     checked: HealthPorts | None,
-    known: Mapping[Endpoint, bytes],
+    known: Mapping[int, tuple[Endpoint, bytes]],
 ) -> Assigned:
     """`build_load_assignment`, from the hosts' encodings (those in `known` reused): a
     message's fields may come in any order, and a repeated field's elements are its
     occurrences, so the assignment is its parts' bytes joined and parsed once. Equal to
     `build_load_assignment` (tests/test_registry_index.py)."""
-    encoded = {}
-    for ep in eps:
-        raw = known.get(ep)
-        if raw is None:
-            raw = field_bytes(_LB_ENDPOINTS.number, lb_endpoint(ep, checked).SerializeToString())
-        encoded[ep] = raw
+    ids = list(map(id, eps))
+    found = list(map(known.get, ids))
+    for k in compress(range(len(found)), map(is_, found, repeat(None))):  # (the new hosts)
+        raw = lb_endpoint(eps[k], checked).SerializeToString()
+        found[k] = (eps[k], field_bytes(_LB_ENDPOINTS.number, raw))
+    parts = cast(list[tuple[Endpoint, bytes]], found)
+    encoded = dict(zip(ids, parts, strict=True))
     locality = build_load_assignment(name, region, ()).endpoints[0].SerializeToString()
-    hosts = b"".join([encoded[ep] for ep in eps])
+    hosts = b"".join(map(_SECOND, parts))
     body = field_bytes(_CLUSTER_NAME.number, name.encode())
     body += field_bytes(_LOCALITIES.number, locality + hosts)
     cla = endpoint_pb2.ClusterLoadAssignment.FromString(body)
