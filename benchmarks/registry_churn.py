@@ -42,12 +42,21 @@ deleted. Reported:
   (`xds_push_duration_seconds`).
 
 A lease found gone while still renewed (renewals starved of CPU) is reported, and that
-instance registers again in the next wave. With `--workdir` the replicas' and etcd's
+instance registers again in the next wave.
+
+`--leases shared`: the keys are put on a few long leases of this process's and an
+instance that stops renewing has its key deleted by this process at the moment its own
+lease would have run out (its last renewal + TTL), which etcd's watch reports exactly as
+an expiry. The replicas see the same puts and deletions; what is not simulated is etcd's
+lessor and the renewals' load (one a third of the TTL per instance: 10,000 a second at
+10,000 instances and a 3 s TTL, more than one Python process renews on a shared 2-core
+machine: ~50-90 us of its CPU each, `grpc.aio` or sync; the leases then run out under
+the run and it measures re-registrations). With `--workdir` the replicas' and etcd's
 logs stay there, with raw.json: every timestamp behind the figures.
 
     python benchmarks/registry_churn.py [--instances 1000] [--regions 3] [--ttl 3]
         [--waves 5] [--churn 0.3] [--wave-seconds 5] [--rate 500] [--timeout 60]
-        [--seed 1] [--workdir DIR] [--json]
+        [--leases own|shared] [--seed 1] [--workdir DIR] [--json]
 """
 
 from __future__ import annotations
@@ -97,6 +106,10 @@ CLI = [sys.executable, "-m", "xds_server.cli"]
 CONCURRENCY = 64
 """Registrations in flight at once (lease grant, then put)."""
 POLL = 0.02
+SHARED_LEASE_TTL = 30
+"""--leases shared: the TTL of this process's leases (renewed every third of it)."""
+SHARED_LEASE_KEYS = 1000
+"""--leases shared: keys put on one lease before the next is granted."""
 PROGRESS = {"to": sys.stdout}
 """Where the running commentary goes (stderr with --json: stdout is the JSON)."""
 
@@ -379,6 +392,10 @@ class Member:
     last_keepalive: float = 0.0
     registered: float = 0.0
     """When its current key's put was sent."""
+    epoch: int = 0
+    """Its registrations so far (--leases shared: an expiry is for one of them)."""
+    deleting: bool = False
+    """--leases shared: its key's deletion is on its way to etcd."""
 
 
 @dataclass
@@ -409,11 +426,20 @@ class Stop:
 class Fleet:
     """The simulated instances: leases, keys, renewals, and a watch on their keys."""
 
-    def __init__(self, url: str, regions: Sequence[str], n: int, ttl: int) -> None:
+    def __init__(
+        self, url: str, regions: Sequence[str], n: int, ttl: int, shared: bool = False
+    ) -> None:
         address = parse_store_url(url)
         self.keys = Keys(address.prefix)
         self.client = async_client(address, timeout=5)
         self.ttl = ttl
+        self.shared = shared
+        """--leases shared: keys on this process's leases, deleted when their own would
+        have run out (see the module's docstring)."""
+        self._shared_leases: list[tuple[int, int]] = []
+        """--leases shared: (lease, keys put on it), the last one being filled."""
+        self._expiries: dict[int, asyncio.Task[None]] = {}
+        """--leases shared: each stopped member's coming deletion."""
         self.members: list[Member] = []
         for i in range(n):
             region = regions[i % len(regions)]
@@ -448,9 +474,10 @@ class Fleet:
         ]
 
     async def close(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._expiries.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.client.close()
 
@@ -486,7 +513,7 @@ class Fleet:
                         if not (m.alive and m.lease == lease):
                             continue  # (stopped, or registered again on a new lease)
                         await call.write(rpc.LeaseKeepAliveRequest(ID=lease))
-                        m.next_keepalive = now + every
+                        m.next_keepalive = now + (every if m.index >= 0 else SHARED_LEASE_TTL / 3)
                         m.last_keepalive = time.time()
                         due.append((m.next_keepalive, m, lease))
                         self.keepalives_sent += 1
@@ -501,7 +528,9 @@ class Fleet:
     async def _read_keepalives(self, call: Any) -> None:
         async for reply in call:
             m = self._by_lease.get(reply.ID)
-            if reply.TTL <= 0 and m is not None and m.alive and m.lease == reply.ID:
+            if reply.TTL <= 0 and m is not None and m.index < 0:
+                self.errors.append(f"shared lease {reply.ID} lost: its keys are gone")
+            elif reply.TTL <= 0 and m is not None and m.alive and m.lease == reply.ID:
                 m.alive = False
                 self.lost.append((time.time(), m))
                 self._lost_unclaimed.append(m)
@@ -519,21 +548,25 @@ class Fleet:
         async def one(k: int, m: Member) -> None:
             await asyncio.sleep(max(0.0, start + k / rate - time.monotonic()))
             async with gate:
+                await self._before_registering(m)
                 granted = time.time()
                 try:
-                    lease = await self.client.lease(self.ttl)
+                    lease = await self._shared_lease() if self.shared else None
+                    if lease is None:
+                        lease = (await self.client.lease(self.ttl)).id
                     doc = Instance(SERVICE, m.version, m.region, m.address, time.time(), self.ttl)
                     put_start = time.time()
-                    await self.client.put(m.key, instance_to_json(doc), lease.id)
+                    await self.client.put(m.key, instance_to_json(doc), lease)
                     put_done = time.time()
                 except Exception as exc:
                     self.errors.append(f"register {m.address}: {type(exc).__name__}: {exc}")
                     return
-                m.lease, m.alive, m.registered = lease.id, True, put_start
-                self._by_lease[lease.id] = m
+                m.lease, m.alive, m.registered = lease, True, put_start
                 m.next_keepalive = time.monotonic() + self.ttl / 3
                 m.last_keepalive = put_done
-                self._due.append((m.next_keepalive, m, lease.id))
+                if not self.shared:
+                    self._by_lease[lease] = m
+                    self._due.append((m.next_keepalive, m, lease))
                 self.registrations.append(
                     Registration(m.index, m.address, m.region, wave, put_start, put_done, granted)
                 )
@@ -541,14 +574,66 @@ class Fleet:
         await asyncio.gather(*(one(k, m) for k, m in enumerate(members)))
 
     def stop(self, members: Iterable[Member], wave: int) -> None:
-        """These stop renewing: each key goes when etcd expires its lease."""
+        """These stop renewing: each key goes when etcd expires its lease (--leases
+        shared: when this process deletes it, at the moment its lease would expire)."""
+        now = time.time()
         for m in members:
             m.alive = False
+            if self.shared:  # (its renewals, every third of the TTL since the put)
+                every = self.ttl / 3
+                m.last_keepalive += every * math.floor((now - m.last_keepalive) / every)
+                at = m.last_keepalive + self.ttl
+                self._expiries[m.index] = asyncio.create_task(self._expire(m, m.epoch, at))
             self.stops.append(
-                Stop(
-                    m.index, m.address, m.region, wave, m.last_keepalive, m.registered, time.time()
-                )
+                Stop(m.index, m.address, m.region, wave, m.last_keepalive, m.registered, now)
             )
+
+    async def _shared_lease(self) -> int:
+        """--leases shared: the lease the next key goes on (a new one every
+        SHARED_LEASE_KEYS keys), renewed with the others every third of its TTL."""
+        if not self._shared_leases or self._shared_leases[-1][1] >= SHARED_LEASE_KEYS:
+            self._shared_leases.append(((await self.client.lease(SHARED_LEASE_TTL)).id, 0))
+            lease = self._shared_leases[-1][0]
+            holder = Member(-len(self._shared_leases), "", "", "", b"", lease, alive=True)
+            self._by_lease[lease] = holder
+            self._due.append((time.monotonic() + SHARED_LEASE_TTL / 3, holder, lease))
+        lease, n = self._shared_leases[-1]
+        self._shared_leases[-1] = (lease, n + 1)
+        return lease
+
+    async def _expire(self, m: Member, epoch: int, at: float) -> None:
+        """--leases shared: delete `m`'s key at `at` (its own lease's end)."""
+        await asyncio.sleep(max(0.0, at - time.time()))
+        if m.epoch != epoch or m.alive:
+            return
+        m.deleting = True
+        try:
+            await self.client.delete(m.key)
+        except Exception as exc:
+            self.errors.append(f"expire {m.address}: {type(exc).__name__}: {exc}")
+        finally:
+            m.deleting = False
+            self._expiries.pop(m.index, None)
+
+    async def _before_registering(self, m: Member) -> None:
+        """A member registering again: the new key must outlive the old one's expiry (as
+        a key put on a new lease does: the old lease's end no longer deletes it), so
+        --leases shared forgets a coming deletion, or lets one already sent land first."""
+        m.epoch += 1
+        task = self._expiries.pop(m.index, None)
+        if task is None or task.done():
+            return
+        if m.deleting:
+            await asyncio.gather(task, return_exceptions=True)
+        else:
+            task.cancel()
+
+    async def missing_from_store(self, addresses: Iterable[str]) -> int:
+        """How many of these members' keys etcd does not hold (a mismatch's cause: the
+        replicas, or the store)."""
+        held = {kv.key for kv in await self.client.get_prefix(self.keys.registry().encode())}
+        by_address = {m.address: m for m in self.members}
+        return sum(1 for a in addresses if by_address[a].key not in held)
 
     def deleted_at(self, address: str, since: float) -> float | None:
         """The first deletion of the key seen after `since`."""
@@ -735,14 +820,24 @@ async def wait_converged(
     return None
 
 
-def mismatch(fleet: Fleet, observed: Observed, targets: list[Target]) -> dict[str, dict[str, int]]:
+async def mismatch(
+    fleet: Fleet, observed: Observed, targets: list[Target]
+) -> dict[str, dict[str, int]]:
+    """Per stream that does not serve exactly the live instances: how many are missing
+    (and of those, how many etcd does not hold either), how many are extra."""
     seen, live = observed.snapshot(), expected(fleet)
     out = {}
     for i, (replica, _, region) in enumerate(targets):
         want = live.get(region, set())
         if seen[i] != want:
+            missing = want - seen[i]
+            try:
+                absent = await fleet.missing_from_store(missing)
+            except Exception:
+                absent = -1
             out[f"{replica}/{region}"] = {
-                "missing": len(want - seen[i]),
+                "missing": len(missing),
+                "missing_not_in_etcd": absent,
                 "extra": len(seen[i] - want),
             }
     return out
@@ -787,7 +882,7 @@ async def churn(
     run.storm_rate = len(fleet.registrations) / max(1e-9, t1 - t0)
     run.converged_storm_s = await wait_converged(fleet, observed, targets, a.timeout)
     if run.converged_storm_s is None:
-        run.final_mismatch = mismatch(fleet, observed, targets)
+        run.final_mismatch = await mismatch(fleet, observed, targets)
         raise TimeoutError(f"wave 0 not served within {a.timeout:g}s: {run.final_mismatch}")
     run.windows.storm = (t0, t1 + run.converged_storm_s)
     progress(
@@ -842,7 +937,7 @@ async def churn(
     # the last ones to stop expire; every replica serves exactly the live set
     progress(f"churn over after {end - start:.1f}s; waiting for the last expirations")
     run.converged_final_s = await wait_converged(fleet, observed, targets, a.ttl + 2 + a.timeout)
-    run.final_mismatch = mismatch(fleet, observed, targets)
+    run.final_mismatch = await mismatch(fleet, observed, targets)
     etcd_after = await asyncio.to_thread(etcd_values, etcd, ETCD_COUNTERS)
     run.etcd = {k.removeprefix("etcd_server_"): etcd_after[k] - etcd_before[k] for k in etcd_after}
     sampler.cancel()
@@ -887,7 +982,7 @@ def run_all(a: argparse.Namespace, workdir: Path) -> tuple[Run, Fleet, Observed,
         assert child.pid is not None
         pids["observers"] = child.pid
         run = Run(vars(a) | {"workdir": str(workdir)}, targets)
-        fleet = Fleet(etcd.url, regions, a.instances, a.ttl)
+        fleet = Fleet(etcd.url, regions, a.instances, a.ttl, shared=a.leases == "shared")
 
         async def go() -> None:
             try:
@@ -1189,7 +1284,12 @@ def report(command: str, a: argparse.Namespace, s: dict[str, Any]) -> None:
         f"etcd: 3 members; replicas: {', '.join(REPLICAS)} (each serves every region); "
         f"{a.regions} regions; {a.instances} instances (1 in {CANARY_EVERY} canary v2); "
         f"lease TTL {a.ttl} s; {a.waves} waves of {a.churn:.0%} churn every "
-        f"{a.wave_seconds:g} s"
+        f"{a.wave_seconds:g} s; "
+        + (
+            "a lease per instance"
+            if a.leases == "own"
+            else "keys on shared leases, deleted by the benchmark at their TTL (--leases shared)"
+        )
     )
     print(
         f"registrations: {reg['storm']} in wave 0 ({reg['storm_rate_per_s']:.0f}/s), "
@@ -1224,7 +1324,12 @@ def report(command: str, a: argparse.Namespace, s: dict[str, Any]) -> None:
             f"deleted; {exp['lease_lost_before_stop']} had lost their lease already",
             {},
         ),
-        ("  lease end (last keepalive + TTL) -> deleted", exp["lease_end_to_delete_s"]),
+        (
+            "  lease end (last keepalive + TTL) -> deleted"
+            if a.leases == "own"
+            else "  lease end -> deleted (by the benchmark)",
+            exp["lease_end_to_delete_s"],
+        ),
         ("  key deleted (watch here) -> gone from all 3", exp["delete_to_gone_everywhere_s"]),
         ("  split: key deleted -> replica logs the push", exp["delete_to_push_logged_s"]),
         ("         push logged -> its EDS received", exp["push_logged_to_eds_received_s"]),
@@ -1339,6 +1444,13 @@ def main() -> None:
     p.add_argument("--wave-seconds", type=float, default=5.0, help="each churn wave's length")
     p.add_argument("--rate", type=float, default=500.0, help="wave 0's registrations a second")
     p.add_argument("--timeout", type=float, default=60.0, help="the longest any one wait")
+    p.add_argument(
+        "--leases",
+        choices=["own", "shared"],
+        default="own",
+        help="own: a lease per instance, renewed (as `register`); shared: keys on a few "
+        "leases, deleted when their own lease would have run out (see above)",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--workdir", type=Path, help="keep etcd's data and the replicas' logs here")
     p.add_argument("--json", action="store_true")
