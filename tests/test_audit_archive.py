@@ -160,6 +160,26 @@ def test_sqlite_live_entries_cannot_be_deleted_and_an_edited_archive_is_named(
     assert chains(store.audit())[("svc", "v2")].intact
 
 
+def test_sqlite_an_entry_that_does_not_decode_leaves_its_rollout_live(
+    sqlite_store: Store,
+) -> None:
+    """An archive must read back: a rollout with an unreadable row stays live (logged
+    once a term); the others are archived."""
+    store = sqlite_store
+    fill(store, rollout("bad", "v1", 2, now=NOW - 1000, end="abort"),
+         rollout("good", "v1", 2, now=NOW - 1000, end="abort"))  # fmt: skip
+    db = sqlite3.connect(store.path, isolation_level=None)
+    db.execute("DROP TRIGGER audit_no_update")
+    db.execute("UPDATE audit SET weights_after = 'not json' WHERE service = 'bad' AND id = 2")
+    db.close()
+    retention = AuditRetention(store, RETENTION, clock=lambda: NOW)
+    assert asyncio.run(retention.sweep()) == 1
+    assert retention.unreadable == {("bad", "v1")}
+    assert asyncio.run(retention.sweep()) == 0  # (not tried again this term)
+    assert [s for (s,) in store.db.execute("SELECT service FROM audit_archive")] == ["good"]
+    assert store.db.execute("SELECT COUNT(*) FROM audit WHERE service = 'bad'").fetchone()[0]
+
+
 def test_sqlite_pages_cross_the_live_log_and_the_archives(sqlite_store: Store) -> None:
     store = sqlite_store
     fill(

@@ -39,7 +39,7 @@ from xds_server.ha.etcd import (
     put_op,
     range_end,
 )
-from xds_server.rollout.archive import Query, due, encode, header_for
+from xds_server.rollout.archive import ArchiveError, Query, due, encode, header_for
 from xds_server.rollout.audit import AuditEntry
 from xds_server.rollout.ports import StoreWriteError
 from xds_server.rollout.state import FINISHED, RolloutState, state_from_json
@@ -254,7 +254,10 @@ def stage(kv: SyncKV, keys: AuditKeys, rollout: Rollout, now: float) -> Staged |
     folder = keys.log(*rollout)
     entries, records = [], []
     for item in pages.scan(folder, range_end(folder)):
-        e = entry_of(item, item.key.decode().rpartition("/")[2])
+        try:  # (an archive must read back)
+            e = entry_of(item, item.key.decode().rpartition("/")[2])
+        except ValueError as exc:
+            raise ArchiveError(f"{folder}: {rollout[0]} {rollout[1]} left live: {exc}") from None
         entries.append(e)
         records.append(record_of(item, e))
     if not entries:

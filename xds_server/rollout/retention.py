@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from xds_server.rollout.archive import Archiving
+from xds_server.rollout.archive import ArchiveError, Archiving
 from xds_server.rollout.ports import StoreFenced, StoreWriteError
 
 log = logging.getLogger("xds_server.rollout.retention")
@@ -35,6 +35,8 @@ class AuditRetention:
         self.interval = min(SWEEP_MAX, max(SWEEP_MIN, retention / 4))
         self.archived = 0
         """Rollouts archived this term."""
+        self.unreadable: set[tuple[str, str]] = set()
+        """Rollouts left live this term: an entry of theirs does not decode (logged once)."""
 
     async def run(self) -> None:
         """Sweep until cancelled (the term's end) or fenced."""
@@ -52,6 +54,8 @@ class AuditRetention:
         now = self.clock()
         done = 0
         for service, version in self.store.archivable(now, self.retention):
+            if (service, version) in self.unreadable:
+                continue
             try:
                 if await self.store.archive(service, version, now):
                     done += 1
@@ -60,5 +64,8 @@ class AuditRetention:
             except StoreWriteError as exc:
                 log.warning("audit of %s %s not archived yet: %s", service, version, exc)
                 break
+            except ArchiveError as exc:
+                log.error("audit not archived: %s", exc)
+                self.unreadable.add((service, version))
         self.archived += done
         return done

@@ -22,6 +22,7 @@ A full disk must not keep a rollback from being written: the store keeps a reser
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
@@ -35,6 +36,7 @@ from typing import Any
 
 from xds_server.rollout.archive import (
     ArchiveError,
+    ArchiveHeader,
     Loaded,
     Query,
     Source,
@@ -46,7 +48,14 @@ from xds_server.rollout.archive import (
 )
 from xds_server.rollout.audit import AuditEntry
 from xds_server.rollout.audit_chain import genesis
-from xds_server.rollout.audit_codec import CHAIN_COLUMNS, GROUP_COLUMN, chained, from_row, to_row
+from xds_server.rollout.audit_codec import (
+    CHAIN_COLUMNS,
+    GROUP_COLUMN,
+    AuditDecodeError,
+    chained,
+    from_row,
+    to_row,
+)
 from xds_server.rollout.ports import StoreWriteError
 from xds_server.rollout.state import FINISHED, RolloutState, state_from_json, state_to_json
 
@@ -440,39 +449,37 @@ class Store:
         return [(s.service, s.canary_version) for s in states if due(s, now, retention)]
 
     async def archive(self, service: str, version: str, now: float) -> bool:
-        """Move a finished rollout's live audit into its archive row, in one write
-        transaction (read, encoded and deleted under it); False: nothing to move."""
+        """Move a finished rollout's live audit into its archive row: read, checked and
+        encoded off the loop (a connection of its own: committed rows; a finished
+        rollout's do not change), then one write transaction inserts it and deletes the
+        rows, only while they are the ones read. False: nothing to move. ArchiveError:
+        an entry does not decode (its rollout is left live)."""
+        staged = await asyncio.to_thread(_stage, self.path, service, version, now)
+        if staged is None:
+            return False
+        header, blob = staged
         try:
             with self._transaction():
-                return self._archive(service, version, now)
+                return self._commit_archive(header, blob)
         except sqlite3.Error as exc:
             raise StoreWriteError(f"cannot archive in {self.path}: {exc}") from None
 
-    def _archive(self, service: str, version: str, now: float) -> bool:
-        state = self.rollout(service, version)
-        if state is None or state.phase not in FINISHED:
-            return False  # (a live rollout's audit is never archived)
-        cur = self.db.execute(
-            "SELECT * FROM audit WHERE service = ? AND canary_version = ? ORDER BY id",
-            (service, version),
-        )
-        names = [d[0] for d in cur.description]
-        rows = [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
-        if not rows:
-            return False
-        entries = [from_row(r) for r in rows]
-        header = header_for(state, "sqlite", entries, now)
-        records = [{"id": r.pop("id"), "row": r} for r in rows]
+    def _commit_archive(self, header: ArchiveHeader, blob: bytes) -> bool:
+        key = (header.service, header.canary_version)
+        live = self.db.execute(
+            "SELECT COUNT(*), MAX(id) FROM audit WHERE service = ? AND canary_version = ?", key
+        ).fetchone()
+        if tuple(live) != (header.entries, header.last_id):
+            return False  # (archived meanwhile, or written since: the next sweep)
+        h = header
         self.db.execute(
             "INSERT INTO audit_archive (service, canary_version, first_id, last_id, entries, "
             "since, until, last_hash, archived_at, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (service, version, header.first_id, header.last_id, header.entries, header.since,
-             header.until, header.last_hash, now, encode(header, records)),
+            (*key, h.first_id, h.last_id, h.entries, h.since, h.until, h.last_hash,
+             h.archived_at, blob),
         )  # fmt: skip
-        self.db.execute(
-            "DELETE FROM audit WHERE service = ? AND canary_version = ?", (service, version)
-        )
-        log.info("archived the audit of %s %s (%d entries)", service, version, len(rows))
+        self.db.execute("DELETE FROM audit WHERE service = ? AND canary_version = ?", key)
+        log.info("archived the audit of %s %s (%d entries, %d bytes)", *key, h.entries, len(blob))
         return True
 
 
@@ -522,6 +529,37 @@ class _ArchiveRow:
             log.error("%s", exc)  # (one unreadable archive must not hide the others)
             return []
         return Loaded(items, self.query, self.top).entries(limit)
+
+
+def _stage(
+    path: Path, service: str, version: str, now: float
+) -> tuple[ArchiveHeader, bytes] | None:
+    """A finished rollout's archive, from its committed rows (a connection of its own)."""
+    db = sqlite3.connect(path, timeout=10)
+    try:
+        row = db.execute(
+            "SELECT state FROM rollouts WHERE service = ? AND canary_version = ?",
+            (service, version),
+        ).fetchone()
+        state = state_from_json(row[0]) if row else None
+        if state is None or state.phase not in FINISHED:
+            return None  # (a live rollout's audit is never archived)
+        cur = db.execute(
+            "SELECT * FROM audit WHERE service = ? AND canary_version = ? ORDER BY id",
+            (service, version),
+        )
+        names = [d[0] for d in cur.description]
+        rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+    finally:
+        db.close()
+    if not rows:
+        return None
+    try:
+        entries = [from_row(r) for r in rows]  # (an archive must read back)
+    except AuditDecodeError as exc:
+        raise ArchiveError(f"{path}: {service} {version} left live: {exc}") from None
+    header = header_for(state, "sqlite", entries, now)
+    return header, encode(header, [{"id": r.pop("id"), "row": r} for r in rows])
 
 
 def _out_of_space(exc: sqlite3.Error) -> bool:
