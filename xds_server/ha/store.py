@@ -197,7 +197,7 @@ class EtcdStore(AuditSide):
         keeps of the audit (`audit_log.load`). A newer schema: StoreVersionError, or
         (`refuse_newer` False: a reader) what it can read of it."""
         pages = Pages(self.kv)
-        view = View(departed=old.departed, heard=old.heard)
+        view = View(departed=dict(old.departed), heard=dict(old.heard))  # (copies: a thread)
         prefix = self.keys.prefix
         for name in VIEW_KEYS:
             if (kv := pages.get(f"{prefix}/{name}")) is not None:
