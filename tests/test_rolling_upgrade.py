@@ -14,11 +14,13 @@ the old leader decides with a new follower in the directory (holding no Envoy: a
 never moves back to a restarted replica until the one it moved to goes). Who wins the
 election when the old leader goes is a race between the new follower and the old one;
 the old one is held still (SIGSTOP, for the moment of the election: well under its key's
-silence threshold and its Envoys' keepalive) so that the new code leads.
+silence threshold and its Envoys' keepalive) so that the new code leads. (Operators
+upgrade the leader last, docs/ha.md says why; this order is the harder one.)
 
-The refusal: a replica of the old release started against the upgraded store refuses in
-one line and exits non-zero when the schema moved on; at the same schema, the store's
-schema key is first written one version higher.
+The refusals: a replica of the old release started against the upgraded store refuses in
+one line and exits non-zero when the schema moved on (at the same schema, the store's
+schema key is first written one version higher); this tree's running replicas, once the
+schema key moves past them, stop leading and stand no more, each saying why in one line.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -44,8 +46,8 @@ from tests.support import (
     wait_shares,
 )
 from tests.test_ha_faults import (
+    KEEPALIVE_TIMEOUT,
     THREE,
-    TTL,
     ha_options,
     messages,
     recent,
@@ -64,10 +66,23 @@ from xds_server.rollout.store import SCHEMA_VERSION
 
 OLD_COMMIT = "65a7a25"
 """The release upgraded from: the code at the start of issue 30's session (schema 2)."""
-PLAN = {**FAST_PLAN, "steps": list(range(20, 101, 5))}
+PLAN = {
+    **FAST_PLAN,
+    "steps": list(range(20, 101, 4)),
+    "guardrails": {"max_error_rate": 0.05, "max_p99_ms": 5000, "min_requests": 5},
+    "max_hold": "60s",
+}
 """The tests' fast plan (3 s steps) from 20%, whose canary has a step's samples within
 seconds (from 5%, one step took 15 s of the load's requests), in steps enough that the
-rollout cannot finish during the test: it moves on while replicas are swapped too."""
+rollout cannot finish during the test (it moves on while replicas are swapped too); the
+guardrails only against errors: this test is about the control plane, and a machine at
+load 40 gave the canary a p99 of 314 ms, over the lab's 250 (rolled back), and at load 25
+Prometheus left a region without evidence for the lab's 30 s `max_hold` (paused)."""
+LEADER_TTL = 8.0
+"""Every stop here is clean (the lease revoked: the next leader is elected within
+milliseconds), so the TTL only says how long a leader may go without renewing: at load
+40 a new leader that went 2.2 s without a renewal stepped down, and an old replica,
+which cannot write the migrated store, took the lead."""
 
 
 def schema_of(env: dict[str, str]) -> int:
@@ -96,26 +111,42 @@ def schema_key(mesh: LocalMesh) -> tuple[dict[str, object], int]:
     return json.loads(got.kvs[0].value), got.kvs[0].version
 
 
-def swap(mesh: LocalMesh, region: str, *, hold_still: str | None = None) -> tuple[float, float]:
+@dataclass(frozen=True)
+class Swap:
+    """What one replica's swap took, in seconds from its SIGTERM."""
+
+    keyed: float
+    """Until the new replica's key was in the store."""
+    synced: float
+    """Until every Envoy was SYNCED again."""
+    held: float = 0.0
+    """How long the replica held still for the election was stopped."""
+
+    def __str__(self) -> str:
+        held = f", held still {self.held:.2f}s" if self.held else ""
+        return f"key {self.keyed:.2f}s, SYNCED {self.synced:.2f}s{held}"
+
+
+def swap(mesh: LocalMesh, region: str, *, hold_still: str | None = None) -> Swap:
     """Replace `region`'s replica with this tree's code: SIGTERM (a clean stop: its lease
-        revoked, its key withdrawn), then `serve` again with the same id and ports; until the
-        new one's key is in the store and every Envoy is SYNCED on a live replica, on the
-        routes the store implies. `hold_still`: a replica SIGSTOPped while the old one goes,
-        until another leads (the election's race decided). Seconds until the new key, and
-    until every Envoy was SYNCED."""
+    revoked, its key withdrawn), then `serve` again with the same id and ports; until the
+    new one's key is in the store and every Envoy is SYNCED on a live replica, on the
+    routes the store implies. `hold_still`: a replica SIGSTOPped while the old one goes,
+    until another leads (the election's race decided)."""
     began, began_wall = time.monotonic(), time.time()
     old = mesh.processes.replicas[region]
     held = mesh.processes.replicas[hold_still] if hold_still else None
+    held_for = 0.0
     if held is not None:
         held.signal(signal.SIGSTOP)
     try:
         old.signal(signal.SIGTERM)
         if held is not None:
-            mesh.state.wait_leader(TTL + 5, other_than=region)
-            print(f"{hold_still} held still {time.monotonic() - began:.2f}s")
+            mesh.state.wait_leader(LEADER_TTL + 5, other_than=region)
     finally:
         if held is not None:
             held.signal(signal.SIGCONT)
+            held_for = time.monotonic() - began
     old.proc.wait(10)
     assert old.stop() == 0, old.tail()
     new = mesh.processes.start_replica(region)
@@ -130,7 +161,7 @@ def swap(mesh: LocalMesh, region: str, *, hold_still: str | None = None) -> tupl
     keyed = time.monotonic() - began
     for envoy in mesh.processes.envoys:
         wait_synced(mesh, envoy, 20)
-    return keyed, time.monotonic() - began
+    return Swap(keyed, time.monotonic() - began, held_for)
 
 
 def write_schema(mesh: LocalMesh, version: int) -> int:
@@ -183,7 +214,8 @@ def test_a_rolling_upgrade_mid_rollout_loses_no_request(tmp_path: Path) -> None:
     old_env = release_env(release_tree(OLD_COMMIT, tmp_path / "old"))
     old_schema = schema_of(old_env)
     assert old_schema <= SCHEMA_VERSION
-    mesh = LocalMesh(tmp_path / "mesh", replace(ha_options(THREE), rollout=PLAN))
+    options = replace(ha_options(THREE), rollout=PLAN, leader_ttl=LEADER_TTL)
+    mesh = LocalMesh(tmp_path / "mesh", options)
     with contextlib.ExitStack() as stack:
         # The deployment as the old release made it: its replicas, its spec pushes and
         # its model servers' registrations.
@@ -216,12 +248,13 @@ def test_a_rolling_upgrade_mid_rollout_loses_no_request(tmp_path: Path) -> None:
         went = advance(mesh)
         hosts = {e.opts.node_id: wait_synced(mesh, e, 15) for e in mesh.processes.envoys}
         print(f"new leader {first}, old follower {last}: {went}; Envoys on {hosts}")
-        # The old follower serves what the new leader committed, to Envoys of its own.
-        assert last in hosts.values(), hosts
+        # The old follower serves what the new leader committed, to Envoys of its own
+        # (its region's, unless holding still outlasted their keepalive).
+        held = took[leader].held
+        assert last in hosts.values() or held >= KEEPALIVE_TIMEOUT, (hosts, held)
         assert runs_code_of(mesh.processes.replicas[last].pid) == old_env["PYTHONPATH"]
         took[last] = swap(mesh, last)
-        print("swaps (SIGTERM -> the new one's key in the store, every Envoy SYNCED): "
-              + ", ".join(f"{r} {k:.2f}s, {s:.2f}s" for r, (k, s) in took.items()))  # fmt: skip
+        print("swaps, from SIGTERM: " + "; ".join(f"{r} {s}" for r, s in took.items()))
         for region, process in mesh.processes.replicas.items():
             assert runs_code_of(process.pid) != old_env["PYTHONPATH"], region
         print(f"all new: {advance(mesh)}")
