@@ -243,7 +243,7 @@ class XdsPublisher:
             region,
             snap.version,
             changed,
-            len(self.nodes.nodes(region)),
+            self.nodes.count(region),
             reason,
             time.perf_counter() - start,
         )
@@ -277,6 +277,8 @@ class XdsPublisher:
         if old is None:
             return resources, frozenset()
         gone = set(old.resources.by_type[CLUSTER]) - set(resources.by_type[CLUSTER])
+        if not gone:  # (most pushes: and the nodes' ACKs are not looked at, a fleet's worth)
+            return resources, frozenset()
         routes_applied = self.nodes.all_acked(resources.region, ROUTE, old.type_version(ROUTE))
         keep = frozenset(
             c for c in gone if c in old.route_targets or (c in old.retained and not routes_applied)
