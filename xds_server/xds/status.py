@@ -115,7 +115,7 @@ class NodeRegistry:
         self._nodes: dict[int, NodeStatus] = {}
         self._per_region: Counter[str] = Counter()
         self._next_id = 0
-        self._listeners: list[Listener] = []
+        self._listeners: tuple[Listener, ...] = ()
         self._routes_first_sent: dict[tuple[str, str], tuple[str, float]] = {}
         """(region, node id) -> (routes version, when that node was first sent it, on
         any of its streams): a node that reconnects keeps its time to ACK the routes
@@ -244,9 +244,14 @@ class NodeRegistry:
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Call `listener` on every connect, disconnect, ACK and NACK; returns unsubscribe."""
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener)
+        self._listeners = (*self._listeners, listener)
+
+        def unsubscribe() -> None:
+            at = self._listeners.index(listener)
+            self._listeners = self._listeners[:at] + self._listeners[at + 1 :]
+
+        return unsubscribe
 
     def _notify(self, status: NodeStatus) -> None:
-        for listener in list(self._listeners):
+        for listener in self._listeners:  # (a tuple: a listener may unsubscribe meanwhile)
             listener(status)
