@@ -404,12 +404,12 @@ class Snapshot:
             self._fleet[_identity(standing)] = (standing, response)
 
     def type_version(self, type_url: str) -> str:
-        return self._version_texts[type_url]
+        return self.type_version_texts[type_url]
 
     @cached_property
-    def _version_texts(self) -> Mapping[str, str]:
+    def type_version_texts(self) -> Mapping[str, str]:
         """Each type's version as sent (asked by every stream at every wake-up)."""
-        return {t: str(v) for t, v in self.type_versions.items()}
+        return MappingProxyType({t: str(v) for t, v in self.type_versions.items()})
 
     def encoded(
         self, type_url: str, names: frozenset[str] | None, listen: ListenAddress | None = None

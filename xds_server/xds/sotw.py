@@ -41,6 +41,10 @@ from xds_server.xds.types import WILDCARD, WILDCARD_TYPES
 
 log = logging.getLogger("xds_server.sotw")
 
+SAME_NAMES_CHECKED = 64
+"""Up to this many names, a request naming the stream's current names is found so by
+comparing them (a frozenset of a few names); longer lists go through `shared_names`."""
+
 
 @dataclass
 class _TypeState:
@@ -55,6 +59,8 @@ class _TypeState:
     acked_resources: frozenset[str] = frozenset()
     answer_due: bool = False
     """A fresh request (empty nonce) always gets an answer, even at the same version."""
+    recorded: bool | None = None
+    """Whether the registry was last told the node subscribes to the type (None: never)."""
 
     def named(self) -> NameSet | None:
         return None if self.names is None or WILDCARD in self.names else self.names
@@ -75,15 +81,20 @@ class SotwStream(StreamBase[_TypeState]):
 
     def on_request(self, req: discovery_pb2.DiscoveryRequest) -> bool:
         """Apply a request; True when it may have made something due (worth a `due`).
-        Raises StreamError for a request that ends the stream."""
-        check_type_url(req)
-        check_names(req.type_url, len(req.resource_names), self.max_names)
-        ts = self.types.get(req.type_url)
+        Raises StreamError for a request that ends the stream. (Every ACK of a fleet
+        comes here: the fields are read once, and the checks cost nothing when met.)"""
+        type_url = req.type_url
+        if not type_url:
+            check_type_url(req)
+        if len(req.resource_names) > self.max_names:
+            check_names(type_url, len(req.resource_names), self.max_names)
+        ts = self.types.get(type_url)
         if ts is None:
-            return self.unknown.request(req.type_url, (), answer=not req.response_nonce)
+            return self.unknown.request(type_url, (), answer=not req.response_nonce)
         names = self._requested(req, ts)
-        if req.response_nonce:
-            if stale(self.status, req, ts.nonce):
+        nonce = req.response_nonce
+        if nonce:
+            if nonce != ts.nonce and stale(self.status, req, ts.nonce):
                 return False
             ts.in_flight = False
             if record_answer(self.registry, self.status, req, ts.sent_version, req.version_info):
@@ -95,7 +106,10 @@ class SotwStream(StreamBase[_TypeState]):
             wake = True
         ts.subscribed = True
         ts.names = names
-        self.registry.record_subscription(self.status, req.type_url, names is None or bool(names))
+        subscribed = names is None or bool(names)
+        if ts.recorded is not subscribed:
+            ts.recorded = subscribed
+            self.registry.record_subscription(self.status, type_url, subscribed)
         return wake
 
     @staticmethod
@@ -109,7 +123,16 @@ class SotwStream(StreamBase[_TypeState]):
         names = req.resource_names
         star = len(names) == 1 and names[0] == WILDCARD
         legacy = not names and (not ts.subscribed or ts.names is None)
-        return None if req.type_url in WILDCARD_TYPES and (star or legacy) else shared_names(names)
+        if req.type_url in WILDCARD_TYPES and (star or legacy):
+            return None
+        current = ts.names  # (an ACK repeats the names: keep them, found at little cost)
+        if (
+            current is not None
+            and len(names) == len(current) <= SAME_NAMES_CHECKED
+            and frozenset(names) == current
+        ):
+            return current
+        return shared_names(names)
 
     def due(self, snap: Snapshot) -> list[bytes]:
         """The responses to send now, in make-before-break order.

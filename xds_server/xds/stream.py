@@ -225,11 +225,12 @@ class StreamBase(Generic[S]):
         type whose last response is unanswered waits, and so do routes until the node
         has ACKed the clusters and endpoints they use; either sets `held`."""
         self.held = False
+        versions = snap.type_version_texts
         for type_url in SEND_ORDER:
             ts = self.types[type_url]
             if not ts.subscribed:
                 continue
-            version = snap.type_version(type_url)
+            version = versions[type_url]
             if ts.up_to_date(version):
                 continue
             if ts.in_flight or (type_url == ROUTE and not routes_ready(self.types, snap)):
