@@ -1,44 +1,47 @@
-"""Push fan-out: how long one weight change takes to be ACKed by N ADS streams.
+"""Push fan-out: how long one weight change takes to be ACKed by N ADS streams, against
+the floor: a bare grpc.aio server that only writes cached bytes (`fanout_bare.py`).
 
-The server runs in this process (one asyncio loop, as `xds-server serve` runs it). The
-clients are grpc.aio streams spread over worker processes, one connection each, like a
-fleet of Envoys: each syncs clusters, endpoints, listener and routes (state of the world
-or delta), then ACKs every response it gets, reconnecting with backoff and jitter when a
-stream fails. For each push we record, on the server, when each node's ACK of the new
-routes arrives; the server process's CPU time from the push to the last ACK; its
-resident memory; and how many resources the clients received for the change.
+The clients are grpc.aio ADS streams in worker processes (`fanout_fleet.py`), one
+connection each, like a fleet of Envoys. The server is, by default, `XdsPublisher` in
+this process (one asyncio loop, as `xds-server serve` runs it); `--serve-workers N`
+runs `xds-server serve --workers N` instead, and `--replicas R` runs R replicas on a
+real three-member etcd with the clients spread over them (`fanout_servers.py`). Each
+case then runs again against the bare server, in this process, with the same fleet and
+the same bytes, and the row reports both and their ratio.
+
+For each push: the time from the push (in process: `set_split`; as processes: the
+operator's `SetWeights`, the decision) to each node's ACK of the new routes: in process,
+when the server has the ACK; as processes, when the client sends it. The server's CPU
+time from the push to the last ACK (as processes: every server process's, from /proc);
+its resident memory; how many resources the clients received for the change.
 
     python benchmarks/push_fanout.py [--clients 100 1000 5000] [--mode sotw delta]
-                                     [--services 1] [--pushes 3] [--json]
+                                     [--services 1] [--pushes 3] [--serve-workers N]
+                                     [--replicas R] [--no-bare] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import multiprocessing as mp
 import os
-import random
 import statistics
-import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+from fanout_bare import BareAds, bare_responses
+from fanout_fleet import POOLS, REGION, Fleet
+from fanout_servers import InProcess, ServeProcesses
 
-from xds_server.lab.background import BackgroundServer
 from xds_server.spec import validate_spec
-from xds_server.traffic import Split
-from xds_server.xds.metrics import XdsMetrics
-from xds_server.xds.status import NodeStatus
-from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
-
-REGION = "us-east"
-POOLS = ("production", "baseline", "canary")
 
 
-def spec_doc(services: int) -> dict[str, Any]:
+def spec_doc(services: int, rollouts: int | None = None) -> dict[str, Any]:
+    """`services` services of three pools each; the first `rollouts` (None: all) have a
+    canary of a new version (a rollout, for a server that runs the controller), the
+    others' canary has production's version (no rollout: the same resources)."""
     port = iter(range(10_000, 65_000))
     return {
         "regions": [REGION],
@@ -49,7 +52,9 @@ def spec_doc(services: int) -> dict[str, Any]:
                 "prefix": "/",
                 "pools": {
                     pool: {
-                        "version": "v2" if pool == "canary" else "v1",
+                        "version": "v2"
+                        if pool == "canary" and (rollouts is None or i < rollouts)
+                        else "v1",
                         "endpoints": {REGION: [f"127.0.0.1:{next(port)}"]},
                     }
                     for pool in POOLS
@@ -60,239 +65,145 @@ def spec_doc(services: int) -> dict[str, Any]:
     }
 
 
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+Server = InProcess | ServeProcesses | BareAds
 
 
-# ---- the clients (worker processes) ----
-
-
-class _Client:
-    """One fleet member: sync, then ACK everything; count what each response carries."""
-
-    def __init__(self, port: int, node_id: str, mode: str, services: int) -> None:
-        self.port, self.node_id, self.mode = port, node_id, mode
-        self.eds_names = [f"svc-{i}|{p}" for i in range(services) for p in POOLS]
-        self.synced = asyncio.Event()
-        self.last_route_resources = 0
-
-    def initial_requests(self) -> list[Any]:
-        from envoy.config.core.v3 import base_pb2
-        from envoy.service.discovery.v3 import discovery_pb2
-
-        node = base_pb2.Node(id=self.node_id, locality=base_pb2.Locality(region=REGION))
-        names = {ENDPOINT: self.eds_names, ROUTE: ["ingress"]}
-        if self.mode == "delta":
-            reqs = [
-                discovery_pb2.DeltaDiscoveryRequest(
-                    type_url=t, resource_names_subscribe=names.get(t, [])
-                )
-                for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE)
-            ]
-        else:
-            reqs = [
-                discovery_pb2.DiscoveryRequest(type_url=t, resource_names=names.get(t, []))
-                for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE)
-            ]
-        reqs[0].node.CopyFrom(node)
-        return reqs
-
-    def ack(self, resp: Any) -> Any:
-        from envoy.service.discovery.v3 import discovery_pb2
-
-        if resp.type_url == ROUTE:
-            self.last_route_resources = len(resp.resources)
-        if self.mode == "delta":
-            return discovery_pb2.DeltaDiscoveryRequest(
-                type_url=resp.type_url, response_nonce=resp.nonce
-            )
-        names = {ENDPOINT: self.eds_names, ROUTE: ["ingress"]}.get(resp.type_url, [])
-        return discovery_pb2.DiscoveryRequest(
-            type_url=resp.type_url,
-            version_info=resp.version_info,
-            response_nonce=resp.nonce,
-            resource_names=names,
-        )
-
-    async def run(self, stop: asyncio.Event, errors: list[str], reconnects: list[str]) -> None:
-        import grpc
-        from envoy.service.discovery.v3 import ads_pb2_grpc
-
-        for attempt in range(20):  # reconnect like Envoy: backoff with jitter
-            if attempt:
-                reconnects.append(self.node_id)
-                await asyncio.sleep(min(2.0, 0.25 * 2 ** (attempt - 1)) * random.random())
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{self.port}") as channel:
-                stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-                queue: asyncio.Queue[Any] = asyncio.Queue()
-                for req in self.initial_requests():
-                    queue.put_nowait(req)
-
-                async def requests(q: asyncio.Queue[Any] = queue) -> Any:
-                    while (item := await q.get()) is not None:
-                        yield item
-
-                method = (
-                    stub.DeltaAggregatedResources
-                    if self.mode == "delta"
-                    else stub.StreamAggregatedResources
-                )
-                call = method(requests())
-                seen: set[str] = set()
-                try:
-                    async for resp in call:
-                        queue.put_nowait(self.ack(resp))
-                        seen.add(resp.type_url)
-                        if len(seen) == 4:
-                            self.synced.set()
-                    return
-                except grpc.aio.AioRpcError as exc:
-                    if stop.is_set():
-                        return
-                    errors.append(exc.code().name)
-                finally:
-                    queue.put_nowait(None)
-                    call.cancel()
-
-
-def _worker(
-    port: int,
-    ids: list[str],
+def measure(
+    server: Server,
+    n: int,
     mode: str,
     services: int,
+    pushes: int,
+    processes: int,
     rate: float,
-    ready: Any,
-    push: Any,
-    done: Any,
-    out: Any,
-) -> None:
-    async def main() -> None:
-        stop = asyncio.Event()
-        errors: list[str] = []
-        reconnects: list[str] = []
-        clients = [_Client(port, i, mode, services) for i in ids]
-        tasks = []
-        for i in range(0, len(clients), 100):  # open connections in batches, as a fleet ramps
-            tasks += [
-                asyncio.create_task(c.run(stop, errors, reconnects)) for c in clients[i : i + 100]
-            ]
-            await asyncio.sleep(100 / rate)
-        deadline = time.monotonic() + 300
-        while not all(c.synced.is_set() for c in clients):
-            if time.monotonic() > deadline:
-                raise SystemExit(
-                    f"worker: only {sum(c.synced.is_set() for c in clients)} of "
-                    f"{len(ids)} streams synced; errors: {errors[:5]}"
-                )
-            await asyncio.sleep(0.2)
-        ready.put(len(ids))
-        loop = asyncio.get_running_loop()
-        resources: list[int] = []
-        while not await loop.run_in_executor(None, done.wait, 0.5):
-            if push.is_set():  # after each push the parent asks what the clients received
-                resources = [c.last_route_resources for c in clients]
-        stop.set()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        out.put((errors, reconnects, max(resources, default=0)))
-
-    asyncio.run(main())
-
-
-# ---- the server side ----
-
-
-def run_case(
-    n: int, mode: str, services: int, pushes: int, workers: int, rate: float
+    extra_cpu: Callable[[], float] = lambda: 0.0,
 ) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    spec = validate_spec(spec_doc(services), "benchmark")
-    server = BackgroundServer(spec)
-    build_s = time.perf_counter() - t0
-    # As `xds-server serve` runs it: with its own metrics listening to every node event.
-    server.call(lambda: XdsMetrics(CollectorRegistry()).attach(server.server))
-    port = server.start()
-    ack_times: dict[str, dict[int, float]] = {}
-    lock = threading.Lock()
-
-    def on_node(status: NodeStatus) -> None:
-        v = status.types[ROUTE].acked_version
-        if v:
-            with lock:
-                ack_times.setdefault(v, {}).setdefault(status.stream_id, time.time())
-
-    server.call(lambda: server.server.nodes.subscribe(on_node))
-    ctx = mp.get_context("spawn")
-    ready, out, done, push = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Event()
-    ids = [f"node-{i}" for i in range(n)]
-    procs = [
-        ctx.Process(
-            target=_worker,
-            args=(port, ids[w::workers], mode, services, rate / workers, ready, push, done, out),
-        )
-        for w in range(workers)
-    ]
-    for p in procs:
-        p.start()
-    sum(ready.get(timeout=600) for _ in procs)
-    connected = server.call(lambda: len(server.server.nodes.nodes(REGION)))
-    results: list[dict[str, float]] = []
-    for i in range(pushes):
-        cpu0 = time.process_time()
-        t_push = time.time()
-        server.call(
-            lambda i=i: server.server.set_split(  # type: ignore[misc]
-                "svc-0", Split.from_percent({"canary": 5 * (i + 1)}), urgent=True
-            )
-        )
-        version = server.call(lambda: server.server.snapshot(REGION).type_version(ROUTE))
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            with lock:
-                if len(ack_times.get(version, {})) >= connected:
-                    break
-            time.sleep(0.005)  # poll period of the measurement, bounded by the deadline
-        cpu = time.process_time() - cpu0
-        with lock:
-            lat = sorted(t - t_push for t in ack_times.get(version, {}).values())
-        results.append(
-            {
-                "acked": len(lat),
-                "p50_s": statistics.median(lat) if lat else float("nan"),
-                "p99_s": lat[max(0, int(len(lat) * 0.99) - 1)] if lat else float("nan"),
-                "max_s": lat[-1] if lat else float("nan"),
-                "server_cpu_s": cpu,
-            }
-        )
-    push.set()
-    time.sleep(1.0)  # let the workers read their clients' counters (bounded, not a sync)
-    rss = rss_mb()
-    done.set()
-    outcomes = [out.get(timeout=300) for _ in procs]
-    for p in procs:
-        p.join(60)
-    server.close()
+    """One server, one fleet: connect `n` clients, `pushes` pushes, each timed to the
+    last client's ACK; the fleet stopped, the server left running."""
+    ports = server.start()
+    fleet = Fleet(ports, n, mode, services, processes, rate)
+    try:
+        fleet.start()
+        connected = server.connected()
+        if connected < 0:  # (servers in other processes: every client has synced)
+            connected = n
+        server.settle()
+        results = [_one_push(server, fleet, i, connected, extra_cpu) for i in range(pushes)]
+        rss = server.rss_mb()
+        errors, reconnected, resources = fleet.finish()
+    except BaseException:
+        fleet.kill()
+        raise
     return {
-        "mode": mode,
-        "clients": n,
-        "services": services,
         "connected": connected,
-        "build_s": build_s,
-        "failed_stream_attempts": sum(len(e) for e, _, _ in outcomes),
-        "nodes_reconnected": len({x for _, r, _ in outcomes for x in r}),
-        "route_resources_per_push": max(m for _, _, m in outcomes),
+        "failed_stream_attempts": len(errors),
+        "stream_errors": dict(Counter(errors)),
+        "nodes_reconnected": len(reconnected),
+        "route_resources_per_push": resources,
         "pushes": results,
         "p50_s": statistics.median(r["p50_s"] for r in results),
         "p99_s": max(r["p99_s"] for r in results),
         "max_s": max(r["max_s"] for r in results),
         "server_cpu_s_per_push": statistics.mean(r["server_cpu_s"] for r in results),
         "server_rss_mb": rss,
+        **(
+            {"etcd_cpu_s_per_push": statistics.mean(r["etcd_cpu_s"] for r in results)}
+            if isinstance(server, ServeProcesses) and server.etcd is not None
+            else {}
+        ),
     }
+
+
+def _one_push(
+    server: Server, fleet: Fleet, i: int, connected: int, extra_cpu: Callable[[], float]
+) -> dict[str, float]:
+    cpu0, etcd0 = server.cpu_seconds(), extra_cpu()
+    t_push = time.time()
+    key = server.push(i)
+
+    def latencies() -> list[float]:
+        acked = server.acked(key)
+        if acked is None:  # (timed by the clients' own stamps)
+            return fleet.acked_since(t_push)
+        return [t - t_push for t in acked.values()]
+
+    def count() -> int:  # (cheap: it is polled while the server works, in this process)
+        n = server.acked_count(key)
+        return len(fleet.acked_since(t_push)) if n is None else n
+
+    deadline = time.time() + 120
+    while count() < connected and time.time() < deadline:
+        time.sleep(0.005)  # poll period of the measurement, bounded by the deadline
+    cpu, etcd = server.cpu_seconds() - cpu0, extra_cpu() - etcd0
+    lat = sorted(latencies())
+    return {
+        "acked": len(lat),
+        "p50_s": statistics.median(lat) if lat else float("nan"),
+        "p99_s": lat[max(0, int(len(lat) * 0.99) - 1)] if lat else float("nan"),
+        "max_s": lat[-1] if lat else float("nan"),
+        "server_cpu_s": cpu,
+        "etcd_cpu_s": etcd,
+    }
+
+
+def run_case(
+    n: int,
+    mode: str,
+    services: int,
+    pushes: int,
+    processes: int,
+    rate: float,
+    serve_workers: int = 0,
+    replicas: int = 0,
+    bare: bool = True,
+) -> dict[str, Any]:
+    """The server (in process, or `serve` processes), then the bare server, each with a
+    fleet of `n` clients of its own: one row with both."""
+    server: InProcess | ServeProcesses
+    if serve_workers or replicas:
+        doc = spec_doc(services, rollouts=1)  # (the controller runs: one rollout)
+        server = ServeProcesses(doc, max(1, serve_workers), replicas)
+    else:
+        doc = spec_doc(services)
+        server = InProcess(validate_spec(doc, "benchmark"))
+    try:
+        extra = server.etcd_cpu_seconds if isinstance(server, ServeProcesses) else lambda: 0.0
+        row = measure(server, n, mode, services, pushes, processes, rate, extra)
+    finally:
+        server.close()
+    row = {
+        "mode": mode,
+        "clients": n,
+        "services": services,
+        "server": server.where,
+        "serve_workers": serve_workers,
+        "replicas": replicas,
+        "build_s": server.build_s,
+        "measured_at": (
+            "the node sends its ACK"
+            if isinstance(server, ServeProcesses)
+            else "the server has the node's ACK"
+        ),
+        **row,
+    }
+    if bare:
+        spec = validate_spec(doc, "benchmark")
+        eds = [f"svc-{i}|{p}" for i in range(services) for p in POOLS]
+        floor = BareAds(mode, *bare_responses(spec, mode, eds, pushes))
+        try:
+            got = measure(floor, n, mode, services, pushes, processes, rate)
+        finally:
+            floor.close()
+        row["bare_p50_s"] = got["p50_s"]
+        row["bare_p99_s"] = got["p99_s"]
+        row["bare_max_s"] = got["max_s"]
+        row["bare_cpu_s_per_push"] = got["server_cpu_s_per_push"]
+        row["bare_pushes"] = got["pushes"]
+        row["bare_nodes_reconnected"] = got["nodes_reconnected"]
+        row["bare_stream_errors"] = got["stream_errors"]
+        row["cpu_ratio"] = row["server_cpu_s_per_push"] / got["server_cpu_s_per_push"]
+        row["p99_ratio"] = row["p99_s"] / got["p99_s"]
+    return row
 
 
 def main() -> None:
@@ -301,7 +212,24 @@ def main() -> None:
     p.add_argument("--mode", nargs="+", default=["sotw"], choices=["sotw", "delta"])
     p.add_argument("--services", type=int, default=1)
     p.add_argument("--pushes", type=int, default=3)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="the clients' worker processes")
+    p.add_argument(
+        "--serve-workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the server as `xds-server serve --workers N` (default: in this process)",
+    )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        metavar="R",
+        help="R replicas on a three-member etcd, the clients spread over them",
+    )
+    p.add_argument(
+        "--no-bare", action="store_true", help="skip the bare grpc.aio baseline (no ratio)"
+    )
     p.add_argument(
         "--connect-rate",
         type=float,
@@ -313,7 +241,19 @@ def main() -> None:
     rows = []
     for n in a.clients:
         for mode in a.mode:
-            rows.append(run_case(n, mode, a.services, a.pushes, a.workers, a.connect_rate))
+            rows.append(
+                run_case(
+                    n,
+                    mode,
+                    a.services,
+                    a.pushes,
+                    a.workers,
+                    a.connect_rate,
+                    a.serve_workers,
+                    a.replicas,
+                    not a.no_bare,
+                )
+            )
             if not a.json:
                 _print_row(rows[-1], header=len(rows) == 1, a=a)
     if a.json:
@@ -324,22 +264,30 @@ def _print_row(r: dict[str, Any], header: bool, a: argparse.Namespace) -> None:
     if header:
         print(
             f"push fan-out on {os.cpu_count()} cores, {a.pushes} pushes per case, "
-            f"{a.services} services, fleet connecting at {a.connect_rate:g}/s "
-            "(latency: push -> server has the node's ACK)"
+            f"{a.services} services, fleet connecting at {a.connect_rate:g}/s; "
+            f"server: {r['server']} (latency: push -> {r['measured_at']}); "
+            "bare: the bare grpc.aio server in this process, same fleet and bytes"
         )
         print(
             f"{'mode':>5} {'clients':>7} {'acked':>6} {'p50 ms':>7} {'p99 ms':>7} "
             f"{'max ms':>7} {'cpu s/push':>10} {'rss MB':>7} {'res/push':>8} "
-            f"{'reconnected':>11}"
+            f"{'reconnected':>11} | {'bare p99':>8} {'bare cpu':>8} {'cpu x':>6} {'p99 x':>6}"
         )
     acked = min(x["acked"] for x in r["pushes"])
-    print(
+    line = (
         f"{r['mode']:>5} {r['clients']:>7} {acked:>6} {r['p50_s'] * 1000:>7.1f} "
         f"{r['p99_s'] * 1000:>7.1f} {r['max_s'] * 1000:>7.1f} "
         f"{r['server_cpu_s_per_push']:>10.3f} {r['server_rss_mb']:>7.0f} "
-        f"{r['route_resources_per_push']:>8} {r['nodes_reconnected']:>11}",
-        flush=True,
+        f"{r['route_resources_per_push']:>8} {r['nodes_reconnected']:>11}"
     )
+    if "bare_p99_s" in r:
+        line += (
+            f" | {r['bare_p99_s'] * 1000:>8.1f} {r['bare_cpu_s_per_push']:>8.3f} "
+            f"{r['cpu_ratio']:>6.2f} {r['p99_ratio']:>6.2f}"
+        )
+    if "etcd_cpu_s_per_push" in r:
+        line += f"  (etcd cpu s/push {r['etcd_cpu_s_per_push']:.3f})"
+    print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,229 @@
+"""The client side of benchmarks/push_fanout.py: a fleet of ADS streams in worker processes.
+
+The clients are grpc.aio streams spread over worker processes, one connection each, like
+a fleet of Envoys: each syncs clusters, endpoints, listener and routes (state of the
+world or delta), then ACKs every response it gets, reconnecting with backoff and jitter
+when a stream fails. Client i dials `ports[i % len(ports)]` (several replicas: the
+fleet spread over them).
+
+Each client writes into one shared array when it ACKs routes (`time.time()`, one clock
+for every process of the machine): a server in another process (`serve --workers`,
+replicas) is timed from there, from the decision to the last client's ACK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+
+REGION = "us-east"
+POOLS = ("production", "baseline", "canary")
+
+
+class _Client:
+    """One fleet member: sync, then ACK everything; count what each response carries."""
+
+    def __init__(self, port: int, index: int, mode: str, services: int, stamps: Any) -> None:
+        self.port, self.index, self.mode = port, index, mode
+        self.node_id = f"node-{index}"
+        self.stamps = stamps
+        self.eds_names = [f"svc-{i}|{p}" for i in range(services) for p in POOLS]
+        self.synced = asyncio.Event()
+        self.last_route_resources = 0
+
+    def initial_requests(self) -> list[Any]:
+        from envoy.config.core.v3 import base_pb2
+        from envoy.service.discovery.v3 import discovery_pb2
+
+        node = base_pb2.Node(id=self.node_id, locality=base_pb2.Locality(region=REGION))
+        names = {ENDPOINT: self.eds_names, ROUTE: ["ingress"]}
+        if self.mode == "delta":
+            reqs = [
+                discovery_pb2.DeltaDiscoveryRequest(
+                    type_url=t, resource_names_subscribe=names.get(t, [])
+                )
+                for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+            ]
+        else:
+            reqs = [
+                discovery_pb2.DiscoveryRequest(type_url=t, resource_names=names.get(t, []))
+                for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+            ]
+        reqs[0].node.CopyFrom(node)
+        return reqs
+
+    def ack(self, resp: Any) -> Any:
+        from envoy.service.discovery.v3 import discovery_pb2
+
+        if resp.type_url == ROUTE:
+            self.last_route_resources = len(resp.resources)
+            self.stamps[self.index] = time.time()
+        if self.mode == "delta":
+            return discovery_pb2.DeltaDiscoveryRequest(
+                type_url=resp.type_url, response_nonce=resp.nonce
+            )
+        names = {ENDPOINT: self.eds_names, ROUTE: ["ingress"]}.get(resp.type_url, [])
+        return discovery_pb2.DiscoveryRequest(
+            type_url=resp.type_url,
+            version_info=resp.version_info,
+            response_nonce=resp.nonce,
+            resource_names=names,
+        )
+
+    async def run(self, stop: asyncio.Event, errors: list[str], reconnects: list[str]) -> None:
+        import grpc
+        from envoy.service.discovery.v3 import ads_pb2_grpc
+
+        for attempt in range(20):  # reconnect like Envoy: backoff with jitter
+            if attempt:
+                reconnects.append(self.node_id)
+                await asyncio.sleep(min(2.0, 0.25 * 2 ** (attempt - 1)) * random.random())
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+                stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+                queue: asyncio.Queue[Any] = asyncio.Queue()
+                for req in self.initial_requests():
+                    queue.put_nowait(req)
+
+                async def requests(q: asyncio.Queue[Any] = queue) -> Any:
+                    while (item := await q.get()) is not None:
+                        yield item
+
+                method = (
+                    stub.DeltaAggregatedResources
+                    if self.mode == "delta"
+                    else stub.StreamAggregatedResources
+                )
+                call = method(requests())
+                seen: set[str] = set()
+                try:
+                    async for resp in call:
+                        queue.put_nowait(self.ack(resp))
+                        seen.add(resp.type_url)
+                        if len(seen) == 4:
+                            self.synced.set()
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    if stop.is_set():
+                        return
+                    errors.append(f"{exc.code().name}: {(exc.details() or '')[:60]}")
+                finally:
+                    queue.put_nowait(None)
+                    call.cancel()
+
+
+def _worker(
+    ports: Sequence[int],
+    indexes: Sequence[int],
+    mode: str,
+    services: int,
+    rate: float,
+    stamps: Any,
+    ready: Any,
+    push: Any,
+    done: Any,
+    out: Any,
+) -> None:
+    async def main() -> None:
+        stop = asyncio.Event()
+        errors: list[str] = []
+        reconnects: list[str] = []
+        clients = [_Client(ports[i % len(ports)], i, mode, services, stamps) for i in indexes]
+        tasks = []
+        for i in range(0, len(clients), 100):  # open connections in batches, as a fleet ramps
+            tasks += [
+                asyncio.create_task(c.run(stop, errors, reconnects)) for c in clients[i : i + 100]
+            ]
+            await asyncio.sleep(100 / rate)
+        deadline = time.monotonic() + 300
+        while not all(c.synced.is_set() for c in clients):
+            if time.monotonic() > deadline:
+                raise SystemExit(
+                    f"worker: only {sum(c.synced.is_set() for c in clients)} of "
+                    f"{len(indexes)} streams synced; errors: {errors[:5]}"
+                )
+            await asyncio.sleep(0.2)
+        ready.put(len(indexes))
+        loop = asyncio.get_running_loop()
+        resources: list[int] = []
+        while not await loop.run_in_executor(None, done.wait, 0.5):
+            if push.is_set():  # after the pushes the parent asks what the clients received
+                resources = [c.last_route_resources for c in clients]
+        stop.set()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        out.put((errors, reconnects, max(resources, default=0)))
+
+    asyncio.run(main())
+
+
+class Fleet:
+    """`n` clients in `processes` worker processes (spawned: no state of the parent)."""
+
+    def __init__(
+        self,
+        ports: Sequence[int],
+        n: int,
+        mode: str,
+        services: int,
+        processes: int,
+        rate: float,
+    ) -> None:
+        ctx = mp.get_context("spawn")
+        self.n = n
+        self.stamps = ctx.RawArray("d", n)
+        """Client i's latest ACK of routes (epoch seconds; 0: none yet)."""
+        self._ready, self._out = ctx.Queue(), ctx.Queue()
+        self._done, self._push = ctx.Event(), ctx.Event()
+        shared = (self.stamps, self._ready, self._push, self._done, self._out)
+        self.procs = [
+            ctx.Process(
+                target=_worker,
+                args=(
+                    list(ports),
+                    range(w, n, processes),
+                    mode,
+                    services,
+                    rate / processes,
+                    *shared,
+                ),
+            )
+            for w in range(processes)
+        ]
+
+    def start(self, timeout: float = 600) -> None:
+        """Start every client and wait until each has synced every type."""
+        for p in self.procs:
+            p.start()
+        for _ in self.procs:
+            self._ready.get(timeout=timeout)
+
+    def acked_since(self, t: float) -> list[float]:
+        """Each client's routes ACK at or after `t`, as seconds after `t` (those that
+        have not ACKed since are left out)."""
+        return [s - t for s in self.stamps[:] if s >= t]
+
+    def finish(self) -> tuple[list[str], set[str], int]:
+        """Stop the clients: failed stream attempts, reconnected nodes, and the most route
+        resources a client got in its last routes response."""
+        self._push.set()
+        time.sleep(1.0)  # let the workers read their clients' counters (bounded, not a sync)
+        self._done.set()
+        outcomes = [self._out.get(timeout=300) for _ in self.procs]
+        for p in self.procs:
+            p.join(60)
+        errors = [e for o in outcomes for e in o[0]]
+        return errors, {x for o in outcomes for x in o[1]}, max(o[2] for o in outcomes)
+
+    def kill(self) -> None:
+        """After a failure: end every worker that is still running."""
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+            p.join(5)
