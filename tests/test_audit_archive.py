@@ -415,12 +415,15 @@ def _ctl(admin: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_xdsctl_reads_and_verifies_what_the_leader_archived(tmp_path: Path) -> None:
     """SQLite: `serve --audit-retention 1` archives a finished rollout within a sweep;
-    `xdsctl audit` lists it as before, `audit verify` passes, then names an entry edited
+    `xdsctl audit` lists it as before (in pages of 200: the live rollout beside it has
+    241 entries), `audit verify` passes (pages of 100), then names an entry edited
     inside the archive."""
     state_dir = tmp_path / "state"
     store = Store.in_dir(state_dir)
     fill(store, rollout("elsewhere", "v1", 3, now=NOW, end="abort"))
+    fill(store, rollout("elsewhere", "v2", 120, now=NOW))  # (live: 3 + 2 * 119 entries)
     listed_before = [(e.id, e.reason) for e in store.audit()]
+    assert len(listed_before) == 251
     store.close()
     server, admin = _serve(tmp_path, "--state-dir", str(state_dir))
     try:
@@ -434,8 +437,14 @@ def test_xdsctl_reads_and_verifies_what_the_leader_archived(tmp_path: Path) -> N
         res = _ctl(admin, "audit", "--service", "elsewhere", "-o", "json")
         assert res.returncode == 0, res.stderr
         assert [(int(e["id"]), e["reason"]) for e in json.loads(res.stdout)] == listed_before
-        res = _ctl(admin, "audit", "verify", "elsewhere")
-        assert res.returncode == 0 and "intact" in res.stdout, res.stdout + res.stderr
+        res = _ctl(admin, "audit", "verify", "elsewhere", "-o", "json")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert {(r["version"], r["intact"], r["entries"]) for r in json.loads(res.stdout)} == {
+            ("v1", True, 10),
+            ("v2", True, 241),
+        }
+        res = _ctl(admin, "audit", "--service", "elsewhere", "--limit", "3", "-o", "json")
+        assert [(int(e["id"]), e["reason"]) for e in json.loads(res.stdout)] == listed_before[-3:]
 
         db.execute("DROP TRIGGER archive_no_update")
         (blob,) = db.execute("SELECT data FROM audit_archive").fetchone()
