@@ -1,5 +1,7 @@
-"""Push fan-out: how long one weight change takes to be ACKed by N ADS streams, against
-the floor: a bare grpc.aio server that only writes cached bytes (`fanout_bare.py`).
+"""Push fan-out: N ADS streams ACK one weight change; the time and the server's CPU.
+
+Each is set against the floor: a bare grpc.aio server that only writes cached bytes
+(`fanout_bare.py`).
 
 The clients are grpc.aio ADS streams in worker processes (`fanout_fleet.py`), one
 connection each, like a fleet of Envoys. The server is, by default, `XdsPublisher` in
@@ -77,6 +79,7 @@ def measure(
     processes: int,
     rate: float,
     extra_cpu: Callable[[], float] = lambda: 0.0,
+    settle: bool = True,
 ) -> dict[str, Any]:
     """One server, one fleet: connect `n` clients, `pushes` pushes, each timed to the
     last client's ACK; the fleet stopped, the server left running."""
@@ -87,7 +90,8 @@ def measure(
         connected = server.connected()
         if connected < 0:  # (servers in other processes: every client has synced)
             connected = n
-        server.settle()
+        if settle:
+            server.settle()
         results = [_one_push(server, fleet, i, connected, extra_cpu) for i in range(pushes)]
         rss = server.rss_mb()
         errors, reconnected, resources = fleet.finish()
@@ -156,6 +160,7 @@ def run_case(
     serve_workers: int = 0,
     replicas: int = 0,
     bare: bool = True,
+    settle: bool = True,
 ) -> dict[str, Any]:
     """The server (in process, or `serve` processes), then the bare server, each with a
     fleet of `n` clients of its own: one row with both."""
@@ -168,7 +173,7 @@ def run_case(
         server = InProcess(validate_spec(doc, "benchmark"))
     try:
         extra = server.etcd_cpu_seconds if isinstance(server, ServeProcesses) else lambda: 0.0
-        row = measure(server, n, mode, services, pushes, processes, rate, extra)
+        row = measure(server, n, mode, services, pushes, processes, rate, extra, settle)
     finally:
         server.close()
     row = {
@@ -191,7 +196,7 @@ def run_case(
         eds = [f"svc-{i}|{p}" for i in range(services) for p in POOLS]
         floor = BareAds(mode, *bare_responses(spec, mode, eds, pushes))
         try:
-            got = measure(floor, n, mode, services, pushes, processes, rate)
+            got = measure(floor, n, mode, services, pushes, processes, rate, settle=settle)
         finally:
             floor.close()
         row["bare_p50_s"] = got["p50_s"]
@@ -231,6 +236,12 @@ def main() -> None:
         "--no-bare", action="store_true", help="skip the bare grpc.aio baseline (no ratio)"
     )
     p.add_argument(
+        "--no-settle",
+        action="store_true",
+        help="do not collect what the connections left before the pushes (in process): "
+        "the first push then pays the collector's pass, as before this flag",
+    )
+    p.add_argument(
         "--connect-rate",
         type=float,
         default=1000,
@@ -252,6 +263,7 @@ def main() -> None:
                     a.serve_workers,
                     a.replicas,
                     not a.no_bare,
+                    not a.no_settle,
                 )
             )
             if not a.json:
