@@ -390,6 +390,19 @@ class Observed:
 # ---- the instances (this process, asyncio) ----
 
 
+REGISTER_ATTEMPTS = 3
+
+
+def call_cancelled(exc: BaseException) -> bool:
+    """Is this a call that failed, rather than this task being cancelled? grpc.aio raises
+    CancelledError for a call cancelled under it (the etcd client moving to another
+    member cancels its calls in flight): that is one failed call, not the end of the run."""
+    if not isinstance(exc, asyncio.CancelledError):
+        return True
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
+
+
 @dataclass
 class Member:
     """One simulated instance."""
@@ -526,13 +539,16 @@ class Fleet:
                         _, m, lease = due.popleft()
                         if not (m.alive and m.lease == lease):
                             continue  # (stopped, or registered again on a new lease)
-                        await call.write(rpc.LeaseKeepAliveRequest(ID=lease))
+                        # Queued again first: a write that fails must not end its renewals.
                         m.next_keepalive = now + (every if m.index >= 0 else SHARED_LEASE_TTL / 3)
-                        m.last_keepalive = time.time()
                         due.append((m.next_keepalive, m, lease))
+                        await call.write(rpc.LeaseKeepAliveRequest(ID=lease))
+                        m.last_keepalive = time.time()
                         self.keepalives_sent += 1
                     await asyncio.sleep(0.02)
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
+                if not call_cancelled(exc):
+                    raise
                 self.errors.append(f"keepalive stream: {type(exc).__name__}: {exc}")
                 await asyncio.sleep(0.2)
             finally:
@@ -563,18 +579,27 @@ class Fleet:
             await asyncio.sleep(max(0.0, start + k / rate - time.monotonic()))
             async with gate:
                 await self._before_registering(m)
-                granted = time.time()
-                try:
-                    lease = await self._shared_lease() if self.shared else None
-                    if lease is None:
-                        lease = (await self.client.lease(self.ttl)).id
-                    doc = Instance(SERVICE, m.version, m.region, m.address, time.time(), self.ttl)
-                    put_start = time.time()
-                    await self.client.put(m.key, instance_to_json(doc), lease)
-                    put_done = time.time()
-                except Exception as exc:
-                    self.errors.append(f"register {m.address}: {type(exc).__name__}: {exc}")
-                    return
+                for attempt in range(REGISTER_ATTEMPTS):  # (a failed call: etcd's, or ours)
+                    granted = time.time()
+                    try:
+                        lease: int = (
+                            await self._shared_lease()
+                            if self.shared
+                            else (await self.client.lease(self.ttl)).id
+                        )
+                        doc = Instance(
+                            SERVICE, m.version, m.region, m.address, time.time(), self.ttl
+                        )
+                        put_start = time.time()
+                        await self.client.put(m.key, instance_to_json(doc), lease)
+                        put_done = time.time()
+                        break
+                    except (Exception, asyncio.CancelledError) as exc:
+                        if not call_cancelled(exc):
+                            raise
+                        if attempt + 1 == REGISTER_ATTEMPTS:
+                            self.errors.append(f"register {m.address}: {type(exc).__name__}: {exc}")
+                            return
                 m.lease, m.alive, m.registered = lease, True, put_start
                 m.next_keepalive = time.monotonic() + self.ttl / 3
                 m.last_keepalive = put_done
@@ -623,7 +648,9 @@ class Fleet:
         m.deleting = True
         try:
             await self.client.delete(m.key)
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            if not call_cancelled(exc):
+                raise
             self.errors.append(f"expire {m.address}: {type(exc).__name__}: {exc}")
         finally:
             m.deleting = False
