@@ -28,7 +28,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,18 +208,16 @@ class Board:
 
     # ---- who serves whom ----
 
-    def join(self, worker: str, doc: dict[str, Any], forget_after: float) -> None:
+    def join(self, worker: str, doc: dict[str, Any], members: Collection[str]) -> None:
         """A worker (re)starts: its row, without the nodes of a worker of that name
-        before it; workers not heard from for `forget_after` seconds are dropped (a run
-        with more workers than this one)."""
+        before it; workers not among `members` (of a run with more workers) are
+        dropped with their nodes (listed nowhere now: the leader holds for them
+        `VANISHED_GRACE`, time to reconnect)."""
         with self._transaction() as db:
-            old = time.time() - forget_after
-            db.execute(
-                "DELETE FROM nodes WHERE worker = ? OR worker IN "
-                "(SELECT id FROM workers WHERE beat < ?)",
-                (worker, old),
-            )
-            db.execute("DELETE FROM workers WHERE beat < ?", (old,))
+            marks = ",".join("?" * len(members))
+            db.execute(f"DELETE FROM nodes WHERE worker NOT IN ({marks})", tuple(members))
+            db.execute(f"DELETE FROM workers WHERE id NOT IN ({marks})", tuple(members))
+            db.execute("DELETE FROM nodes WHERE worker = ?", (worker,))
             db.execute(
                 "INSERT OR REPLACE INTO workers VALUES (?, ?, ?, NULL)",
                 (worker, json.dumps(doc), time.time()),

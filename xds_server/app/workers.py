@@ -36,7 +36,6 @@ from xds_server.app.follower import Follower
 from xds_server.app.supervisor import WorkerId
 from xds_server.ha.leader import wait_event
 from xds_server.ha.replicas import (
-    NODE_MEMORY,
     ClusterDataPlane,
     Directory,
     PeerDoc,
@@ -56,8 +55,9 @@ log = logging.getLogger("xds_server.app")
 
 FOLLOW_POLL = 0.02
 """How often a follower looks at the board's served row (one indexed read)."""
-BEAT = 0.5
-"""A worker's heartbeat on the board; silent after two of them and 0.5 s."""
+BEAT = 1.0
+"""A worker's heartbeat on the board; silent after two of them and 0.5 s (a worker that
+dies is marked gone at once by its supervisor)."""
 NODES_COALESCE = 0.05
 """Node changes within this long are one write of the board."""
 SPEC_POLL = 0.2
@@ -252,7 +252,8 @@ class BoardPeers:
         self._dirty: dict[int, NodeStatus] = {}
         self._wake = asyncio.Event()
         publisher.nodes.subscribe(self._on_node)
-        board.join(me.name, self.document(), NODE_MEMORY)
+        members = [WorkerId(i, me.count, me.parent).name for i in range(1, me.count + 1)]
+        board.join(me.name, self.document(), members)
 
     @property
     def replica_id(self) -> str:
