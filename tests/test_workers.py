@@ -457,3 +457,35 @@ def test_workers_on_etcd_are_replicas_of_one_leader(
 
     wait_for(same, "every node at canary 40%, one version", timeout=10)
     assert w.stop() == 0, w.process.tail()
+
+
+def test_the_board_gives_a_region_a_new_version_only_when_what_it_serves_changes(
+    tmp_path: Path,
+) -> None:
+    """The rule every worker's versions follow (`app/board.py`): a region's generation
+    moves with its weights, every region's with the spec's text, never otherwise."""
+    from xds_server.app.board import VERSION_SCALE, Board
+    from xds_server.traffic import Split, TrafficState
+
+    board = Board.in_dir(tmp_path)
+    assert board.served() is None
+    quiet = TrafficState()
+    first = board.publish("spec 1", quiet, "worker-1")
+    assert first.version("us-east") == first.version("eu-west") == first.base * VERSION_SCALE
+    assert board.publish("spec 1", quiet, "worker-1") == first  # (nothing written)
+
+    canary = quiet.with_split(SERVICE, ["us-east"], Split.from_percent({"canary": 20}))
+    second = board.publish("spec 1", canary, "worker-1")
+    assert second.generation("us-east") == first.generation("us-east") + 1
+    assert second.generation("eu-west") == first.generation("eu-west")
+    back = board.publish("spec 1", quiet, "worker-1")  # (the same weights as the first row:
+    assert back.generation("us-east") == second.generation("us-east") + 1  # a new version)
+
+    third = board.publish("spec 2", quiet, "worker-2")
+    top = max(back.generation(r) for r in REGIONS)
+    assert all(third.generation(r) == top + 1 for r in (*REGIONS, "ap-south"))
+    # Another worker reads the same row: spec, weights and versions together.
+    other = Board.in_dir(tmp_path).served()
+    assert other is not None
+    assert (other.seq, other.spec_text, other.traffic) == (third.seq, "spec 2", quiet)
+    assert other.version("us-east") == third.version("us-east")

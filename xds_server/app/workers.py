@@ -26,13 +26,14 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 from xds_server.app.board import VERSION_SCALE, Board, Served
 from xds_server.app.follower import Follower
+from xds_server.app.specs import SpecTarget, Task
 from xds_server.app.supervisor import WorkerId
 from xds_server.ha.leader import wait_event
 from xds_server.ha.replicas import (
@@ -61,8 +62,6 @@ dies is marked gone at once by its supervisor)."""
 NODES_COALESCE = 0.05
 """Node changes within this long are one write of the board."""
 SPEC_POLL = 0.2
-
-Task = Callable[[], Coroutine[Any, Any, None]]
 
 
 # ---- SQLite: what is served, from the board ----
@@ -117,20 +116,22 @@ class WorkerSpecSource:
     def follow(self, spec: MeshSpec, text: str) -> None:
         self.current, self.text = spec, text
 
-    def tasks(self, target: Any) -> list[Task]:
+    def tasks(self, target: SpecTarget) -> list[Task]:
         return [lambda: self._watch(target)]
 
-    async def _watch(self, target: Any) -> None:
+    async def _watch(self, target: SpecTarget) -> None:
         while True:
             await asyncio.sleep(SPEC_POLL)  # the file's poll period
             if self.leading():
                 self.poll(target)
 
-    def reload(self, target: Any, reason: str) -> None:
+    def reload(self, target: SpecTarget, reason: str) -> None:
         if self.leading():
             self.poll(target, reason, force=True)
 
-    def poll(self, target: Any, reason: str = "spec file changed", force: bool = False) -> None:
+    def poll(
+        self, target: SpecTarget, reason: str = "spec file changed", force: bool = False
+    ) -> None:
         try:
             text = utf8_text(self.path.read_bytes(), str(self.path))
         except (OSError, SpecError) as exc:
