@@ -421,8 +421,9 @@ def read(
     """The matching entries of the live log and the archives, in id order (with
     `limit`: the newest `limit`), from the rollouts and archives `memory` knows."""
     pages = Pages(kv)
-    heads, archives = dict(memory.heads), dict(memory.archives)  # (a copy: any thread)
-    newest = dict(memory.newest) if memory.complete else {}
+    # Copies, each made in one step (the caller may be a thread beside the watch's loop).
+    heads, archives = dict(memory.heads), dict(memory.archives)
+    newest = {r: dict(n) for r, n in list(memory.newest.items())} if memory.complete else {}
 
     def archived(rollout: Rollout) -> Source | None:
         got = pages.get(keys.index(*rollout))
