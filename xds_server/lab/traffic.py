@@ -62,6 +62,18 @@ class TrafficReader:
         ports = self.layout.service_ports(service)
         return add_counts(self.model_stats_at(port) for port in ports.values())
 
+    def crossings(self, service: str = SERVICE) -> list[dict[str, Any]]:
+        """The latest calls of a service's model servers answered by another arm of the
+        next service (each server's `GET /crossings`), each with the server's region and
+        pool, in the order they were answered."""
+        out: list[dict[str, Any]] = []
+        for (region, pool), port in self.layout.service_ports(service).items():
+            url = f"http://{self.layout.port_host(port)}:{port}/crossings"
+            status, body, _ = http_get(url)
+            assert status == 200, body
+            out += [{**c, "region": region, "pool": pool} for c in json.loads(body)["crossings"]]
+        return sorted(out, key=lambda c: float(c["at"]))
+
     def model_stats_at(self, rest_port: int) -> dict[str, int]:
         status, body, _ = http_get(f"http://{self.layout.port_host(rest_port)}:{rest_port}/stats")
         assert status == 200, body

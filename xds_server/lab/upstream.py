@@ -20,9 +20,10 @@ serves the Open Inference Protocol (KServe v2) over HTTP/1.1 and the lab's own p
 - `GET /v2/health/live` (always 200), `GET /v2/health/ready` and
   `GET /v2/models/{name}/ready` (200 while healthy, 400 not: the protocol's 4xx for
   false), `GET /v2` (server metadata), `GET /v2/models/{name}` (model metadata);
-- `GET /healthz` (200 or 503, Envoy's health check), `GET /stats`, `GET /metrics`,
-  `POST /fault`; any other GET is the legacy prediction `GET /predict?a=..&b=..&c=..`
-  (one row, features default to 1), answered `{"region", "pool", "version", "score"}`.
+- `GET /healthz` (200 or 503, Envoy's health check), `GET /stats`, `GET /crossings`,
+  `GET /metrics`, `POST /fault`; any other GET is the legacy prediction
+  `GET /predict?a=..&b=..&c=..` (one row, features default to 1), answered
+  `{"region", "pool", "version", "score"}`.
 
 With `--grpc-port`, a gRPC server on that port serves `inference.GRPCInferenceService`
 (ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer: the
@@ -61,7 +62,9 @@ included; `grpc_requests` counts the gRPC ones again on their own; `arm_*` the u
 requests by the `x-xds-arm` header they carried against the server's pool (matched,
 crossed, missing) and `downstream_*` the calls to the next service (`--downstream`:
 each inference calls it through the region's Envoy, propagating the header, and answers
-502 when that call fails; `lab/upstream_calls.py`). `GET /metrics` is
+502 when that call fails; `lab/upstream_calls.py`). `GET /crossings` lists the latest of
+those calls answered by another arm than the server's pool: when each answer came, the
+arm the call carried, the pool that answered. `GET /metrics` is
 Prometheus text, from a registry of its own:
 
 - `model_prediction_score{version}`: histogram of every score answered (user and
@@ -244,6 +247,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(200 if healthy else 503, {"ok": healthy})
         elif url.path == "/stats":
             self._reply(200, dict(self.server.stats()))
+        elif url.path == "/crossings":
+            self._reply(200, {"crossings": self.server.served.crossings()})
         elif url.path == "/metrics":
             self._send(200, self.server.served.metrics.exposition(), CONTENT_TYPE_LATEST)
         elif url.path == "/v2/health/live":

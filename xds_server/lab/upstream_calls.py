@@ -15,7 +15,12 @@ fails: a broken dependency shows in its caller's traffic, as it would in product
 It counts those calls, and among them the ones answered by another arm than its own
 (the caller's end-to-end view of a crossing: Envoy rewrites the header on a weighted
 route, so a request the next hop splits by weight arrives marked with the arm it got,
-and only the caller sees that it left another arm).
+and only the caller sees that it left another arm). It also keeps when each of the last
+`CROSSINGS_KEPT` crossings was answered (`GET /crossings`): with consistent routing a
+call crosses only where the next member's routes have no arm routes, which a group's
+members lose together in one push per region (a rollback); the times tell a crossing
+by a request in flight across that push (answered after it was committed) from one
+while the group's canaries had weight (before it), which would be a fault.
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ import http.client
 import itertools
 import json
 import threading
+import time
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from xds_server.lab.oip.model import FP32, INPUT_NAME
 from xds_server.spec.model import ARM_HEADER
@@ -36,6 +44,10 @@ NO_ARM = "none"
 OTHER_ARM = "other"
 """The label of a header that names no arm (bounded cardinality)."""
 DOWNSTREAM_TIMEOUT_S = 5.0
+CROSSINGS_KEPT = 1_000
+"""The crossed calls a server remembers (the latest): a lab run crosses a handful, at
+its rollback's push, or all the time without consistent routing (then their count is
+what matters, not each one)."""
 
 
 def arm_label(header: str | None) -> str:
@@ -43,6 +55,19 @@ def arm_label(header: str | None) -> str:
     if not header:
         return NO_ARM
     return header if header in ARMS else OTHER_ARM
+
+
+@dataclass(frozen=True)
+class Crossing:
+    """One call to the next service answered by another arm than the caller's pool."""
+
+    at: float
+    """When the answer came (wall clock, as the audit's times): after Envoy routed the
+    call, so after any push whose routes it followed was committed."""
+    arm: str
+    """The arm the call carried (`arm_label`: the header the caller was reached with)."""
+    answered: str
+    """The pool of the next service that answered."""
 
 
 class ArmCounts:
@@ -57,6 +82,7 @@ class ArmCounts:
         self.calls = 0
         self.calls_failed = 0
         self.calls_crossed = 0
+        self._crossings: deque[Crossing] = deque(maxlen=CROSSINGS_KEPT)
         self._lock = threading.Lock()
 
     def seen(self, arm: str) -> None:
@@ -69,13 +95,21 @@ class ArmCounts:
             else:
                 self.crossed += 1
 
-    def called(self, answer: DownstreamAnswer) -> None:
+    def called(self, answer: DownstreamAnswer, arm: str = NO_ARM) -> None:
+        """One call to the next service, which carried `arm` (an `arm_label`), answered."""
+        at = time.time()
         with self._lock:
             self.calls += 1
             if answer.code != 200:
                 self.calls_failed += 1
             elif answer.pool != self.pool:
                 self.calls_crossed += 1
+                self._crossings.append(Crossing(at, arm, answer.pool))
+
+    def crossings(self) -> list[dict[str, Any]]:
+        """The latest crossed calls (`CROSSINGS_KEPT`), oldest first."""
+        with self._lock:
+            return [asdict(c) for c in self._crossings]
 
     def stats(self) -> dict[str, int]:
         with self._lock:

@@ -354,9 +354,13 @@ class ServedModel:
         by; counted (by the pool that answered) whatever its outcome."""
         assert self.downstream is not None
         answer = self.downstream.call(call.arm, inference.id, inference.rows)
-        self.arms.called(answer)
+        self.arms.called(answer, arm_label(call.arm))
         self.metrics.downstream.labels(arm_label(answer.pool), str(answer.code)).inc()
         return answer
+
+    def crossings(self) -> list[dict[str, Any]]:
+        """The latest calls to the next service answered by another arm (`GET /crossings`)."""
+        return self.arms.crossings()
 
     def stats(self) -> dict[str, int]:
         arms = self.arms.stats()
