@@ -22,6 +22,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -212,6 +213,7 @@ def run_case(workers: int, clients: int, pushes: int, procs: int, rate: float) -
             p.join(60)
     finally:
         server.stop(30)
+        shutil.rmtree(work, ignore_errors=True)
     return {
         "workers": workers,
         "clients": clients,
