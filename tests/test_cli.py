@@ -201,5 +201,19 @@ def test_xdsctl_fetch_prints_what_a_region_receives(spec_file: Path, tmp_path: P
         assert res.returncode == 1
         assert "INVALID_ARGUMENT" in res.stderr and "region 'mars'" in res.stderr
         assert "Traceback" not in res.stderr
+        # A second server on the taken xDS port refuses (gRPC would share it by default,
+        # SO_REUSEPORT, and split the Envoys between two servers that never met).
+        second = subprocess.run(
+            [*CLI, "serve", "--spec", str(spec_file), "--state-dir", str(tmp_path / "two")]
+            + ["--xds-address", f"127.0.0.1:{port}", "--ui-address", ""]
+            + ["--admin-address", f"127.0.0.1:{free_port()}"]
+            + ["--metrics-address", f"127.0.0.1:{free_port()}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 1, second.stderr[-2000:]
+        assert f"xds-server: cannot listen on 127.0.0.1:{port}: in use" in second.stderr
+        assert "Traceback" not in second.stderr
     finally:
         server.stop()

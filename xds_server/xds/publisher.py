@@ -307,6 +307,16 @@ class XdsPublisher:
 
     # ---- gRPC lifecycle ----
 
+    def _add_port(self, server: grpc.aio.Server, address: str) -> int:
+        if self.tls is None:
+            return server.add_insecure_port(address)
+        creds = grpc.ssl_server_credentials(
+            [(self.tls[1], self.tls[0])],
+            root_certificates=self.client_ca,
+            require_client_auth=self.client_ca is not None,
+        )
+        return server.add_secure_port(address, creds)
+
     async def start(self, address: str = "127.0.0.1:18000") -> int:
         tune_gc_for_many_streams()
         self._grpc = grpc.aio.server(
@@ -317,22 +327,18 @@ class XdsPublisher:
                 ("grpc.http2.min_ping_interval_without_data_ms", 500),
                 ("grpc.http2.max_ping_strikes", 0),
                 ("grpc.max_concurrent_streams", 100_000),
-                # (gRPC sets SO_REUSEPORT unless told not to: said out loud for workers.)
-                *([("grpc.so_reuseport", 1)] if self.reuse_port else []),
+                # gRPC sets SO_REUSEPORT unless told not to: a second server started on
+                # a taken port would silently share it. Only `serve --workers` shares.
+                ("grpc.so_reuseport", 1 if self.reuse_port else 0),
             ]
         )
         self.ads.add_to(self._grpc)
-        if self.tls is not None:
-            creds = grpc.ssl_server_credentials(
-                [(self.tls[1], self.tls[0])],
-                root_certificates=self.client_ca,
-                require_client_auth=self.client_ca is not None,
-            )
-            self.port = self._grpc.add_secure_port(address, creds)
-        else:
-            self.port = self._grpc.add_insecure_port(address)
+        try:
+            self.port = self._add_port(self._grpc, address)
+        except RuntimeError:  # grpc's "Failed to bind": in use, or not this machine's
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {address}")
+            raise OSError(f"cannot listen on {address}: in use, or not an address here")
         await self._grpc.start()
         log.info(
             "xDS server listening on %s (port %d, %s), regions: %s",
