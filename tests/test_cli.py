@@ -204,10 +204,14 @@ def test_xdsctl_fetch_prints_what_a_region_receives(spec_file: Path, tmp_path: P
         # A second server on the taken xDS port refuses (gRPC would share it by default,
         # SO_REUSEPORT, and split the Envoys between two servers that never met).
         second = subprocess.run(
-            [*CLI, "serve", "--spec", str(spec_file), "--state-dir", str(tmp_path / "two")]
-            + ["--xds-address", f"127.0.0.1:{port}", "--ui-address", ""]
-            + ["--admin-address", f"127.0.0.1:{free_port()}"]
-            + ["--metrics-address", f"127.0.0.1:{free_port()}"],
+            [
+                *CLI,
+                "serve",
+                *("--spec", str(spec_file), "--state-dir", str(tmp_path / "two")),
+                *("--xds-address", f"127.0.0.1:{port}", "--ui-address", ""),
+                *("--admin-address", f"127.0.0.1:{free_port()}"),
+                *("--metrics-address", f"127.0.0.1:{free_port()}"),
+            ],
             capture_output=True,
             text=True,
             timeout=60,

@@ -527,7 +527,8 @@ def test_lab_run_notify_sends_the_rollback_as_a_cloudevent(
     out = tmp_path / "lab"
     res = subprocess.run(
         [sys.executable, "-m", "xds_server.cli", "lab", "run", "--scenario", "bad-canary",
-         "--fast", "--regions", "2", "--envoys-per-region", "1", "--notify", receiver.url("/lab"), "--out", str(out)],
+         "--fast", "--regions", "2", "--envoys-per-region", "1",
+         "--notify", receiver.url("/lab"), "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -29,8 +29,10 @@ def test_a_quality_regression_rolls_back_naming_its_cause(
 ) -> None:
     out = tmp_path / scenario
     res = subprocess.run(
-        [*LAB, "run", "--scenario", scenario, "--regions", "2", "--envoys-per-region", "1"]
-        + ["--out", str(out)],
+        [
+            *(*LAB, "run", "--scenario", scenario),
+            *("--regions", "2", "--envoys-per-region", "1", "--out", str(out)),
+        ],
         capture_output=True,
         text=True,
         timeout=400,
