@@ -135,6 +135,12 @@ class Promotion:
     """What each service's servers counted during the rollout."""
     canary_counted: dict[str, dict[str, Any]]
     """... of which its canaries' (every region)."""
+    crossings: list[dict[str, Any]]
+    """The recommender's calls answered by another arm of features, each with when its
+    answer came (its servers' own record), from the spec's write to the rollout's end."""
+    rolled_back_at: float | None
+    """When the group's rollback was decided (its first entry); None: no rollback (a
+    loaded machine's latency can make the judge roll this rollout back)."""
 
 
 @pytest.fixture(scope="module")
@@ -143,11 +149,11 @@ def promotion(mesh: LocalMesh) -> Promotion:
     than features' (members keep their own plans)."""
     shape = SpecShape(rollout={SERVICE: {"step_duration": f"{SLOW_STEP_S:g}s"}})
     at_start = counts(mesh)
+    written = time.time()
     version = start(mesh, shape)
-    # Counted from when every Envoy routes to both canaries: the members start one
-    # after the other (each its own push), and a request that reached the first one's
-    # canary in between met the other's production (what the caller counted then is
-    # printed, not judged here).
+    # Counted from when every Envoy routes to both canaries: the rollout's own traffic.
+    # (The group starts in one push, so no request can meet one member's canary and the
+    # other's production meanwhile: the crossings are judged from the spec's write.)
     wait_for(
         lambda: all(canary_share(e, s) > 0 for e in mesh.processes.envoys for s in MEMBERS),
         "every Envoy routing to both members' canaries",
@@ -159,12 +165,16 @@ def promotion(mesh: LocalMesh) -> Promotion:
     starting = sub_counts(before[SERVICE], at_start[SERVICE])
     print(f"\nwhile the members started: the recommender's calls {starting}")
     states = wait_ended(mesh, version, timeout=90)
+    audit = audit_of(mesh, version)
+    rollbacks = [e.time for e in audit if e.kind == "transition" and e.phase_to == "rolled_back"]
     return Promotion(
         version,
         states,
-        audit_of(mesh, version),
+        audit,
         {s: sub_counts(c, before[s]) for s, c in counts(mesh).items()},
         {s: sub_counts(canary_stats(mesh, s), canary_before[s]) for s in MEMBERS},
+        [c for c in mesh.traffic.crossings(SERVICE) if c["at"] >= written],
+        min(rollbacks, default=None),
     )
 
 
@@ -221,7 +231,15 @@ def test_a_group_promotes_together_neither_member_ahead_of_the_other(
 def test_with_consistent_routing_no_request_crossed_arms(promotion: Promotion) -> None:
     """Each server counted, from its own view, the arm its requests carried (Envoy sets
     `x-xds-arm` on the weighted route, the recommender propagates it to features); the
-    recommender also counted which pool of features answered each of its calls."""
+    recommender also counted which pool of features answered each of its calls.
+
+    A call can meet another arm only where the next member's routes have no arm routes
+    (they send each arm to its own pool), and a consistent group's members gain them
+    together at the start and lose them together at a rollback, one push per region.
+    So no call crosses while the group's canaries have weight, nor at all if the group
+    promotes; if it rolls back, a request the recommender's canary or baseline already
+    held when that push landed is routed on by the new routes, to features' production
+    (docs/canary-routes.md)."""
     recommender, features = promotion.counted[SERVICE], promotion.counted[FEATURES]
     assert recommender.get("user_requests", 0) >= 500, recommender
     assert features.get("user_requests", 0) >= 500, features
@@ -230,7 +248,18 @@ def test_with_consistent_routing_no_request_crossed_arms(promotion: Promotion) -
         assert counted.get("arm_missing", 0) == 0, (service, counted)
     assert recommender.get("downstream_calls", 0) >= 500
     assert recommender.get("downstream_failed", 0) == 0, recommender
-    assert recommender.get("downstream_crossed", 0) == 0, recommender
+    crossings, rolled_back_at = promotion.crossings, promotion.rolled_back_at
+    assert recommender.get("downstream_crossed", 0) <= len(crossings), (recommender, crossings)
+    # Answered after Envoy routed it, so after the push it followed was decided.
+    early = [c for c in crossings if rolled_back_at is None or c["at"] < rolled_back_at]
+    assert not early, (rolled_back_at, early)
+    # A canary's or baseline's request met production: the rollback's 100% split.
+    assert all(c["pool"] != "production" and c["answered"] == "production" for c in crossings)
+    if crossings:  # in flight across the rollback: both members' routes in one push
+        rollbacks = [e for e in promotion.audit if e.phase_to == "rolled_back" and e.region]
+        for region in REGIONS:
+            pushes = {(e.service, e.snapshot_version) for e in rollbacks if e.region == region}
+            assert len({v for _, v in pushes}) == 1 and len(pushes) == len(MEMBERS), pushes
     # The canaries took their arm's share (each step's), marked with it.
     for service in MEMBERS:
         assert promotion.canary_counted[service].get("arm_matched", 0) >= 100, service
