@@ -422,7 +422,9 @@ class Snapshot:
         if names is not None:
             if not isinstance(names, NameSet) or (type_url == LISTENER and WILDCARD in names):
                 return self._encode(type_url, names, listen)
-            per_names = self._by_names.setdefault(type_url, _PerNameSet())
+            per_names = self._by_names.get(type_url)
+            if per_names is None:  # (not setdefault: that made one at every call)
+                per_names = self._by_names[type_url] = _PerNameSet()
             hit = per_names.get(names)
             if hit is None:
                 hit = self._encode(type_url, names, listen)

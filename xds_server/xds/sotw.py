@@ -141,12 +141,16 @@ class SotwStream(StreamBase[_TypeState]):
         other types: Envoy holds its CDS ACK until a warming cluster has its endpoints,
         so endpoints must flow while clusters are unanswered.
         """
-        out = [
-            discovery_pb2.DiscoveryResponse(
-                version_info=UNKNOWN_TYPE_VERSION, type_url=type_url, nonce=next_nonce()
-            ).SerializeToString()
-            for type_url in self.unknown.take()
-        ]
+        out = (
+            [
+                discovery_pb2.DiscoveryResponse(
+                    version_info=UNKNOWN_TYPE_VERSION, type_url=type_url, nonce=next_nonce()
+                ).SerializeToString()
+                for type_url in self.unknown.take()
+            ]
+            if self.unknown.pending
+            else []
+        )
         for type_url, ts, version in self.sendable(snap):
             encoded = snap.encoded(type_url, ts.names, self.listen)
             if version != ts.sent_version:  # the fleet's bytes: nothing of this stream's own
