@@ -65,7 +65,7 @@ LATENCY = ((10.0, 300.0), (25.0, 800.0), (50.0, 980.0), (100.0, 1000.0), (float(
 comparator alike, with enough samples that the analysis passes."""
 
 
-def make_spec(**rollout: Any) -> MeshSpec:
+def make_spec(production: str = "v1", canary: str = CANARY, **rollout: Any) -> MeshSpec:
     """Three regions; `recommender` with production, baseline and canary pools (the
     addresses are never contacted) and `ranker`, production only, which has no rollout."""
 
@@ -86,9 +86,9 @@ def make_spec(**rollout: Any) -> MeshSpec:
                     "domains": ["recommender.local"],
                     "prefix": "/",
                     "pools": {
-                        "production": pool("v1", 9101),
-                        "baseline": pool("v1", 9102),
-                        "canary": pool(CANARY, 9103),
+                        "production": pool(production, 9101),
+                        "baseline": pool(production, 9102),
+                        "canary": pool(canary, 9103),
                     },
                 },
                 {
@@ -570,6 +570,30 @@ def test_sinks_are_told_each_decision_and_a_failing_sink_stops_nothing(rig: Rig)
     told = len(sink.events)
     rig.controller.spec_changed()  # tells the sinks too (decision None)
     assert len(sink.events) == told and broken.calls == told + 1
+
+
+@pytest.mark.parametrize("at", [PROMOTED, "20%"])
+def test_a_new_canary_in_the_spec_gets_no_weight_of_the_rollout_before_it(
+    rig: Rig, at: str
+) -> None:
+    """The next release named in the spec (v2 now in production, v3 the canary) starts
+    at its first step: the spec change's own push gives it none of v2's weights (100%
+    once promoted, 20% mid-rollout), which were pushed before the reconcile retired v2's
+    rollout."""
+
+    async def body() -> None:
+        await rig.start()
+        reached = everywhere(AT_100 if at == PROMOTED else AT_20)
+        await rig.tick_until(lambda: rig.dataplane.traffic == reached)
+        before = len(rig.pushes)
+        rig.spec = make_spec(production=CANARY, canary="v3")
+        rig.controller.spec_changed()
+        await rig.controller.reconcile()
+        pushed = [p.traffic for p in rig.pushes[before:]]
+        # v2 alone (now production's version), then v3 at its first step.
+        assert pushed == [TrafficState(), everywhere(AT_5)], pushed
+
+    run(body())
 
 
 def test_pause_holds_the_step_and_resume_continues(rig: Rig) -> None:

@@ -110,11 +110,16 @@ def service_split(svc: Service, region: str, rollout: RolloutState | None) -> Sp
 
 
 def rollout_traffic(spec: MeshSpec, rollouts: Mapping[str, RolloutState]) -> TrafficState:
-    """The weights every rollout's state implies; production only where there is none."""
+    """The weights every rollout's state implies; production only where there is none.
+
+    A state weighs only on the canary it judged: between a spec change and the
+    controller's next reconcile, a promoted v2's 100% (or a v2 at 75%) must not go to
+    the v3 the new spec names in the canary pool, unjudged."""
     splits = {}
     for svc in spec.services:
         state = rollouts.get(svc.name)
-        if state is None:
+        canary = svc.pools.get("canary")
+        if state is None or canary is None or canary.version != state.canary_version:
             continue
         for region in state.regions:
             if region in spec.regions:
