@@ -490,3 +490,19 @@ def test_a_replica_archives_under_its_fence_and_xdsctl_still_reads_it(
     finally:
         server.stop()
         reader.close()
+
+
+def test_audit_seq_never_goes_back_to_a_write_the_view_already_has() -> None:
+    """The migration writes audit-seq at R and the leader's first commit at R+1 (both in
+    the view at once); the watch then brings R's event. The view must keep R+1, or the
+    next commit, conditioned on audit-seq's revision, fails for ever (it did: found by
+    tests/test_registry.py's warm-up test, every commit after the first refused)."""
+    from types import SimpleNamespace
+
+    from xds_server.ha.audit_log import AuditMemory, apply
+
+    memory = AuditMemory(seq=4, seq_revision=6)
+    apply(memory, {}, "audit-seq", SimpleNamespace(value=b"0", mod_revision=5))
+    assert (memory.seq, memory.seq_revision) == (4, 6)
+    apply(memory, {}, "audit-seq", SimpleNamespace(value=b"9", mod_revision=7))
+    assert (memory.seq, memory.seq_revision) == (9, 7)

@@ -233,7 +233,11 @@ def apply(
     log's move: nothing to do.) ValueError for a key that does not read."""
     kind, _, name = rest.partition("/")
     if rest == "audit-seq":
-        memory.seq, memory.seq_revision = max(memory.seq, int(kv.value)), kv.mod_revision
+        # The watch may bring a write the view already has after a later one of ours
+        # (the migration's audit-seq at R, our commit's at R+1, then R's event): never
+        # go back, or the next commit's condition names a revision long gone.
+        if kv.mod_revision >= memory.seq_revision:
+            memory.seq, memory.seq_revision = max(memory.seq, int(kv.value)), kv.mod_revision
         return None
     if kind == "archive-index":
         rollout, _ = rollout_of(name + "/")
