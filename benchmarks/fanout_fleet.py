@@ -29,10 +29,13 @@ POOLS = ("production", "baseline", "canary")
 class _Client:
     """One fleet member: sync, then ACK everything; count what each response carries."""
 
-    def __init__(self, port: int, index: int, mode: str, services: int, stamps: Any) -> None:
+    def __init__(
+        self, port: int, index: int, mode: str, services: int, stamps: Any, retries: Any
+    ) -> None:
         self.port, self.index, self.mode = port, index, mode
         self.node_id = f"node-{index}"
         self.stamps = stamps
+        self.retries = retries
         self.eds_names = [f"svc-{i}|{p}" for i in range(services) for p in POOLS]
         self.synced = asyncio.Event()
         self.last_route_resources = 0
@@ -83,6 +86,7 @@ class _Client:
         for attempt in range(20):  # reconnect like Envoy: backoff with jitter
             if attempt:
                 reconnects.append(self.node_id)
+                self.retries.value += 1
                 await asyncio.sleep(min(2.0, 0.25 * 2 ** (attempt - 1)) * random.random())
             async with grpc.aio.insecure_channel(f"127.0.0.1:{self.port}") as channel:
                 stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
@@ -124,6 +128,7 @@ def _worker(
     services: int,
     rate: float,
     stamps: Any,
+    retries: Any,
     ready: Any,
     push: Any,
     done: Any,
@@ -133,7 +138,9 @@ def _worker(
         stop = asyncio.Event()
         errors: list[str] = []
         reconnects: list[str] = []
-        clients = [_Client(ports[i % len(ports)], i, mode, services, stamps) for i in indexes]
+        clients = [
+            _Client(ports[i % len(ports)], i, mode, services, stamps, retries) for i in indexes
+        ]
         tasks = []
         for i in range(0, len(clients), 100):  # open connections in batches, as a fleet ramps
             tasks += [
@@ -181,7 +188,9 @@ class Fleet:
         """Client i's latest ACK of routes (epoch seconds; 0: none yet)."""
         self._ready, self._out = ctx.Queue(), ctx.Queue()
         self._done, self._push = ctx.Event(), ctx.Event()
-        shared = (self.stamps, self._ready, self._push, self._done, self._out)
+        self.retries = [ctx.RawValue("i", 0) for _ in range(processes)]
+        """Each worker's reconnection attempts so far (a push during which some came
+        was also serving full syncs)."""
         self.procs = [
             ctx.Process(
                 target=_worker,
@@ -191,7 +200,12 @@ class Fleet:
                     mode,
                     services,
                     rate / processes,
-                    *shared,
+                    self.stamps,
+                    self.retries[w],
+                    self._ready,
+                    self._push,
+                    self._done,
+                    self._out,
                 ),
             )
             for w in range(processes)
@@ -203,6 +217,9 @@ class Fleet:
             p.start()
         for _ in self.procs:
             self._ready.get(timeout=timeout)
+
+    def reconnections(self) -> int:
+        return sum(r.value for r in self.retries)
 
     def acked_since(self, t: float) -> list[float]:
         """Each client's routes ACK at or after `t`, as seconds after `t` (those that

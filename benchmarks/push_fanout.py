@@ -121,7 +121,7 @@ def measure(
 def _one_push(
     server: Server, fleet: Fleet, i: int, connected: int, extra_cpu: Callable[[], float]
 ) -> dict[str, float]:
-    cpu0, etcd0 = server.cpu_seconds(), extra_cpu()
+    cpu0, etcd0, retries0 = server.cpu_seconds(), extra_cpu(), fleet.reconnections()
     t_push = time.time()
     key = server.push(i)
 
@@ -147,6 +147,7 @@ def _one_push(
         "max_s": lat[-1] if lat else float("nan"),
         "server_cpu_s": cpu,
         "etcd_cpu_s": etcd,
+        "reconnections": fleet.reconnections() - retries0,
     }
 
 
