@@ -454,8 +454,8 @@ async def collect_garbage(
     (issue 30), and never came back, as a full collection only comes after 100 of the
     rare middle ones. So the young generations are collected every `period` (their cost
     is the objects made since, never the long-lived ones), and everything every
-    `full_every` of them. With it the soak's followers stayed within 0.3 MiB and its
-    leader within 2 MiB over 16 rollouts."""
+    `full_every` of them. With it, over the soak's 98 rollouts in 30 minutes, the
+    followers' RSS moved 0.4 MiB and the leader's 4.4 MiB, most of it in the first ten."""
     n = 0
     while True:
         await asyncio.sleep(period)  # (a period, not a wait for state)
