@@ -448,7 +448,7 @@ async def collect_garbage(
     period: float = YOUNG_GC_SECONDS, full_every: int = FULL_GC_EVERY
 ) -> None:
     """What those thresholds leave out: a quiet server (a few Envoys' health checks, the
-    store's calls) takes hours to allocate 100,000 objects, and meanwhile the reference
+    store's calls) takes hours to reach the young threshold, and meanwhile the reference
     cycles its RPCs leave (grpc's own handler lookup makes one per call) pin memory: a
     replica's RSS grew about 1 MiB per rollout, without end, in benchmarks/soak.py
     (issue 30), and never came back, as a full collection only comes after 100 of the
