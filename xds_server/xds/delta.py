@@ -81,6 +81,8 @@ class _DeltaType:
     names_set: NameSet | None = None
     """`names` as the NameSet every stream asking for them shares (made when first
     needed after a change; None: not made yet)."""
+    recorded: bool | None = None
+    """Whether the registry was last told the node subscribes to the type (None: never)."""
 
     def named(self) -> Collection[str] | None:
         return None if self.wildcard else self.names
@@ -95,27 +97,55 @@ class DeltaStream(StreamBase[_DeltaType]):
 
     def on_request(self, req: Any) -> bool:
         """Apply a request; True when it may have made something due (worth a `due`).
-        Raises StreamError for a request that ends the stream."""
-        check_type_url(req)
-        for asked in (req.resource_names_subscribe, req.initial_resource_versions):
-            check_names(req.type_url, len(asked), self.max_names)
-        ts = self.types.get(req.type_url)
+        Raises StreamError for a request that ends the stream. (Every ACK of a fleet
+        comes here: the fields are read once, and the checks cost nothing when met.)"""
+        type_url = req.type_url
+        if not type_url:
+            check_type_url(req)
+        subscribe, unsubscribe = req.resource_names_subscribe, req.resource_names_unsubscribe
+        initial = req.initial_resource_versions
+        for asked in (subscribe, initial):
+            if len(asked) > self.max_names:
+                check_names(type_url, len(asked), self.max_names)
+        ts = self.types.get(type_url)
         if ts is None:
-            asks = not req.response_nonce or bool(req.resource_names_subscribe)
-            return self.unknown.request(req.type_url, req.resource_names_subscribe, asks)
+            asks = not req.response_nonce or bool(subscribe)
+            return self.unknown.request(type_url, subscribe, asks)
         wake = False
         if not ts.subscribed:
             ts.subscribed = True
             ts.answer_due = True
-            ts.client, ts.client_names = dict(req.initial_resource_versions), None
-            if req.type_url in WILDCARD_TYPES and not req.resource_names_subscribe:
+            ts.client, ts.client_names = dict(initial), None
+            if type_url in WILDCARD_TYPES and not subscribe:
                 ts.wildcard = True  # the legacy wildcard: a first request naming nothing
-        for name in req.resource_names_subscribe:
+        if subscribe or unsubscribe:
+            self._subscribe(ts, subscribe, unsubscribe)
+            check_names(type_url, len(ts.names), self.max_names)
+        subscribed = ts.wildcard or bool(ts.names)
+        if ts.recorded is not subscribed:
+            ts.recorded = subscribed
+            self.registry.record_subscription(self.status, type_url, subscribed)
+        if subscribe or unsubscribe or ts.answer_due:
+            ts.dirty = wake = True
+        nonce = req.response_nonce
+        if not nonce:
+            return wake
+        if nonce != ts.nonce and stale(self.status, req, ts.nonce):
+            return wake
+        ts.in_flight = False
+        if record_answer(self.registry, self.status, req, ts.sent_version, ts.sent_version):
+            ts.acked_resources = ts.client_names or frozenset(ts.client)
+        return wake or self.held  # a plain ACK matters only if something waited for it
+
+    @staticmethod
+    def _subscribe(ts: _DeltaType, subscribe: Any, unsubscribe: Any) -> None:
+        """A request's subscription changes, applied to the type's state."""
+        for name in subscribe:
             if name == WILDCARD:
                 ts.wildcard = True
             else:
                 ts.names.add(sys.intern(name))  # one string for every stream
-        for name in req.resource_names_unsubscribe:
+        for name in unsubscribe:
             if name == WILDCARD:
                 ts.wildcard = False
             else:
@@ -123,26 +153,17 @@ class DeltaStream(StreamBase[_DeltaType]):
                 if name in ts.client:
                     ts.client = {k: v for k, v in ts.client.items() if k != name}
                     ts.client_names = None
-        if req.resource_names_subscribe or req.resource_names_unsubscribe:
-            ts.names_set = None
-        check_names(req.type_url, len(ts.names), self.max_names)
-        self.registry.record_subscription(self.status, req.type_url, ts.wildcard or bool(ts.names))
-        if req.resource_names_subscribe or req.resource_names_unsubscribe or ts.answer_due:
-            ts.dirty = wake = True
-        if not req.response_nonce:
-            return wake
-        if stale(self.status, req, ts.nonce):
-            return wake
-        ts.in_flight = False
-        if record_answer(self.registry, self.status, req, ts.sent_version, ts.sent_version):
-            ts.acked_resources = ts.client_names or frozenset(ts.client)
-        return wake or self.held  # a plain ACK matters only if something waited for it
+        ts.names_set = None
 
     def due(self, snap: Snapshot) -> list[bytes]:
-        out = [
-            delta_response(type_url, UNKNOWN_TYPE_VERSION, [], sorted(names), next_nonce())
-            for type_url, names in self.unknown.take().items()
-        ]
+        out = (
+            [
+                delta_response(type_url, UNKNOWN_TYPE_VERSION, [], sorted(names), next_nonce())
+                for type_url, names in self.unknown.take().items()
+            ]
+            if self.unknown.pending
+            else []
+        )
         for type_url, ts, version in self.sendable(snap):
             standing = self._standing(type_url, ts)
             sent = snap.fleet_delta(standing) if standing is not None else None
