@@ -97,7 +97,7 @@ class Relay:
                 if not data:
                     break
                 dst.sendall(data)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: the other pump closed src (fileno -1)
             pass
         finally:
             for s in (src, dst):
