@@ -5,6 +5,7 @@ them; a spec file's change reaches every replica through the store; `manifests i
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from tests.conftest import AdsClient, make_spec_doc
 from tests.support import wait_for
 from tests.test_ads_protocol import ALL_CLUSTERS, sync_all
 from xds_server.admin.v1 import admin_pb2, admin_pb2_grpc
-from xds_server.ha.etcd import parse_store_url
+from xds_server.ha.etcd import async_client, parse_store_url
 from xds_server.ha.replicas import VANISHED_GRACE, ClusterDataPlane, Directory, ReplicaInfo
 from xds_server.ha.store import EtcdStore
 from xds_server.lab.etcd import EtcdCluster
@@ -325,3 +326,58 @@ def test_ack_timeout_for_unknown_nodes_counts_from_when_they_went_unknown() -> N
     assert lagging.counts == (0, 1, 1) and lagging.waiting_for().startswith("unknown: e2")
     fresh = judge_routes("v", 200.0, [], ("e2 (replica x gone 1.0s ago)",), 150.0)
     assert isinstance(fresh, Pending) and fresh.since == 200.0
+
+
+def test_a_replica_with_more_nodes_than_one_etcd_value_holds_lists_every_one(
+    shared_etcd: EtcdCluster,
+) -> None:
+    """9,000 nodes make a document of about 2.4 MB, past etcd's 1.5 MiB request limit:
+    it is written in parts beside the replica's key, and another replica reads every
+    node back and judges the region on them. One node's ACK rewrites one part only."""
+    ports = {(r, p): 1 for r in REGIONS for p in ("production", "canary")}
+    spec = validate_spec(make_spec_doc(ports, regions=REGIONS), "parts")
+    publisher, leader = XdsPublisher(spec), XdsPublisher(spec)
+    current = leader.snapshot("us-east").type_version(ROUTE)  # (what the leader judges)
+    nodes = []
+    for i in range(9_000):
+        n = publisher.nodes.connect(f"us-east-envoy-{i:05d}", "us-east", user_agent="envoy/1.40.0")
+        publisher.nodes.record_sent(n, ROUTE, current)
+        if i:  # the first node has not ACKed yet
+            publisher.nodes.record_ack(n, ROUTE, current)
+        nodes.append(n)
+    url = parse_store_url(shared_etcd.url, "/parts-test")
+    info = ReplicaInfo("big", (), "127.0.0.1:1", "127.0.0.1:2", 0.0)
+
+    async def publish(directory: Directory, lease: int) -> None:
+        await directory._publish(lease)
+
+    async def run() -> tuple[dict[str, int], dict[str, int]]:
+        store = EtcdStore(url, async_client(url))
+        await store.start()
+        directory = Directory(store, info, publisher, ttl=30)
+        lease = (await store.client.lease(30)).id
+        await publish(directory, lease)
+        before = await part_revisions(store)
+        publisher.nodes.record_ack(nodes[0], ROUTE, current)
+        await publish(directory, lease)
+        after = await part_revisions(store)
+        store.close()
+        await store.client.close()
+        return before, after
+
+    async def part_revisions(store: EtcdStore) -> dict[str, int]:
+        prefix = f"{store.keys.prefix}/replica-nodes/".encode()
+        return {kv.key.decode(): kv.mod_revision for kv in await store.client.get_prefix(prefix)}
+
+    before, after = asyncio.run(run())
+    assert len(before) >= 8, before  # (2.4 MB in parts of about 256 KB)
+    assert len([k for k in after if after[k] != before[k]]) == 1, (before, after)
+    reader = EtcdStore(url)
+    reader.read()
+    doc = reader.view.replicas["big"]
+    assert len(doc["nodes"]) == 9_000 and doc["node_parts"] == len(before)
+    me = ReplicaInfo("leader", (), "127.0.0.1:3", "127.0.0.1:4", 0.0)
+    dataplane = ClusterDataPlane(leader, Directory(reader, me, leader, ttl=30))
+    applied = dataplane.routes_applied("us-east")
+    assert isinstance(applied, Applied) and applied.nodes == 9_000, applied
+    reader.close()

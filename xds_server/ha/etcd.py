@@ -265,6 +265,10 @@ class Keys:
     def replica(self, replica_id: str = "") -> str:
         return f"{self.prefix}/replicas/" + replica_id
 
+    def replica_nodes(self, replica_id: str, part: int) -> str:
+        """One part of a replica's node list (`directory_parts`)."""
+        return f"{self.prefix}/replica-nodes/{replica_id}/{part}"
+
     @property
     def everything(self) -> str:
         return f"{self.prefix}/"

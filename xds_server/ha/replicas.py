@@ -1,7 +1,8 @@
 """The replica directory: who runs, what each serves, and what its nodes have applied.
 
 Each replica keeps one key, `replicas/<id>`, on its own lease: its addresses, the
-regions it serves, whether it leads, and the route versions its nodes have ACKed. The
+regions it serves, whether it leads, and the route versions its nodes have ACKed (in
+parts beside it when they are too many for one value: `directory_parts`). The
 key is rewritten when that changes (at most every `PUBLISH_INTERVAL`) and vanishes
 with the replica's lease when it dies. From every replica's key:
 
@@ -23,6 +24,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from xds_server.ha import directory_parts
 from xds_server.ha.etcd import Keys, renew, retrying
 from xds_server.ha.leader import wait_event
 from xds_server.ha.maintenance import is_nospace
@@ -82,6 +84,9 @@ class Directory:
         self._renewed = time.monotonic()
         self.full = False
         """etcd refused the last rewrite of this replica's key for NOSPACE."""
+        self._parts_lease = 0
+        self._parts_written: list[bytes] = []
+        """The node parts (`directory_parts`) last written on `_parts_lease`."""
         self._dirty = asyncio.Event()
         publisher.nodes.subscribe(lambda _status: self._dirty.set())
 
@@ -193,15 +198,34 @@ class Directory:
             await asyncio.sleep(interval)
 
     async def _publish(self, lease: int) -> None:
+        """Write this replica's key, after the node parts that changed, if it has parts
+        (`directory_parts`: past about 4,000 nodes)."""
         self._dirty.clear()
-        doc = json.dumps(self.document()).encode()
-        await self.store.client.put(self.keys.replica(self.info.replica_id).encode(), doc, lease)
+        if lease != self._parts_lease:  # parts written on an old lease went with it
+            self._parts_lease, self._parts_written = lease, []
+        doc = self.document()
+        head, parts = directory_parts.split(doc, json.dumps(doc).encode(), len(self._parts_written))
+        client, rid = self.store.client, self.info.replica_id
+        written = self._parts_written + [b""] * (len(parts) - len(self._parts_written))
+        changed = [k for k, value in enumerate(parts) if value != written[k]]
+        await asyncio.gather(
+            *(
+                client.put(self.keys.replica_nodes(rid, k).encode(), parts[k], lease)
+                for k in changed
+            )
+        )
+        self._parts_written = parts
+        await client.put(self.keys.replica(rid).encode(), head, lease)
 
     async def withdraw(self) -> None:
+        """Remove this replica's key, then its node parts (in that order: a part read
+        without its replica is never merged in)."""
+        rid = self.info.replica_id
+        keys = [self.keys.replica(rid)]
+        keys += [self.keys.replica_nodes(rid, k) for k in range(len(self._parts_written))]
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                self.store.client.delete(self.keys.replica(self.info.replica_id).encode()), 1.0
-            )
+            for key in keys:
+                await asyncio.wait_for(self.store.client.delete(key.encode()), 1.0)
 
     # ---- everyone's ----
 

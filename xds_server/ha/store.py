@@ -56,7 +56,7 @@ import grpc
 from aetcd import rpc
 from aetcd.exceptions import RevisionCompactedError
 
-from xds_server.ha import audit_log
+from xds_server.ha import audit_log, directory_parts
 from xds_server.ha.audit_log import (
     VERSION_SCALE,
     AuditKeys,
@@ -94,7 +94,7 @@ log = logging.getLogger("xds_server.ha.store")
 
 WATCH_RETRY_SECONDS = 0.5
 VIEW_KEYS = ("schema", "spec", "leader", "audit-seq")
-VIEW_FOLDERS = ("rollouts", "routes", "registry", "replicas", "archive-index")
+VIEW_FOLDERS = ("rollouts", "routes", "registry", "replicas", "replica-nodes", "archive-index")
 """What a replica loads (the rest, the audit's entries and archives and the spec's
 history, is read when asked for)."""
 
@@ -135,6 +135,8 @@ class View:
     replicas: dict[str, dict[str, Any]] = field(default_factory=dict)
     registry: dict[str, Instance] = field(default_factory=dict)
     """Registered instances by key (each on its instance's lease)."""
+    replica_parts: dict[str, dict[int, list[dict[str, Any]]]] = field(default_factory=dict)
+    """Replica id -> its node parts (`directory_parts`), merged into `replicas`."""
     departed: dict[str, tuple[dict[str, Any], float]] = field(default_factory=dict)
     """Replicas whose key went away (a lease that expired: dead, or frozen): their last
     document, and when (monotonic)."""
@@ -532,14 +534,34 @@ def _apply(view: View, prefix: str, key: str, kv: Any, *, deleted: bool) -> str 
                 if name in view.replicas:
                     view.departed[name] = (view.replicas.pop(name), time.monotonic())
             else:
-                view.replicas[name] = json.loads(value)
+                parts = view.replica_parts.get(name, {})
+                view.replicas[name] = directory_parts.merged(json.loads(value), parts)
                 view.departed.pop(name, None)
                 if view.heard.get(name, (0, 0.0))[0] != kv.mod_revision:
                     view.heard[name] = (kv.mod_revision, time.monotonic())
             return "replicas"
+        if kind == "replica-nodes":
+            return _apply_part(view, name, value, deleted)
     except (ValueError, KeyError, TypeError) as exc:
         log.error("ignoring unreadable store key %s: %s", key, one_line(exc))
     return None
+
+
+def _apply_part(view: View, name: str, value: bytes, deleted: bool) -> str | None:
+    """One part of a replica's nodes. A part goes only with its replica's lease: its
+    deletion leaves the replica's document whole, for `departed` to remember."""
+    replica, _, part = name.rpartition("/")
+    parts = view.replica_parts.setdefault(replica, {})
+    if deleted:
+        parts.pop(int(part), None)
+        if not parts:
+            del view.replica_parts[replica]
+        return None
+    parts[int(part)] = directory_parts.read_part(value)
+    if replica not in view.replicas:
+        return None
+    view.replicas[replica] = directory_parts.merged(view.replicas[replica], parts)
+    return "replicas"
 
 
 def _linked(view: View, entries: Sequence[AuditEntry]) -> list[AuditEntry]:
