@@ -173,7 +173,7 @@ def test_proxyless_grpc_clients_follow_the_rollout_counted_apart(tmp_path: Path)
 
 def test_a_registered_canary_instance_lost_mid_rollout_costs_no_request(tmp_path: Path) -> None:
     """Model servers register themselves (`--ha` implied, no endpoints in the spec). At
-    20% eu-west gets a second canary instance, then its first is SIGKILLed: its lease
+    5% eu-west gets a second canary instance; at 20% its first is SIGKILLed: its lease
     runs out, every eu-west Envoy drops it within the TTL and a second, the retries of
     requests it refused go to the other instance, and the rollout ends promoted."""
     res, summary = _lab(tmp_path, "--scenario", "canary-instance-loss")

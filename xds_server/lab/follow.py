@@ -40,6 +40,9 @@ class FollowResult:
     killed: str = ""
     """The replica (its region) or etcd member SIGKILLed."""
     leader_before: str = ""
+    second: tuple[str, int, int] | None = None
+    """canary-instance: the second canary instance, added at the first step: its
+    region, the port Envoy sends to and its REST port."""
     instance: dict[str, Any] | None = None
     """canary-instance: the region, the killed and the new instance's ports, and when
     the killed one was gone from every Envoy of the region."""
@@ -94,12 +97,18 @@ def _look(
         return partitions.look(mesh, scenario.partition, res.partition, state, view)
     steps = [r["step"] for r in state["regions"].values()]
     if (
+        scenario.replica_fault == "canary-instance"
+        and res.second is None
+        and state["phase"] == "progressing"
+    ):
+        view.note(_add_canary_instance(mesh, res, started))
+    if (
         scenario.replica_fault
         and res.replica_fault_at is None
         and state["phase"] == "progressing"
         and min(steps) >= 1
     ):
-        view.note(inject_replica_fault(mesh, scenario, res, started))
+        view.note(inject_replica_fault(mesh, scenario, res))
     if res.instance is not None and res.instance["gone_at"] is None:
         gone = _instance_gone(mesh, res.instance)
         if gone is not None:
@@ -180,9 +189,7 @@ def inject_fault(mesh: LocalMesh, fault: Fault, res: FollowResult) -> str:
     return f"fault injected in {region}: {fault.service}'s canary {fault.describe()}"
 
 
-def inject_replica_fault(
-    mesh: LocalMesh, scenario: Scenario, res: FollowResult, started: Callable[[], None]
-) -> str:
+def inject_replica_fault(mesh: LocalMesh, scenario: Scenario, res: FollowResult) -> str:
     """SIGKILL the leading replica, a canary instance or an etcd member; what was killed,
     for the view."""
     etcd = mesh.processes.etcd
@@ -193,7 +200,7 @@ def inject_replica_fault(
         mesh.faults.kill_replica(res.killed)
         what = f"SIGKILLed the leading replica ({res.killed})"
     elif scenario.replica_fault == "canary-instance":
-        what = _lose_canary_instance(mesh, res, started)
+        what = _lose_canary_instance(mesh, res)
     else:
         res.killed = mesh.faults.kill_etcd_member()
         what = f"SIGKILLed etcd member {res.killed} (of {len(etcd.members)})"
@@ -201,20 +208,29 @@ def inject_replica_fault(
     return what
 
 
-def _lose_canary_instance(mesh: LocalMesh, res: FollowResult, started: Callable[[], None]) -> str:
-    """A second canary instance in the second region, in every Envoy of it and taking
-    requests; then the first one SIGKILLed."""
+def _add_canary_instance(mesh: LocalMesh, res: FollowResult, started: Callable[[], None]) -> str:
+    """A second canary instance in the second region, at the first step (it ramps up
+    over the canary's slow start, at 5%, before its first is lost at 20%)."""
     region = mesh.opts.regions[1 % len(mesh.opts.regions)]
     port, rest_port = mesh.processes.add_instance(region, "canary")
     started()  # (so that `lab down` stops it too)
+    res.second = (region, port, rest_port)
+    return f"a second {region} canary instance registered (port {port})"
+
+
+def _lose_canary_instance(mesh: LocalMesh, res: FollowResult) -> str:
+    """Once the second canary instance is in every Envoy of its region and takes
+    requests, the first one SIGKILLed."""
+    assert res.second is not None
+    region, port, rest_port = res.second
     envoys = [e for e in mesh.processes.envoys if e.opts.region == region]
     wait_for(
         lambda: all(port in mesh.traffic.envoy_hosts(e, "canary") for e in envoys),
         f"the second canary instance in {region}'s Envoys",
         timeout=10,
     )
-    # Until it takes its share: a new host ramps up over the canary's slow start, and
-    # the requests a dead host refuses are retried on another only once one is there.
+    # Until it takes its share: the requests a dead host refuses are retried on another
+    # only once one is there.
     wait_for(
         lambda: mesh.traffic.model_stats_at(rest_port)["user_requests"] >= 20,
         f"the second canary instance in {region} taking requests",

@@ -92,7 +92,8 @@ servers answer the recommender's calls: a per-tenant query would read both servi
 HA_PLAN: dict[str, Any] = FAST_PLAN
 """The failover scenarios are about the control plane, not the judge: the rollout tests'
 short steps, so a run (and its test) takes half as long. (canary-instance-loss keeps the
-lab's plan: its steps give the second instance time to ramp up.)"""
+lab's plan: its steps give the second instance time to ramp up at 5%, and its first's
+lease time to run out at 20%, before 75% rests on the one left.)"""
 
 
 PARTITION_PLAN: dict[str, Any] = {
@@ -324,8 +325,8 @@ SCENARIOS = {
             "canary-instance-loss",
             "promoted",
             None,
-            "replicas on etcd, model servers registered: at 20%, eu-west gets a second "
-            "canary instance, then its first is SIGKILLed; its lease runs out, every "
+            "replicas on etcd, model servers registered: at 5%, eu-west gets a second "
+            "canary instance; at 20% its first is SIGKILLed: its lease runs out, every "
             "Envoy drops it, and the rollout goes on to 100%",
             replica_fault="canary-instance",
         ),
