@@ -32,20 +32,31 @@ rather than reshuffles every node when the replica grows)."""
 Node = dict[str, Any]
 
 
-def split(doc: dict[str, Any], encoded: bytes, parts_before: int = 0) -> tuple[bytes, list[bytes]]:
-    """`doc` (whose JSON is `encoded`) as (the replica key's value, the parts' values);
-    no parts when it fits in one value. `parts_before`: the number of parts written on
-    this lease so far, never taken back (a part left behind would still be read)."""
-    if len(encoded) <= INLINE_LIMIT and not parts_before:
-        return encoded, []
+def encode(
+    head: dict[str, Any], nodes: list[tuple[str, str]], parts_before: int = 0
+) -> tuple[bytes, list[bytes]]:
+    """A replica's document: `head` (every field but `nodes`) and its nodes, each as
+    (its id, its JSON), as (the replica key's value, the parts' values); no parts when
+    it fits in one value. `parts_before`: the number of parts written on this lease so
+    far, never taken back (a part left behind would still be read)."""
+    size = sum(len(text) + 1 for _, text in nodes)
+    if size <= INLINE_LIMIT - 4096 and not parts_before:
+        listed = ",".join(text for _, text in nodes)
+        return _with_nodes(head, listed), []
     count = max(parts_before, 1)
-    while len(encoded) / count > PART_BYTES:
+    while size / count > PART_BYTES:
         count *= 2
-    buckets: list[list[Node]] = [[] for _ in range(count)]
-    for node in doc.get("nodes", []):
-        buckets[part_of(str(node.get("id", "")), count)].append(node)
-    head = {**doc, "nodes": [], "node_parts": count}
-    return json.dumps(head).encode(), [json.dumps(b).encode() for b in buckets]
+    buckets: list[list[str]] = [[] for _ in range(count)]
+    for node_id, text in nodes:
+        buckets[part_of(node_id, count)].append(text)
+    parts = [("[" + ",".join(b) + "]").encode() for b in buckets]
+    return json.dumps({**head, "nodes": [], "node_parts": count}).encode(), parts
+
+
+def _with_nodes(head: dict[str, Any], listed: str) -> bytes:
+    """`head` with `"nodes": [listed]`, without decoding `listed` again."""
+    text = json.dumps({**head, "nodes": None})
+    return (text[: -len('"nodes": null}')] + '"nodes": [' + listed + "]}").encode()
 
 
 def part_of(node_id: str, count: int) -> int:
