@@ -55,8 +55,9 @@ def encode(
 
 def _with_nodes(head: dict[str, Any], listed: str) -> bytes:
     """`head` with `"nodes": [listed]`, without decoding `listed` again."""
-    text = json.dumps({**head, "nodes": None})
-    return (text[: -len('"nodes": null}')] + '"nodes": [' + listed + "]}").encode()
+    text = json.dumps({k: v for k, v in head.items() if k != "nodes"})
+    comma = ", " if text != "{}" else ""
+    return (text[:-1] + comma + '"nodes": [' + listed + "]}").encode()
 
 
 def part_of(node_id: str, count: int) -> int:
