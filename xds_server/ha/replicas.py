@@ -365,11 +365,24 @@ def peer_nodes(
 
 
 def _judged(doc: dict[str, Any], region: str, replica: str) -> list[NodeStatus]:
-    """A replica document's nodes of `region` whose route ACKs count."""
-    nodes = [
-        node_from_document(n, replica) for n in doc.get("nodes", []) if n.get("region") == region
-    ]
-    return [n for n in nodes if n.judged_on(ROUTE)]
+    """A replica document's nodes of `region` whose route ACKs count. Decoded once per
+    document (`_JUDGED`): the ACK gate and every admin reply ask again and again, and
+    at thousands of nodes the decoding was a quarter of a leader's CPU during a push."""
+    listed = doc.get("nodes", [])
+    hit = _JUDGED.get((replica, region))
+    if hit is not None and hit[0] is listed:
+        return hit[1]
+    nodes = [node_from_document(n, replica) for n in listed if n.get("region") == region]
+    judged = [n for n in nodes if n.judged_on(ROUTE)]
+    if len(_JUDGED) > 1_000:  # (replicas x regions; more only with churning replica ids)
+        _JUDGED.clear()
+    _JUDGED[(replica, region)] = (listed, judged)
+    return judged
+
+
+_JUDGED: dict[tuple[str, str], tuple[list[Any], list[NodeStatus]]] = {}
+"""(replica, region) -> (the node list of the replica's document last decoded, its
+judged nodes): a document is replaced, never changed, when its replica rewrites it."""
 
 
 def node_document(n: NodeStatus) -> dict[str, Any]:
