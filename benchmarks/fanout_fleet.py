@@ -1,10 +1,12 @@
 """The client side of benchmarks/push_fanout.py: a fleet of ADS streams in worker processes.
 
-The clients are grpc.aio streams spread over worker processes, one connection each, like
-a fleet of Envoys: each syncs clusters, endpoints, listener and routes (state of the
-world or delta), then ACKs every response it gets, reconnecting with backoff and jitter
-when a stream fails. Client i dials `ports[i % len(ports)]` (several replicas: the
-fleet spread over them).
+The clients are grpc.aio streams spread over worker processes, one TCP connection each,
+like a fleet of Envoys. (gRPC shares one connection between a process's channels to the
+same address unless told not to: a whole client process would then be one HTTP/2
+connection, which the kernel hands to one of `serve --workers`' processes.) Each syncs
+clusters, endpoints, listener and routes (state of the world or delta), then ACKs every
+response it gets, reconnecting with backoff and jitter when a stream fails. Client i
+dials `ports[i % len(ports)]` (several replicas: the fleet spread over them).
 
 Each client writes into one shared array when it ACKs routes (`time.time()`, one clock
 for every process of the machine): a server in another process (`serve --workers`,
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -23,6 +26,7 @@ from typing import Any
 from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 REGION = "us-east"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 POOLS = ("production", "baseline", "canary")
 
 
@@ -30,9 +34,17 @@ class _Client:
     """One fleet member: sync, then ACK everything; count what each response carries."""
 
     def __init__(
-        self, port: int, index: int, mode: str, services: int, stamps: Any, retries: Any
+        self,
+        port: int,
+        index: int,
+        mode: str,
+        services: int,
+        stamps: Any,
+        retries: Any,
+        shared: bool = False,
     ) -> None:
         self.port, self.index, self.mode = port, index, mode
+        self.options = [] if shared else [("grpc.use_local_subchannel_pool", 1)]
         self.node_id = f"node-{index}"
         self.stamps = stamps
         self.retries = retries
@@ -88,7 +100,8 @@ class _Client:
                 reconnects.append(self.node_id)
                 self.retries.value += 1
                 await asyncio.sleep(min(2.0, 0.25 * 2 ** (attempt - 1)) * random.random())
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+            target = f"127.0.0.1:{self.port}"
+            async with grpc.aio.insecure_channel(target, options=self.options) as channel:
                 stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
                 queue: asyncio.Queue[Any] = asyncio.Queue()
                 for req in self.initial_requests():
@@ -127,6 +140,7 @@ def _worker(
     mode: str,
     services: int,
     rate: float,
+    shared: bool,
     stamps: Any,
     retries: Any,
     ready: Any,
@@ -139,7 +153,8 @@ def _worker(
         errors: list[str] = []
         reconnects: list[str] = []
         clients = [
-            _Client(ports[i % len(ports)], i, mode, services, stamps, retries) for i in indexes
+            _Client(ports[i % len(ports)], i, mode, services, stamps, retries, shared)
+            for i in indexes
         ]
         tasks = []
         for i in range(0, len(clients), 100):  # open connections in batches, as a fleet ramps
@@ -170,8 +185,23 @@ def _worker(
     asyncio.run(main())
 
 
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU of these processes so far (their own, not their children's)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / CLK_TCK
+
+
 class Fleet:
-    """`n` clients in `processes` worker processes (spawned: no state of the parent)."""
+    """`n` clients in `processes` worker processes (spawned: no state of the parent);
+    `shared_connections`: each process's streams on one connection (as this benchmark
+    ran before 2026-12-06; its older figures were measured so)."""
 
     def __init__(
         self,
@@ -181,6 +211,7 @@ class Fleet:
         services: int,
         processes: int,
         rate: float,
+        shared_connections: bool = False,
     ) -> None:
         ctx = mp.get_context("spawn")
         self.n = n
@@ -200,6 +231,7 @@ class Fleet:
                     mode,
                     services,
                     rate / processes,
+                    shared_connections,
                     self.stamps,
                     self.retries[w],
                     self._ready,
@@ -217,6 +249,11 @@ class Fleet:
             p.start()
         for _ in self.procs:
             self._ready.get(timeout=timeout)
+
+    def cpu_seconds(self) -> float:
+        """The client processes' CPU so far: what the fleet itself takes of the
+        machine's cores during a push."""
+        return cpu_seconds([p.pid for p in self.procs if p.pid is not None])
 
     def reconnections(self) -> int:
         return sum(r.value for r in self.retries)

@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 import yaml
 from fanout_bare import push_split
+from fanout_fleet import cpu_seconds
 from prometheus_client import CollectorRegistry
 
 from xds_server.admin.v1 import admin_pb2, admin_pb2_grpc
@@ -37,7 +38,6 @@ from xds_server.xds.metrics import XdsMetrics
 from xds_server.xds.status import NodeStatus
 from xds_server.xds.types import ROUTE
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 ACTOR = "push-fanout-benchmark"
 
 
@@ -69,19 +69,6 @@ def tree(roots: list[int]) -> list[int]:
         found.update(children)
         frontier += children
     return sorted(found)
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU of these processes so far (their own, not their children's)."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-        except (OSError, ValueError, IndexError):
-            continue
-    return total / CLK_TCK
 
 
 class InProcess:

@@ -3,8 +3,9 @@
 Each is set against the floor: a bare grpc.aio server that only writes cached bytes
 (`fanout_bare.py`).
 
-The clients are grpc.aio ADS streams in worker processes (`fanout_fleet.py`), one
-connection each, like a fleet of Envoys. The server is, by default, `XdsPublisher` in
+The clients are grpc.aio ADS streams in worker processes (`fanout_fleet.py`), one TCP
+connection each, like a fleet of Envoys (`--shared-connections`: one per client process,
+as this benchmark measured before 2026-12-06). The server is, by default, `XdsPublisher` in
 this process (one asyncio loop, as `xds-server serve` runs it); `--serve-workers N`
 runs `xds-server serve --workers N` instead, and `--replicas R` runs R replicas on a
 real three-member etcd with the clients spread over them (`fanout_servers.py`). Each
@@ -19,7 +20,8 @@ its resident memory; how many resources the clients received for the change.
 
     python benchmarks/push_fanout.py [--clients 100 1000 5000] [--mode sotw delta]
                                      [--services 1] [--pushes 3] [--serve-workers N]
-                                     [--replicas R] [--no-bare] [--json]
+                                     [--replicas R] [--no-bare] [--shared-connections]
+                                     [--json]
 """
 
 from __future__ import annotations
@@ -80,11 +82,12 @@ def measure(
     rate: float,
     extra_cpu: Callable[[], float] = lambda: 0.0,
     settle: bool = True,
+    shared: bool = False,
 ) -> dict[str, Any]:
     """One server, one fleet: connect `n` clients, `pushes` pushes, each timed to the
     last client's ACK; the fleet stopped, the server left running."""
     ports = server.start()
-    fleet = Fleet(ports, n, mode, services, processes, rate)
+    fleet = Fleet(ports, n, mode, services, processes, rate, shared)
     try:
         fleet.start()
         connected = server.connected()
@@ -109,6 +112,7 @@ def measure(
         "p99_s": max(r["p99_s"] for r in results),
         "max_s": max(r["max_s"] for r in results),
         "server_cpu_s_per_push": statistics.mean(r["server_cpu_s"] for r in results),
+        "fleet_cpu_s_per_push": statistics.mean(r["fleet_cpu_s"] for r in results),
         "server_rss_mb": rss,
         **(
             {"etcd_cpu_s_per_push": statistics.mean(r["etcd_cpu_s"] for r in results)}
@@ -122,6 +126,7 @@ def _one_push(
     server: Server, fleet: Fleet, i: int, connected: int, extra_cpu: Callable[[], float]
 ) -> dict[str, float]:
     cpu0, etcd0, retries0 = server.cpu_seconds(), extra_cpu(), fleet.reconnections()
+    fleet0 = fleet.cpu_seconds()
     t_push = time.time()
     key = server.push(i)
 
@@ -139,6 +144,7 @@ def _one_push(
     while count() < connected and time.time() < deadline:
         time.sleep(0.005)  # poll period of the measurement, bounded by the deadline
     cpu, etcd = server.cpu_seconds() - cpu0, extra_cpu() - etcd0
+    fleet_cpu = fleet.cpu_seconds() - fleet0
     lat = sorted(latencies())
     return {
         "acked": len(lat),
@@ -147,6 +153,7 @@ def _one_push(
         "max_s": lat[-1] if lat else float("nan"),
         "server_cpu_s": cpu,
         "etcd_cpu_s": etcd,
+        "fleet_cpu_s": fleet_cpu,
         "reconnections": fleet.reconnections() - retries0,
     }
 
@@ -162,6 +169,7 @@ def run_case(
     replicas: int = 0,
     bare: bool = True,
     settle: bool = True,
+    shared: bool = False,
 ) -> dict[str, Any]:
     """The server (in process, or `serve` processes), then the bare server, each with a
     fleet of `n` clients of its own: one row with both."""
@@ -174,7 +182,7 @@ def run_case(
         server = InProcess(validate_spec(doc, "benchmark"))
     try:
         extra = server.etcd_cpu_seconds if isinstance(server, ServeProcesses) else lambda: 0.0
-        row = measure(server, n, mode, services, pushes, processes, rate, extra, settle)
+        row = measure(server, n, mode, services, pushes, processes, rate, extra, settle, shared)
     finally:
         server.close()
     row = {
@@ -197,7 +205,9 @@ def run_case(
         eds = [f"svc-{i}|{p}" for i in range(services) for p in POOLS]
         floor = BareAds(mode, *bare_responses(spec, mode, eds, pushes))
         try:
-            got = measure(floor, n, mode, services, pushes, processes, rate, settle=settle)
+            got = measure(
+                floor, n, mode, services, pushes, processes, rate, settle=settle, shared=shared
+            )
         finally:
             floor.close()
         row["bare_p50_s"] = got["p50_s"]
@@ -243,6 +253,12 @@ def main() -> None:
         "the first push then pays the collector's pass, as before this flag",
     )
     p.add_argument(
+        "--shared-connections",
+        action="store_true",
+        help="each client process's streams on one connection (gRPC's default, and this "
+        "benchmark's before 2026-12-06): not a fleet, and one worker gets a whole process",
+    )
+    p.add_argument(
         "--connect-rate",
         type=float,
         default=1000,
@@ -265,6 +281,7 @@ def main() -> None:
                     a.replicas,
                     not a.no_bare,
                     not a.no_settle,
+                    a.shared_connections,
                 )
             )
             if not a.json:
@@ -298,8 +315,10 @@ def _print_row(r: dict[str, Any], header: bool, a: argparse.Namespace) -> None:
             f" | {r['bare_p99_s'] * 1000:>8.1f} {r['bare_cpu_s_per_push']:>8.3f} "
             f"{r['cpu_ratio']:>6.2f} {r['p99_ratio']:>6.2f}"
         )
+    line += f"  (clients' cpu s/push {r['fleet_cpu_s_per_push']:.3f}"
     if "etcd_cpu_s_per_push" in r:
-        line += f"  (etcd cpu s/push {r['etcd_cpu_s_per_push']:.3f})"
+        line += f", etcd's {r['etcd_cpu_s_per_push']:.3f}"
+    line += ")"
     print(line, flush=True)
 
 

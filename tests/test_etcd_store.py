@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -485,6 +486,43 @@ def test_the_watch_follows_commits_through_a_member_failure(etcd_cluster: EtcdCl
         finally:
             await a.close()
             await b.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_watch_that_starts_far_behind_catches_up_past_grpcs_message_limit(
+    shared_etcd: EtcdCluster,
+) -> None:
+    """A replica that fell behind (a reconnect; too busy to read its stream) is sent
+    every revision since in one catch-up: 8 rewrites of a 1 MB directory key are 8 MB,
+    twice what a gRPC message may be. The watch must still deliver them (in fragments),
+    not break and start again from the same revision forever."""
+
+    async def scenario() -> None:
+        prefix = "/test/watch-behind"
+        behind = await open_store(shared_etcd.url, prefix)
+        writer = await open_store(shared_etcd.url, prefix)
+        task: asyncio.Task[None] | None = None
+        try:
+            pad = "x" * 1_000_000
+            for n in range(8):
+                doc = {"id": "big", "regions": [], "n": n, "pad": pad}
+                await writer.client.put(
+                    behind.keys.replica("big").encode(), json.dumps(doc).encode()
+                )
+            task = asyncio.get_running_loop().create_task(behind.watch())
+            await wait_for_async(
+                lambda: behind.view.replicas.get("big", {}).get("n") == 7,
+                "the watch to catch up on 8 MB of events",
+                timeout=15,
+            )
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await close_store(behind)
+            await close_store(writer)
 
     asyncio.run(scenario())
 

@@ -489,3 +489,48 @@ def test_the_board_gives_a_region_a_new_version_only_when_what_it_serves_changes
     assert other is not None
     assert (other.seq, other.spec_text, other.traffic) == (third.seq, "spec 2", quiet)
     assert other.version("us-east") == third.version("us-east")
+
+
+def test_the_leader_reads_other_workers_nodes_from_the_board_decoding_each_change_once(
+    tmp_path: Path,
+) -> None:
+    """The ACK gate asks for the other workers' nodes at every look and in every admin
+    reply: a node whose document did not change is the same object as last time, a
+    changed one is read anew, a node the gate does not judge (a gRPC client that never
+    subscribed to routes) is left out, and a node that left is gone."""
+    import json
+
+    from xds_server.app.board import Board
+    from xds_server.app.workers import NodeTexts
+    from xds_server.ha.replicas import node_document
+    from xds_server.xds.status import NodeStatus
+    from xds_server.xds.types import ROUTE
+
+    def doc(i: int, acked: str = "", subscribed: bool = True) -> str:
+        n = NodeStatus(i, f"node-{i}", "us-east", 100.0 + i, user_agent="gRPC C-core linux")
+        n.types[ROUTE].sent_version, n.types[ROUTE].acked_version = "7000", acked
+        n.types[ROUTE].subscribed = subscribed
+        return json.dumps(node_document(n))
+
+    board = Board.in_dir(tmp_path)
+    board.join("w2", {"id": "w2"}, ["w1", "w2"])
+    board.write_nodes("w2", [(i, "us-east", doc(i)) for i in range(3)], [])
+    board.write_nodes("w2", [(9, "eu-west", doc(9)), (8, "us-east", doc(8, subscribed=False))], [])
+    texts = NodeTexts()
+
+    def judged() -> dict[str, NodeStatus]:
+        (row,) = board.workers("us-east", but="w1")
+        return {n.node_id: n for n in texts.judged(row.worker, "us-east", row.node_texts)}
+
+    first = judged()
+    assert sorted(first) == ["node-0", "node-1", "node-2"]
+    assert all(n.listen == "via w2" for n in first.values())
+    again = judged()
+    assert all(again[k] is first[k] for k in first)
+
+    board.write_nodes("w2", [(1, "us-east", doc(1, acked="7000"))], [2])
+    after = judged()
+    assert sorted(after) == ["node-0", "node-1"]
+    assert after["node-0"] is first["node-0"]
+    assert after["node-1"].types[ROUTE].acked_version == "7000"
+    assert first["node-1"].types[ROUTE].acked_version == ""

@@ -92,14 +92,19 @@ class Served:
 @dataclass(frozen=True)
 class WorkerRow:
     """One worker as the board has it: its document, its last heartbeat (wall clock),
-    when it went away (None: running), and its nodes' documents (of one region, when
-    asked for one)."""
+    when it went away (None: running), and its nodes' documents as written (JSON; of one
+    region, when asked for one): the leader's ACK gate reads them at every look, and
+    decodes only the ones that changed (`app.workers.NodeTexts`)."""
 
     worker: str
     doc: dict[str, Any]
     beat: float
     gone: float | None
-    nodes: list[dict[str, Any]]
+    node_texts: list[str]
+
+    @property
+    def nodes(self) -> list[dict[str, Any]]:
+        return [json.loads(text) for text in self.node_texts]
 
 
 def traffic_json(traffic: TrafficState) -> str:
@@ -263,9 +268,9 @@ class Board:
             found = self.db.execute(
                 "SELECT worker, doc FROM nodes WHERE region = ? AND worker != ?", (region, but)
             )
-        nodes: dict[str, list[dict[str, Any]]] = {}
+        nodes: dict[str, list[str]] = {}
         for worker, doc in found.fetchall():
-            nodes.setdefault(worker, []).append(json.loads(doc))
+            nodes.setdefault(worker, []).append(doc)
         return [
             WorkerRow(worker, json.loads(doc), beat, gone, nodes.get(worker, []))
             for worker, doc, beat, gone in rows

@@ -235,6 +235,33 @@ def _route_key(n: NodeStatus) -> tuple[str, str, str, bool]:
     return ts.sent_version, ts.acked_version, ts.nack_version, ts.subscribed
 
 
+class NodeTexts:
+    """The other workers' judged nodes, each document decoded once: the leader's ACK gate
+    and every admin reply ask again and again (a SetWeights reply before the leader's
+    own streams are written), and at 5,000 nodes a worker decoding them all took 45% of
+    a leader's CPU during a push (py-spy, `push_fanout.py --serve-workers 2`)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str], tuple[list[str], dict[str, NodeStatus | None]]] = {}
+        """(worker, region) -> (its texts as last read, text -> its node if judged)."""
+        self._judged: dict[tuple[str, str], list[NodeStatus]] = {}
+
+    def judged(self, worker: str, region: str, texts: list[str]) -> list[NodeStatus]:
+        """The judged nodes among `texts` (the worker's documents of `region`)."""
+        key = (worker, region)
+        before, decoded = self._seen.get(key, ([], {}))
+        if texts != before or key not in self._judged:
+            decoded = {t: decoded[t] if t in decoded else _judged_node(t, worker) for t in texts}
+            self._seen[key] = (texts, decoded)
+            self._judged[key] = [n for n in decoded.values() if n is not None]
+        return self._judged[key]
+
+
+def _judged_node(text: str, worker: str) -> NodeStatus | None:
+    n = node_from_document(json.loads(text), worker)
+    return n if n.judged_on(ROUTE) else None
+
+
 class BoardPeers:
     """This worker's row and its nodes' on the board (rewritten when they change, within
     NODES_COALESCE, and at each BEAT), and the other workers' (the `ha.replicas.Peers`
@@ -251,6 +278,7 @@ class BoardPeers:
         self.started = time.time()
         self._written: dict[int, tuple[str, str, str, bool]] = {}
         self._dirty: dict[int, NodeStatus] = {}
+        self._texts = NodeTexts()
         self._wake = asyncio.Event()
         publisher.nodes.subscribe(self._on_node)
         members = [WorkerId(i, me.count, me.parent).name for i in range(1, me.count + 1)]
@@ -326,11 +354,13 @@ class BoardPeers:
         heard: list[PeerDoc] = []
         departed: list[PeerDoc] = []
         for row in self.board.workers(region, but=self.me.name):
-            doc = {**row.doc, "nodes": row.nodes}
+            judged = self._texts.judged(row.worker, region, row.node_texts)
             if row.gone is not None:
-                departed.append(PeerDoc(row.worker, doc, now - (wall - row.gone), "worker"))
+                at = now - (wall - row.gone)
+                departed.append(PeerDoc(row.worker, row.doc, at, "worker", judged))
             else:
-                heard.append(PeerDoc(row.worker, doc, now - (wall - row.beat), "worker"))
+                at = now - (wall - row.beat)
+                heard.append(PeerDoc(row.worker, row.doc, at, "worker", judged))
         return peer_nodes(region, heard, departed)
 
     # ---- what the admin API lists ----

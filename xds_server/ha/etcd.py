@@ -306,6 +306,17 @@ def moves_on(exc: BaseException) -> bool:
     return isinstance(exc, grpc.RpcError) and exc.code() in FAILOVER_CODES
 
 
+class FragmentingWatcher(watcher.Watcher):  # type: ignore[misc]
+    """aetcd's watcher, with the `fragment` its `watch(..., fragment=True)` takes and then
+    leaves out of the request (aetcd 1.0): etcd splits a large response into pieces
+    under its request limit only when asked (`EtcdStore.watch` says why it must)."""
+
+    def _build_watch_create_request(self, *args: Any, fragment: bool = False, **kw: Any) -> Any:
+        request = super()._build_watch_create_request(*args, **kw)
+        request.create_request.fragment = fragment
+        return request
+
+
 class FailoverClient(aetcd.Client):  # type: ignore[misc]  # (aetcd has no type hints)
     """The aetcd client, on a channel over every member in `Members`' order, that
     moves to the next member when the one it is on goes silent.
@@ -370,7 +381,7 @@ class FailoverClient(aetcd.Client):  # type: ignore[misc]  # (aetcd has no type 
             self.leasestub = rpc.LeaseStub(channel)
             self.maintenancestub = rpc.MaintenanceStub(channel)
             self.auth_stub = rpc.AuthStub(channel)
-            self._watcher = watcher.Watcher(rpc.WatchStub(channel), timeout=self._timeout)
+            self._watcher = FragmentingWatcher(rpc.WatchStub(channel), timeout=self._timeout)
             self._connected.set()
             return
 

@@ -329,6 +329,14 @@ class PeerDoc:
     at: float
     kind: str = "replica"
     """What the peer is called in a reason ("replica", "worker")."""
+    judged_nodes: list[NodeStatus] | None = None
+    """The region's judged nodes, when the peer's reader decoded them itself (the
+    workers' board); else they come from `doc` (`_judged`)."""
+
+    def judged(self, region: str) -> list[NodeStatus]:
+        if self.judged_nodes is not None:
+            return self.judged_nodes
+        return _judged(self.doc, region, self.peer)
 
 
 def peer_nodes(
@@ -347,7 +355,7 @@ def peer_nodes(
         quiet = now - p.at
         beat = p.doc.get("heartbeat")
         silent = isinstance(beat, (int, float)) and quiet > 2 * beat + 0.5
-        for n in _judged(p.doc, region, p.peer):
+        for n in p.judged(region):
             if silent:
                 why = f"{p.kind} {p.peer} silent for {quiet:.1f}s"
                 unknown.setdefault(n.node_id, (why, wall + p.at))
@@ -358,7 +366,7 @@ def peer_nodes(
     for p in departed:
         if now - p.at > NODE_MEMORY:
             continue
-        for n in _judged(p.doc, region, p.peer):
+        for n in p.judged(region):
             why = f"{p.kind} {p.peer} gone {now - p.at:.1f}s ago"
             unknown.setdefault(n.node_id, (why, wall + p.at))
     return list(seen.values()), {k: v for k, v in unknown.items() if k not in seen}
