@@ -16,7 +16,11 @@ For each push: the time from the push (in process: `set_split`; as processes: th
 operator's `SetWeights`, the decision) to each node's ACK of the new routes: in process,
 when the server has the ACK; as processes, when the client sends it. The server's CPU
 time from the push to the last ACK (as processes: every server process's, from /proc);
-its resident memory; how many resources the clients received for the change.
+its resident memory; how many resources the clients received for the change; the
+clients' own CPU (on a machine of few cores they share them with the server, so a
+push's latency is bounded by both). Server processes are let go quiet before each push
+(`ServeProcesses.settle`): a rollout's decisions come a step apart, not back to back
+into the previous one's directory rewrites.
 
     python benchmarks/push_fanout.py [--clients 100 1000 5000] [--mode sotw delta]
                                      [--services 1] [--pushes 3] [--serve-workers N]
@@ -95,7 +99,11 @@ def measure(
             connected = n
         if settle:
             server.settle()
-        results = [_one_push(server, fleet, i, connected, extra_cpu) for i in range(pushes)]
+        results = []
+        for i in range(pushes):
+            if i and isinstance(server, ServeProcesses):
+                server.settle()  # (decisions come a step apart: each from quiet servers)
+            results.append(_one_push(server, fleet, i, connected, extra_cpu))
         rss = server.rss_mb()
         errors, reconnected, resources = fleet.finish()
     except BaseException:
