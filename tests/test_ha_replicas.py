@@ -328,6 +328,44 @@ def test_ack_timeout_for_unknown_nodes_counts_from_when_they_went_unknown() -> N
     assert isinstance(fresh, Pending) and fresh.since == 200.0
 
 
+def test_a_big_directory_key_waits_out_a_burst_of_acks_and_is_written_when_it_ends() -> None:
+    """While a push's ACKs keep coming, a big key is not rewritten at every one (each
+    rewrite is a MB to etcd and to every replica's decoder): the rewrite waits until
+    the burst pauses, or until its longest wait; a quiet key waits one interval."""
+    ports = {(r, p): 1 for r in REGIONS for p in ("production", "canary")}
+    publisher = XdsPublisher(validate_spec(make_spec_doc(ports, regions=REGIONS), "burst"))
+    node = publisher.nodes.connect("us-east-envoy-0", "us-east", user_agent="envoy/1.40.0")
+    store = EtcdStore(parse_store_url("etcd://127.0.0.1:1", "/burst"))  # (never dialled)
+    info = ReplicaInfo("r", (), "127.0.0.1:1", "127.0.0.1:2", 0.0)
+    directory = Directory(store, info, publisher, ttl=30)
+
+    async def acks(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            publisher.nodes.record_ack(node, ROUTE, "1")
+            await asyncio.sleep(0.03)  # an ACK every 30 ms: the burst's pace
+
+    async def gather_during(burst: float, longest: float) -> tuple[float, bool]:
+        task = asyncio.get_running_loop().create_task(acks(burst))
+        await asyncio.sleep(0)
+        start = time.monotonic()
+        await directory._gather(longest)
+        waited = time.monotonic() - start
+        await task
+        return waited, directory._dirty.is_set()
+
+    async def scenario() -> None:
+        quiet, _ = await gather_during(0.0, longest=10.0)
+        assert quiet < 1.0  # (one interval: 0.1 s)
+        after_burst, _ = await gather_during(1.0, longest=10.0)
+        assert 1.0 <= after_burst < 3.0  # the burst's end, not the longest wait
+        capped, pending = await gather_during(3.0, longest=1.0)
+        assert 1.0 <= capped < 2.5 and pending  # written while the burst goes on
+
+    asyncio.run(scenario())
+    store.close()
+
+
 def test_a_replica_with_more_nodes_than_one_etcd_value_holds_lists_every_one(
     shared_etcd: EtcdCluster,
 ) -> None:
