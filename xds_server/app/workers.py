@@ -244,17 +244,15 @@ class NodeTexts:
     def __init__(self) -> None:
         self._seen: dict[tuple[str, str], tuple[list[str], dict[str, NodeStatus | None]]] = {}
         """(worker, region) -> (its texts as last read, text -> its node if judged)."""
-        self._judged: dict[tuple[str, str], list[NodeStatus]] = {}
 
     def judged(self, worker: str, region: str, texts: list[str]) -> list[NodeStatus]:
         """The judged nodes among `texts` (the worker's documents of `region`)."""
         key = (worker, region)
-        before, decoded = self._seen.get(key, ([], {}))
-        if texts != before or key not in self._judged:
+        before, decoded = self._seen.get(key, (None, {}))
+        if texts != before:
             decoded = {t: decoded[t] if t in decoded else _judged_node(t, worker) for t in texts}
             self._seen[key] = (texts, decoded)
-            self._judged[key] = [n for n in decoded.values() if n is not None]
-        return self._judged[key]
+        return [n for n in decoded.values() if n is not None]
 
 
 def _judged_node(text: str, worker: str) -> NodeStatus | None:
