@@ -6,6 +6,7 @@ them; a spec file's change reaches every replica through the store; `manifests i
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ import yaml
 from envoy.config.route.v3 import route_pb2
 
 from tests.conftest import AdsClient, make_spec_doc
-from tests.support import wait_for
+from tests.support import wait_for, wait_for_async
 from tests.test_ads_protocol import ALL_CLUSTERS, sync_all
 from xds_server.admin.v1 import admin_pb2, admin_pb2_grpc
 from xds_server.ha.etcd import async_client, parse_store_url
@@ -418,3 +419,74 @@ def test_a_replica_with_more_nodes_than_one_etcd_value_holds_lists_every_one(
     applied = dataplane.routes_applied("us-east")
     assert isinstance(applied, Applied) and applied.nodes == 9_000, applied
     reader.close()
+
+
+def test_a_replica_beats_without_rewriting_its_key_unless_an_older_release_listens(
+    shared_etcd: EtcdCluster,
+) -> None:
+    """A replica's heartbeat is its small beat key: another replica hears it (`heard`
+    moves on, `updated` with it) while the replica's key, its nodes unchanged, is not
+    written again. A replica of a release before beats (its document without `beats`)
+    hears only rewrites of the key: while one is in the directory, the heartbeat
+    rewrites the whole key, as that release's did."""
+    ports = {(r, p): 1 for r in REGIONS for p in ("production", "canary")}
+    spec = validate_spec(make_spec_doc(ports, regions=REGIONS), "beats")
+    publisher = XdsPublisher(spec)
+    for i in range(3):
+        publisher.nodes.connect(f"us-east-envoy-{i}", "us-east", user_agent="envoy/1.40.0")
+    url = parse_store_url(shared_etcd.url, "/beats-test")
+    info = ReplicaInfo("a", (), "127.0.0.1:1", "127.0.0.1:2", 0.0)
+
+    async def scenario() -> None:
+        writer, reader = EtcdStore(url, async_client(url)), EtcdStore(url, async_client(url))
+        await writer.start()
+        await reader.start()
+        directory = Directory(writer, info, publisher, ttl=2)  # (a beat every 0.67 s)
+        key = writer.keys.replica("a").encode()
+        tasks = [asyncio.create_task(c) for c in (directory.run(), writer.watch(), reader.watch())]
+
+        async def key_revision() -> int:
+            (kv,) = await writer.client.get_prefix(key)
+            return int(kv.mod_revision)
+
+        try:
+            await wait_for_async(lambda: "a" in reader.view.replicas, "a's key", timeout=10)
+            written = await key_revision()
+            heard = [reader.view.heard["a"]]
+            first_update = reader.view.replicas["a"]["updated"]
+
+            def heard_again() -> bool:
+                if reader.view.heard["a"] != heard[-1]:
+                    heard.append(reader.view.heard["a"])
+                return len(heard) > 3
+
+            await wait_for_async(heard_again, "three beats heard", timeout=10)
+            assert await key_revision() == written, "the heartbeat rewrote the whole key"
+            assert reader.view.replicas["a"]["updated"] > first_update
+            assert reader.view.replicas["a"]["nodes"] and reader.view.replicas["a"]["beats"]
+            # An older release joins: it hears a only when a's key is rewritten.
+            older = {"id": "old", "regions": [], "xds": "127.0.0.1:3", "heartbeat": 0.67}
+            await writer.client.put(writer.keys.replica("old").encode(), json.dumps(older).encode())
+            rewrites = {written}
+
+            async def rewritten_twice() -> bool:
+                rewrites.add(await key_revision())
+                return len(rewrites) > 2
+
+            deadline = time.monotonic() + 10
+            while not await rewritten_twice():
+                assert time.monotonic() < deadline, (
+                    "no rewrite at the heartbeat for the older release"
+                )
+                await asyncio.sleep(0.1)  # (the poll's interval)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await directory.withdraw()
+            await writer.client.delete(writer.keys.replica("old").encode())
+            for store in (writer, reader):
+                store.close()
+                await store.client.close()
+
+    asyncio.run(scenario())

@@ -269,6 +269,10 @@ class Keys:
         """One part of a replica's node list (`directory_parts`)."""
         return f"{self.prefix}/replica-nodes/{replica_id}/{part}"
 
+    def replica_beat(self, replica_id: str) -> str:
+        """A replica's heartbeat (`replicas.Directory._beat`): alive, and nothing else."""
+        return f"{self.prefix}/replica-beats/{replica_id}"
+
     @property
     def everything(self) -> str:
         return f"{self.prefix}/"

@@ -4,11 +4,13 @@ Each replica keeps one key, `replicas/<id>`, on its own lease: its addresses, th
 regions it serves, whether it leads, and the route versions its nodes have ACKed (in
 parts beside it when they are too many for one value: `directory_parts`). The
 key is rewritten when that changes (at most every `PUBLISH_INTERVAL`) and vanishes
-with the replica's lease when it dies. From every replica's key:
+with the replica's lease when it dies. At every renewal of the lease the replica also
+writes a small beat key, `replica-beats/<id>`, which says it is alive (`Directory._beat`).
+From every replica's key:
 
 - the leader's ACK gate counts a region's nodes across all replicas (`ClusterDataPlane`);
-  a replica whose key is not rewritten at its heartbeat (frozen, cut off) or gone is
-  silent, and its nodes are unknown, never applied, until seen elsewhere;
+  a replica not heard from at its heartbeat (frozen, cut off) or gone is silent, and
+  its nodes are unknown, never applied, until seen elsewhere;
 - a node that dials the wrong replica is told which ones serve its region;
 - `xdsctl status` shows every replica.
 """
@@ -20,7 +22,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -119,6 +121,7 @@ class Directory:
             "leader": self.leading,
             "updated": time.time(),
             "heartbeat": self.ttl / 3,
+            "beats": True,  # (it beats, and hears others' beats: `_peers_hear_beats`)
         }
         if with_nodes:
             doc["nodes"] = [node_document(n) for n in self.publisher.node_status()]
@@ -180,7 +183,10 @@ class Directory:
                     raise LookupError("the replica's lease expired")
                 alive = sent + self.ttl
                 renew_at = time.monotonic() + beat
-                self._dirty.set()  # the heartbeat
+                if self.full or not self._peers_hear_beats():
+                    self._dirty.set()  # the heartbeat: the whole key
+                else:
+                    await self._write(lambda: self._beat(lease), alive, "replica beat")
             if self._dirty.is_set():
                 await self._gather(self.coalesce(beat))
                 await self._rewrite(lease, alive)
@@ -204,15 +210,34 @@ class Directory:
         wait = self._written_bytes / (READ_RATE * READ_SHARE)
         return min(max(PUBLISH_INTERVAL, wait), max(PUBLISH_INTERVAL, beat / 2))
 
+    def _peers_hear_beats(self) -> bool:
+        """Whether every other replica hears this one's beat key. A release before beat
+        keys hears a replica only when its key is rewritten (and says so by leaving
+        `beats` out of its own): while one runs (a rolling upgrade), the heartbeat
+        rewrites the whole key, as that release's did."""
+        return all(doc.get("beats") is True for doc in self.others().values())
+
+    async def _beat(self, lease: int) -> None:
+        """The heartbeat other replicas hear (`store.View.heard`). It used to be a rewrite
+        of the whole key: at 3,000 nodes 0.8 MB, written and decoded by every replica
+        every third of the lease, nothing in it changed."""
+        value = json.dumps({"updated": time.time()}).encode()
+        await self.store.client.put(
+            self.keys.replica_beat(self.info.replica_id).encode(), value, lease
+        )
+
     async def _rewrite(self, lease: int, alive: float) -> None:
-        """Rewrite this replica's key (while `lease` may last). etcd refusing it for
-        NOSPACE is not a store lost: the lease was renewed, and while nobody can write,
-        what this replica follows is current; so it serves on (its key as it was, which
-        the leader's ACK gate takes for silence) and writes the key again at the next
-        heartbeat, until etcd has room."""
+        await self._write(lambda: self._publish(lease), alive, "replica key")
+
+    async def _write(self, write: Callable[[], Awaitable[None]], alive: float, what: str) -> None:
+        """Write this replica's key or its beat (while the lease may last). etcd refusing
+        it for NOSPACE is not a store lost: the lease was renewed, and while nobody can
+        write, what this replica follows is current; so it serves on (its key as it was,
+        which the leader's ACK gate takes for silence) and writes the key again at the
+        next heartbeat, until etcd has room."""
         client = self.store.client
         try:
-            await retrying(client, lambda: self._publish(lease), alive, "replica key")
+            await retrying(client, write, alive, what)
         except Exception as exc:
             if not is_nospace(exc):
                 raise
@@ -272,11 +297,12 @@ class Directory:
         await client.put(self.keys.replica(rid).encode(), head, lease)
 
     async def withdraw(self) -> None:
-        """Remove this replica's key, then its node parts (in that order: a part read
-        without its replica is never merged in)."""
+        """Remove this replica's key, then its node parts and its beat (in that order: a
+        part or a beat read without its replica is never merged in)."""
         rid = self.info.replica_id
         keys = [self.keys.replica(rid)]
         keys += [self.keys.replica_nodes(rid, k) for k in range(len(self._parts_written))]
+        keys.append(self.keys.replica_beat(rid))
         with contextlib.suppress(Exception):
             for key in keys:
                 await asyncio.wait_for(self.store.client.delete(key.encode()), 1.0)

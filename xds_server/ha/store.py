@@ -94,7 +94,10 @@ log = logging.getLogger("xds_server.ha.store")
 
 WATCH_RETRY_SECONDS = 0.5
 VIEW_KEYS = ("schema", "spec", "leader", "audit-seq")
-VIEW_FOLDERS = ("rollouts", "routes", "registry", "replicas", "replica-nodes", "archive-index")
+VIEW_FOLDERS = (
+    "rollouts", "routes", "registry", "replicas", "replica-nodes", "replica-beats",
+    "archive-index",
+)  # fmt: skip
 """What a replica loads (the rest, the audit's entries and archives and the spec's
 history, is read when asked for)."""
 
@@ -141,10 +144,11 @@ class View:
     """Replicas whose key went away (a lease that expired: dead, or frozen): their last
     document, and when (monotonic)."""
     heard: dict[str, tuple[int, float]] = field(default_factory=dict)
-    """Replica id -> (its key's mod revision, when this replica first saw that revision,
-    monotonic). Each replica rewrites its key at every renewal, so a key not rewritten
-    for a while is a silent replica (frozen, or cut off from the store) even before its
-    lease runs out."""
+    """Replica id -> (the mod revision of its key or of its beat key, the newer; when
+    this replica first saw that revision, monotonic). Each replica writes its beat key
+    (or, for an older release, rewrites its key) at every renewal, so one not heard
+    from for a while is a silent replica (frozen, or cut off from the store) even
+    before its lease runs out."""
 
 
 Listener = Callable[[frozenset[str]], None]
@@ -548,14 +552,30 @@ def _apply(view: View, prefix: str, key: str, kv: Any, *, deleted: bool) -> str 
                 parts = view.replica_parts.get(name, {})
                 view.replicas[name] = directory_parts.merged(json.loads(value), parts)
                 view.departed.pop(name, None)
-                if view.heard.get(name, (0, 0.0))[0] != kv.mod_revision:
+                if view.heard.get(name, (0, 0.0))[0] < kv.mod_revision:
                     view.heard[name] = (kv.mod_revision, time.monotonic())
             return "replicas"
         if kind == "replica-nodes":
             return _apply_part(view, name, value, deleted)
+        if kind == "replica-beats" and not deleted:
+            _apply_beat(view, name, value, kv.mod_revision)
     except (ValueError, KeyError, TypeError) as exc:
         log.error("ignoring unreadable store key %s: %s", key, one_line(exc))
     return None
+
+
+def _apply_beat(view: View, name: str, value: bytes, revision: int) -> None:
+    """A replica's heartbeat: heard from, its document unchanged but for when it was
+    `updated`. Nothing is told (`Listener`): silence is judged when nodes are counted
+    (`replicas.peer_nodes`). A beat of a replica not in view is dropped: its key's
+    arrival is heard from, and a key that went away is a replica gone."""
+    doc = view.replicas.get(name)
+    if doc is None or view.heard.get(name, (0, 0.0))[0] >= revision:
+        return
+    view.heard[name] = (revision, time.monotonic())
+    updated = json.loads(value).get("updated")
+    if isinstance(updated, (int, float)) and not isinstance(updated, bool):
+        view.replicas[name] = {**doc, "updated": updated}  # (the same node list)
 
 
 def _apply_part(view: View, name: str, value: bytes, deleted: bool) -> str | None:
