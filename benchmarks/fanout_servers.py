@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -259,3 +260,4 @@ class ServeProcesses:
             p.stop(timeout=15)
         if self.etcd is not None:
             self.etcd.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)  # (etcd's data: hundreds of MB a run)
