@@ -16,16 +16,18 @@ import yaml
 from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 
 from tests.support import wait_for, wait_shares, xds_fetch
-from xds_server.admin.service import AdminService, run_admin_server
+from xds_server.admin.service import AdminService, _checked, run_admin_server
 from xds_server.app import Running
 from xds_server.lab.layout import MeshOptions
 from xds_server.lab.mesh import LocalMesh
 from xds_server.lab.procs import free_port, http_get
 from xds_server.lab.traffic import envoy_weights
+from xds_server.traffic import Split
 from xds_server.xds.resources import ROUTE_CONFIG_NAME
-from xds_server.xds.types import ROUTE
+from xds_server.xds.types import ROUTE, SEND_ORDER
 
-from .conftest import EnvoyFactory, HandEditedPublisher, ServerThread, broken_route
+from .conftest import AdsClient, EnvoyFactory, HandEditedPublisher, ServerThread, broken_route
+from .test_ads_protocol import sync_all
 
 TOKEN = "s3cret-token"
 PLAN = {
@@ -271,6 +273,42 @@ def _start_admin(server: ServerThread, **kw: Any) -> int:
         run_admin_server(admin, f"127.0.0.1:{port}", **kw), server.loop
     )
     return port
+
+
+def test_a_changes_streams_are_written_before_its_reply_is_built(server: ServerThread) -> None:
+    """An admin change (new weights, an abort's rollback) wakes the streams of its push,
+    and its reply counts every node of every replica (`signal_health`: tens of ms at
+    thousands). The streams go first: once the change's call returns, before the reply
+    is built, the node has been sent the new routes."""
+    client = AdsClient(server.port, node_id="e1")
+    sync_all(client)
+    publisher = server.server
+    service = publisher.spec.services[0].name
+
+    def synced() -> bool:
+        nodes = server.call(lambda: publisher.node_status("us-east"))
+        current = server.call(lambda: publisher.snapshot("us-east").type_version(ROUTE))
+        return len(nodes) == 1 and nodes[0].types[ROUTE].acked_version == current
+
+    wait_for(synced, "the node to ACK the routes (nothing of it in flight)", timeout=10)
+
+    async def change() -> list[str]:
+        before = publisher.snapshot("us-east")
+
+        def push() -> list[str]:
+            traffic = publisher.traffic.with_split(service, ["us-east"], Split(5_000, 0, 5_000))
+            publisher.set_traffic(traffic, urgent=True, reason="a test's change")
+            after = publisher.snapshot("us-east")
+            return [t for t in SEND_ORDER if after.type_version(t) != before.type_version(t)]
+
+        changed = await _checked(None, push)  # type: ignore[arg-type]  # (no abort here)
+        (node,) = publisher.node_status("us-east")
+        now = publisher.snapshot("us-east")
+        return [t for t in changed if node.types[t].sent_version == now.type_version(t)]
+
+    sent = server.run(change())
+    assert sent, "the reply was built before the stream wrote anything of the change"
+    client.close()
 
 
 def test_a_nack_shows_as_nacked_with_envoys_message(
