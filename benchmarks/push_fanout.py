@@ -87,8 +87,10 @@ def measure(
     extra_cpu: Callable[[], float] = lambda: 0.0,
     settle: bool = True,
     shared: bool = False,
+    idle_s: float = 0.0,
 ) -> dict[str, Any]:
-    """One server, one fleet: connect `n` clients, `pushes` pushes, each timed to the
+    """One server, one fleet: connect `n` clients, `idle_s` seconds of the server's CPU
+    with every client synced and nothing pushed, then `pushes` pushes, each timed to the
     last client's ACK; the fleet stopped, the server left running."""
     ports = server.start()
     fleet = Fleet(ports, n, mode, services, processes, rate, shared)
@@ -99,6 +101,7 @@ def measure(
             connected = n
         if settle:
             server.settle()
+        idle = _idle_cpu(server, extra_cpu, idle_s)
         results = []
         for i in range(pushes):
             if i and isinstance(server, ServeProcesses):
@@ -122,11 +125,25 @@ def measure(
         "server_cpu_s_per_push": statistics.mean(r["server_cpu_s"] for r in results),
         "fleet_cpu_s_per_push": statistics.mean(r["fleet_cpu_s"] for r in results),
         "server_rss_mb": rss,
+        **idle,
         **(
             {"etcd_cpu_s_per_push": statistics.mean(r["etcd_cpu_s"] for r in results)}
             if isinstance(server, ServeProcesses) and server.etcd is not None
             else {}
         ),
+    }
+
+
+def _idle_cpu(server: Server, extra_cpu: Callable[[], float], seconds: float) -> dict[str, float]:
+    """The server's (and etcd's) CPU per second while nothing is pushed: heartbeats,
+    the store's watch, timers; what every push then shares the cores with."""
+    if seconds <= 0:
+        return {}
+    cpu0, etcd0 = server.cpu_seconds(), extra_cpu()
+    time.sleep(seconds)  # the idle window measured
+    return {
+        "idle_cpu_s_per_s": (server.cpu_seconds() - cpu0) / seconds,
+        "idle_etcd_cpu_s_per_s": (extra_cpu() - etcd0) / seconds,
     }
 
 
@@ -178,6 +195,7 @@ def run_case(
     bare: bool = True,
     settle: bool = True,
     shared: bool = False,
+    idle_s: float = 0.0,
 ) -> dict[str, Any]:
     """The server (in process, or `serve` processes), then the bare server, each with a
     fleet of `n` clients of its own: one row with both."""
@@ -190,7 +208,9 @@ def run_case(
         server = InProcess(validate_spec(doc, "benchmark"))
     try:
         extra = server.etcd_cpu_seconds if isinstance(server, ServeProcesses) else lambda: 0.0
-        row = measure(server, n, mode, services, pushes, processes, rate, extra, settle, shared)
+        row = measure(
+            server, n, mode, services, pushes, processes, rate, extra, settle, shared, idle_s
+        )
     finally:
         server.close()
     row = {
@@ -272,6 +292,13 @@ def main() -> None:
         default=1000,
         help="new connections per second while the fleet connects",
     )
+    p.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="before the pushes, measure the server's CPU over S quiet seconds",
+    )
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     rows = []
@@ -290,6 +317,7 @@ def main() -> None:
                     not a.no_bare,
                     not a.no_settle,
                     a.shared_connections,
+                    a.idle_seconds,
                 )
             )
             if not a.json:
@@ -326,6 +354,9 @@ def _print_row(r: dict[str, Any], header: bool, a: argparse.Namespace) -> None:
     line += f"  (clients' cpu s/push {r['fleet_cpu_s_per_push']:.3f}"
     if "etcd_cpu_s_per_push" in r:
         line += f", etcd's {r['etcd_cpu_s_per_push']:.3f}"
+    if "idle_cpu_s_per_s" in r:
+        line += f"; idle: server {r['idle_cpu_s_per_s']:.3f} cpu s/s"
+        line += f", etcd {r['idle_etcd_cpu_s_per_s']:.3f}" if "etcd_cpu_s_per_push" in r else ""
     line += ")"
     print(line, flush=True)
 
