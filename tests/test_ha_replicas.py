@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from aetcd import rpc
 from envoy.config.route.v3 import route_pb2
 
 from tests.conftest import AdsClient, make_spec_doc
@@ -26,7 +27,7 @@ from tests.test_ads_protocol import ALL_CLUSTERS, sync_all
 from xds_server.admin.v1 import admin_pb2, admin_pb2_grpc
 from xds_server.ha.etcd import async_client, parse_store_url
 from xds_server.ha.replicas import VANISHED_GRACE, ClusterDataPlane, Directory, ReplicaInfo
-from xds_server.ha.store import EtcdStore
+from xds_server.ha.store import EtcdStore, View, _apply
 from xds_server.lab.etcd import EtcdCluster
 from xds_server.lab.procs import Process, free_port, http_get
 from xds_server.spec import validate_spec
@@ -490,3 +491,21 @@ def test_a_replica_beats_without_rewriting_its_key_unless_an_older_release_liste
                 await store.client.close()
 
     asyncio.run(scenario())
+
+
+def test_a_beat_that_is_not_what_a_replica_writes_is_heard_and_breaks_nothing() -> None:
+    """A beat key's value is only read for `updated`: one that is not a JSON object (or
+    not JSON: logged) still counts as the replica heard from, and the watch that
+    brought it goes on (an exception there would break it, retried for good)."""
+    view = View()
+    prefix = "/p"
+
+    def kv(value: bytes, revision: int) -> rpc.KeyValue:  # (what a watch event carries)
+        return rpc.KeyValue(value=value, mod_revision=revision, create_revision=1, version=1)
+
+    doc = {"id": "a", "heartbeat": 1.0, "nodes": [], "updated": 1.0}
+    _apply(view, prefix, f"{prefix}/replicas/a", kv(json.dumps(doc).encode(), 5), deleted=False)
+    for revision, value in ((6, b"[1]"), (7, b"not json"), (8, b'{"updated": 9.5}')):
+        _apply(view, prefix, f"{prefix}/replica-beats/a", kv(value, revision), deleted=False)
+        assert view.heard["a"][0] == revision
+    assert view.replicas["a"]["updated"] == 9.5 and view.replicas["a"]["nodes"] == []

@@ -573,7 +573,8 @@ def _apply_beat(view: View, name: str, value: bytes, revision: int) -> None:
     if doc is None or view.heard.get(name, (0, 0.0))[0] >= revision:
         return
     view.heard[name] = (revision, time.monotonic())
-    updated = json.loads(value).get("updated")
+    beat = json.loads(value)
+    updated = beat.get("updated") if isinstance(beat, dict) else None
     if isinstance(updated, (int, float)) and not isinstance(updated, bool):
         view.replicas[name] = {**doc, "updated": updated}  # (the same node list)
 
