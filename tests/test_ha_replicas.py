@@ -496,7 +496,8 @@ def test_a_replica_beats_without_rewriting_its_key_unless_an_older_release_liste
 def test_a_beat_that_is_not_what_a_replica_writes_is_heard_and_breaks_nothing() -> None:
     """A beat key's value is only read for `updated`: one that is not a JSON object (or
     not JSON: logged) still counts as the replica heard from, and the watch that
-    brought it goes on (an exception there would break it, retried for good)."""
+    brought it goes on (an exception there would break it, retried for good); a
+    replica's key that is not an object is logged and left out."""
     view = View()
     prefix = "/p"
 
@@ -509,3 +510,5 @@ def test_a_beat_that_is_not_what_a_replica_writes_is_heard_and_breaks_nothing() 
         _apply(view, prefix, f"{prefix}/replica-beats/a", kv(value, revision), deleted=False)
         assert view.heard["a"][0] == revision
     assert view.replicas["a"]["updated"] == 9.5 and view.replicas["a"]["nodes"] == []
+    _apply(view, prefix, f"{prefix}/replicas/b", kv(b"[1]", 9), deleted=False)  # (nor a key)
+    assert "b" not in view.replicas

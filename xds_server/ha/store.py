@@ -559,7 +559,7 @@ def _apply(view: View, prefix: str, key: str, kv: Any, *, deleted: bool) -> str 
             return _apply_part(view, name, value, deleted)
         if kind == "replica-beats" and not deleted:
             _apply_beat(view, name, value, kv.mod_revision)
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # (JSON of another shape)
         log.error("ignoring unreadable store key %s: %s", key, one_line(exc))
     return None
 
@@ -573,8 +573,7 @@ def _apply_beat(view: View, name: str, value: bytes, revision: int) -> None:
     if doc is None or view.heard.get(name, (0, 0.0))[0] >= revision:
         return
     view.heard[name] = (revision, time.monotonic())
-    beat = json.loads(value)
-    updated = beat.get("updated") if isinstance(beat, dict) else None
+    updated = json.loads(value).get("updated")
     if isinstance(updated, (int, float)) and not isinstance(updated, bool):
         view.replicas[name] = {**doc, "updated": updated}  # (the same node list)
 
