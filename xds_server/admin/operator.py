@@ -16,6 +16,7 @@ refusal is PERMISSION_DENIED naming the part of the scope that is missing.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -312,6 +313,16 @@ class Operator:
 
 
 XDSCTL_TOKEN = "pass --token-file to xdsctl"
+
+
+async def pushes_first() -> None:
+    """Turn the event loop once after a change, before its answer is built (both doors:
+    `xdsctl`'s RPCs and the dashboard's buttons), so that the streams the change woke
+    (its push, an abort's rollback) write first. A rollout's answer counts every node of
+    every replica (`signal_health`), tens of ms at thousands of nodes, and the leader's
+    own streams waited for it (py-spy at 3 replicas x 3,000 streams: in one push, 40 of
+    the leader's 115 busy samples)."""
+    await asyncio.sleep(0)  # (one turn of the loop: see above)
 
 
 def unauthenticated(what: str, headers: Mapping[str, Any], door: str = XDSCTL_TOKEN) -> Refused:

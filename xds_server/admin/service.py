@@ -36,7 +36,7 @@ from google.protobuf import any_pb2, json_format
 
 from xds_server.admin.auth import Credentials, Scope
 from xds_server.admin.guard import AdminGuard, invocation_metadata
-from xds_server.admin.operator import Act, Operator, Refused, check_weights
+from xds_server.admin.operator import Act, Operator, Refused, check_weights, pushes_first
 from xds_server.admin.v1 import admin_pb2 as pb
 from xds_server.admin.v1 import admin_pb2_grpc
 from xds_server.admin.views import (
@@ -372,17 +372,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
 
 async def _checked(context: Ctx[Rq, Rs], call: Callable[[], T]) -> T:
-    """`call()`, with a `Refused` sent as its gRPC status. Then the loop turns once, so
-    that the streams a change woke (its push, an abort's rollback) write before the
-    reply is built: a rollout's reply counts every node of every replica
-    (`signal_health`), tens of ms at thousands of nodes, and the leader's own streams
-    waited for it (py-spy at 3 replicas x 3,000 streams: in one push, 40 of the leader's
-    115 busy samples)."""
+    """`call()`, with a `Refused` sent as its gRPC status; then `pushes_first`."""
     try:
         result = call()
     except Refused as exc:
         await context.abort(grpc.StatusCode[exc.code], exc.message)
-    await asyncio.sleep(0)  # (one turn of the loop: see above)
+    await pushes_first()
     return result
 
 

@@ -39,7 +39,14 @@ from aiohttp import web
 from google.protobuf import json_format, message
 
 from xds_server.admin.auth import VERBS, Verb
-from xds_server.admin.operator import Caller, Operator, Refusal, Refused, unauthenticated
+from xds_server.admin.operator import (
+    Caller,
+    Operator,
+    Refusal,
+    Refused,
+    pushes_first,
+    unauthenticated,
+)
 from xds_server.admin.v1 import admin_pb2 as pb
 from xds_server.admin.views import (
     AdminView,
@@ -423,6 +430,7 @@ class Dashboard:
         caller, reason = await self._caller_and_reason(request)
         service, name = request.match_info["service"], request.match_info["action"]
         state = self.operator.change(name, service, reason, caller)
+        await pushes_first()
         actor = caller.actor
         log.info("dashboard: %s %s by %s: %s", name, service, actor, " ".join(reason.split()))
         return web.json_response({"rollout": to_json(rollout_message(self.view, state))})
@@ -434,6 +442,7 @@ class Dashboard:
         caller, reason = await self._caller_and_reason(request)
         group, name = request.match_info["group"], request.match_info["action"]
         states = self.operator.named(caller, name, reason, group=group)
+        await pushes_first()
         who, why = caller.actor, " ".join(reason.split())
         log.info("dashboard: %s group %s by %s: %s", name, group, who, why)
         return web.json_response(
