@@ -430,9 +430,7 @@ class Dashboard:
         caller, reason = await self._caller_and_reason(request)
         service, name = request.match_info["service"], request.match_info["action"]
         state = self.operator.change(name, service, reason, caller)
-        await pushes_first()
-        actor = caller.actor
-        log.info("dashboard: %s %s by %s: %s", name, service, actor, " ".join(reason.split()))
+        await _acted(name, service, caller, reason)
         return web.json_response({"rollout": to_json(rollout_message(self.view, state))})
 
     async def group_action(self, request: web.Request) -> web.StreamResponse:
@@ -442,9 +440,7 @@ class Dashboard:
         caller, reason = await self._caller_and_reason(request)
         group, name = request.match_info["group"], request.match_info["action"]
         states = self.operator.named(caller, name, reason, group=group)
-        await pushes_first()
-        who, why = caller.actor, " ".join(reason.split())
-        log.info("dashboard: %s group %s by %s: %s", name, group, who, why)
+        await _acted(name, f"group {group}", caller, reason)
         return web.json_response(
             {"group": group, "rollouts": [to_json(rollout_message(self.view, s)) for s in states]}
         )
@@ -464,6 +460,13 @@ class Dashboard:
         if not isinstance(reason, str):
             raise Refused(Refusal.INVALID_ARGUMENT, 'expected {"reason": "..."}')
         return caller, reason
+
+
+async def _acted(name: str, target: str, caller: Caller, reason: str) -> None:
+    """After a button's change: its pushes first (`pushes_first`), then its log line."""
+    await pushes_first()
+    why = " ".join(reason.split())
+    log.info("dashboard: %s %s by %s: %s", name, target, caller.actor, why)
 
 
 def _ssl_context(tls: tuple[bytes, bytes]) -> ssl.SSLContext:
