@@ -58,3 +58,34 @@ def test_a_reader_of_a_part_not_yet_seen_gets_the_nodes_it_has_and_no_others() -
     assert doc["nodes"] == read_part(parts[0]) and doc["node_parts"] == 4
     with pytest.raises(ValueError):
         read_part(b'{"not": "a list"}')
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    texts=st.lists(st.text(), min_size=7, max_size=7),
+    times=st.lists(st.none() | st.floats(), min_size=2, max_size=2),
+    since=st.floats(),
+    subscribed=st.booleans(),
+)
+def test_a_nodes_json_is_the_very_text_json_dumps_gives(
+    texts: list[str], times: list[float | None], since: float, subscribed: bool
+) -> None:
+    """`node_json` hand-builds what `json.dumps(node_document(n))` gives, for speed: any
+    text (quotes, control characters, beyond ASCII) and any time (None, NaN, infinities)
+    must come out the same, or peers would read another node than was written."""
+    from xds_server.ha.replicas import node_document, node_json
+    from xds_server.xds.status import NodeStatus, TypeStatus
+    from xds_server.xds.types import ROUTE
+
+    node_id, region, agent, sent, acked, nack, error = texts
+    n = NodeStatus(7, node_id, region, since, user_agent=agent)
+    n.types[ROUTE] = TypeStatus(
+        sent_version=sent,
+        sent_at=times[0],
+        acked_version=acked,
+        acked_at=times[1],
+        nack_version=nack,
+        nack_error=error,
+        subscribed=subscribed,
+    )
+    assert node_json(n) == json.dumps(node_document(n))

@@ -40,8 +40,8 @@ from xds_server.ha.replicas import (
     ClusterDataPlane,
     Directory,
     PeerDoc,
-    node_document,
     node_from_document,
+    node_json,
     peer_nodes,
 )
 from xds_server.rollout.ports import StateStore
@@ -339,7 +339,7 @@ class BoardPeers:
             key = _route_key(n)
             if self._written.get(stream) != key:
                 self._written[stream] = key
-                changed.append((stream, n.region, json.dumps(node_document(n))))
+                changed.append((stream, n.region, node_json(n)))
         if changed or removed:
             await asyncio.to_thread(self.board.write_nodes, self.me.name, changed, removed)
 

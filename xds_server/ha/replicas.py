@@ -21,9 +21,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _encode_ascii
 from typing import Any, Protocol
 
 from xds_server.ha import directory_parts
@@ -137,7 +139,7 @@ class Directory:
             key = (ts.sent_version, ts.sent_at, ts.acked_version, ts.acked_at,
                    ts.nack_version, ts.nack_error, ts.subscribed)  # fmt: skip
             hit = self._fragments.get(n.stream_id)
-            text = hit[1] if hit is not None and hit[0] == key else json.dumps(node_document(n))
+            text = hit[1] if hit is not None and hit[0] == key else node_json(n)
             fragments[n.stream_id] = (key, text)
             out.append((n.node_id, text))
         self._fragments = fragments
@@ -450,6 +452,31 @@ def node_document(n: NodeStatus) -> dict[str, Any]:
             "subscribed": ts.subscribed,
         },
     }
+
+
+def node_json(n: NodeStatus) -> str:
+    """`json.dumps(node_document(n))`, the very same text, twice as fast: at 3 x 3,000
+    nodes every push re-encodes each node once or twice (sent, then ACKed), and
+    `json.dumps` of the nested dict was a fifth of a replica's Python time in the push.
+    (Its text fields are `str`, as `NodeStatus` types them; `_encode_ascii` is what
+    `json.dumps` does with one.)"""
+    ts, text = n.types[ROUTE], _encode_ascii
+    return (
+        f'{{"id": {text(n.node_id)}, "region": {text(n.region)}, '
+        f'"agent": {text(n.user_agent)}, "since": {_number(n.connected_since)}, '
+        f'"routes": {{"sent": {text(ts.sent_version)}, "sent_at": {_number(ts.sent_at)}, '
+        f'"acked": {text(ts.acked_version)}, "acked_at": {_number(ts.acked_at)}, '
+        f'"nack": {text(ts.nack_version)}, "error": {text(ts.nack_error)}, '
+        f'"subscribed": {"true" if ts.subscribed else "false"}}}}}'
+    )
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "null"
+    if type(value) is float and math.isfinite(value):
+        return float.__repr__(value)  # (what json.dumps does with a finite float)
+    return json.dumps(value)
 
 
 def node_from_document(doc: dict[str, Any], replica: str) -> NodeStatus:
