@@ -33,7 +33,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -251,6 +253,10 @@ def run_case(
 
 
 def main() -> None:
+    # `timeout` (or a CI's cancel) sends SIGTERM, which by default ends Python without its
+    # `finally`s: the `serve` processes and etcd members this run started were left
+    # running, taking CPU from every later run.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, nargs="+", default=[100, 1000, 5000])
     p.add_argument("--mode", nargs="+", default=["sotw"], choices=["sotw", "delta"])
