@@ -19,10 +19,11 @@ from tests.support import mesh_steps, mesh_under_load, wait_for
 from xds_server.lab.mesh import LocalMesh
 from xds_server.lab.scenarios import FAST_PLAN
 
-MAX_HOLD = 12
+MAX_HOLD = 20
 """Room for step 0 after the hang at its start: the latency metric needs 20 samples a
 side, which at 5% of 50 requests/s takes about 8 s by itself (at 8 s, a region was
-seen paused for want of evidence before its first passing check)."""
+seen paused for want of evidence before its first passing check; at 12 s, in a CI run,
+one paused with 4 of the 5 canary requests it needed in its window)."""
 
 
 @pytest.fixture
