@@ -28,9 +28,21 @@ from xds_server.spec import load_spec
 
 XDSCTL = [sys.executable, "-m", "xds_server.ctl"]
 GET = ("rollout", "get", "recommender")
-SRM_PLAN = {**FAST_PLAN, "steps": [20, 100], "step_duration": "60s", "max_hold": "8s"}
+SRM_PLAN = {
+    **FAST_PLAN,
+    "steps": [20, 100],
+    "step_duration": "60s",
+    "max_hold": "8s",
+    "guardrails": {
+        **{k: v for k, v in FAST_PLAN["guardrails"].items() if k != "tenants"},
+        "max_p99_ms": 5000,
+    },
+}
 """One analysed step long enough for the mismatch to show (the region sends the canary
-10% where 20% is configured), and a short max_hold so the pause comes soon."""
+10% where 20% is configured), and a short max_hold so the pause comes soon. Latency is
+not what this test is about: a CI run on a busy 2-core machine saw the free tenant's
+p99 at 940 ms in this step and rolled back on the lab's 250 ms budget, before the
+mismatch could pause it."""
 
 
 def _checks(mesh: LocalMesh, region: str) -> list[str]:
